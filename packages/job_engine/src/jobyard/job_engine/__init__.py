@@ -1,0 +1,34 @@
+"""jobyard.job_engine: declare jobs once, run them on any engine.
+
+See `jobyard.job_engine.context` for the rules a handler body follows.
+"""
+
+from jobyard.job_engine.context import JobContext, resolve_step, step_ref
+from jobyard.job_engine.errors import (
+    InvalidPayloadError,
+    JobyardError,
+    MissingSettingError,
+    PermanentError,
+    StepError,
+    UnknownJobError,
+)
+from jobyard.job_engine.policy import RateLimit, RetryPolicy
+from jobyard.job_engine.registry import JobSpec, get_spec, job, registry
+
+__all__ = [
+    "InvalidPayloadError",
+    "JobContext",
+    "JobSpec",
+    "JobyardError",
+    "MissingSettingError",
+    "PermanentError",
+    "RateLimit",
+    "RetryPolicy",
+    "StepError",
+    "UnknownJobError",
+    "get_spec",
+    "job",
+    "registry",
+    "resolve_step",
+    "step_ref",
+]

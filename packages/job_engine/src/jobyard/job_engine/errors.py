@@ -1,0 +1,43 @@
+"""Errors a job author or a caller of jobyard can see. Engines translate their own errors into these."""
+
+from __future__ import annotations
+
+
+class JobyardError(Exception):
+    """Base of every error jobyard raises on purpose."""
+
+
+class UnknownJobError(JobyardError, LookupError):
+    """No job is declared under this name."""
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        hint = f" (known jobs: {', '.join(sorted(known))})" if known else ""
+        super().__init__(f"unknown job {name!r}{hint}")
+        self.name = name
+
+
+class InvalidPayloadError(JobyardError, ValueError):
+    """The payload does not match the job's schema, or is not JSON."""
+
+    def __init__(self, name: str, reason: str, errors: list[dict] | None = None) -> None:
+        super().__init__(f"invalid payload for job {name!r}: {reason}")
+        self.name = name
+        self.reason = reason
+        self.errors = errors or []
+
+
+class PermanentError(JobyardError):
+    """Raise from a step to fail the job at once: retrying cannot help (a 404, a bad address)."""
+
+
+class StepError(JobyardError):
+    """A step was declared or used in a way that cannot be recorded or replayed."""
+
+
+class MissingSettingError(JobyardError):
+    """The job needs an environment variable that is not set."""
+
+    def __init__(self, name: str, missing: list[str]) -> None:
+        super().__init__(f"job {name!r} cannot run: set {', '.join(missing)}")
+        self.name = name
+        self.missing = missing

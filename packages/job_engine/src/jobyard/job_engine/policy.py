@@ -1,0 +1,64 @@
+"""Retry, timeout and rate-limit settings of a job, with their env-var overrides."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """`attempts` runs in all (1 = no retry); the n-th retry waits `backoff * 2**(n-1)` seconds."""
+
+    attempts: int = 3
+    backoff: float = 1.0
+    max_backoff: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be at least 1")
+        if self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError("RetryPolicy backoff values must not be negative")
+
+    def delay_before(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (1-based)."""
+        return min(self.max_backoff, self.backoff * 2 ** max(0, retry - 1))
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most `calls` starts per `period` seconds, across all workers of every engine."""
+
+    calls: int
+    period: float = 60.0
+
+
+def env_key(job_name: str, field: str) -> str:
+    """`webhook.deliver`, `attempts` -> `JOBYARD_JOB_WEBHOOK_DELIVER_ATTEMPTS`."""
+    slug = "".join(ch if ch.isalnum() else "_" for ch in job_name).upper()
+    return f"JOBYARD_JOB_{slug}_{field.upper()}"
+
+
+def _env_number(key: str, cast: type) -> float | int | None:
+    raw = os.environ.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        return cast(raw)
+    except ValueError as exc:
+        raise ValueError(f"{key}={raw!r} is not a valid {cast.__name__}") from exc
+
+
+def retry_with_env(job_name: str, policy: RetryPolicy) -> RetryPolicy:
+    attempts = _env_number(env_key(job_name, "attempts"), int)
+    backoff = _env_number(env_key(job_name, "backoff"), float)
+    return replace(
+        policy,
+        attempts=policy.attempts if attempts is None else attempts,
+        backoff=policy.backoff if backoff is None else backoff,
+    )
+
+
+def timeout_with_env(job_name: str, timeout: float) -> float:
+    override = _env_number(env_key(job_name, "timeout"), float)
+    return timeout if override is None else override

@@ -1,0 +1,157 @@
+"""Declaring a job once: name, queue, payload schema, retry policy, timeout, rate limit.
+
+Engines derive their registrations (a Dramatiq actor, the Temporal workflow's dispatch table) from
+this registry; nothing else is written per job.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from jobyard.job_engine.env import JOB_MODULES as JOB_MODULES_ENV
+from jobyard.job_engine.errors import InvalidPayloadError, MissingSettingError, UnknownJobError
+from jobyard.job_engine.policy import RateLimit, RetryPolicy, retry_with_env, timeout_with_env
+
+Handler = Callable[[Any, Any], Awaitable[Any]]
+
+BUILTIN_JOB_MODULES = ("jobyard.job_engine.jobs",)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    queue: str
+    payload_model: type[BaseModel]
+    handler: Handler
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout: float = 60.0
+    rate_limit: RateLimit | None = None
+    requires_env: tuple[str, ...] = ()
+    description: str = ""
+
+    def check_environment(self) -> None:
+        """Fail at dispatch, not in a worker, when the job cannot run without a setting."""
+        missing = [name for name in self.requires_env if not os.environ.get(name)]
+        if missing:
+            raise MissingSettingError(self.name, missing)
+
+    def effective_retry(self) -> RetryPolicy:
+        return retry_with_env(self.name, self.retry)
+
+    def effective_timeout(self) -> float:
+        return timeout_with_env(self.name, self.timeout)
+
+    def validate(self, payload: Any) -> BaseModel:
+        """Parse a payload (a dict, or JSON text) into the job's model; raise InvalidPayloadError."""
+        if isinstance(payload, str | bytes):
+            try:
+                payload = json.loads(payload)
+            except ValueError as exc:
+                raise InvalidPayloadError(self.name, f"not JSON: {exc}") from None
+        if isinstance(payload, BaseModel):
+            payload = payload.model_dump(mode="json")
+        try:
+            return self.payload_model.model_validate(payload)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_context=False)
+            reason = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in errors
+            )
+            raise InvalidPayloadError(self.name, reason, errors) from None
+
+    def encode(self, payload: Any) -> dict[str, Any]:
+        """Validate and return the JSON form that crosses to an engine."""
+        model = self.validate(payload)
+        data = model.model_dump(mode="json")
+        try:
+            json.dumps(data)
+        except (TypeError, ValueError) as exc:
+            raise InvalidPayloadError(self.name, f"not JSON-serialisable: {exc}") from None
+        return data
+
+
+class JobRegistry:
+    def __init__(self) -> None:
+        self._jobs: dict[str, JobSpec] = {}
+
+    def add(self, spec: JobSpec) -> JobSpec:
+        existing = self._jobs.get(spec.name)
+        if existing is not None and existing.handler is not spec.handler:
+            raise ValueError(f"job {spec.name!r} is declared twice")
+        self._jobs[spec.name] = spec
+        return spec
+
+    def get(self, name: str) -> JobSpec:
+        load_job_modules()
+        try:
+            return self._jobs[name]
+        except KeyError:
+            raise UnknownJobError(name, list(self._jobs)) from None
+
+    def __iter__(self) -> Iterator[JobSpec]:
+        load_job_modules()
+        return iter(list(self._jobs.values()))
+
+    def names(self) -> list[str]:
+        return sorted(spec.name for spec in self)
+
+
+registry = JobRegistry()
+
+
+def job(
+    name: str,
+    *,
+    queue: str = "default",
+    payload: type[BaseModel],
+    retry: RetryPolicy | None = None,
+    timeout: float = 60.0,
+    rate_limit: RateLimit | None = None,
+    requires_env: tuple[str, ...] = (),
+) -> Callable[[Handler], Handler]:
+    """Declare `async def handler(ctx, payload)` as the job `name`.
+
+    >>> @job("system.echo", payload=EchoPayload, retry=RetryPolicy(attempts=1))
+    ... async def echo(ctx, payload): return payload.model_dump()
+    """
+
+    def declare(handler: Handler) -> Handler:
+        registry.add(
+            JobSpec(
+                name=name,
+                queue=queue,
+                payload_model=payload,
+                handler=handler,
+                retry=retry or RetryPolicy(),
+                timeout=timeout,
+                rate_limit=rate_limit,
+                requires_env=requires_env,
+                description=(handler.__doc__ or "").strip().split("\n")[0],
+            )
+        )
+        return handler
+
+    return declare
+
+
+_loaded: set[str] = set()
+
+
+def load_job_modules() -> None:
+    """Import the built-in jobs and those named in JOBYARD_JOB_MODULES (once per process)."""
+    extra = [m.strip() for m in os.environ.get(JOB_MODULES_ENV, "").split(",") if m.strip()]
+    for module in (*BUILTIN_JOB_MODULES, *extra):
+        if module not in _loaded:
+            _loaded.add(module)
+            importlib.import_module(module)
+
+
+def get_spec(name: str) -> JobSpec:
+    return registry.get(name)
