@@ -1,0 +1,131 @@
+"""jobyard's tables. The schema itself is created by the Alembic migrations in `migrations/`;
+keep both in step (a test compares them)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Date,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from jobyard.job_engine.db import Base, JSONType, UTCDateTime, utcnow
+
+# A BIGINT primary key that still auto-increments on SQLite (only INTEGER PRIMARY KEY does there).
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+MESSAGE_ROLES = ("user", "assistant")
+ENGINES = ("dramatiq", "temporal")
+JOB_STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled", "dead")
+FINAL_JOB_STATES = ("succeeded", "failed", "cancelled", "dead")
+REPORT_KINDS = ("daily", "weekly")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Token(Base):
+    """An expiring credential (session, password reset, API token); `maintenance.token_cleanup`
+    deletes the expired ones."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    token: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, index=True)
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), nullable=False, default=utcnow, server_default=func.now()
+    )
+
+
+class ConversationMessage(Base):
+    """One message of an AI conversation. `job_id` is unique so a retried store is idempotent."""
+
+    __tablename__ = "conversation_messages"
+    __table_args__ = (CheckConstraint(_in("role", MESSAGE_ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    user_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), nullable=False, default=utcnow, server_default=func.now()
+    )
+
+
+class JobLog(Base):
+    """One row per job run: what ran where, how it ended and how long it took."""
+
+    __tablename__ = "job_log"
+    __table_args__ = (
+        CheckConstraint(_in("engine", ENGINES), name="engine"),
+        CheckConstraint(_in("state", JOB_STATES), name="state"),
+        Index("ix_job_log_state", "state"),
+        Index("ix_job_log_name", "name"),
+        Index("ix_job_log_finished_at", "finished_at"),
+    )
+
+    job_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    queue: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    engine: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    payload: Mapped[Any | None] = mapped_column(JSONType, nullable=True)
+    result: Mapped[Any | None] = mapped_column(JSONType, nullable=True)
+    error_class: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error_traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    fallback_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    progress: Mapped[Any | None] = mapped_column(JSONType, nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    duration_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class JobReport(Base):
+    """An aggregate of `job_log` over one day or ISO week; one row per (kind, period_start)."""
+
+    __tablename__ = "job_reports"
+    __table_args__ = (
+        UniqueConstraint("kind", "period_start", name="uq_job_reports_kind_period_start"),
+        CheckConstraint(_in("kind", REPORT_KINDS), name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    period_start: Mapped[date] = mapped_column(Date, nullable=False)
+    period_end: Mapped[date] = mapped_column(Date, nullable=False)
+    data: Mapped[Any] = mapped_column(JSONType, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), nullable=False, default=utcnow, server_default=func.now()
+    )
+
+
+__all__ = [
+    "ENGINES",
+    "FINAL_JOB_STATES",
+    "JOB_STATES",
+    "MESSAGE_ROLES",
+    "REPORT_KINDS",
+    "ConversationMessage",
+    "JobLog",
+    "JobReport",
+    "Token",
+]
