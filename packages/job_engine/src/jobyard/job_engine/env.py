@@ -86,3 +86,37 @@ def get_bool(name: str) -> bool:
     if raw in {"0", "false", "no", "off", ""}:
         return False
     raise ValueError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+
+# --- ai.generate (Google Gemini through google-genai) ---
+GEMINI_API_KEY = "GEMINI_API_KEY"  # required by ai.generate (checked at dispatch)
+GEMINI_MODEL = "GEMINI_MODEL"  # default model when the payload names none
+GEMINI_BASE_URL = "GEMINI_BASE_URL"  # optional; another endpoint speaking the Gemini REST API
+GEMINI_TIMEOUT = "GEMINI_TIMEOUT"  # seconds for one generateContent request
+GEMINI_RATE_LIMIT = "GEMINI_RATE_LIMIT"  # calls per GEMINI_RATE_PERIOD, across every worker
+GEMINI_RATE_PERIOD = "GEMINI_RATE_PERIOD"  # seconds; the rate-limit window
+GEMINI_DAILY_LIMIT = "GEMINI_DAILY_LIMIT"  # calls per UTC day, across every worker
+# --- email.send (SMTP) ---
+SMTP_HOST = "SMTP_HOST"  # required by email.send
+SMTP_PORT = "SMTP_PORT"
+SMTP_STARTTLS = "SMTP_STARTTLS"  # true: upgrade the connection with STARTTLS (required then)
+SMTP_USERNAME = "SMTP_USERNAME"  # optional; log in when set
+SMTP_PASSWORD = "SMTP_PASSWORD"
+SMTP_FROM = "SMTP_FROM"  # required by email.send: the From address, e.g. "Jobyard <no-reply@x>"
+SMTP_TIMEOUT = "SMTP_TIMEOUT"  # seconds for connect and each SMTP command
+# --- document.convert (LibreOffice) ---
+STORAGE_ROOT = "JOBYARD_STORAGE_ROOT"  # required by document.convert; paths are relative to it
+SOFFICE_PATH = "JOBYARD_SOFFICE"  # optional; the soffice binary (default: found on PATH)
+
+DEFAULTS.update(
+    {
+        GEMINI_MODEL: "gemini-2.0-flash",
+        GEMINI_TIMEOUT: "20",
+        GEMINI_RATE_LIMIT: "60",
+        GEMINI_RATE_PERIOD: "60",
+        GEMINI_DAILY_LIMIT: "1333",
+        SMTP_PORT: "25",
+        SMTP_STARTTLS: "false",
+        SMTP_TIMEOUT: "20",
+    }
+)
