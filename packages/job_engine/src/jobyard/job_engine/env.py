@@ -120,3 +120,7 @@ DEFAULTS.update(
         SMTP_TIMEOUT: "20",
     }
 )
+
+# Job catalogue: maintenance and analytics jobs.
+TEMP_DIR = "JOBYARD_TEMP_DIR"  # root under which maintenance.file_cleanup deletes old files
+REPORT_RECIPIENTS = "JOBYARD_REPORT_RECIPIENTS"  # comma-separated addresses of analytics reports
