@@ -1,0 +1,268 @@
+"""Maintenance jobs run on a schedule: `maintenance.token_cleanup` and `maintenance.file_cleanup`.
+
+Both are safe to retry and to run concurrently with themselves: deleting what is already gone is
+a no-op.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+from jobyard.job_engine import env
+from jobyard.job_engine.errors import PermanentError
+from jobyard.job_engine.policy import RetryPolicy
+from jobyard.job_engine.registry import job
+
+# --------------------------------------------------------------------------------------------
+# maintenance.token_cleanup
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_TOKEN_BATCH_SIZE = 5_000
+# Batches per step. A step is one activity on Temporal: grouping batches keeps the workflow
+# history small for huge tables, while each batch still commits on its own.
+BATCHES_PER_STEP = 50
+
+
+class TokenCleanupPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(
+        DEFAULT_TOKEN_BATCH_SIZE, ge=1, le=1_000_000, description="rows deleted per transaction"
+    )
+    before: AwareDatetime | None = Field(
+        None, description="delete tokens that expired before this instant (default: now)"
+    )
+
+
+def token_cutoff(before: str | None) -> str:
+    """Step: the cutoff instant as ISO text in UTC; `now` when none is given."""
+    instant = datetime.fromisoformat(before) if before else datetime.now(UTC)
+    return instant.astimezone(UTC).isoformat()
+
+
+def delete_expired_tokens(cutoff: str, batch_size: int, max_batches: int) -> dict[str, Any]:
+    """Step: delete up to `max_batches` batches of tokens with `expires_at < cutoff`.
+
+    Each batch is its own short transaction, `DELETE ... WHERE id IN (SELECT id ... LIMIT n)`, so
+    no lock is held across batches. On PostgreSQL the inner select skips rows another cleanup
+    has locked. Returns {"deleted", "batches", "done"}; `done` once a batch came up short.
+    """
+    # Imported here, not at module level: job modules are also loaded inside Temporal's workflow
+    # sandbox, which must not import database drivers.
+    from sqlalchemy import delete, select
+
+    from jobyard.job_engine.db import get_engine
+    from jobyard.job_engine.db.models import Token
+
+    instant = datetime.fromisoformat(cutoff)
+    engine = get_engine()
+    ids = select(Token.id).where(Token.expires_at < instant).limit(batch_size)
+    if engine.dialect.name == "postgresql":
+        ids = ids.with_for_update(skip_locked=True)
+    statement = delete(Token).where(Token.id.in_(ids.scalar_subquery()))
+    deleted = batches = 0
+    for _ in range(max_batches):
+        with engine.begin() as connection:
+            count = connection.execute(statement).rowcount
+        if count > 0:
+            deleted += count
+            batches += 1
+        if count < batch_size:
+            return {"deleted": deleted, "batches": batches, "done": True}
+    return {"deleted": deleted, "batches": batches, "done": False}
+
+
+@job(
+    "maintenance.token_cleanup",
+    queue="scheduled",
+    payload=TokenCleanupPayload,
+    retry=RetryPolicy(attempts=2, backoff=3600),
+    timeout=600,
+)
+async def token_cleanup(ctx: Any, payload: TokenCleanupPayload) -> dict[str, int]:
+    """Delete expired tokens in small batches; returns {"deleted", "batches"}."""
+    before = payload.before.isoformat() if payload.before else None
+    cutoff = await ctx.run("cutoff", token_cutoff, before)
+    deleted = batches = 0
+    round_ = 0
+    while True:
+        round_ += 1
+        result = await ctx.run(
+            f"delete-{round_}", delete_expired_tokens, cutoff, payload.batch_size, BATCHES_PER_STEP
+        )
+        deleted += result["deleted"]
+        batches += result["batches"]
+        if result["done"]:
+            break
+        await ctx.progress({"deleted": deleted, "batches": batches})
+    return {"deleted": deleted, "batches": batches}
+
+
+# --------------------------------------------------------------------------------------------
+# maintenance.file_cleanup
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_FILE_TTL_SECONDS = 86_400
+
+
+class FileCleanupPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    directory: str | None = Field(
+        None,
+        description=f"directory to sweep (default: ${env.TEMP_DIR}); when {env.TEMP_DIR} is set "
+        "it must lie inside it",
+    )
+    ttl_seconds: int = Field(
+        DEFAULT_FILE_TTL_SECONDS, ge=0, description="delete regular files older than this"
+    )
+
+    @field_validator("directory")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "\x00" in value):
+            raise ValueError("must be a non-empty path")
+        return value
+
+
+def _is_within(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def resolve_cleanup_directory(directory: str | None) -> str:
+    """The directory to sweep, checked: a real directory (not a symlink), inside the root."""
+    root = env.get(env.TEMP_DIR)
+    if directory is None:
+        if not root:
+            raise PermanentError(
+                f"maintenance.file_cleanup: no directory given and {env.TEMP_DIR} is not set"
+            )
+        directory = root
+    elif root and not os.path.isabs(directory):
+        directory = os.path.join(root, directory)
+    if not os.path.isabs(directory):
+        raise PermanentError(f"maintenance.file_cleanup: directory {directory!r} is not absolute")
+    path = os.path.abspath(directory)
+    if os.path.islink(path):
+        raise PermanentError(f"maintenance.file_cleanup: refusing {path!r}: it is a symlink")
+    if not os.path.isdir(path):
+        raise PermanentError(f"maintenance.file_cleanup: {path!r} is not a directory")
+    real = os.path.realpath(path)
+    if root:
+        real_root = os.path.realpath(root)
+        if not _is_within(real, real_root):
+            raise PermanentError(
+                f"maintenance.file_cleanup: refusing {path!r}: it resolves to {real!r}, "
+                f"outside {env.TEMP_DIR}={root!r}"
+            )
+    return real
+
+
+def sweep_old_files(directory: str, ttl_seconds: int) -> dict[str, Any]:
+    """Step: delete regular files under `directory` not modified for `ttl_seconds`.
+
+    Never follows a symlink: `os.fwalk` (the dir-fd form of `os.walk(followlinks=False)`) opens
+    each directory relative to its parent without following links, and every lstat/unlink/rmdir
+    is done relative to that descriptor, so swapping a subdirectory for a symlink mid-sweep cannot
+    redirect a deletion outside the tree. Symlinks are skipped entirely (neither the link nor its
+    target is touched); sockets, FIFOs and devices are left alone. Subdirectories that this sweep
+    emptied are removed; the swept directory itself is kept.
+    """
+    top = resolve_cleanup_directory(directory)
+    cutoff = time.time() - ttl_seconds
+    counts = {
+        "files_deleted": 0,
+        "bytes_freed": 0,
+        "dirs_removed": 0,
+        "files_kept": 0,
+        "symlinks_skipped": 0,
+        "errors": 0,
+    }
+    emptied: set[str] = set()  # directories (paths) this sweep left empty
+
+    def on_error(exc: OSError) -> None:
+        if not isinstance(exc, FileNotFoundError):
+            counts["errors"] += 1
+
+    for dirpath, dirnames, filenames, dir_fd in os.fwalk(
+        top, topdown=False, onerror=on_error, follow_symlinks=False
+    ):
+        changed = False
+        for name in filenames:
+            try:
+                st = os.lstat(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                counts["errors"] += 1
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                counts["symlinks_skipped"] += 1
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if st.st_mtime >= cutoff:
+                counts["files_kept"] += 1
+                continue
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                counts["errors"] += 1
+                continue
+            counts["files_deleted"] += 1
+            counts["bytes_freed"] += st.st_size
+            changed = True
+        for name in dirnames:
+            try:
+                st = os.lstat(name, dir_fd=dir_fd)
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                counts["symlinks_skipped"] += 1
+                continue
+            if os.path.join(dirpath, name) not in emptied:
+                continue
+            try:
+                os.rmdir(name, dir_fd=dir_fd)
+            except OSError as exc:  # something new arrived meanwhile: keep it
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    counts["errors"] += 1
+                continue
+            counts["dirs_removed"] += 1
+            changed = True
+        if changed and dirpath != top and not os.listdir(dir_fd):
+            emptied.add(dirpath)
+    return {"directory": top, "ttl_seconds": ttl_seconds, **counts}
+
+
+@job(
+    "maintenance.file_cleanup",
+    queue="scheduled",
+    payload=FileCleanupPayload,
+    retry=RetryPolicy(attempts=3, backoff=30),
+    timeout=600,
+)
+async def file_cleanup(ctx: Any, payload: FileCleanupPayload) -> dict[str, Any]:
+    """Delete files older than a TTL under a temp directory, never following symlinks."""
+    return await ctx.run("sweep", sweep_old_files, payload.directory, payload.ttl_seconds)
+
+
+__all__ = [
+    "FileCleanupPayload",
+    "TokenCleanupPayload",
+    "delete_expired_tokens",
+    "file_cleanup",
+    "resolve_cleanup_directory",
+    "sweep_old_files",
+    "token_cleanup",
+    "token_cutoff",
+]
