@@ -1,0 +1,1 @@
+"""jobyard.cli: the `jobyard` command."""

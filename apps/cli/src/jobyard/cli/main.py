@@ -1,0 +1,157 @@
+"""The `jobyard` command. Bad input exits 2 with a one-line reason; unavailable engines exit 3."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from jobyard.job_engine import JobyardError, env
+
+EXIT_BAD_INPUT = 2
+EXIT_UNAVAILABLE = 3
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"jobyard: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_dispatch(args: argparse.Namespace) -> int:
+    from jobyard.dispatcher import DispatchUnavailableError, dispatch_job
+
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as exc:
+        return _fail(f"--payload is not JSON: {exc}")
+    try:
+        handle = dispatch_job(args.name, payload, job_id=args.job_id, delay=args.delay)
+    except DispatchUnavailableError as exc:
+        return _fail(str(exc), EXIT_UNAVAILABLE)
+    except (JobyardError, ValueError) as exc:
+        return _fail(str(exc))
+    print(json.dumps({"job_id": handle.job_id, "engine": handle.engine}))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from jobyard.dispatcher import EngineUnavailable, JobNotFoundError, get_job
+
+    try:
+        status = get_job(args.job_id)
+    except JobNotFoundError as exc:
+        return _fail(str(exc), 1)
+    except EngineUnavailable as exc:
+        return _fail(str(exc), EXIT_UNAVAILABLE)
+    print(json.dumps(status.as_dict(), default=str))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from jobyard.queue.queues import parse_queue_list
+    from jobyard.worker.supervisor import run_workers
+
+    try:
+        queues = parse_queue_list(args.queues)
+    except ValueError as exc:
+        return _fail(str(exc))
+    processes = args.processes or env.get_int(env.WORKER_PROCESSES)
+    if processes < 1:
+        return _fail("--processes must be at least 1")
+    return run_workers(queues, processes)
+
+
+def cmd_temporal_worker(_: argparse.Namespace) -> int:
+    from jobyard.temporal_worker.worker import main as temporal_main
+
+    temporal_main()
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from jobyard.worker.health import check_health
+
+    ok, message = check_health(args.queues)
+    print(message)
+    return 0 if ok else 1
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from jobyard.cli.dev import run_dev
+
+    return run_dev(not args.no_canary)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from jobyard.job_engine.inline import run_inline
+
+    try:
+        result = run_inline(args.name, json.loads(args.payload))
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    try:
+        from jobyard.job_engine.db.migrate import upgrade
+    except ImportError as exc:
+        return _fail(f"database support is not installed: {exc}")
+    upgrade(args.url)
+    print("database is at the latest revision")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jobyard", description="Background jobs for Python web apps")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dispatch", help="dispatch a job; prints {job_id, engine}")
+    p.add_argument("name")
+    p.add_argument("--payload", default="{}", help="the payload as JSON")
+    p.add_argument("--job-id", help="idempotency key: dispatching it twice starts one job")
+    p.add_argument("--delay", type=float, help="seconds before the job may start")
+    p.set_defaults(func=cmd_dispatch)
+
+    p = sub.add_parser("status", help="print a job's status as JSON")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("worker", help="run Dramatiq worker processes")
+    p.add_argument("--queues", default="", help="comma-separated queues (default: all)")
+    p.add_argument("--processes", type=int, default=0, help=f"default: ${env.WORKER_PROCESSES} or 2")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("temporal-worker", help="run the Temporal worker")
+    p.set_defaults(func=cmd_temporal_worker)
+
+    p = sub.add_parser("health", help="exit 0 when this host's worker is alive")
+    p.add_argument("--queues", default="", help="queues that must have a live worker here")
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("dev", help="run everything on this machine with embedded defaults")
+    p.add_argument("--no-canary", action="store_true", help="skip the start-up system.echo check")
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("run", help="run a job in this process (debugging)")
+    p.add_argument("name")
+    p.add_argument("--payload", default="{}")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("db", help="database schema")
+    db = p.add_subparsers(dest="db_command", required=True)
+    up = db.add_parser("upgrade", help="apply migrations")
+    up.add_argument("--url", default=None, help=f"default: ${env.DATABASE_URL} or the SQLite file")
+    up.set_defaults(func=cmd_db_upgrade)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"))
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    sys.exit(func(args))

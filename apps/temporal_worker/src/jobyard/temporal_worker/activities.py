@@ -1,0 +1,56 @@
+"""The activities behind ctx.run (any step function, by import path) and the Redis claim."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+import redis
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from jobyard.job_engine import PermanentError, resolve_step
+from jobyard.queue.client import get_client
+from jobyard.queue.store import JobStore
+
+STEP_ACTIVITY = "jobyard.step"
+CLAIM_ACTIVITY = "jobyard.claim"
+
+
+@activity.defn(name=STEP_ACTIVITY)
+async def run_step(request: dict[str, Any]) -> dict[str, Any]:
+    """Run one step; its attempt number comes back so the job can report attempts."""
+    attempt = activity.info().attempt
+    fn = resolve_step(request["fn"])
+    try:
+        if inspect.iscoroutinefunction(fn):
+            value = await fn(*request["args"])
+        else:
+            value = await asyncio.to_thread(fn, *request["args"])
+    except PermanentError as exc:
+        raise ApplicationError(
+            str(exc), {"attempts": attempt}, type=type(exc).__name__, non_retryable=True
+        ) from None
+    except Exception as exc:
+        raise ApplicationError(
+            f"{type(exc).__name__}: {exc}", {"attempts": attempt}, type=type(exc).__name__
+        ) from None
+    return {"value": value, "attempt": attempt}
+
+
+@activity.defn(name=CLAIM_ACTIVITY)
+async def claim_from_redis(request: dict[str, Any]) -> dict[str, Any]:
+    """Mark the job Temporal's in Redis, removing a queued Dramatiq message in the same step.
+
+    {"status": "claimed"} or {"status": "lost", "state": ...} when Dramatiq already started it.
+    A Redis error fails the attempt; the workflow's retry policy decides whether to wait.
+    """
+    store = JobStore(get_client())
+    try:
+        reply = await asyncio.to_thread(
+            store.handoff, request["job_id"], request["name"], request["queue"]
+        )
+    except redis.RedisError as exc:
+        raise ApplicationError(f"Redis unavailable: {exc}", type="RedisUnavailable") from None
+    return {"status": reply[0], "state": reply[1] if len(reply) > 1 else None}

@@ -1,0 +1,69 @@
+"""`jobyard temporal-worker`: the generic workflow and the step activities on one task queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from jobyard.job_engine import env
+from jobyard.job_engine.children import install_dispatcher
+from jobyard.job_engine.registry import load_job_modules
+from jobyard.temporal_worker.activities import claim_from_redis, run_step
+from jobyard.temporal_worker.workflow import JobWorkflow
+
+log = logging.getLogger("jobyard.temporal_worker")
+CONNECT_RETRY_SECONDS = 2.0
+
+
+def build_worker(client: Client, task_queue: str | None = None) -> Worker:
+    load_job_modules()  # import job modules here, so the sandbox passes them through
+    return Worker(
+        client,
+        task_queue=task_queue or env.get_str(env.TEMPORAL_TASK_QUEUE),
+        workflows=[JobWorkflow],
+        activities=[run_step, claim_from_redis],
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_all_modules()
+        ),
+        graceful_shutdown_timeout=timedelta(seconds=env.get_float(env.WORKER_SHUTDOWN_GRACE)),
+    )
+
+
+async def connect(address: str, namespace: str) -> Client:
+    while True:
+        try:
+            return await Client.connect(address, namespace=namespace)
+        except RuntimeError as exc:
+            log.warning("Temporal at %s not reachable (%s); retrying", address, exc)
+            await asyncio.sleep(CONNECT_RETRY_SECONDS)
+
+
+def install_child_dispatcher() -> None:
+    from jobyard.dispatcher import dispatch_job
+
+    install_dispatcher(lambda name, payload, job_id: dispatch_job(name, payload, job_id=job_id).as_dict())
+
+
+async def serve() -> None:
+    install_child_dispatcher()
+    client = await connect(env.get_str(env.TEMPORAL_ADDRESS), env.get_str(env.TEMPORAL_NAMESPACE))
+    worker = build_worker(client)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with worker:
+        log.info("Temporal worker polling %s", worker.task_queue)
+        await stop.wait()
+        log.info("Temporal worker stopping")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve())

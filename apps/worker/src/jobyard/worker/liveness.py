@@ -1,0 +1,91 @@
+"""Per-queue worker heartbeats, and the sweep that returns a dead worker's messages to its queue."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from dramatiq.brokers.redis import RedisBroker
+
+from jobyard.queue import keys
+from jobyard.queue.store import JobStore
+
+log = logging.getLogger("jobyard.worker")
+
+#: Run Dramatiq's dead-worker maintenance every this many heartbeats.
+MAINTENANCE_EVERY = 3
+
+
+def new_worker_id() -> str:
+    """`host:pid:random`; `jobyard health` finds its own container's workers by the host part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def run_maintenance(broker: RedisBroker, queue: str) -> None:
+    """Requeue messages held by workers whose Dramatiq heartbeat expired, now, not by chance."""
+    for name in (queue, keys.delayed(queue)):
+        broker.scripts["dispatch"](
+            keys=[broker.namespace],
+            args=[
+                "qsize",
+                int(time.time() * 1000),
+                name,
+                broker.broker_id,
+                broker.heartbeat_timeout,
+                broker.dead_message_ttl,
+                1,
+                broker._max_unpack_size(),
+            ],
+        )
+
+
+class Heartbeat(threading.Thread):
+    """Beats for every (broker, queue) of this process while `healthy()` says the process works."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        brokers: dict[str, RedisBroker],
+        worker_id: str,
+        interval: float,
+        healthy: Callable[[], bool],
+    ) -> None:
+        super().__init__(name="jobyard-heartbeat", daemon=True)
+        self.store = store
+        self.brokers = brokers
+        self.worker_id = worker_id
+        self.interval = interval
+        self.healthy = healthy
+        self.stopped = threading.Event()
+
+    def beat(self) -> None:
+        for queue, broker in self.brokers.items():
+            self.store.heartbeat(self.worker_id, broker.broker_id, [queue])
+
+    def run(self) -> None:
+        beats = 0
+        while not self.stopped.is_set():
+            try:
+                if self.healthy():
+                    self.beat()
+                    beats += 1
+                    if beats % MAINTENANCE_EVERY == 0:
+                        for queue, broker in self.brokers.items():
+                            run_maintenance(broker, queue)
+                else:
+                    log.error("worker %s is stuck; withholding heartbeat", self.worker_id)
+            except Exception as exc:  # Redis down: keep trying, the dispatcher falls back meanwhile
+                log.warning("heartbeat failed: %s", exc)
+            self.stopped.wait(self.interval)
+
+    def stop_and_deregister(self) -> None:
+        self.stopped.set()
+        try:
+            self.store.deregister(self.worker_id, list(self.brokers))
+        except Exception as exc:
+            log.warning("could not deregister worker %s: %s", self.worker_id, exc)

@@ -1,0 +1,45 @@
+"""What dispatch and status lookups return."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Engine = Literal["dramatiq", "temporal"]
+#: Why a job went to Temporal. Also the `reason` label of the fallback metric.
+FALLBACK_FLAG_OFF = "flag_off"
+FALLBACK_REDIS_UNHEALTHY = "redis_unhealthy"
+FALLBACK_REDIS_ERROR = "redis_error"
+FALLBACK_NO_WORKERS = "no_live_workers"
+FALLBACK_OWNED_BY_TEMPORAL = "owned_by_temporal"
+
+#: How the Temporal workflow makes sure Dramatiq does not also run the job.
+CLAIM_NONE = "none"  # Redis already records the job as Temporal's
+CLAIM_BEST_EFFORT = "best_effort"  # nothing reached Redis; mark the job Temporal's if Redis answers
+CLAIM_STRICT = "strict"  # an enqueue may have landed; wait for Redis to decide who owns the job
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    job_id: str
+    engine: Engine
+    fallback_reason: str | None = None
+    duplicate: bool = False  # this job id was dispatched before; nothing new was started
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    engine: Engine
+    state: str  # queued | running | retrying | succeeded | failed | cancelled
+    attempts: int
+    name: str | None = None
+    result: Any = None
+    error: str | None = None
+    progress: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

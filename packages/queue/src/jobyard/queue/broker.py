@@ -1,0 +1,48 @@
+"""Dramatiq brokers for jobyard: one per queue, its actors derived from the job registry."""
+
+from __future__ import annotations
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import AgeLimit, CurrentMessage, TimeLimit
+
+from jobyard.job_engine import env, registry
+from jobyard.queue import keys
+from jobyard.queue.client import make_client
+from jobyard.queue.queues import get_queue
+from jobyard.queue.runner import JobRunner
+from jobyard.queue.store import JobStore
+
+
+def heartbeat_timeout_ms() -> int:
+    return int(env.get_float(env.WORKER_HEARTBEAT_TIMEOUT) * 1000)
+
+
+def build_broker(queue: str, *, store: JobStore | None = None) -> RedisBroker:
+    """A broker for `queue` with one actor per job declared on it.
+
+    No Retries middleware: jobyard retries and sleeps through JobRunner, which records them.
+    """
+    client = make_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT))
+    broker = RedisBroker(
+        client=client,
+        namespace=keys.DRAMATIQ_NAMESPACE,
+        heartbeat_timeout=heartbeat_timeout_ms(),
+        middleware=[AgeLimit(), TimeLimit(), CurrentMessage()],
+    )
+    store = store or JobStore(client)
+    config = get_queue(queue)
+    for spec in registry:
+        if spec.queue != queue:
+            continue
+        limit_ms = int(min(spec.effective_timeout(), config.time_limit) * 1000)
+        dramatiq.Actor(
+            JobRunner(store, spec),
+            broker=broker,
+            actor_name=spec.name,
+            queue_name=queue,
+            priority=0,
+            options={"max_retries": 0, "time_limit": limit_ms},
+        )
+    broker.declare_queue(queue)
+    return broker

@@ -1,0 +1,95 @@
+"""The Dramatiq side of the job ctx: steps recorded in Redis, long sleeps as delayed messages."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from jobyard.job_engine import StepError, step_ref
+from jobyard.queue.store import JobStore
+
+#: Sleeps up to this long happen in the worker thread; longer ones free it.
+IN_THREAD_SLEEP_LIMIT = 1.0
+SLEEP_STEP_PREFIX = "__sleep__:"
+
+
+class Suspend(BaseException):
+    """Raised through the handler to park the job for `seconds`; BaseException so that a
+    handler's `except Exception` cannot swallow it."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class LostOwnership(BaseException):
+    """The job was handed to Temporal (or superseded) while this run was going on."""
+
+
+class DramatiqContext:
+    def __init__(
+        self,
+        store: JobStore,
+        job_name: str,
+        job_id: str,
+        seq: int,
+        attempt: int,
+        recorded: dict[str, str],
+    ) -> None:
+        self.job_id = job_id
+        self.job_name = job_name
+        self.attempt = attempt
+        self._store = store
+        self._seq = seq
+        self._recorded = recorded
+        self._seen: set[str] = set()
+        self._sleeps = 0
+
+    def _claim_name(self, step: str) -> None:
+        if step in self._seen:
+            raise StepError(f"step name {step!r} is used twice in job {self.job_name!r}")
+        self._seen.add(step)
+
+    def _record(self, step: str, encoded: str) -> None:
+        if not self._store.record_step(self.job_id, self._seq, step, encoded):
+            raise LostOwnership(self.job_id)
+        self._recorded[step] = encoded
+
+    async def run(self, step: str, fn: Callable[..., Any], *args: Any) -> Any:
+        self._claim_name(step)
+        step_ref(fn)  # the same rule as on Temporal, so a job that runs here runs there too
+        if step in self._recorded:
+            return json.loads(self._recorded[step])
+        result = fn(*args)
+        if inspect.isawaitable(result):
+            result = await result
+        try:
+            encoded = json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            raise StepError(f"step {step!r} must return JSON data: {exc}") from None
+        self._record(step, encoded)
+        return json.loads(encoded)
+
+    async def sleep(self, seconds: float) -> None:
+        self._sleeps += 1
+        step = f"{SLEEP_STEP_PREFIX}{self._sleeps}"
+        self._claim_name(step)
+        if step in self._recorded:
+            wake_at = float(json.loads(self._recorded[step]))
+        else:
+            wake_at = time.time() + seconds
+            self._record(step, json.dumps(wake_at))
+        remaining = wake_at - time.time()
+        if remaining <= 0:
+            return
+        if remaining <= IN_THREAD_SLEEP_LIMIT:
+            await asyncio.sleep(remaining)
+            return
+        raise Suspend(remaining)
+
+    async def progress(self, value: float | dict[str, Any]) -> None:
+        self._store.record_progress(self.job_id, self._seq, json.dumps(value))

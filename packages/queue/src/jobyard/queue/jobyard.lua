@@ -1,0 +1,198 @@
+-- jobyard.lua: every Redis operation jobyard makes beyond Dramatiq's own, one command per call,
+-- so each is atomic and costs one round trip. Called as EVALSHA with ARGV[1] = command.
+--
+-- Key layout (names built in jobyard/queue/keys.py; all keys are passed in KEYS):
+--   jobyard:job:<id>        hash  name queue engine state attempts seq started_seq rmid
+--                                 enqueued_at started_at finished_at result error error_class progress
+--       engine: "dramatiq" | "temporal" (a tombstone: the job belongs to Temporal)
+--       state:  queued | running | retrying | succeeded | failed
+--       seq:    the run number the next Dramatiq message must carry; a message with any other
+--               seq is stale (a duplicate left by a crash) and is dropped
+--   jobyard:steps:<id>      hash  step name -> JSON result
+--   jobyard:workers:<queue> zset  worker id -> last heartbeat, ms on Redis's clock
+--   jobyard:rate:<job>:<n>  str   job starts in rate window n
+--   dramatiq:<queue>        list  message ids;  dramatiq:<queue>.msgs  hash id -> message
+--   dramatiq:__heartbeats__ zset  Dramatiq broker id -> last heartbeat (ms)
+--
+-- Times are Redis's own clock (TIME), so worker and web hosts never disagree about liveness.
+
+local command = ARGV[1]
+
+local function now_ms()
+    local t = redis.call("time")
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function live_workers(workers_key, timeout_ms)
+    return redis.call("zcount", workers_key, now_ms() - tonumber(timeout_ms), "+inf")
+end
+
+-- enqueue: KEYS job, workers, queue list, queue msgs
+--          ARGV job_id, redis message id, message, name, queue, heartbeat timeout ms, ttl s
+-- -> {"enqueued"} | {"exists", engine, state} | {"no_workers"}
+-- With no live worker the job is written as a Temporal tombstone, so that dispatching the same
+-- id again never reaches Dramatiq while Temporal owns it.
+if command == "enqueue" then
+    local existing = redis.call("hmget", KEYS[1], "engine", "state")
+    if existing[1] then
+        return {"exists", existing[1], existing[2] or ""}
+    end
+    local now = now_ms()
+    if live_workers(KEYS[2], ARGV[7]) == 0 then
+        redis.call("hset", KEYS[1], "name", ARGV[5], "queue", ARGV[6], "engine", "temporal",
+                   "state", "queued", "enqueued_at", now)
+        redis.call("expire", KEYS[1], ARGV[8])
+        return {"no_workers"}
+    end
+    redis.call("hset", KEYS[1], "name", ARGV[5], "queue", ARGV[6], "engine", "dramatiq",
+               "state", "queued", "attempts", 0, "seq", 0, "rmid", ARGV[3], "enqueued_at", now)
+    redis.call("expire", KEYS[1], ARGV[8])
+    redis.call("hset", KEYS[4], ARGV[3], ARGV[4])
+    redis.call("rpush", KEYS[3], ARGV[3])
+    return {"enqueued"}
+
+-- start: KEYS job, steps, rate key (or "")
+--        ARGV seq, is_resume ("1"|"0"), rate calls (0 = none), rate period ms
+-- -> {"ok", attempts, step, json, step, json, ...} | {"lost"} | {"stale"} | {"done"}
+--    | {"throttled", ms until the window frees}
+elseif command == "start" then
+    local job = redis.call("hmget", KEYS[1], "engine", "state", "seq", "started_seq", "attempts")
+    if job[1] == false then
+        return {"lost"}
+    end
+    if job[1] ~= "dramatiq" then
+        return {"lost"}
+    end
+    if job[2] == "succeeded" or job[2] == "failed" or job[2] == "cancelled" then
+        return {"done"}
+    end
+    if job[3] ~= ARGV[2] then
+        return {"stale"}
+    end
+    local calls = tonumber(ARGV[4])
+    if calls > 0 and ARGV[3] == "0" then
+        local period = tonumber(ARGV[5])
+        local now = now_ms()
+        local window = math.floor(now / period)
+        local rate_key = KEYS[3] .. window
+        local used = redis.call("incr", rate_key)
+        if used == 1 then
+            redis.call("pexpire", rate_key, period * 2)
+        end
+        if used > calls then
+            return {"throttled", (window + 1) * period - now}
+        end
+    end
+    local attempts = tonumber(job[5] or "0")
+    -- A resume after a durable sleep is the same attempt; a redelivery of a message that
+    -- already started (its worker died) or a retry is a new one.
+    if ARGV[3] == "0" or job[4] == ARGV[2] then
+        attempts = attempts + 1
+    end
+    redis.call("hset", KEYS[1], "state", "running", "attempts", attempts, "started_seq", ARGV[2])
+    redis.call("hsetnx", KEYS[1], "started_at", now_ms())
+    local result = {"ok", attempts}
+    local steps = redis.call("hgetall", KEYS[2])
+    for i = 1, #steps do
+        result[#result + 1] = steps[i]
+    end
+    return result
+
+-- step: KEYS job, steps   ARGV seq, step name, JSON result, ttl s   -> "ok" | "lost"
+elseif command == "step" then
+    local job = redis.call("hmget", KEYS[1], "engine", "seq")
+    if job[1] ~= "dramatiq" or job[2] ~= ARGV[2] then
+        return "lost"
+    end
+    redis.call("hset", KEYS[2], ARGV[3], ARGV[4])
+    redis.call("expire", KEYS[2], ARGV[5])
+    return "ok"
+
+-- progress: KEYS job   ARGV seq, JSON progress   -> "ok" | "lost"
+elseif command == "progress" then
+    if redis.call("hget", KEYS[1], "seq") ~= ARGV[2] then
+        return "lost"
+    end
+    redis.call("hset", KEYS[1], "progress", ARGV[3])
+    return "ok"
+
+-- finish: KEYS job, steps   ARGV seq, state, result JSON, error, error class, ttl s
+-- -> "ok" | "lost".  A terminal state; the records expire after ttl.
+elseif command == "finish" then
+    local job = redis.call("hmget", KEYS[1], "engine", "seq")
+    if job[1] ~= "dramatiq" or job[2] ~= ARGV[2] then
+        return "lost"
+    end
+    redis.call("hset", KEYS[1], "state", ARGV[3], "result", ARGV[4], "error", ARGV[5],
+               "error_class", ARGV[6], "finished_at", now_ms())
+    redis.call("expire", KEYS[1], ARGV[7])
+    redis.call("expire", KEYS[2], ARGV[7])
+    return "ok"
+
+-- reschedule: KEYS job, delay queue list, delay queue msgs
+--             ARGV seq, next seq, state, redis message id, message, error, error class
+-- -> "ok" | "lost".  Puts the job's next message (a retry, or a resume after a sleep) on the
+-- delay queue and advances seq in the same step, so a crash can never leave two live messages.
+elseif command == "reschedule" then
+    local job = redis.call("hmget", KEYS[1], "engine", "seq")
+    if job[1] ~= "dramatiq" or job[2] ~= ARGV[2] then
+        return "lost"
+    end
+    redis.call("hset", KEYS[1], "seq", ARGV[3], "state", ARGV[4], "rmid", ARGV[5],
+               "error", ARGV[7], "error_class", ARGV[8])
+    redis.call("hset", KEYS[3], ARGV[5], ARGV[6])
+    redis.call("rpush", KEYS[2], ARGV[5])
+    return "ok"
+
+-- handoff: KEYS job, queue list, queue msgs, delay list, delay msgs   ARGV name, queue, ttl s
+-- -> {"claimed"} | {"lost", state}.  Gives the job to Temporal: removes a still-queued message
+-- and marks the job Temporal's in one step. A job Dramatiq already started stays Dramatiq's.
+elseif command == "handoff" then
+    local job = redis.call("hmget", KEYS[1], "engine", "state", "rmid")
+    if job[1] == false then
+        redis.call("hset", KEYS[1], "name", ARGV[2], "queue", ARGV[3], "engine", "temporal",
+                   "state", "queued", "enqueued_at", now_ms())
+        redis.call("expire", KEYS[1], ARGV[4])
+        return {"claimed"}
+    end
+    if job[1] == "temporal" then
+        return {"claimed"}
+    end
+    if job[2] ~= "queued" then
+        return {"lost", job[2]}
+    end
+    if job[3] then
+        redis.call("lrem", KEYS[2], 0, job[3])
+        redis.call("hdel", KEYS[3], job[3])
+        redis.call("lrem", KEYS[4], 0, job[3])
+        redis.call("hdel", KEYS[5], job[3])
+    end
+    redis.call("hset", KEYS[1], "engine", "temporal")
+    return {"claimed"}
+
+-- heartbeat: KEYS dramatiq heartbeats, workers zset per queue...
+--            ARGV worker id, dramatiq broker id   -> now (ms)
+elseif command == "heartbeat" then
+    local now = now_ms()
+    redis.call("zadd", KEYS[1], now, ARGV[3])
+    for i = 2, #KEYS do
+        redis.call("zadd", KEYS[i], now, ARGV[2])
+    end
+    return now
+
+-- deregister: KEYS workers zset per queue...   ARGV worker id
+elseif command == "deregister" then
+    for i = 1, #KEYS do
+        redis.call("zrem", KEYS[i], ARGV[2])
+    end
+    return "ok"
+
+-- live_workers: KEYS workers zset   ARGV heartbeat timeout ms  -> count
+-- Also forgets workers dead for ten timeouts, so the set does not grow forever.
+elseif command == "live_workers" then
+    local timeout = tonumber(ARGV[2])
+    redis.call("zremrangebyscore", KEYS[1], "-inf", now_ms() - 10 * timeout)
+    return live_workers(KEYS[1], timeout)
+end
+
+return redis.error_reply("jobyard.lua: unknown command " .. tostring(command))

@@ -1,0 +1,50 @@
+"""Every Redis key jobyard uses, and the Dramatiq keys it touches, in one place.
+
+    jobyard:job:<job_id>       hash  the job record on the Dramatiq side (see jobyard.lua)
+    jobyard:steps:<job_id>     hash  step name -> JSON result of a finished step
+    jobyard:workers:<queue>    zset  worker id -> last heartbeat, ms on the Redis clock
+    jobyard:rate:<job>:<n>     str   starts of <job> in rate window number <n>
+    dramatiq:<queue>           list  Dramatiq message ids waiting on <queue>
+    dramatiq:<queue>.msgs      hash  Dramatiq message id -> encoded message
+    dramatiq:<queue>.DQ[.msgs] the same for messages delayed on <queue>
+    dramatiq:__heartbeats__    zset  Dramatiq broker id -> last heartbeat (Dramatiq's own)
+"""
+
+from __future__ import annotations
+
+PREFIX = "jobyard"
+DRAMATIQ_NAMESPACE = "dramatiq"
+DELAY_SUFFIX = ".DQ"
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def steps(job_id: str) -> str:
+    return f"{PREFIX}:steps:{job_id}"
+
+
+def workers(queue: str) -> str:
+    return f"{PREFIX}:workers:{queue}"
+
+
+def rate_prefix(job_name: str) -> str:
+    return f"{PREFIX}:rate:{job_name}:"
+
+
+def dramatiq_queue(queue: str) -> str:
+    return f"{DRAMATIQ_NAMESPACE}:{queue}"
+
+
+def dramatiq_messages(queue: str) -> str:
+    return f"{DRAMATIQ_NAMESPACE}:{queue}.msgs"
+
+
+def delayed(queue: str) -> str:
+    """The Dramatiq name of `queue`'s delay queue."""
+    return f"{queue}{DELAY_SUFFIX}"
+
+
+def dramatiq_heartbeats() -> str:
+    return f"{DRAMATIQ_NAMESPACE}:__heartbeats__"

@@ -1,0 +1,49 @@
+"""Building the Dramatiq messages that carry a job, for the dispatcher and for reschedules."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from dramatiq import Message
+
+from jobyard.queue import keys
+
+SEQ = "jobyard_seq"  # which run of the job this message is (see seq in jobyard.lua)
+RESUME = "jobyard_resume"  # True when the run continues an attempt (after a sleep or a throttle)
+
+
+@dataclass(frozen=True)
+class EncodedMessage:
+    queue: str  # the Dramatiq queue it goes on: the job's queue or its delay queue
+    redis_message_id: str
+    data: bytes
+
+
+def encode_job_message(
+    job_name: str,
+    queue: str,
+    job_id: str,
+    payload: Any,
+    *,
+    seq: int = 0,
+    resume: bool = False,
+    delay_seconds: float | None = None,
+) -> EncodedMessage:
+    message_id = uuid.uuid4().hex
+    options: dict[str, Any] = {"redis_message_id": message_id, SEQ: seq, RESUME: resume}
+    target = queue
+    if delay_seconds:
+        target = keys.delayed(queue)
+        options["eta"] = int((time.time() + delay_seconds) * 1000)
+    message = Message(
+        queue_name=target,
+        actor_name=job_name,
+        args=(job_id, payload),
+        kwargs={},
+        options=options,
+        message_id=message_id,
+    )
+    return EncodedMessage(target, message_id, message.encode())

@@ -1,0 +1,69 @@
+"""The queue registry: each queue's concurrency, time limit and retry defaults, env-overridable.
+
+`WORKER_CONCURRENCY_<QUEUE>`, `QUEUE_TIME_LIMIT_<QUEUE>` (seconds) and
+`QUEUE_MAX_ATTEMPTS_<QUEUE>` override the defaults; <QUEUE> is the name upper-cased with `-` as `_`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobyard.job_engine import env
+
+DEFAULT = "default"
+DATA_SYNC = "data-sync"
+SCHEDULED = "scheduled"
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    name: str
+    concurrency: int
+    time_limit: float  # seconds; a job on this queue never runs longer, whatever it declares
+    max_attempts: int  # cap on a job's declared attempts
+    description: str
+
+    @staticmethod
+    def env_suffix(name: str) -> str:
+        return name.upper().replace("-", "_").replace(".", "_")
+
+    def with_env(self) -> QueueConfig:
+        suffix = self.env_suffix(self.name)
+        return QueueConfig(
+            name=self.name,
+            concurrency=env.get_int(f"WORKER_CONCURRENCY_{suffix}", self.concurrency),
+            time_limit=env.get_float(f"QUEUE_TIME_LIMIT_{suffix}", self.time_limit),
+            max_attempts=env.get_int(f"QUEUE_MAX_ATTEMPTS_{suffix}", self.max_attempts),
+            description=self.description,
+        )
+
+
+_QUEUES = {
+    q.name: q
+    for q in (
+        QueueConfig(DEFAULT, 10, 300, 10, "high concurrency, short I/O jobs"),
+        QueueConfig(DATA_SYNC, 2, 3600, 5, "low concurrency, long-running, DB-heavy jobs"),
+        QueueConfig(SCHEDULED, 4, 1800, 5, "scheduled and periodic maintenance"),
+    )
+}
+
+
+def queue_names() -> list[str]:
+    return list(_QUEUES)
+
+
+def get_queue(name: str) -> QueueConfig:
+    try:
+        return _QUEUES[name].with_env()
+    except KeyError:
+        raise ValueError(f"unknown queue {name!r} (queues: {', '.join(_QUEUES)})") from None
+
+
+def parse_queue_list(text: str | None) -> list[str]:
+    """`"default,data-sync"` -> validated names; empty or None -> all queues."""
+    if not text:
+        return queue_names()
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        get_queue(name)
+    return names

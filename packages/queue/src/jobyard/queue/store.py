@@ -1,0 +1,189 @@
+"""Python face of jobyard.lua: job records, step results and worker liveness in Redis."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import redis
+
+from jobyard.queue import keys
+
+RECORD_TTL_SECONDS = 7 * 24 * 3600
+_SCRIPT = resources.files("jobyard.queue").joinpath("jobyard.lua").read_text()
+
+
+@dataclass
+class StartResult:
+    status: str  # ok | lost | stale | done | throttled
+    attempts: int = 0
+    steps: dict[str, str] = field(default_factory=dict)
+    retry_in_ms: int = 0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._script = client.register_script(_SCRIPT)
+
+    def _call(self, keys_: list[str], *args: Any) -> Any:
+        return self._script(keys=keys_, args=list(args))
+
+    def enqueue(
+        self,
+        job_id: str,
+        name: str,
+        queue: str,
+        dramatiq_queue: str,
+        redis_message_id: str,
+        message: bytes,
+        heartbeat_timeout_ms: int,
+    ) -> tuple[str, ...]:
+        reply = self._call(
+            [
+                keys.job(job_id),
+                keys.workers(queue),
+                keys.dramatiq_queue(dramatiq_queue),
+                keys.dramatiq_messages(dramatiq_queue),
+            ],
+            "enqueue",
+            job_id,
+            redis_message_id,
+            message,
+            name,
+            queue,
+            heartbeat_timeout_ms,
+            RECORD_TTL_SECONDS,
+        )
+        return tuple(_text(v) for v in reply)
+
+    def start(
+        self, job_id: str, job_name: str, seq: int, *, resume: bool, rate: tuple[int, int] | None
+    ) -> StartResult:
+        calls, period_ms = rate or (0, 0)
+        reply = self._call(
+            [keys.job(job_id), keys.steps(job_id), keys.rate_prefix(job_name)],
+            "start",
+            seq,
+            "1" if resume else "0",
+            calls,
+            period_ms,
+        )
+        status = _text(reply[0])
+        if status == "throttled":
+            return StartResult(status, retry_in_ms=int(reply[1]))
+        if status != "ok":
+            return StartResult(status)
+        flat = [_text(v) for v in reply[2:]]
+        return StartResult(status, int(reply[1]), dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    def record_step(self, job_id: str, seq: int, step: str, result_json: str) -> bool:
+        reply = self._call(
+            [keys.job(job_id), keys.steps(job_id)],
+            "step",
+            seq,
+            step,
+            result_json,
+            RECORD_TTL_SECONDS,
+        )
+        return _text(reply) == "ok"
+
+    def record_progress(self, job_id: str, seq: int, progress_json: str) -> bool:
+        return _text(self._call([keys.job(job_id)], "progress", seq, progress_json)) == "ok"
+
+    def finish(
+        self,
+        job_id: str,
+        seq: int,
+        state: str,
+        *,
+        result: Any = None,
+        error: str = "",
+        error_class: str = "",
+    ) -> bool:
+        reply = self._call(
+            [keys.job(job_id), keys.steps(job_id)],
+            "finish",
+            seq,
+            state,
+            json.dumps(result),
+            error,
+            error_class,
+            RECORD_TTL_SECONDS,
+        )
+        return _text(reply) == "ok"
+
+    def reschedule(
+        self,
+        job_id: str,
+        seq: int,
+        next_seq: int,
+        state: str,
+        delay_queue: str,
+        redis_message_id: str,
+        message: bytes,
+        *,
+        error: str = "",
+        error_class: str = "",
+    ) -> bool:
+        reply = self._call(
+            [
+                keys.job(job_id),
+                keys.dramatiq_queue(delay_queue),
+                keys.dramatiq_messages(delay_queue),
+            ],
+            "reschedule",
+            seq,
+            next_seq,
+            state,
+            redis_message_id,
+            message,
+            error,
+            error_class,
+        )
+        return _text(reply) == "ok"
+
+    def handoff(self, job_id: str, name: str, queue: str) -> tuple[str, ...]:
+        delay_queue = keys.delayed(queue)
+        reply = self._call(
+            [
+                keys.job(job_id),
+                keys.dramatiq_queue(queue),
+                keys.dramatiq_messages(queue),
+                keys.dramatiq_queue(delay_queue),
+                keys.dramatiq_messages(delay_queue),
+            ],
+            "handoff",
+            name,
+            queue,
+            RECORD_TTL_SECONDS,
+        )
+        return tuple(_text(v) for v in reply)
+
+    def heartbeat(self, worker_id: str, broker_id: str, queues: list[str]) -> int:
+        worker_keys = [keys.workers(q) for q in queues]
+        return int(
+            self._call([keys.dramatiq_heartbeats(), *worker_keys], "heartbeat", worker_id, broker_id)
+        )
+
+    def deregister(self, worker_id: str, queues: list[str]) -> None:
+        self._call([keys.workers(q) for q in queues], "deregister", worker_id)
+
+    def live_workers(self, queue: str, heartbeat_timeout_ms: int) -> int:
+        return int(self._call([keys.workers(queue)], "live_workers", heartbeat_timeout_ms))
+
+    def get(self, job_id: str) -> dict[str, str] | None:
+        raw = self.client.hgetall(keys.job(job_id))
+        if not raw:
+            return None
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def steps(self, job_id: str) -> dict[str, Any]:
+        raw = self.client.hgetall(keys.steps(job_id))
+        return {_text(k): json.loads(v) for k, v in raw.items()}
