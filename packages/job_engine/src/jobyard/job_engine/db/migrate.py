@@ -27,7 +27,7 @@ def alembic_config(url: str | None = None) -> Config:
     resolved = normalize_url(url) if url is not None else database_url()
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.set_main_option("version_locations", str(MIGRATIONS_DIR / "versions"))
+    config.set_main_option("path_separator", "os")
     # configparser treats % as interpolation; the URL is also handed over unescaped below.
     config.set_main_option("sqlalchemy.url", resolved.replace("%", "%%"))
     config.attributes["url"] = resolved
