@@ -1,0 +1,1 @@
+"""Helpers of the `ai.generate` job: the Gemini client and the database-backed call limiter."""
