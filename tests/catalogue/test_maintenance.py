@@ -8,7 +8,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import insert, select, text
@@ -19,6 +19,9 @@ from jobyard.job_engine.errors import InvalidPayloadError, PermanentError
 from jobyard.job_engine.inline import run_inline
 from jobyard.job_engine.jobs import maintenance
 from jobyard.job_engine.registry import get_spec
+
+if TYPE_CHECKING:
+    from tests.engines import Engines
 
 # --- token_cleanup -------------------------------------------------------------------------------
 
@@ -300,3 +303,24 @@ def test_refuses_a_missing_directory(tmp_path: Path) -> None:
 def test_file_cleanup_rejects_bad_payloads(payload: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidPayloadError, match=field):
         run_inline("maintenance.file_cleanup", payload)
+
+
+# --- on the real engines -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
+def test_token_cleanup_on_the_real_engines(
+    engine: str, pg_database: str, engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same job code on a `jobyard worker` / `jobyard temporal-worker` subprocess."""
+    monkeypatch.setenv(env.DATABASE_URL, pg_database)  # read by the worker processes
+    now = datetime.now(UTC)
+    _add_tokens("expired", now - timedelta(hours=2), 11)
+    _add_tokens("valid", now + timedelta(hours=2), 4)
+
+    status = engines.run(engine, "maintenance.token_cleanup", {"batch_size": 3}, timeout=90)
+
+    assert status.state == "succeeded", status
+    assert status.engine == engine
+    assert status.result == {"deleted": 11, "batches": 4}
+    assert _tokens() == {f"valid-{i}" for i in range(4)}
