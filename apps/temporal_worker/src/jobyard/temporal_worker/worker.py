@@ -53,17 +53,20 @@ def install_child_dispatcher() -> None:
 async def serve() -> None:
     install_child_dispatcher()
     client = await connect(env.get_str(env.TEMPORAL_ADDRESS), env.get_str(env.TEMPORAL_NAMESPACE))
-    worker = build_worker(client)
+    task_queue = env.get_str(env.TEMPORAL_TASK_QUEUE)
+    worker = build_worker(client, task_queue)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with worker:
-        log.info("Temporal worker polling %s", worker.task_queue)
+        log.info("Temporal worker polling %s", task_queue)
         await stop.wait()
         log.info("Temporal worker stopping")
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
+    )
     asyncio.run(serve())

@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+        force=True,
     )
     _install_child_dispatcher()
     process = WorkerProcess(parse_queue_list(args.queues))

@@ -22,6 +22,7 @@ def _spawn(queues: str) -> subprocess.Popen:
 
 
 def run_workers(queues: list[str], processes: int) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
     joined = ",".join(queues)
     children = [_spawn(joined) for _ in range(processes)]
     stopping = threading.Event()

@@ -1,0 +1,65 @@
+"""Shared fixtures: a Temporal dev server per session; per test, a private redis-server, a fresh
+Temporal task queue, and the environment jobyard's processes read."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from jobyard.dispatcher import reset_dispatcher
+from jobyard.queue.client import reset_clients
+from tests.engines import Engines
+from tests.support import ROOT, RedisServer, TemporalDevServer
+
+WEBHOOK_SECRET = "test-webhook-secret"
+
+
+@pytest.fixture(scope="session")
+def temporal_server() -> Iterator[TemporalDevServer]:
+    server = TemporalDevServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def jobyard_env(
+    monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer, temporal_server: TemporalDevServer
+) -> Iterator[dict[str, str]]:
+    """Point every jobyard process of this test at its own Redis and task queue."""
+    values = {
+        "REDIS_URL": redis_server.url,
+        "TEMPORAL_ADDRESS": temporal_server.address,
+        "TEMPORAL_TASK_QUEUE": f"test-{uuid.uuid4().hex[:12]}",
+        "USE_DRAMATIQ": "true",
+        "WORKER_HEARTBEAT_INTERVAL": "0.5",
+        "WORKER_HEARTBEAT_TIMEOUT": "3",
+        "WORKER_SHUTDOWN_GRACE": "5",
+        "WORKER_CONCURRENCY_DEFAULT": "4",
+        "JOBYARD_JOB_MODULES": "tests.jobs",
+        "JOBYARD_BREAKER_PROBE_INTERVAL": "0.2",
+        "WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "PYTHONPATH": str(ROOT),
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    reset_dispatcher()
+    reset_clients()
+    yield values
+    reset_dispatcher()
+    reset_clients()
+
+
+@pytest.fixture
+def engines(jobyard_env: dict[str, str], redis_server: RedisServer) -> Iterator[Engines]:
+    engines = Engines(redis_server)
+    yield engines
+    engines.close()

@@ -1,0 +1,49 @@
+"""Jobs that exist only for tests; loaded through JOBYARD_JOB_MODULES=tests.jobs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from jobyard.job_engine import RetryPolicy, job
+
+
+def append_marker(directory: str, name: str) -> int:
+    """Record one execution of a step; returns how many times it has run."""
+    path = Path(directory) / name
+    with path.open("a") as f:
+        f.write("ran\n")
+    return len(path.read_text().splitlines())
+
+
+def block(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+class TwoStepsPayload(BaseModel):
+    marker_dir: str
+    sleep: float = 3.0
+
+
+@job("test.two_steps", payload=TwoStepsPayload, retry=RetryPolicy(attempts=3, backoff=0.1), timeout=20)
+async def two_steps(ctx: Any, payload: TwoStepsPayload) -> dict[str, int]:
+    first = await ctx.run("first", append_marker, payload.marker_dir, "first")
+    await ctx.sleep(payload.sleep)
+    second = await ctx.run("second", append_marker, payload.marker_dir, "second")
+    return {"first": first, "second": second}
+
+
+class SlowPayload(BaseModel):
+    seconds: float
+    marker_dir: str | None = None
+
+
+@job("test.slow", payload=SlowPayload, retry=RetryPolicy(attempts=3, backoff=0.1), timeout=60)
+async def slow(ctx: Any, payload: SlowPayload) -> float:
+    if payload.marker_dir:
+        await ctx.run("started", append_marker, payload.marker_dir, "started")
+    return await ctx.run("block", block, payload.seconds)

@@ -1,0 +1,66 @@
+"""webhook.deliver on both engines against a real HTTP receiver that checks signatures."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobyard.job_engine import signing
+from tests.conftest import WEBHOOK_SECRET
+from tests.peers import webhook_receiver
+
+ENGINES = ["dramatiq", "temporal"]
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOBYARD_JOB_WEBHOOK_DELIVER_BACKOFF", "0.2")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_delivers_signed_body_once(engines, engine):
+    with webhook_receiver(WEBHOOK_SECRET) as receiver:
+        status = engines.run(
+            engine,
+            "webhook.deliver",
+            {"url": receiver.url, "body": {"event": "done", "n": 1}, "headers": {"X-App": "t"}},
+        )
+    assert status.state == "succeeded", status
+    assert status.engine == engine
+    assert status.result == {"status": 200}
+    assert len(receiver.requests) == 1
+    request = receiver.requests[0]
+    assert request.signature_valid
+    assert request.json() == {"event": "done", "n": 1}
+    assert request.headers[signing.IDEMPOTENCY_HEADER] == status.job_id
+    assert request.headers["X-App"] == "t"
+    assert request.headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_retries_after_server_error_then_succeeds(engines, engine):
+    with webhook_receiver(WEBHOOK_SECRET, statuses=[500, 200]) as receiver:
+        status = engines.run(engine, "webhook.deliver", {"url": receiver.url, "body": [1, 2]})
+    assert status.state == "succeeded", status
+    assert status.attempts == 2
+    assert [r.signature_valid for r in receiver.requests] == [True, True]
+    assert len({r.headers[signing.IDEMPOTENCY_HEADER] for r in receiver.requests}) == 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_client_error_fails_without_retry(engines, engine):
+    with webhook_receiver(WEBHOOK_SECRET, statuses=[404]) as receiver:
+        status = engines.run(engine, "webhook.deliver", {"url": receiver.url, "body": {}})
+    assert status.state == "failed", status
+    assert status.attempts == 1
+    assert "404" in (status.error or "")
+    assert len(receiver.requests) == 1
+
+
+def test_signature_helper_rejects_tampering():
+    body = b'{"a":1}'
+    headers = signing.sign("k", body, timestamp=1_700_000_000)
+    ts, sig = headers[signing.TIMESTAMP_HEADER], headers[signing.SIGNATURE_HEADER]
+    assert signing.verify("k", body, ts, sig, now=1_700_000_010)
+    assert not signing.verify("k", b'{"a":2}', ts, sig, now=1_700_000_010)
+    assert not signing.verify("other", body, ts, sig, now=1_700_000_010)
+    assert not signing.verify("k", body, ts, sig, now=1_700_000_000 + 3600)
