@@ -287,6 +287,8 @@ class _SinkHandler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
+        with self.sink.lock:
+            self.sink.rcpt_attempts.append(address)
         if address.split("@")[-1] in self.sink.rejected_domains:
             return "550 5.1.1 No such user here"
         envelope.rcpt_tos.append(address)
@@ -301,7 +303,8 @@ class SmtpSink:
         self.lock = threading.Lock()
         self.messages: list[ReceivedMail] = []
         self.fail_next_data = 0
-        self.rejected_domains: set[str] = set()
+        self.rejected_domains: set[str] = set()  # RCPT to these domains: 550
+        self.rcpt_attempts: list[str] = []
         self.port = free_port()
         kwargs: dict[str, Any] = {}
         if credentials is not None:
