@@ -8,6 +8,7 @@ from jobyard.dispatcher.dispatch import (
     get_dispatcher,
     get_job,
     reset_dispatcher,
+    warm_up,
 )
 from jobyard.dispatcher.errors import DispatchUnavailableError, EngineUnavailable, JobNotFoundError
 from jobyard.dispatcher.models import JobHandle, JobStatus
@@ -25,4 +26,5 @@ __all__ = [
     "get_dispatcher",
     "get_job",
     "reset_dispatcher",
+    "warm_up",
 ]

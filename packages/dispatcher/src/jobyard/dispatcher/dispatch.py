@@ -33,6 +33,7 @@ from jobyard.dispatcher.models import (
 )
 from jobyard.dispatcher.temporal_engine import TemporalEngine
 from jobyard.job_engine import JobSpec, env, get_spec
+from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import make_client
 from jobyard.queue.store import JobStore
 
@@ -161,6 +162,13 @@ def get_dispatcher() -> Dispatcher:
             if _default is None:
                 _default = Dispatcher.from_env()
     return _default
+
+
+def warm_up() -> Dispatcher:
+    """Do the start-up work now, not in the first request: import every job module and connect
+    to Temporal in the background. Call it when the web app starts."""
+    load_job_modules()
+    return get_dispatcher()
 
 
 def reset_dispatcher() -> None:

@@ -1,0 +1,142 @@
+"""Dispatch falls back to Temporal for each cause, promptly, and returns to Dramatiq by itself."""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import time
+
+import pytest
+
+from jobyard.dispatcher import dispatch_job, get_dispatcher
+from tests.support import wait_for
+
+REDIS_TIMEOUT = 0.2  # the default of REDIS_TIMEOUT
+
+
+def _timed_dispatch(payload: dict) -> tuple[float, object]:
+    started = time.perf_counter()
+    handle = dispatch_job("system.echo", payload)
+    return time.perf_counter() - started, handle
+
+
+def _wait_until_dramatiq(timeout: float = 10.0) -> None:
+    """Dispatch returns to Dramatiq once the breaker's background probe sees Redis again."""
+    wait_for(lambda: not get_dispatcher().breaker.is_open, timeout=timeout)
+
+
+def test_flag_off_goes_to_temporal(engines, monkeypatch):
+    engines.start_worker()
+    engines.start_temporal_worker()
+    monkeypatch.setenv("USE_DRAMATIQ", "false")
+    handle = dispatch_job("system.echo", {"via": "flag"})
+    assert (handle.engine, handle.fallback_reason) == ("temporal", "flag_off")
+    status = engines.wait(handle.job_id)
+    assert (status.engine, status.state, status.result) == ("temporal", "succeeded", {"via": "flag"})
+    monkeypatch.setenv("USE_DRAMATIQ", "true")
+    assert dispatch_job("system.echo", {}).engine == "dramatiq"
+
+
+def test_no_live_worker_goes_to_temporal(engines):
+    engines.start_temporal_worker()
+    handle = dispatch_job("system.echo", {"via": "no-worker"})
+    assert (handle.engine, handle.fallback_reason) == ("temporal", "no_live_workers")
+    assert engines.wait(handle.job_id).state == "succeeded"
+
+
+def test_clean_stop_deregisters_at_once(engines):
+    engines.start_temporal_worker()
+    worker = engines.start_worker()
+    assert dispatch_job("system.echo", {}).engine == "dramatiq"
+    worker.stop()
+    handle = dispatch_job("system.echo", {"after": "stop"})
+    assert handle.fallback_reason == "no_live_workers"
+    assert engines.wait(handle.job_id).state == "succeeded"
+
+
+def test_dead_worker_counted_dead_after_heartbeat_timeout(engines):
+    engines.start_temporal_worker()
+    worker = engines.start_worker()
+    worker.signal_group(signal.SIGKILL)
+    worker.proc.wait()
+    killed_at = time.monotonic()
+    wait_for(lambda: dispatch_job("system.echo", {}).engine == "temporal", timeout=10, interval=0.2)
+    # WORKER_HEARTBEAT_TIMEOUT is 3 s in tests; the worker must not be declared dead much sooner.
+    assert time.monotonic() - killed_at > 2.0
+
+
+def test_busy_queue_with_live_workers_stays_on_dramatiq(engines, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORKER_CONCURRENCY_DEFAULT", "1")
+    engines.start_worker(queues="default")
+    blocker = dispatch_job("test.slow", {"seconds": 3})
+    backlog = [dispatch_job("system.echo", {"n": i}) for i in range(50)]
+    assert {h.engine for h in [blocker, *backlog]} == {"dramatiq"}
+    for handle in backlog[-3:]:
+        assert engines.wait(handle.job_id, timeout=30).state == "succeeded"
+
+
+def test_redis_refusing_connections(engines, redis_server):
+    engines.start_temporal_worker()
+    engines.start_worker()
+    assert dispatch_job("system.echo", {}).engine == "dramatiq"
+    redis_server.kill()  # connections are refused from now on
+
+    first, handle = _timed_dispatch({"n": 0})
+    assert (handle.engine, handle.fallback_reason) == ("temporal", "redis_error")
+    later = [_timed_dispatch({"n": i}) for i in range(1, 21)]
+    assert {h.engine for _, h in later} == {"temporal"}
+    assert {h.fallback_reason for _, h in later} == {"redis_unhealthy"}
+    for _, h in [(first, handle), *later[-2:]]:
+        assert engines.wait(h.job_id).state == "succeeded"
+    assert first < REDIS_TIMEOUT + 0.25, first
+    assert max(t for t, _ in later) < 0.25, [t for t, _ in later]
+
+    redis_server.start()  # same port, empty data: the worker registers again
+    engines.wait_for_workers(["default"], engines.worker)
+    _wait_until_dramatiq()
+    handle = dispatch_job("system.echo", {"back": True})
+    assert handle.engine == "dramatiq"
+    assert engines.wait(handle.job_id).state == "succeeded"
+
+
+def test_redis_paused(engines, redis_server):
+    engines.start_temporal_worker()
+    engines.start_worker()
+    assert dispatch_job("system.echo", {}).engine == "dramatiq"
+    redis_server.pause()
+    try:
+        first, first_handle = _timed_dispatch({"n": 0})
+        later = [_timed_dispatch({"n": i}) for i in range(1, 31)]
+        # Jobs that never touched Redis complete on Temporal while Redis is still paused.
+        for _, h in later[-3:]:
+            assert engines.wait(h.job_id).state == "succeeded"
+    finally:
+        redis_server.resume()
+
+    assert (first_handle.engine, first_handle.fallback_reason) == ("temporal", "redis_error")
+    assert {h.engine for _, h in later} == {"temporal"}
+    assert first < REDIS_TIMEOUT + 0.25, first
+    later_times = [t for t, _ in later]
+    assert statistics.median(later_times) < 0.05, later_times
+    assert max(later_times) < 0.25, later_times
+
+    # The first enqueue may have landed in Redis when it resumed: exactly one engine runs it.
+    status = engines.wait(first_handle.job_id)
+    assert status.state == "succeeded"
+    _wait_until_dramatiq()
+    handle = dispatch_job("system.echo", {"back": True})
+    assert handle.engine == "dramatiq"
+    assert engines.wait(handle.job_id).state == "succeeded"
+
+
+@pytest.mark.parametrize("down", ["refused"])
+def test_both_engines_down_is_a_clear_error(jobyard_env, redis_server, monkeypatch, down):
+    from jobyard.dispatcher import DispatchUnavailableError, reset_dispatcher
+    from tests.support import free_port
+
+    monkeypatch.setenv("TEMPORAL_ADDRESS", f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("TEMPORAL_START_TIMEOUT", "0.5")
+    reset_dispatcher()
+    redis_server.kill()
+    with pytest.raises(DispatchUnavailableError, match="Retry the dispatch with the same job_id"):
+        dispatch_job("system.echo", {})
