@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from jobyard.job_engine.env import JOB_MODULES as JOB_MODULES_ENV
 from jobyard.job_engine.errors import InvalidPayloadError, MissingSettingError, UnknownJobError
@@ -69,10 +70,10 @@ class JobSpec:
     def encode(self, payload: Any) -> dict[str, Any]:
         """Validate and return the JSON form that crosses to an engine."""
         model = self.validate(payload)
-        data = model.model_dump(mode="json")
         try:
+            data = model.model_dump(mode="json")
             json.dumps(data)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, PydanticSerializationError) as exc:
             raise InvalidPayloadError(self.name, f"not JSON-serialisable: {exc}") from None
         return data
 
