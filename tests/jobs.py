@@ -47,3 +47,21 @@ async def slow(ctx: Any, payload: SlowPayload) -> float:
     if payload.marker_dir:
         await ctx.run("started", append_marker, payload.marker_dir, "started")
     return await ctx.run("block", block, payload.seconds)
+
+
+def block_first_time(directory: str, seconds: float) -> int:
+    """Blocks `seconds` on its first execution only, so a requeued run finishes quickly."""
+    runs = append_marker(directory, "block")
+    if runs == 1:
+        time.sleep(seconds)
+    return runs
+
+
+class StubbornPayload(BaseModel):
+    marker_dir: str
+    seconds: float = 60.0
+
+
+@job("test.stubborn", payload=StubbornPayload, retry=RetryPolicy(attempts=3, backoff=0.1), timeout=120)
+async def stubborn(ctx: Any, payload: StubbornPayload) -> int:
+    return await ctx.run("block", block_first_time, payload.marker_dir, payload.seconds)
