@@ -20,6 +20,8 @@ import redis
 
 from jobyard.job_engine import env
 from jobyard.queue.client import make_client
+from jobyard.queue.queues import queue_names
+from jobyard.queue.store import JobStore
 
 STATE_DIR = Path(".jobyard")
 TEMPORAL_UI_PORT = 8233
@@ -91,6 +93,19 @@ def redis_available() -> bool:
         client.close()
 
 
+def wait_for_live_workers() -> None:
+    """The canary should find live workers, or it would (rightly) fall back to Temporal."""
+    store = JobStore(make_client(timeout=0.5))
+    timeout_ms = int(env.get_float(env.WORKER_HEARTBEAT_TIMEOUT) * 1000)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if all(store.live_workers(q, timeout_ms) for q in queue_names()):
+            _say("Dramatiq workers live for all queues")
+            return
+        time.sleep(0.2)
+    _say("Dramatiq workers did not report in time; jobs will fall back to Temporal")
+
+
 def run_canary() -> bool:
     from jobyard.dispatcher import dispatch_job, get_job
 
@@ -114,12 +129,11 @@ def run_dev(check_canary: bool = True) -> int:
         migrate()
         if redis_available():
             children.append(subprocess.Popen([*jobyard, "worker"]))
-            _say("Dramatiq workers started for all queues")
+            wait_for_live_workers()
         else:
             os.environ[env.USE_DRAMATIQ] = "false"
         children.append(subprocess.Popen([*jobyard, "temporal-worker"]))
         _say("Temporal worker started")
-        time.sleep(1.0)  # let workers beat once before the canary picks an engine
         if check_canary and not run_canary():
             return 1
         _say("running; Ctrl-C to stop")
