@@ -262,3 +262,11 @@ def test_durations_parse_like_compose() -> None:
     assert duration_seconds("1500ms") == 1.5
     with pytest.raises(ValueError):
         duration_seconds("45")
+
+
+def test_workers_share_the_document_storage_volume(raw_compose: dict[str, Any]) -> None:
+    services = rendered(raw_compose)["services"]
+    for name in ("worker", "temporal-worker"):
+        root = environment_of(services[name])["JOBYARD_STORAGE_ROOT"]
+        assert f"jobyard-storage:{root}" in services[name]["volumes"], name
+    assert "jobyard-storage" in raw_compose["volumes"]

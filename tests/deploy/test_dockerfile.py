@@ -120,3 +120,18 @@ def test_dockerignore_sends_the_workspace_and_nothing_local() -> None:
     for needed in ("pyproject.toml", "uv.lock", "packages", "apps", "packages/*", "apps/*"):
         assert needed not in patterns
         assert f"!{needed}" not in patterns  # nothing re-included by accident either
+
+
+def test_every_worker_image_can_run_document_convert(dockerfile: str) -> None:
+    """document.convert runs on whichever worker takes it, Dramatiq or Temporal."""
+    stages = parse_stages(dockerfile)
+    for target in IMAGE_TARGETS:
+        runs = [
+            arguments
+            for stage in stage_chain(stages, target)
+            for keyword, arguments in stage.instructions
+            if keyword == "RUN"
+        ]
+        installs = [run for run in runs if "apt-get install" in run]
+        assert any("libreoffice-writer-nogui" in run for run in installs), target
+        assert all("rm -rf /var/lib/apt/lists/*" in run for run in installs), target

@@ -197,6 +197,7 @@ def test_ci_runs_lint_and_tests_against_redis_and_postgres(ci: dict[str, Any]) -
         assert "--health-cmd" in service["options"], "steps must wait for healthy services"
     assert "JOBYARD_TEST_PG_ADMIN_URL" in test_job["env"]
     assert steps_running(test_job, "redis-server"), "fault tests need a redis-server binary"
+    assert steps_running(test_job, "libreoffice-writer-nogui"), "document.convert tests"
     for job in jobs.values():
         if steps_running(job, "uv run"):
             assert steps_running(job, "uv sync --frozen"), "CI must install from uv.lock"
