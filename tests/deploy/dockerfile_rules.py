@@ -81,7 +81,7 @@ def external_images(stages: list[Stage]) -> list[str]:
     return images
 
 
-def target_problems(stages: list[Stage], target: str) -> list[str]:
+def target_problems(stages: list[Stage], target: str, health_command: str) -> list[str]:
     try:
         chain = stage_chain(stages, target)
     except KeyError as exc:
@@ -93,8 +93,8 @@ def target_problems(stages: list[Stage], target: str) -> list[str]:
     healthcheck = last_instruction(chain, "HEALTHCHECK")
     if healthcheck is None or "NONE" in healthcheck.split():
         problems.append(f"{target}: no HEALTHCHECK")
-    elif not re.search(r'CMD \[?"?jobyard"?,? "?health"?', healthcheck):
-        problems.append(f"{target}: HEALTHCHECK is not `jobyard health`: {healthcheck}")
+    elif not healthcheck.endswith(f"CMD {health_command}"):
+        problems.append(f"{target}: HEALTHCHECK is not {health_command}: {healthcheck}")
     stopsignal = last_instruction(chain, "STOPSIGNAL")
     if stopsignal != "SIGTERM":
         problems.append(f"{target}: STOPSIGNAL is {stopsignal!r}, workers drain on SIGTERM")
@@ -136,7 +136,9 @@ def _copies_source(copy_arguments: str) -> bool:
     return any(not source.endswith(("pyproject.toml", "uv.lock")) for source in sources)
 
 
-def dockerfile_problems(text: str, targets: tuple[str, ...]) -> list[str]:
+def dockerfile_problems(text: str, health_commands: dict[str, str]) -> list[str]:
+    """Problems of the Dockerfile; health_commands maps each target to its HEALTHCHECK
+    command in exec form."""
     stages = parse_stages(text)
     problems = []
     for image in external_images(stages):
@@ -145,6 +147,6 @@ def dockerfile_problems(text: str, targets: tuple[str, ...]) -> list[str]:
     if not any(image.startswith("ghcr.io/astral-sh/uv:") for image in external_images(stages)):
         problems.append("uv does not come from the pinned ghcr.io/astral-sh/uv image")
     problems += dependency_layer_problems(stages)
-    for target in targets:
-        problems += target_problems(stages, target)
+    for target, health_command in health_commands.items():
+        problems += target_problems(stages, target, health_command)
     return problems

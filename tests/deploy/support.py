@@ -27,6 +27,15 @@ DEPLOY_WORKFLOW = WORKFLOWS_DIR / "deploy.yml"
 
 # The Dockerfile targets compose and the deploy workflow build.
 IMAGE_TARGETS = ("worker", "temporal-worker")
+TEMPORAL_WORKER_HEALTH_SCRIPT = REPO_ROOT / "docker" / "healthcheck" / "temporal_worker_health.py"
+# Where the temporal-worker image keeps that script.
+TEMPORAL_WORKER_HEALTH_IN_IMAGE = "/opt/jobyard/temporal_worker_health.py"
+# Each target's health check, exec form: a Dramatiq worker proves itself with its
+# heartbeat (`jobyard health`), a Temporal worker by polling its task queue.
+HEALTH_COMMANDS = {
+    "worker": ["jobyard", "health"],
+    "temporal-worker": ["python", TEMPORAL_WORKER_HEALTH_IN_IMAGE],
+}
 
 # Which dev dependency provides each linter binary.
 _TOOL_PACKAGES = {

@@ -19,7 +19,13 @@ from tests.deploy.compose_rules import (
     long_running_services,
     schema_errors,
 )
-from tests.deploy.support import COMPOSE_FILE, DEPLOY_SCRIPT, DOCKERFILE, load_yaml
+from tests.deploy.support import (
+    COMPOSE_FILE,
+    DEPLOY_SCRIPT,
+    DOCKERFILE,
+    HEALTH_COMMANDS,
+    load_yaml,
+)
 
 # What a host provides when it runs compose: only the one required secret.
 HOST_ENV = {"POSTGRES_PASSWORD": "s3cret"}
@@ -183,9 +189,9 @@ def test_workers_get_longer_to_stop_than_their_jobs_get_to_finish(
         assert services[name].get("stop_signal", "SIGTERM") == "SIGTERM", name
 
 
-def test_workers_health_check_is_jobyard_health(raw_compose: dict[str, Any]) -> None:
-    for name in ("worker", "temporal-worker"):
-        assert raw_compose["services"][name]["healthcheck"]["test"] == ["CMD", "jobyard", "health"]
+def test_workers_use_the_health_check_their_image_defines(raw_compose: dict[str, Any]) -> None:
+    for name, command in HEALTH_COMMANDS.items():
+        assert raw_compose["services"][name]["healthcheck"]["test"] == ["CMD", *command]
 
 
 def test_start_order_waits_for_healthy_dependencies_and_the_migration(

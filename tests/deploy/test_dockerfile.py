@@ -3,6 +3,7 @@ health-checked and stopped with SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -10,7 +11,18 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.dockerfile_rules import dockerfile_problems, parse_stages, stage_chain
-from tests.deploy.support import DOCKERFILE, IMAGE_TARGETS, REPO_ROOT, run_tool
+from tests.deploy.support import (
+    DOCKERFILE,
+    HEALTH_COMMANDS,
+    IMAGE_TARGETS,
+    REPO_ROOT,
+    TEMPORAL_WORKER_HEALTH_IN_IMAGE,
+    TEMPORAL_WORKER_HEALTH_SCRIPT,
+    run_tool,
+)
+
+# HEALTHCHECK arguments as the Dockerfile writes them (exec form, JSON).
+EXPECTED_HEALTH = {target: json.dumps(command) for target, command in HEALTH_COMMANDS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +46,7 @@ def test_hadolint_does_flag_a_bad_dockerfile(tmp_path: Path) -> None:
 
 
 def test_dockerfile_follows_the_packaging_rules(dockerfile: str) -> None:
-    assert dockerfile_problems(dockerfile, IMAGE_TARGETS) == []
+    assert dockerfile_problems(dockerfile, EXPECTED_HEALTH) == []
 
 
 @pytest.mark.parametrize(
@@ -43,8 +55,17 @@ def test_dockerfile_follows_the_packaging_rules(dockerfile: str) -> None:
         ("USER 10001:10001", "USER root", "worker: runs as root"),
         ("USER 10001:10001", "", "temporal-worker: runs as root"),
         ("STOPSIGNAL SIGTERM", "STOPSIGNAL SIGKILL", "STOPSIGNAL is 'SIGKILL'"),
-        ('CMD ["jobyard", "health"]', "NONE", "no HEALTHCHECK"),
-        ('CMD ["jobyard", "health"]', "CMD true", "HEALTHCHECK is not `jobyard health`"),
+        ('CMD ["jobyard", "health"]', "NONE", "worker: no HEALTHCHECK"),
+        (
+            'CMD ["jobyard", "health"]',
+            "CMD true",
+            'worker: HEALTHCHECK is not ["jobyard", "health"]',
+        ),
+        (
+            'CMD ["python", "/opt/jobyard/temporal_worker_health.py"]',
+            'CMD ["jobyard", "health"]',
+            "temporal-worker: HEALTHCHECK is not",
+        ),
         ("python:3.11.14-slim-bookworm@sha256:", "python:3.11-slim@sha256:", "not pinned"),
         (
             "@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d",
@@ -61,7 +82,7 @@ def test_each_rule_catches_its_breakage(
 ) -> None:
     assert old in dockerfile
     broken = dockerfile.replace(old, new)
-    problems = dockerfile_problems(broken, IMAGE_TARGETS)
+    problems = dockerfile_problems(broken, EXPECTED_HEALTH)
     assert any(expected_problem in problem for problem in problems), problems
 
 
@@ -72,7 +93,7 @@ def test_dependencies_installed_after_the_source_are_caught(dockerfile: str) -> 
     first_sync = next(i for i, line in enumerate(lines) if line.startswith("RUN --mount"))
     reordered = [*lines[:first_sync], lines[copy_line], *lines[first_sync:copy_line]]
     reordered += lines[copy_line + 1 :]
-    problems = dockerfile_problems("".join(reordered), IMAGE_TARGETS)
+    problems = dockerfile_problems("".join(reordered), EXPECTED_HEALTH)
     assert any("dependency layer before the source is copied" in problem for problem in problems), (
         problems
     )
@@ -89,6 +110,12 @@ def test_targets_run_the_right_command(dockerfile: str) -> None:
     stages = {stage.name: stage for stage in parse_stages(dockerfile)}
     assert stages["worker"].instructions[-1][1].startswith('["jobyard", "worker"')
     assert stages["temporal-worker"].instructions[-1] == ("CMD", '["jobyard", "temporal-worker"]')
+
+
+def test_the_temporal_worker_image_carries_its_health_script(dockerfile: str) -> None:
+    stage = {stage.name: stage for stage in parse_stages(dockerfile)}["temporal-worker"]
+    source = TEMPORAL_WORKER_HEALTH_SCRIPT.relative_to(REPO_ROOT).as_posix()
+    assert ("COPY", f"{source} {TEMPORAL_WORKER_HEALTH_IN_IMAGE}") in stage.instructions
 
 
 def test_the_runtime_image_carries_the_venv_but_not_the_build_tools(dockerfile: str) -> None:
@@ -120,6 +147,9 @@ def test_dockerignore_sends_the_workspace_and_nothing_local() -> None:
     for needed in ("pyproject.toml", "uv.lock", "packages", "apps", "packages/*", "apps/*"):
         assert needed not in patterns
         assert f"!{needed}" not in patterns  # nothing re-included by accident either
+    # docker/ is left out, except the health script the temporal-worker image copies.
+    assert "docker" in patterns
+    assert "!docker/healthcheck" in patterns
 
 
 def test_every_worker_image_can_run_document_convert(dockerfile: str) -> None:
