@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import dramatiq
-from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.middleware import AgeLimit, CurrentMessage, TimeLimit
 
 from jobyard.job_engine import env, registry
 from jobyard.queue import keys
 from jobyard.queue.client import make_client
 from jobyard.queue.queues import get_queue
-from jobyard.queue.runner import JobRunner
+from jobyard.queue.runner import ACKED, JobRunner
 from jobyard.queue.store import JobStore
+
+
+class JobyardConsumer(_RedisConsumer):
+    """Skips the ack round trip for messages a jobyard Lua call has already acked."""
+
+    def ack(self, message):
+        if getattr(message, ACKED, False):
+            self.queued_message_ids.discard(message.message_id)
+            return
+        super().ack(message)
+
+
+class JobyardBroker(RedisBroker):
+    @property
+    def consumer_class(self):
+        return JobyardConsumer
 
 
 def heartbeat_timeout_ms() -> int:
@@ -24,7 +40,7 @@ def build_broker(queue: str, *, store: JobStore | None = None) -> RedisBroker:
     No Retries middleware: jobyard retries and sleeps through JobRunner, which records them.
     """
     client = make_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT))
-    broker = RedisBroker(
+    broker = JobyardBroker(
         client=client,
         namespace=keys.DRAMATIQ_NAMESPACE,
         heartbeat_timeout=heartbeat_timeout_ms(),
@@ -37,7 +53,7 @@ def build_broker(queue: str, *, store: JobStore | None = None) -> RedisBroker:
             continue
         limit_ms = int(min(spec.effective_timeout(), config.time_limit) * 1000)
         dramatiq.Actor(
-            JobRunner(store, spec),
+            JobRunner(store, spec, broker.broker_id),
             broker=broker,
             actor_name=spec.name,
             queue_name=queue,

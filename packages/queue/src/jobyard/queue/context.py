@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jobyard.job_engine import StepError, step_ref
-from jobyard.queue.store import JobStore
+from jobyard.queue.store import JobStore, StartResult
 
 #: Sleeps up to this long happen in the worker thread; longer ones free it.
 IN_THREAD_SLEEP_LIMIT = 1.0
@@ -27,27 +27,61 @@ class Suspend(BaseException):
 
 
 class LostOwnership(BaseException):
-    """The job was handed to Temporal (or superseded) while this run was going on."""
+    """The job belongs to Temporal, is finished, or this message is a stale duplicate."""
+
+
+class Throttled(BaseException):
+    """The job's rate limit is used up; try again in `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
 
 
 class DramatiqContext:
+    """Starts the run in Redis lazily, at the first step, sleep or progress: until then the
+    handler has done nothing observable, and a job that never touches ctx finishes in a single
+    Redis call (JobStore.complete)."""
+
     def __init__(
         self,
         store: JobStore,
         job_name: str,
         job_id: str,
         seq: int,
-        attempt: int,
-        recorded: dict[str, str],
+        resume: bool,
+        rate: tuple[int, int] | None,
     ) -> None:
         self.job_id = job_id
         self.job_name = job_name
-        self.attempt = attempt
         self._store = store
         self._seq = seq
-        self._recorded = recorded
+        self._resume = resume
+        self._rate = rate
+        self._started: StartResult | None = None
+        self._recorded: dict[str, str] = {}
         self._seen: set[str] = set()
         self._sleeps = 0
+
+    @property
+    def started(self) -> StartResult | None:
+        return self._started
+
+    @property
+    def attempt(self) -> int:
+        return self.start().attempts
+
+    def start(self) -> StartResult:
+        if self._started is None:
+            result = self._store.start(
+                self.job_id, self.job_name, self._seq, resume=self._resume, rate=self._rate
+            )
+            if result.status == "throttled":
+                raise Throttled(result.retry_in_ms / 1000)
+            if result.status != "ok":
+                raise LostOwnership(result.status)
+            self._started, self._recorded = result, result.steps
+        return self._started
 
     def _claim_name(self, step: str) -> None:
         if step in self._seen:
@@ -60,6 +94,7 @@ class DramatiqContext:
         self._recorded[step] = encoded
 
     async def run(self, step: str, fn: Callable[..., Any], *args: Any) -> Any:
+        self.start()
         self._claim_name(step)
         step_ref(fn)  # the same rule as on Temporal, so a job that runs here runs there too
         if step in self._recorded:
@@ -75,6 +110,7 @@ class DramatiqContext:
         return json.loads(encoded)
 
     async def sleep(self, seconds: float) -> None:
+        self.start()
         self._sleeps += 1
         step = f"{SLEEP_STEP_PREFIX}{self._sleeps}"
         self._claim_name(step)
@@ -92,4 +128,5 @@ class DramatiqContext:
         raise Suspend(remaining)
 
     async def progress(self, value: float | dict[str, Any]) -> None:
+        self.start()
         self._store.record_progress(self.job_id, self._seq, json.dumps(value))

@@ -13,6 +13,7 @@
 --   jobyard:rate:<job>:<n>  str   job starts in rate window n
 --   dramatiq:<queue>        list  message ids;  dramatiq:<queue>.msgs  hash id -> message
 --   dramatiq:__heartbeats__ zset  Dramatiq broker id -> last heartbeat (ms)
+--   dramatiq:__acks__.<broker id>.<queue>  set  message ids a consumer fetched, not yet acked
 --
 -- Times are Redis's own clock (TIME), so worker and web hosts never disagree about liveness.
 
@@ -25,6 +26,34 @@ end
 
 local function live_workers(workers_key, timeout_ms)
     return redis.call("zcount", workers_key, now_ms() - tonumber(timeout_ms), "+inf")
+end
+
+-- Dramatiq's own ack (see dramatiq/brokers/redis/dispatch.lua), folded into our calls.
+local function ack(acks_key, msgs_key, message_id)
+    if message_id ~= "" and redis.call("srem", acks_key, message_id) > 0 then
+        redis.call("hdel", msgs_key, message_id)
+    end
+end
+
+-- May a message carrying `seq` run this job now? "ok" and the job's new attempt count, or why not.
+-- A resume after a durable sleep is the same attempt; a retry, or a redelivery of a message
+-- that already started (its worker died), is a new one.
+local function start_checks(job_key, seq, is_resume)
+    local job = redis.call("hmget", job_key, "engine", "state", "seq", "attempts", "started_seq")
+    if job[1] ~= "dramatiq" then
+        return "lost"
+    end
+    if job[2] == "succeeded" or job[2] == "failed" or job[2] == "cancelled" then
+        return "done"
+    end
+    if job[3] ~= seq then
+        return "stale"
+    end
+    local attempts = tonumber(job[4] or "0")
+    if is_resume == "0" or job[5] == seq then
+        attempts = attempts + 1
+    end
+    return "ok", attempts
 end
 
 -- enqueue: KEYS job, workers, queue list, queue msgs
@@ -51,23 +80,14 @@ if command == "enqueue" then
     redis.call("rpush", KEYS[3], ARGV[3])
     return {"enqueued"}
 
--- start: KEYS job, steps, rate key (or "")
+-- start: KEYS job, steps, rate key prefix (the window number is appended)
 --        ARGV seq, is_resume ("1"|"0"), rate calls (0 = none), rate period ms
 -- -> {"ok", attempts, step, json, step, json, ...} | {"lost"} | {"stale"} | {"done"}
 --    | {"throttled", ms until the window frees}
 elseif command == "start" then
-    local job = redis.call("hmget", KEYS[1], "engine", "state", "seq", "started_seq", "attempts")
-    if job[1] == false then
-        return {"lost"}
-    end
-    if job[1] ~= "dramatiq" then
-        return {"lost"}
-    end
-    if job[2] == "succeeded" or job[2] == "failed" or job[2] == "cancelled" then
-        return {"done"}
-    end
-    if job[3] ~= ARGV[2] then
-        return {"stale"}
+    local status, attempts = start_checks(KEYS[1], ARGV[2], ARGV[3])
+    if status ~= "ok" then
+        return {status}
     end
     local calls = tonumber(ARGV[4])
     if calls > 0 and ARGV[3] == "0" then
@@ -82,12 +102,6 @@ elseif command == "start" then
         if used > calls then
             return {"throttled", (window + 1) * period - now}
         end
-    end
-    local attempts = tonumber(job[5] or "0")
-    -- A resume after a durable sleep is the same attempt; a redelivery of a message that
-    -- already started (its worker died) or a retry is a new one.
-    if ARGV[3] == "0" or job[4] == ARGV[2] then
-        attempts = attempts + 1
     end
     redis.call("hset", KEYS[1], "state", "running", "attempts", attempts, "started_seq", ARGV[2])
     redis.call("hsetnx", KEYS[1], "started_at", now_ms())
@@ -116,9 +130,12 @@ elseif command == "progress" then
     redis.call("hset", KEYS[1], "progress", ARGV[3])
     return "ok"
 
--- finish: KEYS job, steps   ARGV seq, state, result JSON, error, error class, ttl s
--- -> "ok" | "lost".  A terminal state; the records expire after ttl.
+-- finish: KEYS job, steps, dramatiq acks, dramatiq msgs
+--         ARGV seq, state, result JSON, error, error class, ttl s, redis message id
+-- -> "ok" | "lost".  A terminal state; the records expire after ttl. Acks the Dramatiq message
+-- in the same call (Dramatiq's own ack is then skipped), saving a round trip per job.
 elseif command == "finish" then
+    ack(KEYS[3], KEYS[4], ARGV[8])
     local job = redis.call("hmget", KEYS[1], "engine", "seq")
     if job[1] ~= "dramatiq" or job[2] ~= ARGV[2] then
         return "lost"
@@ -129,11 +146,32 @@ elseif command == "finish" then
     redis.call("expire", KEYS[2], ARGV[7])
     return "ok"
 
--- reschedule: KEYS job, delay queue list, delay queue msgs
---             ARGV seq, next seq, state, redis message id, message, error, error class
+-- complete: KEYS job, steps, dramatiq acks, dramatiq msgs
+--           ARGV seq, is_resume, result JSON, ttl s, redis message id
+-- -> "ok" | "lost" | "stale" | "done".  start + finish + ack for a run that never used a step:
+-- such a handler had no side effects, so checking ownership after it ran is safe.
+elseif command == "complete" then
+    ack(KEYS[3], KEYS[4], ARGV[6])
+    local status, attempts = start_checks(KEYS[1], ARGV[2], ARGV[3])
+    if status ~= "ok" then
+        return status
+    end
+    local now = now_ms()
+    redis.call("hset", KEYS[1], "state", "succeeded", "result", ARGV[4], "attempts", attempts,
+               "started_seq", ARGV[2], "finished_at", now)
+    redis.call("hsetnx", KEYS[1], "started_at", now)
+    redis.call("expire", KEYS[1], ARGV[5])
+    redis.call("expire", KEYS[2], ARGV[5])
+    return "ok"
+
+-- reschedule: KEYS job, delay queue list, delay queue msgs, dramatiq acks, dramatiq msgs
+--             ARGV seq, next seq, state, redis message id, message, error, error class,
+--                  redis message id of the current message
 -- -> "ok" | "lost".  Puts the job's next message (a retry, or a resume after a sleep) on the
--- delay queue and advances seq in the same step, so a crash can never leave two live messages.
+-- delay queue, advances seq and acks the current message in one step, so a crash can never
+-- leave two live messages, or none.
 elseif command == "reschedule" then
+    ack(KEYS[4], KEYS[5], ARGV[9])
     local job = redis.call("hmget", KEYS[1], "engine", "seq")
     if job[1] ~= "dramatiq" or job[2] ~= ARGV[2] then
         return "lost"

@@ -8,6 +8,7 @@
     dramatiq:<queue>.msgs      hash  Dramatiq message id -> encoded message
     dramatiq:<queue>.DQ[.msgs] the same for messages delayed on <queue>
     dramatiq:__heartbeats__    zset  Dramatiq broker id -> last heartbeat (Dramatiq's own)
+    dramatiq:__acks__.<broker>.<queue>  set  messages a consumer holds, not yet acked
 """
 
 from __future__ import annotations
@@ -48,3 +49,7 @@ def delayed(queue: str) -> str:
 
 def dramatiq_heartbeats() -> str:
     return f"{DRAMATIQ_NAMESPACE}:__heartbeats__"
+
+
+def dramatiq_acks(broker_id: str, queue: str) -> str:
+    return f"{DRAMATIQ_NAMESPACE}:__acks__.{broker_id}.{queue}"

@@ -1,8 +1,9 @@
-"""Runs one Dramatiq message of a job: start, handler, then finish, retry or park.
+"""Runs one Dramatiq message of a job: the handler, then finish, retry or park.
 
 Dramatiq's own retries are off for jobyard actors: retries and durable sleeps are re-enqueued
-here through `JobStore.reschedule`, which advances the job's seq in the same Lua call, so a
-crash between the two can never leave the job with two live messages.
+here through `JobStore.reschedule`, which advances the job's seq and acks the current message
+in the same Lua call, so a crash can never leave the job with two live messages, or none.
+Every terminal call acks the message too, and marks it so that Dramatiq skips its own ack.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from jobyard.job_engine import JobSpec, PermanentError
-from jobyard.queue.context import DramatiqContext, LostOwnership, Suspend
+from jobyard.queue.context import DramatiqContext, LostOwnership, Suspend, Throttled
 from jobyard.queue.messages import RESUME, SEQ, encode_job_message
-from jobyard.queue.store import JobStore
+from jobyard.queue.store import NO_DELIVERY, Delivery, JobStore
 
 log = logging.getLogger("jobyard.worker")
 _loops = threading.local()
+#: Set on a MessageProxy once a jobyard Lua call has acked it (see JobyardConsumer).
+ACKED = "jobyard_acked"
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
@@ -43,9 +46,10 @@ def _discard_event_loop() -> None:
 class JobRunner:
     """The function behind a job's Dramatiq actor."""
 
-    def __init__(self, store: JobStore, spec: JobSpec) -> None:
+    def __init__(self, store: JobStore, spec: JobSpec, broker_id: str) -> None:
         self.store = store
         self.spec = spec
+        self.broker_id = broker_id
         self.retry = spec.effective_retry()
         rate = spec.rate_limit
         self.rate = (rate.calls, int(rate.period * 1000)) if rate else None
@@ -55,67 +59,93 @@ class JobRunner:
         message = CurrentMessage.get_current_message()
         options = message.options if message is not None else {}
         seq, resume = int(options.get(SEQ, 0)), bool(options.get(RESUME, False))
-        start = self.store.start(job_id, self.spec.name, seq, resume=resume, rate=self.rate)
-        if start.status == "throttled":
-            self._reschedule(job_id, payload, seq, "queued", start.retry_in_ms / 1000, resume)
-            return
-        if start.status != "ok":
-            log.info("job %s: message dropped (%s)", job_id, start.status)
-            return
-        ctx = DramatiqContext(self.store, self.spec.name, job_id, seq, start.attempts, start.steps)
-        try:
-            model = self.spec.validate(payload)
-            result = _event_loop().run_until_complete(self.spec.handler(ctx, model))
-        except Suspend as suspend:
-            self._reschedule(job_id, payload, seq, "running", suspend.seconds, resume=True)
-        except LostOwnership:
-            log.warning("job %s: handed to another engine while running; result dropped", job_id)
-        except (Exception, TimeLimitExceeded) as exc:
-            if isinstance(exc, TimeLimitExceeded):
-                _discard_event_loop()
-            self._failed(job_id, payload, seq, start.attempts, exc)
-        else:
-            self.store.finish(job_id, seq, "succeeded", result=result)
+        delivery = (
+            Delivery(self.broker_id, message.queue_name, options["redis_message_id"])
+            if message is not None
+            else NO_DELIVERY
+        )
+        ctx = DramatiqContext(self.store, self.spec.name, job_id, seq, resume, self.rate)
+        run = _Run(self, ctx, job_id, payload, seq, resume, delivery)
+        run.execute()
+        if message is not None and run.acked:
+            setattr(message, ACKED, True)
 
-    def _failed(self, job_id: str, payload: Any, seq: int, attempt: int, exc: BaseException) -> None:
-        error, error_class = f"{type(exc).__name__}: {exc}", type(exc).__name__
-        if isinstance(exc, PermanentError) or attempt >= self.retry.attempts:
-            log.warning("job %s failed after %d attempt(s): %s", job_id, attempt, error)
-            detail = "".join(traceback.format_exception(exc))[-4000:]
-            self.store.finish(job_id, seq, "failed", error=detail, error_class=error_class)
-            return
-        delay = self.retry.delay_before(attempt)
-        log.info("job %s attempt %d failed (%s); retry in %.1fs", job_id, attempt, error, delay)
-        self._reschedule(job_id, payload, seq, "retrying", delay, False, error, error_class)
 
-    def _reschedule(
+class _Run:
+    def __init__(
         self,
+        runner: JobRunner,
+        ctx: DramatiqContext,
         job_id: str,
         payload: Any,
         seq: int,
-        state: str,
-        delay: float,
         resume: bool,
-        error: str = "",
-        error_class: str = "",
+        delivery: Delivery,
     ) -> None:
+        self.runner, self.ctx, self.job_id, self.payload = runner, ctx, job_id, payload
+        self.seq, self.resume, self.delivery = seq, resume, delivery
+        self.acked = False
+
+    def execute(self) -> None:
+        spec = self.runner.spec
+        try:
+            result = _event_loop().run_until_complete(spec.handler(self.ctx, spec.validate(self.payload)))
+        except Suspend as suspend:
+            self.reschedule("running", suspend.seconds, resume=True)
+        except Throttled as throttled:
+            self.reschedule("queued", throttled.seconds, resume=self.resume)
+        except LostOwnership as lost:
+            log.info("job %s: message dropped (%s)", self.job_id, lost)
+        except (Exception, TimeLimitExceeded) as exc:
+            if isinstance(exc, TimeLimitExceeded):
+                _discard_event_loop()
+            self.failed(exc)
+        else:
+            self.succeeded(result)
+
+    def succeeded(self, result: Any) -> None:
+        store = self.runner.store
+        if self.ctx.started is None:
+            status = store.complete(
+                self.job_id, self.seq, resume=self.resume, result=result, delivery=self.delivery
+            )
+            if status != "ok":
+                log.info("job %s: result dropped (%s)", self.job_id, status)
+        else:
+            store.finish(self.job_id, self.seq, "succeeded", result=result, delivery=self.delivery)
+        self.acked = True
+
+    def failed(self, exc: BaseException) -> None:
+        try:
+            attempt = self.ctx.attempt  # starts the run if the handler failed before any step
+        except (LostOwnership, Throttled):
+            return
+        error, error_class = f"{type(exc).__name__}: {exc}", type(exc).__name__
+        retry = self.runner.retry
+        if isinstance(exc, PermanentError) or attempt >= retry.attempts:
+            log.warning("job %s failed after %d attempt(s): %s", self.job_id, attempt, error)
+            detail = "".join(traceback.format_exception(exc))[-4000:]
+            self.runner.store.finish(
+                self.job_id, self.seq, "failed", error=detail, error_class=error_class,
+                delivery=self.delivery,
+            )  # fmt: skip
+            self.acked = True
+            return
+        delay = retry.delay_before(attempt)
+        log.info("job %s attempt %d failed (%s); retry in %.1fs", self.job_id, attempt, error, delay)
+        self.reschedule("retrying", delay, resume=False, error=error, error_class=error_class)
+
+    def reschedule(
+        self, state: str, delay: float, *, resume: bool, error: str = "", error_class: str = ""
+    ) -> None:
+        spec = self.runner.spec
         encoded = encode_job_message(
-            self.spec.name,
-            self.spec.queue,
-            job_id,
-            payload,
-            seq=seq + 1,
-            resume=resume,
-            delay_seconds=max(delay, 0.001),
-        )
-        self.store.reschedule(
-            job_id,
-            seq,
-            seq + 1,
-            state,
-            encoded.queue,
-            encoded.redis_message_id,
-            encoded.data,
-            error=error,
-            error_class=error_class,
-        )
+            spec.name, spec.queue, self.job_id, self.payload,
+            seq=self.seq + 1, resume=resume, delay_seconds=max(delay, 0.001),
+        )  # fmt: skip
+        self.runner.store.reschedule(
+            self.job_id, self.seq, self.seq + 1, state, encoded.queue,
+            encoded.redis_message_id, encoded.data,
+            error=error, error_class=error_class, delivery=self.delivery,
+        )  # fmt: skip
+        self.acked = True

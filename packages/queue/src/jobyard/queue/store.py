@@ -15,6 +15,21 @@ RECORD_TTL_SECONDS = 7 * 24 * 3600
 _SCRIPT = resources.files("jobyard.queue").joinpath("jobyard.lua").read_text()
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """The Dramatiq message being processed, so our calls can ack it (see `ack` in the Lua)."""
+
+    broker_id: str
+    queue: str
+    redis_message_id: str
+
+    def keys(self) -> list[str]:
+        return [keys.dramatiq_acks(self.broker_id, self.queue), keys.dramatiq_messages(self.queue)]
+
+
+NO_DELIVERY = Delivery("", "", "")
+
+
 @dataclass
 class StartResult:
     status: str  # ok | lost | stale | done | throttled
@@ -106,9 +121,10 @@ class JobStore:
         result: Any = None,
         error: str = "",
         error_class: str = "",
+        delivery: Delivery = NO_DELIVERY,
     ) -> bool:
         reply = self._call(
-            [keys.job(job_id), keys.steps(job_id)],
+            [keys.job(job_id), keys.steps(job_id), *delivery.keys()],
             "finish",
             seq,
             state,
@@ -116,8 +132,24 @@ class JobStore:
             error,
             error_class,
             RECORD_TTL_SECONDS,
+            delivery.redis_message_id,
         )
         return _text(reply) == "ok"
+
+    def complete(
+        self, job_id: str, seq: int, *, resume: bool, result: Any, delivery: Delivery = NO_DELIVERY
+    ) -> str:
+        """Start and finish a run that used no step, in one call; "ok" or why it did not count."""
+        reply = self._call(
+            [keys.job(job_id), keys.steps(job_id), *delivery.keys()],
+            "complete",
+            seq,
+            "1" if resume else "0",
+            json.dumps(result),
+            RECORD_TTL_SECONDS,
+            delivery.redis_message_id,
+        )
+        return _text(reply)
 
     def reschedule(
         self,
@@ -131,12 +163,14 @@ class JobStore:
         *,
         error: str = "",
         error_class: str = "",
+        delivery: Delivery = NO_DELIVERY,
     ) -> bool:
         reply = self._call(
             [
                 keys.job(job_id),
                 keys.dramatiq_queue(delay_queue),
                 keys.dramatiq_messages(delay_queue),
+                *delivery.keys(),
             ],
             "reschedule",
             seq,
@@ -146,6 +180,7 @@ class JobStore:
             message,
             error,
             error_class,
+            delivery.redis_message_id,
         )
         return _text(reply) == "ok"
 
