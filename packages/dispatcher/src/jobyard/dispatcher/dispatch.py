@@ -91,7 +91,7 @@ class Dispatcher:
         job_id, delay = _check_job_id(job_id), _check_delay(delay)
 
         if not env.get_bool(env.USE_DRAMATIQ):
-            return self._to_temporal(spec, job_id, data, delay, FALLBACK_FLAG_OFF, CLAIM_BEST_EFFORT)
+            return self._flag_off(spec, job_id, data, delay)
         if self.breaker.is_open:
             return self._to_temporal(
                 spec, job_id, data, delay, FALLBACK_REDIS_UNHEALTHY, CLAIM_BEST_EFFORT
@@ -108,6 +108,22 @@ class Dispatcher:
             return JobHandle(job_id, "dramatiq", duplicate=True)
         reason = FALLBACK_NO_WORKERS if outcome.status == "no_workers" else FALLBACK_OWNED_BY_TEMPORAL
         return self._to_temporal(spec, job_id, data, delay, reason, CLAIM_NONE)
+
+    def _flag_off(
+        self, spec: JobSpec, job_id: str, payload: dict[str, Any], delay: float | None
+    ) -> JobHandle:
+        """Claim the job for Temporal here when Redis answers: cheaper than the workflow's claim."""
+        claim = CLAIM_BEST_EFFORT
+        if not self.breaker.is_open:
+            try:
+                reply = self.dramatiq.handoff(job_id, spec.name, spec.queue)
+            except EngineUnavailable as exc:
+                self.breaker.trip(exc.reason)
+            else:
+                if reply[0] != "claimed":  # dispatched to Dramatiq before the flag was turned off
+                    return JobHandle(job_id, "dramatiq", duplicate=True)
+                claim = CLAIM_NONE
+        return self._to_temporal(spec, job_id, payload, delay, FALLBACK_FLAG_OFF, claim)
 
     def _to_temporal(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -44,6 +45,8 @@ class TemporalEngine:
         self._connecting: asyncio.Future | None = None
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="jobyard-temporal", daemon=True).start()
+        # Stop the loop before the interpreter finalises, or the client's native threads crash it.
+        atexit.register(self._loop.call_soon_threadsafe, self._loop.stop)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
