@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from peers import GeminiServer, InlineChildRunner, WebhookReceiver, free_port
 from sqlalchemy import select
 
 from jobyard.job_engine import children, env
@@ -21,6 +20,7 @@ from jobyard.job_engine.registry import get_spec
 from jobyard.job_engine.services.ai import limiter
 from jobyard.job_engine.services.ai.gemini import GeminiRateLimitedError, GeminiRetryableError
 from jobyard.job_engine.services.ai.models import AiUsageWindow
+from tests.catalogue.peers import GeminiServer, InlineChildRunner, WebhookReceiver, free_port
 
 API_KEY = "test-gemini-key"
 WEBHOOK_SECRET = "test-webhook-secret"
@@ -375,3 +375,65 @@ def test_slow_gemini_times_out_as_retryable(
         run_inline("ai.generate", payload())
     assert time.monotonic() - started < 4  # two attempts of 0.5 s, not two of 2 s
     assert gemini_env.count == 2
+
+
+# --- on the real engines (tests/engines.py: worker subprocesses, private Redis, Temporal) --------
+
+
+def wait_until(predicate: object, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+
+
+@pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
+def test_ai_generate_on_both_engines(
+    engines: object, engine: str, gemini_env: GeminiServer, pg_database: str
+) -> None:
+    with WebhookReceiver(WEBHOOK_SECRET) as receiver:
+        status = engines.run(  # type: ignore[attr-defined]
+            engine,
+            "ai.generate",
+            payload(
+                "On an engine?",
+                context={"previous_messages": [{"role": "user", "content": "Earlier"}]},
+                options={"temperature": 0.1},
+                webhook_url=f"{receiver.url}/cb",
+            ),
+        )
+        assert status.state == "succeeded", status
+        assert status.engine == engine
+        wait_until(lambda: len(receiver.deliveries) >= 1)
+        [delivery] = receiver.deliveries
+    reply = "Reply #1: On an engine?"
+    assert status.result["reply"] == reply
+    assert status.result["webhook_job_id"] == f"{status.job_id}:webhook"
+    [sent] = gemini_env.requests
+    assert sent.path == "/v1beta/models/gemini-2.0-flash:generateContent"
+    assert [c["role"] for c in sent.body["contents"]] == ["user", "user"]
+    assert sent.body["generationConfig"]["temperature"] == 0.1
+    with session_scope() as session:
+        stored = session.scalars(select(ConversationMessage)).one()
+    assert (stored.job_id, stored.content) == (status.job_id, reply)
+    assert delivery.verified
+    assert delivery.headers["Idempotency-Key"] == f"{status.job_id}:webhook"
+    assert delivery.json["message_id"] == stored.id
+
+
+@pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
+def test_ai_generate_quota_failure_on_both_engines(
+    engines: object,
+    engine: str,
+    gemini_env: GeminiServer,
+    pg_database: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(env.GEMINI_DAILY_LIMIT, "0")
+    status = engines.run(engine, "ai.generate", payload())  # type: ignore[attr-defined]
+    assert status.state == "failed", status
+    assert "Gemini daily quota exhausted" in (status.error or "")
+    assert status.attempts == 1  # permanent: not retried
+    assert gemini_env.count == 0

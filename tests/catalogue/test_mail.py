@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
-from peers import InlineChildRunner, SmtpSink, free_port
 
 from jobyard.job_engine import children, env
 from jobyard.job_engine.errors import InvalidPayloadError, MissingSettingError, PermanentError
@@ -13,6 +13,7 @@ from jobyard.job_engine.inline import run_inline
 from jobyard.job_engine.jobs import mail
 from jobyard.job_engine.jobs.mail import EmailRetryableError
 from jobyard.job_engine.registry import get_spec
+from tests.catalogue.peers import InlineChildRunner, SmtpSink, free_port
 
 SENDER = "Jobyard <no-reply@jobyard.test>"
 
@@ -218,3 +219,44 @@ def test_missing_settings_fail_at_check_environment(monkeypatch: pytest.MonkeyPa
 def test_bad_payload_is_refused_at_dispatch(change: dict[str, object], reason: str) -> None:
     with pytest.raises(InvalidPayloadError, match=reason):
         get_spec("email.send").validate({**welcome(), **change})
+
+
+# --- on the real engines (tests/engines.py: worker subprocesses, private Redis, Temporal) --------
+
+
+def wait_until(predicate: object, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+
+
+@pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
+def test_email_send_on_both_engines(engines: object, engine: str, smtp: SmtpSink) -> None:
+    smtp.fail_next_data = 1  # the first copy is kept but refused with 451: the job retries
+    status = engines.run(engine, "email.send", welcome())  # type: ignore[attr-defined]
+    assert status.state == "succeeded", status
+    assert status.engine == engine
+    expected = mail.message_id_for(status.job_id, SENDER)
+    assert status.result == {"message_id": expected, "to": "ann@example.test"}
+    assert [m.message["Message-ID"] for m in smtp.messages] == [expected, expected]
+    assert "Hello Ann <b>," in body(smtp.messages[-1].message, "plain")
+
+
+@pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
+def test_bulk_email_on_both_engines(engines: object, engine: str, smtp: SmtpSink) -> None:
+    status = engines.run(  # type: ignore[attr-defined]
+        engine, "email.send", welcome(["a@example.test", "b@example.test"])
+    )
+    assert status.state == "succeeded", status
+    children_ids = [f"{status.job_id}:to-0", f"{status.job_id}:to-1"]
+    assert status.result == {"children": children_ids}
+    for child in children_ids:
+        assert engines.wait(child).state == "succeeded"  # type: ignore[attr-defined]
+    wait_until(lambda: len(smtp.messages) >= 2)
+    assert sorted((m.rcpt_tos[0], m.message["Message-ID"]) for m in smtp.messages) == [
+        ("a@example.test", mail.message_id_for(children_ids[0], SENDER)),
+        ("b@example.test", mail.message_id_for(children_ids[1], SENDER)),
+    ]
