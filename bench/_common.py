@@ -12,7 +12,16 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support import Proc, RedisServer, TemporalDevServer, free_port, wait_for  # noqa: E402
 
-__all__ = ["ROOT", "Proc", "RedisServer", "TemporalDevServer", "free_port", "pct", "set_env", "wait_for"]
+__all__ = [
+    "ROOT",
+    "Proc",
+    "RedisServer",
+    "TemporalDevServer",
+    "free_port",
+    "pct",
+    "set_env",
+    "wait_for",
+]
 
 
 def pct(values: list[float], q: float) -> float:

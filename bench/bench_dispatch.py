@@ -9,7 +9,7 @@ import argparse
 import time
 import uuid
 
-from _common import RedisServer, set_env, summary_us, pct
+from _common import RedisServer, pct, set_env, summary_us
 
 
 def measure(fn, n: int) -> list[float]:
@@ -34,7 +34,9 @@ def main(n: int = 5000, rounds: int = 5) -> dict[str, float]:
 
         warm_up()
         store = JobStore(get_client())
-        store.heartbeat(f"bench:{uuid.uuid4().hex[:6]}", "bench-broker", ["default"])  # one live worker
+        store.heartbeat(
+            f"bench:{uuid.uuid4().hex[:6]}", "bench-broker", ["default"]
+        )  # one live worker
 
         broker = RedisBroker(url=redis_server.url, namespace="bare")
 

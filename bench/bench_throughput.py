@@ -60,7 +60,9 @@ def run_bare(n: int, processes: int, threads: int) -> float:
         redis_server.stop()
 
 
-def run_jobyard(n: int, processes: int, threads: int, extra_env: dict[str, str] | None = None) -> float:
+def run_jobyard(
+    n: int, processes: int, threads: int, extra_env: dict[str, str] | None = None
+) -> float:
     redis_server = RedisServer().start()
     try:
         set_env(
@@ -78,7 +80,9 @@ def run_jobyard(n: int, processes: int, threads: int, extra_env: dict[str, str] 
         for i in range(n):
             handle = dispatch_job("system.echo", {"n": i})
             assert handle.engine == "dramatiq"
-        worker = Proc(["worker", "--queues", "default", "--processes", str(processes)], dict(os.environ))
+        worker = Proc(
+            ["worker", "--queues", "default", "--processes", str(processes)], dict(os.environ)
+        )
         try:
             return drain_rate(redis_server, n)
         finally:
@@ -94,7 +98,7 @@ def main(n: int = 20000, processes: int = 2, threads: int = 8, rounds: int = 3) 
         bare = run_bare(n, processes, threads)
         jobyard = run_jobyard(n, processes, threads)
         pairs.append((bare, jobyard))
-        print(f"  round: bare {bare:7.0f} jobs/s   jobyard {jobyard:7.0f} jobs/s   {jobyard / bare:.2f}x")
+        print(f"  round: bare {bare:7.0f}/s   jobyard {jobyard:7.0f}/s   {jobyard / bare:.2f}x")
     ratio = statistics.median(j / b for b, j in pairs)
     bare_median = statistics.median(b for b, _ in pairs)
     jobyard_median = statistics.median(j for _, j in pairs)
@@ -102,7 +106,11 @@ def main(n: int = 20000, processes: int = 2, threads: int = 8, rounds: int = 3) 
     print(f"bare dramatiq:          {bare_median:8.0f} jobs/s")
     print(f"jobyard system.echo:    {jobyard_median:8.0f} jobs/s")
     print(f"jobyard / bare = {ratio:.2f}x   (target >= 0.8x)")
-    return {"throughput_ratio": ratio, "bare_jobs_per_s": bare_median, "jobyard_jobs_per_s": jobyard_median}
+    return {
+        "throughput_ratio": ratio,
+        "bare_jobs_per_s": bare_median,
+        "jobyard_jobs_per_s": jobyard_median,
+    }
 
 
 if __name__ == "__main__":

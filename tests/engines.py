@@ -92,7 +92,9 @@ class Engines:
         handle = self.dispatch(engine, name, payload, **kwargs)
         return self.wait(handle.job_id, timeout=timeout)
 
-    def wait(self, job_id: str, timeout: float = 60, states: tuple[str, ...] = TERMINAL) -> JobStatus:
+    def wait(
+        self, job_id: str, timeout: float = 60, states: tuple[str, ...] = TERMINAL
+    ) -> JobStatus:
         deadline = time.monotonic() + timeout
         last: JobStatus | None = None
         while time.monotonic() < deadline:
@@ -103,7 +105,9 @@ class Engines:
             if last is not None and last.state in states:
                 return last
             time.sleep(0.1)
-        raise AssertionError(f"job {job_id} not in {states} after {timeout}s; last: {last}\n" + self.logs())
+        raise AssertionError(
+            f"job {job_id} not in {states} after {timeout}s; last: {last}\n" + self.logs()
+        )
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.proc.args[3:]}\n{p.output()[-3000:]}" for p in self._procs)

@@ -29,7 +29,12 @@ class TwoStepsPayload(BaseModel):
     sleep: float = 3.0
 
 
-@job("test.two_steps", payload=TwoStepsPayload, retry=RetryPolicy(attempts=3, backoff=0.1), timeout=20)
+@job(
+    "test.two_steps",
+    payload=TwoStepsPayload,
+    retry=RetryPolicy(attempts=3, backoff=0.1),
+    timeout=20,
+)
 async def two_steps(ctx: Any, payload: TwoStepsPayload) -> dict[str, int]:
     first = await ctx.run("first", append_marker, payload.marker_dir, "first")
     await ctx.sleep(payload.sleep)
@@ -62,6 +67,11 @@ class StubbornPayload(BaseModel):
     seconds: float = 60.0
 
 
-@job("test.stubborn", payload=StubbornPayload, retry=RetryPolicy(attempts=3, backoff=0.1), timeout=120)
+@job(
+    "test.stubborn",
+    payload=StubbornPayload,
+    retry=RetryPolicy(attempts=3, backoff=0.1),
+    timeout=120,
+)
 async def stubborn(ctx: Any, payload: StubbornPayload) -> int:
     return await ctx.run("block", block_first_time, payload.marker_dir, payload.seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -137,7 +138,9 @@ class Proc:
     """A jobyard command in a subprocess, with its output kept for failure messages."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix="jobyard-proc-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept open for the process
+            prefix="jobyard-proc-", suffix=".log", delete=False
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jobyard.cli", *args],
             env=env,
@@ -156,10 +159,8 @@ class Proc:
 
     def signal_group(self, sig: int) -> None:
         """Signal the command and the worker processes it started."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def stop(self, timeout: float = 40) -> int | None:
         if self.proc.poll() is None:

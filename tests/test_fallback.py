@@ -32,7 +32,11 @@ def test_flag_off_goes_to_temporal(engines, monkeypatch):
     handle = dispatch_job("system.echo", {"via": "flag"})
     assert (handle.engine, handle.fallback_reason) == ("temporal", "flag_off")
     status = engines.wait(handle.job_id)
-    assert (status.engine, status.state, status.result) == ("temporal", "succeeded", {"via": "flag"})
+    assert (status.engine, status.state, status.result) == (
+        "temporal",
+        "succeeded",
+        {"via": "flag"},
+    )
     monkeypatch.setenv("USE_DRAMATIQ", "true")
     assert dispatch_job("system.echo", {}).engine == "dramatiq"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from jobyard.dispatcher import dispatch_job
-from tests.peers import webhook_receiver
 from tests.conftest import WEBHOOK_SECRET
+from tests.peers import webhook_receiver
 
 
 @pytest.mark.parametrize("engine", ["dramatiq", "temporal"])

@@ -34,7 +34,9 @@ def test_in_flight_jobs_finish_within_grace(engines, monkeypatch, tmp_path):
 def test_job_that_cannot_finish_is_requeued_and_completes_later(engines, monkeypatch, tmp_path):
     monkeypatch.setenv("WORKER_SHUTDOWN_GRACE", "2")
     worker = engines.start_worker(queues="default")
-    handle = engines.dispatch("dramatiq", "test.stubborn", {"marker_dir": str(tmp_path), "seconds": 60})
+    handle = engines.dispatch(
+        "dramatiq", "test.stubborn", {"marker_dir": str(tmp_path), "seconds": 60}
+    )
     wait_for(lambda: _lines(tmp_path / "block") == 1, timeout=20)
     stopped_at = time.monotonic()
     worker.proc.send_signal(signal.SIGTERM)

@@ -27,10 +27,17 @@ def _nothing_enqueued(redis_server) -> None:
         ("webhook.deliver", {"body": {}}, InvalidPayloadError, "url: Field required"),
         ("webhook.deliver", {"url": "not a url"}, InvalidPayloadError, "url: Input should be"),
         ("webhook.deliver", "{not json", InvalidPayloadError, "not JSON"),
-        ("webhook.deliver", {"url": "http://x", "headers": {"a": 1}}, InvalidPayloadError, "headers.a"),
+        (
+            "webhook.deliver",
+            {"url": "http://x", "headers": {"a": 1}},
+            InvalidPayloadError,
+            "headers.a",
+        ),
     ],
 )
-def test_bad_input_is_refused_before_any_engine(jobyard_env, redis_server, name, payload, error, match):
+def test_bad_input_is_refused_before_any_engine(
+    jobyard_env, redis_server, name, payload, error, match
+):
     with pytest.raises(error, match=match):
         dispatch_job(name, payload)
     _nothing_enqueued(redis_server)
@@ -67,7 +74,11 @@ def test_bad_job_id_is_refused(jobyard_env, redis_server, job_id):
 )
 def test_cli_bad_input_exits_nonzero_with_one_line(jobyard_env, redis_server, args, reason):
     done = subprocess.run(
-        [sys.executable, "-m", "jobyard.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=60
+        [sys.executable, "-m", "jobyard.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and reason in done.stderr, done.stderr

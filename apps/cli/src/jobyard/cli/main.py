@@ -107,7 +107,9 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jobyard", description="Background jobs for Python web apps")
+    parser = argparse.ArgumentParser(
+        prog="jobyard", description="Background jobs for Python web apps"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("dispatch", help="dispatch a job; prints {job_id, engine}")
@@ -123,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run Dramatiq worker processes")
     p.add_argument("--queues", default="", help="comma-separated queues (default: all)")
-    p.add_argument("--processes", type=int, default=0, help=f"default: ${env.WORKER_PROCESSES} or 2")
+    p.add_argument(
+        "--processes", type=int, default=0, help=f"default: ${env.WORKER_PROCESSES} or 2"
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("temporal-worker", help="run the Temporal worker")

@@ -47,7 +47,9 @@ async def connect(address: str, namespace: str) -> Client:
 def install_child_dispatcher() -> None:
     from jobyard.dispatcher import dispatch_job
 
-    install_dispatcher(lambda name, payload, job_id: dispatch_job(name, payload, job_id=job_id).as_dict())
+    install_dispatcher(
+        lambda name, payload, job_id: dispatch_job(name, payload, job_id=job_id).as_dict()
+    )
 
 
 async def serve() -> None:

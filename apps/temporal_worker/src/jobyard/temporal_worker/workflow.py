@@ -17,7 +17,7 @@ with workflow.unsafe.imports_passed_through():
 WORKFLOW_NAME = "jobyard.job"  # the dispatcher starts it by this name
 CLAIM_BEST_EFFORT, CLAIM_STRICT = "best_effort", "strict"
 CLAIM_TIMEOUT = timedelta(seconds=5)
-#: Strict claims wait for Redis to answer, however long the outage; this caps the wait between tries.
+#: A strict claim waits for Redis however long the outage; this caps the wait between tries.
 CLAIM_RETRY_CAP = timedelta(seconds=5)
 
 

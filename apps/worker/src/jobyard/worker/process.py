@@ -132,7 +132,9 @@ def _install_child_dispatcher() -> None:
         from jobyard.dispatcher import dispatch_job
     except ImportError:  # a worker image without the dispatcher cannot start child jobs
         return
-    install_dispatcher(lambda name, payload, job_id: dispatch_job(name, payload, job_id=job_id).as_dict())
+    install_dispatcher(
+        lambda name, payload, job_id: dispatch_job(name, payload, job_id=job_id).as_dict()
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,9 @@ def _spawn(queues: str) -> subprocess.Popen:
 
 
 def run_workers(queues: list[str], processes: int) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
+    )
     joined = ",".join(queues)
     children = [_spawn(joined) for _ in range(processes)]
     stopping = threading.Event()
@@ -39,7 +41,9 @@ def run_workers(queues: list[str], processes: int) -> int:
     while not stopping.is_set():
         for i, child in enumerate(children):
             if child.poll() is not None and not stopping.is_set():
-                log.error("worker process %d exited with %s; restarting", child.pid, child.returncode)
+                log.error(
+                    "worker process %d exited with %s; restarting", child.pid, child.returncode
+                )
                 time.sleep(RESTART_DELAY)
                 children[i] = _spawn(joined)
         stopping.wait(0.5)

@@ -31,7 +31,9 @@ class CircuitBreaker:
                 return
             self._open = True
         log.warning("Redis circuit open (%s): dispatching to Temporal until it recovers", reason)
-        threading.Thread(target=self._probe_until_healthy, name="jobyard-redis-probe", daemon=True).start()
+        threading.Thread(
+            target=self._probe_until_healthy, name="jobyard-redis-probe", daemon=True
+        ).start()
 
     def _probe_until_healthy(self) -> None:
         while True:

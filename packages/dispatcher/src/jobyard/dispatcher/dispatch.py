@@ -106,7 +106,9 @@ class Dispatcher:
             return JobHandle(job_id, "dramatiq")
         if outcome.status == "exists" and outcome.engine == "dramatiq":
             return JobHandle(job_id, "dramatiq", duplicate=True)
-        reason = FALLBACK_NO_WORKERS if outcome.status == "no_workers" else FALLBACK_OWNED_BY_TEMPORAL
+        reason = (
+            FALLBACK_NO_WORKERS if outcome.status == "no_workers" else FALLBACK_OWNED_BY_TEMPORAL
+        )
         return self._to_temporal(spec, job_id, data, delay, reason, CLAIM_NONE)
 
     def _flag_off(

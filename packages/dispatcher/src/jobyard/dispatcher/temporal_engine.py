@@ -44,7 +44,9 @@ class TemporalEngine:
         self._client: Client | None = None
         self._connecting: asyncio.Future | None = None
         self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._loop.run_forever, name="jobyard-temporal", daemon=True).start()
+        threading.Thread(
+            target=self._loop.run_forever, name="jobyard-temporal", daemon=True
+        ).start()
         # Stop the loop before the interpreter finalises, or the client's native threads crash it.
         atexit.register(self._loop.call_soon_threadsafe, self._loop.stop)
 
@@ -63,7 +65,9 @@ class TemporalEngine:
                     Client.connect(self.address, namespace=self.namespace), self.timeout
                 )
             except (RuntimeError, OSError, TimeoutError, RPCError) as exc:
-                raise EngineUnavailable(ENGINE, f"cannot connect to {self.address}: {exc}") from None
+                raise EngineUnavailable(
+                    ENGINE, f"cannot connect to {self.address}: {exc}"
+                ) from None
         return self._client
 
     def warm_up(self) -> None:

@@ -1,4 +1,4 @@
-"""Errors a job author or a caller of jobyard can see. Engines translate their own errors into these."""
+"""Errors that job authors and callers see; engines translate their own errors into these."""
 
 from __future__ import annotations
 

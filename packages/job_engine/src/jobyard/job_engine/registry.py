@@ -50,7 +50,7 @@ class JobSpec:
         return timeout_with_env(self.name, self.timeout)
 
     def validate(self, payload: Any) -> BaseModel:
-        """Parse a payload (a dict, or JSON text) into the job's model; raise InvalidPayloadError."""
+        """Parse a payload (a dict or JSON text) into the job model; raise InvalidPayloadError."""
         if isinstance(payload, str | bytes):
             try:
                 payload = json.loads(payload)

@@ -1,14 +1,14 @@
 """Every Redis key jobyard uses, and the Dramatiq keys it touches, in one place.
 
-    jobyard:job:<job_id>       hash  the job record on the Dramatiq side (see jobyard.lua)
-    jobyard:steps:<job_id>     hash  step name -> JSON result of a finished step
-    jobyard:workers:<queue>    zset  worker id -> last heartbeat, ms on the Redis clock
-    jobyard:rate:<job>:<n>     str   starts of <job> in rate window number <n>
-    dramatiq:<queue>           list  Dramatiq message ids waiting on <queue>
-    dramatiq:<queue>.msgs      hash  Dramatiq message id -> encoded message
-    dramatiq:<queue>.DQ[.msgs] the same for messages delayed on <queue>
-    dramatiq:__heartbeats__    zset  Dramatiq broker id -> last heartbeat (Dramatiq's own)
-    dramatiq:__acks__.<broker>.<queue>  set  messages a consumer holds, not yet acked
+jobyard:job:<job_id>       hash  the job record on the Dramatiq side (see jobyard.lua)
+jobyard:steps:<job_id>     hash  step name -> JSON result of a finished step
+jobyard:workers:<queue>    zset  worker id -> last heartbeat, ms on the Redis clock
+jobyard:rate:<job>:<n>     str   starts of <job> in rate window number <n>
+dramatiq:<queue>           list  Dramatiq message ids waiting on <queue>
+dramatiq:<queue>.msgs      hash  Dramatiq message id -> encoded message
+dramatiq:<queue>.DQ[.msgs] the same for messages delayed on <queue>
+dramatiq:__heartbeats__    zset  Dramatiq broker id -> last heartbeat (Dramatiq's own)
+dramatiq:__acks__.<broker>.<queue>  set  messages a consumer holds, not yet acked
 """
 
 from __future__ import annotations

@@ -89,7 +89,9 @@ class _Run:
     def execute(self) -> None:
         spec = self.runner.spec
         try:
-            result = _event_loop().run_until_complete(spec.handler(self.ctx, spec.validate(self.payload)))
+            result = _event_loop().run_until_complete(
+                spec.handler(self.ctx, spec.validate(self.payload))
+            )
         except Suspend as suspend:
             self.reschedule("running", suspend.seconds, resume=True)
         except Throttled as throttled:
@@ -132,7 +134,9 @@ class _Run:
             self.acked = True
             return
         delay = retry.delay_before(attempt)
-        log.info("job %s attempt %d failed (%s); retry in %.1fs", self.job_id, attempt, error, delay)
+        log.info(
+            "job %s attempt %d failed (%s); retry in %.1fs", self.job_id, attempt, error, delay
+        )
         self.reschedule("retrying", delay, resume=False, error=error, error_class=error_class)
 
     def reschedule(

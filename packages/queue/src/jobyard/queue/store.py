@@ -204,7 +204,9 @@ class JobStore:
     def heartbeat(self, worker_id: str, broker_id: str, queues: list[str]) -> int:
         worker_keys = [keys.workers(q) for q in queues]
         return int(
-            self._call([keys.dramatiq_heartbeats(), *worker_keys], "heartbeat", worker_id, broker_id)
+            self._call(
+                [keys.dramatiq_heartbeats(), *worker_keys], "heartbeat", worker_id, broker_id
+            )
         )
 
     def deregister(self, worker_id: str, queues: list[str]) -> None:

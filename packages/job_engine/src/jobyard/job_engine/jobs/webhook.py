@@ -42,7 +42,9 @@ def post_signed(url: str, body: Any, headers: dict[str, str], job_id: str) -> di
     """One delivery attempt. Returns the status; raises to retry or to fail for good."""
     secret = os.environ.get(env.WEBHOOK_SECRET)
     if not secret:
-        raise PermanentError(f"{env.WEBHOOK_SECRET} is not set; refusing to send an unsigned webhook")
+        raise PermanentError(
+            f"{env.WEBHOOK_SECRET} is not set; refusing to send an unsigned webhook"
+        )
     raw = json.dumps(body, separators=(",", ":")).encode()
     request_headers = {
         **headers,
