@@ -437,3 +437,35 @@ def test_ai_generate_quota_failure_on_both_engines(
     assert "Gemini daily quota exhausted" in (status.error or "")
     assert status.attempts == 1  # permanent: not retried
     assert gemini_env.count == 0
+
+
+# --- the 0002_ai_usage migration -----------------------------------------------------------------
+
+
+def test_migration_matches_the_model_and_downgrades(database: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import inspect
+
+    from jobyard.job_engine.db import Base, get_engine, migrate
+
+    def ours(obj, name, type_, reflected, compare_to) -> bool:  # type: ignore[no-untyped-def]
+        table = obj if type_ == "table" else getattr(obj, "table", None)
+        return getattr(table, "name", name) == "ai_usage_windows"
+
+    engine = get_engine(database)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"include_object": ours, "compare_type": True}
+        )
+        assert compare_metadata(context, Base.metadata) == []
+    assert inspect(engine).get_pk_constraint("ai_usage_windows")["constrained_columns"] == [
+        "scope",
+        "window_start",
+    ]
+    try:
+        migrate.downgrade(database, "0001_initial")
+        assert "ai_usage_windows" not in inspect(engine).get_table_names()
+    finally:
+        migrate.upgrade(database)
+    assert "ai_usage_windows" in inspect(engine).get_table_names()
