@@ -10,7 +10,24 @@ from jobyard.dispatcher.dispatch import (
     reset_dispatcher,
     warm_up,
 )
-from jobyard.dispatcher.errors import DispatchUnavailableError, EngineUnavailable, JobNotFoundError
+from jobyard.dispatcher.errors import (
+    DispatchUnavailableError,
+    EngineUnavailable,
+    JobNotFoundError,
+    JobStillActiveError,
+)
+from jobyard.dispatcher.lifecycle import (
+    JobRecord,
+    QueueStats,
+    WorkerInfo,
+    cancel_job,
+    get_job_record,
+    get_job_steps,
+    list_jobs,
+    list_workers,
+    queue_stats,
+    replay_job,
+)
 from jobyard.dispatcher.models import JobHandle, JobStatus
 
 __all__ = [
@@ -19,12 +36,23 @@ __all__ = [
     "EngineUnavailable",
     "JobHandle",
     "JobNotFoundError",
+    "JobRecord",
     "JobStatus",
+    "JobStillActiveError",
+    "QueueStats",
+    "WorkerInfo",
     "adispatch_job",
     "aget_job",
+    "cancel_job",
     "dispatch_job",
     "get_dispatcher",
     "get_job",
+    "get_job_record",
+    "get_job_steps",
+    "list_jobs",
+    "list_workers",
+    "queue_stats",
+    "replay_job",
     "reset_dispatcher",
     "warm_up",
 ]

@@ -23,3 +23,12 @@ class JobNotFoundError(JobyardError, LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job with id {job_id!r} on either engine")
         self.job_id = job_id
+
+
+class JobStillActiveError(JobyardError):
+    """Replay refused: the job is queued or running; replaying it would run it twice."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        super().__init__(f"job {job_id!r} is {state}; only dead, failed or cancelled jobs replay")
+        self.job_id = job_id
+        self.state = state
