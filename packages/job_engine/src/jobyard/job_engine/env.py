@@ -124,3 +124,6 @@ DEFAULTS.update(
 # Job catalogue: maintenance and analytics jobs.
 TEMP_DIR = "JOBYARD_TEMP_DIR"  # root under which maintenance.file_cleanup deletes old files
 REPORT_RECIPIENTS = "JOBYARD_REPORT_RECIPIENTS"  # comma-separated addresses of analytics reports
+
+# The HTTP API (jobyard.api)
+ADMIN_TOKEN = "JOBYARD_ADMIN_TOKEN"  # bearer token of the admin routes; unset = admin API disabled
