@@ -135,6 +135,30 @@ def test_skips_rows_locked_by_another_session(pg_database: str) -> None:
     assert run_inline("maintenance.token_cleanup", {}) == {"deleted": 3, "batches": 1}
 
 
+def test_batches_use_indexes_not_a_scan_per_batch(pg_database: str) -> None:
+    """Each batch must cost O(batch), not O(table): PostgreSQL plans `id IN (SELECT ... LIMIT)` as
+    a hash semi-join over a sequential scan of all tokens, which made big cleanups quadratic."""
+    engine = db.get_engine()
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO tokens (user_id, token, expires_at) "
+                "SELECT 'u', 'tok-' || g, now() - interval '1 day' "
+                "FROM generate_series(1, 50000) AS g"
+            )
+        )
+        connection.execute(text("ANALYZE tokens"))
+    statement = maintenance.token_batch_delete("postgresql", datetime.now(UTC), 5000)
+    compiled = statement.compile(dialect=engine.dialect)
+    with engine.connect() as connection:
+        plan = "\n".join(
+            row[0]
+            for row in connection.exec_driver_sql(f"EXPLAIN {compiled}", dict(compiled.params))
+        )
+    assert "Seq Scan" not in plan, plan
+    assert "pk_tokens" in plan and "ix_tokens_expires_at" in plan, plan
+
+
 @pytest.mark.parametrize(
     ("payload", "field"),
     [
