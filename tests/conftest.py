@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from jobyard.dispatcher import reset_dispatcher
+from jobyard.job_engine.db.joblog import reset_writer
 from jobyard.queue.client import reset_clients
 from tests.engines import Engines
 from tests.support import ROOT, RedisServer, TemporalDevServer
@@ -23,6 +24,16 @@ def temporal_server() -> Iterator[TemporalDevServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def job_log_database(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An SQLite job log shared by the session's processes (WAL lets them write at once)."""
+    from jobyard.job_engine.db.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('joblog') / 'jobyard.db'}"
+    upgrade(url)
+    return url
+
+
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer().start()
@@ -32,7 +43,10 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def jobyard_env(
-    monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer, temporal_server: TemporalDevServer
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    temporal_server: TemporalDevServer,
+    job_log_database: str,
 ) -> Iterator[dict[str, str]]:
     """Point every jobyard process of this test at its own Redis and task queue."""
     values = {
@@ -48,14 +62,18 @@ def jobyard_env(
         "JOBYARD_BREAKER_PROBE_INTERVAL": "0.2",
         "WEBHOOK_SECRET": WEBHOOK_SECRET,
         "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": job_log_database,
+        "JOBYARD_JOB_LOG_INTERVAL": "0.1",
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     reset_dispatcher()
     reset_clients()
+    reset_writer()
     yield values
     reset_dispatcher()
     reset_clients()
+    reset_writer()
 
 
 @pytest.fixture

@@ -75,3 +75,39 @@ class StubbornPayload(BaseModel):
 )
 async def stubborn(ctx: Any, payload: StubbornPayload) -> int:
     return await ctx.run("block", block_first_time, payload.marker_dir, payload.seconds)
+
+
+def fail_unless_fixed(directory: str) -> str:
+    """Fails until a file named `fixed` appears: a job that dies, then succeeds on replay."""
+    append_marker(directory, "tries")
+    if not (Path(directory) / "fixed").exists():
+        raise RuntimeError("the downstream service is broken")
+    return "fixed"
+
+
+def wait_for_file(directory: str, name: str, timeout: float) -> bool:
+    path = Path(directory) / name
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return path.exists()
+
+
+class MarkerPayload(BaseModel):
+    marker_dir: str
+
+
+@job("test.fragile", payload=MarkerPayload, retry=RetryPolicy(attempts=2, backoff=0.1), timeout=20)
+async def fragile(ctx: Any, payload: MarkerPayload) -> str:
+    await ctx.run("prepare", append_marker, payload.marker_dir, "prepare")
+    return await ctx.run("call", fail_unless_fixed, payload.marker_dir)
+
+
+@job("test.progress", payload=MarkerPayload, retry=RetryPolicy(attempts=1), timeout=60)
+async def progress(ctx: Any, payload: MarkerPayload) -> str:
+    """Reports half-way, then waits until the test creates `go`."""
+    await ctx.run("first-half", append_marker, payload.marker_dir, "first-half")
+    await ctx.progress({"done": 1, "of": 2})
+    await ctx.run("wait", wait_for_file, payload.marker_dir, "go", 30)
+    await ctx.progress(1.0)
+    return "done"

@@ -11,6 +11,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from jobyard.job_engine import PermanentError, resolve_step
+from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.queue.client import get_client
 from jobyard.queue.store import JobStore
 
@@ -54,3 +55,19 @@ async def claim_from_redis(request: dict[str, Any]) -> dict[str, Any]:
     except redis.RedisError as exc:
         raise ApplicationError(f"Redis unavailable: {exc}", type="RedisUnavailable") from None
     return {"status": reply[0], "state": reply[1] if len(reply) > 1 else None}
+
+
+EVENT_ACTIVITY = "jobyard.event"
+
+
+@activity.defn(name=EVENT_ACTIVITY)
+async def record_event(event: dict[str, Any]) -> None:
+    """Job log, metrics and webhook event of a state change (run as a local activity)."""
+    event = dict(event)
+    job_id, name, state = event.pop("job_id"), event.pop("name"), event.pop("state")
+    if state == "progress":
+        await asyncio.to_thread(
+            progress_event, job_id, name, event["progress"], event["seq"], event.get("webhook_url")
+        )
+        return
+    await asyncio.to_thread(job_event, job_id, name, state, engine="temporal", **event)

@@ -11,10 +11,18 @@ from temporalio.common import RetryPolicy as TemporalRetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from jobyard.job_engine import JobSpec, StepError, step_ref
-    from jobyard.temporal_worker.activities import STEP_ACTIVITY
+    from jobyard.temporal_worker.activities import EVENT_ACTIVITY, STEP_ACTIVITY
 
 #: Temporal rejects a zero retry interval.
 MIN_INTERVAL = 0.01
+EVENT_TIMEOUT = timedelta(seconds=30)
+
+
+async def emit(event: dict[str, Any]) -> None:
+    """Record a state change through a local activity: no extra task round trip."""
+    await workflow.execute_local_activity(
+        EVENT_ACTIVITY, event, start_to_close_timeout=EVENT_TIMEOUT
+    )
 
 
 def temporal_retry(spec: JobSpec) -> TemporalRetryPolicy:
@@ -29,8 +37,10 @@ def temporal_retry(spec: JobSpec) -> TemporalRetryPolicy:
 
 
 class TemporalContext:
-    def __init__(self, spec: JobSpec, job_id: str) -> None:
+    def __init__(self, spec: JobSpec, job_id: str, webhook_url: str | None = None) -> None:
         self.job_id = job_id
+        self.webhook_url = webhook_url
+        self._progress_reports = 0
         self.job_name = spec.name
         self.attempt = 1
         self.attempts = 1
@@ -59,3 +69,8 @@ class TemporalContext:
 
     async def progress(self, value: float | dict[str, Any]) -> None:
         self.progress_value = value
+        self._progress_reports += 1
+        await emit({
+            "job_id": self.job_id, "name": self.job_name, "state": "progress", "progress": value,
+            "seq": self._progress_reports, "webhook_url": self.webhook_url,
+        })  # fmt: skip

@@ -14,7 +14,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from jobyard.job_engine import env
 from jobyard.job_engine.children import install_dispatcher
 from jobyard.job_engine.registry import load_job_modules
-from jobyard.temporal_worker.activities import claim_from_redis, run_step
+from jobyard.temporal_worker.activities import claim_from_redis, record_event, run_step
 from jobyard.temporal_worker.workflow import JobWorkflow
 
 log = logging.getLogger("jobyard.temporal_worker")
@@ -27,7 +27,7 @@ def build_worker(client: Client, task_queue: str | None = None) -> Worker:
         client,
         task_queue=task_queue or env.get_str(env.TEMPORAL_TASK_QUEUE),
         workflows=[JobWorkflow],
-        activities=[run_step, claim_from_redis],
+        activities=[run_step, claim_from_redis, record_event],
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_all_modules()
         ),

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy as TemporalRetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, RetryState
 
 with workflow.unsafe.imports_passed_through():
     from jobyard.job_engine import get_spec
     from jobyard.temporal_worker.activities import CLAIM_ACTIVITY
-    from jobyard.temporal_worker.context import TemporalContext
+    from jobyard.temporal_worker.context import TemporalContext, emit
 
 WORKFLOW_NAME = "jobyard.job"  # the dispatcher starts it by this name
 CLAIM_BEST_EFFORT, CLAIM_STRICT = "best_effort", "strict"
@@ -45,23 +46,46 @@ class JobWorkflow:
             workflow.logger.info("job %s already ran on Dramatiq", request["job_id"])
             return {"name": self._name, "result": None, "attempts": 0, "ran_on": "dramatiq"}
         spec = get_spec(request["name"])
-        self._ctx = ctx = TemporalContext(spec, request["job_id"])
+        webhook_url = request.get("webhook_url")
+        self._ctx = ctx = TemporalContext(spec, request["job_id"], webhook_url)
         self._state = "running"
+        common = {"job_id": ctx.job_id, "name": spec.name, "queue": spec.queue}
+        started_at = workflow.now().timestamp()
+        await emit({**common, "state": "running", "attempts": 1, "started_at": started_at})
+        final = {**common, "started_at": started_at, "webhook_url": webhook_url}
         try:
             result = await spec.handler(ctx, spec.validate(request["payload"]))
+        except asyncio.CancelledError:
+            self._state = "cancelled"
+            await asyncio.shield(emit({**final, "state": "cancelled", "attempts": ctx.attempts}))
+            raise
         except ActivityError as exc:
-            cause = exc.cause
-            message = cause.message if isinstance(cause, ApplicationError) else str(cause or exc)
-            attempts = ctx.attempts
-            if isinstance(cause, ApplicationError) and cause.details:
-                attempts = max(attempts, int(cause.details[0].get("attempts", attempts)))
+            state, message, error_type, attempts = self._failure(exc, ctx.attempts)
+            self._state = state
+            await emit({**final, "state": state, "attempts": attempts, "error": message,
+                        "error_class": error_type, "payload": request["payload"]})  # fmt: skip
             raise ApplicationError(
                 message,
-                {"name": self._name, "attempts": attempts},
-                type=cause.type if isinstance(cause, ApplicationError) else None,
+                {"name": self._name, "attempts": attempts, "state": state},
+                type=error_type,
                 non_retryable=True,
             ) from None
+        self._state = "succeeded"
+        await emit({**final, "state": "succeeded", "attempts": ctx.attempts, "result": result})
         return {"name": self._name, "result": result, "attempts": ctx.attempts}
+
+    @staticmethod
+    def _failure(exc: ActivityError, attempts: int) -> tuple[str, str, str | None, int]:
+        """(state, message, error class, attempts): dead when retries ran out, else failed."""
+        cause = exc.cause
+        if isinstance(cause, ApplicationError):
+            message, error_type = cause.message, cause.type
+            if cause.details and isinstance(cause.details[0], dict):
+                attempts = max(attempts, int(cause.details[0].get("attempts", attempts)))
+        else:
+            message, error_type = str(cause or exc), type(cause or exc).__name__
+        state = "dead" if exc.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED else "failed"
+        return state, message, error_type, attempts
 
     async def _claim(self, request: dict[str, Any]) -> bool:
         mode = request.get("claim")

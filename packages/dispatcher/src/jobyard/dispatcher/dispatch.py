@@ -11,10 +11,13 @@ too, the caller gets DispatchUnavailableError and nothing is half-started.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlparse
 
 from jobyard.dispatcher.breaker import CircuitBreaker
 from jobyard.dispatcher.dramatiq_engine import DramatiqEngine
@@ -33,6 +36,7 @@ from jobyard.dispatcher.models import (
 )
 from jobyard.dispatcher.temporal_engine import TemporalEngine
 from jobyard.job_engine import JobSpec, env, get_spec
+from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import make_client
 from jobyard.queue.store import JobStore
@@ -50,6 +54,15 @@ def _check_job_id(job_id: str | None) -> str:
             "starting with a letter or digit"
         )
     return job_id
+
+
+def _check_webhook_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    parsed = urlparse(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"invalid webhook_url {url!r}: an http(s) URL is required")
+    return url
 
 
 def _check_delay(delay: float | None) -> float | None:
@@ -83,25 +96,45 @@ class Dispatcher:
         return cls(DramatiqEngine(store, timeout_ms), temporal, breaker)
 
     def dispatch(
-        self, name: str, payload: Any, *, job_id: str | None = None, delay: float | None = None
+        self,
+        name: str,
+        payload: Any,
+        *,
+        job_id: str | None = None,
+        delay: float | None = None,
+        webhook_url: str | None = None,
     ) -> JobHandle:
         spec = get_spec(name)
         data = spec.encode(payload)
         spec.check_environment()
         job_id, delay = _check_job_id(job_id), _check_delay(delay)
-
-        if not env.get_bool(env.USE_DRAMATIQ):
-            return self._flag_off(spec, job_id, data, delay)
-        if self.breaker.is_open:
-            return self._to_temporal(
-                spec, job_id, data, delay, FALLBACK_REDIS_UNHEALTHY, CLAIM_BEST_EFFORT
+        webhook_url = _check_webhook_url(webhook_url)
+        handle = self._route(spec, job_id, data, delay, webhook_url)
+        if not handle.duplicate:
+            dispatched_event(
+                job_id, spec.name, spec.queue, handle.engine, data, handle.fallback_reason
             )
+        return handle
+
+    def _route(
+        self,
+        spec: JobSpec,
+        job_id: str,
+        data: dict[str, Any],
+        delay: float | None,
+        webhook_url: str | None,
+    ) -> JobHandle:
+        to_temporal = functools.partial(self._to_temporal, spec, job_id, data, delay, webhook_url)
+        if not env.get_bool(env.USE_DRAMATIQ):
+            return self._flag_off(spec, job_id, to_temporal)
+        if self.breaker.is_open:
+            return to_temporal(FALLBACK_REDIS_UNHEALTHY, CLAIM_BEST_EFFORT)
         try:
-            outcome = self.dramatiq.submit(spec, job_id, data, delay)
+            outcome = self.dramatiq.submit(spec, job_id, data, delay, webhook_url)
         except EngineUnavailable as exc:
             self.breaker.trip(exc.reason)
             claim = CLAIM_STRICT if exc.ambiguous else CLAIM_BEST_EFFORT
-            return self._to_temporal(spec, job_id, data, delay, FALLBACK_REDIS_ERROR, claim)
+            return to_temporal(FALLBACK_REDIS_ERROR, claim)
         if outcome.status == "enqueued":
             return JobHandle(job_id, "dramatiq")
         if outcome.status == "exists" and outcome.engine == "dramatiq":
@@ -109,10 +142,10 @@ class Dispatcher:
         reason = (
             FALLBACK_NO_WORKERS if outcome.status == "no_workers" else FALLBACK_OWNED_BY_TEMPORAL
         )
-        return self._to_temporal(spec, job_id, data, delay, reason, CLAIM_NONE)
+        return to_temporal(reason, CLAIM_NONE)
 
     def _flag_off(
-        self, spec: JobSpec, job_id: str, payload: dict[str, Any], delay: float | None
+        self, spec: JobSpec, job_id: str, to_temporal: Callable[[str, str], JobHandle]
     ) -> JobHandle:
         """Claim the job for Temporal here when Redis answers: cheaper than the workflow's claim."""
         claim = CLAIM_BEST_EFFORT
@@ -125,7 +158,7 @@ class Dispatcher:
                 if reply[0] != "claimed":  # dispatched to Dramatiq before the flag was turned off
                     return JobHandle(job_id, "dramatiq", duplicate=True)
                 claim = CLAIM_NONE
-        return self._to_temporal(spec, job_id, payload, delay, FALLBACK_FLAG_OFF, claim)
+        return to_temporal(FALLBACK_FLAG_OFF, claim)
 
     def _to_temporal(
         self,
@@ -133,6 +166,7 @@ class Dispatcher:
         job_id: str,
         payload: dict[str, Any],
         delay: float | None,
+        webhook_url: str | None,
         reason: str,
         claim: str,
     ) -> JobHandle:
@@ -143,6 +177,7 @@ class Dispatcher:
             "payload": payload,
             "claim": claim,
             "fallback_reason": reason,
+            "webhook_url": webhook_url,
         }
         try:
             started = self.temporal.start(request, delay)
@@ -196,22 +231,37 @@ def reset_dispatcher() -> None:
 
 
 def dispatch_job(
-    name: str, payload: Any, *, job_id: str | None = None, delay: float | None = None
+    name: str,
+    payload: Any,
+    *,
+    job_id: str | None = None,
+    delay: float | None = None,
+    webhook_url: str | None = None,
 ) -> JobHandle:
     """Start job `name` with `payload`; returns at once with the job id and the engine chosen.
 
     Raises UnknownJobError or InvalidPayloadError (nothing started) on bad input, and
     DispatchUnavailableError when neither Dramatiq nor Temporal can take the job.
     A caller-supplied `job_id` is an idempotency key: a second dispatch starts nothing.
+    With `webhook_url`, the job's final state is POSTed there (signed) by `webhook.deliver`.
     """
-    return get_dispatcher().dispatch(name, payload, job_id=job_id, delay=delay)
+    return get_dispatcher().dispatch(
+        name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url
+    )
 
 
 async def adispatch_job(
-    name: str, payload: Any, *, job_id: str | None = None, delay: float | None = None
+    name: str,
+    payload: Any,
+    *,
+    job_id: str | None = None,
+    delay: float | None = None,
+    webhook_url: str | None = None,
 ) -> JobHandle:
     """dispatch_job for async web code; never blocks the event loop."""
-    return await asyncio.to_thread(dispatch_job, name, payload, job_id=job_id, delay=delay)
+    return await asyncio.to_thread(
+        dispatch_job, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url
+    )
 
 
 def get_job(job_id: str) -> JobStatus:

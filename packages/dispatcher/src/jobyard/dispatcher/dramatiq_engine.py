@@ -37,9 +37,16 @@ class DramatiqEngine:
         self.heartbeat_timeout_ms = heartbeat_timeout_ms
 
     def submit(
-        self, spec: JobSpec, job_id: str, payload: dict[str, Any], delay: float | None
+        self,
+        spec: JobSpec,
+        job_id: str,
+        payload: dict[str, Any],
+        delay: float | None,
+        webhook_url: str | None = None,
     ) -> EnqueueOutcome:
-        message = encode_job_message(spec.name, spec.queue, job_id, payload, delay_seconds=delay)
+        message = encode_job_message(
+            spec.name, spec.queue, job_id, payload, delay_seconds=delay, webhook_url=webhook_url
+        )
         try:
             reply = self.store.enqueue(
                 job_id,

@@ -24,6 +24,7 @@ WORKFLOW_NAME = "jobyard.job"
 STATUS_QUERY = "status"
 T = TypeVar("T")
 
+_OPEN = ("queued", "running", "retrying")
 _STATES = {
     WorkflowExecutionStatus.RUNNING: "running",
     WorkflowExecutionStatus.COMPLETED: "succeeded",
@@ -129,11 +130,15 @@ class TemporalEngine:
                 error = str(cause.message if hasattr(cause, "message") else cause)
                 if isinstance(cause, ApplicationError) and cause.details:
                     live = cause.details[0] if isinstance(cause.details[0], dict) else {}
+                    state = live.get("state", state)
         name = live.get("name")
         return JobStatus(
             job_id=job_id,
             engine=ENGINE,
-            state=live.get("state", state) if state == "running" else state,
+            # While the workflow is open, its last bookkeeping may still be running.
+            state=live.get("state", state)
+            if state == "running" and live.get("state") in _OPEN
+            else state,
             attempts=int(live.get("attempts", 0)),
             name=name,
             result=result,
@@ -143,3 +148,61 @@ class TemporalEngine:
 
     def status(self, job_id: str) -> JobStatus | None:
         return self._call(self._status(job_id), timeout=self.timeout * 3)
+
+    async def _cancel(self, job_id: str) -> bool:
+        client = await self._client_()
+        try:
+            await client.get_workflow_handle(job_id).cancel(
+                rpc_timeout=timedelta(seconds=self.timeout)
+            )
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return False
+            if exc.status == RPCStatusCode.FAILED_PRECONDITION:  # already closed
+                return True
+            raise EngineUnavailable(ENGINE, f"{exc.status.name}: {exc.message}") from None
+        return True
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask the job's workflow to cancel; False when Temporal does not know the job."""
+        return self._call(self._cancel(job_id))
+
+    async def _original_request(self, job_id: str) -> dict[str, Any] | None:
+        client = await self._client_()
+        handle = client.get_workflow_handle(job_id)
+        try:
+            async for event in handle.fetch_history_events():
+                started = event.workflow_execution_started_event_attributes
+                payloads = list(started.input.payloads)
+                return (await client.data_converter.decode(payloads))[0]
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise EngineUnavailable(ENGINE, f"{exc.status.name}: {exc.message}") from None
+        return None
+
+    async def _replay(self, job_id: str) -> str:
+        request = await self._original_request(job_id)
+        if request is None:
+            return "missing"
+        client = await self._client_()
+        try:
+            await client.start_workflow(
+                WORKFLOW_NAME,
+                {**request, "claim": "none"},
+                id=job_id,
+                task_queue=self.task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                rpc_timeout=timedelta(seconds=self.timeout),
+            )
+        except (WorkflowAlreadyStartedError, RPCError) as exc:
+            if isinstance(exc, RPCError) and exc.status != RPCStatusCode.ALREADY_EXISTS:
+                raise EngineUnavailable(ENGINE, f"{exc.status.name}: {exc.message}") from None
+            return "active"
+        return "ok"
+
+    def replay(self, job_id: str) -> str:
+        """Start a failed, dead or cancelled job's workflow again with its original input.
+        "ok", "active" (running or succeeded: Temporal refuses a second run) or "missing"."""
+        return self._call(self._replay(job_id), timeout=self.timeout * 3)

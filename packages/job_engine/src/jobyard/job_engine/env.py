@@ -125,5 +125,11 @@ DEFAULTS.update(
 TEMP_DIR = "JOBYARD_TEMP_DIR"  # root under which maintenance.file_cleanup deletes old files
 REPORT_RECIPIENTS = "JOBYARD_REPORT_RECIPIENTS"  # comma-separated addresses of analytics reports
 
+# The job log (jobyard.job_engine.db.joblog)
+JOB_LOG = "JOBYARD_JOB_LOG"  # "false" switches the database job log off
+JOB_LOG_INTERVAL = "JOBYARD_JOB_LOG_INTERVAL"  # seconds between batched writes
+DEFAULTS[JOB_LOG] = "true"
+DEFAULTS[JOB_LOG_INTERVAL] = "0.5"
+
 # The HTTP API (jobyard.api)
 ADMIN_TOKEN = "JOBYARD_ADMIN_TOKEN"  # bearer token of the admin routes; unset = admin API disabled

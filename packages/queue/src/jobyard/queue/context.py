@@ -30,6 +30,10 @@ class LostOwnership(BaseException):
     """The job belongs to Temporal, is finished, or this message is a stale duplicate."""
 
 
+class Cancelled(BaseException):
+    """Cancellation was asked for; the job stops at this step boundary."""
+
+
 class Throttled(BaseException):
     """The job's rate limit is used up; try again in `seconds`."""
 
@@ -51,6 +55,8 @@ class DramatiqContext:
         seq: int,
         resume: bool,
         rate: tuple[int, int] | None,
+        on_start: Callable[[StartResult], None] | None = None,
+        on_progress: Callable[[Any], None] | None = None,
     ) -> None:
         self.job_id = job_id
         self.job_name = job_name
@@ -58,6 +64,8 @@ class DramatiqContext:
         self._seq = seq
         self._resume = resume
         self._rate = rate
+        self._on_start = on_start
+        self._on_progress = on_progress
         self._started: StartResult | None = None
         self._recorded: dict[str, str] = {}
         self._seen: set[str] = set()
@@ -81,6 +89,8 @@ class DramatiqContext:
             if result.status != "ok":
                 raise LostOwnership(result.status)
             self._started, self._recorded = result, result.steps
+            if self._on_start is not None:
+                self._on_start(result)
         return self._started
 
     def _claim_name(self, step: str) -> None:
@@ -89,9 +99,12 @@ class DramatiqContext:
         self._seen.add(step)
 
     def _record(self, step: str, encoded: str) -> None:
-        if not self._store.record_step(self.job_id, self._seq, step, encoded):
+        outcome = self._store.record_step(self.job_id, self._seq, step, encoded)
+        if outcome == "lost":
             raise LostOwnership(self.job_id)
         self._recorded[step] = encoded
+        if outcome == "cancel":
+            raise Cancelled(self.job_id)
 
     async def run(self, step: str, fn: Callable[..., Any], *args: Any) -> Any:
         self.start()
@@ -130,3 +143,5 @@ class DramatiqContext:
     async def progress(self, value: float | dict[str, Any]) -> None:
         self.start()
         self._store.record_progress(self.job_id, self._seq, json.dumps(value))
+        if self._on_progress is not None:
+            self._on_progress(value)

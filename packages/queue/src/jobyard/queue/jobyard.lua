@@ -5,7 +5,9 @@
 --   jobyard:job:<id>        hash  name queue engine state attempts seq started_seq rmid
 --                                 enqueued_at started_at finished_at result error error_class progress
 --       engine: "dramatiq" | "temporal" (a tombstone: the job belongs to Temporal)
---       state:  queued | running | retrying | succeeded | failed
+--       state:  queued | running | retrying | succeeded | failed | dead | cancelled
+--               (failed: a permanent error; dead: retries exhausted; both keep the payload)
+--       cancel: "1" when cancellation of a running job was asked for
 --       seq:    the run number the next Dramatiq message must carry; a message with any other
 --               seq is stale (a duplicate left by a crash) and is dropped
 --   jobyard:steps:<id>      hash  step name -> JSON result
@@ -28,6 +30,8 @@ local function live_workers(workers_key, timeout_ms)
     return redis.call("zcount", workers_key, now_ms() - tonumber(timeout_ms), "+inf")
 end
 
+local TERMINAL = {succeeded = true, failed = true, dead = true, cancelled = true}
+
 -- Dramatiq's own ack (see dramatiq/brokers/redis/dispatch.lua), folded into our calls.
 local function ack(acks_key, msgs_key, message_id)
     if message_id ~= "" and redis.call("srem", acks_key, message_id) > 0 then
@@ -39,15 +43,20 @@ end
 -- A resume after a durable sleep is the same attempt; a retry, or a redelivery of a message
 -- that already started (its worker died), is a new one.
 local function start_checks(job_key, seq, is_resume)
-    local job = redis.call("hmget", job_key, "engine", "state", "seq", "attempts", "started_seq")
+    local job = redis.call("hmget", job_key, "engine", "state", "seq", "attempts", "started_seq",
+                           "cancel")
     if job[1] ~= "dramatiq" then
         return "lost"
     end
-    if job[2] == "succeeded" or job[2] == "failed" or job[2] == "cancelled" then
+    if TERMINAL[job[2]] then
         return "done"
     end
     if job[3] ~= seq then
         return "stale"
+    end
+    if job[6] == "1" then
+        redis.call("hset", job_key, "state", "cancelled", "finished_at", now_ms())
+        return "cancelled"
     end
     local attempts = tonumber(job[4] or "0")
     if is_resume == "0" or job[5] == seq then
@@ -82,8 +91,8 @@ if command == "enqueue" then
 
 -- start: KEYS job, steps, rate key prefix (the window number is appended)
 --        ARGV seq, is_resume ("1"|"0"), rate calls (0 = none), rate period ms
--- -> {"ok", attempts, step, json, step, json, ...} | {"lost"} | {"stale"} | {"done"}
---    | {"throttled", ms until the window frees}
+-- -> {"ok", attempts, started_at ms, step, json, step, json, ...}
+--    | {"lost"} | {"stale"} | {"done"} | {"cancelled"} | {"throttled", ms until the window frees}
 elseif command == "start" then
     local status, attempts = start_checks(KEYS[1], ARGV[2], ARGV[3])
     if status ~= "ok" then
@@ -105,21 +114,25 @@ elseif command == "start" then
     end
     redis.call("hset", KEYS[1], "state", "running", "attempts", attempts, "started_seq", ARGV[2])
     redis.call("hsetnx", KEYS[1], "started_at", now_ms())
-    local result = {"ok", attempts}
+    local result = {"ok", attempts, redis.call("hget", KEYS[1], "started_at")}
     local steps = redis.call("hgetall", KEYS[2])
     for i = 1, #steps do
         result[#result + 1] = steps[i]
     end
     return result
 
--- step: KEYS job, steps   ARGV seq, step name, JSON result, ttl s   -> "ok" | "lost"
+-- step: KEYS job, steps   ARGV seq, step name, JSON result, ttl s   -> "ok" | "lost" | "cancel"
+-- ("cancel": recorded, and cancellation was asked for: stop at this step boundary)
 elseif command == "step" then
-    local job = redis.call("hmget", KEYS[1], "engine", "seq")
+    local job = redis.call("hmget", KEYS[1], "engine", "seq", "cancel")
     if job[1] ~= "dramatiq" or job[2] ~= ARGV[2] then
         return "lost"
     end
     redis.call("hset", KEYS[2], ARGV[3], ARGV[4])
     redis.call("expire", KEYS[2], ARGV[5])
+    if job[3] == "1" then
+        return "cancel"
+    end
     return "ok"
 
 -- progress: KEYS job   ARGV seq, JSON progress   -> "ok" | "lost"
@@ -131,7 +144,8 @@ elseif command == "progress" then
     return "ok"
 
 -- finish: KEYS job, steps, dramatiq acks, dramatiq msgs
---         ARGV seq, state, result JSON, error, error class, ttl s, redis message id
+--         ARGV seq, state, result JSON, error, error class, ttl s, redis message id, payload JSON
+--         (the payload is kept for failed and dead jobs, so they can be replayed)
 -- -> "ok" | "lost".  A terminal state; the records expire after ttl. Acks the Dramatiq message
 -- in the same call (Dramatiq's own ack is then skipped), saving a round trip per job.
 elseif command == "finish" then
@@ -142,19 +156,23 @@ elseif command == "finish" then
     end
     redis.call("hset", KEYS[1], "state", ARGV[3], "result", ARGV[4], "error", ARGV[5],
                "error_class", ARGV[6], "finished_at", now_ms())
+    if ARGV[9] ~= "" then
+        redis.call("hset", KEYS[1], "payload", ARGV[9])
+    end
     redis.call("expire", KEYS[1], ARGV[7])
     redis.call("expire", KEYS[2], ARGV[7])
     return "ok"
 
 -- complete: KEYS job, steps, dramatiq acks, dramatiq msgs
 --           ARGV seq, is_resume, result JSON, ttl s, redis message id
--- -> "ok" | "lost" | "stale" | "done".  start + finish + ack for a run that never used a step:
+-- -> {"ok", attempts, started_at ms} | {"lost"} | {"stale"} | {"done"} | {"cancelled"}.
+-- start + finish + ack for a run that never used a step:
 -- such a handler had no side effects, so checking ownership after it ran is safe.
 elseif command == "complete" then
     ack(KEYS[3], KEYS[4], ARGV[6])
     local status, attempts = start_checks(KEYS[1], ARGV[2], ARGV[3])
     if status ~= "ok" then
-        return status
+        return {status}
     end
     local now = now_ms()
     redis.call("hset", KEYS[1], "state", "succeeded", "result", ARGV[4], "attempts", attempts,
@@ -162,7 +180,7 @@ elseif command == "complete" then
     redis.call("hsetnx", KEYS[1], "started_at", now)
     redis.call("expire", KEYS[1], ARGV[5])
     redis.call("expire", KEYS[2], ARGV[5])
-    return "ok"
+    return {"ok", attempts, redis.call("hget", KEYS[1], "started_at")}
 
 -- reschedule: KEYS job, delay queue list, delay queue msgs, dramatiq acks, dramatiq msgs
 --             ARGV seq, next seq, state, redis message id, message, error, error class,
@@ -207,6 +225,59 @@ elseif command == "handoff" then
     end
     redis.call("hset", KEYS[1], "engine", "temporal")
     return {"claimed"}
+
+-- cancel: KEYS job, queue list, queue msgs, delay list, delay msgs
+-- -> {"cancelled"} | {"requested"} | {"done", state} | {"temporal"} | {"missing"}
+-- A waiting job is cancelled at once (its message removed; a copy a worker already holds is
+-- dropped by start_checks); a running one is flagged and stops at its next step boundary.
+elseif command == "cancel" then
+    local job = redis.call("hmget", KEYS[1], "engine", "state", "rmid")
+    if job[1] == false then
+        return {"missing"}
+    end
+    if job[1] ~= "dramatiq" then
+        return {"temporal"}
+    end
+    if TERMINAL[job[2]] then
+        return {"done", job[2]}
+    end
+    if job[2] == "running" then
+        redis.call("hset", KEYS[1], "cancel", "1")
+        return {"requested"}
+    end
+    if job[3] then
+        redis.call("lrem", KEYS[2], 0, job[3])
+        redis.call("hdel", KEYS[3], job[3])
+        redis.call("lrem", KEYS[4], 0, job[3])
+        redis.call("hdel", KEYS[5], job[3])
+    end
+    redis.call("hset", KEYS[1], "state", "cancelled", "finished_at", now_ms())
+    return {"cancelled"}
+
+-- replay: KEYS job, queue list, queue msgs   ARGV expected seq, redis message id, message
+-- -> {"ok"} | {"active", state} | {"temporal"} | {"missing"} | {"conflict"}
+-- Runs a failed, dead or cancelled job again with a new seq; its finished steps stay recorded.
+elseif command == "replay" then
+    local job = redis.call("hmget", KEYS[1], "engine", "state", "seq")
+    if job[1] == false then
+        return {"missing"}
+    end
+    if job[1] ~= "dramatiq" then
+        return {"temporal"}
+    end
+    if not TERMINAL[job[2]] or job[2] == "succeeded" then
+        return {"active", job[2]}
+    end
+    if tostring(tonumber(job[3] or "0") + 1) ~= ARGV[2] then
+        return {"conflict"}
+    end
+    redis.call("hset", KEYS[1], "state", "queued", "seq", ARGV[2], "rmid", ARGV[3],
+               "error", "", "error_class", "", "result", "", "enqueued_at", now_ms())
+    redis.call("hdel", KEYS[1], "cancel", "finished_at")
+    redis.call("persist", KEYS[1])
+    redis.call("hset", KEYS[3], ARGV[3], ARGV[4])
+    redis.call("rpush", KEYS[2], ARGV[3])
+    return {"ok"}
 
 -- heartbeat: KEYS dramatiq heartbeats, workers zset per queue...
 --            ARGV worker id, dramatiq broker id   -> now (ms)

@@ -13,6 +13,7 @@ from jobyard.queue import keys
 
 SEQ = "jobyard_seq"  # which run of the job this message is (see seq in jobyard.lua)
 RESUME = "jobyard_resume"  # True when the run continues an attempt (after a sleep or a throttle)
+WEBHOOK = "jobyard_webhook"  # where to deliver the job's completion events, if anywhere
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,12 @@ def encode_job_message(
     seq: int = 0,
     resume: bool = False,
     delay_seconds: float | None = None,
+    webhook_url: str | None = None,
 ) -> EncodedMessage:
     message_id = uuid.uuid4().hex
     options: dict[str, Any] = {"redis_message_id": message_id, SEQ: seq, RESUME: resume}
+    if webhook_url:
+        options[WEBHOOK] = webhook_url
     target = queue
     if delay_seconds:
         target = keys.delayed(queue)

@@ -4,6 +4,7 @@ Dramatiq's own retries are off for jobyard actors: retries and durable sleeps ar
 here through `JobStore.reschedule`, which advances the job's seq and acks the current message
 in the same Lua call, so a crash can never leave the job with two live messages, or none.
 Every terminal call acks the message too, and marks it so that Dramatiq skips its own ack.
+State changes go to `jobyard.job_engine.lifecycle` (job log, metrics, webhook events).
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from jobyard.job_engine import JobSpec, PermanentError
-from jobyard.queue.context import DramatiqContext, LostOwnership, Suspend, Throttled
-from jobyard.queue.messages import RESUME, SEQ, encode_job_message
-from jobyard.queue.store import NO_DELIVERY, Delivery, JobStore
+from jobyard.job_engine.lifecycle import job_event, progress_event
+from jobyard.queue.context import Cancelled, DramatiqContext, LostOwnership, Suspend, Throttled
+from jobyard.queue.messages import RESUME, SEQ, WEBHOOK, encode_job_message
+from jobyard.queue.store import NO_DELIVERY, Delivery, JobStore, StartResult
 
 log = logging.getLogger("jobyard.worker")
 _loops = threading.local()
 #: Set on a MessageProxy once a jobyard Lua call has acked it (see JobyardConsumer).
 ACKED = "jobyard_acked"
+ENGINE = "dramatiq"
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
@@ -58,46 +61,68 @@ class JobRunner:
     def __call__(self, job_id: str, payload: Any) -> None:
         message = CurrentMessage.get_current_message()
         options = message.options if message is not None else {}
-        seq, resume = int(options.get(SEQ, 0)), bool(options.get(RESUME, False))
         delivery = (
             Delivery(self.broker_id, message.queue_name, options["redis_message_id"])
             if message is not None
             else NO_DELIVERY
         )
-        ctx = DramatiqContext(self.store, self.spec.name, job_id, seq, resume, self.rate)
-        run = _Run(self, ctx, job_id, payload, seq, resume, delivery)
+        run = _Run(self, job_id, payload, options, delivery)
         run.execute()
         if message is not None and run.acked:
             setattr(message, ACKED, True)
 
 
 class _Run:
+    """One execution of a job's handler, from one message."""
+
     def __init__(
         self,
         runner: JobRunner,
-        ctx: DramatiqContext,
         job_id: str,
         payload: Any,
-        seq: int,
-        resume: bool,
+        options: dict[str, Any],
         delivery: Delivery,
     ) -> None:
-        self.runner, self.ctx, self.job_id, self.payload = runner, ctx, job_id, payload
-        self.seq, self.resume, self.delivery = seq, resume, delivery
+        self.runner, self.spec, self.store = runner, runner.spec, runner.store
+        self.job_id, self.payload, self.delivery = job_id, payload, delivery
+        self.seq, self.resume = int(options.get(SEQ, 0)), bool(options.get(RESUME, False))
+        self.webhook_url: str | None = options.get(WEBHOOK)
         self.acked = False
+        self.progress_count = 0
+        self.ctx = DramatiqContext(
+            self.store, self.spec.name, job_id, self.seq, self.resume, runner.rate,
+            on_start=self.started, on_progress=self.progressed,
+        )  # fmt: skip
+
+    def event(self, state: str, start: StartResult | None, **fields: Any) -> None:
+        job_event(
+            self.job_id, self.spec.name, state, queue=self.spec.queue, engine=ENGINE,
+            attempts=start.attempts if start else None,
+            started_at=start.started_at if start else None,
+            webhook_url=self.webhook_url, **fields,
+        )  # fmt: skip
+
+    def started(self, start: StartResult) -> None:
+        self.event("running", start)
+
+    def progressed(self, value: Any) -> None:
+        self.progress_count += 1
+        progress_event(self.job_id, self.spec.name, value, self.progress_count, self.webhook_url)
 
     def execute(self) -> None:
-        spec = self.runner.spec
         try:
-            result = _event_loop().run_until_complete(
-                spec.handler(self.ctx, spec.validate(self.payload))
-            )
+            model = self.spec.validate(self.payload)
+            result = _event_loop().run_until_complete(self.spec.handler(self.ctx, model))
         except Suspend as suspend:
             self.reschedule("running", suspend.seconds, resume=True)
         except Throttled as throttled:
             self.reschedule("queued", throttled.seconds, resume=self.resume)
+        except Cancelled:
+            self.finish("cancelled")
         except LostOwnership as lost:
             log.info("job %s: message dropped (%s)", self.job_id, lost)
+            if str(lost) == "cancelled":
+                self.event("cancelled", None)
         except (Exception, TimeLimitExceeded) as exc:
             if isinstance(exc, TimeLimitExceeded):
                 _discard_event_loop()
@@ -106,16 +131,28 @@ class _Run:
             self.succeeded(result)
 
     def succeeded(self, result: Any) -> None:
-        store = self.runner.store
         if self.ctx.started is None:
-            status = store.complete(
+            start = self.store.complete(
                 self.job_id, self.seq, resume=self.resume, result=result, delivery=self.delivery
             )
-            if status != "ok":
-                log.info("job %s: result dropped (%s)", self.job_id, status)
+            self.acked = True
+            if start.status != "ok":
+                log.info("job %s: result dropped (%s)", self.job_id, start.status)
+                return
+            self.event("succeeded", start, result=result)
         else:
-            store.finish(self.job_id, self.seq, "succeeded", result=result, delivery=self.delivery)
+            self.finish("succeeded", result=result)
+
+    def finish(self, state: str, **fields: Any) -> None:
+        start = self.ctx.started
+        payload = fields.pop("payload", None)
+        self.store.finish(
+            self.job_id, self.seq, state, result=fields.get("result"),
+            error=fields.get("traceback") or "", error_class=fields.get("error_class") or "",
+            delivery=self.delivery, payload=payload,
+        )  # fmt: skip
         self.acked = True
+        self.event(state, start, payload=payload, **fields)
 
     def failed(self, exc: BaseException) -> None:
         try:
@@ -125,29 +162,27 @@ class _Run:
         error, error_class = f"{type(exc).__name__}: {exc}", type(exc).__name__
         retry = self.runner.retry
         if isinstance(exc, PermanentError) or attempt >= retry.attempts:
-            log.warning("job %s failed after %d attempt(s): %s", self.job_id, attempt, error)
+            state = "failed" if isinstance(exc, PermanentError) else "dead"
+            log.warning("job %s %s after %d attempt(s): %s", self.job_id, state, attempt, error)
             detail = "".join(traceback.format_exception(exc))[-4000:]
-            self.runner.store.finish(
-                self.job_id, self.seq, "failed", error=detail, error_class=error_class,
-                delivery=self.delivery,
-            )  # fmt: skip
-            self.acked = True
+            self.finish(
+                state, error=error, error_class=error_class, traceback=detail, payload=self.payload
+            )
             return
         delay = retry.delay_before(attempt)
-        log.info(
-            "job %s attempt %d failed (%s); retry in %.1fs", self.job_id, attempt, error, delay
-        )
+        log.info("job %s attempt %d: %s; retry in %.1fs", self.job_id, attempt, error, delay)
         self.reschedule("retrying", delay, resume=False, error=error, error_class=error_class)
+        self.event("retrying", self.ctx.started, error=error, error_class=error_class)
 
     def reschedule(
         self, state: str, delay: float, *, resume: bool, error: str = "", error_class: str = ""
     ) -> None:
-        spec = self.runner.spec
         encoded = encode_job_message(
-            spec.name, spec.queue, self.job_id, self.payload,
+            self.spec.name, self.spec.queue, self.job_id, self.payload,
             seq=self.seq + 1, resume=resume, delay_seconds=max(delay, 0.001),
+            webhook_url=self.webhook_url,
         )  # fmt: skip
-        self.runner.store.reschedule(
+        self.store.reschedule(
             self.job_id, self.seq, self.seq + 1, state, encoded.queue,
             encoded.redis_message_id, encoded.data,
             error=error, error_class=error_class, delivery=self.delivery,

@@ -32,8 +32,9 @@ NO_DELIVERY = Delivery("", "", "")
 
 @dataclass
 class StartResult:
-    status: str  # ok | lost | stale | done | throttled
+    status: str  # ok | lost | stale | done | cancelled | throttled
     attempts: int = 0
+    started_at: float = 0.0  # unix seconds of the job's first start
     steps: dict[str, str] = field(default_factory=dict)
     retry_in_ms: int = 0
 
@@ -95,10 +96,12 @@ class JobStore:
             return StartResult(status, retry_in_ms=int(reply[1]))
         if status != "ok":
             return StartResult(status)
-        flat = [_text(v) for v in reply[2:]]
-        return StartResult(status, int(reply[1]), dict(zip(flat[::2], flat[1::2], strict=True)))
+        flat = [_text(v) for v in reply[3:]]
+        steps = dict(zip(flat[::2], flat[1::2], strict=True))
+        return StartResult(status, int(reply[1]), int(reply[2]) / 1000, steps)
 
-    def record_step(self, job_id: str, seq: int, step: str, result_json: str) -> bool:
+    def record_step(self, job_id: str, seq: int, step: str, result_json: str) -> str:
+        """"ok", "lost" (the job is not ours any more) or "cancel" (stop at this boundary)."""
         reply = self._call(
             [keys.job(job_id), keys.steps(job_id)],
             "step",
@@ -107,7 +110,7 @@ class JobStore:
             result_json,
             RECORD_TTL_SECONDS,
         )
-        return _text(reply) == "ok"
+        return _text(reply)
 
     def record_progress(self, job_id: str, seq: int, progress_json: str) -> bool:
         return _text(self._call([keys.job(job_id)], "progress", seq, progress_json)) == "ok"
@@ -122,6 +125,7 @@ class JobStore:
         error: str = "",
         error_class: str = "",
         delivery: Delivery = NO_DELIVERY,
+        payload: Any = None,
     ) -> bool:
         reply = self._call(
             [keys.job(job_id), keys.steps(job_id), *delivery.keys()],
@@ -133,13 +137,14 @@ class JobStore:
             error_class,
             RECORD_TTL_SECONDS,
             delivery.redis_message_id,
+            "" if payload is None else json.dumps(payload),
         )
         return _text(reply) == "ok"
 
     def complete(
         self, job_id: str, seq: int, *, resume: bool, result: Any, delivery: Delivery = NO_DELIVERY
-    ) -> str:
-        """Start and finish a run that used no step, in one call; "ok" or why it did not count."""
+    ) -> StartResult:
+        """Start and finish a run that used no step, in one call; status "ok" or why not."""
         reply = self._call(
             [keys.job(job_id), keys.steps(job_id), *delivery.keys()],
             "complete",
@@ -149,7 +154,10 @@ class JobStore:
             RECORD_TTL_SECONDS,
             delivery.redis_message_id,
         )
-        return _text(reply)
+        status = _text(reply[0])
+        if status != "ok":
+            return StartResult(status)
+        return StartResult(status, int(reply[1]), int(reply[2]) / 1000)
 
     def reschedule(
         self,
@@ -198,6 +206,31 @@ class JobStore:
             name,
             queue,
             RECORD_TTL_SECONDS,
+        )
+        return tuple(_text(v) for v in reply)
+
+    def _queue_keys(self, queue: str) -> list[str]:
+        delay_queue = keys.delayed(queue)
+        return [
+            keys.dramatiq_queue(queue),
+            keys.dramatiq_messages(queue),
+            keys.dramatiq_queue(delay_queue),
+            keys.dramatiq_messages(delay_queue),
+        ]
+
+    def cancel(self, job_id: str, queue: str) -> tuple[str, ...]:
+        reply = self._call([keys.job(job_id), *self._queue_keys(queue)], "cancel")
+        return tuple(_text(v) for v in reply)
+
+    def replay(
+        self, job_id: str, queue: str, next_seq: int, redis_message_id: str, message: bytes
+    ) -> tuple[str, ...]:
+        reply = self._call(
+            [keys.job(job_id), keys.dramatiq_queue(queue), keys.dramatiq_messages(queue)],
+            "replay",
+            next_seq,
+            redis_message_id,
+            message,
         )
         return tuple(_text(v) for v in reply)
 

@@ -79,8 +79,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-# JSON everywhere; JSONB on PostgreSQL (indexable, compact).
-JSONType = JSON().with_variant(JSONB(), "postgresql")
+# JSON everywhere; JSONB on PostgreSQL (indexable, compact). None is SQL NULL, not JSON null.
+JSONType = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 def utcnow() -> datetime:

@@ -78,6 +78,7 @@ class JobLog(Base):
         Index("ix_job_log_state", "state"),
         Index("ix_job_log_name", "name"),
         Index("ix_job_log_finished_at", "finished_at"),
+        Index("ix_job_log_enqueued_at", "enqueued_at"),
     )
 
     job_id: Mapped[str] = mapped_column(String(255), primary_key=True)
@@ -97,6 +98,8 @@ class JobLog(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     duration_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # When `state` was last set: events from several processes arrive out of order (joblog.py).
+    state_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class JobReport(Base):

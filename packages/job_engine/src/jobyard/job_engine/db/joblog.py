@@ -1,0 +1,163 @@
+"""The job log: every job's life in the database, written off the hot path.
+
+`record(job_id, name, state=..., ...)` appends an event to an in-process buffer (a deque
+append: no I/O on the dispatch path or in the worker loop); a background thread merges the
+buffered events per job and upserts them in one statement every `JOBYARD_JOB_LOG_INTERVAL`
+seconds. Events from different processes can arrive out of order (a web process flushes
+"queued" after the worker flushed "succeeded"), so a row's state only moves to an event at
+least as new as the one it holds (`state_at`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import case, func
+from sqlalchemy.dialects import postgresql, sqlite
+
+from jobyard.job_engine import env
+from jobyard.job_engine.db import get_engine
+from jobyard.job_engine.db.models import JobLog
+
+log = logging.getLogger("jobyard.joblog")
+
+#: Columns an event may set whatever its age (first value wins).
+STICKY = ("name", "queue", "payload", "enqueued_at", "started_at", "fallback_reason")
+#: Columns that follow the event with the newest state.
+LATEST = (
+    "engine", "state", "result", "error_class", "error_message", "error_traceback",
+    "finished_at", "duration_ms", "state_at",
+)  # fmt: skip
+#: Progress follows the newest report; attempts only grow.
+#: Beyond this many unflushed events (a long database outage), the oldest are dropped.
+MAX_BUFFER = 200_000
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class JobLogWriter:
+    def __init__(self, url: str | None = None, interval: float | None = None) -> None:
+        self.url = url
+        self.interval = env.get_float(env.JOB_LOG_INTERVAL) if interval is None else interval
+        self._events: deque[tuple[float, str, dict[str, Any]]] = deque(maxlen=MAX_BUFFER)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+
+    def record(self, job_id: str, **fields: Any) -> None:
+        """Queue an event; `state_at` defaults to now. Returns at once."""
+        ts = fields.pop("ts", None) or time.time()
+        self._events.append((ts, job_id, fields))
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="jobyard-joblog", daemon=True
+                )
+                self._thread.start()
+                atexit.register(self.flush)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception as exc:  # the database is down: keep the events, try again later
+                log.warning("job log flush failed (%s); %d events kept", exc, len(self._events))
+
+    def flush(self) -> int:
+        """Write every buffered event now; returns how many rows were upserted."""
+        with self._lock:
+            events = []
+            while self._events:
+                events.append(self._events.popleft())
+            if not events:
+                return 0
+            try:
+                rows = merge(events)
+                upsert(rows, self.url)
+            except Exception:
+                self._events.extendleft(reversed(events))
+                raise
+            return len(rows)
+
+
+def merge(events: list[tuple[float, str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per job: sticky columns keep their first value, the rest follow the newest event."""
+    rows: dict[str, dict[str, Any]] = {}
+    for ts, job_id, fields in sorted(events, key=lambda e: e[0]):
+        row = rows.setdefault(job_id, {"job_id": job_id})
+        for key, value in fields.items():
+            if value is None:
+                continue
+            if key in STICKY and row.get(key) is not None:
+                continue
+            row[key] = value
+        if "state" in fields:
+            row["state_at"] = _utc(ts)
+    columns = ("job_id", *STICKY, *LATEST, "progress", "attempts")
+    return [{c: row.get(c) for c in columns} for row in rows.values()]
+
+
+def upsert(rows: list[dict[str, Any]], url: str | None = None) -> None:
+    """One executemany upsert: the statement is compiled once whatever the batch size."""
+    engine = get_engine(url)
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    for row in rows:
+        row["state"] = row["state"] or "queued"
+        row["name"] = row["name"] or "unknown"
+        row["attempts"] = row["attempts"] or 0
+    statement = dialect.insert(JobLog)
+    new, old = statement.excluded, JobLog.__table__.c
+    newer = old.state_at.is_(None) | (new.state_at.is_not(None) & (new.state_at >= old.state_at))
+    updates = {c: func.coalesce(old[c], new[c]) for c in STICKY}
+    updates |= {c: case((newer, func.coalesce(new[c], old[c])), else_=old[c]) for c in LATEST}
+    updates["progress"] = func.coalesce(new.progress, old.progress)
+    updates["attempts"] = case((new.attempts > old.attempts, new.attempts), else_=old.attempts)
+    # A replayed job starts over: the newer "queued" clears when it finished.
+    replayed = newer & (new.state == "queued")
+    updates["finished_at"] = case((replayed, None), else_=updates["finished_at"])
+    statement = statement.on_conflict_do_update(index_elements=["job_id"], set_=updates)
+    with engine.begin() as connection:
+        connection.execute(statement, rows)
+
+
+_writer: JobLogWriter | None = None
+
+
+def writer() -> JobLogWriter | None:
+    """The process's writer, or None when the job log is switched off (JOBYARD_JOB_LOG=false)."""
+    global _writer
+    if not env.get_bool(env.JOB_LOG):
+        return None
+    if _writer is None:
+        _writer = JobLogWriter()
+    return _writer
+
+
+def record(job_id: str, **fields: Any) -> None:
+    current = writer()
+    if current is not None:
+        current.record(job_id, **fields)
+
+
+def reset_writer() -> None:
+    global _writer
+    if _writer is not None:
+        try:
+            _writer.flush()
+        except Exception as exc:
+            log.warning("job log flush failed on reset: %s", exc)
+    _writer = None

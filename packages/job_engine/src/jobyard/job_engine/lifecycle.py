@@ -1,0 +1,111 @@
+"""What happens when a job changes state, on either engine: the job log row, the metrics and,
+when the dispatcher was given a `webhook_url`, an event delivered by `webhook.deliver`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from jobyard.job_engine import children, metrics
+from jobyard.job_engine.db import joblog
+
+log = logging.getLogger("jobyard.lifecycle")
+
+FINAL_STATES = frozenset({"succeeded", "failed", "dead", "cancelled"})
+WEBHOOK_JOB = "webhook.deliver"
+
+
+def _utc(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+def job_event(
+    job_id: str,
+    name: str,
+    state: str,
+    *,
+    queue: str | None,
+    engine: str,
+    attempts: int | None = None,
+    started_at: float | None = None,
+    result: Any = None,
+    error: str | None = None,
+    error_class: str | None = None,
+    traceback: str | None = None,
+    payload: Any = None,
+    webhook_url: str | None = None,
+) -> None:
+    """Record a state change. Never raises: bookkeeping must not fail a job."""
+    now = time.time()
+    final = state in FINAL_STATES
+    try:
+        joblog.record(
+            job_id,
+            ts=now,
+            name=name,
+            queue=queue,
+            engine=engine,
+            state=state,
+            attempts=attempts,
+            started_at=_utc(started_at),
+            finished_at=_utc(now) if final else None,
+            duration_ms=int((now - started_at) * 1000) if final and started_at else None,
+            result=result if state == "succeeded" else None,
+            error_class=error_class,
+            error_message=(error or "")[:2000] or None,
+            error_traceback=traceback,
+            payload=payload,
+        )
+        labels = {"name": name, "queue": queue or "", "engine": engine}
+        if final:
+            metrics.JOBS.labels(outcome=state, **labels).inc()
+            if started_at:
+                metrics.DURATION.labels(**labels).observe(max(0.0, now - started_at))
+        if state == "retrying":
+            metrics.RETRIES.labels(**labels).inc()
+        if state == "dead":
+            metrics.DEAD_LETTERS.labels(**labels).inc()
+        if webhook_url and final:
+            body = {"job_id": job_id, "name": name, "event": state, "engine": engine,
+                    "attempts": attempts, "result": result if state == "succeeded" else None,
+                    "error": error}  # fmt: skip
+            notify(webhook_url, body, f"{job_id}:event:{state}")
+    except Exception:
+        log.exception("could not record %s of job %s", state, job_id)
+
+
+def progress_event(job_id: str, name: str, value: Any, seq: int, webhook_url: str | None) -> None:
+    try:
+        joblog.record(job_id, name=name, progress=value)
+        if webhook_url:
+            body = {"job_id": job_id, "name": name, "event": "progress", "progress": value}
+            notify(webhook_url, body, f"{job_id}:progress:{seq}")
+    except Exception:
+        log.exception("could not record progress of job %s", job_id)
+
+
+def dispatched_event(
+    job_id: str,
+    name: str,
+    queue: str,
+    engine: str,
+    payload: Any,
+    fallback_reason: str | None,
+) -> None:
+    try:
+        joblog.record(
+            job_id, name=name, queue=queue, engine=engine, state="queued", payload=payload,
+            fallback_reason=fallback_reason, enqueued_at=datetime.now(UTC),
+        )  # fmt: skip
+        metrics.DISPATCHED.labels(name=name, queue=queue, engine=engine).inc()
+        if fallback_reason:
+            metrics.FALLBACKS.labels(reason=fallback_reason).inc()
+    except Exception:
+        log.exception("could not record dispatch of job %s", job_id)
+
+
+def notify(url: str, body: dict[str, Any], event_id: str) -> None:
+    """Start the `webhook.deliver` job that tells the web app; its id makes it start once."""
+    children.dispatch_child(WEBHOOK_JOB, {"url": url, "body": body}, event_id)

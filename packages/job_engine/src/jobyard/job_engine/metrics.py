@@ -1,0 +1,31 @@
+"""Prometheus metrics of jobs, shared by dispatchers and workers of both engines.
+
+Worker processes write to PROMETHEUS_MULTIPROC_DIR (set by `jobyard worker` for its children),
+so one endpoint serves every process and no two processes fight over a port.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+JOBS = Counter(
+    "jobyard_jobs_total",
+    "Jobs that reached a final state",
+    ["name", "queue", "engine", "outcome"],
+)
+DURATION = Histogram(
+    "jobyard_job_duration_seconds",
+    "Time from a job's first start to its final state",
+    ["name", "queue", "engine"],
+    buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 1800, 3600),
+)
+RETRIES = Counter(
+    "jobyard_job_retries_total", "Failed attempts that were retried", ["name", "queue", "engine"]
+)
+DEAD_LETTERS = Counter(
+    "jobyard_dead_letters_total", "Jobs that exhausted their retries", ["name", "queue", "engine"]
+)
+DISPATCHED = Counter("jobyard_dispatched_total", "Jobs dispatched", ["name", "queue", "engine"])
+FALLBACKS = Counter(
+    "jobyard_fallbacks_total", "Jobs sent to Temporal instead of Dramatiq", ["reason"]
+)
