@@ -1,0 +1,74 @@
+"""Jobs for the API tests; workers load them with JOBYARD_JOB_MODULES=tests.jobs,tests.api.jobs_api.
+
+Each job leaves marker files in `marker_dir` (one line per execution of a step), so a test can
+tell what really ran, on either engine, without trusting the engine's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from jobyard.job_engine import RetryPolicy, job
+
+#: api.needs_setting refuses to dispatch while this variable is unset.
+REQUIRED_SETTING = "JOBYARD_TEST_API_REQUIRED_SETTING"
+#: api.flaky fails until a file of this name exists in its marker_dir.
+ALLOW_FILE = "allow"
+
+
+def mark_and_wait(directory: str, name: str, seconds: float) -> int:
+    """Record one execution of step `name`, then take `seconds`; returns how often it ran."""
+    path = Path(directory) / name
+    with path.open("a") as f:
+        f.write("ran\n")
+    time.sleep(seconds)
+    return len(path.read_text().splitlines())
+
+
+def fail_unless_allowed(directory: str) -> str:
+    mark_and_wait(directory, "check", 0)
+    if not (Path(directory) / ALLOW_FILE).exists():
+        raise RuntimeError(f"not allowed yet: create {ALLOW_FILE} in {directory}")
+    return "allowed"
+
+
+class StepsPayload(BaseModel):
+    marker_dir: str
+    steps: int = Field(3, ge=1, le=20)
+    seconds: float = Field(0.5, ge=0)
+
+
+@job("api.steps", payload=StepsPayload, retry=RetryPolicy(attempts=1), timeout=60)
+async def steps(ctx: Any, payload: StepsPayload) -> dict[str, int]:
+    """Runs `steps` steps of `seconds` each and reports progress after each one."""
+    for index in range(payload.steps):
+        await ctx.run(f"step-{index}", mark_and_wait, payload.marker_dir, f"step-{index}",
+                      payload.seconds)  # fmt: skip
+        await ctx.progress((index + 1) / payload.steps)
+    return {"steps": payload.steps}
+
+
+class FlakyPayload(BaseModel):
+    marker_dir: str
+
+
+@job("api.flaky", payload=FlakyPayload, retry=RetryPolicy(attempts=2, backoff=0.1), timeout=30)
+async def flaky(ctx: Any, payload: FlakyPayload) -> dict[str, Any]:
+    """Dies (2 attempts) until ALLOW_FILE exists; a replay after that succeeds."""
+    prepared = await ctx.run("prepare", mark_and_wait, payload.marker_dir, "prepare", 0)
+    checked = await ctx.run("check", fail_unless_allowed, payload.marker_dir)
+    return {"prepared": prepared, "checked": checked}
+
+
+class NeedsSettingPayload(BaseModel):
+    value: int = 0
+
+
+@job("api.needs_setting", payload=NeedsSettingPayload, requires_env=(REQUIRED_SETTING,))
+async def needs_setting(ctx: Any, payload: NeedsSettingPayload) -> int:
+    """Cannot be dispatched unless REQUIRED_SETTING is set."""
+    return payload.value

@@ -1,0 +1,196 @@
+"""The HTTP contract at the boundary: status codes, error bodies and headers, on a real server
+with real Redis and Temporal behind it."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from jobyard.dispatcher import reset_dispatcher
+from jobyard.job_engine import env
+from tests.api.conftest import ApiServer, on_engine
+from tests.api.jobs_api import REQUIRED_SETTING
+from tests.engines import Engines
+from tests.support import RedisServer, free_port
+
+
+@pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
+def test_dispatch_answers_202_and_the_status_url_reaches_the_result(
+    api: ApiServer, engines: Engines, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    on_engine(engines, monkeypatch, engine)
+    job_id = f"echo-{engine}-{uuid.uuid4().hex[:8]}"
+    payload = {"hello": "world", "n": 7}
+
+    response = api.client.post("/jobs/system.echo", json=payload, params={"job_id": job_id})
+
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["job_id"] == job_id
+    assert body["engine"] == engine
+    assert body["status_url"] == f"/jobs/{job_id}"
+    assert response.headers["Location"] == body["status_url"]
+    assert body["duplicate"] is False
+    done = api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=engines)
+    assert done["result"] == payload
+    assert done["engine"] == engine
+    assert done["name"] == "system.echo"
+
+
+def test_a_second_dispatch_with_the_same_job_id_starts_nothing(
+    api: ApiServer, engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_engine(engines, monkeypatch, "dramatiq")
+    job_id = f"dup-{uuid.uuid4().hex[:8]}"
+    first = api.client.post("/jobs/system.echo", json={"a": 1}, params={"job_id": job_id})
+    second = api.client.post("/jobs/system.echo", json={"a": 2}, params={"job_id": job_id})
+    assert (first.status_code, second.status_code) == (202, 202)
+    assert first.json()["duplicate"] is False
+    assert second.json()["duplicate"] is True
+    done = api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=engines)
+    assert done["result"] == {"a": 1}
+
+
+def test_unknown_job_name_is_404_with_the_known_names(api: ApiServer) -> None:
+    response = api.client.post("/jobs/no.such.job", json={})
+    assert response.status_code == 404
+    detail = response.json()["detail"]
+    assert "no.such.job" in detail
+    assert "system.echo" in detail  # the error lists the jobs that do exist
+
+
+def test_invalid_payload_is_422_with_pydantic_errors(api: ApiServer) -> None:
+    response = api.client.post("/jobs/test.slow", json={"seconds": "soon"})
+    assert response.status_code == 422
+    errors = response.json()["detail"]
+    assert {"type": "float_parsing", "loc": ["body", "seconds"]}.items() <= errors[0].items()
+
+
+@pytest.mark.parametrize(
+    "body", [b"{not json", b"", b"\xff\xfe"], ids=["malformed", "empty", "not-utf8"]
+)
+def test_a_body_that_is_not_json_is_422(api: ApiServer, body: bytes) -> None:
+    response = api.client.post(
+        "/jobs/system.echo", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["type"] == "json_invalid"
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"job_id": "bad id with spaces"}, "job_id"),
+        ({"delay": "-1"}, "delay"),
+        ({"delay": str(8 * 24 * 3600)}, "delay"),
+        ({"webhook_url": "ftp://example.com/x"}, "webhook_url"),
+        ({"webhook_url": "not a url"}, "webhook_url"),
+    ],
+)
+def test_bad_query_parameters_are_422_naming_the_parameter(
+    api: ApiServer, params: dict[str, str], field: str
+) -> None:
+    response = api.client.post("/jobs/system.echo", json={}, params=params)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["query", field]
+
+
+def test_a_missing_server_setting_is_503_naming_it(
+    api: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(REQUIRED_SETTING, raising=False)
+    response = api.client.post("/jobs/api.needs_setting", json={"value": 1})
+    assert response.status_code == 503
+    assert response.json()["missing_settings"] == [REQUIRED_SETTING]
+    assert "Retry-After" not in response.headers  # it will not fix itself by waiting
+
+
+def test_no_engine_available_is_503_with_retry_after(
+    api: ApiServer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis_server.kill()
+    monkeypatch.setenv(env.TEMPORAL_ADDRESS, f"127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setenv(env.TEMPORAL_START_TIMEOUT, "0.5")
+    reset_dispatcher()
+
+    response = api.client.post("/jobs/system.echo", json={}, params={"job_id": "nowhere-1"})
+
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) > 0
+    assert "nowhere-1" in response.json()["detail"]
+
+
+def test_status_of_an_unknown_job_is_404(api: ApiServer) -> None:
+    response = api.client.get(f"/jobs/never-dispatched-{uuid.uuid4().hex[:8]}")
+    assert response.status_code == 404
+    assert "never-dispatched" in response.json()["detail"]
+
+
+def test_job_ids_with_slashes_round_trip(
+    api: ApiServer, engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_engine(engines, monkeypatch, "dramatiq")
+    job_id = f"tenant/7/report-{uuid.uuid4().hex[:6]}"
+    response = api.client.post("/jobs/system.echo", json={"x": 1}, params={"job_id": job_id})
+    assert response.status_code == 202
+    status_url = response.json()["status_url"]
+    assert "%2F" in status_url
+    api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=engines)
+    assert api.client.get(status_url).json()["job_id"] == job_id
+
+
+def test_health_reports_each_engine(
+    api: ApiServer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    both = api.client.get("/health")
+    assert both.status_code == 200
+    assert both.json() == {"status": "ok", "redis": True, "temporal": True}
+
+    redis_server.kill()
+    temporal_only = api.client.get("/health")
+    assert temporal_only.status_code == 200  # dispatch still works: it falls back to Temporal
+    assert temporal_only.json() == {"status": "ok", "redis": False, "temporal": True}
+
+    monkeypatch.setenv(env.TEMPORAL_ADDRESS, f"127.0.0.1:{free_port()}")
+    neither = api.client.get("/health")
+    assert neither.status_code == 503
+    assert neither.json() == {"status": "unavailable", "redis": False, "temporal": False}
+
+
+def test_metrics_are_prometheus_text_and_count_dispatches(
+    api: ApiServer, engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_engine(engines, monkeypatch, "dramatiq")
+    assert api.client.post("/jobs/system.echo", json={}).status_code == 202
+    response = api.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = [line for line in response.text.splitlines() if not line.startswith("#")]
+    assert any(
+        line.startswith("jobyard_dispatched_total{") and 'name="system.echo"' in line
+        for line in samples
+    ), response.text
+
+
+def test_openapi_document_and_docs_page(api: ApiServer) -> None:
+    spec = api.client.get("/openapi.json").json()
+    for path in ("/jobs/{name}", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/replay", "/dead",
+                 "/queues", "/workers", "/health", "/metrics"):  # fmt: skip
+        assert path in spec["paths"], path
+    assert "requestBody" in spec["paths"]["/jobs/{name}"]["post"]
+    assert "AdminToken" in spec["components"]["securitySchemes"]
+    docs = api.client.get("/docs")
+    assert docs.status_code == 200
+    assert "swagger" in docs.text.lower()
+
+
+def test_dashboard_is_one_self_contained_page(api: ApiServer) -> None:
+    response = api.client.get("/dashboard")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert "<script>" in page and "<style>" in page
+    # nothing fetched from another origin: the machines running it have no internet
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert "https://" not in page
