@@ -17,7 +17,7 @@ from jobyard.job_engine import get_spec
 from jobyard.queue import keys
 from tests.support import Proc, RedisServer, wait_for
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "dead", "cancelled")
 ALL_QUEUES = "default,data-sync,scheduled"
 
 

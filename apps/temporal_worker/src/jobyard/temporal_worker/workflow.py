@@ -42,36 +42,36 @@ class JobWorkflow:
     @workflow.run
     async def run(self, request: dict[str, Any]) -> dict[str, Any]:
         self._name = request["name"]
-        if not await self._claim(request):
-            workflow.logger.info("job %s already ran on Dramatiq", request["job_id"])
-            return {"name": self._name, "result": None, "attempts": 0, "ran_on": "dramatiq"}
         spec = get_spec(request["name"])
         webhook_url = request.get("webhook_url")
         self._ctx = ctx = TemporalContext(spec, request["job_id"], webhook_url)
-        self._state = "running"
         common = {"job_id": ctx.job_id, "name": spec.name, "queue": spec.queue}
         started_at = workflow.now().timestamp()
-        await emit({**common, "state": "running", "attempts": 1, "started_at": started_at})
         final = {**common, "started_at": started_at, "webhook_url": webhook_url}
         try:
+            if not await self._claim(request):
+                workflow.logger.info("job %s already ran on Dramatiq", request["job_id"])
+                return {"name": self._name, "result": None, "attempts": 0, "ran_on": "dramatiq"}
+            self._state = "running"
+            await emit({**common, "state": "running", "attempts": 1, "started_at": started_at})
             result = await spec.handler(ctx, spec.validate(request["payload"]))
         except asyncio.CancelledError:
-            self._state = "cancelled"
             await asyncio.shield(emit({**final, "state": "cancelled", "attempts": ctx.attempts}))
+            self._state = "cancelled"
             raise
         except ActivityError as exc:
             state, message, error_type, attempts = self._failure(exc, ctx.attempts)
-            self._state = state
             await emit({**final, "state": state, "attempts": attempts, "error": message,
                         "error_class": error_type, "payload": request["payload"]})  # fmt: skip
+            self._state = state
             raise ApplicationError(
                 message,
                 {"name": self._name, "attempts": attempts, "state": state},
                 type=error_type,
                 non_retryable=True,
             ) from None
-        self._state = "succeeded"
         await emit({**final, "state": "succeeded", "attempts": ctx.attempts, "result": result})
+        self._state = "succeeded"
         return {"name": self._name, "result": result, "attempts": ctx.attempts}
 
     @staticmethod

@@ -14,6 +14,7 @@ import asyncio
 import functools
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -109,10 +110,11 @@ class Dispatcher:
         spec.check_environment()
         job_id, delay = _check_job_id(job_id), _check_delay(delay)
         webhook_url = _check_webhook_url(webhook_url)
+        started = time.time()
         handle = self._route(spec, job_id, data, delay, webhook_url)
         if not handle.duplicate:
             dispatched_event(
-                job_id, spec.name, spec.queue, handle.engine, data, handle.fallback_reason
+                job_id, spec.name, spec.queue, handle.engine, data, handle.fallback_reason, started
             )
         return handle
 

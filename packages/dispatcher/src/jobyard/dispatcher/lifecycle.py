@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from jobyard.dispatcher.dispatch import get_dispatcher, get_job
 from jobyard.dispatcher.errors import JobNotFoundError, JobStillActiveError
 from jobyard.dispatcher.models import JobHandle, JobStatus
-from jobyard.job_engine import env
+from jobyard.job_engine import UnknownJobError, env, get_spec
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import JobLog
 from jobyard.job_engine.lifecycle import dispatched_event, job_event
@@ -104,7 +104,17 @@ def cancel_job(job_id: str) -> JobStatus:
         return get_job(job_id)
     if not dispatcher.temporal.cancel(job_id):
         raise JobNotFoundError(job_id)
-    return get_job(job_id)
+    status = get_job(job_id)
+    if status.state == "cancelled" and status.name:  # never started, so no workflow said so
+        job_event(job_id, status.name, "cancelled", queue=_queue_of(status.name), engine="temporal")
+    return status
+
+
+def _queue_of(job_name: str) -> str | None:
+    try:
+        return get_spec(job_name).queue
+    except UnknownJobError:
+        return None
 
 
 def replay_job(job_id: str) -> JobHandle:

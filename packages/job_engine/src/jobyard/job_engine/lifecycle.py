@@ -93,11 +93,14 @@ def dispatched_event(
     engine: str,
     payload: Any,
     fallback_reason: str | None,
+    enqueued_at: float | None = None,
 ) -> None:
+    """`enqueued_at`: when dispatch began (an engine may start the job before dispatch returns)."""
     try:
+        ts = enqueued_at or time.time()
         joblog.record(
-            job_id, name=name, queue=queue, engine=engine, state="queued", payload=payload,
-            fallback_reason=fallback_reason, enqueued_at=datetime.now(UTC),
+            job_id, ts=ts, name=name, queue=queue, engine=engine, state="queued",
+            payload=payload, fallback_reason=fallback_reason, enqueued_at=_utc(ts),
         )  # fmt: skip
         metrics.DISPATCHED.labels(name=name, queue=queue, engine=engine).inc()
         if fallback_reason:

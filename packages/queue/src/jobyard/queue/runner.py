@@ -148,7 +148,7 @@ class _Run:
         payload = fields.pop("payload", None)
         self.store.finish(
             self.job_id, self.seq, state, result=fields.get("result"),
-            error=fields.get("traceback") or "", error_class=fields.get("error_class") or "",
+            error=fields.get("error") or "", error_class=fields.get("error_class") or "",
             delivery=self.delivery, payload=payload,
         )  # fmt: skip
         self.acked = True

@@ -101,7 +101,7 @@ class JobStore:
         return StartResult(status, int(reply[1]), int(reply[2]) / 1000, steps)
 
     def record_step(self, job_id: str, seq: int, step: str, result_json: str) -> str:
-        """"ok", "lost" (the job is not ours any more) or "cancel" (stop at this boundary)."""
+        """ "ok", "lost" (the job is not ours any more) or "cancel" (stop at this boundary)."""
         reply = self._call(
             [keys.job(job_id), keys.steps(job_id)],
             "step",

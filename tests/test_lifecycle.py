@@ -1,0 +1,162 @@
+"""Job lifecycle on both engines: job log, progress, cancellation, dead letters and replay,
+completion webhooks."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from jobyard.dispatcher import (
+    JobStillActiveError,
+    cancel_job,
+    dispatch_job,
+    get_job,
+    get_job_record,
+    list_jobs,
+    replay_job,
+)
+from jobyard.job_engine import signing
+from jobyard.job_engine.db.joblog import writer
+from tests.conftest import WEBHOOK_SECRET
+from tests.peers import webhook_receiver
+from tests.support import wait_for
+
+ENGINES = ["dramatiq", "temporal"]
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _logged(job_id: str, state: str, timeout: float = 15):
+    """The job log row once it shows `state` (rows are written in batches)."""
+
+    def row():
+        current = writer()
+        if current is not None:
+            current.flush()
+        record = get_job_record(job_id)
+        return record if record is not None and record.state == state else None
+
+    return wait_for(row, timeout=timeout, interval=0.2)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_job_log_records_the_whole_life(engines, engine):
+    handle = engines.dispatch(engine, "system.echo", {"hello": engine})
+    assert engines.wait(handle.job_id).state == "succeeded"
+    record = _logged(handle.job_id, "succeeded")
+    assert (record.name, record.queue, record.engine) == ("system.echo", "default", engine)
+    assert record.payload == {"hello": engine}
+    assert record.result == {"hello": engine}
+    assert record.attempts == 1
+    assert record.enqueued_at <= record.started_at <= record.finished_at
+    assert record.duration_ms is not None and record.duration_ms >= 0
+    expected_reason = "flag_off" if engine == "temporal" else None
+    assert record.fallback_reason == expected_reason
+    assert handle.job_id in [r.job_id for r in list_jobs(name="system.echo", engine=engine)]
+
+
+def test_job_log_survives_a_worker_killed_mid_job(engines, tmp_path):
+    handle = engines.dispatch(
+        "dramatiq", "test.stubborn", {"marker_dir": str(tmp_path), "seconds": 60}
+    )
+    wait_for(lambda: _lines(tmp_path / "block") == 1, timeout=20)
+    engines.worker.signal_group(signal.SIGKILL)
+    engines.worker.proc.wait()
+    engines.start_worker()
+    assert engines.wait(handle.job_id, timeout=40).state == "succeeded"
+    record = _logged(handle.job_id, "succeeded")
+    assert record.attempts == 2
+    assert record.result == 2
+    assert len([r for r in list_jobs(name="test.stubborn") if r.job_id == handle.job_id]) == 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_progress_is_visible_while_running(engines, engine, tmp_path):
+    handle = engines.dispatch(engine, "test.progress", {"marker_dir": str(tmp_path)})
+    wait_for(lambda: get_job(handle.job_id).progress == {"done": 1, "of": 2}, timeout=30)
+    assert get_job(handle.job_id).state == "running"
+    (tmp_path / "go").touch()
+    status = engines.wait(handle.job_id)
+    assert (status.state, status.result) == ("succeeded", "done")
+    assert _logged(handle.job_id, "succeeded").progress == 1.0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cancel_a_queued_job_it_never_starts(engines, engine, tmp_path):
+    handle = engines.dispatch(engine, "test.progress", {"marker_dir": str(tmp_path)}, delay=3)
+    status = cancel_job(handle.job_id)
+    final = engines.wait(handle.job_id, timeout=20)
+    assert final.state == "cancelled", (status, final)
+    time.sleep(3.5)  # past the delay: the job must still not have run
+    assert _lines(tmp_path / "first-half") == 0
+    assert _logged(handle.job_id, "cancelled").state == "cancelled"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cancel_a_running_job_stops_at_the_next_step(engines, engine, tmp_path):
+    handle = engines.dispatch(engine, "test.two_steps", {"marker_dir": str(tmp_path), "sleep": 4})
+    wait_for(lambda: _lines(tmp_path / "first") == 1, timeout=30)
+    cancel_job(handle.job_id)
+    final = engines.wait(handle.job_id, timeout=30)
+    assert final.state == "cancelled"
+    time.sleep(1)
+    assert _lines(tmp_path / "second") == 0, "the step after the cancel must not run"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_dead_job_is_kept_and_replays(engines, engine, tmp_path):
+    handle = engines.dispatch(engine, "test.fragile", {"marker_dir": str(tmp_path)})
+    dead = engines.wait(handle.job_id, timeout=30)
+    assert (dead.state, dead.attempts) == ("dead", 2), dead
+    record = _logged(handle.job_id, "dead")
+    assert record.payload == {"marker_dir": str(tmp_path)}
+    assert "downstream service is broken" in (record.error_message or "")
+    assert handle.job_id in [r.job_id for r in list_jobs(state="dead")]
+
+    (tmp_path / "fixed").touch()
+    replayed = replay_job(handle.job_id)
+    assert (replayed.job_id, replayed.engine) == (handle.job_id, engine)
+    with pytest.raises(JobStillActiveError):
+        replay_job(handle.job_id)  # queued or running now: a second replay would run it twice
+    final = engines.wait(handle.job_id, timeout=30)
+    assert (final.state, final.result) == ("succeeded", "fixed")
+    assert _logged(handle.job_id, "succeeded").result == "fixed"
+    if engine == "dramatiq":
+        assert _lines(tmp_path / "prepare") == 1, "finished steps are not run again on replay"
+
+
+def test_replay_of_a_succeeded_job_is_refused(engines):
+    handle = engines.dispatch("dramatiq", "system.echo", {})
+    engines.wait(handle.job_id)
+    with pytest.raises(JobStillActiveError):
+        replay_job(handle.job_id)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_completion_webhook_is_delivered_signed(engines, engine):
+    with webhook_receiver(WEBHOOK_SECRET) as receiver:
+        if engine == "dramatiq":
+            engines.start_worker()
+        else:
+            engines.start_temporal_worker()
+            engines.start_worker()  # the event itself goes through webhook.deliver
+        previous = engines.dispatch  # dispatch with webhook_url through the chosen engine
+        handle = previous(engine, "system.echo", {"x": 1}, webhook_url=receiver.url)
+        engines.wait(handle.job_id)
+        wait_for(lambda: receiver.requests, timeout=20)
+    event = receiver.requests[0]
+    assert event.signature_valid
+    assert event.json()["event"] == "succeeded"
+    assert event.json()["job_id"] == handle.job_id
+    assert event.json()["result"] == {"x": 1}
+    assert event.headers[signing.IDEMPOTENCY_HEADER] == f"{handle.job_id}:event:succeeded"
+
+
+def test_bad_webhook_url_is_refused(jobyard_env):
+    with pytest.raises(ValueError, match="webhook_url"):
+        dispatch_job("system.echo", {}, webhook_url="ftp://nope")
