@@ -64,6 +64,7 @@ def jobyard_env(
         "PYTHONPATH": str(ROOT),
         "DATABASE_URL": job_log_database,
         "JOBYARD_JOB_LOG_INTERVAL": "0.1",
+        "WORKER_METRICS_PORT": "0",
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)

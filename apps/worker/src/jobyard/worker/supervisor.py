@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -21,11 +23,31 @@ def _spawn(queues: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "jobyard.worker.process", "--queues", queues])
 
 
+def _serve_metrics() -> None:
+    """One /metrics for all worker processes: they write to a shared multiprocess directory."""
+    port = env.get_int(env.WORKER_METRICS_PORT)
+    if port <= 0:
+        return
+    if not os.environ.get(env.PROMETHEUS_MULTIPROC_DIR):
+        os.environ[env.PROMETHEUS_MULTIPROC_DIR] = tempfile.mkdtemp(prefix="jobyard-metrics-")
+    from prometheus_client import start_http_server
+
+    from jobyard.dispatcher.metrics import process_registry
+
+    try:
+        start_http_server(port, registry=process_registry())
+    except OSError as exc:  # another worker on this host has the port: run without, say so
+        log.warning("metrics not served: port %d unavailable (%s)", port, exc)
+        return
+    log.info("worker metrics on :%d/metrics", port)
+
+
 def run_workers(queues: list[str], processes: int) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
     )
     joined = ",".join(queues)
+    _serve_metrics()
     children = [_spawn(joined) for _ in range(processes)]
     stopping = threading.Event()
 

@@ -133,3 +133,8 @@ DEFAULTS[JOB_LOG_INTERVAL] = "0.5"
 
 # The HTTP API (jobyard.api)
 ADMIN_TOKEN = "JOBYARD_ADMIN_TOKEN"  # bearer token of the admin routes; unset = admin API disabled
+
+# Metrics
+WORKER_METRICS_PORT = "WORKER_METRICS_PORT"  # `jobyard worker` serves /metrics here; 0 = off
+PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's; set for workers
+DEFAULTS[WORKER_METRICS_PORT] = "9191"

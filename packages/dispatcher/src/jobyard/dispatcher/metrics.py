@@ -1,0 +1,62 @@
+"""Prometheus exposition for a web process (the API's /metrics) and for `jobyard worker`."""
+
+from __future__ import annotations
+
+import os
+
+import redis
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from jobyard.job_engine import env
+
+
+class QueueCollector(Collector):
+    """Queue depth, in-flight, delayed, dead and live workers, read from Redis at scrape time."""
+
+    def collect(self):
+        from jobyard.dispatcher.lifecycle import queue_stats
+
+        families = {
+            field: GaugeMetricFamily(f"jobyard_queue_{field}", help_, labels=["queue"])
+            for field, help_ in (
+                ("depth", "Jobs waiting on the queue"),
+                ("in_flight", "Jobs fetched by a worker and not finished"),
+                ("delayed", "Jobs waiting for a backoff, a durable sleep or a delay"),
+                ("dead", "Dead letters in the job log"),
+                ("live_workers", "Workers with a recent heartbeat"),
+            )
+        }
+        try:
+            stats = queue_stats()
+        except (redis.RedisError, Exception):  # a scrape must not fail because Redis is down
+            stats = []
+        for queue in stats:
+            for field, family in families.items():
+                family.add_metric([queue.name], getattr(queue, field))
+        yield from families.values()
+
+
+def process_registry() -> CollectorRegistry:
+    """This process's metrics, or every worker process's when they share a multiprocess dir."""
+    if os.environ.get(env.PROMETHEUS_MULTIPROC_DIR):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
+    return REGISTRY
+
+
+def render(include_queues: bool = True) -> tuple[bytes, str]:
+    body = generate_latest(process_registry())
+    if include_queues:
+        queues = CollectorRegistry(auto_describe=False)
+        queues.register(QueueCollector())
+        body += generate_latest(queues)
+    return body, CONTENT_TYPE_LATEST
