@@ -3,7 +3,10 @@ completion webhooks."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from jobyard.job_engine import signing
 from jobyard.job_engine.db.joblog import writer
 from tests.conftest import WEBHOOK_SECRET
 from tests.peers import webhook_receiver
-from tests.support import wait_for
+from tests.support import ROOT, wait_for
 
 ENGINES = ["dramatiq", "temporal"]
 
@@ -160,3 +163,29 @@ def test_completion_webhook_is_delivered_signed(engines, engine):
 def test_bad_webhook_url_is_refused(jobyard_env):
     with pytest.raises(ValueError, match="webhook_url"):
         dispatch_job("system.echo", {}, webhook_url="ftp://nope")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobyard.cli", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+
+
+def test_dead_letters_from_the_command_line(engines, tmp_path):
+    handle = engines.dispatch("dramatiq", "test.fragile", {"marker_dir": str(tmp_path)})
+    assert engines.wait(handle.job_id, timeout=30).state == "dead"
+    _logged(handle.job_id, "dead")
+
+    listed = [json.loads(line) for line in _cli("dead", "list").stdout.splitlines()]
+    assert handle.job_id in [row["job_id"] for row in listed]
+    shown = json.loads(_cli("dead", "show", handle.job_id).stdout)
+    assert shown["payload"] == {"marker_dir": str(tmp_path)}
+    assert "RuntimeError" in shown["error_traceback"]
+
+    (tmp_path / "fixed").touch()
+    replayed = _cli("dead", "replay", handle.job_id)
+    assert replayed.returncode == 0, replayed.stderr
+    assert engines.wait(handle.job_id, timeout=30).state == "succeeded"
+    again = _cli("dead", "replay", handle.job_id)
+    assert again.returncode == 2 and "only dead, failed or cancelled jobs replay" in again.stderr

@@ -13,6 +13,7 @@ from jobyard.job_engine import JobyardError, env
 
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
+DEAD_LIST_FIELDS = ("job_id", "name", "queue", "engine", "attempts", "error_message", "finished_at")
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
@@ -96,6 +97,58 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from jobyard.dispatcher import EngineUnavailable, JobNotFoundError, cancel_job
+
+    try:
+        status = cancel_job(args.job_id)
+    except JobNotFoundError as exc:
+        return _fail(str(exc), 1)
+    except EngineUnavailable as exc:
+        return _fail(str(exc), EXIT_UNAVAILABLE)
+    print(json.dumps(status.as_dict(), default=str))
+    return 0
+
+
+def cmd_dead(args: argparse.Namespace) -> int:
+    from jobyard.dispatcher import (
+        EngineUnavailable,
+        JobNotFoundError,
+        JobStillActiveError,
+        get_job_record,
+        list_jobs,
+        replay_job,
+    )
+
+    if args.dead_command == "list":
+        for record in list_jobs(state="dead", name=args.name, limit=args.limit):
+            print(json.dumps({k: record.as_dict()[k] for k in DEAD_LIST_FIELDS}, default=str))
+        return 0
+    if args.dead_command == "show":
+        record = get_job_record(args.job_id)
+        if record is None:
+            return _fail(f"no job {args.job_id!r} in the job log", 1)
+        print(json.dumps(record.as_dict(), indent=2, default=str))
+        return 0
+    try:
+        handle = replay_job(args.job_id)
+    except JobNotFoundError as exc:
+        return _fail(str(exc), 1)
+    except JobStillActiveError as exc:
+        return _fail(str(exc))
+    except EngineUnavailable as exc:
+        return _fail(str(exc), EXIT_UNAVAILABLE)
+    print(json.dumps({"job_id": handle.job_id, "engine": handle.engine}))
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from jobyard.api.server import serve
+
+    serve(args.host, args.port)
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     try:
         from jobyard.job_engine.db.migrate import upgrade
@@ -122,6 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="print a job's status as JSON")
     p.add_argument("job_id")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel a job; prints its status as JSON")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("dead", help="dead letters: jobs that exhausted their retries")
+    dead = p.add_subparsers(dest="dead_command", required=True)
+    d = dead.add_parser("list", help="one JSON line per dead job, newest first")
+    d.add_argument("--name", help="only this job")
+    d.add_argument("--limit", type=int, default=50)
+    d = dead.add_parser("show", help="a dead job's payload, error and traceback")
+    d.add_argument("job_id")
+    d = dead.add_parser("replay", help="run a dead job again (never while it runs)")
+    d.add_argument("job_id")
+    p.set_defaults(func=cmd_dead)
+
+    p = sub.add_parser("api", help="serve the HTTP API and the dashboard")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("worker", help="run Dramatiq worker processes")
     p.add_argument("--queues", default="", help="comma-separated queues (default: all)")
