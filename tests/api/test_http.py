@@ -3,16 +3,24 @@ with real Redis and Temporal behind it."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import uuid
 
+import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
+from jobyard.api import create_app
 from jobyard.dispatcher import reset_dispatcher
 from jobyard.job_engine import env
 from tests.api.conftest import ApiServer, on_engine
 from tests.api.jobs_api import REQUIRED_SETTING
 from tests.engines import Engines
-from tests.support import RedisServer, free_port
+from tests.support import ROOT, RedisServer, free_port, wait_for
 
 
 @pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
@@ -194,3 +202,43 @@ def test_dashboard_is_one_self_contained_page(api: ApiServer) -> None:
     # nothing fetched from another origin: the machines running it have no internet
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     assert "https://" not in page
+
+
+def test_mounted_under_a_prefix_links_stay_inside_the_mount(
+    jobyard_env: dict[str, str],
+    api_job_modules: None,
+    job_log_db: str,
+    engines: Engines,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    on_engine(engines, monkeypatch, "dramatiq")
+    web_app = FastAPI()
+    web_app.mount("/jobyard", create_app())
+    with TestClient(web_app) as client:
+        response = client.post("/jobyard/jobs/system.echo", json={"m": 1})
+        assert response.status_code == 202, response.text
+        status_url = response.json()["status_url"]
+        assert status_url == f"/jobyard/jobs/{response.json()['job_id']}"
+        engines.wait(response.json()["job_id"])
+        assert client.get(status_url).json()["result"] == {"m": 1}
+        assert client.get("/jobyard/dashboard").status_code == 200
+
+
+def test_serve_runs_the_api_on_the_given_port(jobyard_env: dict[str, str]) -> None:
+    port = free_port()
+    code = f"from jobyard.api import serve; serve('127.0.0.1', {port})"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+
+        def answers() -> bool:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(answers, timeout=30)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0  # a graceful stop on SIGINT
