@@ -163,9 +163,12 @@ def test_a_job_that_exhausts_its_retries_is_dead_and_replays(
     assert replay.json()["job_id"] == job_id
     assert replay.json()["status_url"] == f"/jobs/{job_id}"
     done = api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=engines)
-    assert done["result"] == {"prepared": 1, "checked": "allowed"}
+    # replay_job's contract: on Dramatiq finished steps keep their results; a Temporal replay
+    # is a new workflow run, so its steps run again
+    prepare_runs = 1 if engine == "dramatiq" else 2
+    assert done["result"] == {"prepared": prepare_runs, "checked": "allowed"}
     assert runs(tmp_path, "check") == 3
-    assert runs(tmp_path, "prepare") == 1  # the finished step was kept, not run again
+    assert runs(tmp_path, "prepare") == prepare_runs
     deadline = time.monotonic() + 10
     while in_dead_letters():
         assert time.monotonic() < deadline, "a replayed job stays in the dead letters"
