@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,3 +47,42 @@ def set_env(**values: str) -> None:
 
     reset_dispatcher()
     reset_clients()
+
+
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new, migrated PostgreSQL database for the job log (SQLite if PostgreSQL is absent)."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    from jobyard.job_engine.db import dispose_engines
+    from jobyard.job_engine.db.migrate import upgrade
+
+    admin_url = os.environ.get(
+        "BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    )
+    name = f"jobyard_bench_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # no PostgreSQL here: an SQLite file still measures the write path
+        print(f"(PostgreSQL unavailable: {exc.__class__.__name__}; the job log uses SQLite)")
+        directory = tempfile.mkdtemp(prefix="jobyard-bench-")
+        url = f"sqlite:///{directory}/jobyard.db"
+        upgrade(url)
+        yield url
+        return
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        from jobyard.job_engine.db.joblog import reset_writer
+
+        reset_writer()  # flush what is buffered before the database goes
+        dispose_engines(url)
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -9,7 +9,7 @@ import argparse
 import time
 import uuid
 
-from _common import RedisServer, pct, set_env, summary_us
+from _common import RedisServer, fresh_database, pct, set_env, summary_us
 
 
 def measure(fn, n: int) -> list[float]:
@@ -22,9 +22,17 @@ def measure(fn, n: int) -> list[float]:
 
 
 def main(n: int = 5000, rounds: int = 5) -> dict[str, float]:
+    with fresh_database() as database_url:
+        return _main(n, rounds, database_url)
+
+
+def _main(n: int, rounds: int, database_url: str) -> dict[str, float]:
     redis_server = RedisServer().start()
     try:
-        set_env(REDIS_URL=redis_server.url, USE_DRAMATIQ="true")
+        set_env(
+            REDIS_URL=redis_server.url, USE_DRAMATIQ="true", DATABASE_URL=database_url,
+            JOBYARD_JOB_LOG="true",
+        )  # fmt: skip
         import dramatiq
         from dramatiq.brokers.redis import RedisBroker
 
@@ -52,7 +60,7 @@ def main(n: int = 5000, rounds: int = 5) -> dict[str, float]:
             jobyard_times += measure(lambda: dispatch_job("system.echo", payload), n // rounds)
         ratio = pct(jobyard_times, 50) / pct(bare_times, 50)
         print(f"bare dramatiq send(): {summary_us(bare_times)}")
-        print(f"jobyard dispatch_job: {summary_us(jobyard_times)}")
+        print(f"jobyard dispatch_job: {summary_us(jobyard_times)}   (job log on)")
         print(f"dispatch_job p50 / send() p50 = {ratio:.2f}x   (target <= 1.5x)")
         return {"dispatch_p50_ratio": ratio}
     finally:
