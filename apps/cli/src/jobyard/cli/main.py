@@ -38,17 +38,23 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from jobyard.dispatcher import EngineUnavailable, JobNotFoundError, get_job
+def _print_status(lookup: Callable[[str], object], job_id: str) -> int:
+    from jobyard.dispatcher import EngineUnavailable, JobNotFoundError
 
     try:
-        status = get_job(args.job_id)
+        status = lookup(job_id)
     except JobNotFoundError as exc:
         return _fail(str(exc), 1)
     except EngineUnavailable as exc:
         return _fail(str(exc), EXIT_UNAVAILABLE)
-    print(json.dumps(status.as_dict(), default=str))
+    print(json.dumps(status.as_dict(), default=str))  # type: ignore[attr-defined]
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from jobyard.dispatcher import get_job
+
+    return _print_status(get_job, args.job_id)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -98,16 +104,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from jobyard.dispatcher import EngineUnavailable, JobNotFoundError, cancel_job
+    from jobyard.dispatcher import cancel_job
 
-    try:
-        status = cancel_job(args.job_id)
-    except JobNotFoundError as exc:
-        return _fail(str(exc), 1)
-    except EngineUnavailable as exc:
-        return _fail(str(exc), EXIT_UNAVAILABLE)
-    print(json.dumps(status.as_dict(), default=str))
-    return 0
+    return _print_status(cancel_job, args.job_id)
 
 
 def cmd_dead(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy as TemporalRetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, RetryState
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, RetryState
 
 with workflow.unsafe.imports_passed_through():
     from jobyard.job_engine import get_spec
@@ -56,10 +56,12 @@ class JobWorkflow:
             await emit({**common, "state": "running", "attempts": 1, "started_at": started_at})
             result = await spec.handler(ctx, spec.validate(request["payload"]))
         except asyncio.CancelledError:
-            await asyncio.shield(emit({**final, "state": "cancelled", "attempts": ctx.attempts}))
-            self._state = "cancelled"
+            await self._cancelled(final, ctx.attempts)
             raise
         except ActivityError as exc:
+            if isinstance(exc.cause, CancelledError):  # a step was running when the cancel came
+                await self._cancelled(final, ctx.attempts)
+                raise asyncio.CancelledError() from None
             state, message, error_type, attempts = self._failure(exc, ctx.attempts)
             await emit({**final, "state": state, "attempts": attempts, "error": message,
                         "error_class": error_type, "payload": request["payload"]})  # fmt: skip
@@ -73,6 +75,10 @@ class JobWorkflow:
         await emit({**final, "state": "succeeded", "attempts": ctx.attempts, "result": result})
         self._state = "succeeded"
         return {"name": self._name, "result": result, "attempts": ctx.attempts}
+
+    async def _cancelled(self, final: dict[str, Any], attempts: int) -> None:
+        await asyncio.shield(emit({**final, "state": "cancelled", "attempts": attempts}))
+        self._state = "cancelled"
 
     @staticmethod
     def _failure(exc: ActivityError, attempts: int) -> tuple[str, str, str | None, int]:

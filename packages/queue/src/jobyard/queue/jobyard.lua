@@ -39,6 +39,17 @@ local function ack(acks_key, msgs_key, message_id)
     end
 end
 
+-- Takes a job's waiting message off its queue and delay queue (KEYS[2..5]: queue list, queue
+-- msgs, delay list, delay msgs). A copy a consumer already fetched is dropped by start_checks.
+local function remove_waiting_message(message_id)
+    if message_id then
+        redis.call("lrem", KEYS[2], 0, message_id)
+        redis.call("hdel", KEYS[3], message_id)
+        redis.call("lrem", KEYS[4], 0, message_id)
+        redis.call("hdel", KEYS[5], message_id)
+    end
+end
+
 -- May a message carrying `seq` run this job now? "ok" and the job's new attempt count, or why not.
 -- A resume after a durable sleep is the same attempt; a retry, or a redelivery of a message
 -- that already started (its worker died), is a new one.
@@ -217,12 +228,7 @@ elseif command == "handoff" then
     if job[2] ~= "queued" then
         return {"lost", job[2]}
     end
-    if job[3] then
-        redis.call("lrem", KEYS[2], 0, job[3])
-        redis.call("hdel", KEYS[3], job[3])
-        redis.call("lrem", KEYS[4], 0, job[3])
-        redis.call("hdel", KEYS[5], job[3])
-    end
+    remove_waiting_message(job[3])
     redis.call("hset", KEYS[1], "engine", "temporal")
     return {"claimed"}
 
@@ -245,12 +251,7 @@ elseif command == "cancel" then
         redis.call("hset", KEYS[1], "cancel", "1")
         return {"requested"}
     end
-    if job[3] then
-        redis.call("lrem", KEYS[2], 0, job[3])
-        redis.call("hdel", KEYS[3], job[3])
-        redis.call("lrem", KEYS[4], 0, job[3])
-        redis.call("hdel", KEYS[5], job[3])
-    end
+    remove_waiting_message(job[3])
     redis.call("hset", KEYS[1], "state", "cancelled", "finished_at", now_ms())
     return {"cancelled"}
 
