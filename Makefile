@@ -12,7 +12,7 @@ dev: setup
 	$(UV) run jobyard dev
 
 test: setup
-	$(UV) run pytest
+	$(UV) run pytest -n 2
 
 lint: setup
 	$(UV) run ruff check .

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from jobyard.dispatcher import dispatch_job, get_dispatcher
+from jobyard.dispatcher import dispatch_job, get_dispatcher, get_job
 from tests.support import wait_for
 
 REDIS_TIMEOUT = 0.2  # the default of REDIS_TIMEOUT
@@ -144,3 +144,34 @@ def test_both_engines_down_is_a_clear_error(jobyard_env, redis_server, monkeypat
     redis_server.kill()
     with pytest.raises(DispatchUnavailableError, match="Retry the dispatch with the same job_id"):
         dispatch_job("system.echo", {})
+
+
+def test_queued_jobs_move_to_temporal_when_their_workers_die(engines, monkeypatch, tmp_path):
+    """Jobs waiting on Dramatiq run on Temporal once no worker is left; a started one waits."""
+    monkeypatch.setenv("WORKER_CONCURRENCY_DEFAULT", "1")
+    monkeypatch.setenv("JOBYARD_RESCUE_INTERVAL", "0.5")
+    worker = engines.start_worker(queues="default")
+    blocker_dir = tmp_path / "blocker"
+    blocker_dir.mkdir()
+    blocker = dispatch_job("test.stubborn", {"seconds": 60, "marker_dir": str(blocker_dir)})
+    wait_for(lambda: (blocker_dir / "block").exists(), timeout=20)
+    waiting = []
+    for i in range(5):
+        directory = tmp_path / f"job{i}"
+        directory.mkdir()
+        handle = dispatch_job("test.slow", {"seconds": 0, "marker_dir": str(directory)})
+        waiting.append((directory, handle))
+    assert {h.engine for _, h in waiting} == {"dramatiq"}
+    worker.signal_group(signal.SIGKILL)
+    worker.proc.wait()
+
+    engines.start_temporal_worker()
+    for directory, handle in waiting:
+        status = engines.wait(handle.job_id, timeout=40)
+        assert (status.state, status.engine) == ("succeeded", "temporal"), status
+        assert (directory / "started").read_text().count("ran") == 1
+    # The blocker had started a step: Temporal cannot see its recorded steps, so it waits.
+    assert get_job(blocker.job_id).engine == "dramatiq"
+    engines.start_worker(queues="default")
+    finished = engines.wait(blocker.job_id, timeout=60)
+    assert (finished.state, finished.engine, finished.result) == ("succeeded", "dramatiq", 2)

@@ -6,13 +6,12 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable
 
 from dramatiq.brokers.redis import RedisBroker
 
-from jobyard.queue import keys
+from jobyard.queue.broker import requeue_from_dead_workers
 from jobyard.queue.store import JobStore
 
 log = logging.getLogger("jobyard.worker")
@@ -24,24 +23,6 @@ MAINTENANCE_EVERY = 3
 def new_worker_id() -> str:
     """`host:pid:random`; `jobyard health` finds its own container's workers by the host part."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def run_maintenance(broker: RedisBroker, queue: str) -> None:
-    """Requeue messages held by workers whose Dramatiq heartbeat expired, now, not by chance."""
-    for name in (queue, keys.delayed(queue)):
-        broker.scripts["dispatch"](
-            keys=[broker.namespace],
-            args=[
-                "qsize",
-                int(time.time() * 1000),
-                name,
-                broker.broker_id,
-                broker.heartbeat_timeout,
-                broker.dead_message_ttl,
-                1,
-                broker._max_unpack_size(),
-            ],
-        )
 
 
 class Heartbeat(threading.Thread):
@@ -76,7 +57,7 @@ class Heartbeat(threading.Thread):
                     beats += 1
                     if beats % MAINTENANCE_EVERY == 0:
                         for queue, broker in self.brokers.items():
-                            run_maintenance(broker, queue)
+                            requeue_from_dead_workers(broker, queue)
                 else:
                     log.error("worker %s is stuck; withholding heartbeat", self.worker_id)
             except Exception as exc:  # Redis down: keep trying, the dispatcher falls back meanwhile

@@ -17,7 +17,7 @@ from dramatiq.middleware import Middleware
 
 from jobyard.job_engine import env
 from jobyard.job_engine.children import install_dispatcher
-from jobyard.queue.client import make_client
+from jobyard.queue.client import get_client
 from jobyard.queue.queues import get_queue, parse_queue_list
 from jobyard.queue.store import JobStore
 from jobyard.worker.liveness import Heartbeat, new_worker_id
@@ -66,7 +66,7 @@ class WorkerProcess:
 
         self.queues = queues
         self.worker_id = new_worker_id()
-        self.store = JobStore(make_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT)))
+        self.store = JobStore(get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT)))
         self.in_flight = InFlight()
         self.brokers: dict[str, RedisBroker] = {}
         self.workers: dict[str, dramatiq.Worker] = {}

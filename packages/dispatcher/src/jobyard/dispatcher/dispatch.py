@@ -39,7 +39,7 @@ from jobyard.dispatcher.temporal_engine import TemporalEngine
 from jobyard.job_engine import JobSpec, env, get_spec
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.job_engine.registry import load_job_modules
-from jobyard.queue.client import make_client
+from jobyard.queue.client import get_client
 from jobyard.queue.store import JobStore
 
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}")
@@ -82,7 +82,7 @@ class Dispatcher:
 
     @classmethod
     def from_env(cls) -> Dispatcher:
-        client = make_client()
+        client = get_client()
         store = JobStore(client)
         timeout_ms = int(env.get_float(env.WORKER_HEARTBEAT_TIMEOUT) * 1000)
         temporal = TemporalEngine(
@@ -92,8 +92,7 @@ class Dispatcher:
             env.get_float(env.TEMPORAL_START_TIMEOUT),
         )
         temporal.warm_up()
-        probe = make_client()
-        breaker = CircuitBreaker(probe.ping, env.get_float(env.BREAKER_PROBE_INTERVAL))
+        breaker = CircuitBreaker(client.ping, env.get_float(env.BREAKER_PROBE_INTERVAL))
         return cls(DramatiqEngine(store, timeout_ms), temporal, breaker)
 
     def dispatch(

@@ -138,3 +138,7 @@ ADMIN_TOKEN = "JOBYARD_ADMIN_TOKEN"  # bearer token of the admin routes; unset =
 WORKER_METRICS_PORT = "WORKER_METRICS_PORT"  # `jobyard worker` serves /metrics here; 0 = off
 PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's; set for workers
 DEFAULTS[WORKER_METRICS_PORT] = "9191"
+
+# Moving jobs of worker-less queues to Temporal (jobyard temporal-worker)
+RESCUE_INTERVAL = "JOBYARD_RESCUE_INTERVAL"  # seconds between passes
+DEFAULTS[RESCUE_INTERVAL] = "5"

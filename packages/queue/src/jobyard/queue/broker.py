@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.middleware import AgeLimit, CurrentMessage, TimeLimit
 
 from jobyard.job_engine import env, registry
 from jobyard.queue import keys
-from jobyard.queue.client import make_client
+from jobyard.queue.client import get_client
 from jobyard.queue.queues import get_queue
 from jobyard.queue.runner import ACKED, JobRunner
 from jobyard.queue.store import JobStore
@@ -39,7 +41,7 @@ def build_broker(queue: str, *, store: JobStore | None = None) -> RedisBroker:
 
     No Retries middleware: jobyard retries and sleeps through JobRunner, which records them.
     """
-    client = make_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT))
+    client = get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT))
     broker = JobyardBroker(
         client=client,
         namespace=keys.DRAMATIQ_NAMESPACE,
@@ -62,3 +64,21 @@ def build_broker(queue: str, *, store: JobStore | None = None) -> RedisBroker:
         )
     broker.declare_queue(queue)
     return broker
+
+
+def requeue_from_dead_workers(broker: RedisBroker, queue: str) -> None:
+    """Requeue messages held by workers whose Dramatiq heartbeat expired, now, not by chance."""
+    for name in (queue, keys.delayed(queue)):
+        broker.scripts["dispatch"](
+            keys=[broker.namespace],
+            args=[
+                "qsize",
+                int(time.time() * 1000),
+                name,
+                broker.broker_id,
+                broker.heartbeat_timeout,
+                broker.dead_message_ttl,
+                1,
+                broker._max_unpack_size(),
+            ],
+        )

@@ -280,6 +280,36 @@ elseif command == "replay" then
     redis.call("rpush", KEYS[2], ARGV[3])
     return {"ok"}
 
+-- rescue: KEYS workers zset, queue list, queue msgs, handoff list
+--         ARGV heartbeat timeout ms, how many at most, job key prefix
+-- -> number of messages moved to the handoff list.
+-- With no live worker for the queue, moves messages of jobs that never started from the queue
+-- to the handoff list and marks the jobs Temporal's, in one step; the caller starts their
+-- workflows from the handoff list and only then removes them from it, so a crash in between
+-- loses nothing (a repeated start is refused by Temporal's workflow id). Jobs that already ran
+-- a step stay for a worker: Temporal cannot see their recorded steps.
+-- (The job keys are built here from the prefix: jobyard runs on a single Redis, not a cluster.)
+elseif command == "rescue" then
+    if live_workers(KEYS[1], ARGV[2]) > 0 then
+        return 0
+    end
+    local moved = 0
+    local ids = redis.call("lrange", KEYS[2], 0, tonumber(ARGV[3]) - 1)
+    for _, message_id in ipairs(ids) do
+        local data = redis.call("hget", KEYS[3], message_id)
+        local job_id = data and cjson.decode(data)["args"][1]
+        local job_key = job_id and (ARGV[4] .. job_id)
+        local job = job_key and redis.call("hmget", job_key, "engine", "state")
+        if job and job[1] == "dramatiq" and job[2] == "queued" then
+            redis.call("lrem", KEYS[2], 1, message_id)
+            redis.call("hdel", KEYS[3], message_id)
+            redis.call("hset", job_key, "engine", "temporal")
+            redis.call("rpush", KEYS[4], data)
+            moved = moved + 1
+        end
+    end
+    return moved
+
 -- heartbeat: KEYS dramatiq heartbeats, workers zset per queue...
 --            ARGV worker id, dramatiq broker id   -> now (ms)
 elseif command == "heartbeat" then

@@ -4,6 +4,7 @@ jobyard:job:<job_id>       hash  the job record on the Dramatiq side (see jobyar
 jobyard:steps:<job_id>     hash  step name -> JSON result of a finished step
 jobyard:workers:<queue>    zset  worker id -> last heartbeat, ms on the Redis clock
 jobyard:rate:<job>:<n>     str   starts of <job> in rate window number <n>
+jobyard:handoff            list  messages of jobs being moved to Temporal (their workers died)
 dramatiq:<queue>           list  Dramatiq message ids waiting on <queue>
 dramatiq:<queue>.msgs      hash  Dramatiq message id -> encoded message
 dramatiq:<queue>.DQ[.msgs] the same for messages delayed on <queue>
@@ -53,3 +54,11 @@ def dramatiq_heartbeats() -> str:
 
 def dramatiq_acks(broker_id: str, queue: str) -> str:
     return f"{DRAMATIQ_NAMESPACE}:__acks__.{broker_id}.{queue}"
+
+
+def job_prefix() -> str:
+    return f"{PREFIX}:job:"
+
+
+def handoff() -> str:
+    return f"{PREFIX}:handoff"

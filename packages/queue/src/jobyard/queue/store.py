@@ -234,6 +234,28 @@ class JobStore:
         )
         return tuple(_text(v) for v in reply)
 
+    def rescue(self, queue: str, heartbeat_timeout_ms: int, limit: int = 500) -> int:
+        """Move never-started jobs of a queue with no live worker to the handoff list."""
+        reply = self._call(
+            [
+                keys.workers(queue),
+                keys.dramatiq_queue(queue),
+                keys.dramatiq_messages(queue),
+                keys.handoff(),
+            ],
+            "rescue",
+            heartbeat_timeout_ms,
+            limit,
+            keys.job_prefix(),
+        )
+        return int(reply)
+
+    def handoffs(self, limit: int = 500) -> list[bytes]:
+        return self.client.lrange(keys.handoff(), 0, limit - 1)
+
+    def handoff_done(self, message: bytes) -> None:
+        self.client.lrem(keys.handoff(), 1, message)
+
     def heartbeat(self, worker_id: str, broker_id: str, queues: list[str]) -> int:
         worker_keys = [keys.workers(q) for q in queues]
         return int(
