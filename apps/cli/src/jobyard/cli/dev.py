@@ -123,7 +123,7 @@ def run_canary() -> bool:
     return False
 
 
-def run_dev(check_canary: bool = True) -> int:
+def run_dev(check_canary: bool = True, api_port: int = 8000) -> int:
     jobyard = [sys.executable, "-m", "jobyard.cli"]
     children: list[subprocess.Popen] = []
     temporal = start_temporal(env.get_str(env.TEMPORAL_ADDRESS))
@@ -136,6 +136,10 @@ def run_dev(check_canary: bool = True) -> int:
             os.environ[env.USE_DRAMATIQ] = "false"
         children.append(subprocess.Popen([*jobyard, "temporal-worker"]))
         _say("Temporal worker started")
+        if api_port:
+            api = [*jobyard, "api", "--host", "127.0.0.1", "--port", str(api_port)]
+            children.append(subprocess.Popen(api))
+            _say(f"API on http://127.0.0.1:{api_port} (dashboard: /dashboard, docs: /docs)")
         if check_canary and not run_canary():
             return 1
         _say("running; Ctrl-C to stop")

@@ -89,7 +89,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from jobyard.cli.dev import run_dev
 
-    return run_dev(not args.no_canary)
+    return run_dev(not args.no_canary, args.api_port)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dev", help="run everything on this machine with embedded defaults")
     p.add_argument("--no-canary", action="store_true", help="skip the start-up system.echo check")
+    p.add_argument("--api-port", type=int, default=8000, help="HTTP API and dashboard; 0 = off")
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser("run", help="run a job in this process (debugging)")
