@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobyard.job_engine import signing
+from jobyard.job_engine import RetryPolicy, signing
 from tests.conftest import WEBHOOK_SECRET
 from tests.peers import webhook_receiver
 
@@ -64,3 +64,24 @@ def test_signature_helper_rejects_tampering():
     assert not signing.verify("k", b'{"a":2}', ts, sig, now=1_700_000_010)
     assert not signing.verify("other", body, ts, sig, now=1_700_000_010)
     assert not signing.verify("k", body, ts, sig, now=1_700_000_000 + 3600)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_retry_policy_is_overridable_per_dispatch(engines, engine):
+    with webhook_receiver(WEBHOOK_SECRET, statuses=[500]) as receiver:
+        status = engines.run(
+            engine,
+            "webhook.deliver",
+            {"url": receiver.url, "body": {}},
+            retry=RetryPolicy(attempts=2, backoff=0.1),
+        )
+    assert (status.state, status.attempts) == ("dead", 2), status
+    assert len(receiver.requests) == 2
+
+
+def test_queue_caps_attempts(engines, monkeypatch):
+    monkeypatch.setenv("QUEUE_MAX_ATTEMPTS_DEFAULT", "3")
+    with webhook_receiver(WEBHOOK_SECRET, statuses=[503]) as receiver:
+        status = engines.run("dramatiq", "webhook.deliver", {"url": receiver.url, "body": {}})
+    assert (status.state, status.attempts) == ("dead", 3), status
+    assert len(receiver.requests) == 3

@@ -11,6 +11,7 @@ from temporalio.common import RetryPolicy as TemporalRetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from jobyard.job_engine import JobSpec, StepError, step_ref
+    from jobyard.queue.queues import retry_policy
     from jobyard.temporal_worker.activities import EVENT_ACTIVITY, STEP_ACTIVITY
 
 #: Temporal rejects a zero retry interval.
@@ -25,8 +26,8 @@ async def emit(event: dict[str, Any]) -> None:
     )
 
 
-def temporal_retry(spec: JobSpec) -> TemporalRetryPolicy:
-    retry = spec.effective_retry()
+def temporal_retry(spec: JobSpec, overrides: dict[str, Any] | None = None) -> TemporalRetryPolicy:
+    retry = retry_policy(spec, overrides)
     return TemporalRetryPolicy(
         initial_interval=timedelta(seconds=max(retry.backoff, MIN_INTERVAL)),
         backoff_coefficient=2.0,
@@ -37,7 +38,13 @@ def temporal_retry(spec: JobSpec) -> TemporalRetryPolicy:
 
 
 class TemporalContext:
-    def __init__(self, spec: JobSpec, job_id: str, webhook_url: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        job_id: str,
+        webhook_url: str | None = None,
+        retry_overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.job_id = job_id
         self.webhook_url = webhook_url
         self._progress_reports = 0
@@ -46,7 +53,7 @@ class TemporalContext:
         self.attempts = 1
         self.progress_value: Any = None
         self._spec = spec
-        self._retry = temporal_retry(spec)
+        self._retry = temporal_retry(spec, retry_overrides)
         self._timeout = timedelta(seconds=spec.effective_timeout())
         self._seen: set[str] = set()
 

@@ -25,7 +25,7 @@ from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.queue import keys
 from jobyard.queue.broker import requeue_from_dead_workers
 from jobyard.queue.client import get_client
-from jobyard.queue.messages import WEBHOOK
+from jobyard.queue.messages import RETRY, WEBHOOK
 from jobyard.queue.queues import queue_names
 from jobyard.queue.store import JobStore
 from jobyard.temporal_worker.workflow import WORKFLOW_NAME
@@ -45,6 +45,7 @@ def _request(data: bytes) -> dict:
         "claim": "none",  # the rescue already marked the job Temporal's
         "fallback_reason": FALLBACK_RESCUED,
         "webhook_url": message.options.get(WEBHOOK),
+        "retry": message.options.get(RETRY),
     }
 
 

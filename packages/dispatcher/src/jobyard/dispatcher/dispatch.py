@@ -32,11 +32,12 @@ from jobyard.dispatcher.models import (
     FALLBACK_OWNED_BY_TEMPORAL,
     FALLBACK_REDIS_ERROR,
     FALLBACK_REDIS_UNHEALTHY,
+    DispatchOptions,
     JobHandle,
     JobStatus,
 )
 from jobyard.dispatcher.temporal_engine import TemporalEngine
-from jobyard.job_engine import JobSpec, env, get_spec
+from jobyard.job_engine import JobSpec, RetryPolicy, env, get_spec
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import get_client
@@ -64,6 +65,14 @@ def _check_webhook_url(url: str | None) -> str | None:
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError(f"invalid webhook_url {url!r}: an http(s) URL is required")
     return url
+
+
+def _check_retry(retry: RetryPolicy | None) -> dict[str, Any] | None:
+    if retry is None:
+        return None
+    if not isinstance(retry, RetryPolicy):
+        raise ValueError(f"invalid retry {retry!r}: a jobyard.job_engine.RetryPolicy is required")
+    return retry.overrides()
 
 
 def _check_delay(delay: float | None) -> float | None:
@@ -103,14 +112,19 @@ class Dispatcher:
         job_id: str | None = None,
         delay: float | None = None,
         webhook_url: str | None = None,
+        retry: RetryPolicy | None = None,
     ) -> JobHandle:
         spec = get_spec(name)
         data = spec.encode(payload)
         spec.check_environment()
-        job_id, delay = _check_job_id(job_id), _check_delay(delay)
-        webhook_url = _check_webhook_url(webhook_url)
+        job_id = _check_job_id(job_id)
+        options = DispatchOptions(
+            delay=_check_delay(delay),
+            webhook_url=_check_webhook_url(webhook_url),
+            retry=_check_retry(retry),
+        )
         started = time.time()
-        handle = self._route(spec, job_id, data, delay, webhook_url)
+        handle = self._route(spec, job_id, data, options)
         if not handle.duplicate:
             dispatched_event(
                 job_id, spec.name, spec.queue, handle.engine, data, handle.fallback_reason, started
@@ -122,16 +136,15 @@ class Dispatcher:
         spec: JobSpec,
         job_id: str,
         data: dict[str, Any],
-        delay: float | None,
-        webhook_url: str | None,
+        options: DispatchOptions,
     ) -> JobHandle:
-        to_temporal = functools.partial(self._to_temporal, spec, job_id, data, delay, webhook_url)
+        to_temporal = functools.partial(self._to_temporal, spec, job_id, data, options)
         if not env.get_bool(env.USE_DRAMATIQ):
             return self._flag_off(spec, job_id, to_temporal)
         if self.breaker.is_open:
             return to_temporal(FALLBACK_REDIS_UNHEALTHY, CLAIM_BEST_EFFORT)
         try:
-            outcome = self.dramatiq.submit(spec, job_id, data, delay, webhook_url)
+            outcome = self.dramatiq.submit(spec, job_id, data, options)
         except EngineUnavailable as exc:
             self.breaker.trip(exc.reason)
             claim = CLAIM_STRICT if exc.ambiguous else CLAIM_BEST_EFFORT
@@ -166,8 +179,7 @@ class Dispatcher:
         spec: JobSpec,
         job_id: str,
         payload: dict[str, Any],
-        delay: float | None,
-        webhook_url: str | None,
+        options: DispatchOptions,
         reason: str,
         claim: str,
     ) -> JobHandle:
@@ -178,10 +190,11 @@ class Dispatcher:
             "payload": payload,
             "claim": claim,
             "fallback_reason": reason,
-            "webhook_url": webhook_url,
+            "webhook_url": options.webhook_url,
+            "retry": options.retry,
         }
         try:
-            started = self.temporal.start(request, delay)
+            started = self.temporal.start(request, options.delay)
         except EngineUnavailable as exc:
             raise DispatchUnavailableError(
                 f"job {spec.name!r} ({job_id}) was not started: Dramatiq skipped ({reason}) and "
@@ -238,6 +251,7 @@ def dispatch_job(
     job_id: str | None = None,
     delay: float | None = None,
     webhook_url: str | None = None,
+    retry: RetryPolicy | None = None,
 ) -> JobHandle:
     """Start job `name` with `payload`; returns at once with the job id and the engine chosen.
 
@@ -245,9 +259,10 @@ def dispatch_job(
     DispatchUnavailableError when neither Dramatiq nor Temporal can take the job.
     A caller-supplied `job_id` is an idempotency key: a second dispatch starts nothing.
     With `webhook_url`, the job's final state is POSTed there (signed) by `webhook.deliver`.
+    `retry` overrides the job's attempts and backoff for this dispatch.
     """
     return get_dispatcher().dispatch(
-        name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url
+        name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url, retry=retry
     )
 
 
@@ -258,11 +273,13 @@ async def adispatch_job(
     job_id: str | None = None,
     delay: float | None = None,
     webhook_url: str | None = None,
+    retry: RetryPolicy | None = None,
 ) -> JobHandle:
     """dispatch_job for async web code; never blocks the event loop."""
     return await asyncio.to_thread(
-        dispatch_job, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url
-    )
+        dispatch_job, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url,
+        retry=retry,
+    )  # fmt: skip
 
 
 def get_job(job_id: str) -> JobStatus:

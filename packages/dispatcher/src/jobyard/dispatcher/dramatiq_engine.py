@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from jobyard.dispatcher.errors import EngineUnavailable
-from jobyard.dispatcher.models import JobStatus
+from jobyard.dispatcher.models import DispatchOptions, JobStatus
 from jobyard.job_engine import JobSpec
 from jobyard.queue.messages import encode_job_message
 from jobyard.queue.store import JobStore
@@ -41,12 +41,12 @@ class DramatiqEngine:
         spec: JobSpec,
         job_id: str,
         payload: dict[str, Any],
-        delay: float | None,
-        webhook_url: str | None = None,
+        options: DispatchOptions,
     ) -> EnqueueOutcome:
         message = encode_job_message(
-            spec.name, spec.queue, job_id, payload, delay_seconds=delay, webhook_url=webhook_url
-        )
+            spec.name, spec.queue, job_id, payload,
+            delay_seconds=options.delay, webhook_url=options.webhook_url, retry=options.retry,
+        )  # fmt: skip
         try:
             reply = self.store.enqueue(
                 job_id,

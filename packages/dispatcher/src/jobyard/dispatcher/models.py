@@ -20,6 +20,15 @@ CLAIM_STRICT = "strict"  # an enqueue may have landed; wait for Redis to decide 
 
 
 @dataclass(frozen=True)
+class DispatchOptions:
+    """What a caller may ask of one dispatch besides the payload (validated)."""
+
+    delay: float | None = None  # seconds before the job may start
+    webhook_url: str | None = None  # where the final state is POSTed
+    retry: dict[str, Any] | None = None  # {"attempts", "backoff"} overriding the job's policy
+
+
+@dataclass(frozen=True)
 class JobHandle:
     job_id: str
     engine: Engine

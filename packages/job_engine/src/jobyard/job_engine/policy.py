@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,17 @@ class RetryPolicy:
             raise ValueError("RetryPolicy.attempts must be at least 1")
         if self.backoff < 0 or self.max_backoff < 0:
             raise ValueError("RetryPolicy backoff values must not be negative")
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> RetryPolicy:
+        """This policy with `attempts` / `backoff` replaced (a per-dispatch override)."""
+        if not overrides:
+            return self
+        known = {k: overrides[k] for k in ("attempts", "backoff") if overrides.get(k) is not None}
+        return replace(self, **known)
+
+    def overrides(self) -> dict[str, Any]:
+        """The JSON form a dispatch override travels in."""
+        return {"attempts": self.attempts, "backoff": self.backoff}
 
     def delay_before(self, retry: int) -> float:
         """Seconds to wait before retry number `retry` (1-based)."""

@@ -14,6 +14,7 @@ from jobyard.queue import keys
 SEQ = "jobyard_seq"  # which run of the job this message is (see seq in jobyard.lua)
 RESUME = "jobyard_resume"  # True when the run continues an attempt (after a sleep or a throttle)
 WEBHOOK = "jobyard_webhook"  # where to deliver the job's completion events, if anywhere
+RETRY = "jobyard_retry"  # a per-dispatch override of the job's retry policy
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,14 @@ def encode_job_message(
     resume: bool = False,
     delay_seconds: float | None = None,
     webhook_url: str | None = None,
+    retry: dict[str, Any] | None = None,
 ) -> EncodedMessage:
     message_id = uuid.uuid4().hex
     options: dict[str, Any] = {"redis_message_id": message_id, SEQ: seq, RESUME: resume}
     if webhook_url:
         options[WEBHOOK] = webhook_url
+    if retry:
+        options[RETRY] = retry
     target = queue
     if delay_seconds:
         target = keys.delayed(queue)

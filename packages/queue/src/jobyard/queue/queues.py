@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
-from jobyard.job_engine import env
+from jobyard.job_engine import JobSpec, RetryPolicy, env
 
 DEFAULT = "default"
 DATA_SYNC = "data-sync"
@@ -67,3 +68,11 @@ def parse_queue_list(text: str | None) -> list[str]:
     for name in names:
         get_queue(name)
     return names
+
+
+def retry_policy(spec: JobSpec, overrides: dict[str, Any] | None = None) -> RetryPolicy:
+    """The retry policy a run follows, on either engine: the job's (env-overridable), then the
+    dispatch's override, capped by the queue's QUEUE_MAX_ATTEMPTS_<QUEUE>."""
+    policy = spec.effective_retry().with_overrides(overrides)
+    cap = get_queue(spec.queue).max_attempts if spec.queue in _QUEUES else policy.attempts
+    return replace(policy, attempts=min(policy.attempts, cap))

@@ -21,7 +21,8 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 from jobyard.job_engine import JobSpec, PermanentError
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.queue.context import Cancelled, DramatiqContext, LostOwnership, Suspend, Throttled
-from jobyard.queue.messages import RESUME, SEQ, WEBHOOK, encode_job_message
+from jobyard.queue.messages import RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
+from jobyard.queue.queues import retry_policy
 from jobyard.queue.store import NO_DELIVERY, Delivery, JobStore, StartResult
 
 log = logging.getLogger("jobyard.worker")
@@ -53,7 +54,6 @@ class JobRunner:
         self.store = store
         self.spec = spec
         self.broker_id = broker_id
-        self.retry = spec.effective_retry()
         rate = spec.rate_limit
         self.rate = (rate.calls, int(rate.period * 1000)) if rate else None
         self.__name__ = spec.name
@@ -87,6 +87,8 @@ class _Run:
         self.job_id, self.payload, self.delivery = job_id, payload, delivery
         self.seq, self.resume = int(options.get(SEQ, 0)), bool(options.get(RESUME, False))
         self.webhook_url: str | None = options.get(WEBHOOK)
+        self.retry_overrides: dict[str, Any] | None = options.get(RETRY)
+        self.retry = retry_policy(self.spec, self.retry_overrides)
         self.acked = False
         self.progress_count = 0
         self.ctx = DramatiqContext(
@@ -160,7 +162,7 @@ class _Run:
         except (LostOwnership, Throttled):
             return
         error, error_class = f"{type(exc).__name__}: {exc}", type(exc).__name__
-        retry = self.runner.retry
+        retry = self.retry
         if isinstance(exc, PermanentError) or attempt >= retry.attempts:
             state = "failed" if isinstance(exc, PermanentError) else "dead"
             log.warning("job %s %s after %d attempt(s): %s", self.job_id, state, attempt, error)
@@ -180,7 +182,7 @@ class _Run:
         encoded = encode_job_message(
             self.spec.name, self.spec.queue, self.job_id, self.payload,
             seq=self.seq + 1, resume=resume, delay_seconds=max(delay, 0.001),
-            webhook_url=self.webhook_url,
+            webhook_url=self.webhook_url, retry=self.retry_overrides,
         )  # fmt: skip
         self.store.reschedule(
             self.job_id, self.seq, self.seq + 1, state, encoded.queue,
