@@ -111,3 +111,10 @@ async def progress(ctx: Any, payload: MarkerPayload) -> str:
     await ctx.run("wait", wait_for_file, payload.marker_dir, "go", 30)
     await ctx.progress(1.0)
     return "done"
+
+
+@job("test.orchestration_bug", payload=MarkerPayload, retry=RetryPolicy(attempts=3), timeout=20)
+async def orchestration_bug(ctx: Any, payload: MarkerPayload) -> str:
+    """Fails in the handler's own code, not in a step."""
+    await ctx.run("prepare", append_marker, payload.marker_dir, "prepare")
+    return {"a": 1}["missing"]

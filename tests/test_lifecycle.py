@@ -127,7 +127,7 @@ def test_dead_job_is_kept_and_replays(engines, engine, tmp_path):
     with pytest.raises(JobStillActiveError):
         replay_job(handle.job_id)  # queued or running now: a second replay would run it twice
     final = engines.wait(handle.job_id, timeout=30)
-    assert (final.state, final.result) == ("succeeded", "fixed")
+    assert (final.state, final.result, final.attempts) == ("succeeded", "fixed", 1)
     assert _logged(handle.job_id, "succeeded").result == "fixed"
     if engine == "dramatiq":
         assert _lines(tmp_path / "prepare") == 1, "finished steps are not run again on replay"
@@ -189,3 +189,12 @@ def test_dead_letters_from_the_command_line(engines, tmp_path):
     assert engines.wait(handle.job_id, timeout=30).state == "succeeded"
     again = _cli("dead", "replay", handle.job_id)
     assert again.returncode == 2 and "only dead, failed or cancelled jobs replay" in again.stderr
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_error_in_the_handler_itself_fails_the_job(engines, engine, tmp_path):
+    handle = engines.dispatch(engine, "test.orchestration_bug", {"marker_dir": str(tmp_path)})
+    status = engines.wait(handle.job_id, timeout=30)
+    assert status.state in ("failed", "dead"), status
+    assert "KeyError" in (status.error or "")
+    assert _logged(handle.job_id, status.state).error_class == "KeyError"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import redis
 from dramatiq import Message
@@ -75,6 +76,7 @@ class Rescuer:
     async def start_all(self, handoffs: list[bytes]) -> None:
         for data in handoffs:
             request = _request(data)
+            handed_over = time.time()  # before the start: the job may finish before it returns
             # Already started: by an earlier pass that crashed before cleaning up.
             with contextlib.suppress(WorkflowAlreadyStartedError):
                 await self.client.start_workflow(
@@ -87,7 +89,7 @@ class Rescuer:
             await asyncio.to_thread(self.store.handoff_done, data)
             dispatched_event(
                 request["job_id"], request["name"], request["queue"], "temporal",
-                request["payload"], FALLBACK_RESCUED,
+                request["payload"], FALLBACK_RESCUED, handed_over,
             )  # fmt: skip
 
     async def run_forever(self, interval: float) -> None:

@@ -74,6 +74,17 @@ class JobWorkflow:
                 type=error_type,
                 non_retryable=True,
             ) from None
+        except Exception as exc:  # the handler's own code failed: fail the job as Dramatiq does
+            message, error_type = f"{type(exc).__name__}: {exc}", type(exc).__name__
+            await emit({**final, "state": "failed", "attempts": ctx.attempts, "error": message,
+                        "error_class": error_type, "payload": request["payload"]})  # fmt: skip
+            self._state = "failed"
+            raise ApplicationError(
+                message,
+                {"name": self._name, "attempts": ctx.attempts, "state": "failed"},
+                type=error_type,
+                non_retryable=True,
+            ) from None
         await emit({**final, "state": "succeeded", "attempts": ctx.attempts, "result": result})
         self._state = "succeeded"
         return {"name": self._name, "result": result, "attempts": ctx.attempts}
@@ -110,6 +121,8 @@ class JobWorkflow:
                 start_to_close_timeout=CLAIM_TIMEOUT,
                 retry_policy=retry,
             )
-        except ActivityError:
+        except ActivityError as exc:
+            if isinstance(exc.cause, CancelledError) or mode == CLAIM_STRICT:
+                raise  # cancelled while claiming: never run a job whose claim did not succeed
             return True  # best effort: Redis is down, nothing of this job can be there
         return reply["status"] == "claimed"

@@ -44,22 +44,25 @@ class Heartbeat(threading.Thread):
         self.healthy = healthy
         self.stopped = threading.Event()
 
-    def beat(self) -> None:
+    def beat(self, healthy: bool = True) -> None:
+        """A stuck process keeps Dramatiq's own beat (its messages must not be handed to a peer
+        while its threads may still run them) but drops out of the per-queue liveness that
+        dispatch and `jobyard health` read."""
         for queue, broker in self.brokers.items():
-            self.store.heartbeat(self.worker_id, broker.broker_id, [queue])
+            self.store.heartbeat(self.worker_id, broker.broker_id, [queue] if healthy else [])
 
     def run(self) -> None:
         beats = 0
         while not self.stopped.is_set():
             try:
-                if self.healthy():
-                    self.beat()
-                    beats += 1
-                    if beats % MAINTENANCE_EVERY == 0:
-                        for queue, broker in self.brokers.items():
-                            requeue_from_dead_workers(broker, queue)
-                else:
-                    log.error("worker %s is stuck; withholding heartbeat", self.worker_id)
+                healthy = self.healthy()
+                self.beat(healthy)
+                if not healthy:
+                    log.error("worker %s is stuck; withholding its queue heartbeat", self.worker_id)
+                beats += 1
+                if beats % MAINTENANCE_EVERY == 0:
+                    for queue, broker in self.brokers.items():
+                        requeue_from_dead_workers(broker, queue)
             except Exception as exc:  # Redis down: keep trying, the dispatcher falls back meanwhile
                 log.warning("heartbeat failed: %s", exc)
             self.stopped.wait(self.interval)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -11,9 +14,10 @@ import redis
 from sqlalchemy import func, select
 
 from jobyard.dispatcher.dispatch import get_dispatcher, get_job
-from jobyard.dispatcher.errors import JobNotFoundError, JobStillActiveError
+from jobyard.dispatcher.dramatiq_engine import translate
+from jobyard.dispatcher.errors import EngineUnavailable, JobNotFoundError, JobStillActiveError
 from jobyard.dispatcher.models import JobHandle, JobStatus
-from jobyard.job_engine import UnknownJobError, env, get_spec
+from jobyard.job_engine import JobyardError, UnknownJobError, env, get_spec
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import JobLog
 from jobyard.job_engine.lifecycle import dispatched_event, job_event
@@ -81,6 +85,23 @@ class WorkerInfo:
         return asdict(self)
 
 
+@contextlib.contextmanager
+def _redis_errors() -> Iterator[None]:
+    """Redis errors leave here as the dispatcher's own EngineUnavailable."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        get_dispatcher().breaker.trip(str(exc))
+        raise translate(exc) from None
+
+
+def _not_found(job_id: str) -> JobyardError:
+    """While Redis is unreachable a job Temporal does not know may still be Dramatiq's."""
+    if get_dispatcher().breaker.is_open:
+        return EngineUnavailable("dramatiq", f"Redis unavailable; job {job_id!r} may be there")
+    return JobNotFoundError(job_id)
+
+
 def _redis_record(job_id: str) -> dict[str, str] | None:
     dispatcher = get_dispatcher()
     if dispatcher.breaker.is_open:
@@ -98,12 +119,13 @@ def cancel_job(job_id: str) -> JobStatus:
     dispatcher = get_dispatcher()
     record = _redis_record(job_id)
     if record is not None and record.get("engine") == "dramatiq":
-        outcome = dispatcher.dramatiq.store.cancel(job_id, record["queue"])
+        with _redis_errors():
+            outcome = dispatcher.dramatiq.store.cancel(job_id, record["queue"])
         if outcome[0] == "cancelled":
             job_event(job_id, record["name"], "cancelled", queue=record["queue"], engine="dramatiq")
         return get_job(job_id)
     if not dispatcher.temporal.cancel(job_id):
-        raise JobNotFoundError(job_id)
+        raise _not_found(job_id)
     status = get_job(job_id)
     if status.state == "cancelled" and status.name:  # never started, so no workflow said so
         job_event(job_id, status.name, "cancelled", queue=_queue_of(status.name), engine="temporal")
@@ -131,16 +153,20 @@ def replay_job(job_id: str) -> JobHandle:
             raise JobStillActiveError(job_id, record.get("state", "unknown"))
         next_seq = int(record.get("seq", 0)) + 1
         message = encode_job_message(record["name"], record["queue"], job_id, payload, seq=next_seq)
-        outcome = dispatcher.dramatiq.store.replay(
-            job_id, record["queue"], next_seq, message.redis_message_id, message.data
-        )
+        replayed_at = time.time()  # before the replay: the job may finish before it returns
+        with _redis_errors():
+            outcome = dispatcher.dramatiq.store.replay(
+                job_id, record["queue"], next_seq, message.redis_message_id, message.data
+            )
         if outcome[0] != "ok":
             raise JobStillActiveError(job_id, outcome[1] if len(outcome) > 1 else outcome[0])
-        dispatched_event(job_id, record["name"], record["queue"], "dramatiq", payload, None)
+        dispatched_event(
+            job_id, record["name"], record["queue"], "dramatiq", payload, None, replayed_at
+        )
         return JobHandle(job_id, "dramatiq")
     outcome = dispatcher.temporal.replay(job_id)
     if outcome == "missing":
-        raise JobNotFoundError(job_id)
+        raise _not_found(job_id)
     if outcome == "active":
         raise JobStillActiveError(job_id, get_job(job_id).state)
     return JobHandle(job_id, "temporal")
@@ -177,7 +203,8 @@ def get_job_steps(job_id: str) -> dict[str, Any]:
     record = _redis_record(job_id)
     if record is None or record.get("engine") != "dramatiq":
         return {}
-    return get_dispatcher().dramatiq.store.steps(job_id)
+    with _redis_errors():
+        return get_dispatcher().dramatiq.store.steps(job_id)
 
 
 def _dead_counts() -> dict[str, int]:
@@ -187,6 +214,11 @@ def _dead_counts() -> dict[str, int]:
 
 
 def queue_stats() -> list[QueueStats]:
+    with _redis_errors():
+        return _queue_stats()
+
+
+def _queue_stats() -> list[QueueStats]:
     store = get_dispatcher().dramatiq.store
     timeout_ms = int(env.get_float(env.WORKER_HEARTBEAT_TIMEOUT) * 1000)
     dead = _dead_counts()
@@ -211,6 +243,11 @@ def queue_stats() -> list[QueueStats]:
 
 
 def list_workers() -> list[WorkerInfo]:
+    with _redis_errors():
+        return _list_workers()
+
+
+def _list_workers() -> list[WorkerInfo]:
     store = get_dispatcher().dramatiq.store
     timeout_s = env.get_float(env.WORKER_HEARTBEAT_TIMEOUT)
     now = store.client.time()

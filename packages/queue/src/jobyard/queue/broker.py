@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import AgeLimit, CurrentMessage, TimeLimit
 
 from jobyard.job_engine import env, registry
@@ -24,6 +26,16 @@ class JobyardConsumer(_RedisConsumer):
             self.queued_message_ids.discard(message.message_id)
             return
         super().ack(message)
+
+    def nack(self, message):
+        """A jobyard message fails only when Redis failed under the runner's own bookkeeping:
+        put it back on the queue (seq makes a rerun safe) instead of Dramatiq's dead letters."""
+        try:
+            self.broker.do_requeue(self.queue_name, message.options["redis_message_id"])
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None
+        finally:
+            self.queued_message_ids.discard(message.message_id)
 
 
 class JobyardBroker(RedisBroker):

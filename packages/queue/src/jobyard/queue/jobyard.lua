@@ -93,9 +93,9 @@ if command == "enqueue" then
         redis.call("expire", KEYS[1], ARGV[8])
         return {"no_workers"}
     end
+    -- No TTL while the job lives (sleeps and retries may outlast any); finish sets one.
     redis.call("hset", KEYS[1], "name", ARGV[5], "queue", ARGV[6], "engine", "dramatiq",
                "state", "queued", "attempts", 0, "seq", 0, "rmid", ARGV[3], "enqueued_at", now)
-    redis.call("expire", KEYS[1], ARGV[8])
     redis.call("hset", KEYS[4], ARGV[3], ARGV[4])
     redis.call("rpush", KEYS[3], ARGV[3])
     return {"enqueued"}
@@ -215,7 +215,7 @@ elseif command == "reschedule" then
 -- -> {"claimed"} | {"lost", state}.  Gives the job to Temporal: removes a still-queued message
 -- and marks the job Temporal's in one step. A job Dramatiq already started stays Dramatiq's.
 elseif command == "handoff" then
-    local job = redis.call("hmget", KEYS[1], "engine", "state", "rmid")
+    local job = redis.call("hmget", KEYS[1], "engine", "state", "rmid", "started_at")
     if job[1] == false then
         redis.call("hset", KEYS[1], "name", ARGV[2], "queue", ARGV[3], "engine", "temporal",
                    "state", "queued", "enqueued_at", now_ms())
@@ -225,14 +225,15 @@ elseif command == "handoff" then
     if job[1] == "temporal" then
         return {"claimed"}
     end
-    if job[2] ~= "queued" then
+    -- Only a job that never started: Temporal cannot see the steps a started one recorded.
+    if job[2] ~= "queued" or job[4] then
         return {"lost", job[2]}
     end
     remove_waiting_message(job[3])
     redis.call("hset", KEYS[1], "engine", "temporal")
     return {"claimed"}
 
--- cancel: KEYS job, queue list, queue msgs, delay list, delay msgs
+-- cancel: KEYS job, queue list, queue msgs, delay list, delay msgs   ARGV ttl s
 -- -> {"cancelled"} | {"requested"} | {"done", state} | {"temporal"} | {"missing"}
 -- A waiting job is cancelled at once (its message removed; a copy a worker already holds is
 -- dropped by start_checks); a running one is flagged and stops at its next step boundary.
@@ -247,12 +248,16 @@ elseif command == "cancel" then
     if TERMINAL[job[2]] then
         return {"done", job[2]}
     end
-    if job[2] == "running" then
+    -- A "running" job whose message still waits on the delay queue is parked in a durable
+    -- sleep: take the message away and cancel now. (A copy a consumer holds is dropped later.)
+    local parked = job[3] and redis.call("hdel", KEYS[5], job[3]) > 0
+    if job[2] == "running" and not parked then
         redis.call("hset", KEYS[1], "cancel", "1")
         return {"requested"}
     end
     remove_waiting_message(job[3])
     redis.call("hset", KEYS[1], "state", "cancelled", "finished_at", now_ms())
+    redis.call("expire", KEYS[1], ARGV[2])
     return {"cancelled"}
 
 -- replay: KEYS job, queue list, queue msgs   ARGV expected seq, redis message id, message
@@ -272,9 +277,9 @@ elseif command == "replay" then
     if tostring(tonumber(job[3] or "0") + 1) ~= ARGV[2] then
         return {"conflict"}
     end
-    redis.call("hset", KEYS[1], "state", "queued", "seq", ARGV[2], "rmid", ARGV[3],
+    redis.call("hset", KEYS[1], "state", "queued", "seq", ARGV[2], "rmid", ARGV[3], "attempts", 0,
                "error", "", "error_class", "", "result", "", "enqueued_at", now_ms())
-    redis.call("hdel", KEYS[1], "cancel", "finished_at")
+    redis.call("hdel", KEYS[1], "cancel", "finished_at", "started_seq")
     redis.call("persist", KEYS[1])
     redis.call("hset", KEYS[3], ARGV[3], ARGV[4])
     redis.call("rpush", KEYS[2], ARGV[3])
@@ -299,8 +304,8 @@ elseif command == "rescue" then
         local data = redis.call("hget", KEYS[3], message_id)
         local job_id = data and cjson.decode(data)["args"][1]
         local job_key = job_id and (ARGV[4] .. job_id)
-        local job = job_key and redis.call("hmget", job_key, "engine", "state")
-        if job and job[1] == "dramatiq" and job[2] == "queued" then
+        local job = job_key and redis.call("hmget", job_key, "engine", "state", "started_at")
+        if job and job[1] == "dramatiq" and job[2] == "queued" and not job[3] then
             redis.call("lrem", KEYS[2], 1, message_id)
             redis.call("hdel", KEYS[3], message_id)
             redis.call("hset", job_key, "engine", "temporal")

@@ -54,6 +54,7 @@ class JobRunner:
         self.store = store
         self.spec = spec
         self.broker_id = broker_id
+        self.retry = retry_policy(spec)  # env is read once per worker, not per job
         rate = spec.rate_limit
         self.rate = (rate.calls, int(rate.period * 1000)) if rate else None
         self.__name__ = spec.name
@@ -88,7 +89,9 @@ class _Run:
         self.seq, self.resume = int(options.get(SEQ, 0)), bool(options.get(RESUME, False))
         self.webhook_url: str | None = options.get(WEBHOOK)
         self.retry_overrides: dict[str, Any] | None = options.get(RETRY)
-        self.retry = retry_policy(self.spec, self.retry_overrides)
+        self.retry = (
+            retry_policy(self.spec, self.retry_overrides) if self.retry_overrides else runner.retry
+        )
         self.acked = False
         self.progress_count = 0
         self.ctx = DramatiqContext(
@@ -148,18 +151,22 @@ class _Run:
     def finish(self, state: str, **fields: Any) -> None:
         start = self.ctx.started
         payload = fields.pop("payload", None)
-        self.store.finish(
+        owned = self.store.finish(
             self.job_id, self.seq, state, result=fields.get("result"),
             error=fields.get("error") or "", error_class=fields.get("error_class") or "",
             delivery=self.delivery, payload=payload,
         )  # fmt: skip
         self.acked = True
-        self.event(state, start, payload=payload, **fields)
+        if owned:  # a superseded copy (see seq) must not report an outcome
+            self.event(state, start, payload=payload, **fields)
 
     def failed(self, exc: BaseException) -> None:
         try:
             attempt = self.ctx.attempt  # starts the run if the handler failed before any step
-        except (LostOwnership, Throttled):
+        except LostOwnership:
+            return
+        except Throttled as throttled:  # over the rate limit: this run never counted
+            self.reschedule("queued", throttled.seconds, resume=self.resume)
             return
         error, error_class = f"{type(exc).__name__}: {exc}", type(exc).__name__
         retry = self.retry
@@ -173,20 +180,21 @@ class _Run:
             return
         delay = retry.delay_before(attempt)
         log.info("job %s attempt %d: %s; retry in %.1fs", self.job_id, attempt, error, delay)
-        self.reschedule("retrying", delay, resume=False, error=error, error_class=error_class)
-        self.event("retrying", self.ctx.started, error=error, error_class=error_class)
+        if self.reschedule("retrying", delay, resume=False, error=error, error_class=error_class):
+            self.event("retrying", self.ctx.started, error=error, error_class=error_class)
 
     def reschedule(
         self, state: str, delay: float, *, resume: bool, error: str = "", error_class: str = ""
-    ) -> None:
+    ) -> bool:
         encoded = encode_job_message(
             self.spec.name, self.spec.queue, self.job_id, self.payload,
             seq=self.seq + 1, resume=resume, delay_seconds=max(delay, 0.001),
             webhook_url=self.webhook_url, retry=self.retry_overrides,
         )  # fmt: skip
-        self.store.reschedule(
+        owned = self.store.reschedule(
             self.job_id, self.seq, self.seq + 1, state, encoded.queue,
             encoded.redis_message_id, encoded.data,
             error=error, error_class=error_class, delivery=self.delivery,
         )  # fmt: skip
         self.acked = True
+        return owned

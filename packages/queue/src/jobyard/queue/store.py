@@ -219,7 +219,9 @@ class JobStore:
         ]
 
     def cancel(self, job_id: str, queue: str) -> tuple[str, ...]:
-        reply = self._call([keys.job(job_id), *self._queue_keys(queue)], "cancel")
+        reply = self._call(
+            [keys.job(job_id), *self._queue_keys(queue)], "cancel", RECORD_TTL_SECONDS
+        )
         return tuple(_text(v) for v in reply)
 
     def replay(
