@@ -26,6 +26,7 @@ from jobyard.queue.store import JobStore
 STATE_DIR = Path(".jobyard")
 TEMPORAL_UI_PORT = 8233
 STARTUP_TIMEOUT = 60.0
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 CANARY_TIMEOUT = 60.0
 
 
@@ -143,7 +144,10 @@ def run_dev(check_canary: bool = True, api_port: int = 8000) -> int:
         if check_canary and not run_canary():
             return 1
         _say("running; Ctrl-C to stop")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        # Blocked, so that sigwait (not a KeyboardInterrupt mid-cleanup) receives them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        signal.sigwait(STOP_SIGNALS)
+        _say("stopping")
         return 0
     finally:
         for child in children:

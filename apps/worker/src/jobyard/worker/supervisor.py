@@ -66,8 +66,8 @@ def run_workers(queues: list[str], processes: int) -> int:
                 log.error(
                     "worker process %d exited with %s; restarting", child.pid, child.returncode
                 )
-                time.sleep(RESTART_DELAY)
-                children[i] = _spawn(joined)
+                if not stopping.wait(RESTART_DELAY):  # no respawn once a stop was asked for
+                    children[i] = _spawn(joined)
         stopping.wait(0.5)
     deadline = time.monotonic() + env.get_float(env.WORKER_SHUTDOWN_GRACE) + KILL_MARGIN
     code = 0
