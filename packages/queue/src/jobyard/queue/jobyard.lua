@@ -185,13 +185,16 @@ elseif command == "complete" then
     if status ~= "ok" then
         return {status}
     end
+    -- A run without steps has no step record (KEYS[2]) to expire; a first start is this one.
     local now = now_ms()
+    local started_at = now
+    if redis.call("hsetnx", KEYS[1], "started_at", now) == 0 then
+        started_at = redis.call("hget", KEYS[1], "started_at")
+    end
     redis.call("hset", KEYS[1], "state", "succeeded", "result", ARGV[4], "attempts", attempts,
                "started_seq", ARGV[2], "finished_at", now)
-    redis.call("hsetnx", KEYS[1], "started_at", now)
     redis.call("expire", KEYS[1], ARGV[5])
-    redis.call("expire", KEYS[2], ARGV[5])
-    return {"ok", attempts, redis.call("hget", KEYS[1], "started_at")}
+    return {"ok", attempts, started_at}
 
 -- reschedule: KEYS job, delay queue list, delay queue msgs, dramatiq acks, dramatiq msgs
 --             ARGV seq, next seq, state, redis message id, message, error, error class,
