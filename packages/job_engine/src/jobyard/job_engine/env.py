@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 REDIS_URL = "REDIS_URL"
 REDIS_TIMEOUT = "REDIS_TIMEOUT"  # seconds; connect and read timeout of the web-side client
@@ -55,28 +56,24 @@ def get_str(name: str) -> str:
     return value
 
 
-def get_float(name: str, default: float | None = None) -> float:
+def _number(name: str, cast: type, default: float | None, kind: str) -> Any:
     raw = get(name)
     if raw is None:
         if default is None:
             raise KeyError(f"environment variable {name} is not set")
         return default
     try:
-        return float(raw)
+        return cast(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
+        raise ValueError(f"{name}={raw!r} is not {kind}") from None
+
+
+def get_float(name: str, default: float | None = None) -> float:
+    return _number(name, float, default, "a number")
 
 
 def get_int(name: str, default: int | None = None) -> int:
-    raw = get(name)
-    if raw is None:
-        if default is None:
-            raise KeyError(f"environment variable {name} is not set")
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    return _number(name, int, default, "an integer")
 
 
 def get_bool(name: str) -> bool:
