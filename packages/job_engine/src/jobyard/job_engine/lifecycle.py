@@ -3,9 +3,9 @@ when the dispatcher was given a `webhook_url`, an event delivered by `webhook.de
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from jobyard.job_engine import children, metrics
@@ -17,8 +17,10 @@ FINAL_STATES = frozenset({"succeeded", "failed", "dead", "cancelled"})
 WEBHOOK_JOB = "webhook.deliver"
 
 
-def _utc(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+@functools.cache
+def _labelled(metric: Any, *values: str) -> Any:
+    """A metric's child for these label values, looked up once (labels() locks and validates)."""
+    return metric.labels(*values)
 
 
 def job_event(
@@ -49,8 +51,8 @@ def job_event(
             engine=engine,
             state=state,
             attempts=attempts,
-            started_at=_utc(started_at),
-            finished_at=_utc(now) if final else None,
+            started_at=started_at,
+            finished_at=now if final else None,
             duration_ms=int((now - started_at) * 1000) if final and started_at else None,
             result=result if state == "succeeded" else None,
             error_class=error_class,
@@ -58,15 +60,15 @@ def job_event(
             error_traceback=traceback,
             payload=payload,
         )
-        labels = {"name": name, "queue": queue or "", "engine": engine}
+        labels = (name, queue or "", engine)
         if final:
-            metrics.JOBS.labels(outcome=state, **labels).inc()
+            _labelled(metrics.JOBS, *labels, state).inc()
             if started_at:
-                metrics.DURATION.labels(**labels).observe(max(0.0, now - started_at))
+                _labelled(metrics.DURATION, *labels).observe(max(0.0, now - started_at))
         if state == "retrying":
-            metrics.RETRIES.labels(**labels).inc()
+            _labelled(metrics.RETRIES, *labels).inc()
         if state == "dead":
-            metrics.DEAD_LETTERS.labels(**labels).inc()
+            _labelled(metrics.DEAD_LETTERS, *labels).inc()
         if webhook_url and final:
             body = {"job_id": job_id, "name": name, "event": state, "engine": engine,
                     "attempts": attempts, "result": result if state == "succeeded" else None,
@@ -100,11 +102,11 @@ def dispatched_event(
         ts = enqueued_at or time.time()
         joblog.record(
             job_id, ts=ts, name=name, queue=queue, engine=engine, state="queued",
-            payload=payload, fallback_reason=fallback_reason, enqueued_at=_utc(ts),
+            payload=payload, fallback_reason=fallback_reason, enqueued_at=ts,
         )  # fmt: skip
-        metrics.DISPATCHED.labels(name=name, queue=queue, engine=engine).inc()
+        _labelled(metrics.DISPATCHED, name, queue, engine).inc()
         if fallback_reason:
-            metrics.FALLBACKS.labels(reason=fallback_reason).inc()
+            _labelled(metrics.FALLBACKS, fallback_reason).inc()
     except Exception:
         log.exception("could not record dispatch of job %s", job_id)
 

@@ -50,12 +50,13 @@ local function remove_waiting_message(message_id)
     end
 end
 
--- May a message carrying `seq` run this job now? "ok" and the job's new attempt count, or why not.
--- A resume after a durable sleep is the same attempt; a retry, or a redelivery of a message
--- that already started (its worker died), is a new one.
+-- May a message carrying `seq` run this job now? "ok", the job's new attempt count and when it
+-- first started (false if never), or why not. A resume after a durable sleep is the same
+-- attempt; a retry, or a redelivery of a message that already started (its worker died), is a
+-- new one.
 local function start_checks(job_key, seq, is_resume)
     local job = redis.call("hmget", job_key, "engine", "state", "seq", "attempts", "started_seq",
-                           "cancel")
+                           "cancel", "started_at")
     if job[1] ~= "dramatiq" then
         return "lost"
     end
@@ -73,7 +74,7 @@ local function start_checks(job_key, seq, is_resume)
     if is_resume == "0" or job[5] == seq then
         attempts = attempts + 1
     end
-    return "ok", attempts
+    return "ok", attempts, job[7]
 end
 
 -- enqueue: KEYS job, workers, queue list, queue msgs
@@ -105,7 +106,7 @@ if command == "enqueue" then
 -- -> {"ok", attempts, started_at ms, step, json, step, json, ...}
 --    | {"lost"} | {"stale"} | {"done"} | {"cancelled"} | {"throttled", ms until the window frees}
 elseif command == "start" then
-    local status, attempts = start_checks(KEYS[1], ARGV[2], ARGV[3])
+    local status, attempts, started_at = start_checks(KEYS[1], ARGV[2], ARGV[3])
     if status ~= "ok" then
         return {status}
     end
@@ -123,9 +124,10 @@ elseif command == "start" then
             return {"throttled", (window + 1) * period - now}
         end
     end
-    redis.call("hset", KEYS[1], "state", "running", "attempts", attempts, "started_seq", ARGV[2])
-    redis.call("hsetnx", KEYS[1], "started_at", now_ms())
-    local result = {"ok", attempts, redis.call("hget", KEYS[1], "started_at")}
+    started_at = started_at or now_ms()
+    redis.call("hset", KEYS[1], "state", "running", "attempts", attempts, "started_seq", ARGV[2],
+               "started_at", started_at)
+    local result = {"ok", attempts, started_at}
     local steps = redis.call("hgetall", KEYS[2])
     for i = 1, #steps do
         result[#result + 1] = steps[i]
@@ -181,18 +183,15 @@ elseif command == "finish" then
 -- such a handler had no side effects, so checking ownership after it ran is safe.
 elseif command == "complete" then
     ack(KEYS[3], KEYS[4], ARGV[6])
-    local status, attempts = start_checks(KEYS[1], ARGV[2], ARGV[3])
+    local status, attempts, started_at = start_checks(KEYS[1], ARGV[2], ARGV[3])
     if status ~= "ok" then
         return {status}
     end
     -- A run without steps has no step record (KEYS[2]) to expire; a first start is this one.
     local now = now_ms()
-    local started_at = now
-    if redis.call("hsetnx", KEYS[1], "started_at", now) == 0 then
-        started_at = redis.call("hget", KEYS[1], "started_at")
-    end
+    started_at = started_at or now
     redis.call("hset", KEYS[1], "state", "succeeded", "result", ARGV[4], "attempts", attempts,
-               "started_seq", ARGV[2], "finished_at", now)
+               "started_seq", ARGV[2], "started_at", started_at, "finished_at", now)
     redis.call("expire", KEYS[1], ARGV[5])
     return {"ok", attempts, started_at}
 

@@ -9,9 +9,7 @@ State changes go to `jobyard.job_engine.lifecycle` (job log, metrics, webhook ev
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import traceback
 from typing import Any
 
@@ -21,30 +19,15 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 from jobyard.job_engine import JobSpec, PermanentError
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.queue.context import Cancelled, DramatiqContext, LostOwnership, Suspend, Throttled
+from jobyard.queue.eager import discard_loop, run_eagerly
 from jobyard.queue.messages import RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
 from jobyard.queue.queues import retry_policy
 from jobyard.queue.store import NO_DELIVERY, Delivery, JobStore, StartResult
 
 log = logging.getLogger("jobyard.worker")
-_loops = threading.local()
 #: Set on a MessageProxy once a jobyard Lua call has acked it (see JobyardConsumer).
 ACKED = "jobyard_acked"
 ENGINE = "dramatiq"
-
-
-def _event_loop() -> asyncio.AbstractEventLoop:
-    """One loop per worker thread, reused across messages (asyncio.run per job costs ~100 us)."""
-    loop = getattr(_loops, "loop", None)
-    if loop is None or loop.is_closed():
-        loop = _loops.loop = asyncio.new_event_loop()
-    return loop
-
-
-def _discard_event_loop() -> None:
-    loop = getattr(_loops, "loop", None)
-    if loop is not None:
-        loop.close()
-        _loops.loop = None
 
 
 class JobRunner:
@@ -117,7 +100,7 @@ class _Run:
     def execute(self) -> None:
         try:
             model = self.spec.validate(self.payload)
-            result = _event_loop().run_until_complete(self.spec.handler(self.ctx, model))
+            result = run_eagerly(self.spec.handler(self.ctx, model))
         except Suspend as suspend:
             self.reschedule("running", suspend.seconds, resume=True)
         except Throttled as throttled:
@@ -130,7 +113,7 @@ class _Run:
                 self.event("cancelled", None)
         except (Exception, TimeLimitExceeded) as exc:
             if isinstance(exc, TimeLimitExceeded):
-                _discard_event_loop()
+                discard_loop()
             self.failed(exc)
         else:
             self.succeeded(result)

@@ -1,7 +1,8 @@
 """The job log: every job's life in the database, written off the hot path.
 
 `record(job_id, name, state=..., ...)` appends an event to an in-process buffer (a deque
-append: no I/O on the dispatch path or in the worker loop); a background thread merges the
+append: no I/O on the dispatch path or in the worker loop; times stay unix seconds until the
+flush turns them into datetimes); a background thread merges the
 buffered events per job and upserts them in one statement every `JOBYARD_JOB_LOG_INTERVAL`
 seconds. Events from different processes can arrive out of order (a web process flushes
 "queued" after the worker flushed "succeeded"), so a row's state only moves to an event at
@@ -36,6 +37,8 @@ LATEST = (
     "engine", "state", "result", "error_class", "error_message", "error_traceback",
     "finished_at", "duration_ms", "state_at",
 )  # fmt: skip
+#: Columns given in unix seconds to `record`, stored as timestamps.
+TIMESTAMPS = ("enqueued_at", "started_at", "finished_at")
 #: Progress follows the newest report; attempts only grow.
 #: Beyond this many unflushed events (a long database outage), the oldest are dropped.
 MAX_BUFFER = 200_000
@@ -110,7 +113,12 @@ def merge(events: list[tuple[float, str, dict[str, Any]]]) -> list[dict[str, Any
         if "state" in fields:
             row["state_at"] = _utc(ts)
     columns = ("job_id", *STICKY, *LATEST, "progress", "attempts")
-    return [{c: row.get(c) for c in columns} for row in rows.values()]
+    merged = [{c: row.get(c) for c in columns} for row in rows.values()]
+    for row in merged:
+        for column in TIMESTAMPS:
+            if row[column] is not None:
+                row[column] = _utc(row[column])
+    return merged
 
 
 def upsert(rows: list[dict[str, Any]], url: str | None = None) -> None:
@@ -161,12 +169,15 @@ def _json_default(value: Any) -> Any:
 
 
 _writer: JobLogWriter | None = None
+_enabled: bool | None = None  # JOBYARD_JOB_LOG, read once per process (reset_writer reads again)
 
 
 def writer() -> JobLogWriter | None:
     """The process's writer, or None when the job log is switched off (JOBYARD_JOB_LOG=false)."""
-    global _writer
-    if not env.get_bool(env.JOB_LOG):
+    global _writer, _enabled
+    if _enabled is None:
+        _enabled = env.get_bool(env.JOB_LOG)
+    if not _enabled:
         return None
     if _writer is None:
         _writer = JobLogWriter()
@@ -180,7 +191,8 @@ def record(job_id: str, **fields: Any) -> None:
 
 
 def reset_writer() -> None:
-    global _writer
+    global _writer, _enabled
+    _enabled = None
     if _writer is not None:
         try:
             _writer.flush()
