@@ -43,10 +43,12 @@ def set_env(**values: str) -> None:
     os.environ.update(values)
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     from jobyard.dispatcher import reset_dispatcher
+    from jobyard.job_engine.db.joblog import reset_writer
     from jobyard.queue.client import reset_clients
 
     reset_dispatcher()
     reset_clients()
+    reset_writer()  # reads JOBYARD_JOB_LOG again
 
 
 @contextlib.contextmanager

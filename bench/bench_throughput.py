@@ -1,132 +1,258 @@
 """End-to-end throughput of `system.echo` through `jobyard worker` against a bare Dramatiq
-actor with the same processes and threads, on the same kind of fresh Redis, in one run.
+actor with the same processes and threads, each on its own fresh Redis.
 
 Target: jobyard at least 0.8x bare Dramatiq.
+
+This machine's speed drifts by up to 2x over tens of seconds (shared cores), so back-to-back
+runs compare different machines. Instead every contender is started with a full queue and
+paused (SIGSTOP on its process group), then they take turns: each in turn is resumed alone,
+given a moment to settle, measured for a slice, and paused again. Drift then hits every
+contender alike, and each still has the whole machine while it is measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from _common import ROOT, Proc, RedisServer, fresh_database, set_env
 
 QUEUE_MESSAGES = "dramatiq:default.msgs"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def drain_rate(redis_server: RedisServer, total: int, timeout: float = 300) -> float:
-    """Jobs per second, from the first acknowledged message to the last."""
-    client = redis_server.client()
-    started_at = started_count = None
+def cpu_seconds(session_id: int) -> tuple[float, float]:
+    """User + system CPU of every live process in a session (a worker and its children), and
+    of every PostgreSQL process (where the job log is written)."""
+    session = postgres = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        fields = rest.split()  # counted from field 3 of stat (state)
+        if int(fields[3]) == session_id:
+            session += int(fields[11]) + int(fields[12])
+        elif comm.endswith("(postgres"):
+            postgres += int(fields[11]) + int(fields[12])
+    return session / CLOCK_TICKS, postgres / CLOCK_TICKS
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
+
+
+@dataclass
+class Contender:
+    label: str
+    redis_server: RedisServer
+    session: int  # process group of the worker and its children
+    stop_worker: object  # callable
+    total: int
+    jobs: list[int] = field(default_factory=list)  # per slice
+    seconds: list[float] = field(default_factory=list)
+    worker_cpu: float = 0.0
+    redis_cpu: float = 0.0
+    postgres_cpu: float = 0.0
+    busy: float = 0.0
+    machine: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.client = self.redis_server.client()
+
+    def left(self) -> int:
+        return self.client.hlen(QUEUE_MESSAGES)
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.session, sig)
+
+    def sample(self) -> tuple[int, float, tuple[float, float], float, tuple[float, float]]:
+        info = self.client.info("cpu")
+        return (
+            self.left(),
+            time.perf_counter(),
+            cpu_seconds(self.session),
+            float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+            machine_busy(),
+        )
+
+    def measure(self, settle: float, seconds: float) -> None:
+        self.signal(signal.SIGCONT)
+        time.sleep(settle)
+        before = self.sample()
+        time.sleep(seconds)
+        after = self.sample()
+        self.signal(signal.SIGSTOP)
+        self.jobs.append(before[0] - after[0])
+        self.seconds.append(after[1] - before[1])
+        self.worker_cpu += after[2][0] - before[2][0]
+        self.postgres_cpu += after[2][1] - before[2][1]
+        self.redis_cpu += after[3] - before[3]
+        self.busy += after[4][0] - before[4][0]
+        self.machine += after[4][1] - before[4][1]
+
+    @property
+    def rate(self) -> float:
+        return sum(self.jobs) / sum(self.seconds)
+
+    def per_job_us(self, cpu: float) -> float:
+        return cpu / max(sum(self.jobs), 1) * 1e6
+
+    def close(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.stop_worker()
+        self.redis_server.stop()
+
+
+def warm_up(contender: Contender, seconds: float = 1.5, timeout: float = 60) -> None:
+    """Until the worker has taken its first job and then run `seconds` more (every process
+    started, connections open), then pause it."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        left = client.hlen(QUEUE_MESSAGES)
-        now = time.perf_counter()
-        if started_at is None and left < total:
-            started_at, started_count = now, left
-        if left == 0:
-            return started_count / (now - started_at)
-        time.sleep(0.005)
-    raise TimeoutError(f"{client.hlen(QUEUE_MESSAGES)} jobs left after {timeout}s")
+    while contender.left() >= contender.total and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if contender.left() >= contender.total:
+        raise TimeoutError(f"{contender.label}: the worker took no job in {timeout}s")
+    time.sleep(seconds)
+    contender.signal(signal.SIGSTOP)
 
 
-def run_bare(n: int, processes: int, threads: int) -> float:
+def start_bare(n: int, processes: int, threads: int) -> Contender:
     import dramatiq
     from dramatiq.brokers.redis import RedisBroker
 
     redis_server = RedisServer().start()
-    try:
-        env = {**os.environ, "REDIS_URL": redis_server.url, "PYTHONPATH": str(ROOT / "bench")}
-        broker = RedisBroker(url=redis_server.url, namespace="dramatiq")
-        noop = dramatiq.Actor(
-            lambda job_id, payload: None, broker=broker, actor_name="noop",
-            queue_name="default", priority=0, options={"max_retries": 0},
-        )  # fmt: skip
-        for i in range(n):
-            noop.send(str(i), {"n": i})
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "_bare_worker", "--processes", str(processes),
-             "--threads", str(threads)],
-            env=env, cwd=ROOT / "bench", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            return drain_rate(redis_server, n)
-        finally:
-            worker.terminate()
-            worker.wait(30)
-            broker.close()
-    finally:
-        redis_server.stop()
+    env = {**os.environ, "REDIS_URL": redis_server.url, "PYTHONPATH": str(ROOT / "bench")}
+    broker = RedisBroker(url=redis_server.url, namespace="dramatiq")
+    noop = dramatiq.Actor(
+        lambda job_id, payload: None, broker=broker, actor_name="noop",
+        queue_name="default", priority=0, options={"max_retries": 0},
+    )  # fmt: skip
+    for i in range(n):  # sending is cheap: queue more than the others, so bare never runs dry
+        noop.send(str(i), {"n": i})
+    broker.close()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dramatiq", "_bare_worker", "--processes", str(processes),
+         "--threads", str(threads)],
+        env=env, cwd=ROOT / "bench", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+
+    def stop() -> None:
+        worker.terminate()
+        worker.wait(30)
+
+    contender = Contender("bare dramatiq", redis_server, worker.pid, stop, n)
+    warm_up(contender)
+    return contender
 
 
-def run_jobyard(
-    n: int, processes: int, threads: int, extra_env: dict[str, str] | None = None
-) -> float:
+def start_jobyard(
+    label: str, n: int, processes: int, threads: int, extra_env: dict[str, str]
+) -> Contender:
     redis_server = RedisServer().start()
-    try:
-        set_env(
-            REDIS_URL=redis_server.url,
-            USE_DRAMATIQ="true",
-            WORKER_CONCURRENCY_DEFAULT=str(threads),
-            **(extra_env or {}),
-        )
-        from jobyard.dispatcher import dispatch_job
-        from jobyard.queue.client import get_client
-        from jobyard.queue.store import JobStore
+    set_env(
+        REDIS_URL=redis_server.url,
+        USE_DRAMATIQ="true",
+        WORKER_CONCURRENCY_DEFAULT=str(threads),
+        **extra_env,
+    )
+    from jobyard.dispatcher import dispatch_job
+    from jobyard.job_engine.db.joblog import reset_writer
+    from jobyard.queue.client import get_client
+    from jobyard.queue.store import JobStore
 
-        store = JobStore(get_client())
-        store.heartbeat(f"bench:{uuid.uuid4().hex[:6]}", "bench", ["default"])  # dispatch needs one
-        for i in range(n):
-            handle = dispatch_job("system.echo", {"n": i})
-            assert handle.engine == "dramatiq"
-        worker = Proc(
-            ["worker", "--queues", "default", "--processes", str(processes)], dict(os.environ)
-        )
-        try:
-            return drain_rate(redis_server, n)
-        finally:
-            worker.stop()
-    finally:
-        redis_server.stop()
+    store = JobStore(get_client())
+    bench_worker = f"bench:{uuid.uuid4().hex[:6]}"
+    for i in range(n):
+        if i % 1000 == 0:  # dispatch needs a live worker; the real one starts after
+            store.heartbeat(bench_worker, "bench", ["default"])
+        handle = dispatch_job("system.echo", {"n": i})
+        assert handle.engine == "dramatiq"
+    store.deregister(bench_worker, ["default"])
+    reset_writer()  # this process's job log rows are written before anyone is measured
+    command = ["worker", "--queues", "default", "--processes", str(processes)]
+    worker = Proc(command, dict(os.environ))
+    contender = Contender(label, redis_server, worker.pid, worker.stop, n)
+    warm_up(contender)
+    return contender
 
 
-def main(n: int = 20000, processes: int = 2, threads: int = 8, rounds: int = 3) -> dict[str, float]:
-    """Alternates bare Dramatiq, jobyard with the job log and jobyard without it, and compares
-    within each round: the machine is noisy."""
-    rows = []
+def main(
+    n: int = 30000,
+    processes: int = 2,
+    threads: int = 8,
+    rounds: int = 10,
+    slice_seconds: float = 0.8,
+    settle: float = 0.15,
+) -> dict[str, float]:
+    contenders: list[Contender] = []
     with fresh_database() as database_url:
         os.environ["DATABASE_URL"] = database_url
-        for _ in range(rounds):
-            bare = run_bare(n, processes, threads)
-            logged = run_jobyard(n, processes, threads, {"JOBYARD_JOB_LOG": "true"})
-            unlogged = run_jobyard(n, processes, threads, {"JOBYARD_JOB_LOG": "false"})
-            rows.append((bare, logged, unlogged))
-            print(
-                f"  round: bare {bare:6.0f}/s  jobyard {logged:6.0f}/s  "
-                f"jobyard without job log {unlogged:6.0f}/s"
-            )
-    ratio = statistics.median(logged / bare for bare, logged, _ in rows)
-    log_ratio = statistics.median(logged / unlogged for _, logged, unlogged in rows)
-    bare_m, logged_m, unlogged_m = (statistics.median(col) for col in zip(*rows, strict=True))
-    print(f"{processes} processes x {threads} threads, {n} no-op jobs, {rounds} rounds (medians)")
-    print(f"bare dramatiq:                 {bare_m:8.0f} jobs/s")
-    print(f"jobyard system.echo:           {logged_m:8.0f} jobs/s (job log on, PostgreSQL)")
-    print(f"jobyard, job log off:          {unlogged_m:8.0f} jobs/s")
-    print(f"jobyard / bare = {ratio:.2f}x   (target >= 0.8x)")
+        try:
+            contenders.append(start_bare(2 * n, processes, threads))
+            for label, log in (("jobyard system.echo", "true"), ("jobyard, job log off", "false")):
+                contenders.append(
+                    start_jobyard(label, n, processes, threads, {"JOBYARD_JOB_LOG": log})
+                )
+            for turn in range(rounds):
+                if min(c.left() for c in contenders) < n // 8:
+                    break  # a queue is nearly empty: its worker would idle in the slice
+                order = contenders[turn % 3 :] + contenders[: turn % 3]
+                for contender in order:
+                    contender.measure(settle, slice_seconds)
+        finally:
+            for contender in contenders:
+                contender.close()
+    return report(contenders, processes, threads)
+
+
+def report(contenders: list[Contender], processes: int, threads: int) -> dict[str, float]:
+    bare, logged, unlogged = contenders
+    slices = len(bare.jobs)
+    print(
+        f"{processes} processes x {threads} threads, no-op jobs, {slices} interleaved slices of "
+        f"{statistics.fmean(bare.seconds):.2f}s each"
+    )
+    print("CPU per job:              jobs/s      worker       Redis  PostgreSQL  machine busy")
+    for c in contenders:
+        print(
+            f"{c.label:<24} {c.rate:8.0f}  {c.per_job_us(c.worker_cpu):7.0f} us "
+            f"{c.per_job_us(c.redis_cpu):7.0f} us  {c.per_job_us(c.postgres_cpu):7.0f} us"
+            f"  {c.busy / c.machine:8.0%}"
+        )
+    per_slice = [
+        (j / s) / (bj / bs)
+        for j, s, bj, bs in zip(logged.jobs, logged.seconds, bare.jobs, bare.seconds, strict=True)
+    ]
+    ratio = logged.rate / bare.rate
+    log_ratio = logged.rate / unlogged.rate
+    print(
+        f"jobyard / bare = {ratio:.2f}x   (target >= 0.8x; slice by slice "
+        f"{min(per_slice):.2f}-{max(per_slice):.2f}, median {statistics.median(per_slice):.2f})"
+    )
+    print(f"jobyard without job log / bare = {unlogged.rate / bare.rate:.2f}x")
     print(f"job log on / off = {log_ratio:.2f}x   (target >= 0.8x)")
     return {"throughput_ratio": ratio, "job_log_ratio": log_ratio}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("-n", type=int, default=20000)
+    parser.add_argument("-n", type=int, default=30000, help="jobs queued per contender")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--slice", type=float, default=0.8, help="seconds measured per turn")
     args = parser.parse_args()
-    main(args.n, args.processes, args.threads, args.rounds)
+    main(args.n, args.processes, args.threads, args.rounds, args.slice)

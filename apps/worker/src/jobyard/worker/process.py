@@ -77,9 +77,11 @@ class WorkerProcess:
             broker.add_middleware(self.in_flight)
             self.brokers[queue] = broker
             self.limits_ms[queue] = int(config.time_limit * 1000)
-            self.workers[queue] = dramatiq.Worker(
+            worker = dramatiq.Worker(
                 broker, queues={queue}, worker_threads=config.concurrency, worker_timeout=200
             )
+            worker.queue_prefetch = config.prefetch
+            self.workers[queue] = worker
         self.heartbeat = Heartbeat(
             self.store,
             self.brokers,

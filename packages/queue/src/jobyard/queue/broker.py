@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import dramatiq
@@ -19,13 +20,45 @@ from jobyard.queue.store import JobStore
 
 
 class JobyardConsumer(_RedisConsumer):
-    """Skips the ack round trip for messages a jobyard Lua call has already acked."""
+    """Dramatiq's Redis consumer, with two changes:
+
+    - it skips the ack round trip for messages a jobyard Lua call has already acked;
+    - it refills its prefetch window in batches, once half of it is free, and waits for that
+      on the acks. Dramatiq's consumer fetches whatever is free, often one message per round
+      trip, and when the window is full sleeps with a growing backoff (5, 10, 20 ms...) in
+      which a busy worker's threads run dry.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slot_freed = threading.Event()
+
+    def window_full(self) -> bool:
+        return self.outstanding_message_count > self.prefetch // 2
+
+    def __next__(self):
+        if not self.message_cache and self.window_full():
+            self.slot_freed.clear()
+            if self.window_full():
+                self.slot_freed.wait(self.timeout / 1000)
+            if self.window_full():
+                return None  # the consumer thread calls again
+        return super().__next__()
+
+    def _settled(self, message) -> None:
+        """Called from worker threads as each message is done."""
+        self.queued_message_ids.discard(message.message_id)
+        if not self.window_full():
+            self.slot_freed.set()
 
     def ack(self, message):
         if getattr(message, ACKED, False):
-            self.queued_message_ids.discard(message.message_id)
+            self._settled(message)
             return
-        super().ack(message)
+        try:
+            super().ack(message)
+        finally:
+            self._settled(message)
 
     def nack(self, message):
         """A jobyard message fails only when Redis failed under the runner's own bookkeeping:
@@ -35,7 +68,7 @@ class JobyardConsumer(_RedisConsumer):
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from None
         finally:
-            self.queued_message_ids.discard(message.message_id)
+            self._settled(message)
 
 
 class JobyardBroker(RedisBroker):

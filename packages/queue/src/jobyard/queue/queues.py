@@ -1,7 +1,11 @@
 """The queue registry: each queue's concurrency, time limit and retry defaults, env-overridable.
 
-`WORKER_CONCURRENCY_<QUEUE>`, `QUEUE_TIME_LIMIT_<QUEUE>` (seconds) and
+`WORKER_CONCURRENCY_<QUEUE>`, `WORKER_PREFETCH_<QUEUE>`, `QUEUE_TIME_LIMIT_<QUEUE>` (seconds) and
 `QUEUE_MAX_ATTEMPTS_<QUEUE>` override the defaults; <QUEUE> is the name upper-cased with `-` as `_`.
+
+Prefetch is how many messages a worker process holds per queue (running or waiting for a
+thread), as a multiple of its concurrency: a high one keeps threads busy on short jobs; a low
+one leaves long jobs on the queue for other workers.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ class QueueConfig:
     time_limit: float  # seconds; a job on this queue never runs longer, whatever it declares
     max_attempts: int  # cap on a job's declared attempts
     description: str
+    prefetch_factor: int = 2  # messages held per worker process, per thread
+
+    @property
+    def prefetch(self) -> int:
+        return max(1, self.concurrency * self.prefetch_factor)
 
     @staticmethod
     def env_suffix(name: str) -> str:
@@ -36,15 +45,16 @@ class QueueConfig:
             time_limit=env.get_float(f"QUEUE_TIME_LIMIT_{suffix}", self.time_limit),
             max_attempts=env.get_int(f"QUEUE_MAX_ATTEMPTS_{suffix}", self.max_attempts),
             description=self.description,
+            prefetch_factor=env.get_int(f"WORKER_PREFETCH_{suffix}", self.prefetch_factor),
         )
 
 
 _QUEUES = {
     q.name: q
     for q in (
-        QueueConfig(DEFAULT, 10, 300, 10, "high concurrency, short I/O jobs"),
-        QueueConfig(DATA_SYNC, 2, 3600, 5, "low concurrency, long-running, DB-heavy jobs"),
-        QueueConfig(SCHEDULED, 4, 1800, 5, "scheduled and periodic maintenance"),
+        QueueConfig(DEFAULT, 10, 300, 10, "high concurrency, short I/O jobs", prefetch_factor=4),
+        QueueConfig(DATA_SYNC, 2, 3600, 5, "low concurrency, long-running, DB-heavy jobs", 1),
+        QueueConfig(SCHEDULED, 4, 1800, 5, "scheduled and periodic maintenance", 1),
     )
 }
 
