@@ -190,7 +190,7 @@ def start_jobyard(
 
 
 def main(
-    n: int = 30000,
+    n: int = 40000,
     processes: int = 2,
     threads: int = 8,
     rounds: int = 10,
@@ -249,7 +249,7 @@ def report(contenders: list[Contender], processes: int, threads: int) -> dict[st
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("-n", type=int, default=30000, help="jobs queued per contender")
+    parser.add_argument("-n", type=int, default=40000, help="jobs queued per contender")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10)

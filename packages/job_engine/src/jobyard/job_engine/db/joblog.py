@@ -37,9 +37,10 @@ LATEST = (
     "engine", "state", "result", "error_class", "error_message", "error_traceback",
     "finished_at", "duration_ms", "state_at",
 )  # fmt: skip
-#: Columns given in unix seconds to `record`, stored as timestamps.
-TIMESTAMPS = ("enqueued_at", "started_at", "finished_at")
+#: Columns given in unix seconds to `record` (state_at: the event's time), stored as timestamps.
+TIMESTAMPS = ("enqueued_at", "started_at", "finished_at", "state_at")
 #: Progress follows the newest report; attempts only grow.
+COLUMNS = ("job_id", *STICKY, *LATEST, "progress", "attempts")
 #: Beyond this many unflushed events (a long database outage), the oldest are dropped.
 MAX_BUFFER = 200_000
 
@@ -100,47 +101,47 @@ class JobLogWriter:
 
 
 def merge(events: list[tuple[float, str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per job: sticky columns keep their first value, the rest follow the newest event."""
+    """One row per job: sticky columns keep their first value, the rest follow the newest event.
+    Rows hold only the columns some event set (the rest stay NULL, i.e. unchanged), with times
+    still in unix seconds."""
     rows: dict[str, dict[str, Any]] = {}
     for ts, job_id, fields in sorted(events, key=lambda e: e[0]):
-        row = rows.setdefault(job_id, {"job_id": job_id})
+        row = rows.get(job_id)
+        if row is None:
+            row = rows[job_id] = {"job_id": job_id}
         for key, value in fields.items():
-            if value is None:
-                continue
-            if key in STICKY and row.get(key) is not None:
+            if value is None or (key in STICKY and key in row):
                 continue
             row[key] = value
-        if "state" in fields:
-            row["state_at"] = _utc(ts)
-    columns = ("job_id", *STICKY, *LATEST, "progress", "attempts")
-    merged = [{c: row.get(c) for c in columns} for row in rows.values()]
-    for row in merged:
-        for column in TIMESTAMPS:
-            if row[column] is not None:
-                row[column] = _utc(row[column])
-    return merged
+        if fields.get("state") is not None:
+            row["state_at"] = ts
+    return list(rows.values())
 
 
 def upsert(rows: list[dict[str, Any]], url: str | None = None) -> None:
     """One upsert statement per batch. On PostgreSQL the rows travel as a single JSON array
-    (jsonb_populate_recordset), which costs a fraction of binding every row's parameters."""
+    (jsonb_populate_recordset; absent keys are NULL), which costs a fraction of binding every
+    row's parameters."""
     engine = get_engine(url)
     for row in rows:
-        row["state"] = row["state"] or "queued"
-        row["name"] = row["name"] or "unknown"
-        row["attempts"] = row["attempts"] or 0
+        row.setdefault("state", "queued")
+        row.setdefault("name", "unknown")
+        row.setdefault("attempts", 0)
+        for column in TIMESTAMPS:
+            if column in row:
+                row[column] = _utc(row[column])
     table = JobLog.__table__
     if engine.dialect.name == "postgresql":
-        columns = list(rows[0])
         source = func.jsonb_populate_recordset(
             literal_column(f"NULL::{table.name}"), cast(bindparam("rows"), JSONB)
-        ).table_valued(*columns)
+        ).table_valued(*COLUMNS)
         statement = postgresql.insert(table).from_select(
-            columns, select(*[source.c[c] for c in columns])
+            COLUMNS, select(*[source.c[c] for c in COLUMNS])
         )
         parameters: Any = {"rows": json.dumps(rows, default=_json_default)}
     else:
-        statement, parameters = sqlite.insert(table), rows
+        statement = sqlite.insert(table)
+        parameters = [{c: row.get(c) for c in COLUMNS} for row in rows]
     statement = statement.on_conflict_do_update(
         index_elements=["job_id"], set_=_merge_rules(statement.excluded)
     )
