@@ -147,6 +147,10 @@ def run_dev(check_canary: bool = True, api_port: int = 8000) -> int:
         # Blocked, so that sigwait (not a KeyboardInterrupt mid-cleanup) receives them.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         signal.sigwait(STOP_SIGNALS)
+        # A Ctrl-C reaches us twice under `uv run` (the terminal's, and uv's forwarded copy),
+        # and another thread may take the second one: ignore the rest while we clean up.
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_IGN)
         _say("stopping")
         return 0
     finally:
