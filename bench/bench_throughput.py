@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class Contender:
     label: str
     redis_server: RedisServer
     session: int  # process group of the worker and its children
-    stop_worker: object  # callable
+    stop_worker: Callable[[], object]
     total: int
     jobs: list[int] = field(default_factory=list)  # per slice
     seconds: list[float] = field(default_factory=list)

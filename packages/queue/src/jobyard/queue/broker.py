@@ -38,11 +38,9 @@ class JobyardConsumer(_RedisConsumer):
 
     def __next__(self):
         if not self.message_cache and self.window_full():
-            self.slot_freed.clear()
-            if self.window_full():
-                self.slot_freed.wait(self.timeout / 1000)
-            if self.window_full():
-                return None  # the consumer thread calls again
+            self.slot_freed.clear()  # then look again, so an ack in between is not missed
+            if self.window_full() and not self.slot_freed.wait(self.timeout / 1000):
+                return None  # still full: the consumer thread calls again
         return super().__next__()
 
     def _settled(self, message) -> None:
@@ -52,11 +50,9 @@ class JobyardConsumer(_RedisConsumer):
             self.slot_freed.set()
 
     def ack(self, message):
-        if getattr(message, ACKED, False):
-            self._settled(message)
-            return
         try:
-            super().ack(message)
+            if not getattr(message, ACKED, False):
+                super().ack(message)
         finally:
             self._settled(message)
 

@@ -53,8 +53,10 @@ _QUEUES = {
     q.name: q
     for q in (
         QueueConfig(DEFAULT, 10, 300, 10, "high concurrency, short I/O jobs", prefetch_factor=4),
-        QueueConfig(DATA_SYNC, 2, 3600, 5, "low concurrency, long-running, DB-heavy jobs", 1),
-        QueueConfig(SCHEDULED, 4, 1800, 5, "scheduled and periodic maintenance", 1),
+        QueueConfig(
+            DATA_SYNC, 2, 3600, 5, "low concurrency, long-running, DB-heavy jobs", prefetch_factor=1
+        ),
+        QueueConfig(SCHEDULED, 4, 1800, 5, "scheduled and periodic maintenance", prefetch_factor=1),
     )
 }
 

@@ -15,6 +15,7 @@ from jobyard.queue import keys
 
 RECORD_TTL_SECONDS = 7 * 24 * 3600
 _SCRIPT = resources.files("jobyard.queue").joinpath("jobyard.lua").read_text()
+_SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def _text(value: Any) -> str:
 class JobStore:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+        self._sha = _SCRIPT_SHA
 
     def _call(self, keys_: list[str], *args: Any) -> Any:
         # EVALSHA directly: redis-py's Script wrapper costs a few microseconds a call, and

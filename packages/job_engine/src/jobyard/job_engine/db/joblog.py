@@ -39,7 +39,7 @@ LATEST = (
 )  # fmt: skip
 #: Columns given in unix seconds to `record` (state_at: the event's time), stored as timestamps.
 TIMESTAMPS = ("enqueued_at", "started_at", "finished_at", "state_at")
-#: Progress follows the newest report; attempts only grow.
+#: Every column an upsert names; progress follows the newest report, attempts only grow.
 COLUMNS = ("job_id", *STICKY, *LATEST, "progress", "attempts")
 #: Beyond this many unflushed events (a long database outage), the oldest are dropped.
 MAX_BUFFER = 200_000
