@@ -66,7 +66,11 @@ class WorkerProcess:
 
         self.queues = queues
         self.worker_id = new_worker_id()
-        self.store = JobStore(get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT)))
+        # With the job log on, every job change is marked for the supervisor's shipper.
+        self.store = JobStore(
+            get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT)),
+            log_changes=env.get_bool(env.JOB_LOG),
+        )
         self.in_flight = InFlight()
         self.brokers: dict[str, RedisBroker] = {}
         self.workers: dict[str, dramatiq.Worker] = {}

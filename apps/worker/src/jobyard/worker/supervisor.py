@@ -1,4 +1,5 @@
-"""`jobyard worker`: starts N worker processes, restarts any that die, forwards SIGTERM."""
+"""`jobyard worker`: starts N worker processes, restarts any that die, forwards SIGTERM, and
+ships the job log of their jobs from Redis to the database (see shipper.py)."""
 
 from __future__ import annotations
 
@@ -42,12 +43,26 @@ def _serve_metrics() -> None:
     log.info("worker metrics on :%d/metrics", port)
 
 
+def _start_shipper(stop: threading.Event) -> threading.Thread | None:
+    """The job log's shipper; the worker processes mark changed jobs for it (env.JOB_LOG)."""
+    if not env.get_bool(env.JOB_LOG):
+        return None
+    from jobyard.queue.client import get_client
+    from jobyard.queue.store import JobStore
+    from jobyard.worker.shipper import JobLogShipper
+
+    store = JobStore(get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT)))
+    return JobLogShipper(store, env.get_float(env.JOB_LOG_INTERVAL)).start(stop)
+
+
 def run_workers(queues: list[str], processes: int) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
     )
     joined = ",".join(queues)
     _serve_metrics()
+    shipper_stop = threading.Event()
+    shipper = _start_shipper(shipper_stop)
     children = [_spawn(joined) for _ in range(processes)]
     stopping = threading.Event()
 
@@ -77,4 +92,7 @@ def run_workers(queues: list[str], processes: int) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
             code |= 1
+    if shipper is not None:  # the last jobs' changes, now that no worker makes more
+        shipper_stop.set()
+        shipper.join(KILL_MARGIN)
     return code

@@ -38,28 +38,32 @@ def job_event(
     traceback: str | None = None,
     payload: Any = None,
     webhook_url: str | None = None,
+    logged: bool = False,
 ) -> None:
-    """Record a state change. Never raises: bookkeeping must not fail a job."""
+    """Record a state change. Never raises: bookkeeping must not fail a job.
+    `logged`: the engine already put the change in the job log's outbox (a Dramatiq worker
+    does, in the Lua call that made it), so only metrics and the webhook event are left."""
     now = time.time()
     final = state in FINAL_STATES
     try:
-        joblog.record(
-            job_id,
-            ts=now,
-            name=name,
-            queue=queue,
-            engine=engine,
-            state=state,
-            attempts=attempts,
-            started_at=started_at,
-            finished_at=now if final else None,
-            duration_ms=int((now - started_at) * 1000) if final and started_at else None,
-            result=result if state == "succeeded" else None,
-            error_class=error_class,
-            error_message=(error or "")[:2000] or None,
-            error_traceback=traceback,
-            payload=payload,
-        )
+        if not logged:
+            joblog.record(
+                job_id,
+                ts=now,
+                name=name,
+                queue=queue,
+                engine=engine,
+                state=state,
+                attempts=attempts,
+                started_at=started_at,
+                finished_at=now if final else None,
+                duration_ms=int((now - started_at) * 1000) if final and started_at else None,
+                result=result if state == "succeeded" else None,
+                error_class=error_class,
+                error_message=(error or "")[:2000] or None,
+                error_traceback=traceback,
+                payload=payload,
+            )
         labels = (name, queue or "", engine)
         if final:
             _labelled(metrics.JOBS, *labels, state).inc()
@@ -78,9 +82,12 @@ def job_event(
         log.exception("could not record %s of job %s", state, job_id)
 
 
-def progress_event(job_id: str, name: str, value: Any, seq: int, webhook_url: str | None) -> None:
+def progress_event(
+    job_id: str, name: str, value: Any, seq: int, webhook_url: str | None, *, logged: bool = False
+) -> None:
     try:
-        joblog.record(job_id, name=name, progress=value)
+        if not logged:
+            joblog.record(job_id, name=name, progress=value)
         if webhook_url:
             body = {"job_id": job_id, "name": name, "event": "progress", "progress": value}
             notify(webhook_url, body, f"{job_id}:progress:{seq}")

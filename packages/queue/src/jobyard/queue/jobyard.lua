@@ -3,7 +3,8 @@
 --
 -- Key layout (names built in jobyard/queue/keys.py; all keys are passed in KEYS):
 --   jobyard:job:<id>        hash  name queue engine state attempts seq started_seq rmid
---                                 enqueued_at started_at finished_at result error error_class progress
+--                                 enqueued_at started_at finished_at result error error_class
+--                                 traceback progress payload
 --       engine: "dramatiq" | "temporal" (a tombstone: the job belongs to Temporal)
 --       state:  queued | running | retrying | succeeded | failed | dead | cancelled
 --               (failed: a permanent error; dead: retries exhausted; both keep the payload)
@@ -12,6 +13,11 @@
 --               seq is stale (a duplicate left by a crash) and is dropped
 --   jobyard:steps:<id>      hash  step name -> JSON result
 --   jobyard:workers:<queue> zset  worker id -> last heartbeat, ms on Redis's clock
+--   jobyard:joblog:changes  zset  job key -> when a worker last changed it (ms, with µs);
+--       the job log's outbox: a worker's call that changes a job marks it here in the same
+--       step, and the shipper (jobyard/worker/shipper.py) copies marked jobs to the database.
+--       Only when the caller passes it: as the KEY after the command's own (see OWN_KEYS).
+--   jobyard:joblog:shipper  str   the shipper holding the lease (one ships at a time)
 --   jobyard:rate:<job>:<n>  str   job starts in rate window n
 --   dramatiq:<queue>        list  message ids;  dramatiq:<queue>.msgs  hash id -> message
 --   dramatiq:__heartbeats__ zset  Dramatiq broker id -> last heartbeat (ms)
@@ -24,6 +30,18 @@ local command = ARGV[1]
 local function now_ms()
     local t = redis.call("time")
     return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- How many KEYS each job-changing worker command takes before the optional changes key.
+local OWN_KEYS = {start = 3, progress = 1, finish = 4, complete = 4, reschedule = 5}
+local changes_key = OWN_KEYS[command] and KEYS[OWN_KEYS[command] + 1]
+
+-- Marks KEYS[1] (the job) for the job log shipper; a no-op when the job log is off.
+local function changed()
+    if changes_key then
+        local t = redis.call("time")
+        redis.call("zadd", changes_key, tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000, KEYS[1])
+    end
 end
 
 local function live_workers(workers_key, timeout_ms)
@@ -68,6 +86,7 @@ local function start_checks(job_key, seq, is_resume)
     end
     if job[6] == "1" then
         redis.call("hset", job_key, "state", "cancelled", "finished_at", now_ms())
+        changed()
         return "cancelled"
     end
     local attempts = tonumber(job[4] or "0")
@@ -127,6 +146,7 @@ elseif command == "start" then
     started_at = started_at or now_ms()
     redis.call("hset", KEYS[1], "state", "running", "attempts", attempts, "started_seq", ARGV[2],
                "started_at", started_at)
+    changed()
     local result = {"ok", attempts, started_at}
     local steps = redis.call("hgetall", KEYS[2])
     for i = 1, #steps do
@@ -154,10 +174,12 @@ elseif command == "progress" then
         return "lost"
     end
     redis.call("hset", KEYS[1], "progress", ARGV[3])
+    changed()
     return "ok"
 
 -- finish: KEYS job, steps, dramatiq acks, dramatiq msgs
---         ARGV seq, state, result JSON, error, error class, ttl s, redis message id, payload JSON
+--         ARGV seq, state, result JSON, error, error class, ttl s, redis message id, payload JSON,
+--              traceback
 --         (the payload is kept for failed and dead jobs, so they can be replayed)
 -- -> "ok" | "lost".  A terminal state; the records expire after ttl. Acks the Dramatiq message
 -- in the same call (Dramatiq's own ack is then skipped), saving a round trip per job.
@@ -172,8 +194,12 @@ elseif command == "finish" then
     if ARGV[9] ~= "" then
         redis.call("hset", KEYS[1], "payload", ARGV[9])
     end
+    if ARGV[10] ~= "" then
+        redis.call("hset", KEYS[1], "traceback", ARGV[10])
+    end
     redis.call("expire", KEYS[1], ARGV[7])
     redis.call("expire", KEYS[2], ARGV[7])
+    changed()
     return "ok"
 
 -- complete: KEYS job, steps, dramatiq acks, dramatiq msgs
@@ -193,6 +219,7 @@ elseif command == "complete" then
     redis.call("hset", KEYS[1], "state", "succeeded", "result", ARGV[4], "attempts", attempts,
                "started_seq", ARGV[2], "started_at", started_at, "finished_at", now)
     redis.call("expire", KEYS[1], ARGV[5])
+    changed()
     return {"ok", attempts, started_at}
 
 -- reschedule: KEYS job, delay queue list, delay queue msgs, dramatiq acks, dramatiq msgs
@@ -211,6 +238,7 @@ elseif command == "reschedule" then
                "error", ARGV[7], "error_class", ARGV[8])
     redis.call("hset", KEYS[3], ARGV[5], ARGV[6])
     redis.call("rpush", KEYS[2], ARGV[5])
+    changed()
     return "ok"
 
 -- handoff: KEYS job, queue list, queue msgs, delay list, delay msgs   ARGV name, queue, ttl s
@@ -340,6 +368,26 @@ elseif command == "live_workers" then
     local timeout = tonumber(ARGV[2])
     redis.call("zremrangebyscore", KEYS[1], "-inf", now_ms() - 10 * timeout)
     return live_workers(KEYS[1], timeout)
+
+-- lease: KEYS lease   ARGV holder, ms   -> 1 if the holder has (or now takes) the lease, else 0
+elseif command == "lease" then
+    local holder = redis.call("get", KEYS[1])
+    if holder and holder ~= ARGV[2] then
+        return 0
+    end
+    redis.call("set", KEYS[1], ARGV[2], "px", ARGV[3])
+    return 1
+
+-- shipped: KEYS changes   ARGV job key, score, job key, score, ...   -> how many were removed
+-- Unmarks jobs the shipper wrote, unless a worker changed one again since it was read.
+elseif command == "shipped" then
+    local removed = 0
+    for i = 2, #ARGV, 2 do
+        if redis.call("zscore", KEYS[1], ARGV[i]) == ARGV[i + 1] then
+            removed = removed + redis.call("zrem", KEYS[1], ARGV[i])
+        end
+    end
+    return removed
 end
 
 return redis.error_reply("jobyard.lua: unknown command " .. tostring(command))

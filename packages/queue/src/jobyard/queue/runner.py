@@ -4,7 +4,8 @@ Dramatiq's own retries are off for jobyard actors: retries and durable sleeps ar
 here through `JobStore.reschedule`, which advances the job's seq and acks the current message
 in the same Lua call, so a crash can never leave the job with two live messages, or none.
 Every terminal call acks the message too, and marks it so that Dramatiq skips its own ack.
-State changes go to `jobyard.job_engine.lifecycle` (job log, metrics, webhook events).
+State changes go to `jobyard.job_engine.lifecycle` (metrics, webhook events, and the job log
+unless the store marks changes for the job log's shipper, see jobyard/worker/shipper.py).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class _Run:
             self.job_id, self.spec.name, state, queue=self.spec.queue, engine=ENGINE,
             attempts=start.attempts if start else None,
             started_at=start.started_at if start else None,
-            webhook_url=self.webhook_url, **fields,
+            webhook_url=self.webhook_url, logged=self.store.logs_changes, **fields,
         )  # fmt: skip
 
     def started(self, start: StartResult) -> None:
@@ -95,7 +96,10 @@ class _Run:
 
     def progressed(self, value: Any) -> None:
         self.progress_count += 1
-        progress_event(self.job_id, self.spec.name, value, self.progress_count, self.webhook_url)
+        progress_event(
+            self.job_id, self.spec.name, value, self.progress_count, self.webhook_url,
+            logged=self.store.logs_changes,
+        )  # fmt: skip
 
     def execute(self) -> None:
         try:
@@ -137,7 +141,7 @@ class _Run:
         owned = self.store.finish(
             self.job_id, self.seq, state, result=fields.get("result"),
             error=fields.get("error") or "", error_class=fields.get("error_class") or "",
-            delivery=self.delivery, payload=payload,
+            delivery=self.delivery, payload=payload, traceback=fields.get("traceback") or "",
         )  # fmt: skip
         self.acked = True
         if owned:  # a superseded copy (see seq) must not report an outcome

@@ -47,9 +47,16 @@ def _text(value: Any) -> str:
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, log_changes: bool = False) -> None:
+        """`log_changes`: mark every job this store changes in the job log's outbox, for the
+        shipper to copy to the database (a worker's store, when the job log is on)."""
         self.client = client
         self._sha = _SCRIPT_SHA
+        self._changes = [keys.job_log_changes()] if log_changes else []
+
+    @property
+    def logs_changes(self) -> bool:
+        return bool(self._changes)
 
     def _call(self, keys_: list[str], *args: Any) -> Any:
         # EVALSHA directly: redis-py's Script wrapper costs a few microseconds a call, and
@@ -93,7 +100,7 @@ class JobStore:
     ) -> StartResult:
         calls, period_ms = rate or (0, 0)
         reply = self._call(
-            [keys.job(job_id), keys.steps(job_id), keys.rate_prefix(job_name)],
+            [keys.job(job_id), keys.steps(job_id), keys.rate_prefix(job_name), *self._changes],
             "start",
             seq,
             "1" if resume else "0",
@@ -122,7 +129,8 @@ class JobStore:
         return _text(reply)
 
     def record_progress(self, job_id: str, seq: int, progress_json: str) -> bool:
-        return _text(self._call([keys.job(job_id)], "progress", seq, progress_json)) == "ok"
+        reply = self._call([keys.job(job_id), *self._changes], "progress", seq, progress_json)
+        return _text(reply) == "ok"
 
     def finish(
         self,
@@ -135,9 +143,10 @@ class JobStore:
         error_class: str = "",
         delivery: Delivery = NO_DELIVERY,
         payload: Any = None,
+        traceback: str = "",
     ) -> bool:
         reply = self._call(
-            [keys.job(job_id), keys.steps(job_id), *delivery.keys()],
+            [keys.job(job_id), keys.steps(job_id), *delivery.keys(), *self._changes],
             "finish",
             seq,
             state,
@@ -147,6 +156,7 @@ class JobStore:
             RECORD_TTL_SECONDS,
             delivery.redis_message_id,
             "" if payload is None else json.dumps(payload),
+            traceback,
         )
         return _text(reply) == "ok"
 
@@ -155,7 +165,7 @@ class JobStore:
     ) -> StartResult:
         """Start and finish a run that used no step, in one call; status "ok" or why not."""
         reply = self._call(
-            [keys.job(job_id), keys.steps(job_id), *delivery.keys()],
+            [keys.job(job_id), keys.steps(job_id), *delivery.keys(), *self._changes],
             "complete",
             seq,
             "1" if resume else "0",
@@ -188,6 +198,7 @@ class JobStore:
                 keys.dramatiq_queue(delay_queue),
                 keys.dramatiq_messages(delay_queue),
                 *delivery.keys(),
+                *self._changes,
             ],
             "reschedule",
             seq,
@@ -280,6 +291,27 @@ class JobStore:
 
     def live_workers(self, queue: str, heartbeat_timeout_ms: int) -> int:
         return int(self._call([keys.workers(queue)], "live_workers", heartbeat_timeout_ms))
+
+    def take_lease(self, name: str, holder: str, ms: int) -> bool:
+        """Take or extend the lease `name` for `holder`; False while someone else holds it."""
+        return bool(self._call([name], "lease", holder, ms))
+
+    def changed_jobs(self, limit: int) -> list[tuple[bytes, bytes]]:
+        """The oldest `limit` job keys in the job log's outbox, with their marks (as sent)."""
+        return self.client.zrange(
+            keys.job_log_changes(), 0, limit - 1, withscores=True, score_cast_func=bytes
+        )
+
+    def job_fields(self, job_keys: list[bytes], fields: tuple[str, ...]) -> list[list[Any]]:
+        pipe = self.client.pipeline(transaction=False)
+        for key in job_keys:
+            pipe.hmget(key, fields)
+        return pipe.execute()
+
+    def shipped(self, marks: list[tuple[bytes, bytes]]) -> int:
+        """Unmark shipped jobs, except any changed again since `changed_jobs` read them."""
+        flat = [part for mark in marks for part in mark]
+        return int(self._call([keys.job_log_changes()], "shipped", *flat))
 
     def get(self, job_id: str) -> dict[str, str] | None:
         raw = self.client.hgetall(keys.job(job_id))

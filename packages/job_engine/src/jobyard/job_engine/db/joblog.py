@@ -7,6 +7,9 @@ buffered events per job and upserts them in one statement every `JOBYARD_JOB_LOG
 seconds. Events from different processes can arrive out of order (a web process flushes
 "queued" after the worker flushed "succeeded"), so a row's state only moves to an event at
 least as new as the one it holds (`state_at`).
+
+Dramatiq workers do not call `record`: the Redis record of a job is the source, and the
+`jobyard worker` supervisor ships changed records here with `upsert` (jobyard/worker/shipper.py).
 """
 
 from __future__ import annotations
