@@ -61,9 +61,9 @@ def run_workers(queues: list[str], processes: int) -> int:
     )
     joined = ",".join(queues)
     _serve_metrics()
-    shipper_stop = threading.Event()
-    shipper = _start_shipper(shipper_stop)
     children = [_spawn(joined) for _ in range(processes)]
+    shipper_stop = threading.Event()
+    shipper = _start_shipper(shipper_stop)  # after the spawn: its imports overlap theirs
     stopping = threading.Event()
 
     def request_stop(signum, _frame):

@@ -6,15 +6,14 @@ Everything here takes and returns JSON data, so that it can sit behind a job ste
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from google import genai
-from google.genai import errors as genai_errors
-from google.genai import types
 
 from jobyard.job_engine import env
 from jobyard.job_engine.errors import PermanentError
@@ -78,12 +77,26 @@ class GeminiSettings:
         )
 
 
+if TYPE_CHECKING:
+    from google import genai
+
 _clients: dict[tuple[str, str | None, float], genai.Client] = {}
 _clients_lock = threading.Lock()
 
 
+@functools.cache
+def _sdk() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """google-genai's (client, errors, types) modules, imported on first use: the SDK takes
+    half a second to import, which every worker process would pay at start otherwise."""
+    from google import genai
+    from google.genai import errors, types
+
+    return genai, errors, types
+
+
 def client_for(settings: GeminiSettings) -> genai.Client:
     """A synchronous client per (key, base URL, timeout), shared by threads (httpx is)."""
+    genai, _, types = _sdk()
     key = (settings.api_key, settings.base_url, settings.timeout)
     with _clients_lock:
         client = _clients.get(key)
@@ -131,7 +144,7 @@ def build_request(
 
 
 def _translate(exc: BaseException, model: str) -> Exception:
-    if isinstance(exc, genai_errors.APIError):
+    if isinstance(exc, _sdk()[1].APIError):
         code = exc.code or 0
         detail = f"Gemini answered {code} {exc.status or ''} for model {model!r}: {exc.message}"
         if code in RETRYABLE_STATUS or code >= 500:
@@ -150,7 +163,7 @@ def generate_sync(settings: GeminiSettings, model: str, request: dict[str, Any])
         response = client_for(settings).models.generate_content(
             model=model,
             contents=request["contents"],
-            config=types.GenerateContentConfig(**request["config"]),
+            config=_sdk()[2].GenerateContentConfig(**request["config"]),
         )
     except Exception as exc:
         raise _translate(exc, model) from exc
