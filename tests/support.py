@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from temporalio.testing import WorkflowEnvironment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,3 +173,19 @@ class Proc:
                 self.proc.wait()
         self.signal_group(signal.SIGKILL)  # leftovers of a killed supervisor
         return self.proc.returncode
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus exposition text as {(sample name, sorted labels): value}."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def metric_value(samples: dict, metric: str, **labels: str) -> float:
+    """The sum of `metric`'s samples whose labels include `labels`."""
+    return sum(
+        v for (n, ls), v in samples.items() if n == metric and set(labels.items()) <= set(ls)
+    )

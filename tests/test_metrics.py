@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from jobyard.dispatcher import dispatch_job
 from jobyard.dispatcher.metrics import render
-from tests.support import free_port, wait_for
-
-
-def _samples(text: str) -> dict[tuple[str, tuple], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def _value(samples: dict, metric: str, **labels: str) -> float:
-    return sum(
-        v for (n, ls), v in samples.items() if n == metric and set(labels.items()) <= set(ls)
-    )
+from tests.support import free_port, metric_samples, metric_value, wait_for
 
 
 def test_worker_processes_share_one_metrics_endpoint(engines, monkeypatch, tmp_path):
@@ -35,25 +20,30 @@ def test_worker_processes_share_one_metrics_endpoint(engines, monkeypatch, tmp_p
     url = f"http://127.0.0.1:{port}/metrics"
 
     def counted() -> bool:
-        samples = _samples(httpx.get(url, timeout=5).text)
-        return _value(samples, "jobyard_jobs_total", name="system.echo", outcome="succeeded") == 20
+        samples = metric_samples(httpx.get(url, timeout=5).text)
+        return (
+            metric_value(samples, "jobyard_jobs_total", name="system.echo", outcome="succeeded")
+            == 20
+        )
 
     wait_for(counted, timeout=15, interval=0.3)
-    samples = _samples(httpx.get(url, timeout=5).text)
-    assert _value(samples, "jobyard_job_duration_seconds_count", name="system.echo") == 20
+    samples = metric_samples(httpx.get(url, timeout=5).text)
+    assert metric_value(samples, "jobyard_job_duration_seconds_count", name="system.echo") == 20
 
 
 def test_fallbacks_by_reason_and_queue_depth(engines, monkeypatch):
     engines.start_temporal_worker()
     monkeypatch.setenv("USE_DRAMATIQ", "false")
-    before = _value(_samples(render()[0].decode()), "jobyard_fallbacks_total", reason="flag_off")
+    before = metric_value(
+        metric_samples(render()[0].decode()), "jobyard_fallbacks_total", reason="flag_off"
+    )
     for _ in range(3):
         dispatch_job("system.echo", {})
     monkeypatch.setenv("USE_DRAMATIQ", "true")
     engines.start_worker(queues="data-sync")  # default has no worker: its jobs would fall back
     body, content_type = render()
-    samples = _samples(body.decode())
+    samples = metric_samples(body.decode())
     assert content_type.startswith("text/plain")
-    assert _value(samples, "jobyard_fallbacks_total", reason="flag_off") - before == 3
-    assert _value(samples, "jobyard_queue_live_workers", queue="data-sync") == 1
-    assert _value(samples, "jobyard_queue_live_workers", queue="default") == 0
+    assert metric_value(samples, "jobyard_fallbacks_total", reason="flag_off") - before == 3
+    assert metric_value(samples, "jobyard_queue_live_workers", queue="data-sync") == 1
+    assert metric_value(samples, "jobyard_queue_live_workers", queue="default") == 0

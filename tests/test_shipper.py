@@ -10,13 +10,14 @@ import uuid
 import pytest
 
 from jobyard.dispatcher import get_job_record
+from jobyard.dispatcher.metrics import render
 from jobyard.job_engine.db.joblog import writer
 from jobyard.queue import keys
 from jobyard.queue.client import get_client
 from jobyard.queue.messages import encode_job_message
 from jobyard.queue.store import JobStore
 from jobyard.worker.shipper import JobLogShipper
-from tests.support import wait_for
+from tests.support import metric_samples, metric_value, wait_for
 
 UNREACHABLE_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1"
 
@@ -88,6 +89,7 @@ def test_marks_wait_while_the_database_is_down(store, job_log_database):
     with pytest.raises(Exception):  # noqa: B017 - whatever the driver raises, nothing is lost
         down.ship_all()
     assert _marked(store) == [job_id]
+    assert metric_value(metric_samples(render()[0].decode()), "jobyard_job_log_backlog") == 1
     store.client.delete(keys.job_log_shipper())  # the failed shipper's lease: as if it died
 
     stop = threading.Event()
@@ -98,6 +100,7 @@ def test_marks_wait_while_the_database_is_down(store, job_log_database):
         stop.set()
         thread.join(5)
     assert get_job_record(job_id).state == "succeeded"
+    assert metric_value(metric_samples(render()[0].decode()), "jobyard_job_log_backlog") == 0
 
 
 def test_one_shipper_holds_the_lease(store, job_log_database):

@@ -242,6 +242,12 @@ def _queue_stats() -> list[QueueStats]:
     return stats
 
 
+def job_log_backlog() -> int:
+    """How many Dramatiq jobs changed since the job log's shipper last wrote them."""
+    with _redis_errors():
+        return get_dispatcher().dramatiq.store.client.zcard(keys.job_log_changes())
+
+
 def list_workers() -> list[WorkerInfo]:
     with _redis_errors():
         return _list_workers()

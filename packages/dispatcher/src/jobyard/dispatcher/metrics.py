@@ -42,6 +42,23 @@ class QueueCollector(Collector):
             for field, family in families.items():
                 family.add_metric([queue.name], getattr(queue, field))
         yield from families.values()
+        yield from _job_log_backlog()
+
+
+def _job_log_backlog():
+    """Dramatiq job changes not yet in the job log: grows while the database (or every
+    worker's shipper) is down."""
+    from jobyard.dispatcher.lifecycle import job_log_backlog
+
+    try:
+        backlog = job_log_backlog()
+    except (redis.RedisError, Exception):
+        return
+    family = GaugeMetricFamily(
+        "jobyard_job_log_backlog", "Dramatiq job changes waiting to be written to the job log"
+    )
+    family.add_metric([], backlog)
+    yield family
 
 
 def process_registry() -> CollectorRegistry:
