@@ -309,7 +309,7 @@ elseif command == "replay" then
     end
     redis.call("hset", KEYS[1], "state", "queued", "seq", ARGV[2], "rmid", ARGV[3], "attempts", 0,
                "error", "", "error_class", "", "result", "", "enqueued_at", now_ms())
-    redis.call("hdel", KEYS[1], "cancel", "finished_at", "started_seq")
+    redis.call("hdel", KEYS[1], "cancel", "finished_at", "started_seq", "traceback")
     redis.call("persist", KEYS[1])
     redis.call("hset", KEYS[3], ARGV[3], ARGV[4])
     redis.call("rpush", KEYS[2], ARGV[3])
