@@ -21,7 +21,7 @@ from jobyard.dispatcher import (
     list_jobs,
     replay_job,
 )
-from jobyard.job_engine import signing
+from jobyard.job_engine import RetryPolicy, signing
 from jobyard.job_engine.db.joblog import writer
 from tests.conftest import WEBHOOK_SECRET
 from tests.peers import webhook_receiver
@@ -131,6 +131,24 @@ def test_dead_job_is_kept_and_replays(engines, engine, tmp_path):
     assert _logged(handle.job_id, "succeeded").result == "fixed"
     if engine == "dramatiq":
         assert _lines(tmp_path / "prepare") == 1, "finished steps are not run again on replay"
+
+
+def test_replay_keeps_the_webhook_and_retry_policy_of_the_dispatch(engines, tmp_path):
+    with webhook_receiver(WEBHOOK_SECRET) as receiver:
+        handle = engines.dispatch(
+            "dramatiq", "test.fragile", {"marker_dir": str(tmp_path)},
+            webhook_url=receiver.url, retry=RetryPolicy(attempts=3, backoff=0.1),
+        )  # fmt: skip
+        assert engines.wait(handle.job_id, timeout=30).attempts == 3  # the job's own: 2
+        replay_job(handle.job_id)
+        again = engines.wait(handle.job_id, timeout=30)
+        assert (again.state, again.attempts) == ("dead", 3)
+        (tmp_path / "fixed").touch()
+        replay_job(handle.job_id)
+        assert engines.wait(handle.job_id, timeout=30).state == "succeeded"
+        wait_for(
+            lambda: any(r.json()["event"] == "succeeded" for r in receiver.requests), timeout=20
+        )
 
 
 def test_replay_of_a_succeeded_job_is_refused(engines):

@@ -31,6 +31,12 @@ def translate(exc: redis.RedisError) -> EngineUnavailable:
     return EngineUnavailable(ENGINE, f"{type(exc).__name__}: {exc}", ambiguous=ambiguous)
 
 
+def replay_options(options: DispatchOptions) -> dict[str, Any]:
+    """What a replay of the job must dispatch with again (the delay was for the first run)."""
+    kept = {"webhook_url": options.webhook_url, "retry": options.retry}
+    return {key: value for key, value in kept.items() if value is not None}
+
+
 class DramatiqEngine:
     def __init__(self, store: JobStore, heartbeat_timeout_ms: int) -> None:
         self.store = store
@@ -56,6 +62,7 @@ class DramatiqEngine:
                 message.redis_message_id,
                 message.data,
                 self.heartbeat_timeout_ms,
+                replay_options(options),
             )
         except redis.RedisError as exc:
             raise translate(exc) from None

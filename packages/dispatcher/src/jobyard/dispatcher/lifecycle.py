@@ -152,7 +152,11 @@ def replay_job(job_id: str) -> JobHandle:
         if payload is None:
             raise JobStillActiveError(job_id, record.get("state", "unknown"))
         next_seq = int(record.get("seq", 0)) + 1
-        message = encode_job_message(record["name"], record["queue"], job_id, payload, seq=next_seq)
+        kept = json.loads(record["options"]) if record.get("options") else {}
+        message = encode_job_message(
+            record["name"], record["queue"], job_id, payload, seq=next_seq,
+            webhook_url=kept.get("webhook_url"), retry=kept.get("retry"),
+        )  # fmt: skip
         replayed_at = time.time()  # before the replay: the job may finish before it returns
         with _redis_errors():
             outcome = dispatcher.dramatiq.store.replay(

@@ -4,7 +4,8 @@
 -- Key layout (names built in jobyard/queue/keys.py; all keys are passed in KEYS):
 --   jobyard:job:<id>        hash  name queue engine state attempts seq started_seq rmid
 --                                 enqueued_at started_at finished_at result error error_class
---                                 traceback progress payload
+--                                 traceback progress payload options
+--       options: JSON of the dispatch's options a replay must keep (webhook_url, retry)
 --       engine: "dramatiq" | "temporal" (a tombstone: the job belongs to Temporal)
 --       state:  queued | running | retrying | succeeded | failed | dead | cancelled
 --               (failed: a permanent error; dead: retries exhausted; both keep the payload)
@@ -97,7 +98,8 @@ local function start_checks(job_key, seq, is_resume)
 end
 
 -- enqueue: KEYS job, workers, queue list, queue msgs
---          ARGV job_id, redis message id, message, name, queue, heartbeat timeout ms, ttl s
+--          ARGV job_id, redis message id, message, name, queue, heartbeat timeout ms, ttl s,
+--               options JSON ("" for none)
 -- -> {"enqueued"} | {"exists", engine, state} | {"no_workers"}
 -- With no live worker the job is written as a Temporal tombstone, so that dispatching the same
 -- id again never reaches Dramatiq while Temporal owns it.
@@ -116,6 +118,9 @@ if command == "enqueue" then
     -- No TTL while the job lives (sleeps and retries may outlast any); finish sets one.
     redis.call("hset", KEYS[1], "name", ARGV[5], "queue", ARGV[6], "engine", "dramatiq",
                "state", "queued", "attempts", 0, "seq", 0, "rmid", ARGV[3], "enqueued_at", now)
+    if ARGV[9] ~= "" then
+        redis.call("hset", KEYS[1], "options", ARGV[9])
+    end
     redis.call("hset", KEYS[4], ARGV[3], ARGV[4])
     redis.call("rpush", KEYS[3], ARGV[3])
     return {"enqueued"}

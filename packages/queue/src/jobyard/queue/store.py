@@ -76,7 +76,9 @@ class JobStore:
         redis_message_id: str,
         message: bytes,
         heartbeat_timeout_ms: int,
+        options: dict[str, Any] | None = None,
     ) -> tuple[str, ...]:
+        """`options`: the dispatch's options a replay of the job must keep."""
         reply = self._call(
             [
                 keys.job(job_id),
@@ -92,6 +94,7 @@ class JobStore:
             queue,
             heartbeat_timeout_ms,
             RECORD_TTL_SECONDS,
+            json.dumps(options) if options else "",
         )
         return tuple(_text(v) for v in reply)
 
