@@ -13,15 +13,22 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.testing import WorkflowEnvironment
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The local PostgreSQL cluster's `test` database, used only to create and drop test databases.
+PG_ADMIN_URL = os.environ.get(
+    "JOBYARD_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 
 def free_port() -> int:
@@ -189,3 +196,37 @@ def metric_value(samples: dict, metric: str, **labels: str) -> float:
     return sum(
         v for (n, ls), v in samples.items() if n == metric and set(labels.items()) <= set(ls)
     )
+
+
+def create_pg_database(prefix: str = "jobyard_test") -> str:
+    """Create an empty database in the local cluster; returns its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is required for these tests ({PG_ADMIN_URL}): {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return f"{PG_ADMIN_URL.rpartition('/')[0]}/{name}"
+
+
+def drop_pg_database(url: str) -> None:
+    from jobyard.job_engine.db import dispose_engines
+
+    dispose_engines(url)
+    name = url.rpartition("/")[2]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def migrated_pg_database(prefix: str = "jobyard_test") -> Iterator[str]:
+    """A fresh database migrated to head, dropped afterwards."""
+    from jobyard.job_engine.db.migrate import upgrade
+
+    url = create_pg_database(prefix)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        drop_pg_database(url)

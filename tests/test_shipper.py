@@ -1,25 +1,35 @@
 """The job log's shipper: Dramatiq workers mark changed jobs in Redis, the `jobyard worker`
-supervisor copies them to the database. Real Redis, a real SQLite job log, real processes."""
+supervisor copies them to the database. Real Redis, real SQLite and PostgreSQL, real processes."""
 
 from __future__ import annotations
 
 import signal
 import threading
 import uuid
+from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import select
 
 from jobyard.dispatcher import get_job_record
 from jobyard.dispatcher.metrics import render
+from jobyard.job_engine.db import get_engine
 from jobyard.job_engine.db.joblog import writer
+from jobyard.job_engine.db.models import JobLog
 from jobyard.queue import keys
 from jobyard.queue.client import get_client
 from jobyard.queue.messages import encode_job_message
 from jobyard.queue.store import JobStore
 from jobyard.worker.shipper import JobLogShipper
-from tests.support import metric_samples, metric_value, wait_for
+from tests.support import metric_samples, metric_value, migrated_pg_database, wait_for
 
 UNREACHABLE_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1"
+
+
+@pytest.fixture(scope="module")
+def pg_job_log() -> Iterator[str]:
+    with migrated_pg_database("jobyard_test_shipper") as url:
+        yield url
 
 
 @pytest.fixture
@@ -101,6 +111,20 @@ def test_marks_wait_while_the_database_is_down(store, job_log_database):
         thread.join(5)
     assert get_job_record(job_id).state == "succeeded"
     assert metric_value(metric_samples(render()[0].decode()), "jobyard_job_log_backlog") == 0
+
+
+def test_a_row_the_database_refuses_does_not_hold_back_the_rest(store, pg_job_log):
+    refused, fine = _enqueue(store), _enqueue(store)
+    store.complete(refused, 0, resume=False, result="a NUL \u0000 that JSONB refuses")
+    store.complete(fine, 0, resume=False, result="fine")
+    JobLogShipper(store, 0.1, database_url=pg_job_log).ship_all()
+    assert _marked(store) == []
+    table = JobLog.__table__
+    query = select(table.c.job_id, table.c.state, table.c.result)
+    with get_engine(pg_job_log).connect() as connection:
+        rows = {r.job_id: (r.state, r.result) for r in connection.execute(query)}
+    assert rows[fine] == ("succeeded", "fine")
+    assert rows[refused] == ("succeeded", None), "kept, without the value refused"
 
 
 def test_one_shipper_holds_the_lease(store, job_log_database):

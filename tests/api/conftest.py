@@ -14,50 +14,30 @@ Set `JOBYARD_TEST_PG_ADMIN_URL` to use another PostgreSQL cluster.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import uvicorn
 from sqlalchemy import inspect, text
 
 from jobyard.api import create_app
 from jobyard.job_engine import env
-from jobyard.job_engine.db import dispose_engines, get_engine
-from jobyard.job_engine.db.migrate import upgrade
+from jobyard.job_engine.db import get_engine
 from tests.engines import Engines
-from tests.support import free_port
+from tests.support import free_port, migrated_pg_database
 
-PG_ADMIN_URL = os.environ.get(
-    "JOBYARD_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
 JOB_MODULES = "tests.jobs,tests.api.jobs_api"
 
 
 @pytest.fixture(scope="session")
 def job_log_db_url() -> Iterator[str]:
-    name = f"jobyard_test_api_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required for the API tests ({PG_ADMIN_URL}): {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = f"{PG_ADMIN_URL.rpartition('/')[0]}/{name}"
-    try:
-        upgrade(url)
+    with migrated_pg_database("jobyard_test_api") as url:
         yield url
-    finally:
-        dispose_engines(url)
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

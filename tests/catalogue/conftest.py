@@ -13,57 +13,23 @@ Set `JOBYARD_TEST_PG_ADMIN_URL` to use another PostgreSQL cluster.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from sqlalchemy import inspect, text
 
 from jobyard.job_engine import children, env
 from jobyard.job_engine.db import dispose_engines, get_engine
 from jobyard.job_engine.db.migrate import upgrade
-
-PG_ADMIN_URL = os.environ.get(
-    "JOBYARD_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
-
-
-def _pg_database_url(name: str) -> str:
-    base, _, _ = PG_ADMIN_URL.rpartition("/")
-    return f"{base}/{name}"
-
-
-def create_pg_database(prefix: str = "jobyard_test") -> str:
-    """Create an empty database in the local cluster; returns its URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is required for these tests ({PG_ADMIN_URL}): {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    return _pg_database_url(name)
-
-
-def drop_pg_database(url: str) -> None:
-    dispose_engines(url)
-    name = url.rpartition("/")[2]
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+from tests.support import create_pg_database, drop_pg_database, migrated_pg_database
 
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
-    url = create_pg_database()
-    try:
-        upgrade(url)
+    with migrated_pg_database() as url:
         yield url
-    finally:
-        drop_pg_database(url)
 
 
 @pytest.fixture

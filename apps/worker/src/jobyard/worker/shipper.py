@@ -23,6 +23,8 @@ import threading
 import uuid
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError, OperationalError
+
 from jobyard.job_engine.db import joblog
 from jobyard.job_engine.lifecycle import FINAL_STATES
 from jobyard.queue import keys
@@ -37,6 +39,8 @@ FIELDS = (
 )  # fmt: skip
 #: Jobs read and written per statement.
 BATCH = 1000
+#: Values a database may refuse (e.g. a NUL character in JSON, for PostgreSQL's JSONB).
+JSON_COLUMNS = ("result", "payload", "progress")
 
 
 def to_row(job_key: bytes, mark: bytes, values: list[bytes | None]) -> dict[str, Any] | None:
@@ -108,9 +112,31 @@ class JobLogShipper:
             if (row := to_row(job_key, mark, values)) is not None
         ]
         if rows:
-            joblog.upsert(rows, self.database_url)
+            self._write(rows)
         self.store.shipped(marks)
         return len(marks)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        """One statement; if the database refuses a row (not a lost connection), the rows go
+        one at a time, so one bad value cannot hold back every job behind it."""
+        try:
+            joblog.upsert([dict(row) for row in rows], self.database_url)
+        except DBAPIError as exc:
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                raise
+            for row in rows:
+                self._write_one(row)
+
+    def _write_one(self, row: dict[str, Any]) -> None:
+        try:
+            joblog.upsert([dict(row)], self.database_url)
+            return
+        except DBAPIError as exc:
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                raise
+            reason = str(exc.orig).splitlines()[0]
+        log.warning("job log refused job %s (%s); logged without its JSON", row["job_id"], reason)
+        joblog.upsert([{k: v for k, v in row.items() if k not in JSON_COLUMNS}], self.database_url)
 
     def ship_all(self) -> None:
         """Ship until the outbox is empty, if this shipper holds (or can take) the lease."""
