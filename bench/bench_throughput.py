@@ -8,6 +8,12 @@ runs compare different machines. Instead every contender is started with a full 
 paused (SIGSTOP on its process group), then they take turns: each in turn is resumed alone,
 given a moment to settle, measured for a slice, and paused again. Drift then hits every
 contender alike, and each still has the whole machine while it is measured.
+
+Bare Dramatiq's consumer fetches one message per free slot and backs off while its window is
+full, so at 2 x 8 it leaves part of the machine idle waiting on round trips; jobyard's consumer
+refills in batches. The report therefore also gives CPU per job (worker processes, Redis,
+PostgreSQL) and the ratio the two would reach if both were CPU-bound. Try `--processes 4`
+to see both saturate the machine.
 """
 
 from __future__ import annotations
