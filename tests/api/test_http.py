@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -224,15 +225,21 @@ def test_mounted_under_a_prefix_links_stay_inside_the_mount(
         assert client.get("/jobyard/dashboard").status_code == 200
 
 
-def test_serve_runs_the_api_on_the_given_port(jobyard_env: dict[str, str]) -> None:
+def test_serve_runs_the_api_on_the_given_port(jobyard_env: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
     code = f"from jobyard.api import serve; serve('127.0.0.1', {port})"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    output = tmp_path / "serve.log"
+    with output.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ), cwd=ROOT,
+                                stdout=sink, stderr=subprocess.STDOUT)  # fmt: skip
     try:
 
         def answers() -> bool:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert proc.poll() is None, output.read_text()
+            # Our uvicorn, with its signal handlers in place (not another test's server on a
+            # reused port, and not a process still importing, which SIGINT would just kill).
+            if f"Uvicorn running on http://127.0.0.1:{port}" not in output.read_text():
+                return False
             try:
                 return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
             except httpx.TransportError:
