@@ -12,7 +12,7 @@ from jobyard.dispatcher import reset_dispatcher
 from jobyard.job_engine.db.joblog import reset_writer
 from jobyard.queue.client import reset_clients
 from tests.engines import Engines
-from tests.support import ROOT, RedisServer, TemporalDevServer
+from tests.support import ROOT, RedisServer, TemporalDevServer, migrated_pg_database
 
 WEBHOOK_SECRET = "test-webhook-secret"
 
@@ -32,6 +32,13 @@ def job_log_database(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = f"sqlite:///{tmp_path_factory.mktemp('joblog') / 'jobyard.db'}"
     upgrade(url)
     return url
+
+
+@pytest.fixture(scope="session")
+def job_log_db_url() -> Iterator[str]:
+    """A PostgreSQL job log for the session, migrated to head (`tests/api` empties it per test)."""
+    with migrated_pg_database("jobyard_test_api") as url:
+        yield url
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import threading
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import select
@@ -21,15 +20,9 @@ from jobyard.queue.client import get_client
 from jobyard.queue.messages import encode_job_message
 from jobyard.queue.store import JobStore
 from jobyard.worker.shipper import JobLogShipper
-from tests.support import metric_samples, metric_value, migrated_pg_database, wait_for
+from tests.support import metric_samples, metric_value, wait_for
 
 UNREACHABLE_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1"
-
-
-@pytest.fixture(scope="module")
-def pg_job_log() -> Iterator[str]:
-    with migrated_pg_database("jobyard_test_shipper") as url:
-        yield url
 
 
 @pytest.fixture
@@ -113,15 +106,15 @@ def test_marks_wait_while_the_database_is_down(store, job_log_database):
     assert metric_value(metric_samples(render()[0].decode()), "jobyard_job_log_backlog") == 0
 
 
-def test_a_row_the_database_refuses_does_not_hold_back_the_rest(store, pg_job_log):
+def test_a_row_the_database_refuses_does_not_hold_back_the_rest(store, job_log_db_url):
     refused, fine = _enqueue(store), _enqueue(store)
     store.complete(refused, 0, resume=False, result="a NUL \u0000 that JSONB refuses")
     store.complete(fine, 0, resume=False, result="fine")
-    JobLogShipper(store, 0.1, database_url=pg_job_log).ship_all()
+    JobLogShipper(store, 0.1, database_url=job_log_db_url).ship_all()
     assert _marked(store) == []
     table = JobLog.__table__
     query = select(table.c.job_id, table.c.state, table.c.result)
-    with get_engine(pg_job_log).connect() as connection:
+    with get_engine(job_log_db_url).connect() as connection:
         rows = {r.job_id: (r.state, r.result) for r in connection.execute(query)}
     assert rows[fine] == ("succeeded", "fine")
     assert rows[refused] == ("succeeded", None), "kept, without the value refused"

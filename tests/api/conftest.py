@@ -29,15 +29,9 @@ from jobyard.api import create_app
 from jobyard.job_engine import env
 from jobyard.job_engine.db import get_engine
 from tests.engines import Engines
-from tests.support import free_port, migrated_pg_database
+from tests.support import free_port
 
 JOB_MODULES = "tests.jobs,tests.api.jobs_api"
-
-
-@pytest.fixture(scope="session")
-def job_log_db_url() -> Iterator[str]:
-    with migrated_pg_database("jobyard_test_api") as url:
-        yield url
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from dramatiq.middleware import Middleware
 
 from jobyard.job_engine import env
 from jobyard.job_engine.children import install_dispatcher
+from jobyard.job_engine.db import joblog
 from jobyard.queue.client import get_client
 from jobyard.queue.queues import get_queue, parse_queue_list
 from jobyard.queue.store import JobStore
@@ -69,7 +70,7 @@ class WorkerProcess:
         # With the job log on, every job change is marked for the supervisor's shipper.
         self.store = JobStore(
             get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT)),
-            log_changes=env.get_bool(env.JOB_LOG),
+            log_changes=joblog.enabled(),
         )
         self.in_flight = InFlight()
         self.brokers: dict[str, RedisBroker] = {}

@@ -82,6 +82,11 @@ def to_row(job_key: bytes, mark: bytes, values: list[bytes | None]) -> dict[str,
     return row
 
 
+def _refused(exc: DBAPIError) -> bool:
+    """The database refused the statement; not a lost or broken connection."""
+    return not (isinstance(exc, OperationalError) or exc.connection_invalidated)
+
+
 class JobLogShipper:
     def __init__(
         self,
@@ -120,23 +125,23 @@ class JobLogShipper:
         """One statement; if the database refuses a row (not a lost connection), the rows go
         one at a time, so one bad value cannot hold back every job behind it."""
         try:
-            joblog.upsert([dict(row) for row in rows], self.database_url)
+            joblog.upsert(rows, self.database_url)
         except DBAPIError as exc:
-            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            if not _refused(exc):
                 raise
             for row in rows:
                 self._write_one(row)
 
     def _write_one(self, row: dict[str, Any]) -> None:
         try:
-            joblog.upsert([dict(row)], self.database_url)
-            return
+            joblog.upsert([row], self.database_url)
         except DBAPIError as exc:
-            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            if not _refused(exc):
                 raise
             reason = str(exc.orig).splitlines()[0]
-        log.warning("job log refused job %s (%s); logged without its JSON", row["job_id"], reason)
-        joblog.upsert([{k: v for k, v in row.items() if k not in JSON_COLUMNS}], self.database_url)
+            log.warning("job log refused job %s (%s); written without JSON", row["job_id"], reason)
+            without_json = {k: v for k, v in row.items() if k not in JSON_COLUMNS}
+            joblog.upsert([without_json], self.database_url)
 
     def ship_all(self) -> None:
         """Ship until the outbox is empty, if this shipper holds (or can take) the lease."""
@@ -163,6 +168,10 @@ class JobLogShipper:
             self._failing = False
 
     def start(self, stopping: threading.Event) -> threading.Thread:
-        thread = threading.Thread(target=self.run, args=(stopping,), name="jobyard-shipper")
+        # A daemon: a database hung at shutdown must not keep the supervisor alive past its
+        # grace period (an unfinished batch stays marked in Redis).
+        thread = threading.Thread(
+            target=self.run, args=(stopping,), name="jobyard-shipper", daemon=True
+        )
         thread.start()
         return thread

@@ -44,8 +44,10 @@ def _serve_metrics() -> None:
 
 
 def _start_shipper(stop: threading.Event) -> threading.Thread | None:
-    """The job log's shipper; the worker processes mark changed jobs for it (env.JOB_LOG)."""
-    if not env.get_bool(env.JOB_LOG):
+    """The job log's shipper; the worker processes mark changed jobs for it."""
+    from jobyard.job_engine.db import joblog
+
+    if not joblog.enabled():
         return None
     from jobyard.queue.client import get_client
     from jobyard.queue.store import JobStore

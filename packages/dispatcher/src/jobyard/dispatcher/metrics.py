@@ -52,7 +52,7 @@ def _job_log_backlog():
 
     try:
         backlog = job_log_backlog()
-    except (redis.RedisError, Exception):
+    except Exception:  # a scrape must not fail because Redis is down
         return
     family = GaugeMetricFamily(
         "jobyard_job_log_backlog", "Dramatiq job changes waiting to be written to the job log"

@@ -126,13 +126,7 @@ def upsert(rows: list[dict[str, Any]], url: str | None = None) -> None:
     (jsonb_populate_recordset; absent keys are NULL), which costs a fraction of binding every
     row's parameters."""
     engine = get_engine(url)
-    for row in rows:
-        row.setdefault("state", "queued")
-        row.setdefault("name", "unknown")
-        row.setdefault("attempts", 0)
-        for column in TIMESTAMPS:
-            if column in row:
-                row[column] = _utc(row[column])
+    rows = [_stored(row) for row in rows]
     table = JobLog.__table__
     if engine.dialect.name == "postgresql":
         source = func.jsonb_populate_recordset(
@@ -150,6 +144,15 @@ def upsert(rows: list[dict[str, Any]], url: str | None = None) -> None:
     )
     with engine.begin() as connection:
         connection.execute(statement, parameters)
+
+
+def _stored(row: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `row` as the table takes it (a caller may retry with the original)."""
+    stored = {"state": "queued", "name": "unknown", "attempts": 0, **row}
+    for column in TIMESTAMPS:
+        if column in stored:
+            stored[column] = _utc(stored[column])
+    return stored
 
 
 def _merge_rules(new: Any) -> dict[str, Any]:
@@ -173,15 +176,21 @@ def _json_default(value: Any) -> Any:
 
 
 _writer: JobLogWriter | None = None
-_enabled: bool | None = None  # JOBYARD_JOB_LOG, read once per process (reset_writer reads again)
+_enabled: bool | None = None
+
+
+def enabled() -> bool:
+    """JOBYARD_JOB_LOG, read once per process (reset_writer reads it again)."""
+    global _enabled
+    if _enabled is None:
+        _enabled = env.get_bool(env.JOB_LOG)
+    return _enabled
 
 
 def writer() -> JobLogWriter | None:
     """The process's writer, or None when the job log is switched off (JOBYARD_JOB_LOG=false)."""
-    global _writer, _enabled
-    if _enabled is None:
-        _enabled = env.get_bool(env.JOB_LOG)
-    if not _enabled:
+    global _writer
+    if not enabled():
         return None
     if _writer is None:
         _writer = JobLogWriter()

@@ -85,30 +85,29 @@ _clients_lock = threading.Lock()
 
 
 @functools.cache
-def _sdk() -> tuple[ModuleType, ModuleType, ModuleType]:
-    """google-genai's (client, errors, types) modules, imported on first use: the SDK takes
-    half a second to import, which every worker process would pay at start otherwise."""
+def _sdk() -> ModuleType:
+    """The google-genai SDK, imported on first use: it takes half a second to import, which
+    every worker process would pay at start otherwise."""
     from google import genai
-    from google.genai import errors, types
 
-    return genai, errors, types
+    return genai
 
 
 def client_for(settings: GeminiSettings) -> genai.Client:
     """A synchronous client per (key, base URL, timeout), shared by threads (httpx is)."""
-    genai, _, types = _sdk()
+    sdk = _sdk()
     key = (settings.api_key, settings.base_url, settings.timeout)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = _clients[key] = genai.Client(
+            client = _clients[key] = sdk.Client(
                 api_key=settings.api_key,
-                http_options=types.HttpOptions(
+                http_options=sdk.types.HttpOptions(
                     base_url=settings.base_url,
                     api_version=API_VERSION,
                     timeout=int(settings.timeout * 1000),  # milliseconds
                     # One request per call: our limiter counts calls, the job retries them.
-                    retry_options=types.HttpRetryOptions(attempts=1),
+                    retry_options=sdk.types.HttpRetryOptions(attempts=1),
                 ),
             )
     return client
@@ -144,7 +143,7 @@ def build_request(
 
 
 def _translate(exc: BaseException, model: str) -> Exception:
-    if isinstance(exc, _sdk()[1].APIError):
+    if isinstance(exc, _sdk().errors.APIError):
         code = exc.code or 0
         detail = f"Gemini answered {code} {exc.status or ''} for model {model!r}: {exc.message}"
         if code in RETRYABLE_STATUS or code >= 500:
@@ -163,7 +162,7 @@ def generate_sync(settings: GeminiSettings, model: str, request: dict[str, Any])
         response = client_for(settings).models.generate_content(
             model=model,
             contents=request["contents"],
-            config=_sdk()[2].GenerateContentConfig(**request["config"]),
+            config=_sdk().types.GenerateContentConfig(**request["config"]),
         )
     except Exception as exc:
         raise _translate(exc, model) from exc
