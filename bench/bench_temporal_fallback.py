@@ -22,10 +22,10 @@ def complete_all(engine: str, job_ids: list[str], timeout: float = 600) -> None:
         query = f"TaskQueue = '{temporal.task_queue}' AND ExecutionStatus = 'Running'"
 
         async def running() -> int:
-            client = await temporal._client_()
+            client = await temporal.client()
             return (await client.count_workflows(query)).count
 
-        while temporal._call(running()) > 0:
+        while temporal.run(running()) > 0:
             if time.monotonic() > deadline:
                 raise TimeoutError("Temporal jobs unfinished")
             time.sleep(0.1)

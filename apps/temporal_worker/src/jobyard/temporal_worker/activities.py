@@ -6,14 +6,13 @@ import asyncio
 import inspect
 from typing import Any
 
-import redis
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from jobyard.dispatcher import EngineUnavailable, get_dispatcher
+from jobyard.dispatcher.engines import ReleaseStatus
 from jobyard.job_engine import PermanentError, resolve_step
 from jobyard.job_engine.lifecycle import job_event, progress_event
-from jobyard.queue.client import get_client
-from jobyard.queue.store import JobStore
 
 STEP_ACTIVITY = "jobyard.step"
 CLAIM_ACTIVITY = "jobyard.claim"
@@ -47,14 +46,16 @@ async def claim_from_redis(request: dict[str, Any]) -> dict[str, Any]:
     {"status": "claimed"} or {"status": "lost", "state": ...} when Dramatiq already started it.
     A Redis error fails the attempt; the workflow's retry policy decides whether to wait.
     """
-    store = JobStore(get_client())
+    dramatiq = get_dispatcher().dramatiq
     try:
-        reply = await asyncio.to_thread(
-            store.handoff, request["job_id"], request["name"], request["queue"]
+        released = await asyncio.to_thread(
+            dramatiq.release, request["job_id"], request["name"], request["queue"]
         )
-    except redis.RedisError as exc:
-        raise ApplicationError(f"Redis unavailable: {exc}", type="RedisUnavailable") from None
-    return {"status": reply[0], "state": reply[1] if len(reply) > 1 else None}
+    except EngineUnavailable as exc:
+        raise ApplicationError(f"Redis unavailable: {exc}", type="RedisUnavailable") from exc
+    if released.status == ReleaseStatus.RELEASED:
+        return {"status": "claimed", "state": None}
+    return {"status": "lost", "state": released.state}
 
 
 EVENT_ACTIVITY = "jobyard.event"

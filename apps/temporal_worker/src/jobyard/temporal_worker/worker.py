@@ -15,7 +15,7 @@ from jobyard.job_engine import env
 from jobyard.job_engine.children import install_dispatcher
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.temporal_worker.activities import claim_from_redis, record_event, run_step
-from jobyard.temporal_worker.rescue import Rescuer
+from jobyard.temporal_worker.rescue import rescue_forever
 from jobyard.temporal_worker.workflow import JobWorkflow
 
 log = logging.getLogger("jobyard.temporal_worker")
@@ -62,9 +62,7 @@ async def serve() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    rescuer = asyncio.create_task(
-        Rescuer(client, task_queue).run_forever(env.get_float(env.RESCUE_INTERVAL))
-    )
+    rescuer = asyncio.create_task(rescue_forever(env.get_float(env.RESCUE_INTERVAL)))
     async with worker:
         log.info("Temporal worker polling %s", task_queue)
         await stop.wait()

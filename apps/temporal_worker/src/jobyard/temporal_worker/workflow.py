@@ -11,12 +11,17 @@ from temporalio.common import RetryPolicy as TemporalRetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, RetryState
 
 with workflow.unsafe.imports_passed_through():
+    from jobyard.dispatcher.engines.temporal.contract import (
+        STATUS_QUERY,
+        WORKFLOW_NAME,
+        ClaimMode,
+        JobRequest,
+        StatusReply,
+    )
     from jobyard.job_engine import get_spec
     from jobyard.temporal_worker.activities import CLAIM_ACTIVITY
     from jobyard.temporal_worker.context import TemporalContext, emit
 
-WORKFLOW_NAME = "jobyard.job"  # the dispatcher starts it by this name
-CLAIM_BEST_EFFORT, CLAIM_STRICT = "best_effort", "strict"
 CLAIM_TIMEOUT = timedelta(seconds=5)
 #: A strict claim waits for Redis however long the outage; this caps the wait between tries.
 CLAIM_RETRY_CAP = timedelta(seconds=5)
@@ -29,34 +34,32 @@ class JobWorkflow:
         self._name: str | None = None
         self._state = "queued"
 
-    @workflow.query(name="status")
-    def status(self) -> dict[str, Any]:
+    @workflow.query(name=STATUS_QUERY)
+    def status(self) -> StatusReply:
         ctx = self._ctx
-        return {
-            "name": self._name,
-            "state": self._state,
-            "attempts": ctx.attempts if ctx else 0,
-            "progress": ctx.progress_value if ctx else None,
-        }
+        return StatusReply(
+            name=self._name,
+            state=self._state,
+            attempts=ctx.attempts if ctx else 0,
+            progress=ctx.progress_value if ctx else None,
+        )
 
     @workflow.run
-    async def run(self, request: dict[str, Any]) -> dict[str, Any]:
-        self._name = request["name"]
-        spec = get_spec(request["name"])
-        webhook_url = request.get("webhook_url")
-        self._ctx = ctx = TemporalContext(
-            spec, request["job_id"], webhook_url, request.get("retry")
-        )
+    async def run(self, request: JobRequest) -> dict[str, Any]:
+        self._name = request.name
+        spec = get_spec(request.name)
+        webhook_url = request.webhook_url
+        self._ctx = ctx = TemporalContext(spec, request.job_id, webhook_url, request.retry)
         common = {"job_id": ctx.job_id, "name": spec.name, "queue": spec.queue}
         started_at = workflow.now().timestamp()
         final = {**common, "started_at": started_at, "webhook_url": webhook_url}
         try:
             if not await self._claim(request):
-                workflow.logger.info("job %s already ran on Dramatiq", request["job_id"])
+                workflow.logger.info("job %s already ran on Dramatiq", request.job_id)
                 return {"name": self._name, "result": None, "attempts": 0, "ran_on": "dramatiq"}
             self._state = "running"
             await emit({**common, "state": "running", "attempts": 1, "started_at": started_at})
-            result = await spec.handler(ctx, spec.validate(request["payload"]))
+            result = await spec.handler(ctx, spec.validate(request.payload))
         except asyncio.CancelledError:
             await self._cancelled(final, ctx.attempts)
             raise
@@ -66,7 +69,7 @@ class JobWorkflow:
                 raise asyncio.CancelledError() from None
             state, message, error_type, attempts = self._failure(exc, ctx.attempts)
             await emit({**final, "state": state, "attempts": attempts, "error": message,
-                        "error_class": error_type, "payload": request["payload"]})  # fmt: skip
+                        "error_class": error_type, "payload": request.payload})  # fmt: skip
             self._state = state
             raise ApplicationError(
                 message,
@@ -77,7 +80,7 @@ class JobWorkflow:
         except Exception as exc:  # the handler's own code failed: fail the job as Dramatiq does
             message, error_type = f"{type(exc).__name__}: {exc}", type(exc).__name__
             await emit({**final, "state": "failed", "attempts": ctx.attempts, "error": message,
-                        "error_class": error_type, "payload": request["payload"]})  # fmt: skip
+                        "error_class": error_type, "payload": request.payload})  # fmt: skip
             self._state = "failed"
             raise ApplicationError(
                 message,
@@ -106,23 +109,23 @@ class JobWorkflow:
         state = "dead" if exc.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED else "failed"
         return state, message, error_type, attempts
 
-    async def _claim(self, request: dict[str, Any]) -> bool:
-        mode = request.get("claim")
-        if mode not in (CLAIM_BEST_EFFORT, CLAIM_STRICT):
+    async def _claim(self, request: JobRequest) -> bool:
+        mode = request.claim
+        if mode == ClaimMode.NONE:
             return True
         retry = TemporalRetryPolicy(
-            maximum_attempts=1 if mode == CLAIM_BEST_EFFORT else 0,
+            maximum_attempts=1 if mode == ClaimMode.BEST_EFFORT else 0,
             maximum_interval=CLAIM_RETRY_CAP,
         )
         try:
             reply = await workflow.execute_activity(
                 CLAIM_ACTIVITY,
-                {"job_id": request["job_id"], "name": request["name"], "queue": request["queue"]},
+                {"job_id": request.job_id, "name": request.name, "queue": request.queue},
                 start_to_close_timeout=CLAIM_TIMEOUT,
                 retry_policy=retry,
             )
         except ActivityError as exc:
-            if isinstance(exc.cause, CancelledError) or mode == CLAIM_STRICT:
+            if isinstance(exc.cause, CancelledError) or mode == ClaimMode.STRICT:
                 raise  # cancelled while claiming: never run a job whose claim did not succeed
             return True  # best effort: Redis is down, nothing of this job can be there
         return reply["status"] == "claimed"

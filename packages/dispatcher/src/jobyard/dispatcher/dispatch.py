@@ -11,22 +11,26 @@ too, the caller gets DispatchUnavailableError and nothing is half-started.
 from __future__ import annotations
 
 import asyncio
-import functools
+import dataclasses
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
 from jobyard.dispatcher.breaker import CircuitBreaker
-from jobyard.dispatcher.dramatiq_engine import DramatiqEngine
+from jobyard.dispatcher.engines import (
+    ClaimMode,
+    Engine,
+    ReleaseStatus,
+    Submission,
+    SubmitStatus,
+)
+from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
+from jobyard.dispatcher.engines.temporal import TemporalEngine
 from jobyard.dispatcher.errors import DispatchUnavailableError, EngineUnavailable, JobNotFoundError
 from jobyard.dispatcher.models import (
-    CLAIM_BEST_EFFORT,
-    CLAIM_NONE,
-    CLAIM_STRICT,
     FALLBACK_FLAG_OFF,
     FALLBACK_NO_WORKERS,
     FALLBACK_OWNED_BY_TEMPORAL,
@@ -36,8 +40,7 @@ from jobyard.dispatcher.models import (
     JobHandle,
     JobStatus,
 )
-from jobyard.dispatcher.temporal_engine import TemporalEngine
-from jobyard.job_engine import JobSpec, RetryPolicy, env, get_spec
+from jobyard.job_engine import RetryPolicy, env, get_spec
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import get_client
@@ -84,6 +87,8 @@ def _check_delay(delay: float | None) -> float | None:
 
 
 class Dispatcher:
+    """Routes each job to an engine. `dramatiq` is preferred; `temporal` takes what it cannot."""
+
     def __init__(self, dramatiq: DramatiqEngine, temporal: TemporalEngine, breaker: CircuitBreaker):
         self.dramatiq = dramatiq
         self.temporal = temporal
@@ -92,8 +97,6 @@ class Dispatcher:
     @classmethod
     def from_env(cls) -> Dispatcher:
         client = get_client()
-        store = JobStore(client)
-        timeout_ms = int(env.get_float(env.WORKER_HEARTBEAT_TIMEOUT) * 1000)
         temporal = TemporalEngine(
             env.get_str(env.TEMPORAL_ADDRESS),
             env.get_str(env.TEMPORAL_NAMESPACE),
@@ -102,7 +105,13 @@ class Dispatcher:
         )
         temporal.warm_up()
         breaker = CircuitBreaker(client.ping, env.get_float(env.BREAKER_PROBE_INTERVAL))
-        return cls(DramatiqEngine(store, timeout_ms), temporal, breaker)
+        dramatiq = DramatiqEngine(JobStore(client), env.get_float(env.WORKER_HEARTBEAT_TIMEOUT))
+        return cls(dramatiq, temporal, breaker)
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        """Every engine a job may be on, in the order to look for it."""
+        return (self.dramatiq, self.temporal)
 
     def dispatch(
         self,
@@ -117,90 +126,68 @@ class Dispatcher:
         spec = get_spec(name)
         data = spec.encode(payload)
         spec.check_environment()
-        job_id = _check_job_id(job_id)
         options = DispatchOptions(
             delay=_check_delay(delay),
             webhook_url=_check_webhook_url(webhook_url),
             retry=_check_retry(retry),
         )
+        job = Submission(_check_job_id(job_id), spec.name, spec.queue, data, options)
         started = time.time()
-        handle = self._route(spec, job_id, data, options)
+        handle = self._route(job)
         if not handle.duplicate:
             dispatched_event(
-                job_id, spec.name, spec.queue, handle.engine, data, handle.fallback_reason, started
-            )
+                job.job_id, spec.name, spec.queue, handle.engine, data, handle.fallback_reason,
+                started,
+            )  # fmt: skip
         return handle
 
-    def _route(
-        self,
-        spec: JobSpec,
-        job_id: str,
-        data: dict[str, Any],
-        options: DispatchOptions,
-    ) -> JobHandle:
-        to_temporal = functools.partial(self._to_temporal, spec, job_id, data, options)
+    def _route(self, job: Submission) -> JobHandle:
         if not env.get_bool(env.USE_DRAMATIQ):
-            return self._flag_off(spec, job_id, to_temporal)
+            return self._flag_off(job)
         if self.breaker.is_open:
-            return to_temporal(FALLBACK_REDIS_UNHEALTHY, CLAIM_BEST_EFFORT)
+            return self._to_temporal(job, FALLBACK_REDIS_UNHEALTHY, ClaimMode.BEST_EFFORT)
         try:
-            outcome = self.dramatiq.submit(spec, job_id, data, options)
+            submitted = self.dramatiq.submit(job)
         except EngineUnavailable as exc:
             self.breaker.trip(exc.reason)
-            claim = CLAIM_STRICT if exc.ambiguous else CLAIM_BEST_EFFORT
-            return to_temporal(FALLBACK_REDIS_ERROR, claim)
-        if outcome.status == "enqueued":
-            return JobHandle(job_id, "dramatiq")
-        if outcome.status == "exists" and outcome.engine == "dramatiq":
-            return JobHandle(job_id, "dramatiq", duplicate=True)
+            claim = ClaimMode.STRICT if exc.ambiguous else ClaimMode.BEST_EFFORT
+            return self._to_temporal(job, FALLBACK_REDIS_ERROR, claim)
+        if submitted.status == SubmitStatus.STARTED:
+            return JobHandle(job.job_id, "dramatiq")
+        if submitted.status == SubmitStatus.DUPLICATE:
+            return JobHandle(job.job_id, "dramatiq", duplicate=True)
         reason = (
-            FALLBACK_NO_WORKERS if outcome.status == "no_workers" else FALLBACK_OWNED_BY_TEMPORAL
+            FALLBACK_NO_WORKERS
+            if submitted.status == SubmitStatus.NO_WORKERS
+            else FALLBACK_OWNED_BY_TEMPORAL
         )
-        return to_temporal(reason, CLAIM_NONE)
+        return self._to_temporal(job, reason, ClaimMode.NONE)
 
-    def _flag_off(
-        self, spec: JobSpec, job_id: str, to_temporal: Callable[[str, str], JobHandle]
-    ) -> JobHandle:
+    def _flag_off(self, job: Submission) -> JobHandle:
         """Claim the job for Temporal here when Redis answers: cheaper than the workflow's claim."""
-        claim = CLAIM_BEST_EFFORT
+        claim = ClaimMode.BEST_EFFORT
         if not self.breaker.is_open:
             try:
-                reply = self.dramatiq.handoff(job_id, spec.name, spec.queue)
+                released = self.dramatiq.release(job.job_id, job.name, job.queue)
             except EngineUnavailable as exc:
                 self.breaker.trip(exc.reason)
             else:
-                if reply[0] != "claimed":  # dispatched to Dramatiq before the flag was turned off
-                    return JobHandle(job_id, "dramatiq", duplicate=True)
-                claim = CLAIM_NONE
-        return to_temporal(FALLBACK_FLAG_OFF, claim)
+                if released.status == ReleaseStatus.KEPT:  # dispatched to Dramatiq before the flag
+                    return JobHandle(job.job_id, "dramatiq", duplicate=True)
+                claim = ClaimMode.NONE
+        return self._to_temporal(job, FALLBACK_FLAG_OFF, claim)
 
-    def _to_temporal(
-        self,
-        spec: JobSpec,
-        job_id: str,
-        payload: dict[str, Any],
-        options: DispatchOptions,
-        reason: str,
-        claim: str,
-    ) -> JobHandle:
-        request = {
-            "job_id": job_id,
-            "name": spec.name,
-            "queue": spec.queue,
-            "payload": payload,
-            "claim": claim,
-            "fallback_reason": reason,
-            "webhook_url": options.webhook_url,
-            "retry": options.retry,
-        }
+    def _to_temporal(self, job: Submission, reason: str, claim: ClaimMode) -> JobHandle:
+        job = dataclasses.replace(job, fallback_reason=reason, claim=claim)
         try:
-            started = self.temporal.start(request, options.delay)
+            submitted = self.temporal.submit(job)
         except EngineUnavailable as exc:
             raise DispatchUnavailableError(
-                f"job {spec.name!r} ({job_id}) was not started: Dramatiq skipped ({reason}) and "
-                f"{exc}. Retry the dispatch with the same job_id."
-            ) from None
-        return JobHandle(job_id, "temporal", fallback_reason=reason, duplicate=not started)
+                f"job {job.name!r} ({job.job_id}) was not started: Dramatiq skipped ({reason}) "
+                f"and {exc}. Retry the dispatch with the same job_id."
+            ) from exc
+        duplicate = submitted.status == SubmitStatus.DUPLICATE
+        return JobHandle(job.job_id, "temporal", fallback_reason=reason, duplicate=duplicate)
 
     def status(self, job_id: str) -> JobStatus:
         if not self.breaker.is_open:

@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-import redis
 from sqlalchemy import func, select
 
 from jobyard.dispatcher.dispatch import get_dispatcher, get_job
-from jobyard.dispatcher.dramatiq_engine import translate
+from jobyard.dispatcher.engines import CancelStatus, Engine, ReplayStatus, WorkerInfo
 from jobyard.dispatcher.errors import EngineUnavailable, JobNotFoundError, JobStillActiveError
 from jobyard.dispatcher.models import JobHandle, JobStatus
-from jobyard.job_engine import JobyardError, UnknownJobError, env, get_spec
+from jobyard.job_engine import JobyardError, UnknownJobError, get_spec
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import JobLog
 from jobyard.job_engine.lifecycle import dispatched_event, job_event
-from jobyard.queue import keys
-from jobyard.queue.messages import encode_job_message
-from jobyard.queue.queues import queue_names
 
+__all__ = [
+    "JobRecord",
+    "QueueStats",
+    "WorkerInfo",
+    "cancel_job",
+    "get_job_record",
+    "get_job_steps",
+    "job_log_backlog",
+    "list_jobs",
+    "list_workers",
+    "queue_stats",
+    "replay_job",
+]
+
+T = TypeVar("T")
 MAX_LIST = 500
 
 
@@ -75,24 +84,14 @@ class QueueStats:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class WorkerInfo:
-    worker_id: str  # host:pid:random
-    queues: list[str]
-    last_seen: float  # unix seconds
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@contextlib.contextmanager
-def _redis_errors() -> Iterator[None]:
-    """Redis errors leave here as the dispatcher's own EngineUnavailable."""
+def _ask(call: Callable[..., T], *args: Any) -> T:
+    """A call to an engine; Redis failing trips the dispatcher's breaker on the way out."""
     try:
-        yield
-    except redis.RedisError as exc:
-        get_dispatcher().breaker.trip(str(exc))
-        raise translate(exc) from None
+        return call(*args)
+    except EngineUnavailable as exc:
+        if exc.engine == "dramatiq":
+            get_dispatcher().breaker.trip(exc.reason)
+        raise
 
 
 def _not_found(job_id: str) -> JobyardError:
@@ -102,34 +101,33 @@ def _not_found(job_id: str) -> JobyardError:
     return JobNotFoundError(job_id)
 
 
-def _redis_record(job_id: str) -> dict[str, str] | None:
+def _engines() -> list[Engine]:
+    """The engines to ask about a job: all of them, less Dramatiq while Redis is known down."""
     dispatcher = get_dispatcher()
-    if dispatcher.breaker.is_open:
-        return None
-    try:
-        return dispatcher.dramatiq.store.get(job_id)
-    except redis.RedisError as exc:
-        dispatcher.breaker.trip(str(exc))
-        return None
+    return [
+        e
+        for e in dispatcher.engines
+        if e is not dispatcher.dramatiq or not dispatcher.breaker.is_open
+    ]
 
 
 def cancel_job(job_id: str) -> JobStatus:
     """Cancel a job: a queued job never starts; a running one stops at its next step boundary
     (Dramatiq) or is cancelled (Temporal). Returns the status after the request."""
-    dispatcher = get_dispatcher()
-    record = _redis_record(job_id)
-    if record is not None and record.get("engine") == "dramatiq":
-        with _redis_errors():
-            outcome = dispatcher.dramatiq.store.cancel(job_id, record["queue"])
-        if outcome[0] == "cancelled":
-            job_event(job_id, record["name"], "cancelled", queue=record["queue"], engine="dramatiq")
-        return get_job(job_id)
-    if not dispatcher.temporal.cancel(job_id):
-        raise _not_found(job_id)
-    status = get_job(job_id)
-    if status.state == "cancelled" and status.name:  # never started, so no workflow said so
-        job_event(job_id, status.name, "cancelled", queue=_queue_of(status.name), engine="temporal")
-    return status
+    for engine in _engines():
+        outcome = _ask(engine.cancel, job_id)
+        if outcome.status == CancelStatus.NOT_HERE:
+            continue
+        status = get_job(job_id)
+        never_started = outcome.status == CancelStatus.CANCELLED or (
+            engine.name == "temporal" and status.state == "cancelled"
+        )
+        if never_started and status.name:  # no run is left to report it
+            job_event(
+                job_id, status.name, "cancelled", queue=_queue_of(status.name), engine=engine.name
+            )
+        return status
+    raise _not_found(job_id)
 
 
 def _queue_of(job_name: str) -> str | None:
@@ -142,38 +140,25 @@ def _queue_of(job_name: str) -> str | None:
 def replay_job(job_id: str) -> JobHandle:
     """Run a dead, failed or cancelled job again with the same id and payload (on Dramatiq its
     finished steps keep their results). Raises JobStillActiveError for a queued or running job."""
-    dispatcher = get_dispatcher()
-    record = _redis_record(job_id)
-    if record is not None and record.get("engine") == "dramatiq":
-        payload = json.loads(record["payload"]) if record.get("payload") else None
-        if payload is None:  # cancelled while queued: the payload is in the job log
+    for engine in _engines():
+        replayed_at = time.time()  # before the replay: the job may finish before it returns
+        outcome = _ask(engine.replay, job_id)
+        if outcome.status == ReplayStatus.NEEDS_PAYLOAD:  # cancelled while queued
             logged = get_job_record(job_id)
             payload = logged.payload if logged is not None else None
-        if payload is None:
-            raise JobStillActiveError(job_id, record.get("state", "unknown"))
-        next_seq = int(record.get("seq", 0)) + 1
-        kept = json.loads(record["options"]) if record.get("options") else {}
-        message = encode_job_message(
-            record["name"], record["queue"], job_id, payload, seq=next_seq,
-            webhook_url=kept.get("webhook_url"), retry=kept.get("retry"),
-        )  # fmt: skip
-        replayed_at = time.time()  # before the replay: the job may finish before it returns
-        with _redis_errors():
-            outcome = dispatcher.dramatiq.store.replay(
-                job_id, record["queue"], next_seq, message.redis_message_id, message.data
+            if payload is None:
+                raise JobStillActiveError(job_id, outcome.state or "unknown")
+            outcome = _ask(engine.replay, job_id, payload)
+        if outcome.status == ReplayStatus.NOT_HERE:
+            continue
+        if outcome.status == ReplayStatus.ACTIVE:
+            raise JobStillActiveError(job_id, outcome.state or get_job(job_id).state)
+        if engine.name == "dramatiq" and outcome.name is not None:
+            dispatched_event(
+                job_id, outcome.name, outcome.queue, engine.name, outcome.payload, None, replayed_at
             )
-        if outcome[0] != "ok":
-            raise JobStillActiveError(job_id, outcome[1] if len(outcome) > 1 else outcome[0])
-        dispatched_event(
-            job_id, record["name"], record["queue"], "dramatiq", payload, None, replayed_at
-        )
-        return JobHandle(job_id, "dramatiq")
-    outcome = dispatcher.temporal.replay(job_id)
-    if outcome == "missing":
-        raise _not_found(job_id)
-    if outcome == "active":
-        raise JobStillActiveError(job_id, get_job(job_id).state)
-    return JobHandle(job_id, "temporal")
+        return JobHandle(job_id, engine.name)
+    raise _not_found(job_id)
 
 
 def list_jobs(
@@ -204,11 +189,11 @@ def get_job_record(job_id: str) -> JobRecord | None:
 
 def get_job_steps(job_id: str) -> dict[str, Any]:
     """Finished steps and their recorded results (Dramatiq; Temporal keeps them in its history)."""
-    record = _redis_record(job_id)
-    if record is None or record.get("engine") != "dramatiq":
-        return {}
-    with _redis_errors():
-        return get_dispatcher().dramatiq.store.steps(job_id)
+    for engine in _engines():
+        steps = _ask(engine.steps, job_id)
+        if steps:
+            return steps
+    return {}
 
 
 def _dead_counts() -> dict[str, int]:
@@ -218,60 +203,18 @@ def _dead_counts() -> dict[str, int]:
 
 
 def queue_stats() -> list[QueueStats]:
-    with _redis_errors():
-        return _queue_stats()
-
-
-def _queue_stats() -> list[QueueStats]:
-    store = get_dispatcher().dramatiq.store
-    timeout_ms = int(env.get_float(env.WORKER_HEARTBEAT_TIMEOUT) * 1000)
+    depths = _ask(get_dispatcher().dramatiq.queue_depths)
     dead = _dead_counts()
-    stats = []
-    for queue in queue_names():
-        pipe = store.client.pipeline(transaction=False)
-        pipe.llen(keys.dramatiq_queue(queue))
-        pipe.hlen(keys.dramatiq_messages(queue))
-        pipe.hlen(keys.dramatiq_messages(keys.delayed(queue)))
-        waiting, held, delayed = pipe.execute()
-        stats.append(
-            QueueStats(
-                name=queue,
-                depth=waiting,
-                in_flight=max(0, held - waiting),
-                delayed=delayed,
-                dead=dead.get(queue, 0),
-                live_workers=store.live_workers(queue, timeout_ms),
-            )
-        )
-    return stats
+    return [
+        QueueStats(d.name, d.waiting, d.in_flight, d.delayed, dead.get(d.name, 0), d.live_workers)
+        for d in depths
+    ]
 
 
 def job_log_backlog() -> int:
     """How many Dramatiq jobs changed since the job log's shipper last wrote them."""
-    with _redis_errors():
-        return get_dispatcher().dramatiq.store.client.zcard(keys.job_log_changes())
+    return _ask(get_dispatcher().dramatiq.job_log_backlog)
 
 
 def list_workers() -> list[WorkerInfo]:
-    with _redis_errors():
-        return _list_workers()
-
-
-def _list_workers() -> list[WorkerInfo]:
-    store = get_dispatcher().dramatiq.store
-    timeout_s = env.get_float(env.WORKER_HEARTBEAT_TIMEOUT)
-    now = store.client.time()
-    cutoff = now[0] + now[1] / 1e6 - timeout_s
-    workers: dict[str, WorkerInfo] = {}
-    for queue in queue_names():
-        for member, score in store.client.zrangebyscore(
-            keys.workers(queue), cutoff * 1000, "+inf", withscores=True
-        ):
-            worker_id = member.decode()
-            seen = score / 1000
-            known = workers.get(worker_id)
-            queues = [*(known.queues if known else []), queue]
-            workers[worker_id] = WorkerInfo(
-                worker_id, queues, max(seen, known.last_seen if known else 0)
-            )
-    return sorted(workers.values(), key=lambda w: w.worker_id)
+    return _ask(get_dispatcher().dramatiq.workers)

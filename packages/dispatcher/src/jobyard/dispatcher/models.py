@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-Engine = Literal["dramatiq", "temporal"]
+EngineName = Literal["dramatiq", "temporal", "inline"]
 #: Why a job went to Temporal. Also the `reason` label of the fallback metric.
 FALLBACK_FLAG_OFF = "flag_off"
 FALLBACK_REDIS_UNHEALTHY = "redis_unhealthy"
@@ -13,10 +13,7 @@ FALLBACK_REDIS_ERROR = "redis_error"
 FALLBACK_NO_WORKERS = "no_live_workers"
 FALLBACK_OWNED_BY_TEMPORAL = "owned_by_temporal"
 
-#: How the Temporal workflow makes sure Dramatiq does not also run the job.
-CLAIM_NONE = "none"  # Redis already records the job as Temporal's
-CLAIM_BEST_EFFORT = "best_effort"  # nothing reached Redis; mark the job Temporal's if Redis answers
-CLAIM_STRICT = "strict"  # an enqueue may have landed; wait for Redis to decide who owns the job
+FALLBACK_RESCUED = "rescued_from_dead_workers"
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,7 @@ class DispatchOptions:
 @dataclass(frozen=True)
 class JobHandle:
     job_id: str
-    engine: Engine
+    engine: EngineName
     fallback_reason: str | None = None
     duplicate: bool = False  # this job id was dispatched before; nothing new was started
 
@@ -42,7 +39,7 @@ class JobHandle:
 @dataclass(frozen=True)
 class JobStatus:
     job_id: str
-    engine: Engine
+    engine: EngineName
     state: str  # queued | running | retrying | succeeded | failed | cancelled
     attempts: int
     name: str | None = None

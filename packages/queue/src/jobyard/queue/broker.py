@@ -123,3 +123,19 @@ def requeue_from_dead_workers(broker: RedisBroker, queue: str) -> None:
                 broker._max_unpack_size(),
             ],
         )
+
+
+class DeadWorkerSweeper:
+    """Runs requeue_from_dead_workers from a process that has no worker (the rescue): one
+    broker for the sweeper's life, so its own Dramatiq heartbeat id stays the same."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.broker = RedisBroker(
+            client=client,
+            namespace=keys.DRAMATIQ_NAMESPACE,
+            heartbeat_timeout=heartbeat_timeout_ms(),
+        )
+
+    def sweep(self, queues: list[str]) -> None:
+        for queue in queues:
+            requeue_from_dead_workers(self.broker, queue)

@@ -7,6 +7,8 @@ milliseconds that Redis is gone, so the dispatcher can go to Temporal instead.
 from __future__ import annotations
 
 import threading
+from typing import Any
+from urllib.parse import urlparse
 
 import redis
 from redis.backoff import NoBackoff
@@ -18,6 +20,38 @@ _clients: dict[tuple[str, float], redis.Redis] = {}
 _lock = threading.Lock()
 
 
+class ConnectFailed(redis.ConnectionError):
+    """Connecting (or the handshake) failed, so the command was never sent: its outcome is
+    known. Any other connection or timeout error may come after Redis ran the command."""
+
+
+class _RaisesConnectFailed:
+    def connect(self) -> None:
+        try:
+            super().connect()  # type: ignore[misc]
+        except redis.RedisError as exc:
+            raise ConnectFailed(str(exc)) from exc
+
+
+class _Connection(_RaisesConnectFailed, redis.Connection):
+    pass
+
+
+class _SSLConnection(_RaisesConnectFailed, redis.SSLConnection):
+    pass
+
+
+class _UnixConnection(_RaisesConnectFailed, redis.UnixDomainSocketConnection):
+    pass
+
+
+_CONNECTIONS: dict[str, type[redis.connection.AbstractConnection]] = {
+    "redis": _Connection,
+    "rediss": _SSLConnection,
+    "unix": _UnixConnection,
+}
+
+
 def redis_url() -> str:
     return env.get_str(env.REDIS_URL)
 
@@ -25,8 +59,14 @@ def redis_url() -> str:
 def make_client(url: str | None = None, *, timeout: float | None = None) -> redis.Redis:
     """A new client; `timeout` seconds bounds connect and every reply."""
     timeout = env.get_float(env.REDIS_TIMEOUT) if timeout is None else timeout
+    url = url or redis_url()
+    extra: dict[str, Any] = {}
+    connection_class = _CONNECTIONS.get(urlparse(url).scheme)
+    if connection_class is not None:
+        extra["connection_class"] = connection_class
     return redis.Redis.from_url(
-        url or redis_url(),
+        url,
+        **extra,
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
         retry=Retry(NoBackoff(), 0),

@@ -55,3 +55,28 @@ def encode_job_message(
         message_id=message_id,
     )
     return EncodedMessage(target, message_id, message.encode())
+
+
+@dataclass(frozen=True)
+class DecodedJob:
+    """What a job message carries, read back (the rescue hands it to Temporal)."""
+
+    job_id: str
+    name: str
+    queue: str  # the job's queue, never its delay queue
+    payload: Any
+    webhook_url: str | None
+    retry: dict[str, Any] | None
+
+
+def decode_job_message(data: bytes) -> DecodedJob:
+    message = Message.decode(data)
+    job_id, payload = message.args
+    return DecodedJob(
+        job_id=job_id,
+        name=message.actor_name,
+        queue=message.queue_name.removesuffix(keys.DELAY_SUFFIX),
+        payload=payload,
+        webhook_url=message.options.get(WEBHOOK),
+        retry=message.options.get(RETRY),
+    )

@@ -33,6 +33,29 @@ class Delivery:
 NO_DELIVERY = Delivery("", "", "")
 
 
+@dataclass(frozen=True)
+class Reply:
+    """A Lua command's multi-value reply: a status word and, for some statuses, one detail
+    (enqueue "exists": the owning engine; handoff "lost", cancel "done", replay "active": the
+    job's state)."""
+
+    status: str
+    detail: str | None = None
+    state: str | None = None
+
+    @classmethod
+    def decode(cls, raw: Any) -> Reply:
+        values = [_text(v) for v in raw] if isinstance(raw, list | tuple) else [_text(raw)]
+        return cls(*values[:3])
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    waiting: int  # on the queue, not fetched
+    in_flight: int  # fetched by a worker, not acked
+    delayed: int  # on the delay queue: retry backoffs, durable sleeps, dispatch delays
+
+
 @dataclass
 class StartResult:
     status: str  # ok | lost | stale | done | cancelled | throttled
@@ -77,8 +100,10 @@ class JobStore:
         message: bytes,
         heartbeat_timeout_ms: int,
         options: dict[str, Any] | None = None,
-    ) -> tuple[str, ...]:
-        """`options`: the dispatch's options a replay of the job must keep."""
+    ) -> Reply:
+        """ "enqueued", "exists" (detail: the engine that owns the job, state: its state) or
+        "no_workers" (the job is now recorded as Temporal's). `options`: the dispatch's options
+        a replay of the job must keep."""
         reply = self._call(
             [
                 keys.job(job_id),
@@ -96,7 +121,7 @@ class JobStore:
             RECORD_TTL_SECONDS,
             json.dumps(options) if options else "",
         )
-        return tuple(_text(v) for v in reply)
+        return Reply.decode(reply)
 
     def start(
         self, job_id: str, job_name: str, seq: int, *, resume: bool, rate: tuple[int, int] | None
@@ -215,7 +240,8 @@ class JobStore:
         )
         return _text(reply) == "ok"
 
-    def handoff(self, job_id: str, name: str, queue: str) -> tuple[str, ...]:
+    def handoff(self, job_id: str, name: str, queue: str) -> Reply:
+        """ "claimed" (now Temporal's) or "lost" (detail: the state Dramatiq has it in)."""
         delay_queue = keys.delayed(queue)
         reply = self._call(
             [
@@ -230,7 +256,7 @@ class JobStore:
             queue,
             RECORD_TTL_SECONDS,
         )
-        return tuple(_text(v) for v in reply)
+        return Reply.decode(reply)
 
     def _queue_keys(self, queue: str) -> list[str]:
         delay_queue = keys.delayed(queue)
@@ -241,15 +267,19 @@ class JobStore:
             keys.dramatiq_messages(delay_queue),
         ]
 
-    def cancel(self, job_id: str, queue: str) -> tuple[str, ...]:
+    def cancel(self, job_id: str, queue: str) -> Reply:
+        """ "cancelled", "requested" (running: stops at its next step), "done" (detail: the final
+        state), "temporal" (not Dramatiq's) or "missing"."""
         reply = self._call(
             [keys.job(job_id), *self._queue_keys(queue)], "cancel", RECORD_TTL_SECONDS
         )
-        return tuple(_text(v) for v in reply)
+        return Reply.decode(reply)
 
     def replay(
         self, job_id: str, queue: str, next_seq: int, redis_message_id: str, message: bytes
-    ) -> tuple[str, ...]:
+    ) -> Reply:
+        """ "ok", "active" (detail: its state), "temporal", "missing" or "conflict" (replayed
+        concurrently)."""
         reply = self._call(
             [keys.job(job_id), keys.dramatiq_queue(queue), keys.dramatiq_messages(queue)],
             "replay",
@@ -257,7 +287,7 @@ class JobStore:
             redis_message_id,
             message,
         )
-        return tuple(_text(v) for v in reply)
+        return Reply.decode(reply)
 
     def rescue(self, queue: str, heartbeat_timeout_ms: int, limit: int = 500) -> int:
         """Move never-started jobs of a queue with no live worker to the handoff list."""
@@ -315,6 +345,29 @@ class JobStore:
         """Unmark shipped jobs, except any changed again since `changed_jobs` read them."""
         flat = [part for mark in marks for part in mark]
         return int(self._call([keys.job_log_changes()], "shipped", *flat))
+
+    def queue_counts(self, queue: str) -> QueueCounts:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.llen(keys.dramatiq_queue(queue))
+        pipe.hlen(keys.dramatiq_messages(queue))
+        pipe.hlen(keys.dramatiq_messages(keys.delayed(queue)))
+        waiting, held, delayed = pipe.execute()
+        # A queue's msgs hash holds waiting and fetched messages alike.
+        return QueueCounts(waiting, max(0, held - waiting), delayed)
+
+    def now(self) -> float:
+        """Redis's clock, in unix seconds: the clock heartbeats are scored on."""
+        seconds, micros = self.client.time()
+        return seconds + micros / 1e6
+
+    def heartbeats_since(self, queue: str, since: float) -> list[tuple[str, float]]:
+        """(worker id, last heartbeat in unix seconds) of `queue`'s workers seen since `since`."""
+        seen = self.client.zrangebyscore(keys.workers(queue), since * 1000, "+inf", withscores=True)
+        return [(_text(member), score / 1000) for member, score in seen]
+
+    def job_log_backlog(self) -> int:
+        """How many jobs changed since the job log's shipper last wrote them."""
+        return int(self.client.zcard(keys.job_log_changes()))
 
     def get(self, job_id: str) -> dict[str, str] | None:
         raw = self.client.hgetall(keys.job(job_id))

@@ -1,0 +1,41 @@
+"""The engines jobs run on, each behind `Engine` (see `base`)."""
+
+from jobyard.dispatcher.engines.base import (
+    AlreadyClosed,
+    AlreadyOnEngine,
+    Cancellation,
+    CancelStatus,
+    ClaimMode,
+    Engine,
+    EngineError,
+    NotOnEngine,
+    QueueDepth,
+    Release,
+    ReleaseStatus,
+    Replay,
+    ReplayStatus,
+    Submission,
+    SubmitStatus,
+    Submitted,
+    WorkerInfo,
+)
+
+__all__ = [
+    "AlreadyClosed",
+    "AlreadyOnEngine",
+    "CancelStatus",
+    "Cancellation",
+    "ClaimMode",
+    "Engine",
+    "EngineError",
+    "NotOnEngine",
+    "QueueDepth",
+    "Release",
+    "ReleaseStatus",
+    "Replay",
+    "ReplayStatus",
+    "Submission",
+    "SubmitStatus",
+    "Submitted",
+    "WorkerInfo",
+]

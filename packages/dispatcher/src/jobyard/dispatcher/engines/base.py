@@ -1,0 +1,167 @@
+"""The one shape every engine has: what the dispatcher and the lifecycle functions may ask of
+an engine, and exactly what crosses that boundary.
+
+An engine (one subpackage each: `dramatiq`, `temporal`, `inline`, with the same file names)
+implements `Engine`. Its `errors.py` maps its library's exceptions onto the ones below in one
+context manager, keeping the cause; nothing above an engine sees redis or temporalio errors.
+
+Crossing in: a `Submission` (validated job id, name, queue, encoded payload, options) or a job
+id. Crossing out: the frozen results below, `JobStatus`, and the errors of this module and
+`jobyard.dispatcher.errors`. Payloads and results are JSON data, never live objects.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from jobyard.dispatcher.models import DispatchOptions, EngineName, JobStatus
+from jobyard.job_engine import JobyardError
+
+
+class ClaimMode(StrEnum):
+    """How sure the dispatcher is that no other engine holds the job it submits."""
+
+    NONE = "none"  # sure: the other engine records the job as this one's, or never saw it
+    BEST_EFFORT = "best_effort"  # nothing reached the other engine; claim it there if it answers
+    STRICT = "strict"  # an enqueue may have landed there; wait for it to say who owns the job
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A validated job on its way to an engine."""
+
+    job_id: str
+    name: str
+    queue: str
+    payload: dict[str, Any]
+    options: DispatchOptions = field(default_factory=DispatchOptions)
+    fallback_reason: str | None = None  # why it is not on the preferred engine, if it is not
+    claim: ClaimMode = ClaimMode.NONE
+
+
+class SubmitStatus(StrEnum):
+    STARTED = "started"  # this engine took the job
+    DUPLICATE = "duplicate"  # this engine already has a job with this id; nothing new started
+    OWNED_ELSEWHERE = "owned_elsewhere"  # the id belongs to another engine (see `owner`)
+    NO_WORKERS = "no_workers"  # nothing would run it here; the id is now the other engine's
+
+
+@dataclass(frozen=True)
+class Submitted:
+    status: SubmitStatus
+    owner: EngineName | None = None  # for OWNED_ELSEWHERE: which engine has the id
+
+
+class ReleaseStatus(StrEnum):
+    RELEASED = "released"  # the job is not this engine's (a waiting copy was removed)
+    KEPT = "kept"  # this engine started the job: it stays here (see `state`)
+
+
+@dataclass(frozen=True)
+class Release:
+    status: ReleaseStatus
+    state: str | None = None
+
+
+class CancelStatus(StrEnum):
+    CANCELLED = "cancelled"  # it will never run (again)
+    REQUESTED = "requested"  # it is running and stops at its next step boundary
+    FINISHED = "finished"  # it had already finished (see `state`)
+    NOT_HERE = "not_here"  # this engine has no such job
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    status: CancelStatus
+    state: str | None = None
+
+
+class ReplayStatus(StrEnum):
+    REPLAYED = "replayed"
+    ACTIVE = "active"  # queued, running or succeeded: replaying would run it twice
+    NOT_HERE = "not_here"
+    NEEDS_PAYLOAD = "needs_payload"  # the engine no longer has the payload: pass it in
+
+
+@dataclass(frozen=True)
+class Replay:
+    status: ReplayStatus
+    state: str | None = None
+    name: str | None = None
+    queue: str | None = None
+    payload: Any = None  # what the replayed run got (for the job log)
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    name: str
+    waiting: int
+    in_flight: int  # fetched by a worker, not finished
+    delayed: int  # waiting for a retry backoff, a durable sleep or a dispatch delay
+    live_workers: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str  # host:pid:random
+    queues: list[str]
+    last_seen: float  # unix seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EngineError(JobyardError):
+    """What an engine's error mapping turns library errors into (besides EngineUnavailable)."""
+
+
+class NotOnEngine(EngineError):
+    """The engine has no job with this id."""
+
+
+class AlreadyOnEngine(EngineError):
+    """The engine already has a job with this id."""
+
+
+class AlreadyClosed(EngineError):
+    """The job is finished; it can no longer be changed."""
+
+
+class Engine(ABC):
+    """A place jobs run. Every method raises EngineUnavailable when the engine cannot be asked
+    (its `ambiguous` says whether the request may have taken effect); nothing else escapes."""
+
+    name: ClassVar[EngineName]
+
+    @abstractmethod
+    def submit(self, job: Submission) -> Submitted:
+        """Start `job` once under its id; a second submit of the id starts nothing."""
+
+    @abstractmethod
+    def release(self, job_id: str, name: str, queue: str) -> Release:
+        """Make sure this engine will not run the job, unless it already started it."""
+
+    @abstractmethod
+    def status(self, job_id: str) -> JobStatus | None:
+        """The job's state here, or None when this engine does not have it."""
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> Cancellation: ...
+
+    @abstractmethod
+    def replay(self, job_id: str, payload: Any = None) -> Replay:
+        """Run a failed, dead or cancelled job again under its id. `payload` is used when the
+        engine no longer has it (it answered NEEDS_PAYLOAD)."""
+
+    @abstractmethod
+    def steps(self, job_id: str) -> dict[str, Any]:
+        """Finished steps and their results, where the engine keeps them apart from its log."""
+
+    @abstractmethod
+    def queue_depths(self) -> list[QueueDepth]: ...
+
+    @abstractmethod
+    def workers(self) -> list[WorkerInfo]: ...

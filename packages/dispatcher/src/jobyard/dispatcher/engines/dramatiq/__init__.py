@@ -1,0 +1,4 @@
+from jobyard.dispatcher.engines.dramatiq.engine import DramatiqEngine, Orphan
+from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
+
+__all__ = ["DramatiqEngine", "Orphan", "map_redis_errors"]

@@ -1,0 +1,225 @@
+"""Dramatiq over Redis: one Lua call per operation (jobyard.queue's JobStore)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from jobyard.dispatcher.engines.base import (
+    Cancellation,
+    CancelStatus,
+    Engine,
+    QueueDepth,
+    Release,
+    ReleaseStatus,
+    Replay,
+    ReplayStatus,
+    Submission,
+    SubmitStatus,
+    Submitted,
+    WorkerInfo,
+)
+from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
+from jobyard.dispatcher.models import DispatchOptions, EngineName, JobStatus
+from jobyard.queue.broker import DeadWorkerSweeper
+from jobyard.queue.messages import decode_job_message, encode_job_message
+from jobyard.queue.queues import queue_names
+from jobyard.queue.store import JobStore
+
+log = logging.getLogger("jobyard.rescue")
+
+_CANCEL = {
+    "cancelled": CancelStatus.CANCELLED,
+    "requested": CancelStatus.REQUESTED,
+    "done": CancelStatus.FINISHED,
+    "temporal": CancelStatus.NOT_HERE,
+    "missing": CancelStatus.NOT_HERE,
+}
+
+
+def kept_options(options: DispatchOptions) -> dict[str, Any]:
+    """What a replay of the job must dispatch with again (the delay was for the first run)."""
+    kept = {"webhook_url": options.webhook_url, "retry": options.retry}
+    return {key: value for key, value in kept.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A job moved off a queue that has no live worker, waiting to be started elsewhere."""
+
+    message: bytes  # as it sits on the handoff list, to remove it once started elsewhere
+    job: Submission
+
+
+class DramatiqEngine(Engine):
+    name: ClassVar[EngineName] = "dramatiq"
+
+    def __init__(self, store: JobStore, heartbeat_timeout: float) -> None:
+        self.store = store
+        self.heartbeat_timeout = heartbeat_timeout
+        self._sweeper: DeadWorkerSweeper | None = None
+
+    @property
+    def _timeout_ms(self) -> int:
+        return int(self.heartbeat_timeout * 1000)
+
+    def ping(self) -> bool:
+        with map_redis_errors():
+            return bool(self.store.client.ping())
+
+    def submit(self, job: Submission) -> Submitted:
+        """Checks for live workers, dedupes the id and enqueues, in one Lua call."""
+        options = job.options
+        message = encode_job_message(
+            job.name, job.queue, job.job_id, job.payload,
+            delay_seconds=options.delay, webhook_url=options.webhook_url, retry=options.retry,
+        )  # fmt: skip
+        with map_redis_errors():
+            reply = self.store.enqueue(
+                job.job_id,
+                job.name,
+                job.queue,
+                message.queue,
+                message.redis_message_id,
+                message.data,
+                self._timeout_ms,
+                kept_options(options),
+            )
+        if reply.status == "enqueued":
+            return Submitted(SubmitStatus.STARTED)
+        if reply.status == "no_workers":
+            return Submitted(SubmitStatus.NO_WORKERS, owner="temporal")
+        if reply.detail == self.name:
+            return Submitted(SubmitStatus.DUPLICATE, owner=self.name)
+        return Submitted(SubmitStatus.OWNED_ELSEWHERE, owner="temporal")
+
+    def release(self, job_id: str, name: str, queue: str) -> Release:
+        with map_redis_errors():
+            reply = self.store.handoff(job_id, name, queue)
+        if reply.status == "claimed":
+            return Release(ReleaseStatus.RELEASED)
+        return Release(ReleaseStatus.KEPT, reply.detail)
+
+    def record(self, job_id: str) -> dict[str, str] | None:
+        """The job's Redis record, if it is Dramatiq's."""
+        with map_redis_errors():
+            record = self.store.get(job_id)
+        return record if record is not None and record.get("engine") == self.name else None
+
+    def status(self, job_id: str) -> JobStatus | None:
+        record = self.record(job_id)
+        if record is None:
+            return None
+        state = record.get("state", "queued")
+        result = json.loads(record["result"]) if record.get("result") else None
+        progress = json.loads(record["progress"]) if record.get("progress") else None
+        return JobStatus(
+            job_id=job_id,
+            engine=self.name,
+            state=state,
+            attempts=int(record.get("attempts", 0)),
+            name=record.get("name"),
+            result=result if state == "succeeded" else None,
+            error=record.get("error") or None,
+            progress=progress,
+        )
+
+    def cancel(self, job_id: str) -> Cancellation:
+        record = self.record(job_id)
+        if record is None:
+            return Cancellation(CancelStatus.NOT_HERE)
+        with map_redis_errors():
+            reply = self.store.cancel(job_id, record["queue"])
+        return Cancellation(_CANCEL[reply.status], reply.detail)
+
+    def replay(self, job_id: str, payload: Any = None) -> Replay:
+        """Keeps the finished steps: the replayed run skips them."""
+        record = self.record(job_id)
+        if record is None:
+            return Replay(ReplayStatus.NOT_HERE)
+        name, queue, state = record["name"], record["queue"], record.get("state")
+        if record.get("payload"):
+            payload = json.loads(record["payload"])
+        if payload is None:  # cancelled while queued: only the job log has the payload
+            status = ReplayStatus.ACTIVE if state not in _REPLAYABLE else ReplayStatus.NEEDS_PAYLOAD
+            return Replay(status, state, name, queue)
+        next_seq = int(record.get("seq", 0)) + 1
+        kept = json.loads(record["options"]) if record.get("options") else {}
+        message = encode_job_message(
+            name, queue, job_id, payload, seq=next_seq,
+            webhook_url=kept.get("webhook_url"), retry=kept.get("retry"),
+        )  # fmt: skip
+        with map_redis_errors():
+            reply = self.store.replay(
+                job_id, queue, next_seq, message.redis_message_id, message.data
+            )
+        if reply.status == "ok":
+            return Replay(ReplayStatus.REPLAYED, state, name, queue, payload)
+        if reply.status in ("temporal", "missing"):
+            return Replay(ReplayStatus.NOT_HERE)
+        return Replay(ReplayStatus.ACTIVE, reply.detail or reply.status, name, queue)
+
+    def steps(self, job_id: str) -> dict[str, Any]:
+        if self.record(job_id) is None:
+            return {}
+        with map_redis_errors():
+            return self.store.steps(job_id)
+
+    def queue_depths(self) -> list[QueueDepth]:
+        depths = []
+        with map_redis_errors():
+            for queue in queue_names():
+                counts = self.store.queue_counts(queue)
+                live = self.store.live_workers(queue, self._timeout_ms)
+                depths.append(
+                    QueueDepth(queue, counts.waiting, counts.in_flight, counts.delayed, live)
+                )
+        return depths
+
+    def workers(self) -> list[WorkerInfo]:
+        found: dict[str, WorkerInfo] = {}
+        with map_redis_errors():
+            since = self.store.now() - self.heartbeat_timeout
+            for queue in queue_names():
+                for worker_id, seen in self.store.heartbeats_since(queue, since):
+                    known = found.get(worker_id)
+                    queues = [*(known.queues if known else []), queue]
+                    last = max(seen, known.last_seen if known else 0)
+                    found[worker_id] = WorkerInfo(worker_id, queues, last)
+        return sorted(found.values(), key=lambda w: w.worker_id)
+
+    def job_log_backlog(self) -> int:
+        with map_redis_errors():
+            return self.store.job_log_backlog()
+
+    def collect_orphans(self, fallback_reason: str) -> list[Orphan]:
+        """Returns messages held by dead workers to their queues, then moves never-started
+        jobs of queues with no live worker to the handoff list (one Lua call per queue) and
+        lists everything on it: jobs to start elsewhere, then drop with `orphan_moved`."""
+        with map_redis_errors():
+            if self._sweeper is None:
+                self._sweeper = DeadWorkerSweeper(self.store.client)
+            self._sweeper.sweep(queue_names())
+            for queue in queue_names():
+                moved = self.store.rescue(queue, self._timeout_ms)
+                if moved:
+                    log.warning("queue %s has no live worker: %d job(s) moved", queue, moved)
+            waiting = self.store.handoffs()
+        return [Orphan(data, _submission(data, fallback_reason)) for data in waiting]
+
+    def orphan_moved(self, orphan: Orphan) -> None:
+        with map_redis_errors():
+            self.store.handoff_done(orphan.message)
+
+
+_REPLAYABLE = ("failed", "dead", "cancelled")
+
+
+def _submission(data: bytes, fallback_reason: str) -> Submission:
+    job = decode_job_message(data)
+    options = DispatchOptions(webhook_url=job.webhook_url, retry=job.retry)
+    return Submission(
+        job.job_id, job.name, job.queue, job.payload, options, fallback_reason=fallback_reason
+    )

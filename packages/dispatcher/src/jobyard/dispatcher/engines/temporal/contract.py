@@ -1,0 +1,62 @@
+"""The contract between the dispatcher and the generic workflow (apps/temporal_worker): its name,
+its input, its queries. Imported by both sides and by the rescue; no temporalio import here, so
+the workflow sandbox passes it through."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from jobyard.dispatcher.engines.base import ClaimMode, Submission
+
+WORKFLOW_NAME = "jobyard.job"
+STATUS_QUERY = "status"
+
+__all__ = ["STATUS_QUERY", "WORKFLOW_NAME", "ClaimMode", "JobRequest", "StatusReply"]
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """The workflow's input. Histories written before this type existed hold the same fields as
+    a plain dict, which the data converter reads into it."""
+
+    job_id: str
+    name: str
+    queue: str
+    payload: dict[str, Any]
+    claim: ClaimMode = ClaimMode.NONE
+    fallback_reason: str | None = None
+    webhook_url: str | None = None
+    retry: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, job: Submission) -> JobRequest:
+        return cls(
+            job_id=job.job_id,
+            name=job.name,
+            queue=job.queue,
+            payload=job.payload,
+            claim=job.claim,
+            fallback_reason=job.fallback_reason,
+            webhook_url=job.options.webhook_url,
+            retry=job.options.retry,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobRequest:
+        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        known["claim"] = ClaimMode(known.get("claim") or ClaimMode.NONE)
+        return cls(**known)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    """What the STATUS_QUERY answers while the workflow runs."""
+
+    name: str | None
+    state: str
+    attempts: int
+    progress: Any = None

@@ -1,0 +1,253 @@
+"""Temporal: one workflow per job (apps/temporal_worker), started and asked through a client
+that lives on a private event loop, so sync code can call it."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import gc
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import timedelta
+from typing import Any, ClassVar, TypeVar
+
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError
+
+from jobyard.dispatcher.engines.base import (
+    AlreadyClosed,
+    AlreadyOnEngine,
+    Cancellation,
+    CancelStatus,
+    ClaimMode,
+    Engine,
+    NotOnEngine,
+    QueueDepth,
+    Release,
+    ReleaseStatus,
+    Replay,
+    ReplayStatus,
+    Submission,
+    SubmitStatus,
+    Submitted,
+    WorkerInfo,
+)
+from jobyard.dispatcher.engines.temporal.contract import STATUS_QUERY, WORKFLOW_NAME, JobRequest
+from jobyard.dispatcher.engines.temporal.errors import (
+    ENGINE,
+    map_connect_errors,
+    map_temporal_errors,
+)
+from jobyard.dispatcher.errors import EngineUnavailable
+from jobyard.dispatcher.models import EngineName, JobStatus
+
+T = TypeVar("T")
+
+_OPEN = ("queued", "running", "retrying")
+_STATES = {
+    WorkflowExecutionStatus.RUNNING: "running",
+    WorkflowExecutionStatus.COMPLETED: "succeeded",
+    WorkflowExecutionStatus.FAILED: "failed",
+    WorkflowExecutionStatus.TIMED_OUT: "failed",
+    WorkflowExecutionStatus.TERMINATED: "failed",
+    WorkflowExecutionStatus.CANCELED: "cancelled",
+    WorkflowExecutionStatus.CONTINUED_AS_NEW: "running",
+}
+
+
+class TemporalEngine(Engine):
+    name: ClassVar[EngineName] = ENGINE
+
+    def __init__(self, address: str, namespace: str, task_queue: str, timeout: float) -> None:
+        self.address = address
+        self.namespace = namespace
+        self.task_queue = task_queue
+        self.timeout = timeout
+        self._client: Client | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="jobyard-temporal", daemon=True
+        )
+        self._thread.start()
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the loop and drop the client while the interpreter is still whole: a client
+        left to the interpreter's teardown makes its native threads panic on exit."""
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=2)
+        self._client = None
+        gc.collect()
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout or self.timeout)
+        except FutureTimeout as exc:
+            future.cancel()
+            raise EngineUnavailable(
+                ENGINE, f"no answer from {self.address} in time", ambiguous=True
+            ) from exc
+
+    async def client(self) -> Client:
+        if self._client is None:
+            with map_connect_errors(self.address):
+                self._client = await asyncio.wait_for(
+                    Client.connect(self.address, namespace=self.namespace), self.timeout
+                )
+        return self._client
+
+    def warm_up(self) -> None:
+        """Connect in the background so the first fallback does not pay for it."""
+        future = asyncio.run_coroutine_threadsafe(self.client(), self._loop)
+        future.add_done_callback(lambda f: f.exception())
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coro` on the engine's loop (benchmarks and tests reach the client this way)."""
+        return self._call(coro, timeout)
+
+    def _rpc_timeout(self) -> timedelta:
+        return timedelta(seconds=self.timeout)
+
+    async def _handle(self, job_id: str) -> WorkflowHandle[Any, Any]:
+        return (await self.client()).get_workflow_handle(job_id)
+
+    async def _start(
+        self, request: JobRequest, delay: float | None, reuse: WorkflowIDReusePolicy
+    ) -> None:
+        client = await self.client()
+        with map_temporal_errors():
+            await client.start_workflow(
+                WORKFLOW_NAME,
+                request,
+                id=request.job_id,
+                task_queue=self.task_queue,
+                id_reuse_policy=reuse,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                start_delay=timedelta(seconds=delay) if delay else None,
+                rpc_timeout=self._rpc_timeout(),
+            )
+
+    def submit(self, job: Submission) -> Submitted:
+        """Starts the job's workflow; a workflow id is never reused, whatever its state."""
+        try:
+            self._call(
+                self._start(
+                    JobRequest.of(job), job.options.delay, WorkflowIDReusePolicy.REJECT_DUPLICATE
+                )
+            )
+        except AlreadyOnEngine:
+            return Submitted(SubmitStatus.DUPLICATE, owner=self.name)
+        return Submitted(SubmitStatus.STARTED)
+
+    def release(self, job_id: str, name: str, queue: str) -> Release:
+        """Temporal keeps no claims: its workflow id is the only record, and it is final."""
+        found = self.status(job_id)
+        if found is None:
+            return Release(ReleaseStatus.RELEASED)
+        return Release(ReleaseStatus.KEPT, found.state)
+
+    async def _status(self, job_id: str) -> JobStatus | None:
+        handle = await self._handle(job_id)
+        try:
+            with map_temporal_errors():
+                description = await handle.describe(rpc_timeout=self._rpc_timeout())
+        except NotOnEngine:
+            return None
+        state = _STATES.get(description.status, "running")
+        live: dict[str, Any] = {}
+        result = error = None
+        if state == "running":
+            try:
+                live = await asyncio.wait_for(handle.query(STATUS_QUERY), self.timeout)
+            except Exception:  # no worker polling yet: the job has not started
+                state = "queued"
+        elif state == "succeeded":
+            outcome = await handle.result()
+            live, result = outcome, outcome.get("result")
+        else:
+            try:
+                await handle.result()
+            except WorkflowFailureError as exc:
+                cause = exc.cause
+                error = str(cause.message if hasattr(cause, "message") else cause)
+                if isinstance(cause, ApplicationError) and cause.details:
+                    live = cause.details[0] if isinstance(cause.details[0], dict) else {}
+                    state = live.get("state", state)
+        return JobStatus(
+            job_id=job_id,
+            engine=self.name,
+            # While the workflow is open, its last bookkeeping may still be running.
+            state=live.get("state", state)
+            if state == "running" and live.get("state") in _OPEN
+            else state,
+            attempts=int(live.get("attempts", 0)),
+            name=live.get("name"),
+            result=result,
+            error=error,
+            progress=live.get("progress"),
+        )
+
+    def status(self, job_id: str) -> JobStatus | None:
+        return self._call(self._status(job_id), timeout=self.timeout * 3)
+
+    async def _cancel(self, job_id: str) -> Cancellation:
+        handle = await self._handle(job_id)
+        try:
+            with map_temporal_errors():
+                await handle.cancel(rpc_timeout=self._rpc_timeout())
+        except NotOnEngine:
+            return Cancellation(CancelStatus.NOT_HERE)
+        except AlreadyClosed:
+            return Cancellation(CancelStatus.FINISHED)
+        return Cancellation(CancelStatus.REQUESTED)
+
+    def cancel(self, job_id: str) -> Cancellation:
+        """Asks the job's workflow to cancel; it ends cancelled at its next await."""
+        return self._call(self._cancel(job_id))
+
+    async def _original_request(self, job_id: str) -> JobRequest | None:
+        client = await self.client()
+        handle = client.get_workflow_handle(job_id)
+        try:
+            with map_temporal_errors():
+                async for event in handle.fetch_history_events():
+                    started = event.workflow_execution_started_event_attributes
+                    payloads = list(started.input.payloads)
+                    return JobRequest.from_dict((await client.data_converter.decode(payloads))[0])
+        except NotOnEngine:
+            return None
+        return None
+
+    async def _replay(self, job_id: str) -> Replay:
+        request = await self._original_request(job_id)
+        if request is None:
+            return Replay(ReplayStatus.NOT_HERE)
+        again = JobRequest(**{**request.as_dict(), "claim": ClaimMode.NONE})
+        try:
+            await self._start(again, None, WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY)
+        except AlreadyOnEngine:  # running or succeeded: Temporal refuses a second run
+            return Replay(ReplayStatus.ACTIVE, None, request.name, request.queue)
+        return Replay(ReplayStatus.REPLAYED, None, request.name, request.queue, request.payload)
+
+    def replay(self, job_id: str, payload: Any = None) -> Replay:
+        """Starts a failed, dead or cancelled job's workflow again with its original input."""
+        return self._call(self._replay(job_id), timeout=self.timeout * 3)
+
+    def steps(self, job_id: str) -> dict[str, Any]:
+        return {}  # kept in the workflow's history, shown by Temporal's own UI
+
+    def queue_depths(self) -> list[QueueDepth]:
+        return []
+
+    def workers(self) -> list[WorkerInfo]:
+        return []
