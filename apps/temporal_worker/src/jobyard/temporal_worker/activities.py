@@ -31,11 +31,11 @@ async def run_step(request: dict[str, Any]) -> dict[str, Any]:
     except PermanentError as exc:
         raise ApplicationError(
             str(exc), {"attempts": attempt}, type=type(exc).__name__, non_retryable=True
-        ) from None
+        ) from exc
     except Exception as exc:
         raise ApplicationError(
             f"{type(exc).__name__}: {exc}", {"attempts": attempt}, type=type(exc).__name__
-        ) from None
+        ) from exc
     return {"value": value, "attempt": attempt}
 
 

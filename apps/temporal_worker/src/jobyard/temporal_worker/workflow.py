@@ -66,7 +66,7 @@ class JobWorkflow:
         except ActivityError as exc:
             if isinstance(exc.cause, CancelledError):  # a step was running when the cancel came
                 await self._cancelled(final, ctx.attempts)
-                raise asyncio.CancelledError() from None
+                raise asyncio.CancelledError() from exc
             state, message, error_type, attempts = self._failure(exc, ctx.attempts)
             await emit({**final, "state": state, "attempts": attempts, "error": message,
                         "error_class": error_type, "payload": request.payload})  # fmt: skip
@@ -76,7 +76,7 @@ class JobWorkflow:
                 {"name": self._name, "attempts": attempts, "state": state},
                 type=error_type,
                 non_retryable=True,
-            ) from None
+            ) from exc
         except Exception as exc:  # the handler's own code failed: fail the job as Dramatiq does
             message, error_type = f"{type(exc).__name__}: {exc}", type(exc).__name__
             await emit({**final, "state": "failed", "attempts": ctx.attempts, "error": message,
@@ -87,7 +87,7 @@ class JobWorkflow:
                 {"name": self._name, "attempts": ctx.attempts, "state": "failed"},
                 type=error_type,
                 non_retryable=True,
-            ) from None
+            ) from exc
         await emit({**final, "state": "succeeded", "attempts": ctx.attempts, "result": result})
         self._state = "succeeded"
         return {"name": self._name, "result": result, "attempts": ctx.attempts}

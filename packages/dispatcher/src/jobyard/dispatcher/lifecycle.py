@@ -153,7 +153,7 @@ def replay_job(job_id: str) -> JobHandle:
             continue
         if outcome.status == ReplayStatus.ACTIVE:
             raise JobStillActiveError(job_id, outcome.state or get_job(job_id).state)
-        if engine.name == "dramatiq" and outcome.name is not None:
+        if engine.name == "dramatiq" and outcome.name and outcome.queue:
             dispatched_event(
                 job_id, outcome.name, outcome.queue, engine.name, outcome.payload, None, replayed_at
             )
@@ -199,7 +199,7 @@ def get_job_steps(job_id: str) -> dict[str, Any]:
 def _dead_counts() -> dict[str, int]:
     query = select(JobLog.queue, func.count()).where(JobLog.state == "dead").group_by(JobLog.queue)
     with session_scope() as session:
-        return {queue: count for queue, count in session.execute(query)}
+        return {queue: count for queue, count in session.execute(query) if queue}
 
 
 def queue_stats() -> list[QueueStats]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
-import redis
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -21,7 +21,7 @@ from jobyard.job_engine import env
 class QueueCollector(Collector):
     """Queue depth, in-flight, delayed, dead and live workers, read from Redis at scrape time."""
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         from jobyard.dispatcher.lifecycle import queue_stats
 
         families = {
@@ -36,7 +36,7 @@ class QueueCollector(Collector):
         }
         try:
             stats = queue_stats()
-        except (redis.RedisError, Exception):  # a scrape must not fail because Redis is down
+        except Exception:  # a scrape must not fail because Redis or the database is down
             stats = []
         for queue in stats:
             for field, family in families.items():
@@ -45,7 +45,7 @@ class QueueCollector(Collector):
         yield from _job_log_backlog()
 
 
-def _job_log_backlog():
+def _job_log_backlog() -> Iterator[GaugeMetricFamily]:
     """Dramatiq job changes not yet in the job log: grows while the database (or every
     worker's shipper) is down."""
     from jobyard.dispatcher.lifecycle import job_log_backlog
@@ -65,7 +65,7 @@ def process_registry() -> CollectorRegistry:
     """This process's metrics, or every worker process's when they share a multiprocess dir."""
     if os.environ.get(env.PROMETHEUS_MULTIPROC_DIR):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return registry
     return REGISTRY
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import dramatiq
 import redis
@@ -29,47 +30,47 @@ class JobyardConsumer(_RedisConsumer):
       which a busy worker's threads run dry.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.slot_freed = threading.Event()
 
     def window_full(self) -> bool:
-        return self.outstanding_message_count > self.prefetch // 2
+        return bool(self.outstanding_message_count > self.prefetch // 2)
 
-    def __next__(self):
+    def __next__(self) -> Any:
         if not self.message_cache and self.window_full():
             self.slot_freed.clear()  # then look again, so an ack in between is not missed
             if self.window_full() and not self.slot_freed.wait(self.timeout / 1000):
                 return None  # still full: the consumer thread calls again
-        return super().__next__()
+        return super().__next__()  # type: ignore[no-untyped-call]
 
-    def _settled(self, message) -> None:
+    def _settled(self, message: Any) -> None:
         """Called from worker threads as each message is done."""
         self.queued_message_ids.discard(message.message_id)
         if not self.window_full():
             self.slot_freed.set()
 
-    def ack(self, message):
+    def ack(self, message: Any) -> None:
         try:
             if not getattr(message, ACKED, False):
-                super().ack(message)
+                super().ack(message)  # type: ignore[no-untyped-call]
         finally:
             self._settled(message)
 
-    def nack(self, message):
+    def nack(self, message: Any) -> None:
         """A jobyard message fails only when Redis failed under the runner's own bookkeeping:
         put it back on the queue (seq makes a rerun safe) instead of Dramatiq's dead letters."""
         try:
             self.broker.do_requeue(self.queue_name, message.options["redis_message_id"])
         except redis.ConnectionError as exc:
-            raise ConnectionClosed(exc) from None
+            raise ConnectionClosed(exc) from exc
         finally:
             self._settled(message)
 
 
 class JobyardBroker(RedisBroker):
     @property
-    def consumer_class(self):
+    def consumer_class(self) -> type[JobyardConsumer]:
         return JobyardConsumer
 
 
@@ -83,7 +84,7 @@ def build_broker(queue: str, *, store: JobStore | None = None) -> RedisBroker:
     No Retries middleware: jobyard retries and sleeps through JobRunner, which records them.
     """
     client = get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT))
-    broker = JobyardBroker(
+    broker = JobyardBroker(  # type: ignore[no-untyped-call]
         client=client,
         namespace=keys.DRAMATIQ_NAMESPACE,
         heartbeat_timeout=heartbeat_timeout_ms(),

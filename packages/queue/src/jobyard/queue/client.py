@@ -45,7 +45,7 @@ class _UnixConnection(_RaisesConnectFailed, redis.UnixDomainSocketConnection):
     pass
 
 
-_CONNECTIONS: dict[str, type[redis.connection.AbstractConnection]] = {
+_CONNECTIONS: dict[str, type[_RaisesConnectFailed]] = {
     "redis": _Connection,
     "rediss": _SSLConnection,
     "unix": _UnixConnection,

@@ -27,7 +27,9 @@ class EagerLoop(asyncio.SelectorEventLoop):
 
     _first_step: list[tuple[Callable[..., Any], tuple[Any, ...], Context | None]] | None = None
 
-    def call_soon(self, callback, *args, context=None):
+    def call_soon(  # type: ignore[override]  # returns None for the step it keeps
+        self, callback: Callable[..., object], *args: Any, context: Context | None = None
+    ) -> asyncio.Handle | None:
         if self._first_step is not None and not self._first_step:
             # Task.__init__ schedules its first step here: keep it for `run` to call directly.
             self._first_step.append((callback, args, context))

@@ -46,7 +46,7 @@ def encode_job_message(
     if delay_seconds:
         target = keys.delayed(queue)
         options["eta"] = int((time.time() + delay_seconds) * 1000)
-    message = Message(
+    message: Message[Any] = Message(
         queue_name=target,
         actor_name=job_name,
         args=(job_id, payload),
@@ -70,7 +70,7 @@ class DecodedJob:
 
 
 def decode_job_message(data: bytes) -> DecodedJob:
-    message = Message.decode(data)
+    message: Message[Any] = Message.decode(data)
     job_id, payload = message.args
     return DecodedJob(
         job_id=job_id,

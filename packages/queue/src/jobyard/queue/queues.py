@@ -68,8 +68,8 @@ def queue_names() -> list[str]:
 def get_queue(name: str) -> QueueConfig:
     try:
         return _QUEUES[name].with_env()
-    except KeyError:
-        raise ValueError(f"unknown queue {name!r} (queues: {', '.join(_QUEUES)})") from None
+    except KeyError as exc:
+        raise ValueError(f"unknown queue {name!r} (queues: {', '.join(_QUEUES)})") from exc
 
 
 def parse_queue_list(text: str | None) -> list[str]:

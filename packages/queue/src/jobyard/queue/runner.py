@@ -104,7 +104,7 @@ class _Run:
     def execute(self) -> None:
         try:
             model = self.spec.validate(self.payload)
-            result = run_eagerly(self.spec.handler(self.ctx, model))
+            result: Any = run_eagerly(self.spec.handler(self.ctx, model))
         except Suspend as suspend:
             self.reschedule("running", suspend.seconds, resume=True)
         except Throttled as throttled:

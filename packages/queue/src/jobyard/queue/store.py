@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.exceptions import NoScriptError
@@ -306,10 +306,10 @@ class JobStore:
         return int(reply)
 
     def handoffs(self, limit: int = 500) -> list[bytes]:
-        return self.client.lrange(keys.handoff(), 0, limit - 1)
+        return cast(list[bytes], self.client.lrange(keys.handoff(), 0, limit - 1))
 
     def handoff_done(self, message: bytes) -> None:
-        self.client.lrem(keys.handoff(), 1, message)
+        self.client.lrem(keys.handoff(), 1, message)  # type: ignore[arg-type]  # bytes work
 
     def heartbeat(self, worker_id: str, broker_id: str, queues: list[str]) -> int:
         worker_keys = [keys.workers(q) for q in queues]
@@ -331,9 +331,10 @@ class JobStore:
 
     def changed_jobs(self, limit: int) -> list[tuple[bytes, bytes]]:
         """The oldest `limit` job keys in the job log's outbox, with their marks (as sent)."""
-        return self.client.zrange(
+        marks = self.client.zrange(
             keys.job_log_changes(), 0, limit - 1, withscores=True, score_cast_func=bytes
         )
+        return cast(list[tuple[bytes, bytes]], marks)
 
     def job_fields(self, job_keys: list[bytes], fields: tuple[str, ...]) -> list[list[Any]]:
         pipe = self.client.pipeline(transaction=False)
@@ -363,7 +364,7 @@ class JobStore:
     def heartbeats_since(self, queue: str, since: float) -> list[tuple[str, float]]:
         """(worker id, last heartbeat in unix seconds) of `queue`'s workers seen since `since`."""
         seen = self.client.zrangebyscore(keys.workers(queue), since * 1000, "+inf", withscores=True)
-        return [(_text(member), score / 1000) for member, score in seen]
+        return [(_text(member), float(score) / 1000) for member, score in cast(Any, seen)]
 
     def job_log_backlog(self) -> int:
         """How many jobs changed since the job log's shipper last wrote them."""

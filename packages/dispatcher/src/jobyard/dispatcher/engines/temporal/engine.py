@@ -63,7 +63,7 @@ _STATES = {
 
 
 class TemporalEngine(Engine):
-    name: ClassVar[EngineName] = ENGINE
+    name: ClassVar[EngineName] = "temporal"
 
     def __init__(self, address: str, namespace: str, task_queue: str, timeout: float) -> None:
         self.address = address
@@ -163,7 +163,7 @@ class TemporalEngine(Engine):
                 description = await handle.describe(rpc_timeout=self._rpc_timeout())
         except NotOnEngine:
             return None
-        state = _STATES.get(description.status, "running")
+        state = _STATES[description.status] if description.status else "running"
         live: dict[str, Any] = {}
         result = error = None
         if state == "running":

@@ -1,0 +1,3 @@
+from jobyard.dispatcher.engines.inline.engine import InlineEngine
+
+__all__ = ["InlineEngine"]
