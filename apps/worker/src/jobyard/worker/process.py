@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 
-import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
@@ -21,6 +20,7 @@ from jobyard.job_engine.db import joblog
 from jobyard.queue.client import get_client
 from jobyard.queue.queues import get_queue, parse_queue_list
 from jobyard.queue.store import JobStore
+from jobyard.queue.worker import JobyardWorker
 from jobyard.worker.liveness import Heartbeat, new_worker_id
 
 log = logging.getLogger("jobyard.worker")
@@ -74,7 +74,7 @@ class WorkerProcess:
         )
         self.in_flight = InFlight()
         self.brokers: dict[str, RedisBroker] = {}
-        self.workers: dict[str, dramatiq.Worker] = {}
+        self.workers: dict[str, JobyardWorker] = {}
         self.limits_ms: dict[str, int] = {}
         for queue in queues:
             config = get_queue(queue)
@@ -82,7 +82,7 @@ class WorkerProcess:
             broker.add_middleware(self.in_flight)
             self.brokers[queue] = broker
             self.limits_ms[queue] = int(config.time_limit * 1000)
-            worker = dramatiq.Worker(
+            worker = JobyardWorker(
                 broker, queues={queue}, worker_threads=config.concurrency, worker_timeout=200
             )
             worker.queue_prefetch = config.prefetch
@@ -103,6 +103,9 @@ class WorkerProcess:
         return threads_alive and not self.in_flight.stuck(self.limits_ms)
 
     def run(self) -> int:
+        for broker in self.brokers.values():
+            # Starts the TimeLimit watchdog, as `dramatiq`'s own CLI does in each process.
+            broker.emit_after("process_boot")
         for worker in self.workers.values():
             worker.start()
         self.heartbeat.beat()  # be visible to dispatchers before the first interval passes

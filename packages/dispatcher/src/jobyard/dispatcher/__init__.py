@@ -11,6 +11,7 @@ from jobyard.dispatcher.dispatch import (
     warm_up,
 )
 from jobyard.dispatcher.errors import (
+    DispatchOutcomeUnknownError,
     DispatchUnavailableError,
     EngineUnavailable,
     JobNotFoundError,
@@ -31,6 +32,7 @@ from jobyard.dispatcher.lifecycle import (
 from jobyard.dispatcher.models import JobHandle, JobStatus
 
 __all__ = [
+    "DispatchOutcomeUnknownError",
     "DispatchUnavailableError",
     "Dispatcher",
     "EngineUnavailable",

@@ -29,7 +29,12 @@ from jobyard.dispatcher.engines import (
 )
 from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
 from jobyard.dispatcher.engines.temporal import TemporalEngine
-from jobyard.dispatcher.errors import DispatchUnavailableError, EngineUnavailable, JobNotFoundError
+from jobyard.dispatcher.errors import (
+    DispatchOutcomeUnknownError,
+    DispatchUnavailableError,
+    EngineUnavailable,
+    JobNotFoundError,
+)
 from jobyard.dispatcher.models import (
     FALLBACK_FLAG_OFF,
     FALLBACK_NO_WORKERS,
@@ -182,6 +187,13 @@ class Dispatcher:
         try:
             submitted = self.temporal.submit(job)
         except EngineUnavailable as exc:
+            if exc.ambiguous or claim == ClaimMode.STRICT:
+                # Temporal, or before it Redis, may have taken the job: "not started" could lie.
+                raise DispatchOutcomeUnknownError(
+                    f"job {job.name!r} ({job.job_id}) may have started: Dramatiq skipped "
+                    f"({reason}) and {exc}. Dispatch again with the same job_id: it is safe.",
+                    job.job_id,
+                ) from exc
             raise DispatchUnavailableError(
                 f"job {job.name!r} ({job.job_id}) was not started: Dramatiq skipped ({reason}) "
                 f"and {exc}. Retry the dispatch with the same job_id."

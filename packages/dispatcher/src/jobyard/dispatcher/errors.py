@@ -19,6 +19,16 @@ class DispatchUnavailableError(JobyardError):
     """Neither engine could take the job; it was not started and the caller must retry."""
 
 
+class DispatchOutcomeUnknownError(JobyardError):
+    """An engine may have taken the job, but did not say so in time (Redis or Temporal stopped
+    answering mid-request). The job may run; dispatching again with the same job_id is safe:
+    it starts the job if nothing did, and is a duplicate otherwise."""
+
+    def __init__(self, message: str, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
 class JobNotFoundError(JobyardError, LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job with id {job_id!r} on either engine")

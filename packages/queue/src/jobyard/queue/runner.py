@@ -14,6 +14,7 @@ import logging
 import traceback
 from typing import Any
 
+import redis
 from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
@@ -52,7 +53,17 @@ class JobRunner:
             else NO_DELIVERY
         )
         run = _Run(self, job_id, payload, options, delivery)
-        run.execute()
+        try:
+            run.execute()
+        except redis.RedisError as exc:
+            # Redis failed under the run's own bookkeeping, so what Redis holds is unknown here.
+            # Without this, Dramatiq (no Retries middleware) would ack the message away and the
+            # job would stay "running" for good. Failed, it is nacked, which JobyardConsumer
+            # turns into a requeue once Redis answers; the rerun's seq check makes it safe.
+            log.warning("job %s: bookkeeping failed (%s); message requeued", job_id, exc)
+            if message is not None and not run.acked:
+                message.fail()
+            return
         if message is not None and run.acked:
             setattr(message, ACKED, True)
 
@@ -115,6 +126,8 @@ class _Run:
             log.info("job %s: message dropped (%s)", self.job_id, lost)
             if str(lost) == "cancelled":
                 self.event("cancelled", None)
+        except redis.RedisError:
+            raise  # not the job's failure: see JobRunner.__call__
         except (Exception, TimeLimitExceeded) as exc:
             if isinstance(exc, TimeLimitExceeded):
                 discard_loop()

@@ -1,0 +1,62 @@
+"""Dramatiq's Worker, with the two changes jobyard's promises need.
+
+- A consumer thread that loses its Redis connection keeps the delayed messages it holds in
+  memory. Dramatiq drops them, but their ids stay in this worker's ack set, and a live worker's
+  ack set is never swept: jobs parked by `ctx.sleep` or a retry backoff would wait forever.
+- A graceful stop gives every worker thread the whole grace period: dramatiq's `join_all`
+  takes the total elapsed time off each remaining thread's timeout, so a stop can give up
+  (and requeue jobs that would have finished) long before the grace ends.
+"""
+
+from __future__ import annotations
+
+import time
+from queue import PriorityQueue
+from typing import Any
+
+import dramatiq
+from dramatiq.common import q_name
+from dramatiq.worker import ConsumerThread
+
+
+class KeepDelayedConsumerThread(ConsumerThread):
+    """Ignores the reset of `delay_queue` that follows a connection error."""
+
+    _kept: PriorityQueue[Any] | None = None
+
+    @property  # type: ignore[override]
+    def delay_queue(self) -> PriorityQueue[Any]:
+        assert self._kept is not None
+        return self._kept
+
+    @delay_queue.setter
+    def delay_queue(self, queue: PriorityQueue[Any]) -> None:
+        if self._kept is None:
+            self._kept = queue
+
+
+class JobyardWorker(dramatiq.Worker):
+    def _add_consumer(self, queue_name: str, *, delay: bool = False) -> None:
+        # dramatiq 2.x's Worker._add_consumer, with the consumer thread class above.
+        if queue_name in self.consumers:
+            return
+        if self.consumer_whitelist and q_name(queue_name) not in self.consumer_whitelist:
+            return
+        consumer = self.consumers[queue_name] = KeepDelayedConsumerThread(
+            broker=self.broker,
+            queue_name=queue_name,
+            prefetch=self.delay_prefetch if delay else self.queue_prefetch,
+            work_queue=self.work_queue,
+            worker_timeout=self.worker_timeout,
+        )
+        consumer.start()
+
+    def stop(self, timeout: int = 600000) -> None:
+        """Lets the worker threads finish their messages until `timeout` ms from now, then
+        stops the consumers as Dramatiq does (requeueing what is left in memory)."""
+        deadline = time.monotonic() + timeout / 1000
+        for thread in self.workers:
+            thread.stop()
+        for thread in self.workers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        super().stop(timeout=max(1, int((deadline - time.monotonic()) * 1000)))
