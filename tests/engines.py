@@ -45,7 +45,7 @@ class Engines:
         finally:
             client.close()
 
-    def wait_for_workers(self, queues: list[str], proc: Proc, timeout: float = 30) -> None:
+    def wait_for_workers(self, queues: list[str], proc: Proc, timeout: float = 90) -> None:
         def ready() -> bool:
             if proc.proc.poll() is not None:
                 raise AssertionError(f"worker exited:\n{proc.output()}")
@@ -63,7 +63,7 @@ class Engines:
                 raise AssertionError(f"temporal worker exited:\n{proc.output()}")
             return "Temporal worker polling" in proc.output()
 
-        wait_for(polling, timeout=60)
+        wait_for(polling, timeout=120)
         return proc
 
     def dispatch(self, engine: str, name: str, payload: Any, **kwargs: Any) -> JobHandle:

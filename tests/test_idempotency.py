@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from jobyard.dispatcher import dispatch_job
@@ -11,13 +13,14 @@ from tests.peers import webhook_receiver
 
 @pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
 def test_same_job_id_twice_runs_once(engines, engine):
+    job_id = f"order-7-paid-{uuid.uuid4().hex[:8]}"  # the job id registry outlives one test
     with webhook_receiver(WEBHOOK_SECRET) as receiver:
         payload = {"url": receiver.url, "body": {"order": 7}}
-        first = engines.dispatch(engine, "webhook.deliver", payload, job_id="order-7-paid")
-        second = engines.dispatch(engine, "webhook.deliver", payload, job_id="order-7-paid")
+        first = engines.dispatch(engine, "webhook.deliver", payload, job_id=job_id)
+        second = engines.dispatch(engine, "webhook.deliver", payload, job_id=job_id)
         assert (first.duplicate, second.duplicate) == (False, True)
         assert engines.wait(first.job_id).state == "succeeded"
-        third = dispatch_job("webhook.deliver", payload, job_id="order-7-paid")
+        third = dispatch_job("webhook.deliver", payload, job_id=job_id)
         assert third.duplicate and third.engine == engine
     assert len(receiver.requests) == 1
 

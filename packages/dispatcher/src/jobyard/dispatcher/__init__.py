@@ -14,6 +14,7 @@ from jobyard.dispatcher.errors import (
     DispatchOutcomeUnknownError,
     DispatchUnavailableError,
     EngineUnavailable,
+    IdempotencyConflictError,
     JobNotFoundError,
     JobStillActiveError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "DispatchUnavailableError",
     "Dispatcher",
     "EngineUnavailable",
+    "IdempotencyConflictError",
     "JobHandle",
     "JobNotFoundError",
     "JobRecord",

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import logging
 import re
 import threading
 import time
@@ -33,6 +35,7 @@ from jobyard.dispatcher.errors import (
     DispatchOutcomeUnknownError,
     DispatchUnavailableError,
     EngineUnavailable,
+    IdempotencyConflictError,
     JobNotFoundError,
 )
 from jobyard.dispatcher.models import (
@@ -42,15 +45,18 @@ from jobyard.dispatcher.models import (
     FALLBACK_REDIS_ERROR,
     FALLBACK_REDIS_UNHEALTHY,
     DispatchOptions,
+    EngineName,
     JobHandle,
     JobStatus,
 )
+from jobyard.dispatcher.owners import Owner, OwnerRegistry, payload_digest
 from jobyard.job_engine import RetryPolicy, env, get_spec
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import get_client
 from jobyard.queue.store import JobStore
 
+log = logging.getLogger("jobyard.dispatcher")
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}")
 MAX_DELAY_SECONDS = 7 * 24 * 3600  # Dramatiq's delay limit; Temporal would allow more
 
@@ -94,10 +100,17 @@ def _check_delay(delay: float | None) -> float | None:
 class Dispatcher:
     """Routes each job to an engine. `dramatiq` is preferred; `temporal` takes what it cannot."""
 
-    def __init__(self, dramatiq: DramatiqEngine, temporal: TemporalEngine, breaker: CircuitBreaker):
+    def __init__(
+        self,
+        dramatiq: DramatiqEngine,
+        temporal: TemporalEngine,
+        breaker: CircuitBreaker,
+        owners: OwnerRegistry | None = None,
+    ) -> None:
         self.dramatiq = dramatiq
         self.temporal = temporal
         self.breaker = breaker
+        self.owners = owners or OwnerRegistry()
 
     @classmethod
     def from_env(cls) -> Dispatcher:
@@ -138,7 +151,7 @@ class Dispatcher:
         )
         job = Submission(_check_job_id(job_id), spec.name, spec.queue, data, options)
         started = time.time()
-        handle = self._route(job)
+        handle = self._route(job) if job_id is None else self._route_caller_id(job)
         if not handle.duplicate:
             dispatched_event(
                 job.job_id, spec.name, spec.queue, handle.engine, data, handle.fallback_reason,
@@ -146,17 +159,75 @@ class Dispatcher:
             )  # fmt: skip
         return handle
 
-    def _route(self, job: Submission) -> JobHandle:
+    def _route_caller_id(self, job: Submission) -> JobHandle:
+        """A caller-chosen id may have been dispatched before, anywhere: the registry decides
+        which engine it belongs to, before either engine is touched."""
+        digest = payload_digest(job.payload)
+        try:
+            owner = self.owners.owner(job.job_id)
+            if owner is None:
+                preferred: EngineName = (
+                    "dramatiq"
+                    if env.get_bool(env.USE_DRAMATIQ) and not self.breaker.is_open
+                    else "temporal"
+                )
+                claimed = self.owners.claim(job.job_id, preferred, job.name, digest)
+        except EngineUnavailable as exc:
+            raise DispatchUnavailableError(
+                f"job {job.name!r} ({job.job_id}) was not started: {exc}. A job with a "
+                "caller-chosen id needs the job id registry (DATABASE_URL, migrated)."
+            ) from exc
+        if owner is None:
+            if claimed == Owner(preferred, job.name, digest):  # ours, or an identical twin's
+                return self._route(job, registered=True)
+            owner = claimed
+        _check_same_job(job, owner, digest)
+        return self._redispatch(job, owner)
+
+    def _redispatch(self, job: Submission, owner: Owner) -> JobHandle:
+        """The id is `owner.engine`'s: give it there again. That engine dedupes it; a job whose
+        dispatch died between the claim and the start (or that Redis lost) starts now."""
+        if owner.finished:
+            return JobHandle(job.job_id, owner.engine, duplicate=True)
+        if owner.engine == "temporal":
+            return self._to_temporal(job, FALLBACK_OWNED_BY_TEMPORAL, ClaimMode.NONE, known=True)
+        if self.breaker.is_open:
+            return JobHandle(job.job_id, "dramatiq", duplicate=True)
+        try:
+            submitted = self.dramatiq.submit(job)
+        except EngineUnavailable as exc:
+            self.breaker.trip(exc.reason)
+            raise DispatchOutcomeUnknownError(
+                f"job {job.name!r} ({job.job_id}) is Dramatiq's, and {exc}: it may be queued "
+                "there already. Dispatch again with the same job_id once Redis answers.",
+                job.job_id,
+            ) from exc
+        if submitted.status == SubmitStatus.STARTED:
+            return JobHandle(job.job_id, "dramatiq")
+        if submitted.status == SubmitStatus.DUPLICATE:
+            return JobHandle(job.job_id, "dramatiq", duplicate=True)
+        return self._to_temporal(job, FALLBACK_OWNED_BY_TEMPORAL, ClaimMode.NONE, registered=True)
+
+    def _moved_to_temporal(self, job: Submission) -> None:
+        """Best effort: Redis records the move too, and a later dispatch asks Redis first."""
+        try:
+            self.owners.move(job.job_id, "dramatiq", "temporal")
+        except EngineUnavailable:
+            log.warning("job %s moved to Temporal; the registry could not record it", job.job_id)
+
+    def _route(self, job: Submission, *, registered: bool = False) -> JobHandle:
+        """`registered`: the id has a row in the registry, to move along if the job moves."""
+        to_temporal = functools.partial(self._to_temporal, registered=registered)
         if not env.get_bool(env.USE_DRAMATIQ):
             return self._flag_off(job)
         if self.breaker.is_open:
-            return self._to_temporal(job, FALLBACK_REDIS_UNHEALTHY, ClaimMode.BEST_EFFORT)
+            return to_temporal(job, FALLBACK_REDIS_UNHEALTHY, ClaimMode.BEST_EFFORT)
         try:
             submitted = self.dramatiq.submit(job)
         except EngineUnavailable as exc:
             self.breaker.trip(exc.reason)
             claim = ClaimMode.STRICT if exc.ambiguous else ClaimMode.BEST_EFFORT
-            return self._to_temporal(job, FALLBACK_REDIS_ERROR, claim)
+            return to_temporal(job, FALLBACK_REDIS_ERROR, claim)
         if submitted.status == SubmitStatus.STARTED:
             return JobHandle(job.job_id, "dramatiq")
         if submitted.status == SubmitStatus.DUPLICATE:
@@ -166,7 +237,7 @@ class Dispatcher:
             if submitted.status == SubmitStatus.NO_WORKERS
             else FALLBACK_OWNED_BY_TEMPORAL
         )
-        return self._to_temporal(job, reason, ClaimMode.NONE)
+        return to_temporal(job, reason, ClaimMode.NONE)
 
     def _flag_off(self, job: Submission) -> JobHandle:
         """Claim the job for Temporal here when Redis answers: cheaper than the workflow's claim."""
@@ -182,12 +253,23 @@ class Dispatcher:
                 claim = ClaimMode.NONE
         return self._to_temporal(job, FALLBACK_FLAG_OFF, claim)
 
-    def _to_temporal(self, job: Submission, reason: str, claim: ClaimMode) -> JobHandle:
+    def _to_temporal(
+        self,
+        job: Submission,
+        reason: str,
+        claim: ClaimMode,
+        *,
+        registered: bool = False,
+        known: bool = False,
+    ) -> JobHandle:
+        """`known`: the id was given to Temporal before, so it may exist there already."""
         job = dataclasses.replace(job, fallback_reason=reason, claim=claim)
+        if registered:
+            self._moved_to_temporal(job)
         try:
             submitted = self.temporal.submit(job)
         except EngineUnavailable as exc:
-            if exc.ambiguous or claim == ClaimMode.STRICT:
+            if exc.ambiguous or known or claim == ClaimMode.STRICT:
                 # Temporal, or before it Redis, may have taken the job: "not started" could lie.
                 raise DispatchOutcomeUnknownError(
                     f"job {job.name!r} ({job.job_id}) may have started: Dramatiq skipped "
@@ -214,6 +296,13 @@ class Dispatcher:
         if found is None:
             raise JobNotFoundError(job_id)
         return found
+
+
+def _check_same_job(job: Submission, owner: Owner, digest: str) -> None:
+    if owner.name != job.name:
+        raise IdempotencyConflictError(job.job_id, f"it was dispatched as job {owner.name!r}")
+    if owner.payload_digest is not None and owner.payload_digest != digest:
+        raise IdempotencyConflictError(job.job_id, "it was dispatched with another payload")
 
 
 _default: Dispatcher | None = None

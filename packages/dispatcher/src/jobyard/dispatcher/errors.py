@@ -29,6 +29,14 @@ class DispatchOutcomeUnknownError(JobyardError):
         self.job_id = job_id
 
 
+class IdempotencyConflictError(JobyardError):
+    """The job id was dispatched before under another job name or with another payload."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job id {job_id!r} is taken: {reason}")
+        self.job_id = job_id
+
+
 class JobNotFoundError(JobyardError, LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job with id {job_id!r} on either engine")

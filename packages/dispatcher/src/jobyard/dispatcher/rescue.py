@@ -14,6 +14,7 @@ import time
 from jobyard.dispatcher.engines import Engine
 from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
 from jobyard.dispatcher.models import FALLBACK_RESCUED
+from jobyard.dispatcher.owners import OwnerRegistry
 from jobyard.job_engine import env
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.queue.client import get_client
@@ -24,6 +25,7 @@ class Rescue:
     def __init__(self, dramatiq: DramatiqEngine, temporal: Engine) -> None:
         self.dramatiq = dramatiq
         self.temporal = temporal
+        self.owners = OwnerRegistry()
 
     @classmethod
     def from_env(cls, temporal: Engine) -> Rescue:
@@ -37,6 +39,9 @@ class Rescue:
         for orphan in orphans:
             job = orphan.job
             handed_over = time.time()  # before the start: the job may finish before it returns
+            # Redis already records the job as Temporal's; the registry must agree, or a
+            # re-dispatch of a caller-chosen id would be sent to Dramatiq and dropped there.
+            self.owners.move(job.job_id, "dramatiq", "temporal")
             self.temporal.submit(job)  # a duplicate: an earlier pass crashed before cleaning up
             self.dramatiq.orphan_moved(orphan)
             dispatched_event(

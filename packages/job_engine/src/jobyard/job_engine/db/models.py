@@ -132,3 +132,18 @@ __all__ = [
     "JobReport",
     "Token",
 ]
+
+
+class JobOwner(Base):
+    """Which engine a caller-chosen job id belongs to, decided once for good: the registry both
+    engines' dispatchers consult, so an id never runs on two engines, whatever fails between
+    two dispatches of it (jobyard/dispatcher/owners.py)."""
+
+    __tablename__ = "job_owners"
+    __table_args__ = (CheckConstraint(_in("engine", ENGINES), name="engine"),)
+
+    job_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    engine: Mapped[str] = mapped_column(String(16), nullable=False)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    payload_digest: Mapped[str] = mapped_column(String(64), nullable=False)
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
