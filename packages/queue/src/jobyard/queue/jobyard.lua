@@ -17,7 +17,7 @@
 --   jobyard:joblog:changes  zset  job key -> when a worker last changed it (ms, with µs);
 --       the job log's outbox: a worker's call that changes a job marks it here in the same
 --       step, and the shipper (jobyard/worker/shipper.py) copies marked jobs to the database.
---       Only when the caller passes it: as the KEY after the command's own (see OWN_KEYS).
+--       Only when the caller passes it: as the KEY after the command's own (its changes_key).
 --   jobyard:joblog:shipper  str   the shipper holding the lease (one ships at a time)
 --   jobyard:rate:<job>:<n>  str   job starts in rate window n
 --   dramatiq:<queue>        list  message ids;  dramatiq:<queue>.msgs  hash id -> message
@@ -33,15 +33,21 @@ local function now_ms()
     return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- How many KEYS each job-changing worker command takes before the optional changes key.
-local OWN_KEYS = {start = 3, progress = 1, finish = 4, complete = 4, reschedule = 5}
-local changes_key = OWN_KEYS[command] and KEYS[OWN_KEYS[command] + 1]
+-- The items of a list from index `first` on: a command's variable-length KEYS or ARGV.
+local function from(list, first)
+    local items = {}
+    for i = first, #list do
+        items[#items + 1] = list[i]
+    end
+    return items
+end
 
--- Marks KEYS[1] (the job) for the job log shipper; a no-op when the job log is off.
-local function changed()
+-- Marks the job for the job log shipper; a no-op when the job log is off (no changes key: each
+-- job-changing worker command takes it, optionally, as the KEY after its own).
+local function changed(job_key, changes_key)
     if changes_key then
         local t = redis.call("time")
-        redis.call("zadd", changes_key, tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000, KEYS[1])
+        redis.call("zadd", changes_key, tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000, job_key)
     end
 end
 
@@ -58,14 +64,15 @@ local function ack(acks_key, msgs_key, message_id)
     end
 end
 
--- Takes a job's waiting message off its queue and delay queue (KEYS[2..5]: queue list, queue
--- msgs, delay list, delay msgs). A copy a consumer already fetched is dropped by start_checks.
-local function remove_waiting_message(message_id)
+-- Takes a job's waiting message off its queue and delay queue. A copy a consumer already
+-- fetched is dropped by start_checks.
+local function remove_waiting_message(queue_key, queue_msgs_key, delay_key, delay_msgs_key,
+                                      message_id)
     if message_id then
-        redis.call("lrem", KEYS[2], 0, message_id)
-        redis.call("hdel", KEYS[3], message_id)
-        redis.call("lrem", KEYS[4], 0, message_id)
-        redis.call("hdel", KEYS[5], message_id)
+        redis.call("lrem", queue_key, 0, message_id)
+        redis.call("hdel", queue_msgs_key, message_id)
+        redis.call("lrem", delay_key, 0, message_id)
+        redis.call("hdel", delay_msgs_key, message_id)
     end
 end
 
@@ -73,7 +80,7 @@ end
 -- first started (false if never), or why not. A resume after a durable sleep is the same
 -- attempt; a retry, or a redelivery of a message that already started (its worker died), is a
 -- new one.
-local function start_checks(job_key, seq, is_resume)
+local function start_checks(job_key, changes_key, seq, is_resume)
     local job = redis.call("hmget", job_key, "engine", "state", "seq", "attempts", "started_seq",
                            "cancel", "started_at")
     if job[1] ~= "dramatiq" then
@@ -87,7 +94,7 @@ local function start_checks(job_key, seq, is_resume)
     end
     if job[6] == "1" then
         redis.call("hset", job_key, "state", "cancelled", "finished_at", now_ms())
-        changed()
+        changed(job_key, changes_key)
         return "cancelled"
     end
     local attempts = tonumber(job[4] or "0")
@@ -104,42 +111,50 @@ end
 -- With no live worker the job is written as a Temporal tombstone, so that dispatching the same
 -- id again never reaches Dramatiq while Temporal owns it.
 if command == "enqueue" then
-    local existing = redis.call("hmget", KEYS[1], "engine", "state")
+    local job_key, workers_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+    -- The job id is in the job key already: the script reads it from there.
+    local _job_id, message_id, message, name, queue = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+    local timeout_ms, ttl, options = ARGV[7], ARGV[8], ARGV[9]
+
+    local existing = redis.call("hmget", job_key, "engine", "state")
     if existing[1] then
         return {"exists", existing[1], existing[2] or ""}
     end
     local now = now_ms()
-    if live_workers(KEYS[2], ARGV[7]) == 0 then
-        redis.call("hset", KEYS[1], "name", ARGV[5], "queue", ARGV[6], "engine", "temporal",
+    if live_workers(workers_key, timeout_ms) == 0 then
+        redis.call("hset", job_key, "name", name, "queue", queue, "engine", "temporal",
                    "state", "queued", "enqueued_at", now)
-        redis.call("expire", KEYS[1], ARGV[8])
+        redis.call("expire", job_key, ttl)
         return {"no_workers"}
     end
     -- No TTL while the job lives (sleeps and retries may outlast any); finish sets one.
-    redis.call("hset", KEYS[1], "name", ARGV[5], "queue", ARGV[6], "engine", "dramatiq",
-               "state", "queued", "attempts", 0, "seq", 0, "rmid", ARGV[3], "enqueued_at", now)
-    if ARGV[9] ~= "" then
-        redis.call("hset", KEYS[1], "options", ARGV[9])
+    redis.call("hset", job_key, "name", name, "queue", queue, "engine", "dramatiq",
+               "state", "queued", "attempts", 0, "seq", 0, "rmid", message_id, "enqueued_at", now)
+    if options ~= "" then
+        redis.call("hset", job_key, "options", options)
     end
-    redis.call("hset", KEYS[4], ARGV[3], ARGV[4])
-    redis.call("rpush", KEYS[3], ARGV[3])
+    redis.call("hset", queue_msgs_key, message_id, message)
+    redis.call("rpush", queue_key, message_id)
     return {"enqueued"}
 
--- start: KEYS job, steps, rate key prefix (the window number is appended)
+-- start: KEYS job, steps, rate key prefix (the window number is appended) [, changes]
 --        ARGV seq, is_resume ("1"|"0"), rate calls (0 = none), rate period ms
 -- -> {"ok", attempts, started_at ms, step, json, step, json, ...}
 --    | {"lost"} | {"stale"} | {"done"} | {"cancelled"} | {"throttled", ms until the window frees}
 elseif command == "start" then
-    local status, attempts, started_at = start_checks(KEYS[1], ARGV[2], ARGV[3])
+    local job_key, steps_key, rate_prefix, changes_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+    local seq, is_resume, rate_calls, rate_period = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+
+    local status, attempts, started_at = start_checks(job_key, changes_key, seq, is_resume)
     if status ~= "ok" then
         return {status}
     end
-    local calls = tonumber(ARGV[4])
-    if calls > 0 and ARGV[3] == "0" then
-        local period = tonumber(ARGV[5])
+    local calls = tonumber(rate_calls)
+    if calls > 0 and is_resume == "0" then
+        local period = tonumber(rate_period)
         local now = now_ms()
         local window = math.floor(now / period)
-        local rate_key = KEYS[3] .. window
+        local rate_key = rate_prefix .. window
         local used = redis.call("incr", rate_key)
         if used == 1 then
             redis.call("pexpire", rate_key, period * 2)
@@ -149,11 +164,11 @@ elseif command == "start" then
         end
     end
     started_at = started_at or now_ms()
-    redis.call("hset", KEYS[1], "state", "running", "attempts", attempts, "started_seq", ARGV[2],
+    redis.call("hset", job_key, "state", "running", "attempts", attempts, "started_seq", seq,
                "started_at", started_at)
-    changed()
+    changed(job_key, changes_key)
     local result = {"ok", attempts, started_at}
-    local steps = redis.call("hgetall", KEYS[2])
+    local steps = redis.call("hgetall", steps_key)
     for i = 1, #steps do
         result[#result + 1] = steps[i]
     end
@@ -162,99 +177,126 @@ elseif command == "start" then
 -- step: KEYS job, steps   ARGV seq, step name, JSON result, ttl s   -> "ok" | "lost" | "cancel"
 -- ("cancel": recorded, and cancellation was asked for: stop at this step boundary)
 elseif command == "step" then
-    local job = redis.call("hmget", KEYS[1], "engine", "seq", "cancel")
-    if job[1] ~= "dramatiq" or job[2] ~= ARGV[2] then
+    local job_key, steps_key = KEYS[1], KEYS[2]
+    local seq, step, result, ttl = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+
+    local job = redis.call("hmget", job_key, "engine", "seq", "cancel")
+    if job[1] ~= "dramatiq" or job[2] ~= seq then
         return "lost"
     end
-    redis.call("hset", KEYS[2], ARGV[3], ARGV[4])
-    redis.call("expire", KEYS[2], ARGV[5])
+    redis.call("hset", steps_key, step, result)
+    redis.call("expire", steps_key, ttl)
     if job[3] == "1" then
         return "cancel"
     end
     return "ok"
 
--- progress: KEYS job   ARGV seq, JSON progress   -> "ok" | "lost"
+-- progress: KEYS job [, changes]   ARGV seq, JSON progress   -> "ok" | "lost"
 elseif command == "progress" then
-    if redis.call("hget", KEYS[1], "seq") ~= ARGV[2] then
+    local job_key, changes_key = KEYS[1], KEYS[2]
+    local seq, progress = ARGV[2], ARGV[3]
+
+    if redis.call("hget", job_key, "seq") ~= seq then
         return "lost"
     end
-    redis.call("hset", KEYS[1], "progress", ARGV[3])
-    changed()
+    redis.call("hset", job_key, "progress", progress)
+    changed(job_key, changes_key)
     return "ok"
 
--- finish: KEYS job, steps, dramatiq acks, dramatiq msgs
+-- finish: KEYS job, steps, dramatiq acks, dramatiq msgs [, changes]
 --         ARGV seq, state, result JSON, error, error class, ttl s, redis message id, payload JSON,
 --              traceback
 --         (the payload is kept for failed and dead jobs, so they can be replayed)
 -- -> "ok" | "lost".  A terminal state; the records expire after ttl. Acks the Dramatiq message
 -- in the same call (Dramatiq's own ack is then skipped), saving a round trip per job.
 elseif command == "finish" then
-    ack(KEYS[3], KEYS[4], ARGV[8])
-    local job = redis.call("hmget", KEYS[1], "engine", "seq")
-    if job[1] ~= "dramatiq" or job[2] ~= ARGV[2] then
+    local job_key, steps_key, acks_key, msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+    local changes_key = KEYS[5]
+    local seq, state, result = ARGV[2], ARGV[3], ARGV[4]
+    local error_message, error_class, ttl = ARGV[5], ARGV[6], ARGV[7]
+    local message_id, payload, traceback = ARGV[8], ARGV[9], ARGV[10]
+
+    ack(acks_key, msgs_key, message_id)
+    local job = redis.call("hmget", job_key, "engine", "seq")
+    if job[1] ~= "dramatiq" or job[2] ~= seq then
         return "lost"
     end
-    redis.call("hset", KEYS[1], "state", ARGV[3], "result", ARGV[4], "error", ARGV[5],
-               "error_class", ARGV[6], "finished_at", now_ms())
-    if ARGV[9] ~= "" then
-        redis.call("hset", KEYS[1], "payload", ARGV[9])
+    redis.call("hset", job_key, "state", state, "result", result, "error", error_message,
+               "error_class", error_class, "finished_at", now_ms())
+    if payload ~= "" then
+        redis.call("hset", job_key, "payload", payload)
     end
-    if ARGV[10] ~= "" then
-        redis.call("hset", KEYS[1], "traceback", ARGV[10])
+    if traceback ~= "" then
+        redis.call("hset", job_key, "traceback", traceback)
     end
-    redis.call("expire", KEYS[1], ARGV[7])
-    redis.call("expire", KEYS[2], ARGV[7])
-    changed()
+    redis.call("expire", job_key, ttl)
+    redis.call("expire", steps_key, ttl)
+    changed(job_key, changes_key)
     return "ok"
 
--- complete: KEYS job, steps, dramatiq acks, dramatiq msgs
+-- complete: KEYS job, steps, dramatiq acks, dramatiq msgs [, changes]
 --           ARGV seq, is_resume, result JSON, ttl s, redis message id
 -- -> {"ok", attempts, started_at ms} | {"lost"} | {"stale"} | {"done"} | {"cancelled"}.
 -- start + finish + ack for a run that never used a step:
 -- such a handler had no side effects, so checking ownership after it ran is safe.
 elseif command == "complete" then
-    ack(KEYS[3], KEYS[4], ARGV[6])
-    local status, attempts, started_at = start_checks(KEYS[1], ARGV[2], ARGV[3])
+    -- A run without steps has no step record to expire: the steps key is passed but unused.
+    local job_key, _steps_key, acks_key, msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+    local changes_key = KEYS[5]
+    local seq, is_resume, result, ttl, message_id = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+
+    ack(acks_key, msgs_key, message_id)
+    local status, attempts, started_at = start_checks(job_key, changes_key, seq, is_resume)
     if status ~= "ok" then
         return {status}
     end
-    -- A run without steps has no step record (KEYS[2]) to expire; a first start is this one.
+    -- With no earlier start, this run is the first.
     local now = now_ms()
     started_at = started_at or now
-    redis.call("hset", KEYS[1], "state", "succeeded", "result", ARGV[4], "attempts", attempts,
-               "started_seq", ARGV[2], "started_at", started_at, "finished_at", now)
-    redis.call("expire", KEYS[1], ARGV[5])
-    changed()
+    redis.call("hset", job_key, "state", "succeeded", "result", result, "attempts", attempts,
+               "started_seq", seq, "started_at", started_at, "finished_at", now)
+    redis.call("expire", job_key, ttl)
+    changed(job_key, changes_key)
     return {"ok", attempts, started_at}
 
 -- reschedule: KEYS job, delay queue list, delay queue msgs, dramatiq acks, dramatiq msgs
+--                  [, changes]
 --             ARGV seq, next seq, state, redis message id, message, error, error class,
 --                  redis message id of the current message
 -- -> "ok" | "lost".  Puts the job's next message (a retry, or a resume after a sleep) on the
 -- delay queue, advances seq and acks the current message in one step, so a crash can never
 -- leave two live messages, or none.
 elseif command == "reschedule" then
-    ack(KEYS[4], KEYS[5], ARGV[9])
-    local job = redis.call("hmget", KEYS[1], "engine", "seq")
-    if job[1] ~= "dramatiq" or job[2] ~= ARGV[2] then
+    local job_key, delay_key, delay_msgs_key = KEYS[1], KEYS[2], KEYS[3]
+    local acks_key, msgs_key, changes_key = KEYS[4], KEYS[5], KEYS[6]
+    local seq, next_seq, state, message_id, message = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+    local error_message, error_class, current_message_id = ARGV[7], ARGV[8], ARGV[9]
+
+    ack(acks_key, msgs_key, current_message_id)
+    local job = redis.call("hmget", job_key, "engine", "seq")
+    if job[1] ~= "dramatiq" or job[2] ~= seq then
         return "lost"
     end
-    redis.call("hset", KEYS[1], "seq", ARGV[3], "state", ARGV[4], "rmid", ARGV[5],
-               "error", ARGV[7], "error_class", ARGV[8])
-    redis.call("hset", KEYS[3], ARGV[5], ARGV[6])
-    redis.call("rpush", KEYS[2], ARGV[5])
-    changed()
+    redis.call("hset", job_key, "seq", next_seq, "state", state, "rmid", message_id,
+               "error", error_message, "error_class", error_class)
+    redis.call("hset", delay_msgs_key, message_id, message)
+    redis.call("rpush", delay_key, message_id)
+    changed(job_key, changes_key)
     return "ok"
 
 -- handoff: KEYS job, queue list, queue msgs, delay list, delay msgs   ARGV name, queue, ttl s
 -- -> {"claimed"} | {"lost", state}.  Gives the job to Temporal: removes a still-queued message
 -- and marks the job Temporal's in one step. A job Dramatiq already started stays Dramatiq's.
 elseif command == "handoff" then
-    local job = redis.call("hmget", KEYS[1], "engine", "state", "rmid", "started_at")
+    local job_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
+    local delay_key, delay_msgs_key = KEYS[4], KEYS[5]
+    local name, queue, ttl = ARGV[2], ARGV[3], ARGV[4]
+
+    local job = redis.call("hmget", job_key, "engine", "state", "rmid", "started_at")
     if job[1] == false then
-        redis.call("hset", KEYS[1], "name", ARGV[2], "queue", ARGV[3], "engine", "temporal",
+        redis.call("hset", job_key, "name", name, "queue", queue, "engine", "temporal",
                    "state", "queued", "enqueued_at", now_ms())
-        redis.call("expire", KEYS[1], ARGV[4])
+        redis.call("expire", job_key, ttl)
         return {"claimed"}
     end
     if job[1] == "temporal" then
@@ -264,8 +306,8 @@ elseif command == "handoff" then
     if job[2] ~= "queued" or job[4] then
         return {"lost", job[2]}
     end
-    remove_waiting_message(job[3])
-    redis.call("hset", KEYS[1], "engine", "temporal")
+    remove_waiting_message(queue_key, queue_msgs_key, delay_key, delay_msgs_key, job[3])
+    redis.call("hset", job_key, "engine", "temporal")
     return {"claimed"}
 
 -- cancel: KEYS job, queue list, queue msgs, delay list, delay msgs   ARGV ttl s
@@ -273,7 +315,11 @@ elseif command == "handoff" then
 -- A waiting job is cancelled at once (its message removed; a copy a worker already holds is
 -- dropped by start_checks); a running one is flagged and stops at its next step boundary.
 elseif command == "cancel" then
-    local job = redis.call("hmget", KEYS[1], "engine", "state", "rmid")
+    local job_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
+    local delay_key, delay_msgs_key = KEYS[4], KEYS[5]
+    local ttl = ARGV[2]
+
+    local job = redis.call("hmget", job_key, "engine", "state", "rmid")
     if job[1] == false then
         return {"missing"}
     end
@@ -285,21 +331,24 @@ elseif command == "cancel" then
     end
     -- A "running" job whose message still waits on the delay queue is parked in a durable
     -- sleep: take the message away and cancel now. (A copy a consumer holds is dropped later.)
-    local parked = job[3] and redis.call("hdel", KEYS[5], job[3]) > 0
+    local parked = job[3] and redis.call("hdel", delay_msgs_key, job[3]) > 0
     if job[2] == "running" and not parked then
-        redis.call("hset", KEYS[1], "cancel", "1")
+        redis.call("hset", job_key, "cancel", "1")
         return {"requested"}
     end
-    remove_waiting_message(job[3])
-    redis.call("hset", KEYS[1], "state", "cancelled", "finished_at", now_ms())
-    redis.call("expire", KEYS[1], ARGV[2])
+    remove_waiting_message(queue_key, queue_msgs_key, delay_key, delay_msgs_key, job[3])
+    redis.call("hset", job_key, "state", "cancelled", "finished_at", now_ms())
+    redis.call("expire", job_key, ttl)
     return {"cancelled"}
 
 -- replay: KEYS job, queue list, queue msgs   ARGV expected seq, redis message id, message
 -- -> {"ok"} | {"active", state} | {"temporal"} | {"missing"} | {"conflict"}
 -- Runs a failed, dead or cancelled job again with a new seq; its finished steps stay recorded.
 elseif command == "replay" then
-    local job = redis.call("hmget", KEYS[1], "engine", "state", "seq")
+    local job_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
+    local next_seq, message_id, message = ARGV[2], ARGV[3], ARGV[4]
+
+    local job = redis.call("hmget", job_key, "engine", "state", "seq")
     if job[1] == false then
         return {"missing"}
     end
@@ -309,15 +358,16 @@ elseif command == "replay" then
     if not TERMINAL[job[2]] or job[2] == "succeeded" then
         return {"active", job[2]}
     end
-    if tostring(tonumber(job[3] or "0") + 1) ~= ARGV[2] then
+    if tostring(tonumber(job[3] or "0") + 1) ~= next_seq then
         return {"conflict"}
     end
-    redis.call("hset", KEYS[1], "state", "queued", "seq", ARGV[2], "rmid", ARGV[3], "attempts", 0,
-               "error", "", "error_class", "", "result", "", "enqueued_at", now_ms())
-    redis.call("hdel", KEYS[1], "cancel", "finished_at", "started_seq", "traceback")
-    redis.call("persist", KEYS[1])
-    redis.call("hset", KEYS[3], ARGV[3], ARGV[4])
-    redis.call("rpush", KEYS[2], ARGV[3])
+    redis.call("hset", job_key, "state", "queued", "seq", next_seq, "rmid", message_id,
+               "attempts", 0, "error", "", "error_class", "", "result", "",
+               "enqueued_at", now_ms())
+    redis.call("hdel", job_key, "cancel", "finished_at", "started_seq", "traceback")
+    redis.call("persist", job_key)
+    redis.call("hset", queue_msgs_key, message_id, message)
+    redis.call("rpush", queue_key, message_id)
     return {"ok"}
 
 -- rescue: KEYS workers zset, queue list, queue msgs, handoff list
@@ -330,21 +380,24 @@ elseif command == "replay" then
 -- a step stay for a worker: Temporal cannot see their recorded steps.
 -- (The job keys are built here from the prefix: jobyard runs on a single Redis, not a cluster.)
 elseif command == "rescue" then
-    if live_workers(KEYS[1], ARGV[2]) > 0 then
+    local workers_key, queue_key, queue_msgs_key, handoff_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+    local timeout_ms, limit, job_prefix = ARGV[2], ARGV[3], ARGV[4]
+
+    if live_workers(workers_key, timeout_ms) > 0 then
         return 0
     end
     local moved = 0
-    local ids = redis.call("lrange", KEYS[2], 0, tonumber(ARGV[3]) - 1)
+    local ids = redis.call("lrange", queue_key, 0, tonumber(limit) - 1)
     for _, message_id in ipairs(ids) do
-        local data = redis.call("hget", KEYS[3], message_id)
+        local data = redis.call("hget", queue_msgs_key, message_id)
         local job_id = data and cjson.decode(data)["args"][1]
-        local job_key = job_id and (ARGV[4] .. job_id)
+        local job_key = job_id and (job_prefix .. job_id)
         local job = job_key and redis.call("hmget", job_key, "engine", "state", "started_at")
         if job and job[1] == "dramatiq" and job[2] == "queued" and not job[3] then
-            redis.call("lrem", KEYS[2], 1, message_id)
-            redis.call("hdel", KEYS[3], message_id)
+            redis.call("lrem", queue_key, 1, message_id)
+            redis.call("hdel", queue_msgs_key, message_id)
             redis.call("hset", job_key, "engine", "temporal")
-            redis.call("rpush", KEYS[4], data)
+            redis.call("rpush", handoff_key, data)
             moved = moved + 1
         end
     end
@@ -353,43 +406,59 @@ elseif command == "rescue" then
 -- heartbeat: KEYS dramatiq heartbeats, workers zset per queue...
 --            ARGV worker id, dramatiq broker id   -> now (ms)
 elseif command == "heartbeat" then
+    local heartbeats_key, worker_keys = KEYS[1], from(KEYS, 2)
+    local worker_id, broker_id = ARGV[2], ARGV[3]
+
     local now = now_ms()
-    redis.call("zadd", KEYS[1], now, ARGV[3])
-    for i = 2, #KEYS do
-        redis.call("zadd", KEYS[i], now, ARGV[2])
+    redis.call("zadd", heartbeats_key, now, broker_id)
+    for _, workers_key in ipairs(worker_keys) do
+        redis.call("zadd", workers_key, now, worker_id)
     end
     return now
 
 -- deregister: KEYS workers zset per queue...   ARGV worker id
 elseif command == "deregister" then
-    for i = 1, #KEYS do
-        redis.call("zrem", KEYS[i], ARGV[2])
+    local worker_keys = from(KEYS, 1)
+    local worker_id = ARGV[2]
+
+    for _, workers_key in ipairs(worker_keys) do
+        redis.call("zrem", workers_key, worker_id)
     end
     return "ok"
 
 -- live_workers: KEYS workers zset   ARGV heartbeat timeout ms  -> count
 -- Also forgets workers dead for ten timeouts, so the set does not grow forever.
 elseif command == "live_workers" then
-    local timeout = tonumber(ARGV[2])
-    redis.call("zremrangebyscore", KEYS[1], "-inf", now_ms() - 10 * timeout)
-    return live_workers(KEYS[1], timeout)
+    local workers_key = KEYS[1]
+    local timeout_ms = ARGV[2]
+
+    local timeout = tonumber(timeout_ms)
+    redis.call("zremrangebyscore", workers_key, "-inf", now_ms() - 10 * timeout)
+    return live_workers(workers_key, timeout)
 
 -- lease: KEYS lease   ARGV holder, ms   -> 1 if the holder has (or now takes) the lease, else 0
 elseif command == "lease" then
-    local holder = redis.call("get", KEYS[1])
-    if holder and holder ~= ARGV[2] then
+    local lease_key = KEYS[1]
+    local holder, ms = ARGV[2], ARGV[3]
+
+    local current = redis.call("get", lease_key)
+    if current and current ~= holder then
         return 0
     end
-    redis.call("set", KEYS[1], ARGV[2], "px", ARGV[3])
+    redis.call("set", lease_key, holder, "px", ms)
     return 1
 
 -- shipped: KEYS changes   ARGV job key, score, job key, score, ...   -> how many were removed
 -- Unmarks jobs the shipper wrote, unless a worker changed one again since it was read.
 elseif command == "shipped" then
+    local changes_key = KEYS[1]
+    local marks = from(ARGV, 2)
+
     local removed = 0
-    for i = 2, #ARGV, 2 do
-        if redis.call("zscore", KEYS[1], ARGV[i]) == ARGV[i + 1] then
-            removed = removed + redis.call("zrem", KEYS[1], ARGV[i])
+    for i = 1, #marks, 2 do
+        local job_key, score = marks[i], marks[i + 1]
+        if redis.call("zscore", changes_key, job_key) == score then
+            removed = removed + redis.call("zrem", changes_key, job_key)
         end
     end
     return removed

@@ -1,0 +1,891 @@
+"""jobyard.lua called directly against a real Redis, one test group per command.
+
+The script is loaded and run with EVALSHA, KEYS built from jobyard.queue.keys and ARGV in the
+order store.py passes them, so these tests pin the script's contract (KEYS, ARGV, replies and the
+Redis state each command leaves) independently of the Python wrapper."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from importlib import resources
+from typing import Any
+
+import pytest
+import redis
+
+from jobyard.queue import keys
+from jobyard.queue.messages import encode_job_message
+from tests.support import RedisServer
+
+SCRIPT = resources.files("jobyard.queue").joinpath("jobyard.lua").read_text()
+
+JOB = "job-1"
+NAME = "system.echo"
+QUEUE = "default"
+DELAY_QUEUE = keys.delayed(QUEUE)
+BROKER = "broker-1"
+WORKER = "worker-1"
+TTL = 4321  # seconds; not the store's default, so a TTL seen here came from ARGV
+TIMEOUT_MS = 3000
+
+JOB_KEY = keys.job(JOB)
+STEPS_KEY = keys.steps(JOB)
+WORKERS_KEY = keys.workers(QUEUE)
+QUEUE_KEY = keys.dramatiq_queue(QUEUE)
+MSGS_KEY = keys.dramatiq_messages(QUEUE)
+DELAY_KEY = keys.dramatiq_queue(DELAY_QUEUE)
+DELAY_MSGS_KEY = keys.dramatiq_messages(DELAY_QUEUE)
+ACKS_KEY = keys.dramatiq_acks(BROKER, QUEUE)
+CHANGES_KEY = keys.job_log_changes()
+QUEUE_KEYS = [QUEUE_KEY, MSGS_KEY, DELAY_KEY, DELAY_MSGS_KEY]
+
+
+class Lua:
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.sha = client.script_load(SCRIPT)
+
+    def __call__(self, command: str, keys_: list[str], *args: Any) -> Any:
+        return self.client.evalsha(self.sha, len(keys_), *keys_, command, *args)
+
+
+@pytest.fixture
+def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def lua(r: redis.Redis) -> Lua:
+    return Lua(r)
+
+
+def now_ms(r: redis.Redis) -> int:
+    seconds, micros = r.time()
+    return seconds * 1000 + micros // 1000
+
+
+def job(r: redis.Redis, key: str = JOB_KEY) -> dict[str, str]:
+    return r.hgetall(key)
+
+
+def seed(r: redis.Redis, key: str = JOB_KEY, **fields: Any) -> None:
+    base = {
+        "name": NAME,
+        "queue": QUEUE,
+        "engine": "dramatiq",
+        "state": "queued",
+        "attempts": 0,
+        "seq": 0,
+    }
+    r.hset(key, mapping={**base, **fields})
+
+
+def live_worker(r: redis.Redis, worker: str = WORKER, age_ms: int = 0) -> None:
+    r.zadd(WORKERS_KEY, {worker: now_ms(r) - age_ms})
+
+
+def put_message(r: redis.Redis, list_key: str, msgs_key: str, job_id: str = JOB) -> tuple[str, str]:
+    message = encode_job_message(NAME, QUEUE, job_id, {"n": 1})
+    data = message.data.decode()
+    r.hset(msgs_key, message.redis_message_id, data)
+    r.rpush(list_key, message.redis_message_id)
+    return message.redis_message_id, data
+
+
+def fetched(r: redis.Redis) -> str:
+    """A message a consumer fetched and has not acked: in the acks set and the msgs hash."""
+    rmid, _ = put_message(r, QUEUE_KEY, MSGS_KEY)
+    r.lrem(QUEUE_KEY, 0, rmid)
+    r.sadd(ACKS_KEY, rmid)
+    return rmid
+
+
+def assert_now(value: Any, before: int, after: int) -> None:
+    assert before <= int(value) <= after
+
+
+def assert_marked(r: redis.Redis, before: int, after: int) -> None:
+    """The job is in the job log's outbox, scored with Redis's clock in ms (with µs)."""
+    score = r.zscore(CHANGES_KEY, JOB_KEY)
+    assert score is not None
+    assert before <= score < after + 1
+
+
+# enqueue: KEYS job, workers, queue list, queue msgs
+#          ARGV job_id, rmid, message, name, queue, heartbeat timeout ms, ttl s, options JSON
+
+
+def enqueue(lua: Lua, rmid: str = "m1", message: str = "data", options: str = "") -> Any:
+    return lua(
+        "enqueue",
+        [JOB_KEY, WORKERS_KEY, QUEUE_KEY, MSGS_KEY],
+        JOB,
+        rmid,
+        message,
+        NAME,
+        QUEUE,
+        TIMEOUT_MS,
+        TTL,
+        options,
+    )
+
+
+def test_enqueue_with_a_live_worker_queues_the_message(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    before = now_ms(r)
+    assert enqueue(lua, options='{"webhook_url": "http://x"}') == ["enqueued"]
+    after = now_ms(r)
+    record = job(r)
+    assert_now(record.pop("enqueued_at"), before, after)
+    assert record == {
+        "name": NAME,
+        "queue": QUEUE,
+        "engine": "dramatiq",
+        "state": "queued",
+        "attempts": "0",
+        "seq": "0",
+        "rmid": "m1",
+        "options": '{"webhook_url": "http://x"}',
+    }
+    assert r.ttl(JOB_KEY) == -1  # a live job has no TTL: its sleeps and retries may outlast any
+    assert r.lrange(QUEUE_KEY, 0, -1) == ["m1"]
+    assert r.hgetall(MSGS_KEY) == {"m1": "data"}
+
+
+def test_enqueue_without_options_writes_no_options_field(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    assert enqueue(lua) == ["enqueued"]
+    assert "options" not in job(r)
+
+
+def test_enqueue_of_an_existing_job_changes_nothing(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    seed(r, state="running", rmid="old")
+    assert enqueue(lua) == ["exists", "dramatiq", "running"]
+    assert job(r)["rmid"] == "old"
+    assert r.exists(QUEUE_KEY, MSGS_KEY) == 0
+    r.delete(JOB_KEY)
+    r.hset(JOB_KEY, "engine", "temporal")  # a record without a state replies ""
+    assert enqueue(lua) == ["exists", "temporal", ""]
+
+
+def test_enqueue_with_no_live_worker_writes_a_temporal_tombstone(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r, age_ms=TIMEOUT_MS + 1000)  # its heartbeat is older than the timeout
+    before = now_ms(r)
+    assert enqueue(lua, options='{"retry": 1}') == ["no_workers"]
+    after = now_ms(r)
+    record = job(r)
+    assert_now(record.pop("enqueued_at"), before, after)
+    assert record == {"name": NAME, "queue": QUEUE, "engine": "temporal", "state": "queued"}
+    assert 0 < r.ttl(JOB_KEY) <= TTL
+    assert r.exists(QUEUE_KEY, MSGS_KEY) == 0
+
+
+# start: KEYS job, steps, rate key prefix [, changes]
+#        ARGV seq, is_resume, rate calls, rate period ms
+
+
+def start(
+    lua: Lua,
+    seq: int = 0,
+    resume: str = "0",
+    rate: tuple[int, int] = (0, 0),
+    changes: bool = False,
+    job_id: str = JOB,
+) -> Any:
+    keys_ = [keys.job(job_id), keys.steps(job_id), keys.rate_prefix(NAME)]
+    return lua("start", keys_ + ([CHANGES_KEY] if changes else []), seq, resume, *rate)
+
+
+def test_start_runs_the_job_and_returns_its_recorded_steps(r: redis.Redis, lua: Lua) -> None:
+    seed(r)
+    r.hset(STEPS_KEY, mapping={"fetch": '{"a": 1}', "parse": "2"})
+    before = now_ms(r)
+    reply = start(lua)
+    after = now_ms(r)
+    assert reply[:2] == ["ok", 1]
+    assert_now(reply[2], before, after)
+    assert dict(zip(reply[3::2], reply[4::2], strict=True)) == {"fetch": '{"a": 1}', "parse": "2"}
+    record = job(r)
+    assert (record["state"], record["attempts"], record["started_seq"]) == ("running", "1", "0")
+    assert record["started_at"] == str(reply[2])
+    assert not r.exists(CHANGES_KEY)  # no changes key passed: the job log is off
+
+
+def test_start_marks_the_job_for_the_job_log_when_given_the_changes_key(
+    r: redis.Redis, lua: Lua
+) -> None:
+    seed(r)
+    before = now_ms(r)
+    assert start(lua, changes=True)[0] == "ok"
+    assert_marked(r, before, now_ms(r))
+
+
+def test_start_counts_attempts(r: redis.Redis, lua: Lua) -> None:
+    # A retry (is_resume 0) is a new attempt; the first start time is kept.
+    seed(r, state="retrying", seq=1, attempts=1, started_seq=0, started_at=1000)
+    assert start(lua, seq=1) == ["ok", 2, "1000"]
+    # A resume after a durable sleep continues the same attempt.
+    r.hset(JOB_KEY, mapping={"seq": 2})
+    assert start(lua, seq=2, resume="1") == ["ok", 2, "1000"]
+    assert job(r)["started_seq"] == "2"
+    # The same resume delivered again (its worker died after starting it) is a new attempt.
+    assert start(lua, seq=2, resume="1") == ["ok", 3, "1000"]
+    assert job(r)["attempts"] == "3"
+
+
+@pytest.mark.parametrize(
+    ("fields", "reply"),
+    [
+        (None, ["lost"]),
+        ({"engine": "temporal"}, ["lost"]),
+        ({"state": "succeeded"}, ["done"]),
+        ({"state": "failed"}, ["done"]),
+        ({"state": "dead"}, ["done"]),
+        ({"state": "cancelled"}, ["done"]),
+        ({"seq": 1}, ["stale"]),
+    ],
+)
+def test_start_refuses_a_message_that_may_not_run(
+    r: redis.Redis, lua: Lua, fields: dict[str, Any] | None, reply: list[str]
+) -> None:
+    if fields is not None:
+        seed(r, **fields)
+    before = job(r)
+    assert start(lua, changes=True) == reply
+    assert job(r) == before
+    assert not r.exists(CHANGES_KEY)
+
+
+def test_start_of_a_job_asked_to_cancel_cancels_it(r: redis.Redis, lua: Lua) -> None:
+    seed(r, cancel="1")
+    before = now_ms(r)
+    assert start(lua, changes=True) == ["cancelled"]
+    after = now_ms(r)
+    record = job(r)
+    assert record["state"] == "cancelled"
+    assert_now(record["finished_at"], before, after)
+    assert "started_at" not in record and record["attempts"] == "0"
+    assert_marked(r, before, after)
+
+
+def test_start_throttles_past_the_rate_limit(r: redis.Redis, lua: Lua) -> None:
+    period = 24 * 3600 * 1000  # a day: both calls fall in one window
+    for job_id in ("a", "b", "c"):
+        seed(r, keys.job(job_id))
+    window = now_ms(r) // period
+    assert start(lua, rate=(1, period), job_id="a")[0] == "ok"
+    rate_key = f"{keys.rate_prefix(NAME)}{window}"
+    assert r.get(rate_key) == "1"
+    assert period < r.pttl(rate_key) <= 2 * period
+    before = now_ms(r)
+    status, retry_in = start(lua, rate=(1, period), job_id="b")
+    after = now_ms(r)
+    assert status == "throttled"
+    assert (window + 1) * period - after <= retry_in <= (window + 1) * period - before
+    assert job(r, keys.job("b"))["state"] == "queued"  # not started
+    assert r.get(rate_key) == "2"
+    # A resume continues a run that already passed the limit: it is never throttled.
+    assert start(lua, resume="1", rate=(1, period), job_id="c")[0] == "ok"
+    assert r.get(rate_key) == "2"
+
+
+def test_start_without_a_rate_limit_writes_no_rate_key(r: redis.Redis, lua: Lua) -> None:
+    seed(r)
+    assert start(lua)[0] == "ok"
+    assert r.keys(f"{keys.rate_prefix(NAME)}*") == []
+
+
+# step: KEYS job, steps   ARGV seq, step name, JSON result, ttl s
+
+
+def step(lua: Lua, seq: int = 0, name: str = "fetch", value: str = '{"ok": true}') -> Any:
+    return lua("step", [JOB_KEY, STEPS_KEY], seq, name, value, TTL)
+
+
+def test_step_records_the_result_with_a_ttl(r: redis.Redis, lua: Lua) -> None:
+    seed(r, state="running")
+    assert step(lua) == "ok"
+    assert step(lua, name="parse", value="3") == "ok"
+    assert r.hgetall(STEPS_KEY) == {"fetch": '{"ok": true}', "parse": "3"}
+    assert 0 < r.ttl(STEPS_KEY) <= TTL
+
+
+@pytest.mark.parametrize("fields", [None, {"engine": "temporal"}, {"seq": 1}])
+def test_step_of_a_job_no_longer_ours_is_lost(
+    r: redis.Redis, lua: Lua, fields: dict[str, Any] | None
+) -> None:
+    if fields is not None:
+        seed(r, state="running", **fields)
+    assert step(lua) == "lost"
+    assert not r.exists(STEPS_KEY)
+
+
+def test_step_of_a_job_asked_to_cancel_is_recorded_then_stops(r: redis.Redis, lua: Lua) -> None:
+    seed(r, state="running", cancel="1")
+    assert step(lua) == "cancel"
+    assert r.hgetall(STEPS_KEY) == {"fetch": '{"ok": true}'}
+    assert job(r)["state"] == "running"
+
+
+# progress: KEYS job [, changes]   ARGV seq, JSON progress
+
+
+def test_progress_is_recorded_and_marked(r: redis.Redis, lua: Lua) -> None:
+    seed(r, state="running")
+    assert lua("progress", [JOB_KEY], 0, '{"pct": 10}') == "ok"
+    assert job(r)["progress"] == '{"pct": 10}'
+    assert not r.exists(CHANGES_KEY)
+    before = now_ms(r)
+    assert lua("progress", [JOB_KEY, CHANGES_KEY], 0, '{"pct": 20}') == "ok"
+    assert job(r)["progress"] == '{"pct": 20}'
+    assert_marked(r, before, now_ms(r))
+
+
+def test_progress_of_another_run_is_lost(r: redis.Redis, lua: Lua) -> None:
+    seed(r, state="running", seq=2)
+    assert lua("progress", [JOB_KEY, CHANGES_KEY], 1, '{"pct": 10}') == "lost"
+    assert "progress" not in job(r)
+    assert not r.exists(CHANGES_KEY)
+
+
+# finish: KEYS job, steps, acks, msgs [, changes]
+#         ARGV seq, state, result JSON, error, error class, ttl s, rmid, payload JSON, traceback
+
+
+def finish(
+    lua: Lua,
+    seq: int = 0,
+    state: str = "succeeded",
+    rmid: str = "",
+    payload: str = "",
+    traceback: str = "",
+    error: str = "",
+    changes: bool = False,
+) -> Any:
+    keys_ = [JOB_KEY, STEPS_KEY, ACKS_KEY, MSGS_KEY] + ([CHANGES_KEY] if changes else [])
+    return lua(
+        "finish",
+        keys_,
+        seq,
+        state,
+        '{"r": 1}',
+        error,
+        "ValueError" if error else "",
+        TTL,
+        rmid,
+        payload,
+        traceback,
+    )
+
+
+def test_finish_records_the_outcome_acks_and_expires(r: redis.Redis, lua: Lua) -> None:
+    seed(r, state="running", started_at=1000)
+    r.hset(STEPS_KEY, "fetch", "1")
+    rmid = fetched(r)
+    before = now_ms(r)
+    assert finish(lua, rmid=rmid) == "ok"
+    after = now_ms(r)
+    record = job(r)
+    assert_now(record.pop("finished_at"), before, after)
+    assert {k: record[k] for k in ("state", "result", "error", "error_class")} == {
+        "state": "succeeded",
+        "result": '{"r": 1}',
+        "error": "",
+        "error_class": "",
+    }
+    assert "payload" not in record and "traceback" not in record
+    assert 0 < r.ttl(JOB_KEY) <= TTL and 0 < r.ttl(STEPS_KEY) <= TTL
+    assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
+    assert not r.exists(CHANGES_KEY)
+
+
+def test_finish_of_a_failure_keeps_payload_and_traceback_and_marks(
+    r: redis.Redis, lua: Lua
+) -> None:
+    seed(r, state="running")
+    before = now_ms(r)
+    reply = finish(
+        lua,
+        state="failed",
+        payload='{"n": 1}',
+        traceback="Traceback ...",
+        error="boom",
+        changes=True,
+    )
+    assert reply == "ok"
+    record = job(r)
+    assert (record["state"], record["error"], record["error_class"]) == (
+        "failed",
+        "boom",
+        "ValueError",
+    )
+    assert (record["payload"], record["traceback"]) == ('{"n": 1}', "Traceback ...")
+    assert_marked(r, before, now_ms(r))
+
+
+def test_finish_acks_only_a_message_the_consumer_holds(r: redis.Redis, lua: Lua) -> None:
+    seed(r, state="running")
+    rmid, data = put_message(r, QUEUE_KEY, MSGS_KEY)  # waiting, not fetched: not in acks
+    assert finish(lua, rmid=rmid) == "ok"
+    assert r.hget(MSGS_KEY, rmid) == data
+
+
+@pytest.mark.parametrize("fields", [None, {"engine": "temporal"}, {"seq": 1}])
+def test_finish_of_a_job_no_longer_ours_is_lost_but_still_acks(
+    r: redis.Redis, lua: Lua, fields: dict[str, Any] | None
+) -> None:
+    if fields is not None:
+        seed(r, state="running", **fields)
+    before = job(r)
+    rmid = fetched(r)
+    assert finish(lua, rmid=rmid, changes=True) == "lost"
+    assert job(r) == before
+    assert r.ttl(JOB_KEY) in (-1, -2)
+    assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
+    assert not r.exists(CHANGES_KEY)
+
+
+# complete: KEYS job, steps, acks, msgs [, changes]   ARGV seq, is_resume, result JSON, ttl s, rmid
+
+
+def complete(
+    lua: Lua, seq: int = 0, resume: str = "0", rmid: str = "", changes: bool = False
+) -> Any:
+    keys_ = [JOB_KEY, STEPS_KEY, ACKS_KEY, MSGS_KEY] + ([CHANGES_KEY] if changes else [])
+    return lua("complete", keys_, seq, resume, '{"r": 2}', TTL, rmid)
+
+
+def test_complete_starts_finishes_and_acks_in_one_call(r: redis.Redis, lua: Lua) -> None:
+    seed(r)
+    rmid = fetched(r)
+    before = now_ms(r)
+    reply = complete(lua, rmid=rmid, changes=True)
+    after = now_ms(r)
+    assert reply[:2] == ["ok", 1]
+    assert_now(reply[2], before, after)
+    record = job(r)
+    assert {k: record[k] for k in ("state", "result", "attempts", "started_seq")} == {
+        "state": "succeeded",
+        "result": '{"r": 2}',
+        "attempts": "1",
+        "started_seq": "0",
+    }
+    assert record["started_at"] == str(reply[2])
+    assert_now(record["finished_at"], before, after)
+    assert 0 < r.ttl(JOB_KEY) <= TTL
+    assert not r.exists(STEPS_KEY)
+    assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
+    assert_marked(r, before, after)
+
+
+def test_complete_keeps_the_first_start_and_counts_attempts(r: redis.Redis, lua: Lua) -> None:
+    seed(r, state="running", seq=3, attempts=2, started_seq=2, started_at=1000)
+    assert complete(lua, seq=3, resume="1") == ["ok", 2, "1000"]
+    assert job(r)["started_at"] == "1000"
+    assert not r.exists(CHANGES_KEY)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reply"),
+    [
+        (None, ["lost"]),
+        ({"engine": "temporal"}, ["lost"]),
+        ({"state": "dead"}, ["done"]),
+        ({"seq": 4}, ["stale"]),
+    ],
+)
+def test_complete_refused_changes_nothing_but_acks(
+    r: redis.Redis, lua: Lua, fields: dict[str, Any] | None, reply: list[str]
+) -> None:
+    if fields is not None:
+        seed(r, **fields)
+    before = job(r)
+    rmid = fetched(r)
+    assert complete(lua, rmid=rmid, changes=True) == reply
+    assert job(r) == before
+    assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
+    assert not r.exists(CHANGES_KEY)
+
+
+def test_complete_of_a_job_asked_to_cancel_cancels_it(r: redis.Redis, lua: Lua) -> None:
+    seed(r, cancel="1")
+    before = now_ms(r)
+    assert complete(lua, changes=True) == ["cancelled"]
+    record = job(r)
+    assert record["state"] == "cancelled" and "result" not in record
+    assert r.ttl(JOB_KEY) == -1
+    assert_marked(r, before, now_ms(r))
+
+
+# reschedule: KEYS job, delay list, delay msgs, acks, msgs [, changes]
+#             ARGV seq, next seq, state, new rmid, message, error, error class, current rmid
+
+
+def reschedule(lua: Lua, seq: int = 0, rmid: str = "", changes: bool = False) -> Any:
+    keys_ = [JOB_KEY, DELAY_KEY, DELAY_MSGS_KEY, ACKS_KEY, MSGS_KEY]
+    return lua(
+        "reschedule",
+        keys_ + ([CHANGES_KEY] if changes else []),
+        seq,
+        seq + 1,
+        "retrying",
+        "next",
+        "next-data",
+        "boom",
+        "ValueError",
+        rmid,
+    )
+
+
+def test_reschedule_moves_the_job_to_its_next_message(r: redis.Redis, lua: Lua) -> None:
+    seed(r, state="running", rmid="first")
+    rmid = fetched(r)
+    before = now_ms(r)
+    assert reschedule(lua, rmid=rmid, changes=True) == "ok"
+    record = job(r)
+    assert {k: record[k] for k in ("seq", "state", "rmid", "error", "error_class")} == {
+        "seq": "1",
+        "state": "retrying",
+        "rmid": "next",
+        "error": "boom",
+        "error_class": "ValueError",
+    }
+    assert r.lrange(DELAY_KEY, 0, -1) == ["next"]
+    assert r.hgetall(DELAY_MSGS_KEY) == {"next": "next-data"}
+    assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
+    assert r.ttl(JOB_KEY) == -1
+    assert_marked(r, before, now_ms(r))
+
+
+def test_reschedule_without_the_changes_key_marks_nothing(r: redis.Redis, lua: Lua) -> None:
+    seed(r, state="running")
+    assert reschedule(lua) == "ok"
+    assert not r.exists(CHANGES_KEY)
+
+
+@pytest.mark.parametrize("fields", [None, {"engine": "temporal"}, {"seq": 5}])
+def test_reschedule_of_a_job_no_longer_ours_is_lost_but_still_acks(
+    r: redis.Redis, lua: Lua, fields: dict[str, Any] | None
+) -> None:
+    if fields is not None:
+        seed(r, state="running", **fields)
+    before = job(r)
+    rmid = fetched(r)
+    assert reschedule(lua, rmid=rmid, changes=True) == "lost"
+    assert job(r) == before
+    assert r.exists(DELAY_KEY, DELAY_MSGS_KEY, CHANGES_KEY) == 0
+    assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
+
+
+# handoff: KEYS job, queue list, queue msgs, delay list, delay msgs   ARGV name, queue, ttl s
+
+
+def handoff(lua: Lua) -> Any:
+    return lua("handoff", [JOB_KEY, *QUEUE_KEYS], NAME, QUEUE, TTL)
+
+
+def test_handoff_of_an_unknown_job_writes_a_temporal_tombstone(r: redis.Redis, lua: Lua) -> None:
+    before = now_ms(r)
+    assert handoff(lua) == ["claimed"]
+    record = job(r)
+    assert_now(record.pop("enqueued_at"), before, now_ms(r))
+    assert record == {"name": NAME, "queue": QUEUE, "engine": "temporal", "state": "queued"}
+    assert 0 < r.ttl(JOB_KEY) <= TTL
+
+
+def test_handoff_of_a_temporal_job_claims_it_unchanged(r: redis.Redis, lua: Lua) -> None:
+    seed(r, engine="temporal", state="running")
+    assert handoff(lua) == ["claimed"]
+    assert job(r)["state"] == "running" and r.ttl(JOB_KEY) == -1
+
+
+@pytest.mark.parametrize("where", ["queue", "delay"])
+def test_handoff_of_a_waiting_job_removes_its_message(r: redis.Redis, lua: Lua, where: str) -> None:
+    list_key, msgs_key = (QUEUE_KEY, MSGS_KEY) if where == "queue" else (DELAY_KEY, DELAY_MSGS_KEY)
+    other, other_data = put_message(r, list_key, msgs_key, job_id="other")
+    rmid, _ = put_message(r, list_key, msgs_key)
+    seed(r, rmid=rmid)
+    assert handoff(lua) == ["claimed"]
+    assert job(r)["engine"] == "temporal"
+    assert r.lrange(list_key, 0, -1) == [other]
+    assert r.hgetall(msgs_key) == {other: other_data}
+
+
+@pytest.mark.parametrize(
+    ("fields", "state"),
+    [
+        ({"state": "running"}, "running"),
+        ({"started_at": 1000}, "queued"),
+        ({"state": "succeeded"}, "succeeded"),
+    ],
+)
+def test_handoff_of_a_started_job_is_lost(
+    r: redis.Redis, lua: Lua, fields: dict[str, Any], state: str
+) -> None:
+    rmid, data = put_message(r, QUEUE_KEY, MSGS_KEY)
+    seed(r, rmid=rmid, **fields)
+    assert handoff(lua) == ["lost", state]
+    assert job(r)["engine"] == "dramatiq"
+    assert r.lrange(QUEUE_KEY, 0, -1) == [rmid] and r.hget(MSGS_KEY, rmid) == data
+
+
+# cancel: KEYS job, queue list, queue msgs, delay list, delay msgs   ARGV ttl s
+
+
+def cancel(lua: Lua) -> Any:
+    return lua("cancel", [JOB_KEY, *QUEUE_KEYS], TTL)
+
+
+def test_cancel_of_unknown_temporal_and_finished_jobs(r: redis.Redis, lua: Lua) -> None:
+    assert cancel(lua) == ["missing"]
+    assert not r.exists(JOB_KEY)
+    seed(r, engine="temporal")
+    assert cancel(lua) == ["temporal"]
+    for state in ("succeeded", "failed", "dead", "cancelled"):
+        seed(r, state=state)
+        assert cancel(lua) == ["done", state]
+        assert "finished_at" not in job(r) and r.ttl(JOB_KEY) == -1
+
+
+@pytest.mark.parametrize(
+    ("state", "where"), [("queued", "queue"), ("retrying", "delay"), ("running", "delay")]
+)
+def test_cancel_of_a_waiting_job_cancels_it_at_once(
+    r: redis.Redis, lua: Lua, state: str, where: str
+) -> None:
+    # ("running" on the delay queue: parked in a durable sleep.)
+    list_key, msgs_key = (QUEUE_KEY, MSGS_KEY) if where == "queue" else (DELAY_KEY, DELAY_MSGS_KEY)
+    other, other_data = put_message(r, list_key, msgs_key, job_id="other")
+    rmid, _ = put_message(r, list_key, msgs_key)
+    seed(r, state=state, rmid=rmid)
+    before = now_ms(r)
+    assert cancel(lua) == ["cancelled"]
+    record = job(r)
+    assert record["state"] == "cancelled" and "cancel" not in record
+    assert_now(record["finished_at"], before, now_ms(r))
+    assert 0 < r.ttl(JOB_KEY) <= TTL
+    assert r.lrange(list_key, 0, -1) == [other]
+    assert r.hgetall(msgs_key) == {other: other_data}
+
+
+def test_cancel_of_a_running_job_asks_it_to_stop(r: redis.Redis, lua: Lua) -> None:
+    rmid = fetched(r)
+    seed(r, state="running", rmid=rmid)
+    assert cancel(lua) == ["requested"]
+    record = job(r)
+    assert (record["state"], record["cancel"]) == ("running", "1")
+    assert "finished_at" not in record and r.ttl(JOB_KEY) == -1
+    assert r.hexists(MSGS_KEY, rmid)
+
+
+# replay: KEYS job, queue list, queue msgs   ARGV expected seq, rmid, message
+
+
+def replay(lua: Lua, seq: int = 1) -> Any:
+    return lua("replay", [JOB_KEY, QUEUE_KEY, MSGS_KEY], seq, "again", "again-data")
+
+
+def test_replay_of_unknown_temporal_active_and_conflicting_jobs(r: redis.Redis, lua: Lua) -> None:
+    assert replay(lua) == ["missing"]
+    seed(r, engine="temporal", state="failed")
+    assert replay(lua) == ["temporal"]
+    for state in ("queued", "running", "retrying", "succeeded"):
+        seed(r, state=state)
+        assert replay(lua) == ["active", state]
+    seed(r, state="dead", seq=3)
+    assert replay(lua, seq=3) == ["conflict"]  # not seq + 1: another replay got there first
+    assert replay(lua, seq=5) == ["conflict"]
+    assert job(r)["state"] == "dead"
+    assert r.exists(QUEUE_KEY, MSGS_KEY) == 0
+
+
+@pytest.mark.parametrize("state", ["failed", "dead", "cancelled"])
+def test_replay_runs_a_finished_job_again(r: redis.Redis, lua: Lua, state: str) -> None:
+    seed(
+        r,
+        state=state,
+        seq=2,
+        attempts=3,
+        started_seq=2,
+        started_at=1000,
+        finished_at=2000,
+        cancel="1",
+        traceback="tb",
+        error="boom",
+        error_class="E",
+        result="null",
+        payload='{"n": 1}',
+        rmid="old",
+    )
+    r.expire(JOB_KEY, TTL)
+    r.hset(STEPS_KEY, "fetch", "1")
+    before = now_ms(r)
+    assert replay(lua, seq=3) == ["ok"]
+    record = job(r)
+    assert_now(record.pop("enqueued_at"), before, now_ms(r))
+    assert record == {
+        "name": NAME,
+        "queue": QUEUE,
+        "engine": "dramatiq",
+        "state": "queued",
+        "seq": "3",
+        "rmid": "again",
+        "attempts": "0",
+        "error": "",
+        "error_class": "",
+        "result": "",
+        "started_at": "1000",
+        "payload": '{"n": 1}',
+    }
+    assert r.ttl(JOB_KEY) == -1
+    assert r.hgetall(STEPS_KEY) == {"fetch": "1"}  # finished steps stay recorded
+    assert r.lrange(QUEUE_KEY, 0, -1) == ["again"]
+    assert r.hgetall(MSGS_KEY) == {"again": "again-data"}
+
+
+def test_replay_of_a_job_without_seq_expects_one(r: redis.Redis, lua: Lua) -> None:
+    r.hset(JOB_KEY, mapping={"engine": "dramatiq", "state": "failed"})
+    assert replay(lua, seq=1) == ["ok"]
+    assert job(r)["seq"] == "1"
+
+
+# rescue: KEYS workers, queue list, queue msgs, handoff list   ARGV timeout ms, limit, job prefix
+
+
+def rescue(lua: Lua, limit: int = 500) -> Any:
+    keys_ = [WORKERS_KEY, QUEUE_KEY, MSGS_KEY, keys.handoff()]
+    return lua("rescue", keys_, TIMEOUT_MS, limit, keys.job_prefix())
+
+
+def test_rescue_leaves_a_queue_with_a_live_worker(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    rmid, _ = put_message(r, QUEUE_KEY, MSGS_KEY)
+    seed(r, rmid=rmid)
+    assert rescue(lua) == 0
+    assert r.lrange(QUEUE_KEY, 0, -1) == [rmid] and job(r)["engine"] == "dramatiq"
+    assert not r.exists(keys.handoff())
+
+
+def test_rescue_moves_only_never_started_jobs_of_a_worker_less_queue(
+    r: redis.Redis, lua: Lua
+) -> None:
+    live_worker(r, age_ms=TIMEOUT_MS + 1000)
+    ids = {}
+    for job_id, fields in [
+        ("fresh-1", {}),
+        ("started", {"started_at": 1000}),
+        ("running", {"state": "running"}),
+        ("temporal", {"engine": "temporal"}),
+        ("fresh-2", {}),
+    ]:
+        ids[job_id] = put_message(r, QUEUE_KEY, MSGS_KEY, job_id=job_id)
+        seed(r, keys.job(job_id), rmid=ids[job_id][0], **fields)
+    ids["unknown"] = put_message(r, QUEUE_KEY, MSGS_KEY, job_id="unknown")  # no job record
+    r.rpush(QUEUE_KEY, "no-data")  # an id whose message is gone
+    assert rescue(lua) == 2
+    assert r.lrange(keys.handoff(), 0, -1) == [ids["fresh-1"][1], ids["fresh-2"][1]]
+    for job_id in ("fresh-1", "fresh-2"):
+        assert job(r, keys.job(job_id))["engine"] == "temporal"
+        assert not r.hexists(MSGS_KEY, ids[job_id][0])
+    stay = ["started", "running", "temporal", "unknown"]
+    assert r.lrange(QUEUE_KEY, 0, -1) == [ids[j][0] for j in stay] + ["no-data"]
+    assert all(r.hget(MSGS_KEY, ids[j][0]) == ids[j][1] for j in stay)
+    assert job(r, keys.job("started"))["engine"] == "dramatiq"
+    assert not r.exists(keys.job("unknown"))
+
+
+def test_rescue_looks_at_no_more_than_the_limit(r: redis.Redis, lua: Lua) -> None:
+    rmids = []
+    for n in range(3):
+        rmid, _ = put_message(r, QUEUE_KEY, MSGS_KEY, job_id=f"j{n}")
+        seed(r, keys.job(f"j{n}"), rmid=rmid)
+        rmids.append(rmid)
+    assert rescue(lua, limit=2) == 2
+    assert r.lrange(QUEUE_KEY, 0, -1) == [rmids[2]]
+    assert rescue(lua, limit=2) == 1
+    assert r.llen(keys.handoff()) == 3
+
+
+# heartbeat: KEYS dramatiq heartbeats, workers zset per queue...   ARGV worker id, broker id
+
+
+def test_heartbeat_stamps_the_broker_and_every_queue(r: redis.Redis, lua: Lua) -> None:
+    other = keys.workers("other")
+    before = now_ms(r)
+    now = lua("heartbeat", [keys.dramatiq_heartbeats(), WORKERS_KEY, other], WORKER, BROKER)
+    assert_now(now, before, now_ms(r))
+    assert r.zrange(keys.dramatiq_heartbeats(), 0, -1, withscores=True) == [(BROKER, now)]
+    assert r.zrange(WORKERS_KEY, 0, -1, withscores=True) == [(WORKER, now)]
+    assert r.zrange(other, 0, -1, withscores=True) == [(WORKER, now)]
+    assert r.ttl(WORKERS_KEY) == -1
+
+
+# deregister: KEYS workers zset per queue...   ARGV worker id
+
+
+def test_deregister_removes_only_this_worker(r: redis.Redis, lua: Lua) -> None:
+    other = keys.workers("other")
+    for key in (WORKERS_KEY, other):
+        r.zadd(key, {WORKER: 1, "worker-2": 2})
+    assert lua("deregister", [WORKERS_KEY, other], WORKER) == "ok"
+    assert r.zrange(WORKERS_KEY, 0, -1) == ["worker-2"] and r.zrange(other, 0, -1) == ["worker-2"]
+
+
+# live_workers: KEYS workers zset   ARGV heartbeat timeout ms
+
+
+def test_live_workers_counts_and_forgets_long_dead_ones(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r, "live")
+    live_worker(r, "late", age_ms=TIMEOUT_MS + 1000)  # dead, but not for ten timeouts
+    live_worker(r, "gone", age_ms=10 * TIMEOUT_MS + 1000)
+    assert lua("live_workers", [WORKERS_KEY], TIMEOUT_MS) == 1
+    assert sorted(r.zrange(WORKERS_KEY, 0, -1)) == ["late", "live"]
+    assert lua("live_workers", [keys.workers("nobody")], TIMEOUT_MS) == 0
+
+
+# lease: KEYS lease   ARGV holder, ms
+
+
+def test_lease_is_taken_extended_and_refused_to_others(r: redis.Redis, lua: Lua) -> None:
+    lease = keys.job_log_shipper()
+    assert lua("lease", [lease], "a", 5000) == 1
+    assert r.get(lease) == "a" and 0 < r.pttl(lease) <= 5000
+    assert lua("lease", [lease], "a", 60000) == 1  # the holder extends it
+    assert 5000 < r.pttl(lease) <= 60000
+    assert lua("lease", [lease], "b", 5000) == 0
+    assert r.get(lease) == "a" and r.pttl(lease) > 5000
+    r.delete(lease)  # expired
+    assert lua("lease", [lease], "b", 5000) == 1
+    assert r.get(lease) == "b"
+
+
+# shipped: KEYS changes   ARGV job key, score, job key, score, ...
+
+
+def test_shipped_unmarks_only_jobs_unchanged_since_read(r: redis.Redis, lua: Lua) -> None:
+    for job_id in ("a", "b", "c"):
+        seed(r, keys.job(job_id), state="running")
+        assert lua("progress", [keys.job(job_id), CHANGES_KEY], 0, "{}") == "ok"
+    # The marks as the shipper reads them: the scores exactly as Redis writes them.
+    pairs = r.zrange(CHANGES_KEY, 0, -1, withscores=True, score_cast_func=bytes)
+    marks = [part for pair in pairs for part in pair]
+    assert len(marks) == 6 and b"." in marks[1]  # scores carry µs: a string compare must be exact
+    assert lua("progress", [keys.job("b"), CHANGES_KEY], 0, '{"again": 1}') == "ok"
+    assert lua("shipped", [CHANGES_KEY], *marks, keys.job("gone"), "1") == 2
+    assert r.zrange(CHANGES_KEY, 0, -1) == [keys.job("b")]
+    assert lua("shipped", [CHANGES_KEY]) == 0
+
+
+def test_an_unknown_command_is_an_error(lua: Lua) -> None:
+    with pytest.raises(redis.ResponseError, match=r"jobyard\.lua: unknown command nope"):
+        lua("nope", [])
+
+
+def test_every_command_has_a_test() -> None:
+    commands = {line.split('"')[1] for line in SCRIPT.splitlines() if 'command == "' in line}
+    assert len(commands) >= 16
+    untested = {c for c in commands if not any(n.startswith(f"test_{c}_") for n in globals())}
+    assert untested == set()
