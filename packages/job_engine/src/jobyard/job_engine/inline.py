@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import BaseModel
+
 from jobyard.job_engine.context import StepRetryContext
 from jobyard.job_engine.errors import PermanentError
 from jobyard.job_engine.registry import JobSpec, get_spec
@@ -25,10 +27,17 @@ class InlineContext(StepRetryContext):
         self, spec: JobSpec, job_id: str, on_progress: Callable[[Any], None] | None = None
     ) -> None:
         super().__init__(job_id, spec.name)
+        self.spec = spec
         self.steps: dict[str, Any] = {}
         self.progress_values: list[Any] = []
         self._retry = spec.effective_retry()
         self._on_progress = on_progress
+
+    async def execute(self, payload: BaseModel) -> Any:
+        """Run the job's handler on a validated payload, within the job's timeout."""
+        return await asyncio.wait_for(
+            self.spec.handler(self, payload), self.spec.effective_timeout()
+        )
 
     async def _run_step(
         self, step: str, ref: str, fn: Callable[..., Any], args: tuple[Any, ...]
@@ -72,8 +81,7 @@ async def arun_inline(
 ) -> Any:
     spec = get_spec(name)
     model = spec.validate(payload)
-    ctx = InlineContext(spec, job_id or uuid.uuid4().hex, on_progress)
-    return await asyncio.wait_for(spec.handler(ctx, model), spec.effective_timeout())
+    return await InlineContext(spec, job_id or uuid.uuid4().hex, on_progress).execute(model)
 
 
 def run_inline(name: str, payload: Any, *, job_id: str | None = None) -> Any:
