@@ -106,7 +106,10 @@ def resolve_step(ref: str) -> Callable[..., Any]:
     target: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         target = getattr(target, part)
-    return target
+    if not callable(target):
+        raise StepError(f"step function {ref!r} is not callable")
+    fn: Callable[..., Any] = target
+    return fn
 
 
 def encode_json(what: str, value: Any) -> str:
