@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel
 
-from jobyard.job_engine import RetryPolicy, job
+from jobyard.job_engine import JobContext, RetryPolicy, job
 
 
 def append_marker(directory: str, name: str) -> int:
@@ -35,7 +34,7 @@ class TwoStepsPayload(BaseModel):
     retry=RetryPolicy(attempts=3, backoff=0.1),
     timeout=20,
 )
-async def two_steps(ctx: Any, payload: TwoStepsPayload) -> dict[str, int]:
+async def two_steps(ctx: JobContext, payload: TwoStepsPayload) -> dict[str, int]:
     first = await ctx.run("first", append_marker, payload.marker_dir, "first")
     await ctx.sleep(payload.sleep)
     second = await ctx.run("second", append_marker, payload.marker_dir, "second")
@@ -48,7 +47,7 @@ class SlowPayload(BaseModel):
 
 
 @job("test.slow", payload=SlowPayload, retry=RetryPolicy(attempts=3, backoff=0.1), timeout=60)
-async def slow(ctx: Any, payload: SlowPayload) -> float:
+async def slow(ctx: JobContext, payload: SlowPayload) -> float:
     if payload.marker_dir:
         await ctx.run("started", append_marker, payload.marker_dir, "started")
     return await ctx.run("block", block, payload.seconds)
@@ -73,7 +72,7 @@ class StubbornPayload(BaseModel):
     retry=RetryPolicy(attempts=3, backoff=0.1),
     timeout=120,
 )
-async def stubborn(ctx: Any, payload: StubbornPayload) -> int:
+async def stubborn(ctx: JobContext, payload: StubbornPayload) -> int:
     return await ctx.run("block", block_first_time, payload.marker_dir, payload.seconds)
 
 
@@ -98,13 +97,13 @@ class MarkerPayload(BaseModel):
 
 
 @job("test.fragile", payload=MarkerPayload, retry=RetryPolicy(attempts=2, backoff=0.1), timeout=20)
-async def fragile(ctx: Any, payload: MarkerPayload) -> str:
+async def fragile(ctx: JobContext, payload: MarkerPayload) -> str:
     await ctx.run("prepare", append_marker, payload.marker_dir, "prepare")
     return await ctx.run("call", fail_unless_fixed, payload.marker_dir)
 
 
 @job("test.progress", payload=MarkerPayload, retry=RetryPolicy(attempts=1), timeout=60)
-async def progress(ctx: Any, payload: MarkerPayload) -> str:
+async def progress(ctx: JobContext, payload: MarkerPayload) -> str:
     """Reports half-way, then waits until the test creates `go`."""
     await ctx.run("first-half", append_marker, payload.marker_dir, "first-half")
     await ctx.progress({"done": 1, "of": 2})
@@ -114,7 +113,7 @@ async def progress(ctx: Any, payload: MarkerPayload) -> str:
 
 
 @job("test.orchestration_bug", payload=MarkerPayload, retry=RetryPolicy(attempts=3), timeout=20)
-async def orchestration_bug(ctx: Any, payload: MarkerPayload) -> str:
+async def orchestration_bug(ctx: JobContext, payload: MarkerPayload) -> str:
     """Fails in the handler's own code, not in a step."""
     await ctx.run("prepare", append_marker, payload.marker_dir, "prepare")
     return {"a": 1}["missing"]

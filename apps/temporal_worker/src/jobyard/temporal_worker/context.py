@@ -10,7 +10,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy as TemporalRetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from jobyard.job_engine import JobSpec, StepError, step_ref
+    from jobyard.job_engine import JobSpec
+    from jobyard.job_engine.context import StepRetryContext
     from jobyard.queue.queues import retry_policy
     from jobyard.temporal_worker.activities import EVENT_ACTIVITY, STEP_ACTIVITY
 
@@ -37,7 +38,10 @@ def temporal_retry(spec: JobSpec, overrides: dict[str, Any] | None = None) -> Te
     )
 
 
-class TemporalContext:
+class TemporalContext(StepRetryContext):
+    """A failed step is retried as an activity, not the whole job: `attempt` (and `attempts`,
+    which the workflow reports) is the highest activity attempt a step has needed."""
+
     def __init__(
         self,
         spec: JobSpec,
@@ -45,36 +49,31 @@ class TemporalContext:
         webhook_url: str | None = None,
         retry_overrides: dict[str, Any] | None = None,
     ) -> None:
-        self.job_id = job_id
+        super().__init__(job_id, spec.name)
         self.webhook_url = webhook_url
         self._progress_reports = 0
-        self.job_name = spec.name
-        self.attempt = 1
-        self.attempts = 1
         self.progress_value: Any = None
         self._spec = spec
         self._retry = temporal_retry(spec, retry_overrides)
         self._timeout = timedelta(seconds=spec.effective_timeout())
-        self._seen: set[str] = set()
 
-    async def run(self, step: str, fn: Callable[..., Any], *args: Any) -> Any:
-        if step in self._seen:
-            raise StepError(f"step name {step!r} is used twice in job {self.job_name!r}")
-        self._seen.add(step)
+    async def _run_step(
+        self, step: str, ref: str, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
         outcome = await workflow.execute_activity(
             STEP_ACTIVITY,
-            {"job_id": self.job_id, "step": step, "fn": step_ref(fn), "args": list(args)},
+            {"job_id": self.job_id, "step": step, "fn": ref, "args": list(args)},
             start_to_close_timeout=self._timeout,
             retry_policy=self._retry,
             summary=step,
         )
-        self.attempts = max(self.attempts, int(outcome["attempt"]))
-        return outcome["value"]
+        self.saw_attempt(int(outcome["attempt"]))
+        return outcome["value"]  # already JSON: it crossed Temporal's JSON payload converter
 
-    async def sleep(self, seconds: float) -> None:
+    async def _sleep(self, name: str, seconds: float) -> None:
         await workflow.sleep(timedelta(seconds=seconds))
 
-    async def progress(self, value: float | dict[str, Any]) -> None:
+    async def _progress(self, value: Any, encoded: str) -> None:
         self.progress_value = value
         self._progress_reports += 1
         await emit({

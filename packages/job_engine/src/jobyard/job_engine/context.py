@@ -8,26 +8,66 @@ Rules for handler bodies (the orchestration):
   return their recorded results instead of running again.
 * Step functions are module-level functions (sync or async) so either engine can import them by
   name; their arguments and results are JSON data (dicts, lists, str, numbers, bool, None).
-* Step names are unique within one job run.
+* Step names are unique within one job run; names starting with ``__`` are the engines' own.
 * Pause with ``await ctx.sleep(seconds)``, never ``asyncio.sleep``: it is durable on both engines.
+
+What crosses the boundary between a handler and an engine (`JobContext`), and nothing else:
+
+``ctx.job_id``, ``ctx.job_name``
+    Strings, fixed for the job's whole life, replays included.
+``ctx.attempt``
+    The highest attempt the job has reached, from 1. Dramatiq retries a job by running it again
+    from the top (attempt n+1, finished steps skipped); Temporal and the inline engine retry the
+    failed step alone. Either way, once a step has succeeded on its nth try, ``attempt >= n``. A
+    durable sleep is not an attempt.
+``await ctx.run(step, fn, *args) -> result``
+    ``fn``'s import path and ``args`` (JSON) go in; ``fn``'s result comes back as JSON data,
+    decoded, the same value whether the step ran now or a previous run recorded it. A result that
+    is not JSON data fails the job with a `StepError`, as does a name used twice or a ``fn`` that
+    is not a module-level function. Raise `PermanentError` in ``fn`` to fail without retrying.
+``await ctx.sleep(seconds)``
+    A durable pause: a Temporal timer; on Dramatiq, a sleep over a second parks the job as a
+    delayed message and the handler resumes past its finished steps.
+``await ctx.progress(value)``
+    A fraction 0..1 or a JSON dict that ``get_job(id).progress`` shows.
+``ctx.step_key(step) -> str``
+    ``f"{job_id}:{step}"``, the idempotency key for the side effect of ``step``. A step whose
+    function returned never runs again, but one interrupted (a worker killed mid-step, a timeout)
+    is run again: at least once. Hand the key to the other side (an ``Idempotency-Key`` header, a
+    unique column) so that the second run does nothing new: ``await ctx.run("charge", charge,
+    ctx.step_key("charge"), amount)``. It is the same on every attempt, resume, engine and replay.
+
+`BaseJobContext` does the bookkeeping behind these rules once, for every engine.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from jobyard.job_engine.errors import StepError
 
+#: Step names with this prefix belong to the engines (the records of durable sleeps).
+RESERVED_STEP_PREFIX = "__"
+SLEEP_STEP_PREFIX = "__sleep__:"
+
 
 @runtime_checkable
 class JobContext(Protocol):
-    """What a handler may use. `attempt` counts runs of this job, starting at 1."""
+    """What a handler may use; see the module docstring for what each member promises."""
 
-    job_id: str
-    job_name: str
-    attempt: int
+    @property
+    def job_id(self) -> str: ...
+
+    @property
+    def job_name(self) -> str: ...
+
+    @property
+    def attempt(self) -> int: ...
 
     async def run(self, step: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` once as a recorded, retried step and return its JSON result."""
@@ -40,6 +80,14 @@ class JobContext(Protocol):
     async def progress(self, value: float | dict[str, Any]) -> None:
         """Publish progress (a fraction 0..1 or a JSON dict) for `get_job` to show."""
         ...
+
+    def step_key(self, step: str) -> str:
+        """The stable idempotency key for the side effect of `step`."""
+        ...
+
+
+def step_key(job_id: str, step: str) -> str:
+    return f"{job_id}:{step}"
 
 
 def step_ref(fn: Callable[..., Any]) -> str:
@@ -58,4 +106,98 @@ def resolve_step(ref: str) -> Callable[..., Any]:
     target: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         target = getattr(target, part)
-    return target
+    if not callable(target):
+        raise StepError(f"step function {ref!r} is not callable")
+    fn: Callable[..., Any] = target
+    return fn
+
+
+def encode_json(what: str, value: Any) -> str:
+    """`value` as JSON text, or a StepError naming `what` (the value must survive a record)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise StepError(f"{what} must be JSON data: {exc}") from exc
+
+
+class BaseJobContext(ABC):
+    """The step bookkeeping every engine's ctx shares, so the engines cannot disagree on it:
+    step names, the module-level rule for step functions, JSON results, sleep records, step keys.
+
+    An engine supplies `attempt` and how a checked step runs, a sleep waits and progress is shown.
+    """
+
+    def __init__(self, job_id: str, job_name: str) -> None:
+        self.job_id = job_id
+        self.job_name = job_name
+        self._step_names: set[str] = set()
+        self._sleeps = 0
+
+    @property
+    @abstractmethod
+    def attempt(self) -> int: ...
+
+    def step_key(self, step: str) -> str:
+        return step_key(self.job_id, step)
+
+    async def run(self, step: str, fn: Callable[..., Any], *args: Any) -> Any:
+        if not isinstance(step, str) or not step:
+            raise StepError(f"a step name must be a non-empty string, not {step!r}")
+        if step.startswith(RESERVED_STEP_PREFIX):
+            raise StepError(
+                f"step name {step!r}: names starting with {RESERVED_STEP_PREFIX!r} are reserved"
+            )
+        ref = step_ref(fn)  # the same rule on every engine, so a job that runs on one runs on all
+        self._claim(step)
+        return await self._run_step(step, ref, fn, args)
+
+    async def sleep(self, seconds: float) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise StepError(f"ctx.sleep takes a number of seconds, not {seconds!r}")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise StepError(f"ctx.sleep takes a finite number of seconds >= 0, not {seconds!r}")
+        self._sleeps += 1
+        name = f"{SLEEP_STEP_PREFIX}{self._sleeps}"
+        self._claim(name)
+        await self._sleep(name, float(seconds))
+
+    async def progress(self, value: float | dict[str, Any]) -> None:
+        await self._progress(value, encode_json("progress", value))
+
+    def _claim(self, step: str) -> None:
+        if step in self._step_names:
+            raise StepError(f"step name {step!r} is used twice in job {self.job_name!r}")
+        self._step_names.add(step)
+
+    def encode_result(self, step: str, value: Any) -> str:
+        return encode_json(f"the result of step {step!r}", value)
+
+    @abstractmethod
+    async def _run_step(
+        self, step: str, ref: str, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
+        """Run (or look up) a checked step; return its result as decoded JSON data."""
+
+    @abstractmethod
+    async def _sleep(self, name: str, seconds: float) -> None:
+        """Wait `seconds` durably; `name` is this sleep's unique record name."""
+
+    @abstractmethod
+    async def _progress(self, value: Any, encoded: str) -> None:
+        """Publish a progress value (`encoded` is its JSON text)."""
+
+
+class StepRetryContext(BaseJobContext):
+    """For engines that retry a failed step by itself (Temporal, inline) rather than the whole
+    job: the job's attempt is the highest try any step has needed, as Dramatiq's would be."""
+
+    def __init__(self, job_id: str, job_name: str) -> None:
+        super().__init__(job_id, job_name)
+        self.attempts = 1  # the name Temporal's workflow reads for its status query
+
+    @property
+    def attempt(self) -> int:
+        return self.attempts
+
+    def saw_attempt(self, attempt: int) -> None:
+        self.attempts = max(self.attempts, attempt)

@@ -30,8 +30,10 @@ class PermanentError(JobyardError):
     """Raise from a step to fail the job at once: retrying cannot help (a 404, a bad address)."""
 
 
-class StepError(JobyardError):
-    """A step was declared or used in a way that cannot be recorded or replayed."""
+class StepError(PermanentError):
+    """A step was declared or used in a way that cannot be recorded or replayed.
+
+    A bug in the job's code, so permanent: every engine fails the job at once rather than retry."""
 
 
 class MissingSettingError(JobyardError):

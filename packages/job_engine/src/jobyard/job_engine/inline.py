@@ -1,7 +1,9 @@
 """A third, in-process engine: runs a job to completion in the calling thread.
 
 For tests of business services and for `jobyard run NAME` when debugging a handler. Steps run once
-each, retried with the job's policy; sleeps really sleep. Nothing is recorded across processes.
+each, retried with the job's policy, as Temporal retries an activity; sleeps really sleep; the job's
+timeout holds. Nothing is recorded across processes, so there is nothing to resume or cancel but
+the running task itself.
 """
 
 from __future__ import annotations
@@ -13,27 +15,44 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from jobyard.job_engine.errors import PermanentError, StepError
+from pydantic import BaseModel
+
+from jobyard.job_engine.context import StepRetryContext
+from jobyard.job_engine.errors import PermanentError
 from jobyard.job_engine.registry import JobSpec, get_spec
 
 
-class InlineContext:
-    def __init__(self, spec: JobSpec, job_id: str) -> None:
-        self.job_id = job_id
-        self.job_name = spec.name
-        self.attempt = 1
+class InlineContext(StepRetryContext):
+    def __init__(
+        self, spec: JobSpec, job_id: str, on_progress: Callable[[Any], None] | None = None
+    ) -> None:
+        super().__init__(job_id, spec.name)
+        self.spec = spec
         self.steps: dict[str, Any] = {}
         self.progress_values: list[Any] = []
         self._retry = spec.effective_retry()
+        self._on_progress = on_progress
 
-    async def run(self, step: str, fn: Callable[..., Any], *args: Any) -> Any:
-        if step in self.steps:
-            raise StepError(f"step name {step!r} is used twice in job {self.job_name!r}")
+    async def execute(self, payload: BaseModel) -> Any:
+        """Run the job's handler on a validated payload, within the job's timeout."""
+        return await asyncio.wait_for(
+            self.spec.handler(self, payload), self.spec.effective_timeout()
+        )
+
+    async def _run_step(
+        self, step: str, ref: str, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
         for attempt in range(1, self._retry.attempts + 1):
+            self.saw_attempt(attempt)
             try:
-                result = fn(*args)
-                if inspect.isawaitable(result):
-                    result = await result
+                if inspect.iscoroutinefunction(fn):
+                    result = await fn(*args)
+                else:
+                    # In a thread, as on Temporal: the job's timeout can end the handler while a
+                    # blocking step still runs (the thread finishes it; it cannot be killed).
+                    result = await asyncio.to_thread(fn, *args)
+                    if inspect.isawaitable(result):
+                        result = await result
                 break
             except PermanentError:
                 raise
@@ -41,21 +60,28 @@ class InlineContext:
                 if attempt == self._retry.attempts:
                     raise
                 await asyncio.sleep(self._retry.delay_before(attempt))
-        self.steps[step] = json.loads(json.dumps(result))
+        self.steps[step] = json.loads(self.encode_result(step, result))
         return self.steps[step]
 
-    async def sleep(self, seconds: float) -> None:
+    async def _sleep(self, name: str, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
-    async def progress(self, value: float | dict[str, Any]) -> None:
+    async def _progress(self, value: Any, encoded: str) -> None:
         self.progress_values.append(value)
+        if self._on_progress is not None:
+            self._on_progress(value)
 
 
-async def arun_inline(name: str, payload: Any, *, job_id: str | None = None) -> Any:
+async def arun_inline(
+    name: str,
+    payload: Any,
+    *,
+    job_id: str | None = None,
+    on_progress: Callable[[Any], None] | None = None,
+) -> Any:
     spec = get_spec(name)
     model = spec.validate(payload)
-    ctx = InlineContext(spec, job_id or uuid.uuid4().hex)
-    return await asyncio.wait_for(spec.handler(ctx, model), spec.effective_timeout())
+    return await InlineContext(spec, job_id or uuid.uuid4().hex, on_progress).execute(model)
 
 
 def run_inline(name: str, payload: Any, *, job_id: str | None = None) -> Any:

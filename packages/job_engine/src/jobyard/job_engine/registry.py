@@ -16,11 +16,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
+from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.env import JOB_MODULES as JOB_MODULES_ENV
 from jobyard.job_engine.errors import InvalidPayloadError, MissingSettingError, UnknownJobError
 from jobyard.job_engine.policy import RateLimit, RetryPolicy, retry_with_env, timeout_with_env
 
-Handler = Callable[[Any, Any], Awaitable[Any]]
+Handler = Callable[[JobContext, Any], Awaitable[Any]]
 
 BUILTIN_JOB_MODULES = ("jobyard.job_engine.jobs",)
 

@@ -9,12 +9,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from jobyard.job_engine import StepError, step_ref
+from jobyard.job_engine.context import BaseJobContext
 from jobyard.queue.store import JobStore, StartResult
 
 #: Sleeps up to this long happen in the worker thread; longer ones free it.
 IN_THREAD_SLEEP_LIMIT = 1.0
-SLEEP_STEP_PREFIX = "__sleep__:"
 
 
 class Suspend(BaseException):
@@ -42,7 +41,7 @@ class Throttled(BaseException):
         self.seconds = seconds
 
 
-class DramatiqContext:
+class DramatiqContext(BaseJobContext):
     """Starts the run in Redis lazily, at the first step, sleep or progress: until then the
     handler has done nothing observable, and a job that never touches ctx finishes in a single
     Redis call (JobStore.complete)."""
@@ -58,8 +57,7 @@ class DramatiqContext:
         on_start: Callable[[StartResult], None] | None = None,
         on_progress: Callable[[Any], None] | None = None,
     ) -> None:
-        self.job_id = job_id
-        self.job_name = job_name
+        super().__init__(job_id, job_name)
         self._store = store
         self._seq = seq
         self._resume = resume
@@ -68,8 +66,6 @@ class DramatiqContext:
         self._on_progress = on_progress
         self._started: StartResult | None = None
         self._recorded: dict[str, str] = {}
-        self._seen: set[str] = set()
-        self._sleeps = 0
 
     @property
     def started(self) -> StartResult | None:
@@ -77,6 +73,7 @@ class DramatiqContext:
 
     @property
     def attempt(self) -> int:
+        """Runs of this job so far, counted in Redis: a retry runs the job again from the top."""
         return self.start().attempts
 
     def start(self) -> StartResult:
@@ -93,11 +90,6 @@ class DramatiqContext:
                 self._on_start(result)
         return self._started
 
-    def _claim_name(self, step: str) -> None:
-        if step in self._seen:
-            raise StepError(f"step name {step!r} is used twice in job {self.job_name!r}")
-        self._seen.add(step)
-
     def _record(self, step: str, encoded: str) -> None:
         outcome = self._store.record_step(self.job_id, self._seq, step, encoded)
         if outcome == "lost":
@@ -106,32 +98,26 @@ class DramatiqContext:
         if outcome == "cancel":
             raise Cancelled(self.job_id)
 
-    async def run(self, step: str, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _run_step(
+        self, step: str, ref: str, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Any:
         self.start()
-        self._claim_name(step)
-        step_ref(fn)  # the same rule as on Temporal, so a job that runs here runs there too
         if step in self._recorded:
             return json.loads(self._recorded[step])
         result = fn(*args)
         if inspect.isawaitable(result):
             result = await result
-        try:
-            encoded = json.dumps(result)
-        except (TypeError, ValueError) as exc:
-            raise StepError(f"step {step!r} must return JSON data: {exc}") from None
+        encoded = self.encode_result(step, result)
         self._record(step, encoded)
         return json.loads(encoded)
 
-    async def sleep(self, seconds: float) -> None:
+    async def _sleep(self, name: str, seconds: float) -> None:
         self.start()
-        self._sleeps += 1
-        step = f"{SLEEP_STEP_PREFIX}{self._sleeps}"
-        self._claim_name(step)
-        if step in self._recorded:
-            wake_at = float(json.loads(self._recorded[step]))
+        if name in self._recorded:
+            wake_at = float(json.loads(self._recorded[name]))
         else:
             wake_at = time.time() + seconds
-            self._record(step, json.dumps(wake_at))
+            self._record(name, json.dumps(wake_at))
         remaining = wake_at - time.time()
         if remaining <= 0:
             return
@@ -140,8 +126,8 @@ class DramatiqContext:
             return
         raise Suspend(remaining)
 
-    async def progress(self, value: float | dict[str, Any]) -> None:
+    async def _progress(self, value: Any, encoded: str) -> None:
         self.start()
-        self._store.record_progress(self.job_id, self._seq, json.dumps(value))
+        self._store.record_progress(self.job_id, self._seq, encoded)
         if self._on_progress is not None:
             self._on_progress(value)

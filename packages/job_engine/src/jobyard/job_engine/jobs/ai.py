@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from jobyard.job_engine import env
 from jobyard.job_engine.children import dispatch_child
+from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import ConversationMessage
 from jobyard.job_engine.errors import PermanentError
@@ -167,7 +168,7 @@ def store_reply(
     timeout=TIMEOUT_SECONDS,
     requires_env=(env.GEMINI_API_KEY,),
 )
-async def generate(ctx: Any, payload: GeneratePayload) -> dict[str, Any]:
+async def generate(ctx: JobContext, payload: GeneratePayload) -> dict[str, Any]:
     """Generate a Gemini reply, store it in the conversation, call the webhook back if asked."""
     request = gemini.build_request(
         payload.prompt,

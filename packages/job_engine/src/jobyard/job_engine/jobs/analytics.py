@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobyard.job_engine import env
 from jobyard.job_engine.children import dispatch_child
+from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.policy import RetryPolicy
 from jobyard.job_engine.registry import job
 
@@ -281,7 +282,7 @@ def _subject(kind: str, start: str, end: str) -> str:
     return f"jobyard weekly report: {year}-W{week:02d} ({first.isoformat()} to {last.isoformat()})"
 
 
-async def _report(ctx: Any, kind: str, payload: _ReportPayload) -> dict[str, Any]:
+async def _report(ctx: JobContext, kind: str, payload: _ReportPayload) -> dict[str, Any]:
     start = payload.period_start.isoformat() if payload.period_start else None
     period = await ctx.run("period", report_period, kind, start)
     data = await ctx.run("aggregate", aggregate_job_log, kind, period["start"], period["end"])
@@ -315,7 +316,7 @@ async def _report(ctx: Any, kind: str, payload: _ReportPayload) -> dict[str, Any
     retry=RetryPolicy(attempts=2, backoff=60),
     timeout=600,
 )
-async def daily_report(ctx: Any, payload: DailyReportPayload) -> dict[str, Any]:
+async def daily_report(ctx: JobContext, payload: DailyReportPayload) -> dict[str, Any]:
     """Aggregate yesterday's job_log into job_reports and e-mail it to the recipients."""
     return await _report(ctx, "daily", payload)
 
@@ -327,7 +328,7 @@ async def daily_report(ctx: Any, payload: DailyReportPayload) -> dict[str, Any]:
     retry=RetryPolicy(attempts=2, backoff=3600),
     timeout=600,
 )
-async def weekly_report(ctx: Any, payload: WeeklyReportPayload) -> dict[str, Any]:
+async def weekly_report(ctx: JobContext, payload: WeeklyReportPayload) -> dict[str, Any]:
     """Aggregate last ISO week's job_log into job_reports and e-mail it to the recipients."""
     return await _report(ctx, "weekly", payload)
 

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobyard.job_engine import env
+from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.errors import PermanentError
 from jobyard.job_engine.policy import RetryPolicy
 from jobyard.job_engine.registry import job
@@ -231,6 +232,6 @@ async def convert_to_pdf(input_path: str, output_path: str) -> dict[str, Any]:
     timeout=TIMEOUT_SECONDS,
     requires_env=(env.STORAGE_ROOT,),
 )
-async def convert(ctx: Any, payload: ConvertPayload) -> dict[str, Any]:
+async def convert(ctx: JobContext, payload: ConvertPayload) -> dict[str, Any]:
     """Convert an office document under the storage root to PDF with LibreOffice."""
     return await ctx.run("convert", convert_to_pdf, payload.input_path, payload.output_path)

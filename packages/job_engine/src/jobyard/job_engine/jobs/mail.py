@@ -37,6 +37,7 @@ from pydantic import (
 
 from jobyard.job_engine import env
 from jobyard.job_engine.children import dispatch_child
+from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.errors import PermanentError
 from jobyard.job_engine.policy import RetryPolicy
 from jobyard.job_engine.registry import job
@@ -320,7 +321,7 @@ def dispatch_recipients(job_id: str, payload: dict[str, Any]) -> list[str]:
     timeout=TIMEOUT_SECONDS,
     requires_env=(env.SMTP_HOST, env.SMTP_FROM),
 )
-async def send(ctx: Any, payload: EmailPayload) -> dict[str, Any]:
+async def send(ctx: JobContext, payload: EmailPayload) -> dict[str, Any]:
     """Send a templated email; a list of recipients becomes one child job per recipient."""
     if isinstance(payload.to, list):
         ids = await ctx.run(

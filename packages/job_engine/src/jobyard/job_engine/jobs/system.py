@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.policy import RetryPolicy
 from jobyard.job_engine.registry import job
 
@@ -15,6 +16,6 @@ class EchoPayload(BaseModel):
 
 
 @job("system.echo", queue="default", payload=EchoPayload, retry=RetryPolicy(attempts=1), timeout=10)
-async def echo(ctx: Any, payload: EchoPayload) -> dict[str, Any]:
+async def echo(ctx: JobContext, payload: EchoPayload) -> dict[str, Any]:
     """Return the payload unchanged."""
     return payload.model_dump(mode="json")
