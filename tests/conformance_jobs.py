@@ -109,7 +109,7 @@ async def permanent(ctx: JobContext, payload: Markers) -> None:
 
 @job("conformance.timeout", payload=Markers, retry=RetryPolicy(attempts=1), timeout=1)
 async def times_out(ctx: JobContext, payload: Markers) -> float:
-    return await ctx.run("tick", tick, payload.marker_dir, 4)
+    return await ctx.run("tick", tick, payload.marker_dir, 10)
 
 
 @job("conformance.cancel", payload=Markers, retry=RETRY, timeout=20)

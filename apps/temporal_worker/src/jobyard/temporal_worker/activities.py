@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from datetime import timedelta
 from typing import Any
 
 from temporalio import activity
@@ -12,9 +13,13 @@ from temporalio.exceptions import ApplicationError
 from jobyard.dispatcher import EngineUnavailable, get_dispatcher
 from jobyard.dispatcher.engines import ReleaseStatus
 from jobyard.job_engine import PermanentError, resolve_step
+from jobyard.job_engine.context import encode_json
 from jobyard.job_engine.lifecycle import job_event, progress_event
 
 STEP_ACTIVITY = "jobyard.step"
+#: How long a step's activity may go without a heartbeat before Temporal retries it elsewhere
+#: (its worker died); a running step heartbeats every third of it.
+STEP_HEARTBEAT_TIMEOUT = timedelta(seconds=6)
 CLAIM_ACTIVITY = "jobyard.claim"
 
 
@@ -23,11 +28,13 @@ async def run_step(request: dict[str, Any]) -> dict[str, Any]:
     """Run one step; its attempt number comes back so the job can report attempts."""
     attempt = activity.info().attempt
     fn = resolve_step(request["fn"])
+    beating = asyncio.create_task(_heartbeat(STEP_HEARTBEAT_TIMEOUT.total_seconds() / 3))
     try:
         if inspect.iscoroutinefunction(fn):
             value = await fn(*request["args"])
         else:
             value = await asyncio.to_thread(fn, *request["args"])
+        encode_json(f"step {request['step']!r}'s result", value)  # as the other engines check
     except PermanentError as exc:
         raise ApplicationError(
             str(exc), {"attempts": attempt}, type=type(exc).__name__, non_retryable=True
@@ -36,7 +43,15 @@ async def run_step(request: dict[str, Any]) -> dict[str, Any]:
         raise ApplicationError(
             f"{type(exc).__name__}: {exc}", {"attempts": attempt}, type=type(exc).__name__
         ) from exc
+    finally:
+        beating.cancel()
     return {"value": value, "attempt": attempt}
+
+
+async def _heartbeat(every: float) -> None:
+    while True:
+        activity.heartbeat()
+        await asyncio.sleep(every)
 
 
 @activity.defn(name=CLAIM_ACTIVITY)

@@ -13,7 +13,11 @@ with workflow.unsafe.imports_passed_through():
     from jobyard.job_engine import JobSpec
     from jobyard.job_engine.context import StepRetryContext
     from jobyard.queue.queues import retry_policy
-    from jobyard.temporal_worker.activities import EVENT_ACTIVITY, STEP_ACTIVITY
+    from jobyard.temporal_worker.activities import (
+        EVENT_ACTIVITY,
+        STEP_ACTIVITY,
+        STEP_HEARTBEAT_TIMEOUT,
+    )
 
 #: Temporal rejects a zero retry interval.
 MIN_INTERVAL = 0.01
@@ -64,6 +68,8 @@ class TemporalContext(StepRetryContext):
             STEP_ACTIVITY,
             {"job_id": self.job_id, "step": step, "fn": ref, "args": list(args)},
             start_to_close_timeout=self._timeout,
+            # A step whose worker died is retried once its heartbeats stop, not at its timeout.
+            heartbeat_timeout=STEP_HEARTBEAT_TIMEOUT,
             retry_policy=self._retry,
             summary=step,
         )
