@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from jobyard.dispatcher import dispatch_job, get_dispatcher, get_job
+from jobyard.dispatcher import dispatch_job, get_dispatcher
 from tests.support import wait_for
 
 REDIS_TIMEOUT = 0.2  # the default of REDIS_TIMEOUT
@@ -147,7 +147,7 @@ def test_both_engines_down_is_a_clear_error(jobyard_env, redis_server, monkeypat
 
 
 def test_queued_jobs_move_to_temporal_when_their_workers_die(engines, monkeypatch, tmp_path):
-    """Jobs waiting on Dramatiq run on Temporal once no worker is left; a started one waits."""
+    """Jobs waiting on Dramatiq run on Temporal once no worker is left, a started one too."""
     monkeypatch.setenv("WORKER_CONCURRENCY_DEFAULT", "1")
     monkeypatch.setenv("JOBYARD_RESCUE_INTERVAL", "0.5")
     worker = engines.start_worker(queues="default")
@@ -170,8 +170,26 @@ def test_queued_jobs_move_to_temporal_when_their_workers_die(engines, monkeypatc
         status = engines.wait(handle.job_id, timeout=40)
         assert (status.state, status.engine) == ("succeeded", "temporal"), status
         assert (directory / "started").read_text().count("ran") == 1
-    # The blocker had started a step: Temporal cannot see its recorded steps, so it waits.
-    assert get_job(blocker.job_id).engine == "dramatiq"
-    engines.start_worker(queues="default")
+    # The blocker was killed mid-step: it moves too, and its interrupted step runs again there.
     finished = engines.wait(blocker.job_id, timeout=60)
-    assert (finished.state, finished.engine, finished.result) == ("succeeded", "dramatiq", 2)
+    assert (finished.state, finished.engine, finished.result) == ("succeeded", "temporal", 2)
+
+
+def test_delayed_and_parked_jobs_move_with_their_finished_steps(engines, monkeypatch, tmp_path):
+    """A job dispatched with a delay and one parked in ctx.sleep after a step both move to
+    Temporal when their workers die; the parked one does not run its finished step again."""
+    monkeypatch.setenv("JOBYARD_RESCUE_INTERVAL", "0.5")
+    worker = engines.start_worker(queues="default")
+    delayed = dispatch_job("system.echo", {"late": True}, delay=3)
+    parked_dir = tmp_path / "parked"
+    parked_dir.mkdir()
+    parked = dispatch_job("test.two_steps", {"marker_dir": str(parked_dir), "sleep": 4})
+    wait_for(lambda: (parked_dir / "first").exists(), timeout=30)
+    worker.signal_group(signal.SIGKILL)
+    worker.proc.wait()
+    engines.start_temporal_worker()
+    for handle in (delayed, parked):
+        status = engines.wait(handle.job_id, timeout=60)
+        assert (status.state, status.engine) == ("succeeded", "temporal"), status
+    assert (parked_dir / "first").read_text().count("ran") == 1
+    assert (parked_dir / "second").read_text().count("ran") == 1

@@ -147,6 +147,7 @@ def test_enqueue_with_a_live_worker_queues_the_message(r: redis.Redis, lua: Lua)
         "attempts": "0",
         "seq": "0",
         "rmid": "m1",
+        "ttl": str(TTL),  # for terminal states reached where no call passes a TTL
         "options": '{"webhook_url": "http://x"}',
     }
     assert r.ttl(JOB_KEY) == -1  # a live job has no TTL: its sleeps and retries may outlast any
@@ -260,12 +261,13 @@ def test_start_refuses_a_message_that_may_not_run(
 
 
 def test_start_of_a_job_asked_to_cancel_cancels_it(r: redis.Redis, lua: Lua) -> None:
-    seed(r, cancel="1")
+    seed(r, cancel="1", ttl=TTL)
     before = now_ms(r)
     assert start(lua, changes=True) == ["cancelled"]
     after = now_ms(r)
     record = job(r)
     assert record["state"] == "cancelled"
+    assert 0 < r.ttl(JOB_KEY) <= TTL  # a cancelled record expires like any finished one
     assert_now(record["finished_at"], before, after)
     assert "started_at" not in record and record["attempts"] == "0"
     assert_marked(r, before, after)
@@ -752,11 +754,12 @@ def test_replay_of_a_job_without_seq_expects_one(r: redis.Redis, lua: Lua) -> No
     assert job(r)["seq"] == "1"
 
 
-# rescue: KEYS workers, queue list, queue msgs, handoff list   ARGV timeout ms, limit, job prefix
+# rescue: KEYS workers, queue list, queue msgs, delay list, delay msgs, handoff list
+#         ARGV timeout ms, limit, job prefix
 
 
 def rescue(lua: Lua, limit: int = 500) -> Any:
-    keys_ = [WORKERS_KEY, QUEUE_KEY, MSGS_KEY, keys.handoff()]
+    keys_ = [WORKERS_KEY, *QUEUE_KEYS, keys.handoff()]
     return lua("rescue", keys_, TIMEOUT_MS, limit, keys.job_prefix())
 
 
@@ -769,31 +772,39 @@ def test_rescue_leaves_a_queue_with_a_live_worker(r: redis.Redis, lua: Lua) -> N
     assert not r.exists(keys.handoff())
 
 
-def test_rescue_moves_only_never_started_jobs_of_a_worker_less_queue(
+def test_rescue_moves_unfinished_jobs_waiting_or_delayed_of_a_worker_less_queue(
     r: redis.Redis, lua: Lua
 ) -> None:
+    """Waiting, started (their steps go along, see DramatiqEngine.collect_orphans) and delayed
+    jobs move; finished, Temporal's, stale copies and jobs being cancelled stay."""
     live_worker(r, age_ms=TIMEOUT_MS + 1000)
     ids = {}
-    for job_id, fields in [
-        ("fresh-1", {}),
-        ("started", {"started_at": 1000}),
-        ("running", {"state": "running"}),
-        ("temporal", {"engine": "temporal"}),
-        ("fresh-2", {}),
+    for job_id, fields, on_delay in [
+        ("fresh", {}, False),
+        ("started", {"started_at": 1000, "state": "retrying"}, False),
+        ("running", {"state": "running"}, False),
+        ("temporal", {"engine": "temporal"}, False),
+        ("stale", {"seq": 4}, False),
+        ("cancelling", {"state": "running", "cancel": "1"}, False),
+        ("done", {"state": "succeeded"}, False),
+        ("sleeping", {"state": "running", "started_at": 1000}, True),
     ]:
-        ids[job_id] = put_message(r, QUEUE_KEY, MSGS_KEY, job_id=job_id)
+        list_key, msgs_key = (DELAY_KEY, DELAY_MSGS_KEY) if on_delay else (QUEUE_KEY, MSGS_KEY)
+        ids[job_id] = put_message(r, list_key, msgs_key, job_id=job_id)
         seed(r, keys.job(job_id), rmid=ids[job_id][0], **fields)
     ids["unknown"] = put_message(r, QUEUE_KEY, MSGS_KEY, job_id="unknown")  # no job record
     r.rpush(QUEUE_KEY, "no-data")  # an id whose message is gone
-    assert rescue(lua) == 2
-    assert r.lrange(keys.handoff(), 0, -1) == [ids["fresh-1"][1], ids["fresh-2"][1]]
-    for job_id in ("fresh-1", "fresh-2"):
+    assert rescue(lua) == 4
+    moved = ["fresh", "started", "running", "sleeping"]
+    assert r.lrange(keys.handoff(), 0, -1) == [ids[j][1] for j in moved]
+    for job_id in moved:
         assert job(r, keys.job(job_id))["engine"] == "temporal"
         assert not r.hexists(MSGS_KEY, ids[job_id][0])
-    stay = ["started", "running", "temporal", "unknown"]
+    assert not r.exists(DELAY_KEY, DELAY_MSGS_KEY)
+    stay = ["temporal", "stale", "cancelling", "done", "unknown"]
     assert r.lrange(QUEUE_KEY, 0, -1) == [ids[j][0] for j in stay] + ["no-data"]
     assert all(r.hget(MSGS_KEY, ids[j][0]) == ids[j][1] for j in stay)
-    assert job(r, keys.job("started"))["engine"] == "dramatiq"
+    assert job(r, keys.job("stale"))["engine"] == "dramatiq"
     assert not r.exists(keys.job("unknown"))
 
 

@@ -52,8 +52,11 @@ class TemporalContext(StepRetryContext):
         job_id: str,
         webhook_url: str | None = None,
         retry_overrides: dict[str, Any] | None = None,
+        recorded: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(job_id, spec.name)
+        # Steps the job finished on Dramatiq before it moved here: never run again.
+        self._recorded = recorded or {}
         self.webhook_url = webhook_url
         self._progress_reports = 0
         self.progress_value: Any = None
@@ -64,6 +67,8 @@ class TemporalContext(StepRetryContext):
     async def _run_step(
         self, step: str, ref: str, fn: Callable[..., Any], args: tuple[Any, ...]
     ) -> Any:
+        if step in self._recorded:
+            return self._recorded[step]
         outcome = await workflow.execute_activity(
             STEP_ACTIVITY,
             {"job_id": self.job_id, "step": step, "fn": ref, "args": list(args)},
@@ -77,6 +82,10 @@ class TemporalContext(StepRetryContext):
         return outcome["value"]  # already JSON: it crossed Temporal's JSON payload converter
 
     async def _sleep(self, name: str, seconds: float) -> None:
+        if name in self._recorded:  # begun on Dramatiq: wake when it would have woken there
+            seconds = float(self._recorded[name]) - workflow.now().timestamp()
+            if seconds <= 0:
+                return
         await workflow.sleep(timedelta(seconds=seconds))
 
     async def _progress(self, value: Any, encoded: str) -> None:

@@ -49,7 +49,9 @@ class JobWorkflow:
         self._name = request.name
         spec = get_spec(request.name)
         webhook_url = request.webhook_url
-        self._ctx = ctx = TemporalContext(spec, request.job_id, webhook_url, request.retry)
+        self._ctx = ctx = TemporalContext(
+            spec, request.job_id, webhook_url, request.retry, request.steps
+        )
         common = {"job_id": ctx.job_id, "name": spec.name, "queue": spec.queue}
         started_at = workflow.now().timestamp()
         final = {**common, "started_at": started_at, "webhook_url": webhook_url}

@@ -140,3 +140,8 @@ DEFAULTS[WORKER_METRICS_PORT] = "9191"
 # Moving jobs of worker-less queues to Temporal (jobyard temporal-worker)
 RESCUE_INTERVAL = "JOBYARD_RESCUE_INTERVAL"  # seconds between passes
 DEFAULTS[RESCUE_INTERVAL] = "5"
+
+RECORD_RETENTION = "JOBYARD_RECORD_RETENTION"  # seconds a finished job's Redis records are kept
+DEFAULTS[RECORD_RETENTION] = str(7 * 24 * 3600)
+JOB_LOG_RETENTION_DAYS = "JOBYARD_JOB_LOG_RETENTION_DAYS"  # `jobyard db prune` default age
+DEFAULTS[JOB_LOG_RETENTION_DAYS] = "30"

@@ -80,6 +80,14 @@ end
 -- first started (false if never), or why not. A resume after a durable sleep is the same
 -- attempt; a retry, or a redelivery of a message that already started (its worker died), is a
 -- new one.
+-- A finished job's record expires after the retention enqueue stored in it ("ttl").
+local function expire_finished(job_key)
+    local ttl = redis.call("hget", job_key, "ttl")
+    if ttl then
+        redis.call("expire", job_key, ttl)
+    end
+end
+
 local function start_checks(job_key, changes_key, seq, is_resume)
     local job = redis.call("hmget", job_key, "engine", "state", "seq", "attempts", "started_seq",
                            "cancel", "started_at")
@@ -94,6 +102,7 @@ local function start_checks(job_key, changes_key, seq, is_resume)
     end
     if job[6] == "1" then
         redis.call("hset", job_key, "state", "cancelled", "finished_at", now_ms())
+        expire_finished(job_key)
         changed(job_key, changes_key)
         return "cancelled"
     end
@@ -129,7 +138,8 @@ if command == "enqueue" then
     end
     -- No TTL while the job lives (sleeps and retries may outlast any); finish sets one.
     redis.call("hset", job_key, "name", name, "queue", queue, "engine", "dramatiq",
-               "state", "queued", "attempts", 0, "seq", 0, "rmid", message_id, "enqueued_at", now)
+               "state", "queued", "attempts", 0, "seq", 0, "rmid", message_id, "enqueued_at", now,
+               "ttl", ttl)
     if options ~= "" then
         redis.call("hset", job_key, "options", options)
     end
@@ -370,35 +380,43 @@ elseif command == "replay" then
     redis.call("rpush", queue_key, message_id)
     return {"ok"}
 
--- rescue: KEYS workers zset, queue list, queue msgs, handoff list
---         ARGV heartbeat timeout ms, how many at most, job key prefix
+-- rescue: KEYS workers zset, queue list, queue msgs, delay list, delay msgs, handoff list
+--         ARGV heartbeat timeout ms, limit, job key prefix
 -- -> number of messages moved to the handoff list.
--- With no live worker for the queue, moves messages of jobs that never started from the queue
--- to the handoff list and marks the jobs Temporal's, in one step; the caller starts their
--- workflows from the handoff list and only then removes them from it, so a crash in between
--- loses nothing (a repeated start is refused by Temporal's workflow id). Jobs that already ran
--- a step stay for a worker: Temporal cannot see their recorded steps.
+-- With no live worker for the queue, moves the messages of its unfinished jobs, waiting or
+-- delayed (a dispatch delay, a retry backoff, a durable sleep), from the queue to the handoff
+-- list and marks the jobs Temporal's, in one step; the caller starts them on Temporal with their
+-- recorded steps and only then removes them from the handoff list, so a crash in between loses
+-- nothing (a repeated start is refused by Temporal's workflow id). Messages held by dead
+-- workers are returned to these lists first (Dramatiq's requeue); a stale copy (another seq) or
+-- a job being cancelled stays where it is, for start_checks to drop.
 -- (The job keys are built here from the prefix: jobyard runs on a single Redis, not a cluster.)
 elseif command == "rescue" then
-    local workers_key, queue_key, queue_msgs_key, handoff_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+    local workers_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
+    local delay_key, delay_msgs_key, handoff_key = KEYS[4], KEYS[5], KEYS[6]
     local timeout_ms, limit, job_prefix = ARGV[2], ARGV[3], ARGV[4]
 
     if live_workers(workers_key, timeout_ms) > 0 then
         return 0
     end
     local moved = 0
-    local ids = redis.call("lrange", queue_key, 0, tonumber(limit) - 1)
-    for _, message_id in ipairs(ids) do
-        local data = redis.call("hget", queue_msgs_key, message_id)
-        local job_id = data and cjson.decode(data)["args"][1]
-        local job_key = job_id and (job_prefix .. job_id)
-        local job = job_key and redis.call("hmget", job_key, "engine", "state", "started_at")
-        if job and job[1] == "dramatiq" and job[2] == "queued" and not job[3] then
-            redis.call("lrem", queue_key, 1, message_id)
-            redis.call("hdel", queue_msgs_key, message_id)
-            redis.call("hset", job_key, "engine", "temporal")
-            redis.call("rpush", handoff_key, data)
-            moved = moved + 1
+    for _, lists in ipairs({{queue_key, queue_msgs_key}, {delay_key, delay_msgs_key}}) do
+        local list_key, msgs_key = lists[1], lists[2]
+        for _, message_id in ipairs(redis.call("lrange", list_key, 0, tonumber(limit) - 1)) do
+            local data = redis.call("hget", msgs_key, message_id)
+            local message = data and cjson.decode(data)
+            local job_id = message and message["args"][1]
+            local job_key = job_id and (job_prefix .. job_id)
+            local job = job_key and redis.call("hmget", job_key, "engine", "state", "seq", "cancel")
+            local seq = message and tostring(message["options"]["jobyard_seq"] or 0)
+            if job and job[1] == "dramatiq" and not TERMINAL[job[2]] and job[3] == seq
+                    and job[4] ~= "1" then
+                redis.call("lrem", list_key, 1, message_id)
+                redis.call("hdel", msgs_key, message_id)
+                redis.call("hset", job_key, "engine", "temporal")
+                redis.call("rpush", handoff_key, data)
+                moved = moved + 1
+            end
         end
     end
     return moved

@@ -67,6 +67,7 @@ class DecodedJob:
     payload: Any
     webhook_url: str | None
     retry: dict[str, Any] | None
+    eta: float | None  # unix seconds it may run at, for a delayed message
 
 
 def decode_job_message(data: bytes) -> DecodedJob:
@@ -79,4 +80,5 @@ def decode_job_message(data: bytes) -> DecodedJob:
         payload=payload,
         webhook_url=message.options.get(WEBHOOK),
         retry=message.options.get(RETRY),
+        eta=message.options["eta"] / 1000 if message.options.get("eta") else None,
     )

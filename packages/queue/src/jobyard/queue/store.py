@@ -11,9 +11,9 @@ from typing import Any, cast
 import redis
 from redis.exceptions import NoScriptError
 
+from jobyard.job_engine import env
 from jobyard.queue import keys
 
-RECORD_TTL_SECONDS = 7 * 24 * 3600
 _SCRIPT = resources.files("jobyard.queue").joinpath("jobyard.lua").read_text()
 _SCRIPT_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
@@ -74,6 +74,8 @@ class JobStore:
         """`log_changes`: mark every job this store changes in the job log's outbox, for the
         shipper to copy to the database (a worker's store, when the job log is on)."""
         self.client = client
+        # Seconds a finished job's records stay in Redis (the job log keeps it for longer).
+        self.retention = env.get_int(env.RECORD_RETENTION)
         self._sha = _SCRIPT_SHA
         self._changes = [keys.job_log_changes()] if log_changes else []
 
@@ -118,7 +120,7 @@ class JobStore:
             name,
             queue,
             heartbeat_timeout_ms,
-            RECORD_TTL_SECONDS,
+            self.retention,
             json.dumps(options) if options else "",
         )
         return Reply.decode(reply)
@@ -152,7 +154,7 @@ class JobStore:
             seq,
             step,
             result_json,
-            RECORD_TTL_SECONDS,
+            self.retention,
         )
         return _text(reply)
 
@@ -181,7 +183,7 @@ class JobStore:
             json.dumps(result),
             error,
             error_class,
-            RECORD_TTL_SECONDS,
+            self.retention,
             delivery.redis_message_id,
             "" if payload is None else json.dumps(payload),
             traceback,
@@ -198,7 +200,7 @@ class JobStore:
             seq,
             "1" if resume else "0",
             json.dumps(result),
-            RECORD_TTL_SECONDS,
+            self.retention,
             delivery.redis_message_id,
         )
         status = _text(reply[0])
@@ -254,7 +256,7 @@ class JobStore:
             "handoff",
             name,
             queue,
-            RECORD_TTL_SECONDS,
+            self.retention,
         )
         return Reply.decode(reply)
 
@@ -270,9 +272,7 @@ class JobStore:
     def cancel(self, job_id: str, queue: str) -> Reply:
         """ "cancelled", "requested" (running: stops at its next step), "done" (detail: the final
         state), "temporal" (not Dramatiq's) or "missing"."""
-        reply = self._call(
-            [keys.job(job_id), *self._queue_keys(queue)], "cancel", RECORD_TTL_SECONDS
-        )
+        reply = self._call([keys.job(job_id), *self._queue_keys(queue)], "cancel", self.retention)
         return Reply.decode(reply)
 
     def replay(
@@ -290,14 +290,10 @@ class JobStore:
         return Reply.decode(reply)
 
     def rescue(self, queue: str, heartbeat_timeout_ms: int, limit: int = 500) -> int:
-        """Move never-started jobs of a queue with no live worker to the handoff list."""
+        """Move the waiting and delayed jobs of a queue with no live worker to the handoff
+        list (to start them on Temporal)."""
         reply = self._call(
-            [
-                keys.workers(queue),
-                keys.dramatiq_queue(queue),
-                keys.dramatiq_messages(queue),
-                keys.handoff(),
-            ],
+            [keys.workers(queue), *self._queue_keys(queue), keys.handoff()],
             "rescue",
             heartbeat_timeout_ms,
             limit,

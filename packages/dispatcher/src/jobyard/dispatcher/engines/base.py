@@ -40,6 +40,9 @@ class Submission:
     options: DispatchOptions = field(default_factory=DispatchOptions)
     fallback_reason: str | None = None  # why it is not on the preferred engine, if it is not
     claim: ClaimMode = ClaimMode.NONE
+    #: Steps a job that started elsewhere has finished (name -> JSON result, sleeps' wake times
+    #: included): the engine returns them instead of running those steps again.
+    recorded_steps: dict[str, Any] | None = None
 
 
 class SubmitStatus(StrEnum):

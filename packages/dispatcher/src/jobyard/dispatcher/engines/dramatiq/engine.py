@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -207,7 +209,14 @@ class DramatiqEngine(Engine):
                 if moved:
                     log.warning("queue %s has no live worker: %d job(s) moved", queue, moved)
             waiting = self.store.handoffs()
-        return [Orphan(data, _submission(data, fallback_reason)) for data in waiting]
+            orphans = []
+            for data in waiting:
+                job = _submission(data, fallback_reason)
+                steps = self.store.steps(job.job_id)
+                if steps:
+                    job = dataclasses.replace(job, recorded_steps=steps)
+                orphans.append(Orphan(data, job))
+        return orphans
 
     def orphan_moved(self, orphan: Orphan) -> None:
         with map_redis_errors():
@@ -219,7 +228,8 @@ _REPLAYABLE = ("failed", "dead", "cancelled")
 
 def _submission(data: bytes, fallback_reason: str) -> Submission:
     job = decode_job_message(data)
-    options = DispatchOptions(webhook_url=job.webhook_url, retry=job.retry)
+    delay = max(0.0, job.eta - time.time()) if job.eta else None
+    options = DispatchOptions(delay=delay or None, webhook_url=job.webhook_url, retry=job.retry)
     return Submission(
         job.job_id, job.name, job.queue, job.payload, options, fallback_reason=fallback_reason
     )

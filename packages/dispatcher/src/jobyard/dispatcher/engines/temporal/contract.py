@@ -28,6 +28,7 @@ class JobRequest:
     fallback_reason: str | None = None
     webhook_url: str | None = None
     retry: dict[str, Any] | None = None
+    steps: dict[str, Any] | None = None  # finished on Dramatiq before the job moved here
 
     @classmethod
     def of(cls, job: Submission) -> JobRequest:
@@ -40,6 +41,7 @@ class JobRequest:
             fallback_reason=job.fallback_reason,
             webhook_url=job.options.webhook_url,
             retry=job.options.retry,
+            steps=job.recorded_steps,
         )
 
     @classmethod
