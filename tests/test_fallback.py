@@ -193,3 +193,25 @@ def test_delayed_and_parked_jobs_move_with_their_finished_steps(engines, monkeyp
         assert (status.state, status.engine) == ("succeeded", "temporal"), status
     assert (parked_dir / "first").read_text().count("ran") == 1
     assert (parked_dir / "second").read_text().count("ran") == 1
+
+
+def test_jobs_redis_lost_are_dispatched_again_from_the_job_log(engines, redis_server, tmp_path):
+    """Redis restarts empty under parked jobs: the job log still knows them, so the rescue
+    dispatches them again under their ids and they finish (their steps were lost with Redis,
+    so those may run again: the promise here is that nothing accepted is lost)."""
+    engines.start_worker()
+    engines.start_temporal_worker()
+    handles, dirs = [], []
+    for n in range(3):
+        directory = tmp_path / f"job{n}"
+        directory.mkdir()
+        dirs.append(directory)
+        handles.append(dispatch_job("test.two_steps", {"marker_dir": str(directory), "sleep": 8}))
+    wait_for(lambda: all((d / "first").exists() for d in dirs), timeout=60)
+    time.sleep(1.5)  # the job log's shipper has written them as running
+    redis_server.kill()
+    redis_server.start()  # no persistence: it comes back empty
+    for handle, directory in zip(handles, dirs, strict=True):
+        status = engines.wait(handle.job_id, timeout=90)
+        assert status.state == "succeeded", status
+        assert (directory / "second").read_text().count("ran") == 1

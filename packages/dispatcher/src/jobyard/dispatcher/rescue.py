@@ -9,16 +9,43 @@ workflow id), never loses a job, and never runs one on both engines.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
+from datetime import UTC, datetime
+from typing import Any
 
-from jobyard.dispatcher.engines import Engine
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from jobyard.dispatcher.engines import Engine, Submission, SubmitStatus
 from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
 from jobyard.dispatcher.models import FALLBACK_RESCUED
 from jobyard.dispatcher.owners import OwnerRegistry
 from jobyard.job_engine import env
+from jobyard.job_engine.db import session_scope
+from jobyard.job_engine.db.models import JobLog
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.queue.client import get_client
 from jobyard.queue.store import JobStore
+
+log = logging.getLogger("jobyard.rescue")
+#: Seconds a job must be in the job log before its missing Redis record counts as lost.
+LOST_GRACE = 10.0
+_UNFINISHED = ("queued", "running", "retrying")
+
+
+def unfinished_dramatiq_jobs(before: float, limit: int) -> list[Any]:
+    """Job log rows of Dramatiq jobs not finished, enqueued before `before` (unix seconds)."""
+    query = (
+        select(JobLog.job_id, JobLog.name, JobLog.queue, JobLog.payload)
+        .where(JobLog.engine == "dramatiq", JobLog.state.in_(_UNFINISHED))
+        .where(JobLog.enqueued_at < datetime.fromtimestamp(before, UTC))
+        .order_by(JobLog.enqueued_at)
+        .limit(limit)
+    )
+    with session_scope() as session:
+        return list(session.execute(query))
 
 
 class Rescue:
@@ -48,4 +75,24 @@ class Rescue:
                 job.job_id, job.name, job.queue, self.temporal.name, job.payload,
                 FALLBACK_RESCUED, handed_over,
             )  # fmt: skip
-        return len(orphans)
+        return len(orphans) + self.recover_lost()
+
+    def recover_lost(self, grace: float = LOST_GRACE, limit: int = 500) -> int:
+        """Dispatches again, under their ids, the unfinished Dramatiq jobs the job log knows
+        whose Redis record is gone: Redis restarted empty, or failed over to a replica that
+        missed writes. A queue with no live worker sends them on to Temporal."""
+        try:
+            candidates = unfinished_dramatiq_jobs(time.time() - grace, limit)
+        except SQLAlchemyError as exc:  # no job log to recover from: nothing to do
+            log.debug("lost job recovery skipped: %s", exc)
+            return 0
+        lost = set(self.dramatiq.missing([row.job_id for row in candidates]))
+        for row in candidates:
+            if row.job_id not in lost or row.payload is None or row.queue is None:
+                continue
+            job = Submission(row.job_id, row.name, row.queue, row.payload)
+            log.warning("job %s is in the job log but not in Redis: dispatched again", job.job_id)
+            if self.dramatiq.recover(job).status == SubmitStatus.NO_WORKERS:
+                self.owners.move(job.job_id, "dramatiq", "temporal")
+                self.temporal.submit(dataclasses.replace(job, fallback_reason=FALLBACK_RESCUED))
+        return len(lost)

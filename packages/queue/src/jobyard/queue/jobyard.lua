@@ -115,7 +115,7 @@ end
 
 -- enqueue: KEYS job, workers, queue list, queue msgs
 --          ARGV job_id, redis message id, message, name, queue, heartbeat timeout ms, ttl s,
---               options JSON ("" for none)
+--               options JSON ("" for none), seq (the run number the message carries; 0 but for a job recovered from the job log)
 -- -> {"enqueued"} | {"exists", engine, state} | {"no_workers"}
 -- With no live worker the job is written as a Temporal tombstone, so that dispatching the same
 -- id again never reaches Dramatiq while Temporal owns it.
@@ -123,7 +123,7 @@ if command == "enqueue" then
     local job_key, workers_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
     -- The job id is in the job key already: the script reads it from there.
     local _job_id, message_id, message, name, queue = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-    local timeout_ms, ttl, options = ARGV[7], ARGV[8], ARGV[9]
+    local timeout_ms, ttl, options, seq = ARGV[7], ARGV[8], ARGV[9], ARGV[10] or "0"
 
     local existing = redis.call("hmget", job_key, "engine", "state")
     if existing[1] then
@@ -138,7 +138,7 @@ if command == "enqueue" then
     end
     -- No TTL while the job lives (sleeps and retries may outlast any); finish sets one.
     redis.call("hset", job_key, "name", name, "queue", queue, "engine", "dramatiq",
-               "state", "queued", "attempts", 0, "seq", 0, "rmid", message_id, "enqueued_at", now,
+               "state", "queued", "attempts", 0, "seq", seq, "rmid", message_id, "enqueued_at", now,
                "ttl", ttl)
     if options ~= "" then
         redis.call("hset", job_key, "options", options)

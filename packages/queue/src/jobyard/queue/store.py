@@ -102,6 +102,7 @@ class JobStore:
         message: bytes,
         heartbeat_timeout_ms: int,
         options: dict[str, Any] | None = None,
+        seq: int = 0,
     ) -> Reply:
         """ "enqueued", "exists" (detail: the engine that owns the job, state: its state) or
         "no_workers" (the job is now recorded as Temporal's). `options`: the dispatch's options
@@ -122,6 +123,7 @@ class JobStore:
             heartbeat_timeout_ms,
             self.retention,
             json.dumps(options) if options else "",
+            seq,
         )
         return Reply.decode(reply)
 
@@ -361,6 +363,13 @@ class JobStore:
         """(worker id, last heartbeat in unix seconds) of `queue`'s workers seen since `since`."""
         seen = self.client.zrangebyscore(keys.workers(queue), since * 1000, "+inf", withscores=True)
         return [(_text(member), float(score) / 1000) for member, score in cast(Any, seen)]
+
+    def missing(self, job_ids: list[str]) -> list[str]:
+        """Those of `job_ids` that have no record in Redis."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(keys.job(job_id))
+        return [job_id for job_id, found in zip(job_ids, pipe.execute(), strict=True) if not found]
 
     def job_log_backlog(self) -> int:
         """How many jobs changed since the job log's shipper last wrote them."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -71,11 +72,12 @@ class DramatiqEngine(Engine):
         with map_redis_errors():
             return bool(self.store.client.ping())
 
-    def submit(self, job: Submission) -> Submitted:
-        """Checks for live workers, dedupes the id and enqueues, in one Lua call."""
+    def submit(self, job: Submission, *, seq: int = 0) -> Submitted:
+        """Checks for live workers, dedupes the id and enqueues, in one Lua call. `seq`: the
+        run number to start at (see `recover`)."""
         options = job.options
         message = encode_job_message(
-            job.name, job.queue, job.job_id, job.payload,
+            job.name, job.queue, job.job_id, job.payload, seq=seq,
             delay_seconds=options.delay, webhook_url=options.webhook_url, retry=options.retry,
         )  # fmt: skip
         with map_redis_errors():
@@ -88,6 +90,7 @@ class DramatiqEngine(Engine):
                 message.data,
                 self._timeout_ms,
                 kept_options(options),
+                seq,
             )
         if reply.status == "enqueued":
             return Submitted(SubmitStatus.STARTED)
@@ -217,6 +220,15 @@ class DramatiqEngine(Engine):
                     job = dataclasses.replace(job, recorded_steps=steps)
                 orphans.append(Orphan(data, job))
         return orphans
+
+    def missing(self, job_ids: list[str]) -> list[str]:
+        with map_redis_errors():
+            return self.store.missing(job_ids)
+
+    def recover(self, job: Submission) -> Submitted:
+        """Enqueues again a job Redis lost (restarted empty). A fresh run number makes any copy
+        of its old messages a worker still holds in memory stale, so only this one runs."""
+        return self.submit(job, seq=secrets.randbelow(2**31) + 2**31)
 
     def orphan_moved(self, orphan: Orphan) -> None:
         with map_redis_errors():
