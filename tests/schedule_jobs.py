@@ -13,13 +13,11 @@ from pydantic import BaseModel
 
 from jobyard.job_engine import RetryPolicy, job, schedule
 
-RECORDS = os.environ.get("SCHEDULE_TEST_DIR", "")
 
-
-def record_run(path: str, job_id: str) -> float:
-    """Append `job_id started-at` to `path`; returns the start time."""
+def record_run(name: str, job_id: str) -> float:
+    """Append `job_id started-at` to `$SCHEDULE_TEST_DIR/name`; returns the start time."""
     started = time.time()
-    with Path(path).open("a") as f:
+    with (Path(os.environ["SCHEDULE_TEST_DIR"]) / name).open("a") as f:
         f.write(f"{job_id} {started:.6f}\n")
     return started
 
@@ -48,25 +46,24 @@ async def schedule_tick(ctx: Any, payload: TickPayload) -> float:
     return started
 
 
-if RECORDS:
-    schedule(
-        "test.every2",
-        "test.schedule_tick",
-        every=2,
-        overlap="allow_all",  # counted for exactly-once, not for overlap
-        payload={"record": f"{RECORDS}/every2.log"},
-    )
-    schedule(
-        "test.window",
-        "test.schedule_tick",
-        every=2,
-        catchup_window=10,
-        overlap="allow_all",
-        payload={"record": f"{RECORDS}/window.log"},
-    )
-    schedule(
-        "test.overlap",
-        "test.schedule_tick",
-        every=2,
-        payload={"record": f"{RECORDS}/overlap.log", "seconds": 5},
-    )
+schedule(
+    "test.every2",
+    "test.schedule_tick",
+    every=2,
+    overlap="allow_all",  # counted for exactly-once, not for overlap
+    payload={"record": "every2.log"},
+)
+schedule(
+    "test.window",
+    "test.schedule_tick",
+    every=2,
+    catchup_window=10,
+    overlap="allow_all",
+    payload={"record": "window.log"},
+)
+schedule(
+    "test.overlap",
+    "test.schedule_tick",
+    every=2,
+    payload={"record": "overlap.log", "seconds": 5},
+)
