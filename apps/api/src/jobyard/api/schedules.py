@@ -30,7 +30,7 @@ def _call(fn: Any, name: str, *args: Any) -> dict[str, Any]:
     try:
         return fn(name, *args)
     except ScheduleError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     except SQLAlchemyError as exc:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, f"database unavailable: {type(exc).__name__}"
