@@ -4,12 +4,14 @@ backfill with it (the same operations as `jobyard schedules`)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from jobyard.job_engine import env
 from jobyard.job_engine.schedules import env_key
 from tests.api.conftest import JOB_MODULES, ApiServer
+from tests.api.test_dashboard import page  # noqa: F401 - the Chromium page fixture
 
 
 @pytest.fixture
@@ -82,3 +84,32 @@ def test_list_pause_resume_trigger_backfill_over_http(
         == 422
     )
     assert client.post("/schedules/no.such/pause", headers=headers).status_code == 404
+
+
+def test_dashboard_schedules_panel_pauses_and_resumes(
+    schedules_api: ApiServer,
+    admin_token: str,
+    page: Any,  # noqa: F811 - the fixture
+) -> None:
+    from playwright.sync_api import expect
+
+    browser_errors: list[str] = []
+    page.on("pageerror", lambda error: browser_errors.append(str(error)))
+    page.goto(f"{schedules_api.url}/dashboard")
+    expect(page.locator("#schedules-note")).to_contain_text("admin token")
+    page.fill("#token", admin_token)
+    page.click("#save-token")
+    page.reload()  # the panel polls every 5 s; a reload shows it at once
+    row = page.locator("#schedules tr[data-schedule='test.every2']")
+    expect(row).to_contain_text("every 2s")
+    expect(row).to_contain_text("active")
+    expect(page.locator("#schedules tr[data-schedule='analytics.weekly_report']")).to_contain_text(
+        "off"
+    )
+    row.get_by_role("button", name="Pause").click()
+    expect(row).to_contain_text("paused")
+    listed = schedules_api.client.get("/schedules", headers=schedules_api.admin(admin_token))
+    assert next(i for i in listed.json() if i["name"] == "test.every2")["paused"] is True
+    row.get_by_role("button", name="Resume").click()
+    expect(row).to_contain_text("active")
+    assert browser_errors == []
