@@ -17,6 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from jobyard.dispatcher.dispatch import JOB_ID_PATTERN
@@ -178,6 +179,14 @@ def test_built_in_schedules_and_their_env_overrides(monkeypatch: pytest.MonkeyPa
 # --- the SQL claim ----------------------------------------------------------------------------
 
 
+def _fires(schedule: str, outcome: str) -> float:
+    """This process's jobyard_schedule_fires_total{schedule, outcome}."""
+    value = REGISTRY.get_sample_value(
+        "jobyard_schedule_fires_total", {"schedule": schedule, "outcome": outcome}
+    )
+    return value or 0.0
+
+
 @pytest.fixture
 def test_schedules(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """Declare tests/schedule_jobs.py's schedules here and in every process started after this;
@@ -203,6 +212,7 @@ def test_racing_schedulers_claim_and_dispatch_each_tick_once(
     per tick."""
     monkeypatch.setenv("JOBYARD_SCHEDULE_TEST_WINDOW", "off")
     monkeypatch.setenv("JOBYARD_SCHEDULE_TEST_OVERLAP", "off")
+    fired_before = _fires("test.every2", "fired")
     calls: list[str] = []
     lock = threading.Lock()
 
@@ -241,6 +251,7 @@ def test_racing_schedulers_claim_and_dispatch_each_tick_once(
     assert {r.job_id for r in rows} == expected
     assert {r.state for r in rows} == {"dispatched"}
     assert state is not None and state.fired == 60
+    assert _fires("test.every2", "fired") - fired_before == 60
 
 
 def test_no_window_fires_only_the_latest_missed_tick_and_counts_the_rest(
@@ -268,6 +279,7 @@ def test_no_window_fires_only_the_latest_missed_tick_and_counts_the_rest(
             state.cursor, state.paused, state.skipped_catchup = start, False, 0
             session.merge(state)
     later = start + timedelta(seconds=100)
+    skipped_before = _fires("test.window", "skipped_catchup")
     scheduler.run_once(later)
     ours = [c for c in calls if c.startswith("schedule:test.every2:")]
     assert ours == [tick_job_id("test.every2", later)]
@@ -279,6 +291,7 @@ def test_no_window_fires_only_the_latest_missed_tick_and_counts_the_rest(
     with session_scope(job_log_database) as session:
         assert session.get(ScheduleState, "test.every2").skipped_catchup == 49
         assert session.get(ScheduleState, "test.window").skipped_catchup == 44
+    assert _fires("test.window", "skipped_catchup") - skipped_before == 44
 
 
 # --- real processes ---------------------------------------------------------------------------
