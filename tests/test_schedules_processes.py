@@ -23,7 +23,7 @@ from tests.support import Proc, RedisServer, migrated_pg_database, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 PERIOD = 2.0
-LEASE = 3.0
+LEASE = 5.0
 
 
 def _tick(job_id: str) -> datetime:

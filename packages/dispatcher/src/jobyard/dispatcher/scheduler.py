@@ -260,6 +260,15 @@ class Scheduler:
             ).rowcount
         return taken == 1
 
+    def _renew(self, row: ScheduleTick) -> bool:
+        """Fence before dispatching: our lease runs a full term from now, or we lost the row.
+
+        A dispatch takes seconds at most (its Redis and Temporal timeouts), far less than the
+        lease, so no other scheduler can take the tick over while we dispatch it: the tick is
+        dispatched by one scheduler only, not merely deduplicated by the engines afterwards.
+        """
+        return self._set(row, lease_until=utcnow() + self.lease)
+
     def _set(self, row: ScheduleTick, **values: Any) -> bool:
         """Move our row on; False when it is no longer ours (another scheduler took it)."""
         with session_scope(self.url) as session:
@@ -294,6 +303,8 @@ class Scheduler:
             verdict = self._overlap(row, spec)
             if verdict is not None:
                 return verdict
+        if not self._renew(row):
+            return "taken"
         try:
             handle = self.dispatch(spec.job, spec.payload, row.job_id)
         except DispatchUnavailableError as exc:
