@@ -105,6 +105,17 @@ class Scheduler:
         self.lease = timedelta(seconds=env.get_float(env.SCHEDULER_LEASE))
         self.grace = timedelta(seconds=env.get_float(env.SCHEDULER_GRACE))
         self.retention = timedelta(days=env.get_float(env.SCHEDULER_RETENTION))
+        longest_dispatch = env.get_float(env.REDIS_TIMEOUT) + env.get_float(
+            env.TEMPORAL_START_TIMEOUT
+        )
+        if self.lease.total_seconds() < 2 * longest_dispatch:
+            log.warning(
+                "%s=%s is short: a dispatch may take %.1fs; another scheduler could take a tick "
+                "over mid-dispatch (the engines would still start it once)",
+                env.SCHEDULER_LEASE,
+                self.lease.total_seconds(),
+                longest_dispatch,
+            )
         self._bad_overrides: set[str] = set()
         self._last_prune: datetime | None = None
 
