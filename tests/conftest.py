@@ -72,6 +72,7 @@ def jobyard_env(
         "DATABASE_URL": job_log_database,
         "JOBYARD_JOB_LOG_INTERVAL": "0.1",
         "WORKER_METRICS_PORT": "0",
+        "JOBYARD_SCHEDULER": "false",  # a test that wants schedules firing turns it on
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)

@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from jobyard.api.auth import require_admin
 from jobyard.api.health import TemporalProbe, redis_ok
+from jobyard.api.schedules import router as schedules_router
 from jobyard.dispatcher import (
     DispatchUnavailableError,
     EngineUnavailable,
@@ -196,6 +197,7 @@ def create_app(*, warm: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     _install_error_handlers(app)
+    app.include_router(schedules_router)  # admin-only (require_admin on the router)
     temporal_probe = TemporalProbe()
     admin = [Depends(require_admin)]
 

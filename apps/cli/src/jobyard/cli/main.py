@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = db.add_parser("upgrade", help="apply migrations")
     up.add_argument("--url", default=None, help=f"default: ${env.DATABASE_URL} or the SQLite file")
     up.set_defaults(func=cmd_db_upgrade)
+
+    from jobyard.cli.schedules import add_parsers as add_schedule_parsers
+
+    add_schedule_parsers(sub)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from datetime import timedelta
 
 from temporalio.client import Client
@@ -63,10 +64,14 @@ async def serve() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     rescuer = asyncio.create_task(rescue_forever(env.get_float(env.RESCUE_INTERVAL)))
+    from jobyard.dispatcher.scheduler import start_scheduler_thread
+
+    start_scheduler_thread(scheduler_stop := threading.Event(), role="temporal-worker")
     async with worker:
         log.info("Temporal worker polling %s", task_queue)
         await stop.wait()
         rescuer.cancel()
+        scheduler_stop.set()
         log.info("Temporal worker stopping")
 
 

@@ -67,6 +67,9 @@ def run_workers(queues: list[str], processes: int) -> int:
     shipper_stop = threading.Event()
     shipper = _start_shipper(shipper_stop)  # after the spawn: its imports overlap theirs
     stopping = threading.Event()
+    from jobyard.dispatcher.scheduler import start_scheduler_thread
+
+    start_scheduler_thread(stopping, role="worker")  # every worker schedules; none leads
 
     def request_stop(signum, _frame):
         stopping.set()

@@ -14,6 +14,7 @@ from jobyard.job_engine.errors import (
 )
 from jobyard.job_engine.policy import RateLimit, RetryPolicy
 from jobyard.job_engine.registry import JobSpec, get_spec, job, registry
+from jobyard.job_engine.schedules import Schedule, ScheduleError, schedule, schedule_registry
 
 __all__ = [
     "InvalidPayloadError",
@@ -24,11 +25,15 @@ __all__ = [
     "PermanentError",
     "RateLimit",
     "RetryPolicy",
+    "Schedule",
+    "ScheduleError",
     "StepError",
     "UnknownJobError",
     "get_spec",
     "job",
     "registry",
     "resolve_step",
+    "schedule",
+    "schedule_registry",
     "step_ref",
 ]

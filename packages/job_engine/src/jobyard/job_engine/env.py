@@ -145,3 +145,20 @@ RECORD_RETENTION = "JOBYARD_RECORD_RETENTION"  # seconds a finished job's Redis 
 DEFAULTS[RECORD_RETENTION] = str(7 * 24 * 3600)
 JOB_LOG_RETENTION_DAYS = "JOBYARD_JOB_LOG_RETENTION_DAYS"  # `jobyard db prune` default age
 DEFAULTS[JOB_LOG_RETENTION_DAYS] = "30"
+
+# Schedules (jobyard.job_engine.schedules, jobyard.dispatcher.scheduler)
+# Per schedule: JOBYARD_SCHEDULE_<NAME> = off | a 5-field cron | an interval in whole seconds
+SCHEDULER = "JOBYARD_SCHEDULER"  # "false": this worker / temporal-worker process does not schedule
+SCHEDULER_POLL = "JOBYARD_SCHEDULER_POLL"  # seconds; longest sleep between passes
+SCHEDULER_LEASE = "JOBYARD_SCHEDULER_LEASE"  # seconds before another scheduler takes over a tick
+SCHEDULER_GRACE = "JOBYARD_SCHEDULER_GRACE"  # seconds late a tick may be and still be on time
+SCHEDULER_RETENTION = "JOBYARD_SCHEDULER_RETENTION"  # days a fired tick's row is kept
+DEFAULTS.update(
+    {
+        SCHEDULER: "true",
+        SCHEDULER_POLL: "1",
+        SCHEDULER_LEASE: "30",
+        SCHEDULER_GRACE: "5",
+        SCHEDULER_RETENTION: "30",
+    }
+)

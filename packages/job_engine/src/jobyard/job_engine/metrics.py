@@ -29,3 +29,14 @@ DISPATCHED = Counter("jobyard_dispatched_total", "Jobs dispatched", ["name", "qu
 FALLBACKS = Counter(
     "jobyard_fallbacks_total", "Jobs sent to Temporal instead of Dramatiq", ["reason"]
 )
+SCHEDULE_FIRES = Counter(
+    "jobyard_schedule_fires_total",
+    "Schedule ticks by outcome: fired, skipped_overlap, skipped_catchup, failed",
+    ["schedule", "outcome"],
+)
+SCHEDULE_TICK_LAG = Histogram(
+    "jobyard_schedule_tick_lag_seconds",
+    "Time from a tick's scheduled time to the start of its job (from the job log)",
+    ["schedule"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)

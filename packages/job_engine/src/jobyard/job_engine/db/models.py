@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Date,
     Index,
@@ -29,6 +30,10 @@ ENGINES = ("dramatiq", "temporal")
 JOB_STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled", "dead")
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled", "dead")
 REPORT_KINDS = ("daily", "weekly")
+TICK_KINDS = ("tick", "trigger", "backfill")
+# pending: claimed, to be dispatched by its owner (or by anyone once the lease ran out);
+# buffered: waiting for the previous run to finish (overlap=buffer_one); skipped: overlap=skip.
+TICK_STATES = ("pending", "buffered", "dispatched", "skipped", "failed")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -121,15 +126,72 @@ class JobReport(Base):
     )
 
 
+class ScheduleState(Base):
+    """What every scheduler shares about one schedule: the cursor (every tick up to it has been
+    claimed or skipped), pause, the last fire and its counters. Survives restarts."""
+
+    __tablename__ = "schedule_state"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    cursor: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    paused: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default="false"
+    )
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_tick_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_job_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    last_fired_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    fired: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    skipped_overlap: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0"
+    )
+    skipped_catchup: Mapped[int] = mapped_column(
+        BigInteger, nullable=False, default=0, server_default="0"
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), nullable=False, default=utcnow, server_default=func.now()
+    )
+
+
+class ScheduleTick(Base):
+    """One claimed tick. The primary key is the tick's job id, derived from (schedule, tick
+    time): inserting it is the claim, so however many schedulers race, one wins each tick."""
+
+    __tablename__ = "schedule_ticks"
+    __table_args__ = (
+        CheckConstraint(_in("kind", TICK_KINDS), name="kind"),
+        CheckConstraint(_in("state", TICK_STATES), name="state"),
+        Index("ix_schedule_ticks_schedule_tick_at", "schedule", "tick_at"),
+        Index("ix_schedule_ticks_state", "state"),
+    )
+
+    job_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    schedule: Mapped[str] = mapped_column(String(100), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    tick_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    engine: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
 __all__ = [
     "ENGINES",
     "FINAL_JOB_STATES",
     "JOB_STATES",
     "MESSAGE_ROLES",
     "REPORT_KINDS",
+    "TICK_KINDS",
+    "TICK_STATES",
     "ConversationMessage",
     "JobLog",
     "JobReport",
+    "ScheduleState",
+    "ScheduleTick",
     "Token",
 ]
 

@@ -1,7 +1,7 @@
 """job_owners: the engine each caller-chosen job id belongs to.
 
-Revision ID: 0004_job_owners
-Revises: 0003_job_log_state_at
+Revision ID: 0005_job_owners
+Revises: 0004_schedules
 Create Date: 2026-11-26
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_job_owners"
-down_revision = "0003_job_log_state_at"
+revision = "0005_job_owners"
+down_revision = "0004_schedules"
 branch_labels = None
 depends_on = None
 
