@@ -86,7 +86,9 @@ class OverrunPayload(BaseModel):
     work: float
 
 
-@job("faults.overrun", payload=OverrunPayload, retry=RetryPolicy(attempts=2, backoff=0.1), timeout=2)
+@job(
+    "faults.overrun", payload=OverrunPayload, retry=RetryPolicy(attempts=2, backoff=0.1), timeout=2
+)
 async def overrun(ctx: Any, payload: OverrunPayload) -> str:
     """A step that takes longer than the job's timeout: it must be interrupted."""
     await ctx.run("s0", ledger_step, payload.ledger, payload.tag, ctx.job_id, "s0", payload.work)

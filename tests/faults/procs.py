@@ -25,8 +25,9 @@ QUEUE = "default"
 
 
 class FaultyRedis:
-    """A private redis-server on a fixed port, restartable on that port: with `aof` it logs every
-    write and fsyncs it before answering (appendfsync always), so a SIGKILL loses no reply it sent."""
+    """A private redis-server on a fixed port, restartable on that port: with `aof` it logs
+    every write and fsyncs it before answering (appendfsync always), so a SIGKILL loses no
+    reply it sent."""
 
     def __init__(self, aof: bool) -> None:
         self.aof = aof
@@ -127,17 +128,23 @@ class Cluster:
         *,
         aof: bool = True,
         env: dict[str, str] | None = None,
+        logdir: Path | None = None,
     ) -> None:
+        self.logdir = logdir  # where close() keeps each process's output
         self.redis = FaultyRedis(aof).start()
         self.env = base_env(self.redis.url, temporal_address, database_url) | (env or {})
         self.procs: list[Proc] = []
         self._saved = {k: os.environ.get(k) for k in self.env}
         self.apply({})
 
-    def apply(self, overrides: dict[str, str]) -> None:
-        """Set the harness process's environment and rebuild its dispatcher from it."""
+    def apply(self, overrides: dict[str, str], *, keep_connections: bool = False) -> None:
+        """Set the harness process's environment and rebuild its dispatcher from it;
+        `keep_connections` keeps the Redis connection pool warm, as a running web process's is."""
         os.environ.update(self.env | overrides)
-        _reset_process_state()
+        if keep_connections:
+            reset_dispatcher()
+        else:
+            _reset_process_state()
 
     def start_worker(self, processes: int = 2, extra: dict[str, str] | None = None) -> Proc:
         env = dict(os.environ) | self.env | (extra or {}) | {ENGINE_ENV: "dramatiq"}
@@ -199,7 +206,10 @@ class Cluster:
             if proc.proc.poll() is None:
                 proc.signal_group(signal.SIGKILL)
                 proc.proc.wait()
-            Path(proc.log.name).unlink(missing_ok=True)
+            log = Path(proc.log.name)
+            if self.logdir is not None and log.exists():
+                shutil.move(log, self.logdir / log.name)
+            log.unlink(missing_ok=True)
         self.redis.stop()
         for key, value in self._saved.items():
             if value is None:

@@ -1,8 +1,8 @@
 """`make chaos`: every fault row at full size; prints the table, exits 1 if a target is missed.
 
-    python -m tests.faults.run                 # all rows
-    python -m tests.faults.run -k sigterm      # rows whose scenario name contains "sigterm"
-    python -m tests.faults.run --scale 0.2     # fewer jobs per row
+python -m tests.faults.run                 # all rows
+python -m tests.faults.run -k sigterm      # rows whose scenario name contains "sigterm"
+python -m tests.faults.run --scale 0.2     # fewer jobs per row
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default="", help="run only scenarios whose name contains this")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every job count")
-    parser.add_argument("--settle", type=float, default=60.0,
-                        help="seconds accepted jobs get to finish after the faults end")  # fmt: skip
+    parser.add_argument(
+        "--settle", type=float, default=45.0,
+        help="seconds accepted jobs get to finish after the faults end",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     from jobyard.job_engine.db.migrate import upgrade
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {scenario.__name__} {scaled}", flush=True)
             try:
                 row = scenario(harness, **scaled)
-            except Exception:  # noqa: BLE001 - a scenario that crashed is a missed row
+            except Exception:
                 traceback.print_exc()
                 row = Row(scenario.__name__, missed=["the scenario crashed"])
             rows.append(row)
