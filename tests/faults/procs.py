@@ -129,7 +129,9 @@ class Cluster:
         aof: bool = True,
         env: dict[str, str] | None = None,
         logdir: Path | None = None,
+        processes: int = 2,
     ) -> None:
+        self.processes = processes
         self.logdir = logdir  # where close() keeps each process's output
         self.redis = FaultyRedis(aof).start()
         self.env = base_env(self.redis.url, temporal_address, database_url) | (env or {})
@@ -146,31 +148,52 @@ class Cluster:
         else:
             _reset_process_state()
 
-    def start_worker(self, processes: int = 2, extra: dict[str, str] | None = None) -> Proc:
+    def start_worker(
+        self,
+        processes: int | None = None,
+        extra: dict[str, str] | None = None,
+        *,
+        wait: bool = True,
+    ) -> Proc:
         env = dict(os.environ) | self.env | (extra or {}) | {ENGINE_ENV: "dramatiq"}
-        proc = Proc(["worker", "--queues", QUEUE, "--processes", str(processes)], env)
+        count = str(processes or self.processes)
+        proc = Proc(["worker", "--queues", QUEUE, "--processes", count], env)
         self.procs.append(proc)
-
-        def ready() -> bool:
-            if proc.proc.poll() is not None:
-                raise AssertionError(f"worker exited:\n{proc.output()}")
-            return self.live_workers() > 0
-
-        wait_for(ready, timeout=60, interval=0.1)
+        if wait:
+            self.wait_ready(proc)
         return proc
 
-    def start_temporal_worker(self, extra: dict[str, str] | None = None) -> Proc:
+    def start_temporal_worker(
+        self, extra: dict[str, str] | None = None, *, wait: bool = True
+    ) -> Proc:
         env = dict(os.environ) | self.env | (extra or {}) | {ENGINE_ENV: "temporal"}
         proc = Proc(["temporal-worker"], env)
         self.procs.append(proc)
-
-        def polling() -> bool:
-            if proc.proc.poll() is not None:
-                raise AssertionError(f"temporal worker exited:\n{proc.output()}")
-            return "Temporal worker polling" in proc.output()
-
-        wait_for(polling, timeout=90, interval=0.1)
+        if wait:
+            self.wait_ready(proc)
         return proc
+
+    def start_both(self) -> tuple[Proc, Proc]:
+        """A Temporal worker and a Dramatiq worker, started side by side (start-up is seconds of
+        imports each on a busy machine); returns (dramatiq worker, temporal worker)."""
+        temporal = self.start_temporal_worker(wait=False)
+        worker = self.start_worker(wait=False)
+        self.wait_ready(temporal)
+        self.wait_ready(worker)
+        return worker, temporal
+
+    def wait_ready(self, proc: Proc, timeout: float = 120) -> None:
+        """Until a worker beats for the queue, or a Temporal worker polls."""
+        temporal = proc.proc.args[-1] == "temporal-worker"
+
+        def ready() -> bool:
+            if proc.proc.poll() is not None:
+                raise AssertionError(f"{proc.proc.args[3:]} exited:\n{proc.output()}")
+            if temporal:
+                return "Temporal worker polling" in proc.output()
+            return self.live_workers() > 0
+
+        wait_for(ready, timeout=timeout, interval=0.1)
 
     def live_workers(self) -> int:
         client = self.redis.client()
@@ -202,6 +225,7 @@ class Cluster:
         return "\n".join(f"--- {p.proc.args[3:]}\n{p.output()[-2000:]}" for p in self.procs)
 
     def close(self) -> None:
+        _reset_process_state()  # flushes this scenario's job log events while DATABASE_URL holds
         for proc in self.procs:
             if proc.proc.poll() is None:
                 proc.signal_group(signal.SIGKILL)

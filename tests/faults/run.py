@@ -19,7 +19,9 @@ from tests.faults.scenarios import FULL, Harness, Row, table
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-k", default="", help="run only scenarios whose name contains this")
+    parser.add_argument(
+        "-k", default="", help="only scenarios whose name contains one of these (comma-separated)"
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every job count")
     parser.add_argument(
         "--settle", type=float, default=45.0,
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     try:
         for scenario, params in FULL:
-            if args.k not in scenario.__name__:
+            if not any(k in scenario.__name__ for k in args.k.split(",")):
                 continue
             scaled = {
                 k: max(1, round(v * args.scale)) if k.startswith("n") else v

@@ -22,7 +22,8 @@ def harness(temporal_server, job_log_database, tmp_path_factory) -> s.Harness:
         temporal_server.address,
         job_log_database,
         tmp_path_factory.mktemp("faults"),
-        settle=25,
+        settle=15,
+        processes=1,  # one worker process per `jobyard worker`: start-up is most of a CI row
     )
 
 
