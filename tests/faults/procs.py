@@ -97,11 +97,13 @@ def base_env(redis_url: str, temporal_address: str, database_url: str) -> dict[s
         "TEMPORAL_ADDRESS": temporal_address,
         "TEMPORAL_TASK_QUEUE": f"faults-{uuid.uuid4().hex[:12]}",
         "USE_DRAMATIQ": "true",
-        "WORKER_HEARTBEAT_INTERVAL": "0.5",
-        "WORKER_HEARTBEAT_TIMEOUT": "3",
+        # Liveness and rescue timing as shipped: faults interact with them (a 6 s pause is
+        # shorter than the 10 s heartbeat timeout, so workers are still counted alive).
+        "WORKER_HEARTBEAT_INTERVAL": "2",
+        "WORKER_HEARTBEAT_TIMEOUT": "10",
+        "JOBYARD_RESCUE_INTERVAL": "5",
         "WORKER_SHUTDOWN_GRACE": "5",
         "WORKER_PROCESSES": "2",
-        "JOBYARD_RESCUE_INTERVAL": "1",
         "JOBYARD_JOB_MODULES": "tests.faults.jobs",
         "JOBYARD_BREAKER_PROBE_INTERVAL": "0.2",
         "PYTHONPATH": str(ROOT),

@@ -514,17 +514,19 @@ def dramatiq_workers_killed(
 
 
 @_timed
-def sigterm_grace(h: Harness, n: int = 200, grace: float = 3.0, work: float = 2.0) -> Row:
-    """SIGTERM with a `grace` s grace period just after every thread started a `work` s job:
-    each in-flight job can finish inside the grace, so none may be cut off."""
+def sigterm_grace(h: Harness, n: int = 200, grace: float = 3.0, work: float = 2.5) -> Row:
+    """SIGTERM with a `grace` s grace period just after every thread started a job of 0.5 s to
+    `work` s (staggered, as in-flight jobs are): each can finish inside the grace, so none may be
+    cut off."""
     ledger = h.ledger("sigterm")
     cluster = h.cluster(aof=True, env={"WORKER_SHUTDOWN_GRACE": f"{grace:g}"})
     try:
         worker, _ = cluster.start_both()
         say("workers up")
         threads = h.processes * 10  # processes of WORKER_CONCURRENCY_DEFAULT threads
-        load = Load(ledger, steps=1, work=work)
-        load.dispatch_many([f"j{i}" for i in range(n)])
+        load = Load(ledger, steps=1)
+        for i in range(n):
+            load.dispatch(f"j{i}", work=0.5 + (work - 0.5) * (i % 10) / 9)
         ledger_wait(ledger, lambda lg: len(lg.started_tags()) >= min(n, threads), 60)
         termed_at = time.time()
         exit_s = Cluster.sigterm(worker, timeout=grace + 30)

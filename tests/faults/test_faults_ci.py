@@ -65,6 +65,7 @@ CI: list[Any] = [
 ]
 
 
+@pytest.mark.timeout(300)  # a row is a minute of real processes; more on a crowded machine
 @pytest.mark.parametrize(("scenario", "params"), CI)
 def test_fault_row(harness: s.Harness, scenario: Callable[..., s.Row], params: dict) -> None:
     row = scenario(harness, **params)
