@@ -37,13 +37,23 @@ def _ran_before(ledger: str, tag: str, step: str) -> bool:
 
 
 def ledger_step(
-    ledger: str, tag: str, job_id: str, step: str, work: float, fail_once: bool = False
+    ledger: str,
+    tag: str,
+    job_id: str,
+    step: str,
+    work: float,
+    fail_once: bool = False,
+    only_on: str = "",
 ) -> dict[str, Any]:
     """A step whose side effect is the ledger itself: START, `work` seconds, END. With
-    `fail_once` its first execution raises after its work (a FAIL line instead of END)."""
-    base = {"tag": tag, "job": job_id, "step": step, "pid": os.getpid(),
-            "engine": os.environ.get(ENGINE_ENV, "unknown")}  # fmt: skip
+    `fail_once` its first execution raises after its work (a FAIL line instead of END); with
+    `only_on` it takes `work` on that engine only (a step to be caught mid-way there) and
+    0.05 s elsewhere."""
+    engine = os.environ.get(ENGINE_ENV, "unknown")
+    base = {"tag": tag, "job": job_id, "step": step, "pid": os.getpid(), "engine": engine}
     fail = fail_once and not _ran_before(ledger, tag, step)
+    if only_on and engine != only_on:
+        work = min(work, 0.05)
     _append(ledger, {"ev": "START", "t": time.time(), **base})
     # Short slices, as real Python work is: an engine's time limit (an exception raised in this
     # thread) can only land between them.
@@ -67,14 +77,16 @@ class ChainPayload(BaseModel):
     sleep: float = 0.0  # a durable ctx.sleep after the first step (> 1 s parks on Dramatiq)
     blob: str = ""  # ballast, to make a payload large
     fail_once: int = -1  # index of a step whose first execution raises
+    long_only_on: str = ""  # the long step is long on this engine only ("" = on both)
 
 
 @job("faults.chain", payload=ChainPayload, retry=RetryPolicy(attempts=8, backoff=0.2), timeout=60)
 async def chain(ctx: Any, payload: ChainPayload) -> int:
     for i in range(payload.steps):
         work = payload.long_work if i == payload.long_step else payload.work
+        only_on = payload.long_only_on if i == payload.long_step else ""
         args = (payload.ledger, payload.tag, ctx.job_id, f"s{i}", work, i == payload.fail_once)
-        await ctx.run(f"s{i}", ledger_step, *args)
+        await ctx.run(f"s{i}", ledger_step, *args, only_on)
         if i == 0 and payload.sleep:
             await ctx.sleep(payload.sleep)
     return payload.steps
