@@ -8,6 +8,7 @@ python -m tests.faults.run --scale 0.2     # fewer jobs per row
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -67,4 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter finalisation: the Temporal dev server's client threads can abort it
+    # ("PyGILState_Release ... finalizing") and turn a clean run's exit status into a crash.
+    os._exit(code)
