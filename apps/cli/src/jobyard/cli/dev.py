@@ -125,6 +125,8 @@ def run_canary() -> bool:
 
 
 def run_dev(check_canary: bool = True, api_port: int = 8000) -> int:
+    from jobyard.cli.main import api_missing
+
     jobyard = [sys.executable, "-m", "jobyard.cli"]
     children: list[subprocess.Popen] = []
     temporal = start_temporal(env.get_str(env.TEMPORAL_ADDRESS))
@@ -137,7 +139,9 @@ def run_dev(check_canary: bool = True, api_port: int = 8000) -> int:
             os.environ[env.USE_DRAMATIQ] = "false"
         children.append(subprocess.Popen([*jobyard, "temporal-worker"]))
         _say("Temporal worker started")
-        if api_port:
+        if api_port and (reason := api_missing()):
+            _say(f"no HTTP API: {reason}")
+        elif api_port:
             api = [*jobyard, "api", "--host", "127.0.0.1", "--port", str(api_port)]
             children.append(subprocess.Popen(api))
             _say(f"API on http://127.0.0.1:{api_port} (dashboard: /dashboard, docs: /docs)")

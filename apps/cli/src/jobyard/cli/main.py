@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -141,7 +142,17 @@ def cmd_dead(args: argparse.Namespace) -> int:
     return 0
 
 
+def api_missing() -> str | None:
+    """Why the HTTP API cannot run here (its extra is not installed), or None."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"the HTTP API needs {', '.join(missing)}: pip install 'jobyard[api]'"
+    return None
+
+
 def cmd_api(args: argparse.Namespace) -> int:
+    if reason := api_missing():
+        return _fail(reason)
     from jobyard.api.server import serve
 
     serve(args.host, args.port)

@@ -1,0 +1,1 @@
+"""A Django task backend (placeholder)."""
