@@ -77,7 +77,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_job_modules_come_from_the_project_directory_and_the_command_line(
     project: Path, user_env: dict[str, str], redis_server: RedisServer
 ) -> None:
@@ -94,8 +94,8 @@ def test_job_modules_come_from_the_project_directory_and_the_command_line(
             assert temporal.poll() is None, temporal_log.read_text()
             return "Temporal worker polling" in temporal_log.read_text()
 
-        wait_for(worker_live, timeout=60)
-        wait_for(temporal_polling, timeout=60)
+        wait_for(worker_live, timeout=150)
+        wait_for(temporal_polling, timeout=150)
         for engine, extra_env in (("dramatiq", {}), ("temporal", {"USE_DRAMATIQ": "false"})):
             done = jobyard("dispatch", "myapp.greet", "--modules", "myapp.jobs", "--payload",
                            json.dumps({"name": engine}), env={**user_env, **extra_env},
