@@ -58,16 +58,21 @@ def add_job_modules(modules: Sequence[str]) -> None:
         os.environ[env.JOB_MODULES] = ",".join(current)
 
 
-def check_job_modules() -> None:
-    """Import the job modules now, so that one that cannot be imported is one line here rather
-    than a traceback in a worker process (or, for dispatch, in the middle of a request)."""
+def check_job_modules(import_them: bool = True) -> None:
+    """Make sure the job modules import, so that one that cannot is one line here rather than a
+    traceback (for dispatch, in the middle of a request). With `import_them` False (`jobyard
+    worker`, whose worker processes import them) only find them: the supervisor stays light."""
     import importlib
+    import importlib.util
 
     for module in os.environ.get(env.JOB_MODULES, "").split(","):
         if not (module := module.strip()):
             continue
         try:
-            importlib.import_module(module)
+            if import_them:
+                importlib.import_module(module)
+            elif importlib.util.find_spec(module) is None:
+                raise ModuleNotFoundError(f"No module named {module!r}", name=module)
         except ModuleNotFoundError as exc:
             if exc.name and module.startswith(exc.name):
                 raise BadInput(
@@ -287,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--processes", type=int, default=0, help=f"default: ${env.WORKER_PROCESSES} or 2"
     )
-    p.set_defaults(func=cmd_worker, loads_jobs=True)
+    p.set_defaults(func=cmd_worker, loads_jobs="find")
 
     p = sub.add_parser("temporal-worker", help="run the Temporal worker")
     modules_argument(p)
@@ -347,8 +352,8 @@ def run_command(args: argparse.Namespace) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         add_job_modules(getattr(args, "modules", None) or [])
-        if getattr(args, "loads_jobs", False):
-            check_job_modules()
+        if loads_jobs := getattr(args, "loads_jobs", False):
+            check_job_modules(import_them=loads_jobs != "find")
         return func(args)
     except BadInput as exc:
         return _fail(str(exc))
