@@ -90,3 +90,12 @@ def engines(jobyard_env: dict[str, str], redis_server: RedisServer) -> Iterator[
     engines = Engines(redis_server)
     yield engines
     engines.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Show the lines tests record as `summary` properties (e.g. the install sizes of
+    tests/test_distribution.py); user_properties survive pytest-xdist, captured output not."""
+    for report in terminalreporter.stats.get("passed", []):
+        for key, value in getattr(report, "user_properties", []):
+            if key == "summary" and report.when == "call":
+                terminalreporter.write_line(str(value))

@@ -230,3 +230,30 @@ def migrated_pg_database(prefix: str = "jobyard_test") -> Iterator[str]:
         yield url
     finally:
         drop_pg_database(url)
+
+
+def start_engines_patiently(
+    engines: Any, queues: str | None = None, temporal: bool = False
+) -> None:
+    """Start `jobyard worker` (for `queues`) and/or `jobyard temporal-worker` side by side, and
+    wait for them with room for a loaded machine (Engines' own waits are 30 s and 60 s)."""
+    started = []
+    if queues is not None:
+        worker = Proc(["worker", "--queues", queues, "--processes", "1"], dict(os.environ))
+        engines._procs.append(worker)
+        engines.worker = worker
+        started.append(worker)
+    if temporal:
+        temporal_worker = Proc(["temporal-worker"], dict(os.environ))
+        engines._procs.append(temporal_worker)
+        engines.temporal_worker = temporal_worker
+    if queues is not None:
+        engines.wait_for_workers(queues.split(","), engines.worker, timeout=150)
+    if temporal:
+
+        def polling() -> bool:
+            if temporal_worker.proc.poll() is not None:
+                raise AssertionError(f"temporal worker exited:\n{temporal_worker.output()}")
+            return "Temporal worker polling" in temporal_worker.output()
+
+        wait_for(polling, timeout=150)

@@ -28,6 +28,8 @@ TEMPORAL_UI_PORT = 8233
 STARTUP_TIMEOUT = 60.0
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 CANARY_TIMEOUT = 60.0
+#: Seconds between checks that every child is still running.
+CHECK_INTERVAL = 0.5
 
 
 def _say(message: str) -> None:
@@ -96,17 +98,87 @@ def redis_available() -> bool:
         client.close()
 
 
-def wait_for_live_workers() -> None:
+def wait_for_live_workers(children: Children) -> None:
     """The canary should find live workers, or it would (rightly) fall back to Temporal."""
     store = JobStore(make_client(timeout=0.5))
     timeout_ms = int(env.get_float(env.WORKER_HEARTBEAT_TIMEOUT) * 1000)
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
+        children.check()  # a worker that dies at start-up is restarted (or stops us) now
         if all(store.live_workers(q, timeout_ms) for q in queue_names()):
             _say("Dramatiq workers live for all queues")
             return
         time.sleep(0.2)
     _say("Dramatiq workers did not report in time; jobs will fall back to Temporal")
+
+
+def _unblock_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class ChildFailed(Exception):
+    """A child process kept dying: `jobyard dev` stops and says which one and why."""
+
+
+def exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Children:
+    """`jobyard dev`'s processes: a child that dies is restarted, up to MAX_RESTARTS times
+    within RESTART_WINDOW seconds; after that `jobyard dev` stops, naming it."""
+
+    MAX_RESTARTS = 3
+    RESTART_WINDOW = 60.0
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, list[str]] = {}
+        self.restarts: dict[str, list[float]] = {}
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        self.commands[name] = command
+        # A restart happens while we block the stop signals, and a child inherits the mask:
+        # unblock them in the child, or it would never see our SIGTERM.
+        self.procs[name] = subprocess.Popen(command, preexec_fn=_unblock_stop_signals)
+        return self.procs[name]
+
+    def check(self) -> None:
+        """Reap and restart children that exited (so none stays <defunct>)."""
+        for name, proc in list(self.procs.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            now = time.monotonic()
+            recent = [t for t in self.restarts.get(name, []) if now - t < self.RESTART_WINDOW]
+            if len(recent) >= self.MAX_RESTARTS:
+                del self.procs[name]
+                raise ChildFailed(
+                    f"{name} exited ({exit_reason(code)}) {len(recent) + 1} times within "
+                    f"{self.RESTART_WINDOW:.0f} s; stopping (its output is above)"
+                )
+            self.restarts[name] = [*recent, now]
+            _say(
+                f"{name} exited ({exit_reason(code)}); restarting it "
+                f"({len(recent) + 1}/{self.MAX_RESTARTS})"
+            )
+            self.start(name, self.commands[name])
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(35)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def run_canary() -> bool:
@@ -125,42 +197,49 @@ def run_canary() -> bool:
 
 
 def run_dev(check_canary: bool = True, api_port: int = 8000) -> int:
+    from jobyard.cli.main import api_missing
+
     jobyard = [sys.executable, "-m", "jobyard.cli"]
-    children: list[subprocess.Popen] = []
+    children = Children()
     temporal = start_temporal(env.get_str(env.TEMPORAL_ADDRESS))
     try:
         migrate()
         if redis_available():
-            children.append(subprocess.Popen([*jobyard, "worker"]))
-            wait_for_live_workers()
+            children.start("worker", [*jobyard, "worker"])
+            wait_for_live_workers(children)
         else:
             os.environ[env.USE_DRAMATIQ] = "false"
-        children.append(subprocess.Popen([*jobyard, "temporal-worker"]))
+        children.start("temporal-worker", [*jobyard, "temporal-worker"])
         _say("Temporal worker started")
-        if api_port:
+        if api_port and (reason := api_missing()):
+            _say(f"no HTTP API: {reason}")
+        elif api_port:
             api = [*jobyard, "api", "--host", "127.0.0.1", "--port", str(api_port)]
-            children.append(subprocess.Popen(api))
+            children.start("api", api)
             _say(f"API on http://127.0.0.1:{api_port} (dashboard: /dashboard, docs: /docs)")
         if check_canary and not run_canary():
             return 1
         _say("running; Ctrl-C to stop")
-        # Blocked, so that sigwait (not a KeyboardInterrupt mid-cleanup) receives them.
+        # Blocked, so that sigtimedwait (not a KeyboardInterrupt mid-cleanup) receives them.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        signal.sigwait(STOP_SIGNALS)
+        while signal.sigtimedwait(STOP_SIGNALS, CHECK_INTERVAL) is None:
+            children.check()
+            if temporal is not None and (code := temporal.poll()) is not None:
+                raise ChildFailed(
+                    f"the Temporal dev server exited ({exit_reason(code)}); stopping "
+                    f"(see {STATE_DIR / 'temporal.log'})"
+                )
         # A Ctrl-C reaches us twice under `uv run` (the terminal's, and uv's forwarded copy),
         # and another thread may take the second one: ignore the rest while we clean up.
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, signal.SIG_IGN)
         _say("stopping")
         return 0
+    except ChildFailed as exc:
+        _say(str(exc))
+        return 1
     finally:
-        for child in children:
-            child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(35)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        children.stop()
         if temporal is not None:
             temporal.terminate()
             temporal.wait(10)

@@ -1,33 +1,97 @@
-"""The `jobyard` command. Bad input exits 2 with a one-line reason; unavailable engines exit 3."""
+"""The `jobyard` command. Bad input exits 2 with a one-line reason; unavailable engines exit 3.
+
+Errors are one line on stderr, never a traceback (LOG_LEVEL=DEBUG logs the traceback too). Job
+modules come from JOBYARD_JOB_MODULES and from the command line (`jobyard worker myapp.jobs`),
+found from the current directory the way `python -m` and Celery/Dramatiq find them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from jobyard.job_engine import JobyardError, env
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
 DEAD_LIST_FIELDS = ("job_id", "name", "queue", "engine", "attempts", "error_message", "finished_at")
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"jobyard: {message}", file=sys.stderr)
+    print(f"jobyard: {_one_line(message)}", file=sys.stderr)
     return code
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _json(text: str, what: str) -> object:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise BadInput(f"{what} is nested too deeply") from None
+    except ValueError as exc:
+        raise BadInput(f"{what} is not JSON: {exc}") from None
+
+
+class BadInput(Exception):
+    """A command-line value jobyard refuses; main() prints it in one line and exits 2."""
+
+
+def add_job_modules(modules: Sequence[str]) -> None:
+    """Append modules named on the command line to JOBYARD_JOB_MODULES, so that this process
+    and every process it starts (worker processes, `jobyard dev`'s children) load them."""
+    current = [m.strip() for m in os.environ.get(env.JOB_MODULES, "").split(",") if m.strip()]
+    for module in modules:
+        for name in module.split(","):
+            if name.strip() and name.strip() not in current:
+                current.append(name.strip())
+    if current:
+        os.environ[env.JOB_MODULES] = ",".join(current)
+
+
+def check_job_modules(import_them: bool = True) -> None:
+    """Make sure the job modules import, so that one that cannot is one line here rather than a
+    traceback (for dispatch, in the middle of a request). With `import_them` False (`jobyard
+    worker`, whose worker processes import them) only find them: the supervisor stays light."""
+    import importlib
+    import importlib.util
+
+    for module in os.environ.get(env.JOB_MODULES, "").split(","):
+        if not (module := module.strip()):
+            continue
+        try:
+            if import_them:
+                importlib.import_module(module)
+            elif importlib.util.find_spec(module) is None:
+                raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                raise BadInput(
+                    f"job module {module!r} not found (looked in {os.getcwd()} and sys.path; "
+                    f"set {env.JOB_MODULES} or run from your project's directory)"
+                ) from None
+            raise BadInput(f"job module {module!r} failed to import: {exc}") from None
+        except Exception as exc:
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            raise BadInput(
+                f"job module {module!r} failed to import: {type(exc).__name__}: {exc} "
+                f"({frame.filename}:{frame.lineno})"
+            ) from None
 
 
 def cmd_dispatch(args: argparse.Namespace) -> int:
     from jobyard.dispatcher import DispatchUnavailableError, dispatch_job
 
-    try:
-        payload = json.loads(args.payload)
-    except ValueError as exc:
-        return _fail(f"--payload is not JSON: {exc}")
+    payload = _json(args.payload, "--payload")
     try:
         handle = dispatch_job(args.name, payload, job_id=args.job_id, delay=args.delay)
     except DispatchUnavailableError as exc:
@@ -96,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from jobyard.job_engine.inline import run_inline
 
     try:
-        result = run_inline(args.name, json.loads(args.payload))
+        result = run_inline(args.name, _json(args.payload, "--payload"))
     except ValueError as exc:
         return _fail(str(exc))
     print(json.dumps(result, default=str))
@@ -141,7 +205,17 @@ def cmd_dead(args: argparse.Namespace) -> int:
     return 0
 
 
+def api_missing() -> str | None:
+    """Why the HTTP API cannot run here (its extra is not installed), or None."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"the HTTP API needs {', '.join(missing)}: pip install 'jobyard[api]'"
+    return None
+
+
 def cmd_api(args: argparse.Namespace) -> int:
+    if reason := api_missing():
+        return _fail(reason)
     from jobyard.api.server import serve
 
     serve(args.host, args.port)
@@ -158,6 +232,19 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+MODULES_HELP = f"modules declaring your jobs (added to ${env.JOB_MODULES})"
+
+
+def modules_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=MODULES_HELP)
+
+
+def modules_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--modules", action="append", default=[], metavar="MODULE[,MODULE]", help=MODULES_HELP
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jobyard", description="Background jobs for Python web apps"
@@ -169,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--payload", default="{}", help="the payload as JSON")
     p.add_argument("--job-id", help="idempotency key: dispatching it twice starts one job")
     p.add_argument("--delay", type=float, help="seconds before the job may start")
-    p.set_defaults(func=cmd_dispatch)
+    modules_option(p)
+    p.set_defaults(func=cmd_dispatch, loads_jobs=True)
 
     p = sub.add_parser("status", help="print a job's status as JSON")
     p.add_argument("job_id")
@@ -188,36 +276,43 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("job_id")
     d = dead.add_parser("replay", help="run a dead job again (never while it runs)")
     d.add_argument("job_id")
+    modules_option(d)
+    d.set_defaults(loads_jobs=True)
     p.set_defaults(func=cmd_dead)
 
     p = sub.add_parser("api", help="serve the HTTP API and the dashboard")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.set_defaults(func=cmd_api)
+    modules_option(p)
+    p.set_defaults(func=cmd_api, loads_jobs=True)
 
     p = sub.add_parser("worker", help="run Dramatiq worker processes")
+    modules_argument(p)
     p.add_argument("--queues", default="", help="comma-separated queues (default: all)")
     p.add_argument(
         "--processes", type=int, default=0, help=f"default: ${env.WORKER_PROCESSES} or 2"
     )
-    p.set_defaults(func=cmd_worker)
+    p.set_defaults(func=cmd_worker, loads_jobs="find")
 
     p = sub.add_parser("temporal-worker", help="run the Temporal worker")
-    p.set_defaults(func=cmd_temporal_worker)
+    modules_argument(p)
+    p.set_defaults(func=cmd_temporal_worker, loads_jobs=True)
 
     p = sub.add_parser("health", help="exit 0 when this host's worker is alive")
     p.add_argument("--queues", default="", help="queues that must have a live worker here")
     p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("dev", help="run everything on this machine with embedded defaults")
+    modules_argument(p)
     p.add_argument("--no-canary", action="store_true", help="skip the start-up system.echo check")
     p.add_argument("--api-port", type=int, default=8000, help="HTTP API and dashboard; 0 = off")
-    p.set_defaults(func=cmd_dev)
+    p.set_defaults(func=cmd_dev, loads_jobs=True)
 
     p = sub.add_parser("run", help="run a job in this process (debugging)")
     p.add_argument("name")
     p.add_argument("--payload", default="{}")
-    p.set_defaults(func=cmd_run)
+    modules_option(p)
+    p.set_defaults(func=cmd_run, loads_jobs=True)
 
     p = sub.add_parser("db", help="database schema")
     db = p.add_subparsers(dest="db_command", required=True)
@@ -231,8 +326,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_error(exc: BaseException) -> tuple[str, int]:
+    """One line for an error a command did not handle itself, and the exit code."""
+    import redis
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError):
+        from jobyard.job_engine.db import database_url
+
+        url = database_url()
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        if "no such table" in reason or "does not exist" in reason:
+            return (
+                f"the database at {url} is not migrated ({reason}): run `jobyard db upgrade`",
+                EXIT_UNAVAILABLE,
+            )
+        return f"the database at {url} is unavailable: {reason}", EXIT_UNAVAILABLE
+    if isinstance(exc, redis.RedisError):
+        return f"Redis at {env.get(env.REDIS_URL)} is unavailable: {exc}", EXIT_UNAVAILABLE
+    if type(exc).__module__.startswith("temporalio") or "client connect" in str(exc):
+        address = env.get(env.TEMPORAL_ADDRESS)
+        return f"Temporal at {address} is unavailable: {exc}", EXIT_UNAVAILABLE
+    if isinstance(exc, RecursionError):
+        return "the input is nested too deeply", EXIT_BAD_INPUT
+    return f"{type(exc).__name__}: {exc} (LOG_LEVEL=DEBUG shows where)", EXIT_FAILED
+
+
+def run_command(args: argparse.Namespace) -> int:
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        add_job_modules(getattr(args, "modules", None) or [])
+        if loads_jobs := getattr(args, "loads_jobs", False):
+            check_job_modules(import_them=loads_jobs != "find")
+        return func(args)
+    except BadInput as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        logging.getLogger("jobyard.cli").debug("jobyard %s failed", args.command, exc_info=True)
+        message, code = describe_error(exc)
+        return _fail(message, code)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"))
+    # A console script's sys.path starts with its bin directory, not the current one (as
+    # `python -m` has): put the current directory first, so `myapp.jobs` is found from the
+    # project's directory, as Celery and Dramatiq find it.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    sys.exit(func(args))
+    sys.exit(run_command(args))

@@ -30,6 +30,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from jobyard.job_engine import env
 from jobyard.job_engine.db import get_engine
 from jobyard.job_engine.db.models import JobLog
+from jobyard.job_engine.db.readiness import one_line
 
 log = logging.getLogger("jobyard.joblog")
 
@@ -46,6 +47,8 @@ TIMESTAMPS = ("enqueued_at", "started_at", "finished_at", "state_at")
 COLUMNS = ("job_id", *STICKY, *LATEST, "progress", "attempts")
 #: Beyond this many unflushed events (a long database outage), the oldest are dropped.
 MAX_BUFFER = 200_000
+#: A failing flush is retried every interval; the same failure is logged at most this often.
+REPEAT_LOG_SECONDS = 60.0
 
 
 def _utc(ts: float) -> datetime:
@@ -78,13 +81,28 @@ class JobLogWriter:
                 atexit.register(self.flush)
 
     def _run(self) -> None:
+        failing: str | None = None  # the current failure, logged once per REPEAT_LOG_SECONDS
+        logged_at = 0.0
         while True:
             self._wake.wait(self.interval)
             self._wake.clear()
             try:
                 self.flush()
             except Exception as exc:  # the database is down: keep the events, try again later
-                log.warning("job log flush failed (%s); %d events kept", exc, len(self._events))
+                reason = one_line(exc)
+                now = time.monotonic()
+                if reason != failing or now - logged_at >= REPEAT_LOG_SECONDS:
+                    hint = " (run `jobyard db upgrade`)" if "no such table" in reason else ""
+                    log.warning(
+                        "job log flush failed: %s%s; %d events kept, retrying every %ss "
+                        "(logged again in %.0fs if it persists)",
+                        reason, hint, len(self._events), self.interval, REPEAT_LOG_SECONDS,
+                    )  # fmt: skip
+                    failing, logged_at = reason, now
+            else:
+                if failing is not None:
+                    log.warning("job log flush works again")
+                    failing = None
 
     def flush(self) -> int:
         """Write every buffered event now; returns how many rows were upserted."""
