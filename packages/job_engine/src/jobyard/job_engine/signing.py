@@ -110,7 +110,7 @@ def verify(
         current = time.time() if now is None else now
         if abs(current - ts) > tolerance:
             return False
-        signed = f"{msg_id}.{ts}.".encode("utf-8") + bytes(body)
+        signed = f"{msg_id}.{ts}.".encode() + bytes(body)
         expected = hmac.new(key, signed, hashlib.sha256).digest()
         # Several space-separated signatures are allowed (key rotation); any valid one will do.
         for candidate in signatures.split(" "):
