@@ -157,14 +157,15 @@ def check_url(url: Any) -> str:
     return url
 
 
-def resolve_checked(url: str, host: str, port: int) -> IPAddress:
-    """Resolve `host` and return the address to connect to; refuse if any address it resolves
-    to is not allowed (a name that also points inside is not one to trust)."""
+def resolve_checked(url: str, host: str, port: int) -> list[IPAddress]:
+    """Resolve `host` and return the addresses to connect to, in the resolver's order; refuse
+    if any address it resolves to is not allowed (a name that also points inside is not one to
+    trust)."""
     allowed = allow_list()
     literal = literal_address(host)
     if literal is not None:
         check_address(url, host, literal, allowed)
-        return literal
+        return [literal]
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
@@ -177,7 +178,7 @@ def resolve_checked(url: str, host: str, port: int) -> IPAddress:
             addresses.append(address)
     if not addresses:
         raise httpx.ConnectError(f"{host} resolves to no address")
-    return addresses[0]
+    return addresses
 
 
 class GuardedTransport(httpx.HTTPTransport):
@@ -187,14 +188,22 @@ class GuardedTransport(httpx.HTTPTransport):
         url = request.url
         host = url.host
         port = url.port or (443 if url.scheme == "https" else 80)
-        address = resolve_checked(str(url), host, port)
-        if host != str(address):
+        addresses = resolve_checked(str(url), host, port)
+        name = literal_address(host) is None
+        failure: httpx.ConnectError | None = None
+        # Like a plain client, try each address in turn (localhost may be ::1, then 127.0.0.1).
+        for address in addresses:
             # Connect to the checked address; the name stays in Host (already set from the
             # original URL) and in SNI, which httpcore also uses to check the certificate.
             request.url = url.copy_with(host=str(address))
-            if literal_address(host) is None:
+            if name:
                 request.extensions = {**request.extensions, "sni_hostname": host}
-        return super().handle_request(request)
+            try:
+                return super().handle_request(request)
+            except httpx.ConnectError as exc:
+                failure = exc
+        assert failure is not None
+        raise failure
 
 
 def guarded_client(**kwargs: Any) -> httpx.Client:
