@@ -22,9 +22,10 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+from pydantic import AfterValidator, HttpUrl
 
 from jobyard.job_engine import env
 from jobyard.job_engine.errors import UnsafeURLError
@@ -155,6 +156,16 @@ def check_url(url: Any) -> str:
     if address is not None:
         check_address(url, host, address, allowed)
     return url
+
+
+def _public_url(value: HttpUrl) -> HttpUrl:
+    check_url(str(value))
+    return value
+
+
+#: A payload field for a URL jobyard will send to: a literal private address fails validation
+#: (at dispatch, 422 over HTTP); names are checked again when the request is made.
+PublicHttpUrl = Annotated[HttpUrl, AfterValidator(_public_url)]
 
 
 def resolve_checked(url: str, host: str, port: int) -> list[IPAddress]:
