@@ -66,7 +66,9 @@ def test_dashboard_shows_a_dead_job_and_replays_it(
     # the CSP allows the page's own script and style only: a violation is a console error
     page.on(
         "console",
-        lambda message: message.type == "error" and browser_errors.append(message.text),
+        lambda message: (
+            "Content Security Policy" in message.text and browser_errors.append(message.text)
+        ),
     )
 
     page.goto(f"{api.url}/dashboard")

@@ -259,7 +259,9 @@ def test_what_jobs_leave_behind_is_read_safely(
         assert response.status_code == 202, response.text
 
     # the detail is whole
-    detail = api.wait_for(echo, lambda j: j["state"] == "succeeded", engines=engines)
+    detail = api.wait_for(  # the payload comes from the job log, written in batches
+        echo, lambda j: j["state"] == "succeeded" and "payload" in j, engines=engines
+    )
     assert detail["payload"] == payload and detail["result"] == payload
     # a result with a lone surrogate and NaN: the job's page and every listing still answer
     odd_detail = api.wait_for(odd, lambda j: j["state"] == "succeeded", engines=engines)

@@ -307,7 +307,8 @@ def _dashboard_csp() -> str:
     html = _dashboard_html()
 
     def hashes(tag: str) -> str:
-        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        # the elements themselves, each opening a line (not a mention inside a comment)
+        blocks = re.findall(rf"^<{tag}>(.*?)</{tag}>", html, flags=re.S | re.M)
         return " ".join(
             f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'"
             for b in blocks
