@@ -68,6 +68,8 @@ def jobyard_env(
         "JOBYARD_JOB_MODULES": "tests.jobs",
         "JOBYARD_BREAKER_PROBE_INTERVAL": "0.2",
         "WEBHOOK_SECRET": WEBHOOK_SECRET,
+        # test receivers listen on loopback, which webhooks reach only when allow-listed
+        "JOBYARD_WEBHOOK_ALLOW": "127.0.0.1",
         "PYTHONPATH": str(ROOT),
         "DATABASE_URL": job_log_database,
         "JOBYARD_JOB_LOG_INTERVAL": "0.1",

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 
 from jobyard.dispatcher import dispatch_job
 from jobyard.dispatcher.metrics import render
 from tests.support import free_port, metric_samples, metric_value, wait_for
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a socket listening on `port`, from the kernel's own tables."""
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    raw = bytes.fromhex(address)
+                    # the kernel prints each 32-bit word in host (little-endian) order
+                    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                    found.add(socket.inet_ntop(family, raw))
+    return found
 
 
 def test_worker_processes_share_one_metrics_endpoint(engines, monkeypatch, tmp_path):
@@ -27,6 +45,8 @@ def test_worker_processes_share_one_metrics_endpoint(engines, monkeypatch, tmp_p
         )
 
     wait_for(counted, timeout=15, interval=0.3)
+    # loopback by default: the endpoint has no token (WORKER_METRICS_HOST opens it wider)
+    assert listening_addresses(port) == {"127.0.0.1"}
     samples = metric_samples(httpx.get(url, timeout=5).text)
     assert metric_value(samples, "jobyard_job_duration_seconds_count", name="system.echo") == 20
 

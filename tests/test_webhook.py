@@ -58,12 +58,12 @@ def test_client_error_fails_without_retry(engines, engine):
 
 def test_signature_helper_rejects_tampering():
     body = b'{"a":1}'
-    headers = signing.sign("k", body, timestamp=1_700_000_000)
-    ts, sig = headers[signing.TIMESTAMP_HEADER], headers[signing.SIGNATURE_HEADER]
-    assert signing.verify("k", body, ts, sig, now=1_700_000_010)
-    assert not signing.verify("k", b'{"a":2}', ts, sig, now=1_700_000_010)
-    assert not signing.verify("other", body, ts, sig, now=1_700_000_010)
-    assert not signing.verify("k", body, ts, sig, now=1_700_000_000 + 3600)
+    headers = signing.sign("k", "msg-1", body, timestamp=1_700_000_000)
+    assert signing.verify("k", body, headers, now=1_700_000_010)
+    assert not signing.verify("k", b'{"a":2}', headers, now=1_700_000_010)
+    assert not signing.verify("other", body, headers, now=1_700_000_010)
+    assert not signing.verify("k", body, headers, now=1_700_000_000 + 3600)
+    assert not signing.verify("k", body, {**headers, "webhook-id": "msg-2"}, now=1_700_000_010)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

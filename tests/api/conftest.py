@@ -4,7 +4,9 @@
   tables are emptied and `DATABASE_URL` points at it (set before any worker starts, so the
   workers write the same job log the API reads).
 * `api` — the app from `jobyard.api.create_app()` on a real uvicorn server in a thread of the
-  test process, with the test's environment; `api.client` is an httpx client bound to it.
+  test process, with the test's environment; `api.client` is an httpx client bound to it that
+  sends an API token (`api_token`), `api.anonymous` one that sends none.
+* `api_token` — `JOBYARD_API_TOKEN` set to a fresh random value (the API is closed without one).
 * `admin_token` — `JOBYARD_ADMIN_TOKEN` set to a fresh random value.
 * `on_engine(engines, monkeypatch, engine)` — make the API dispatch to that engine: start its
   worker and set `USE_DRAMATIQ` (the API reads it per dispatch).
@@ -52,10 +54,17 @@ def admin_token(monkeypatch: pytest.MonkeyPatch) -> str:
     return token
 
 
+@pytest.fixture
+def api_token(monkeypatch: pytest.MonkeyPatch) -> str:
+    token = secrets.token_urlsafe(24)
+    monkeypatch.setenv(env.API_TOKEN, token)
+    return token
+
+
 class ApiServer:
     """uvicorn serving the app in a daemon thread; stops when the test ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
@@ -63,7 +72,9 @@ class ApiServer:
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="api-server", daemon=True)
-        self.client = httpx.Client(base_url=self.url, timeout=30)
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.Client(base_url=self.url, timeout=30, headers=auth)
+        self.anonymous = httpx.Client(base_url=self.url, timeout=30)
 
     def start(self) -> ApiServer:
         self.thread.start()
@@ -76,6 +87,7 @@ class ApiServer:
 
     def stop(self) -> None:
         self.client.close()
+        self.anonymous.close()
         self.server.should_exit = True
         self.thread.join(timeout=15)
 
@@ -115,8 +127,10 @@ def api_job_modules(monkeypatch: pytest.MonkeyPatch, jobyard_env: dict[str, str]
 
 
 @pytest.fixture
-def api(jobyard_env: dict[str, str], api_job_modules: None, job_log_db: str) -> Iterator[ApiServer]:
-    server = ApiServer().start()
+def api(
+    jobyard_env: dict[str, str], api_job_modules: None, job_log_db: str, api_token: str
+) -> Iterator[ApiServer]:
+    server = ApiServer(api_token).start()
     yield server
     server.stop()
 

@@ -72,3 +72,14 @@ class NeedsSettingPayload(BaseModel):
 async def needs_setting(ctx: Any, payload: NeedsSettingPayload) -> int:
     """Cannot be dispatched unless REQUIRED_SETTING is set."""
     return payload.value
+
+
+class OddResultPayload(BaseModel):
+    pass
+
+
+@job("api.odd_result", payload=OddResultPayload, retry=RetryPolicy(attempts=1), timeout=10)
+async def odd_result(ctx: Any, payload: OddResultPayload) -> dict[str, Any]:
+    """A result no strict JSON encoder writes: a lone surrogate and NaN. Stored values like this
+    must not break a listing or the job's own page."""
+    return {"text": "\udc00", "number": float("nan")}

@@ -63,13 +63,23 @@ def test_dashboard_shows_a_dead_job_and_replays_it(
     api.wait_for(job_id, lambda j: j["state"] in ("dead", "failed"), engines=engines)
     browser_errors: list[str] = []
     page.on("pageerror", lambda error: browser_errors.append(str(error)))
+    # the CSP allows the page's own script and style only: a violation is a console error
+    page.on(
+        "console",
+        lambda message: (
+            "Content Security Policy" in message.text and browser_errors.append(message.text)
+        ),
+    )
 
     page.goto(f"{api.url}/dashboard")
-    # without a token the admin panels say what is missing instead of failing silently
+    # without a token the panels say what is missing instead of failing silently
     expect(page.locator("#queues-note")).to_contain_text("admin token")
+    expect(page.locator("#message")).to_contain_text("Enter a token")
     page.fill("#token", admin_token)
     page.click("#save-token")
-    assert page.evaluate("localStorage.getItem('jobyard.adminToken')") == admin_token
+    # this tab only: never localStorage, where any script of the origin finds it for good
+    assert page.evaluate("sessionStorage.getItem('jobyard.token')") == admin_token
+    assert page.evaluate("localStorage.length") == 0
 
     # admin panels: a queue row with its depth sparkline, the live worker
     expect(page.locator("#queues tr[data-queue='default'] svg polyline")).to_have_count(1)
@@ -114,9 +124,10 @@ def test_dashboard_cancels_a_queued_job_and_filters_by_state(
     )
     assert response.status_code == 202, response.text
 
-    page.goto(f"{api.url}/dashboard")
-    page.fill("#token", admin_token)
-    page.press("#token", "Enter")
+    # the link `jobyard dev` prints: the token in the fragment, taken out of the address at once
+    page.goto(f"{api.url}/dashboard#token={admin_token}")
+    assert page.evaluate("location.hash") == ""
+    assert page.evaluate("sessionStorage.getItem('jobyard.token')") == admin_token
     page.select_option("#filter-state", "queued")
     row = page.locator(f"#jobs tr[data-job-id='{job_id}']")
     expect(row).to_be_visible(timeout=15_000)

@@ -70,6 +70,9 @@ def _catalogue_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the developer's own settings out of the tests."""
     for name in (env.TEMP_DIR, env.REPORT_RECIPIENTS):
         monkeypatch.delenv(name, raising=False)
+    # The peers (webhook receiver, Gemini stand-in) listen on loopback, which webhooks may only
+    # reach when allow-listed.
+    monkeypatch.setenv(env.WEBHOOK_ALLOW, "127.0.0.1")
 
 
 @pytest.fixture

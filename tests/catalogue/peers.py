@@ -228,12 +228,7 @@ class _WebhookHandler(_QuietHandler):
 
     def do_POST(self) -> None:
         raw = self._read_body()
-        verified = signing.verify(
-            self.peer.secret,
-            raw,
-            self.headers.get(signing.TIMESTAMP_HEADER),
-            self.headers.get(signing.SIGNATURE_HEADER),
-        )
+        verified = signing.verify(self.peer.secret, raw, dict(self.headers.items()))
         with self.peer.lock:
             self.peer.deliveries.append(
                 WebhookDelivery(self.path, dict(self.headers.items()), raw, verified)

@@ -85,6 +85,14 @@ def test_before_sets_the_cutoff(database: str) -> None:
     assert _tokens() == {"at-cutoff-0", "at-cutoff-1"} | {f"newer-{i}" for i in range(4)}
 
 
+def test_a_future_before_cannot_delete_valid_tokens(database: str) -> None:
+    _add_tokens("expired", datetime.now(UTC) - timedelta(minutes=1), 2)
+    _add_tokens("valid", datetime.now(UTC) + timedelta(hours=1), 3)
+    result = run_inline("maintenance.token_cleanup", {"before": "9999-12-31T00:00:00Z"})
+    assert result == {"deleted": 2, "batches": 1}
+    assert _tokens() == {f"valid-{i}" for i in range(3)}
+
+
 def test_more_batches_than_fit_in_one_step(database: str) -> None:
     count = maintenance.BATCHES_PER_STEP * 2 + 3
     _add_tokens("expired", datetime.now(UTC) - timedelta(hours=1), count)
@@ -221,8 +229,11 @@ def test_file_cleanup_declaration() -> None:
     assert spec.timeout == 600
 
 
-def test_deletes_old_files_and_never_follows_symlinks(tree: dict[str, Path]) -> None:
+def test_deletes_old_files_and_never_follows_symlinks(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tree["root"]
+    monkeypatch.setenv(env.TEMP_DIR, str(root))
 
     result = run_inline("maintenance.file_cleanup", {"directory": str(root)})
 
@@ -251,16 +262,18 @@ def test_deletes_old_files_and_never_follows_symlinks(tree: dict[str, Path]) -> 
     assert root.is_dir()
 
 
-def test_removes_the_whole_emptied_chain(tmp_path: Path) -> None:
+def test_removes_the_whole_emptied_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "r"
+    monkeypatch.setenv(env.TEMP_DIR, str(tmp_path))
     _write(root / "x" / "y" / "z" / "f", 5, 2 * DAY)
     result = run_inline("maintenance.file_cleanup", {"directory": str(root), "ttl_seconds": 60})
     assert (result["files_deleted"], result["dirs_removed"]) == (1, 3)
     assert list(root.iterdir()) == []
 
 
-def test_ttl_is_respected(tmp_path: Path) -> None:
+def test_ttl_is_respected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "r"
+    monkeypatch.setenv(env.TEMP_DIR, str(tmp_path))
     young = _write(root / "young", 1, 30)
     old = _write(root / "old", 1, 120)
     result = run_inline("maintenance.file_cleanup", {"directory": str(root), "ttl_seconds": 60})
@@ -287,7 +300,10 @@ def test_relative_directory_is_taken_under_the_root(
     assert tree["old"].exists()  # outside the swept subdirectory
 
 
-def test_refuses_a_directory_that_is_a_symlink(tree: dict[str, Path]) -> None:
+def test_refuses_a_directory_that_is_a_symlink(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(env.TEMP_DIR, str(tree["root"].parent))
     link = tree["root"].parent / "root-link"
     link.symlink_to(tree["outside"], target_is_directory=True)
     with pytest.raises(PermanentError, match="symlink"):
@@ -311,7 +327,19 @@ def test_refuses_when_nothing_is_configured() -> None:
         run_inline("maintenance.file_cleanup", {})
 
 
-def test_refuses_a_missing_directory(tmp_path: Path) -> None:
+def test_an_explicit_directory_without_a_configured_root_is_refused(
+    tree: dict[str, Path],
+) -> None:
+    """The issue's finding: a payload alone named a folder and it was emptied."""
+    with pytest.raises(PermanentError, match=env.TEMP_DIR):
+        run_inline(
+            "maintenance.file_cleanup", {"directory": str(tree["outside"]), "ttl_seconds": 0}
+        )
+    assert tree["target"].exists() and tree["outside_dir_file"].exists()
+
+
+def test_refuses_a_missing_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(env.TEMP_DIR, str(tmp_path))
     with pytest.raises(PermanentError, match="not a directory"):
         run_inline("maintenance.file_cleanup", {"directory": str(tmp_path / "nope")})
 

@@ -4,26 +4,37 @@ Every route is a thin translation of a `jobyard.dispatcher` call; the mapping of
 errors to HTTP statuses lives in one place (`_install_error_handlers`). Routes that call
 blocking code (Redis, the database, the Temporal client's own loop) are plain `def`, which
 FastAPI runs in its thread pool, so a slow engine never stalls the event loop.
+
+Closed by default (see auth.py and guard.py): every route but GET /health needs a bearer token,
+admin routes an admin token; jobs declared `http=False` cannot be started here at all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import importlib
 import json
 import logging
+import math
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import cache
 from importlib.resources import files
-from typing import Any, Literal
-from urllib.parse import quote, urlparse
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, Query, Request, status
+import redis
+from fastapi import Depends, FastAPI, Path, Query, Request, status
 from fastapi.encoders import jsonable_encoder
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sqlalchemy import exc as sa_exc
 
-from jobyard.api.auth import require_admin
+from jobyard.api.auth import Role, require_admin, require_token
+from jobyard.api.guard import GuardMiddleware
 from jobyard.api.health import TemporalProbe, redis_ok
 from jobyard.api.schedules import router as schedules_router
 from jobyard.dispatcher import (
@@ -44,7 +55,17 @@ from jobyard.dispatcher import (
     warm_up,
 )
 from jobyard.dispatcher.dispatch import JOB_ID_PATTERN, MAX_DELAY_SECONDS
-from jobyard.job_engine import InvalidPayloadError, MissingSettingError, UnknownJobError
+from jobyard.job_engine import (
+    IdempotencyConflictError,
+    InvalidPayloadError,
+    MissingSettingError,
+    PayloadTooLargeError,
+    UnknownJobError,
+    UnsafeURLError,
+    get_spec,
+    netguard,
+    strictjson,
+)
 
 log = logging.getLogger("jobyard.api")
 
@@ -53,16 +74,73 @@ log = logging.getLogger("jobyard.api")
 #: ~2 s, so a few seconds is long enough for either to have changed its mind.
 RETRY_AFTER_SECONDS = 5
 MAX_PAGE = 500
-JOB_STATES = "queued, running, retrying, succeeded, failed, dead, cancelled"
+#: Deepest offset a listing pages to; past it the database would scan (or overflow) for nothing.
+MAX_OFFSET = 1_000_000
+JobState = Literal["queued", "running", "retrying", "succeeded", "failed", "dead", "cancelled"]
 Engine = Literal["dramatiq", "temporal"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$"  # job and queue names
+JOB_ID_PATH = f"^{JOB_ID_PATTERN.pattern}$"
+#: Listings carry summaries: what a table row shows. Payloads, results and tracebacks can be
+#: large and private; GET /jobs/{id} has them.
+SUMMARY_OMITS = ("payload", "result", "progress", "error_traceback")
+SUMMARY_ERROR_CHARS = 300
 
 DISPATCH_BODY_DOC = {
     "requestBody": {
         "required": True,
-        "description": "The job's payload, validated against the job's schema.",
+        "description": "The job's payload, validated against the job's schema (strict JSON).",
         "content": {"application/json": {"schema": {"type": "object"}}},
     }
 }
+
+
+def _doc(description: str) -> dict[str, Any]:
+    return {"description": description}
+
+
+TOKEN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: _doc("missing or wrong bearer token (or none configured on the server)"),
+    503: _doc("a service this route needs (Redis, the job log database, Temporal) is down"),
+}
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **TOKEN_RESPONSES,
+    403: _doc("an API token on an admin route, or a cross-origin request"),
+}
+WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: _doc("request body too large"),
+    415: _doc("the body is not application/json"),
+}
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that always renders: a stored value no encoder can write (a lone surrogate, NaN
+    from an older job) must never turn a listing into a 500 for everyone."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return json.dumps(
+                content, ensure_ascii=True, allow_nan=False, separators=(",", ":")
+            ).encode("ascii")
+        except (TypeError, ValueError, RecursionError):
+            return json.dumps(
+                _printable(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")
+            ).encode("ascii")
+
+
+def _printable(value: Any, depth: int = 0) -> Any:
+    """`value` with what JSON cannot carry replaced: non-finite numbers by None, unknown types
+    by their repr, anything nested past strictjson.MAX_DEPTH by a marker."""
+    if depth > strictjson.MAX_DEPTH:
+        return "<nested too deep>"
+    if isinstance(value, dict):
+        return {str(k): _printable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v, depth + 1) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)
 
 
 def _validation_detail(loc: list[Any], msg: str, kind: str) -> list[dict[str, Any]]:
@@ -71,7 +149,17 @@ def _validation_detail(loc: list[Any], msg: str, kind: str) -> list[dict[str, An
 
 
 def _unprocessable(detail: list[dict[str, Any]]) -> JSONResponse:
-    return JSONResponse({"detail": jsonable_encoder(detail)}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+    return SafeJSONResponse(
+        {"detail": jsonable_encoder(detail)}, status.HTTP_422_UNPROCESSABLE_CONTENT
+    )
+
+
+def _unavailable(detail: str) -> JSONResponse:
+    return SafeJSONResponse(
+        {"detail": detail},
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 def _status_url(request: Request, job_id: str) -> str:
@@ -88,12 +176,12 @@ def _accepted(request: Request, handle: JobHandle) -> JSONResponse:
         "fallback_reason": handle.fallback_reason,
         "duplicate": handle.duplicate,
     }
-    return JSONResponse(body, status.HTTP_202_ACCEPTED, headers={"Location": url})
+    return SafeJSONResponse(body, status.HTTP_202_ACCEPTED, headers={"Location": url})
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     def not_found(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status.HTTP_404_NOT_FOUND)
+        return SafeJSONResponse({"detail": str(exc)}, status.HTTP_404_NOT_FOUND)
 
     def invalid_payload(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, InvalidPayloadError)
@@ -103,47 +191,91 @@ def _install_error_handlers(app: FastAPI) -> None:
             detail = _validation_detail(["body"], exc.reason, "invalid_payload")
         return _unprocessable(detail)
 
+    def too_large(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, PayloadTooLargeError)
+        return SafeJSONResponse(
+            {"detail": str(exc), "size": exc.size, "limit": exc.limit},
+            status.HTTP_413_CONTENT_TOO_LARGE,
+        )
+
+    def conflict(_: Request, exc: Exception) -> JSONResponse:
+        return SafeJSONResponse({"detail": str(exc)}, status.HTTP_409_CONFLICT)
+
+    def unsafe_url(_: Request, exc: Exception) -> JSONResponse:
+        return _unprocessable(_validation_detail(["query", "webhook_url"], str(exc), "url_unsafe"))
+
     def missing_setting(_: Request, exc: Exception) -> JSONResponse:
         # 503, not 422: the request is fine, this server lacks a setting; only its operator
         # can fix that, and the same request will succeed afterwards.
         assert isinstance(exc, MissingSettingError)
-        return JSONResponse(
+        return SafeJSONResponse(
             {"detail": str(exc), "missing_settings": exc.missing},
             status.HTTP_503_SERVICE_UNAVAILABLE,
         )
 
-    def unavailable(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            {"detail": str(exc)},
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+    # Outages: the status and a retry hint, never the library's message (it names internal
+    # hosts and ports) and never a traceback; the log has the details.
+    def engine_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        engine = getattr(exc, "engine", None)
+        log.warning("engine unavailable: %s", exc)
+        return _unavailable(f"{engine or 'an engine'} is unavailable; retry later")
+
+    def dispatch_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("dispatch unavailable: %s", exc)
+        return _unavailable("no engine could take the job; nothing was started; retry later")
+
+    def database_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("job log database unavailable: %s", exc)
+        return _unavailable("the job log database is unavailable; retry later")
+
+    def redis_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("Redis unavailable: %s", exc)
+        return _unavailable("Redis is unavailable; retry later")
 
     def still_active(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, JobStillActiveError)
-        return JSONResponse({"detail": str(exc), "state": exc.state}, status.HTTP_409_CONFLICT)
+        return SafeJSONResponse({"detail": str(exc), "state": exc.state}, status.HTTP_409_CONFLICT)
 
     app.add_exception_handler(UnknownJobError, not_found)
     app.add_exception_handler(JobNotFoundError, not_found)
     app.add_exception_handler(InvalidPayloadError, invalid_payload)
+    app.add_exception_handler(PayloadTooLargeError, too_large)
+    app.add_exception_handler(IdempotencyConflictError, conflict)
+    app.add_exception_handler(UnsafeURLError, unsafe_url)
     app.add_exception_handler(MissingSettingError, missing_setting)
-    app.add_exception_handler(DispatchUnavailableError, unavailable)
-    app.add_exception_handler(EngineUnavailable, unavailable)
+    app.add_exception_handler(DispatchUnavailableError, dispatch_unavailable)
+    app.add_exception_handler(EngineUnavailable, engine_unavailable)
     app.add_exception_handler(JobStillActiveError, still_active)
+    app.add_exception_handler(sa_exc.OperationalError, database_down)
+    app.add_exception_handler(sa_exc.InterfaceError, database_down)
+    app.add_exception_handler(sa_exc.TimeoutError, database_down)  # the connection pool's
+    app.add_exception_handler(redis.RedisError, redis_down)
+    _install_temporal_handler(app)
+
+
+def _install_temporal_handler(app: FastAPI) -> None:
+    from temporalio.service import RPCError
+
+    def temporal_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("Temporal unavailable: %s", exc)
+        return _unavailable("Temporal is unavailable; retry later")
+
+    app.add_exception_handler(RPCError, temporal_down)
 
 
 def _job_log_view(job_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
     """The job log's record and the recorded steps, or why they could not be read.
 
     The engines are the authority on a job's state; the log only adds history. A database
-    outage must not turn a working status lookup into a 500, so its error is reported inline.
+    outage must not turn a working status lookup into a 500, so its error is reported inline
+    (in general terms: the exception's text names internal hosts).
     """
     try:
         record = get_job_record(job_id)
         steps = get_job_steps(job_id)
-    except Exception as exc:
+    except Exception:
         log.warning("job log unavailable for %s", job_id, exc_info=True)
-        return None, None, f"{type(exc).__name__}: {exc}"
+        return None, None, "the job log is unavailable"
     return (record.as_dict() if record is not None else None), steps, None
 
 
@@ -157,9 +289,37 @@ def _merge(status_: dict[str, Any] | None, record: dict[str, Any] | None) -> dic
     return merged
 
 
+def _summary(record: dict[str, Any]) -> dict[str, Any]:
+    summary = {k: v for k, v in record.items() if k not in SUMMARY_OMITS}
+    message = summary.get("error_message")
+    if isinstance(message, str) and len(message) > SUMMARY_ERROR_CHARS:
+        summary["error_message"] = message[:SUMMARY_ERROR_CHARS] + "…"
+    return summary
+
+
 @cache
 def _dashboard_html() -> str:
     return files("jobyard.api").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+
+@cache
+def _dashboard_csp() -> str:
+    """Only the page's own inline script and style (by hash) and calls to this origin."""
+    html = _dashboard_html()
+
+    def hashes(tag: str) -> str:
+        # the elements themselves, each opening a line (not a mention inside a comment)
+        blocks = re.findall(rf"^<{tag}>(.*?)</{tag}>", html, flags=re.S | re.M)
+        return " ".join(
+            f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'"
+            for b in blocks
+        )
+
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+        "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
+        "form-action 'none'"
+    )
 
 
 def _render_metrics() -> tuple[bytes, str]:
@@ -174,6 +334,16 @@ def _render_metrics() -> tuple[bytes, str]:
 
         return generate_latest(), CONTENT_TYPE_LATEST
     return module.render()
+
+
+JobIdPath = Annotated[
+    str,
+    Path(
+        pattern=JOB_ID_PATH,
+        description="A job id (1-200 characters of letters, digits and ._:@/-, starting with a "
+        "letter or digit).",
+    ),
+]
 
 
 def create_app(*, warm: bool = True) -> FastAPI:
@@ -195,95 +365,140 @@ def create_app(*, warm: bool = True) -> FastAPI:
         summary="Dispatch, inspect and steer background jobs on Dramatiq and Temporal.",
         version="0.1.0",
         lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
+        # The schema is served below behind a token; the docs pages load scripts from a CDN,
+        # which neither the CSP nor machines without internet allow.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
+    app.add_middleware(GuardMiddleware)
     _install_error_handlers(app)
     app.include_router(schedules_router)  # admin-only (require_admin on the router)
     temporal_probe = TemporalProbe()
+    token = [Depends(require_token)]
     admin = [Depends(require_admin)]
 
     @app.post(
         "/jobs/{name}",
         status_code=status.HTTP_202_ACCEPTED,
         openapi_extra=DISPATCH_BODY_DOC,
+        dependencies=token,
         tags=["jobs"],
-        responses={404: {"description": "unknown job"}, 422: {}, 503: {}},
+        responses={
+            **ADMIN_RESPONSES,
+            **WRITE_RESPONSES,
+            403: _doc("the job cannot be started over HTTP, or a cross-origin request"),
+            404: _doc("unknown job"),
+            409: _doc("the job id is taken by another job name or another payload"),
+            413: _doc("request body or payload too large"),
+            422: _doc("invalid payload or query parameter"),
+        },
     )
     async def dispatch(
         name: str,
         request: Request,
         job_id: str | None = Query(
             None,
-            pattern=f"^{JOB_ID_PATTERN.pattern}$",
-            description="Idempotency key: a second dispatch with this id starts nothing.",
+            pattern=JOB_ID_PATH,
+            description="Idempotency key: a second dispatch with this id and the same job and "
+            "payload starts nothing; with another job or payload it is a 409.",
         ),
         delay: float | None = Query(
             None, ge=0, le=MAX_DELAY_SECONDS, description="Seconds before the job may start."
         ),
         webhook_url: str | None = Query(
-            None, description="http(s) URL that receives the job's final state, signed."
+            None,
+            max_length=2000,
+            description="http(s) URL that receives the job's final state, signed. Private, "
+            "loopback and link-local addresses are refused unless in JOBYARD_WEBHOOK_ALLOW.",
         ),
     ) -> JSONResponse:
         """Start job `name` with the JSON body as its payload."""
+        spec = await asyncio.to_thread(get_spec, name)
+        if not spec.http:
+            return SafeJSONResponse(
+                {"detail": f"job {name!r} cannot be started over HTTP"},
+                status.HTTP_403_FORBIDDEN,
+            )
         if webhook_url is not None:
-            parsed = urlparse(webhook_url)
-            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            try:
+                netguard.check_url(webhook_url)
+            except UnsafeURLError as exc:
                 return _unprocessable(
-                    _validation_detail(
-                        ["query", "webhook_url"], "an http(s) URL is required", "url_parsing"
-                    )
+                    _validation_detail(["query", "webhook_url"], exc.reason, "url_parsing")
                 )
         raw = await request.body()
         try:
-            payload = json.loads(raw)
-        except ValueError as exc:  # includes an empty body and invalid UTF-8
+            payload = strictjson.loads(raw)
+        except strictjson.StrictJSONError as exc:  # also an empty body and invalid UTF-8
             return _unprocessable(
                 _validation_detail(["body"], f"the body must be JSON: {exc}", "json_invalid")
             )
-        handle = await adispatch_job(
-            name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url
-        )
+        try:
+            handle = await adispatch_job(
+                name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url
+            )
+        except DispatchUnavailableError as exc:
+            log.warning("dispatch of %s unavailable: %s", job_id, exc)
+            which = f"job {job_id!r}" if job_id else "the job"
+            return _unavailable(f"no engine could take {which}; nothing was started; retry later")
         return _accepted(request, handle)
 
-    @app.get("/jobs", tags=["jobs"])
+    @app.get("/jobs", tags=["jobs"], dependencies=token, responses={**TOKEN_RESPONSES})
     def jobs(
-        state: str | None = Query(None, description=f"One of: {JOB_STATES}."),
-        name: str | None = None,
-        queue: str | None = None,
+        state: JobState | None = None,
+        name: str | None = Query(None, pattern=NAME_PATTERN),
+        queue: str | None = Query(None, pattern=NAME_PATTERN),
         engine: Engine | None = None,
         limit: int = Query(50, ge=1, le=MAX_PAGE),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
     ) -> list[dict[str, Any]]:
-        """The job log, most recently enqueued first."""
+        """The job log, most recently enqueued first: summaries, without payloads or results
+        (GET /jobs/{job_id} has those)."""
         found = list_jobs(
             state=state, name=name, queue=queue, engine=engine, limit=limit, offset=offset
         )
-        return [record.as_dict() for record in found]
+        return [_summary(record.as_dict()) for record in found]
 
-    @app.get("/dead", tags=["jobs"])
+    @app.get("/dead", tags=["jobs"], dependencies=token, responses={**TOKEN_RESPONSES})
     def dead(
-        name: str | None = None,
-        queue: str | None = None,
+        name: str | None = Query(None, pattern=NAME_PATTERN),
+        queue: str | None = Query(None, pattern=NAME_PATTERN),
         limit: int = Query(50, ge=1, le=MAX_PAGE),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
     ) -> list[dict[str, Any]]:
-        """Dead letters: jobs that exhausted their retries."""
+        """Dead letters: jobs that exhausted their retries (summaries, like GET /jobs)."""
         found = list_jobs(state="dead", name=name, queue=queue, limit=limit, offset=offset)
-        return [record.as_dict() for record in found]
+        return [_summary(record.as_dict()) for record in found]
 
     @app.post(
         "/jobs/{job_id:path}/replay",
         status_code=status.HTTP_202_ACCEPTED,
         dependencies=admin,
         tags=["admin"],
-        responses={404: {}, 409: {"description": "the job is still queued or running"}},
+        responses={
+            **ADMIN_RESPONSES,
+            **WRITE_RESPONSES,
+            404: _doc("no such job"),
+            409: _doc("the job is still queued or running"),
+        },
     )
-    def replay(job_id: str, request: Request) -> JSONResponse:
+    def replay(job_id: JobIdPath, request: Request) -> JSONResponse:
         """Run a dead, failed or cancelled job again, keeping the steps it finished."""
         return _accepted(request, replay_job(job_id))
 
-    @app.get("/jobs/{job_id:path}", tags=["jobs"], responses={404: {}})
-    def job_detail(job_id: str) -> dict[str, Any]:
-        """The engine's live status merged with the job log: payload, timestamps, error, steps."""
+    @app.get(
+        "/jobs/{job_id:path}",
+        tags=["jobs"],
+        dependencies=token,
+        responses={**TOKEN_RESPONSES, 404: _doc("no such job")},
+    )
+    def job_detail(
+        job_id: JobIdPath, role: Annotated[Role, Depends(require_token)]
+    ) -> dict[str, Any]:
+        """The engine's live status merged with the job log: payload, result, timestamps, error
+        and steps (the error's traceback for admin tokens only: it shows server paths)."""
         try:
             live = get_job(job_id).as_dict()
         except JobNotFoundError:
@@ -293,42 +508,73 @@ def create_app(*, warm: bool = True) -> FastAPI:
             raise JobNotFoundError(job_id)
         detail = _merge(live, record)
         detail["steps"] = steps
+        if role != "admin":
+            detail.pop("error_traceback", None)
         if log_error is not None:
             detail["job_log_error"] = log_error
         return detail
 
-    @app.delete("/jobs/{job_id:path}", dependencies=admin, tags=["admin"], responses={404: {}})
-    def cancel(job_id: str) -> dict[str, Any]:
+    @app.delete(
+        "/jobs/{job_id:path}",
+        dependencies=admin,
+        tags=["admin"],
+        responses={**ADMIN_RESPONSES, **WRITE_RESPONSES, 404: _doc("no such job")},
+    )
+    def cancel(job_id: JobIdPath) -> dict[str, Any]:
         """Cancel: a queued job never starts; a running one stops at its next step."""
         return cancel_job(job_id).as_dict()
 
-    @app.get("/queues", dependencies=admin, tags=["admin"])
+    @app.get("/queues", dependencies=admin, tags=["admin"], responses={**ADMIN_RESPONSES})
     def queues() -> list[dict[str, Any]]:
         return [stats.as_dict() for stats in queue_stats()]
 
-    @app.get("/workers", dependencies=admin, tags=["admin"])
+    @app.get("/workers", dependencies=admin, tags=["admin"], responses={**ADMIN_RESPONSES})
     def workers() -> list[dict[str, Any]]:
         return [worker.as_dict() for worker in list_workers()]
 
-    @app.get("/health", tags=["ops"], responses={503: {"description": "no engine reachable"}})
+    @app.get("/health", tags=["ops"], responses={503: _doc("no engine reachable")})
     async def health() -> JSONResponse:
+        """Open to everyone (load balancers): says only whether each engine answers."""
         redis_up, temporal_up = await asyncio.gather(
             asyncio.to_thread(redis_ok), temporal_probe.ok()
         )
         up = redis_up or temporal_up  # one engine is enough: dispatch falls back to the other
-        return JSONResponse(
+        return SafeJSONResponse(
             {"status": "ok" if up else "unavailable", "redis": redis_up, "temporal": temporal_up},
             status.HTTP_200_OK if up else status.HTTP_503_SERVICE_UNAVAILABLE,
         )
 
-    @app.get("/metrics", tags=["ops"], response_class=Response)
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        dependencies=token,
+        responses={
+            **TOKEN_RESPONSES,
+            200: {"description": "Prometheus text", "content": {"text/plain": {}}},
+        },
+    )
     def metrics() -> Response:
-        """Prometheus text exposition."""
+        """Prometheus text exposition (a scraper sends a token: `authorization.credentials`)."""
         body, content_type = _render_metrics()
         return Response(body, media_type=content_type)
 
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> HTMLResponse:
-        return HTMLResponse(_dashboard_html())
+        # The page holds no data; everything it shows comes from token-checked calls.
+        return HTMLResponse(
+            _dashboard_html(), headers={"Content-Security-Policy": _dashboard_csp()}
+        )
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=token)
+    def openapi() -> JSONResponse:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                routes=app.routes,
+            )
+        return SafeJSONResponse(app.openapi_schema)
 
     return app

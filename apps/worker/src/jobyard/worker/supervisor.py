@@ -35,12 +35,15 @@ def _serve_metrics() -> None:
 
     from jobyard.dispatcher.metrics import process_registry
 
+    # Loopback by default: the metrics carry job names and queue sizes and have no token, so
+    # reaching them from elsewhere (a scraper in another container) is an operator's choice.
+    host = env.get_str(env.WORKER_METRICS_HOST)
     try:
-        start_http_server(port, registry=process_registry())
+        start_http_server(port, addr=host, registry=process_registry())
     except OSError as exc:  # another worker on this host has the port: run without, say so
-        log.warning("metrics not served: port %d unavailable (%s)", port, exc)
+        log.warning("metrics not served: %s:%d unavailable (%s)", host, port, exc)
         return
-    log.info("worker metrics on :%d/metrics", port)
+    log.info("worker metrics on %s:%d/metrics", host, port)
 
 
 def _start_shipper(stop: threading.Event) -> threading.Thread | None:

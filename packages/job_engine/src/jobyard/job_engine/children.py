@@ -10,12 +10,20 @@ even a repeated step starts the child once (dispatch treats a known job id as al
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable
 from typing import Any
 
 from jobyard.job_engine.errors import JobyardError
 
 ChildDispatcher = Callable[[str, Any, str], dict[str, Any]]
+
+#: The dispatcher's job id rule (jobyard.dispatcher.dispatch.JOB_ID_PATTERN), restated here
+#: because job_engine does not import the dispatcher.
+MAX_JOB_ID = 200
+_ID_CHARS = re.compile(r"[^A-Za-z0-9._:@/-]")
+_DIGEST_CHARS = 24  # hex of SHA-256: 96 bits, no collision among one parent's children
 
 _dispatcher: ChildDispatcher | None = None
 
@@ -26,11 +34,32 @@ def install_dispatcher(dispatcher: ChildDispatcher | None) -> None:
     _dispatcher = dispatcher
 
 
+def fit_job_id(job_id: str) -> str:
+    """`job_id` itself when it obeys the id rule, else a stable id that does.
+
+    A derived id (`<parent>:webhook`) passes 200 characters when the parent's id is long; it is
+    then cut and a digest of the whole id appended, keeping its end (which names the child) when
+    that fits. The same input always gives the same id, so a repeated step still starts the child
+    once, and different inputs give different ids.
+    """
+    if len(job_id) <= MAX_JOB_ID and _ID_CHARS.search(job_id) is None and job_id[:1].isalnum():
+        return job_id
+    digest = hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST_CHARS]
+    clean = _ID_CHARS.sub("-", job_id)
+    head, sep, tail = clean.rpartition(":")
+    if not sep or len(tail) > 40:
+        head, tail = clean, ""
+    keep = MAX_JOB_ID - len(digest) - 1 - (len(tail) + 1 if tail else 0)
+    fitted = f"{head[:keep]}-{digest}" + (f":{tail}" if tail else "")
+    return fitted if fitted[:1].isalnum() else f"j{fitted[1:]}"
+
+
 def dispatch_child(name: str, payload: Any, job_id: str) -> dict[str, Any]:
-    """Step function: dispatch `name` with a stable `job_id`; returns the child's handle as JSON."""
+    """Step function: dispatch `name` with a stable `job_id` (made to fit the id rule, see
+    `fit_job_id`); returns the child's handle as JSON."""
     if _dispatcher is None:
         raise JobyardError(
             "no dispatcher is installed in this process; "
             "call jobyard.job_engine.children.install_dispatcher() at start-up"
         )
-    return _dispatcher(name, payload, job_id)
+    return _dispatcher(name, payload, fit_job_id(job_id))

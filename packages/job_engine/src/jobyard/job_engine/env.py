@@ -129,11 +129,25 @@ JOB_LOG_INTERVAL = "JOBYARD_JOB_LOG_INTERVAL"  # seconds between batched writes
 DEFAULTS[JOB_LOG] = "true"
 DEFAULTS[JOB_LOG_INTERVAL] = "0.5"
 
-# The HTTP API (jobyard.api)
-ADMIN_TOKEN = "JOBYARD_ADMIN_TOKEN"  # bearer token of the admin routes; unset = admin API disabled
+# The HTTP API (jobyard.api). Closed by default: with no token set, every route but GET /health
+# answers 401; each setting below opens something, none closes it.
+ADMIN_TOKEN = "JOBYARD_ADMIN_TOKEN"  # comma-separated bearer tokens that may do everything
+API_TOKEN = "JOBYARD_API_TOKEN"  # comma-separated bearer tokens that may dispatch and read
+ALLOWED_ORIGINS = "JOBYARD_ALLOWED_ORIGINS"  # comma-separated Origins besides the API's own
+ALLOWED_HOSTS = "JOBYARD_ALLOWED_HOSTS"  # comma-separated Host names; unset = any Host
+MAX_REQUEST_BYTES = "JOBYARD_MAX_REQUEST_BYTES"  # largest HTTP request body the API reads
+DEFAULTS[MAX_REQUEST_BYTES] = str(1024 * 1024)
+
+# Limits and outbound requests (jobyard.job_engine.registry, jobyard.job_engine.netguard)
+MAX_PAYLOAD_BYTES = "JOBYARD_MAX_PAYLOAD_BYTES"  # largest payload (as compact JSON) dispatched
+DEFAULTS[MAX_PAYLOAD_BYTES] = str(512 * 1024)
+WEBHOOK_ALLOW = "JOBYARD_WEBHOOK_ALLOW"  # comma-separated hosts or CIDRs webhooks may reach
+# although private (loopback, RFC 1918, ...); unset = public addresses only
 
 # Metrics
 WORKER_METRICS_PORT = "WORKER_METRICS_PORT"  # `jobyard worker` serves /metrics here; 0 = off
+WORKER_METRICS_HOST = "WORKER_METRICS_HOST"  # address the worker's /metrics binds to
+DEFAULTS[WORKER_METRICS_HOST] = "127.0.0.1"
 PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's; set for workers
 DEFAULTS[WORKER_METRICS_PORT] = "9191"
 

@@ -43,3 +43,38 @@ class MissingSettingError(JobyardError):
         super().__init__(f"job {name!r} cannot run: set {', '.join(missing)}")
         self.name = name
         self.missing = missing
+
+
+class PayloadTooLargeError(InvalidPayloadError):
+    """The payload's JSON is larger than JOBYARD_MAX_PAYLOAD_BYTES (HTTP 413).
+
+    A subclass of InvalidPayloadError, so code that refuses bad payloads refuses these too.
+    """
+
+    def __init__(self, name: str, size: int, limit: int) -> None:
+        super().__init__(name, f"the payload is {size} bytes of JSON; the limit is {limit}")
+        self.size = size
+        self.limit = limit
+
+
+class IdempotencyConflictError(JobyardError):
+    """A job id is already taken by another job name or another payload (HTTP 409).
+
+    A second dispatch with the same id is only a harmless duplicate when it asks for the same
+    job with the same payload; anything else would silently drop the caller's job.
+    """
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(f"job id {job_id!r} is taken: {reason}")
+        self.job_id = job_id
+        self.reason = reason
+
+
+class UnsafeURLError(PermanentError, ValueError):
+    """An outbound URL points somewhere jobyard must not reach (loopback, private, link-local,
+    ...) and is not in JOBYARD_WEBHOOK_ALLOW. Permanent: retrying cannot make it safe."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"refusing {url!r}: {reason}")
+        self.url = url
+        self.reason = reason

@@ -7,21 +7,26 @@ this registry; nothing else is written per job.
 from __future__ import annotations
 
 import importlib
-import json
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
+from jobyard.job_engine import env, strictjson
 from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.env import JOB_MODULES as JOB_MODULES_ENV
-from jobyard.job_engine.errors import InvalidPayloadError, MissingSettingError, UnknownJobError
+from jobyard.job_engine.errors import (
+    InvalidPayloadError,
+    MissingSettingError,
+    PayloadTooLargeError,
+    UnknownJobError,
+)
 from jobyard.job_engine.policy import RateLimit, RetryPolicy, retry_with_env, timeout_with_env
 
-Handler = Callable[[JobContext, Any], Awaitable[Any]]
+Handler = Callable[[JobContext, Any], Coroutine[Any, Any, Any]]
 
 BUILTIN_JOB_MODULES = ("jobyard.job_engine.jobs",)
 
@@ -37,6 +42,10 @@ class JobSpec:
     rate_limit: RateLimit | None = None
     requires_env: tuple[str, ...] = ()
     description: str = ""
+    #: May this job be started over HTTP (POST /jobs/{name})? Jobs with side effects an
+    #: API client must never choose the arguments of (deleting files, signing bodies) say False;
+    #: they are still dispatched from Python code, schedules and other jobs.
+    http: bool = True
 
     def check_environment(self) -> None:
         """Fail at dispatch, not in a worker, when the job cannot run without a setting."""
@@ -51,14 +60,17 @@ class JobSpec:
         return timeout_with_env(self.name, self.timeout)
 
     def validate(self, payload: Any) -> BaseModel:
-        """Parse a payload (a dict or JSON text) into the job model; raise InvalidPayloadError."""
-        if isinstance(payload, str | bytes):
-            try:
-                payload = json.loads(payload)
-            except ValueError as exc:
-                raise InvalidPayloadError(self.name, f"not JSON: {exc}") from None
-        if isinstance(payload, BaseModel):
-            payload = payload.model_dump(mode="json")
+        """Parse a payload (a dict or strict JSON text) into the job model; raise
+        InvalidPayloadError."""
+        try:
+            if isinstance(payload, str | bytes | bytearray):
+                payload = strictjson.loads(payload)
+            elif isinstance(payload, BaseModel):
+                payload = payload.model_dump(mode="json")
+            else:
+                strictjson.check(payload, other_types=True)
+        except strictjson.StrictJSONError as exc:
+            raise InvalidPayloadError(self.name, str(exc)) from None
         try:
             return self.payload_model.model_validate(payload)
         except ValidationError as exc:
@@ -69,14 +81,29 @@ class JobSpec:
             raise InvalidPayloadError(self.name, reason, errors) from None
 
     def encode(self, payload: Any) -> dict[str, Any]:
-        """Validate and return the JSON form that crosses to an engine."""
+        """Validate and return the JSON form that crosses to an engine.
+
+        Strict JSON (no NaN, Infinity, lone surrogates or deep nesting) and at most
+        JOBYARD_MAX_PAYLOAD_BYTES of it, checked here so that no engine is touched by a payload
+        one of them could not carry or a reader could not read back.
+        """
         model = self.validate(payload)
         try:
             data = model.model_dump(mode="json")
-            json.dumps(data)
-        except (TypeError, ValueError, PydanticSerializationError) as exc:
+            strictjson.check(data)  # a model may compute values its input did not have
+            size = len(strictjson.dumps(data))
+        except (ValueError, PydanticSerializationError) as exc:  # StrictJSONError included
             raise InvalidPayloadError(self.name, f"not JSON-serialisable: {exc}") from None
+        limit = max_payload_bytes()
+        if size > limit:
+            raise PayloadTooLargeError(self.name, size, limit)
         return data
+
+
+def max_payload_bytes() -> int:
+    """JOBYARD_MAX_PAYLOAD_BYTES (512 KiB by default: well within what a Redis message and a
+    Temporal workflow input carry)."""
+    return env.get_int(env.MAX_PAYLOAD_BYTES)
 
 
 class JobRegistry:
@@ -117,8 +144,11 @@ def job(
     timeout: float = 60.0,
     rate_limit: RateLimit | None = None,
     requires_env: tuple[str, ...] = (),
+    http: bool = True,
 ) -> Callable[[Handler], Handler]:
     """Declare `async def handler(ctx, payload)` as the job `name`.
+
+    `http=False` keeps the job off the HTTP API (403 there, whatever the token).
 
     >>> @job("system.echo", payload=EchoPayload, retry=RetryPolicy(attempts=1))
     ... async def echo(ctx, payload): return payload.model_dump()
@@ -135,6 +165,7 @@ def job(
                 timeout=timeout,
                 rate_limit=rate_limit,
                 requires_env=requires_env,
+                http=http,
                 description=(handler.__doc__ or "").strip().split("\n")[0],
             )
         )

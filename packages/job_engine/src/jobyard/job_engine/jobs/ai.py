@@ -19,7 +19,7 @@ import logging
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -29,6 +29,7 @@ from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import ConversationMessage
 from jobyard.job_engine.errors import PermanentError
+from jobyard.job_engine.netguard import PublicHttpUrl
 from jobyard.job_engine.policy import RetryPolicy
 from jobyard.job_engine.registry import job
 from jobyard.job_engine.services.ai import gemini, limiter
@@ -75,7 +76,7 @@ class GeneratePayload(BaseModel):
     user_id: str | None = Field(default=None, max_length=64)
     context: GenerateContext = Field(default_factory=GenerateContext)
     options: GenerateOptions = Field(default_factory=GenerateOptions)
-    webhook_url: HttpUrl | None = None
+    webhook_url: PublicHttpUrl | None = None  # no private addresses (jobyard.job_engine.netguard)
 
 
 # --- steps -------------------------------------------------------------------------------------

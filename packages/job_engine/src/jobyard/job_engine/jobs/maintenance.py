@@ -37,13 +37,16 @@ class TokenCleanupPayload(BaseModel):
         DEFAULT_TOKEN_BATCH_SIZE, ge=1, le=1_000_000, description="rows deleted per transaction"
     )
     before: AwareDatetime | None = Field(
-        None, description="delete tokens that expired before this instant (default: now)"
+        None,
+        description="delete tokens that expired before this instant (default: now); a future "
+        "instant counts as now, so no call can delete a token that is still valid",
     )
 
 
 def token_cutoff(before: str | None) -> str:
-    """Step: the cutoff instant as ISO text in UTC; `now` when none is given."""
-    instant = datetime.fromisoformat(before) if before else datetime.now(UTC)
+    """Step: the cutoff instant as ISO text in UTC: `before`, but never later than now."""
+    now = datetime.now(UTC)
+    instant = min(datetime.fromisoformat(before), now) if before else now
     return instant.astimezone(UTC).isoformat()
 
 
@@ -104,6 +107,7 @@ def delete_expired_tokens(cutoff: str, batch_size: int, max_batches: int) -> dic
     payload=TokenCleanupPayload,
     retry=RetryPolicy(attempts=2, backoff=3600),
     timeout=600,
+    http=False,
 )
 async def token_cleanup(ctx: Any, payload: TokenCleanupPayload) -> dict[str, int]:
     """Delete expired tokens in small batches; returns {"deleted", "batches"}."""
@@ -136,8 +140,8 @@ class FileCleanupPayload(BaseModel):
 
     directory: str | None = Field(
         None,
-        description=f"directory to sweep (default: ${env.TEMP_DIR}); when {env.TEMP_DIR} is set "
-        "it must lie inside it",
+        description=f"directory to sweep (default: ${env.TEMP_DIR}); it must lie inside "
+        f"{env.TEMP_DIR}, without which the job refuses to run",
     )
     ttl_seconds: int = Field(
         DEFAULT_FILE_TTL_SECONDS, ge=0, description="delete regular files older than this"
@@ -156,15 +160,20 @@ def _is_within(path: str, root: str) -> bool:
 
 
 def resolve_cleanup_directory(directory: str | None) -> str:
-    """The directory to sweep, checked: a real directory (not a symlink), inside the root."""
+    """The directory to sweep, checked: a real directory (not a symlink), inside the root.
+
+    No root, no sweep: without JOBYARD_TEMP_DIR nothing says which files are disposable, and
+    a directory named in a payload alone must never decide what gets deleted.
+    """
     root = env.get(env.TEMP_DIR)
+    if not root or not os.path.isabs(root):
+        raise PermanentError(
+            f"maintenance.file_cleanup: refusing to run: set {env.TEMP_DIR} to the absolute "
+            "path of the directory whose old files may be deleted"
+        )
     if directory is None:
-        if not root:
-            raise PermanentError(
-                f"maintenance.file_cleanup: no directory given and {env.TEMP_DIR} is not set"
-            )
         directory = root
-    elif root and not os.path.isabs(directory):
+    elif not os.path.isabs(directory):
         directory = os.path.join(root, directory)
     if not os.path.isabs(directory):
         raise PermanentError(f"maintenance.file_cleanup: directory {directory!r} is not absolute")
@@ -174,13 +183,12 @@ def resolve_cleanup_directory(directory: str | None) -> str:
     if not os.path.isdir(path):
         raise PermanentError(f"maintenance.file_cleanup: {path!r} is not a directory")
     real = os.path.realpath(path)
-    if root:
-        real_root = os.path.realpath(root)
-        if not _is_within(real, real_root):
-            raise PermanentError(
-                f"maintenance.file_cleanup: refusing {path!r}: it resolves to {real!r}, "
-                f"outside {env.TEMP_DIR}={root!r}"
-            )
+    real_root = os.path.realpath(root)
+    if not _is_within(real, real_root):
+        raise PermanentError(
+            f"maintenance.file_cleanup: refusing {path!r}: it resolves to {real!r}, "
+            f"outside {env.TEMP_DIR}={root!r}"
+        )
     return real
 
 
@@ -269,6 +277,7 @@ def sweep_old_files(directory: str, ttl_seconds: int) -> dict[str, Any]:
     payload=FileCleanupPayload,
     retry=RetryPolicy(attempts=3, backoff=30),
     timeout=600,
+    http=False,
 )
 async def file_cleanup(ctx: Any, payload: FileCleanupPayload) -> dict[str, Any]:
     """Delete files older than a TTL under a temp directory, never following symlinks."""

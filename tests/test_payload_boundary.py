@@ -1,0 +1,116 @@
+"""Property-based tests of payload decoding at the boundary (issue 12): whatever arrives, decoding
+and encoding either give strict JSON within the size limit or raise the documented error
+(StrictJSONError from `strictjson.loads`, InvalidPayloadError - PayloadTooLargeError included -
+from `JobSpec.encode`), never anything else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jobyard.job_engine import InvalidPayloadError, PayloadTooLargeError, env, get_spec, strictjson
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Text with everything Python's str can hold, lone surrogates included.
+any_text = st.text(alphabet=st.characters(codec=None, categories=None), max_size=20)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | any_text
+)
+python_values = st.recursive(
+    scalars | st.binary(max_size=5) | st.tuples(st.integers()),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(any_text | st.integers(), children, max_size=4)
+    ),
+    max_leaves=30,
+)
+json_values = st.recursive(
+    scalars,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(any_text, kids, max_size=4),
+    max_leaves=30,
+)
+
+
+def _is_strict(value: object) -> None:
+    """Raises unless `value` round-trips through a strict UTF-8 JSON encoder."""
+    json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+
+
+@SETTINGS
+@given(st.binary(max_size=300))
+def test_any_bytes_decode_or_raise_strict_json_error(raw: bytes) -> None:
+    try:
+        value = strictjson.loads(raw)
+    except strictjson.StrictJSONError:
+        return
+    _is_strict(value)
+
+
+@SETTINGS
+@given(json_values)
+def test_json_text_with_nan_or_surrogates_is_refused_and_the_rest_round_trips(value) -> None:
+    text = json.dumps(value, allow_nan=True)  # Python's writer: NaN tokens, \\udc00 escapes
+    try:
+        decoded = strictjson.loads(text)
+    except strictjson.StrictJSONError:
+        with pytest.raises((ValueError, UnicodeEncodeError)):
+            _is_strict(value)
+        return
+    _is_strict(decoded)
+    assert decoded == value
+
+
+@SETTINGS
+@given(st.integers(min_value=1, max_value=3000), st.sampled_from(["[", '{"a":']))
+def test_nesting_of_any_depth_is_refused_past_the_limit(depth: int, opener: str) -> None:
+    closer = "]" if opener == "[" else "}"
+    text = opener * depth + "1" + closer * depth
+    try:
+        strictjson.loads(text)
+    except strictjson.StrictJSONError:
+        assert depth > strictjson.MAX_DEPTH
+        return
+    assert depth <= strictjson.MAX_DEPTH
+
+
+@SETTINGS
+@given(st.dictionaries(any_text | st.integers(), python_values, max_size=5))
+def test_encode_gives_strict_json_within_the_limit_or_invalid_payload_error(payload) -> None:
+    spec = get_spec("system.echo")  # accepts any object: the boundary is all that is tested
+    try:
+        data = spec.encode(payload)
+    except InvalidPayloadError:
+        return
+    _is_strict(data)
+    assert len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()) <= (
+        env.get_int(env.MAX_PAYLOAD_BYTES)
+    )
+
+
+@SETTINGS
+@given(st.binary(max_size=200) | any_text)
+def test_encode_of_raw_text_raises_only_invalid_payload_error(raw) -> None:
+    spec = get_spec("system.echo")
+    try:
+        data = spec.encode(raw)
+    except InvalidPayloadError:
+        return
+    _is_strict(data)
+
+
+def test_the_size_limit_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(env.MAX_PAYLOAD_BYTES, "20")
+    spec = get_spec("system.echo")
+    assert spec.encode({"a": "x" * 12}) == {"a": "x" * 12}  # {"a":"xxxxxxxxxxxx"}: 20 bytes
+    with pytest.raises(PayloadTooLargeError) as caught:
+        spec.encode({"a": "x" * 13})
+    assert (caught.value.size, caught.value.limit) == (21, 20)
+    assert isinstance(caught.value, InvalidPayloadError)  # callers refusing bad payloads catch it
