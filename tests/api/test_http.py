@@ -53,8 +53,9 @@ def test_a_second_dispatch_with_the_same_job_id_starts_nothing(
     on_engine(engines, monkeypatch, "dramatiq")
     job_id = f"dup-{uuid.uuid4().hex[:8]}"
     first = api.client.post("/jobs/system.echo", json={"a": 1}, params={"job_id": job_id})
-    second = api.client.post("/jobs/system.echo", json={"a": 2}, params={"job_id": job_id})
-    assert (first.status_code, second.status_code) == (202, 202)
+    second = api.client.post("/jobs/system.echo", json={"a": 1}, params={"job_id": job_id})
+    other = api.client.post("/jobs/system.echo", json={"a": 2}, params={"job_id": job_id})
+    assert (first.status_code, second.status_code, other.status_code) == (202, 202, 409)
     assert first.json()["duplicate"] is False
     assert second.json()["duplicate"] is True
     done = api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=engines)

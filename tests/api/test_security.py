@@ -352,11 +352,6 @@ def test_the_host_allow_list_is_optional_and_refuses_others(
 # --- medium: id squatting (the dispatcher raises IdempotencyConflictError) ----------------------
 
 
-@pytest.mark.xfail(
-    reason="the dispatcher's dedupe raises IdempotencyConflictError (lead's part); the API maps "
-    "it to 409 already",
-    strict=True,
-)
 def test_an_id_taken_by_another_job_or_payload_is_409(api: ApiServer) -> None:
     job_id = f"order-{uuid.uuid4().hex[:8]}"
     first = api.client.post("/jobs/system.echo", json={"a": 1}, params={"job_id": job_id})

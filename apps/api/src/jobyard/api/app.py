@@ -38,6 +38,7 @@ from jobyard.api.guard import GuardMiddleware
 from jobyard.api.health import TemporalProbe, redis_ok
 from jobyard.api.schedules import router as schedules_router
 from jobyard.dispatcher import (
+    DispatchOutcomeUnknownError,
     DispatchUnavailableError,
     EngineUnavailable,
     JobHandle,
@@ -392,6 +393,10 @@ def create_app(*, warm: bool = True) -> FastAPI:
             404: _doc("unknown job"),
             409: _doc("the job id is taken by another job name or another payload"),
             413: _doc("request body or payload too large"),
+            504: _doc(
+                "the outcome is unknown: an engine stopped answering mid-request; dispatching "
+                "again with the same job_id is safe"
+            ),
             422: _doc("invalid payload or query parameter"),
         },
     )
@@ -443,6 +448,18 @@ def create_app(*, warm: bool = True) -> FastAPI:
             log.warning("dispatch of %s unavailable: %s", job_id, exc)
             which = f"job {job_id!r}" if job_id else "the job"
             return _unavailable(f"no engine could take {which}; nothing was started; retry later")
+        except DispatchOutcomeUnknownError as exc:
+            log.warning("dispatch of %s: outcome unknown: %s", exc.job_id, exc)
+            return SafeJSONResponse(
+                {
+                    "detail": "an engine stopped answering mid-request: the job may have "
+                    "started. Dispatch again with this job_id: it is safe.",
+                    "job_id": exc.job_id,
+                    "outcome": "unknown",
+                },
+                status.HTTP_504_GATEWAY_TIMEOUT,
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
         return _accepted(request, handle)
 
     @app.get("/jobs", tags=["jobs"], dependencies=token, responses={**TOKEN_RESPONSES})

@@ -8,6 +8,7 @@ when it answers; otherwise jobyard runs Temporal-only and says so.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -196,10 +197,22 @@ def run_canary() -> bool:
     return False
 
 
+def dev_admin_token() -> str:
+    """The API is closed by default: `jobyard dev` opens it to a token of its own, made for this
+    run (unless one is set), so the dashboard works out of the box and nothing else gets in."""
+    token = os.environ.get(env.ADMIN_TOKEN, "").split(",")[0].strip()
+    if not token:
+        token = os.environ[env.ADMIN_TOKEN] = secrets.token_urlsafe(32)
+    return token
+
+
 def run_dev(check_canary: bool = True, api_port: int = 8000) -> int:
     from jobyard.cli.main import api_missing
 
     jobyard = [sys.executable, "-m", "jobyard.cli"]
+    # The built-in file_cleanup schedule needs a root it may empty: a folder of dev's own.
+    os.environ.setdefault(env.TEMP_DIR, str((STATE_DIR / "tmp").resolve()))
+    (STATE_DIR / "tmp").mkdir(parents=True, exist_ok=True)
     children = Children()
     temporal = start_temporal(env.get_str(env.TEMPORAL_ADDRESS))
     try:
@@ -214,9 +227,12 @@ def run_dev(check_canary: bool = True, api_port: int = 8000) -> int:
         if api_port and (reason := api_missing()):
             _say(f"no HTTP API: {reason}")
         elif api_port:
+            token = dev_admin_token()
             api = [*jobyard, "api", "--host", "127.0.0.1", "--port", str(api_port)]
             children.start("api", api)
-            _say(f"API on http://127.0.0.1:{api_port} (dashboard: /dashboard, docs: /docs)")
+            base = f"http://127.0.0.1:{api_port}"
+            _say(f"API on {base}; dashboard: {base}/dashboard#token={token}")
+            _say(f'try: curl -H "Authorization: Bearer {token}" {base}/jobs')
         if check_canary and not run_canary():
             return 1
         _say("running; Ctrl-C to stop")

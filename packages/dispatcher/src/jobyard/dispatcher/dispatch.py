@@ -50,7 +50,8 @@ from jobyard.dispatcher.models import (
     JobStatus,
 )
 from jobyard.dispatcher.owners import Owner, OwnerRegistry, payload_digest
-from jobyard.job_engine import RetryPolicy, env, get_spec
+from jobyard.job_engine import RetryPolicy, UnsafeURLError, env, get_spec, netguard
+from jobyard.job_engine.db.readiness import check_setup
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import get_client
@@ -78,7 +79,10 @@ def _check_webhook_url(url: str | None) -> str | None:
     parsed = urlparse(url) if isinstance(url, str) else None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError(f"invalid webhook_url {url!r}: an http(s) URL is required")
-    return url
+    try:
+        return netguard.check_url(url)  # a literal private address is refused here already
+    except UnsafeURLError as exc:
+        raise ValueError(f"invalid webhook_url {url!r}: {exc.reason}") from exc
 
 
 def _check_retry(retry: RetryPolicy | None) -> dict[str, Any] | None:
@@ -323,6 +327,7 @@ def warm_up() -> Dispatcher:
     """Do the start-up work now, not in the first request: import every job module and connect
     to Temporal in the background. Call it when the web app starts."""
     load_job_modules()
+    check_setup()  # one line naming what is missing or unmigrated, if anything
     return get_dispatcher()
 
 

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from jobyard.job_engine import JobyardError
+from jobyard.job_engine import IdempotencyConflictError, JobyardError
+
+__all__ = [
+    "DispatchOutcomeUnknownError",
+    "DispatchUnavailableError",
+    "EngineUnavailable",
+    "IdempotencyConflictError",
+    "JobNotFoundError",
+    "JobStillActiveError",
+]
 
 
 class EngineUnavailable(JobyardError):
@@ -26,14 +35,6 @@ class DispatchOutcomeUnknownError(JobyardError):
 
     def __init__(self, message: str, job_id: str) -> None:
         super().__init__(message)
-        self.job_id = job_id
-
-
-class IdempotencyConflictError(JobyardError):
-    """The job id was dispatched before under another job name or with another payload."""
-
-    def __init__(self, job_id: str, reason: str) -> None:
-        super().__init__(f"job id {job_id!r} is taken: {reason}")
         self.job_id = job_id
 
 

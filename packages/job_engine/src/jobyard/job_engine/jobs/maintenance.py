@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from jobyard.job_engine import env
+from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.errors import PermanentError
 from jobyard.job_engine.policy import RetryPolicy
 from jobyard.job_engine.registry import job
@@ -109,7 +110,7 @@ def delete_expired_tokens(cutoff: str, batch_size: int, max_batches: int) -> dic
     timeout=600,
     http=False,
 )
-async def token_cleanup(ctx: Any, payload: TokenCleanupPayload) -> dict[str, int]:
+async def token_cleanup(ctx: JobContext, payload: TokenCleanupPayload) -> dict[str, int]:
     """Delete expired tokens in small batches; returns {"deleted", "batches"}."""
     before = payload.before.isoformat() if payload.before else None
     cutoff = await ctx.run("cutoff", token_cutoff, before)
@@ -279,7 +280,7 @@ def sweep_old_files(directory: str, ttl_seconds: int) -> dict[str, Any]:
     timeout=600,
     http=False,
 )
-async def file_cleanup(ctx: Any, payload: FileCleanupPayload) -> dict[str, Any]:
+async def file_cleanup(ctx: JobContext, payload: FileCleanupPayload) -> dict[str, Any]:
     """Delete files older than a TTL under a temp directory, never following symlinks."""
     return await ctx.run("sweep", sweep_old_files, payload.directory, payload.ttl_seconds)
 

@@ -11,6 +11,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from jobyard.job_engine import env, netguard, signing
+from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.errors import PermanentError
 from jobyard.job_engine.policy import RetryPolicy
 from jobyard.job_engine.registry import job
@@ -108,7 +109,7 @@ def post_signed(url: str, body: Any, headers: dict[str, str], job_id: str) -> di
     # Over HTTP this would sign any body for any URL with the application's secret.
     http=False,
 )
-async def deliver(ctx: Any, payload: WebhookPayload) -> dict[str, Any]:
+async def deliver(ctx: JobContext, payload: WebhookPayload) -> dict[str, Any]:
     """POST the body as signed JSON; retry connection errors, 429 and 5xx; give up on other 4xx
     and on addresses the SSRF guard refuses."""
     return await ctx.run(
