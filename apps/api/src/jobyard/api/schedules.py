@@ -6,6 +6,7 @@ production work. Routes are plain `def`: they talk to the database and the engin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, status
@@ -24,7 +25,7 @@ class BackfillRequest(BaseModel):
     end: AwareDatetime
 
 
-def _call(fn: Any, name: str, *args: Any) -> dict[str, Any]:
+def _call(fn: Callable[..., dict[str, Any]], name: str, *args: Any) -> dict[str, Any]:
     if name not in {s.name for s in schedule_registry.declared()}:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown schedule {name!r}")
     try:

@@ -120,7 +120,8 @@ class JobWorkflow:
             maximum_interval=CLAIM_RETRY_CAP,
         )
         try:
-            reply = await workflow.execute_activity(
+            # Called by name, so Temporal cannot know the result type: claim_from_redis's.
+            reply: dict[str, Any] = await workflow.execute_activity(
                 CLAIM_ACTIVITY,
                 {"job_id": request.job_id, "name": request.name, "queue": request.queue},
                 start_to_close_timeout=CLAIM_TIMEOUT,
@@ -130,4 +131,5 @@ class JobWorkflow:
             if isinstance(exc.cause, CancelledError) or mode == ClaimMode.STRICT:
                 raise  # cancelled while claiming: never run a job whose claim did not succeed
             return True  # best effort: Redis is down, nothing of this job can be there
-        return reply["status"] == "claimed"
+        status: str = reply["status"]
+        return status == "claimed"

@@ -10,7 +10,9 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
+from dramatiq.broker import Broker, MessageProxy
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
@@ -36,7 +38,7 @@ class InFlight(Middleware):
         self.lock = threading.Lock()
         self.running: dict[str, tuple[str, str, float, int]] = {}
 
-    def before_process_message(self, broker, message):
+    def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
         limit = message.options.get("time_limit") or 0
         with self.lock:
             self.running[message.message_id] = (
@@ -46,7 +48,14 @@ class InFlight(Middleware):
                 limit,
             )
 
-    def after_process_message(self, broker, message, *, result=None, exception=None):
+    def after_process_message(
+        self,
+        broker: Broker,
+        message: MessageProxy,
+        *,
+        result: Any | None = None,
+        exception: BaseException | None = None,
+    ) -> None:
         with self.lock:
             self.running.pop(message.message_id, None)
 

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from types import FrameType
 
 from jobyard.job_engine import env
 
@@ -20,7 +21,7 @@ RESTART_DELAY = 1.0
 KILL_MARGIN = 5.0
 
 
-def _spawn(queues: str) -> subprocess.Popen:
+def _spawn(queues: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "jobyard.worker.process", "--queues", queues])
 
 
@@ -74,7 +75,7 @@ def run_workers(queues: list[str], processes: int) -> int:
 
     start_scheduler_thread(stopping, role="worker")  # every worker schedules; none leads
 
-    def request_stop(signum, _frame):
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
         stopping.set()
         for child in children:
             if child.poll() is None:

@@ -32,8 +32,9 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import CursorResult, Result, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from jobyard.dispatcher.errors import DispatchUnavailableError
 from jobyard.job_engine import JobyardError, env
@@ -189,19 +190,21 @@ class Scheduler:
         cursor = fire[-1] if fire else old_last
         ids = {tick_job_id(spec.name, tick): tick for tick in fire}
         with session_scope(self.url) as session:
-            moved = session.execute(
-                update(ScheduleState)
-                .where(
-                    ScheduleState.name == spec.name,
-                    ScheduleState.cursor == state.cursor,
-                    ScheduleState.paused.is_(False),
+            moved = _rowcount(
+                session.execute(
+                    update(ScheduleState)
+                    .where(
+                        ScheduleState.name == spec.name,
+                        ScheduleState.cursor == state.cursor,
+                        ScheduleState.paused.is_(False),
+                    )
+                    .values(
+                        cursor=cursor,
+                        skipped_catchup=ScheduleState.skipped_catchup + old_count,
+                        updated_at=now,
+                    )
                 )
-                .values(
-                    cursor=cursor,
-                    skipped_catchup=ScheduleState.skipped_catchup + old_count,
-                    updated_at=now,
-                )
-            ).rowcount
+            )
             if moved != 1:  # another scheduler claimed these ticks first
                 session.rollback()
                 return
@@ -260,15 +263,17 @@ class Scheduler:
         if row.owner == self.owner:
             return True
         with session_scope(self.url) as session:
-            taken = session.execute(
-                update(ScheduleTick)
-                .where(
-                    ScheduleTick.job_id == row.job_id,
-                    ScheduleTick.state == row.state,
-                    or_(ScheduleTick.owner.is_(None), ScheduleTick.lease_until < now),
+            taken = _rowcount(
+                session.execute(
+                    update(ScheduleTick)
+                    .where(
+                        ScheduleTick.job_id == row.job_id,
+                        ScheduleTick.state == row.state,
+                        or_(ScheduleTick.owner.is_(None), ScheduleTick.lease_until < now),
+                    )
+                    .values(owner=self.owner, lease_until=now + self.lease)
                 )
-                .values(owner=self.owner, lease_until=now + self.lease)
-            ).rowcount
+            )
         return taken == 1
 
     def _renew(self, row: ScheduleTick) -> bool:
@@ -284,15 +289,17 @@ class Scheduler:
         """Move our row on; False when it is no longer ours (another scheduler took it)."""
         with session_scope(self.url) as session:
             return (
-                session.execute(
-                    update(ScheduleTick)
-                    .where(
-                        ScheduleTick.job_id == row.job_id,
-                        ScheduleTick.owner == self.owner,
-                        ScheduleTick.state.in_(OPEN_TICK_STATES),
+                _rowcount(
+                    session.execute(
+                        update(ScheduleTick)
+                        .where(
+                            ScheduleTick.job_id == row.job_id,
+                            ScheduleTick.owner == self.owner,
+                            ScheduleTick.state.in_(OPEN_TICK_STATES),
+                        )
+                        .values(**values)
                     )
-                    .values(**values)
-                ).rowcount
+                )
                 == 1
             )
 
@@ -416,12 +423,15 @@ class Scheduler:
             ).all()  # fmt: skip
         for job_id, name, tick_at, started_at in found:
             with session_scope(self.url) as session:
-                won = session.execute(
-                    update(ScheduleTick)
-                    .where(ScheduleTick.job_id == job_id, ScheduleTick.started_at.is_(None))
-                    .values(started_at=started_at)
-                ).rowcount
+                won = _rowcount(
+                    session.execute(
+                        update(ScheduleTick)
+                        .where(ScheduleTick.job_id == job_id, ScheduleTick.started_at.is_(None))
+                        .values(started_at=started_at)
+                    )
+                )
             if won == 1:
+                assert started_at is not None  # the query keeps started jobs only
                 lag = (started_at - tick_at).total_seconds()
                 SCHEDULE_TICK_LAG.labels(name).observe(max(0.0, lag))
 
@@ -439,7 +449,9 @@ class Scheduler:
 
     # --- operations (CLI, admin API) -----------------------------------------------------------
 
-    def claim(self, spec: Schedule, kind: str, ticks: list[datetime], now: datetime) -> list:
+    def claim(
+        self, spec: Schedule, kind: str, ticks: list[datetime], now: datetime
+    ) -> list[ScheduleTick]:
         """Insert tick rows owned by us; returns the rows inserted (ticks already claimed are
         left alone: each tick runs once, a backfill included)."""
         ids = {
@@ -468,7 +480,14 @@ class Scheduler:
         return rows
 
 
-def _state_row(session: Any, name: str, now: datetime) -> ScheduleState:
+def _rowcount(result: Result[*tuple[Any, ...]]) -> int:
+    """Rows an UPDATE matched. Session.execute is typed as returning a plain Result, but for an
+    UPDATE it is the driver's CursorResult, which alone has a rowcount."""
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
+def _state_row(session: Session, name: str, now: datetime) -> ScheduleState:
     state = session.get(ScheduleState, name)
     if state is None:
         state = ScheduleState(name=name, cursor=now, updated_at=now)

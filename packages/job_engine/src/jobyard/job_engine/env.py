@@ -70,11 +70,13 @@ def _number(name: str, cast: type, default: float | None, kind: str) -> Any:
 
 
 def get_float(name: str, default: float | None = None) -> float:
-    return _number(name, float, default, "a number")
+    value: float = _number(name, float, default, "a number")
+    return value
 
 
 def get_int(name: str, default: int | None = None) -> int:
-    return _number(name, int, default, "an integer")
+    value: int = _number(name, int, default, "an integer")
+    return value
 
 
 def get_bool(name: str) -> bool:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
+
+#: The number types an env override parses to.
+_N = TypeVar("_N", int, float)
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ class RetryPolicy:
 
     def delay_before(self, retry: int) -> float:
         """Seconds to wait before retry number `retry` (1-based)."""
-        return min(self.max_backoff, self.backoff * 2 ** max(0, retry - 1))
+        factor: int = 2 ** max(0, retry - 1)  # typeshed types int ** int as Any (negative powers)
+        return min(self.max_backoff, self.backoff * factor)
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def env_key(job_name: str, field: str) -> str:
     return f"JOBYARD_JOB_{slug}_{field.upper()}"
 
 
-def _env_number(key: str, cast: type) -> float | int | None:
+def _env_number(key: str, cast: type[_N]) -> _N | None:
     raw = os.environ.get(key)
     if raw is None or raw == "":
         return None

@@ -45,7 +45,9 @@ class JobRunner:
         self.__name__ = spec.name
 
     def __call__(self, job_id: str, payload: Any) -> None:
-        message = CurrentMessage.get_current_message()
+        # Any: at run time this is dramatiq's MessageProxy (it has .fail()), which dramatiq types
+        # as a plain Message.
+        message: Any = CurrentMessage.get_current_message()
         options = message.options if message is not None else {}
         delivery = (
             Delivery(self.broker_id, message.queue_name, options["redis_message_id"])

@@ -24,7 +24,7 @@ class KeepDelayedConsumerThread(ConsumerThread):
 
     _kept: PriorityQueue[Any] | None = None
 
-    @property  # type: ignore[override]
+    @property
     def delay_queue(self) -> PriorityQueue[Any]:
         assert self._kept is not None
         return self._kept

@@ -26,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from jobyard.job_engine import env
 from jobyard.job_engine.children import dispatch_child
 from jobyard.job_engine.context import JobContext
-from jobyard.job_engine.db import session_scope
+from jobyard.job_engine.db import Base, session_scope
 from jobyard.job_engine.db.models import ConversationMessage
 from jobyard.job_engine.errors import PermanentError
 from jobyard.job_engine.netguard import PublicHttpUrl
@@ -135,7 +135,8 @@ def store_reply(
     with session_scope() as session:
         dialect = session.get_bind().dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        table = ConversationMessage.__table__
+        # The Table itself: `__table__` is typed as any FromClause (a mapping may be a join).
+        table = Base.metadata.tables[ConversationMessage.__tablename__]
         stmt = (
             insert(table)
             .values(

@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -26,6 +26,9 @@ from jobyard.job_engine.children import dispatch_child
 from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.policy import RetryPolicy
 from jobyard.job_engine.registry import job
+
+if TYPE_CHECKING:
+    from sqlalchemy.dialects import postgresql, sqlite
 
 ReportKind = Literal["daily", "weekly"]
 
@@ -118,7 +121,9 @@ def _stats(count: int, avg: Any, p50: Any, p95: Any, maximum: Any) -> dict[str, 
     }
 
 
-def _aggregate_sql(connection: Any, start: datetime, end: datetime, keys: Sequence[str]) -> list:
+def _aggregate_sql(
+    connection: Any, start: datetime, end: datetime, keys: Sequence[str]
+) -> list[dict[str, Any]]:
     """PostgreSQL: the whole aggregation in the database (percentile_cont)."""
     from sqlalchemy import func, select
 
@@ -138,7 +143,7 @@ def _aggregate_sql(connection: Any, start: datetime, end: datetime, keys: Sequen
         .where(JobLog.finished_at >= start, JobLog.finished_at < end)
         .group_by(*columns)
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for row in connection.execute(query):
         group = dict(zip(keys, row[: len(keys)], strict=True))
         rows.append({**group, **_stats(*row[len(keys) :])})
@@ -150,8 +155,8 @@ def _aggregate_python(
 ) -> list[dict[str, Any]]:
     """Other databases (SQLite has no percentile functions): aggregate streamed rows here."""
     index = [GROUP_KEYS.index(key) for key in keys]
-    counts: dict[tuple, int] = defaultdict(int)
-    durations: dict[tuple, list[int]] = defaultdict(list)
+    counts: dict[tuple[Any, ...], int] = defaultdict(int)
+    durations: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for record in records:
         group = tuple(record[i] for i in index)
         counts[group] += 1
@@ -223,6 +228,7 @@ def store_report(kind: str, start: str, end: str, data: dict[str, Any]) -> int:
     from jobyard.job_engine.db.models import JobReport
 
     engine = get_engine()
+    insert: Callable[[type[JobReport]], postgresql.Insert | sqlite.Insert]
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     elif engine.dialect.name == "sqlite":

@@ -234,4 +234,8 @@ async def convert_to_pdf(input_path: str, output_path: str) -> dict[str, Any]:
 )
 async def convert(ctx: JobContext, payload: ConvertPayload) -> dict[str, Any]:
     """Convert an office document under the storage root to PDF with LibreOffice."""
-    return await ctx.run("convert", convert_to_pdf, payload.input_path, payload.output_path)
+    # A step's result comes back as JSON (replayed on a resume), so ctx.run returns Any.
+    result: dict[str, Any] = await ctx.run(
+        "convert", convert_to_pdf, payload.input_path, payload.output_path
+    )
+    return result

@@ -328,7 +328,8 @@ async def send(ctx: JobContext, payload: EmailPayload) -> dict[str, Any]:
             "dispatch", dispatch_recipients, ctx.job_id, payload.model_dump(mode="json")
         )
         return {"children": ids}
-    return await ctx.run(
+    # A step's result comes back as JSON (replayed on a resume), so ctx.run returns Any.
+    result: dict[str, Any] = await ctx.run(
         "send",
         send_email,
         ctx.job_id,
@@ -337,3 +338,4 @@ async def send(ctx: JobContext, payload: EmailPayload) -> dict[str, Any]:
         payload.template,
         payload.context,
     )
+    return result

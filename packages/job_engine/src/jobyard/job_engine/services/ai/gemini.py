@@ -18,6 +18,7 @@ import httpx
 from jobyard.job_engine import env
 from jobyard.job_engine.errors import PermanentError
 
+_httpx2: ModuleType | None
 try:  # the SDK may use httpx2, a drop-in fork of httpx, instead of httpx
     import httpx2 as _httpx2
 except ImportError:  # pragma: no cover - depends on the google-genai version

@@ -21,19 +21,21 @@ increment back: a call that is not sent costs nothing.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, update
+from sqlalchemy import Connection, Table, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from jobyard.job_engine.db import get_engine, utcnow
+from jobyard.job_engine.db import Base, get_engine, utcnow
 from jobyard.job_engine.services.ai.models import AiUsageWindow
 
 DAY_SECONDS = 86_400
 KEEP_SECONDS = 3 * DAY_SECONDS  # rows older than this are deleted when a new day starts
 
-_table = AiUsageWindow.__table__
+# The Table itself: `AiUsageWindow.__table__` is typed as any FromClause (a mapping may be a join).
+_table: Table = Base.metadata.tables[AiUsageWindow.__tablename__]
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ def _upsert(conn: Connection, scope: str, window_start: int, limit: int) -> int 
     if limit <= 0:
         return None
     dialect = conn.dialect.name
+    insert: Callable[[Table], postgresql.Insert | sqlite.Insert]
     if dialect == "postgresql":
         insert = postgresql.insert
     elif dialect == "sqlite":
@@ -65,12 +68,16 @@ def _upsert(conn: Connection, scope: str, window_start: int, limit: int) -> int 
     else:  # pragma: no cover - jobyard supports PostgreSQL and SQLite
         raise RuntimeError(f"the AI call limiter does not support the {dialect!r} database")
     now = utcnow()
-    stmt = insert(_table).values(scope=scope, window_start=window_start, calls=1, updated_at=now)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[_table.c.scope, _table.c.window_start],
-        set_={"calls": _table.c.calls + 1, "updated_at": now},
-        where=_table.c.calls < limit,
-    ).returning(_table.c.calls)
+    stmt = (
+        insert(_table)
+        .values(scope=scope, window_start=window_start, calls=1, updated_at=now)
+        .on_conflict_do_update(
+            index_elements=[_table.c.scope, _table.c.window_start],
+            set_={"calls": _table.c.calls + 1, "updated_at": now},
+            where=_table.c.calls < limit,
+        )
+        .returning(_table.c.calls)
+    )
     row = conn.execute(stmt).first()
     return None if row is None else int(row[0])
 
