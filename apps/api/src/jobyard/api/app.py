@@ -334,7 +334,8 @@ def _render_metrics() -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(), CONTENT_TYPE_LATEST
-    return module.render()
+    rendered: tuple[bytes, str] = module.render()
+    return rendered
 
 
 JobIdPath = Annotated[

@@ -55,7 +55,7 @@ def temporal_cli() -> str:
     )
 
 
-def start_temporal(address: str) -> subprocess.Popen | None:
+def start_temporal(address: str) -> subprocess.Popen[bytes] | None:
     if _port_open(address):
         _say(f"Temporal already running at {address}")
         return None
@@ -138,11 +138,11 @@ class Children:
     RESTART_WINDOW = 60.0
 
     def __init__(self) -> None:
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.commands: dict[str, list[str]] = {}
         self.restarts: dict[str, list[float]] = {}
 
-    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+    def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         self.commands[name] = command
         # A restart happens while we block the stop signals, and a child inherits the mask:
         # unblock them in the child, or it would never see our SIGTERM.

@@ -188,10 +188,10 @@ def cmd_dead(args: argparse.Namespace) -> int:
             print(json.dumps({k: record.as_dict()[k] for k in DEAD_LIST_FIELDS}, default=str))
         return 0
     if args.dead_command == "show":
-        record = get_job_record(args.job_id)
-        if record is None:
+        found = get_job_record(args.job_id)
+        if found is None:
             return _fail(f"no job {args.job_id!r} in the job log", 1)
-        print(json.dumps(record.as_dict(), indent=2, default=str))
+        print(json.dumps(found.as_dict(), indent=2, default=str))
         return 0
     try:
         handle = replay_job(args.job_id)

@@ -23,7 +23,8 @@ def check_health(queues_text: str = "") -> tuple[bool, str]:
         missing = []
         for queue in queues:
             beats = client.zrangebyscore(keys.workers(queue), now_ms - timeout_ms, "+inf")
-            if not any(member.decode().startswith(host) for member in beats):
+            # The client returns bytes (no decode_responses); redis-py types members as any.
+            if not any(str(member, "utf-8").startswith(host) for member in beats):  # type: ignore[arg-type]
                 missing.append(queue)
     except redis.RedisError as exc:
         return False, f"unhealthy: Redis unreachable ({exc})"

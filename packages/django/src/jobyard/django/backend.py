@@ -31,13 +31,13 @@ STATES = {
 }
 
 
-class JobyardBackend(compat.BaseTaskBackend):
+class JobyardBackend(compat.BaseTaskBackend):  # type: ignore[misc]  # django-tasks has no hints
     supports_defer = True
     supports_async_task = True
     supports_get_result = True
     supports_priority = False
 
-    def __init__(self, alias: str, params: dict) -> None:
+    def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
         unknown = sorted(set(self.queues) - set(queue_names()))
         if unknown:
@@ -46,7 +46,9 @@ class JobyardBackend(compat.BaseTaskBackend):
                 f"(jobyard's queues: {queue_names()})"
             )
 
-    def _prepare(self, task: compat.Task, args: Any, kwargs: Any) -> tuple[str, dict, dict]:
+    def _prepare(
+        self, task: compat.Task, args: Any, kwargs: Any
+    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
         self.validate_task(task)
         payload = DjangoTaskPayload(
             task=task.module_path, args=compat.normalize_json(list(args)),
@@ -58,7 +60,7 @@ class JobyardBackend(compat.BaseTaskBackend):
             options["delay"] = max(0.0, (task.run_after - timezone.now()).total_seconds())
         return job_name(task.queue_name), payload.model_dump(), options
 
-    def _enqueued(self, task: compat.Task, job_id: str, args: Any, kwargs: Any):
+    def _enqueued(self, task: compat.Task, job_id: str, args: Any, kwargs: Any) -> Any:
         result = compat.TaskResult(
             task=task, id=job_id, status=compat.TaskResultStatus.READY,
             enqueued_at=timezone.now(), started_at=None, last_attempted_at=None,

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from jobyard.job_engine import RetryPolicy, job
+from jobyard.job_engine import JobContext, RetryPolicy, job
 from jobyard.queue.queues import queue_names
 
 #: A worker's id in Django's `TaskResult.worker_ids`.
@@ -92,8 +92,11 @@ async def run_task_in_thread(payload: dict[str, Any], job_id: str, attempt: int)
 
 def _declare(queue: str) -> None:
     @job(job_name(queue), queue=queue, payload=DjangoTaskPayload, retry=RetryPolicy(attempts=3))
-    async def run(ctx: Any, payload: DjangoTaskPayload) -> dict[str, Any]:
-        return await ctx.run("task", run_task_in_thread, payload.model_dump(), ctx.job_id, 1)
+    async def run(ctx: JobContext, payload: DjangoTaskPayload) -> dict[str, Any]:
+        done: dict[str, Any] = await ctx.run(
+            "task", run_task_in_thread, payload.model_dump(), ctx.job_id, 1
+        )
+        return done
 
 
 for _queue in queue_names():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 
 class JobyardError(Exception):
     """Base of every error jobyard raises on purpose."""
@@ -19,7 +22,9 @@ class UnknownJobError(JobyardError, LookupError):
 class InvalidPayloadError(JobyardError, ValueError):
     """The payload does not match the job's schema, or is not JSON."""
 
-    def __init__(self, name: str, reason: str, errors: list[dict] | None = None) -> None:
+    def __init__(
+        self, name: str, reason: str, errors: Sequence[Mapping[str, Any]] | None = None
+    ) -> None:
         super().__init__(f"invalid payload for job {name!r}: {reason}")
         self.name = name
         self.reason = reason

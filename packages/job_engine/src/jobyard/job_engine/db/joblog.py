@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 
 from jobyard.job_engine import env
-from jobyard.job_engine.db import get_engine
+from jobyard.job_engine.db import Base, get_engine
 from jobyard.job_engine.db.models import JobLog
 from jobyard.job_engine.db.readiness import one_line
 
@@ -145,7 +145,8 @@ def upsert(rows: list[dict[str, Any]], url: str | None = None) -> None:
     row's parameters."""
     engine = get_engine(url)
     rows = [_stored(row) for row in rows]
-    table = JobLog.__table__
+    table = Base.metadata.tables[JobLog.__tablename__]  # __table__ is typed as any FromClause
+    statement: postgresql.Insert | sqlite.Insert
     if engine.dialect.name == "postgresql":
         source = func.jsonb_populate_recordset(
             literal_column(f"NULL::{table.name}"), cast(bindparam("rows"), JSONB)
@@ -157,11 +158,11 @@ def upsert(rows: list[dict[str, Any]], url: str | None = None) -> None:
     else:
         statement = sqlite.insert(table)
         parameters = [{c: row.get(c) for c in COLUMNS} for row in rows]
-    statement = statement.on_conflict_do_update(
+    upserted = statement.on_conflict_do_update(
         index_elements=["job_id"], set_=_merge_rules(statement.excluded)
     )
     with engine.begin() as connection:
-        connection.execute(statement, parameters)
+        connection.execute(upserted, parameters)
 
 
 def _stored(row: dict[str, Any]) -> dict[str, Any]:
@@ -175,9 +176,9 @@ def _stored(row: dict[str, Any]) -> dict[str, Any]:
 
 def _merge_rules(new: Any) -> dict[str, Any]:
     """How a row absorbs a newer (or older) event; see the module docstring."""
-    old = JobLog.__table__.c
+    old = Base.metadata.tables[JobLog.__tablename__].c
     newer = old.state_at.is_(None) | (new.state_at.is_not(None) & (new.state_at >= old.state_at))
-    rules = {c: func.coalesce(old[c], new[c]) for c in STICKY}
+    rules: dict[str, Any] = {c: func.coalesce(old[c], new[c]) for c in STICKY}
     rules |= {c: case((newer, func.coalesce(new[c], old[c])), else_=old[c]) for c in LATEST}
     rules["progress"] = func.coalesce(new.progress, old.progress)
     rules["attempts"] = case((new.attempts > old.attempts, new.attempts), else_=old.attempts)

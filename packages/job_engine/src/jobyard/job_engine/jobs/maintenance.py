@@ -282,7 +282,10 @@ def sweep_old_files(directory: str, ttl_seconds: int) -> dict[str, Any]:
 )
 async def file_cleanup(ctx: JobContext, payload: FileCleanupPayload) -> dict[str, Any]:
     """Delete files older than a TTL under a temp directory, never following symlinks."""
-    return await ctx.run("sweep", sweep_old_files, payload.directory, payload.ttl_seconds)
+    swept: dict[str, Any] = await ctx.run(
+        "sweep", sweep_old_files, payload.directory, payload.ttl_seconds
+    )
+    return swept
 
 
 __all__ = [

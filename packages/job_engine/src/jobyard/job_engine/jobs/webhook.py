@@ -112,6 +112,7 @@ def post_signed(url: str, body: Any, headers: dict[str, str], job_id: str) -> di
 async def deliver(ctx: JobContext, payload: WebhookPayload) -> dict[str, Any]:
     """POST the body as signed JSON; retry connection errors, 429 and 5xx; give up on other 4xx
     and on addresses the SSRF guard refuses."""
-    return await ctx.run(
+    delivered: dict[str, Any] = await ctx.run(
         "post", post_signed, str(payload.url), payload.body, payload.headers, ctx.job_id
     )
+    return delivered
