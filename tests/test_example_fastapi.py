@@ -27,6 +27,7 @@ def chat_app(engines: Engines, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("CHAT_PUBLIC_URL", url)
+    monkeypatch.setenv("JOBYARD_WEBHOOK_ALLOW", "127.0.0.1")  # its webhook comes back here
     start_engines_patiently(engines, queues="default")
     log = tmp_path / "app.log"
     with log.open("wb") as sink:

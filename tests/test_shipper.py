@@ -40,7 +40,7 @@ def _enqueue(store: JobStore, payload: dict | None = None) -> str:
         job_id, "system.echo", "default", message.queue, message.redis_message_id,
         message.data, 60_000,
     )  # fmt: skip
-    assert reply == ("enqueued",)
+    assert reply.status == "enqueued"
     return job_id
 
 
@@ -135,7 +135,7 @@ def test_one_shipper_holds_the_lease(store, job_log_database):
 def test_a_job_handed_to_temporal_is_left_to_temporal(store, job_log_database):
     job_id = _enqueue(store)
     store.reschedule(job_id, 0, 1, "queued", "default.DQ", "rmid-2", b"{}")  # e.g. throttled
-    assert store.handoff(job_id, "system.echo", "default") == ("claimed",)
+    assert store.handoff(job_id, "system.echo", "default").status == "claimed"
     JobLogShipper(store, 0.1, database_url=job_log_database).ship_all()
     assert _marked(store) == []
     assert get_job_record(job_id) is None, "Temporal's side writes the row of a job it took"

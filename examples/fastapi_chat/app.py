@@ -80,12 +80,8 @@ async def chat_status(job_id: str) -> dict:
 async def jobyard_webhook(request: Request) -> None:
     body = await request.body()
     secret = os.environ.get("WEBHOOK_SECRET", "")
-    if not secret or not signing.verify(
-        secret,
-        body,
-        request.headers.get("X-Jobyard-Timestamp"),
-        request.headers.get("X-Jobyard-Signature"),
-    ):
+    # Standard Webhooks: webhook-id, webhook-timestamp and webhook-signature headers.
+    if not secret or not signing.verify(secret, body, request.headers):
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "bad webhook signature")
     event = await request.json()
     if event.get("name") == "chat.reply" and event.get("event") == "succeeded":

@@ -23,6 +23,8 @@ PORT = int(os.environ.get("CHAT_PORT", "8001"))
 def main() -> int:
     os.chdir(HERE)
     os.environ.setdefault("WEBHOOK_SECRET", "example-only-secret")
+    # Webhooks may not reach loopback addresses unless allowed; this example receives its own.
+    os.environ.setdefault("JOBYARD_WEBHOOK_ALLOW", "127.0.0.1")
     os.environ.setdefault("CHAT_PUBLIC_URL", f"http://127.0.0.1:{PORT}")
     os.environ["JOBYARD_JOB_MODULES"] = ",".join(
         m for m in (os.environ.get("JOBYARD_JOB_MODULES", ""), "chat_jobs") if m

@@ -17,7 +17,20 @@ from jobyard.api.auth import require_admin
 from jobyard.dispatcher import scheduler
 from jobyard.job_engine import ScheduleError, schedule_registry
 
-router = APIRouter(prefix="/schedules", tags=["admin"], dependencies=[Depends(require_admin)])
+#: What any admin route may answer besides its own statuses (the token, the guard, outages).
+ADMIN_ROUTE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing or wrong bearer token (or none configured on the server)"},
+    403: {"description": "an API token on an admin route, or a cross-origin request"},
+    413: {"description": "request body too large"},
+    415: {"description": "the body is not application/json"},
+    503: {"description": "the database this route needs is down"},
+}
+router = APIRouter(
+    prefix="/schedules",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=ADMIN_ROUTE_RESPONSES,
+)
 
 
 class BackfillRequest(BaseModel):

@@ -35,9 +35,12 @@ async def run_step(request: dict[str, Any]) -> dict[str, Any]:
         else:
             value = await asyncio.to_thread(fn, *request["args"])
         encode_json(f"step {request['step']!r}'s result", value)  # as the other engines check
-    except PermanentError as exc:
+    except PermanentError as exc:  # named as Dramatiq names a job's error: "Class: message"
         raise ApplicationError(
-            str(exc), {"attempts": attempt}, type=type(exc).__name__, non_retryable=True
+            f"{type(exc).__name__}: {exc}",
+            {"attempts": attempt},
+            type=type(exc).__name__,
+            non_retryable=True,
         ) from exc
     except Exception as exc:
         raise ApplicationError(

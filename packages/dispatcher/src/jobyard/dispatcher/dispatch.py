@@ -11,6 +11,7 @@ too, the caller gets DispatchUnavailableError and nothing is half-started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -18,6 +19,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
@@ -147,15 +149,17 @@ class Dispatcher:
     ) -> JobHandle:
         spec = get_spec(name)
         data = spec.encode(payload)
-        spec.check_environment()
         options = DispatchOptions(
             delay=_check_delay(delay),
             webhook_url=_check_webhook_url(webhook_url),
             retry=_check_retry(retry),
         )
         job = Submission(_check_job_id(job_id), spec.name, spec.queue, data, options)
+        # An id taken by another job is a conflict whatever this process's settings are.
+        owner = self._registered_owner(job) if job_id is not None else None
+        spec.check_environment()
         started = time.time()
-        handle = self._route(job) if job_id is None else self._route_caller_id(job)
+        handle = self._route(job) if job_id is None else self._route_caller_id(job, owner)
         if not handle.duplicate:
             dispatched_event(
                 job.job_id, spec.name, spec.queue, handle.engine, data, handle.fallback_reason,
@@ -163,29 +167,39 @@ class Dispatcher:
             )  # fmt: skip
         return handle
 
-    def _route_caller_id(self, job: Submission) -> JobHandle:
-        """A caller-chosen id may have been dispatched before, anywhere: the registry decides
-        which engine it belongs to, before either engine is touched."""
-        digest = payload_digest(job.payload)
-        try:
+    def _registered_owner(self, job: Submission) -> Owner | None:
+        """Who the registry says has this caller-chosen id, if anyone (a conflict raises)."""
+        with self._registry_errors(job):
             owner = self.owners.owner(job.job_id)
-            if owner is None:
-                preferred: EngineName = (
-                    "dramatiq"
-                    if env.get_bool(env.USE_DRAMATIQ) and not self.breaker.is_open
-                    else "temporal"
-                )
-                claimed = self.owners.claim(job.job_id, preferred, job.name, digest)
+        if owner is not None:
+            _check_same_job(job, owner, payload_digest(job.payload))
+        return owner
+
+    @contextlib.contextmanager
+    def _registry_errors(self, job: Submission) -> Iterator[None]:
+        try:
+            yield
         except EngineUnavailable as exc:
             raise DispatchUnavailableError(
                 f"job {job.name!r} ({job.job_id}) was not started: {exc}. A job with a "
                 "caller-chosen id needs the job id registry (DATABASE_URL, migrated)."
             ) from exc
+
+    def _route_caller_id(self, job: Submission, owner: Owner | None) -> JobHandle:
+        """A caller-chosen id may have been dispatched before, anywhere: the registry decides
+        which engine it belongs to, before either engine is touched."""
         if owner is None:
-            if claimed == Owner(preferred, job.name, digest):  # ours, or an identical twin's
+            digest = payload_digest(job.payload)
+            preferred: EngineName = (
+                "dramatiq"
+                if env.get_bool(env.USE_DRAMATIQ) and not self.breaker.is_open
+                else "temporal"
+            )
+            with self._registry_errors(job):
+                owner = self.owners.claim(job.job_id, preferred, job.name, digest)
+            if owner == Owner(preferred, job.name, digest):  # ours, or an identical twin's
                 return self._route(job, registered=True)
-            owner = claimed
-        _check_same_job(job, owner, digest)
+            _check_same_job(job, owner, digest)  # a concurrent dispatch claimed it first
         return self._redispatch(job, owner)
 
     def _redispatch(self, job: Submission, owner: Owner) -> JobHandle:

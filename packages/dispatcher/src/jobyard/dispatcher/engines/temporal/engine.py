@@ -204,6 +204,10 @@ class TemporalEngine(Engine):
         handle = await self._handle(job_id)
         try:
             with map_temporal_errors():
+                described = await handle.describe(rpc_timeout=self._rpc_timeout())
+                if described.status not in (None, WorkflowExecutionStatus.RUNNING):
+                    # Temporal accepts a cancel request for a closed workflow and ignores it.
+                    return Cancellation(CancelStatus.FINISHED, _STATES.get(described.status))
                 await handle.cancel(rpc_timeout=self._rpc_timeout())
         except NotOnEngine:
             return Cancellation(CancelStatus.NOT_HERE)
