@@ -44,25 +44,21 @@ CI: list[Any] = [
     pytest.param(
         s.redispatch_during_outage,
         {"n_done": 10, "n_new": 10, "down": 5},
-        marks=_xfail("ids re-dispatched during and after an outage run on both engines"),
         id="redispatch_during_outage",
     ),
     pytest.param(
         s.big_payload,
         {"n_big": 1, "n_small": 10},
-        marks=_xfail("a 20 MB payload is told 'not started' and runs; it opens the breaker"),
         id="big_payload",
     ),
     pytest.param(
         s.temporal_worker_killed,
         {"n": 10, "work": 4.0, "job_timeout": 20},
-        marks=_xfail("the killed step is retried after the job's timeout, not within 15 s"),
         id="temporal_worker_killed",
     ),
     pytest.param(
         s.cancel_then_retry,
         {"n": 10},
-        marks=_xfail("the record of a job cancelled on its retry never expires (TTL -1)"),
         id="cancel_then_retry",
     ),
 ]
