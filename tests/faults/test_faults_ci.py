@@ -38,7 +38,6 @@ CI: list[Any] = [
     pytest.param(
         s.redis_sigkill_aof,
         {"n": 60, "rate": 20},
-        marks=_xfail("jobs stay running after a failed step save; parked jobs stuck"),
         id="redis_sigkill_aof",
     ),
     pytest.param(

@@ -17,7 +17,7 @@ from jobyard.queue import keys
 from jobyard.queue.client import get_client
 from jobyard.queue.queues import get_queue
 from jobyard.queue.runner import ACKED, JobRunner
-from jobyard.queue.store import JobStore
+from jobyard.queue.store import JobStore, _text
 
 
 class JobyardConsumer(_RedisConsumer):
@@ -42,10 +42,14 @@ class JobyardConsumer(_RedisConsumer):
             self.slot_freed.clear()  # then look again, so an ack in between is not missed
             if self.window_full() and not self.slot_freed.wait(self.timeout / 1000):
                 return None  # still full: the consumer thread calls again
-        return super().__next__()  # type: ignore[no-untyped-call]
+        message = super().__next__()  # type: ignore[no-untyped-call]
+        if message is not None:
+            self.broker.delivered(self.queue_name).add(message.options["redis_message_id"])
+        return message
 
     def _settled(self, message: Any) -> None:
         """Called from worker threads as each message is done."""
+        self.broker.delivered(self.queue_name).discard(message.options.get("redis_message_id"))
         self.queued_message_ids.discard(message.message_id)
         if not self.window_full():
             self.slot_freed.set()
@@ -69,6 +73,36 @@ class JobyardConsumer(_RedisConsumer):
 
 
 class JobyardBroker(RedisBroker):
+    """Tracks which of its fetched messages it handed on (to the work or delay queue), so that
+    a consumer starting after a lost connection can put back the rest: ids a fetch moved into
+    this broker's ack set while its reply was lost, or a prefetched batch that could not be
+    returned. Dramatiq leaves those in a live worker's ack set, where nothing sweeps them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._delivered: dict[str, set[str]] = {}
+        self._delivered_lock = threading.Lock()
+
+    def delivered(self, queue_name: str) -> set[str]:
+        with self._delivered_lock:
+            return self._delivered.setdefault(queue_name, set())
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
+        self.requeue_undelivered(queue_name)
+        return super().consume(queue_name, prefetch, timeout)
+
+    def requeue_undelivered(self, queue_name: str) -> None:
+        handed_on = set(self.delivered(queue_name))  # before reading the acks: see requeue
+        try:
+            held = self.client.smembers(keys.dramatiq_acks(self.broker_id, queue_name))
+            stranded = [i for i in (_text(m) for m in held) if i not in handed_on]
+            if stranded:
+                # Dramatiq's requeue moves only ids still in the ack set: one acked meanwhile
+                # stays acked.
+                self.do_requeue(queue_name, *stranded)
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from exc
+
     @property
     def consumer_class(self) -> type[JobyardConsumer]:
         return JobyardConsumer
@@ -84,7 +118,7 @@ def build_broker(queue: str, *, store: JobStore | None = None) -> RedisBroker:
     No Retries middleware: jobyard retries and sleeps through JobRunner, which records them.
     """
     client = get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT))
-    broker = JobyardBroker(  # type: ignore[no-untyped-call]
+    broker = JobyardBroker(
         client=client,
         namespace=keys.DRAMATIQ_NAMESPACE,
         heartbeat_timeout=heartbeat_timeout_ms(),

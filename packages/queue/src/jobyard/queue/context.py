@@ -9,9 +9,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
+
 from jobyard.job_engine.context import BaseJobContext
 from jobyard.queue.store import JobStore, StartResult
 
+#: Seconds a finished step's result is kept and its write retried while Redis is away.
+RECORD_PATIENCE = 30.0
+RECORD_RETRY_INTERVAL = 0.5
 #: Sleeps up to this long happen in the worker thread; longer ones free it.
 IN_THREAD_SLEEP_LIMIT = 1.0
 
@@ -91,12 +96,26 @@ class DramatiqContext(BaseJobContext):
         return self._started
 
     def _record(self, step: str, encoded: str) -> None:
-        outcome = self._store.record_step(self.job_id, self._seq, step, encoded)
+        outcome = self._record_patiently(step, encoded)
         if outcome == "lost":
             raise LostOwnership(self.job_id)
         self._recorded[step] = encoded
         if outcome == "cancel":
             raise Cancelled(self.job_id)
+
+    def _record_patiently(self, step: str, encoded: str) -> str:
+        """A step that returned has done its side effect: keep its result and retry the write
+        while Redis is away (the write is idempotent under the run's seq), rather than let the
+        run fail and the step run again. Past RECORD_PATIENCE the error goes up (the message is
+        requeued, see JobRunner)."""
+        deadline = time.monotonic() + RECORD_PATIENCE
+        while True:
+            try:
+                return self._store.record_step(self.job_id, self._seq, step, encoded)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(RECORD_RETRY_INTERVAL)
 
     async def _run_step(
         self, step: str, ref: str, fn: Callable[..., Any], args: tuple[Any, ...]

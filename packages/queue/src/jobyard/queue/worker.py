@@ -10,17 +10,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from queue import PriorityQueue
 from typing import Any
 
 import dramatiq
 from dramatiq.common import q_name
+from dramatiq.errors import BrokerConnectionError
 from dramatiq.worker import ConsumerThread
 
 
 class KeepDelayedConsumerThread(ConsumerThread):
-    """Ignores the reset of `delay_queue` that follows a connection error."""
+    """Keeps its delayed messages across a connection error: ignores the reset of
+    `delay_queue` that follows one, and does not hand them back on the close after it."""
 
     _kept: PriorityQueue[Any] | None = None
 
@@ -33,6 +36,14 @@ class KeepDelayedConsumerThread(ConsumerThread):
     def delay_queue(self, queue: PriorityQueue[Any]) -> None:
         if self._kept is None:
             self._kept = queue
+
+    def close(self) -> None:
+        if self.running:  # a reconnect, not a stop: the delayed messages stay ours
+            with contextlib.suppress(BrokerConnectionError):
+                if self.consumer:
+                    self.consumer.close()
+            return
+        super().close()
 
 
 class JobyardWorker(dramatiq.Worker):
