@@ -19,6 +19,7 @@ from jobyard.job_engine import ScheduleError, schedule_registry
 
 #: What any admin route may answer besides its own statuses (the token, the guard, outages).
 ADMIN_ROUTE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "the body is not valid JSON"},
     401: {"description": "missing or wrong bearer token (or none configured on the server)"},
     403: {"description": "an API token on an admin route, or a cross-origin request"},
     413: {"description": "request body too large"},
