@@ -90,8 +90,8 @@ class JobSpec:
         model = self.validate(payload)
         try:
             data = model.model_dump(mode="json")
-            strictjson.check(data)  # a model may compute values its input did not have
-            size = len(strictjson.dumps(data))
+            # Checked again: a model may compute values its input did not have.
+            size = len(strictjson.dumps_checked(data))
         except (ValueError, PydanticSerializationError) as exc:  # StrictJSONError included
             raise InvalidPayloadError(self.name, f"not JSON-serialisable: {exc}") from None
         limit = max_payload_bytes()

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis
 from redis.exceptions import NoScriptError
@@ -33,11 +33,10 @@ class Delivery:
 NO_DELIVERY = Delivery("", "", "")
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
     """A Lua command's multi-value reply: a status word and, for some statuses, one detail
     (enqueue "exists": the owning engine; handoff "lost", cancel "done", replay "active": the
-    job's state)."""
+    job's state). A NamedTuple: built once per dispatch, where a frozen dataclass costs more."""
 
     status: str
     detail: str | None = None
@@ -45,8 +44,9 @@ class Reply:
 
     @classmethod
     def decode(cls, raw: Any) -> Reply:
-        values = [_text(v) for v in raw] if isinstance(raw, list | tuple) else [_text(raw)]
-        return cls(*values[:3])
+        if isinstance(raw, list | tuple):
+            return cls(*[_text(value) for value in raw[:3]])
+        return cls(_text(raw))
 
 
 @dataclass(frozen=True)
