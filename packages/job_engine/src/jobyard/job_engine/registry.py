@@ -118,11 +118,13 @@ class JobRegistry:
         return spec
 
     def get(self, name: str) -> JobSpec:
-        load_job_modules()
-        try:
-            return self._jobs[name]
-        except KeyError:
-            raise UnknownJobError(name, list(self._jobs)) from None
+        spec = self._jobs.get(name)
+        if spec is None:  # not declared yet: maybe in a module not imported yet
+            load_job_modules()
+            spec = self._jobs.get(name)
+            if spec is None:
+                raise UnknownJobError(name, list(self._jobs))
+        return spec
 
     def __iter__(self) -> Iterator[JobSpec]:
         load_job_modules()

@@ -51,8 +51,9 @@ local function changed(job_key, changes_key)
     end
 end
 
-local function live_workers(workers_key, timeout_ms)
-    return redis.call("zcount", workers_key, now_ms() - tonumber(timeout_ms), "+inf")
+-- `now`: the caller's now_ms(), when it has one (one TIME call fewer).
+local function live_workers(workers_key, timeout_ms, now)
+    return redis.call("zcount", workers_key, (now or now_ms()) - tonumber(timeout_ms), "+inf")
 end
 
 local TERMINAL = {succeeded = true, failed = true, dead = true, cancelled = true}
@@ -130,7 +131,7 @@ if command == "enqueue" then
         return {"exists", existing[1], existing[2] or ""}
     end
     local now = now_ms()
-    if live_workers(workers_key, timeout_ms) == 0 then
+    if live_workers(workers_key, timeout_ms, now) == 0 then
         redis.call("hset", job_key, "name", name, "queue", queue, "engine", "temporal",
                    "state", "queued", "enqueued_at", now)
         redis.call("expire", job_key, ttl)

@@ -78,7 +78,7 @@ class JobLogWriter:
                     target=self._run, name="jobyard-joblog", daemon=True
                 )
                 self._thread.start()
-                atexit.register(self.flush)
+                atexit.register(self._flush_at_exit)
 
     def _run(self) -> None:
         failing: str | None = None  # the current failure, logged once per REPEAT_LOG_SECONDS
@@ -103,6 +103,15 @@ class JobLogWriter:
                 if failing is not None:
                     log.warning("job log flush works again")
                     failing = None
+
+    def _flush_at_exit(self) -> None:
+        """The last flush: one line, not a traceback, when the database cannot take it."""
+        try:
+            self.flush()
+        except Exception as exc:
+            log.warning(
+                "job log: %d events not written at exit: %s", len(self._events), one_line(exc)
+            )
 
     def flush(self) -> int:
         """Write every buffered event now; returns how many rows were upserted."""
