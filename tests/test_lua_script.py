@@ -184,6 +184,57 @@ def test_enqueue_with_no_live_worker_writes_a_temporal_tombstone(r: redis.Redis,
     assert r.exists(QUEUE_KEY, MSGS_KEY) == 0
 
 
+# enqueue_many: KEYS workers, queue list, queue msgs, job 1, job 2, ...
+#               ARGV queue, heartbeat timeout ms, ttl s, then name, rmid, message, options per job
+
+
+def enqueue_many(lua: Lua, jobs: list[tuple[str, str, str]]) -> Any:
+    """`jobs`: (job id, rmid, options JSON) each; the message is "data-<rmid>"."""
+    args: list[Any] = []
+    for _, rmid, options in jobs:
+        args += [NAME, rmid, f"data-{rmid}", options]
+    job_keys = [keys.job(job_id) for job_id, _, _ in jobs]
+    return lua(
+        "enqueue_many", [WORKERS_KEY, QUEUE_KEY, MSGS_KEY, *job_keys], QUEUE, TIMEOUT_MS, TTL, *args
+    )
+
+
+def test_enqueue_many_queues_each_new_job_in_order_and_reports_each(
+    r: redis.Redis, lua: Lua
+) -> None:
+    live_worker(r)
+    seed(r, keys.job("old"), state="running", rmid="old-m")
+    before = now_ms(r)
+    replies = enqueue_many(
+        lua,
+        [("a", "m-a", '{"retry": 1}'), ("old", "m-old", ""), ("b", "m-b", ""), ("a", "m-a2", "")],
+    )
+    after = now_ms(r)
+    assert replies == [["enqueued"], ["exists", "dramatiq", "running"], ["enqueued"],
+                       ["exists", "dramatiq", "queued"]]  # fmt: skip
+    assert r.lrange(QUEUE_KEY, 0, -1) == ["m-a", "m-b"]
+    assert r.hgetall(MSGS_KEY) == {"m-a": "data-m-a", "m-b": "data-m-b"}
+    record = job(r, keys.job("a"))
+    assert_now(record.pop("enqueued_at"), before, after)
+    assert record == {
+        "name": NAME, "queue": QUEUE, "engine": "dramatiq", "state": "queued", "attempts": "0",
+        "seq": "0", "rmid": "m-a", "ttl": str(TTL), "options": '{"retry": 1}',
+    }  # fmt: skip
+    assert "options" not in job(r, keys.job("b"))
+    assert job(r, keys.job("old"))["rmid"] == "old-m"
+
+
+def test_enqueue_many_with_no_live_worker_writes_tombstones(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r, age_ms=TIMEOUT_MS + 1000)
+    seed(r, keys.job("old"), engine="temporal", state="running")
+    replies = enqueue_many(lua, [("a", "m-a", ""), ("old", "m-old", ""), ("b", "m-b", "")])
+    assert replies == [["no_workers"], ["exists", "temporal", "running"], ["no_workers"]]
+    for job_id in ("a", "b"):
+        assert job(r, keys.job(job_id))["engine"] == "temporal"
+        assert 0 < r.ttl(keys.job(job_id)) <= TTL
+    assert r.exists(QUEUE_KEY, MSGS_KEY) == 0
+
+
 # start: KEYS job, steps, rate key prefix [, changes]
 #        ARGV seq, is_resume, rate calls, rate period ms
 

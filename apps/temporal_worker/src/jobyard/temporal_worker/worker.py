@@ -13,7 +13,6 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from jobyard.job_engine import env
-from jobyard.job_engine.children import install_dispatcher
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.temporal_worker.activities import claim_from_redis, record_event, run_step
 from jobyard.temporal_worker.rescue import rescue_forever
@@ -47,11 +46,9 @@ async def connect(address: str, namespace: str) -> Client:
 
 
 def install_child_dispatcher() -> None:
-    from jobyard.dispatcher import dispatch_job
+    from jobyard.dispatcher import install_child_dispatcher as install
 
-    install_dispatcher(
-        lambda name, payload, job_id: dispatch_job(name, payload, job_id=job_id).as_dict()
-    )
+    install()
 
 
 async def serve() -> None:

@@ -17,7 +17,6 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
 from jobyard.job_engine import env
-from jobyard.job_engine.children import install_dispatcher
 from jobyard.job_engine.db import joblog
 from jobyard.queue.client import get_client
 from jobyard.queue.queues import get_queue, parse_queue_list
@@ -148,12 +147,10 @@ class WorkerProcess:
 
 def _install_child_dispatcher() -> None:
     try:
-        from jobyard.dispatcher import dispatch_job
+        from jobyard.dispatcher import install_child_dispatcher
     except ImportError:  # a worker image without the dispatcher cannot start child jobs
         return
-    install_dispatcher(
-        lambda name, payload, job_id: dispatch_job(name, payload, job_id=job_id).as_dict()
-    )
+    install_child_dispatcher()
 
 
 def main(argv: list[str] | None = None) -> int:

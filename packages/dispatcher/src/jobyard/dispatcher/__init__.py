@@ -3,10 +3,13 @@
 from jobyard.dispatcher.dispatch import (
     Dispatcher,
     adispatch_job,
+    adispatch_many,
     aget_job,
     dispatch_job,
+    dispatch_many,
     get_dispatcher,
     get_job,
+    install_child_dispatcher,
     reset_dispatcher,
     warm_up,
 )
@@ -30,10 +33,11 @@ from jobyard.dispatcher.lifecycle import (
     queue_stats,
     replay_job,
 )
-from jobyard.dispatcher.models import JobHandle, JobStatus
+from jobyard.dispatcher.models import DispatchRequest, JobHandle, JobStatus
 
 __all__ = [
     "DispatchOutcomeUnknownError",
+    "DispatchRequest",
     "DispatchUnavailableError",
     "Dispatcher",
     "EngineUnavailable",
@@ -46,13 +50,16 @@ __all__ = [
     "QueueStats",
     "WorkerInfo",
     "adispatch_job",
+    "adispatch_many",
     "aget_job",
     "cancel_job",
     "dispatch_job",
+    "dispatch_many",
     "get_dispatcher",
     "get_job",
     "get_job_record",
     "get_job_steps",
+    "install_child_dispatcher",
     "list_jobs",
     "list_workers",
     "queue_stats",

@@ -18,7 +18,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import urlparse
 
@@ -29,6 +29,7 @@ from jobyard.dispatcher.engines import (
     ReleaseStatus,
     Submission,
     SubmitStatus,
+    Submitted,
 )
 from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
 from jobyard.dispatcher.engines.temporal import TemporalEngine
@@ -46,12 +47,21 @@ from jobyard.dispatcher.models import (
     FALLBACK_REDIS_ERROR,
     FALLBACK_REDIS_UNHEALTHY,
     DispatchOptions,
+    DispatchRequest,
     EngineName,
     JobHandle,
     JobStatus,
 )
 from jobyard.dispatcher.owners import Owner, OwnerRegistry, payload_digest
-from jobyard.job_engine import RetryPolicy, UnsafeURLError, env, get_spec, netguard
+from jobyard.job_engine import (
+    JobyardError,
+    RetryPolicy,
+    UnsafeURLError,
+    children,
+    env,
+    get_spec,
+    netguard,
+)
 from jobyard.job_engine.db.readiness import check_setup
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.job_engine.registry import load_job_modules
@@ -146,25 +156,125 @@ class Dispatcher:
         webhook_url: str | None = None,
         retry: RetryPolicy | None = None,
     ) -> JobHandle:
-        spec = get_spec(name)
-        data = spec.encode(payload)
-        options = DispatchOptions(
-            delay=_check_delay(delay),
-            webhook_url=_check_webhook_url(webhook_url),
-            retry=_check_retry(retry),
-        )
-        job = Submission(_check_job_id(job_id), spec.name, spec.queue, data, options)
+        job = _submission(name, payload, job_id, delay, webhook_url, retry)
         # An id taken by another job is a conflict whatever this process's settings are.
         owner = self._registered_owner(job) if job_id is not None else None
-        spec.check_environment()
+        get_spec(job.name).check_environment()
         started = time.time()
         handle = self._route(job) if job_id is None else self._route_caller_id(job, owner)
-        if not handle.duplicate:
-            dispatched_event(
-                job.job_id, spec.name, spec.queue, handle.engine, data, handle.fallback_reason,
-                started,
-            )  # fmt: skip
+        _record_dispatch(job, handle, started)
         return handle
+
+    def dispatch_many(
+        self, requests: Iterable[DispatchRequest | tuple[str, Any]]
+    ) -> list[JobHandle | Exception]:
+        """`dispatch` of many jobs with the same checks and guarantees, in batches: one Lua call
+        per batch of a queue's jobs, one registry statement per batch of caller-chosen ids. One
+        result per request, in order: its handle, or the error `dispatch` would have raised
+        for it (the other jobs are dispatched all the same)."""
+        started = time.time()
+        results: list[JobHandle | Exception | None] = []
+        generated: list[tuple[int, Submission]] = []
+        chosen: list[tuple[int, Submission]] = []
+        for index, request in enumerate(requests):
+            results.append(None)
+            if isinstance(request, tuple):
+                request = DispatchRequest(*request)
+            try:
+                job = _submission(
+                    request.name, request.payload, request.job_id, request.delay,
+                    request.webhook_url, request.retry,
+                )  # fmt: skip
+            except (JobyardError, ValueError) as exc:
+                results[index] = exc
+                continue
+            (generated if request.job_id is None else chosen).append((index, job))
+        for index, job in generated:
+            try:
+                get_spec(job.name).check_environment()
+            except JobyardError as exc:
+                results[index] = exc
+        ready = [(index, job, False) for index, job in generated if results[index] is None]
+        ready += self._claim_many(chosen, results)
+        outcomes = self._route_many([(job, registered) for _, job, registered in ready])
+        for (index, _, _), outcome in zip(ready, outcomes, strict=True):
+            results[index] = outcome
+        for index, job in (*generated, *chosen):
+            result = results[index]
+            if isinstance(result, JobHandle):
+                _record_dispatch(job, result, started)
+        return [_settled(result) for result in results]
+
+    def _claim_many(
+        self,
+        chosen: list[tuple[int, Submission]],
+        results: list[JobHandle | Exception | None],
+    ) -> list[tuple[int, Submission, bool]]:
+        """The registry's part of `dispatch_many` for caller-chosen ids, in the order `dispatch`
+        takes it: conflicts, then settings, then the claim. Jobs whose id was dispatched before
+        get their result here; returns those now claimed for the preferred engine."""
+        if not chosen:
+            return []
+        try:
+            with self._registry_errors(chosen[0][1]):
+                owners = self.owners.owners([job.job_id for _, job in chosen])
+        except DispatchUnavailableError as exc:
+            for index, _ in chosen:
+                results[index] = exc
+            return []
+        unclaimed: list[tuple[int, Submission, str]] = []
+        for index, job in chosen:
+            try:
+                digest = payload_digest(job.payload)
+                owner = owners.get(job.job_id)
+                if owner is not None:
+                    _check_same_job(job, owner, digest)
+                get_spec(job.name).check_environment()
+                if owner is not None:
+                    results[index] = self._redispatch(job, owner)
+                else:
+                    unclaimed.append((index, job, digest))
+            except (JobyardError, ValueError) as exc:
+                results[index] = exc
+        preferred = self._preferred_engine()
+        try:
+            with self._registry_errors(chosen[0][1]):
+                claimed = self.owners.claim_many(
+                    [(job.job_id, job.name, digest) for _, job, digest in unclaimed], preferred
+                )
+        except DispatchUnavailableError as exc:
+            for index, _, _ in unclaimed:
+                results[index] = exc
+            return []
+        ready: list[tuple[int, Submission, bool]] = []
+        for index, job, digest in unclaimed:
+            owner = claimed[job.job_id]
+            if owner == Owner(preferred, job.name, digest):  # ours, or an identical twin's
+                ready.append((index, job, True))
+                continue
+            try:  # a concurrent dispatch claimed it first
+                _check_same_job(job, owner, digest)
+                results[index] = self._redispatch(job, owner)
+            except (JobyardError, ValueError) as exc:
+                results[index] = exc
+        return ready
+
+    def _route_many(self, jobs: list[tuple[Submission, bool]]) -> list[JobHandle | Exception]:
+        """`_route` of many jobs: Dramatiq takes them in batches; each job it cannot take goes
+        to Temporal on its own, exactly as `_route` sends it."""
+        if not jobs:
+            return []
+        if not env.get_bool(env.USE_DRAMATIQ) or self.breaker.is_open:
+            return [_result_of(self._route, job, registered=r) for job, r in jobs]
+        submitted = self.dramatiq.submit_many([job for job, _ in jobs])
+        for outcome in submitted:
+            if isinstance(outcome, EngineUnavailable):
+                self.breaker.trip(outcome.reason)
+                break
+        return [
+            _result_of(self._after_dramatiq, job, outcome, registered=registered)
+            for (job, registered), outcome in zip(jobs, submitted, strict=True)
+        ]
 
     def _registered_owner(self, job: Submission) -> Owner | None:
         """Who the registry says has this caller-chosen id, if anyone (a conflict raises)."""
@@ -189,11 +299,7 @@ class Dispatcher:
         which engine it belongs to, before either engine is touched."""
         if owner is None:
             digest = payload_digest(job.payload)
-            preferred: EngineName = (
-                "dramatiq"
-                if env.get_bool(env.USE_DRAMATIQ) and not self.breaker.is_open
-                else "temporal"
-            )
+            preferred = self._preferred_engine()
             with self._registry_errors(job):
                 owner = self.owners.claim(job.job_id, preferred, job.name, digest)
             if owner == Owner(preferred, job.name, digest):  # ours, or an identical twin's
@@ -232,6 +338,10 @@ class Dispatcher:
         except EngineUnavailable:
             log.warning("job %s moved to Temporal; the registry could not record it", job.job_id)
 
+    def _preferred_engine(self) -> EngineName:
+        use_dramatiq = env.get_bool(env.USE_DRAMATIQ) and not self.breaker.is_open
+        return "dramatiq" if use_dramatiq else "temporal"
+
     def _route(self, job: Submission, *, registered: bool = False) -> JobHandle:
         """`registered`: the id has a row in the registry, to move along if the job moves."""
         if not env.get_bool(env.USE_DRAMATIQ):
@@ -241,10 +351,18 @@ class Dispatcher:
                 job, FALLBACK_REDIS_UNHEALTHY, ClaimMode.BEST_EFFORT, registered=registered
             )
         try:
-            submitted = self.dramatiq.submit(job)
+            submitted: Submitted | EngineUnavailable = self.dramatiq.submit(job)
         except EngineUnavailable as exc:
             self.breaker.trip(exc.reason)
-            claim = ClaimMode.STRICT if exc.ambiguous else ClaimMode.BEST_EFFORT
+            submitted = exc
+        return self._after_dramatiq(job, submitted, registered=registered)
+
+    def _after_dramatiq(
+        self, job: Submission, submitted: Submitted | EngineUnavailable, *, registered: bool
+    ) -> JobHandle:
+        """The handle for what Dramatiq answered, or Temporal's when it did not take the job."""
+        if isinstance(submitted, EngineUnavailable):
+            claim = ClaimMode.STRICT if submitted.ambiguous else ClaimMode.BEST_EFFORT
             return self._to_temporal(job, FALLBACK_REDIS_ERROR, claim, registered=registered)
         if submitted.status == SubmitStatus.STARTED:
             return JobHandle(job.job_id, "dramatiq")
@@ -314,6 +432,47 @@ class Dispatcher:
         if found is None:
             raise JobNotFoundError(job_id)
         return found
+
+
+def _submission(
+    name: str,
+    payload: Any,
+    job_id: str | None,
+    delay: float | None,
+    webhook_url: str | None,
+    retry: RetryPolicy | None,
+) -> Submission:
+    """A dispatch's arguments checked and encoded: what crosses to an engine."""
+    spec = get_spec(name)
+    data = spec.encode(payload)
+    options = DispatchOptions(
+        delay=_check_delay(delay),
+        webhook_url=_check_webhook_url(webhook_url),
+        retry=_check_retry(retry),
+    )
+    return Submission(_check_job_id(job_id), spec.name, spec.queue, data, options)
+
+
+def _record_dispatch(job: Submission, handle: JobHandle, started: float) -> None:
+    if not handle.duplicate:
+        dispatched_event(
+            job.job_id, job.name, job.queue, handle.engine, job.payload, handle.fallback_reason,
+            started,
+        )  # fmt: skip
+
+
+def _settled(result: JobHandle | Exception | None) -> JobHandle | Exception:
+    if result is None:
+        raise AssertionError("dispatch_many left a job without a result")
+    return result
+
+
+def _result_of(route: Callable[..., JobHandle], *args: Any, **kwargs: Any) -> JobHandle | Exception:
+    """A per-job routing call whose error is that job's result (`dispatch_many`)."""
+    try:
+        return route(*args, **kwargs)
+    except (JobyardError, ValueError) as exc:
+        return exc
 
 
 def _check_same_job(job: Submission, owner: Owner, digest: str) -> None:
@@ -387,6 +546,46 @@ async def adispatch_job(
         dispatch_job, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url,
         retry=retry,
     )  # fmt: skip
+
+
+def dispatch_many(
+    requests: Iterable[DispatchRequest | tuple[str, Any]],
+) -> list[JobHandle | Exception]:
+    """Start many jobs in batches; one result per request, in order: its JobHandle, or the
+    exception `dispatch_job` would have raised for it (the other jobs start all the same).
+
+    >>> results = dispatch_many([("email.send", {"to": a, ...}) for a in addresses])
+    >>> failed = [r for r in results if isinstance(r, Exception)]
+
+    Each request is a `DispatchRequest` (all of `dispatch_job`'s arguments) or a (name, payload)
+    pair. The checks, the job id rules and the fallback are `dispatch_job`'s: Dramatiq takes
+    the jobs one Lua call per batch; a job it cannot take goes to Temporal on its own.
+    """
+    return get_dispatcher().dispatch_many(requests)
+
+
+async def adispatch_many(
+    requests: Iterable[DispatchRequest | tuple[str, Any]],
+) -> list[JobHandle | Exception]:
+    """dispatch_many for async web code; never blocks the event loop."""
+    return await asyncio.to_thread(dispatch_many, list(requests))
+
+
+def install_child_dispatcher() -> None:
+    """Let jobs in this process start child jobs (`jobyard.job_engine.children`) through this
+    dispatcher, one at a time or in batches."""
+
+    def one(name: str, payload: Any, job_id: str) -> dict[str, Any]:
+        return dispatch_job(name, payload, job_id=job_id).as_dict()
+
+    def many(children: list[tuple[str, Any, str]]) -> list[dict[str, Any] | Exception]:
+        requests = [DispatchRequest(name, payload, job_id) for name, payload, job_id in children]
+        return [
+            result.as_dict() if isinstance(result, JobHandle) else result
+            for result in dispatch_many(requests)
+        ]
+
+    children.install_dispatcher(one, many)
 
 
 def get_job(job_id: str) -> JobStatus:

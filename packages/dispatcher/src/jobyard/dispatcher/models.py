@@ -26,6 +26,18 @@ class DispatchOptions:
 
 
 @dataclass(frozen=True)
+class DispatchRequest:
+    """One job for `dispatch_many`: `dispatch_job`'s arguments."""
+
+    name: str
+    payload: Any
+    job_id: str | None = None
+    delay: float | None = None
+    webhook_url: str | None = None
+    retry: Any = None  # a jobyard.job_engine.RetryPolicy
+
+
+@dataclass(frozen=True)
 class JobHandle:
     job_id: str
     engine: EngineName

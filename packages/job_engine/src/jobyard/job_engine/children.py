@@ -18,6 +18,8 @@ from typing import Any
 from jobyard.job_engine.errors import JobyardError
 
 ChildDispatcher = Callable[[str, Any, str], dict[str, Any]]
+#: Many children at once: (name, payload, job_id) each; a handle as JSON or the job's error each.
+ChildBatchDispatcher = Callable[[list[tuple[str, Any, str]]], list[dict[str, Any] | Exception]]
 
 #: The dispatcher's job id rule (jobyard.dispatcher.dispatch.JOB_ID_PATTERN), restated here
 #: because job_engine does not import the dispatcher.
@@ -26,12 +28,17 @@ _ID_CHARS = re.compile(r"[^A-Za-z0-9._:@/-]")
 _DIGEST_CHARS = 24  # hex of SHA-256: 96 bits, no collision among one parent's children
 
 _dispatcher: ChildDispatcher | None = None
+_batch_dispatcher: ChildBatchDispatcher | None = None
 
 
-def install_dispatcher(dispatcher: ChildDispatcher | None) -> None:
-    """`dispatcher(name, payload, job_id) -> {"job_id": ..., "engine": ...}`."""
-    global _dispatcher
+def install_dispatcher(
+    dispatcher: ChildDispatcher | None, many: ChildBatchDispatcher | None = None
+) -> None:
+    """`dispatcher(name, payload, job_id) -> {"job_id": ..., "engine": ...}`; `many`, when the
+    process has one, dispatches a list of children in batches (`dispatch_children`)."""
+    global _dispatcher, _batch_dispatcher
     _dispatcher = dispatcher
+    _batch_dispatcher = many
 
 
 def fit_job_id(job_id: str) -> str:
@@ -63,3 +70,20 @@ def dispatch_child(name: str, payload: Any, job_id: str) -> dict[str, Any]:
             "call jobyard.job_engine.children.install_dispatcher() at start-up"
         )
     return _dispatcher(name, payload, fit_job_id(job_id))
+
+
+def dispatch_children(children: list[tuple[str, Any, str]]) -> list[dict[str, Any]]:
+    """Step function: `dispatch_child` of each (name, payload, job_id), in batches where the
+    process's dispatcher can. If any child could not be dispatched, the others still are and
+    the first error is raised: a retry of the step starts only what did not start (the ids)."""
+    if _batch_dispatcher is None:
+        return [dispatch_child(name, payload, job_id) for name, payload, job_id in children]
+    results = _batch_dispatcher(
+        [(name, payload, fit_job_id(job_id)) for name, payload, job_id in children]
+    )
+    handles = []
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+        handles.append(result)
+    return handles

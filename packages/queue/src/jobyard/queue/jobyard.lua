@@ -114,39 +114,83 @@ local function start_checks(job_key, changes_key, seq, is_resume)
     return "ok", attempts, job[7]
 end
 
--- enqueue: KEYS job, workers, queue list, queue msgs
---          ARGV job_id, redis message id, message, name, queue, heartbeat timeout ms, ttl s,
---               options JSON ("" for none), seq (the run number the message carries; 0 but for a job recovered from the job log)
--- -> {"enqueued"} | {"exists", engine, state} | {"no_workers"}
--- With no live worker the job is written as a Temporal tombstone, so that dispatching the same
--- id again never reaches Dramatiq while Temporal owns it.
-if command == "enqueue" then
-    local job_key, workers_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-    -- The job id is in the job key already: the script reads it from there.
-    local _job_id, message_id, message, name, queue = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-    local timeout_ms, ttl, options, seq = ARGV[7], ARGV[8], ARGV[9], ARGV[10] or "0"
+-- Whether the queue has a live worker, asked of Redis at most once per call and only when a
+-- job needs the answer (a job that exists already does not).
+local function liveness(workers_key, timeout_ms, now)
+    local live
+    return function()
+        if live == nil then
+            live = live_workers(workers_key, timeout_ms, now) > 0
+        end
+        return live
+    end
+end
 
+-- One job's enqueue, for `enqueue` and `enqueue_many`; `is_live`: see `liveness`. With no live
+-- worker the job is written as a Temporal tombstone, so that dispatching the same id again
+-- never reaches Dramatiq while Temporal owns it.
+local function enqueue_job(job_key, queue_key, queue_msgs_key, is_live, now, message_id, message,
+                           name, queue, ttl, options, seq)
     local existing = redis.call("hmget", job_key, "engine", "state")
     if existing[1] then
         return {"exists", existing[1], existing[2] or ""}
     end
-    local now = now_ms()
-    if live_workers(workers_key, timeout_ms, now) == 0 then
+    if not is_live() then
         redis.call("hset", job_key, "name", name, "queue", queue, "engine", "temporal",
                    "state", "queued", "enqueued_at", now)
         redis.call("expire", job_key, ttl)
         return {"no_workers"}
     end
     -- No TTL while the job lives (sleeps and retries may outlast any); finish sets one.
-    redis.call("hset", job_key, "name", name, "queue", queue, "engine", "dramatiq",
-               "state", "queued", "attempts", 0, "seq", seq, "rmid", message_id, "enqueued_at", now,
-               "ttl", ttl)
     if options ~= "" then
-        redis.call("hset", job_key, "options", options)
+        redis.call("hset", job_key, "name", name, "queue", queue, "engine", "dramatiq",
+                   "state", "queued", "attempts", 0, "seq", seq, "rmid", message_id,
+                   "enqueued_at", now, "ttl", ttl, "options", options)
+    else
+        redis.call("hset", job_key, "name", name, "queue", queue, "engine", "dramatiq",
+                   "state", "queued", "attempts", 0, "seq", seq, "rmid", message_id,
+                   "enqueued_at", now, "ttl", ttl)
     end
     redis.call("hset", queue_msgs_key, message_id, message)
     redis.call("rpush", queue_key, message_id)
     return {"enqueued"}
+end
+
+-- enqueue: KEYS job, workers, queue list, queue msgs
+--          ARGV job_id, redis message id, message, name, queue, heartbeat timeout ms, ttl s,
+--               options JSON ("" for none), seq (the run number the message carries; 0 but for
+--               a job recovered from the job log)
+-- -> {"enqueued"} | {"exists", engine, state} | {"no_workers"}
+if command == "enqueue" then
+    local job_key, workers_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+    -- The job id is in the job key already: the script reads it from there.
+    local _job_id, message_id, message, name, queue = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+    local timeout_ms, ttl, options, seq = ARGV[7], ARGV[8], ARGV[9], ARGV[10] or "0"
+
+    local now = now_ms()
+    return enqueue_job(job_key, queue_key, queue_msgs_key, liveness(workers_key, timeout_ms, now),
+                       now, message_id, message, name, queue, ttl, options, seq)
+
+-- enqueue_many: KEYS workers, queue list, queue msgs, job 1, job 2, ... (one queue's batch)
+--               ARGV queue, heartbeat timeout ms, ttl s, then four per job in KEYS' order:
+--                    name, redis message id, message, options JSON ("" for none)
+-- -> one `enqueue` reply per job, in order (dispatch_many: one call per batch, not per job)
+elseif command == "enqueue_many" then
+    local workers_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
+    local queue, timeout_ms, ttl = ARGV[2], ARGV[3], ARGV[4]
+    local first_job, per_job = 4, 4
+
+    local now = now_ms()
+    local is_live = liveness(workers_key, timeout_ms, now)
+    local replies = {}
+    for i = first_job, #KEYS do
+        local at = 5 + (i - first_job) * per_job
+        local name, message_id, message, options = ARGV[at], ARGV[at + 1], ARGV[at + 2],
+                                                   ARGV[at + 3]
+        replies[#replies + 1] = enqueue_job(KEYS[i], queue_key, queue_msgs_key, is_live, now,
+                                            message_id, message, name, queue, ttl, options, "0")
+    end
+    return replies
 
 -- start: KEYS job, steps, rate key prefix (the window number is appended) [, changes]
 --        ARGV seq, is_resume ("1"|"0"), rate calls (0 = none), rate period ms

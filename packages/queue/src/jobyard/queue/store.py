@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple, cast
@@ -31,6 +32,16 @@ class Delivery:
 
 
 NO_DELIVERY = Delivery("", "", "")
+
+
+class BatchJob(NamedTuple):
+    """One new job of an `enqueue_many` batch."""
+
+    job_id: str
+    name: str
+    redis_message_id: str
+    message: bytes
+    options_json: str  # the dispatch's options a replay must keep, as JSON ("" for none)
 
 
 class Reply(NamedTuple):
@@ -126,6 +137,34 @@ class JobStore:
             seq,
         )
         return Reply.decode(reply)
+
+    def enqueue_many(
+        self,
+        queue: str,
+        dramatiq_queue: str,
+        heartbeat_timeout_ms: int,
+        jobs: Sequence[BatchJob],
+    ) -> list[Reply]:
+        """`enqueue` for a batch of new jobs on one queue, in one call; one reply per job, in
+        order. The queue's liveness is read once for the batch."""
+        job_keys = [keys.job(job.job_id) for job in jobs]
+        args: list[Any] = []
+        for job in jobs:
+            args += (job.name, job.redis_message_id, job.message, job.options_json)
+        replies = self._call(
+            [
+                keys.workers(queue),
+                keys.dramatiq_queue(dramatiq_queue),
+                keys.dramatiq_messages(dramatiq_queue),
+                *job_keys,
+            ],
+            "enqueue_many",
+            queue,
+            heartbeat_timeout_ms,
+            self.retention,
+            *args,
+        )
+        return [Reply.decode(reply) for reply in replies]
 
     def start(
         self, job_id: str, job_name: str, seq: int, *, resume: bool, rate: tuple[int, int] | None

@@ -13,10 +13,12 @@ id. Crossing out: the frozen results below, `JobStatus`, and the errors of this 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import DispatchOptions, EngineName, JobStatus
 from jobyard.job_engine import JobyardError
 
@@ -142,6 +144,18 @@ class Engine(ABC):
     @abstractmethod
     def submit(self, job: Submission) -> Submitted:
         """Start `job` once under its id; a second submit of the id starts nothing."""
+
+    def submit_many(self, jobs: Sequence[Submission]) -> list[Submitted | EngineUnavailable]:
+        """`submit` of each job, in order. A job the engine could not take gets its
+        EngineUnavailable in its place: one job's failure is that job's, not the batch's. An
+        engine that can take a batch in fewer round trips overrides this."""
+        results: list[Submitted | EngineUnavailable] = []
+        for job in jobs:
+            try:
+                results.append(self.submit(job))
+            except EngineUnavailable as exc:
+                results.append(exc)
+        return results
 
     @abstractmethod
     def release(self, job_id: str, name: str, queue: str) -> Release:

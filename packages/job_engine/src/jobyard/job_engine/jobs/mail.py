@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from jobyard.job_engine import env
-from jobyard.job_engine.children import dispatch_child
+from jobyard.job_engine.children import dispatch_children
 from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.errors import PermanentError
 from jobyard.job_engine.policy import RetryPolicy
@@ -303,11 +303,11 @@ def dispatch_recipients(job_id: str, payload: dict[str, Any]) -> list[str]:
     """Step: one `email.send` child per recipient, ids `<job id>:to-<n>`; returns the ids.
 
     Idempotent: a repeated step dispatches the same ids, which the dispatcher starts once."""
-    ids = []
-    for number, address in enumerate(unique_recipients(payload["to"])):
-        child = dispatch_child("email.send", {**payload, "to": address}, f"{job_id}:to-{number}")
-        ids.append(child["job_id"])
-    return ids
+    children = [
+        ("email.send", {**payload, "to": address}, f"{job_id}:to-{number}")
+        for number, address in enumerate(unique_recipients(payload["to"]))
+    ]
+    return [child["job_id"] for child in dispatch_children(children)]
 
 
 # --- the job -----------------------------------------------------------------------------------

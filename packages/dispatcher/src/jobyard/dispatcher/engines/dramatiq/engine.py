@@ -7,6 +7,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,11 +26,12 @@ from jobyard.dispatcher.engines.base import (
     WorkerInfo,
 )
 from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
+from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import DispatchOptions, EngineName, JobStatus
 from jobyard.queue.broker import DeadWorkerSweeper
 from jobyard.queue.messages import decode_job_message, encode_job_message
 from jobyard.queue.queues import queue_names
-from jobyard.queue.store import JobStore
+from jobyard.queue.store import BatchJob, JobStore, Reply
 
 log = logging.getLogger("jobyard.rescue")
 
@@ -92,6 +94,38 @@ class DramatiqEngine(Engine):
                 kept_options(options),
                 seq,
             )
+        return self._submitted(reply)
+
+    def submit_many(self, jobs: Sequence[Submission]) -> list[Submitted | EngineUnavailable]:
+        """One Lua call per batch of jobs bound for the same Dramatiq queue (at most
+        BATCH_JOBS jobs and about BATCH_BYTES of messages, so one call never blocks Redis for
+        long). Once a call fails, the jobs after it are not sent: each gets a non-ambiguous
+        EngineUnavailable, the failed batch's jobs its error."""
+        results: list[Submitted | EngineUnavailable | None] = [None] * len(jobs)
+        failed: EngineUnavailable | None = None
+        for queue, dramatiq_queue, batch in _batches(jobs):
+            if failed is not None:
+                skipped = EngineUnavailable(
+                    self.name, f"not sent: an earlier batch failed ({failed})"
+                )
+                for index, _ in batch:
+                    results[index] = skipped
+                continue
+            try:
+                with map_redis_errors():
+                    replies = self.store.enqueue_many(
+                        queue, dramatiq_queue, self._timeout_ms, [entry for _, entry in batch]
+                    )
+            except EngineUnavailable as exc:
+                failed = exc
+                for index, _ in batch:
+                    results[index] = exc
+                continue
+            for (index, _), reply in zip(batch, replies, strict=True):
+                results[index] = self._submitted(reply)
+        return [result for result in results if result is not None]
+
+    def _submitted(self, reply: Reply) -> Submitted:
         if reply.status == "enqueued":
             return Submitted(SubmitStatus.STARTED)
         if reply.status == "no_workers":
@@ -245,3 +279,36 @@ def _submission(data: bytes, fallback_reason: str) -> Submission:
     return Submission(
         job.job_id, job.name, job.queue, job.payload, options, fallback_reason=fallback_reason
     )
+
+
+#: Largest batch of one `enqueue_many` call: jobs, and bytes of messages (a batch may pass the
+#: byte budget by one message, at most JOBYARD_MAX_PAYLOAD_BYTES and its envelope).
+BATCH_JOBS = 500
+BATCH_BYTES = 1 << 20
+
+Batch = list[tuple[int, BatchJob]]  # (index in the caller's list, job)
+
+
+def _batches(jobs: Sequence[Submission]) -> Iterator[tuple[str, str, Batch]]:
+    """(queue, Dramatiq queue, jobs) batches, each job's messages encoded, in the callers'
+    order within each queue."""
+    open_batches: dict[str, tuple[str, Batch, list[int]]] = {}
+    for index, job in enumerate(jobs):
+        options = job.options
+        message = encode_job_message(
+            job.name, job.queue, job.job_id, job.payload,
+            delay_seconds=options.delay, webhook_url=options.webhook_url, retry=options.retry,
+        )  # fmt: skip
+        kept = kept_options(options)
+        entry = BatchJob(
+            job.job_id, job.name, message.redis_message_id, message.data,
+            json.dumps(kept) if kept else "",
+        )  # fmt: skip
+        queue, batch, size = open_batches.setdefault(message.queue, (job.queue, [], [0]))
+        batch.append((index, entry))
+        size[0] += len(message.data)
+        if len(batch) >= BATCH_JOBS or size[0] >= BATCH_BYTES:
+            yield queue, message.queue, batch
+            del open_batches[message.queue]
+    for dramatiq_queue, (queue, batch, _) in open_batches.items():
+        yield queue, dramatiq_queue, batch

@@ -1,0 +1,125 @@
+"""dispatch_many(): many jobs in batches, with dispatch_job's checks and guarantees per job."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from jobyard.dispatcher import (
+    DispatchRequest,
+    IdempotencyConflictError,
+    JobHandle,
+    adispatch_many,
+    dispatch_job,
+    dispatch_many,
+    get_dispatcher,
+)
+from jobyard.dispatcher.engines.dramatiq.engine import BATCH_JOBS
+from jobyard.job_engine import InvalidPayloadError, UnknownJobError
+from jobyard.queue.client import get_client
+from jobyard.queue.store import JobStore
+from tests.engines import Engines
+from tests.support import RedisServer
+
+
+def echo_requests(count: int, tag: str) -> list[tuple[str, dict[str, object]]]:
+    return [("system.echo", {"tag": tag, "n": n}) for n in range(count)]
+
+
+def evalsha_calls(redis_server: RedisServer) -> int:
+    client = redis_server.client()
+    try:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+def test_jobs_run_in_order_and_bad_ones_get_their_own_error(engines: Engines) -> None:
+    engines.start_worker()
+    requests: list[DispatchRequest | tuple[str, object]] = [*echo_requests(30, "run")]
+    requests.insert(3, ("no.such.job", {}))
+    requests.insert(10, DispatchRequest("system.echo", {"n": 1}, job_id="bad id with spaces"))
+    requests.insert(20, ("test.two_steps", {"sleep": "not a number"}))
+
+    results = dispatch_many(requests)
+
+    assert len(results) == 33
+    assert isinstance(results[3], UnknownJobError)
+    assert isinstance(results[10], ValueError) and "invalid job_id" in str(results[10])
+    assert isinstance(results[20], InvalidPayloadError)
+    handles = [r for r in results if isinstance(r, JobHandle)]
+    assert len(handles) == 30 and {h.engine for h in handles} == {"dramatiq"}
+    for handle, (_, payload) in zip(handles, echo_requests(30, "run"), strict=True):
+        status = engines.wait(handle.job_id)
+        assert (status.state, status.result) == ("succeeded", payload)
+
+
+def test_one_lua_call_per_batch(engines: Engines) -> None:
+    """A live worker's heartbeat, no worker: nothing else calls Redis while the batch goes in."""
+    store = JobStore(get_client())
+    store.heartbeat("test-worker", "test-broker", ["default"])
+    count = BATCH_JOBS * 2 + 7
+    before = evalsha_calls(engines.redis)
+    results = dispatch_many(echo_requests(count, "calls"))
+    assert evalsha_calls(engines.redis) - before == 3
+    assert all(isinstance(r, JobHandle) and r.engine == "dramatiq" for r in results)
+    assert engines.redis.client().llen("dramatiq:default") == count
+    assert len({r.job_id for r in results if isinstance(r, JobHandle)}) == count
+
+
+def test_caller_chosen_ids_start_once(engines: Engines) -> None:
+    engines.start_worker()
+    tag = uuid.uuid4().hex[:8]  # the job id registry outlives one test
+    taken = dispatch_job("system.echo", {"n": "first"}, job_id=f"{tag}-taken")
+    requests = [
+        DispatchRequest("system.echo", {"n": 1}, job_id=f"{tag}-a"),
+        DispatchRequest("system.echo", {"n": 2}, job_id=f"{tag}-b"),
+        DispatchRequest("system.echo", {"n": 1}, job_id=f"{tag}-a"),  # the same job twice
+        DispatchRequest("system.echo", {"n": "other"}, job_id=f"{tag}-taken"),
+        DispatchRequest("system.echo", {"n": "first"}, job_id=f"{tag}-taken"),
+    ]
+    first = dispatch_many(requests)
+    assert [(r.job_id, r.duplicate) for r in first if isinstance(r, JobHandle)] == [
+        (f"{tag}-a", False),
+        (f"{tag}-b", False),
+        (f"{tag}-a", True),
+        (f"{tag}-taken", True),
+    ]
+    assert isinstance(first[3], IdempotencyConflictError)
+    again = dispatch_many(requests)
+    assert [r.duplicate for r in again if isinstance(r, JobHandle)] == [True] * 4
+    for job_id in (f"{tag}-a", f"{tag}-b", taken.job_id):
+        assert engines.wait(job_id).state == "succeeded"
+    assert engines.wait(f"{tag}-a").attempts == 1
+
+
+def test_no_live_worker_sends_each_job_to_temporal(engines: Engines) -> None:
+    engines.start_temporal_worker()
+    results = dispatch_many(echo_requests(5, "temporal"))
+    assert {(r.engine, r.fallback_reason) for r in results if isinstance(r, JobHandle)} == {
+        ("temporal", "no_live_workers")
+    }
+    for result in results:
+        assert isinstance(result, JobHandle)
+        assert engines.wait(result.job_id).state == "succeeded"
+
+
+def test_redis_down_sends_each_job_to_temporal(engines: Engines) -> None:
+    engines.start_temporal_worker()
+    get_dispatcher()  # built while Redis answers, as in a running web app
+    engines.redis.kill()
+    results = dispatch_many(echo_requests(4, "down"))
+    assert all(isinstance(r, JobHandle) for r in results), results
+    reasons = {(r.engine, r.fallback_reason) for r in results if isinstance(r, JobHandle)}
+    assert reasons <= {("temporal", "redis_error"), ("temporal", "redis_unhealthy")}
+    for result in results:
+        assert isinstance(result, JobHandle)
+        assert engines.wait(result.job_id).state == "succeeded"
+
+
+def test_adispatch_many(engines: Engines) -> None:
+    engines.start_worker()
+    results = asyncio.run(adispatch_many(echo_requests(3, "async")))
+    for result in results:
+        assert isinstance(result, JobHandle)
+        assert engines.wait(result.job_id).state == "succeeded"
