@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BENCHMARKS = [
     "bench_dispatch",
+    "bench_dispatch_many",
     "bench_throughput",
     "bench_paused_redis",
     "bench_temporal_fallback",
