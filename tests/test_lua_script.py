@@ -210,8 +210,7 @@ def test_enqueue_many_queues_each_new_job_in_order_and_reports_each(
         [("a", "m-a", '{"retry": 1}'), ("old", "m-old", ""), ("b", "m-b", ""), ("a", "m-a2", "")],
     )
     after = now_ms(r)
-    assert replies == [["enqueued"], ["exists", "dramatiq", "running"], ["enqueued"],
-                       ["exists", "dramatiq", "queued"]]  # fmt: skip
+    assert replies == ["enqueued", "exists:dramatiq:running", "enqueued", "exists:dramatiq:queued"]
     assert r.lrange(QUEUE_KEY, 0, -1) == ["m-a", "m-b"]
     assert r.hgetall(MSGS_KEY) == {"m-a": "data-m-a", "m-b": "data-m-b"}
     record = job(r, keys.job("a"))
@@ -228,7 +227,7 @@ def test_enqueue_many_with_no_live_worker_writes_tombstones(r: redis.Redis, lua:
     live_worker(r, age_ms=TIMEOUT_MS + 1000)
     seed(r, keys.job("old"), engine="temporal", state="running")
     replies = enqueue_many(lua, [("a", "m-a", ""), ("old", "m-old", ""), ("b", "m-b", "")])
-    assert replies == [["no_workers"], ["exists", "temporal", "running"], ["no_workers"]]
+    assert replies == ["no_workers", "exists:temporal:running", "no_workers"]
     for job_id in ("a", "b"):
         assert job(r, keys.job(job_id))["engine"] == "temporal"
         assert 0 < r.ttl(keys.job(job_id)) <= TTL

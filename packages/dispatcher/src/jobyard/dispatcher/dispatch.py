@@ -71,6 +71,7 @@ from jobyard.queue.store import JobStore
 log = logging.getLogger("jobyard.dispatcher")
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}")
 MAX_DELAY_SECONDS = 7 * 24 * 3600  # Dramatiq's delay limit; Temporal would allow more
+NO_OPTIONS = DispatchOptions()  # frozen: shared by every dispatch that asks for nothing
 
 
 def _check_job_id(job_id: str | None) -> str:
@@ -445,11 +446,14 @@ def _submission(
     """A dispatch's arguments checked and encoded: what crosses to an engine."""
     spec = get_spec(name)
     data = spec.encode(payload)
-    options = DispatchOptions(
-        delay=_check_delay(delay),
-        webhook_url=_check_webhook_url(webhook_url),
-        retry=_check_retry(retry),
-    )
+    if delay is None and webhook_url is None and retry is None:
+        options = NO_OPTIONS
+    else:
+        options = DispatchOptions(
+            delay=_check_delay(delay),
+            webhook_url=_check_webhook_url(webhook_url),
+            retry=_check_retry(retry),
+        )
     return Submission(_check_job_id(job_id), spec.name, spec.queue, data, options)
 
 

@@ -174,7 +174,8 @@ if command == "enqueue" then
 -- enqueue_many: KEYS workers, queue list, queue msgs, job 1, job 2, ... (one queue's batch)
 --               ARGV queue, heartbeat timeout ms, ttl s, then four per job in KEYS' order:
 --                    name, redis message id, message, options JSON ("" for none)
--- -> one `enqueue` reply per job, in order (dispatch_many: one call per batch, not per job)
+-- -> one word per job, in order: "enqueued" | "no_workers" | "exists:<engine>:<state>"
+--    (flat, not `enqueue`'s arrays: a batch's reply is read per job on the dispatch path)
 elseif command == "enqueue_many" then
     local workers_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
     local queue, timeout_ms, ttl = ARGV[2], ARGV[3], ARGV[4]
@@ -187,8 +188,9 @@ elseif command == "enqueue_many" then
         local at = 5 + (i - first_job) * per_job
         local name, message_id, message, options = ARGV[at], ARGV[at + 1], ARGV[at + 2],
                                                    ARGV[at + 3]
-        replies[#replies + 1] = enqueue_job(KEYS[i], queue_key, queue_msgs_key, is_live, now,
-                                            message_id, message, name, queue, ttl, options, "0")
+        local reply = enqueue_job(KEYS[i], queue_key, queue_msgs_key, is_live, now, message_id,
+                                  message, name, queue, ttl, options, "0")
+        replies[#replies + 1] = table.concat(reply, ":")
     end
     return replies
 

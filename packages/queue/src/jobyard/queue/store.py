@@ -60,6 +60,14 @@ class Reply(NamedTuple):
         return cls(_text(raw))
 
 
+#: enqueue_many's common replies, decoded once (the client may or may not decode to str).
+_BATCH_REPLIES: dict[Any, Reply] = {
+    word: Reply(status)
+    for status in ("enqueued", "no_workers")
+    for word in (status, status.encode())
+}
+
+
 @dataclass(frozen=True)
 class QueueCounts:
     waiting: int  # on the queue, not fetched
@@ -164,7 +172,10 @@ class JobStore:
             self.retention,
             *args,
         )
-        return [Reply.decode(reply) for reply in replies]
+        return [
+            _BATCH_REPLIES.get(reply) or Reply.decode(_text(reply).split(":", 2))
+            for reply in replies
+        ]
 
     def start(
         self, job_id: str, job_name: str, seq: int, *, resume: bool, rate: tuple[int, int] | None

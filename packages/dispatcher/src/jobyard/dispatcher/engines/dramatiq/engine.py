@@ -127,9 +127,9 @@ class DramatiqEngine(Engine):
 
     def _submitted(self, reply: Reply) -> Submitted:
         if reply.status == "enqueued":
-            return Submitted(SubmitStatus.STARTED)
+            return _STARTED
         if reply.status == "no_workers":
-            return Submitted(SubmitStatus.NO_WORKERS, owner="temporal")
+            return _NO_WORKERS
         if reply.detail == self.name:
             return Submitted(SubmitStatus.DUPLICATE, owner=self.name)
         return Submitted(SubmitStatus.OWNED_ELSEWHERE, owner="temporal")
@@ -270,6 +270,8 @@ class DramatiqEngine(Engine):
 
 
 _REPLAYABLE = ("failed", "dead", "cancelled")
+_STARTED = Submitted(SubmitStatus.STARTED)  # results are frozen: one each serves every job
+_NO_WORKERS = Submitted(SubmitStatus.NO_WORKERS, owner="temporal")
 
 
 def _submission(data: bytes, fallback_reason: str) -> Submission:
