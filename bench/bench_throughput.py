@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from _common import ROOT, Proc, RedisServer, fresh_database, set_env
 
@@ -76,11 +77,14 @@ class Contender:
     busy: float = 0.0
     machine: float = 0.0
 
+    #: Jobs not yet done, read from the contender's Redis (Dramatiq's messages by default).
+    left_in: Callable[[Any], int] = lambda client: int(client.hlen(QUEUE_MESSAGES))
+
     def __post_init__(self) -> None:
         self.client = self.redis_server.client()
 
     def left(self) -> int:
-        return self.client.hlen(QUEUE_MESSAGES)
+        return self.left_in(self.client)
 
     def signal(self, sig: int) -> None:
         os.killpg(self.session, sig)
@@ -169,6 +173,70 @@ def start_bare(n: int, processes: int, threads: int) -> Contender:
     return contender
 
 
+def _start_session(label: str, redis_server: RedisServer, commands: list[str], n: int,
+                   left: Callable[[Any], int]) -> Contender:  # fmt: skip
+    """Worker processes run by one shell in their own session (paused and measured as one)."""
+    env = {**os.environ, "REDIS_URL": redis_server.url, "PYTHONPATH": str(ROOT / "bench")}
+    script = " & ".join(commands) + " & wait"
+    worker = subprocess.Popen(
+        ["sh", "-c", script], env=env, cwd=ROOT / "bench", stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+    def stop() -> None:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(30)
+
+    contender = Contender(label, redis_server, worker.pid, stop, n, left_in=left)
+    warm_up(contender)
+    return contender
+
+
+def start_celery(n: int, processes: int, threads: int) -> Contender:
+    """Celery 5 on its Redis broker: `processes` workers of the threads pool, `threads` each."""
+    from _celery_app import app, noop
+
+    redis_server = RedisServer().start()
+    app.conf.broker_url = redis_server.url
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            noop.apply_async((str(i), {"n": i}), producer=producer)
+    celery = f"{sys.executable} -m celery -A _celery_app worker -l warning --pool threads"
+    commands = [
+        f"{celery} -c {threads} -n w{p}@%h --without-gossip --without-mingle --without-heartbeat"
+        for p in range(processes)
+    ]
+
+    def left(client: Any) -> int:  # waiting, plus delivered and not yet acked
+        return int(client.llen("celery")) + int(client.hlen("unacked"))
+
+    return _start_session("celery (threads)", redis_server, commands, n, left)
+
+
+def start_rq(n: int, processes: int, threads: int) -> Contender:
+    """RQ runs one job at a time per worker: processes x threads SimpleWorkers (no fork per
+    job, RQ's fastest mode), for the same concurrency."""
+    import redis
+    from _rq_jobs import noop
+    from rq import Queue
+
+    redis_server = RedisServer().start()
+    connection = redis.Redis.from_url(redis_server.url)
+    queue = Queue("default", connection=connection)
+    for at in range(0, n, 1000):
+        queue.enqueue_many(
+            [Queue.prepare_data(noop, (str(i), {"n": i})) for i in range(at, min(n, at + 1000))]
+        )
+    connection.close()
+    rq = f"{sys.executable} -m rq.cli worker -q --worker-class rq.worker.SimpleWorker"
+    commands = [f"{rq} --url {redis_server.url} default" for _ in range(processes * threads)]
+
+    def left(client: Any) -> int:
+        return int(client.llen("rq:queue:default"))
+
+    return _start_session(f"rq ({processes * threads} workers)", redis_server, commands, n, left)
+
+
 def start_jobyard(
     label: str, n: int, processes: int, threads: int, extra_env: dict[str, str]
 ) -> Contender:
@@ -207,7 +275,9 @@ def main(
     rounds: int = 10,
     slice_seconds: float = 0.8,
     settle: float = 0.15,
+    peers: bool = True,
 ) -> dict[str, float]:
+    """`peers`: Celery and RQ too, when installed (`uv sync --group bench`; make bench does)."""
     contenders: list[Contender] = []
     with fresh_database() as database_url:
         os.environ["DATABASE_URL"] = database_url
@@ -217,10 +287,14 @@ def main(
                 contenders.append(
                     start_jobyard(label, n, processes, threads, {"JOBYARD_JOB_LOG": log})
                 )
+            if peers and _peers_installed():
+                contenders.append(start_celery(n, processes, threads))
+                contenders.append(start_rq(n, processes, threads))
             for turn in range(rounds):
                 if min(c.left() for c in contenders) < n // 8:
                     break  # a queue is nearly empty: its worker would idle in the slice
-                order = contenders[turn % 3 :] + contenders[: turn % 3]
+                first = turn % len(contenders)
+                order = contenders[first:] + contenders[:first]
                 for contender in order:
                     contender.measure(settle, slice_seconds)
         finally:
@@ -230,7 +304,7 @@ def main(
 
 
 def report(contenders: list[Contender], processes: int, threads: int) -> dict[str, float]:
-    bare, logged, unlogged = contenders
+    bare, logged, unlogged, *others = contenders
     slices = len(bare.jobs)
     print(
         f"{processes} processes x {threads} threads, no-op jobs, {slices} interleaved slices of "
@@ -259,7 +333,25 @@ def report(contenders: list[Contender], processes: int, threads: int) -> dict[st
     cpu_ratio = bare.cpu_per_job_us / logged.cpu_per_job_us
     print(f"CPU per job, bare / jobyard = {cpu_ratio:.2f}x   (the ratio if both were CPU-bound)")
     print(f"job log on / off = {log_ratio:.2f}x   (target >= 0.8x)")
-    return {"throughput_ratio": ratio, "job_log_ratio": log_ratio, "cpu_ratio": cpu_ratio}
+    results = {"throughput_ratio": ratio, "job_log_ratio": log_ratio, "cpu_ratio": cpu_ratio}
+    for peer in others:
+        name = peer.label.split(" ")[0]
+        results[f"vs_{name}"] = logged.rate / peer.rate
+        print(
+            f"jobyard / {peer.label} = {logged.rate / peer.rate:.2f}x throughput, "
+            f"{peer.cpu_per_job_us / logged.cpu_per_job_us:.2f}x CPU per job ({name} / jobyard)"
+        )
+    return results
+
+
+def _peers_installed() -> bool:
+    try:
+        import celery  # noqa: F401
+        import rq  # noqa: F401
+    except ImportError:
+        print("(Celery and RQ not installed: `uv sync --group bench` adds them)")
+        return False
+    return True
 
 
 if __name__ == "__main__":
@@ -269,5 +361,6 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--slice", type=float, default=0.8, help="seconds measured per turn")
+    parser.add_argument("--no-peers", action="store_true", help="leave out Celery and RQ")
     args = parser.parse_args()
-    main(args.n, args.processes, args.threads, args.rounds, args.slice)
+    main(args.n, args.processes, args.threads, args.rounds, args.slice, peers=not args.no_peers)
