@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 from jobyard.dispatcher import (
@@ -13,9 +14,11 @@ from jobyard.dispatcher import (
     dispatch_job,
     dispatch_many,
     get_dispatcher,
+    get_job,
 )
 from jobyard.dispatcher.engines.dramatiq.engine import BATCH_JOBS
-from jobyard.job_engine import InvalidPayloadError, UnknownJobError
+from jobyard.job_engine import InvalidPayloadError, RetryPolicy, UnknownJobError
+from jobyard.queue import keys
 from jobyard.queue.client import get_client
 from jobyard.queue.store import JobStore
 from tests.engines import Engines
@@ -123,3 +126,22 @@ def test_adispatch_many(engines: Engines) -> None:
     for result in results:
         assert isinstance(result, JobHandle)
         assert engines.wait(result.job_id).state == "succeeded"
+
+
+def test_options_travel_with_each_job(engines: Engines) -> None:
+    """A delayed job waits on its queue's delay queue; a retry override reaches its record."""
+    engines.start_worker()
+    results = dispatch_many(
+        [
+            DispatchRequest("system.echo", {"n": "later"}, delay=2),
+            DispatchRequest("system.echo", {"n": "now"}, retry=RetryPolicy(attempts=2)),
+        ]
+    )
+    later, now = results
+    assert isinstance(later, JobHandle) and isinstance(now, JobHandle)
+    assert engines.wait(now.job_id).state == "succeeded"
+    assert get_job(later.job_id).state == "queued"  # still waiting out its delay
+    client = engines.redis.client()
+    options = json.loads(client.hget(keys.job(now.job_id), "options"))
+    assert options == {"retry": RetryPolicy(attempts=2).overrides()}
+    assert engines.wait(later.job_id, timeout=30).state == "succeeded"
