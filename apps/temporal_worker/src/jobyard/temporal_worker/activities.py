@@ -12,7 +12,7 @@ from temporalio.exceptions import ApplicationError
 
 from jobyard.dispatcher import EngineUnavailable, get_dispatcher
 from jobyard.dispatcher.engines import ReleaseStatus
-from jobyard.job_engine import PermanentError, resolve_step
+from jobyard.job_engine import PermanentError, resolve_step, tracing
 from jobyard.job_engine.context import encode_json
 from jobyard.job_engine.lifecycle import job_event, progress_event
 
@@ -30,10 +30,13 @@ async def run_step(request: dict[str, Any]) -> dict[str, Any]:
     fn = resolve_step(request["fn"])
     beating = asyncio.create_task(_heartbeat(STEP_HEARTBEAT_TIMEOUT.total_seconds() / 3))
     try:
-        if inspect.iscoroutinefunction(fn):
-            value = await fn(*request["args"])
+        if tracing.ACTIVE:
+            with tracing.step(
+                request["job_id"], request["step"], "temporal", **{"jobyard.attempt": attempt}
+            ):
+                value = await _call(fn, request["args"])
         else:
-            value = await asyncio.to_thread(fn, *request["args"])
+            value = await _call(fn, request["args"])
         encode_json(f"step {request['step']!r}'s result", value)  # as the other engines check
     except PermanentError as exc:  # named as Dramatiq names a job's error: "Class: message"
         raise ApplicationError(
@@ -49,6 +52,12 @@ async def run_step(request: dict[str, Any]) -> dict[str, Any]:
     finally:
         beating.cancel()
     return {"value": value, "attempt": attempt}
+
+
+async def _call(fn: Any, args: list[Any]) -> Any:
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 async def _heartbeat(every: float) -> None:
@@ -84,6 +93,12 @@ async def record_event(event: dict[str, Any]) -> None:
     """Job log, metrics and webhook event of a state change (run as a local activity)."""
     event = dict(event)
     job_id, name, state = event.pop("job_id"), event.pop("name"), event.pop("state")
+    enqueued_at = event.pop("enqueued_at", None)
+    if tracing.ACTIVE and state == "running" and enqueued_at is not None:
+        attributes = tracing.job_attributes(job_id, name, event.get("queue"), "temporal")
+        tracing.completed_span(
+            tracing.QUEUE_WAIT, attributes, start=enqueued_at, end=event.get("started_at")
+        )
     if state == "progress":
         await asyncio.to_thread(
             progress_event, job_id, name, event["progress"], event["seq"], event.get("webhook_url")

@@ -12,7 +12,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from jobyard.job_engine import env
+from jobyard.dispatcher.engines.temporal.engine import interceptors
+from jobyard.job_engine import env, tracing
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.temporal_worker.activities import claim_from_redis, record_event, run_step
 from jobyard.temporal_worker.rescue import rescue_forever
@@ -39,7 +40,11 @@ def build_worker(client: Client, task_queue: str | None = None) -> Worker:
 async def connect(address: str, namespace: str) -> Client:
     while True:
         try:
-            return await Client.connect(address, namespace=namespace)
+            # With tracing on, the workflows and activities continue the dispatch's trace
+            # from Temporal's headers (temporalio's TracingInterceptor).
+            return await Client.connect(
+                address, namespace=namespace, interceptors=interceptors(worker=True)
+            )
         except RuntimeError as exc:
             log.warning("Temporal at %s not reachable (%s); retrying", address, exc)
             await asyncio.sleep(CONNECT_RETRY_SECONDS)
@@ -52,6 +57,7 @@ def install_child_dispatcher() -> None:
 
 
 async def serve() -> None:
+    tracing.setup_from_env()
     install_child_dispatcher()
     client = await connect(env.get_str(env.TEMPORAL_ADDRESS), env.get_str(env.TEMPORAL_NAMESPACE))
     task_queue = env.get_str(env.TEMPORAL_TASK_QUEUE)

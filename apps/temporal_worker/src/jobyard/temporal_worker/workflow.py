@@ -60,7 +60,10 @@ class JobWorkflow:
                 workflow.logger.info("job %s already ran on Dramatiq", request.job_id)
                 return {"name": self._name, "result": None, "attempts": 0, "ran_on": "dramatiq"}
             self._state = "running"
-            await emit({**common, "state": "running", "attempts": 1, "started_at": started_at})
+            # enqueued_at: for the trace's queue wait (the workflow's start, a delay included).
+            enqueued_at = workflow.info().start_time.timestamp()
+            await emit({**common, "state": "running", "attempts": 1, "started_at": started_at,
+                        "enqueued_at": enqueued_at})  # fmt: skip
             result = await spec.handler(ctx, spec.validate(request.payload))
         except asyncio.CancelledError:
             await self._cancelled(final, ctx.attempts)

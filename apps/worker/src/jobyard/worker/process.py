@@ -16,7 +16,7 @@ from dramatiq.broker import Broker, MessageProxy
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware
 
-from jobyard.job_engine import env
+from jobyard.job_engine import env, tracing
 from jobyard.job_engine.db import joblog
 from jobyard.queue.client import get_client
 from jobyard.queue.queues import get_queue, parse_queue_list
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: process.stop_requested.set())
     code = process.run()
+    tracing.shutdown()  # os._exit skips the span exporter's own exit hook
     logging.shutdown()
     os._exit(code)  # threads of unfinished jobs must not keep the process alive
 

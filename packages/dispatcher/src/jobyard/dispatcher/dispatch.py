@@ -61,6 +61,7 @@ from jobyard.job_engine import (
     env,
     get_spec,
     netguard,
+    tracing,
 )
 from jobyard.job_engine.db.readiness import check_setup
 from jobyard.job_engine.lifecycle import dispatched_event
@@ -130,6 +131,7 @@ class Dispatcher:
 
     @classmethod
     def from_env(cls) -> Dispatcher:
+        tracing.setup_from_env()  # before the Temporal client connects: it takes the tracer
         client = get_client()
         temporal = TemporalEngine(
             env.get_str(env.TEMPORAL_ADDRESS),
@@ -531,7 +533,13 @@ def dispatch_job(
     With `webhook_url`, the job's final state is POSTed there (signed) by `webhook.deliver`.
     `retry` overrides the job's attempts and backoff for this dispatch.
     """
-    return get_dispatcher().dispatch(
+    dispatcher = get_dispatcher()  # first: building it turns tracing on if configured
+    if tracing.ACTIVE:  # off: this check is all tracing costs a dispatch
+        return tracing.traced_dispatch(
+            dispatcher.dispatch, name, payload, job_id=job_id, delay=delay,
+            webhook_url=webhook_url, retry=retry,
+        )  # fmt: skip
+    return dispatcher.dispatch(
         name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url, retry=retry
     )
 

@@ -178,3 +178,12 @@ DEFAULTS.update(
         SCHEDULER_RETENTION: "30",
     }
 )
+
+# OpenTelemetry (jobyard.job_engine.tracing): OpenTelemetry's own variables. With an endpoint set
+# (and the `jobyard[otel]` extra installed), every jobyard process exports its spans over OTLP/HTTP.
+OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"  # e.g. http://collector:4318
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"  # the full traces URL
+OTEL_SDK_DISABLED = "OTEL_SDK_DISABLED"  # "true": no tracing even with an endpoint set
+OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"  # the spans' service.name
+DEFAULTS[OTEL_SDK_DISABLED] = "false"
+DEFAULTS[OTEL_SERVICE_NAME] = "jobyard"

@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any
 
-from jobyard.job_engine import children, metrics
+from jobyard.job_engine import children, metrics, tracing
 from jobyard.job_engine.db import joblog
 
 log = logging.getLogger("jobyard.lifecycle")
@@ -46,6 +46,10 @@ def job_event(
     now = time.time()
     final = state in FINAL_STATES
     try:
+        if tracing.ACTIVE:  # on the run's span (on Temporal, the event activity's)
+            tracing.event(
+                f"jobyard.{state}", **{"jobyard.attempts": attempts, "jobyard.error": error}
+            )
         if not logged:
             joblog.record(
                 job_id,

@@ -12,7 +12,7 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import AgeLimit, CurrentMessage, TimeLimit
 
-from jobyard.job_engine import env, registry
+from jobyard.job_engine import env, registry, tracing
 from jobyard.queue import keys
 from jobyard.queue.client import get_client
 from jobyard.queue.queues import get_queue
@@ -118,11 +118,16 @@ def build_broker(queue: str, *, store: JobStore | None = None) -> RedisBroker:
     No Retries middleware: jobyard retries and sleeps through JobRunner, which records them.
     """
     client = get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT))
+    middleware: list[Any] = [AgeLimit(), TimeLimit(), CurrentMessage()]
+    if tracing.setup_from_env():
+        from jobyard.queue.tracing import TracingMiddleware
+
+        middleware.append(TracingMiddleware())
     broker = JobyardBroker(
         client=client,
         namespace=keys.DRAMATIQ_NAMESPACE,
         heartbeat_timeout=heartbeat_timeout_ms(),
-        middleware=[AgeLimit(), TimeLimit(), CurrentMessage()],
+        middleware=middleware,
     )
     store = store or JobStore(client)
     config = get_queue(queue)

@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 
+from jobyard.job_engine import tracing
 from jobyard.job_engine.context import BaseJobContext
 from jobyard.queue.store import JobStore, StartResult
 
@@ -123,9 +124,11 @@ class DramatiqContext(BaseJobContext):
         self.start()
         if step in self._recorded:
             return json.loads(self._recorded[step])
-        result = fn(*args)
-        if inspect.isawaitable(result):
-            result = await result
+        if tracing.ACTIVE:
+            with tracing.step(self.job_id, step, "dramatiq", **{tracing.JOB_NAME: self.job_name}):
+                result = await _call(fn, args)
+        else:
+            result = await _call(fn, args)
         encoded = self.encode_result(step, result)
         self._record(step, encoded)
         return json.loads(encoded)
@@ -150,3 +153,10 @@ class DramatiqContext(BaseJobContext):
         self._store.record_progress(self.job_id, self._seq, encoded)
         if self._on_progress is not None:
             self._on_progress(value)
+
+
+async def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result

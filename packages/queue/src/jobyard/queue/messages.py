@@ -12,12 +12,14 @@ from dramatiq import Message
 from dramatiq.encoder import JSONEncoder
 from dramatiq.message import get_encoder
 
+from jobyard.job_engine import tracing
 from jobyard.queue import keys
 
 SEQ = "jobyard_seq"  # which run of the job this message is (see seq in jobyard.lua)
 RESUME = "jobyard_resume"  # True when the run continues an attempt (after a sleep or a throttle)
 WEBHOOK = "jobyard_webhook"  # where to deliver the job's completion events, if anywhere
 RETRY = "jobyard_retry"  # a per-dispatch override of the job's retry policy
+TRACE = "jobyard_trace"  # the W3C trace context it was sent in, when tracing is on
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ def encode_job_message(
         options[WEBHOOK] = webhook_url
     if retry:
         options[RETRY] = retry
+    if tracing.ACTIVE:  # the dispatch's span, or the run's for a retry or a resumed sleep
+        options[TRACE] = tracing.inject()
     target = queue
     if delay_seconds:
         target = keys.delayed(queue)
@@ -81,6 +85,7 @@ class DecodedJob:
     webhook_url: str | None
     retry: dict[str, Any] | None
     eta: float | None  # unix seconds it may run at, for a delayed message
+    trace: dict[str, str] | None = None  # the trace context it was sent in
 
 
 def decode_job_message(data: bytes) -> DecodedJob:
@@ -94,4 +99,5 @@ def decode_job_message(data: bytes) -> DecodedJob:
         webhook_url=message.options.get(WEBHOOK),
         retry=message.options.get(RETRY),
         eta=message.options["eta"] / 1000 if message.options.get("eta") else None,
+        trace=message.options.get(TRACE),
     )

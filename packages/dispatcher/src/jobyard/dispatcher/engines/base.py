@@ -45,6 +45,9 @@ class Submission:
     #: Steps a job that started elsewhere has finished (name -> JSON result, sleeps' wake times
     #: included): the engine returns them instead of running those steps again.
     recorded_steps: dict[str, Any] | None = None
+    #: The trace context the job was dispatched in, for an engine that takes it over later
+    #: (None: the current one). See jobyard.job_engine.tracing.
+    trace: dict[str, str] | None = None
 
 
 class SubmitStatus(StrEnum):

@@ -279,8 +279,9 @@ def _submission(data: bytes, fallback_reason: str) -> Submission:
     delay = max(0.0, job.eta - time.time()) if job.eta else None
     options = DispatchOptions(delay=delay or None, webhook_url=job.webhook_url, retry=job.retry)
     return Submission(
-        job.job_id, job.name, job.queue, job.payload, options, fallback_reason=fallback_reason
-    )
+        job.job_id, job.name, job.queue, job.payload, options, fallback_reason=fallback_reason,
+        trace=job.trace,
+    )  # fmt: skip
 
 
 #: Largest batch of one `enqueue_many` call: jobs, and bytes of messages (a batch may pass the

@@ -14,6 +14,9 @@ from typing import Any, ClassVar, TypeVar
 
 from temporalio.client import (
     Client,
+    Interceptor,
+    OutboundInterceptor,
+    StartWorkflowInput,
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
@@ -47,6 +50,7 @@ from jobyard.dispatcher.engines.temporal.errors import (
 )
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import EngineName, JobStatus
+from jobyard.job_engine import tracing
 
 T = TypeVar("T")
 
@@ -89,6 +93,8 @@ class TemporalEngine(Engine):
         gc.collect()
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if tracing.ACTIVE:  # the loop's thread does not see the caller's span otherwise
+            coro = tracing.carry(coro)
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout or self.timeout)
@@ -102,7 +108,10 @@ class TemporalEngine(Engine):
         if self._client is None:
             with map_connect_errors(self.address):
                 self._client = await asyncio.wait_for(
-                    Client.connect(self.address, namespace=self.namespace), self.timeout
+                    Client.connect(
+                        self.address, namespace=self.namespace, interceptors=interceptors()
+                    ),
+                    self.timeout,
                 )
         return self._client
 
@@ -139,6 +148,15 @@ class TemporalEngine(Engine):
 
     def submit(self, job: Submission) -> Submitted:
         """Starts the job's workflow; a workflow id is never reused, whatever its state."""
+        if tracing.ACTIVE and job.fallback_reason:
+            attributes = tracing.job_attributes(job.job_id, job.name, job.queue, self.name)
+            attributes[tracing.FALLBACK_REASON] = job.fallback_reason
+            # A job the rescue moves continues the trace of its Dramatiq message.
+            with tracing.span(tracing.FALLBACK, attributes, parent=job.trace):
+                return self._submit(job)
+        return self._submit(job)
+
+    def _submit(self, job: Submission) -> Submitted:
         try:
             self._call(
                 self._start(
@@ -255,3 +273,36 @@ class TemporalEngine(Engine):
 
     def workers(self) -> list[WorkerInfo]:
         return []
+
+
+class _TraceStarts(Interceptor):
+    """temporalio's TracingInterceptor for workflow starts (and, on a worker, workflows and
+    activities), not for the client's status queries and cancels: each `get_job` would make a
+    trace of its own."""
+
+    def __init__(self, traced: Interceptor) -> None:
+        self.traced = traced
+
+    def intercept_client(self, next: OutboundInterceptor) -> OutboundInterceptor:
+        return _StartsOnly(next, self.traced.intercept_client(next))
+
+
+class _StartsOnly(OutboundInterceptor):
+    def __init__(self, next: OutboundInterceptor, traced: OutboundInterceptor) -> None:
+        super().__init__(next)
+        self.traced = traced
+
+    async def start_workflow(self, input: StartWorkflowInput) -> WorkflowHandle[Any, Any]:
+        return await self.traced.start_workflow(input)
+
+
+def interceptors(*, worker: bool = False) -> list[Interceptor]:
+    """The Temporal client's interceptors: the trace context into a started workflow's headers
+    when tracing is on (jobyard.job_engine.tracing), nothing otherwise. `worker`: the client of
+    `jobyard temporal-worker`, whose workflows and activities continue the trace."""
+    if not tracing.ACTIVE:
+        return []
+    from temporalio.contrib.opentelemetry import TracingInterceptor
+
+    traced = TracingInterceptor(tracing.tracer())
+    return [traced] if worker else [_TraceStarts(traced)]
