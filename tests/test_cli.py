@@ -4,6 +4,7 @@ input and unavailable services."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from jobyard.dispatcher import JobStatus, get_job
 from tests.engines import Engines
-from tests.support import RedisServer, free_port, wait_for
+from tests.support import RedisServer, free_port, start_engines_patiently, wait_for
 
 JOBYARD = str(Path(sys.executable).parent / "jobyard")
 
@@ -146,3 +147,41 @@ def test_errors_are_one_line(
     assert done.returncode == code, done.stderr
     assert done.stderr.count("\n") == 1 and reason in done.stderr, done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+#: What a process that did not exit cleanly leaves on stderr: a Rust panic in a native thread
+#: (the Temporal client's tokio runtime), an abort, a crash in interpreter finalisation.
+UNCLEAN = ("panicked", "Aborted", "Fatal Python error", "Traceback", "core dumped")
+
+
+@pytest.mark.timeout(400)
+def test_commands_exit_cleanly_fifty_times_each(
+    engines: Engines, user_env: dict[str, str], project: Path
+) -> None:
+    """`jobyard dispatch` and `jobyard status`, fifty real processes each, on both engines (a
+    Temporal client alive at exit used to panic in 4 runs of 20, issue 14 item 7)."""
+    start_engines_patiently(engines, queues="default", temporal=True)
+    env = {**user_env, "JOBYARD_JOB_MODULES": "myapp.jobs"}
+    engines_env = [env, {**env, "USE_DRAMATIQ": "false"}]
+
+    def run(args: list[str], run_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return jobyard(*args, env=run_env, cwd=project)
+
+    # Side by side, a few at a time: most of each run is its interpreter starting.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        dispatches = list(pool.map(
+            lambda i: run(["dispatch", "myapp.greet", "--payload", json.dumps({"name": str(i)})],
+                          engines_env[i % 2]),
+            range(50),
+        ))  # fmt: skip
+        handles = [json.loads(d.stdout) for d in dispatches if d.returncode == 0]
+        assert len(handles) == 50, [d.stderr for d in dispatches if d.returncode != 0]
+        assert {h["engine"] for h in handles} == {"dramatiq", "temporal"}
+        statuses = list(pool.map(lambda h: run(["status", h["job_id"]], env), handles))
+    unclean = [
+        (p.args[1:3], p.returncode, p.stderr[-2000:])
+        for p in dispatches + statuses
+        if p.returncode != 0 or any(marker in p.stderr for marker in UNCLEAN)
+    ]
+    assert not unclean, f"{len(unclean)} of 100 runs did not exit cleanly: {unclean[:3]}"
+    assert {json.loads(s.stdout)["job_id"] for s in statuses} == {h["job_id"] for h in handles}
