@@ -17,6 +17,8 @@ from typing import Any
 
 import jsonschema
 
+from jobyard.job_engine import env
+
 # Services that run once and exit (compose `restart: "no"`); all others run forever.
 ONE_SHOT_RESTART_POLICY = "no"
 
@@ -132,6 +134,8 @@ def compose_problems(raw: Mapping[str, Any], env: Mapping[str, str]) -> list[str
         return problems
 
     problems += _redis_persistence_problems(raw["services"]["redis"], services["redis"])
+    if "api" in raw["services"]:
+        problems += _api_token_problems(raw["services"]["api"])
     problems += _worker_replica_problems(raw["services"]["worker"])
     for name, service in services.items():
         problems += _image_problems(name, service)
@@ -230,3 +234,21 @@ def _grace_problems(name: str, service: Mapping[str, Any]) -> list[str]:
             f"WORKER_SHUTDOWN_GRACE={grace}s, or jobs are SIGKILLed mid-flight"
         ]
     return []
+
+
+#: What the API reads its bearer tokens from: closed without them.
+API_TOKENS = (env.API_TOKEN, env.ADMIN_TOKEN)
+
+
+def _api_token_problems(raw_api: Mapping[str, Any]) -> list[str]:
+    """The API must get its tokens from the host (docker/.env, the deploy's secrets): without
+    them it answers 401 to everything, and a token written into the file would be committed."""
+    environment = environment_of(raw_api)
+    problems = []
+    for name in API_TOKENS:
+        value = environment.get(name)
+        if value is None:
+            problems.append(f"api: {name} is not passed (the API stays closed without it)")
+        elif not re.fullmatch(rf"\$\{{{name}(:?-)?\}}", value):
+            problems.append(f"api: {name} must come from the host as ${{{name}:-}}, is {value!r}")
+    return problems

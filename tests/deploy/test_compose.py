@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.deploy.compose_rules import (
+    API_TOKENS,
     InterpolationError,
     compose_problems,
     duration_seconds,
@@ -130,6 +131,11 @@ def _drop(path: str) -> Callable[[dict[str, Any]], None]:
         (_set("services.postgres.image", "postgres:bookworm"), "not pinned to a version"),
         (_set("services.worker.image", "jobyard-worker"), "has no tag"),
         (_drop("services.migrate"), "migrate: service missing"),
+        (_drop("services.api.environment.JOBYARD_API_TOKEN"), "api: JOBYARD_API_TOKEN is not"),
+        (
+            _set("services.api.environment.JOBYARD_ADMIN_TOKEN", "hard-coded"),
+            "api: JOBYARD_ADMIN_TOKEN must come from the host",
+        ),
     ],
 )
 def test_each_rule_catches_its_breakage(
@@ -216,8 +222,36 @@ def test_workers_read_the_documented_environment(raw_compose: dict[str, Any]) ->
     assert worker_env["DATABASE_URL"] == "postgresql+psycopg://jobyard:s3cret@postgres:5432/jobyard"
     assert worker_env["TEMPORAL_ADDRESS"] == "temporal:7233"
     assert worker_env["WORKER_CONCURRENCY_DATA_SYNC"] == "4"
-    for name in ("WEBHOOK_SECRET", "GEMINI_API_KEY", "JOBYARD_ADMIN_TOKEN", "USE_DRAMATIQ"):
+    for name in ("WEBHOOK_SECRET", "GEMINI_API_KEY", "USE_DRAMATIQ"):
         assert name in worker_env
+    # The workers serve no HTTP: the API's tokens go to the api service alone.
+    assert not set(API_TOKENS) & set(worker_env)
+
+
+def test_the_api_takes_its_tokens_from_the_host_and_is_closed_without_them(
+    raw_compose: dict[str, Any],
+) -> None:
+    """Issue 12 closed the API by default: compose passes the tokens docker/.env (or the
+    deploy's secrets) sets, and nothing when they are unset, so the API answers 401."""
+    api = raw_compose["services"]["api"]
+    assert api["profiles"] == ["api"]
+    assert api["command"][:2] == ["jobyard", "api"]
+    tokens = {"JOBYARD_API_TOKEN": "web-1,web-2", "JOBYARD_ADMIN_TOKEN": "admin-1"}
+    assert tokens == {k: v for k, v in tokens.items() if k in API_TOKENS}  # the API's names
+    api_env = environment_of(rendered(raw_compose, **tokens)["services"]["api"])
+    assert {name: api_env[name] for name in API_TOKENS} == tokens
+    closed = environment_of(rendered(raw_compose)["services"]["api"])
+    assert {name: closed[name] for name in API_TOKENS} == dict.fromkeys(API_TOKENS, "")
+    assert all(port.startswith("127.0.0.1:") for port in api["ports"]), api["ports"]
+
+
+def test_env_example_lists_every_token_the_api_reads() -> None:
+    example = (COMPOSE_FILE.parent / ".env.example").read_text()
+    names = set(re.findall(r"(?m)^([A-Z][A-Z0-9_]*)=", example))
+    assert set(API_TOKENS) <= names, names
+    # An example must not ship a usable secret: the tokens are empty there.
+    for name in API_TOKENS:
+        assert re.search(rf"(?m)^{name}=$", example), name
 
 
 def test_compose_refuses_to_start_without_the_database_password(
@@ -243,7 +277,9 @@ def test_the_deploy_script_starts_every_service_it_does_not_roll(
     infrastructure = re.search(r"^infrastructure_services=\((.*)\)$", script, re.M)
     assert infrastructure, "rolling-deploy.sh lost its infrastructure_services list"
     handled = set(infrastructure[1].split()) | {"worker", "temporal-worker"}
-    assert set(long_running_services(raw_compose)) == handled
+    # A service behind a profile (the API) is opt-in: `--profile api up`, not the rollout's.
+    by_default = {n for n, s in long_running_services(raw_compose).items() if not s.get("profiles")}
+    assert by_default == handled
 
 
 @pytest.mark.parametrize(
