@@ -573,7 +573,11 @@ def dispatch_many(
     pair. The checks, the job id rules and the fallback are `dispatch_job`'s: Dramatiq takes
     the jobs one Lua call per batch; a job it cannot take goes to Temporal on its own.
     """
-    return get_dispatcher().dispatch_many(requests)
+    dispatcher = get_dispatcher()
+    if tracing.ACTIVE:  # one span for the batch: its jobs' runs are its children
+        with tracing.span(tracing.DISPATCH_MANY, {}, kind="producer"):
+            return dispatcher.dispatch_many(requests)
+    return dispatcher.dispatch_many(requests)
 
 
 async def adispatch_many(

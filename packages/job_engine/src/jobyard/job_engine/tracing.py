@@ -4,7 +4,8 @@ The spans of a job, all in one trace:
 
 - ``jobyard.dispatch`` in the process that called `dispatch_job`: validation, the Redis enqueue
   or the Temporal start. Attributes: the job's id, name and queue, the engine chosen and, if it
-  is not Dramatiq, the fallback reason.
+  is not Dramatiq, the fallback reason. A `dispatch_many` call is one ``jobyard.dispatch_many``
+  span, the spans of its jobs under it.
 - ``jobyard.fallback``: the job is started on Temporal instead (at dispatch, or later by the
   rescue in `jobyard temporal-worker` when the queue's Dramatiq workers are gone). Its child,
   ``StartWorkflow:jobyard.job``, is temporalio's TracingInterceptor's, which carries the context
@@ -49,6 +50,7 @@ TRACER_NAME = "jobyard"
 
 # Span names
 DISPATCH = "jobyard.dispatch"
+DISPATCH_MANY = "jobyard.dispatch_many"  # one per dispatch_many call, its jobs under it
 FALLBACK = "jobyard.fallback"
 QUEUE_WAIT = "jobyard.queue_wait"
 RUN = "jobyard.run"
