@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from jobyard.dispatcher import dispatch_job, reset_dispatcher
+from jobyard.dispatcher import JobHandle, dispatch_job, dispatch_many, reset_dispatcher
 from jobyard.dispatcher.models import FALLBACK_FLAG_OFF, FALLBACK_RESCUED
 from jobyard.job_engine import tracing
 from tests.engines import Engines
@@ -125,6 +125,18 @@ def test_a_dramatiq_job_is_one_trace(spans: Spans, engines: Engines, tmp_path: P
         ]  # fmt: skip
     (wait,) = [s for s in trace if s.name == tracing.QUEUE_WAIT]
     assert wait.end_ns <= run.start_ns + 1000 and wait.start_ns <= wait.end_ns
+
+    # A batch is one trace: each of its jobs' runs is a child of the dispatch_many span.
+    batch = dispatch_many([("system.echo", {"i": 1}), ("system.echo", {"i": 2})])
+    ids = {h.job_id for h in batch if isinstance(h, JobHandle)}
+    assert len(ids) == 2, batch
+
+    def runs() -> list[Span]:
+        return [s for s in spans.all() if s.name == tracing.RUN and s.job_id in ids]
+
+    wait_for(lambda: len(runs()) == 2, timeout=60)
+    (many,) = [s for s in spans.all() if s.name == tracing.DISPATCH_MANY]
+    assert {(r.trace_id, r.parent_id) for r in runs()} == {(many.trace_id, many.span_id)}
 
 
 def test_a_temporal_job_is_one_trace(spans: Spans, engines: Engines, tmp_path: Path) -> None:
