@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from tests.engines import Engines
+from tests.otlp import OtlpReceiver
 from tests.support import ROOT, RedisServer, free_port, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -292,6 +293,9 @@ def test_the_all_install_serves_the_api(
     full = distribution.full
     env = full.env(dict(os.environ))
     env.update({"JOBYARD_API_TOKEN": API_TOKEN, "JOBYARD_ADMIN_TOKEN": API_TOKEN})
+    # [otel] traces with what it installs: the dispatch and the worker export to a receiver.
+    receiver = OtlpReceiver().start()
+    env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"})
     run_all = Started(full, env)
     started.append(run_all)
     port = free_port()
@@ -309,3 +313,12 @@ def test_the_all_install_serves_the_api(
         return job if job.get("state") == "succeeded" else None
 
     assert wait_for(finished, timeout=30)["result"] == {"via": "all"}
+
+    def traced() -> set[str]:
+        with receiver.lock:
+            return {s.name for s in receiver.spans if s.job_id == handle["job_id"]}
+
+    try:
+        wait_for(lambda: {"jobyard.dispatch", "jobyard.run"} <= traced(), timeout=30)
+    finally:
+        receiver.stop()
