@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from datetime import timedelta
 from typing import Any
@@ -96,9 +97,10 @@ async def record_event(event: dict[str, Any]) -> None:
     enqueued_at = event.pop("enqueued_at", None)
     if tracing.ACTIVE and state == "running" and enqueued_at is not None:
         attributes = tracing.job_attributes(job_id, name, event.get("queue"), "temporal")
-        tracing.completed_span(
-            tracing.QUEUE_WAIT, attributes, start=enqueued_at, end=event.get("started_at")
-        )
+        with contextlib.suppress(Exception):  # a tracing fault must not fail the bookkeeping
+            tracing.completed_span(
+                tracing.QUEUE_WAIT, attributes, start=enqueued_at, end=event.get("started_at")
+            )
     if state == "progress":
         await asyncio.to_thread(
             progress_event, job_id, name, event["progress"], event["seq"], event.get("webhook_url")

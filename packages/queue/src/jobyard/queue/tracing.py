@@ -5,6 +5,7 @@ message a retry or a durable sleep sends."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from jobyard.job_engine import tracing
 from jobyard.queue.keys import DELAY_SUFFIX
 from jobyard.queue.messages import RESUME, SEQ, TRACE
 
+log = logging.getLogger("jobyard.tracing")
 #: The MessageProxy attribute holding the run's span and its `current` context manager.
 _RUN = "jobyard_run_span"
 
@@ -24,6 +26,12 @@ class TracingMiddleware(Middleware):
     Dramatiq calls both hooks on the worker thread that runs the message."""
 
     def before_process_message(self, broker: Broker, message: Any) -> None:
+        try:
+            self._begin(message)
+        except Exception:  # a tracing fault must never fail or drop a job
+            log.warning("tracing: the run of message %s has no span", message.message_id)
+
+    def _begin(self, message: Any) -> None:
         options = message.options
         parent = options.get(TRACE)
         job_id = message.args[0] if message.args else ""
@@ -62,9 +70,11 @@ class TracingMiddleware(Middleware):
             return
         setattr(message, _RUN, None)
         span, current = run
-        if exception is not None:  # bookkeeping failed (a job's own errors are caught before)
-            span.record_exception(exception)
-        current.__exit__(None, None, None)
-        span.end()
+        try:
+            if exception is not None:  # bookkeeping failed (a job's errors are caught before)
+                span.record_exception(exception)
+            span.end()
+        finally:
+            current.__exit__(None, None, None)  # the worker thread's next message starts clean
 
     after_skip_message = after_process_message
