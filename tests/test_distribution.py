@@ -275,6 +275,14 @@ def test_the_core_install_is_light_and_runs_both_engines(
 
     _wait_for_worker(worker, redis_server)
     _wait_for_output(temporal_worker, "Temporal worker polling")
+    # An OTLP endpoint without the [otel] extra: one line saying what to install, no traces.
+    untraced = subprocess.run(
+        [str(core.bin / "jobyard"), "dispatch", "system.echo", "--payload", "{}"],
+        env={**env, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
+        capture_output=True, text=True, cwd=core.venv, timeout=60,
+    )  # fmt: skip
+    assert untraced.returncode == 0, untraced.stderr
+    assert untraced.stderr.count("Install jobyard[otel]") == 1, untraced.stderr
     on_dramatiq = _dispatch(core, env, {"on": "dramatiq"})
     on_temporal = _dispatch(core, {**env, "USE_DRAMATIQ": "false"}, {"on": "temporal"})
     handles = [_handle(on_dramatiq), _handle(on_temporal)]
