@@ -8,6 +8,7 @@ over OTLP/HTTP to a receiver this test runs. A job's trace is put together from 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -58,14 +59,22 @@ class Spans:
 
     def trace(self, job_id: str) -> list[Span]:
         """The job's trace, checked to be one connected tree rooted at its dispatch span, and
-        to hold every span that names the job (Temporal's name it by workflow id)."""
+        to hold every span that names the job (Temporal's name it by workflow id). A parent
+        ends, so is exported, after its children: its batch may still be on the way."""
         (dispatch,) = [s for s in self.of(job_id) if s.name == tracing.DISPATCH]
         assert dispatch.parent_id is None and dispatch.source == "test", dispatch
-        trace = [s for s in self.all() if s.trace_id == dispatch.trace_id]
-        elsewhere = [s for s in self.of(job_id) if s.trace_id != dispatch.trace_id]
+
+        def problems() -> tuple[list[Span], list[Span], list[Span]]:
+            trace = [s for s in self.all() if s.trace_id == dispatch.trace_id]
+            elsewhere = [s for s in self.of(job_id) if s.trace_id != dispatch.trace_id]
+            ids = {s.span_id for s in trace}
+            orphans = [s for s in trace if s != dispatch and s.parent_id not in ids]
+            return trace, elsewhere, orphans
+
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not any(problems()[1:]), timeout=20, interval=0.1)
+        trace, elsewhere, orphans = problems()
         assert not elsewhere, f"spans of job {job_id} outside its trace: {elsewhere}"
-        ids = {s.span_id for s in trace}
-        orphans = [s for s in trace if s != dispatch and s.parent_id not in ids]
         assert not orphans, f"spans whose parent is not in the trace: {orphans}"
         return trace
 

@@ -33,7 +33,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from jobyard.job_engine import env
@@ -63,7 +63,6 @@ ENGINE = "jobyard.engine"
 STEP_NAME = "jobyard.step"
 FALLBACK_REASON = "jobyard.fallback_reason"
 
-T = TypeVar("T")
 
 _tracer: Tracer | None = None
 _provider: Any = None  # the provider in use, flushed by `shutdown`
@@ -289,23 +288,6 @@ def event(name: str, **attributes: Any) -> None:
     from opentelemetry import trace
 
     trace.get_current_span().add_event(name, {k: v for k, v in attributes.items() if v is not None})
-
-
-def carry(coro: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T]:
-    """`coro`, to run on another thread's event loop (the Temporal client's) in the context of
-    the calling thread: a coroutine handed to another loop does not take the caller's context."""
-    from opentelemetry import context as otel_context
-
-    context = otel_context.get_current()
-
-    async def in_context() -> T:
-        token = otel_context.attach(context)
-        try:
-            return await coro
-        finally:
-            otel_context.detach(token)
-
-    return in_context()
 
 
 def _ns(seconds: float) -> int:

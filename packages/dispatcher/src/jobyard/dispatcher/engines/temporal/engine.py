@@ -93,8 +93,8 @@ class TemporalEngine(Engine):
         gc.collect()
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        if tracing.ACTIVE:  # the loop's thread does not see the caller's span otherwise
-            coro = tracing.carry(coro)
+        # The coroutine runs in a copy of this thread's context (call_soon_threadsafe copies it
+        # here), so a span current here is the parent of the client's StartWorkflow span.
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout or self.timeout)
