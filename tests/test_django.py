@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -188,6 +189,11 @@ def django6_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = cache / f"py312-django6-{key}"
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     if not (venv / "ready").exists():
+        # Virtualenvs of older lock files, unused for two days (another checkout on this
+        # machine may still be using a recent one).
+        for old in cache.glob("py312-django6-*/ready"):
+            if time.time() - old.stat().st_mtime > 2 * 86400:
+                shutil.rmtree(old.parent, ignore_errors=True)
         shutil.rmtree(venv, ignore_errors=True)
         run([*uv(), "venv", "--quiet", "--python", _python312(), str(venv)], env=env)
     constraints = tmp_path_factory.mktemp("django6") / "constraints.txt"
