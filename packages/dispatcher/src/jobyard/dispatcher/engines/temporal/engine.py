@@ -276,9 +276,8 @@ class TemporalEngine(Engine):
 
 
 class _TraceStarts(Interceptor):
-    """temporalio's TracingInterceptor for workflow starts (and, on a worker, workflows and
-    activities), not for the client's status queries and cancels: each `get_job` would make a
-    trace of its own."""
+    """The dispatcher's client: temporalio's TracingInterceptor on workflow starts only, not on
+    status queries and cancels (each `get_job` would make a trace of its own)."""
 
     def __init__(self, traced: Interceptor) -> None:
         self.traced = traced
