@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import signal
-import statistics
 import time
 
 import pytest
 
 from jobyard.dispatcher import dispatch_job, get_dispatcher
 from tests.support import wait_for
-
-REDIS_TIMEOUT = 0.2  # the default of REDIS_TIMEOUT
-
-
-def _timed_dispatch(payload: dict) -> tuple[float, object]:
-    started = time.perf_counter()
-    handle = dispatch_job("system.echo", payload)
-    return time.perf_counter() - started, handle
 
 
 def _wait_until_dramatiq(timeout: float = 10.0) -> None:
@@ -85,15 +76,14 @@ def test_redis_refusing_connections(engines, redis_server):
     assert dispatch_job("system.echo", {}).engine == "dramatiq"
     redis_server.kill()  # connections are refused from now on
 
-    first, handle = _timed_dispatch({"n": 0})
+    handle = dispatch_job("system.echo", {"n": 0})
     assert (handle.engine, handle.fallback_reason) == ("temporal", "redis_error")
-    later = [_timed_dispatch({"n": i}) for i in range(1, 21)]
-    assert {h.engine for _, h in later} == {"temporal"}
-    assert {h.fallback_reason for _, h in later} == {"redis_unhealthy"}
-    for _, h in [(first, handle), *later[-2:]]:
+    # Later callers skip Redis while the breaker is open: none waits on it (bench_paused_redis
+    # measures how long dispatch takes through an outage).
+    later = [dispatch_job("system.echo", {"n": i}) for i in range(1, 21)]
+    assert {(h.engine, h.fallback_reason) for h in later} == {("temporal", "redis_unhealthy")}
+    for h in [handle, *later[-2:]]:
         assert engines.wait(h.job_id).state == "succeeded"
-    assert first < REDIS_TIMEOUT + 0.25, first
-    assert max(t for t, _ in later) < 0.25, [t for t, _ in later]
 
     redis_server.start()  # same port, empty data: the worker registers again
     engines.wait_for_workers(["default"], engines.worker)
@@ -109,20 +99,18 @@ def test_redis_paused(engines, redis_server):
     assert dispatch_job("system.echo", {}).engine == "dramatiq"
     redis_server.pause()
     try:
-        first, first_handle = _timed_dispatch({"n": 0})
-        later = [_timed_dispatch({"n": i}) for i in range(1, 31)]
+        first_handle = dispatch_job("system.echo", {"n": 0})
+        later = [dispatch_job("system.echo", {"n": i}) for i in range(1, 31)]
         # Jobs that never touched Redis complete on Temporal while Redis is still paused.
-        for _, h in later[-3:]:
+        for h in later[-3:]:
             assert engines.wait(h.job_id).state == "succeeded"
     finally:
         redis_server.resume()
 
     assert (first_handle.engine, first_handle.fallback_reason) == ("temporal", "redis_error")
-    assert {h.engine for _, h in later} == {"temporal"}
-    assert first < REDIS_TIMEOUT + 0.25, first
-    later_times = [t for t, _ in later]
-    assert statistics.median(later_times) < 0.05, later_times
-    assert max(later_times) < 0.25, later_times
+    # The first caller paid one Redis timeout; every later one skipped Redis (the breaker is
+    # open), so none waited on it. How long each took is bench_paused_redis's to measure.
+    assert {(h.engine, h.fallback_reason) for h in later} == {("temporal", "redis_unhealthy")}
 
     # The first enqueue may have landed in Redis when it resumed: exactly one engine runs it.
     status = engines.wait(first_handle.job_id)
