@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import importlib
 import json
@@ -30,7 +31,7 @@ import redis
 from fastapi import Depends, FastAPI, Path, Query, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from sqlalchemy import exc as sa_exc
 
 from jobyard.api.auth import Role, require_admin, require_token
@@ -56,6 +57,7 @@ from jobyard.dispatcher import (
     warm_up,
 )
 from jobyard.dispatcher.dispatch import JOB_ID_PATTERN, MAX_DELAY_SECONDS
+from jobyard.dispatcher.events import ajob_events, stream_position
 from jobyard.job_engine import (
     IdempotencyConflictError,
     InvalidPayloadError,
@@ -85,6 +87,10 @@ JOB_ID_PATH = f"^{JOB_ID_PATTERN.pattern}$"
 #: large and private; GET /jobs/{id} has them.
 SUMMARY_OMITS = ("payload", "result", "progress", "error_traceback")
 SUMMARY_ERROR_CHARS = 300
+FINAL_STATES = ("succeeded", "failed", "cancelled", "dead")
+#: How soon an EventSource reconnects after a dropped stream, and how often a quiet one pings.
+SSE_RETRY_MS = 1000
+KEEPALIVE_SECONDS = 15.0
 
 DISPATCH_BODY_DOC = {
     "requestBody": {
@@ -298,6 +304,50 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def _last_event_id(header: str | None, after: int | None) -> int:
+    """Where a stream resumes: the Last-Event-ID header (what EventSource sends) or ?after=."""
+    if header is not None and header.strip().isdigit():
+        return int(header.strip())
+    return after or 0
+
+
+async def _sse(job_id: str, after: int, request: Request) -> AsyncIterator[str]:
+    """The SSE text of a job's events; a comment line every KEEPALIVE_SECONDS keeps proxies
+    from closing a quiet stream."""
+    yield f"retry: {SSE_RETRY_MS}\n\n"
+    events = ajob_events(job_id, after)
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future[Any] | None = None
+    quiet_since = loop.time()
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(events.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=1.0)  # then check the client
+            if await request.is_disconnected():
+                return
+            if not done:
+                if loop.time() - quiet_since >= KEEPALIVE_SECONDS:
+                    quiet_since = loop.time()
+                    yield ": keep-alive\n\n"
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            quiet_since = loop.time()
+            data = json.dumps(_printable(event.as_dict()), ensure_ascii=True, allow_nan=False)
+            yield f"id: {event.seq}\nevent: {event.kind}\ndata: {data}\n\n"
+    finally:
+        if pending is not None:  # the client left mid-read: let that read finish cancelling
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        await events.aclose()
+
+
 @cache
 def _dashboard_html() -> str:
     return files("jobyard.api").joinpath("dashboard.html").read_text(encoding="utf-8")
@@ -505,6 +555,41 @@ def create_app(*, warm: bool = True) -> FastAPI:
     def replay(job_id: JobIdPath, request: Request) -> JSONResponse:
         """Run a dead, failed or cancelled job again, keeping the steps it finished."""
         return _accepted(request, replay_job(job_id))
+
+    @app.get(
+        "/jobs/{job_id:path}/events",
+        tags=["jobs"],
+        dependencies=token,
+        response_class=StreamingResponse,
+        responses={
+            **TOKEN_RESPONSES,
+            200: {"description": "Server-Sent Events", "content": {"text/event-stream": {}}},
+            204: _doc("the job is finished and the client has seen its last event"),
+            404: _doc("no such job"),
+        },
+    )
+    async def job_events_stream(
+        job_id: JobIdPath,
+        request: Request,
+        after: int | None = Query(
+            None, ge=0, description="Resume after this event id (as the Last-Event-ID header)."
+        ),
+    ) -> Response:
+        """The job's state changes and progress reports as Server-Sent Events, on either engine,
+        ending with its final state. Each event's `id` is its number in the job's sequence;
+        reconnecting with `Last-Event-ID` (or `?after=`) resumes after it, nothing lost or
+        repeated."""
+        resume = _last_event_id(request.headers.get("last-event-id"), after)
+        position = await asyncio.to_thread(stream_position, job_id)
+        if position is None:
+            await asyncio.to_thread(get_job, job_id)  # JobNotFoundError: 404
+        elif position[1] in FINAL_STATES and resume >= position[0]:
+            return Response(status_code=status.HTTP_204_NO_CONTENT)  # stops EventSource
+        return StreamingResponse(
+            _sse(job_id, resume, request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
 
     @app.get(
         "/jobs/{job_id:path}",
