@@ -100,3 +100,10 @@ async def nap(ctx: Any, payload: NapPayload) -> dict[str, int]:
     second = await ctx.run("second", mark_and_wait, payload.marker_dir, "second", 0)
     await ctx.progress(1.0)
     return {"first": first, "second": second}
+
+
+@job("api.retry_later", payload=FlakyPayload, retry=RetryPolicy(attempts=2, backoff=6), timeout=30)
+async def retry_later(ctx: Any, payload: FlakyPayload) -> str:
+    """Fails its step once ALLOW_FILE is missing, and waits 6 s before the next try."""
+    result: str = await ctx.run("check", fail_unless_allowed, payload.marker_dir)
+    return result

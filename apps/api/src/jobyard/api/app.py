@@ -22,6 +22,7 @@ import math
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from functools import cache
 from importlib.resources import files
 from typing import Annotated, Any, Literal
@@ -87,6 +88,8 @@ JOB_ID_PATH = f"^{JOB_ID_PATTERN.pattern}$"
 #: large and private; GET /jobs/{id} has them.
 SUMMARY_OMITS = ("payload", "result", "progress", "error_traceback")
 SUMMARY_ERROR_CHARS = 300
+#: How a job waiting on a timer (run_at in the future) reads: see _readable.
+WAITING_STATES = {"running": "sleeping", "queued": "delayed", "retrying": "retrying"}
 FINAL_STATES = ("succeeded", "failed", "cancelled", "dead")
 #: How soon an EventSource reconnects after a dropped stream, and how often a quiet one pings.
 SSE_RETRY_MS = 1000
@@ -294,6 +297,26 @@ def _merge(status_: dict[str, Any] | None, record: dict[str, Any] | None) -> dic
         if value is not None or key not in merged:
             merged[key] = value
     return merged
+
+
+def _readable(job: dict[str, Any]) -> dict[str, Any]:
+    """Adds `display_state`, the state as a person reads it: a running job waiting on its
+    durable sleep is "sleeping", a queued job waiting for its dispatch delay (or rate limit) is
+    "delayed", until `run_at` (an ISO time; for a retrying job, its next attempt)."""
+    run_at = job.get("run_at")
+    if isinstance(run_at, int | float):
+        run_at = job["run_at"] = datetime.fromtimestamp(run_at, UTC).isoformat()
+    waiting = False
+    if isinstance(run_at, str):
+        try:
+            waiting = datetime.fromisoformat(run_at) > datetime.now(UTC)
+        except ValueError:
+            waiting = False
+    state = job.get("state")
+    if not waiting and state in ("queued", "running"):
+        job["run_at"] = None  # past: the job is not waiting on it any more
+    job["display_state"] = WAITING_STATES.get(state or "", state) if waiting else state
+    return job
 
 
 def _summary(record: dict[str, Any]) -> dict[str, Any]:
@@ -527,7 +550,7 @@ def create_app(*, warm: bool = True) -> FastAPI:
         found = list_jobs(
             state=state, name=name, queue=queue, engine=engine, limit=limit, offset=offset
         )
-        return [_summary(record.as_dict()) for record in found]
+        return [_readable(_summary(record.as_dict())) for record in found]
 
     @app.get("/dead", tags=["jobs"], dependencies=token, responses={**TOKEN_RESPONSES})
     def dead(
@@ -609,7 +632,7 @@ def create_app(*, warm: bool = True) -> FastAPI:
         record, steps, log_error = _job_log_view(job_id)
         if live is None and record is None:
             raise JobNotFoundError(job_id)
-        detail = _merge(live, record)
+        detail = _readable(_merge(live, record))
         detail["steps"] = steps
         if role != "admin":
             detail.pop("error_traceback", None)

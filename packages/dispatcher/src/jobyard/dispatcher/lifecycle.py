@@ -58,6 +58,7 @@ class JobRecord:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_ms: int | None = None
+    run_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: JobLog) -> JobRecord:
@@ -65,7 +66,7 @@ class JobRecord:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("enqueued_at", "started_at", "finished_at"):
+        for key in ("enqueued_at", "started_at", "finished_at", "run_at"):
             if data[key] is not None:
                 data[key] = data[key].isoformat()
         return data

@@ -319,7 +319,7 @@ elseif command == "complete" then
 -- reschedule: KEYS job, delay queue list, delay queue msgs, dramatiq acks, dramatiq msgs
 --                  [, changes]
 --             ARGV seq, next seq, state, redis message id, message, error, error class,
---                  redis message id of the current message
+--                  redis message id of the current message, when the next message is due (ms)
 -- -> "ok" | "lost".  Puts the job's next message (a retry, or a resume after a sleep) on the
 -- delay queue, advances seq and acks the current message in one step, so a crash can never
 -- leave two live messages, or none.
@@ -335,7 +335,7 @@ elseif command == "reschedule" then
         return "lost"
     end
     redis.call("hset", job_key, "seq", next_seq, "state", state, "rmid", message_id,
-               "error", error_message, "error_class", error_class)
+               "error", error_message, "error_class", error_class, "run_at", ARGV[10] or "0")
     redis.call("hset", delay_msgs_key, message_id, message)
     redis.call("rpush", delay_key, message_id)
     changed(job_key, changes_key)

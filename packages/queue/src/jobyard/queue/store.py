@@ -273,6 +273,7 @@ class JobStore:
         error: str = "",
         error_class: str = "",
         delivery: Delivery = NO_DELIVERY,
+        run_at_ms: int = 0,
     ) -> bool:
         reply = self._call(
             [
@@ -291,6 +292,7 @@ class JobStore:
             error,
             error_class,
             delivery.redis_message_id,
+            run_at_ms,
         )
         return _text(reply) == "ok"
 

@@ -62,3 +62,4 @@ class StatusReply:
     state: str
     attempts: int
     progress: Any = None
+    run_at: float | None = None  # unix seconds a durable sleep ends
