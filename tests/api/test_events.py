@@ -8,7 +8,6 @@ import asyncio
 import json
 import signal
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,11 @@ import pytest
 
 from jobyard.dispatcher import ajob_events
 from tests.api.conftest import ApiServer, on_engine
+from tests.api.test_lifecycle import dispatch
 from tests.engines import Engines
 from tests.support import wait_for
 
 FINAL = ("succeeded", "failed", "dead", "cancelled")
-
-
-def dispatch(api: ApiServer, name: str, payload: dict[str, Any]) -> str:
-    job_id = f"{name.replace('.', '-')}-{uuid.uuid4().hex[:10]}"
-    response = api.client.post(f"/jobs/{name}", json=payload, params={"job_id": job_id})
-    assert response.status_code == 202, response.text
-    return job_id
 
 
 def read_stream(

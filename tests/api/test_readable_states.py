@@ -5,25 +5,17 @@ engines, in the job's detail, the listing and its event stream."""
 from __future__ import annotations
 
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.api.conftest import ApiServer, on_engine
 from tests.api.test_events import read_stream
+from tests.api.test_lifecycle import dispatch
 from tests.engines import Engines
 
 ENGINES = ["dramatiq", "temporal"]
-
-
-def dispatch(api: ApiServer, name: str, payload: dict[str, Any], **params: Any) -> str:
-    job_id = f"{name.replace('.', '-')}-{uuid.uuid4().hex[:10]}"
-    response = api.client.post(f"/jobs/{name}", json=payload, params={"job_id": job_id, **params})
-    assert response.status_code == 202, response.text
-    return job_id
 
 
 def seconds_until(iso: str) -> float:

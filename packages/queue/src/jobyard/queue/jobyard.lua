@@ -231,7 +231,9 @@ elseif command == "start" then
     end
     return result
 
--- step: KEYS job, steps   ARGV seq, step name, JSON result, ttl s   -> "ok" | "lost" | "cancel"
+-- step: KEYS job, steps   ARGV seq, step name, JSON result, ttl s [, JSON timing]
+-- -> "ok" | "lost" | "cancel".  The timing (when the step ran, its attempt) goes in the steps
+-- hash as "__timing__:<step>" (names starting with "__" are the engines' own).
 -- ("cancel": recorded, and cancellation was asked for: stop at this step boundary)
 elseif command == "step" then
     local job_key, steps_key = KEYS[1], KEYS[2]
@@ -242,6 +244,9 @@ elseif command == "step" then
         return "lost"
     end
     redis.call("hset", steps_key, step, result)
+    if ARGV[6] and ARGV[6] ~= "" then
+        redis.call("hset", steps_key, "__timing__:" .. step, ARGV[6])
+    end
     redis.call("expire", steps_key, ttl)
     if job[3] == "1" then
         return "cancel"

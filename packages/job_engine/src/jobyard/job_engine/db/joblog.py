@@ -227,13 +227,22 @@ def _lock_rows(connection: Connection, stored: list[dict[str, Any]]) -> dict[str
     the log). A stub row is inserted first for a new job, so that two writers of the same new
     job queue up on it instead of both numbering its events from 1."""
     ids = [row["job_id"] for row in stored]
-    stubs = json.dumps([{"job_id": r["job_id"], "name": r["name"]} for r in stored])
+    # A new row's enqueued_at is never NULL (the listing pages by it): the earliest time known
+    # now; an earlier one arriving later wins (_merge_rules).
+    sqlite_times = connection.dialect.name != "postgresql"
+    stubs = json.dumps(
+        [
+            {"job_id": r["job_id"], "name": r["name"], "at": _first_seen(r, sqlite_times)}
+            for r in stored
+        ]
+    )
     if connection.dialect.name == "postgresql":
         created = connection.execute(
             text(
-                "INSERT INTO job_log (job_id, name, state, attempts, events) "
-                "SELECT s.job_id, s.name, 'queued', 0, 0 "
-                "FROM jsonb_to_recordset(CAST(:stubs AS jsonb)) AS s(job_id text, name text) "
+                "INSERT INTO job_log (job_id, name, state, attempts, events, enqueued_at) "
+                "SELECT s.job_id, s.name, 'queued', 0, 0, s.at "
+                "FROM jsonb_to_recordset(CAST(:stubs AS jsonb)) "
+                "AS s(job_id text, name text, at timestamptz) "
                 "ON CONFLICT (job_id) DO NOTHING RETURNING job_id"
             ),
             {"stubs": stubs},
@@ -249,8 +258,9 @@ def _lock_rows(connection: Connection, stored: list[dict[str, Any]]) -> dict[str
     else:  # SQLite: the insert takes the database's write lock until commit
         created = connection.execute(
             text(
-                "INSERT INTO job_log (job_id, name, state, attempts, events) "
-                "SELECT value ->> 'job_id', value ->> 'name', 'queued', 0, 0 "
+                "INSERT INTO job_log (job_id, name, state, attempts, events, enqueued_at) "
+                "SELECT value ->> 'job_id', value ->> 'name', 'queued', 0, 0, "
+                "value ->> 'at' "
                 "FROM json_each(:stubs) WHERE true "
                 "ON CONFLICT (job_id) DO NOTHING RETURNING job_id"
             ),
@@ -268,6 +278,15 @@ def _lock_rows(connection: Connection, stored: list[dict[str, Any]]) -> dict[str
             old = {"events": 0, "new": True}
         before[job_id] = old
     return before
+
+
+def _first_seen(row: dict[str, Any], sqlite_text: bool) -> str:
+    """The earliest time a stored row knows of its job, as the stub insert takes it (SQLite:
+    the naive UTC text SQLAlchemy stores there)."""
+    first = row.get("enqueued_at") or row.get("state_at") or datetime.now(UTC)
+    if sqlite_text:
+        return str(first.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f"))
+    return str(first.isoformat())
 
 
 def changes_of(row: dict[str, Any], old: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -351,6 +370,12 @@ def _merge_rules(new: Any) -> dict[str, Any]:
     old = Base.metadata.tables[JobLog.__tablename__].c
     newer = old.state_at.is_(None) | (new.state_at.is_not(None) & (new.state_at >= old.state_at))
     rules: dict[str, Any] = {c: func.coalesce(old[c], new[c]) for c in STICKY}
+    # the earliest known: a stub row's first guess gives way to the dispatch's own time
+    rules["enqueued_at"] = case(
+        (new.enqueued_at.is_(None), old.enqueued_at),
+        (old.enqueued_at.is_(None) | (new.enqueued_at < old.enqueued_at), new.enqueued_at),
+        else_=old.enqueued_at,
+    )
     rules |= {c: case((newer, func.coalesce(new[c], old[c])), else_=old[c]) for c in LATEST}
     rules["progress"] = func.coalesce(new.progress, old.progress)
     rules["attempts"] = case((new.attempts > old.attempts, new.attempts), else_=old.attempts)
