@@ -229,9 +229,7 @@ def list_jobs(
         query = query.where(table.c.enqueued_at < until)
     if job_id:
         escaped = job_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        query = query.where(
-            (table.c.job_id == job_id) | table.c.job_id.like(f"{escaped}%", escape="\\")
-        )
+        query = query.where(table.c.job_id.like(f"{escaped}%", escape="\\"))
     if after is not None:
         query = query.where(_before(after))
     # The order of a backward scan of (enqueued_at, job_id) on both databases: NULLs (rows

@@ -1,88 +1,40 @@
-"""Per-queue history from the job log, for the dashboard's graphs: in each time bucket of a
-window, how many jobs finished and failed, and the median and 95th percentile of their run time
-and of their wait in the queue (enqueued to started). The job log keeps history across
-restarts and both engines, so the graphs do too.
+"""Per-queue history for the dashboard's graphs: in each time bucket of a window, how many jobs
+finished and failed, and the median and 95th percentile of their run time and of their wait in
+the queue (enqueued to started).
 
-PostgreSQL aggregates in SQL, from the finished_at index alone (migration 0006 carries the
-columns in it); SQLite, the embedded default, has no percentiles, so the rows of the window
-are aggregated here.
+Read from `job_stats`, the per-minute roll-ups the job log's writer keeps (see
+jobyard.job_engine.db.jobstats): the database sums at most a week of minutes per queue, and the
+percentiles are estimated from the summed histograms. The job log keeps history across
+restarts and both engines, so the graphs do too.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import Integer, cast, func, select
 
-from jobyard.job_engine.db import get_engine, session_scope
-from jobyard.job_engine.db.models import JobLog
+from jobyard.job_engine.db import Base, get_engine, session_scope
+from jobyard.job_engine.db.jobstats import (
+    BUCKETS,
+    COUNT_COLUMNS,
+    RUN_COLUMNS,
+    WAIT_COLUMNS,
+    percentile,
+)
+from jobyard.job_engine.db.models import JobStat
 
 __all__ = ["queue_history"]
 
-FAILED = ("failed", "dead")
 
-_PG_QUERY = text("""
-SELECT queue,
-       floor(extract(epoch FROM finished_at - :since) / :bucket)::int AS bucket,
-       count(*) AS finished,
-       count(*) FILTER (WHERE state IN ('failed', 'dead')) AS failed,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS run_p50,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS run_p95,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY wait) AS wait_p50,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY wait) AS wait_p95
-FROM (SELECT queue, finished_at, state, duration_ms,
-             extract(epoch FROM started_at - enqueued_at) * 1000 AS wait
-      FROM job_log WHERE finished_at >= :since AND finished_at < :until) AS window_rows
-GROUP BY queue, bucket
-""")
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks, as PostgreSQL's percentile_cont."""
-    if not values:
-        return None
-    values = sorted(values)
-    rank = q * (len(values) - 1)
-    low, high = math.floor(rank), math.ceil(rank)
-    return values[low] + (values[high] - values[low]) * (rank - low)
-
-
-@dataclass
-class _Bucket:
-    finished: int = 0
-    failed: int = 0
-    run: list[float] = field(default_factory=list)
-    wait: list[float] = field(default_factory=list)
-
-
-def _sqlite_rows(since: datetime, until: datetime, bucket: float) -> list[tuple[Any, ...]]:
-    query = select(
-        JobLog.queue, JobLog.finished_at, JobLog.state, JobLog.duration_ms, JobLog.started_at,
-        JobLog.enqueued_at,
-    ).where(JobLog.finished_at >= since, JobLog.finished_at < until)  # fmt: skip
-    groups: dict[tuple[str | None, int], _Bucket] = {}
-    with session_scope() as session:
-        for queue, finished_at, state, duration_ms, started_at, enqueued_at in session.execute(
-            query
-        ):
-            if finished_at is None:  # not in the window's WHERE; for the type checker
-                continue
-            index = int((finished_at - since).total_seconds() // bucket)
-            group = groups.setdefault((queue, index), _Bucket())
-            group.finished += 1
-            group.failed += state in FAILED
-            if duration_ms is not None:
-                group.run.append(float(duration_ms))
-            if started_at is not None and enqueued_at is not None:
-                group.wait.append((started_at - enqueued_at).total_seconds() * 1000)
-    return [
-        (queue, index, g.finished, g.failed, _percentile(g.run, 0.5), _percentile(g.run, 0.95),
-         _percentile(g.wait, 0.5), _percentile(g.wait, 0.95))
-        for (queue, index), g in groups.items()
-    ]  # fmt: skip
+def _bucket_index(dialect: str, since: datetime, bucket: float) -> Any:
+    minute = Base.metadata.tables[JobStat.__tablename__].c.minute
+    if dialect == "postgresql":
+        return cast(func.floor(func.extract("epoch", minute - since) / bucket), Integer)
+    # SQLite keeps naive UTC text (UTCDateTime); julianday reads it
+    start = since.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ")
+    return cast((func.julianday(minute) - func.julianday(start)) * 86400.0 / bucket, Integer)
 
 
 def queue_history(
@@ -94,32 +46,36 @@ def queue_history(
     end = until or datetime.now(UTC)
     bucket = window_seconds / buckets
     since = end - timedelta(seconds=window_seconds)
-    if get_engine().dialect.name == "postgresql":
-        with session_scope() as session:
-            rows = [
-                tuple(r)
-                for r in session.execute(
-                    _PG_QUERY, {"since": since, "until": end, "bucket": bucket}
-                )
-            ]
-    else:
-        rows = _sqlite_rows(since, end, bucket)
+    table = Base.metadata.tables[JobStat.__tablename__]
+    index = _bucket_index(get_engine().dialect.name, since, bucket).label("bucket")
+    query = (
+        select(table.c.queue, index, *[func.sum(table.c[c]).label(c) for c in COUNT_COLUMNS])
+        .where(table.c.minute >= since, table.c.minute < end)
+        .group_by(table.c.queue, index)
+    )
     series: dict[str, list[dict[str, Any]]] = {}
-    for queue, index, finished, failed, run50, run95, wait50, wait95 in rows:
-        points = series.setdefault(queue or "", _empty(since, bucket, buckets))
-        if 0 <= index < buckets:
-            points[index].update(
-                finished=int(finished), failed=int(failed), run_p50_ms=_ms(run50),
-                run_p95_ms=_ms(run95), wait_p50_ms=_ms(wait50), wait_p95_ms=_ms(wait95),
+    with session_scope() as session:
+        for row in session.execute(query):
+            values = row._mapping
+            points = series.setdefault(values["queue"], _empty(since, bucket, buckets))
+            at = int(values["bucket"])
+            if not 0 <= at < buckets:
+                continue
+            run = [int(values[c] or 0) for c in RUN_COLUMNS]
+            wait = [int(values[c] or 0) for c in WAIT_COLUMNS]
+            points[at].update(
+                finished=int(values["finished"] or 0), failed=int(values["failed"] or 0),
+                run_p50_ms=_ms(percentile(run, 0.5)), run_p95_ms=_ms(percentile(run, 0.95)),
+                wait_p50_ms=_ms(percentile(wait, 0.5)), wait_p95_ms=_ms(percentile(wait, 0.95)),
             )  # fmt: skip
     return {
         "since": since.isoformat(), "until": end.isoformat(), "bucket_seconds": bucket,
-        "queues": dict(sorted(series.items())),
+        "histogram_buckets": BUCKETS, "queues": dict(sorted(series.items())),
     }  # fmt: skip
 
 
-def _ms(value: Any) -> float | None:
-    return None if value is None else round(max(0.0, float(value)), 1)
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def _empty(since: datetime, bucket: float, buckets: int) -> list[dict[str, Any]]:

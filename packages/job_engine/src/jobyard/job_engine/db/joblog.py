@@ -36,8 +36,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 
 from jobyard.job_engine import env
-from jobyard.job_engine.db import Base, get_engine
-from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobEvent, JobLog
+from jobyard.job_engine.db import Base, get_engine, jobstats
+from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobEvent, JobLog, JobStat
 from jobyard.job_engine.db.readiness import one_line
 
 log = logging.getLogger("jobyard.joblog")
@@ -205,21 +205,69 @@ def _upsert_in(connection: Connection, rows: list[dict[str, Any]]) -> None:
     stored = [_stored(row) for row in rows]
     before = _lock_rows(connection, stored)
     events: list[dict[str, Any]] = []
+    finished: list[dict[str, Any]] = []
     for row, kept in zip(rows, stored, strict=True):
         old = before.get(row["job_id"])
         seq = old["events"] if old is not None else 0
         for change in changes_of(row, old):
             seq += 1
             events.append({"job_id": row["job_id"], "seq": seq, **change})
+            if change["kind"] == "state" and change["state"] in FINAL_JOB_STATES:
+                previous = old if old is not None and not old.get("new") else {}
+                if previous.get("state") not in FINAL_JOB_STATES:
+                    finished.append(_finish_stat(row, previous))
         kept["events"] = seq
     connection.execute(*_upsert_statement(connection.dialect.name, stored))
     if events:
         table = Base.metadata.tables[JobEvent.__tablename__]
         connection.execute(table.insert(), [_event_row(e) for e in events])
+    if finished:
+        _add_stats(connection, jobstats.combine(finished))
+
+
+def _seconds(value: Any) -> float | None:
+    """A time as unix seconds: rows carry floats, stored rows datetimes."""
+    if value is None:
+        return None
+    return value.timestamp() if isinstance(value, datetime) else float(value)
+
+
+def _finish_stat(row: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """The job_stats increment of a job that reached a final state in this row."""
+    end = _seconds(row.get("finished_at")) or _seconds(row.get("state_at")) or time.time()
+    started = _seconds(row.get("started_at")) or _seconds(old.get("started_at"))
+    enqueued = [
+        t for t in (_seconds(row.get("enqueued_at")), _seconds(old.get("enqueued_at"))) if t
+    ]
+    duration = row.get("duration_ms")
+    if duration is None and started is not None:
+        duration = (end - started) * 1000
+    wait = (started - min(enqueued)) * 1000 if started is not None and enqueued else None
+    return jobstats.increment(
+        row.get("queue") or old.get("queue"), _utc(end), row["state"], duration, wait
+    )
+
+
+def _add_stats(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """Adds to job_stats: column = column + the increment, atomic on both databases."""
+    table = Base.metadata.tables[JobStat.__tablename__]
+    statement: postgresql.Insert | sqlite.Insert = (
+        postgresql.insert(table)
+        if connection.dialect.name == "postgresql"
+        else sqlite.insert(table)
+    )
+    added = statement.on_conflict_do_update(
+        index_elements=["queue", "minute"],
+        set_={c: table.c[c] + statement.excluded[c] for c in jobstats.COUNT_COLUMNS},
+    )
+    connection.execute(added, rows)
 
 
 #: The columns of a job_log row an event is judged against.
-JUDGED = ("state", "state_at", "engine", "attempts", "progress", "run_at", "events")
+JUDGED = (
+    "state", "state_at", "engine", "attempts", "progress", "run_at", "events", "queue",
+    "enqueued_at", "started_at",
+)  # fmt: skip
 
 
 def _lock_rows(connection: Connection, stored: list[dict[str, Any]]) -> dict[str, Any]:

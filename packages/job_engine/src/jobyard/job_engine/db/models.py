@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Column,
     Date,
     Index,
     Integer,
@@ -21,6 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from jobyard.job_engine.db import Base, JSONType, UTCDateTime, utcnow
+from jobyard.job_engine.db.jobstats import RUN_COLUMNS, WAIT_COLUMNS
 
 # A BIGINT primary key that still auto-increments on SQLite (only INTEGER PRIMARY KEY does there).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -86,6 +88,10 @@ class JobLog(Base):
         Index("ix_job_log_state_enqueued_at", "state", "enqueued_at", "job_id"),
         Index("ix_job_log_name_enqueued_at", "name", "enqueued_at", "job_id"),
         Index("ix_job_log_queue_enqueued_at", "queue", "enqueued_at", "job_id"),
+        # Search by id prefix (LIKE 'abc%') whatever the database's collation.
+        Index(
+            "ix_job_log_job_id_prefix", "job_id", postgresql_ops={"job_id": "varchar_pattern_ops"}
+        ),
         # The graphs read finished jobs in a time window: the columns they aggregate ride in
         # the index, so PostgreSQL answers from it alone.
         Index(
@@ -138,6 +144,24 @@ class JobEvent(Base):
     progress: Mapped[Any | None] = mapped_column(JSONType, nullable=True)
     run_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class JobStat(Base):
+    """Finished jobs of one queue in one minute, with run-time and queue-wait histograms
+    (bounds in jobstats.BOUNDS_MS): what the graphs read (see jobstats.py)."""
+
+    __tablename__ = "job_stats"
+
+    queue: Mapped[str] = mapped_column(String(128), primary_key=True)
+    minute: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    finished: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+
+
+for _column in (*RUN_COLUMNS, *WAIT_COLUMNS):  # one count per histogram bucket
+    Base.metadata.tables[JobStat.__tablename__].append_column(
+        Column(_column, Integer, nullable=False, default=0, server_default="0")
+    )
 
 
 class JobReport(Base):
@@ -224,6 +248,7 @@ __all__ = [
     "JobEvent",
     "JobLog",
     "JobReport",
+    "JobStat",
     "ScheduleState",
     "ScheduleTick",
     "Token",

@@ -1,5 +1,6 @@
-"""job_events (what GET /jobs/{id}/events streams), job_log.run_at and .events, and the indexes
-the dashboard's listing and graphs need on a big job log.
+"""job_events (what GET /jobs/{id}/events streams), job_stats (the graphs' per-minute roll-ups,
+filled from the existing log), job_log.run_at and .events, and the indexes the dashboard's
+listing needs on a big job log.
 
 Revision ID: 0006_job_events
 Revises: 0005_job_owners
@@ -17,6 +18,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
+
+# The histogram's shape is part of this revision's schema: a change of bounds needs a new one.
+from jobyard.job_engine.db.jobstats import RUN_COLUMNS, WAIT_COLUMNS, backfill_sql
 
 revision = "0006_job_events"
 down_revision = "0005_job_owners"
@@ -41,6 +45,17 @@ def upgrade() -> None:
         sa.Column("run_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
     )
+    op.create_table(
+        "job_stats",
+        sa.Column("queue", sa.String(128), primary_key=True),
+        sa.Column("minute", sa.DateTime(timezone=True), primary_key=True),
+        *[
+            sa.Column(name, sa.Integer(), nullable=False, server_default="0")
+            for name in ("finished", "failed", *RUN_COLUMNS, *WAIT_COLUMNS)
+        ],
+    )
+    # the jobs that finished before this migration, so the graphs have their history
+    op.execute(backfill_sql(op.get_bind().dialect.name))
     with op.batch_alter_table("job_log") as batch:
         batch.add_column(sa.Column("run_at", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("events", sa.Integer(), nullable=False, server_default="0"))
@@ -53,6 +68,9 @@ def upgrade() -> None:
         batch.create_index("ix_job_log_name_enqueued_at", ["name", "enqueued_at", "job_id"])
         batch.create_index("ix_job_log_queue_enqueued_at", ["queue", "enqueued_at", "job_id"])
         batch.create_index(
+            "ix_job_log_job_id_prefix", ["job_id"], postgresql_ops={"job_id": "varchar_pattern_ops"}
+        )
+        batch.create_index(
             "ix_job_log_finished_at", ["finished_at"], postgresql_include=GRAPH_COLUMNS
         )
 
@@ -60,6 +78,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("job_log") as batch:
         batch.drop_index("ix_job_log_finished_at")
+        batch.drop_index("ix_job_log_job_id_prefix")
         batch.drop_index("ix_job_log_queue_enqueued_at")
         batch.drop_index("ix_job_log_name_enqueued_at")
         batch.drop_index("ix_job_log_state_enqueued_at")
@@ -71,3 +90,4 @@ def downgrade() -> None:
         batch.drop_column("events")
         batch.drop_column("run_at")
     op.drop_table("job_events")
+    op.drop_table("job_stats")
