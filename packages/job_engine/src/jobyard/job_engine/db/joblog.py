@@ -200,13 +200,50 @@ def upsert_rounds(rounds: list[list[dict[str, Any]]], url: str | None = None) ->
                 _upsert_in(connection, rows)
 
 
+Pair = tuple[dict[str, Any], dict[str, Any]]  # (a row as given, the row as stored)
+
+
 def _upsert_in(connection: Connection, rows: list[dict[str, Any]]) -> None:
     rows = sorted(rows, key=lambda row: str(row["job_id"]))  # one lock order for every writer
-    stored = [_stored(row) for row in rows]
-    before = _lock_rows(connection, stored)
+    pairs: list[Pair] = [(row, _stored(row)) for row in rows]
     events: list[dict[str, Any]] = []
     finished: list[dict[str, Any]] = []
-    for row, kept in zip(rows, stored, strict=True):
+    if connection.dialect.name == "postgresql":
+        before = _lock(connection, [row["job_id"] for row, _ in pairs])
+        # Jobs new to the log are inserted whole (no update to merge into); one that another
+        # writer inserted meanwhile is locked and merged as the others.
+        fresh = [pair for pair in pairs if pair[0]["job_id"] not in before]
+        if fresh:
+            fresh_events: list[dict[str, Any]] = []
+            fresh_finished: list[dict[str, Any]] = []
+            _number(fresh, {}, fresh_events, fresh_finished)
+            inserted = _insert_new(connection, [kept for _, kept in fresh])
+            events += [e for e in fresh_events if e["job_id"] in inserted]
+            finished += [f for f in fresh_finished if f["job_id"] in inserted]
+            raced = [row["job_id"] for row, _ in fresh if row["job_id"] not in inserted]
+            if raced:
+                before.update(_lock(connection, raced))
+        pairs = [pair for pair in pairs if pair[0]["job_id"] in before]
+    else:
+        before = _lock_rows(connection, [kept for _, kept in pairs])
+    _number(pairs, before, events, finished)
+    if pairs:
+        connection.execute(*_upsert_statement(connection.dialect.name, [k for _, k in pairs]))
+    if events:
+        _insert_events(connection, events)
+    if finished:
+        _add_stats(connection, jobstats.combine([f["stat"] for f in finished]))
+
+
+def _number(
+    pairs: list[Pair],
+    before: dict[str, Any],
+    events: list[dict[str, Any]],
+    finished: list[dict[str, Any]],
+) -> None:
+    """Appends each row's events, numbered after its job's last, and the job_stats increment
+    of each job that reaches a final state; sets the stored rows' event counts."""
+    for row, kept in pairs:
         old = before.get(row["job_id"])
         seq = old["events"] if old is not None else 0
         for change in changes_of(row, old):
@@ -215,14 +252,57 @@ def _upsert_in(connection: Connection, rows: list[dict[str, Any]]) -> None:
             if change["kind"] == "state" and change["state"] in FINAL_JOB_STATES:
                 previous = old if old is not None and not old.get("new") else {}
                 if previous.get("state") not in FINAL_JOB_STATES:
-                    finished.append(_finish_stat(row, previous))
+                    stat = _finish_stat(row, previous)
+                    finished.append({"job_id": row["job_id"], "stat": stat})
         kept["events"] = seq
-    connection.execute(*_upsert_statement(connection.dialect.name, stored))
-    if events:
+
+
+def _lock(connection: Connection, ids: list[str]) -> dict[str, Any]:
+    """PostgreSQL: the judged columns of the jobs that have rows, locked until commit."""
+    locking = text(
+        f"SELECT job_id, {', '.join(JUDGED)} FROM job_log WHERE job_id = ANY(:ids) FOR UPDATE"
+    )
+    return {
+        job_id: dict(zip(JUDGED, values, strict=True))
+        for job_id, *values in connection.execute(locking, {"ids": ids})
+    }
+
+
+def _insert_new(connection: Connection, stored: list[dict[str, Any]]) -> set[str]:
+    """PostgreSQL: inserts rows for jobs new to the log; returns the ids it inserted."""
+    for kept in stored:  # the listing pages by enqueued_at: never NULL
+        if kept.get("enqueued_at") is None:
+            kept["enqueued_at"] = kept.get("state_at") or datetime.now(UTC)
+    table = Base.metadata.tables[JobLog.__tablename__]
+    source = func.jsonb_populate_recordset(
+        literal_column(f"NULL::{table.name}"), cast(bindparam("rows"), JSONB)
+    ).table_valued(*COLUMNS)
+    statement = (
+        postgresql.insert(table)
+        .from_select(COLUMNS, select(*[source.c[c] for c in COLUMNS]))
+        .on_conflict_do_nothing(index_elements=["job_id"])
+        .returning(table.c.job_id)
+    )
+    rows = json.dumps(stored, default=_json_default)
+    return {job_id for (job_id,) in connection.execute(statement, {"rows": rows})}
+
+
+#: PostgreSQL: job_events rows as one JSON array, times in unix seconds (to_timestamp).
+_INSERT_EVENTS = text(
+    "INSERT INTO job_events (job_id, seq, at, kind, state, engine, attempts, progress, run_at, "
+    "error) SELECT e.job_id, e.seq, to_timestamp(e.at), e.kind, e.state, e.engine, e.attempts, "
+    "e.progress, to_timestamp(e.run_at), e.error FROM jsonb_to_recordset(CAST(:rows AS jsonb)) "
+    "AS e(job_id text, seq int, at float8, kind text, state text, engine text, attempts int, "
+    "progress jsonb, run_at float8, error text)"
+)
+
+
+def _insert_events(connection: Connection, events: list[dict[str, Any]]) -> None:
+    if connection.dialect.name == "postgresql":  # one JSON array, as the upsert's rows
+        connection.execute(_INSERT_EVENTS, {"rows": json.dumps(events, default=_json_default)})
+    else:
         table = Base.metadata.tables[JobEvent.__tablename__]
         connection.execute(table.insert(), [_event_row(e) for e in events])
-    if finished:
-        _add_stats(connection, jobstats.combine(finished))
 
 
 def _seconds(value: Any) -> float | None:
@@ -232,7 +312,7 @@ def _seconds(value: Any) -> float | None:
     return value.timestamp() if isinstance(value, datetime) else float(value)
 
 
-def _finish_stat(row: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+def _finish_stat(row: dict[str, Any], old: dict[str, Any]) -> jobstats.Increment:
     """The job_stats increment of a job that reached a final state in this row."""
     end = _seconds(row.get("finished_at")) or _seconds(row.get("state_at")) or time.time()
     started = _seconds(row.get("started_at")) or _seconds(old.get("started_at"))
@@ -271,54 +351,29 @@ JUDGED = (
 
 
 def _lock_rows(connection: Connection, stored: list[dict[str, Any]]) -> dict[str, Any]:
-    """The batch's rows as they were, locked until the transaction ends (None for a job new to
-    the log). A stub row is inserted first for a new job, so that two writers of the same new
-    job queue up on it instead of both numbering its events from 1."""
+    """SQLite: the batch's rows as they were, the database locked until the transaction ends.
+    A stub row is inserted first for a job new to the log, which takes the write lock at
+    once, so that two writers never both number a job's events from the same point."""
     ids = [row["job_id"] for row in stored]
     # A new row's enqueued_at is never NULL (the listing pages by it): the earliest time known
     # now; an earlier one arriving later wins (_merge_rules).
-    sqlite_times = connection.dialect.name != "postgresql"
     stubs = json.dumps(
-        [
-            {"job_id": r["job_id"], "name": r["name"], "at": _first_seen(r, sqlite_times)}
-            for r in stored
-        ]
+        [{"job_id": r["job_id"], "name": r["name"], "at": _first_seen(r, True)} for r in stored]
     )
-    if connection.dialect.name == "postgresql":
-        created = connection.execute(
-            text(
-                "INSERT INTO job_log (job_id, name, state, attempts, events, enqueued_at) "
-                "SELECT s.job_id, s.name, 'queued', 0, 0, s.at "
-                "FROM jsonb_to_recordset(CAST(:stubs AS jsonb)) "
-                "AS s(job_id text, name text, at timestamptz) "
-                "ON CONFLICT (job_id) DO NOTHING RETURNING job_id"
-            ),
-            {"stubs": stubs},
-        )
-        new = {job_id for (job_id,) in created}
-        current = connection.execute(
-            text(
-                f"SELECT job_id, {', '.join(JUDGED)} FROM job_log "
-                "WHERE job_id = ANY(:ids) FOR UPDATE"
-            ),
-            {"ids": ids},
-        )
-    else:  # SQLite: the insert takes the database's write lock until commit
-        created = connection.execute(
-            text(
-                "INSERT INTO job_log (job_id, name, state, attempts, events, enqueued_at) "
-                "SELECT value ->> 'job_id', value ->> 'name', 'queued', 0, 0, "
-                "value ->> 'at' "
-                "FROM json_each(:stubs) WHERE true "
-                "ON CONFLICT (job_id) DO NOTHING RETURNING job_id"
-            ),
-            {"stubs": stubs},
-        )
-        new = {job_id for (job_id,) in created}
-        table = Base.metadata.tables[JobLog.__tablename__]
-        current = connection.execute(
-            select(table.c.job_id, *[table.c[c] for c in JUDGED]).where(table.c.job_id.in_(ids))
-        )
+    created = connection.execute(
+        text(
+            "INSERT INTO job_log (job_id, name, state, attempts, events, enqueued_at) "
+            "SELECT value ->> 'job_id', value ->> 'name', 'queued', 0, 0, value ->> 'at' "
+            "FROM json_each(:stubs) WHERE true "
+            "ON CONFLICT (job_id) DO NOTHING RETURNING job_id"
+        ),
+        {"stubs": stubs},
+    )
+    new = {job_id for (job_id,) in created}
+    table = Base.metadata.tables[JobLog.__tablename__]
+    current = connection.execute(
+        select(table.c.job_id, *[table.c[c] for c in JUDGED]).where(table.c.job_id.in_(ids))
+    )
     before: dict[str, Any] = {}
     for job_id, *values in current:
         old = dict(zip(JUDGED, values, strict=True))
@@ -331,10 +386,10 @@ def _lock_rows(connection: Connection, stored: list[dict[str, Any]]) -> dict[str
 def _first_seen(row: dict[str, Any], sqlite_text: bool) -> str:
     """The earliest time a stored row knows of its job, as the stub insert takes it (SQLite:
     the naive UTC text SQLAlchemy stores there)."""
-    first = row.get("enqueued_at") or row.get("state_at") or datetime.now(UTC)
+    first: datetime = row.get("enqueued_at") or row.get("state_at") or datetime.now(UTC)
     if sqlite_text:
-        return str(first.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f"))
-    return str(first.isoformat())
+        return first.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return first.isoformat()
 
 
 def changes_of(row: dict[str, Any], old: dict[str, Any] | None) -> list[dict[str, Any]]:

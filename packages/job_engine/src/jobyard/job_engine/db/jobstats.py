@@ -40,34 +40,40 @@ def minute_of(moment: datetime) -> datetime:
     return moment.replace(second=0, microsecond=0)
 
 
+Increment = tuple[str, datetime, bool, int | None, int | None]
+
+
 def increment(
     queue: str | None,
     finished_at: datetime,
     state: str,
     duration_ms: float | None,
     wait_ms: float | None,
-) -> dict[str, Any]:
-    """One finished job as a job_stats row to add."""
-    row: dict[str, Any] = {c: 0 for c in COUNT_COLUMNS}
-    row.update(queue=queue or "", minute=minute_of(finished_at), finished=1)
-    row["failed"] = int(state in FAILED_STATES)
-    if duration_ms is not None:
-        row[RUN_COLUMNS[bucket_of(max(0.0, duration_ms))]] = 1
-    if wait_ms is not None:
-        row[WAIT_COLUMNS[bucket_of(max(0.0, wait_ms))]] = 1
-    return row
+) -> Increment:
+    """One finished job: (queue, minute, failed, run bucket, wait bucket)."""
+    return (
+        queue or "",
+        minute_of(finished_at),
+        state in FAILED_STATES,
+        bucket_of(max(0.0, duration_ms)) if duration_ms is not None else None,
+        bucket_of(max(0.0, wait_ms)) if wait_ms is not None else None,
+    )
 
 
-def combine(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows with the same (queue, minute) added up: one upsert row each."""
+def combine(increments: list[Increment]) -> list[dict[str, Any]]:
+    """The increments added up per (queue, minute): one job_stats row to add each."""
     merged: dict[tuple[str, datetime], dict[str, Any]] = {}
-    for row in rows:
-        key = (row["queue"], row["minute"])
-        if key not in merged:
-            merged[key] = dict(row)
-        else:
-            for column in COUNT_COLUMNS:
-                merged[key][column] += row[column]
+    for queue, minute, failed, run, wait in increments:
+        row = merged.get((queue, minute))
+        if row is None:
+            row = merged[(queue, minute)] = {c: 0 for c in COUNT_COLUMNS}
+            row.update(queue=queue, minute=minute)
+        row["finished"] += 1
+        row["failed"] += failed
+        if run is not None:
+            row[RUN_COLUMNS[run]] += 1
+        if wait is not None:
+            row[WAIT_COLUMNS[wait]] += 1
     return [merged[key] for key in sorted(merged)]
 
 
