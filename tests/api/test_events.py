@@ -17,7 +17,6 @@ from jobyard.dispatcher import ajob_events
 from tests.api.conftest import ApiServer, on_engine
 from tests.api.test_lifecycle import dispatch
 from tests.engines import Engines
-from tests.support import wait_for
 
 FINAL = ("succeeded", "failed", "dead", "cancelled")
 
@@ -136,4 +135,3 @@ def test_ajob_events_times_out_on_a_job_that_never_ends(api: ApiServer) -> None:
 
     assert asyncio.run(collect()) == []
     assert time.monotonic() - start < 5
-    wait_for(lambda: True)
