@@ -638,7 +638,12 @@ def create_app(*, warm: bool = True) -> FastAPI:
         "/dead/replay",
         dependencies=admin,
         tags=["admin"],
-        responses={**ADMIN_RESPONSES, **WRITE_RESPONSES, 422: _doc("neither ids nor a filter")},
+        responses={
+            **ADMIN_RESPONSES,
+            **WRITE_RESPONSES,
+            400: _doc("the body is not valid JSON"),
+            422: _doc("neither ids nor a filter, or an invalid one"),
+        },
     )
     def replay_dead(body: BulkReplay) -> JSONResponse:
         """Replay several dead jobs: the listed `job_ids`, or (`all: true`) every dead job that
