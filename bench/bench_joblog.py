@@ -83,7 +83,7 @@ def fill(url: str, rows: int) -> None:
     from sqlalchemy import text
 
     from jobyard.job_engine.db import get_engine
-    from jobyard.job_engine.db.jobstats import backfill_sql
+    from jobyard.job_engine.db.jobstats import SPANS, backfill_sql
 
     engine = get_engine(url)
     started = time.perf_counter()
@@ -97,7 +97,8 @@ def fill(url: str, rows: int) -> None:
             )
         )
         # the graphs' roll-ups, as the job log's writer keeps them (and migration 0006 fills them)
-        connection.execute(text(backfill_sql("postgresql")))
+        for span in SPANS:
+            connection.execute(text(backfill_sql("postgresql", span)))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(text("VACUUM ANALYZE job_log"))
         connection.execute(text("VACUUM ANALYZE job_stats"))

@@ -7,6 +7,7 @@ view to tests/api/screenshots/ (git-ignored) for the next reader to look at."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -360,3 +361,70 @@ def test_cancel_a_delayed_job_from_its_page(
     page.select_option("#filter-state", "cancelled")
     expect(page.locator(f"#jobs tr[data-job-id='{job_id}']")).to_be_visible(timeout=10_000)
     assert api.job(job_id)["state"] == "cancelled"
+
+
+def test_the_dashboard_works_in_jobyard_dev_with_the_link_it_prints(
+    jobyard_env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    page: Any,
+) -> None:
+    """A new user's first look: `jobyard dev` with no token set makes one and prints the
+    dashboard's link with it; that link shows the live system and the jobs, nothing to type."""
+    import re
+
+    from playwright.sync_api import expect
+
+    from jobyard.dispatcher import dispatch_job
+    from jobyard.job_engine import env
+    from tests.support import free_port
+    from tests.test_dev import stop_dev
+
+    monkeypatch.delenv(env.ADMIN_TOKEN, raising=False)
+    monkeypatch.delenv(env.API_TOKEN, raising=False)
+    port = free_port()
+    proc, log = _start_dev_with_api(tmp_path, port)
+    try:
+        wait_until(lambda: "running; Ctrl-C to stop" in log.read_text(), 150, log.read_text())
+        match = re.search(r"dashboard: (http://\S+/dashboard#token=\S+)", log.read_text())
+        assert match, log.read_text()
+        handle = dispatch_job("system.echo", {"hello": "dev"})
+        # dev says "running" once its children started; the API may still be binding its port
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/health"), 60, log.read_text())
+
+        page.goto(match.group(1))
+
+        expect(page.locator("#auth-status")).to_have_text("admin token accepted")
+        expect(page.locator("#workers tr")).not_to_have_count(0)
+        expect(page.locator("#queues tr[data-queue='default']")).to_be_visible()
+        screenshot(page, "dev-overview")
+        page.click("nav a[data-view='jobs']")
+        row = page.locator(f"#jobs tr[data-job-id='{handle.job_id}']")
+        expect(row).to_contain_text("succeeded", timeout=20_000)
+        row.click()
+        expect(page.locator("#detail-result")).to_contain_text('"hello": "dev"')
+    finally:
+        assert stop_dev(proc) == 0, log.read_text()
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code in (200, 503)
+    except httpx.HTTPError:
+        return False
+
+
+def _start_dev_with_api(tmp_path: Path, port: int) -> tuple[Any, Path]:
+    import subprocess
+    import sys
+
+    log = tmp_path / "dev-api.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobyard.cli", "dev", "--no-canary", "--api-port", str(port)],
+            env=dict(os.environ), cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    return proc, log

@@ -2,9 +2,10 @@
 finished and failed, and the median and 95th percentile of their run time and of their wait in
 the queue (enqueued to started).
 
-Read from `job_stats`, the per-minute roll-ups the job log's writer keeps (see
-jobyard.job_engine.db.jobstats): the database sums at most a week of minutes per queue, and the
-percentiles are estimated from the summed histograms. The job log keeps history across
+Read from `job_stats`, the roll-ups per minute and per hour the job log's writer keeps (see
+jobyard.job_engine.db.jobstats): buckets of an hour or more sum hours, shorter ones minutes, so
+the database sums at most a few thousand rows per queue; the percentiles are estimated from the
+summed histograms. The job log keeps history across
 restarts and both engines, so the graphs do too.
 """
 
@@ -20,8 +21,10 @@ from jobyard.job_engine.db.jobstats import (
     BUCKETS,
     COUNT_COLUMNS,
     RUN_COLUMNS,
+    SPANS,
     WAIT_COLUMNS,
     percentile,
+    period_of,
 )
 from jobyard.job_engine.db.models import JobStat
 
@@ -29,7 +32,7 @@ __all__ = ["queue_history"]
 
 
 def _bucket_index(dialect: str, since: datetime, bucket: float) -> Any:
-    minute = Base.metadata.tables[JobStat.__tablename__].c.minute
+    minute = Base.metadata.tables[JobStat.__tablename__].c.period_start
     if dialect == "postgresql":
         return cast(func.floor(func.extract("epoch", minute - since) / bucket), Integer)
     # SQLite keeps naive UTC text (UTCDateTime); julianday reads it
@@ -47,10 +50,12 @@ def queue_history(
     bucket = window_seconds / buckets
     since = end - timedelta(seconds=window_seconds)
     table = Base.metadata.tables[JobStat.__tablename__]
+    span = max(s for s in SPANS if s <= max(bucket, SPANS[0]))
+    start = period_of(since, span)  # the period holding `since` counts, as its bucket's
     index = _bucket_index(get_engine().dialect.name, since, bucket).label("bucket")
     query = (
         select(table.c.queue, index, *[func.sum(table.c[c]).label(c) for c in COUNT_COLUMNS])
-        .where(table.c.minute >= since, table.c.minute < end)
+        .where(table.c.span == span, table.c.period_start >= start, table.c.period_start < end)
         .group_by(table.c.queue, index)
     )
     series: dict[str, list[dict[str, Any]]] = {}
@@ -58,9 +63,7 @@ def queue_history(
         for row in session.execute(query):
             values = row._mapping
             points = series.setdefault(values["queue"], _empty(since, bucket, buckets))
-            at = int(values["bucket"])
-            if not 0 <= at < buckets:
-                continue
+            at = min(max(int(values["bucket"]), 0), buckets - 1)
             run = [int(values[c] or 0) for c in RUN_COLUMNS]
             wait = [int(values[c] or 0) for c in WAIT_COLUMNS]
             points[at].update(
@@ -70,7 +73,7 @@ def queue_history(
             )  # fmt: skip
     return {
         "since": since.isoformat(), "until": end.isoformat(), "bucket_seconds": bucket,
-        "histogram_buckets": BUCKETS, "queues": dict(sorted(series.items())),
+        "histogram_buckets": BUCKETS, "span_seconds": span, "queues": dict(sorted(series.items())),
     }  # fmt: skip
 
 

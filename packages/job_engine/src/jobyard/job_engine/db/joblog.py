@@ -337,7 +337,7 @@ def _add_stats(connection: Connection, rows: list[dict[str, Any]]) -> None:
         else sqlite.insert(table)
     )
     added = statement.on_conflict_do_update(
-        index_elements=["queue", "minute"],
+        index_elements=["queue", "span", "period_start"],
         set_={c: table.c[c] + statement.excluded[c] for c in jobstats.COUNT_COLUMNS},
     )
     connection.execute(added, rows)

@@ -1,10 +1,12 @@
-"""Per-queue, per-minute roll-ups of finished jobs (`job_stats`), for the dashboard's graphs.
+"""Per-queue roll-ups of finished jobs per minute and per hour (`job_stats`), for the graphs.
 
 Reading a week of a busy job log row by row for every graph refresh does not scale (a million
 rows take seconds to sort for percentiles), so the job log's writer (joblog.upsert) adds each
-job that reaches a final state to its queue's row for that minute, in the same transaction:
+job that reaches a final state to its queue's rows for that minute and that hour (SPANS), in the
+same transaction:
 finished, failed (failed or dead), and two histograms, run time and queue wait, with
-log-spaced bounds. A graph then sums at most a few thousand rows per queue, and a percentile is
+log-spaced bounds. A graph sums the rows of the span that fits its buckets (a day of minutes at
+most, a week of hours), at most a few thousand rows per queue, and a percentile is
 read off the summed histogram, interpolated inside its bucket (as Prometheus'
 histogram_quantile does): an estimate, good to a bucket's width.
 
@@ -27,6 +29,8 @@ RUN_COLUMNS = tuple(f"run_{i}" for i in range(BUCKETS))
 WAIT_COLUMNS = tuple(f"wait_{i}" for i in range(BUCKETS))
 COUNT_COLUMNS = ("finished", "failed", *RUN_COLUMNS, *WAIT_COLUMNS)
 FAILED_STATES = ("failed", "dead")
+#: The roll-ups' periods, in seconds: minutes for the short windows, hours for the long ones.
+SPANS = (60, 3600)
 
 
 def bucket_of(ms: float) -> int:
@@ -36,7 +40,9 @@ def bucket_of(ms: float) -> int:
     return len(BOUNDS_MS)
 
 
-def minute_of(moment: datetime) -> datetime:
+def period_of(moment: datetime, span: int) -> datetime:
+    if span == 3600:
+        return moment.replace(minute=0, second=0, microsecond=0)
     return moment.replace(second=0, microsecond=0)
 
 
@@ -50,10 +56,10 @@ def increment(
     duration_ms: float | None,
     wait_ms: float | None,
 ) -> Increment:
-    """One finished job: (queue, minute, failed, run bucket, wait bucket)."""
+    """One finished job: (queue, when it finished, failed, run bucket, wait bucket)."""
     return (
         queue or "",
-        minute_of(finished_at),
+        finished_at,
         state in FAILED_STATES,
         bucket_of(max(0.0, duration_ms)) if duration_ms is not None else None,
         bucket_of(max(0.0, wait_ms)) if wait_ms is not None else None,
@@ -61,19 +67,21 @@ def increment(
 
 
 def combine(increments: list[Increment]) -> list[dict[str, Any]]:
-    """The increments added up per (queue, minute): one job_stats row to add each."""
-    merged: dict[tuple[str, datetime], dict[str, Any]] = {}
-    for queue, minute, failed, run, wait in increments:
-        row = merged.get((queue, minute))
-        if row is None:
-            row = merged[(queue, minute)] = {c: 0 for c in COUNT_COLUMNS}
-            row.update(queue=queue, minute=minute)
-        row["finished"] += 1
-        row["failed"] += failed
-        if run is not None:
-            row[RUN_COLUMNS[run]] += 1
-        if wait is not None:
-            row[WAIT_COLUMNS[wait]] += 1
+    """The increments added up per (queue, span, period): one job_stats row to add each."""
+    merged: dict[tuple[str, int, datetime], dict[str, Any]] = {}
+    for queue, finished_at, failed, run, wait in increments:
+        for span in SPANS:
+            key = (queue, span, period_of(finished_at, span))
+            row = merged.get(key)
+            if row is None:
+                row = merged[key] = {c: 0 for c in COUNT_COLUMNS}
+                row.update(queue=queue, span=span, period_start=key[2])
+            row["finished"] += 1
+            row["failed"] += failed
+            if run is not None:
+                row[RUN_COLUMNS[run]] += 1
+            if wait is not None:
+                row[WAIT_COLUMNS[wait]] += 1
     return [merged[key] for key in sorted(merged)]
 
 
@@ -102,19 +110,21 @@ def _cases(value_sql: str, prefix: str) -> str:
     return ",\n       ".join(parts)
 
 
-def backfill_sql(dialect: str) -> str:
-    """An INSERT that rolls up every finished job of job_log into an empty job_stats (a
-    database migrated from before job_stats, or a benchmark's freshly filled log)."""
+def backfill_sql(dialect: str, span: int) -> str:
+    """An INSERT that rolls up every finished job of job_log into job_stats' rows of `span`,
+    empty until then (a database migrated from before job_stats, a freshly filled log)."""
+    unit = "hour" if span == 3600 else "minute"
     if dialect == "postgresql":
-        minute = "date_trunc('minute', finished_at)"
+        minute = f"date_trunc('{unit}', finished_at)"
         wait = "(extract(epoch FROM started_at - enqueued_at) * 1000)"
     else:
-        minute = "strftime('%Y-%m-%d %H:%M:00.000000', finished_at)"
+        pattern = "%Y-%m-%d %H:00:00.000000" if span == 3600 else "%Y-%m-%d %H:%M:00.000000"
+        minute = f"strftime('{pattern}', finished_at)"
         wait = "((julianday(started_at) - julianday(enqueued_at)) * 86400000.0)"
     columns = ", ".join(COUNT_COLUMNS)
     return f"""
-INSERT INTO job_stats (queue, minute, {columns})
-SELECT coalesce(queue, ''), {minute},
+INSERT INTO job_stats (queue, span, period_start, {columns})
+SELECT coalesce(queue, ''), {span}, {minute},
        count(*),
        sum(CASE WHEN state IN ('failed', 'dead') THEN 1 ELSE 0 END),
        {_cases("duration_ms", "run")},

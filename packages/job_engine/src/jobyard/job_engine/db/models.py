@@ -147,13 +147,15 @@ class JobEvent(Base):
 
 
 class JobStat(Base):
-    """Finished jobs of one queue in one minute, with run-time and queue-wait histograms
-    (bounds in jobstats.BOUNDS_MS): what the graphs read (see jobstats.py)."""
+    """Finished jobs of one queue in one minute or hour (`span` seconds from `period_start`),
+    with run-time and queue-wait histograms (bounds in jobstats.BOUNDS_MS): what the graphs
+    read (see jobstats.py)."""
 
     __tablename__ = "job_stats"
 
     queue: Mapped[str] = mapped_column(String(128), primary_key=True)
-    minute: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    span: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
     finished: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     failed: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 

@@ -41,5 +41,5 @@ def prune_job_log(older_than_days: float | None = None, *, url: str | None = Non
     with session_scope(url) as session:  # claims whose job never reached the log
         session.execute(delete(JobOwner).where(JobOwner.claimed_at < cutoff))
     with session_scope(url) as session:  # the graphs' roll-ups are history as long as the log
-        session.execute(delete(JobStat).where(JobStat.minute < cutoff))
+        session.execute(delete(JobStat).where(JobStat.period_start < cutoff))
     return pruned

@@ -1,6 +1,6 @@
-"""job_events (what GET /jobs/{id}/events streams), job_stats (the graphs' per-minute roll-ups,
-filled from the existing log), job_log.run_at and .events, and the indexes the dashboard's
-listing needs on a big job log.
+"""job_events (what GET /jobs/{id}/events streams), job_stats (the graphs' roll-ups per
+minute and hour, filled from the existing log), job_log.run_at and .events, and the indexes the
+dashboard's listing needs on a big job log.
 
 Revision ID: 0006_job_events
 Revises: 0005_job_owners
@@ -20,7 +20,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 # The histogram's shape is part of this revision's schema: a change of bounds needs a new one.
-from jobyard.job_engine.db.jobstats import RUN_COLUMNS, WAIT_COLUMNS, backfill_sql
+from jobyard.job_engine.db.jobstats import RUN_COLUMNS, SPANS, WAIT_COLUMNS, backfill_sql
 
 revision = "0006_job_events"
 down_revision = "0005_job_owners"
@@ -48,14 +48,16 @@ def upgrade() -> None:
     op.create_table(
         "job_stats",
         sa.Column("queue", sa.String(128), primary_key=True),
-        sa.Column("minute", sa.DateTime(timezone=True), primary_key=True),
+        sa.Column("span", sa.Integer(), primary_key=True, autoincrement=False),
+        sa.Column("period_start", sa.DateTime(timezone=True), primary_key=True),
         *[
             sa.Column(name, sa.Integer(), nullable=False, server_default="0")
             for name in ("finished", "failed", *RUN_COLUMNS, *WAIT_COLUMNS)
         ],
     )
     # the jobs that finished before this migration, so the graphs have their history
-    op.execute(backfill_sql(op.get_bind().dialect.name))
+    for span in SPANS:
+        op.execute(backfill_sql(op.get_bind().dialect.name, span))
     with op.batch_alter_table("job_log") as batch:
         batch.add_column(sa.Column("run_at", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("events", sa.Integer(), nullable=False, server_default="0"))
