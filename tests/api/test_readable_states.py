@@ -27,14 +27,14 @@ def test_a_parked_job_is_sleeping_until_its_wake_time(
     api: ApiServer, engines: Engines, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, engine: str
 ) -> None:
     on_engine(engines, monkeypatch, engine)
-    job_id = dispatch(api, "api.nap", {"marker_dir": str(tmp_path), "nap": 8})
+    job_id = dispatch(api, "api.nap", {"marker_dir": str(tmp_path), "nap": 12})
 
     asleep = api.wait_for(job_id, lambda j: j["display_state"] == "sleeping", engines=engines)
     assert asleep["state"] == "running"  # the engines' state is unchanged
-    assert 2 < seconds_until(asleep["run_at"]) <= 8.5, asleep["run_at"]
+    assert 0 < seconds_until(asleep["run_at"]) <= 12.5, asleep["run_at"]
     listed = {j["job_id"]: j for j in api.client.get("/jobs").json()}
     # the listing reads the job log, written in batches
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while listed[job_id]["display_state"] != "sleeping":
         assert time.monotonic() < deadline, listed[job_id]
         time.sleep(0.2)
