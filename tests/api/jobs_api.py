@@ -83,3 +83,27 @@ async def odd_result(ctx: Any, payload: OddResultPayload) -> dict[str, Any]:
     """A result no strict JSON encoder writes: a lone surrogate and NaN. Stored values like this
     must not break a listing or the job's own page."""
     return {"text": "\udc00", "number": float("nan")}
+
+
+class NapPayload(BaseModel):
+    marker_dir: str
+    nap: float = Field(4.0, ge=0)
+
+
+@job("api.nap", payload=NapPayload, retry=RetryPolicy(attempts=1), timeout=60)
+async def nap(ctx: Any, payload: NapPayload) -> dict[str, int]:
+    """A step, progress 0.5, a durable sleep (parked on Dramatiq, a timer on Temporal), a
+    second step, progress 1.0: a job that can move engines while it sleeps."""
+    first = await ctx.run("first", mark_and_wait, payload.marker_dir, "first", 0)
+    await ctx.progress(0.5)
+    await ctx.sleep(payload.nap)
+    second = await ctx.run("second", mark_and_wait, payload.marker_dir, "second", 0)
+    await ctx.progress(1.0)
+    return {"first": first, "second": second}
+
+
+@job("api.retry_later", payload=FlakyPayload, retry=RetryPolicy(attempts=2, backoff=6), timeout=30)
+async def retry_later(ctx: Any, payload: FlakyPayload) -> str:
+    """Fails its step once ALLOW_FILE is missing, and waits 6 s before the next try."""
+    result: str = await ctx.run("check", fail_unless_allowed, payload.marker_dir)
+    return result

@@ -11,7 +11,7 @@ import pytest
 from jobyard.job_engine import env
 from jobyard.job_engine.schedules import env_key
 from tests.api.conftest import JOB_MODULES, ApiServer
-from tests.api.test_dashboard import page  # noqa: F401 - the Chromium page fixture
+from tests.api.test_dashboard import SCREENSHOTS, page  # noqa: F401 - the Chromium page fixture
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_dashboard_schedules_panel_pauses_and_resumes(
 
     browser_errors: list[str] = []
     page.on("pageerror", lambda error: browser_errors.append(str(error)))
-    page.goto(f"{schedules_api.url}/dashboard")
+    page.goto(f"{schedules_api.url}/dashboard#/schedules")
     expect(page.locator("#schedules-note")).to_contain_text("admin token")
     page.fill("#token", admin_token)
     page.click("#save-token")
@@ -112,4 +112,6 @@ def test_dashboard_schedules_panel_pauses_and_resumes(
     assert next(i for i in listed.json() if i["name"] == "test.every2")["paused"] is True
     row.get_by_role("button", name="Resume").click()
     expect(row).to_contain_text("active")
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "schedules.png"), full_page=True)
     assert browser_errors == []

@@ -16,7 +16,7 @@ from jobyard.job_engine import db, env
 from jobyard.job_engine.db import migrate
 from jobyard.job_engine.db.models import ConversationMessage, JobLog, JobReport, Token
 
-TABLES = {"tokens", "conversation_messages", "job_log", "job_reports"}
+TABLES = {"job_events", "job_stats", "tokens", "conversation_messages", "job_log", "job_reports"}
 
 
 # --- database_url / get_engine / session_scope --------------------------------------------------
@@ -108,7 +108,7 @@ def _check_schema(url: str) -> None:
     }  # fmt: skip
     assert inspector.get_pk_constraint("job_log")["constrained_columns"] == ["job_id"]
     indexed = {tuple(i["column_names"]) for i in inspector.get_indexes("job_log")}
-    assert {("state",), ("name",), ("finished_at",)} <= indexed
+    assert {("state", "enqueued_at", "job_id"), ("finished_at",)} <= indexed
     uniques = {tuple(u["column_names"]) for u in inspector.get_unique_constraints("job_reports")}
     assert ("kind", "period_start") in uniques
     assert ("job_id",) in {

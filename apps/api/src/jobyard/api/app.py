@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import importlib
 import json
@@ -21,6 +22,7 @@ import math
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from functools import cache
 from importlib.resources import files
 from typing import Annotated, Any, Literal
@@ -30,7 +32,8 @@ import redis
 from fastapi import Depends, FastAPI, Path, Query, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import exc as sa_exc
 
 from jobyard.api.auth import Role, require_admin, require_token
@@ -56,6 +59,10 @@ from jobyard.dispatcher import (
     warm_up,
 )
 from jobyard.dispatcher.dispatch import JOB_ID_PATTERN, MAX_DELAY_SECONDS
+from jobyard.dispatcher.events import ajob_events, stream_position
+from jobyard.dispatcher.lifecycle import Cursor, cursor_of
+from jobyard.dispatcher.stats import queue_history
+from jobyard.dispatcher.timeline import job_timeline, without_timings
 from jobyard.job_engine import (
     IdempotencyConflictError,
     InvalidPayloadError,
@@ -75,6 +82,8 @@ log = logging.getLogger("jobyard.api")
 #: ~2 s, so a few seconds is long enough for either to have changed its mind.
 RETRY_AFTER_SECONDS = 5
 MAX_PAGE = 500
+#: Dead jobs one POST /dead/replay runs again (each is a call to its engine).
+MAX_BULK_REPLAY = 500
 #: Deepest offset a listing pages to; past it the database would scan (or overflow) for nothing.
 MAX_OFFSET = 1_000_000
 JobState = Literal["queued", "running", "retrying", "succeeded", "failed", "dead", "cancelled"]
@@ -85,6 +94,12 @@ JOB_ID_PATH = f"^{JOB_ID_PATTERN.pattern}$"
 #: large and private; GET /jobs/{id} has them.
 SUMMARY_OMITS = ("payload", "result", "progress", "error_traceback")
 SUMMARY_ERROR_CHARS = 300
+#: How a job waiting on a timer (run_at in the future) reads: see _readable.
+WAITING_STATES = {"running": "sleeping", "queued": "delayed", "retrying": "retrying"}
+FINAL_STATES = ("succeeded", "failed", "cancelled", "dead")
+#: How soon an EventSource reconnects after a dropped stream, and how often a quiet one pings.
+SSE_RETRY_MS = 1000
+KEEPALIVE_SECONDS = 15.0
 
 DISPATCH_BODY_DOC = {
     "requestBody": {
@@ -106,6 +121,19 @@ TOKEN_RESPONSES: dict[int | str, dict[str, Any]] = {
 ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     **TOKEN_RESPONSES,
     403: _doc("an API token on an admin route, or a cross-origin request"),
+}
+LISTING_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **TOKEN_RESPONSES,
+    200: {
+        "description": "a page of job summaries",
+        "headers": {
+            "X-Next-Cursor": {
+                "description": "pass as ?cursor= for the next page; absent on the last page",
+                "schema": {"type": "string"},
+            }
+        },
+    },
+    422: _doc("invalid filter or cursor"),
 }
 WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: _doc("request body too large"),
@@ -273,7 +301,7 @@ def _job_log_view(job_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | 
     """
     try:
         record = get_job_record(job_id)
-        steps = get_job_steps(job_id)
+        steps = without_timings(get_job_steps(job_id))
     except Exception:
         log.warning("job log unavailable for %s", job_id, exc_info=True)
         return None, None, "the job log is unavailable"
@@ -290,12 +318,108 @@ def _merge(status_: dict[str, Any] | None, record: dict[str, Any] | None) -> dic
     return merged
 
 
+def _readable(job: dict[str, Any]) -> dict[str, Any]:
+    """Adds `display_state`, the state as a person reads it: a running job waiting on its
+    durable sleep is "sleeping", a queued job waiting for its dispatch delay (or rate limit) is
+    "delayed", until `run_at` (an ISO time; for a retrying job, its next attempt)."""
+    run_at = job.get("run_at")
+    if isinstance(run_at, int | float):
+        run_at = job["run_at"] = datetime.fromtimestamp(run_at, UTC).isoformat()
+    waiting = False
+    if isinstance(run_at, str):
+        try:
+            waiting = datetime.fromisoformat(run_at) > datetime.now(UTC)
+        except ValueError:
+            waiting = False
+    state = job.get("state")
+    if not waiting and state in ("queued", "running"):
+        job["run_at"] = None  # past: the job is not waiting on it any more
+    job["display_state"] = WAITING_STATES.get(state or "", state) if waiting else state
+    return job
+
+
+class BulkReplay(BaseModel):
+    """Which dead jobs POST /dead/replay runs again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_ids: list[Annotated[str, StringConstraints(pattern=JOB_ID_PATH)]] = Field(
+        default_factory=list, max_length=MAX_BULK_REPLAY
+    )
+    all: bool = False
+    name: str | None = Field(None, pattern=NAME_PATTERN)
+    queue: str | None = Field(None, pattern=NAME_PATTERN)
+    engine: Engine | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def _listing(request: Request, limit: int, cursor: str | None, **filters: Any) -> JSONResponse:
+    """A page of summaries; the cursor of the next page in X-Next-Cursor and Link."""
+    try:
+        after = Cursor.decode(cursor) if cursor else None
+    except ValueError as exc:
+        return _unprocessable(_validation_detail(["query", "cursor"], str(exc), "value_error"))
+    found = list_jobs(after=after, limit=limit, **filters)
+    headers: dict[str, str] = {}
+    if len(found) == limit:
+        token = cursor_of(found[-1]).encode()
+        url = request.url.include_query_params(cursor=token).remove_query_params("offset")
+        headers = {"X-Next-Cursor": token, "Link": f'<{url.path}?{url.query}>; rel="next"'}
+    body = [_readable(_summary(record.as_dict())) for record in found]
+    return SafeJSONResponse(body, headers=headers)
+
+
 def _summary(record: dict[str, Any]) -> dict[str, Any]:
     summary = {k: v for k, v in record.items() if k not in SUMMARY_OMITS}
     message = summary.get("error_message")
     if isinstance(message, str) and len(message) > SUMMARY_ERROR_CHARS:
         summary["error_message"] = message[:SUMMARY_ERROR_CHARS] + "…"
     return summary
+
+
+def _last_event_id(header: str | None, after: int | None) -> int:
+    """Where a stream resumes: the Last-Event-ID header (what EventSource sends) or ?after=."""
+    if header is not None and header.strip().isdigit():
+        return int(header.strip())
+    return after or 0
+
+
+async def _sse(job_id: str, after: int, request: Request) -> AsyncIterator[str]:
+    """The SSE text of a job's events; a comment line every KEEPALIVE_SECONDS keeps proxies
+    from closing a quiet stream."""
+    yield f"retry: {SSE_RETRY_MS}\n\n"
+    events = ajob_events(job_id, after)
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future[Any] | None = None
+    quiet_since = loop.time()
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(events.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=1.0)  # then check the client
+            if await request.is_disconnected():
+                return
+            if not done:
+                if loop.time() - quiet_since >= KEEPALIVE_SECONDS:
+                    quiet_since = loop.time()
+                    yield ": keep-alive\n\n"
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            quiet_since = loop.time()
+            data = json.dumps(_printable(event.as_dict()), ensure_ascii=True, allow_nan=False)
+            yield f"id: {event.seq}\nevent: {event.kind}\ndata: {data}\n\n"
+    finally:
+        if pending is not None:  # the client left mid-read: let that read finish cancelling
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        await events.aclose()
 
 
 @cache
@@ -338,6 +462,8 @@ def _render_metrics() -> tuple[bytes, str]:
     return rendered
 
 
+Since = Annotated[datetime | None, Query(description="Enqueued at or after (ISO 8601).")]
+Until = Annotated[datetime | None, Query(description="Enqueued before (ISO 8601).")]
 JobIdPath = Annotated[
     str,
     Path(
@@ -463,32 +589,99 @@ def create_app(*, warm: bool = True) -> FastAPI:
             )
         return _accepted(request, handle)
 
-    @app.get("/jobs", tags=["jobs"], dependencies=token, responses={**TOKEN_RESPONSES})
+    @app.get("/jobs", tags=["jobs"], dependencies=token, responses=LISTING_RESPONSES)
     def jobs(
+        request: Request,
         state: JobState | None = None,
         name: str | None = Query(None, pattern=NAME_PATTERN),
         queue: str | None = Query(None, pattern=NAME_PATTERN),
         engine: Engine | None = None,
+        since: Since = None,
+        until: Until = None,
+        job_id: str | None = Query(
+            None, max_length=200, description="Search: this job id, or ids starting with it."
+        ),
+        cursor: str | None = Query(
+            None, max_length=600, description="The X-Next-Cursor of the previous page."
+        ),
         limit: int = Query(50, ge=1, le=MAX_PAGE),
         offset: int = Query(0, ge=0, le=MAX_OFFSET),
-    ) -> list[dict[str, Any]]:
-        """The job log, most recently enqueued first: summaries, without payloads or results
-        (GET /jobs/{job_id} has those)."""
-        found = list_jobs(
-            state=state, name=name, queue=queue, engine=engine, limit=limit, offset=offset
-        )
-        return [_summary(record.as_dict()) for record in found]
+    ) -> JSONResponse:
+        """The job log, most recently enqueued first: summaries, without payloads, results or
+        progress (GET /jobs/{job_id} has those). The next page: `?cursor=` the X-Next-Cursor
+        header (also in Link: rel="next"), absent on the last page."""
+        return _listing(
+            request, limit, cursor, state=state, name=name, queue=queue, engine=engine,
+            since=since, until=until, job_id=job_id, offset=offset,
+        )  # fmt: skip
 
-    @app.get("/dead", tags=["jobs"], dependencies=token, responses={**TOKEN_RESPONSES})
+    @app.get("/dead", tags=["jobs"], dependencies=token, responses=LISTING_RESPONSES)
     def dead(
+        request: Request,
         name: str | None = Query(None, pattern=NAME_PATTERN),
         queue: str | None = Query(None, pattern=NAME_PATTERN),
+        engine: Engine | None = None,
+        since: Since = None,
+        until: Until = None,
+        job_id: str | None = Query(None, max_length=200),
+        cursor: str | None = Query(None, max_length=600),
         limit: int = Query(50, ge=1, le=MAX_PAGE),
         offset: int = Query(0, ge=0, le=MAX_OFFSET),
-    ) -> list[dict[str, Any]]:
-        """Dead letters: jobs that exhausted their retries (summaries, like GET /jobs)."""
-        found = list_jobs(state="dead", name=name, queue=queue, limit=limit, offset=offset)
-        return [_summary(record.as_dict()) for record in found]
+    ) -> JSONResponse:
+        """Dead letters: jobs that exhausted their retries (summaries and pages as GET /jobs)."""
+        return _listing(
+            request, limit, cursor, state="dead", name=name, queue=queue, engine=engine,
+            since=since, until=until, job_id=job_id, offset=offset,
+        )  # fmt: skip
+
+    @app.post(
+        "/dead/replay",
+        dependencies=admin,
+        tags=["admin"],
+        responses={
+            **ADMIN_RESPONSES,
+            **WRITE_RESPONSES,
+            400: _doc("the body is not valid JSON"),
+            422: _doc("neither ids nor a filter, or an invalid one"),
+        },
+    )
+    def replay_dead(body: BulkReplay) -> JSONResponse:
+        """Replay several dead jobs: the listed `job_ids`, or (`all: true`) every dead job that
+        matches the filter, up to MAX_BULK_REPLAY per call (`more` says whether some are left).
+        Each id's outcome: "replayed" with its engine, or why not."""
+        if body.job_ids:
+            ids = body.job_ids
+        elif body.all:
+            found = list_jobs(
+                state="dead", name=body.name, queue=body.queue, engine=body.engine,
+                since=body.since, until=body.until, limit=MAX_BULK_REPLAY,
+            )  # fmt: skip
+            ids = [record.job_id for record in found]
+        else:
+            return _unprocessable(
+                _validation_detail(["body"], "give job_ids, or all: true", "missing")
+            )
+        outcomes: dict[str, dict[str, Any]] = {}
+        for job_id in ids:
+            try:
+                handle = replay_job(job_id)
+                outcomes[job_id] = {"outcome": "replayed", "engine": handle.engine}
+            except JobStillActiveError as exc:
+                outcomes[job_id] = {"outcome": "active", "state": exc.state}
+            except JobNotFoundError:
+                outcomes[job_id] = {"outcome": "not_found"}
+        replayed = sum(o["outcome"] == "replayed" for o in outcomes.values())
+        more = bool(body.all and len(ids) == MAX_BULK_REPLAY)
+        return SafeJSONResponse({"replayed": replayed, "jobs": outcomes, "more": more})
+
+    @app.get("/stats/queues", tags=["jobs"], dependencies=token, responses=TOKEN_RESPONSES)
+    def stats_queues(
+        window: int = Query(3600, ge=60, le=30 * 24 * 3600, description="Seconds back."),
+        buckets: int = Query(30, ge=1, le=240),
+    ) -> dict[str, Any]:
+        """Per-queue history from the job log, in `buckets` slices of the last `window`
+        seconds: jobs finished and failed, run time and queue wait (p50, p95)."""
+        return queue_history(window, buckets)
 
     @app.post(
         "/jobs/{job_id:path}/replay",
@@ -505,6 +698,56 @@ def create_app(*, warm: bool = True) -> FastAPI:
     def replay(job_id: JobIdPath, request: Request) -> JSONResponse:
         """Run a dead, failed or cancelled job again, keeping the steps it finished."""
         return _accepted(request, replay_job(job_id))
+
+    @app.get(
+        "/jobs/{job_id:path}/events",
+        tags=["jobs"],
+        dependencies=token,
+        response_class=StreamingResponse,
+        responses={
+            **TOKEN_RESPONSES,
+            200: {"description": "Server-Sent Events", "content": {"text/event-stream": {}}},
+            204: _doc("the job is finished and the client has seen its last event"),
+            404: _doc("no such job"),
+        },
+    )
+    async def job_events_stream(
+        job_id: JobIdPath,
+        request: Request,
+        after: int | None = Query(
+            None, ge=0, description="Resume after this event id (as the Last-Event-ID header)."
+        ),
+    ) -> Response:
+        """The job's state changes and progress reports as Server-Sent Events, on either engine,
+        ending with its final state. Each event's `id` is its number in the job's sequence;
+        reconnecting with `Last-Event-ID` (or `?after=`) resumes after it, nothing lost or
+        repeated."""
+        resume = _last_event_id(request.headers.get("last-event-id"), after)
+        position = await asyncio.to_thread(stream_position, job_id)
+        if position is None:
+            await asyncio.to_thread(get_job, job_id)  # JobNotFoundError: 404
+        elif position[1] in FINAL_STATES and resume >= position[0]:
+            return Response(status_code=status.HTTP_204_NO_CONTENT)  # stops EventSource
+        return StreamingResponse(
+            _sse(job_id, resume, request),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get(
+        "/jobs/{job_id:path}/timeline",
+        tags=["jobs"],
+        dependencies=token,
+        responses={**TOKEN_RESPONSES, 404: _doc("no such job")},
+    )
+    def timeline(job_id: JobIdPath) -> list[dict[str, Any]]:
+        """The job's steps (start, duration, attempts, engine) and durable sleeps, oldest first,
+        on every engine that ran part of it."""
+        steps = get_job_steps(job_id)
+        entries = job_timeline(job_id, steps)
+        if not entries and get_job_record(job_id) is None:
+            get_job(job_id)  # JobNotFoundError: 404 for a job no one knows
+        return entries
 
     @app.get(
         "/jobs/{job_id:path}",
@@ -524,7 +767,7 @@ def create_app(*, warm: bool = True) -> FastAPI:
         record, steps, log_error = _job_log_view(job_id)
         if live is None and record is None:
             raise JobNotFoundError(job_id)
-        detail = _merge(live, record)
+        detail = _readable(_merge(live, record))
         detail["steps"] = steps
         if role != "admin":
             detail.pop("error_traceback", None)

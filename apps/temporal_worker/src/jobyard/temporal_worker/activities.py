@@ -13,11 +13,12 @@ from temporalio.exceptions import ApplicationError
 
 from jobyard.dispatcher import EngineUnavailable, get_dispatcher
 from jobyard.dispatcher.engines import ReleaseStatus
+from jobyard.dispatcher.engines.temporal import contract
 from jobyard.job_engine import PermanentError, resolve_step, tracing
 from jobyard.job_engine.context import encode_json
 from jobyard.job_engine.lifecycle import job_event, progress_event
 
-STEP_ACTIVITY = "jobyard.step"
+STEP_ACTIVITY = contract.STEP_ACTIVITY
 #: How long a step's activity may go without a heartbeat before Temporal retries it elsewhere
 #: (its worker died); a running step heartbeats every third of it.
 STEP_HEARTBEAT_TIMEOUT = timedelta(seconds=6)

@@ -22,6 +22,10 @@ with workflow.unsafe.imports_passed_through():
 #: Temporal rejects a zero retry interval.
 MIN_INTERVAL = 0.01
 EVENT_TIMEOUT = timedelta(seconds=30)
+#: Workflows started before sleeps were reported replay without this event (workflow.patched).
+SLEEP_EVENT_PATCH = "jobyard-sleep-event"
+#: Shorter sleeps are not worth an event (Dramatiq sleeps up to a second in the worker thread).
+SLEEP_EVENT_MIN_SECONDS = 1.0
 
 
 async def emit(event: dict[str, Any]) -> None:
@@ -60,6 +64,7 @@ class TemporalContext(StepRetryContext):
         self.webhook_url = webhook_url
         self._progress_reports = 0
         self.progress_value: Any = None
+        self.sleeping_until: float | None = None  # the status query shows it
         self._spec = spec
         self._retry = temporal_retry(spec, retry_overrides)
         self._timeout = timedelta(seconds=spec.effective_timeout())
@@ -86,7 +91,16 @@ class TemporalContext(StepRetryContext):
             seconds = float(self._recorded[name]) - workflow.now().timestamp()
             if seconds <= 0:
                 return
+        wake_at = workflow.now().timestamp() + seconds
+        self.sleeping_until = wake_at
+        if seconds >= SLEEP_EVENT_MIN_SECONDS and workflow.patched(SLEEP_EVENT_PATCH):
+            # the job log and the event stream show the job sleeping until wake_at
+            await emit({
+                "job_id": self.job_id, "name": self.job_name, "queue": self._spec.queue,
+                "state": "running", "attempts": self.attempts, "run_at": wake_at,
+            })  # fmt: skip
         await workflow.sleep(timedelta(seconds=seconds))
+        self.sleeping_until = None
 
     async def _progress(self, value: Any, encoded: str) -> None:
         self.progress_value = value

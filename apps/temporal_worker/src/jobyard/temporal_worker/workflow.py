@@ -42,6 +42,7 @@ class JobWorkflow:
             state=self._state,
             attempts=ctx.attempts if ctx else 0,
             progress=ctx.progress_value if ctx else None,
+            run_at=ctx.sleeping_until if ctx else None,
         )
 
     @workflow.run

@@ -35,7 +35,7 @@ log = logging.getLogger("jobyard.shipper")
 #: The job record fields (jobyard.lua) a job log row is made from, in HMGET order.
 FIELDS = (
     "engine", "name", "queue", "state", "attempts", "enqueued_at", "started_at", "finished_at",
-    "result", "error", "error_class", "traceback", "progress", "payload",
+    "result", "error", "error_class", "traceback", "progress", "payload", "run_at",
 )  # fmt: skip
 #: Jobs read and written per statement.
 BATCH = 1000
@@ -47,7 +47,7 @@ def to_row(job_key: bytes, mark: bytes, values: list[bytes | None]) -> dict[str,
     """A job log row (times in unix seconds, as `joblog.upsert` takes them), or None for a job
     whose record expired or that Temporal took over (Temporal's side logs those itself)."""
     (engine, name, queue, state, attempts, enqueued_at, started_at, finished_at, result,
-     error, error_class, traceback, progress, payload) = values  # fmt: skip
+     error, error_class, traceback, progress, payload, run_at) = values  # fmt: skip
     if engine != b"dramatiq" or state is None:
         return None
     row: dict[str, Any] = {
@@ -59,6 +59,10 @@ def to_row(job_key: bytes, mark: bytes, values: list[bytes | None]) -> dict[str,
         "attempts": int(attempts or 0),
         "state_at": float(mark) / 1000,
     }
+    # A rescheduled job (a durable sleep, a retry, a throttle) waits for this time; once the
+    # job changed again after it, it is past.
+    if run_at and int(run_at) > int(float(mark)) and row["state"] not in FINAL_STATES:
+        row["run_at"] = int(run_at) / 1000
     if enqueued_at:
         row["enqueued_at"] = int(enqueued_at) / 1000
     if started_at:

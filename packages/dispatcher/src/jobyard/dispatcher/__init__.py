@@ -21,6 +21,7 @@ from jobyard.dispatcher.errors import (
     JobNotFoundError,
     JobStillActiveError,
 )
+from jobyard.dispatcher.events import JobEventRecord, ajob_events, job_events
 from jobyard.dispatcher.lifecycle import (
     JobRecord,
     QueueStats,
@@ -42,6 +43,7 @@ __all__ = [
     "Dispatcher",
     "EngineUnavailable",
     "IdempotencyConflictError",
+    "JobEventRecord",
     "JobHandle",
     "JobNotFoundError",
     "JobRecord",
@@ -52,6 +54,7 @@ __all__ = [
     "adispatch_job",
     "adispatch_many",
     "aget_job",
+    "ajob_events",
     "cancel_job",
     "dispatch_job",
     "dispatch_many",
@@ -60,6 +63,7 @@ __all__ = [
     "get_job_record",
     "get_job_steps",
     "install_child_dispatcher",
+    "job_events",
     "list_jobs",
     "list_workers",
     "queue_stats",

@@ -461,9 +461,10 @@ def _submission(
 
 def _record_dispatch(job: Submission, handle: JobHandle, started: float) -> None:
     if not handle.duplicate:
+        delay = job.options.delay
         dispatched_event(
             job.job_id, job.name, job.queue, handle.engine, job.payload, handle.fallback_reason,
-            started,
+            started, started + delay if delay else None,
         )  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,10 +21,12 @@ from jobyard.job_engine.db.models import JobLog
 from jobyard.job_engine.lifecycle import dispatched_event, job_event
 
 __all__ = [
+    "Cursor",
     "JobRecord",
     "QueueStats",
     "WorkerInfo",
     "cancel_job",
+    "cursor_of",
     "get_job_record",
     "get_job_steps",
     "job_log_backlog",
@@ -58,6 +61,7 @@ class JobRecord:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_ms: int | None = None
+    run_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: JobLog) -> JobRecord:
@@ -65,7 +69,7 @@ class JobRecord:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("enqueued_at", "started_at", "finished_at"):
+        for key in ("enqueued_at", "started_at", "finished_at", "run_at"):
             if data[key] is not None:
                 data[key] = data[key].isoformat()
         return data
@@ -161,24 +165,101 @@ def replay_job(job_id: str) -> JobHandle:
     raise _not_found(job_id)
 
 
+#: What a listing reads of a row: no payload, result, progress or traceback, which can be large
+#: (GET /jobs/{id} and get_job_record have those); an error message cut to SUMMARY_ERROR_CHARS.
+SUMMARY_COLUMNS = (
+    "job_id", "name", "queue", "engine", "state", "attempts", "error_class", "fallback_reason",
+    "enqueued_at", "started_at", "finished_at", "duration_ms", "run_at",
+)  # fmt: skip
+SUMMARY_ERROR_CHARS = 300
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page of `list_jobs` ended: the (enqueued_at, job_id) of its last row."""
+
+    enqueued_at: datetime | None
+    job_id: str
+
+    def encode(self) -> str:
+        stamp = self.enqueued_at.isoformat() if self.enqueued_at is not None else ""
+        return base64.urlsafe_b64encode(f"{stamp}|{self.job_id}".encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        """The cursor a previous page returned; ValueError if it is not one."""
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+            stamp, sep, job_id = raw.partition("|")
+            if not sep or not job_id:
+                raise ValueError("no job id")
+            return cls(datetime.fromisoformat(stamp) if stamp else None, job_id)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"not a listing cursor: {text!r}") from exc
+
+
 def list_jobs(
     *,
     state: str | None = None,
     name: str | None = None,
     queue: str | None = None,
     engine: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    job_id: str | None = None,
+    after: Cursor | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> list[JobRecord]:
-    """Most recently enqueued first, from the job log."""
-    query = select(JobLog)
+    """Summaries from the job log (payload, result, progress and traceback left out), most
+    recently enqueued first. Filters: state, name, queue, engine, enqueued in [since, until),
+    `job_id` (that id, or ids starting with it). Page with `after` (the `Cursor` of the last
+    row of the previous page): each page is read off an index, however deep; `offset` still
+    works but costs a scan of the rows it skips."""
+    table = JobLog.__table__
+    columns = [table.c[c] for c in SUMMARY_COLUMNS]
+    message = func.substr(table.c.error_message, 1, SUMMARY_ERROR_CHARS + 1).label("error_message")
+    query = select(*columns, message)
     for column, value in (("state", state), ("name", name), ("queue", queue), ("engine", engine)):
         if value:
-            query = query.where(getattr(JobLog, column) == value)
-    query = query.order_by(JobLog.enqueued_at.desc().nulls_last(), JobLog.job_id)
+            query = query.where(table.c[column] == value)
+    if since is not None:
+        query = query.where(table.c.enqueued_at >= since)
+    if until is not None:
+        query = query.where(table.c.enqueued_at < until)
+    if job_id:
+        escaped = job_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(table.c.job_id.like(f"{escaped}%", escape="\\"))
+    if after is not None:
+        query = query.where(_before(after))
+    # The order of a backward scan of (enqueued_at, job_id) on both databases: NULLs (rows
+    # older than migration 0006 that only a late event wrote) first, as in _before.
+    query = query.order_by(table.c.enqueued_at.desc().nulls_first(), table.c.job_id.desc())
     query = query.limit(max(1, min(limit, MAX_LIST))).offset(max(0, offset))
     with session_scope() as session:
-        return [JobRecord.from_row(row) for row in session.scalars(query)]
+        return [_summary_record(row._mapping) for row in session.execute(query)]
+
+
+def _before(cursor: Cursor) -> Any:
+    """Rows after `cursor` in the listing's order (enqueued_at desc, NULLs first; job_id desc)."""
+    c = JobLog.__table__.c
+    if cursor.enqueued_at is None:
+        return (c.enqueued_at.is_(None) & (c.job_id < cursor.job_id)) | c.enqueued_at.is_not(None)
+    return (c.enqueued_at < cursor.enqueued_at) | (
+        (c.enqueued_at == cursor.enqueued_at) & (c.job_id < cursor.job_id)
+    )
+
+
+def _summary_record(row: Any) -> JobRecord:
+    values = dict(row)
+    message = values.get("error_message")
+    if isinstance(message, str) and len(message) > SUMMARY_ERROR_CHARS:
+        values["error_message"] = message[:SUMMARY_ERROR_CHARS] + "…"
+    return JobRecord(**values)
+
+
+def cursor_of(record: JobRecord) -> Cursor:
+    return Cursor(record.enqueued_at, record.job_id)
 
 
 def get_job_record(job_id: str) -> JobRecord | None:

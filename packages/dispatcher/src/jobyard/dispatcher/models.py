@@ -58,6 +58,7 @@ class JobStatus:
     result: Any = None
     error: str | None = None
     progress: Any = None
+    run_at: float | None = None  # unix seconds: when a sleeping, delayed or retrying job runs
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -54,6 +54,9 @@ from jobyard.job_engine.errors import StepError
 #: Step names with this prefix belong to the engines (the records of durable sleeps).
 RESERVED_STEP_PREFIX = "__"
 SLEEP_STEP_PREFIX = "__sleep__:"
+#: Beside a finished step, where an engine that records steps itself keeps when it ran:
+#: {"start": unix s, "end": unix s, "attempt": n} (the job page's timeline).
+STEP_TIMING_PREFIX = "__timing__:"
 
 
 @runtime_checkable

@@ -39,8 +39,10 @@ def job_event(
     payload: Any = None,
     webhook_url: str | None = None,
     logged: bool = False,
+    run_at: float | None = None,
 ) -> None:
     """Record a state change. Never raises: bookkeeping must not fail a job.
+    `run_at`: when a job waiting on a timer (a durable sleep, a retry) runs next.
     `logged`: the engine already put the change in the job log's outbox (a Dramatiq worker
     does, in the Lua call that made it), so only metrics and the webhook event are left."""
     now = time.time()
@@ -67,6 +69,7 @@ def job_event(
                 error_message=(error or "")[:2000] or None,
                 error_traceback=traceback,
                 payload=payload,
+                run_at=run_at,
             )
         labels = (name, queue or "", engine)
         if final:
@@ -107,13 +110,15 @@ def dispatched_event(
     payload: Any,
     fallback_reason: str | None,
     enqueued_at: float | None = None,
+    run_at: float | None = None,
 ) -> None:
-    """`enqueued_at`: when dispatch began (an engine may start the job before dispatch returns)."""
+    """`enqueued_at`: when dispatch began (an engine may start the job before dispatch returns);
+    `run_at`: when a delayed job may start."""
     try:
         ts = enqueued_at or time.time()
         joblog.record(
             job_id, ts=ts, name=name, queue=queue, engine=engine, state="queued",
-            payload=payload, fallback_reason=fallback_reason, enqueued_at=ts,
+            payload=payload, fallback_reason=fallback_reason, enqueued_at=ts, run_at=run_at,
         )  # fmt: skip
         _labelled(metrics.DISPATCHED, name, queue, engine).inc()
         if fallback_reason:

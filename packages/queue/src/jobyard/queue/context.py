@@ -96,15 +96,15 @@ class DramatiqContext(BaseJobContext):
                 self._on_start(result)
         return self._started
 
-    def _record(self, step: str, encoded: str) -> None:
-        outcome = self._record_patiently(step, encoded)
+    def _record(self, step: str, encoded: str, timing: str = "") -> None:
+        outcome = self._record_patiently(step, encoded, timing)
         if outcome == "lost":
             raise LostOwnership(self.job_id)
         self._recorded[step] = encoded
         if outcome == "cancel":
             raise Cancelled(self.job_id)
 
-    def _record_patiently(self, step: str, encoded: str) -> str:
+    def _record_patiently(self, step: str, encoded: str, timing: str = "") -> str:
         """A step that returned has done its side effect: keep its result and retry the write
         while Redis is away (the write is idempotent under the run's seq), rather than let the
         run fail and the step run again. Past RECORD_PATIENCE the error goes up (the message is
@@ -112,7 +112,7 @@ class DramatiqContext(BaseJobContext):
         deadline = time.monotonic() + RECORD_PATIENCE
         while True:
             try:
-                return self._store.record_step(self.job_id, self._seq, step, encoded)
+                return self._store.record_step(self.job_id, self._seq, step, encoded, timing)
             except (redis.ConnectionError, redis.TimeoutError):
                 if time.monotonic() > deadline:
                     raise
@@ -124,13 +124,15 @@ class DramatiqContext(BaseJobContext):
         self.start()
         if step in self._recorded:
             return json.loads(self._recorded[step])
+        began = time.time()
         if tracing.ACTIVE:
             with tracing.step(self.job_id, step, "dramatiq", **{tracing.JOB_NAME: self.job_name}):
                 result = await _call(fn, args)
         else:
             result = await _call(fn, args)
         encoded = self.encode_result(step, result)
-        self._record(step, encoded)
+        timing = {"start": began, "end": time.time(), "attempt": self.attempt}
+        self._record(step, encoded, json.dumps(timing))
         return json.loads(encoded)
 
     async def _sleep(self, name: str, seconds: float) -> None:

@@ -231,7 +231,9 @@ elseif command == "start" then
     end
     return result
 
--- step: KEYS job, steps   ARGV seq, step name, JSON result, ttl s   -> "ok" | "lost" | "cancel"
+-- step: KEYS job, steps   ARGV seq, step name, JSON result, ttl s [, JSON timing]
+-- -> "ok" | "lost" | "cancel".  The timing (when the step ran, its attempt) goes in the steps
+-- hash as "__timing__:<step>" (names starting with "__" are the engines' own).
 -- ("cancel": recorded, and cancellation was asked for: stop at this step boundary)
 elseif command == "step" then
     local job_key, steps_key = KEYS[1], KEYS[2]
@@ -242,6 +244,9 @@ elseif command == "step" then
         return "lost"
     end
     redis.call("hset", steps_key, step, result)
+    if ARGV[6] and ARGV[6] ~= "" then
+        redis.call("hset", steps_key, "__timing__:" .. step, ARGV[6])
+    end
     redis.call("expire", steps_key, ttl)
     if job[3] == "1" then
         return "cancel"
@@ -319,7 +324,7 @@ elseif command == "complete" then
 -- reschedule: KEYS job, delay queue list, delay queue msgs, dramatiq acks, dramatiq msgs
 --                  [, changes]
 --             ARGV seq, next seq, state, redis message id, message, error, error class,
---                  redis message id of the current message
+--                  redis message id of the current message, when the next message is due (ms)
 -- -> "ok" | "lost".  Puts the job's next message (a retry, or a resume after a sleep) on the
 -- delay queue, advances seq and acks the current message in one step, so a crash can never
 -- leave two live messages, or none.
@@ -335,7 +340,7 @@ elseif command == "reschedule" then
         return "lost"
     end
     redis.call("hset", job_key, "seq", next_seq, "state", state, "rmid", message_id,
-               "error", error_message, "error_class", error_class)
+               "error", error_message, "error_class", error_class, "run_at", ARGV[10] or "0")
     redis.call("hset", delay_msgs_key, message_id, message)
     redis.call("rpush", delay_key, message_id)
     changed(job_key, changes_key)

@@ -11,6 +11,7 @@ unless the store marks changes for the job log's shipper, see jobyard/worker/shi
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from typing import Any
 
@@ -197,6 +198,7 @@ class _Run:
             self.job_id, self.seq, self.seq + 1, state, encoded.queue,
             encoded.redis_message_id, encoded.data,
             error=error, error_class=error_class, delivery=self.delivery,
+            run_at_ms=int((time.time() + delay) * 1000),  # shown as the job's next run
         )  # fmt: skip
         self.acked = True
         return owned

@@ -198,8 +198,11 @@ class JobStore:
         steps = dict(zip(flat[::2], flat[1::2], strict=True))
         return StartResult(status, int(reply[1]), int(reply[2]) / 1000, steps)
 
-    def record_step(self, job_id: str, seq: int, step: str, result_json: str) -> str:
-        """ "ok", "lost" (the job is not ours any more) or "cancel" (stop at this boundary)."""
+    def record_step(
+        self, job_id: str, seq: int, step: str, result_json: str, timing_json: str = ""
+    ) -> str:
+        """ "ok", "lost" (the job is not ours any more) or "cancel" (stop at this boundary).
+        `timing_json`: when the step ran, kept beside it (STEP_TIMING_PREFIX) for the timeline."""
         reply = self._call(
             [keys.job(job_id), keys.steps(job_id)],
             "step",
@@ -207,6 +210,7 @@ class JobStore:
             step,
             result_json,
             self.retention,
+            timing_json,
         )
         return _text(reply)
 
@@ -273,6 +277,7 @@ class JobStore:
         error: str = "",
         error_class: str = "",
         delivery: Delivery = NO_DELIVERY,
+        run_at_ms: int = 0,
     ) -> bool:
         reply = self._call(
             [
@@ -291,6 +296,7 @@ class JobStore:
             error,
             error_class,
             delivery.redis_message_id,
+            run_at_ms,
         )
         return _text(reply) == "ok"
 

@@ -10,6 +10,14 @@ least as new as the one it holds (`state_at`).
 
 Dramatiq workers do not call `record`: the Redis record of a job is the source, and the
 `jobyard worker` supervisor ships changed records here with `upsert` (jobyard/worker/shipper.py).
+
+Every upsert also appends the changes it makes to a row to `job_events` (a new state, engine,
+attempt or wake time; a new progress value), numbered per job from `job_log.events` in the same
+transaction, with the row locked: whichever process writes, on whichever engine, a job's events
+form one gap-free sequence, which GET /jobs/{id}/events streams. The price is one locking read
+per batch, never work on a worker's job thread. Changes that happen between two batches of the
+same writer are seen as one (progress reported faster than JOBYARD_JOB_LOG_INTERVAL shows its
+latest value; a state that lasted less than that may be skipped, a final state never is).
 """
 
 from __future__ import annotations
@@ -23,13 +31,13 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, case, cast, func, literal_column, select
+from sqlalchemy import Connection, bindparam, case, cast, func, literal_column, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 
 from jobyard.job_engine import env
-from jobyard.job_engine.db import Base, get_engine
-from jobyard.job_engine.db.models import JobLog
+from jobyard.job_engine.db import Base, get_engine, jobstats
+from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobEvent, JobLog, JobStat
 from jobyard.job_engine.db.readiness import one_line
 
 log = logging.getLogger("jobyard.joblog")
@@ -42,9 +50,10 @@ LATEST = (
     "finished_at", "duration_ms", "state_at",
 )  # fmt: skip
 #: Columns given in unix seconds to `record` (state_at: the event's time), stored as timestamps.
-TIMESTAMPS = ("enqueued_at", "started_at", "finished_at", "state_at")
-#: Every column an upsert names; progress follows the newest report, attempts only grow.
-COLUMNS = ("job_id", *STICKY, *LATEST, "progress", "attempts")
+TIMESTAMPS = ("enqueued_at", "started_at", "finished_at", "state_at", "run_at")
+#: Every column an upsert names; progress follows the newest report, attempts and events only
+#: grow, run_at is the newest state's (None: not waiting on a timer).
+COLUMNS = ("job_id", *STICKY, *LATEST, "progress", "attempts", "run_at", "events")
 #: Beyond this many unflushed events (a long database outage), the oldest are dropped.
 MAX_BUFFER = 200_000
 #: A failing flush is retried every interval; the same failure is logged at most this often.
@@ -122,12 +131,12 @@ class JobLogWriter:
             if not events:
                 return 0
             try:
-                rows = merge(events)
-                upsert(rows, self.url)
+                rounds = merge_rounds(events)
+                upsert_rounds(rounds, self.url)
             except Exception:
                 self._events.extendleft(reversed(events))
                 raise
-            return len(rows)
+            return sum(len(rows) for rows in rounds)
 
 
 def merge(events: list[tuple[float, str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -145,18 +154,295 @@ def merge(events: list[tuple[float, str, dict[str, Any]]]) -> list[dict[str, Any
             row[key] = value
         if fields.get("state") is not None:
             row["state_at"] = ts
+            # a state without a wake time is not waiting on a timer (any more)
+            if fields.get("run_at") is None:
+                row.pop("run_at", None)
     return list(rows.values())
 
 
+def merge_rounds(events: list[tuple[float, str, dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+    """Like `merge`, but a job's second state or second progress value in the batch starts a
+    new row for it, in the next round: each round is upserted after the one before, so every
+    state change and progress report a process recorded becomes an event of its own."""
+    segments: dict[str, list[list[tuple[float, str, dict[str, Any]]]]] = {}
+    for event in sorted(events, key=lambda e: e[0]):
+        _, job_id, fields = event
+        parts = segments.setdefault(job_id, [[]])
+        current = parts[-1]
+        if any(
+            fields.get(key) is not None and any(f.get(key) is not None for _, _, f in current)
+            for key in ("state", "progress")
+        ):
+            parts.append(current := [])
+        current.append(event)
+    rounds: list[list[dict[str, Any]]] = []
+    for parts in segments.values():
+        for index, part in enumerate(parts):
+            if index == len(rounds):
+                rounds.append([])
+            rounds[index].extend(merge(part))
+    return rounds
+
+
 def upsert(rows: list[dict[str, Any]], url: str | None = None) -> None:
-    """One upsert statement per batch. On PostgreSQL the rows travel as a single JSON array
-    (jsonb_populate_recordset; absent keys are NULL), which costs a fraction of binding every
-    row's parameters."""
+    """One upsert statement per batch, plus the batch's events (see the module docstring). On
+    PostgreSQL the rows travel as a single JSON array (jsonb_populate_recordset; absent keys
+    are NULL), which costs a fraction of binding every row's parameters."""
+    upsert_rounds([rows], url)
+
+
+def upsert_rounds(rounds: list[list[dict[str, Any]]], url: str | None = None) -> None:
+    """Upsert each round of rows (one row per job in a round) in turn, in one transaction."""
     engine = get_engine(url)
-    rows = [_stored(row) for row in rows]
+    with engine.begin() as connection:
+        for rows in rounds:
+            if rows:
+                _upsert_in(connection, rows)
+
+
+Pair = tuple[dict[str, Any], dict[str, Any]]  # (a row as given, the row as stored)
+
+
+def _upsert_in(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    rows = sorted(rows, key=lambda row: str(row["job_id"]))  # one lock order for every writer
+    pairs: list[Pair] = [(row, _stored(row)) for row in rows]
+    events: list[dict[str, Any]] = []
+    finished: list[dict[str, Any]] = []
+    if connection.dialect.name == "postgresql":
+        before = _lock(connection, [row["job_id"] for row, _ in pairs])
+        # Jobs new to the log are inserted whole (no update to merge into); one that another
+        # writer inserted meanwhile is locked and merged as the others.
+        fresh = [pair for pair in pairs if pair[0]["job_id"] not in before]
+        if fresh:
+            fresh_events: list[dict[str, Any]] = []
+            fresh_finished: list[dict[str, Any]] = []
+            _number(fresh, {}, fresh_events, fresh_finished)
+            inserted = _insert_new(connection, [kept for _, kept in fresh])
+            events += [e for e in fresh_events if e["job_id"] in inserted]
+            finished += [f for f in fresh_finished if f["job_id"] in inserted]
+            raced = [row["job_id"] for row, _ in fresh if row["job_id"] not in inserted]
+            if raced:
+                before.update(_lock(connection, raced))
+        pairs = [pair for pair in pairs if pair[0]["job_id"] in before]
+    else:
+        before = _lock_rows(connection, [kept for _, kept in pairs])
+    _number(pairs, before, events, finished)
+    if pairs:
+        connection.execute(*_upsert_statement(connection.dialect.name, [k for _, k in pairs]))
+    if events:
+        _insert_events(connection, events)
+    if finished:
+        _add_stats(connection, jobstats.combine([f["stat"] for f in finished]))
+
+
+def _number(
+    pairs: list[Pair],
+    before: dict[str, Any],
+    events: list[dict[str, Any]],
+    finished: list[dict[str, Any]],
+) -> None:
+    """Appends each row's events, numbered after its job's last, and the job_stats increment
+    of each job that reaches a final state; sets the stored rows' event counts."""
+    for row, kept in pairs:
+        old = before.get(row["job_id"])
+        seq = old["events"] if old is not None else 0
+        for change in changes_of(row, old):
+            seq += 1
+            events.append({"job_id": row["job_id"], "seq": seq, **change})
+            if change["kind"] == "state" and change["state"] in FINAL_JOB_STATES:
+                previous = old if old is not None and not old.get("new") else {}
+                if previous.get("state") not in FINAL_JOB_STATES:
+                    stat = _finish_stat(row, previous)
+                    finished.append({"job_id": row["job_id"], "stat": stat})
+        kept["events"] = seq
+
+
+def _lock(connection: Connection, ids: list[str]) -> dict[str, Any]:
+    """PostgreSQL: the judged columns of the jobs that have rows, locked until commit."""
+    locking = text(
+        f"SELECT job_id, {', '.join(JUDGED)} FROM job_log WHERE job_id = ANY(:ids) FOR UPDATE"
+    )
+    return {
+        job_id: dict(zip(JUDGED, values, strict=True))
+        for job_id, *values in connection.execute(locking, {"ids": ids})
+    }
+
+
+def _insert_new(connection: Connection, stored: list[dict[str, Any]]) -> set[str]:
+    """PostgreSQL: inserts rows for jobs new to the log; returns the ids it inserted."""
+    for kept in stored:  # the listing pages by enqueued_at: never NULL
+        if kept.get("enqueued_at") is None:
+            kept["enqueued_at"] = kept.get("state_at") or datetime.now(UTC)
+    table = Base.metadata.tables[JobLog.__tablename__]
+    source = func.jsonb_populate_recordset(
+        literal_column(f"NULL::{table.name}"), cast(bindparam("rows"), JSONB)
+    ).table_valued(*COLUMNS)
+    statement = (
+        postgresql.insert(table)
+        .from_select(COLUMNS, select(*[source.c[c] for c in COLUMNS]))
+        .on_conflict_do_nothing(index_elements=["job_id"])
+        .returning(table.c.job_id)
+    )
+    rows = json.dumps(stored, default=_json_default)
+    return {job_id for (job_id,) in connection.execute(statement, {"rows": rows})}
+
+
+#: PostgreSQL: job_events rows as one JSON array, times in unix seconds (to_timestamp).
+_INSERT_EVENTS = text(
+    "INSERT INTO job_events (job_id, seq, at, kind, state, engine, attempts, progress, run_at, "
+    "error) SELECT e.job_id, e.seq, to_timestamp(e.at), e.kind, e.state, e.engine, e.attempts, "
+    "e.progress, to_timestamp(e.run_at), e.error FROM jsonb_to_recordset(CAST(:rows AS jsonb)) "
+    "AS e(job_id text, seq int, at float8, kind text, state text, engine text, attempts int, "
+    "progress jsonb, run_at float8, error text)"
+)
+
+
+def _insert_events(connection: Connection, events: list[dict[str, Any]]) -> None:
+    if connection.dialect.name == "postgresql":  # one JSON array, as the upsert's rows
+        connection.execute(_INSERT_EVENTS, {"rows": json.dumps(events, default=_json_default)})
+    else:
+        table = Base.metadata.tables[JobEvent.__tablename__]
+        connection.execute(table.insert(), [_event_row(e) for e in events])
+
+
+def _seconds(value: Any) -> float | None:
+    """A time as unix seconds: rows carry floats, stored rows datetimes."""
+    if value is None:
+        return None
+    return value.timestamp() if isinstance(value, datetime) else float(value)
+
+
+def _finish_stat(row: dict[str, Any], old: dict[str, Any]) -> jobstats.Increment:
+    """The job_stats increment of a job that reached a final state in this row."""
+    end = _seconds(row.get("finished_at")) or _seconds(row.get("state_at")) or time.time()
+    started = _seconds(row.get("started_at")) or _seconds(old.get("started_at"))
+    enqueued = [
+        t for t in (_seconds(row.get("enqueued_at")), _seconds(old.get("enqueued_at"))) if t
+    ]
+    duration = row.get("duration_ms")
+    if duration is None and started is not None:
+        duration = (end - started) * 1000
+    wait = (started - min(enqueued)) * 1000 if started is not None and enqueued else None
+    return jobstats.increment(
+        row.get("queue") or old.get("queue"), _utc(end), row["state"], duration, wait
+    )
+
+
+def _add_stats(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """Adds to job_stats: column = column + the increment, atomic on both databases."""
+    table = Base.metadata.tables[JobStat.__tablename__]
+    statement: postgresql.Insert | sqlite.Insert = (
+        postgresql.insert(table)
+        if connection.dialect.name == "postgresql"
+        else sqlite.insert(table)
+    )
+    added = statement.on_conflict_do_update(
+        index_elements=["queue", "span", "period_start"],
+        set_={c: table.c[c] + statement.excluded[c] for c in jobstats.COUNT_COLUMNS},
+    )
+    connection.execute(added, rows)
+
+
+#: The columns of a job_log row an event is judged against.
+JUDGED = (
+    "state", "state_at", "engine", "attempts", "progress", "run_at", "events", "queue",
+    "enqueued_at", "started_at",
+)  # fmt: skip
+
+
+def _lock_rows(connection: Connection, stored: list[dict[str, Any]]) -> dict[str, Any]:
+    """SQLite: the batch's rows as they were, the database locked until the transaction ends.
+    A stub row is inserted first for a job new to the log, which takes the write lock at
+    once, so that two writers never both number a job's events from the same point."""
+    ids = [row["job_id"] for row in stored]
+    # A new row's enqueued_at is never NULL (the listing pages by it): the earliest time known
+    # now; an earlier one arriving later wins (_merge_rules).
+    stubs = json.dumps(
+        [{"job_id": r["job_id"], "name": r["name"], "at": _first_seen(r, True)} for r in stored]
+    )
+    created = connection.execute(
+        text(
+            "INSERT INTO job_log (job_id, name, state, attempts, events, enqueued_at) "
+            "SELECT value ->> 'job_id', value ->> 'name', 'queued', 0, 0, value ->> 'at' "
+            "FROM json_each(:stubs) WHERE true "
+            "ON CONFLICT (job_id) DO NOTHING RETURNING job_id"
+        ),
+        {"stubs": stubs},
+    )
+    new = {job_id for (job_id,) in created}
+    table = Base.metadata.tables[JobLog.__tablename__]
+    current = connection.execute(
+        select(table.c.job_id, *[table.c[c] for c in JUDGED]).where(table.c.job_id.in_(ids))
+    )
+    before: dict[str, Any] = {}
+    for job_id, *values in current:
+        old = dict(zip(JUDGED, values, strict=True))
+        if job_id in new:
+            old = {"events": 0, "new": True}
+        before[job_id] = old
+    return before
+
+
+def _first_seen(row: dict[str, Any], sqlite_text: bool) -> str:
+    """The earliest time a stored row knows of its job, as the stub insert takes it (SQLite:
+    the naive UTC text SQLAlchemy stores there)."""
+    first: datetime = row.get("enqueued_at") or row.get("state_at") or datetime.now(UTC)
+    if sqlite_text:
+        return first.astimezone(UTC).replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return first.isoformat()
+
+
+def changes_of(row: dict[str, Any], old: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The events a row (times in unix seconds) adds to a job whose row was `old`: a state
+    event when its state is newer and changes the state, engine, attempt or wake time; a
+    progress event for a new progress value (before a final state, after any other)."""
+    known = old is not None and not old.get("new")
+    previous: dict[str, Any] = old if known and old is not None else {}
+    at = row.get("state_at")
+    state = row.get("state")
+    old_at = previous.get("state_at")
+    newer = state is not None and (old_at is None or (at is not None and _utc(at) >= old_at))
+    state_event: dict[str, Any] | None = None
+    if newer:
+        engine = row.get("engine") or previous.get("engine")
+        attempts = max(row.get("attempts") or 0, previous.get("attempts") or 0)
+        run_at = _utc(row["run_at"]) if row.get("run_at") else None
+        if (
+            state != previous.get("state")
+            or engine != previous.get("engine")
+            or attempts > (previous.get("attempts") or 0)
+            or run_at != previous.get("run_at")
+        ):
+            state_event = {
+                "at": at if at is not None else time.time(), "kind": "state", "state": state,
+                "engine": engine, "attempts": attempts, "run_at": row.get("run_at"),
+                "error": row.get("error_message") if state in FINAL_JOB_STATES else None,
+            }  # fmt: skip
+    progress = row.get("progress")
+    progress_event: dict[str, Any] | None = None
+    if progress is not None and progress != previous.get("progress"):
+        progress_event = {
+            "at": at if at is not None else time.time(), "kind": "progress",
+            "engine": row.get("engine") or previous.get("engine"), "progress": progress,
+        }  # fmt: skip
+    if state_event is not None and state in FINAL_JOB_STATES:
+        return [e for e in (progress_event, state_event) if e is not None]
+    return [e for e in (state_event, progress_event) if e is not None]
+
+
+def _event_row(event: dict[str, Any]) -> dict[str, Any]:
+    row = {c: event.get(c) for c in ("job_id", "seq", "kind", "state", "engine", "attempts")}
+    row["progress"] = event.get("progress")
+    row["error"] = event.get("error")
+    row["at"] = _utc(event["at"])
+    row["run_at"] = _utc(event["run_at"]) if event.get("run_at") else None
+    return row
+
+
+def _upsert_statement(dialect: str, rows: list[dict[str, Any]]) -> tuple[Any, Any]:
     table = Base.metadata.tables[JobLog.__tablename__]  # __table__ is typed as any FromClause
     statement: postgresql.Insert | sqlite.Insert
-    if engine.dialect.name == "postgresql":
+    if dialect == "postgresql":
         source = func.jsonb_populate_recordset(
             literal_column(f"NULL::{table.name}"), cast(bindparam("rows"), JSONB)
         ).table_valued(*COLUMNS)
@@ -170,13 +456,12 @@ def upsert(rows: list[dict[str, Any]], url: str | None = None) -> None:
     upserted = statement.on_conflict_do_update(
         index_elements=["job_id"], set_=_merge_rules(statement.excluded)
     )
-    with engine.begin() as connection:
-        connection.execute(upserted, parameters)
+    return upserted, parameters
 
 
 def _stored(row: dict[str, Any]) -> dict[str, Any]:
     """A copy of `row` as the table takes it (a caller may retry with the original)."""
-    stored = {"state": "queued", "name": "unknown", "attempts": 0, **row}
+    stored = {"state": "queued", "name": "unknown", "attempts": 0, "events": 0, **row}
     for column in TIMESTAMPS:
         if column in stored:
             stored[column] = _utc(stored[column])
@@ -188,9 +473,17 @@ def _merge_rules(new: Any) -> dict[str, Any]:
     old = Base.metadata.tables[JobLog.__tablename__].c
     newer = old.state_at.is_(None) | (new.state_at.is_not(None) & (new.state_at >= old.state_at))
     rules: dict[str, Any] = {c: func.coalesce(old[c], new[c]) for c in STICKY}
+    # the earliest known: a stub row's first guess gives way to the dispatch's own time
+    rules["enqueued_at"] = case(
+        (new.enqueued_at.is_(None), old.enqueued_at),
+        (old.enqueued_at.is_(None) | (new.enqueued_at < old.enqueued_at), new.enqueued_at),
+        else_=old.enqueued_at,
+    )
     rules |= {c: case((newer, func.coalesce(new[c], old[c])), else_=old[c]) for c in LATEST}
     rules["progress"] = func.coalesce(new.progress, old.progress)
     rules["attempts"] = case((new.attempts > old.attempts, new.attempts), else_=old.attempts)
+    rules["events"] = case((new.events > old.events, new.events), else_=old.events)
+    rules["run_at"] = case((newer, new.run_at), else_=old.run_at)
     # A replayed job starts over: the newer "queued" clears when it finished.
     replayed = newer & (new.state == "queued")
     rules["finished_at"] = case((replayed, None), else_=rules["finished_at"])

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Column,
     Date,
     Index,
     Integer,
@@ -21,6 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from jobyard.job_engine.db import Base, JSONType, UTCDateTime, utcnow
+from jobyard.job_engine.db.jobstats import RUN_COLUMNS, WAIT_COLUMNS
 
 # A BIGINT primary key that still auto-increments on SQLite (only INTEGER PRIMARY KEY does there).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -80,10 +82,23 @@ class JobLog(Base):
     __table_args__ = (
         CheckConstraint(_in("engine", ENGINES), name="engine"),
         CheckConstraint(_in("state", JOB_STATES), name="state"),
-        Index("ix_job_log_state", "state"),
-        Index("ix_job_log_name", "name"),
-        Index("ix_job_log_finished_at", "finished_at"),
-        Index("ix_job_log_enqueued_at", "enqueued_at"),
+        # The listing pages newest first by (enqueued_at, job_id), unfiltered or filtered by
+        # state, name or queue: one index each answers a page without a sort (migration 0006).
+        Index("ix_job_log_enqueued_at_job_id", "enqueued_at", "job_id"),
+        Index("ix_job_log_state_enqueued_at", "state", "enqueued_at", "job_id"),
+        Index("ix_job_log_name_enqueued_at", "name", "enqueued_at", "job_id"),
+        Index("ix_job_log_queue_enqueued_at", "queue", "enqueued_at", "job_id"),
+        # Search by id prefix (LIKE 'abc%') whatever the database's collation.
+        Index(
+            "ix_job_log_job_id_prefix", "job_id", postgresql_ops={"job_id": "varchar_pattern_ops"}
+        ),
+        # The graphs read finished jobs in a time window: the columns they aggregate ride in
+        # the index, so PostgreSQL answers from it alone.
+        Index(
+            "ix_job_log_finished_at",
+            "finished_at",
+            postgresql_include=["queue", "state", "duration_ms", "started_at", "enqueued_at"],
+        ),
     )
 
     job_id: Mapped[str] = mapped_column(String(255), primary_key=True)
@@ -105,6 +120,50 @@ class JobLog(Base):
     duration_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # When `state` was last set: events from several processes arrive out of order (joblog.py).
     state_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When the job runs next: the wake time of a durable sleep, the next attempt of a retrying
+    # job, the start of a delayed one (None when it is not waiting on a timer).
+    run_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The seq of the job's latest row in job_events (0: none yet).
+    events: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+
+
+class JobEvent(Base):
+    """A job's state changes and progress reports, numbered per job (1, 2, ...) in the order
+    they reached the job log, whichever engine ran the job: what GET /jobs/{id}/events and
+    `ajob_events` stream. Written in the job log's batches (joblog.upsert), never per event."""
+
+    __tablename__ = "job_events"
+
+    job_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # "state" | "progress"
+    state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    engine: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    attempts: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    progress: Mapped[Any | None] = mapped_column(JSONType, nullable=True)
+    run_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class JobStat(Base):
+    """Finished jobs of one queue in one minute or hour (`span` seconds from `period_start`),
+    with run-time and queue-wait histograms (bounds in jobstats.BOUNDS_MS): what the graphs
+    read (see jobstats.py)."""
+
+    __tablename__ = "job_stats"
+
+    queue: Mapped[str] = mapped_column(String(128), primary_key=True)
+    span: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)
+    finished: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+
+
+for _column in (*RUN_COLUMNS, *WAIT_COLUMNS):  # one count per histogram bucket
+    Base.metadata.tables[JobStat.__tablename__].append_column(
+        Column(_column, Integer, nullable=False, default=0, server_default="0")
+    )
 
 
 class JobReport(Base):
@@ -188,8 +247,10 @@ __all__ = [
     "TICK_KINDS",
     "TICK_STATES",
     "ConversationMessage",
+    "JobEvent",
     "JobLog",
     "JobReport",
+    "JobStat",
     "ScheduleState",
     "ScheduleTick",
     "Token",

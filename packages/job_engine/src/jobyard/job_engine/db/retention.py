@@ -11,7 +11,7 @@ from sqlalchemy import delete, select
 
 from jobyard.job_engine import env
 from jobyard.job_engine.db import session_scope
-from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobLog, JobOwner
+from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobEvent, JobLog, JobOwner, JobStat
 
 BATCH = 5000
 
@@ -35,8 +35,11 @@ def prune_job_log(older_than_days: float | None = None, *, url: str | None = Non
             if not ids:
                 break
             session.execute(delete(JobLog).where(JobLog.job_id.in_(ids)))
+            session.execute(delete(JobEvent).where(JobEvent.job_id.in_(ids)))
             session.execute(delete(JobOwner).where(JobOwner.job_id.in_(ids)))
             pruned += len(ids)
     with session_scope(url) as session:  # claims whose job never reached the log
         session.execute(delete(JobOwner).where(JobOwner.claimed_at < cutoff))
+    with session_scope(url) as session:  # the graphs' roll-ups are history as long as the log
+        session.execute(delete(JobStat).where(JobStat.period_start < cutoff))
     return pruned

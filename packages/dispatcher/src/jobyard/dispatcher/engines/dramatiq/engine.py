@@ -33,6 +33,9 @@ from jobyard.queue.messages import decode_job_message, encode_job_message
 from jobyard.queue.queues import queue_names
 from jobyard.queue.store import BatchJob, JobStore, Reply
 
+#: States in which a job may be waiting for a delayed message (a sleep, a retry, a throttle).
+_WAITING = ("queued", "running", "retrying")
+
 log = logging.getLogger("jobyard.rescue")
 
 _CANCEL = {
@@ -154,6 +157,7 @@ class DramatiqEngine(Engine):
         state = record.get("state", "queued")
         result = json.loads(record["result"]) if record.get("result") else None
         progress = json.loads(record["progress"]) if record.get("progress") else None
+        run_at = int(record.get("run_at") or 0) / 1000  # set when rescheduled; past once it ran
         return JobStatus(
             job_id=job_id,
             engine=self.name,
@@ -163,6 +167,7 @@ class DramatiqEngine(Engine):
             result=result if state == "succeeded" else None,
             error=record.get("error") or None,
             progress=progress,
+            run_at=run_at if run_at > time.time() and state in _WAITING else None,
         )
 
     def cancel(self, job_id: str) -> Cancellation:

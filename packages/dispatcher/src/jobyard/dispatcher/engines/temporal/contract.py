@@ -14,6 +14,9 @@ STATUS_QUERY = "status"
 
 __all__ = ["STATUS_QUERY", "WORKFLOW_NAME", "ClaimMode", "JobRequest", "StatusReply"]
 
+#: The activity that runs one ctx.run step (its input names the step): read by the timeline.
+STEP_ACTIVITY = "jobyard.step"
+
 
 @dataclass(frozen=True)
 class JobRequest:
@@ -62,3 +65,4 @@ class StatusReply:
     state: str
     attempts: int
     progress: Any = None
+    run_at: float | None = None  # unix seconds a durable sleep ends

@@ -201,18 +201,24 @@ class TemporalEngine(Engine):
                 if isinstance(cause, ApplicationError) and cause.details:
                     live = cause.details[0] if isinstance(cause.details[0], dict) else {}
                     state = live.get("state", state)
+        # While the workflow is open, its last bookkeeping may still be running.
+        if state == "running" and live.get("state") in _OPEN:
+            state = live["state"]
+        run_at = live.get("run_at") if state == "running" else None
+        if state == "running":  # a step waiting for its next try: the job is retrying
+            retry = _next_retry(description)
+            if retry is not None:
+                state, run_at = "retrying", retry
         return JobStatus(
             job_id=job_id,
             engine=self.name,
-            # While the workflow is open, its last bookkeeping may still be running.
-            state=live.get("state", state)
-            if state == "running" and live.get("state") in _OPEN
-            else state,
+            state=state,
             attempts=int(live.get("attempts", 0)),
             name=live.get("name"),
             result=result,
             error=error,
             progress=live.get("progress"),
+            run_at=run_at,
         )
 
     def status(self, job_id: str) -> JobStatus | None:
@@ -305,3 +311,11 @@ def interceptors(*, worker: bool = False) -> list[Interceptor]:
 
     traced = TracingInterceptor(tracing.tracer())
     return [traced] if worker else [_TraceStarts(traced)]
+
+
+def _next_retry(description: Any) -> float | None:
+    """When a step that failed is tried again (unix seconds), if one is waiting to be."""
+    for pending in description.raw_description.pending_activities:
+        if pending.attempt > 1 and pending.HasField("next_attempt_schedule_time"):
+            return float(pending.next_attempt_schedule_time.ToSeconds())
+    return None

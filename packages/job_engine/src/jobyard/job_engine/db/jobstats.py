@@ -1,0 +1,135 @@
+"""Per-queue roll-ups of finished jobs per minute and per hour (`job_stats`), for the graphs.
+
+Reading a week of a busy job log row by row for every graph refresh does not scale (a million
+rows take seconds to sort for percentiles), so the job log's writer (joblog.upsert) adds each
+job that reaches a final state to its queue's rows for that minute and that hour (SPANS), in the
+same transaction:
+finished, failed (failed or dead), and two histograms, run time and queue wait, with
+log-spaced bounds. A graph sums the rows of the span that fits its buckets (a day of minutes at
+most, a week of hours), at most a few thousand rows per queue, and a percentile is
+read off the summed histogram, interpolated inside its bucket (as Prometheus'
+histogram_quantile does): an estimate, good to a bucket's width.
+
+The increments are `column = column + excluded.column` upserts: atomic on both databases, so
+writers in several processes never lose one another's counts.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+#: Upper bounds (ms) of the histogram buckets; the last bucket has no upper bound.
+BOUNDS_MS = (
+    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 60_000, 150_000,
+    300_000, 600_000, 1_800_000, 3_600_000,
+)  # fmt: skip
+BUCKETS = len(BOUNDS_MS) + 1
+RUN_COLUMNS = tuple(f"run_{i}" for i in range(BUCKETS))
+WAIT_COLUMNS = tuple(f"wait_{i}" for i in range(BUCKETS))
+COUNT_COLUMNS = ("finished", "failed", *RUN_COLUMNS, *WAIT_COLUMNS)
+FAILED_STATES = ("failed", "dead")
+#: The roll-ups' periods, in seconds: minutes for the short windows, hours for the long ones.
+SPANS = (60, 3600)
+
+
+def bucket_of(ms: float) -> int:
+    for index, bound in enumerate(BOUNDS_MS):
+        if ms < bound:
+            return index
+    return len(BOUNDS_MS)
+
+
+def period_of(moment: datetime, span: int) -> datetime:
+    if span == 3600:
+        return moment.replace(minute=0, second=0, microsecond=0)
+    return moment.replace(second=0, microsecond=0)
+
+
+Increment = tuple[str, datetime, bool, int | None, int | None]
+
+
+def increment(
+    queue: str | None,
+    finished_at: datetime,
+    state: str,
+    duration_ms: float | None,
+    wait_ms: float | None,
+) -> Increment:
+    """One finished job: (queue, when it finished, failed, run bucket, wait bucket)."""
+    return (
+        queue or "",
+        finished_at,
+        state in FAILED_STATES,
+        bucket_of(max(0.0, duration_ms)) if duration_ms is not None else None,
+        bucket_of(max(0.0, wait_ms)) if wait_ms is not None else None,
+    )
+
+
+def combine(increments: list[Increment]) -> list[dict[str, Any]]:
+    """The increments added up per (queue, span, period): one job_stats row to add each."""
+    merged: dict[tuple[str, int, datetime], dict[str, Any]] = {}
+    for queue, finished_at, failed, run, wait in increments:
+        for span in SPANS:
+            key = (queue, span, period_of(finished_at, span))
+            row = merged.get(key)
+            if row is None:
+                row = merged[key] = {c: 0 for c in COUNT_COLUMNS}
+                row.update(queue=queue, span=span, period_start=key[2])
+            row["finished"] += 1
+            row["failed"] += failed
+            if run is not None:
+                row[RUN_COLUMNS[run]] += 1
+            if wait is not None:
+                row[WAIT_COLUMNS[wait]] += 1
+    return [merged[key] for key in sorted(merged)]
+
+
+def percentile(counts: list[int], q: float) -> float | None:
+    """The q-quantile (ms) of a histogram of BUCKETS counts, interpolated in its bucket."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for index, count in enumerate(counts):
+        if count and seen + count >= rank:
+            low = BOUNDS_MS[index - 1] if index > 0 else 0
+            high = BOUNDS_MS[index] if index < len(BOUNDS_MS) else 2 * BOUNDS_MS[-1]
+            return float(low + (high - low) * max(0.0, rank - seen) / count)
+        seen += count
+    return float(BOUNDS_MS[-1])
+
+
+def _cases(value_sql: str, prefix: str) -> str:
+    parts = []
+    for index in range(BUCKETS):
+        low = f"{value_sql} >= {BOUNDS_MS[index - 1]}" if index > 0 else "true"
+        high = f"{value_sql} < {BOUNDS_MS[index]}" if index < len(BOUNDS_MS) else "true"
+        parts.append(f"sum(CASE WHEN {low} AND {high} THEN 1 ELSE 0 END) AS {prefix}_{index}")
+    return ",\n       ".join(parts)
+
+
+def backfill_sql(dialect: str, span: int) -> str:
+    """An INSERT that rolls up every finished job of job_log into job_stats' rows of `span`,
+    empty until then (a database migrated from before job_stats, a freshly filled log)."""
+    unit = "hour" if span == 3600 else "minute"
+    if dialect == "postgresql":
+        minute = f"date_trunc('{unit}', finished_at)"
+        wait = "(extract(epoch FROM started_at - enqueued_at) * 1000)"
+    else:
+        pattern = "%Y-%m-%d %H:00:00.000000" if span == 3600 else "%Y-%m-%d %H:%M:00.000000"
+        minute = f"strftime('{pattern}', finished_at)"
+        wait = "((julianday(started_at) - julianday(enqueued_at)) * 86400000.0)"
+    columns = ", ".join(COUNT_COLUMNS)
+    return f"""
+INSERT INTO job_stats (queue, span, period_start, {columns})
+SELECT coalesce(queue, ''), {span}, {minute},
+       count(*),
+       sum(CASE WHEN state IN ('failed', 'dead') THEN 1 ELSE 0 END),
+       {_cases("duration_ms", "run")},
+       {_cases(wait, "wait")}
+FROM job_log
+WHERE finished_at IS NOT NULL AND state IN ('succeeded', 'failed', 'dead', 'cancelled')
+GROUP BY coalesce(queue, ''), {minute}
+"""
