@@ -49,9 +49,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
 
 
 class RedisServer:
-    """A private redis-server a test may kill or pause without touching the shared one."""
+    """A private redis-server a test may kill or pause without touching the shared one. With
+    `aof` it logs every write and fsyncs it before answering (appendfsync always), so a kill
+    loses no reply it sent and a start on the same port replays it."""
 
-    def __init__(self) -> None:
+    #: Seconds start() waits for PING: an AOF replay (LOADING) can take a while.
+    start_timeout = 10.0
+
+    def __init__(self, aof: bool = False) -> None:
+        self.aof = aof
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="jobyard-redis-")
         self.proc: subprocess.Popen | None = None
@@ -61,15 +67,19 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else [
+            "--appendonly", "no"]  # fmt: skip
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--logfile", ""],
+             *persistence, "--dir", self.dir, "--logfile", ""],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        wait_for(lambda: _pings(client), timeout=10)
-        client.close()
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=1)
+        try:
+            wait_for(lambda: _pings(client), timeout=self.start_timeout)
+        finally:
+            client.close()
         return self
 
     def client(self) -> redis.Redis:
@@ -98,7 +108,7 @@ class RedisServer:
 def _pings(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
-    except redis.RedisError:
+    except redis.RedisError:  # refused, or LOADING while the AOF is replayed
         return False
 
 

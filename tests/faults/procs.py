@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -19,75 +17,29 @@ from jobyard.job_engine.db.joblog import reset_writer
 from jobyard.queue import keys
 from jobyard.queue.client import reset_clients
 from tests.faults.jobs import ENGINE_ENV
-from tests.support import ROOT, Proc, free_port, wait_for
+from tests.support import ROOT, Proc, RedisServer, wait_for
 
 QUEUE = "default"
 
 
-class FaultyRedis:
-    """A private redis-server on a fixed port, restartable on that port: with `aof` it logs
-    every write and fsyncs it before answering (appendfsync always), so a SIGKILL loses no
-    reply it sent."""
+class FaultyRedis(RedisServer):
+    """The test-owned redis-server (tests/support.py), restartable on its port after a
+    SIGKILL, and able to come back empty."""
 
-    def __init__(self, aof: bool) -> None:
-        self.aof = aof
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="jobyard-faults-redis-")
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+    start_timeout = 30.0  # a restart replays the AOF of hundreds of jobs on a loaded machine
 
     def start(self) -> FaultyRedis:
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else [
-            "--appendonly", "no"]  # fmt: skip
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             *persistence, "--dir", self.dir, "--logfile", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=1)
-        try:
-            wait_for(lambda: _pings(client), timeout=30)
-        finally:
-            client.close()
+        super().start()
         return self
 
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=5)
-
     def sigkill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait()
+        self.kill()
 
     def wipe(self) -> None:
         """Forget everything on disk: the next start is an empty server (a failover to a replica
         that missed the writes, or a Redis without persistence)."""
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir, exist_ok=True)
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        self.sigkill()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:  # refused, or LOADING while the AOF is replayed
-        return False
 
 
 def base_env(redis_url: str, temporal_address: str, database_url: str) -> dict[str, str]:

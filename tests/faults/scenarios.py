@@ -113,7 +113,11 @@ class Load:
         except Exception as exc:
             attempt.error = type(exc).__name__
             named = NOT_STARTED_ID.search(str(exc))  # the id the dispatcher chose
-            attempt.job_id = attempt.job_id or (named.group(1) if named else None)
+            attempt.job_id = (
+                attempt.job_id
+                or getattr(exc, "job_id", None)
+                or (named.group(1) if named else None)
+            )
         attempt.seconds = time.monotonic() - started
         with self._lock:
             self.attempts.append(attempt)
@@ -415,17 +419,39 @@ def temporal_down_redis_paused(
         time.sleep(max(0.0, pause - (time.monotonic() - paused_at)))
         cluster.redis.resume()
         cluster.apply({}, keep_connections=True)
+        errors = load.refused()
+        # Only DispatchUnavailableError says "not started"; DispatchOutcomeUnknownError says the
+        # job may run, so its job running is no lie: the caller retries with the error's job_id,
+        # which must start the job if nothing did and be a duplicate otherwise (the ledger would
+        # show a second run as a re-run of a returned step).
+        refused = {t for t, e in errors.items() if e == "DispatchUnavailableError"}
+        unknown = {t for t, e in errors.items() if e == "DispatchOutcomeUnknownError"}
+        unknown_ids = {a.tag: a.job_id for a in load.attempts if a.tag in unknown}
+        wait_for(lambda: not get_dispatcher().breaker.is_open, timeout=30)
+        retries = [load.dispatch(t, job_id=j) for t, j in unknown_ids.items() if j]
         final = wait_final(load.accepted(), h.settle)
-        refused = load.refused()
         # Give jobs that did land in Redis time to run before counting them.
         time.sleep(min(h.settle, 10))
-        ran_anyway = sorted(t for t in refused if t in ledger.started_tags())
+        started = ledger.started_tags()
+        ran_anyway = sorted(t for t in refused if t in started)
         ids = {a.tag: a.job_id for a in load.attempts if a.tag in refused and a.job_id}
         exists = sorted(t for t, j in ids.items() if status_of(j) is not None)
         row = finish("temporal down + redis paused", load, final)
         row.extra["not_started_errors"] = len(refused)
         row.extra["not_started_but_ran"] = len(ran_anyway)
         row.extra["not_started_but_queued"] = len(set(exists) - set(ran_anyway))
+        row.extra["outcome_unknown_errors"] = len(unknown)
+        row.extra["outcome_unknown_ran"] = sum(1 for t in unknown if t in started)
+        row.extra["unknown_retried_duplicate"] = sum(
+            1 for a in retries if a.handle is not None and a.handle.duplicate
+        )
+        row.require(
+            len(unknown_ids) == len(unknown) and all(a.handle is not None for a in retries),
+            "rule 4: an unknown outcome names the job id, and a retry with it is accepted",
+        )
+        other = sorted({e for t, e in errors.items() if t not in refused | unknown})
+        if other:
+            row.extra["other_errors"] = ",".join(other)
         row.require(
             not ran_anyway and not exists,
             'rule 4: a job whose caller was told "not started" never runs nor waits on a queue',

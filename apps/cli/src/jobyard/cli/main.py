@@ -232,6 +232,19 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db_prune(args: argparse.Namespace) -> int:
+    try:
+        from jobyard.job_engine.db.retention import prune_job_log
+    except ImportError as exc:
+        return _fail(f"database support is not installed: {exc}")
+    try:
+        pruned = prune_job_log(args.older_than_days, url=args.url)
+    except ValueError as exc:  # a negative retention, from the option or the environment
+        return _fail(str(exc))
+    print(json.dumps({"pruned": pruned}))
+    return 0
+
+
 MODULES_HELP = f"modules declaring your jobs (added to ${env.JOB_MODULES})"
 
 
@@ -319,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     up = db.add_parser("upgrade", help="apply migrations")
     up.add_argument("--url", default=None, help=f"default: ${env.DATABASE_URL} or the SQLite file")
     up.set_defaults(func=cmd_db_upgrade)
+    pr = db.add_parser(
+        "prune", help="delete finished jobs past the job log's retention; prints {pruned}"
+    )
+    pr.add_argument(
+        "--older-than-days", type=float, default=None, metavar="DAYS",
+        help=f"default: ${env.JOB_LOG_RETENTION_DAYS} or 30",
+    )  # fmt: skip
+    pr.add_argument("--url", default=None, help=f"default: ${env.DATABASE_URL} or the SQLite file")
+    pr.set_defaults(func=cmd_db_prune)
 
     from jobyard.cli.schedules import add_parsers as add_schedule_parsers
 
