@@ -44,11 +44,13 @@ def ledger_step(
     work: float,
     fail_once: bool = False,
     only_on: str = "",
+    blocking: bool = False,
 ) -> dict[str, Any]:
     """A step whose side effect is the ledger itself: START, `work` seconds, END. With
     `fail_once` its first execution raises after its work (a FAIL line instead of END); with
     `only_on` it takes `work` on that engine only (a step to be caught mid-way there) and
-    0.05 s elsewhere."""
+    0.05 s elsewhere; with `blocking` the work is one time.sleep, a call blocked in C as a
+    hung socket read is."""
     engine = os.environ.get(ENGINE_ENV, "unknown")
     base = {"tag": tag, "job": job_id, "step": step, "pid": os.getpid(), "engine": engine}
     fail = fail_once and not _ran_before(ledger, tag, step)
@@ -57,9 +59,12 @@ def ledger_step(
     _append(ledger, {"ev": "START", "t": time.time(), **base})
     # Short slices, as real Python work is: an engine's time limit (an exception raised in this
     # thread) can only land between them.
-    until = time.monotonic() + work
-    while (left := until - time.monotonic()) > 0:
-        time.sleep(min(left, 0.05))
+    if blocking:
+        time.sleep(work)
+    else:
+        until = time.monotonic() + work
+        while (left := until - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
     if fail:
         _append(ledger, {"ev": "FAIL", "t": time.time(), **base})
         raise RuntimeError(f"{step} of {tag}: the first execution fails on purpose")
@@ -96,6 +101,7 @@ class OverrunPayload(BaseModel):
     ledger: str
     tag: str
     work: float
+    blocking: bool = False
 
 
 @job(
@@ -103,7 +109,8 @@ class OverrunPayload(BaseModel):
 )
 async def overrun(ctx: Any, payload: OverrunPayload) -> str:
     """A step that takes longer than the job's timeout: it must be interrupted."""
-    await ctx.run("s0", ledger_step, payload.ledger, payload.tag, ctx.job_id, "s0", payload.work)
+    args = (payload.ledger, payload.tag, ctx.job_id, "s0", payload.work, False, "")
+    await ctx.run("s0", ledger_step, *args, payload.blocking)
     return "overran"
 
 

@@ -56,6 +56,11 @@ CI: list[Any] = [
         id="temporal_worker_killed",
     ),
     pytest.param(
+        s.dramatiq_time_limit,
+        {"n": 6, "work": 6.0},
+        id="dramatiq_time_limit",
+    ),
+    pytest.param(
         s.cancel_then_retry,
         {"n": 10},
         id="cancel_then_retry",

@@ -16,7 +16,7 @@ from jobyard.job_engine import env, registry, tracing
 from jobyard.queue import keys
 from jobyard.queue.client import get_client
 from jobyard.queue.queues import get_queue
-from jobyard.queue.runner import ACKED, JobRunner
+from jobyard.queue.runner import ACKED, TIME_LIMIT_BACKSTOP, JobRunner
 from jobyard.queue.store import JobStore, _text
 
 
@@ -130,13 +130,14 @@ def build_broker(queue: str, *, store: JobStore | None = None) -> RedisBroker:
         middleware=middleware,
     )
     store = store or JobStore(client)
-    config = get_queue(queue)
+    get_queue(queue)  # an unknown queue fails here, even one with no jobs declared
     for spec in registry:
         if spec.queue != queue:
             continue
-        limit_ms = int(min(spec.effective_timeout(), config.time_limit) * 1000)
+        runner = JobRunner(store, spec, broker.broker_id)
+        limit_ms = int((runner.time_limit + TIME_LIMIT_BACKSTOP) * 1000)
         dramatiq.Actor(
-            JobRunner(store, spec, broker.broker_id),
+            runner,
             broker=broker,
             actor_name=spec.name,
             queue_name=queue,

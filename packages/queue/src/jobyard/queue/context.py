@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ import redis
 
 from jobyard.job_engine import tracing
 from jobyard.job_engine.context import BaseJobContext
+from jobyard.queue.deadline import run_step
 from jobyard.queue.store import JobStore, StartResult
 
 #: Seconds a finished step's result is kept and its write retried while Redis is away.
@@ -62,8 +62,13 @@ class DramatiqContext(BaseJobContext):
         rate: tuple[int, int] | None,
         on_start: Callable[[StartResult], None] | None = None,
         on_progress: Callable[[Any], None] | None = None,
+        time_limit: float | None = None,
     ) -> None:
+        """`time_limit`: seconds this run may take; a step still running then is abandoned
+        (see jobyard.queue.deadline)."""
         super().__init__(job_id, job_name)
+        self._time_limit = time_limit
+        self._deadline = None if time_limit is None else time.monotonic() + time_limit
         self._store = store
         self._seq = seq
         self._resume = resume
@@ -127,13 +132,17 @@ class DramatiqContext(BaseJobContext):
         began = time.time()
         if tracing.ACTIVE:
             with tracing.step(self.job_id, step, "dramatiq", **{tracing.JOB_NAME: self.job_name}):
-                result = await _call(fn, args)
+                result = await self._call(step, fn, args)
         else:
-            result = await _call(fn, args)
+            result = await self._call(step, fn, args)
         encoded = self.encode_result(step, result)
         timing = {"start": began, "end": time.time(), "attempt": self.attempt}
         self._record(step, encoded, json.dumps(timing))
         return json.loads(encoded)
+
+    async def _call(self, step: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """`fn(*args)`, given up at the run's deadline (see jobyard.queue.deadline)."""
+        return await run_step(step, fn, args, self._deadline, self._time_limit or 0.0)
 
     async def _sleep(self, name: str, seconds: float) -> None:
         self.start()
@@ -155,10 +164,3 @@ class DramatiqContext(BaseJobContext):
         self._store.record_progress(self.job_id, self._seq, encoded)
         if self._on_progress is not None:
             self._on_progress(value)
-
-
-async def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    result = fn(*args)
-    if inspect.isawaitable(result):
-        result = await result
-    return result

@@ -24,13 +24,24 @@ from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.queue.context import Cancelled, DramatiqContext, LostOwnership, Suspend, Throttled
 from jobyard.queue.eager import discard_loop, run_eagerly
 from jobyard.queue.messages import RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
-from jobyard.queue.queues import retry_policy
+from jobyard.queue.queues import get_queue, retry_policy
 from jobyard.queue.store import NO_DELIVERY, Delivery, JobStore, StartResult
 
 log = logging.getLogger("jobyard.worker")
 #: Set on a MessageProxy once a jobyard Lua call has acked it (see JobyardConsumer).
 ACKED = "jobyard_acked"
 ENGINE = "dramatiq"
+
+
+#: Seconds past a run's time limit before Dramatiq's TimeLimit interrupts the worker thread. Steps
+#: are stopped at the limit itself (jobyard.queue.deadline); the backstop is for handler code
+#: outside steps, late enough not to land in the bookkeeping of a step's timeout.
+TIME_LIMIT_BACKSTOP = 3.0
+
+
+def time_limit(spec: JobSpec) -> float:
+    """Seconds one run of the job may take: its timeout, capped by its queue's limit."""
+    return min(spec.effective_timeout(), get_queue(spec.queue).time_limit)
 
 
 class JobRunner:
@@ -43,6 +54,7 @@ class JobRunner:
         self.retry = retry_policy(spec)  # env is read once per worker, not per job
         rate = spec.rate_limit
         self.rate = (rate.calls, int(rate.period * 1000)) if rate else None
+        self.time_limit = time_limit(spec)
         self.__name__ = spec.name
 
     def __call__(self, job_id: str, payload: Any) -> None:
@@ -94,7 +106,7 @@ class _Run:
         self.progress_count = 0
         self.ctx = DramatiqContext(
             self.store, self.spec.name, job_id, self.seq, self.resume, runner.rate,
-            on_start=self.started, on_progress=self.progressed,
+            on_start=self.started, on_progress=self.progressed, time_limit=runner.time_limit,
         )  # fmt: skip
 
     def event(self, state: str, start: StartResult | None, **fields: Any) -> None:
