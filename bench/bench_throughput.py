@@ -237,6 +237,10 @@ def start_rq(n: int, processes: int, threads: int) -> Contender:
     return _start_session(f"rq ({processes * threads} workers)", redis_server, commands, n, left)
 
 
+#: The job jobyard's contenders run (--job): system.echo, or bench.step (one recorded step).
+JOB = "system.echo"
+
+
 def start_jobyard(
     label: str, n: int, processes: int, threads: int, extra_env: dict[str, str]
 ) -> Contender:
@@ -257,7 +261,7 @@ def start_jobyard(
     for i in range(n):
         if i % 1000 == 0:  # dispatch needs a live worker; the real one starts after
             store.heartbeat(bench_worker, "bench", ["default"])
-        handle = dispatch_job("system.echo", {"n": i})
+        handle = dispatch_job(JOB, {"n": i})
         assert handle.engine == "dramatiq"
     store.deregister(bench_worker, ["default"])
     reset_writer()  # this process's job log rows are written before anyone is measured
@@ -283,7 +287,7 @@ def main(
         os.environ["DATABASE_URL"] = database_url
         try:
             contenders.append(start_bare(2 * n, processes, threads))
-            for label, log in (("jobyard system.echo", "true"), ("jobyard, job log off", "false")):
+            for label, log in ((f"jobyard {JOB}", "true"), ("jobyard, job log off", "false")):
                 contenders.append(
                     start_jobyard(label, n, processes, threads, {"JOBYARD_JOB_LOG": log})
                 )
@@ -362,5 +366,13 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--slice", type=float, default=0.8, help="seconds measured per turn")
     parser.add_argument("--no-peers", action="store_true", help="leave out Celery and RQ")
+    parser.add_argument(
+        "--job", default=JOB, choices=["system.echo", "bench.step"],
+        help="bench.step: system.echo's work in one recorded step (bench/_bench_jobs.py)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.job != JOB:
+        JOB = args.job
+        os.environ["JOBYARD_JOB_MODULES"] = "_bench_jobs"
+        os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'bench'}"
     main(args.n, args.processes, args.threads, args.rounds, args.slice, peers=not args.no_peers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from tests.faults.ledger import Ledger
 
@@ -38,3 +39,32 @@ def test_counts_each_kind_of_rerun(tmp_path):
     assert (counts.rerun_returned, counts.rerun_interrupted) == (1, 2)
     assert ledger.engines("a") == {"dramatiq", "temporal"}
     assert ledger.counts({"d"}).rerun_returned == 0
+
+
+def test_a_rescue_handoff_is_not_a_double_run(tmp_path):
+    """Dramatiq killed mid-step, the job moved to Temporal with its recorded steps: the step
+    interrupted runs again there, the returned one does not. That is a handoff; a returned step
+    run again, a job that went back, or a Dramatiq execution alive beside Temporal is not."""
+    dead, alive = 2**22 + 12345, os.getpid()  # a pid nobody has (above pid_max), and ours
+    ledger = Ledger(tmp_path / "ledger")
+    _write(
+        ledger.path,
+        # h: s0 returned on Dramatiq, s1 killed mid-way, moved: s1 and s2 on Temporal
+        ("START", "h", "s0", dead, "dramatiq"), ("END", "h", "s0", dead, "dramatiq"),
+        ("START", "h", "s1", dead, "dramatiq"),
+        ("START", "h", "s1", 7, "temporal"), ("END", "h", "s1", 7, "temporal"),
+        ("START", "h", "s2", 7, "temporal"), ("END", "h", "s2", 7, "temporal"),
+        # r: moved, but its returned s0 ran again on Temporal
+        ("START", "r", "s0", dead, "dramatiq"), ("END", "r", "s0", dead, "dramatiq"),
+        ("START", "r", "s0", 7, "temporal"), ("END", "r", "s0", 7, "temporal"),
+        # b: ran on Temporal, then went back to Dramatiq
+        ("START", "b", "s0", 7, "temporal"), ("END", "b", "s0", 7, "temporal"),
+        ("START", "b", "s1", dead, "dramatiq"), ("END", "b", "s1", dead, "dramatiq"),
+        # z: a Dramatiq execution whose process lives ran beside Temporal
+        ("START", "z", "s0", alive, "dramatiq"),
+        ("START", "z", "s0", 7, "temporal"), ("END", "z", "s0", 7, "temporal"),
+    )  # fmt: skip
+    counts = ledger.counts()
+    assert (counts.handed_over, counts.both_engines) == (1, 3)
+    assert counts.rerun_returned == 1  # r
+    assert ledger.counts({"h"}).rerun_interrupted == 1

@@ -13,10 +13,14 @@ log = logging.getLogger("jobyard.rescue")
 
 async def rescue_forever(interval: float) -> None:
     rescue = Rescue.from_env(get_dispatcher().temporal)
+    wait = interval
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(wait)
+        wait = interval
         try:
             await asyncio.to_thread(rescue.run_once)
+            # Sooner than `interval` when a queue's last worker is about to be known dead.
+            wait = await asyncio.to_thread(rescue.next_pass_in, interval)
         except EngineUnavailable as exc:
             log.debug("rescue pass skipped: %s", exc)
         except Exception:

@@ -40,6 +40,7 @@ from jobyard.dispatcher.errors import (
     IdempotencyConflictError,
     JobNotFoundError,
 )
+from jobyard.dispatcher.logged import logged_status
 from jobyard.dispatcher.models import (
     FALLBACK_FLAG_OFF,
     FALLBACK_NO_WORKERS,
@@ -431,7 +432,7 @@ class Dispatcher:
             else:
                 if found is not None:
                     return found
-        found = self.temporal.status(job_id)
+        found = self.temporal.status(job_id) or logged_status(job_id)
         if found is None:
             raise JobNotFoundError(job_id)
         return found

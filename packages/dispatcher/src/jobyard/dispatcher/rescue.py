@@ -10,8 +10,10 @@ workflow id), never loses a job, and never runs one on both engines.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,11 +22,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from jobyard.dispatcher.engines import Engine, Submission, SubmitStatus
 from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
+from jobyard.dispatcher.engines.dramatiq.engine import Orphan
 from jobyard.dispatcher.models import FALLBACK_RESCUED
 from jobyard.dispatcher.owners import OwnerRegistry
 from jobyard.job_engine import env
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import JobLog
+from jobyard.job_engine.db.steps import load_steps
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.queue.client import get_client
 from jobyard.queue.store import JobStore
@@ -32,6 +36,12 @@ from jobyard.queue.store import JobStore
 log = logging.getLogger("jobyard.rescue")
 #: Seconds a job must be in the job log before its missing Redis record counts as lost.
 LOST_GRACE = 10.0
+#: Jobs moved at once by a pass (each move waits on Temporal and Redis round trips).
+MOVERS = 16
+#: A pass due at a heartbeat's expiry runs this much after it (clocks and rounding), and
+#: passes are never closer together than MIN_PASS_GAP.
+EXPIRY_MARGIN = 0.1
+MIN_PASS_GAP = 0.2
 _UNFINISHED = ("queued", "running", "retrying")
 
 
@@ -63,19 +73,36 @@ class Rescue:
     def run_once(self) -> int:
         """One pass; how many jobs it moved. Raises EngineUnavailable when an engine is down."""
         orphans = self.dramatiq.collect_orphans(FALLBACK_RESCUED)
-        for orphan in orphans:
-            job = orphan.job
-            handed_over = time.time()  # before the start: the job may finish before it returns
-            # Redis already records the job as Temporal's; the registry must agree, or a
-            # re-dispatch of a caller-chosen id would be sent to Dramatiq and dropped there.
-            self.owners.move(job.job_id, "dramatiq", "temporal")
-            self.temporal.submit(job)  # a duplicate: an earlier pass crashed before cleaning up
-            self.dramatiq.orphan_moved(orphan)
-            dispatched_event(
-                job.job_id, job.name, job.queue, self.temporal.name, job.payload,
-                FALLBACK_RESCUED, handed_over,
-            )  # fmt: skip
+        if len(orphans) > 1:
+            # Each move is a few round trips (registry, Temporal, Redis): hundreds of them one
+            # after another would take seconds of the time rule 5 allows for the whole move.
+            with ThreadPoolExecutor(MOVERS, thread_name_prefix="jobyard-rescue") as pool:
+                list(pool.map(self._move, orphans))
+        elif orphans:
+            self._move(orphans[0])
         return len(orphans) + self.recover_lost()
+
+    def _move(self, orphan: Orphan) -> None:
+        job = orphan.job
+        handed_over = time.time()  # before the start: the job may finish before it returns
+        # Redis already records the job as Temporal's; the registry must agree, or a
+        # re-dispatch of a caller-chosen id would be sent to Dramatiq and dropped there.
+        self.owners.move(job.job_id, "dramatiq", "temporal")
+        self.temporal.submit(job)  # a duplicate: an earlier pass crashed before cleaning up
+        self.dramatiq.orphan_moved(orphan)
+        dispatched_event(
+            job.job_id, job.name, job.queue, self.temporal.name, job.payload,
+            FALLBACK_RESCUED, handed_over,
+        )  # fmt: skip
+
+    def next_pass_in(self, interval: float) -> float:
+        """Seconds until the next pass: `interval`, or sooner if a queue's last live worker's
+        heartbeat expires before then, so that its jobs move when its workers are known dead
+        rather than up to an interval later. Raises EngineUnavailable when Redis is down."""
+        expiries = self.dramatiq.heartbeat_expiries()
+        if not expiries:
+            return interval
+        return max(MIN_PASS_GAP, min(interval, min(expiries) + EXPIRY_MARGIN))
 
     def recover_lost(self, grace: float = LOST_GRACE, limit: int = 500) -> int:
         """Dispatches again, under their ids, the unfinished Dramatiq jobs the job log knows
@@ -87,12 +114,31 @@ class Rescue:
             log.debug("lost job recovery skipped: %s", exc)
             return 0
         lost = set(self.dramatiq.missing([row.job_id for row in candidates]))
+        if not lost:
+            return 0
+        # The steps that had returned, kept in the database as they returned (db/steps.py):
+        # Redis lost them with the job, and they must not run again.
+        try:
+            recorded = load_steps(sorted(lost))
+        except SQLAlchemyError as exc:
+            log.warning("lost jobs wait: their step results cannot be read (%s)", exc)
+            return 0
         for row in candidates:
             if row.job_id not in lost or row.payload is None or row.queue is None:
                 continue
+            steps = recorded.get(row.job_id, {})
             job = Submission(row.job_id, row.name, row.queue, row.payload)
-            log.warning("job %s is in the job log but not in Redis: dispatched again", job.job_id)
+            log.warning(
+                "job %s is in the job log but not in Redis: dispatched again (%d step(s) kept)",
+                job.job_id, len(steps),
+            )  # fmt: skip
+            if steps:
+                self.dramatiq.restore_steps(job.job_id, steps)
             if self.dramatiq.recover(job).status == SubmitStatus.NO_WORKERS:
                 self.owners.move(job.job_id, "dramatiq", "temporal")
-                self.temporal.submit(dataclasses.replace(job, fallback_reason=FALLBACK_RESCUED))
+                decoded = {step: json.loads(result) for step, result in steps.items()}
+                moved = dataclasses.replace(
+                    job, fallback_reason=FALLBACK_RESCUED, recorded_steps=decoded or None
+                )
+                self.temporal.submit(moved)
         return len(lost)

@@ -63,10 +63,13 @@ class DramatiqContext(BaseJobContext):
         on_start: Callable[[StartResult], None] | None = None,
         on_progress: Callable[[Any], None] | None = None,
         time_limit: float | None = None,
+        journal: Callable[[str, str, str], object] | None = None,
     ) -> None:
         """`time_limit`: seconds this run may take; a step still running then is abandoned
-        (see jobyard.queue.deadline)."""
+        (see jobyard.queue.deadline). `journal(job_id, step, result_json)` keeps a returned
+        step's result durably before Redis records it (jobyard.job_engine.db.steps)."""
         super().__init__(job_id, job_name)
+        self._journal = journal
         self._time_limit = time_limit
         self._deadline = None if time_limit is None else time.monotonic() + time_limit
         self._store = store
@@ -102,6 +105,8 @@ class DramatiqContext(BaseJobContext):
         return self._started
 
     def _record(self, step: str, encoded: str, timing: str = "") -> None:
+        if self._journal is not None:  # first: Redis may lose what it records
+            self._journal(self.job_id, step, encoded)
         outcome = self._record_patiently(step, encoded, timing)
         if outcome == "lost":
             raise LostOwnership(self.job_id)

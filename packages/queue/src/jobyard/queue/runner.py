@@ -20,6 +20,8 @@ from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from jobyard.job_engine import JobSpec, PermanentError
+from jobyard.job_engine.db import joblog
+from jobyard.job_engine.db.steps import save_step
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.queue.context import Cancelled, DramatiqContext, LostOwnership, Suspend, Throttled
 from jobyard.queue.eager import discard_loop, run_eagerly
@@ -55,6 +57,8 @@ class JobRunner:
         rate = spec.rate_limit
         self.rate = (rate.calls, int(rate.period * 1000)) if rate else None
         self.time_limit = time_limit(spec)
+        # With the job log on, returned steps are kept in its database too (see steps.py).
+        self.journal = save_step if joblog.enabled() else None
         self.__name__ = spec.name
 
     def __call__(self, job_id: str, payload: Any) -> None:
@@ -107,6 +111,7 @@ class _Run:
         self.ctx = DramatiqContext(
             self.store, self.spec.name, job_id, self.seq, self.resume, runner.rate,
             on_start=self.started, on_progress=self.progressed, time_limit=runner.time_limit,
+            journal=runner.journal,
         )  # fmt: skip
 
     def event(self, state: str, start: StartResult | None, **fields: Any) -> None:

@@ -420,6 +420,14 @@ class JobStore:
         seen = self.client.zrangebyscore(keys.workers(queue), since * 1000, "+inf", withscores=True)
         return [(_text(member), float(score) / 1000) for member, score in cast(Any, seen)]
 
+    def broker_heartbeats_since(self, since: float) -> list[float]:
+        """Last beats (unix seconds) of the Dramatiq brokers seen since `since`: Dramatiq's own
+        heartbeats, which its consumers refresh on every fetch."""
+        seen = self.client.zrangebyscore(
+            keys.dramatiq_heartbeats(), since * 1000, "+inf", withscores=True
+        )
+        return [float(score) / 1000 for _, score in cast(Any, seen)]
+
     def missing(self, job_ids: list[str]) -> list[str]:
         """Those of `job_ids` that have no record in Redis."""
         pipe = self.client.pipeline(transaction=False)
@@ -436,6 +444,13 @@ class JobStore:
         if not raw:
             return None
         return {_text(k): _text(v) for k, v in raw.items()}
+
+    def restore_steps(self, job_id: str, steps: dict[str, str]) -> None:
+        """Writes step results (JSON text) a Redis that restarted empty lost (see rescue)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(keys.steps(job_id), mapping=steps)  # type: ignore[arg-type]
+        pipe.expire(keys.steps(job_id), self.retention)  # as the "step" command does
+        pipe.execute()
 
     def steps(self, job_id: str) -> dict[str, Any]:
         raw = self.client.hgetall(keys.steps(job_id))

@@ -270,3 +270,17 @@ class JobOwner(Base):
     name: Mapped[str] = mapped_column(String(255), nullable=False)
     payload_digest: Mapped[str] = mapped_column(String(64), nullable=False)
     claimed_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class JobStep(Base):
+    """A step's result, kept durably once its function returned, before the engine records it
+    in Redis (jobyard/job_engine/db/steps.py): a Redis that comes back empty loses the job's
+    record, and the job, dispatched again from the job log, must not run its finished steps
+    again. Only jobs that use `ctx.run` or `ctx.sleep` write here."""
+
+    __tablename__ = "job_steps"
+
+    job_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    step: Mapped[str] = mapped_column(String(255), primary_key=True)
+    result: Mapped[str] = mapped_column(Text, nullable=False)  # JSON text, as Redis holds it
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)

@@ -234,6 +234,18 @@ class DramatiqEngine(Engine):
                     found[worker_id] = WorkerInfo(worker_id, queues, last)
         return sorted(found.values(), key=lambda w: w.worker_id)
 
+    def heartbeat_expiries(self) -> list[float]:
+        """Seconds until each queue with live workers has none left (its youngest heartbeat
+        expires), and until each live Dramatiq broker's own heartbeat expires (then the messages
+        it holds can be swept back to their queues)."""
+        with map_redis_errors():
+            now = self.store.now()
+            since = now - self.heartbeat_timeout
+            beats = [self.store.heartbeats_since(queue, since) for queue in queue_names()]
+            brokers = self.store.broker_heartbeats_since(since)
+        queues = [max(s for _, s in b) for b in beats if b]
+        return [seen + self.heartbeat_timeout - now for seen in [*queues, *brokers]]
+
     def job_log_backlog(self) -> int:
         with map_redis_errors():
             return self.store.job_log_backlog()
@@ -263,6 +275,12 @@ class DramatiqEngine(Engine):
     def missing(self, job_ids: list[str]) -> list[str]:
         with map_redis_errors():
             return self.store.missing(job_ids)
+
+    def restore_steps(self, job_id: str, steps: dict[str, str]) -> None:
+        """Puts back step results (JSON text) of a job Redis lost, before `recover` enqueues it
+        again: its run then skips them."""
+        with map_redis_errors():
+            self.store.restore_steps(job_id, steps)
 
     def recover(self, job: Submission) -> Submitted:
         """Enqueues again a job Redis lost (restarted empty). A fresh run number makes any copy
