@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from jobyard.dispatcher import dispatch_job, get_dispatcher
+from jobyard.dispatcher import dispatch_job, get_dispatcher, get_job
 from tests.support import wait_for
 
 
@@ -185,10 +185,13 @@ def test_delayed_and_parked_jobs_move_with_their_finished_steps(engines, monkeyp
 
 def test_jobs_redis_lost_are_dispatched_again_from_the_job_log(engines, redis_server, tmp_path):
     """Redis restarts empty under parked jobs: the job log still knows them, so the rescue
-    dispatches them again under their ids and they finish (their steps were lost with Redis,
-    so those may run again: the promise here is that nothing accepted is lost)."""
+    dispatches them again under their ids and they finish, and the step that had returned
+    does not run again (its result was kept in the database as it returned). A job that had
+    finished is still answered by get_job, from the job log."""
     engines.start_worker()
     engines.start_temporal_worker()
+    done = dispatch_job("system.echo", {"before": "the wipe"})
+    assert engines.wait(done.job_id, timeout=30).state == "succeeded"
     handles, dirs = [], []
     for n in range(3):
         directory = tmp_path / f"job{n}"
@@ -202,4 +205,7 @@ def test_jobs_redis_lost_are_dispatched_again_from_the_job_log(engines, redis_se
     for handle, directory in zip(handles, dirs, strict=True):
         status = engines.wait(handle.job_id, timeout=90)
         assert status.state == "succeeded", status
+        assert (directory / "first").read_text().count("ran") == 1
         assert (directory / "second").read_text().count("ran") == 1
+    remembered = get_job(done.job_id)
+    assert (remembered.state, remembered.result) == ("succeeded", {"before": "the wipe"})

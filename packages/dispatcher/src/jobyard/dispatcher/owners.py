@@ -136,10 +136,16 @@ class OwnerRegistry:
 
     def move(self, job_id: str, source: EngineName, target: EngineName) -> None:
         """Hands the id from `source` to `target`; no-op for ids with no row."""
+        self.move_many([job_id], source, target)
+
+    def move_many(self, job_ids: list[str], source: EngineName, target: EngineName) -> None:
+        """`move` for many ids in one statement (the rescue moves hundreds at once)."""
+        if not job_ids:
+            return
         with _map_database_errors(), session_scope() as session:
             session.execute(
                 update(JobOwner)
-                .where(JobOwner.job_id == job_id, JobOwner.engine == source)
+                .where(JobOwner.job_id.in_(job_ids), JobOwner.engine == source)
                 .values(engine=target)
             )
 

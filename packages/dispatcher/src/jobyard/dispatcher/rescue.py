@@ -73,8 +73,12 @@ class Rescue:
     def run_once(self) -> int:
         """One pass; how many jobs it moved. Raises EngineUnavailable when an engine is down."""
         orphans = self.dramatiq.collect_orphans(FALLBACK_RESCUED)
+        # Redis already records these jobs as Temporal's; the registry must agree, or a
+        # re-dispatch of a caller-chosen id would be sent to Dramatiq and dropped there. One
+        # statement for the pass: a write per job would queue hundreds of transactions.
+        self.owners.move_many([o.job.job_id for o in orphans], "dramatiq", "temporal")
         if len(orphans) > 1:
-            # Each move is a few round trips (registry, Temporal, Redis): hundreds of them one
+            # Each move waits on a Temporal start and a Redis round trip: hundreds of them one
             # after another would take seconds of the time rule 5 allows for the whole move.
             with ThreadPoolExecutor(MOVERS, thread_name_prefix="jobyard-rescue") as pool:
                 list(pool.map(self._move, orphans))
@@ -85,9 +89,6 @@ class Rescue:
     def _move(self, orphan: Orphan) -> None:
         job = orphan.job
         handed_over = time.time()  # before the start: the job may finish before it returns
-        # Redis already records the job as Temporal's; the registry must agree, or a
-        # re-dispatch of a caller-chosen id would be sent to Dramatiq and dropped there.
-        self.owners.move(job.job_id, "dramatiq", "temporal")
         self.temporal.submit(job)  # a duplicate: an earlier pass crashed before cleaning up
         self.dramatiq.orphan_moved(orphan)
         dispatched_event(
