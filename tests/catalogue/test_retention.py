@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobyard.job_engine.db import session_scope
-from jobyard.job_engine.db.models import JobLog, JobOwner
+from jobyard.job_engine.db.models import JobLog, JobOwner, JobStep
 from jobyard.job_engine.db.retention import prune_job_log
 
 JOBYARD = str(Path(sys.executable).parent / "jobyard")
@@ -34,6 +34,9 @@ def _add_jobs(url: str) -> None:
                                enqueued_at=old, finished_at=finished_at))  # fmt: skip
             session.add(JobOwner(job_id=job_id, engine="dramatiq", name="system.echo",
                                  payload_digest="x", claimed_at=old))  # fmt: skip
+            session.add(JobStep(job_id=job_id, step="s0", result="1", recorded_at=old))
+        # the kept step of a job that never reached the log, past the retention
+        session.add(JobStep(job_id="never-logged", step="s0", result="1", recorded_at=old))
 
 
 def test_prune_keeps_unfinished_and_recent_jobs(database: str) -> None:
@@ -43,6 +46,7 @@ def test_prune_keeps_unfinished_and_recent_jobs(database: str) -> None:
     with session_scope(url) as session:
         assert sorted(session.scalars(select_ids(JobLog))) == ["old-running", "recent-done"]
         assert list(session.scalars(select_ids(JobOwner))) == []  # claims older than 30 days
+        assert sorted(session.scalars(select_ids(JobStep))) == ["old-running", "recent-done"]
     with pytest.raises(ValueError, match="retention"):
         prune_job_log(-1, url=url)
 
@@ -69,7 +73,7 @@ def test_jobyard_db_prune_reads_the_retention_from_the_environment(database: str
     assert bad.returncode == 2 and "retention must be >= 0" in bad.stderr
 
 
-def select_ids(model: type[JobLog] | type[JobOwner]):
+def select_ids(model: type[JobLog] | type[JobOwner] | type[JobStep]):
     from sqlalchemy import select
 
     return select(model.job_id)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -14,7 +16,7 @@ from temporalio.exceptions import ApplicationError
 from jobyard.dispatcher import EngineUnavailable, get_dispatcher
 from jobyard.dispatcher.engines import ReleaseStatus
 from jobyard.dispatcher.engines.temporal import contract
-from jobyard.job_engine import PermanentError, resolve_step, tracing
+from jobyard.job_engine import PermanentError, env, resolve_step, tracing
 from jobyard.job_engine.context import encode_json
 from jobyard.job_engine.lifecycle import job_event, progress_event
 
@@ -59,7 +61,24 @@ async def run_step(request: dict[str, Any]) -> dict[str, Any]:
 async def _call(fn: Any, args: list[Any]) -> Any:
     if inspect.iscoroutinefunction(fn):
         return await fn(*args)
-    return await asyncio.to_thread(fn, *args)
+    return await _in_step_thread(fn, *args)
+
+
+_step_threads: ThreadPoolExecutor | None = None
+
+
+def _in_step_thread(fn: Any, *args: Any) -> asyncio.Future[Any]:
+    """`fn(*args)` in a thread of the steps' own pool, sized to the worker's activity slots
+    (TEMPORAL_STEP_CONCURRENCY): with asyncio's default pool (cpu+4 threads) an accepted step
+    waits for a thread while others run, and a step retried after its worker died queues
+    behind them (tens of seconds, not the few its heartbeat timeout promises)."""
+    global _step_threads
+    if _step_threads is None:
+        _step_threads = ThreadPoolExecutor(
+            env.get_int(env.TEMPORAL_STEP_CONCURRENCY), thread_name_prefix="jobyard-step"
+        )
+    context = contextvars.copy_context()  # as asyncio.to_thread does
+    return asyncio.get_running_loop().run_in_executor(_step_threads, context.run, fn, *args)
 
 
 async def _heartbeat(every: float) -> None:

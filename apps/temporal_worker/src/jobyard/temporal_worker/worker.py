@@ -34,6 +34,8 @@ def build_worker(client: Client, task_queue: str | None = None) -> Worker:
             restrictions=SandboxRestrictions.default.with_passthrough_all_modules()
         ),
         graceful_shutdown_timeout=timedelta(seconds=env.get_float(env.WORKER_SHUTDOWN_GRACE)),
+        # As many steps accepted as there are threads to run them (activities.py).
+        max_concurrent_activities=env.get_int(env.TEMPORAL_STEP_CONCURRENCY),
     )
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger("jobyard.rescue")
 #: Seconds a job must be in the job log before its missing Redis record counts as lost.
 LOST_GRACE = 10.0
 #: Jobs moved at once by a pass (each move waits on Temporal and Redis round trips).
-MOVERS = 16
+MOVERS = 32
 #: A pass due at a heartbeat's expiry runs this much after it (clocks and rounding), and
 #: passes are never closer together than MIN_PASS_GAP.
 EXPIRY_MARGIN = 0.1

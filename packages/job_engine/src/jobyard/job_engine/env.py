@@ -153,6 +153,11 @@ DEFAULTS[WORKER_METRICS_HOST] = "127.0.0.1"
 PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's; set for workers
 DEFAULTS[WORKER_METRICS_PORT] = "9191"
 
+# Steps one `jobyard temporal-worker` runs at once (its activity slots, each with a thread for
+# a sync step: asyncio's default pool has only cpu+4, so steps past that would wait in line)
+TEMPORAL_STEP_CONCURRENCY = "TEMPORAL_STEP_CONCURRENCY"
+DEFAULTS[TEMPORAL_STEP_CONCURRENCY] = "100"
+
 # Moving jobs of worker-less queues to Temporal (jobyard temporal-worker)
 RESCUE_INTERVAL = "JOBYARD_RESCUE_INTERVAL"  # seconds between passes
 DEFAULTS[RESCUE_INTERVAL] = "5"

@@ -1,7 +1,8 @@
 """How long the job log remembers: `jobyard db prune` deletes finished jobs older than the
 retention (JOBYARD_JOB_LOG_RETENTION_DAYS), in batches, so a big log prunes without one huge
 transaction. A pruned job id is forgotten by the job id registry too: dispatching it again
-after the retention starts a new job, as an idempotency key's window ends."""
+after the retention starts a new job, as an idempotency key's window ends. Its kept step results
+(`job_steps`) go with it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from sqlalchemy import delete, select
 
 from jobyard.job_engine import env
 from jobyard.job_engine.db import session_scope
-from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobEvent, JobLog, JobOwner, JobStat
+from jobyard.job_engine.db.models import (
+    FINAL_JOB_STATES,
+    JobEvent,
+    JobLog,
+    JobOwner,
+    JobStat,
+    JobStep,
+)
 
 BATCH = 5000
 
@@ -37,9 +45,15 @@ def prune_job_log(older_than_days: float | None = None, *, url: str | None = Non
             session.execute(delete(JobLog).where(JobLog.job_id.in_(ids)))
             session.execute(delete(JobEvent).where(JobEvent.job_id.in_(ids)))
             session.execute(delete(JobOwner).where(JobOwner.job_id.in_(ids)))
+            session.execute(delete(JobStep).where(JobStep.job_id.in_(ids)))
             pruned += len(ids)
-    with session_scope(url) as session:  # claims whose job never reached the log
+    with session_scope(url) as session:  # claims and steps whose job never reached the log
         session.execute(delete(JobOwner).where(JobOwner.claimed_at < cutoff))
+        session.execute(
+            delete(JobStep).where(
+                JobStep.recorded_at < cutoff, JobStep.job_id.not_in(select(JobLog.job_id))
+            )
+        )
     with session_scope(url) as session:  # the graphs' roll-ups are history as long as the log
         session.execute(delete(JobStat).where(JobStat.period_start < cutoff))
     return pruned
