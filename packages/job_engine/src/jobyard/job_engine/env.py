@@ -158,6 +158,11 @@ DEFAULTS[WORKER_METRICS_PORT] = "9191"
 TEMPORAL_STEP_CONCURRENCY = "TEMPORAL_STEP_CONCURRENCY"
 DEFAULTS[TEMPORAL_STEP_CONCURRENCY] = "100"
 
+# "false": a Dramatiq step's result is kept in Redis only, not also in the database's job_steps
+# (a Redis that comes back empty then runs returned steps again; see db/steps.py)
+STEP_JOURNAL = "JOBYARD_STEP_JOURNAL"
+DEFAULTS[STEP_JOURNAL] = "true"
+
 # Moving jobs of worker-less queues to Temporal (jobyard temporal-worker)
 RESCUE_INTERVAL = "JOBYARD_RESCUE_INTERVAL"  # seconds between passes
 DEFAULTS[RESCUE_INTERVAL] = "5"

@@ -19,7 +19,7 @@ import redis
 from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from jobyard.job_engine import JobSpec, PermanentError
+from jobyard.job_engine import JobSpec, PermanentError, env
 from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.steps import save_step
 from jobyard.job_engine.lifecycle import job_event, progress_event
@@ -58,7 +58,8 @@ class JobRunner:
         self.rate = (rate.calls, int(rate.period * 1000)) if rate else None
         self.time_limit = time_limit(spec)
         # With the job log on, returned steps are kept in its database too (see steps.py).
-        self.journal = save_step if joblog.enabled() else None
+        journal = joblog.enabled() and env.get_bool(env.STEP_JOURNAL)
+        self.journal = save_step if journal else None
         self.__name__ = spec.name
 
     def __call__(self, job_id: str, payload: Any) -> None:

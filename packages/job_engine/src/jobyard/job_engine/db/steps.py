@@ -6,7 +6,8 @@ comes back empty (no persistence, a failover to a replica that missed writes) lo
 rescue then dispatches the job again from the job log (jobyard/dispatcher/rescue.py), and
 without these rows every step that had returned would run again. Shipping them later, in
 batches, is not enough: Redis can die before the batch goes. So each returned step is written
-here synchronously, one small INSERT, and only by jobs that use steps.
+here synchronously (the step waits for the commit), and only by jobs that use steps; concurrent
+steps of a process share one transaction (group commit, see StepJournal).
 
 A database that cannot take the write does not fail the step (its function has returned: failing
 now would run it again): the result goes to Redis alone, and the loss is logged once.
@@ -14,52 +15,126 @@ now would run it again): the result goes to Redis alone, and the loss is logged 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Insert, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import select
 
 from jobyard.job_engine.db import get_engine, session_scope, utcnow
 from jobyard.job_engine.db.models import JobStep
 
 log = logging.getLogger("jobyard.steps")
-_statements: dict[str, Insert] = {}
-_warned = threading.Event()
+#: Seconds a step waits for its row to be committed before going on without it (logged).
+COMMIT_PATIENCE = 10.0
+# A step recorded twice (a retried write) keeps its first result: the one acted on.
+_COLUMNS = "job_steps (job_id, step, result, recorded_at)"
+_PG_INSERT = f"INSERT INTO {_COLUMNS} VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
+_SQLITE_INSERT = f"INSERT INTO {_COLUMNS} VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
 
 
-def _insert(url: str | None) -> tuple[Any, Insert]:
-    engine = get_engine(url)
-    dialect = engine.dialect.name
-    statement = _statements.get(dialect)
-    if statement is None:
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        # A step recorded twice (a retried write) keeps its first result: the one acted on.
-        statement = _statements[dialect] = insert(JobStep).on_conflict_do_nothing()
-    return engine, statement
+@dataclass
+class _Pending:
+    row: tuple[Any, ...]
+    done: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False
 
 
-def save_step(job_id: str, step: str, result_json: str, *, url: str | None = None) -> bool:
-    """Keeps a returned step's result; False (logged) when the database cannot take it."""
-    try:
-        engine, statement = _insert(url)
-        with engine.begin() as connection:
-            connection.execute(
-                statement,
-                {"job_id": job_id, "step": step, "result": result_json, "recorded_at": utcnow()},
-            )
-    except SQLAlchemyError as exc:
-        if not _warned.is_set():
-            _warned.set()
+class StepJournal:
+    """Group commit: a writer thread inserts every row handed to it since its last commit in
+    one transaction, while each caller waits for the commit of the batch holding its row. A
+    step is still durable before it is acknowledged; what it no longer pays alone is the
+    transaction (a commit, an fsync), which concurrent steps of the process share. A lone step's
+    batch is itself, written at once.
+
+    The writing is not done by one of the waiting steps (a leader): a worker thread can be hit
+    by Dramatiq's TimeLimit exception anywhere, and a leader hit mid-write would leave every
+    later step waiting. A caller only ever waits on its own event."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url
+        self._pending: list[_Pending] = []
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._warned = False
+
+    def save(self, job_id: str, step: str, result_json: str) -> bool:
+        """Keeps a returned step's result; False (logged) when the database cannot take it."""
+        entry = _Pending((job_id, step, result_json, utcnow()))
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._write_forever, name="jobyard-step-journal", daemon=True
+                )
+                self._thread.start()
+            self._pending.append(entry)
+            self._lock.notify()
+        if not entry.done.wait(COMMIT_PATIENCE):
+            self._warn(f"no commit in {COMMIT_PATIENCE:g} s")
+        return entry.ok
+
+    def _write_forever(self) -> None:
+        connection: Any = None
+        sqlite = False
+        while True:
+            with self._lock:
+                while not self._pending:
+                    self._lock.wait()
+                batch, self._pending = self._pending, []
+            ok = False
+            try:
+                if connection is None:
+                    engine = get_engine(self.url)
+                    connection, sqlite = engine.raw_connection(), engine.dialect.name == "sqlite"
+                self._write(connection, sqlite, batch)
+                ok = True
+            except Exception as exc:  # the driver's own errors: the connection is suspect
+                self._warn(f"{type(exc).__name__}: {exc}")
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        connection.invalidate()
+                    connection = None
+            for entry in batch:
+                entry.ok = ok
+                entry.done.set()
+
+    @staticmethod
+    def _write(connection: Any, sqlite: bool, batch: list[_Pending]) -> None:
+        """One INSERT per row and one commit for all, on the driver's own connection: the
+        per-statement work of SQLAlchemy's execution layer costs more than the insert."""
+        rows = [e.row for e in batch]
+        if sqlite:  # as UTCDateTime stores it: naive UTC text (timestamptz on PostgreSQL)
+            rows = [(*r[:3], r[3].replace(tzinfo=None).isoformat(" ")) for r in rows]
+        cursor = connection.cursor()
+        try:
+            cursor.executemany(_SQLITE_INSERT if sqlite else _PG_INSERT, rows)
+        finally:
+            cursor.close()
+        connection.commit()
+
+    def _warn(self, reason: str) -> None:
+        if not self._warned:
+            self._warned = True
             log.warning(
                 "step results are not kept in the database (%s): a Redis that comes back "
-                "empty will run returned steps again (this is logged once)", exc,
+                "empty will run returned steps again (this is logged once)", reason,
             )  # fmt: skip
-        return False
-    return True
+
+
+_journal: StepJournal | None = None
+_journal_lock = threading.Lock()
+
+
+def save_step(job_id: str, step: str, result_json: str) -> bool:
+    """StepJournal.save on the process's journal (DATABASE_URL)."""
+    global _journal
+    if _journal is None:
+        with _journal_lock:
+            if _journal is None:
+                _journal = StepJournal()
+    return _journal.save(job_id, step, result_json)
 
 
 def load_steps(job_ids: list[str], *, url: str | None = None) -> dict[str, dict[str, str]]:
