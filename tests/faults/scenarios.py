@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sqlite3
 import statistics
 import sys
 import threading
@@ -54,11 +55,31 @@ class Harness:
         return Ledger(self.workdir / f"{slug}-{time.monotonic_ns()}.ledger")
 
     def cluster(self, **kwargs: Any) -> Cluster:
-        """A scenario's Redis and processes; their output is kept in a folder of the workdir."""
-        logdir = self.workdir / f"logs-{time.monotonic_ns()}"
+        """A scenario's Redis and processes; their output is kept in a folder of the workdir.
+        With an SQLite job log, each scenario gets a database of its own: a job an earlier
+        scenario left unfinished in the log is not in this scenario's Redis, and the rescue
+        would dispatch it again here (as it must for a Redis that lost it), loading this row."""
+        stamp = time.monotonic_ns()
+        logdir = self.workdir / f"logs-{stamp}"
         logdir.mkdir()
+        database_url = self.database_url
+        if database_url.startswith("sqlite:"):
+            template = self.workdir / "jobyard-migrated.db"
+            if not template.exists():  # migrated once, copied per scenario
+                from jobyard.job_engine.db.migrate import upgrade
+
+                upgrade(f"sqlite:///{template}")
+            fresh = self.workdir / f"jobyard-{stamp}.db"
+            # SQLite's backup API: a file copy would miss what is still in the template's WAL.
+            source, target = sqlite3.connect(template), sqlite3.connect(fresh)
+            try:
+                source.backup(target)
+            finally:
+                source.close()
+                target.close()
+            database_url = f"sqlite:///{fresh}"
         return Cluster(
-            self.temporal_address, self.database_url, logdir=logdir,
+            self.temporal_address, database_url, logdir=logdir,
             processes=self.processes, **kwargs,
         )  # fmt: skip
 
@@ -719,7 +740,9 @@ def temporal_worker_killed(
         cluster.wait_ready(survivor)
         cluster.apply({"USE_DRAMATIQ": "false"})
         load = Load(ledger, steps=2, work=0.05, long_step=0, long_work=work)
-        load.dispatch_many([f"j{i}" for i in range(n)])
+        # In the background: dispatching takes seconds on a loaded machine, and the kill must
+        # land while the first steps are still young (see mid_step).
+        feeder = load.in_background([f"j{i}" for i in range(n)])
 
         def victim_busy(lg: Ledger) -> bool:
             return any(
@@ -728,11 +751,34 @@ def temporal_worker_killed(
                 for e in st["s0"].executions
             )
 
+        def mid_step(lg: Ledger) -> bool:
+            """The victim runs long steps that have a while to go, and returned none in the last
+            second: a kill then interrupts steps. (A kill in the milliseconds after a step's
+            function returned, before Temporal heard of it, reruns a returned step: that window
+            is what ctx.step_key is for, and not what this row measures.)"""
+            now = time.time()
+            victims = [
+                (name, e)
+                for st in lg.histories().values()
+                for name, h in st.items()
+                for e in h.executions
+                if e.pid == victim.pid
+            ]
+            running = [(name, e) for name, e in victims if e.ended is None]
+            return bool(running) and all(
+                now - e.ended > 1.0
+                if e.ended is not None
+                else name == "s0" and now - e.started < work - 1.5
+                for name, e in victims
+            )
+
         ledger_wait(ledger, victim_busy, 60)
         time.sleep(min(1.0, work / 4))
+        ledger_wait(ledger, mid_step, 30)
         Cluster.sigkill(victim)
         killed_at = time.time()
         say("temporal worker SIGKILLed")
+        feeder.join()
         cut = {
             t
             for t, st in ledger.histories().items()

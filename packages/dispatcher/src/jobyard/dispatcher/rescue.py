@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from jobyard.dispatcher.engines import Engine, Submission, SubmitStatus
 from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
 from jobyard.dispatcher.engines.dramatiq.engine import Orphan
+from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import FALLBACK_RESCUED
 from jobyard.dispatcher.owners import OwnerRegistry
 from jobyard.job_engine import env
@@ -36,12 +36,14 @@ from jobyard.queue.store import JobStore
 log = logging.getLogger("jobyard.rescue")
 #: Seconds a job must be in the job log before its missing Redis record counts as lost.
 LOST_GRACE = 10.0
-#: Jobs moved at once by a pass (each move waits on Temporal and Redis round trips).
-MOVERS = 32
+#: Jobs a pass starts on Temporal at once (concurrent starts, one batch's round trip).
+MOVE_BATCH = 100
 #: A pass due at a heartbeat's expiry runs this much after it (clocks and rounding), and
 #: passes are never closer together than MIN_PASS_GAP.
 EXPIRY_MARGIN = 0.1
 MIN_PASS_GAP = 0.2
+#: Seconds to the next pass after one that left jobs on the handoff list.
+RETRY_GAP = 0.5
 _UNFINISHED = ("queued", "running", "retrying")
 
 
@@ -63,6 +65,8 @@ class Rescue:
         self.dramatiq = dramatiq
         self.temporal = temporal
         self.owners = OwnerRegistry()
+        self._retry_soon = False
+        self._pass_began = time.monotonic()
 
     @classmethod
     def from_env(cls, temporal: Engine) -> Rescue:
@@ -71,36 +75,79 @@ class Rescue:
         return cls(DramatiqEngine(store, env.get_float(env.WORKER_HEARTBEAT_TIMEOUT)), temporal)
 
     def run_once(self) -> int:
-        """One pass; how many jobs it moved. Raises EngineUnavailable when an engine is down."""
-        orphans = self.dramatiq.collect_orphans(FALLBACK_RESCUED)
+        """One pass; how many jobs it moved. Raises EngineUnavailable when Redis is down (a job
+        Temporal does not take stays on the handoff list for the next pass)."""
+        self._pass_began = time.monotonic()
+        orphans = self._with_kept_steps(self.dramatiq.collect_orphans(FALLBACK_RESCUED))
         # Redis already records these jobs as Temporal's; the registry must agree, or a
         # re-dispatch of a caller-chosen id would be sent to Dramatiq and dropped there. One
         # statement for the pass: a write per job would queue hundreds of transactions.
         self.owners.move_many([o.job.job_id for o in orphans], "dramatiq", "temporal")
-        if len(orphans) > 1:
-            # Each move waits on a Temporal start and a Redis round trip: hundreds of them one
-            # after another would take seconds of the time rule 5 allows for the whole move.
-            with ThreadPoolExecutor(MOVERS, thread_name_prefix="jobyard-rescue") as pool:
-                list(pool.map(self._move, orphans))
-        elif orphans:
-            self._move(orphans[0])
-        return len(orphans) + self.recover_lost()
+        failed: list[EngineUnavailable] = []
+        for at in range(0, len(orphans), MOVE_BATCH):
+            failed += self._move(orphans[at : at + MOVE_BATCH])
+        if failed:
+            log.warning(
+                "%d of %d job(s) stay on the handoff list for the next pass: %s",
+                len(failed), len(orphans), failed[0],
+            )  # fmt: skip
+        # Some starts failed while others went through (a slow, busy Temporal): the next pass
+        # comes soon, not an interval later. None went through: Temporal is down, no hurry.
+        self._retry_soon = 0 < len(failed) < len(orphans)
+        return len(orphans) - len(failed) + self.recover_lost()
 
-    def _move(self, orphan: Orphan) -> None:
-        job = orphan.job
-        handed_over = time.time()  # before the start: the job may finish before it returns
-        self.temporal.submit(job)  # a duplicate: an earlier pass crashed before cleaning up
-        self.dramatiq.orphan_moved(orphan)
-        dispatched_event(
-            job.job_id, job.name, job.queue, self.temporal.name, job.payload,
-            FALLBACK_RESCUED, handed_over,
-        )  # fmt: skip
+    @staticmethod
+    def _with_kept_steps(orphans: list[Orphan]) -> list[Orphan]:
+        """Adds the step results the database kept (db/steps.py) to those Redis recorded: a
+        worker killed after a step's result was committed there, before Redis recorded it,
+        must not have Temporal run that step again."""
+        if not orphans:
+            return orphans
+        try:
+            kept = load_steps([o.job.job_id for o in orphans])
+        except SQLAlchemyError as exc:  # Redis's records alone, as without a database
+            log.debug("kept step results unread: %s", exc)
+            return orphans
+        out = []
+        for orphan in orphans:
+            if steps := kept.get(orphan.job.job_id):
+                merged = {s: json.loads(r) for s, r in steps.items()}
+                merged.update(orphan.job.recorded_steps or {})
+                job = dataclasses.replace(orphan.job, recorded_steps=merged)
+                orphan = dataclasses.replace(orphan, job=job)
+            out.append(orphan)
+        return out
+
+    def _move(self, orphans: list[Orphan]) -> list[EngineUnavailable]:
+        """Starts the jobs on Temporal at once (a duplicate where an earlier pass stopped
+        before cleaning up) and drops the started ones from the handoff list; the errors of
+        those that stay on it."""
+        handed_over = time.time()  # before the start: a job may finish before it returns
+        outcomes = self.temporal.submit_many([o.job for o in orphans])
+        failed = []
+        for orphan, outcome in zip(orphans, outcomes, strict=True):
+            job = orphan.job
+            try:
+                if isinstance(outcome, EngineUnavailable):
+                    raise outcome
+                self.dramatiq.orphan_moved(orphan)
+            except EngineUnavailable as exc:
+                failed.append(exc)
+                continue
+            dispatched_event(
+                job.job_id, job.name, job.queue, self.temporal.name, job.payload,
+                FALLBACK_RESCUED, handed_over,
+            )  # fmt: skip
+        return failed
 
     def next_pass_in(self, interval: float) -> float:
         """Seconds until the next pass: `interval`, or sooner if a queue's last live worker's
         heartbeat expires before then, so that its jobs move when its workers are known dead
         rather than up to an interval later. Raises EngineUnavailable when Redis is down."""
-        expiries = self.dramatiq.heartbeat_expiries()
+        if self._retry_soon:
+            return RETRY_GAP
+        # Since the last pass began: a heartbeat that expired while the pass ran was not swept.
+        expiries = self.dramatiq.heartbeat_expiries(time.monotonic() - self._pass_began)
         if not expiries:
             return interval
         return max(MIN_PASS_GAP, min(interval, min(expiries) + EXPIRY_MARGIN))

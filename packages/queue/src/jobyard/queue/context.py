@@ -63,11 +63,12 @@ class DramatiqContext(BaseJobContext):
         on_start: Callable[[StartResult], None] | None = None,
         on_progress: Callable[[Any], None] | None = None,
         time_limit: float | None = None,
-        journal: Callable[[str, str, str], object] | None = None,
+        journal: Callable[[str, str, str], Callable[[], object]] | None = None,
     ) -> None:
         """`time_limit`: seconds this run may take; a step still running then is abandoned
-        (see jobyard.queue.deadline). `journal(job_id, step, result_json)` keeps a returned
-        step's result durably before Redis records it (jobyard.job_engine.db.steps)."""
+        (see jobyard.queue.deadline). `journal(job_id, step, result_json)` starts keeping a
+        returned step's result durably (jobyard.job_engine.db.steps) and returns the wait for
+        it."""
         super().__init__(job_id, job_name)
         self._journal = journal
         self._time_limit = time_limit
@@ -105,9 +106,15 @@ class DramatiqContext(BaseJobContext):
         return self._started
 
     def _record(self, step: str, encoded: str, timing: str = "") -> None:
-        if self._journal is not None:  # first: Redis may lose what it records
-            self._journal(self.job_id, step, encoded)
-        outcome = self._record_patiently(step, encoded, timing)
+        # The database write and the Redis record go at once: a worker killed now loses no
+        # more than it did with Redis alone, and the step goes on only once both are done (a
+        # Redis that comes back empty may have lost the record; see the rescue).
+        committed = self._journal(self.job_id, step, encoded) if self._journal else None
+        try:
+            outcome = self._record_patiently(step, encoded, timing)
+        finally:
+            if committed is not None:
+                committed()
         if outcome == "lost":
             raise LostOwnership(self.job_id)
         self._recorded[step] = encoded

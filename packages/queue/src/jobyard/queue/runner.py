@@ -21,7 +21,7 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from jobyard.job_engine import JobSpec, PermanentError, env
 from jobyard.job_engine.db import joblog
-from jobyard.job_engine.db.steps import save_step
+from jobyard.job_engine.db.steps import begin_step
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.queue.context import Cancelled, DramatiqContext, LostOwnership, Suspend, Throttled
 from jobyard.queue.eager import discard_loop, run_eagerly
@@ -59,7 +59,7 @@ class JobRunner:
         self.time_limit = time_limit(spec)
         # With the job log on, returned steps are kept in its database too (see steps.py).
         journal = joblog.enabled() and env.get_bool(env.STEP_JOURNAL)
-        self.journal = save_step if journal else None
+        self.journal = begin_step if journal else None
         self.__name__ = spec.name
 
     def __call__(self, job_id: str, payload: Any) -> None:

@@ -3,6 +3,8 @@
 - A consumer thread that loses its Redis connection keeps the delayed messages it holds in
   memory. Dramatiq drops them, but their ids stay in this worker's ack set, and a live worker's
   ack set is never swept: jobs parked by `ctx.sleep` or a retry backoff would wait forever.
+  That includes the one delayed message whose move to its queue failed: Dramatiq has taken it
+  off the in-memory delay queue by then, and the error is not even a connection error to it.
 - A graceful stop gives every worker thread the whole grace period: dramatiq's `join_all`
   takes the total elapsed time off each remaining thread's timeout, so a stop can give up
   (and requeue jobs that would have finished) long before the grace ends.
@@ -16,8 +18,9 @@ from queue import PriorityQueue
 from typing import Any
 
 import dramatiq
-from dramatiq.common import q_name
-from dramatiq.errors import BrokerConnectionError
+import redis
+from dramatiq.common import current_millis, iter_queue, q_name
+from dramatiq.errors import BrokerConnectionError, ConnectionClosed
 from dramatiq.worker import ConsumerThread
 
 
@@ -36,6 +39,27 @@ class KeepDelayedConsumerThread(ConsumerThread):
     def delay_queue(self, queue: PriorityQueue[Any]) -> None:
         if self._kept is None:
             self._kept = queue
+
+    def handle_delayed_messages(self) -> None:
+        """Dramatiq's, except that a message whose enqueue fails goes back on the delay queue
+        (to be enqueued again once Redis answers; a second copy from an enqueue that reached
+        Redis runs once, see the job's seq) and the error is the connection error it is."""
+        for item in iter_queue(self.delay_queue):
+            message = item.message
+            if item.priority > current_millis():
+                self.delay_queue.put(item)
+                self.delay_queue.task_done()
+                break
+            ready = message.copy(queue_name=q_name(message.queue_name))
+            del ready.options["eta"]
+            try:
+                self.broker.enqueue(ready)
+            except redis.RedisError as exc:
+                self.delay_queue.put(item)
+                self.delay_queue.task_done()
+                raise ConnectionClosed(exc) from exc
+            self.post_process_message(message)
+            self.delay_queue.task_done()
 
     def close(self) -> None:
         if self.running:  # a reconnect, not a stop: the delayed messages stay ours

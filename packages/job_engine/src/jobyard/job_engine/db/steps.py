@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,12 @@ class StepJournal:
 
     def save(self, job_id: str, step: str, result_json: str) -> bool:
         """Keeps a returned step's result; False (logged) when the database cannot take it."""
+        return self.begin(job_id, step, result_json)()
+
+    def begin(self, job_id: str, step: str, result_json: str) -> Callable[[], bool]:
+        """Starts keeping a step's result and returns at once; call what it returns to wait
+        for the commit (True) or its failure (False, logged). The caller does its other
+        bookkeeping (Redis) meanwhile."""
         entry = _Pending((job_id, step, result_json, utcnow()))
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
@@ -71,9 +78,13 @@ class StepJournal:
                 self._thread.start()
             self._pending.append(entry)
             self._lock.notify()
-        if not entry.done.wait(COMMIT_PATIENCE):
-            self._warn(f"no commit in {COMMIT_PATIENCE:g} s")
-        return entry.ok
+
+        def committed() -> bool:
+            if not entry.done.wait(COMMIT_PATIENCE):
+                self._warn(f"no commit in {COMMIT_PATIENCE:g} s")
+            return entry.ok
+
+        return committed
 
     def _write_forever(self) -> None:
         connection: Any = None
@@ -127,14 +138,14 @@ _journal: StepJournal | None = None
 _journal_lock = threading.Lock()
 
 
-def save_step(job_id: str, step: str, result_json: str) -> bool:
-    """StepJournal.save on the process's journal (DATABASE_URL)."""
+def begin_step(job_id: str, step: str, result_json: str) -> Callable[[], bool]:
+    """StepJournal.begin on the process's journal (DATABASE_URL)."""
     global _journal
     if _journal is None:
         with _journal_lock:
             if _journal is None:
                 _journal = StepJournal()
-    return _journal.save(job_id, step, result_json)
+    return _journal.begin(job_id, step, result_json)
 
 
 def load_steps(job_ids: list[str], *, url: str | None = None) -> dict[str, dict[str, str]]:

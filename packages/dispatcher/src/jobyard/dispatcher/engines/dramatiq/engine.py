@@ -234,13 +234,14 @@ class DramatiqEngine(Engine):
                     found[worker_id] = WorkerInfo(worker_id, queues, last)
         return sorted(found.values(), key=lambda w: w.worker_id)
 
-    def heartbeat_expiries(self) -> list[float]:
+    def heartbeat_expiries(self, lookback: float = 0.0) -> list[float]:
         """Seconds until each queue with live workers has none left (its youngest heartbeat
         expires), and until each live Dramatiq broker's own heartbeat expires (then the messages
-        it holds can be swept back to their queues)."""
+        it holds can be swept back to their queues). With `lookback`, also those that expired
+        in the last `lookback` seconds (negative)."""
         with map_redis_errors():
             now = self.store.now()
-            since = now - self.heartbeat_timeout
+            since = now - self.heartbeat_timeout - lookback
             beats = [self.store.heartbeats_since(queue, since) for queue in queue_names()]
             brokers = self.store.broker_heartbeats_since(since)
         queues = [max(s for _, s in b) for b in beats if b]
