@@ -534,14 +534,23 @@ def dramatiq_workers_killed(
         worker, _ = cluster.start_both()
         say("workers up")
         load = Load(ledger, steps=3, work=0.05)
-        running = [f"running-{i}" for i in range(n_running)]
         # Long on Dramatiq only: they must still be mid-step when the workers die however slow
         # the dispatches after them are, and quick wherever they resume.
-        load.dispatch_many(running, long_step=1, long_work=long_work, long_only_on="dramatiq")
-        # One worker process may have prefetched them all and run 10 at a time: wait for a
-        # process's worth, then for the rest only while more keep starting.
-        ledger_wait(ledger, lambda lg: starts(lg, "s1") >= min(n_running, 10), 60)
-        ledger_wait(ledger, lambda lg: starts(lg, "s1") >= n_running, 2)
+        long = {"long_step": 1, "long_work": long_work, "long_only_on": "dramatiq"}
+        load.dispatch_many([f"running-{i}" for i in range(n_running)], **long)
+        # Every worker thread busy with one, so that the queued jobs after them wait on the
+        # queue and the kill finds no short step half-recorded (a kill in the milliseconds
+        # between a step's return and its record reruns it: the at-least-once window that
+        # ctx.step_key covers, not what this row measures). One worker process may have
+        # prefetched them all while the other idles: more, until every thread has one.
+        threads = h.processes * 10
+        ledger_wait(ledger, lambda lg: starts(lg, "s1") >= min(n_running, threads), 10)
+        extra = n_running
+        while starts(ledger, "s1") < threads and extra < 4 * threads:
+            load.dispatch(f"running-{extra}", **long)
+            extra += 1
+            ledger_wait(ledger, lambda lg: starts(lg, "s1") >= threads, 0.3)
+        ledger_wait(ledger, lambda lg: starts(lg, "s1") >= threads, 5)
         load.dispatch_many([f"queued-{i}" for i in range(n_queued)])
         load.dispatch_many([f"delayed-{i}" for i in range(n_delayed)], delay=delay)
         Cluster.sigkill(worker)
