@@ -1,11 +1,8 @@
 """job_steps: returned steps' results, durable before Redis records them.
 
 Revision ID: 0007_job_steps
-Revises: 0005_job_owners
+Revises: 0006_job_events
 Create Date: 2026-11-26
-
-Numbered 0007 because 0006 is being written on another branch (job events): whoever merges
-second sets `down_revision` to the other's revision, so the chain stays linear.
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007_job_steps"
-down_revision = "0005_job_owners"
+down_revision = "0006_job_events"
 branch_labels = None
 depends_on = None
 
