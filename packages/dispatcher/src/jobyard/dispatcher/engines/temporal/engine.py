@@ -171,7 +171,7 @@ class TemporalEngine(Engine):
         """Starts the jobs' workflows concurrently (one round trip's time for the batch, not
         one per job: the rescue moves hundreds at once); each job gets its own outcome."""
 
-        async def one(job: Submission) -> Submitted:
+        async def start(job: Submission) -> Submitted:
             request = JobRequest.of(job)
             try:
                 await self._start(
@@ -180,6 +180,15 @@ class TemporalEngine(Engine):
             except AlreadyOnEngine:
                 return Submitted(SubmitStatus.DUPLICATE, owner=self.name)
             return Submitted(SubmitStatus.STARTED)
+
+        async def one(job: Submission) -> Submitted:
+            if tracing.ACTIVE and job.fallback_reason:  # as `submit`: in the job's own trace
+                attributes = tracing.job_attributes(job.job_id, job.name, job.queue, self.name)
+                attributes[tracing.FALLBACK_REASON] = job.fallback_reason
+                # gather runs each start as its own task: the span is current in that one only.
+                with tracing.span(tracing.FALLBACK, attributes, parent=job.trace):
+                    return await start(job)
+            return await start(job)
 
         async def every() -> list[Any]:
             return await asyncio.gather(*(one(job) for job in jobs), return_exceptions=True)
