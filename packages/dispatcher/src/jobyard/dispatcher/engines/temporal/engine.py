@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import gc
 import threading
 from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 from typing import Any, ClassVar, TypeVar
@@ -80,6 +82,7 @@ class TemporalEngine(Engine):
             target=self._loop.run_forever, name="jobyard-temporal", daemon=True
         )
         self._thread.start()
+        self._warming: Future[Client] | None = None
         atexit.register(self.close)
 
     def close(self) -> None:
@@ -87,6 +90,13 @@ class TemporalEngine(Engine):
         left to the interpreter's teardown makes its native threads panic on exit."""
         if self._loop.is_closed():
             return
+        warming = self._warming
+        if warming is not None and not warming.done():
+            # A connect still in flight completes from a native thread; if the interpreter is
+            # finalizing by then, that aborts the process (a one-shot `jobyard status` that
+            # found its job in Redis first). Let it finish, at most its own timeout.
+            with contextlib.suppress(Exception):
+                warming.result(self.timeout + 1)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=2)
         self._client = None
@@ -117,8 +127,8 @@ class TemporalEngine(Engine):
 
     def warm_up(self) -> None:
         """Connect in the background so the first fallback does not pay for it."""
-        future = asyncio.run_coroutine_threadsafe(self.client(), self._loop)
-        future.add_done_callback(lambda f: f.exception())
+        self._warming = asyncio.run_coroutine_threadsafe(self.client(), self._loop)
+        self._warming.add_done_callback(lambda f: f.exception())
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run `coro` on the engine's loop (benchmarks and tests reach the client this way)."""
