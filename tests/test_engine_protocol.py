@@ -7,6 +7,7 @@ fourth engine is done when it passes this file and the ctx conformance suite.
 
 from __future__ import annotations
 
+import importlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,6 +33,9 @@ TERMINAL = ("succeeded", "failed", "dead", "cancelled")
 @pytest.fixture(params=["inline", "dramatiq", "temporal"])
 def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
     if request.param == "inline":
+        # In this process, so its jobs must be declared here (the others' workers load them
+        # through JOBYARD_JOB_MODULES): alone, this test ran before anything imported them.
+        importlib.import_module("tests.jobs")
         yield InlineEngine()
         return
     engines: Engines = request.getfixturevalue("engines")
