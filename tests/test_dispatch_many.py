@@ -145,3 +145,24 @@ def test_options_travel_with_each_job(engines: Engines) -> None:
     options = json.loads(client.hget(keys.job(now.job_id), "options"))
     assert options == {"retry": RetryPolicy(attempts=2).overrides()}
     assert engines.wait(later.job_id, timeout=30).state == "succeeded"
+
+
+def test_a_refused_batch_stops_the_ones_after_it(engines: Engines) -> None:
+    """Redis refuses the second batch (out of memory, an error reply: it ran nothing): the first
+    batch stays on Dramatiq, every later job goes to Temporal with the same guarantees as a
+    single dispatch, and nothing is queued twice."""
+    client = engines.redis.client()
+    JobStore(client).heartbeat("test-worker", "test-broker", ["default"])
+    requests = echo_requests(BATCH_JOBS * 3, "oom")
+    before = int(client.info("memory")["used_memory"])
+    dispatch_many(requests[:BATCH_JOBS])  # what one batch adds to Redis's memory
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", used + (used - before))  # the next batch passes it
+    try:
+        results = dispatch_many(requests)
+    finally:
+        client.config_set("maxmemory", 0)
+    engines_used = [r.engine if isinstance(r, JobHandle) else type(r).__name__ for r in results]
+    assert engines_used[:BATCH_JOBS] == ["dramatiq"] * BATCH_JOBS
+    assert set(engines_used[BATCH_JOBS:]) == {"temporal"}
+    assert client.llen("dramatiq:default") == 2 * BATCH_JOBS

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from jobyard.job_engine import InvalidPayloadError, PayloadTooLargeError, env, get_spec, strictjson
+from tests import jobs as test_jobs  # noqa: F401  (declares test.fragile)
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -114,3 +115,43 @@ def test_the_size_limit_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
         spec.encode({"a": "x" * 13})
     assert (caught.value.size, caught.value.limit) == (21, 20)
     assert isinstance(caught.value, InvalidPayloadError)  # callers refusing bad payloads catch it
+
+
+def _outcome(spec_name: str, payload: object) -> object:
+    """`encode`'s result, or its error as (type, message)."""
+    try:
+        return get_spec(spec_name).encode(payload)
+    except InvalidPayloadError as exc:
+        return (type(exc), str(exc))
+
+
+@SETTINGS
+@given(
+    st.sampled_from(["system.echo", "email.send", "test.fragile"]),
+    st.lists(
+        st.dictionaries(any_text | st.integers(), python_values, max_size=4)
+        | st.builds(lambda to: {"to": to, "subject": "s", "template": "t"}, any_text)
+        # valid for test.fragile but for what its schema drops (extra keys: NaN, surrogates...)
+        | st.builds(
+            lambda text, extra: {**extra, "marker_dir": text},
+            any_text,
+            st.dictionaries(any_text, python_values, max_size=3),
+        )
+        | any_text,
+        max_size=8,
+    ),
+)
+@example("test.fragile", [{"marker_dir": "a", "x": float("nan")}, {"marker_dir": "b", "\udc00": 1}])
+def test_encode_many_gives_what_encode_gives_for_each_payload(name: str, payloads) -> None:
+    """dispatch_many's batch path checks each payload exactly as dispatch_job does: the same
+    data, or the same error with the same message; its JSON text is the data's."""
+    batch = get_spec(name).encode_many(payloads)
+    assert len(batch) == len(payloads)
+    for payload, got in zip(payloads, batch, strict=True):
+        expected = _outcome(name, payload)
+        if isinstance(expected, tuple):
+            assert (type(got), str(got)) == expected
+        else:
+            assert not isinstance(got, Exception)
+            assert got.data == expected
+            assert json.loads(got.text) == expected

@@ -68,6 +68,7 @@ from jobyard.job_engine.db.readiness import check_setup
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import get_client
+from jobyard.queue.messages import random_ids
 from jobyard.queue.store import JobStore
 
 log = logging.getLogger("jobyard.dispatcher")
@@ -177,11 +178,47 @@ class Dispatcher:
         result per request, in order: its handle, or the error `dispatch` would have raised
         for it (the other jobs are dispatched all the same)."""
         started = time.time()
-        results: list[JobHandle | Exception | None] = []
+        listed = list(requests)
+        results: list[JobHandle | Exception | None] = [None] * len(listed)
+        plain: list[int] = []
+        others: list[int] = []
+        for index, request in enumerate(listed):
+            (plain if _is_plain(request) else others).append(index)
+        if plain:
+            self._dispatch_plain(listed, plain, results, started)
+        if others:
+            self._dispatch_others(listed, others, results, started)
+        return [_settled(result) for result in results]
+
+    def _dispatch_plain(
+        self,
+        requests: list[DispatchRequest | tuple[str, Any]],
+        indices: list[int],
+        results: list[JobHandle | Exception | None],
+        started: float,
+    ) -> None:
+        """Jobs with generated ids and no options, the bulk of a bulk dispatch: validated a
+        chunk at a time while Dramatiq sends the chunk before."""
+        order: list[tuple[int, Submission]] = []  # what the submissions stream gave, in order
+        jobs = _plain_submissions(requests, indices, results, order)
+        outcomes = self._route_many([(job, False) for job in jobs], streamed=True)
+        for (index, job), outcome in zip(order, outcomes, strict=True):
+            results[index] = outcome
+            if isinstance(outcome, JobHandle):
+                _record_dispatch(job, outcome, started)
+
+    def _dispatch_others(
+        self,
+        requests: list[DispatchRequest | tuple[str, Any]],
+        indices: list[int],
+        results: list[JobHandle | Exception | None],
+        started: float,
+    ) -> None:
+        """Jobs with a caller-chosen id or options: `dispatch`'s path, batched."""
         generated: list[tuple[int, Submission]] = []
         chosen: list[tuple[int, Submission]] = []
-        for index, request in enumerate(requests):
-            results.append(None)
+        for index in indices:
+            request = requests[index]
             if isinstance(request, tuple):
                 request = DispatchRequest(*request)
             try:
@@ -207,7 +244,6 @@ class Dispatcher:
             result = results[index]
             if isinstance(result, JobHandle):
                 _record_dispatch(job, result, started)
-        return [_settled(result) for result in results]
 
     def _claim_many(
         self,
@@ -263,21 +299,31 @@ class Dispatcher:
                 results[index] = exc
         return ready
 
-    def _route_many(self, jobs: list[tuple[Submission, bool]]) -> list[JobHandle | Exception]:
+    def _route_many(
+        self, jobs: Iterable[tuple[Submission, bool]], *, streamed: bool = False
+    ) -> list[JobHandle | Exception]:
         """`_route` of many jobs: Dramatiq takes them in batches; each job it cannot take goes
-        to Temporal on its own, exactly as `_route` sends it."""
-        if not jobs:
-            return []
+        to Temporal on its own, exactly as `_route` sends it. `streamed`: `jobs` is made as it
+        is read (Dramatiq sends the first batches before the last are made)."""
         if not env.get_bool(env.USE_DRAMATIQ) or self.breaker.is_open:
             return [_result_of(self._route, job, registered=r) for job, r in jobs]
-        submitted = self.dramatiq.submit_many([job for job, _ in jobs])
+        routed: list[tuple[Submission, bool]] = []
+
+        def submissions() -> Iterator[Submission]:
+            for job, registered in jobs:
+                routed.append((job, registered))
+                yield job
+
+        submitted = self.dramatiq.submit_many(submissions() if streamed else list(submissions()))
         for outcome in submitted:
             if isinstance(outcome, EngineUnavailable):
                 self.breaker.trip(outcome.reason)
                 break
         return [
-            _result_of(self._after_dramatiq, job, outcome, registered=registered)
-            for (job, registered), outcome in zip(jobs, submitted, strict=True)
+            JobHandle(job.job_id, "dramatiq")
+            if isinstance(outcome, Submitted) and outcome.status == SubmitStatus.STARTED
+            else _result_of(self._after_dramatiq, job, outcome, registered=registered)
+            for (job, registered), outcome in zip(routed, submitted, strict=True)
         ]
 
     def _registered_owner(self, job: Submission) -> Owner | None:
@@ -458,6 +504,76 @@ def _submission(
             retry=_check_retry(retry),
         )
     return Submission(_check_job_id(job_id), spec.name, spec.queue, data, options)
+
+
+#: Jobs `dispatch_many` validates at a time, while Dramatiq sends the ones before.
+PLAIN_CHUNK = 500
+
+
+def _is_plain(request: DispatchRequest | tuple[str, Any]) -> bool:
+    """A job with a generated id and no options: the bulk path of `dispatch_many`."""
+    if type(request) is tuple:
+        return len(request) == 2
+    return (
+        isinstance(request, DispatchRequest)
+        and request.job_id is None
+        and request.delay is None
+        and request.webhook_url is None
+        and request.retry is None
+    )
+
+
+def _plain_submissions(
+    requests: list[DispatchRequest | tuple[str, Any]],
+    indices: list[int],
+    results: list[JobHandle | Exception | None],
+    order: list[tuple[int, Submission]],
+) -> Iterator[Submission]:
+    """The valid jobs among `indices`, checked as `dispatch` checks them, a chunk at a time and
+    each chunk's payloads of one job in one call (`JobSpec.encode_many`). A job's error goes to
+    `results`; each job made is appended to `order` with its index as it is given out."""
+    for start in range(0, len(indices), PLAIN_CHUNK):
+        chunk = indices[start : start + PLAIN_CHUNK]
+        by_name: dict[str, list[int]] = {}
+        payloads: dict[int, Any] = {}
+        for index in chunk:
+            request = requests[index]
+            if isinstance(request, tuple):
+                name, payload = request
+            else:
+                name, payload = request.name, request.payload
+            payloads[index] = payload
+            by_name.setdefault(name, []).append(index)
+        made: dict[int, Submission] = {}
+        job_ids = random_ids(len(chunk))
+        for name, members in by_name.items():
+            try:
+                spec = get_spec(name)
+            except JobyardError as exc:
+                for index in members:
+                    results[index] = exc
+                continue
+            encoded = spec.encode_many([payloads[index] for index in members])
+            missing: JobyardError | None = None
+            try:
+                spec.check_environment()
+            except JobyardError as exc:
+                missing = exc
+            for index, outcome in zip(members, encoded, strict=True):
+                if isinstance(outcome, JobyardError):
+                    results[index] = outcome
+                elif missing is not None:
+                    results[index] = missing
+                else:
+                    made[index] = Submission(
+                        job_ids.pop(), spec.name, spec.queue, outcome.data, NO_OPTIONS,
+                        payload_json=outcome.text,
+                    )  # fmt: skip
+        for index in chunk:  # in the callers' order
+            job = made.get(index)
+            if job is not None:
+                order.append((index, job))
+                yield job
 
 
 def _record_dispatch(job: Submission, handle: JobHandle, started: float) -> None:

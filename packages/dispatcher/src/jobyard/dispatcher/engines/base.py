@@ -13,7 +13,7 @@ id. Crossing out: the frozen results below, `JobStatus`, and the errors of this 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -48,6 +48,9 @@ class Submission:
     #: The trace context the job was dispatched in, for an engine that takes it over later
     #: (None: the current one). See jobyard.job_engine.tracing.
     trace: dict[str, str] | None = None
+    #: The payload's strict JSON text, when the dispatcher has it already (dispatch_many): an
+    #: engine may carry it as it is instead of encoding the payload again.
+    payload_json: bytes | None = None
 
 
 class SubmitStatus(StrEnum):
@@ -148,10 +151,11 @@ class Engine(ABC):
     def submit(self, job: Submission) -> Submitted:
         """Start `job` once under its id; a second submit of the id starts nothing."""
 
-    def submit_many(self, jobs: Sequence[Submission]) -> list[Submitted | EngineUnavailable]:
+    def submit_many(self, jobs: Iterable[Submission]) -> list[Submitted | EngineUnavailable]:
         """`submit` of each job, in order. A job the engine could not take gets its
         EngineUnavailable in its place: one job's failure is that job's, not the batch's. An
-        engine that can take a batch in fewer round trips overrides this."""
+        engine that can take a batch in fewer round trips overrides this. `jobs` may be a
+        generator: an engine may send the first jobs before the last are made."""
         results: list[Submitted | EngineUnavailable] = []
         for job in jobs:
             try:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import queue as queue_module
 import secrets
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,7 +31,7 @@ from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import DispatchOptions, EngineName, JobStatus
 from jobyard.queue.broker import DeadWorkerSweeper
-from jobyard.queue.messages import decode_job_message, encode_job_message
+from jobyard.queue.messages import NewJobMessages, decode_job_message, encode_job_message
 from jobyard.queue.queues import queue_names
 from jobyard.queue.store import BatchJob, JobStore, Reply
 
@@ -99,34 +101,17 @@ class DramatiqEngine(Engine):
             )
         return self._submitted(reply)
 
-    def submit_many(self, jobs: Sequence[Submission]) -> list[Submitted | EngineUnavailable]:
+    def submit_many(self, jobs: Iterable[Submission]) -> list[Submitted | EngineUnavailable]:
         """One Lua call per batch of jobs bound for the same Dramatiq queue (at most
         BATCH_JOBS jobs and about BATCH_BYTES of messages, so one call never blocks Redis for
-        long). Once a call fails, the jobs after it are not sent: each gets a non-ambiguous
-        EngineUnavailable, the failed batch's jobs its error."""
-        results: list[Submitted | EngineUnavailable | None] = [None] * len(jobs)
-        failed: EngineUnavailable | None = None
-        for queue, dramatiq_queue, batch in _batches(jobs):
-            if failed is not None:
-                skipped = EngineUnavailable(
-                    self.name, f"not sent: an earlier batch failed ({failed})"
-                )
-                for index, _ in batch:
-                    results[index] = skipped
-                continue
-            try:
-                with map_redis_errors():
-                    replies = self.store.enqueue_many(
-                        queue, dramatiq_queue, self._timeout_ms, [entry for _, entry in batch]
-                    )
-            except EngineUnavailable as exc:
-                failed = exc
-                for index, _ in batch:
-                    results[index] = exc
-                continue
-            for (index, _), reply in zip(batch, replies, strict=True):
-                results[index] = self._submitted(reply)
-        return [result for result in results if result is not None]
+        long). A second thread sends each batch while this one makes the next, so the wait for
+        Redis overlaps the encoding. Once a call fails, the jobs after it are not sent: each
+        gets a non-ambiguous EngineUnavailable, the failed batch's jobs its error."""
+        sender = _BatchSender(self)
+        with sender:
+            for queue, dramatiq_queue, batch in _batches(jobs, sender.count):
+                sender.send(queue, dramatiq_queue, batch)
+        return sender.results()
 
     def _submitted(self, reply: Reply) -> Submitted:
         if reply.status == "enqueued":
@@ -308,6 +293,10 @@ def _submission(data: bytes, fallback_reason: str) -> Submission:
     )  # fmt: skip
 
 
+NO_OPTIONS = DispatchOptions()
+
+#: Batches made ahead of the one Redis is running, at most (bounds the memory they hold).
+SENDS_AHEAD = 2
 #: Largest batch of one `enqueue_many` call: jobs, and bytes of messages (a batch may pass the
 #: byte budget by one message, at most JOBYARD_MAX_PAYLOAD_BYTES and its envelope).
 BATCH_JOBS = 500
@@ -316,26 +305,109 @@ BATCH_BYTES = 1 << 20
 Batch = list[tuple[int, BatchJob]]  # (index in the caller's list, job)
 
 
-def _batches(jobs: Sequence[Submission]) -> Iterator[tuple[str, str, Batch]]:
+def _batches(jobs: Iterable[Submission], counted: list[int]) -> Iterator[tuple[str, str, Batch]]:
     """(queue, Dramatiq queue, jobs) batches, each job's messages encoded, in the callers'
-    order within each queue."""
+    order within each queue. `counted[0]`: how many jobs were read so far."""
     open_batches: dict[str, tuple[str, Batch, list[int]]] = {}
+    templates: dict[tuple[str, str], NewJobMessages] = {}
+    use_templates = NewJobMessages.usable()
     for index, job in enumerate(jobs):
+        counted[0] = index + 1
         options = job.options
-        message = encode_job_message(
-            job.name, job.queue, job.job_id, job.payload,
-            delay_seconds=options.delay, webhook_url=options.webhook_url, retry=options.retry,
-        )  # fmt: skip
-        kept = kept_options(options)
-        entry = BatchJob(
-            job.job_id, job.name, message.redis_message_id, message.data,
-            json.dumps(kept) if kept else "",
-        )  # fmt: skip
-        queue, batch, size = open_batches.setdefault(message.queue, (job.queue, [], [0]))
+        if use_templates and job.payload_json is not None and options == NO_OPTIONS:
+            template = templates.get((job.name, job.queue))
+            if template is None:
+                template = templates[job.name, job.queue] = NewJobMessages(job.name, job.queue)
+            message_id, data = template.encode(job.job_id, job.payload_json)
+            dramatiq_queue, kept_json = job.queue, ""
+        else:
+            message = encode_job_message(
+                job.name, job.queue, job.job_id, job.payload,
+                delay_seconds=options.delay, webhook_url=options.webhook_url, retry=options.retry,
+            )  # fmt: skip
+            message_id, data, dramatiq_queue = message.redis_message_id, message.data, message.queue
+            kept = kept_options(options)
+            kept_json = json.dumps(kept) if kept else ""
+        entry = BatchJob(job.job_id, job.name, message_id, data, kept_json)
+        queue, batch, size = open_batches.setdefault(dramatiq_queue, (job.queue, [], [0]))
         batch.append((index, entry))
-        size[0] += len(message.data)
+        size[0] += len(data)
         if len(batch) >= BATCH_JOBS or size[0] >= BATCH_BYTES:
-            yield queue, message.queue, batch
-            del open_batches[message.queue]
+            yield queue, dramatiq_queue, batch
+            del open_batches[dramatiq_queue]
     for dramatiq_queue, (queue, batch, _) in open_batches.items():
         yield queue, dramatiq_queue, batch
+
+
+class _BatchSender:
+    """Sends `submit_many`'s batches from a thread of its own, at most SENDS_AHEAD waiting, so
+    that the caller makes the next batch while Redis runs this one (a lone batch is sent
+    without a thread). Results are per index in the caller's list."""
+
+    def __init__(self, engine: DramatiqEngine) -> None:
+        self.engine = engine
+        self.count = [0]
+        self._results: dict[int, Submitted | EngineUnavailable] = {}
+        self._failed: EngineUnavailable | None = None
+        self._first: tuple[str, str, Batch] | None = None
+        self._queue: queue_module.Queue[tuple[str, str, Batch] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._crash: BaseException | None = None
+
+    def __enter__(self) -> _BatchSender:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._queue is not None and self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+        elif self._first is not None and exc_info[0] is None:
+            self._send(*self._first)
+        if self._crash is not None:
+            raise self._crash
+
+    def send(self, queue: str, dramatiq_queue: str, batch: Batch) -> None:
+        if self._first is None and self._queue is None:
+            self._first = (queue, dramatiq_queue, batch)
+            return
+        if self._queue is None:
+            self._queue = queue_module.Queue(maxsize=SENDS_AHEAD)
+            self._thread = threading.Thread(
+                target=self._run, name="jobyard-dispatch-many", daemon=True
+            )
+            self._thread.start()
+            self._queue.put(self._first)
+        self._queue.put((queue, dramatiq_queue, batch))
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while (item := self._queue.get()) is not None:
+            if self._crash is None:
+                try:
+                    self._send(*item)
+                except BaseException as exc:  # raised in the caller's thread on exit
+                    self._crash = exc
+
+    def _send(self, queue: str, dramatiq_queue: str, batch: Batch) -> None:
+        if self._failed is not None:
+            skipped = EngineUnavailable(
+                self.engine.name, f"not sent: an earlier batch failed ({self._failed})"
+            )
+            for index, _ in batch:
+                self._results[index] = skipped
+            return
+        try:
+            with map_redis_errors():
+                replies = self.engine.store.enqueue_many(
+                    queue, dramatiq_queue, self.engine._timeout_ms, [entry for _, entry in batch]
+                )
+        except EngineUnavailable as exc:
+            self._failed = exc
+            for index, _ in batch:
+                self._results[index] = exc
+            return
+        for (index, _), reply in zip(batch, replies, strict=True):
+            self._results[index] = self.engine._submitted(reply)
+
+    def results(self) -> list[Submitted | EngineUnavailable]:
+        return [self._results[index] for index in range(self.count[0])]

@@ -8,7 +8,7 @@ import atexit
 import contextlib
 import gc
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
@@ -177,9 +177,10 @@ class TemporalEngine(Engine):
             return Submitted(SubmitStatus.DUPLICATE, owner=self.name)
         return Submitted(SubmitStatus.STARTED)
 
-    def submit_many(self, jobs: Sequence[Submission]) -> list[Submitted | EngineUnavailable]:
+    def submit_many(self, jobs: Iterable[Submission]) -> list[Submitted | EngineUnavailable]:
         """Starts the jobs' workflows concurrently (one round trip's time for the batch, not
         one per job: the rescue moves hundreds at once); each job gets its own outcome."""
+        jobs = list(jobs)
 
         async def start(job: Submission) -> Submitted:
             request = JobRequest.of(job)
