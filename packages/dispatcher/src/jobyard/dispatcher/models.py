@@ -25,6 +25,9 @@ class DispatchOptions:
     retry: dict[str, Any] | None = None  # {"attempts", "backoff"} overriding the job's policy
 
 
+NO_OPTIONS = DispatchOptions()  # frozen: shared by every dispatch that asks for nothing
+
+
 @dataclass(frozen=True)
 class DispatchRequest:
     """One job for `dispatch_many`: `dispatch_job`'s arguments."""

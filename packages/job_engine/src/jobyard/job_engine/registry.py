@@ -105,17 +105,21 @@ class JobSpec:
         JOBYARD_MAX_PAYLOAD_BYTES of it, checked here so that no engine is touched by a payload
         one of them could not carry or a reader could not read back.
         """
+        return self.encode_with_text(payload).data
+
+    def encode_with_text(self, payload: Any) -> EncodedPayload:
+        """`encode`, with the JSON text its size was measured on."""
         model = self.validate(payload)
         try:
             data = model.model_dump(mode="json")
             # Checked again: a model may compute values its input did not have.
-            size = len(strictjson.dumps_checked(data))
+            text = strictjson.dumps_checked(data)
         except (ValueError, PydanticSerializationError) as exc:  # StrictJSONError included
             raise InvalidPayloadError(self.name, f"not JSON-serialisable: {exc}") from None
         limit = max_payload_bytes()
-        if size > limit:
-            raise PayloadTooLargeError(self.name, size, limit)
-        return data
+        if len(text) > limit:
+            raise PayloadTooLargeError(self.name, len(text), limit)
+        return EncodedPayload(data, text)
 
     def encode_many(self, payloads: Sequence[Any]) -> list[EncodedPayload | JobyardError]:
         """`encode` of many payloads, with each one's JSON text: one result per payload, in
@@ -157,10 +161,9 @@ class JobSpec:
 
     def _encode_one(self, payload: Any) -> EncodedPayload | JobyardError:
         try:
-            data = self.encode(payload)
+            return self.encode_with_text(payload)
         except JobyardError as exc:
             return exc
-        return EncodedPayload(data, strictjson.dumps(data))
 
 
 def _all_set(

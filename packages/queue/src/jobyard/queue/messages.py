@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from dramatiq import Message
 from dramatiq.encoder import JSONEncoder
@@ -21,11 +20,10 @@ RESUME = "jobyard_resume"  # True when the run continues an attempt (after a sle
 WEBHOOK = "jobyard_webhook"  # where to deliver the job's completion events, if anywhere
 RETRY = "jobyard_retry"  # a per-dispatch override of the job's retry policy
 TRACE = "jobyard_trace"  # the W3C trace context it was sent in, when tracing is on
-IDS_AT_ONCE = 500  # message ids a template draws from the random source at a time
+IDS_AT_ONCE = 500  # ids read from the system's random source at a time (see random_id)
 
 
-@dataclass(frozen=True)
-class EncodedMessage:
+class EncodedMessage(NamedTuple):  # a NamedTuple: made once per dispatch
     queue: str  # the Dramatiq queue it goes on: the job's queue or its delay queue
     redis_message_id: str
     data: bytes
@@ -43,7 +41,7 @@ def encode_job_message(
     webhook_url: str | None = None,
     retry: dict[str, Any] | None = None,
 ) -> EncodedMessage:
-    message_id = secrets.token_hex(16)
+    message_id = random_id()
     options: dict[str, Any] = {"redis_message_id": message_id, SEQ: seq, RESUME: resume}
     if webhook_url:
         options[WEBHOOK] = webhook_url
@@ -74,6 +72,20 @@ def random_ids(count: int) -> list[str]:
     return [text[at : at + 32] for at in range(0, 32 * count, 32)]
 
 
+_id_pool: list[str] = []
+# A forked child (a pre-forking web server's worker) must not hand out its parent's ids again.
+os.register_at_fork(after_in_child=_id_pool.clear)
+
+
+def random_id() -> str:
+    """One id as `secrets.token_hex(16)` makes it, drawn from ids read IDS_AT_ONCE at a time."""
+    try:
+        return _id_pool.pop()
+    except IndexError:
+        _id_pool.extend(random_ids(IDS_AT_ONCE))
+        return _id_pool.pop()
+
+
 class NewJobMessages:
     """The first messages of jobs of one name dispatched with no options, built around each
     payload's JSON text from a template: for bulk dispatch, where encoding the message dict
@@ -83,7 +95,6 @@ class NewJobMessages:
     def __init__(self, job_name: str, queue: str) -> None:
         head = {"queue_name": queue, "actor_name": job_name}
         self._head = json.dumps(head, separators=(",", ":"))[:-1].encode() + b',"args":["'
-        self._ids: list[str] = []
 
     @staticmethod
     def usable() -> bool:
@@ -94,9 +105,7 @@ class NewJobMessages:
     def encode(self, job_id: str, payload_json: bytes) -> tuple[str, bytes]:
         """(redis message id, message) for a new job; `job_id` needs no JSON escaping (the
         dispatcher's id pattern allows none of the characters that do)."""
-        if not self._ids:
-            self._ids = random_ids(IDS_AT_ONCE)
-        message_id = self._ids.pop()
+        message_id = random_id()
         mid = message_id.encode()
         return message_id, b"".join((
             self._head, job_id.encode(), b'",', payload_json, _OPTIONS_HEAD, mid, _OPTIONS_TAIL,

@@ -29,9 +29,14 @@ from jobyard.dispatcher.engines.base import (
 )
 from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
 from jobyard.dispatcher.errors import EngineUnavailable
-from jobyard.dispatcher.models import DispatchOptions, EngineName, JobStatus
+from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, EngineName, JobStatus
 from jobyard.queue.broker import DeadWorkerSweeper
-from jobyard.queue.messages import NewJobMessages, decode_job_message, encode_job_message
+from jobyard.queue.messages import (
+    EncodedMessage,
+    NewJobMessages,
+    decode_job_message,
+    encode_job_message,
+)
 from jobyard.queue.queues import queue_names
 from jobyard.queue.store import BatchJob, JobStore, Reply
 
@@ -82,11 +87,7 @@ class DramatiqEngine(Engine):
     def submit(self, job: Submission, *, seq: int = 0) -> Submitted:
         """Checks for live workers, dedupes the id and enqueues, in one Lua call. `seq`: the
         run number to start at (see `recover`)."""
-        options = job.options
-        message = encode_job_message(
-            job.name, job.queue, job.job_id, job.payload, seq=seq,
-            delay_seconds=options.delay, webhook_url=options.webhook_url, retry=options.retry,
-        )  # fmt: skip
+        message = _message(job, seq)
         with map_redis_errors():
             reply = self.store.enqueue(
                 job.job_id,
@@ -96,7 +97,7 @@ class DramatiqEngine(Engine):
                 message.redis_message_id,
                 message.data,
                 self._timeout_ms,
-                kept_options(options),
+                kept_options(job.options),
                 seq,
             )
         return self._submitted(reply)
@@ -293,8 +294,6 @@ def _submission(data: bytes, fallback_reason: str) -> Submission:
     )  # fmt: skip
 
 
-NO_OPTIONS = DispatchOptions()
-
 #: Batches made ahead of the one Redis is running, at most (bounds the memory they hold).
 SENDS_AHEAD = 2
 #: Largest batch of one `enqueue_many` call: jobs, and bytes of messages (a batch may pass the
@@ -309,26 +308,15 @@ def _batches(jobs: Iterable[Submission], counted: list[int]) -> Iterator[tuple[s
     """(queue, Dramatiq queue, jobs) batches, each job's messages encoded, in the callers'
     order within each queue. `counted[0]`: how many jobs were read so far."""
     open_batches: dict[str, tuple[str, Batch, list[int]]] = {}
-    templates: dict[tuple[str, str], NewJobMessages] = {}
-    use_templates = NewJobMessages.usable()
     for index, job in enumerate(jobs):
         counted[0] = index + 1
-        options = job.options
-        if use_templates and job.payload_json is not None and options == NO_OPTIONS:
-            template = templates.get((job.name, job.queue))
-            if template is None:
-                template = templates[job.name, job.queue] = NewJobMessages(job.name, job.queue)
-            message_id, data = template.encode(job.job_id, job.payload_json)
-            dramatiq_queue, kept_json = job.queue, ""
-        else:
-            message = encode_job_message(
-                job.name, job.queue, job.job_id, job.payload,
-                delay_seconds=options.delay, webhook_url=options.webhook_url, retry=options.retry,
-            )  # fmt: skip
-            message_id, data, dramatiq_queue = message.redis_message_id, message.data, message.queue
-            kept = kept_options(options)
-            kept_json = json.dumps(kept) if kept else ""
-        entry = BatchJob(job.job_id, job.name, message_id, data, kept_json)
+        message = _message(job)
+        kept = None if job.options is NO_OPTIONS else kept_options(job.options)
+        entry = BatchJob(
+            job.job_id, job.name, message.redis_message_id, message.data,
+            json.dumps(kept) if kept else "",
+        )  # fmt: skip
+        dramatiq_queue, data = message.queue, message.data
         queue, batch, size = open_batches.setdefault(dramatiq_queue, (job.queue, [], [0]))
         batch.append((index, entry))
         size[0] += len(data)
@@ -337,6 +325,26 @@ def _batches(jobs: Iterable[Submission], counted: list[int]) -> Iterator[tuple[s
             del open_batches[dramatiq_queue]
     for dramatiq_queue, (queue, batch, _) in open_batches.items():
         yield queue, dramatiq_queue, batch
+
+
+_templates: dict[tuple[str, str], NewJobMessages] = {}
+
+
+def _message(job: Submission, seq: int = 0) -> EncodedMessage:
+    """The job's first message: from its job's template when the dispatcher gave the payload's
+    JSON text and the job has no options (most jobs), else built field by field."""
+    options = job.options
+    plain = options is NO_OPTIONS or options == NO_OPTIONS
+    if job.payload_json is not None and seq == 0 and plain and NewJobMessages.usable():
+        template = _templates.get((job.name, job.queue))
+        if template is None:
+            template = _templates[job.name, job.queue] = NewJobMessages(job.name, job.queue)
+        message_id, data = template.encode(job.job_id, job.payload_json)
+        return EncodedMessage(job.queue, message_id, data)
+    return encode_job_message(
+        job.name, job.queue, job.job_id, job.payload, seq=seq,
+        delay_seconds=options.delay, webhook_url=options.webhook_url, retry=options.retry,
+    )  # fmt: skip
 
 
 class _BatchSender:
