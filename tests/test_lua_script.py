@@ -36,7 +36,7 @@ MSGS_KEY = keys.dramatiq_messages(QUEUE)
 DELAY_KEY = keys.dramatiq_queue(DELAY_QUEUE)
 DELAY_MSGS_KEY = keys.dramatiq_messages(DELAY_QUEUE)
 ACKS_KEY = keys.dramatiq_acks(BROKER, QUEUE)
-CHANGES_KEY = keys.job_log_changes()
+EVENTS_KEY = keys.job_log_events()
 QUEUE_KEYS = [QUEUE_KEY, MSGS_KEY, DELAY_KEY, DELAY_MSGS_KEY]
 
 
@@ -106,11 +106,17 @@ def assert_now(value: Any, before: int, after: int) -> None:
     assert before <= int(value) <= after
 
 
-def assert_marked(r: redis.Redis, before: int, after: int) -> None:
-    """The job is in the job log's outbox, scored with Redis's clock in ms (with µs)."""
-    score = r.zscore(CHANGES_KEY, JOB_KEY)
-    assert score is not None
-    assert before <= score < after + 1
+def assert_logged(r: redis.Redis, before: int, after: int, **expected: Any) -> None:
+    """The job log's outbox holds one entry, of this job, timed with Redis's clock ("s.µs"),
+    with exactly the `expected` fields besides."""
+    entries = r.xrange(EVENTS_KEY)
+    assert len(entries) == 1, entries
+    fields = dict(entries[0][1])
+    assert fields.pop("job") == JOB_KEY
+    at = fields.pop("at")
+    assert len(at.split(".")[1]) == 6  # µs, zero-padded
+    assert before <= float(at) * 1000 < after + 1
+    assert fields == {k: str(v) for k, v in expected.items()}
 
 
 # enqueue: KEYS job, workers, queue list, queue msgs
@@ -234,7 +240,7 @@ def test_enqueue_many_with_no_live_worker_writes_tombstones(r: redis.Redis, lua:
     assert r.exists(QUEUE_KEY, MSGS_KEY) == 0
 
 
-# start: KEYS job, steps, rate key prefix [, changes]
+# start: KEYS job, steps, rate key prefix [, events]
 #        ARGV seq, is_resume, rate calls, rate period ms
 
 
@@ -247,7 +253,7 @@ def start(
     job_id: str = JOB,
 ) -> Any:
     keys_ = [keys.job(job_id), keys.steps(job_id), keys.rate_prefix(NAME)]
-    return lua("start", keys_ + ([CHANGES_KEY] if changes else []), seq, resume, *rate)
+    return lua("start", keys_ + ([EVENTS_KEY] if changes else []), seq, resume, *rate)
 
 
 def test_start_runs_the_job_and_returns_its_recorded_steps(r: redis.Redis, lua: Lua) -> None:
@@ -262,16 +268,18 @@ def test_start_runs_the_job_and_returns_its_recorded_steps(r: redis.Redis, lua: 
     record = job(r)
     assert (record["state"], record["attempts"], record["started_seq"]) == ("running", "1", "0")
     assert record["started_at"] == str(reply[2])
-    assert not r.exists(CHANGES_KEY)  # no changes key passed: the job log is off
+    assert not r.exists(EVENTS_KEY)  # no changes key passed: the job log is off
 
 
-def test_start_marks_the_job_for_the_job_log_when_given_the_changes_key(
-    r: redis.Redis, lua: Lua
-) -> None:
-    seed(r)
+def test_start_logs_the_change_when_given_the_events_key(r: redis.Redis, lua: Lua) -> None:
+    seed(r, enqueued_at=900)
     before = now_ms(r)
-    assert start(lua, changes=True)[0] == "ok"
-    assert_marked(r, before, now_ms(r))
+    reply = start(lua, changes=True)
+    assert reply[0] == "ok"
+    assert_logged(
+        r, before, now_ms(r), state="running", name=NAME, queue=QUEUE, attempts=1,
+        enqueued_at=900, started_at=reply[2],
+    )  # fmt: skip
 
 
 def test_start_counts_attempts(r: redis.Redis, lua: Lua) -> None:
@@ -307,7 +315,7 @@ def test_start_refuses_a_message_that_may_not_run(
     before = job(r)
     assert start(lua, changes=True) == reply
     assert job(r) == before
-    assert not r.exists(CHANGES_KEY)
+    assert not r.exists(EVENTS_KEY)
 
 
 def test_start_of_a_job_asked_to_cancel_cancels_it(r: redis.Redis, lua: Lua) -> None:
@@ -320,7 +328,7 @@ def test_start_of_a_job_asked_to_cancel_cancels_it(r: redis.Redis, lua: Lua) -> 
     assert 0 < r.ttl(JOB_KEY) <= TTL  # a cancelled record expires like any finished one
     assert_now(record["finished_at"], before, after)
     assert "started_at" not in record and record["attempts"] == "0"
-    assert_marked(r, before, after)
+    assert_logged(r, before, after, state="cancelled", name=NAME, queue=QUEUE, attempts=0)
 
 
 def test_start_throttles_past_the_rate_limit(r: redis.Redis, lua: Lua) -> None:
@@ -382,28 +390,28 @@ def test_step_of_a_job_asked_to_cancel_is_recorded_then_stops(r: redis.Redis, lu
     assert job(r)["state"] == "running"
 
 
-# progress: KEYS job [, changes]   ARGV seq, JSON progress
+# progress: KEYS job [, events]   ARGV seq, JSON progress
 
 
-def test_progress_is_recorded_and_marked(r: redis.Redis, lua: Lua) -> None:
+def test_progress_is_recorded_and_logged(r: redis.Redis, lua: Lua) -> None:
     seed(r, state="running")
     assert lua("progress", [JOB_KEY], 0, '{"pct": 10}') == "ok"
     assert job(r)["progress"] == '{"pct": 10}'
-    assert not r.exists(CHANGES_KEY)
+    assert not r.exists(EVENTS_KEY)
     before = now_ms(r)
-    assert lua("progress", [JOB_KEY, CHANGES_KEY], 0, '{"pct": 20}') == "ok"
+    assert lua("progress", [JOB_KEY, EVENTS_KEY], 0, '{"pct": 20}') == "ok"
     assert job(r)["progress"] == '{"pct": 20}'
-    assert_marked(r, before, now_ms(r))
+    assert_logged(r, before, now_ms(r), progress='{"pct": 20}')
 
 
 def test_progress_of_another_run_is_lost(r: redis.Redis, lua: Lua) -> None:
     seed(r, state="running", seq=2)
-    assert lua("progress", [JOB_KEY, CHANGES_KEY], 1, '{"pct": 10}') == "lost"
+    assert lua("progress", [JOB_KEY, EVENTS_KEY], 1, '{"pct": 10}') == "lost"
     assert "progress" not in job(r)
-    assert not r.exists(CHANGES_KEY)
+    assert not r.exists(EVENTS_KEY)
 
 
-# finish: KEYS job, steps, acks, msgs [, changes]
+# finish: KEYS job, steps, acks, msgs [, events]
 #         ARGV seq, state, result JSON, error, error class, ttl s, rmid, payload JSON, traceback
 
 
@@ -417,7 +425,7 @@ def finish(
     error: str = "",
     changes: bool = False,
 ) -> Any:
-    keys_ = [JOB_KEY, STEPS_KEY, ACKS_KEY, MSGS_KEY] + ([CHANGES_KEY] if changes else [])
+    keys_ = [JOB_KEY, STEPS_KEY, ACKS_KEY, MSGS_KEY] + ([EVENTS_KEY] if changes else [])
     return lua(
         "finish",
         keys_,
@@ -451,13 +459,13 @@ def test_finish_records_the_outcome_acks_and_expires(r: redis.Redis, lua: Lua) -
     assert "payload" not in record and "traceback" not in record
     assert 0 < r.ttl(JOB_KEY) <= TTL and 0 < r.ttl(STEPS_KEY) <= TTL
     assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
-    assert not r.exists(CHANGES_KEY)
+    assert not r.exists(EVENTS_KEY)
 
 
-def test_finish_of_a_failure_keeps_payload_and_traceback_and_marks(
+def test_finish_of_a_failure_keeps_payload_and_traceback_and_logs(
     r: redis.Redis, lua: Lua
 ) -> None:
-    seed(r, state="running")
+    seed(r, state="running", attempts=2, started_at=1000)
     before = now_ms(r)
     reply = finish(
         lua,
@@ -475,7 +483,21 @@ def test_finish_of_a_failure_keeps_payload_and_traceback_and_marks(
         "ValueError",
     )
     assert (record["payload"], record["traceback"]) == ('{"n": 1}', "Traceback ...")
-    assert_marked(r, before, now_ms(r))
+    assert_logged(
+        r, before, now_ms(r), state="failed", name=NAME, queue=QUEUE, attempts=2,
+        started_at=1000, error="boom", error_class="ValueError", traceback="Traceback ...",
+        payload='{"n": 1}',
+    )  # fmt: skip
+
+
+def test_finish_of_a_success_logs_its_result(r: redis.Redis, lua: Lua) -> None:
+    seed(r, state="running", attempts=1, started_at=1000)
+    before = now_ms(r)
+    assert finish(lua, changes=True) == "ok"
+    assert_logged(
+        r, before, now_ms(r), state="succeeded", name=NAME, queue=QUEUE, attempts=1,
+        started_at=1000, result='{"r": 1}',
+    )  # fmt: skip
 
 
 def test_finish_acks_only_a_message_the_consumer_holds(r: redis.Redis, lua: Lua) -> None:
@@ -497,16 +519,16 @@ def test_finish_of_a_job_no_longer_ours_is_lost_but_still_acks(
     assert job(r) == before
     assert r.ttl(JOB_KEY) in (-1, -2)
     assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
-    assert not r.exists(CHANGES_KEY)
+    assert not r.exists(EVENTS_KEY)
 
 
-# complete: KEYS job, steps, acks, msgs [, changes]   ARGV seq, is_resume, result JSON, ttl s, rmid
+# complete: KEYS job, steps, acks, msgs [, events]   ARGV seq, is_resume, result JSON, ttl s, rmid
 
 
 def complete(
     lua: Lua, seq: int = 0, resume: str = "0", rmid: str = "", changes: bool = False
 ) -> Any:
-    keys_ = [JOB_KEY, STEPS_KEY, ACKS_KEY, MSGS_KEY] + ([CHANGES_KEY] if changes else [])
+    keys_ = [JOB_KEY, STEPS_KEY, ACKS_KEY, MSGS_KEY] + ([EVENTS_KEY] if changes else [])
     return lua("complete", keys_, seq, resume, '{"r": 2}', TTL, rmid)
 
 
@@ -530,14 +552,17 @@ def test_complete_starts_finishes_and_acks_in_one_call(r: redis.Redis, lua: Lua)
     assert 0 < r.ttl(JOB_KEY) <= TTL
     assert not r.exists(STEPS_KEY)
     assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
-    assert_marked(r, before, after)
+    assert_logged(
+        r, before, after, state="succeeded", name=NAME, queue=QUEUE, attempts=1,
+        started_at=reply[2], result='{"r": 2}',
+    )  # fmt: skip
 
 
 def test_complete_keeps_the_first_start_and_counts_attempts(r: redis.Redis, lua: Lua) -> None:
     seed(r, state="running", seq=3, attempts=2, started_seq=2, started_at=1000)
     assert complete(lua, seq=3, resume="1") == ["ok", 2, "1000"]
     assert job(r)["started_at"] == "1000"
-    assert not r.exists(CHANGES_KEY)
+    assert not r.exists(EVENTS_KEY)
 
 
 @pytest.mark.parametrize(
@@ -559,7 +584,7 @@ def test_complete_refused_changes_nothing_but_acks(
     assert complete(lua, rmid=rmid, changes=True) == reply
     assert job(r) == before
     assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
-    assert not r.exists(CHANGES_KEY)
+    assert not r.exists(EVENTS_KEY)
 
 
 def test_complete_of_a_job_asked_to_cancel_cancels_it(r: redis.Redis, lua: Lua) -> None:
@@ -569,18 +594,21 @@ def test_complete_of_a_job_asked_to_cancel_cancels_it(r: redis.Redis, lua: Lua) 
     record = job(r)
     assert record["state"] == "cancelled" and "result" not in record
     assert r.ttl(JOB_KEY) == -1
-    assert_marked(r, before, now_ms(r))
+    assert_logged(r, before, now_ms(r), state="cancelled", name=NAME, queue=QUEUE, attempts=0)
 
 
-# reschedule: KEYS job, delay list, delay msgs, acks, msgs [, changes]
-#             ARGV seq, next seq, state, new rmid, message, error, error class, current rmid
+# reschedule: KEYS job, delay list, delay msgs, acks, msgs [, events]
+#             ARGV seq, next seq, state, new rmid, message, error, error class, current rmid,
+#                  when the next message is due (ms)
 
 
-def reschedule(lua: Lua, seq: int = 0, rmid: str = "", changes: bool = False) -> Any:
+def reschedule(
+    lua: Lua, seq: int = 0, rmid: str = "", changes: bool = False, run_at: int = 0
+) -> Any:
     keys_ = [JOB_KEY, DELAY_KEY, DELAY_MSGS_KEY, ACKS_KEY, MSGS_KEY]
     return lua(
         "reschedule",
-        keys_ + ([CHANGES_KEY] if changes else []),
+        keys_ + ([EVENTS_KEY] if changes else []),
         seq,
         seq + 1,
         "retrying",
@@ -589,14 +617,15 @@ def reschedule(lua: Lua, seq: int = 0, rmid: str = "", changes: bool = False) ->
         "boom",
         "ValueError",
         rmid,
+        run_at,
     )
 
 
 def test_reschedule_moves_the_job_to_its_next_message(r: redis.Redis, lua: Lua) -> None:
-    seed(r, state="running", rmid="first")
+    seed(r, state="running", rmid="first", attempts=1)
     rmid = fetched(r)
     before = now_ms(r)
-    assert reschedule(lua, rmid=rmid, changes=True) == "ok"
+    assert reschedule(lua, rmid=rmid, changes=True, run_at=5000) == "ok"
     record = job(r)
     assert {k: record[k] for k in ("seq", "state", "rmid", "error", "error_class")} == {
         "seq": "1",
@@ -609,13 +638,16 @@ def test_reschedule_moves_the_job_to_its_next_message(r: redis.Redis, lua: Lua) 
     assert r.hgetall(DELAY_MSGS_KEY) == {"next": "next-data"}
     assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
     assert r.ttl(JOB_KEY) == -1
-    assert_marked(r, before, now_ms(r))
+    assert_logged(
+        r, before, now_ms(r), state="retrying", name=NAME, queue=QUEUE, attempts=1,
+        run_at=5000, error="boom", error_class="ValueError",
+    )  # fmt: skip
 
 
-def test_reschedule_without_the_changes_key_marks_nothing(r: redis.Redis, lua: Lua) -> None:
+def test_reschedule_without_the_events_key_logs_nothing(r: redis.Redis, lua: Lua) -> None:
     seed(r, state="running")
     assert reschedule(lua) == "ok"
-    assert not r.exists(CHANGES_KEY)
+    assert not r.exists(EVENTS_KEY)
 
 
 @pytest.mark.parametrize("fields", [None, {"engine": "temporal"}, {"seq": 5}])
@@ -628,7 +660,7 @@ def test_reschedule_of_a_job_no_longer_ours_is_lost_but_still_acks(
     rmid = fetched(r)
     assert reschedule(lua, rmid=rmid, changes=True) == "lost"
     assert job(r) == before
-    assert r.exists(DELAY_KEY, DELAY_MSGS_KEY, CHANGES_KEY) == 0
+    assert r.exists(DELAY_KEY, DELAY_MSGS_KEY, EVENTS_KEY) == 0
     assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
 
 
@@ -921,23 +953,6 @@ def test_lease_is_taken_extended_and_refused_to_others(r: redis.Redis, lua: Lua)
     r.delete(lease)  # expired
     assert lua("lease", [lease], "b", 5000) == 1
     assert r.get(lease) == "b"
-
-
-# shipped: KEYS changes   ARGV job key, score, job key, score, ...
-
-
-def test_shipped_unmarks_only_jobs_unchanged_since_read(r: redis.Redis, lua: Lua) -> None:
-    for job_id in ("a", "b", "c"):
-        seed(r, keys.job(job_id), state="running")
-        assert lua("progress", [keys.job(job_id), CHANGES_KEY], 0, "{}") == "ok"
-    # The marks as the shipper reads them: the scores exactly as Redis writes them.
-    pairs = r.zrange(CHANGES_KEY, 0, -1, withscores=True, score_cast_func=bytes)
-    marks = [part for pair in pairs for part in pair]
-    assert len(marks) == 6 and b"." in marks[1]  # scores carry µs: a string compare must be exact
-    assert lua("progress", [keys.job("b"), CHANGES_KEY], 0, '{"again": 1}') == "ok"
-    assert lua("shipped", [CHANGES_KEY], *marks, keys.job("gone"), "1") == 2
-    assert r.zrange(CHANGES_KEY, 0, -1) == [keys.job("b")]
-    assert lua("shipped", [CHANGES_KEY]) == 0
 
 
 def test_an_unknown_command_is_an_error(lua: Lua) -> None:

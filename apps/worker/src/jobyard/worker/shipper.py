@@ -1,11 +1,12 @@
-"""The job log's shipper: copies Dramatiq jobs' records from Redis to the database.
+"""The job log's shipper: writes Dramatiq jobs' changes from Redis to the database.
 
-A worker's Lua call that changes a job also marks the job in the job log's outbox (a zset
-scored by the change time, see jobyard.lua) in the same atomic step. The shipper, a thread in
-every `jobyard worker` supervisor, reads the oldest marks, reads those jobs' records, upserts
-them into the job log in one statement, then unmarks them unless a worker changed them again
-meanwhile. A lease in Redis lets one shipper at a time do this, so replicas do not write the
-same rows twice.
+A worker's Lua call that changes a job (a state, a progress report) also appends the change to
+the job log's outbox, a Redis stream (see jobyard.lua), in the same atomic step. The shipper, a
+thread in every `jobyard worker` supervisor, reads the oldest entries, writes them to the job
+log in one transaction (`joblog.ship`: every change one event, in order), then trims them from
+the stream. A lease in Redis lets one shipper at a time do this. A shipper that dies between its
+commit and its trim leaves entries the next one reads again; the job log skips them (each job's
+row keeps the id of the last entry written), so no event is written twice, and none is lost.
 
 Why not write the log from the worker processes: the work per job (building the row, batching
 it, turning it into SQL) competes for the GIL with the job threads of a busy worker, and a
@@ -26,64 +27,59 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from jobyard.job_engine.db import joblog
+from jobyard.job_engine.db.joblog import REPORTED, OutboxEvent
 from jobyard.job_engine.lifecycle import FINAL_STATES
 from jobyard.queue import keys
 from jobyard.queue.store import JobStore
 
 log = logging.getLogger("jobyard.shipper")
 
-#: The job record fields (jobyard.lua) a job log row is made from, in HMGET order.
-FIELDS = (
-    "engine", "name", "queue", "state", "attempts", "enqueued_at", "started_at", "finished_at",
-    "result", "error", "error_class", "traceback", "progress", "payload", "run_at",
-)  # fmt: skip
-#: Jobs read and written per statement.
+#: Outbox entries read and written per transaction.
 BATCH = 1000
 #: Values a database may refuse (e.g. a NUL character in JSON, for PostgreSQL's JSONB).
 JSON_COLUMNS = ("result", "payload", "progress")
+#: Outbox fields (jobyard.lua) copied as they are, as text, to the row column of this name.
+TEXT_FIELDS = {b"state": "state", b"name": "name", b"queue": "queue",
+               b"error_class": "error_class", b"traceback": "error_traceback"}  # fmt: skip
+#: Outbox fields holding a time in ms, to the row column of this name (unix seconds).
+MS_FIELDS = {b"enqueued_at": "enqueued_at", b"started_at": "started_at", b"run_at": "run_at"}
 
 
-def to_row(job_key: bytes, mark: bytes, values: list[bytes | None]) -> dict[str, Any] | None:
-    """A job log row (times in unix seconds, as `joblog.upsert` takes them), or None for a job
-    whose record expired or that Temporal took over (Temporal's side logs those itself)."""
-    (engine, name, queue, state, attempts, enqueued_at, started_at, finished_at, result,
-     error, error_class, traceback, progress, payload, run_at) = values  # fmt: skip
-    if engine != b"dramatiq" or state is None:
-        return None
-    row: dict[str, Any] = {
-        "job_id": job_key.decode()[len(keys.job_prefix()) :],
-        "name": (name or b"unknown").decode(),
-        "queue": queue and queue.decode(),
-        "engine": "dramatiq",
-        "state": state.decode(),
-        "attempts": int(attempts or 0),
-        "state_at": float(mark) / 1000,
-    }
-    # A rescheduled job (a durable sleep, a retry, a throttle) waits for this time; once the
-    # job changed again after it, it is past.
-    if run_at and int(run_at) > int(float(mark)) and row["state"] not in FINAL_STATES:
-        row["run_at"] = int(run_at) / 1000
-    if enqueued_at:
-        row["enqueued_at"] = int(enqueued_at) / 1000
-    if started_at:
-        row["started_at"] = int(started_at) / 1000
-    if finished_at and row["state"] in FINAL_STATES:
-        row["finished_at"] = int(finished_at) / 1000
-        if started_at:
-            row["duration_ms"] = int(finished_at) - int(started_at)
-    if result and row["state"] == "succeeded":
-        row["result"] = json.loads(result)
-    if error:
-        row["error_message"] = error.decode()[:2000]
-    if error_class:
-        row["error_class"] = error_class.decode()
-    if traceback:
-        row["error_traceback"] = traceback.decode()
-    if progress:
-        row["progress"] = json.loads(progress)
-    if payload:
-        row["payload"] = json.loads(payload)
-    return row
+def outbox_id(entry_id: bytes) -> int:
+    """A Redis stream id ("<ms>-<seq>") as one growing number: ms * 1_000_000 + seq."""
+    milliseconds, sequence = entry_id.split(b"-")
+    return int(milliseconds) * 1_000_000 + int(sequence)
+
+
+def to_event(entry_id: bytes, entry: dict[bytes, bytes]) -> OutboxEvent:
+    """An outbox entry as `joblog.ship` takes it: the fields a job log row takes from it, times
+    in unix seconds."""
+    job_id = entry[b"job"].decode()[len(keys.job_prefix()) :]
+    at = float(entry[b"at"])
+    fields: dict[str, Any] = {"engine": "dramatiq"}
+    for field, column in TEXT_FIELDS.items():
+        if (text := entry.get(field)) is not None:
+            fields[column] = text.decode()
+    for field, column in MS_FIELDS.items():
+        if (ms := entry.get(field)) is not None:
+            fields[column] = int(ms) / 1000
+    if (attempts := entry.get(b"attempts")) is not None:
+        fields["attempts"] = int(attempts)
+    if (error := entry.get(b"error")) is not None:
+        fields["error_message"] = error.decode()[:2000]
+    if (progress := entry.get(b"progress")) is not None:
+        fields["progress"] = json.loads(progress)
+        fields[REPORTED] = True
+    if (payload := entry.get(b"payload")) is not None:
+        fields["payload"] = json.loads(payload)
+    state = fields.get("state")
+    if state in FINAL_STATES:
+        fields["finished_at"] = at
+        if (started := entry.get(b"started_at")) is not None:
+            fields["duration_ms"] = max(0, int(at * 1000) - int(started))
+        if state == "succeeded" and (result := entry.get(b"result")) is not None:
+            fields["result"] = json.loads(result)
+    return outbox_id(entry_id), at, job_id, fields
 
 
 def _refused(exc: DBAPIError) -> bool:
@@ -109,43 +105,44 @@ class JobLogShipper:
         self.lease_ms = int((4 * interval + 2) * 1000)
         self._failing = False
 
-    def ship_batch(self) -> int:
-        """Ship the oldest marked jobs; returns how many marks were read (0: none left)."""
-        marks = self.store.changed_jobs(self.batch)
-        if not marks:
+    def ship_batch(self, *, trim: bool = True) -> int:
+        """Ship the oldest outbox entries; returns how many were read (0: none left).
+        `trim=False` leaves them in Redis, as a shipper that died after its commit would."""
+        entries = self.store.job_log_entries(self.batch)
+        if not entries:
             return 0
-        records = self.store.job_fields([job_key for job_key, _ in marks], FIELDS)
-        rows = [
-            row
-            for (job_key, mark), values in zip(marks, records, strict=True)
-            if (row := to_row(job_key, mark, values)) is not None
-        ]
-        if rows:
-            self._write(rows)
-        self.store.shipped(marks)
-        return len(marks)
+        self._write([to_event(entry_id, entry) for entry_id, entry in entries])
+        if trim:
+            self.store.job_log_shipped(entries[-1][0])
+        return len(entries)
 
-    def _write(self, rows: list[dict[str, Any]]) -> None:
-        """One statement; if the database refuses a row (not a lost connection), the rows go
-        one at a time, so one bad value cannot hold back every job behind it."""
+    def _write(self, events: list[OutboxEvent]) -> None:
+        """One transaction; if the database refuses it (not a lost connection), the jobs go one
+        at a time, so one bad value cannot hold back every job behind it."""
         try:
-            joblog.upsert(rows, self.database_url)
+            joblog.ship(events, self.database_url)
         except DBAPIError as exc:
             if not _refused(exc):
                 raise
-            for row in rows:
-                self._write_one(row)
+            per_job: dict[str, list[OutboxEvent]] = {}
+            for event in events:
+                per_job.setdefault(event[2], []).append(event)
+            for job_events in per_job.values():
+                self._write_one(job_events)
 
-    def _write_one(self, row: dict[str, Any]) -> None:
+    def _write_one(self, events: list[OutboxEvent]) -> None:
         try:
-            joblog.upsert([row], self.database_url)
+            joblog.ship(events, self.database_url)
         except DBAPIError as exc:
             if not _refused(exc):
                 raise
             reason = str(exc.orig).splitlines()[0]
-            log.warning("job log refused job %s (%s); written without JSON", row["job_id"], reason)
-            without_json = {k: v for k, v in row.items() if k not in JSON_COLUMNS}
-            joblog.upsert([without_json], self.database_url)
+            log.warning("job log refused job %s (%s); written without JSON", events[0][2], reason)
+            without_json = [
+                (entry_id, at, job_id, {k: v for k, v in fields.items() if k not in JSON_COLUMNS})
+                for entry_id, at, job_id, fields in events
+            ]
+            joblog.ship(without_json, self.database_url)
 
     def ship_all(self) -> None:
         """Ship until the outbox is empty, if this shipper holds (or can take) the lease."""
@@ -162,7 +159,7 @@ class JobLogShipper:
     def _ship_logging_failures(self) -> None:
         try:
             self.ship_all()
-        except Exception as exc:  # Redis or the database is down: the marks wait in Redis
+        except Exception as exc:  # Redis or the database is down: the entries wait in Redis
             if not self._failing:
                 log.warning("job log shipping failed (%s); will retry", exc)
             self._failing = True
@@ -173,7 +170,7 @@ class JobLogShipper:
 
     def start(self, stopping: threading.Event) -> threading.Thread:
         # A daemon: a database hung at shutdown must not keep the supervisor alive past its
-        # grace period (an unfinished batch stays marked in Redis).
+        # grace period (an unfinished batch stays in Redis).
         thread = threading.Thread(
             target=self.run, args=(stopping,), name="jobyard-shipper", daemon=True
         )

@@ -14,10 +14,13 @@
 --               seq is stale (a duplicate left by a crash) and is dropped
 --   jobyard:steps:<id>      hash  step name -> JSON result
 --   jobyard:workers:<queue> zset  worker id -> last heartbeat, ms on Redis's clock
---   jobyard:joblog:changes  zset  job key -> when a worker last changed it (ms, with µs);
---       the job log's outbox: a worker's call that changes a job marks it here in the same
---       step, and the shipper (jobyard/worker/shipper.py) copies marked jobs to the database.
---       Only when the caller passes it: as the KEY after the command's own (its changes_key).
+--   jobyard:joblog:events   stream  the job log's outbox: one entry per change a worker's call
+--       makes to a job (a state, a progress report), appended in the same step; the shipper
+--       (jobyard/worker/shipper.py) writes them to the database in order, then trims them.
+--       Fields: job (its key), at (Redis time, "s.µs"), and those the change set: state name
+--       queue attempts enqueued_at started_at run_at (ms) progress result error error_class
+--       traceback payload. Only when the caller passes it: as the KEY after the command's own
+--       (its events_key).
 --   jobyard:joblog:shipper  str   the shipper holding the lease (one ships at a time)
 --   jobyard:rate:<job>:<n>  str   job starts in rate window n
 --   dramatiq:<queue>        list  message ids;  dramatiq:<queue>.msgs  hash id -> message
@@ -42,13 +45,24 @@ local function from(list, first)
     return items
 end
 
--- Marks the job for the job log shipper; a no-op when the job log is off (no changes key: each
--- job-changing worker command takes it, optionally, as the KEY after its own).
-local function changed(job_key, changes_key)
-    if changes_key then
-        local t = redis.call("time")
-        redis.call("zadd", changes_key, tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000, job_key)
+-- Appends a change of the job to the job log's outbox: `...` is field, value, field, value
+-- (a false, nil or empty value is left out). A no-op when the job log is off (no events key:
+-- each job-changing worker command takes it, optionally, as the KEY after its own).
+local function changed(events_key, job_key, ...)
+    if not events_key then
+        return
     end
+    local t = redis.call("time")
+    local entry = {"job", job_key, "at", t[1] .. "." .. string.format("%06d", t[2])}
+    local fields = {...}
+    for i = 1, select("#", ...), 2 do
+        local value = fields[i + 1]
+        if value and value ~= "" then
+            entry[#entry + 1] = fields[i]
+            entry[#entry + 1] = value
+        end
+    end
+    redis.call("xadd", events_key, "*", unpack(entry))
 end
 
 -- `now`: the caller's now_ms(), when it has one (one TIME call fewer).
@@ -77,10 +91,6 @@ local function remove_waiting_message(queue_key, queue_msgs_key, delay_key, dela
     end
 end
 
--- May a message carrying `seq` run this job now? "ok", the job's new attempt count and when it
--- first started (false if never), or why not. A resume after a durable sleep is the same
--- attempt; a retry, or a redelivery of a message that already started (its worker died), is a
--- new one.
 -- A finished job's record expires after the retention enqueue stored in it ("ttl").
 local function expire_finished(job_key)
     local ttl = redis.call("hget", job_key, "ttl")
@@ -89,9 +99,13 @@ local function expire_finished(job_key)
     end
 end
 
-local function start_checks(job_key, changes_key, seq, is_resume)
+-- May a message carrying `seq` run this job now? "ok", the job's new attempt count, when it
+-- first started (false if never) and the job's name, queue and enqueued_at (for the job log's
+-- event), or why not. A resume after a durable sleep is the same attempt; a retry, or a
+-- redelivery of a message that already started (its worker died), is a new one.
+local function start_checks(job_key, events_key, seq, is_resume)
     local job = redis.call("hmget", job_key, "engine", "state", "seq", "attempts", "started_seq",
-                           "cancel", "started_at")
+                           "cancel", "started_at", "name", "queue", "enqueued_at")
     if job[1] ~= "dramatiq" then
         return "lost"
     end
@@ -104,14 +118,15 @@ local function start_checks(job_key, changes_key, seq, is_resume)
     if job[6] == "1" then
         redis.call("hset", job_key, "state", "cancelled", "finished_at", now_ms())
         expire_finished(job_key)
-        changed(job_key, changes_key)
+        changed(events_key, job_key, "state", "cancelled", "name", job[8], "queue", job[9],
+                "attempts", job[4], "started_at", job[7])
         return "cancelled"
     end
     local attempts = tonumber(job[4] or "0")
     if is_resume == "0" or job[5] == seq then
         attempts = attempts + 1
     end
-    return "ok", attempts, job[7]
+    return "ok", attempts, job[7], {name = job[8], queue = job[9], enqueued_at = job[10]}
 end
 
 -- Whether the queue has a live worker, asked of Redis at most once per call and only when a
@@ -194,15 +209,15 @@ elseif command == "enqueue_many" then
     end
     return replies
 
--- start: KEYS job, steps, rate key prefix (the window number is appended) [, changes]
+-- start: KEYS job, steps, rate key prefix (the window number is appended) [, events]
 --        ARGV seq, is_resume ("1"|"0"), rate calls (0 = none), rate period ms
 -- -> {"ok", attempts, started_at ms, step, json, step, json, ...}
 --    | {"lost"} | {"stale"} | {"done"} | {"cancelled"} | {"throttled", ms until the window frees}
 elseif command == "start" then
-    local job_key, steps_key, rate_prefix, changes_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+    local job_key, steps_key, rate_prefix, events_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
     local seq, is_resume, rate_calls, rate_period = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 
-    local status, attempts, started_at = start_checks(job_key, changes_key, seq, is_resume)
+    local status, attempts, started_at, job = start_checks(job_key, events_key, seq, is_resume)
     if status ~= "ok" then
         return {status}
     end
@@ -223,7 +238,8 @@ elseif command == "start" then
     started_at = started_at or now_ms()
     redis.call("hset", job_key, "state", "running", "attempts", attempts, "started_seq", seq,
                "started_at", started_at)
-    changed(job_key, changes_key)
+    changed(events_key, job_key, "state", "running", "name", job.name, "queue", job.queue,
+            "attempts", attempts, "enqueued_at", job.enqueued_at, "started_at", started_at)
     local result = {"ok", attempts, started_at}
     local steps = redis.call("hgetall", steps_key)
     for i = 1, #steps do
@@ -253,19 +269,19 @@ elseif command == "step" then
     end
     return "ok"
 
--- progress: KEYS job [, changes]   ARGV seq, JSON progress   -> "ok" | "lost"
+-- progress: KEYS job [, events]   ARGV seq, JSON progress   -> "ok" | "lost"
 elseif command == "progress" then
-    local job_key, changes_key = KEYS[1], KEYS[2]
+    local job_key, events_key = KEYS[1], KEYS[2]
     local seq, progress = ARGV[2], ARGV[3]
 
     if redis.call("hget", job_key, "seq") ~= seq then
         return "lost"
     end
     redis.call("hset", job_key, "progress", progress)
-    changed(job_key, changes_key)
+    changed(events_key, job_key, "progress", progress)
     return "ok"
 
--- finish: KEYS job, steps, dramatiq acks, dramatiq msgs [, changes]
+-- finish: KEYS job, steps, dramatiq acks, dramatiq msgs [, events]
 --         ARGV seq, state, result JSON, error, error class, ttl s, redis message id, payload JSON,
 --              traceback
 --         (the payload is kept for failed and dead jobs, so they can be replayed)
@@ -273,13 +289,14 @@ elseif command == "progress" then
 -- in the same call (Dramatiq's own ack is then skipped), saving a round trip per job.
 elseif command == "finish" then
     local job_key, steps_key, acks_key, msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-    local changes_key = KEYS[5]
+    local events_key = KEYS[5]
     local seq, state, result = ARGV[2], ARGV[3], ARGV[4]
     local error_message, error_class, ttl = ARGV[5], ARGV[6], ARGV[7]
     local message_id, payload, traceback = ARGV[8], ARGV[9], ARGV[10]
 
     ack(acks_key, msgs_key, message_id)
-    local job = redis.call("hmget", job_key, "engine", "seq")
+    local job = redis.call("hmget", job_key, "engine", "seq", "name", "queue", "attempts",
+                           "started_at")
     if job[1] ~= "dramatiq" or job[2] ~= seq then
         return "lost"
     end
@@ -293,10 +310,13 @@ elseif command == "finish" then
     end
     redis.call("expire", job_key, ttl)
     redis.call("expire", steps_key, ttl)
-    changed(job_key, changes_key)
+    changed(events_key, job_key, "state", state, "name", job[3], "queue", job[4],
+            "attempts", job[5], "started_at", job[6], "result", state == "succeeded" and result,
+            "error", error_message, "error_class", error_class, "traceback", traceback,
+            "payload", payload)
     return "ok"
 
--- complete: KEYS job, steps, dramatiq acks, dramatiq msgs [, changes]
+-- complete: KEYS job, steps, dramatiq acks, dramatiq msgs [, events]
 --           ARGV seq, is_resume, result JSON, ttl s, redis message id
 -- -> {"ok", attempts, started_at ms} | {"lost"} | {"stale"} | {"done"} | {"cancelled"}.
 -- start + finish + ack for a run that never used a step:
@@ -304,11 +324,11 @@ elseif command == "finish" then
 elseif command == "complete" then
     -- A run without steps has no step record to expire: the steps key is passed but unused.
     local job_key, _steps_key, acks_key, msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-    local changes_key = KEYS[5]
+    local events_key = KEYS[5]
     local seq, is_resume, result, ttl, message_id = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 
     ack(acks_key, msgs_key, message_id)
-    local status, attempts, started_at = start_checks(job_key, changes_key, seq, is_resume)
+    local status, attempts, started_at, job = start_checks(job_key, events_key, seq, is_resume)
     if status ~= "ok" then
         return {status}
     end
@@ -318,11 +338,13 @@ elseif command == "complete" then
     redis.call("hset", job_key, "state", "succeeded", "result", result, "attempts", attempts,
                "started_seq", seq, "started_at", started_at, "finished_at", now)
     redis.call("expire", job_key, ttl)
-    changed(job_key, changes_key)
+    changed(events_key, job_key, "state", "succeeded", "name", job.name, "queue", job.queue,
+            "attempts", attempts, "enqueued_at", job.enqueued_at, "started_at", started_at,
+            "result", result)
     return {"ok", attempts, started_at}
 
 -- reschedule: KEYS job, delay queue list, delay queue msgs, dramatiq acks, dramatiq msgs
---                  [, changes]
+--                  [, events]
 --             ARGV seq, next seq, state, redis message id, message, error, error class,
 --                  redis message id of the current message, when the next message is due (ms)
 -- -> "ok" | "lost".  Puts the job's next message (a retry, or a resume after a sleep) on the
@@ -330,20 +352,23 @@ elseif command == "complete" then
 -- leave two live messages, or none.
 elseif command == "reschedule" then
     local job_key, delay_key, delay_msgs_key = KEYS[1], KEYS[2], KEYS[3]
-    local acks_key, msgs_key, changes_key = KEYS[4], KEYS[5], KEYS[6]
+    local acks_key, msgs_key, events_key = KEYS[4], KEYS[5], KEYS[6]
     local seq, next_seq, state, message_id, message = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
     local error_message, error_class, current_message_id = ARGV[7], ARGV[8], ARGV[9]
+    local run_at = ARGV[10] or "0"
 
     ack(acks_key, msgs_key, current_message_id)
-    local job = redis.call("hmget", job_key, "engine", "seq")
+    local job = redis.call("hmget", job_key, "engine", "seq", "name", "queue", "attempts")
     if job[1] ~= "dramatiq" or job[2] ~= seq then
         return "lost"
     end
     redis.call("hset", job_key, "seq", next_seq, "state", state, "rmid", message_id,
-               "error", error_message, "error_class", error_class, "run_at", ARGV[10] or "0")
+               "error", error_message, "error_class", error_class, "run_at", run_at)
     redis.call("hset", delay_msgs_key, message_id, message)
     redis.call("rpush", delay_key, message_id)
-    changed(job_key, changes_key)
+    changed(events_key, job_key, "state", state, "name", job[3], "queue", job[4],
+            "attempts", job[5], "run_at", run_at ~= "0" and run_at, "error", error_message,
+            "error_class", error_class)
     return "ok"
 
 -- handoff: KEYS job, queue list, queue msgs, delay list, delay msgs   ARGV name, queue, ttl s
@@ -517,21 +542,6 @@ elseif command == "lease" then
     end
     redis.call("set", lease_key, holder, "px", ms)
     return 1
-
--- shipped: KEYS changes   ARGV job key, score, job key, score, ...   -> how many were removed
--- Unmarks jobs the shipper wrote, unless a worker changed one again since it was read.
-elseif command == "shipped" then
-    local changes_key = KEYS[1]
-    local marks = from(ARGV, 2)
-
-    local removed = 0
-    for i = 1, #marks, 2 do
-        local job_key, score = marks[i], marks[i + 1]
-        if redis.call("zscore", changes_key, job_key) == score then
-            removed = removed + redis.call("zrem", changes_key, job_key)
-        end
-    end
-    return removed
 end
 
 return redis.error_reply("jobyard.lua: unknown command " .. tostring(command))

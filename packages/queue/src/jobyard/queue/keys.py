@@ -5,7 +5,7 @@ jobyard:steps:<job_id>     hash  step name -> JSON result of a finished step
 jobyard:workers:<queue>    zset  worker id -> last heartbeat, ms on the Redis clock
 jobyard:rate:<job>:<n>     str   starts of <job> in rate window number <n>
 jobyard:handoff            list  messages of jobs being moved to Temporal (their workers died)
-jobyard:joblog:changes     zset  job key -> when a worker changed it: the job log's outbox
+jobyard:joblog:events      stream  one entry per change a worker made to a job: the job log's outbox
 jobyard:joblog:shipper     str   id of the shipper holding the lease to empty that outbox
 dramatiq:<queue>           list  Dramatiq message ids waiting on <queue>
 dramatiq:<queue>.msgs      hash  Dramatiq message id -> encoded message
@@ -66,8 +66,8 @@ def handoff() -> str:
     return f"{PREFIX}:handoff"
 
 
-def job_log_changes() -> str:
-    return f"{PREFIX}:joblog:changes"
+def job_log_events() -> str:
+    return f"{PREFIX}:joblog:events"
 
 
 def job_log_shipper() -> str:

@@ -90,17 +90,17 @@ def _text(value: Any) -> str:
 
 class JobStore:
     def __init__(self, client: redis.Redis, *, log_changes: bool = False) -> None:
-        """`log_changes`: mark every job this store changes in the job log's outbox, for the
-        shipper to copy to the database (a worker's store, when the job log is on)."""
+        """`log_changes`: append every change this store makes to a job to the job log's outbox,
+        for the shipper to write to the database (a worker's store, when the job log is on)."""
         self.client = client
         # Seconds a finished job's records stay in Redis (the job log keeps it for longer).
         self.retention = env.get_int(env.RECORD_RETENTION)
         self._sha = _SCRIPT_SHA
-        self._changes = [keys.job_log_changes()] if log_changes else []
+        self._events = [keys.job_log_events()] if log_changes else []
 
     @property
     def logs_changes(self) -> bool:
-        return bool(self._changes)
+        return bool(self._events)
 
     def _call(self, keys_: list[str], *args: Any) -> Any:
         # EVALSHA directly: redis-py's Script wrapper costs a few microseconds a call, and
@@ -182,7 +182,7 @@ class JobStore:
     ) -> StartResult:
         calls, period_ms = rate or (0, 0)
         reply = self._call(
-            [keys.job(job_id), keys.steps(job_id), keys.rate_prefix(job_name), *self._changes],
+            [keys.job(job_id), keys.steps(job_id), keys.rate_prefix(job_name), *self._events],
             "start",
             seq,
             "1" if resume else "0",
@@ -215,7 +215,7 @@ class JobStore:
         return _text(reply)
 
     def record_progress(self, job_id: str, seq: int, progress_json: str) -> bool:
-        reply = self._call([keys.job(job_id), *self._changes], "progress", seq, progress_json)
+        reply = self._call([keys.job(job_id), *self._events], "progress", seq, progress_json)
         return _text(reply) == "ok"
 
     def finish(
@@ -232,7 +232,7 @@ class JobStore:
         traceback: str = "",
     ) -> bool:
         reply = self._call(
-            [keys.job(job_id), keys.steps(job_id), *delivery.keys(), *self._changes],
+            [keys.job(job_id), keys.steps(job_id), *delivery.keys(), *self._events],
             "finish",
             seq,
             state,
@@ -251,7 +251,7 @@ class JobStore:
     ) -> StartResult:
         """Start and finish a run that used no step, in one call; status "ok" or why not."""
         reply = self._call(
-            [keys.job(job_id), keys.steps(job_id), *delivery.keys(), *self._changes],
+            [keys.job(job_id), keys.steps(job_id), *delivery.keys(), *self._events],
             "complete",
             seq,
             "1" if resume else "0",
@@ -285,7 +285,7 @@ class JobStore:
                 keys.dramatiq_queue(delay_queue),
                 keys.dramatiq_messages(delay_queue),
                 *delivery.keys(),
-                *self._changes,
+                *self._events,
             ],
             "reschedule",
             seq,
@@ -383,23 +383,17 @@ class JobStore:
         """Take or extend the lease `name` for `holder`; False while someone else holds it."""
         return bool(self._call([name], "lease", holder, ms))
 
-    def changed_jobs(self, limit: int) -> list[tuple[bytes, bytes]]:
-        """The oldest `limit` job keys in the job log's outbox, with their marks (as sent)."""
-        marks = self.client.zrange(
-            keys.job_log_changes(), 0, limit - 1, withscores=True, score_cast_func=bytes
-        )
-        return cast(list[tuple[bytes, bytes]], marks)
+    def job_log_entries(self, limit: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The oldest `limit` entries of the job log's outbox: (stream id, fields), in order."""
+        entries = self.client.xrange(keys.job_log_events(), count=limit)
+        return cast(list[tuple[bytes, dict[bytes, bytes]]], entries)
 
-    def job_fields(self, job_keys: list[bytes], fields: tuple[str, ...]) -> list[list[Any]]:
-        pipe = self.client.pipeline(transaction=False)
-        for key in job_keys:
-            pipe.hmget(key, fields)
-        return pipe.execute()
-
-    def shipped(self, marks: list[tuple[bytes, bytes]]) -> int:
-        """Unmark shipped jobs, except any changed again since `changed_jobs` read them."""
-        flat = [part for mark in marks for part in mark]
-        return int(self._call([keys.job_log_changes()], "shipped", *flat))
+    def job_log_shipped(self, last_id: bytes) -> int:
+        """Drops the outbox's entries up to `last_id`, once they are in the database. By id, not
+        by count: an entry appended meanwhile has a higher id and stays."""
+        milliseconds, sequence = _text(last_id).split("-")
+        after = f"{milliseconds}-{int(sequence) + 1}"
+        return int(self.client.xtrim(keys.job_log_events(), minid=after, approximate=False))
 
     def queue_counts(self, queue: str) -> QueueCounts:
         pipe = self.client.pipeline(transaction=False)
@@ -436,8 +430,8 @@ class JobStore:
         return [job_id for job_id, found in zip(job_ids, pipe.execute(), strict=True) if not found]
 
     def job_log_backlog(self) -> int:
-        """How many jobs changed since the job log's shipper last wrote them."""
-        return int(self.client.zcard(keys.job_log_changes()))
+        """How many job changes wait in the outbox for the job log's shipper."""
+        return int(self.client.xlen(keys.job_log_events()))
 
     def get(self, job_id: str) -> dict[str, str] | None:
         raw = self.client.hgetall(keys.job(job_id))

@@ -8,16 +8,18 @@ seconds. Events from different processes can arrive out of order (a web process 
 "queued" after the worker flushed "succeeded"), so a row's state only moves to an event at
 least as new as the one it holds (`state_at`).
 
-Dramatiq workers do not call `record`: the Redis record of a job is the source, and the
-`jobyard worker` supervisor ships changed records here with `upsert` (jobyard/worker/shipper.py).
+Dramatiq workers do not call `record`: each Lua call that changes a job appends the change to
+an outbox in Redis, and the `jobyard worker` supervisor's shipper writes those here with `ship`
+(jobyard/worker/shipper.py), exactly once: a job's row keeps the id of the last outbox entry
+written (`outbox_id`), checked in the same transaction.
 
-Every upsert also appends the changes it makes to a row to `job_events` (a new state, engine,
-attempt or wake time; a new progress value), numbered per job from `job_log.events` in the same
+Every write also appends the changes it makes to a row to `job_events` (a new state, engine,
+attempt or wake time; a progress report), numbered per job from `job_log.events` in the same
 transaction, with the row locked: whichever process writes, on whichever engine, a job's events
 form one gap-free sequence, which GET /jobs/{id}/events streams. The price is one locking read
-per batch, never work on a worker's job thread. Changes that happen between two batches of the
-same writer are seen as one (progress reported faster than JOBYARD_JOB_LOG_INTERVAL shows its
-latest value; a state that lasted less than that may be skipped, a final state never is).
+per batch and round, never work on a worker's job thread. Several changes of one job in a batch
+are written in rounds (`merge_rounds`), so each state change and each progress report a writer
+recorded becomes an event of its own, in order, however fast they came.
 """
 
 from __future__ import annotations
@@ -51,9 +53,14 @@ LATEST = (
 )  # fmt: skip
 #: Columns given in unix seconds to `record` (state_at: the event's time), stored as timestamps.
 TIMESTAMPS = ("enqueued_at", "started_at", "finished_at", "state_at", "run_at")
-#: Every column an upsert names; progress follows the newest report, attempts and events only
-#: grow, run_at is the newest state's (None: not waiting on a timer).
-COLUMNS = ("job_id", *STICKY, *LATEST, "progress", "attempts", "run_at", "events")
+#: Every column an upsert names; progress follows the newest report, attempts, events and
+#: outbox_id only grow, run_at is the newest state's (None: not waiting on a timer).
+COLUMNS = ("job_id", *STICKY, *LATEST, "progress", "attempts", "run_at", "events", "outbox_id")
+#: A row's key (not a column) saying its progress is a report, an event even if the value is
+#: the one stored (the outbox's progress entries; a writer's rows may carry the current value).
+REPORTED = "progress_reported"
+#: A change from the Dramatiq outbox: (outbox id, unix seconds, job id, the fields it set).
+OutboxEvent = tuple[int, float, str, dict[str, Any]]
 #: Beyond this many unflushed events (a long database outage), the oldest are dropped.
 MAX_BUFFER = 200_000
 #: A failing flush is retried every interval; the same failure is logged at most this often.
@@ -157,21 +164,29 @@ def merge(events: list[tuple[float, str, dict[str, Any]]]) -> list[dict[str, Any
             # a state without a wake time is not waiting on a timer (any more)
             if fields.get("run_at") is None:
                 row.pop("run_at", None)
+        if fields.get("progress") is not None:
+            row["progress_at"] = ts  # not a column: the progress event's time
     return list(rows.values())
 
 
 def merge_rounds(events: list[tuple[float, str, dict[str, Any]]]) -> list[list[dict[str, Any]]]:
     """Like `merge`, but a job's second state or second progress value in the batch starts a
-    new row for it, in the next round: each round is upserted after the one before, so every
-    state change and progress report a process recorded becomes an event of its own."""
+    new row for it, in the next round, and so does a state after a progress value (a row's
+    events come state first, but for a final one: see `changes_of`): each round is upserted
+    after the one before, so every state change and progress report a process recorded becomes
+    an event of its own, in order."""
     segments: dict[str, list[list[tuple[float, str, dict[str, Any]]]]] = {}
     for event in sorted(events, key=lambda e: e[0]):
         _, job_id, fields = event
         parts = segments.setdefault(job_id, [[]])
         current = parts[-1]
-        if any(
-            fields.get(key) is not None and any(f.get(key) is not None for _, _, f in current)
-            for key in ("state", "progress")
+        state = fields.get("state")
+        has_state = any(f.get("state") is not None for _, _, f in current)
+        has_progress = any(f.get("progress") is not None for _, _, f in current)
+        if (
+            (state is not None and has_state)
+            or (fields.get("progress") is not None and has_progress)
+            or (state is not None and state not in FINAL_JOB_STATES and has_progress)
         ):
             parts.append(current := [])
         current.append(event)
@@ -182,6 +197,41 @@ def merge_rounds(events: list[tuple[float, str, dict[str, Any]]]) -> list[list[d
                 rounds.append([])
             rounds[index].extend(merge(part))
     return rounds
+
+
+def ship(events: list[OutboxEvent], url: str | None = None) -> int:
+    """Writes changes from the Dramatiq outbox, in one transaction: the jobs' rows are locked,
+    the events a batch wrote before (at or below the job's `outbox_id`: the shipper died
+    before trimming them) are skipped, the rest are merged per round (`merge_rounds`) and
+    upserted, and each job's `outbox_id` moves to its last event. Returns how many were new."""
+    engine = get_engine(url)
+    with engine.begin() as connection:
+        written = _outbox_ids(connection, sorted({job_id for _, _, job_id, _ in events}))
+        fresh = [e for e in events if e[0] > (written.get(e[2]) or 0)]
+        last: dict[str, int] = {}
+        for outbox_id, _, job_id, _ in fresh:
+            last[job_id] = max(last.get(job_id, 0), outbox_id)
+        rounds = merge_rounds([(ts, job_id, fields) for _, ts, job_id, fields in fresh])
+        for row in rounds[0] if rounds else []:  # every job has a row in the first round
+            row["outbox_id"] = last[row["job_id"]]
+        for rows in rounds:
+            _upsert_in(connection, rows)
+    return len(fresh)
+
+
+def _outbox_ids(connection: Connection, ids: list[str]) -> dict[str, int | None]:
+    """The `outbox_id` of the jobs that have rows, locked until the transaction ends (SQLite:
+    the whole database, taken by a write first, as `_lock_rows` does)."""
+    if connection.dialect.name == "postgresql":
+        query = text(
+            "SELECT job_id, outbox_id FROM job_log WHERE job_id = ANY(:ids) "
+            "ORDER BY job_id FOR UPDATE"
+        )
+        return dict(connection.execute(query, {"ids": ids}).tuples().all())
+    connection.execute(text("UPDATE job_log SET events = events WHERE 0"))
+    table = Base.metadata.tables[JobLog.__tablename__]
+    query = select(table.c.job_id, table.c.outbox_id).where(table.c.job_id.in_(ids))
+    return dict(connection.execute(query).tuples().all())
 
 
 def upsert(rows: list[dict[str, Any]], url: str | None = None) -> None:
@@ -395,7 +445,8 @@ def _first_seen(row: dict[str, Any], sqlite_text: bool) -> str:
 def changes_of(row: dict[str, Any], old: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The events a row (times in unix seconds) adds to a job whose row was `old`: a state
     event when its state is newer and changes the state, engine, attempt or wake time; a
-    progress event for a new progress value (before a final state, after any other)."""
+    progress event for a new progress value, or any value the row says was reported (REPORTED),
+    before a final state, after any other."""
     known = old is not None and not old.get("new")
     previous: dict[str, Any] = old if known and old is not None else {}
     at = row.get("state_at")
@@ -420,9 +471,10 @@ def changes_of(row: dict[str, Any], old: dict[str, Any] | None) -> list[dict[str
             }  # fmt: skip
     progress = row.get("progress")
     progress_event: dict[str, Any] | None = None
-    if progress is not None and progress != previous.get("progress"):
+    if progress is not None and (row.get(REPORTED) or progress != previous.get("progress")):
+        reported_at = row.get("progress_at") or at
         progress_event = {
-            "at": at if at is not None else time.time(), "kind": "progress",
+            "at": reported_at if reported_at is not None else time.time(), "kind": "progress",
             "engine": row.get("engine") or previous.get("engine"), "progress": progress,
         }  # fmt: skip
     if state_event is not None and state in FINAL_JOB_STATES:
@@ -483,6 +535,10 @@ def _merge_rules(new: Any) -> dict[str, Any]:
     rules["progress"] = func.coalesce(new.progress, old.progress)
     rules["attempts"] = case((new.attempts > old.attempts, new.attempts), else_=old.attempts)
     rules["events"] = case((new.events > old.events, new.events), else_=old.events)
+    rules["outbox_id"] = case(
+        (old.outbox_id.is_(None) | (new.outbox_id > old.outbox_id), new.outbox_id),
+        else_=old.outbox_id,
+    )
     rules["run_at"] = case((newer, new.run_at), else_=old.run_at)
     # A replayed job starts over: the newer "queued" clears when it finished.
     replayed = newer & (new.state == "queued")

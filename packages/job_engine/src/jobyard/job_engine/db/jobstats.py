@@ -16,6 +16,7 @@ writers in several processes never lose one another's counts.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from datetime import datetime
 from typing import Any
 
@@ -34,10 +35,8 @@ SPANS = (60, 3600)
 
 
 def bucket_of(ms: float) -> int:
-    for index, bound in enumerate(BOUNDS_MS):
-        if ms < bound:
-            return index
-    return len(BOUNDS_MS)
+    """The index of the first bound above `ms` (len(BOUNDS_MS): above them all)."""
+    return bisect_right(BOUNDS_MS, ms)
 
 
 def period_of(moment: datetime, span: int) -> datetime:

@@ -125,6 +125,10 @@ class JobLog(Base):
     run_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # The seq of the job's latest row in job_events (0: none yet).
     events: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    # The last entry of the Dramatiq job log outbox written for this job (its Redis stream id as
+    # ms * 1_000_000 + seq; None: none): a batch the shipper writes again after a crash adds no
+    # event twice (jobyard/worker/shipper.py).
+    outbox_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class JobEvent(Base):
