@@ -462,9 +462,7 @@ def test_finish_records_the_outcome_acks_and_expires(r: redis.Redis, lua: Lua) -
     assert not r.exists(EVENTS_KEY)
 
 
-def test_finish_of_a_failure_keeps_payload_and_traceback_and_logs(
-    r: redis.Redis, lua: Lua
-) -> None:
+def test_finish_of_a_failure_keeps_payload_and_traceback_and_logs(r: redis.Redis, lua: Lua) -> None:
     seed(r, state="running", attempts=2, started_at=1000)
     before = now_ms(r)
     reply = finish(

@@ -1,5 +1,6 @@
-"""The job log's shipper: Dramatiq workers mark changed jobs in Redis, the `jobyard worker`
-supervisor copies them to the database. Real Redis, real SQLite and PostgreSQL, real processes."""
+"""The job log's shipper: Dramatiq workers append each change of a job to an outbox in Redis,
+the `jobyard worker` supervisor writes them to the database, every change one event, exactly
+once. Real Redis, real SQLite and PostgreSQL, real processes."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from sqlalchemy import select
 from jobyard.dispatcher import get_job_record
 from jobyard.dispatcher.metrics import render
 from jobyard.job_engine.db import get_engine
-from jobyard.job_engine.db.joblog import writer
-from jobyard.job_engine.db.models import JobLog
+from jobyard.job_engine.db.joblog import JobLogWriter, writer
+from jobyard.job_engine.db.models import JobEvent, JobLog
 from jobyard.queue import keys
 from jobyard.queue.client import get_client
 from jobyard.queue.messages import encode_job_message
 from jobyard.queue.store import JobStore
-from jobyard.worker.shipper import JobLogShipper
+from jobyard.worker.shipper import JobLogShipper, to_event
 from tests.support import metric_samples, metric_value, wait_for
 
 UNREACHABLE_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1"
@@ -27,7 +28,7 @@ UNREACHABLE_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connec
 
 @pytest.fixture
 def store(jobyard_env) -> JobStore:
-    """A worker's store: it marks every job it changes for the shipper."""
+    """A worker's store: it logs every change it makes to a job for the shipper."""
     store = JobStore(get_client(), log_changes=True)
     store.heartbeat("test-worker", "test-broker", ["default"])  # so enqueue finds a live worker
     return store
@@ -45,13 +46,34 @@ def _enqueue(store: JobStore, payload: dict | None = None) -> str:
 
 
 def _marked(store: JobStore) -> list[str]:
-    prefix = keys.job_prefix()
-    return [key.decode().removeprefix(prefix) for key, _ in store.changed_jobs(100)]
+    """The jobs of the entries waiting in the outbox, in order."""
+    return [to_event(entry_id, entry)[2] for entry_id, entry in store.job_log_entries(100)]
 
 
-def test_a_finished_job_is_shipped_and_unmarked(store, job_log_database):
+def _events(url: str, job_id: str) -> list[tuple]:
+    """The job's events as (kind, state or progress, engine, attempts), in order."""
+    table = JobEvent.__table__
+    query = select(table).where(table.c.job_id == job_id).order_by(table.c.seq)
+    with get_engine(url).connect() as connection:
+        rows = connection.execute(query).mappings().all()
+    assert [row["seq"] for row in rows] == list(range(1, len(rows) + 1))
+    return [
+        (row["kind"], row["state"] if row["kind"] == "state" else row["progress"], row["engine"],
+         row["attempts"])
+        for row in rows
+    ]  # fmt: skip
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request) -> str:
+    """The job log on either database."""
+    fixture = "job_log_database" if request.param == "sqlite" else "job_log_db_url"
+    return request.getfixturevalue(fixture)
+
+
+def test_a_finished_job_is_shipped_and_trimmed(store, job_log_database):
     job_id = _enqueue(store)
-    assert _marked(store) == [], "dispatch logs its own event; only worker changes are marked"
+    assert _marked(store) == [], "dispatch logs its own event; only worker changes are logged"
     assert store.complete(job_id, 0, resume=False, result={"ok": 1}).status == "ok"
     assert _marked(store) == [job_id]
 
@@ -66,15 +88,15 @@ def test_a_finished_job_is_shipped_and_unmarked(store, job_log_database):
     assert _marked(store) == []
 
 
-def test_a_job_changed_while_shipping_stays_marked(store, job_log_database):
+def test_a_change_made_while_shipping_stays_in_the_outbox(store, job_log_database):
     job_id = _enqueue(store)
     store.start(job_id, "system.echo", 0, resume=False, rate=None)
-    read = store.changed_jobs(100)
+    read = store.job_log_entries(100)
     store.finish(
         job_id, 0, "dead", error="RuntimeError: boom", error_class="RuntimeError",
         traceback="Traceback (most recent call last): boom", payload={"a": 1},
     )  # fmt: skip
-    assert store.shipped(read) == 0, "the mark read before the change must not be removed"
+    assert store.job_log_shipped(read[-1][0]) == 1, "only the entry read is trimmed"
     assert _marked(store) == [job_id]
 
     JobLogShipper(store, 0.1, database_url=job_log_database).ship_all()
@@ -82,6 +104,79 @@ def test_a_job_changed_while_shipping_stays_marked(store, job_log_database):
     assert (record.state, record.error_class, record.payload) == ("dead", "RuntimeError", {"a": 1})
     assert record.error_message == "RuntimeError: boom"
     assert "boom" in (record.error_traceback or "")
+    assert _marked(store) == []
+
+
+def test_every_change_is_one_event_in_order(store, database):
+    """Twenty progress reports, a retry, a durable sleep and the end, all within one shipping
+    interval, after the web process logged "queued": each its own event, in order."""
+    job_id = _enqueue(store)
+    queued = JobLogWriter(database, interval=60)
+    queued.record(job_id, name="system.echo", queue="default", engine="dramatiq", state="queued")
+    queued.flush()
+    store.start(job_id, "system.echo", 0, resume=False, rate=None)
+    for n in range(1, 11):
+        store.record_progress(job_id, 0, str(n / 10))
+    store.reschedule(job_id, 0, 1, "retrying", "default.DQ", "m2", b"{}", run_at_ms=1)
+    store.start(job_id, "system.echo", 1, resume=False, rate=None)
+    for n in range(1, 11):
+        store.record_progress(job_id, 1, str(n / 10))
+    store.record_progress(job_id, 1, "1.0")  # the same value again is a report of its own
+    store.reschedule(job_id, 1, 2, "running", "default.DQ", "m3", b"{}", run_at_ms=2)  # sleeps
+    store.start(job_id, "system.echo", 2, resume=True, rate=None)
+    store.finish(job_id, 2, "succeeded", result={"ok": True})
+
+    JobLogShipper(store, 0.1, database_url=database).ship_all()
+
+    tenths = [("progress", n / 10, "dramatiq", None) for n in range(1, 11)]
+    assert _events(database, job_id) == [
+        ("state", "queued", "dramatiq", 0),
+        ("state", "running", "dramatiq", 1),
+        *tenths,
+        ("state", "retrying", "dramatiq", 1),
+        ("state", "running", "dramatiq", 2),
+        *tenths,
+        ("progress", 1.0, "dramatiq", None),
+        ("state", "running", "dramatiq", 2),  # parked in a durable sleep: its wake time is set
+        ("state", "running", "dramatiq", 2),  # woken
+        ("state", "succeeded", "dramatiq", 2),
+    ]
+    table = JobEvent.__table__
+    with get_engine(database).connect() as connection:
+        run_at = connection.execute(
+            select(table.c.run_at).where(table.c.job_id == job_id).order_by(table.c.seq)
+        ).scalars().all()  # fmt: skip
+    assert [t is not None for t in run_at] == [False] * 12 + [True] + [False] * 12 + [
+        True,
+        False,
+        False,
+    ]
+    assert _marked(store) == []
+
+
+def test_a_batch_shipped_again_after_a_crash_adds_no_event(store, database):
+    """The shipper dies after its commit, before trimming the outbox: the next one reads the
+    same entries again (in a batch cut elsewhere) and adds only the new ones."""
+    job_id = _enqueue(store)
+    store.start(job_id, "system.echo", 0, resume=False, rate=None)
+    for n in range(1, 5):
+        store.record_progress(job_id, 0, str(n))
+    crashed = JobLogShipper(store, 0.1, database_url=database, batch=3)
+    assert crashed.ship_batch(trim=False) == 3  # running, 1, 2 written; nothing trimmed
+    assert _events(database, job_id) == [
+        ("state", "running", "dramatiq", 1), ("progress", 1, "dramatiq", None),
+        ("progress", 2, "dramatiq", None),
+    ]  # fmt: skip
+    store.finish(job_id, 0, "succeeded", result=1)
+    assert len(_marked(store)) == 6
+
+    store.client.delete(keys.job_log_shipper())  # the dead shipper's lease, expired
+    JobLogShipper(store, 0.1, database_url=database).ship_all()
+    assert _events(database, job_id) == [
+        ("state", "running", "dramatiq", 1),
+        *[("progress", n, "dramatiq", None) for n in range(1, 5)],
+        ("state", "succeeded", "dramatiq", 1),
+    ]
     assert _marked(store) == []
 
 
@@ -132,13 +227,15 @@ def test_one_shipper_holds_the_lease(store, job_log_database):
     assert _marked(store) == []
 
 
-def test_a_job_handed_to_temporal_is_left_to_temporal(store, job_log_database):
+def test_a_job_handed_to_temporal_keeps_what_dramatiq_did_before(store, job_log_database):
     job_id = _enqueue(store)
     store.reschedule(job_id, 0, 1, "queued", "default.DQ", "rmid-2", b"{}")  # e.g. throttled
     assert store.handoff(job_id, "system.echo", "default").status == "claimed"
+    assert store.start(job_id, "system.echo", 1, resume=False, rate=None).status == "lost"
     JobLogShipper(store, 0.1, database_url=job_log_database).ship_all()
     assert _marked(store) == []
-    assert get_job_record(job_id) is None, "Temporal's side writes the row of a job it took"
+    # Temporal's side writes the rest of the job's life.
+    assert _events(job_log_database, job_id) == [("state", "queued", "dramatiq", 0)]
 
 
 def test_the_log_of_a_finished_job_survives_its_worker_killed(engines, monkeypatch):

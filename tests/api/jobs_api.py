@@ -6,6 +6,7 @@ tell what really ran, on either engine, without trusting the engine's own bookke
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,21 @@ async def retry_later(ctx: Any, payload: FlakyPayload) -> str:
     """Fails its step once ALLOW_FILE is missing, and waits 6 s before the next try."""
     result: str = await ctx.run("check", fail_unless_allowed, payload.marker_dir)
     return result
+
+
+class ChattyPayload(BaseModel):
+    reports: int = Field(20, ge=1, le=100)
+    fail_first: bool = True
+
+
+@job("api.chatty", payload=ChattyPayload, retry=RetryPolicy(attempts=2, backoff=0.1), timeout=30)
+async def chatty(ctx: Any, payload: ChattyPayload) -> dict[str, int]:
+    """Reports progress `reports` times within 100 ms on each attempt; the first attempt then
+    fails (with `fail_first`), the retry succeeds: far faster than the job log's shipping
+    interval."""
+    for n in range(1, payload.reports + 1):
+        await ctx.progress(n / payload.reports)
+        await asyncio.sleep(0.1 / payload.reports / 2)
+    if payload.fail_first and ctx.attempt == 1:
+        raise RuntimeError("the first attempt fails")
+    return {"attempt": ctx.attempt}

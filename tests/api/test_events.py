@@ -122,6 +122,34 @@ def test_events_of_a_job_moved_from_dramatiq_to_temporal_are_one_sequence(
     assert collect_async(job_id) == events
 
 
+@pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
+def test_every_progress_report_and_state_is_an_event_however_fast(
+    api: ApiServer, engines: Engines, monkeypatch: pytest.MonkeyPatch, engine: str
+) -> None:
+    """Twenty reports within 100 ms, a failure, a retry and twenty more: with the job log
+    written every JOBYARD_JOB_LOG_INTERVAL (1 s here), each is still an event of its own, in
+    order. (On Temporal a failure outside a step fails the job: no retry there.)"""
+    monkeypatch.setenv("JOBYARD_JOB_LOG_INTERVAL", "1")
+    on_engine(engines, monkeypatch, engine)
+    retried = engine == "dramatiq"
+    job_id = dispatch(api, "api.chatty", {"reports": 20, "fail_first": retried})
+    events = read_stream(api, job_id)
+
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    seen = [
+        (e["kind"], e["state"] if e["kind"] == "state" else e["progress"], e.get("attempts"))
+        for e in events
+    ]
+    if seen[0][:2] == ("state", "queued"):  # the API's own event, if it reached the log first
+        seen = seen[1:]
+    reports = [("progress", n / 20, None) for n in range(1, 21)]
+    retry = [("state", "retrying", 1), ("state", "running", 2), *reports] if retried else []
+    last = 2 if retried else 1
+    assert seen == [("state", "running", 1), *reports, *retry, ("state", "succeeded", last)], seen
+    assert {e["engine"] for e in events} == {engine}
+    assert collect_async(job_id) == events
+
+
 def test_events_need_a_token_and_a_known_job(api: ApiServer) -> None:
     assert api.anonymous.get("/jobs/whatever/events").status_code == 401
     assert api.client.get("/jobs/no-such-job/events").status_code == 404

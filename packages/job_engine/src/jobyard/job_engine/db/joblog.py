@@ -227,11 +227,11 @@ def _outbox_ids(connection: Connection, ids: list[str]) -> dict[str, int | None]
             "SELECT job_id, outbox_id FROM job_log WHERE job_id = ANY(:ids) "
             "ORDER BY job_id FOR UPDATE"
         )
-        return dict(connection.execute(query, {"ids": ids}).tuples().all())
+        return {job_id: written for job_id, written in connection.execute(query, {"ids": ids})}
     connection.execute(text("UPDATE job_log SET events = events WHERE 0"))
     table = Base.metadata.tables[JobLog.__tablename__]
     query = select(table.c.job_id, table.c.outbox_id).where(table.c.job_id.in_(ids))
-    return dict(connection.execute(query).tuples().all())
+    return {job_id: written for job_id, written in connection.execute(query)}
 
 
 def upsert(rows: list[dict[str, Any]], url: str | None = None) -> None:
