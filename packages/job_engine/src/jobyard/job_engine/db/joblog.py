@@ -206,28 +206,30 @@ def ship(events: list[OutboxEvent], url: str | None = None) -> int:
     upserted, and each job's `outbox_id` moves to its last event. Returns how many were new."""
     engine = get_engine(url)
     with engine.begin() as connection:
-        written = _outbox_ids(connection, sorted({job_id for _, _, job_id, _ in events}))
+        ids = sorted({job_id for _, _, job_id, _ in events})
+        locked = _lock(connection, ids) if connection.dialect.name == "postgresql" else None
+        if locked is not None:
+            written = {job_id: old["outbox_id"] for job_id, old in locked.items()}
+        else:
+            written = _outbox_ids_sqlite(connection, ids)
         fresh = [e for e in events if e[0] > (written.get(e[2]) or 0)]
         last: dict[str, int] = {}
         for outbox_id, _, job_id, _ in fresh:
             last[job_id] = max(last.get(job_id, 0), outbox_id)
         rounds = merge_rounds([(ts, job_id, fields) for _, ts, job_id, fields in fresh])
-        for row in rounds[0] if rounds else []:  # every job has a row in the first round
-            row["outbox_id"] = last[row["job_id"]]
-        for rows in rounds:
-            _upsert_in(connection, rows)
+        for index, rows in enumerate(rounds):
+            if index == 0:  # every job has a row in the first round; the lock covers them
+                for row in rows:
+                    row["outbox_id"] = last[row["job_id"]]
+                _upsert_in(connection, rows, locked)
+            else:
+                _upsert_in(connection, rows)
     return len(fresh)
 
 
-def _outbox_ids(connection: Connection, ids: list[str]) -> dict[str, int | None]:
-    """The `outbox_id` of the jobs that have rows, locked until the transaction ends (SQLite:
-    the whole database, taken by a write first, as `_lock_rows` does)."""
-    if connection.dialect.name == "postgresql":
-        query = text(
-            "SELECT job_id, outbox_id FROM job_log WHERE job_id = ANY(:ids) "
-            "ORDER BY job_id FOR UPDATE"
-        )
-        return {job_id: written for job_id, written in connection.execute(query, {"ids": ids})}
+def _outbox_ids_sqlite(connection: Connection, ids: list[str]) -> dict[str, int | None]:
+    """SQLite: the `outbox_id` of the jobs that have rows, the database locked until the
+    transaction ends (by a write first, as `_lock_rows` does)."""
     connection.execute(text("UPDATE job_log SET events = events WHERE 0"))
     table = Base.metadata.tables[JobLog.__tablename__]
     query = select(table.c.job_id, table.c.outbox_id).where(table.c.job_id.in_(ids))
@@ -253,13 +255,18 @@ def upsert_rounds(rounds: list[list[dict[str, Any]]], url: str | None = None) ->
 Pair = tuple[dict[str, Any], dict[str, Any]]  # (a row as given, the row as stored)
 
 
-def _upsert_in(connection: Connection, rows: list[dict[str, Any]]) -> None:
+def _upsert_in(
+    connection: Connection, rows: list[dict[str, Any]], locked: dict[str, Any] | None = None
+) -> None:
+    """`locked`: PostgreSQL: `_lock`'s answer for these rows' jobs, if the caller has it."""
     rows = sorted(rows, key=lambda row: str(row["job_id"]))  # one lock order for every writer
     pairs: list[Pair] = [(row, _stored(row)) for row in rows]
     events: list[dict[str, Any]] = []
     finished: list[dict[str, Any]] = []
     if connection.dialect.name == "postgresql":
-        before = _lock(connection, [row["job_id"] for row, _ in pairs])
+        before = (
+            locked if locked is not None else _lock(connection, [r["job_id"] for r, _ in pairs])
+        )
         # Jobs new to the log are inserted whole (no update to merge into); one that another
         # writer inserted meanwhile is locked and merged as the others.
         fresh = [pair for pair in pairs if pair[0]["job_id"] not in before]
@@ -393,10 +400,10 @@ def _add_stats(connection: Connection, rows: list[dict[str, Any]]) -> None:
     connection.execute(added, rows)
 
 
-#: The columns of a job_log row an event is judged against.
+#: The columns of a job_log row an event is judged against (outbox_id: `ship`'s).
 JUDGED = (
     "state", "state_at", "engine", "attempts", "progress", "run_at", "events", "queue",
-    "enqueued_at", "started_at",
+    "enqueued_at", "started_at", "outbox_id",
 )  # fmt: skip
 
 
