@@ -59,6 +59,9 @@ COLUMNS = ("job_id", *STICKY, *LATEST, "progress", "attempts", "run_at", "events
 #: A row's key (not a column) saying its progress is a report, an event even if the value is
 #: the one stored (the outbox's progress entries; a writer's rows may carry the current value).
 REPORTED = "progress_reported"
+#: A row's key (not a column): the rows it merges, in order, when each part's changes are
+#: events of their own (`ship`: one upsert per job, however many changes it had in a batch).
+PARTS = "parts"
 #: A change from the Dramatiq outbox: (outbox id, unix seconds, job id, the fields it set).
 OutboxEvent = tuple[int, float, str, dict[str, Any]]
 #: Beyond this many unflushed events (a long database outage), the oldest are dropped.
@@ -170,15 +173,28 @@ def merge(events: list[tuple[float, str, dict[str, Any]]]) -> list[dict[str, Any
 
 
 def merge_rounds(events: list[tuple[float, str, dict[str, Any]]]) -> list[list[dict[str, Any]]]:
-    """Like `merge`, but a job's second state or second progress value in the batch starts a
-    new row for it, in the next round, and so does a state after a progress value (a row's
-    events come state first, but for a final one: see `changes_of`): each round is upserted
-    after the one before, so every state change and progress report a process recorded becomes
-    an event of its own, in order."""
-    segments: dict[str, list[list[tuple[float, str, dict[str, Any]]]]] = {}
+    """Like `merge`, but each job's parts (`segments`) become rows of successive rounds: each
+    round is upserted after the one before, so every state change and progress report a
+    process recorded becomes an event of its own, in order."""
+    rounds: list[list[dict[str, Any]]] = []
+    for parts in segments(events).values():
+        for index, part in enumerate(parts):
+            if index == len(rounds):
+                rounds.append([])
+            rounds[index].extend(merge(part))
+    return rounds
+
+
+def segments(
+    events: list[tuple[float, str, dict[str, Any]]],
+) -> dict[str, list[list[tuple[float, str, dict[str, Any]]]]]:
+    """Each job's events in time order, cut into parts that hold at most one state and one
+    progress value, a state never after a progress value but for a final one (a part's
+    events come state first, but for a final state: see `changes_of`)."""
+    parts_of: dict[str, list[list[tuple[float, str, dict[str, Any]]]]] = {}
     for event in sorted(events, key=lambda e: e[0]):
         _, job_id, fields = event
-        parts = segments.setdefault(job_id, [[]])
+        parts = parts_of.setdefault(job_id, [[]])
         current = parts[-1]
         state = fields.get("state")
         has_state = any(f.get("state") is not None for _, _, f in current)
@@ -190,13 +206,7 @@ def merge_rounds(events: list[tuple[float, str, dict[str, Any]]]) -> list[list[d
         ):
             parts.append(current := [])
         current.append(event)
-    rounds: list[list[dict[str, Any]]] = []
-    for parts in segments.values():
-        for index, part in enumerate(parts):
-            if index == len(rounds):
-                rounds.append([])
-            rounds[index].extend(merge(part))
-    return rounds
+    return parts_of
 
 
 def ship(events: list[OutboxEvent], url: str | None = None) -> int:
@@ -216,14 +226,16 @@ def ship(events: list[OutboxEvent], url: str | None = None) -> int:
         last: dict[str, int] = {}
         for outbox_id, _, job_id, _ in fresh:
             last[job_id] = max(last.get(job_id, 0), outbox_id)
-        rounds = merge_rounds([(ts, job_id, fields) for _, ts, job_id, fields in fresh])
-        for index, rows in enumerate(rounds):
-            if index == 0:  # every job has a row in the first round; the lock covers them
-                for row in rows:
-                    row["outbox_id"] = last[row["job_id"]]
-                _upsert_in(connection, rows, locked)
-            else:
-                _upsert_in(connection, rows)
+        rows = []
+        for job_id, parts in segments([(ts, j, fields) for _, ts, j, fields in fresh]).items():
+            # One row per job, its final state; its parts, for the events (see `_number`).
+            row = merge([event for part in parts for event in part])[0]
+            if len(parts) > 1:
+                row[PARTS] = [merge(part)[0] for part in parts]
+            row["outbox_id"] = last[job_id]
+            rows.append(row)
+        if rows:
+            _upsert_in(connection, rows, locked)
     return len(fresh)
 
 
@@ -303,15 +315,46 @@ def _number(
     for row, kept in pairs:
         old = before.get(row["job_id"])
         seq = old["events"] if old is not None else 0
-        for change in changes_of(row, old):
-            seq += 1
-            events.append({"job_id": row["job_id"], "seq": seq, **change})
-            if change["kind"] == "state" and change["state"] in FINAL_JOB_STATES:
-                previous = old if old is not None and not old.get("new") else {}
-                if previous.get("state") not in FINAL_JOB_STATES:
-                    stat = _finish_stat(row, previous)
-                    finished.append({"job_id": row["job_id"], "stat": stat})
+        parts = row.get(PARTS)
+        for part in parts or (row,):
+            for change in changes_of(part, old):
+                seq += 1
+                events.append({"job_id": row["job_id"], "seq": seq, **change})
+                if change["kind"] == "state" and change["state"] in FINAL_JOB_STATES:
+                    previous = old if old is not None and not old.get("new") else {}
+                    if previous.get("state") not in FINAL_JOB_STATES:
+                        stat = _finish_stat(part, previous)
+                        finished.append({"job_id": row["job_id"], "stat": stat})
+            if parts:
+                old = _applied(part, old)
         kept["events"] = seq
+
+
+def _applied(row: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
+    """The judged columns of a job's row once `row` is merged into `old` (as `_merge_rules`
+    does), to judge the next part of the job's changes against."""
+    known = dict(old) if old is not None and not old.get("new") else {}
+    at = _utc(row["state_at"]) if row.get("state_at") is not None else None
+    old_at = known.get("state_at")
+    if row.get("state") is not None and (old_at is None or (at is not None and at >= old_at)):
+        known.update(state=row["state"], state_at=at, run_at=None)
+        if row.get("run_at"):
+            known["run_at"] = _utc(row["run_at"])
+        if row.get("engine") is not None:
+            known["engine"] = row["engine"]
+    if row.get("progress") is not None:
+        known["progress"] = row["progress"]
+    known["attempts"] = max(row.get("attempts") or 0, known.get("attempts") or 0)
+    if known.get("queue") is None:
+        known["queue"] = row.get("queue")
+    if known.get("started_at") is None and row.get("started_at") is not None:
+        known["started_at"] = _utc(row["started_at"])
+    enqueued = _utc(row["enqueued_at"]) if row.get("enqueued_at") is not None else None
+    if enqueued is not None and (
+        known.get("enqueued_at") is None or enqueued < known["enqueued_at"]
+    ):
+        known["enqueued_at"] = enqueued
+    return known
 
 
 def _lock(connection: Connection, ids: list[str]) -> dict[str, Any]:
@@ -521,6 +564,7 @@ def _upsert_statement(dialect: str, rows: list[dict[str, Any]]) -> tuple[Any, An
 def _stored(row: dict[str, Any]) -> dict[str, Any]:
     """A copy of `row` as the table takes it (a caller may retry with the original)."""
     stored = {"state": "queued", "name": "unknown", "attempts": 0, "events": 0, **row}
+    stored.pop(PARTS, None)
     for column in TIMESTAMPS:
         if column in stored:
             stored[column] = _utc(stored[column])
