@@ -172,7 +172,9 @@ def test_delayed_and_parked_jobs_move_with_their_finished_steps(engines, monkeyp
     parked_dir = tmp_path / "parked"
     parked_dir.mkdir()
     parked = dispatch_job("test.two_steps", {"marker_dir": str(parked_dir), "sleep": 4})
-    wait_for(lambda: (parked_dir / "first").exists(), timeout=30)
+    # Parked: its first step recorded and its resume waiting on the delay queue (the marker
+    # file alone is written before the step's result is recorded).
+    wait_for(lambda: get_job(parked.job_id).run_at is not None, timeout=30)
     worker.signal_group(signal.SIGKILL)
     worker.proc.wait()
     engines.start_temporal_worker()

@@ -64,6 +64,7 @@ from jobyard.job_engine import (
     netguard,
     tracing,
 )
+from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.readiness import check_setup
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.job_engine.registry import load_job_modules
@@ -142,7 +143,10 @@ class Dispatcher:
         )
         temporal.warm_up()
         breaker = CircuitBreaker(client.ping, env.get_float(env.BREAKER_PROBE_INTERVAL))
-        dramatiq = DramatiqEngine(JobStore(client), env.get_float(env.WORKER_HEARTBEAT_TIMEOUT))
+        # With the job log on, Dramatiq's enqueue appends each new job to the job log's outbox:
+        # the workers' shipper writes its "queued" with the rest of its life, not this process.
+        store = JobStore(client, log_changes=joblog.enabled())
+        dramatiq = DramatiqEngine(store, env.get_float(env.WORKER_HEARTBEAT_TIMEOUT))
         return cls(dramatiq, temporal, breaker)
 
     @property
@@ -166,7 +170,7 @@ class Dispatcher:
         get_spec(job.name).check_environment()
         started = time.time()
         handle = self._route(job) if job_id is None else self._route_caller_id(job, owner)
-        _record_dispatch(job, handle, started)
+        self._record_dispatch(job, handle, started)
         return handle
 
     def dispatch_many(
@@ -204,7 +208,7 @@ class Dispatcher:
         for (index, job), outcome in zip(order, outcomes, strict=True):
             results[index] = outcome
             if isinstance(outcome, JobHandle):
-                _record_dispatch(job, outcome, started)
+                self._record_dispatch(job, outcome, started)
 
     def _dispatch_others(
         self,
@@ -242,7 +246,7 @@ class Dispatcher:
         for index, job in (*generated, *chosen):
             result = results[index]
             if isinstance(result, JobHandle):
-                _record_dispatch(job, result, started)
+                self._record_dispatch(job, result, started)
 
     def _claim_many(
         self,
@@ -324,6 +328,17 @@ class Dispatcher:
             else _result_of(self._after_dramatiq, job, outcome, registered=registered)
             for (job, registered), outcome in zip(routed, submitted, strict=True)
         ]
+
+    def _record_dispatch(self, job: Submission, handle: JobHandle, started: float) -> None:
+        if not handle.duplicate:
+            delay = job.options.delay
+            # A job Dramatiq took is in its outbox already (see `from_env`).
+            logged = handle.engine == "dramatiq" and self.dramatiq.store.logs_changes
+            dispatched_event(
+                job.job_id, job.name, job.queue, handle.engine, job.payload,
+                handle.fallback_reason, started, started + delay if delay else None,
+                logged=logged,
+            )  # fmt: skip
 
     def _registered_owner(self, job: Submission) -> Owner | None:
         """Who the registry says has this caller-chosen id, if anyone (a conflict raises)."""
@@ -576,15 +591,6 @@ def _plain_submissions(
             if job is not None:
                 order.append((index, job))
                 yield job
-
-
-def _record_dispatch(job: Submission, handle: JobHandle, started: float) -> None:
-    if not handle.duplicate:
-        delay = job.options.delay
-        dispatched_event(
-            job.job_id, job.name, job.queue, handle.engine, job.payload, handle.fallback_reason,
-            started, started + delay if delay else None,
-        )  # fmt: skip
 
 
 def _settled(result: JobHandle | Exception | None) -> JobHandle | Exception:

@@ -132,6 +132,7 @@ class JobStore:
                 keys.workers(queue),
                 keys.dramatiq_queue(dramatiq_queue),
                 keys.dramatiq_messages(dramatiq_queue),
+                *self._events,
             ],
             "enqueue",
             job_id,
@@ -164,12 +165,14 @@ class JobStore:
                 keys.workers(queue),
                 keys.dramatiq_queue(dramatiq_queue),
                 keys.dramatiq_messages(dramatiq_queue),
+                keys.job_log_events(),
                 *job_keys,
             ],
             "enqueue_many",
             queue,
             heartbeat_timeout_ms,
             self.retention,
+            "1" if self._events else "0",
             *args,
         )
         return [
