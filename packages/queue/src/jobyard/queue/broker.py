@@ -15,6 +15,7 @@ from dramatiq.middleware import AgeLimit, CurrentMessage, TimeLimit
 from jobyard.job_engine import env, registry, tracing
 from jobyard.queue import keys
 from jobyard.queue.client import get_client
+from jobyard.queue.direct import DirectJobStore
 from jobyard.queue.queues import get_queue
 from jobyard.queue.runner import ACKED, TIME_LIMIT_BACKSTOP, JobRunner
 from jobyard.queue.store import JobStore, _text
@@ -129,7 +130,7 @@ def build_broker(queue: str, *, store: JobStore | None = None) -> RedisBroker:
         heartbeat_timeout=heartbeat_timeout_ms(),
         middleware=middleware,
     )
-    store = store or JobStore(client)
+    store = store or DirectJobStore(client)
     get_queue(queue)  # an unknown queue fails here, even one with no jobs declared
     for spec in registry:
         if spec.queue != queue:
