@@ -19,8 +19,8 @@ from dramatiq.middleware import Middleware
 from jobyard.job_engine import env, tracing
 from jobyard.job_engine.db import joblog
 from jobyard.queue.client import get_client
-from jobyard.queue.queues import get_queue, parse_queue_list
 from jobyard.queue.direct import DirectJobStore
+from jobyard.queue.queues import get_queue, parse_queue_list
 from jobyard.queue.worker import JobyardWorker
 from jobyard.worker.liveness import Heartbeat, new_worker_id
 

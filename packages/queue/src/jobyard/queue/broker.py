@@ -34,7 +34,9 @@ class JobyardConsumer(_RedisConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.slot_freed = threading.Event()
-        self.delivered = self.broker.delivered(self.queue_name)  # the same set for the broker's life
+        # The broker's set for this queue, the same object for the broker's life: looked up once
+        # here rather than under the broker's lock twice a message.
+        self.delivered = self.broker.delivered(self.queue_name)
 
     def window_full(self) -> bool:
         return bool(self.outstanding_message_count > self.prefetch // 2)
