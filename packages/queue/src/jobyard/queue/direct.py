@@ -37,6 +37,8 @@ class DirectJobStore(JobStore):
 
     def _evalsha(self, sha: str, keys_: list[str], args: tuple[Any, ...]) -> Any:
         connection = self._connection()
+        if connection._sock is None:  # connect() itself, which raises ConnectFailed on failure
+            connection.connect()
         connection.send_packed_command(
             connection.pack_command("EVALSHA", sha, len(keys_), *keys_, *args), check_health=False
         )
