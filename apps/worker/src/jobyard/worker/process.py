@@ -19,8 +19,8 @@ from dramatiq.middleware import Middleware
 from jobyard.job_engine import env, tracing
 from jobyard.job_engine.db import joblog
 from jobyard.queue.client import get_client
+from jobyard.queue.direct import DirectJobStore
 from jobyard.queue.queues import get_queue, parse_queue_list
-from jobyard.queue.store import JobStore
 from jobyard.queue.worker import JobyardWorker
 from jobyard.worker.liveness import Heartbeat, new_worker_id
 
@@ -76,7 +76,7 @@ class WorkerProcess:
         self.queues = queues
         self.worker_id = new_worker_id()
         # With the job log on, every job change is marked for the supervisor's shipper.
-        self.store = JobStore(
+        self.store = DirectJobStore(
             get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT)),
             log_changes=joblog.enabled(),
         )

@@ -10,11 +10,12 @@ import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.errors import ConnectionClosed
-from dramatiq.middleware import AgeLimit, CurrentMessage, TimeLimit
+from dramatiq.middleware import CurrentMessage, TimeLimit
 
 from jobyard.job_engine import env, registry, tracing
 from jobyard.queue import keys
 from jobyard.queue.client import get_client
+from jobyard.queue.direct import DirectJobStore
 from jobyard.queue.queues import get_queue
 from jobyard.queue.runner import ACKED, TIME_LIMIT_BACKSTOP, JobRunner
 from jobyard.queue.store import JobStore, _text
@@ -33,6 +34,9 @@ class JobyardConsumer(_RedisConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.slot_freed = threading.Event()
+        # The broker's set for this queue, the same object for the broker's life: looked up once
+        # here rather than under the broker's lock twice a message.
+        self.delivered = self.broker.delivered(self.queue_name)
 
     def window_full(self) -> bool:
         return bool(self.outstanding_message_count > self.prefetch // 2)
@@ -44,12 +48,12 @@ class JobyardConsumer(_RedisConsumer):
                 return None  # still full: the consumer thread calls again
         message = super().__next__()  # type: ignore[no-untyped-call]
         if message is not None:
-            self.broker.delivered(self.queue_name).add(message.options["redis_message_id"])
+            self.delivered.add(message.options["redis_message_id"])
         return message
 
     def _settled(self, message: Any) -> None:
         """Called from worker threads as each message is done."""
-        self.broker.delivered(self.queue_name).discard(message.options.get("redis_message_id"))
+        self.delivered.discard(message.options.get("redis_message_id"))
         self.queued_message_ids.discard(message.message_id)
         if not self.window_full():
             self.slot_freed.set()
@@ -115,10 +119,14 @@ def heartbeat_timeout_ms() -> int:
 def build_broker(queue: str, *, store: JobStore | None = None) -> RedisBroker:
     """A broker for `queue` with one actor per job declared on it.
 
-    No Retries middleware: jobyard retries and sleeps through JobRunner, which records them.
+    Of Dramatiq's default middleware only TimeLimit stays (the backstop for handler code outside
+    steps): jobyard retries and sleeps through JobRunner, which records them (no Retries), its
+    messages carry no max_age (AgeLimit would check each one for nothing), and it has no use for
+    Callbacks, Pipelines or ShutdownNotifications. Every middleware costs each message a call
+    per signal (process, ack).
     """
     client = get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT))
-    middleware: list[Any] = [AgeLimit(), TimeLimit(), CurrentMessage()]
+    middleware: list[Any] = [TimeLimit(), CurrentMessage()]
     if tracing.setup_from_env():
         from jobyard.queue.tracing import TracingMiddleware
 
@@ -129,7 +137,7 @@ def build_broker(queue: str, *, store: JobStore | None = None) -> RedisBroker:
         heartbeat_timeout=heartbeat_timeout_ms(),
         middleware=middleware,
     )
-    store = store or JobStore(client)
+    store = store or DirectJobStore(client)
     get_queue(queue)  # an unknown queue fails here, even one with no jobs declared
     for spec in registry:
         if spec.queue != queue:

@@ -106,10 +106,14 @@ class JobStore:
         # EVALSHA directly: redis-py's Script wrapper costs a few microseconds a call, and
         # a worker makes one of these calls per job.
         try:
-            return self.client.evalsha(self._sha, len(keys_), *keys_, *args)
+            return self._evalsha(self._sha, keys_, args)
         except NoScriptError:  # a new or flushed server: load the script once
             self._sha = self.client.script_load(_SCRIPT)
-            return self.client.evalsha(self._sha, len(keys_), *keys_, *args)
+            return self._evalsha(self._sha, keys_, args)
+
+    def _evalsha(self, sha: str, keys_: list[str], args: tuple[Any, ...]) -> Any:
+        """One EVALSHA (jobyard.queue.direct sends it without redis-py's command machinery)."""
+        return self.client.evalsha(sha, len(keys_), *keys_, *args)
 
     def enqueue(
         self,

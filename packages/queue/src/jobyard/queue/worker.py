@@ -43,7 +43,12 @@ class KeepDelayedConsumerThread(ConsumerThread):
     def handle_delayed_messages(self) -> None:
         """Dramatiq's, except that a message whose enqueue fails goes back on the delay queue
         (to be enqueued again once Redis answers; a second copy from an enqueue that reached
-        Redis runs once, see the job's seq) and the error is the connection error it is."""
+        Redis runs once, see the job's seq) and the error is the connection error it is.
+
+        Called after every message: an empty delay queue is seen without a get (which takes its
+        lock and raises Empty). Only this thread adds to it, so the look cannot miss one."""
+        if not self.delay_queue.queue:
+            return
         for item in iter_queue(self.delay_queue):
             message = item.message
             if item.priority > current_millis():
