@@ -69,8 +69,8 @@ from jobyard.job_engine.db.readiness import check_setup
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import get_client
+from jobyard.queue.direct import DirectJobStore
 from jobyard.queue.messages import random_id, random_ids
-from jobyard.queue.store import JobStore
 
 log = logging.getLogger("jobyard.dispatcher")
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}")
@@ -145,7 +145,7 @@ class Dispatcher:
         breaker = CircuitBreaker(client.ping, env.get_float(env.BREAKER_PROBE_INTERVAL))
         # With the job log on, Dramatiq's enqueue appends each new job to the job log's outbox:
         # the workers' shipper writes its "queued" with the rest of its life, not this process.
-        store = JobStore(client, log_changes=joblog.enabled())
+        store = DirectJobStore(client, log_changes=joblog.enabled())
         dramatiq = DramatiqEngine(store, env.get_float(env.WORKER_HEARTBEAT_TIMEOUT))
         return cls(dramatiq, temporal, breaker)
 
