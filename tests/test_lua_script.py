@@ -119,16 +119,14 @@ def assert_logged(r: redis.Redis, before: int, after: int, **expected: Any) -> N
     assert fields == {k: str(v) for k, v in expected.items()}
 
 
-# enqueue: KEYS job, workers, queue list, queue msgs [, events]
+# enqueue: KEYS job, workers, queue list, queue msgs
 #          ARGV job_id, rmid, message, name, queue, heartbeat timeout ms, ttl s, options JSON
 
 
-def enqueue(
-    lua: Lua, rmid: str = "m1", message: str = "data", options: str = "", logged: bool = False
-) -> Any:
+def enqueue(lua: Lua, rmid: str = "m1", message: str = "data", options: str = "") -> Any:
     return lua(
         "enqueue",
-        [JOB_KEY, WORKERS_KEY, QUEUE_KEY, MSGS_KEY, *([EVENTS_KEY] if logged else [])],
+        [JOB_KEY, WORKERS_KEY, QUEUE_KEY, MSGS_KEY],
         JOB,
         rmid,
         message,
@@ -167,19 +165,6 @@ def test_enqueue_without_options_writes_no_options_field(r: redis.Redis, lua: Lu
     live_worker(r)
     assert enqueue(lua) == ["enqueued"]
     assert "options" not in job(r)
-    assert not r.exists(EVENTS_KEY)  # no events key passed: the job log is off
-
-
-def test_enqueue_appends_the_new_job_and_its_message_to_the_job_log(
-    r: redis.Redis, lua: Lua
-) -> None:
-    live_worker(r)
-    assert enqueue(lua, message="the message", logged=True) == ["enqueued"]
-    assert enqueue(lua, message="again", logged=True) == ["exists", "dramatiq", "queued"]
-    [(_, fields)] = r.xrange(EVENTS_KEY)  # the duplicate appended nothing
-    assert fields.pop("enqueued") == job(r)["enqueued_at"]
-    assert len(fields.pop("at").split(".")[1]) == 6
-    assert fields == {JOB_KEY: "the message"}
 
 
 def test_enqueue_of_an_existing_job_changes_nothing(r: redis.Redis, lua: Lua) -> None:
@@ -205,19 +190,19 @@ def test_enqueue_with_no_live_worker_writes_a_temporal_tombstone(r: redis.Redis,
     assert r.exists(QUEUE_KEY, MSGS_KEY) == 0
 
 
-# enqueue_many: KEYS workers, queue list, queue msgs, events, job 1, job 2, ...
-#               ARGV queue, heartbeat timeout ms, ttl s, log ("1"|"0"), then name, rmid, message,
-#                    options per job
+# enqueue_many: KEYS workers, queue list, queue msgs, job 1, job 2, ...
+#               ARGV queue, heartbeat timeout ms, ttl s, then name, rmid, message, options per job
 
 
-def enqueue_many(lua: Lua, jobs: list[tuple[str, str, str]], logged: bool = False) -> Any:
+def enqueue_many(lua: Lua, jobs: list[tuple[str, str, str]]) -> Any:
     """`jobs`: (job id, rmid, options JSON) each; the message is "data-<rmid>"."""
     args: list[Any] = []
     for _, rmid, options in jobs:
         args += [NAME, rmid, f"data-{rmid}", options]
     job_keys = [keys.job(job_id) for job_id, _, _ in jobs]
-    keys_ = [WORKERS_KEY, QUEUE_KEY, MSGS_KEY, EVENTS_KEY, *job_keys]
-    return lua("enqueue_many", keys_, QUEUE, TIMEOUT_MS, TTL, "1" if logged else "0", *args)
+    return lua(
+        "enqueue_many", [WORKERS_KEY, QUEUE_KEY, MSGS_KEY, *job_keys], QUEUE, TIMEOUT_MS, TTL, *args
+    )
 
 
 def test_enqueue_many_queues_each_new_job_in_order_and_reports_each(
@@ -242,23 +227,6 @@ def test_enqueue_many_queues_each_new_job_in_order_and_reports_each(
     }  # fmt: skip
     assert "options" not in job(r, keys.job("b"))
     assert job(r, keys.job("old"))["rmid"] == "old-m"
-    assert not r.exists(EVENTS_KEY)  # the job log is off
-
-
-def test_enqueue_many_appends_its_new_jobs_to_the_job_log_in_one_entry(
-    r: redis.Redis, lua: Lua
-) -> None:
-    live_worker(r)
-    seed(r, keys.job("old"), state="running", rmid="old-m")
-    replies = enqueue_many(lua, [("a", "m-a", ""), ("old", "m-old", ""), ("b", "m-b", "")], True)
-    assert replies == ["enqueued", "exists:dramatiq:running", "enqueued"]
-    [(_, fields)] = r.xrange(EVENTS_KEY)
-    assert fields.pop("enqueued") == job(r, keys.job("a"))["enqueued_at"]
-    fields.pop("at")
-    assert fields == {keys.job("a"): "data-m-a", keys.job("b"): "data-m-b"}
-    live_worker(r, age_ms=TIMEOUT_MS + 1000)
-    assert enqueue_many(lua, [("c", "m-c", "")], True) == ["no_workers"]
-    assert r.xlen(EVENTS_KEY) == 1  # a job Temporal takes is logged by the dispatcher
 
 
 def test_enqueue_many_with_no_live_worker_writes_tombstones(r: redis.Redis, lua: Lua) -> None:

@@ -14,13 +14,13 @@ from sqlalchemy import select
 from jobyard.dispatcher import get_job_record
 from jobyard.dispatcher.metrics import render
 from jobyard.job_engine.db import get_engine
-from jobyard.job_engine.db.joblog import writer
+from jobyard.job_engine.db.joblog import JobLogWriter, writer
 from jobyard.job_engine.db.models import JobEvent, JobLog
 from jobyard.queue import keys
 from jobyard.queue.client import get_client
 from jobyard.queue.messages import encode_job_message
 from jobyard.queue.store import JobStore
-from jobyard.worker.shipper import JobLogShipper, to_events
+from jobyard.worker.shipper import JobLogShipper, to_event
 from tests.support import metric_samples, metric_value, wait_for
 
 UNREACHABLE_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=1"
@@ -47,8 +47,7 @@ def _enqueue(store: JobStore, payload: dict | None = None) -> str:
 
 def _marked(store: JobStore) -> list[str]:
     """The jobs of the entries waiting in the outbox, in order."""
-    entries = store.job_log_entries(100)
-    return [event[2] for entry_id, entry in entries for event in to_events(entry_id, entry)]
+    return [to_event(entry_id, entry)[2] for entry_id, entry in store.job_log_entries(100)]
 
 
 def _events(url: str, job_id: str) -> list[tuple]:
@@ -74,9 +73,9 @@ def database(request) -> str:
 
 def test_a_finished_job_is_shipped_and_trimmed(store, job_log_database):
     job_id = _enqueue(store)
-    assert _marked(store) == [job_id], "the dispatch is in the outbox (its entry: the message)"
+    assert _marked(store) == [], "dispatch logs its own event; only worker changes are logged"
     assert store.complete(job_id, 0, resume=False, result={"ok": 1}).status == "ok"
-    assert _marked(store) == [job_id, job_id]
+    assert _marked(store) == [job_id]
 
     JobLogShipper(store, 0.1, database_url=job_log_database).ship_all()
 
@@ -97,7 +96,7 @@ def test_a_change_made_while_shipping_stays_in_the_outbox(store, job_log_databas
         job_id, 0, "dead", error="RuntimeError: boom", error_class="RuntimeError",
         traceback="Traceback (most recent call last): boom", payload={"a": 1},
     )  # fmt: skip
-    assert store.job_log_shipped(read[-1][0]) == 2, "only the entries read are trimmed"
+    assert store.job_log_shipped(read[-1][0]) == 1, "only the entry read is trimmed"
     assert _marked(store) == [job_id]
 
     JobLogShipper(store, 0.1, database_url=job_log_database).ship_all()
@@ -109,9 +108,12 @@ def test_a_change_made_while_shipping_stays_in_the_outbox(store, job_log_databas
 
 
 def test_every_change_is_one_event_in_order(store, database):
-    """The dispatch, twenty progress reports, a retry, a durable sleep and the end, all within
-    one shipping interval: each its own event, in order."""
+    """Twenty progress reports, a retry, a durable sleep and the end, all within one shipping
+    interval, after the web process logged "queued": each its own event, in order."""
     job_id = _enqueue(store)
+    queued = JobLogWriter(database, interval=60)
+    queued.record(job_id, name="system.echo", queue="default", engine="dramatiq", state="queued")
+    queued.flush()
     store.start(job_id, "system.echo", 0, resume=False, rate=None)
     for n in range(1, 11):
         store.record_progress(job_id, 0, str(n / 10))
@@ -160,18 +162,17 @@ def test_a_batch_shipped_again_after_a_crash_adds_no_event(store, database):
     for n in range(1, 5):
         store.record_progress(job_id, 0, str(n))
     crashed = JobLogShipper(store, 0.1, database_url=database, batch=3)
-    assert crashed.ship_batch(trim=False) == 3  # queued, running, 1 written; nothing trimmed
+    assert crashed.ship_batch(trim=False) == 3  # running, 1, 2 written; nothing trimmed
     assert _events(database, job_id) == [
-        ("state", "queued", "dramatiq", 0), ("state", "running", "dramatiq", 1),
-        ("progress", 1, "dramatiq", None),
+        ("state", "running", "dramatiq", 1), ("progress", 1, "dramatiq", None),
+        ("progress", 2, "dramatiq", None),
     ]  # fmt: skip
     store.finish(job_id, 0, "succeeded", result=1)
-    assert len(_marked(store)) == 7
+    assert len(_marked(store)) == 6
 
     store.client.delete(keys.job_log_shipper())  # the dead shipper's lease, expired
     JobLogShipper(store, 0.1, database_url=database).ship_all()
     assert _events(database, job_id) == [
-        ("state", "queued", "dramatiq", 0),
         ("state", "running", "dramatiq", 1),
         *[("progress", n, "dramatiq", None) for n in range(1, 5)],
         ("state", "succeeded", "dramatiq", 1),
@@ -185,8 +186,8 @@ def test_marks_wait_while_the_database_is_down(store, job_log_database):
     down = JobLogShipper(store, 0.05, database_url=UNREACHABLE_DATABASE)
     with pytest.raises(Exception):  # noqa: B017 - whatever the driver raises, nothing is lost
         down.ship_all()
-    assert _marked(store) == [job_id, job_id]
-    assert metric_value(metric_samples(render()[0].decode()), "jobyard_job_log_backlog") == 2
+    assert _marked(store) == [job_id]
+    assert metric_value(metric_samples(render()[0].decode()), "jobyard_job_log_backlog") == 1
     store.client.delete(keys.job_log_shipper())  # the failed shipper's lease: as if it died
 
     stop = threading.Event()
@@ -221,7 +222,7 @@ def test_one_shipper_holds_the_lease(store, job_log_database):
     job_id = _enqueue(store)
     store.complete(job_id, 0, resume=False, result=1)
     second.ship_all()
-    assert _marked(store) == [job_id, job_id], "the second shipper must wait for the lease"
+    assert _marked(store) == [job_id], "the second shipper must wait for the lease"
     first.ship_all()
     assert _marked(store) == []
 
@@ -243,8 +244,8 @@ def test_the_log_of_a_finished_job_survives_its_worker_killed(engines, monkeypat
     monkeypatch.setenv("JOBYARD_JOB_LOG_INTERVAL", "600")  # this worker never ships in time
     handle = engines.dispatch("dramatiq", "system.echo", {"kill": "me"})
     assert engines.wait(handle.job_id).state == "succeeded"
-    writer().flush()  # this process logged nothing: the dispatch is in the outbox too
-    assert get_job_record(handle.job_id) is None
+    writer().flush()  # this process's "queued" event
+    assert get_job_record(handle.job_id).state == "queued"
     engines.worker.signal_group(signal.SIGKILL)
     engines.worker.proc.wait()
 

@@ -51,40 +51,6 @@ def outbox_id(entry_id: bytes) -> int:
     return int(milliseconds) * 1_000_000 + int(sequence)
 
 
-def to_events(entry_id: bytes, entry: dict[bytes, bytes]) -> list[OutboxEvent]:
-    """An outbox entry's events: a change of one job, or a dispatch of new jobs."""
-    if b"enqueued" in entry:
-        return queued_events(entry_id, entry)
-    return [to_event(entry_id, entry)]
-
-
-#: A dispatch entry's fields besides its jobs' (see `queued` in jobyard.lua).
-DISPATCH_FIELDS = (b"at", b"enqueued")
-
-
-def queued_events(entry_id: bytes, entry: dict[bytes, bytes]) -> list[OutboxEvent]:
-    """The "queued" event of each job a dispatch entry holds, from the job's message (what the
-    web process's own job log writer recorded before dispatches went through Redis)."""
-    at = float(entry[b"at"])
-    enqueued_at = int(entry[b"enqueued"]) / 1000
-    prefix = len(keys.job_prefix())
-    events: list[OutboxEvent] = []
-    for job_key, data in entry.items():
-        if job_key in DISPATCH_FIELDS:
-            continue
-        message = json.loads(data)
-        eta = message["options"].get("eta")
-        fields: dict[str, Any] = {
-            "engine": "dramatiq", "state": "queued", "name": message["actor_name"],
-            "queue": message["queue_name"].removesuffix(keys.DELAY_SUFFIX),
-            "payload": message["args"][1], "enqueued_at": enqueued_at,
-        }  # fmt: skip
-        if eta:
-            fields["run_at"] = eta / 1000
-        events.append((outbox_id(entry_id), at, job_key.decode()[prefix:], fields))
-    return events
-
-
 def to_event(entry_id: bytes, entry: dict[bytes, bytes]) -> OutboxEvent:
     """An outbox entry as `joblog.ship` takes it: the fields a job log row takes from it, times
     in unix seconds."""
@@ -140,21 +106,15 @@ class JobLogShipper:
         self._failing = False
 
     def ship_batch(self, *, trim: bool = True) -> int:
-        """Ship the oldest outbox entries, about `batch` jobs' changes; returns how many entries
-        it shipped (0: none left; `batch`: there may be more). `trim=False` leaves them in
-        Redis, as a shipper that died after its commit would."""
+        """Ship the oldest outbox entries; returns how many were read (0: none left).
+        `trim=False` leaves them in Redis, as a shipper that died after its commit would."""
         entries = self.store.job_log_entries(self.batch)
         if not entries:
             return 0
-        events: list[OutboxEvent] = []
-        used = 0
-        while used < len(entries) and len(events) < self.batch:  # a dispatch's entry holds many
-            events += to_events(*entries[used])
-            used += 1
-        self._write(events)
+        self._write([to_event(entry_id, entry) for entry_id, entry in entries])
         if trim:
-            self.store.job_log_shipped(entries[used - 1][0])
-        return used if used == len(entries) else self.batch
+            self.store.job_log_shipped(entries[-1][0])
+        return len(entries)
 
     def _write(self, events: list[OutboxEvent]) -> None:
         """One transaction; if the database refuses it (not a lost connection), the jobs go one

@@ -111,19 +111,15 @@ def dispatched_event(
     fallback_reason: str | None,
     enqueued_at: float | None = None,
     run_at: float | None = None,
-    *,
-    logged: bool = False,
 ) -> None:
     """`enqueued_at`: when dispatch began (an engine may start the job before dispatch returns);
-    `run_at`: when a delayed job may start; `logged`: the engine wrote the job log's "queued"
-    itself (Dramatiq's, through its outbox), so only the metrics are left."""
+    `run_at`: when a delayed job may start."""
     try:
-        if not logged:
-            ts = enqueued_at or time.time()
-            joblog.record(
-                job_id, ts=ts, name=name, queue=queue, engine=engine, state="queued",
-                payload=payload, fallback_reason=fallback_reason, enqueued_at=ts, run_at=run_at,
-            )  # fmt: skip
+        ts = enqueued_at or time.time()
+        joblog.record(
+            job_id, ts=ts, name=name, queue=queue, engine=engine, state="queued",
+            payload=payload, fallback_reason=fallback_reason, enqueued_at=ts, run_at=run_at,
+        )  # fmt: skip
         _labelled(metrics.DISPATCHED, name, queue, engine).inc()
         if fallback_reason:
             _labelled(metrics.FALLBACKS, fallback_reason).inc()

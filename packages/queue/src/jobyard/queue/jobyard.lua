@@ -20,8 +20,7 @@
 --       Fields: job (its key), at (Redis time, "s.µs"), and those the change set: state name
 --       queue attempts enqueued_at started_at run_at (ms) progress result error error_class
 --       traceback payload. Only when the caller passes it: as the KEY after the command's own
---       (its events_key). A dispatch's entry (`enqueue`, `enqueue_many`) is one per call: at,
---       enqueued (ms), then each new job's key and its Dramatiq message, which holds the rest.
+--       (its events_key).
 --   jobyard:joblog:shipper  str   the shipper holding the lease (one ships at a time)
 --   jobyard:rate:<job>:<n>  str   job starts in rate window n
 --   dramatiq:<queue>        list  message ids;  dramatiq:<queue>.msgs  hash id -> message
@@ -64,17 +63,6 @@ local function changed(events_key, job_key, ...)
         end
     end
     redis.call("xadd", events_key, "*", unpack(entry))
-end
-
--- Appends new Dramatiq jobs to the job log's outbox, one entry for the call: `jobs` is job key,
--- message, job key, message, ... (the shipper reads each job's name, queue, payload and delay
--- from its message). A no-op without an events key or jobs.
-local function queued(events_key, now, jobs)
-    if events_key and #jobs > 0 then
-        local t = redis.call("time")
-        redis.call("xadd", events_key, "*", "at", t[1] .. "." .. string.format("%06d", t[2]),
-                   "enqueued", now, unpack(jobs))
-    end
 end
 
 -- `now`: the caller's now_ms(), when it has one (one TIME call fewer).
@@ -183,55 +171,42 @@ local function enqueue_job(job_key, queue_key, queue_msgs_key, is_live, now, mes
     return {"enqueued"}
 end
 
--- enqueue: KEYS job, workers, queue list, queue msgs [, events]
+-- enqueue: KEYS job, workers, queue list, queue msgs
 --          ARGV job_id, redis message id, message, name, queue, heartbeat timeout ms, ttl s,
 --               options JSON ("" for none), seq (the run number the message carries; 0 but for
 --               a job recovered from the job log)
 -- -> {"enqueued"} | {"exists", engine, state} | {"no_workers"}
 if command == "enqueue" then
     local job_key, workers_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-    local events_key = KEYS[5]
     -- The job id is in the job key already: the script reads it from there.
     local _job_id, message_id, message, name, queue = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
     local timeout_ms, ttl, options, seq = ARGV[7], ARGV[8], ARGV[9], ARGV[10] or "0"
 
     local now = now_ms()
-    local reply = enqueue_job(job_key, queue_key, queue_msgs_key,
-                              liveness(workers_key, timeout_ms, now), now, message_id, message,
-                              name, queue, ttl, options, seq)
-    if reply[1] == "enqueued" then
-        queued(events_key, now, {job_key, message})
-    end
-    return reply
+    return enqueue_job(job_key, queue_key, queue_msgs_key, liveness(workers_key, timeout_ms, now),
+                       now, message_id, message, name, queue, ttl, options, seq)
 
--- enqueue_many: KEYS workers, queue list, queue msgs, events, job 1, job 2, ... (one queue's
---                    batch; the events key is used only when ARGV says so)
---               ARGV queue, heartbeat timeout ms, ttl s, log ("1": append to the job log's
---                    outbox), then four per job in KEYS' order:
+-- enqueue_many: KEYS workers, queue list, queue msgs, job 1, job 2, ... (one queue's batch)
+--               ARGV queue, heartbeat timeout ms, ttl s, then four per job in KEYS' order:
 --                    name, redis message id, message, options JSON ("" for none)
 -- -> one word per job, in order: "enqueued" | "no_workers" | "exists:<engine>:<state>"
 --    (flat, not `enqueue`'s arrays: a batch's reply is read per job on the dispatch path)
 elseif command == "enqueue_many" then
-    local workers_key, queue_key, queue_msgs_key, events_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-    local queue, timeout_ms, ttl, log = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-    local first_job, first_arg, per_job = 5, 6, 4
+    local workers_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
+    local queue, timeout_ms, ttl = ARGV[2], ARGV[3], ARGV[4]
+    local first_job, per_job = 4, 4
 
     local now = now_ms()
     local is_live = liveness(workers_key, timeout_ms, now)
-    local replies, logged = {}, {}
+    local replies = {}
     for i = first_job, #KEYS do
-        local at = first_arg + (i - first_job) * per_job
+        local at = 5 + (i - first_job) * per_job
         local name, message_id, message, options = ARGV[at], ARGV[at + 1], ARGV[at + 2],
                                                    ARGV[at + 3]
         local reply = enqueue_job(KEYS[i], queue_key, queue_msgs_key, is_live, now, message_id,
                                   message, name, queue, ttl, options, "0")
-        if reply[1] == "enqueued" and log == "1" then
-            logged[#logged + 1] = KEYS[i]
-            logged[#logged + 1] = message
-        end
         replies[#replies + 1] = table.concat(reply, ":")
     end
-    queued(log == "1" and events_key, now, logged)
     return replies
 
 -- start: KEYS job, steps, rate key prefix (the window number is appended) [, events]

@@ -136,7 +136,6 @@ class JobStore:
                 keys.workers(queue),
                 keys.dramatiq_queue(dramatiq_queue),
                 keys.dramatiq_messages(dramatiq_queue),
-                *self._events,
             ],
             "enqueue",
             job_id,
@@ -169,14 +168,12 @@ class JobStore:
                 keys.workers(queue),
                 keys.dramatiq_queue(dramatiq_queue),
                 keys.dramatiq_messages(dramatiq_queue),
-                keys.job_log_events(),
                 *job_keys,
             ],
             "enqueue_many",
             queue,
             heartbeat_timeout_ms,
             self.retention,
-            "1" if self._events else "0",
             *args,
         )
         return [
