@@ -172,10 +172,24 @@ def merge(events: list[tuple[float, str, dict[str, Any]]]) -> list[dict[str, Any
     return list(rows.values())
 
 
+def _row_of(ts: float, job_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """`merge` of a job's only event."""
+    row: dict[str, Any] = {"job_id": job_id}
+    row.update((key, value) for key, value in fields.items() if value is not None)
+    if fields.get("state") is not None:
+        row["state_at"] = ts
+    if fields.get("progress") is not None:
+        row["progress_at"] = ts
+    return row
+
+
 def merge_rounds(events: list[tuple[float, str, dict[str, Any]]]) -> list[list[dict[str, Any]]]:
     """Like `merge`, but each job's parts (`segments`) become rows of successive rounds: each
     round is upserted after the one before, so every state change and progress report a
     process recorded becomes an event of its own, in order."""
+    if len({job_id for _, job_id, _ in events}) == len(events):
+        # One event per job (a batch of dispatches): each is its own row, already in order.
+        return [[_row_of(*event) for event in events]]
     rounds: list[list[dict[str, Any]]] = []
     for parts in segments(events).values():
         for index, part in enumerate(parts):
