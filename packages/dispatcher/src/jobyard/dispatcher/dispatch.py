@@ -68,8 +68,8 @@ from jobyard.job_engine.db.readiness import check_setup
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import get_client
+from jobyard.queue.direct import DirectJobStore
 from jobyard.queue.messages import random_id, random_ids
-from jobyard.queue.store import JobStore
 
 log = logging.getLogger("jobyard.dispatcher")
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}")
@@ -142,10 +142,10 @@ class Dispatcher:
         )
         temporal.warm_up()
         breaker = CircuitBreaker(client.ping, env.get_float(env.BREAKER_PROBE_INTERVAL))
-        # Not jobyard.queue.direct's store: redis-py's pool finds a connection the server closed
-        # before sending on it, so a dead Redis is "not started" (a clean fallback) rather than
-        # an ambiguous send (a claim that must wait for Redis).
-        dramatiq = DramatiqEngine(JobStore(client), env.get_float(env.WORKER_HEARTBEAT_TIMEOUT))
+        # check_closed: a dead Redis must be "not started" (a clean fallback), not an ambiguous
+        # send on a connection the server closed (a claim that waits for Redis).
+        store = DirectJobStore(client, check_closed=True)
+        dramatiq = DramatiqEngine(store, env.get_float(env.WORKER_HEARTBEAT_TIMEOUT))
         return cls(dramatiq, temporal, breaker)
 
     @property

@@ -24,9 +24,16 @@ from jobyard.queue.store import JobStore
 
 
 class DirectJobStore(JobStore):
-    def __init__(self, client: redis.Redis, *, log_changes: bool = False) -> None:
+    def __init__(
+        self, client: redis.Redis, *, log_changes: bool = False, check_closed: bool = False
+    ) -> None:
+        """`check_closed`: before each call, look whether the server closed the connection (as
+        redis-py's pool does, one poll), and connect again if so. A dispatcher needs it: a call
+        sent on a closed connection fails after sending, which is ambiguous (did Redis run it?),
+        where a failed connect proves it did not, and the job goes to Temporal cleanly."""
         super().__init__(client, log_changes=log_changes)
         self._local = threading.local()
+        self._check_closed = check_closed
 
     def _connection(self) -> Any:
         connection = getattr(self._local, "connection", None)
@@ -37,9 +44,20 @@ class DirectJobStore(JobStore):
 
     def _evalsha(self, sha: str, keys_: list[str], args: tuple[Any, ...]) -> Any:
         connection = self._connection()
+        if connection._sock is not None and self._check_closed and _closed(connection):
+            connection.disconnect()
         if connection._sock is None:  # connect() itself, which raises ConnectFailed on failure
             connection.connect()
         connection.send_packed_command(
             connection.pack_command("EVALSHA", sha, len(keys_), *keys_, *args), check_health=False
         )
         return connection.read_response()
+
+
+def _closed(connection: Any) -> bool:
+    """Whether the server closed the connection (or left unread data: never, between two of
+    our calls); a poll, no wait."""
+    try:
+        return bool(connection.can_read(timeout=0))
+    except redis.ConnectionError:
+        return True
