@@ -203,7 +203,7 @@ class Dispatcher:
         chunk at a time while Dramatiq sends the chunk before."""
         order: list[tuple[int, Submission]] = []  # what the submissions stream gave, in order
         jobs = _plain_submissions(requests, indices, results, order)
-        outcomes = self._route_many([(job, False) for job in jobs], streamed=True)
+        outcomes = self._route_many(((job, False) for job in jobs), streamed=True)
         for (index, job), outcome in zip(order, outcomes, strict=True):
             results[index] = outcome
             if isinstance(outcome, JobHandle):
