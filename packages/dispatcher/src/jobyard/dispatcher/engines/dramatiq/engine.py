@@ -110,7 +110,7 @@ class DramatiqEngine(Engine):
         gets a non-ambiguous EngineUnavailable, the failed batch's jobs its error."""
         sender = _BatchSender(self)
         with sender:
-            for queue, dramatiq_queue, batch in _batches(jobs, sender.count):
+            for queue, dramatiq_queue, batch in _batches(jobs):
                 sender.send(queue, dramatiq_queue, batch)
         return sender.results()
 
@@ -304,12 +304,11 @@ BATCH_BYTES = 1 << 20
 Batch = list[tuple[int, BatchJob]]  # (index in the caller's list, job)
 
 
-def _batches(jobs: Iterable[Submission], counted: list[int]) -> Iterator[tuple[str, str, Batch]]:
+def _batches(jobs: Iterable[Submission]) -> Iterator[tuple[str, str, Batch]]:
     """(queue, Dramatiq queue, jobs) batches, each job's messages encoded, in the callers'
-    order within each queue. `counted[0]`: how many jobs were read so far."""
+    order within each queue."""
     open_batches: dict[str, tuple[str, Batch, list[int]]] = {}
     for index, job in enumerate(jobs):
-        counted[0] = index + 1
         message = _message(job)
         kept = None if job.options is NO_OPTIONS else kept_options(job.options)
         entry = BatchJob(
@@ -354,7 +353,6 @@ class _BatchSender:
 
     def __init__(self, engine: DramatiqEngine) -> None:
         self.engine = engine
-        self.count = [0]
         self._results: dict[int, Submitted | EngineUnavailable] = {}
         self._failed: EngineUnavailable | None = None
         self._first: tuple[str, str, Batch] | None = None
@@ -418,4 +416,5 @@ class _BatchSender:
             self._results[index] = self.engine._submitted(reply)
 
     def results(self) -> list[Submitted | EngineUnavailable]:
-        return [self._results[index] for index in range(self.count[0])]
+        # Every job read is in a batch, and every batch sent or skipped: each has a result.
+        return [self._results[index] for index in range(len(self._results))]
