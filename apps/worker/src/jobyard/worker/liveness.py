@@ -25,6 +25,10 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+#: Seconds between attempts while beats fail (each also bounded by the Redis timeout).
+RETRY_FAILED_BEAT = 0.2
+
+
 class Heartbeat(threading.Thread):
     """Beats for every (broker, queue) of this process while `healthy()` says the process works."""
 
@@ -53,6 +57,7 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         beats = 0
+        failing = False
         while not self.stopped.is_set():
             try:
                 healthy = self.healthy()
@@ -64,7 +69,17 @@ class Heartbeat(threading.Thread):
                     for queue, broker in self.brokers.items():
                         requeue_from_dead_workers(broker, queue)
             except Exception as exc:  # Redis down: keep trying, the dispatcher falls back meanwhile
-                log.warning("heartbeat failed: %s", exc)
+                if not failing:
+                    log.warning("heartbeat failed: %s; retrying until Redis answers", exc)
+                failing = True
+                # Beat again as soon as Redis answers, not an interval later: after a pause
+                # every beat is old, and a peer's sweep would take a late one's messages for a
+                # dead worker's and run them twice (seen once in `make chaos`, Redis SIGSTOP 6s).
+                self.stopped.wait(min(self.interval, RETRY_FAILED_BEAT))
+                continue
+            if failing:
+                log.warning("heartbeat works again")
+                failing = False
             self.stopped.wait(self.interval)
 
     def stop_and_deregister(self) -> None:
