@@ -27,6 +27,8 @@ def new_worker_id() -> str:
 
 #: Seconds between attempts while beats fail (each also bounded by the Redis timeout).
 RETRY_FAILED_BEAT = 0.2
+#: At most this long to let a beat in flight end before deregistering.
+STOP_JOIN_SECONDS = 5.0
 
 
 class Heartbeat(threading.Thread):
@@ -84,6 +86,9 @@ class Heartbeat(threading.Thread):
 
     def stop_and_deregister(self) -> None:
         self.stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            # A beat in flight would register the worker again after the deregistration.
+            self.join(timeout=STOP_JOIN_SECONDS)
         try:
             self.store.deregister(self.worker_id, list(self.brokers))
         except Exception as exc:
