@@ -3,10 +3,12 @@
 A private Redis and a fresh PostgreSQL database. The jobs' worker calls are made first, as a
 worker would make them (so the job log's outbox fills), with Redis's CPU for them measured;
 then the shipper empties the outbox and its own CPU (this process: the only thread working),
-Redis's and the database backend's are measured. Two shapes of job:
+Redis's and the database backend's are measured. Three shapes of job:
 
 - "complete": a job with no step, one `complete` call (what bench_throughput's echo does);
-- "steps": `start`, three `ctx.progress` reports, `finish`, all within one shipping interval.
+- "steps": `start`, three `ctx.progress` reports, `finish`, all within one shipping interval;
+- "dispatched": "complete" for jobs whose "queued" row a web process wrote first (as
+  `dispatch_job` does), so the shipper updates rows: the usual case in production.
 
     .venv/bin/python bench/bench_shipper.py [--jobs 5000] [--rounds 3]
 
@@ -73,11 +75,21 @@ def run(shape: str, jobs: int, redis_url: str, database_url: str) -> dict[str, f
             job_id, "system.echo", "default", message.queue, message.redis_message_id,
             message.data, 60_000,
         )  # fmt: skip
+    if shape == "dispatched":  # the web process's "queued" rows, as dispatch_job records them
+        from jobyard.job_engine.db import joblog
+
+        now = time.time()
+        joblog.upsert(
+            [{"job_id": job_id, "name": "system.echo", "queue": "default", "state": "queued",
+              "engine": "dramatiq", "enqueued_at": now, "state_at": now, "payload": {"n": 1}}
+             for job_id in ids],
+            database_url,
+        )  # fmt: skip
     shipper = JobLogShipper(store, 0.5, database_url=database_url)
     shipper.ship_all()  # connects, with nothing to ship yet
     redis_before = redis_cpu(client)
     for job_id in ids:
-        if shape == "complete":
+        if shape in ("complete", "dispatched"):
             store.complete(job_id, 0, resume=False, result={"ok": 1})
         else:
             store.start(job_id, "system.echo", 0, resume=False, rate=None)
@@ -109,7 +121,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    results: dict[str, list[dict[str, float]]] = {"complete": [], "steps": []}
+    results: dict[str, list[dict[str, float]]] = {"complete": [], "steps": [], "dispatched": []}
     for _ in range(args.rounds):
         for shape in results:
             redis_server = RedisServer().start()

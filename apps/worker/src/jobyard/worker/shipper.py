@@ -43,6 +43,8 @@ TEXT_FIELDS = {b"state": "state", b"name": "name", b"queue": "queue",
                b"error_class": "error_class", b"traceback": "error_traceback"}  # fmt: skip
 #: Outbox fields holding a time in ms, to the row column of this name (unix seconds).
 MS_FIELDS = {b"enqueued_at": "enqueued_at", b"started_at": "started_at", b"run_at": "run_at"}
+#: Outbox fields holding JSON, to the row column of this name (a result: of a succeeded job only).
+JSON_FIELDS = {b"progress": "progress", b"payload": "payload", b"result": "result"}
 
 
 def outbox_id(entry_id: bytes) -> int:
@@ -54,31 +56,31 @@ def outbox_id(entry_id: bytes) -> int:
 def to_event(entry_id: bytes, entry: dict[bytes, bytes]) -> OutboxEvent:
     """An outbox entry as `joblog.ship` takes it: the fields a job log row takes from it, times
     in unix seconds."""
-    job_id = entry[b"job"].decode()[len(keys.job_prefix()) :]
-    at = float(entry[b"at"])
     fields: dict[str, Any] = {"engine": "dramatiq"}
-    for field, column in TEXT_FIELDS.items():
-        if (text := entry.get(field)) is not None:
-            fields[column] = text.decode()
-    for field, column in MS_FIELDS.items():
-        if (ms := entry.get(field)) is not None:
-            fields[column] = int(ms) / 1000
-    if (attempts := entry.get(b"attempts")) is not None:
-        fields["attempts"] = int(attempts)
-    if (error := entry.get(b"error")) is not None:
-        fields["error_message"] = error.decode()[:2000]
-    if (progress := entry.get(b"progress")) is not None:
-        fields["progress"] = json.loads(progress)
+    for field, value in entry.items():
+        if (column := TEXT_FIELDS.get(field)) is not None:
+            fields[column] = value.decode()
+        elif (column := MS_FIELDS.get(field)) is not None:
+            fields[column] = int(value) / 1000
+        elif (column := JSON_FIELDS.get(field)) is not None:
+            fields[column] = json.loads(value)
+        elif field == b"attempts":
+            fields["attempts"] = int(value)
+        elif field == b"error":
+            fields["error_message"] = value.decode()[:2000]
+    if "progress" in fields:
         fields[REPORTED] = True
-    if (payload := entry.get(b"payload")) is not None:
-        fields["payload"] = json.loads(payload)
+    at = float(entry[b"at"])
     state = fields.get("state")
     if state in FINAL_STATES:
         fields["finished_at"] = at
         if (started := entry.get(b"started_at")) is not None:
             fields["duration_ms"] = max(0, int(at * 1000) - int(started))
-        if state == "succeeded" and (result := entry.get(b"result")) is not None:
-            fields["result"] = json.loads(result)
+        if state != "succeeded":
+            fields.pop("result", None)
+    else:
+        fields.pop("result", None)
+    job_id = entry[b"job"].decode()[len(keys.job_prefix()) :]
     return outbox_id(entry_id), at, job_id, fields
 
 
