@@ -201,9 +201,15 @@ def test_marks_wait_while_the_database_is_down(store, job_log_database):
     assert metric_value(metric_samples(render()[0].decode()), "jobyard_job_log_backlog") == 0
 
 
-def test_a_row_the_database_refuses_does_not_hold_back_the_rest(store, job_log_db_url):
+@pytest.mark.parametrize(
+    "refused_value",
+    ["a NUL \u0000 that JSONB refuses", "a lone \ud800 surrogate, refused by JSONB and pydantic"],
+)
+def test_a_row_the_database_refuses_does_not_hold_back_the_rest(
+    store, job_log_db_url, refused_value
+):
     refused, fine = _enqueue(store), _enqueue(store)
-    store.complete(refused, 0, resume=False, result="a NUL \u0000 that JSONB refuses")
+    store.complete(refused, 0, resume=False, result=refused_value)
     store.complete(fine, 0, resume=False, result="fine")
     JobLogShipper(store, 0.1, database_url=job_log_db_url).ship_all()
     assert _marked(store) == []

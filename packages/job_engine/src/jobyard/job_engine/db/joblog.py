@@ -644,8 +644,20 @@ def _merge_rules(new: Any) -> dict[str, Any]:
 
 def _json_text(rows: list[dict[str, Any]]) -> str:
     """Rows as one JSON array, datetimes in ISO 8601. pydantic-core's encoder (a dependency
-    already) does it in a fifth of the time of json.dumps with a `default` hook for datetimes."""
-    return pydantic_core.to_json(rows).decode()
+    already) does it in a fifth of the time of json.dumps with a `default` hook for datetimes.
+    What it refuses (a lone surrogate in a job's result) goes through json.dumps, which writes
+    it as an escape: the database then refuses the row, and the writer stores the job without
+    its JSON (see the shipper) rather than failing the whole batch."""
+    try:
+        return pydantic_core.to_json(rows).decode()
+    except pydantic_core.PydanticSerializationError:
+        return json.dumps(rows, default=_iso_datetime)
+
+
+def _iso_datetime(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
 _writer: JobLogWriter | None = None
