@@ -65,7 +65,7 @@ from jobyard.job_engine import (
     tracing,
 )
 from jobyard.job_engine.db.readiness import check_setup
-from jobyard.job_engine.lifecycle import dispatched_event
+from jobyard.job_engine.lifecycle import dispatched_batch_event, dispatched_event
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import get_client
 from jobyard.queue.direct import DirectJobStore
@@ -204,10 +204,23 @@ class Dispatcher:
         order: list[tuple[int, Submission]] = []  # what the submissions stream gave, in order
         jobs = _plain_submissions(requests, indices, results, order)
         outcomes = self._route_many(((job, False) for job in jobs), streamed=True)
+        # The jobs Dramatiq took, each name's in one job log entry (they all carry their
+        # payload's JSON text); the rest (Temporal's) one by one, as `dispatch` records them.
+        taken: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
         for (index, job), outcome in zip(order, outcomes, strict=True):
             results[index] = outcome
-            if isinstance(outcome, JobHandle):
+            if (
+                isinstance(outcome, JobHandle)
+                and outcome.engine == "dramatiq"
+                and not outcome.duplicate
+                and outcome.fallback_reason is None
+                and job.payload_json is not None
+            ):
+                taken.setdefault((job.name, job.queue), []).append((job.job_id, job.payload_json))
+            elif isinstance(outcome, JobHandle):
                 _record_dispatch(job, outcome, started)
+        for (name, queue), queued in taken.items():
+            dispatched_batch_event(name, queue, "dramatiq", queued, started)
 
     def _dispatch_others(
         self,
