@@ -66,6 +66,7 @@ _BATCH_REPLIES: dict[Any, Reply] = {
     for status in ("enqueued", "no_workers")
     for word in (status, status.encode())
 }
+_ENQUEUED = Reply("enqueued")
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,8 @@ class JobStore:
             self.retention,
             *args,
         )
+        if isinstance(replies, int):  # every job was new and is enqueued
+            return [_ENQUEUED] * replies
         return [
             _BATCH_REPLIES.get(reply) or Reply.decode(_text(reply).split(":", 2))
             for reply in replies
