@@ -31,6 +31,7 @@ from jobyard.dispatcher.engines import (
     Submitted,
 )
 from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
+from jobyard.dispatcher.engines.dramatiq.engine import NewJob
 from jobyard.dispatcher.engines.temporal import TemporalEngine
 from jobyard.dispatcher.errors import (
     DispatchOutcomeUnknownError,
@@ -201,8 +202,8 @@ class Dispatcher:
     ) -> None:
         """Jobs with generated ids and no options, the bulk of a bulk dispatch: validated a
         chunk at a time while Dramatiq sends the chunk before."""
-        order: list[tuple[int, Submission]] = []  # what the submissions stream gave, in order
-        jobs = _plain_submissions(requests, indices, results, order)
+        order: list[tuple[int, NewJob]] = []  # what the jobs stream gave, in order
+        jobs = _plain_jobs(requests, indices, results, order)
         outcomes = self._route_many(((job, False) for job in jobs), streamed=True)
         # The jobs Dramatiq took, each name's in one job log entry (they all carry their
         # payload's JSON text); the rest (Temporal's) one by one, as `dispatch` records them.
@@ -218,7 +219,7 @@ class Dispatcher:
             ):
                 taken.setdefault((job.name, job.queue), []).append((job.job_id, job.payload_json))
             elif isinstance(outcome, JobHandle):
-                _record_dispatch(job, outcome, started)
+                _record_dispatch(job.submission(), outcome, started)
         for (name, queue), queued in taken.items():
             dispatched_batch_event(name, queue, "dramatiq", queued, started)
 
@@ -315,16 +316,16 @@ class Dispatcher:
         return ready
 
     def _route_many(
-        self, jobs: Iterable[tuple[Submission, bool]], *, streamed: bool = False
+        self, jobs: Iterable[tuple[Submission | NewJob, bool]], *, streamed: bool = False
     ) -> list[JobHandle | Exception]:
         """`_route` of many jobs: Dramatiq takes them in batches; each job it cannot take goes
         to Temporal on its own, exactly as `_route` sends it. `streamed`: `jobs` is made as it
         is read (Dramatiq sends the first batches before the last are made)."""
         if not env.get_bool(env.USE_DRAMATIQ) or self.breaker.is_open:
-            return [_result_of(self._route, job, registered=r) for job, r in jobs]
-        routed: list[tuple[Submission, bool]] = []
+            return [_result_of(self._route, _submission_of(job), registered=r) for job, r in jobs]
+        routed: list[tuple[Submission | NewJob, bool]] = []
 
-        def submissions() -> Iterator[Submission]:
+        def submissions() -> Iterator[Submission | NewJob]:
             for job, registered in jobs:
                 routed.append((job, registered))
                 yield job
@@ -337,7 +338,9 @@ class Dispatcher:
         return [
             JobHandle(job.job_id, "dramatiq")
             if isinstance(outcome, Submitted) and outcome.status == SubmitStatus.STARTED
-            else _result_of(self._after_dramatiq, job, outcome, registered=registered)
+            else _result_of(
+                self._after_dramatiq, _submission_of(job), outcome, registered=registered
+            )
             for (job, registered), outcome in zip(routed, submitted, strict=True)
         ]
 
@@ -541,12 +544,12 @@ def _is_plain(request: DispatchRequest | tuple[str, Any]) -> bool:
     )
 
 
-def _plain_submissions(
+def _plain_jobs(
     requests: list[DispatchRequest | tuple[str, Any]],
     indices: list[int],
     results: list[JobHandle | Exception | None],
-    order: list[tuple[int, Submission]],
-) -> Iterator[Submission]:
+    order: list[tuple[int, NewJob]],
+) -> Iterator[NewJob]:
     """The valid jobs among `indices`, checked as `dispatch` checks them, a chunk at a time and
     each chunk's payloads of one job in one call (`JobSpec.encode_many`). A job's error goes to
     `results`; each job made is appended to `order` with its index as it is given out."""
@@ -562,7 +565,7 @@ def _plain_submissions(
                 name, payload = request.name, request.payload
             payloads[index] = payload
             by_name.setdefault(name, []).append(index)
-        made: dict[int, Submission] = {}
+        made: dict[int, NewJob] = {}
         job_ids = random_ids(len(chunk))
         for name, members in by_name.items():
             try:
@@ -583,10 +586,9 @@ def _plain_submissions(
                 elif missing is not None:
                     results[index] = missing
                 else:
-                    made[index] = Submission(
-                        job_ids.pop(), spec.name, spec.queue, outcome.data, NO_OPTIONS,
-                        payload_json=outcome.text,
-                    )  # fmt: skip
+                    made[index] = NewJob(
+                        job_ids.pop(), spec.name, spec.queue, outcome.data, outcome.text
+                    )
         for index in chunk:  # in the callers' order
             job = made.get(index)
             if job is not None:
@@ -605,6 +607,10 @@ def _record_dispatch(job: Submission, handle: JobHandle, started: float) -> None
             job.job_id, job.name, job.queue, handle.engine, job.payload, handle.fallback_reason,
             started, started + delay if delay else None,
         )  # fmt: skip
+
+
+def _submission_of(job: Submission | NewJob) -> Submission:
+    return job if isinstance(job, Submission) else job.submission()
 
 
 def _settled(result: JobHandle | Exception | None) -> JobHandle | Exception:

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from jobyard.dispatcher.engines.base import (
     Cancellation,
@@ -60,6 +60,25 @@ def kept_options(options: DispatchOptions) -> dict[str, Any]:
     return {key: value for key, value in kept.items() if value is not None}
 
 
+class NewJob(NamedTuple):
+    """A job `dispatch_many` validated with a generated id and no options, its payload as data
+    and as its strict JSON text: cheaper to make than a Submission (a bulk dispatch makes one
+    per job), and sent with a message made from its job's template. `submission()` is the
+    same job for every other path (Temporal, the job log's record of one job)."""
+
+    job_id: str
+    name: str
+    queue: str
+    payload: dict[str, Any]
+    payload_json: bytes
+
+    def submission(self) -> Submission:
+        return Submission(
+            self.job_id, self.name, self.queue, self.payload, NO_OPTIONS,
+            payload_json=self.payload_json,
+        )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Orphan:
     """A job moved off a queue that has no live worker, waiting to be started elsewhere."""
@@ -102,7 +121,9 @@ class DramatiqEngine(Engine):
             )
         return self._submitted(reply)
 
-    def submit_many(self, jobs: Iterable[Submission]) -> list[Submitted | EngineUnavailable]:
+    def submit_many(
+        self, jobs: Iterable[Submission | NewJob]
+    ) -> list[Submitted | EngineUnavailable]:
         """One Lua call per batch of jobs bound for the same Dramatiq queue (at most
         BATCH_JOBS jobs and about BATCH_BYTES of messages, so one call never blocks Redis for
         long). A second thread sends each batch while this one makes the next, so the wait for
@@ -304,18 +325,26 @@ BATCH_BYTES = 1 << 20
 Batch = list[tuple[int, BatchJob]]  # (index in the caller's list, job)
 
 
-def _batches(jobs: Iterable[Submission]) -> Iterator[tuple[str, str, Batch]]:
+def _batches(jobs: Iterable[Submission | NewJob]) -> Iterator[tuple[str, str, Batch]]:
     """(queue, Dramatiq queue, jobs) batches, each job's messages encoded, in the callers'
     order within each queue."""
     open_batches: dict[str, tuple[str, Batch, list[int]]] = {}
+    templated = NewJobMessages.usable()  # the same for every job of the call
     for index, job in enumerate(jobs):
-        message = _message(job)
-        kept = None if job.options is NO_OPTIONS else kept_options(job.options)
-        entry = BatchJob(
-            job.job_id, job.name, message.redis_message_id, message.data,
-            json.dumps(kept) if kept else "",
-        )  # fmt: skip
-        dramatiq_queue, data = message.queue, message.data
+        if templated and type(job) is NewJob:
+            message_id, data = _template(job.name, job.queue).encode(job.job_id, job.payload_json)
+            entry = BatchJob(job.job_id, job.name, message_id, data, "")
+            dramatiq_queue = job.queue
+        else:
+            submission = job if isinstance(job, Submission) else job.submission()
+            message = _message(submission)
+            options = submission.options
+            kept = None if options is NO_OPTIONS else kept_options(options)
+            entry = BatchJob(
+                job.job_id, job.name, message.redis_message_id, message.data,
+                json.dumps(kept) if kept else "",
+            )  # fmt: skip
+            dramatiq_queue, data = message.queue, message.data
         queue, batch, size = open_batches.setdefault(dramatiq_queue, (job.queue, [], [0]))
         batch.append((index, entry))
         size[0] += len(data)
@@ -329,16 +358,20 @@ def _batches(jobs: Iterable[Submission]) -> Iterator[tuple[str, str, Batch]]:
 _templates: dict[tuple[str, str], NewJobMessages] = {}
 
 
+def _template(name: str, queue: str) -> NewJobMessages:
+    template = _templates.get((name, queue))
+    if template is None:
+        template = _templates[name, queue] = NewJobMessages(name, queue)
+    return template
+
+
 def _message(job: Submission, seq: int = 0) -> EncodedMessage:
     """The job's first message: from its job's template when the dispatcher gave the payload's
     JSON text and the job has no options (most jobs), else built field by field."""
     options = job.options
     plain = options is NO_OPTIONS or options == NO_OPTIONS
     if job.payload_json is not None and seq == 0 and plain and NewJobMessages.usable():
-        template = _templates.get((job.name, job.queue))
-        if template is None:
-            template = _templates[job.name, job.queue] = NewJobMessages(job.name, job.queue)
-        message_id, data = template.encode(job.job_id, job.payload_json)
+        message_id, data = _template(job.name, job.queue).encode(job.job_id, job.payload_json)
         return EncodedMessage(job.queue, message_id, data)
     return encode_job_message(
         job.name, job.queue, job.job_id, job.payload, seq=seq,
