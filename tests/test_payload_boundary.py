@@ -155,3 +155,19 @@ def test_encode_many_gives_what_encode_gives_for_each_payload(name: str, payload
             assert not isinstance(got, Exception)
             assert got.data == expected
             assert json.loads(got.text) == expected
+
+
+@SETTINGS
+@given(python_values)
+def test_dumps_writes_what_json_dumps_writes_or_refuses(value) -> None:
+    """strictjson.dumps runs json's C encoder made once: the same text as json.dumps with the
+    same settings, and a StrictJSONError wherever json.dumps (or UTF-8) fails."""
+    try:
+        expected = json.dumps(
+            value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except (TypeError, ValueError, RecursionError):
+        with pytest.raises(strictjson.StrictJSONError):
+            strictjson.dumps(value)
+        return
+    assert strictjson.dumps(value) == expected
