@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import uuid
 
@@ -166,3 +167,30 @@ def test_a_refused_batch_stops_the_ones_after_it(engines: Engines) -> None:
     assert engines_used[:BATCH_JOBS] == ["dramatiq"] * BATCH_JOBS
     assert set(engines_used[BATCH_JOBS:]) == {"temporal"}
     assert client.llen("dramatiq:default") == 2 * BATCH_JOBS
+
+
+def test_the_garbage_collector_is_paused_only_while_the_batch_runs(
+    engines: Engines, monkeypatch
+) -> None:
+    """Paused during the call (each job's objects would have it traverse the heap again and
+    again), on again after it, and left off when the caller had switched it off."""
+    JobStore(get_client()).heartbeat("test-worker", "test-broker", ["default"])
+    dramatiq = get_dispatcher().dramatiq
+    submit_many = dramatiq.submit_many
+    seen: list[bool] = []
+
+    def watched(jobs):
+        seen.append(gc.isenabled())
+        return submit_many(jobs)
+
+    monkeypatch.setattr(dramatiq, "submit_many", watched)
+    assert gc.isenabled()
+    results = dispatch_many([*echo_requests(3, "gc"), ("no.such.job", {})])
+    assert isinstance(results[3], UnknownJobError)
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        dispatch_many(echo_requests(3, "gc-off"))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
