@@ -160,10 +160,25 @@ class JobStore:
     ) -> list[Reply]:
         """`enqueue` for a batch of new jobs on one queue, in one call; one reply per job, in
         order. The queue's liveness is read once for the batch."""
-        job_keys = [keys.job(job.job_id) for job in jobs]
         args: list[Any] = []
         for job in jobs:
             args += (job.name, job.redis_message_id, job.message, job.options_json)
+        job_keys = [keys.job(job.job_id) for job in jobs]
+        replies = self.enqueue_batch(queue, dramatiq_queue, heartbeat_timeout_ms, job_keys, args)
+        return [_ENQUEUED] * len(jobs) if replies is None else replies
+
+    def enqueue_batch(
+        self,
+        queue: str,
+        dramatiq_queue: str,
+        heartbeat_timeout_ms: int,
+        job_keys: list[str],
+        job_args: list[Any],
+    ) -> list[Reply] | None:
+        """`enqueue_many` of jobs given as the call takes them: each job's key
+        (`keys.job`), and four arguments per job in one list (name, redis message id, message,
+        options JSON or ""). None when every job was new and is enqueued (most batches: no
+        reply per job to make), else one reply per job, in order."""
         replies = self._call(
             [
                 keys.workers(queue),
@@ -175,10 +190,10 @@ class JobStore:
             queue,
             heartbeat_timeout_ms,
             self.retention,
-            *args,
+            *job_args,
         )
-        if isinstance(replies, int):  # every job was new and is enqueued
-            return [_ENQUEUED] * replies
+        if isinstance(replies, int):
+            return None
         return [
             _BATCH_REPLIES.get(reply) or Reply.decode(_text(reply).split(":", 2))
             for reply in replies

@@ -351,9 +351,10 @@ def write_queued(
     return inserted + sum(len(rows) for rows in rounds)
 
 
-#: PostgreSQL: the rows of batched jobs new to the log and their first event, in one statement.
-#: :rows is a JSON array of [job id, batch number, payload], sorted by job id (the order every
-#: writer locks rows in); :batches one of [name, queue, engine, time (ISO), time (unix s)].
+#: PostgreSQL: the rows of batched jobs new to the log and their first event, in one statement;
+#: returns the jobs it did not insert (their row exists: usually none). :rows is a JSON array
+#: of [job id, batch number, payload], sorted by job id (the order every writer locks rows in);
+#: :batches one of [name, queue, engine, time (ISO), time (unix s)].
 #: Times as the general path writes them: rows' from ISO text, events' from unix seconds.
 _INSERT_QUEUED_PG = text(
     "WITH source AS ("
@@ -372,7 +373,8 @@ _INSERT_QUEUED_PG = text(
     " INSERT INTO job_events (job_id, seq, at, kind, state, engine, attempts)"
     " SELECT s.job_id, 1, to_timestamp(s.ts), 'state', 'queued', s.engine, 0"
     " FROM inserted i JOIN source s ON s.job_id = i.job_id"
-    ") SELECT job_id FROM inserted"
+    ") SELECT s.job_id FROM source s LEFT JOIN inserted i ON i.job_id = s.job_id"
+    " WHERE i.job_id IS NULL"
 )
 
 #: SQLite: the rows of batched jobs new to the log (their events follow in a second statement);
@@ -417,7 +419,9 @@ def _insert_queued(
         "batches": "[" + ",".join(described) + "]",
     }
     if postgres:
-        inserted = {job_id for (job_id,) in connection.execute(_INSERT_QUEUED_PG, parameters)}
+        not_inserted = {job_id for (job_id,) in connection.execute(_INSERT_QUEUED_PG, parameters)}
+        left = [job for job in once if job[0] in not_inserted] + twice
+        inserted_count = len(once) - len(not_inserted)
     else:
         inserted = {job_id for (job_id,) in connection.execute(_INSERT_QUEUED_SQLITE, parameters)}
         first = [
@@ -428,11 +432,12 @@ def _insert_queued(
         ]  # fmt: skip
         if first:
             _insert_events(connection, first)
-    left = [job for job in once if job[0] not in inserted] + twice
+        left = [job for job in once if job[0] not in inserted] + twice
+        inserted_count = len(inserted)
     leftover: dict[int, list[tuple[str, bytes]]] = {}
     for job_id, number, payload in left:
         leftover.setdefault(number, []).append((job_id, payload))
-    return len(inserted), [batches[n]._replace(jobs=kept) for n, kept in leftover.items()]
+    return inserted_count, [batches[n]._replace(jobs=kept) for n, kept in leftover.items()]
 
 
 Pair = tuple[dict[str, Any], dict[str, Any]]  # (a row as given, the row as stored)

@@ -30,6 +30,7 @@ from jobyard.dispatcher.engines.base import (
 from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, EngineName, JobStatus
+from jobyard.queue import keys
 from jobyard.queue.broker import DeadWorkerSweeper
 from jobyard.queue.messages import (
     EncodedMessage,
@@ -38,7 +39,7 @@ from jobyard.queue.messages import (
     encode_job_message,
 )
 from jobyard.queue.queues import queue_names
-from jobyard.queue.store import BatchJob, JobStore, Reply
+from jobyard.queue.store import JobStore, Reply
 
 #: States in which a job may be waiting for a delayed message (a sleep, a retry, a throttle).
 _WAITING = ("queued", "running", "retrying")
@@ -322,36 +323,53 @@ SENDS_AHEAD = 2
 BATCH_JOBS = 500
 BATCH_BYTES = 1 << 20
 
-Batch = list[tuple[int, BatchJob]]  # (index in the caller's list, job)
+
+class Batch:
+    """One `enqueue_many` call's jobs, as the call takes them: each job's key, and its four
+    arguments (name, message id, message, options JSON) in one flat list; `indices`: each job's
+    place in the caller's list."""
+
+    __slots__ = ("args", "indices", "job_keys", "size")
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+        self.job_keys: list[str] = []
+        self.args: list[Any] = []
+        self.size = 0  # bytes of messages
+
+    def add(
+        self, index: int, job_id: str, name: str, message_id: str, data: bytes, options: str
+    ) -> None:
+        self.indices.append(index)
+        self.job_keys.append(keys.job(job_id))
+        self.args += (name, message_id, data, options)
+        self.size += len(data)
 
 
 def _batches(jobs: Iterable[Submission | NewJob]) -> Iterator[tuple[str, str, Batch]]:
     """(queue, Dramatiq queue, jobs) batches, each job's messages encoded, in the callers'
     order within each queue."""
-    open_batches: dict[str, tuple[str, Batch, list[int]]] = {}
+    open_batches: dict[str, tuple[str, Batch]] = {}
     templated = NewJobMessages.usable()  # the same for every job of the call
     for index, job in enumerate(jobs):
         if templated and type(job) is NewJob:
             message_id, data = _template(job.name, job.queue).encode(job.job_id, job.payload_json)
-            entry = BatchJob(job.job_id, job.name, message_id, data, "")
-            dramatiq_queue = job.queue
+            dramatiq_queue, options = job.queue, ""
         else:
             submission = job if isinstance(job, Submission) else job.submission()
             message = _message(submission)
-            options = submission.options
-            kept = None if options is NO_OPTIONS else kept_options(options)
-            entry = BatchJob(
-                job.job_id, job.name, message.redis_message_id, message.data,
-                json.dumps(kept) if kept else "",
-            )  # fmt: skip
-            dramatiq_queue, data = message.queue, message.data
-        queue, batch, size = open_batches.setdefault(dramatiq_queue, (job.queue, [], [0]))
-        batch.append((index, entry))
-        size[0] += len(data)
-        if len(batch) >= BATCH_JOBS or size[0] >= BATCH_BYTES:
+            kept = None if submission.options is NO_OPTIONS else kept_options(submission.options)
+            message_id, data, dramatiq_queue = message.redis_message_id, message.data, message.queue
+            options = json.dumps(kept) if kept else ""
+        opened = open_batches.get(dramatiq_queue)
+        if opened is None:
+            opened = open_batches[dramatiq_queue] = (job.queue, Batch())
+        queue, batch = opened
+        batch.add(index, job.job_id, job.name, message_id, data, options)
+        if len(batch.indices) >= BATCH_JOBS or batch.size >= BATCH_BYTES:
             yield queue, dramatiq_queue, batch
             del open_batches[dramatiq_queue]
-    for dramatiq_queue, (queue, batch, _) in open_batches.items():
+    for dramatiq_queue, (queue, batch) in open_batches.items():
         yield queue, dramatiq_queue, batch
 
 
@@ -432,20 +450,21 @@ class _BatchSender:
             skipped = EngineUnavailable(
                 self.engine.name, f"not sent: an earlier batch failed ({self._failed})"
             )
-            for index, _ in batch:
-                self._results[index] = skipped
+            self._results.update(dict.fromkeys(batch.indices, skipped))
             return
         try:
             with map_redis_errors():
-                replies = self.engine.store.enqueue_many(
-                    queue, dramatiq_queue, self.engine._timeout_ms, [entry for _, entry in batch]
+                replies = self.engine.store.enqueue_batch(
+                    queue, dramatiq_queue, self.engine._timeout_ms, batch.job_keys, batch.args
                 )
         except EngineUnavailable as exc:
             self._failed = exc
-            for index, _ in batch:
-                self._results[index] = exc
+            self._results.update(dict.fromkeys(batch.indices, exc))
             return
-        for (index, _), reply in zip(batch, replies, strict=True):
+        if replies is None:  # every job enqueued
+            self._results.update(dict.fromkeys(batch.indices, _STARTED))
+            return
+        for index, reply in zip(batch.indices, replies, strict=True):
             self._results[index] = self.engine._submitted(reply)
 
     def results(self) -> list[Submitted | EngineUnavailable]:
