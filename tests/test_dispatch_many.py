@@ -19,6 +19,7 @@ from jobyard.dispatcher import (
 )
 from jobyard.dispatcher.engines.dramatiq.engine import BATCH_JOBS
 from jobyard.job_engine import InvalidPayloadError, RetryPolicy, UnknownJobError
+from jobyard.job_engine.db import joblog
 from jobyard.queue import keys
 from jobyard.queue.client import get_client
 from jobyard.queue.store import JobStore
@@ -194,3 +195,24 @@ def test_the_garbage_collector_is_paused_only_while_the_batch_runs(
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_jobs_redis_lost_after_dispatch_many_are_dispatched_again_from_the_job_log(
+    engines: Engines, redis_server: RedisServer
+) -> None:
+    """The batch's "queued" rows (written by the job log's one-statement path) are how the
+    rescue finds jobs a Redis that restarted empty lost: each runs once, under its id."""
+    JobStore(get_client()).heartbeat("test-worker", "test-broker", ["default"])
+    results = dispatch_many(echo_requests(40, "lost"))
+    assert all(isinstance(r, JobHandle) and r.engine == "dramatiq" for r in results)
+    writer = joblog.writer()
+    assert writer is not None
+    writer.flush()
+    redis_server.kill()
+    redis_server.start()  # no persistence: it comes back empty
+    engines.start_worker()
+    engines.start_temporal_worker()  # runs the rescue
+    for result, (_, payload) in zip(results, echo_requests(40, "lost"), strict=True):
+        assert isinstance(result, JobHandle)
+        status = engines.wait(result.job_id, timeout=120)
+        assert (status.state, status.result, status.attempts) == ("succeeded", payload, 1)
