@@ -171,3 +171,23 @@ def test_dumps_writes_what_json_dumps_writes_or_refuses(value) -> None:
             strictjson.dumps(value)
         return
     assert strictjson.dumps(value) == expected
+
+
+@SETTINGS
+@given(python_values, st.booleans())
+@example({"a": 1, "b": "x", "c": None, "d": 1.5, "e": True}, False)
+@example({"a": float("nan")}, False)
+@example({"a": "\udc00"}, True)
+@example({1: "x"}, False)
+def test_check_of_an_object_judges_as_the_walk_does(value, other_types: bool) -> None:
+    """`check` passes a flat object of plain values at a glance: wrapped in a list (which takes
+    the full walk), every value gets the same verdict."""
+
+    def verdict(checked: object, depth: int) -> bool:
+        try:
+            strictjson.check(checked, max_depth=depth, other_types=other_types)
+        except strictjson.StrictJSONError:
+            return False
+        return True
+
+    assert verdict(value, strictjson.MAX_DEPTH) == verdict([value], strictjson.MAX_DEPTH + 1)

@@ -44,6 +44,8 @@ def check(value: Any, *, max_depth: int = MAX_DEPTH, other_types: bool = False) 
     `other_types` lets values of other types (a datetime a model will parse) through unchecked:
     for input that a schema is about to validate.
     """
+    if max_depth > 0 and type(value) is dict and _is_flat_and_plain(value):
+        return
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -73,6 +75,25 @@ def check(value: Any, *, max_depth: int = MAX_DEPTH, other_types: bool = False) 
                 stack.extend((child, depth + 1) for child in item)
         elif not other_types:
             raise StrictJSONError(f"a {type(item).__name__} is not JSON data")
+
+
+def _is_flat_and_plain(value: dict[Any, Any]) -> bool:
+    """Whether `check` would pass `value` at a glance: an object of ASCII keys whose values are
+    ASCII strings, ints, bools, None or finite floats (most payloads), checked without the walk's
+    stack. False sends anything else through the walk, which names what is wrong."""
+    for key, child in value.items():
+        if type(key) is not str or not key.isascii():
+            return False
+        kind = type(child)
+        if kind is str:
+            if not child.isascii():
+                return False
+        elif kind is float:
+            if not math.isfinite(child):
+                return False
+        elif not (kind is int or kind is bool or child is None):
+            return False
+    return True
 
 
 def loads(raw: str | bytes | bytearray, *, max_depth: int = MAX_DEPTH) -> Any:
