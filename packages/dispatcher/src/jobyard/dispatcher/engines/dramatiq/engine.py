@@ -324,26 +324,59 @@ BATCH_JOBS = 500
 BATCH_BYTES = 1 << 20
 
 
+#: Bytes of a new job's message beyond its payload (ids, names, options), for the byte budget.
+NEW_JOB_ENVELOPE = 250
+
+
 class Batch:
     """One `enqueue_many` call's jobs, as the call takes them: each job's key, and its four
     arguments (name, message id, message, options JSON) in one flat list; `indices`: each job's
-    place in the caller's list."""
+    place in the caller's list. New jobs' messages are made when the batch is sealed, a run of
+    one job's at a time (one timestamp and one read of the random source for their ids)."""
 
-    __slots__ = ("args", "indices", "job_keys", "size")
+    __slots__ = ("_new", "args", "indices", "job_keys", "size")
 
     def __init__(self) -> None:
         self.indices: list[int] = []
         self.job_keys: list[str] = []
         self.args: list[Any] = []
-        self.size = 0  # bytes of messages
+        self.size = 0  # bytes of messages, about
+        self._new: list[NewJob] = []  # added, messages not made yet
 
     def add(
         self, index: int, job_id: str, name: str, message_id: str, data: bytes, options: str
     ) -> None:
+        self._make_new_messages()  # the jobs before it first: the batch keeps the callers' order
         self.indices.append(index)
         self.job_keys.append(keys.job(job_id))
         self.args += (name, message_id, data, options)
         self.size += len(data)
+
+    def add_new(self, index: int, job: NewJob) -> None:
+        self.indices.append(index)
+        self._new.append(job)
+        self.size += len(job.payload_json) + NEW_JOB_ENVELOPE
+
+    def sealed(self) -> Batch:
+        self._make_new_messages()
+        return self
+
+    def _make_new_messages(self) -> None:
+        new, start = self._new, 0
+        while start < len(new):
+            name, queue = new[start].name, new[start].queue
+            end = start + 1
+            while end < len(new) and new[end].name == name:
+                end += 1
+            run = new[start:end]
+            message_ids, messages = _template(name, queue).encode_many(
+                [job.job_id for job in run], [job.payload_json for job in run]
+            )
+            self.job_keys += [keys.job(job.job_id) for job in run]
+            for message_id, message in zip(message_ids, messages, strict=True):
+                self.args += (name, message_id, message, "")
+            start = end
+        new.clear()
 
 
 def _batches(jobs: Iterable[Submission | NewJob]) -> Iterator[tuple[str, str, Batch]]:
@@ -353,24 +386,29 @@ def _batches(jobs: Iterable[Submission | NewJob]) -> Iterator[tuple[str, str, Ba
     templated = NewJobMessages.usable()  # the same for every job of the call
     for index, job in enumerate(jobs):
         if templated and type(job) is NewJob:
-            message_id, data = _template(job.name, job.queue).encode(job.job_id, job.payload_json)
-            dramatiq_queue, options = job.queue, ""
+            dramatiq_queue = job.queue
+            opened = open_batches.get(dramatiq_queue)
+            if opened is None:
+                opened = open_batches[dramatiq_queue] = (job.queue, Batch())
+            opened[1].add_new(index, job)
         else:
             submission = job if isinstance(job, Submission) else job.submission()
             message = _message(submission)
             kept = None if submission.options is NO_OPTIONS else kept_options(submission.options)
-            message_id, data, dramatiq_queue = message.redis_message_id, message.data, message.queue
-            options = json.dumps(kept) if kept else ""
-        opened = open_batches.get(dramatiq_queue)
-        if opened is None:
-            opened = open_batches[dramatiq_queue] = (job.queue, Batch())
+            dramatiq_queue = message.queue
+            opened = open_batches.get(dramatiq_queue)
+            if opened is None:
+                opened = open_batches[dramatiq_queue] = (job.queue, Batch())
+            opened[1].add(
+                index, job.job_id, job.name, message.redis_message_id, message.data,
+                json.dumps(kept) if kept else "",
+            )  # fmt: skip
         queue, batch = opened
-        batch.add(index, job.job_id, job.name, message_id, data, options)
         if len(batch.indices) >= BATCH_JOBS or batch.size >= BATCH_BYTES:
-            yield queue, dramatiq_queue, batch
+            yield queue, dramatiq_queue, batch.sealed()
             del open_batches[dramatiq_queue]
     for dramatiq_queue, (queue, batch) in open_batches.items():
-        yield queue, dramatiq_queue, batch
+        yield queue, dramatiq_queue, batch.sealed()
 
 
 _templates: dict[tuple[str, str], NewJobMessages] = {}
