@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import queue as queue_module
 import secrets
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -39,7 +37,7 @@ from jobyard.queue.messages import (
     encode_job_message,
 )
 from jobyard.queue.queues import queue_names
-from jobyard.queue.store import JobStore, Reply
+from jobyard.queue.store import BatchLine, JobStore, Reply
 
 #: States in which a job may be waiting for a delayed message (a sleep, a retry, a throttle).
 _WAITING = ("queued", "running", "retrying")
@@ -127,9 +125,10 @@ class DramatiqEngine(Engine):
     ) -> list[Submitted | EngineUnavailable]:
         """One Lua call per batch of jobs bound for the same Dramatiq queue (at most
         BATCH_JOBS jobs and about BATCH_BYTES of messages, so one call never blocks Redis for
-        long). A second thread sends each batch while this one makes the next, so the wait for
-        Redis overlaps the encoding. Once a call fails, the jobs after it are not sent: each
-        gets a non-ambiguous EngineUnavailable, the failed batch's jobs its error."""
+        long). Each batch is sent, and the next made while Redis runs it, before its reply is
+        read (`_BatchSender`), so the wait for Redis overlaps the encoding. Once a call fails,
+        the jobs after it are not sent: each gets a non-ambiguous EngineUnavailable, the failed
+        batch's jobs its error."""
         sender = _BatchSender(self)
         with sender:
             for queue, dramatiq_queue, batch in _batches(jobs):
@@ -316,8 +315,6 @@ def _submission(data: bytes, fallback_reason: str) -> Submission:
     )  # fmt: skip
 
 
-#: Batches made ahead of the one Redis is running, at most (bounds the memory they hold).
-SENDS_AHEAD = 2
 #: Largest batch of one `enqueue_many` call: jobs, and bytes of messages (a batch may pass the
 #: byte budget by one message, at most JOBYARD_MAX_PAYLOAD_BYTES and its envelope).
 BATCH_JOBS = 500
@@ -436,74 +433,69 @@ def _message(job: Submission, seq: int = 0) -> EncodedMessage:
 
 
 class _BatchSender:
-    """Sends `submit_many`'s batches from a thread of its own, at most SENDS_AHEAD waiting, so
-    that the caller makes the next batch while Redis runs this one (a lone batch is sent
-    without a thread). Results are per index in the caller's list."""
+    """Sends `submit_many`'s batches on a BatchLine: each batch is sent, the next one is made
+    while Redis runs it, then the first's reply is read and the next sent; one call is in
+    flight at a time. Results are per index in the caller's list. Once a call fails, the
+    batches after it are not sent (a non-ambiguous EngineUnavailable each)."""
 
     def __init__(self, engine: DramatiqEngine) -> None:
         self.engine = engine
         self._results: dict[int, Submitted | EngineUnavailable] = {}
         self._failed: EngineUnavailable | None = None
-        self._first: tuple[str, str, Batch] | None = None
-        self._queue: queue_module.Queue[tuple[str, str, Batch] | None] | None = None
-        self._thread: threading.Thread | None = None
-        self._crash: BaseException | None = None
+        self._line: BatchLine | None = None
+        self._in_flight: Batch | None = None
 
     def __enter__(self) -> _BatchSender:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._queue is not None and self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-        elif self._first is not None and exc_info[0] is None:
-            self._send(*self._first)
-        if self._crash is not None:
-            raise self._crash
+        try:
+            if exc_info[0] is None:
+                self._finish()
+        finally:
+            if self._line is not None:
+                self._line.close()
 
     def send(self, queue: str, dramatiq_queue: str, batch: Batch) -> None:
-        if self._first is None and self._queue is None:
-            self._first = (queue, dramatiq_queue, batch)
-            return
-        if self._queue is None:
-            self._queue = queue_module.Queue(maxsize=SENDS_AHEAD)
-            self._thread = threading.Thread(
-                target=self._run, name="jobyard-dispatch-many", daemon=True
-            )
-            self._thread.start()
-            self._queue.put(self._first)
-        self._queue.put((queue, dramatiq_queue, batch))
-
-    def _run(self) -> None:
-        assert self._queue is not None
-        while (item := self._queue.get()) is not None:
-            if self._crash is None:
-                try:
-                    self._send(*item)
-                except BaseException as exc:  # raised in the caller's thread on exit
-                    self._crash = exc
-
-    def _send(self, queue: str, dramatiq_queue: str, batch: Batch) -> None:
+        self._finish()
         if self._failed is not None:
             skipped = EngineUnavailable(
                 self.engine.name, f"not sent: an earlier batch failed ({self._failed})"
             )
             self._results.update(dict.fromkeys(batch.indices, skipped))
             return
+        if self._line is None:
+            self._line = self.engine.store.batch_line()
         try:
             with map_redis_errors():
-                replies = self.engine.store.enqueue_batch(
+                self._line.send(
                     queue, dramatiq_queue, self.engine._timeout_ms, batch.job_keys, batch.args
                 )
         except EngineUnavailable as exc:
-            self._failed = exc
-            self._results.update(dict.fromkeys(batch.indices, exc))
+            self._fail(batch, exc)
+            return
+        self._in_flight = batch
+
+    def _finish(self) -> None:
+        """Reads the reply of the batch in flight, if any."""
+        batch, self._in_flight = self._in_flight, None
+        if batch is None or self._line is None:
+            return
+        try:
+            with map_redis_errors():
+                replies = self._line.read()
+        except EngineUnavailable as exc:
+            self._fail(batch, exc)
             return
         if replies is None:  # every job enqueued
             self._results.update(dict.fromkeys(batch.indices, _STARTED))
             return
         for index, reply in zip(batch.indices, replies, strict=True):
             self._results[index] = self.engine._submitted(reply)
+
+    def _fail(self, batch: Batch, exc: EngineUnavailable) -> None:
+        self._failed = exc
+        self._results.update(dict.fromkeys(batch.indices, exc))
 
     def results(self) -> list[Submitted | EngineUnavailable]:
         # Every job read is in a batch, and every batch sent or skipped: each has a result.
