@@ -69,9 +69,13 @@ _BATCH_REPLIES: dict[Any, Reply] = {
 _ENQUEUED = Reply("enqueued")
 
 
+#: A jobyard.lua call: its keys, and its arguments (the command first).
+EnqueueCall = tuple[list[str], tuple[Any, ...]]
+
+
 def _batch_replies(replies: Any) -> list[Reply] | None:
-    """`enqueue_batch`'s answer from the script's: the batch's size (all enqueued) or a word
-    per job."""
+    """An `enqueue_many` batch's replies from the script's: None for the batch's size (every
+    job was new and is enqueued), else one per job, in order."""
     if isinstance(replies, int):
         return None
     return [
@@ -80,43 +84,36 @@ def _batch_replies(replies: Any) -> list[Reply] | None:
 
 
 class BatchLine:
-    """`enqueue_batch` split in two: `send` writes a call and returns, `read` waits for its
+    """`enqueue_many` calls split in two: `send` writes a call and returns, `read` waits for its
     reply, on one connection of the client's pool taken for the line's life. The caller makes
     its next batch between the two while Redis runs this one, in its own thread: a thread that
     waits for Redis instead must win the GIL back from the one making batches each time it
     wakes, which a busy thread holds for up to the interpreter's switch interval (5 ms). One
-    call at a time is in flight (`read` before the next `send`), as with `enqueue_batch`.
+    call at a time is in flight (`read` before the next `send`).
 
-    Errors are `enqueue_batch`'s: a failed connect raises ConnectFailed from `send` (nothing
-    sent); a connection lost or a timeout from `send` or `read` is raised there and the
-    connection is dropped; an error reply is raised from `read`. NOSCRIPT (a new or flushed
+    Errors are those of a call through `_call`: a failed connect raises ConnectFailed from
+    `send` (nothing sent); a connection lost or a timeout from `send` or `read` is raised there
+    and the connection is dropped; an error reply is raised from `read`. NOSCRIPT (a new or flushed
     server ran nothing) loads the script and makes the call again, as `_call` does."""
 
     def __init__(self, store: JobStore) -> None:
         self._store = store
         self._pool = store.client.connection_pool
         self._connection: Any = None
-        self._sent: tuple[list[str], tuple[Any, ...]] | None = None
+        self._sent: EnqueueCall | None = None
 
-    def send(
-        self,
-        queue: str,
-        dramatiq_queue: str,
-        heartbeat_timeout_ms: int,
-        job_keys: list[str],
-        job_args: list[Any],
-    ) -> None:
+    def send(self, call: EnqueueCall) -> None:
+        """Writes `call` (`JobStore.enqueue_batch_call`); returns without its reply."""
         if self._sent is not None:
             raise RuntimeError("read the reply of the call in flight before sending another")
-        call = self._store._enqueue_batch_call(
-            queue, dramatiq_queue, heartbeat_timeout_ms, job_keys, job_args
-        )
         if self._connection is None:
             self._connection = self._pool.get_connection()  # connects: ConnectFailed if not
         self._write(call)
         self._sent = call
 
     def read(self) -> list[Reply] | None:
+        """The reply of the call in flight: None when every job was new and is enqueued, else
+        one per job, in order."""
         if self._sent is None:
             raise RuntimeError("no call in flight")
         call, self._sent = self._sent, None
@@ -140,7 +137,7 @@ class BatchLine:
             self._pool.release(self._connection)
             self._connection = None
 
-    def _write(self, call: tuple[list[str], tuple[Any, ...]]) -> None:
+    def _write(self, call: EnqueueCall) -> None:
         keys_, args = call
         command = self._connection.pack_command(
             "EVALSHA", self._store._sha, len(keys_), *keys_, *args
@@ -253,34 +250,23 @@ class JobStore:
         for job in jobs:
             args += (job.name, job.redis_message_id, job.message, job.options_json)
         job_keys = [keys.job(job.job_id) for job in jobs]
-        replies = self.enqueue_batch(queue, dramatiq_queue, heartbeat_timeout_ms, job_keys, args)
+        keys_, call = self.enqueue_batch_call(
+            queue, dramatiq_queue, heartbeat_timeout_ms, job_keys, args
+        )
+        replies = _batch_replies(self._call(keys_, *call))
         return [_ENQUEUED] * len(jobs) if replies is None else replies
 
-    def enqueue_batch(
+    def enqueue_batch_call(
         self,
         queue: str,
         dramatiq_queue: str,
         heartbeat_timeout_ms: int,
         job_keys: list[str],
         job_args: list[Any],
-    ) -> list[Reply] | None:
-        """`enqueue_many` of jobs given as the call takes them: each job's key
-        (`keys.job`), and four arguments per job in one list (name, redis message id, message,
-        options JSON or ""). None when every job was new and is enqueued (most batches: no
-        reply per job to make), else one reply per job, in order."""
-        keys_, args = self._enqueue_batch_call(
-            queue, dramatiq_queue, heartbeat_timeout_ms, job_keys, job_args
-        )
-        return _batch_replies(self._call(keys_, *args))
-
-    def _enqueue_batch_call(
-        self,
-        queue: str,
-        dramatiq_queue: str,
-        heartbeat_timeout_ms: int,
-        job_keys: list[str],
-        job_args: list[Any],
-    ) -> tuple[list[str], tuple[Any, ...]]:
+    ) -> EnqueueCall:
+        """The `enqueue_many` call of jobs given as it takes them (for a BatchLine): each job's
+        key (`keys.job`), and four arguments per job in one list (name, redis message id,
+        message, options JSON or "")."""
         keys_ = [
             keys.workers(queue),
             keys.dramatiq_queue(dramatiq_queue),
@@ -290,8 +276,8 @@ class JobStore:
         return keys_, ("enqueue_many", queue, heartbeat_timeout_ms, self.retention, *job_args)
 
     def batch_line(self) -> BatchLine:
-        """A connection of the client's pool for a run of `enqueue_batch` calls whose replies
-        are read after the next batch is made (see BatchLine); close it when done."""
+        """A connection of the client's pool for a run of `enqueue_batch_call` calls whose
+        replies are read after the next batch is made (see BatchLine); close it when done."""
         return BatchLine(self)
 
     def start(

@@ -464,13 +464,15 @@ class _BatchSender:
             )
             self._results.update(dict.fromkeys(batch.indices, skipped))
             return
+        store = self.engine.store
         if self._line is None:
-            self._line = self.engine.store.batch_line()
+            self._line = store.batch_line()
+        call = store.enqueue_batch_call(
+            queue, dramatiq_queue, self.engine._timeout_ms, batch.job_keys, batch.args
+        )
         try:
             with map_redis_errors():
-                self._line.send(
-                    queue, dramatiq_queue, self.engine._timeout_ms, batch.job_keys, batch.args
-                )
+                self._line.send(call)
         except EngineUnavailable as exc:
             self._fail(batch, exc)
             return
