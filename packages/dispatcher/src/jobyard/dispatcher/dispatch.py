@@ -575,45 +575,66 @@ def _plain_jobs(
     `results`; each job made is appended to `order` with its index as it is given out."""
     for start in range(0, len(indices), PLAIN_CHUNK):
         chunk = indices[start : start + PLAIN_CHUNK]
-        by_name: dict[str, list[int]] = {}
-        payloads: dict[int, Any] = {}
+        by_name: dict[str, tuple[list[int], list[Any]]] = {}  # name -> (indices, payloads)
         for index in chunk:
             request = requests[index]
             if isinstance(request, tuple):
                 name, payload = request
             else:
                 name, payload = request.name, request.payload
-            payloads[index] = payload
-            by_name.setdefault(name, []).append(index)
-        made: dict[int, NewJob] = {}
+            group = by_name.get(name)
+            if group is None:
+                group = by_name[name] = ([], [])
+            group[0].append(index)
+            group[1].append(payload)
         job_ids = random_ids(len(chunk))
-        for name, members in by_name.items():
-            try:
-                spec = get_spec(name)
-            except JobyardError as exc:
-                for index in members:
-                    results[index] = exc
-                continue
-            encoded = spec.encode_many([payloads[index] for index in members])
-            missing: JobyardError | None = None
-            try:
-                spec.check_environment()
-            except JobyardError as exc:
-                missing = exc
-            for index, outcome in zip(members, encoded, strict=True):
-                if isinstance(outcome, JobyardError):
-                    results[index] = outcome
-                elif missing is not None:
-                    results[index] = missing
-                else:
-                    made[index] = NewJob(
-                        job_ids.pop(), spec.name, spec.queue, outcome.data, outcome.text
-                    )
+        if len(by_name) == 1:  # one job's payloads (most chunks): already in the callers' order
+            for name, (members, payloads) in by_name.items():
+                for index, job in _named_jobs(name, members, payloads, job_ids, results):
+                    order.append((index, job))
+                    yield job
+            continue
+        made = {
+            index: job
+            for name, (members, payloads) in by_name.items()
+            for index, job in _named_jobs(name, members, payloads, job_ids, results)
+        }
         for index in chunk:  # in the callers' order
-            job = made.get(index)
-            if job is not None:
-                order.append((index, job))
-                yield job
+            made_job = made.get(index)
+            if made_job is not None:
+                order.append((index, made_job))
+                yield made_job
+
+
+def _named_jobs(
+    name: str,
+    members: list[int],
+    payloads: list[Any],
+    job_ids: list[str],
+    results: list[JobHandle | Exception | None],
+) -> Iterator[tuple[int, NewJob]]:
+    """(index, job) of the valid ones of job `name`'s payloads (at `members`), each with an id
+    from `job_ids`; the others' errors go to `results`."""
+    try:
+        spec = get_spec(name)
+    except JobyardError as exc:
+        for index in members:
+            results[index] = exc
+        return
+    encoded = spec.encode_many(payloads)
+    missing: JobyardError | None = None  # a payload's own error comes first, as in `dispatch`
+    try:
+        spec.check_environment()
+    except JobyardError as exc:
+        missing = exc
+    job_name, queue = spec.name, spec.queue
+    for index, outcome in zip(members, encoded, strict=True):
+        if isinstance(outcome, JobyardError):
+            results[index] = outcome
+        elif missing is not None:
+            results[index] = missing
+        else:
+            yield index, NewJob(job_ids.pop(), job_name, queue, outcome.data, outcome.text)
 
 
 def _record_dispatch(job: Submission, handle: JobHandle, started: float) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple, cast
 
+import hiredis
 import redis
 from redis.exceptions import NoScriptError
 
@@ -139,9 +140,9 @@ class BatchLine:
 
     def _write(self, call: EnqueueCall) -> None:
         keys_, args = call
-        command = self._connection.pack_command(
-            "EVALSHA", self._store._sha, len(keys_), *keys_, *args
-        )
+        # hiredis's packer itself: redis-py's wrapper first copies the arguments through a
+        # Python check of each (a batch has five per job).
+        command = [hiredis.pack_command(("EVALSHA", self._store._sha, len(keys_), *keys_, *args))]
         try:
             self._connection.send_packed_command(command, check_health=False)
         except BaseException:

@@ -31,6 +31,7 @@ import threading
 import time
 from collections import deque
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, bindparam, case, cast, func, literal_column, select, text
@@ -403,16 +404,11 @@ def _insert_queued(
         when = at.isoformat() if postgres else _first_seen({"enqueued_at": at}, True)
         described.append(json.dumps([batch.name, batch.queue, batch.engine, when, batch.ts]))
         jobs += [(job_id, number, payload) for job_id, payload in batch.jobs]
-    jobs.sort(key=lambda job: job[0])  # one lock order for every writer (see _upsert_in)
-    seen: set[str] = set()
-    once: list[tuple[str, int, bytes]] = []
-    twice: list[tuple[str, int, bytes]] = []
-    for job in jobs:
-        if job[0] in seen:
-            twice.append(job)
-        else:
-            seen.add(job[0])
-            once.append(job)
+    jobs.sort(key=itemgetter(0))  # one lock order for every writer (see _upsert_in)
+    once, twice = jobs, []
+    if len({job[0] for job in jobs}) < len(jobs):  # a job batched twice (rare): its first stays
+        once = [job for at, job in enumerate(jobs) if at == 0 or jobs[at - 1][0] != job[0]]
+        twice = [job for at, job in enumerate(jobs) if at > 0 and jobs[at - 1][0] == job[0]]
     rows = [b'["%s",%d,%s]' % (job_id.encode(), n, payload) for job_id, n, payload in once]
     parameters = {
         "rows": (b"[" + b",".join(rows) + b"]").decode(),
