@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import uuid
 
@@ -18,6 +19,7 @@ from jobyard.dispatcher import (
 )
 from jobyard.dispatcher.engines.dramatiq.engine import BATCH_JOBS
 from jobyard.job_engine import InvalidPayloadError, RetryPolicy, UnknownJobError
+from jobyard.job_engine.db import joblog
 from jobyard.queue import keys
 from jobyard.queue.client import get_client
 from jobyard.queue.store import JobStore
@@ -166,3 +168,51 @@ def test_a_refused_batch_stops_the_ones_after_it(engines: Engines) -> None:
     assert engines_used[:BATCH_JOBS] == ["dramatiq"] * BATCH_JOBS
     assert set(engines_used[BATCH_JOBS:]) == {"temporal"}
     assert client.llen("dramatiq:default") == 2 * BATCH_JOBS
+
+
+def test_the_garbage_collector_is_paused_only_while_the_batch_runs(
+    engines: Engines, monkeypatch
+) -> None:
+    """Paused during the call (each job's objects would have it traverse the heap again and
+    again), on again after it, and left off when the caller had switched it off."""
+    JobStore(get_client()).heartbeat("test-worker", "test-broker", ["default"])
+    dramatiq = get_dispatcher().dramatiq
+    submit_many = dramatiq.submit_many
+    seen: list[bool] = []
+
+    def watched(jobs):
+        seen.append(gc.isenabled())
+        return submit_many(jobs)
+
+    monkeypatch.setattr(dramatiq, "submit_many", watched)
+    assert gc.isenabled()
+    results = dispatch_many([*echo_requests(3, "gc"), ("no.such.job", {})])
+    assert isinstance(results[3], UnknownJobError)
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        dispatch_many(echo_requests(3, "gc-off"))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_jobs_redis_lost_after_dispatch_many_are_dispatched_again_from_the_job_log(
+    engines: Engines, redis_server: RedisServer
+) -> None:
+    """The batch's "queued" rows (written by the job log's one-statement path) are how the
+    rescue finds jobs a Redis that restarted empty lost: each runs once, under its id."""
+    JobStore(get_client()).heartbeat("test-worker", "test-broker", ["default"])
+    results = dispatch_many(echo_requests(40, "lost"))
+    assert all(isinstance(r, JobHandle) and r.engine == "dramatiq" for r in results)
+    writer = joblog.writer()
+    assert writer is not None
+    writer.flush()
+    redis_server.kill()
+    redis_server.start()  # no persistence: it comes back empty
+    engines.start_worker()
+    engines.start_temporal_worker()  # runs the rescue
+    for result, (_, payload) in zip(results, echo_requests(40, "lost"), strict=True):
+        assert isinstance(result, JobHandle)
+        status = engines.wait(result.job_id, timeout=120)
+        assert (status.state, status.result, status.attempts) == ("succeeded", payload, 1)

@@ -240,6 +240,59 @@ def test_enqueue_many_with_no_live_worker_writes_tombstones(r: redis.Redis, lua:
     assert r.exists(QUEUE_KEY, MSGS_KEY) == 0
 
 
+def test_enqueue_many_of_new_jobs_writes_what_the_per_job_path_writes(
+    r: redis.Redis, lua: Lua
+) -> None:
+    """A batch of jobs none of which exists takes one EXISTS for the batch and replies with its
+    size; each record, the queue's order and the messages are those of the per-job path (a
+    batch with one existing job takes that)."""
+    live_worker(r)
+    jobs = [(f"new{n}", f"m-new{n}", '{"retry": 1}' if n % 2 else "") for n in range(5)]
+    assert enqueue_many(lua, jobs) == 5
+    seed(r, keys.job("old"), state="running", rmid="old-m")
+    twins = [(f"twin{n}", f"m-twin{n}", options) for n, (_, _, options) in enumerate(jobs)]
+    replies = enqueue_many(lua, [*twins, ("old", "m-old", "")])
+    assert replies == ["enqueued"] * 5 + ["exists:dramatiq:running"]
+    for (job_id, rmid, _), (twin, twin_rmid, _) in zip(jobs, twins, strict=True):
+        record, twin_record = job(r, keys.job(job_id)), job(r, keys.job(twin))
+        assert abs(int(record.pop("enqueued_at")) - int(twin_record.pop("enqueued_at"))) < 1000
+        assert (record.pop("rmid"), twin_record.pop("rmid")) == (rmid, twin_rmid)
+        assert record == twin_record
+        assert r.ttl(keys.job(job_id)) == -1
+    assert r.lrange(QUEUE_KEY, 0, -1) == [rmid for _, rmid, _ in jobs + twins]
+    assert r.hgetall(MSGS_KEY) == {rmid: f"data-{rmid}" for _, rmid, _ in jobs + twins}
+
+
+def test_enqueue_many_of_new_jobs_lists_a_job_given_twice_once(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    replies = enqueue_many(lua, [("a", "m-a", ""), ("b", "m-b", ""), ("a", "m-a2", "")])
+    assert replies == ["enqueued", "enqueued", "exists:dramatiq:queued"]
+    assert r.lrange(QUEUE_KEY, 0, -1) == ["m-a", "m-b"]
+    assert job(r, keys.job("a"))["rmid"] == "m-a"
+
+
+def test_enqueue_many_of_new_jobs_beyond_one_unpack(r: redis.Redis, lua: Lua) -> None:
+    """More keys and messages than one call spreads (2000): every job is written, in order."""
+    live_worker(r)
+    jobs = [(f"big{n}", f"m-big{n}", "") for n in range(2100)]
+    assert enqueue_many(lua, jobs) == 2100
+    assert r.lrange(QUEUE_KEY, 0, -1) == [rmid for _, rmid, _ in jobs]
+    assert r.hlen(MSGS_KEY) == 2100
+    assert all(r.exists(keys.job(job_id)) for job_id, _, _ in jobs)
+    jobs[-1] = ("big0", "m-again", "")  # one existing job among them: each reply its own
+    replies = enqueue_many(lua, [(f"more{n}", f"m-more{n}", "") for n in range(5)] + jobs[-1:])
+    assert replies == ["enqueued"] * 5 + ["exists:dramatiq:queued"]
+
+
+def test_enqueue_many_of_new_jobs_with_no_live_worker_writes_tombstones(
+    r: redis.Redis, lua: Lua
+) -> None:
+    replies = enqueue_many(lua, [("a", "m-a", ""), ("b", "m-b", "")])
+    assert replies == ["no_workers", "no_workers"]
+    assert job(r, keys.job("a"))["engine"] == "temporal"
+    assert r.exists(QUEUE_KEY, MSGS_KEY) == 0
+
+
 # start: KEYS job, steps, rate key prefix [, events]
 #        ARGV seq, is_resume, rate calls, rate period ms
 

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 
-from jobyard.queue.messages import random_id, random_ids
+from jobyard.queue.messages import NewJobMessages, encode_job_message, random_id, random_ids
 
 
 def test_ids_look_like_token_hex_and_do_not_repeat() -> None:
@@ -26,3 +27,23 @@ def test_a_forked_child_draws_ids_of_its_own() -> None:
     from_child = os.read(read_end, 64).decode()
     os.close(read_end)
     assert from_child != random_id()
+
+
+def test_messages_made_many_at_once_decode_as_encode_job_message_builds_them() -> None:
+    """`NewJobMessages.encode_many` (dispatch_many's messages): each is the message
+    `encode_job_message` would build for the job, with its own message id and one timestamp;
+    a name with a % in it is no format directive."""
+    payloads = [{"n": n, "to": "ünï@example.test", "deep": {"a": [1, None]}} for n in range(3)]
+    texts = [json.dumps(p, separators=(",", ":"), ensure_ascii=False).encode() for p in payloads]
+    job_ids = [f"job-{n}" for n in range(3)]
+    message_ids, messages = NewJobMessages("100%s.job", "default").encode_many(job_ids, texts)
+    assert len(set(message_ids)) == 3
+    made_ones = zip(job_ids, payloads, message_ids, messages, strict=True)
+    for job_id, payload, message_id, data in made_ones:
+        made = json.loads(data)
+        expected = json.loads(encode_job_message("100%s.job", "default", job_id, payload).data)
+        assert made["message_id"] == made["options"]["redis_message_id"] == message_id.decode()
+        for fields in (made, expected):
+            del fields["message_id"], fields["options"]["redis_message_id"]
+        assert abs(made.pop("message_timestamp") - expected.pop("message_timestamp")) < 1000
+        assert made == expected

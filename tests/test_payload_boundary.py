@@ -155,3 +155,39 @@ def test_encode_many_gives_what_encode_gives_for_each_payload(name: str, payload
             assert not isinstance(got, Exception)
             assert got.data == expected
             assert json.loads(got.text) == expected
+
+
+@SETTINGS
+@given(python_values)
+def test_dumps_writes_what_json_dumps_writes_or_refuses(value) -> None:
+    """strictjson.dumps runs json's C encoder made once: the same text as json.dumps with the
+    same settings, and a StrictJSONError wherever json.dumps (or UTF-8) fails."""
+    try:
+        expected = json.dumps(
+            value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except (TypeError, ValueError, RecursionError):
+        with pytest.raises(strictjson.StrictJSONError):
+            strictjson.dumps(value)
+        return
+    assert strictjson.dumps(value) == expected
+
+
+@SETTINGS
+@given(python_values, st.booleans())
+@example({"a": 1, "b": "x", "c": None, "d": 1.5, "e": True}, False)
+@example({"a": float("nan")}, False)
+@example({"a": "\udc00"}, True)
+@example({1: "x"}, False)
+def test_check_of_an_object_judges_as_the_walk_does(value, other_types: bool) -> None:
+    """`check` passes a flat object of plain values at a glance: wrapped in a list (which takes
+    the full walk), every value gets the same verdict."""
+
+    def verdict(checked: object, depth: int) -> bool:
+        try:
+            strictjson.check(checked, max_depth=depth, other_types=other_types)
+        except strictjson.StrictJSONError:
+            return False
+        return True
+
+    assert verdict(value, strictjson.MAX_DEPTH) == verdict([value], strictjson.MAX_DEPTH + 1)

@@ -127,6 +127,27 @@ def dispatched_event(
         log.exception("could not record dispatch of job %s", job_id)
 
 
+#: Jobs per job log buffer entry of `dispatched_batch_event` (bounds one flush statement's size).
+QUEUED_BATCH_JOBS = 5000
+
+
+def dispatched_batch_event(
+    name: str, queue: str, engine: str, jobs: list[tuple[str, bytes]], enqueued_at: float
+) -> None:
+    """`dispatched_event` of jobs one call dispatched to `engine` at `enqueued_at`, with no
+    fallback reason or delay: the same rows and events, recorded as one job log entry per
+    QUEUED_BATCH_JOBS jobs (`joblog.QueuedBatch`). `jobs`: (job id, its payload's JSON text)."""
+    try:
+        current = joblog.writer()
+        if current is not None:
+            for at in range(0, len(jobs), QUEUED_BATCH_JOBS):
+                chunk = jobs[at : at + QUEUED_BATCH_JOBS]
+                current.record_queued(joblog.QueuedBatch(enqueued_at, name, queue, engine, chunk))
+        _labelled(metrics.DISPATCHED, name, queue, engine).inc(len(jobs))
+    except Exception:
+        log.exception("could not record dispatch of %d %s jobs", len(jobs), name)
+
+
 def notify(url: str, body: dict[str, Any], event_id: str) -> None:
     """Start the `webhook.deliver` job that tells the web app; its id makes it start once."""
     children.dispatch_child(WEBHOOK_JOB, {"url": url, "body": body}, event_id)

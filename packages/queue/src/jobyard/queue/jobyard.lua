@@ -171,6 +171,21 @@ local function enqueue_job(job_key, queue_key, queue_msgs_key, is_live, now, mes
     return {"enqueued"}
 end
 
+-- Calls `command` with `items` appended (after `key`, unless it is nil), at most 2000 of them per
+-- call (Lua's C stack bounds what one unpack may spread); returns the sum of the replies.
+local function call_spread(command, key, items, first)
+    local total = 0
+    for at = first or 1, #items, 2000 do
+        local last = math.min(at + 1999, #items)
+        if key then
+            total = total + redis.call(command, key, unpack(items, at, last))
+        else
+            total = total + redis.call(command, unpack(items, at, last))
+        end
+    end
+    return total
+end
+
 -- enqueue: KEYS job, workers, queue list, queue msgs
 --          ARGV job_id, redis message id, message, name, queue, heartbeat timeout ms, ttl s,
 --               options JSON ("" for none), seq (the run number the message carries; 0 but for
@@ -189,8 +204,9 @@ if command == "enqueue" then
 -- enqueue_many: KEYS workers, queue list, queue msgs, job 1, job 2, ... (one queue's batch)
 --               ARGV queue, heartbeat timeout ms, ttl s, then four per job in KEYS' order:
 --                    name, redis message id, message, options JSON ("" for none)
--- -> one word per job, in order: "enqueued" | "no_workers" | "exists:<engine>:<state>"
---    (flat, not `enqueue`'s arrays: a batch's reply is read per job on the dispatch path)
+-- -> the number of jobs, when every job was new and is enqueued (the common case: one word for
+--    the batch), else one word per job, in order: "enqueued" | "no_workers" |
+--    "exists:<engine>:<state>" (flat, not `enqueue`'s arrays: read per job on the dispatch path)
 elseif command == "enqueue_many" then
     local workers_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
     local queue, timeout_ms, ttl = ARGV[2], ARGV[3], ARGV[4]
@@ -198,6 +214,45 @@ elseif command == "enqueue_many" then
 
     local now = now_ms()
     local is_live = liveness(workers_key, timeout_ms, now)
+    -- A live queue and a batch of jobs none of which exists (one EXISTS for the batch, where
+    -- enqueue_job reads each job's record): each job's record is written as enqueue_job writes
+    -- it, then the batch's messages in two calls. The script is atomic, so the order of the
+    -- writes within it is not seen; a job listed twice is "exists" the second time, as there.
+    if #KEYS >= first_job and is_live() and call_spread("exists", nil, KEYS, first_job) == 0 then
+        local message_ids, messages, listed, replies = {}, {}, {}, nil
+        for i = first_job, #KEYS do
+            local at = 5 + (i - first_job) * per_job
+            local name, message_id, message, options = ARGV[at], ARGV[at + 1], ARGV[at + 2],
+                                                       ARGV[at + 3]
+            if listed[KEYS[i]] then
+                replies = replies or {}
+                replies[i - first_job + 1] = "exists:dramatiq:queued"
+            else
+                listed[KEYS[i]] = true
+                if options ~= "" then
+                    redis.call("hset", KEYS[i], "name", name, "queue", queue, "engine",
+                               "dramatiq", "state", "queued", "attempts", 0, "seq", "0", "rmid",
+                               message_id, "enqueued_at", now, "ttl", ttl, "options", options)
+                else
+                    redis.call("hset", KEYS[i], "name", name, "queue", queue, "engine",
+                               "dramatiq", "state", "queued", "attempts", 0, "seq", "0", "rmid",
+                               message_id, "enqueued_at", now, "ttl", ttl)
+                end
+                message_ids[#message_ids + 1] = message_id
+                messages[#messages + 1] = message_id
+                messages[#messages + 1] = message
+            end
+        end
+        call_spread("hset", queue_msgs_key, messages)
+        call_spread("rpush", queue_key, message_ids)
+        if replies == nil then
+            return #KEYS - first_job + 1
+        end
+        for j = 1, #KEYS - first_job + 1 do
+            replies[j] = replies[j] or "enqueued"
+        end
+        return replies
+    end
     local replies = {}
     for i = first_job, #KEYS do
         local at = 5 + (i - first_job) * per_job

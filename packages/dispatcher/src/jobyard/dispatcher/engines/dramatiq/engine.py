@@ -5,13 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import queue as queue_module
 import secrets
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from jobyard.dispatcher.engines.base import (
     Cancellation,
@@ -30,6 +28,7 @@ from jobyard.dispatcher.engines.base import (
 from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, EngineName, JobStatus
+from jobyard.queue import keys
 from jobyard.queue.broker import DeadWorkerSweeper
 from jobyard.queue.messages import (
     EncodedMessage,
@@ -38,7 +37,7 @@ from jobyard.queue.messages import (
     encode_job_message,
 )
 from jobyard.queue.queues import queue_names
-from jobyard.queue.store import BatchJob, JobStore, Reply
+from jobyard.queue.store import BatchLine, JobStore, Reply
 
 #: States in which a job may be waiting for a delayed message (a sleep, a retry, a throttle).
 _WAITING = ("queued", "running", "retrying")
@@ -58,6 +57,25 @@ def kept_options(options: DispatchOptions) -> dict[str, Any]:
     """What a replay of the job must dispatch with again (the delay was for the first run)."""
     kept = {"webhook_url": options.webhook_url, "retry": options.retry}
     return {key: value for key, value in kept.items() if value is not None}
+
+
+class NewJob(NamedTuple):
+    """A job `dispatch_many` validated with a generated id and no options, its payload as data
+    and as its strict JSON text: cheaper to make than a Submission (a bulk dispatch makes one
+    per job), and sent with a message made from its job's template. `submission()` is the
+    same job for every other path (Temporal, the job log's record of one job)."""
+
+    job_id: str
+    name: str
+    queue: str
+    payload: dict[str, Any]
+    payload_json: bytes
+
+    def submission(self) -> Submission:
+        return Submission(
+            self.job_id, self.name, self.queue, self.payload, NO_OPTIONS,
+            payload_json=self.payload_json,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -102,12 +120,15 @@ class DramatiqEngine(Engine):
             )
         return self._submitted(reply)
 
-    def submit_many(self, jobs: Iterable[Submission]) -> list[Submitted | EngineUnavailable]:
+    def submit_many(
+        self, jobs: Iterable[Submission | NewJob]
+    ) -> list[Submitted | EngineUnavailable]:
         """One Lua call per batch of jobs bound for the same Dramatiq queue (at most
         BATCH_JOBS jobs and about BATCH_BYTES of messages, so one call never blocks Redis for
-        long). A second thread sends each batch while this one makes the next, so the wait for
-        Redis overlaps the encoding. Once a call fails, the jobs after it are not sent: each
-        gets a non-ambiguous EngineUnavailable, the failed batch's jobs its error."""
+        long). Each batch is sent, and the next made while Redis runs it, before its reply is
+        read (`_BatchSender`), so the wait for Redis overlaps the encoding. Once a call fails,
+        the jobs after it are not sent: each gets a non-ambiguous EngineUnavailable, the failed
+        batch's jobs its error."""
         sender = _BatchSender(self)
         with sender:
             for queue, dramatiq_queue, batch in _batches(jobs):
@@ -294,39 +315,107 @@ def _submission(data: bytes, fallback_reason: str) -> Submission:
     )  # fmt: skip
 
 
-#: Batches made ahead of the one Redis is running, at most (bounds the memory they hold).
-SENDS_AHEAD = 2
 #: Largest batch of one `enqueue_many` call: jobs, and bytes of messages (a batch may pass the
 #: byte budget by one message, at most JOBYARD_MAX_PAYLOAD_BYTES and its envelope).
 BATCH_JOBS = 500
 BATCH_BYTES = 1 << 20
 
-Batch = list[tuple[int, BatchJob]]  # (index in the caller's list, job)
+
+#: Bytes of a new job's message beyond its payload (ids, names, options), for the byte budget.
+NEW_JOB_ENVELOPE = 250
 
 
-def _batches(jobs: Iterable[Submission]) -> Iterator[tuple[str, str, Batch]]:
+class Batch:
+    """One `enqueue_many` call's jobs, as the call takes them: each job's key, and its four
+    arguments (name, message id, message, options JSON) in one flat list; `indices`: each job's
+    place in the caller's list. New jobs' messages are made when the batch is sealed, a run of
+    one job's at a time (one timestamp and one read of the random source for their ids)."""
+
+    __slots__ = ("_new", "args", "indices", "job_keys", "size")
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+        self.job_keys: list[str] = []
+        self.args: list[Any] = []
+        self.size = 0  # bytes of messages, about
+        self._new: list[NewJob] = []  # added, messages not made yet
+
+    def add(
+        self, index: int, job_id: str, name: str, message_id: str, data: bytes, options: str
+    ) -> None:
+        self._make_new_messages()  # the jobs before it first: the batch keeps the callers' order
+        self.indices.append(index)
+        self.job_keys.append(keys.job(job_id))
+        self.args += (name, message_id, data, options)
+        self.size += len(data)
+
+    def add_new(self, index: int, job: NewJob) -> None:
+        self.indices.append(index)
+        self._new.append(job)
+        self.size += len(job.payload_json) + NEW_JOB_ENVELOPE
+
+    def sealed(self) -> Batch:
+        self._make_new_messages()
+        return self
+
+    def _make_new_messages(self) -> None:
+        new, start = self._new, 0
+        while start < len(new):
+            name, queue = new[start].name, new[start].queue
+            end = start + 1
+            while end < len(new) and new[end].name == name:
+                end += 1
+            run = new[start:end]
+            message_ids, messages = _template(name, queue).encode_many(
+                [job.job_id for job in run], [job.payload_json for job in run]
+            )
+            self.job_keys += [keys.job(job.job_id) for job in run]
+            for message_id, message in zip(message_ids, messages, strict=True):
+                self.args += (name, message_id, message, "")
+            start = end
+        new.clear()
+
+
+def _batches(jobs: Iterable[Submission | NewJob]) -> Iterator[tuple[str, str, Batch]]:
     """(queue, Dramatiq queue, jobs) batches, each job's messages encoded, in the callers'
     order within each queue."""
-    open_batches: dict[str, tuple[str, Batch, list[int]]] = {}
+    open_batches: dict[str, tuple[str, Batch]] = {}
+    templated = NewJobMessages.usable()  # the same for every job of the call
     for index, job in enumerate(jobs):
-        message = _message(job)
-        kept = None if job.options is NO_OPTIONS else kept_options(job.options)
-        entry = BatchJob(
-            job.job_id, job.name, message.redis_message_id, message.data,
-            json.dumps(kept) if kept else "",
-        )  # fmt: skip
-        dramatiq_queue, data = message.queue, message.data
-        queue, batch, size = open_batches.setdefault(dramatiq_queue, (job.queue, [], [0]))
-        batch.append((index, entry))
-        size[0] += len(data)
-        if len(batch) >= BATCH_JOBS or size[0] >= BATCH_BYTES:
-            yield queue, dramatiq_queue, batch
+        if templated and type(job) is NewJob:
+            dramatiq_queue = job.queue
+            opened = open_batches.get(dramatiq_queue)
+            if opened is None:
+                opened = open_batches[dramatiq_queue] = (job.queue, Batch())
+            opened[1].add_new(index, job)
+        else:
+            submission = job if isinstance(job, Submission) else job.submission()
+            message = _message(submission)
+            kept = None if submission.options is NO_OPTIONS else kept_options(submission.options)
+            dramatiq_queue = message.queue
+            opened = open_batches.get(dramatiq_queue)
+            if opened is None:
+                opened = open_batches[dramatiq_queue] = (job.queue, Batch())
+            opened[1].add(
+                index, job.job_id, job.name, message.redis_message_id, message.data,
+                json.dumps(kept) if kept else "",
+            )  # fmt: skip
+        queue, batch = opened
+        if len(batch.indices) >= BATCH_JOBS or batch.size >= BATCH_BYTES:
+            yield queue, dramatiq_queue, batch.sealed()
             del open_batches[dramatiq_queue]
-    for dramatiq_queue, (queue, batch, _) in open_batches.items():
-        yield queue, dramatiq_queue, batch
+    for dramatiq_queue, (queue, batch) in open_batches.items():
+        yield queue, dramatiq_queue, batch.sealed()
 
 
 _templates: dict[tuple[str, str], NewJobMessages] = {}
+
+
+def _template(name: str, queue: str) -> NewJobMessages:
+    template = _templates.get((name, queue))
+    if template is None:
+        template = _templates[name, queue] = NewJobMessages(name, queue)
+    return template
 
 
 def _message(job: Submission, seq: int = 0) -> EncodedMessage:
@@ -335,10 +424,7 @@ def _message(job: Submission, seq: int = 0) -> EncodedMessage:
     options = job.options
     plain = options is NO_OPTIONS or options == NO_OPTIONS
     if job.payload_json is not None and seq == 0 and plain and NewJobMessages.usable():
-        template = _templates.get((job.name, job.queue))
-        if template is None:
-            template = _templates[job.name, job.queue] = NewJobMessages(job.name, job.queue)
-        message_id, data = template.encode(job.job_id, job.payload_json)
+        message_id, data = _template(job.name, job.queue).encode(job.job_id, job.payload_json)
         return EncodedMessage(job.queue, message_id, data)
     return encode_job_message(
         job.name, job.queue, job.job_id, job.payload, seq=seq,
@@ -347,73 +433,71 @@ def _message(job: Submission, seq: int = 0) -> EncodedMessage:
 
 
 class _BatchSender:
-    """Sends `submit_many`'s batches from a thread of its own, at most SENDS_AHEAD waiting, so
-    that the caller makes the next batch while Redis runs this one (a lone batch is sent
-    without a thread). Results are per index in the caller's list."""
+    """Sends `submit_many`'s batches on a BatchLine: each batch is sent, the next one is made
+    while Redis runs it, then the first's reply is read and the next sent; one call is in
+    flight at a time. Results are per index in the caller's list. Once a call fails, the
+    batches after it are not sent (a non-ambiguous EngineUnavailable each)."""
 
     def __init__(self, engine: DramatiqEngine) -> None:
         self.engine = engine
         self._results: dict[int, Submitted | EngineUnavailable] = {}
         self._failed: EngineUnavailable | None = None
-        self._first: tuple[str, str, Batch] | None = None
-        self._queue: queue_module.Queue[tuple[str, str, Batch] | None] | None = None
-        self._thread: threading.Thread | None = None
-        self._crash: BaseException | None = None
+        self._line: BatchLine | None = None
+        self._in_flight: Batch | None = None
 
     def __enter__(self) -> _BatchSender:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._queue is not None and self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-        elif self._first is not None and exc_info[0] is None:
-            self._send(*self._first)
-        if self._crash is not None:
-            raise self._crash
+        try:
+            if exc_info[0] is None:
+                self._finish()
+        finally:
+            if self._line is not None:
+                self._line.close()
 
     def send(self, queue: str, dramatiq_queue: str, batch: Batch) -> None:
-        if self._first is None and self._queue is None:
-            self._first = (queue, dramatiq_queue, batch)
-            return
-        if self._queue is None:
-            self._queue = queue_module.Queue(maxsize=SENDS_AHEAD)
-            self._thread = threading.Thread(
-                target=self._run, name="jobyard-dispatch-many", daemon=True
-            )
-            self._thread.start()
-            self._queue.put(self._first)
-        self._queue.put((queue, dramatiq_queue, batch))
-
-    def _run(self) -> None:
-        assert self._queue is not None
-        while (item := self._queue.get()) is not None:
-            if self._crash is None:
-                try:
-                    self._send(*item)
-                except BaseException as exc:  # raised in the caller's thread on exit
-                    self._crash = exc
-
-    def _send(self, queue: str, dramatiq_queue: str, batch: Batch) -> None:
+        self._finish()
         if self._failed is not None:
             skipped = EngineUnavailable(
                 self.engine.name, f"not sent: an earlier batch failed ({self._failed})"
             )
-            for index, _ in batch:
-                self._results[index] = skipped
+            self._results.update(dict.fromkeys(batch.indices, skipped))
+            return
+        store = self.engine.store
+        if self._line is None:
+            self._line = store.batch_line()
+        call = store.enqueue_batch_call(
+            queue, dramatiq_queue, self.engine._timeout_ms, batch.job_keys, batch.args
+        )
+        try:
+            with map_redis_errors():
+                self._line.send(call)
+        except EngineUnavailable as exc:
+            self._fail(batch, exc)
+            return
+        self._in_flight = batch
+
+    def _finish(self) -> None:
+        """Reads the reply of the batch in flight, if any."""
+        batch, self._in_flight = self._in_flight, None
+        if batch is None or self._line is None:
             return
         try:
             with map_redis_errors():
-                replies = self.engine.store.enqueue_many(
-                    queue, dramatiq_queue, self.engine._timeout_ms, [entry for _, entry in batch]
-                )
+                replies = self._line.read()
         except EngineUnavailable as exc:
-            self._failed = exc
-            for index, _ in batch:
-                self._results[index] = exc
+            self._fail(batch, exc)
             return
-        for (index, _), reply in zip(batch, replies, strict=True):
+        if replies is None:  # every job enqueued
+            self._results.update(dict.fromkeys(batch.indices, _STARTED))
+            return
+        for index, reply in zip(batch.indices, replies, strict=True):
             self._results[index] = self.engine._submitted(reply)
+
+    def _fail(self, batch: Batch, exc: EngineUnavailable) -> None:
+        self._failed = exc
+        self._results.update(dict.fromkeys(batch.indices, exc))
 
     def results(self) -> list[Submitted | EngineUnavailable]:
         # Every job read is in a batch, and every batch sent or skipped: each has a result.
