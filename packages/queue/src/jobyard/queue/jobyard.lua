@@ -141,6 +141,20 @@ local function liveness(workers_key, timeout_ms, now)
     end
 end
 
+-- A new Dramatiq job's record, queued. No TTL while the job lives (sleeps and retries may
+-- outlast any); finish sets one.
+local function write_queued(job_key, name, queue, now, message_id, ttl, options, seq)
+    if options ~= "" then
+        redis.call("hset", job_key, "name", name, "queue", queue, "engine", "dramatiq",
+                   "state", "queued", "attempts", 0, "seq", seq, "rmid", message_id,
+                   "enqueued_at", now, "ttl", ttl, "options", options)
+    else
+        redis.call("hset", job_key, "name", name, "queue", queue, "engine", "dramatiq",
+                   "state", "queued", "attempts", 0, "seq", seq, "rmid", message_id,
+                   "enqueued_at", now, "ttl", ttl)
+    end
+end
+
 -- One job's enqueue, for `enqueue` and `enqueue_many`; `is_live`: see `liveness`. With no live
 -- worker the job is written as a Temporal tombstone, so that dispatching the same id again
 -- never reaches Dramatiq while Temporal owns it.
@@ -156,16 +170,7 @@ local function enqueue_job(job_key, queue_key, queue_msgs_key, is_live, now, mes
         redis.call("expire", job_key, ttl)
         return {"no_workers"}
     end
-    -- No TTL while the job lives (sleeps and retries may outlast any); finish sets one.
-    if options ~= "" then
-        redis.call("hset", job_key, "name", name, "queue", queue, "engine", "dramatiq",
-                   "state", "queued", "attempts", 0, "seq", seq, "rmid", message_id,
-                   "enqueued_at", now, "ttl", ttl, "options", options)
-    else
-        redis.call("hset", job_key, "name", name, "queue", queue, "engine", "dramatiq",
-                   "state", "queued", "attempts", 0, "seq", seq, "rmid", message_id,
-                   "enqueued_at", now, "ttl", ttl)
-    end
+    write_queued(job_key, name, queue, now, message_id, ttl, options, seq)
     redis.call("hset", queue_msgs_key, message_id, message)
     redis.call("rpush", queue_key, message_id)
     return {"enqueued"}
@@ -229,15 +234,7 @@ elseif command == "enqueue_many" then
                 replies[i - first_job + 1] = "exists:dramatiq:queued"
             else
                 listed[KEYS[i]] = true
-                if options ~= "" then
-                    redis.call("hset", KEYS[i], "name", name, "queue", queue, "engine",
-                               "dramatiq", "state", "queued", "attempts", 0, "seq", "0", "rmid",
-                               message_id, "enqueued_at", now, "ttl", ttl, "options", options)
-                else
-                    redis.call("hset", KEYS[i], "name", name, "queue", queue, "engine",
-                               "dramatiq", "state", "queued", "attempts", 0, "seq", "0", "rmid",
-                               message_id, "enqueued_at", now, "ttl", ttl)
-                end
+                write_queued(KEYS[i], name, queue, now, message_id, ttl, options, "0")
                 message_ids[#message_ids + 1] = message_id
                 messages[#messages + 1] = message_id
                 messages[#messages + 1] = message
