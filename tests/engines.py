@@ -113,5 +113,7 @@ class Engines:
         return "\n".join(f"--- {p.proc.args[3:]}\n{p.output()[-3000:]}" for p in self._procs)
 
     def close(self) -> None:
+        for proc in self._procs:  # all at once: each takes a while to wind down
+            proc.terminate()
         for proc in self._procs:
             proc.stop(timeout=10)

@@ -167,6 +167,7 @@ class Proc:
             cwd=ROOT,
             start_new_session=True,
         )
+        self.terminated = False
 
     @property
     def pid(self) -> int:
@@ -180,9 +181,15 @@ class Proc:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
 
+    def terminate(self) -> None:
+        """Ask the command to stop (once), without waiting: `stop` then waits for it."""
+        if self.proc.poll() is None and not self.terminated:
+            self.proc.send_signal(signal.SIGTERM)
+            self.terminated = True
+
     def stop(self, timeout: float = 40) -> int | None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

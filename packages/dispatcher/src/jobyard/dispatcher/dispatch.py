@@ -19,7 +19,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from jobyard.dispatcher.breaker import CircuitBreaker
@@ -33,7 +33,6 @@ from jobyard.dispatcher.engines import (
 )
 from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
 from jobyard.dispatcher.engines.dramatiq.engine import NewJob
-from jobyard.dispatcher.engines.temporal import TemporalEngine
 from jobyard.dispatcher.errors import (
     DispatchOutcomeUnknownError,
     DispatchUnavailableError,
@@ -72,6 +71,9 @@ from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import get_client
 from jobyard.queue.direct import DirectJobStore
 from jobyard.queue.messages import random_id, random_ids
+
+if TYPE_CHECKING:
+    from jobyard.dispatcher.engines.temporal import TemporalEngine
 
 log = logging.getLogger("jobyard.dispatcher")
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}")
@@ -134,6 +136,10 @@ class Dispatcher:
 
     @classmethod
     def from_env(cls) -> Dispatcher:
+        # Imported here, not at the top: temporalio takes half a second to import, which a
+        # process that imports the dispatcher but never builds one (a worker) need not pay.
+        from jobyard.dispatcher.engines.temporal import TemporalEngine
+
         tracing.setup_from_env()  # before the Temporal client connects: it takes the tracer
         client = get_client()
         temporal = TemporalEngine(

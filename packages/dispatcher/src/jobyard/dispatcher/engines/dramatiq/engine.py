@@ -9,7 +9,7 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from jobyard.dispatcher.engines.base import (
     Cancellation,
@@ -29,7 +29,6 @@ from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, EngineName, JobStatus
 from jobyard.queue import keys
-from jobyard.queue.broker import DeadWorkerSweeper
 from jobyard.queue.messages import (
     EncodedMessage,
     NewJobMessages,
@@ -38,6 +37,9 @@ from jobyard.queue.messages import (
 )
 from jobyard.queue.queues import queue_names
 from jobyard.queue.store import BatchLine, JobStore, Reply
+
+if TYPE_CHECKING:
+    from jobyard.queue.broker import DeadWorkerSweeper
 
 #: States in which a job may be waiting for a delayed message (a sleep, a retry, a throttle).
 _WAITING = ("queued", "running", "retrying")
@@ -264,6 +266,10 @@ class DramatiqEngine(Engine):
         lists everything on it: jobs to start elsewhere, then drop with `orphan_moved`."""
         with map_redis_errors():
             if self._sweeper is None:
+                # Imported here: jobyard.queue.broker brings the whole worker side (Dramatiq's
+                # broker, the job runner, the job log's ORM); only the rescue sweeps.
+                from jobyard.queue.broker import DeadWorkerSweeper
+
                 self._sweeper = DeadWorkerSweeper(self.store.client)
             self._sweeper.sweep(queue_names())
             for queue in queue_names():
