@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from jobyard.dispatcher import get_job
 from tests.support import wait_for
 
 
@@ -18,7 +19,10 @@ def _count(directory: Path, name: str) -> int:
 @pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
 def test_killed_worker_resumes_after_finished_steps(engines, engine, tmp_path):
     handle = engines.dispatch(engine, "test.two_steps", {"marker_dir": str(tmp_path), "sleep": 3})
-    wait_for(lambda: _count(tmp_path, "first") == 1, timeout=30)
+    # Killed once the first step has returned and is recorded: the job is in its durable sleep
+    # (a kill between the step's side effect and its record may run it again, on either engine).
+    wait_for(lambda: get_job(handle.job_id).run_at is not None, timeout=30)
+    assert _count(tmp_path, "first") == 1
     victim = engines.worker if engine == "dramatiq" else engines.temporal_worker
     victim.signal_group(signal.SIGKILL)
     victim.proc.wait()
