@@ -117,3 +117,16 @@ async def orchestration_bug(ctx: JobContext, payload: MarkerPayload) -> str:
     """Fails in the handler's own code, not in a step."""
     await ctx.run("prepare", append_marker, payload.marker_dir, "prepare")
     return {"a": 1}["missing"]
+
+
+class NapPayload(BaseModel):
+    marker_dir: str
+    seconds: float
+
+
+@job("test.nap", payload=NapPayload, retry=RetryPolicy(attempts=1), timeout=60)
+async def nap(ctx: JobContext, payload: NapPayload) -> int:
+    """A job without steps: counts its executions, then blocks for `seconds`."""
+    runs = append_marker(payload.marker_dir, "nap")
+    time.sleep(payload.seconds)
+    return runs

@@ -464,6 +464,57 @@ def test_progress_of_another_run_is_lost(r: redis.Redis, lua: Lua) -> None:
     assert not r.exists(EVENTS_KEY)
 
 
+# mark_running: KEYS job [, events]   ARGV seq
+
+
+@pytest.mark.parametrize("state", ["queued", "retrying"])
+def test_mark_running_shows_the_run_without_counting_it(
+    r: redis.Redis, lua: Lua, state: str
+) -> None:
+    seed(r, state=state, seq=2, attempts=1, enqueued_at=500)
+    before = now_ms(r)
+    assert lua("mark_running", [JOB_KEY, EVENTS_KEY], 2) == 1
+    after = now_ms(r)
+    record = job(r)
+    assert record["state"] == "running" and record["attempts"] == "1"
+    assert "started_seq" not in record  # the run's own start or complete counts the attempt
+    assert_now(record["started_at"], before, after)
+    assert_logged(
+        r, before, after, state="running", name=NAME, queue=QUEUE, attempts=2,
+        enqueued_at=500, started_at=record["started_at"],
+    )  # fmt: skip
+    assert complete(lua, seq=2) == ["ok", 2, record["started_at"]]
+
+
+def test_mark_running_keeps_the_first_start(r: redis.Redis, lua: Lua) -> None:
+    seed(r, state="retrying", started_at=1000)
+    assert lua("mark_running", [JOB_KEY], 0) == 1
+    assert job(r)["started_at"] == "1000"
+    assert not r.exists(EVENTS_KEY)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        None,
+        {"engine": "temporal"},
+        {"seq": 4},
+        {"state": "running"},
+        {"state": "succeeded"},
+        {"cancel": "1"},
+    ],
+)
+def test_mark_running_leaves_what_it_may_not_mark(
+    r: redis.Redis, lua: Lua, fields: dict[str, Any] | None
+) -> None:
+    if fields is not None:
+        seed(r, **fields)
+    before = job(r)
+    assert lua("mark_running", [JOB_KEY, EVENTS_KEY], 0) == 0
+    assert job(r) == before
+    assert not r.exists(EVENTS_KEY)
+
+
 # finish: KEYS job, steps, acks, msgs [, events]
 #         ARGV seq, state, result JSON, error, error class, ttl s, rmid, payload JSON, traceback
 

@@ -32,7 +32,8 @@ STOP_JOIN_SECONDS = 5.0
 
 
 class Heartbeat(threading.Thread):
-    """Beats for every (broker, queue) of this process while `healthy()` says the process works."""
+    """Beats for every (broker, queue) of this process while `healthy()` says the process works,
+    then calls `each_beat`, the process's own periodic work."""
 
     def __init__(
         self,
@@ -41,6 +42,7 @@ class Heartbeat(threading.Thread):
         worker_id: str,
         interval: float,
         healthy: Callable[[], bool],
+        each_beat: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name="jobyard-heartbeat", daemon=True)
         self.store = store
@@ -48,6 +50,7 @@ class Heartbeat(threading.Thread):
         self.worker_id = worker_id
         self.interval = interval
         self.healthy = healthy
+        self.each_beat = each_beat
         self.stopped = threading.Event()
 
     def beat(self, healthy: bool = True) -> None:
@@ -64,6 +67,8 @@ class Heartbeat(threading.Thread):
             try:
                 healthy = self.healthy()
                 self.beat(healthy)
+                if self.each_beat is not None:
+                    self.each_beat()
                 if not healthy:
                     log.error("worker %s is stuck; withholding its queue heartbeat", self.worker_id)
                 beats += 1

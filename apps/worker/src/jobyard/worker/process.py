@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from dramatiq.broker import Broker, MessageProxy
 from dramatiq.brokers.redis import RedisBroker
@@ -20,6 +20,7 @@ from jobyard.job_engine import env, tracing
 from jobyard.job_engine.db import joblog
 from jobyard.queue.client import get_client
 from jobyard.queue.direct import DirectJobStore
+from jobyard.queue.messages import SEQ
 from jobyard.queue.queues import get_queue, parse_queue_list
 from jobyard.queue.worker import JobyardWorker
 from jobyard.worker.liveness import Heartbeat, new_worker_id
@@ -28,24 +29,41 @@ log = logging.getLogger("jobyard.worker")
 
 #: A message running this many times its time limit means the thread is wedged.
 STUCK_FACTOR = 2
+#: A run still before its first step after this many seconds is shown as running, at the next
+#: heartbeat. Marking every run when it starts would cost a short job one more Redis write and
+#: job log event; a run that reaches a step is marked by its start call anyway.
+SHOW_RUNNING_AFTER = 1.0
+
+
+class Run(NamedTuple):
+    """A message this process is running."""
+
+    queue: str
+    redis_message_id: str
+    started: float  # time.monotonic()
+    job_id: str
+    seq: int
 
 
 class InFlight(Middleware):
-    """Tracks the messages this process is running, to requeue them if the grace period ends."""
+    """Tracks the messages this process is running: to requeue them if the grace period ends,
+    and to show the long ones as running (`long_unmarked`)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.running: dict[str, tuple[str, str, float, int]] = {}
+        self.running: dict[str, Run] = {}
+        self.marked: set[str] = set()  # message ids shown as running
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
-        limit = message.options.get("time_limit") or 0
+        run = Run(
+            message.queue_name,
+            message.options["redis_message_id"],
+            time.monotonic(),
+            message.args[0] if message.args else "",
+            int(message.options.get(SEQ, 0)),
+        )
         with self.lock:
-            self.running[message.message_id] = (
-                message.queue_name,
-                message.options["redis_message_id"],
-                time.monotonic(),
-                limit,
-            )
+            self.running[message.message_id] = run
 
     def after_process_message(
         self,
@@ -57,6 +75,7 @@ class InFlight(Middleware):
     ) -> None:
         with self.lock:
             self.running.pop(message.message_id, None)
+            self.marked.discard(message.message_id)
 
     after_skip_message = after_process_message
 
@@ -64,9 +83,24 @@ class InFlight(Middleware):
         now = time.monotonic()
         with self.lock:
             return any(
-                (now - started) * 1000 > STUCK_FACTOR * limits_ms.get(queue, 3_600_000)
-                for queue, _, started, _ in self.running.values()
+                (now - run.started) * 1000 > STUCK_FACTOR * limits_ms.get(run.queue, 3_600_000)
+                for run in self.running.values()
             )
+
+    def long_unmarked(self, seconds: float) -> dict[str, Run]:
+        """Runs started at least `seconds` ago and not yet shown as running, by message id."""
+        since = time.monotonic() - seconds
+        with self.lock:
+            return {
+                message_id: run
+                for message_id, run in self.running.items()
+                if run.started <= since and message_id not in self.marked
+            }
+
+    def mark(self, message_id: str) -> None:
+        with self.lock:
+            if message_id in self.running:
+                self.marked.add(message_id)
 
 
 class WorkerProcess:
@@ -101,6 +135,7 @@ class WorkerProcess:
             self.worker_id,
             env.get_float(env.WORKER_HEARTBEAT_INTERVAL),
             healthy=self.healthy,
+            each_beat=self.show_long_runs_running,
         )
         self.stop_requested = threading.Event()
 
@@ -109,6 +144,11 @@ class WorkerProcess:
             t.is_alive() for w in self.workers.values() for t in (*w.workers, *w.consumers.values())
         )
         return threads_alive and not self.in_flight.stuck(self.limits_ms)
+
+    def show_long_runs_running(self) -> None:
+        for message_id, run in self.in_flight.long_unmarked(SHOW_RUNNING_AFTER).items():
+            self.store.mark_running(run.job_id, run.seq)
+            self.in_flight.mark(message_id)
 
     def run(self) -> int:
         for broker in self.brokers.values():
@@ -139,9 +179,9 @@ class WorkerProcess:
     def requeue_unfinished(self) -> int:
         with self.in_flight.lock:
             unfinished = list(self.in_flight.running.values())
-        for queue, redis_message_id, _, _ in unfinished:
-            log.warning("requeueing unfinished message %s on %s", redis_message_id, queue)
-            self.brokers[queue].do_requeue(queue, redis_message_id)
+        for run in unfinished:
+            log.warning("requeueing unfinished message %s on %s", run.redis_message_id, run.queue)
+            self.brokers[run.queue].do_requeue(run.queue, run.redis_message_id)
         return 0
 
 

@@ -333,6 +333,27 @@ elseif command == "progress" then
     changed(events_key, job_key, "progress", progress)
     return "ok"
 
+-- mark_running: KEYS job [, events]   ARGV seq   -> 1 (marked) | 0 (nothing to mark)
+-- A run still in flight that has not reached a step (a job without steps is otherwise only
+-- written once, when it ends) is shown as running: state and started_at only. The attempt is
+-- counted by the run's own start or complete call, as it would be without this mark.
+elseif command == "mark_running" then
+    local job_key, events_key = KEYS[1], KEYS[2]
+    local seq = ARGV[2]
+
+    local job = redis.call("hmget", job_key, "engine", "state", "seq", "cancel", "attempts",
+                           "started_at", "name", "queue", "enqueued_at")
+    if job[1] ~= "dramatiq" or job[3] ~= seq or job[4] == "1"
+        or (job[2] ~= "queued" and job[2] ~= "retrying") then
+        return 0
+    end
+    local started_at = job[6] or now_ms()
+    redis.call("hset", job_key, "state", "running", "started_at", started_at)
+    changed(events_key, job_key, "state", "running", "name", job[7], "queue", job[8],
+            "attempts", tonumber(job[5] or "0") + 1, "enqueued_at", job[9],
+            "started_at", started_at)
+    return 1
+
 -- finish: KEYS job, steps, dramatiq acks, dramatiq msgs [, events]
 --         ARGV seq, state, result JSON, error, error class, ttl s, redis message id, payload JSON,
 --              traceback

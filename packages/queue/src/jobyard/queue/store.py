@@ -322,6 +322,10 @@ class JobStore:
         reply = self._call([keys.job(job_id), *self._events], "progress", seq, progress_json)
         return _text(reply) == "ok"
 
+    def mark_running(self, job_id: str, seq: int) -> bool:
+        """Show a run that is still before its first step as running (see jobyard.lua)."""
+        return bool(self._call([keys.job(job_id), *self._events], "mark_running", seq))
+
     def finish(
         self,
         job_id: str,
