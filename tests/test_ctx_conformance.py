@@ -225,6 +225,7 @@ def test_progress_is_visible_while_running(start, tmp_path):
     (tmp_path / "go").touch()
     outcome = job.wait()
     assert (outcome.state, outcome.result) == ("succeeded", "done"), outcome
+    assert job.progress() == 1.0  # the last report stays once the job ended
 
 
 def test_permanent_error_fails_without_retry(start, tmp_path):

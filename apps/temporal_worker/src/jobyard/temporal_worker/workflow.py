@@ -79,7 +79,7 @@ class JobWorkflow:
             self._state = state
             raise ApplicationError(
                 message,
-                {"name": self._name, "attempts": attempts, "state": state},
+                self._outcome(attempts=attempts, state=state),
                 type=error_type,
                 non_retryable=True,
             ) from exc
@@ -90,13 +90,19 @@ class JobWorkflow:
             self._state = "failed"
             raise ApplicationError(
                 message,
-                {"name": self._name, "attempts": ctx.attempts, "state": "failed"},
+                self._outcome(attempts=ctx.attempts, state="failed"),
                 type=error_type,
                 non_retryable=True,
             ) from exc
         await emit({**final, "state": "succeeded", "attempts": ctx.attempts, "result": result})
         self._state = "succeeded"
-        return {"name": self._name, "result": result, "attempts": ctx.attempts}
+        return self._outcome(result=result, attempts=ctx.attempts)
+
+    def _outcome(self, **fields: Any) -> dict[str, Any]:
+        """What an ended run leaves for get_job (its result, or its failure's details), with the
+        last progress report, which get_job shows once the job ended, as on Dramatiq."""
+        progress = self._ctx.progress_value if self._ctx is not None else None
+        return {"name": self._name, **fields, "progress": progress}
 
     async def _cancelled(self, final: dict[str, Any], attempts: int) -> None:
         await asyncio.shield(emit({**final, "state": "cancelled", "attempts": attempts}))
