@@ -41,6 +41,10 @@ def test_timeline_shows_each_step_and_sleep_with_its_engine(
         assert step["started_at"] <= step["finished_at"]
     (sleep,) = [e for e in timeline if e["kind"] == "sleep"]
     assert sleep["engine"] == engine
+    # the same shape on both engines: numbered, with its start, wake time and length
+    assert (sleep["name"], sleep["state"]) == ("sleep 1", "slept"), sleep
+    assert sleep["started_at"] is not None and sleep["wake_at"] is not None, sleep
+    assert 1400 <= sleep["duration_ms"] <= 10_000, sleep
     assert steps[0]["finished_at"] <= sleep["finished_at"] <= steps[1]["started_at"]
     assert "__timing__:first" not in api.job(job_id)["steps"]
     assert api.client.get("/jobs/no-such-job/timeline").status_code == 404

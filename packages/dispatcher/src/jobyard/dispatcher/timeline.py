@@ -8,6 +8,7 @@ to Temporal shows the steps it finished on Dramatiq, then those Temporal ran.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,17 +37,31 @@ def _entry(kind: str, name: str, engine: str, start: float | None, end: float | 
 
 
 def dramatiq_timeline(steps: dict[str, Any]) -> list[dict[str, Any]]:
-    """Entries from a Dramatiq job's recorded steps (see jobyard.queue.context)."""
+    """Entries from a Dramatiq job's recorded steps (see jobyard.queue.context), shaped as
+    Temporal's: a sleep is "sleep <n>", sleeping until its wake time, then slept."""
     entries = []
+    now = time.time()
     for key, value in steps.items():
         if key.startswith(STEP_TIMING_PREFIX) and isinstance(value, dict):
-            entries.append(_entry(
-                "step", key[len(STEP_TIMING_PREFIX):], "dramatiq", value.get("start"),
-                value.get("end"), attempts=value.get("attempt"), state="succeeded",
-            ))  # fmt: skip
+            step = key[len(STEP_TIMING_PREFIX) :]
+            if not step.startswith(SLEEP_STEP_PREFIX):  # a sleep's entry is made from its wake time
+                entries.append(_entry(
+                    "step", step, "dramatiq", value.get("start"), value.get("end"),
+                    attempts=value.get("attempt"), state="succeeded",
+                ))  # fmt: skip
         elif key.startswith(SLEEP_STEP_PREFIX) and isinstance(value, int | float):
-            entries.append(_entry("sleep", key, "dramatiq", None, float(value), state="sleep"))
+            entries.append(_dramatiq_sleep(key, float(value), steps, now))
     return entries
+
+
+def _dramatiq_sleep(key: str, wake: float, steps: dict[str, Any], now: float) -> dict[str, Any]:
+    timing = steps.get(STEP_TIMING_PREFIX + key)
+    start = timing.get("start") if isinstance(timing, dict) else None  # older records: none
+    slept = wake <= now
+    return _entry(
+        "sleep", f"sleep {key[len(SLEEP_STEP_PREFIX) :]}", "dramatiq", start,
+        wake if slept else None, state="slept" if slept else "sleeping", wake_at=_iso(wake),
+    )  # fmt: skip
 
 
 async def _temporal_timeline(engine: TemporalEngine, job_id: str) -> list[dict[str, Any]]:

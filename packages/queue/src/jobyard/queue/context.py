@@ -161,8 +161,10 @@ class DramatiqContext(BaseJobContext):
         if name in self._recorded:
             wake_at = float(json.loads(self._recorded[name]))
         else:
-            wake_at = time.time() + seconds
-            self._record(name, json.dumps(wake_at))
+            began = time.time()
+            wake_at = began + seconds
+            timing = {"start": began, "end": wake_at, "attempt": self.attempt}
+            self._record(name, json.dumps(wake_at), json.dumps(timing))
         remaining = wake_at - time.time()
         if remaining <= 0:
             return
