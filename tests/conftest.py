@@ -63,7 +63,9 @@ def jobyard_env(
         "USE_DRAMATIQ": "true",
         "WORKER_HEARTBEAT_INTERVAL": "0.5",
         "WORKER_HEARTBEAT_TIMEOUT": "3",
-        "WORKER_SHUTDOWN_GRACE": "5",
+        # What in-flight jobs get when a test's workers stop: the teardown waits for it, and
+        # no test here needs it (tests/test_shutdown.py sets its own).
+        "WORKER_SHUTDOWN_GRACE": "1",
         "WORKER_CONCURRENCY_DEFAULT": "4",
         "JOBYARD_JOB_MODULES": "tests.jobs",
         "JOBYARD_BREAKER_PROBE_INTERVAL": "0.2",
