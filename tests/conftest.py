@@ -96,6 +96,41 @@ def engines(jobyard_env: dict[str, str], redis_server: RedisServer) -> Iterator[
     engines.close()
 
 
+#: Tests of 9 s and more (measured on the 2-core machine, `--durations`), run first: pytest-xdist
+#: hands tests out in collection order, and one of these at the end leaves the other core idle.
+LONG_FIRST = (
+    "tests/test_cli.py::test_commands_exit_cleanly_fifty_times_each",
+    "tests/test_schedules_processes.py::",
+    "tests/test_tracing.py::test_a_job_moved_from_dramatiq_to_temporal_is_one_trace",
+    "tests/api/test_schemathesis.py::",
+    "tests/test_fallback.py::test_queued_jobs_move_to_temporal_when_their_workers_die",
+    "tests/api/test_events.py::test_every_progress_report_and_state_is_an_event_however_fast",
+    "tests/test_durability.py::test_killed_worker_resumes_after_finished_steps",
+    "tests/faults/test_faults_ci.py::",
+    "tests/api/test_readable_states.py::test_a_parked_job_is_sleeping_until_its_wake_time",
+    "tests/test_schedules.py::test_overlap_skip_with_a_job_longer_than_the_period",
+    "tests/test_schedules.py::test_schedules_commands_pause_resume_trigger_backfill",
+    "tests/test_dispatch_many.py::test_jobs_redis_lost_after_dispatch_many_are_dispatched_again",
+    "tests/test_fallback.py::test_jobs_redis_lost_are_dispatched_again_from_the_job_log",
+    "tests/test_django.py::test_the_backend_on_django6_and_python312",
+    "tests/catalogue/test_ai.py::test_sixty_first_call_in_a_minute_is_never_sent",
+    "tests/test_shipper.py::test_the_log_of_a_finished_job_survives_its_worker_killed",
+    "tests/api/test_events.py::test_events_of_a_job_moved_from_dramatiq_to_temporal",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests first, in LONG_FIRST's order; the rest keep theirs."""
+
+    def rank(item: pytest.Item) -> int:
+        for i, prefix in enumerate(LONG_FIRST):
+            if item.nodeid.startswith(prefix):
+                return i
+        return len(LONG_FIRST)
+
+    items.sort(key=rank)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Show the lines tests record as `summary` properties (e.g. the install sizes of
     tests/test_distribution.py); user_properties survive pytest-xdist, captured output not."""
