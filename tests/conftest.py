@@ -48,15 +48,11 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture
-def jobyard_env(
-    monkeypatch: pytest.MonkeyPatch,
-    redis_server: RedisServer,
-    temporal_server: TemporalDevServer,
-    job_log_database: str,
-) -> Iterator[dict[str, str]]:
-    """Point every jobyard process of this test at its own Redis and task queue."""
-    values = {
+def jobyard_values(
+    redis_server: RedisServer, temporal_server: TemporalDevServer, job_log_database: str
+) -> dict[str, str]:
+    """The environment of a test's jobyard processes: its own Redis and Temporal task queue."""
+    return {
         "REDIS_URL": redis_server.url,
         "TEMPORAL_ADDRESS": temporal_server.address,
         "TEMPORAL_TASK_QUEUE": f"test-{uuid.uuid4().hex[:12]}",
@@ -78,15 +74,28 @@ def jobyard_env(
         "WORKER_METRICS_PORT": "0",
         "JOBYARD_SCHEDULER": "false",  # a test that wants schedules firing turns it on
     }
+
+
+def _reset_process_state() -> None:
+    reset_dispatcher()
+    reset_clients()
+    reset_writer()
+
+
+@pytest.fixture
+def jobyard_env(
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    temporal_server: TemporalDevServer,
+    job_log_database: str,
+) -> Iterator[dict[str, str]]:
+    """Point every jobyard process of this test at its own Redis and task queue."""
+    values = jobyard_values(redis_server, temporal_server, job_log_database)
     for key, value in values.items():
         monkeypatch.setenv(key, value)
-    reset_dispatcher()
-    reset_clients()
-    reset_writer()
+    _reset_process_state()
     yield values
-    reset_dispatcher()
-    reset_clients()
-    reset_writer()
+    _reset_process_state()
 
 
 @pytest.fixture
@@ -94,6 +103,51 @@ def engines(jobyard_env: dict[str, str], redis_server: RedisServer) -> Iterator[
     engines = Engines(redis_server)
     yield engines
     engines.close()
+
+
+class ModuleEngines:
+    """A module's Redis, settings and workers, shared by its `shared_engines` tests."""
+
+    def __init__(self, redis_server: RedisServer, values: dict[str, str]) -> None:
+        self.redis = redis_server
+        self.values = values
+        self.engines = Engines(redis_server)
+
+
+@pytest.fixture(scope="module")
+def module_engines(
+    temporal_server: TemporalDevServer, job_log_database: str
+) -> Iterator[ModuleEngines]:
+    redis_server = RedisServer().start()
+    shared = ModuleEngines(
+        redis_server, jobyard_values(redis_server, temporal_server, job_log_database)
+    )
+    try:
+        yield shared
+    finally:
+        shared.engines.close()
+        redis_server.stop()
+
+
+@pytest.fixture
+def shared_engines(
+    monkeypatch: pytest.MonkeyPatch, module_engines: ModuleEngines
+) -> Iterator[Engines]:
+    """`engines` whose Redis, task queue and workers the module's tests share: a worker's
+    start-up and stop (3-4 s each test) happen once per module. For tests that only run jobs
+    (their own job ids and marker directories) with the module's settings: a test that kills,
+    pauses or reconfigures its workers or its Redis, or counts what is in Redis, takes
+    `engines`. Workers start on first use, with the environment of that moment."""
+    for key, value in module_engines.values.items():
+        monkeypatch.setenv(key, value)
+    engines = module_engines.engines
+    for attr in ("worker", "temporal_worker"):  # one that died is started again on use
+        proc = getattr(engines, attr)
+        if proc is not None and proc.proc.poll() is not None:
+            setattr(engines, attr, None)
+    _reset_process_state()
+    yield engines
+    _reset_process_state()
 
 
 #: Tests of 9 s and more (measured on the 2-core machine, `--durations`), run first: pytest-xdist
