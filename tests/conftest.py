@@ -115,13 +115,18 @@ class ModuleEngines:
 
 
 @pytest.fixture(scope="module")
+def shared_settings() -> dict[str, str]:
+    """What a directory's or module's shared workers add to jobyard_values (override it)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
 def module_engines(
-    temporal_server: TemporalDevServer, job_log_database: str
+    temporal_server: TemporalDevServer, job_log_database: str, shared_settings: dict[str, str]
 ) -> Iterator[ModuleEngines]:
     redis_server = RedisServer().start()
-    shared = ModuleEngines(
-        redis_server, jobyard_values(redis_server, temporal_server, job_log_database)
-    )
+    values = jobyard_values(redis_server, temporal_server, job_log_database)
+    shared = ModuleEngines(redis_server, {**values, **shared_settings})
     try:
         yield shared
     finally:

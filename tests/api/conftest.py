@@ -135,6 +135,22 @@ def api(
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def shared_settings(job_log_db_url: str) -> dict[str, str]:
+    """The API tests' shared workers load their jobs and write the PostgreSQL job log."""
+    return {env.JOB_MODULES: JOB_MODULES, env.DATABASE_URL: job_log_db_url}
+
+
+@pytest.fixture
+def shared_api(shared_engines: Engines, job_log_db: str, api_token: str) -> Iterator[ApiServer]:
+    """`api` on the module's shared Redis and workers (tests/conftest.py shared_engines): for
+    tests that look at their own jobs only; one that lists or counts every job, queue or worker
+    takes `api` and `engines`."""
+    server = ApiServer(api_token).start()
+    yield server
+    server.stop()
+
+
 def on_engine(engines: Engines, monkeypatch: pytest.MonkeyPatch, engine: str) -> None:
     """Route the API's dispatches to `engine`, with a worker of that engine running."""
     if engine == "dramatiq":
