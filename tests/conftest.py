@@ -48,22 +48,20 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture
-def jobyard_env(
-    monkeypatch: pytest.MonkeyPatch,
-    redis_server: RedisServer,
-    temporal_server: TemporalDevServer,
-    job_log_database: str,
-) -> Iterator[dict[str, str]]:
-    """Point every jobyard process of this test at its own Redis and task queue."""
-    values = {
+def jobyard_values(
+    redis_server: RedisServer, temporal_server: TemporalDevServer, job_log_database: str
+) -> dict[str, str]:
+    """The environment of a test's jobyard processes: its own Redis and Temporal task queue."""
+    return {
         "REDIS_URL": redis_server.url,
         "TEMPORAL_ADDRESS": temporal_server.address,
         "TEMPORAL_TASK_QUEUE": f"test-{uuid.uuid4().hex[:12]}",
         "USE_DRAMATIQ": "true",
         "WORKER_HEARTBEAT_INTERVAL": "0.5",
         "WORKER_HEARTBEAT_TIMEOUT": "3",
-        "WORKER_SHUTDOWN_GRACE": "5",
+        # What in-flight jobs get when a test's workers stop: the teardown waits for it, and
+        # no test here needs it (tests/test_shutdown.py sets its own).
+        "WORKER_SHUTDOWN_GRACE": "1",
         "WORKER_CONCURRENCY_DEFAULT": "4",
         "JOBYARD_JOB_MODULES": "tests.jobs",
         "JOBYARD_BREAKER_PROBE_INTERVAL": "0.2",
@@ -76,15 +74,28 @@ def jobyard_env(
         "WORKER_METRICS_PORT": "0",
         "JOBYARD_SCHEDULER": "false",  # a test that wants schedules firing turns it on
     }
+
+
+def _reset_process_state() -> None:
+    reset_dispatcher()
+    reset_clients()
+    reset_writer()
+
+
+@pytest.fixture
+def jobyard_env(
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,
+    temporal_server: TemporalDevServer,
+    job_log_database: str,
+) -> Iterator[dict[str, str]]:
+    """Point every jobyard process of this test at its own Redis and task queue."""
+    values = jobyard_values(redis_server, temporal_server, job_log_database)
     for key, value in values.items():
         monkeypatch.setenv(key, value)
-    reset_dispatcher()
-    reset_clients()
-    reset_writer()
+    _reset_process_state()
     yield values
-    reset_dispatcher()
-    reset_clients()
-    reset_writer()
+    _reset_process_state()
 
 
 @pytest.fixture
@@ -92,6 +103,91 @@ def engines(jobyard_env: dict[str, str], redis_server: RedisServer) -> Iterator[
     engines = Engines(redis_server)
     yield engines
     engines.close()
+
+
+class ModuleEngines:
+    """A module's Redis, settings and workers, shared by its `shared_engines` tests."""
+
+    def __init__(self, redis_server: RedisServer, values: dict[str, str]) -> None:
+        self.redis = redis_server
+        self.values = values
+        self.engines = Engines(redis_server)
+
+
+@pytest.fixture(scope="module")
+def shared_settings() -> dict[str, str]:
+    """What a directory's or module's shared workers add to jobyard_values (override it)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def module_engines(
+    temporal_server: TemporalDevServer, job_log_database: str, shared_settings: dict[str, str]
+) -> Iterator[ModuleEngines]:
+    redis_server = RedisServer().start()
+    values = jobyard_values(redis_server, temporal_server, job_log_database)
+    shared = ModuleEngines(redis_server, {**values, **shared_settings})
+    try:
+        yield shared
+    finally:
+        shared.engines.close()
+        redis_server.stop()
+
+
+@pytest.fixture
+def shared_engines(
+    monkeypatch: pytest.MonkeyPatch, module_engines: ModuleEngines
+) -> Iterator[Engines]:
+    """`engines` whose Redis, task queue and workers the module's tests share: a worker's
+    start-up and stop (3-4 s each test) happen once per module. For tests that only run jobs
+    (their own job ids and marker directories) with the module's settings: a test that kills,
+    pauses or reconfigures its workers or its Redis, or counts what is in Redis, takes
+    `engines`. Workers start on first use, with the environment of that moment."""
+    for key, value in module_engines.values.items():
+        monkeypatch.setenv(key, value)
+    engines = module_engines.engines
+    for attr in ("worker", "temporal_worker"):  # one that died is started again on use
+        proc = getattr(engines, attr)
+        if proc is not None and proc.proc.poll() is not None:
+            setattr(engines, attr, None)
+    _reset_process_state()
+    yield engines
+    _reset_process_state()
+
+
+#: Tests of 9 s and more (measured on the 2-core machine, `--durations`), run first: pytest-xdist
+#: hands tests out in collection order, and one of these at the end leaves the other core idle.
+LONG_FIRST = (
+    "tests/test_cli.py::test_commands_exit_cleanly_fifty_times_each",
+    "tests/test_schedules_processes.py::",
+    "tests/test_tracing.py::test_a_job_moved_from_dramatiq_to_temporal_is_one_trace",
+    "tests/api/test_schemathesis.py::",
+    "tests/test_fallback.py::test_queued_jobs_move_to_temporal_when_their_workers_die",
+    "tests/api/test_events.py::test_every_progress_report_and_state_is_an_event_however_fast",
+    "tests/test_durability.py::test_killed_worker_resumes_after_finished_steps",
+    "tests/faults/test_faults_ci.py::",
+    "tests/api/test_readable_states.py::test_a_parked_job_is_sleeping_until_its_wake_time",
+    "tests/test_schedules.py::test_overlap_skip_with_a_job_longer_than_the_period",
+    "tests/test_schedules.py::test_schedules_commands_pause_resume_trigger_backfill",
+    "tests/test_dispatch_many.py::test_jobs_redis_lost_after_dispatch_many_are_dispatched_again",
+    "tests/test_fallback.py::test_jobs_redis_lost_are_dispatched_again_from_the_job_log",
+    "tests/test_django.py::test_the_backend_on_django6_and_python312",
+    "tests/catalogue/test_ai.py::test_sixty_first_call_in_a_minute_is_never_sent",
+    "tests/test_shipper.py::test_the_log_of_a_finished_job_survives_its_worker_killed",
+    "tests/api/test_events.py::test_events_of_a_job_moved_from_dramatiq_to_temporal",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests first, in LONG_FIRST's order; the rest keep theirs."""
+
+    def rank(item: pytest.Item) -> int:
+        for i, prefix in enumerate(LONG_FIRST):
+            if item.nodeid.startswith(prefix):
+                return i
+        return len(LONG_FIRST)
+
+    items.sort(key=rank)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

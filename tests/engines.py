@@ -35,6 +35,14 @@ class Engines:
         self.wait_for_workers(queues.split(","), proc)
         return proc
 
+    def ensure_worker(self) -> Proc:
+        """The running `jobyard worker` (all queues), started if there is none."""
+        return self.worker if self.worker is not None else self.start_worker()
+
+    def ensure_temporal_worker(self) -> Proc:
+        """The running `jobyard temporal-worker`, started if there is none."""
+        return self.temporal_worker or self.start_temporal_worker()
+
     def live_workers(self, queue: str) -> int:
         client = self.redis.client()
         try:

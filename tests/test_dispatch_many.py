@@ -39,8 +39,8 @@ def evalsha_calls(redis_server: RedisServer) -> int:
         client.close()
 
 
-def test_jobs_run_in_order_and_bad_ones_get_their_own_error(engines: Engines) -> None:
-    engines.start_worker()
+def test_jobs_run_in_order_and_bad_ones_get_their_own_error(shared_engines: Engines) -> None:
+    shared_engines.ensure_worker()
     requests: list[DispatchRequest | tuple[str, object]] = [*echo_requests(30, "run")]
     requests.insert(3, ("no.such.job", {}))
     requests.insert(10, DispatchRequest("system.echo", {"n": 1}, job_id="bad id with spaces"))
@@ -55,7 +55,7 @@ def test_jobs_run_in_order_and_bad_ones_get_their_own_error(engines: Engines) ->
     handles = [r for r in results if isinstance(r, JobHandle)]
     assert len(handles) == 30 and {h.engine for h in handles} == {"dramatiq"}
     for handle, (_, payload) in zip(handles, echo_requests(30, "run"), strict=True):
-        status = engines.wait(handle.job_id)
+        status = shared_engines.wait(handle.job_id)
         assert (status.state, status.result) == ("succeeded", payload)
 
 
@@ -72,8 +72,8 @@ def test_one_lua_call_per_batch(engines: Engines) -> None:
     assert len({r.job_id for r in results if isinstance(r, JobHandle)}) == count
 
 
-def test_caller_chosen_ids_start_once(engines: Engines) -> None:
-    engines.start_worker()
+def test_caller_chosen_ids_start_once(shared_engines: Engines) -> None:
+    shared_engines.ensure_worker()
     tag = uuid.uuid4().hex[:8]  # the job id registry outlives one test
     taken = dispatch_job("system.echo", {"n": "first"}, job_id=f"{tag}-taken")
     requests = [
@@ -94,8 +94,8 @@ def test_caller_chosen_ids_start_once(engines: Engines) -> None:
     again = dispatch_many(requests)
     assert [r.duplicate for r in again if isinstance(r, JobHandle)] == [True] * 4
     for job_id in (f"{tag}-a", f"{tag}-b", taken.job_id):
-        assert engines.wait(job_id).state == "succeeded"
-    assert engines.wait(f"{tag}-a").attempts == 1
+        assert shared_engines.wait(job_id).state == "succeeded"
+    assert shared_engines.wait(f"{tag}-a").attempts == 1
 
 
 def test_no_live_worker_sends_each_job_to_temporal(engines: Engines) -> None:
@@ -122,17 +122,17 @@ def test_redis_down_sends_each_job_to_temporal(engines: Engines) -> None:
         assert engines.wait(result.job_id).state == "succeeded"
 
 
-def test_adispatch_many(engines: Engines) -> None:
-    engines.start_worker()
+def test_adispatch_many(shared_engines: Engines) -> None:
+    shared_engines.ensure_worker()
     results = asyncio.run(adispatch_many(echo_requests(3, "async")))
     for result in results:
         assert isinstance(result, JobHandle)
-        assert engines.wait(result.job_id).state == "succeeded"
+        assert shared_engines.wait(result.job_id).state == "succeeded"
 
 
-def test_options_travel_with_each_job(engines: Engines) -> None:
+def test_options_travel_with_each_job(shared_engines: Engines) -> None:
     """A delayed job waits on its queue's delay queue; a retry override reaches its record."""
-    engines.start_worker()
+    shared_engines.ensure_worker()
     results = dispatch_many(
         [
             DispatchRequest("system.echo", {"n": "later"}, delay=2),
@@ -141,12 +141,12 @@ def test_options_travel_with_each_job(engines: Engines) -> None:
     )
     later, now = results
     assert isinstance(later, JobHandle) and isinstance(now, JobHandle)
-    assert engines.wait(now.job_id).state == "succeeded"
+    assert shared_engines.wait(now.job_id).state == "succeeded"
     assert get_job(later.job_id).state == "queued"  # still waiting out its delay
-    client = engines.redis.client()
+    client = shared_engines.redis.client()
     options = json.loads(client.hget(keys.job(now.job_id), "options"))
     assert options == {"retry": RetryPolicy(attempts=2).overrides()}
-    assert engines.wait(later.job_id, timeout=30).state == "succeeded"
+    assert shared_engines.wait(later.job_id, timeout=30).state == "succeeded"
 
 
 def test_a_refused_batch_stops_the_ones_after_it(engines: Engines) -> None:

@@ -38,12 +38,13 @@ def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
         importlib.import_module("tests.jobs")
         yield InlineEngine()
         return
-    engines: Engines = request.getfixturevalue("engines")
+    # The module's tests share their Redis and workers: each submits its own job ids.
+    engines: Engines = request.getfixturevalue("shared_engines")
     if request.param == "dramatiq":
-        engines.start_worker()
+        engines.ensure_worker()
         yield get_dispatcher().dramatiq
     else:
-        engines.start_temporal_worker()
+        engines.ensure_temporal_worker()
         yield get_dispatcher().temporal
 
 

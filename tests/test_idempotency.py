@@ -12,14 +12,14 @@ from tests.peers import webhook_receiver
 
 
 @pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
-def test_same_job_id_twice_runs_once(engines, engine):
+def test_same_job_id_twice_runs_once(shared_engines, engine):
     job_id = f"order-7-paid-{uuid.uuid4().hex[:8]}"  # the job id registry outlives one test
     with webhook_receiver(WEBHOOK_SECRET) as receiver:
         payload = {"url": receiver.url, "body": {"order": 7}}
-        first = engines.dispatch(engine, "webhook.deliver", payload, job_id=job_id)
-        second = engines.dispatch(engine, "webhook.deliver", payload, job_id=job_id)
+        first = shared_engines.dispatch(engine, "webhook.deliver", payload, job_id=job_id)
+        second = shared_engines.dispatch(engine, "webhook.deliver", payload, job_id=job_id)
         assert (first.duplicate, second.duplicate) == (False, True)
-        assert engines.wait(first.job_id).state == "succeeded"
+        assert shared_engines.wait(first.job_id).state == "succeeded"
         third = dispatch_job("webhook.deliver", payload, job_id=job_id)
         assert third.duplicate and third.engine == engine
     assert len(receiver.requests) == 1

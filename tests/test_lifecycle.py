@@ -48,9 +48,9 @@ def _logged(job_id: str, state: str, timeout: float = 15):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_job_log_records_the_whole_life(engines, engine):
-    handle = engines.dispatch(engine, "system.echo", {"hello": engine})
-    assert engines.wait(handle.job_id).state == "succeeded"
+def test_job_log_records_the_whole_life(shared_engines, engine):
+    handle = shared_engines.dispatch(engine, "system.echo", {"hello": engine})
+    assert shared_engines.wait(handle.job_id).state == "succeeded"
     record = _logged(handle.job_id, "succeeded")
     assert (record.name, record.queue, record.engine) == ("system.echo", "default", engine)
     assert record.payload == {"hello": engine}
@@ -79,21 +79,23 @@ def test_job_log_survives_a_worker_killed_mid_job(engines, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_progress_is_visible_while_running(engines, engine, tmp_path):
-    handle = engines.dispatch(engine, "test.progress", {"marker_dir": str(tmp_path)})
+def test_progress_is_visible_while_running(shared_engines, engine, tmp_path):
+    handle = shared_engines.dispatch(engine, "test.progress", {"marker_dir": str(tmp_path)})
     wait_for(lambda: get_job(handle.job_id).progress == {"done": 1, "of": 2}, timeout=30)
     assert get_job(handle.job_id).state == "running"
     (tmp_path / "go").touch()
-    status = engines.wait(handle.job_id)
+    status = shared_engines.wait(handle.job_id)
     assert (status.state, status.result) == ("succeeded", "done")
     assert _logged(handle.job_id, "succeeded").progress == 1.0
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_cancel_a_queued_job_it_never_starts(engines, engine, tmp_path):
-    handle = engines.dispatch(engine, "test.progress", {"marker_dir": str(tmp_path)}, delay=3)
+def test_cancel_a_queued_job_it_never_starts(shared_engines, engine, tmp_path):
+    handle = shared_engines.dispatch(
+        engine, "test.progress", {"marker_dir": str(tmp_path)}, delay=3
+    )
     status = cancel_job(handle.job_id)
-    final = engines.wait(handle.job_id, timeout=20)
+    final = shared_engines.wait(handle.job_id, timeout=20)
     assert final.state == "cancelled", (status, final)
     time.sleep(3.5)  # past the delay: the job must still not have run
     assert _lines(tmp_path / "first-half") == 0
@@ -101,20 +103,22 @@ def test_cancel_a_queued_job_it_never_starts(engines, engine, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_cancel_a_running_job_stops_at_the_next_step(engines, engine, tmp_path):
-    handle = engines.dispatch(engine, "test.two_steps", {"marker_dir": str(tmp_path), "sleep": 4})
+def test_cancel_a_running_job_stops_at_the_next_step(shared_engines, engine, tmp_path):
+    handle = shared_engines.dispatch(
+        engine, "test.two_steps", {"marker_dir": str(tmp_path), "sleep": 4}
+    )
     wait_for(lambda: _lines(tmp_path / "first") == 1, timeout=30)
     cancel_job(handle.job_id)
-    final = engines.wait(handle.job_id, timeout=30)
+    final = shared_engines.wait(handle.job_id, timeout=30)
     assert final.state == "cancelled"
     time.sleep(1)
     assert _lines(tmp_path / "second") == 0, "the step after the cancel must not run"
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_dead_job_is_kept_and_replays(engines, engine, tmp_path):
-    handle = engines.dispatch(engine, "test.fragile", {"marker_dir": str(tmp_path)})
-    dead = engines.wait(handle.job_id, timeout=30)
+def test_dead_job_is_kept_and_replays(shared_engines, engine, tmp_path):
+    handle = shared_engines.dispatch(engine, "test.fragile", {"marker_dir": str(tmp_path)})
+    dead = shared_engines.wait(handle.job_id, timeout=30)
     assert (dead.state, dead.attempts) == ("dead", 2), dead
     record = _logged(handle.job_id, "dead")
     assert record.payload == {"marker_dir": str(tmp_path)}
@@ -126,49 +130,47 @@ def test_dead_job_is_kept_and_replays(engines, engine, tmp_path):
     assert (replayed.job_id, replayed.engine) == (handle.job_id, engine)
     with pytest.raises(JobStillActiveError):
         replay_job(handle.job_id)  # queued or running now: a second replay would run it twice
-    final = engines.wait(handle.job_id, timeout=30)
+    final = shared_engines.wait(handle.job_id, timeout=30)
     assert (final.state, final.result, final.attempts) == ("succeeded", "fixed", 1)
     assert _logged(handle.job_id, "succeeded").result == "fixed"
     if engine == "dramatiq":
         assert _lines(tmp_path / "prepare") == 1, "finished steps are not run again on replay"
 
 
-def test_replay_keeps_the_webhook_and_retry_policy_of_the_dispatch(engines, tmp_path):
+def test_replay_keeps_the_webhook_and_retry_policy_of_the_dispatch(shared_engines, tmp_path):
     with webhook_receiver(WEBHOOK_SECRET) as receiver:
-        handle = engines.dispatch(
+        handle = shared_engines.dispatch(
             "dramatiq", "test.fragile", {"marker_dir": str(tmp_path)},
             webhook_url=receiver.url, retry=RetryPolicy(attempts=3, backoff=0.1),
         )  # fmt: skip
-        assert engines.wait(handle.job_id, timeout=30).attempts == 3  # the job's own: 2
+        assert shared_engines.wait(handle.job_id, timeout=30).attempts == 3  # the job's own: 2
         replay_job(handle.job_id)
-        again = engines.wait(handle.job_id, timeout=30)
+        again = shared_engines.wait(handle.job_id, timeout=30)
         assert (again.state, again.attempts) == ("dead", 3)
         (tmp_path / "fixed").touch()
         replay_job(handle.job_id)
-        assert engines.wait(handle.job_id, timeout=30).state == "succeeded"
+        assert shared_engines.wait(handle.job_id, timeout=30).state == "succeeded"
         wait_for(
             lambda: any(r.json()["event"] == "succeeded" for r in receiver.requests), timeout=20
         )
 
 
-def test_replay_of_a_succeeded_job_is_refused(engines):
-    handle = engines.dispatch("dramatiq", "system.echo", {})
-    engines.wait(handle.job_id)
+def test_replay_of_a_succeeded_job_is_refused(shared_engines):
+    handle = shared_engines.dispatch("dramatiq", "system.echo", {})
+    shared_engines.wait(handle.job_id)
     with pytest.raises(JobStillActiveError):
         replay_job(handle.job_id)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_completion_webhook_is_delivered_signed(engines, engine):
+def test_completion_webhook_is_delivered_signed(shared_engines, engine):
     with webhook_receiver(WEBHOOK_SECRET) as receiver:
-        if engine == "dramatiq":
-            engines.start_worker()
-        else:
-            engines.start_temporal_worker()
-            engines.start_worker()  # the event itself goes through webhook.deliver
-        previous = engines.dispatch  # dispatch with webhook_url through the chosen engine
+        if engine == "temporal":
+            shared_engines.ensure_temporal_worker()
+        shared_engines.ensure_worker()  # for temporal, the event goes through webhook.deliver
+        previous = shared_engines.dispatch  # dispatch with webhook_url through the chosen engine
         handle = previous(engine, "system.echo", {"x": 1}, webhook_url=receiver.url)
-        engines.wait(handle.job_id)
+        shared_engines.wait(handle.job_id)
         wait_for(lambda: receiver.requests, timeout=20)
     event = receiver.requests[0]
     assert event.signature_valid
@@ -190,9 +192,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_dead_letters_from_the_command_line(engines, tmp_path):
-    handle = engines.dispatch("dramatiq", "test.fragile", {"marker_dir": str(tmp_path)})
-    assert engines.wait(handle.job_id, timeout=30).state == "dead"
+def test_dead_letters_from_the_command_line(shared_engines, tmp_path):
+    handle = shared_engines.dispatch("dramatiq", "test.fragile", {"marker_dir": str(tmp_path)})
+    assert shared_engines.wait(handle.job_id, timeout=30).state == "dead"
     _logged(handle.job_id, "dead")
 
     listed = [json.loads(line) for line in _cli("dead", "list").stdout.splitlines()]
@@ -204,15 +206,17 @@ def test_dead_letters_from_the_command_line(engines, tmp_path):
     (tmp_path / "fixed").touch()
     replayed = _cli("dead", "replay", handle.job_id)
     assert replayed.returncode == 0, replayed.stderr
-    assert engines.wait(handle.job_id, timeout=30).state == "succeeded"
+    assert shared_engines.wait(handle.job_id, timeout=30).state == "succeeded"
     again = _cli("dead", "replay", handle.job_id)
     assert again.returncode == 2 and "only dead, failed or cancelled jobs replay" in again.stderr
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_an_error_in_the_handler_itself_fails_the_job(engines, engine, tmp_path):
-    handle = engines.dispatch(engine, "test.orchestration_bug", {"marker_dir": str(tmp_path)})
-    status = engines.wait(handle.job_id, timeout=30)
+def test_an_error_in_the_handler_itself_fails_the_job(shared_engines, engine, tmp_path):
+    handle = shared_engines.dispatch(
+        engine, "test.orchestration_bug", {"marker_dir": str(tmp_path)}
+    )
+    status = shared_engines.wait(handle.job_id, timeout=30)
     assert status.state in ("failed", "dead"), status
     assert "KeyError" in (status.error or "")
     assert _logged(handle.job_id, status.state).error_class == "KeyError"

@@ -1,4 +1,5 @@
-"""webhook.deliver on both engines against a real HTTP receiver that checks signatures."""
+"""webhook.deliver on both engines against a real HTTP receiver that checks signatures. The tests
+share the module's workers (`shared_engines`) but the one that sets a queue's attempt cap."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_delivers_signed_body_once(engines, engine):
+def test_delivers_signed_body_once(shared_engines, engine):
     with webhook_receiver(WEBHOOK_SECRET) as receiver:
-        status = engines.run(
+        status = shared_engines.run(
             engine,
             "webhook.deliver",
             {"url": receiver.url, "body": {"event": "done", "n": 1}, "headers": {"X-App": "t"}},
@@ -37,9 +38,11 @@ def test_delivers_signed_body_once(engines, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_retries_after_server_error_then_succeeds(engines, engine):
+def test_retries_after_server_error_then_succeeds(shared_engines, engine):
     with webhook_receiver(WEBHOOK_SECRET, statuses=[500, 200]) as receiver:
-        status = engines.run(engine, "webhook.deliver", {"url": receiver.url, "body": [1, 2]})
+        status = shared_engines.run(
+            engine, "webhook.deliver", {"url": receiver.url, "body": [1, 2]}
+        )
     assert status.state == "succeeded", status
     assert status.attempts == 2
     assert [r.signature_valid for r in receiver.requests] == [True, True]
@@ -47,9 +50,9 @@ def test_retries_after_server_error_then_succeeds(engines, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_client_error_fails_without_retry(engines, engine):
+def test_client_error_fails_without_retry(shared_engines, engine):
     with webhook_receiver(WEBHOOK_SECRET, statuses=[404]) as receiver:
-        status = engines.run(engine, "webhook.deliver", {"url": receiver.url, "body": {}})
+        status = shared_engines.run(engine, "webhook.deliver", {"url": receiver.url, "body": {}})
     assert status.state == "failed", status
     assert status.attempts == 1
     assert "404" in (status.error or "")
@@ -67,9 +70,9 @@ def test_signature_helper_rejects_tampering():
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_retry_policy_is_overridable_per_dispatch(engines, engine):
+def test_retry_policy_is_overridable_per_dispatch(shared_engines, engine):
     with webhook_receiver(WEBHOOK_SECRET, statuses=[500]) as receiver:
-        status = engines.run(
+        status = shared_engines.run(
             engine,
             "webhook.deliver",
             {"url": receiver.url, "body": {}},

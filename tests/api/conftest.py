@@ -26,6 +26,7 @@ import httpx
 import pytest
 import uvicorn
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import OperationalError
 
 from jobyard.api import create_app
 from jobyard.job_engine import env
@@ -40,9 +41,17 @@ JOB_MODULES = "tests.jobs,tests.api.jobs_api"
 def job_log_db(job_log_db_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     engine = get_engine(job_log_db_url)
     tables = [t for t in inspect(engine).get_table_names() if t != "alembic_version"]
-    with engine.begin() as connection:
-        quoted = ", ".join(f'"{t}"' for t in tables)
-        connection.execute(text(f"TRUNCATE {quoted} RESTART IDENTITY CASCADE"))
+    quoted = ", ".join(f'"{t}"' for t in tables)
+    for attempt in range(5):
+        try:
+            with engine.begin() as connection:
+                connection.execute(text(f"TRUNCATE {quoted} RESTART IDENTITY CASCADE"))
+            break
+        except OperationalError as exc:
+            # The module's shared workers (shared_api) keep writing the job log, their shipper's
+            # lease at least: PostgreSQL may pick this TRUNCATE as a deadlock's victim.
+            if "deadlock" not in str(exc) or attempt == 4:
+                raise
     monkeypatch.setenv(env.DATABASE_URL, job_log_db_url)
     return job_log_db_url
 
@@ -130,6 +139,22 @@ def api_job_modules(monkeypatch: pytest.MonkeyPatch, jobyard_env: dict[str, str]
 def api(
     jobyard_env: dict[str, str], api_job_modules: None, job_log_db: str, api_token: str
 ) -> Iterator[ApiServer]:
+    server = ApiServer(api_token).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_settings(job_log_db_url: str) -> dict[str, str]:
+    """The API tests' shared workers load their jobs and write the PostgreSQL job log."""
+    return {env.JOB_MODULES: JOB_MODULES, env.DATABASE_URL: job_log_db_url}
+
+
+@pytest.fixture
+def shared_api(shared_engines: Engines, job_log_db: str, api_token: str) -> Iterator[ApiServer]:
+    """`api` on the module's shared Redis and workers (tests/conftest.py shared_engines): for
+    tests that look at their own jobs only; one that lists or counts every job, queue or worker
+    takes `api` and `engines`."""
     server = ApiServer(api_token).start()
     yield server
     server.stop()

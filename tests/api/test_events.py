@@ -67,16 +67,22 @@ def collect_async(job_id: str) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
 def test_events_stream_resumes_after_a_disconnect(
-    api: ApiServer, engines: Engines, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, engine: str
+    shared_api: ApiServer,
+    shared_engines: Engines,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    engine: str,
 ) -> None:
-    on_engine(engines, monkeypatch, engine)
-    job_id = dispatch(api, "api.steps", {"marker_dir": str(tmp_path), "steps": 4, "seconds": 0.6})
+    on_engine(shared_engines, monkeypatch, engine)
+    job_id = dispatch(
+        shared_api, "api.steps", {"marker_dir": str(tmp_path), "steps": 4, "seconds": 0.6}
+    )
 
     # hang up after the first progress report, mid-run
-    first = read_stream(api, job_id, stop_after=lambda e: e["kind"] == "progress")
+    first = read_stream(shared_api, job_id, stop_after=lambda e: e["kind"] == "progress")
     assert first[-1]["kind"] == "progress" and first[-1]["progress"] < 1
     assert all(e["state"] != "succeeded" for e in first if e["kind"] == "state")
-    rest = read_stream(api, job_id, last_id=first[-1]["seq"])
+    rest = read_stream(shared_api, job_id, last_id=first[-1]["seq"])
     events = first + rest
 
     check_sequence(events)
@@ -87,10 +93,12 @@ def test_events_stream_resumes_after_a_disconnect(
     progress = [e["progress"] for e in events if e["kind"] == "progress"]
     assert progress[-1] == 1 and len(progress) >= 3, progress  # each step's report, live
     # the job is over and this client saw everything: 204 tells EventSource to stop
-    done = api.client.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": str(len(events))})
+    done = shared_api.client.get(
+        f"/jobs/{job_id}/events", headers={"Last-Event-ID": str(len(events))}
+    )
     assert done.status_code == 204
     # a late reader gets the whole story; the Python iterator tells the same one
-    assert read_stream(api, job_id) == events
+    assert read_stream(shared_api, job_id) == events
     assert collect_async(job_id) == events
 
 

@@ -26,13 +26,13 @@ from tests.support import ROOT, RedisServer, free_port, wait_for
 
 @pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
 def test_dispatch_answers_202_and_the_status_url_reaches_the_result(
-    api: ApiServer, engines: Engines, monkeypatch: pytest.MonkeyPatch, engine: str
+    shared_api: ApiServer, shared_engines: Engines, monkeypatch: pytest.MonkeyPatch, engine: str
 ) -> None:
-    on_engine(engines, monkeypatch, engine)
+    on_engine(shared_engines, monkeypatch, engine)
     job_id = f"echo-{engine}-{uuid.uuid4().hex[:8]}"
     payload = {"hello": "world", "n": 7}
 
-    response = api.client.post("/jobs/system.echo", json=payload, params={"job_id": job_id})
+    response = shared_api.client.post("/jobs/system.echo", json=payload, params={"job_id": job_id})
 
     assert response.status_code == 202, response.text
     body = response.json()
@@ -41,24 +41,24 @@ def test_dispatch_answers_202_and_the_status_url_reaches_the_result(
     assert body["status_url"] == f"/jobs/{job_id}"
     assert response.headers["Location"] == body["status_url"]
     assert body["duplicate"] is False
-    done = api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=engines)
+    done = shared_api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=shared_engines)
     assert done["result"] == payload
     assert done["engine"] == engine
     assert done["name"] == "system.echo"
 
 
 def test_a_second_dispatch_with_the_same_job_id_starts_nothing(
-    api: ApiServer, engines: Engines, monkeypatch: pytest.MonkeyPatch
+    shared_api: ApiServer, shared_engines: Engines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    on_engine(engines, monkeypatch, "dramatiq")
+    on_engine(shared_engines, monkeypatch, "dramatiq")
     job_id = f"dup-{uuid.uuid4().hex[:8]}"
-    first = api.client.post("/jobs/system.echo", json={"a": 1}, params={"job_id": job_id})
-    second = api.client.post("/jobs/system.echo", json={"a": 1}, params={"job_id": job_id})
-    other = api.client.post("/jobs/system.echo", json={"a": 2}, params={"job_id": job_id})
+    first = shared_api.client.post("/jobs/system.echo", json={"a": 1}, params={"job_id": job_id})
+    second = shared_api.client.post("/jobs/system.echo", json={"a": 1}, params={"job_id": job_id})
+    other = shared_api.client.post("/jobs/system.echo", json={"a": 2}, params={"job_id": job_id})
     assert (first.status_code, second.status_code, other.status_code) == (202, 202, 409)
     assert first.json()["duplicate"] is False
     assert second.json()["duplicate"] is True
-    done = api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=engines)
+    done = shared_api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=shared_engines)
     assert done["result"] == {"a": 1}
 
 
@@ -138,16 +138,16 @@ def test_status_of_an_unknown_job_is_404(api: ApiServer) -> None:
 
 
 def test_job_ids_with_slashes_round_trip(
-    api: ApiServer, engines: Engines, monkeypatch: pytest.MonkeyPatch
+    shared_api: ApiServer, shared_engines: Engines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    on_engine(engines, monkeypatch, "dramatiq")
+    on_engine(shared_engines, monkeypatch, "dramatiq")
     job_id = f"tenant/7/report-{uuid.uuid4().hex[:6]}"
-    response = api.client.post("/jobs/system.echo", json={"x": 1}, params={"job_id": job_id})
+    response = shared_api.client.post("/jobs/system.echo", json={"x": 1}, params={"job_id": job_id})
     assert response.status_code == 202
     status_url = response.json()["status_url"]
     assert "%2F" in status_url
-    api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=engines)
-    assert api.client.get(status_url).json()["job_id"] == job_id
+    shared_api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=shared_engines)
+    assert shared_api.client.get(status_url).json()["job_id"] == job_id
 
 
 def test_health_reports_each_engine(

@@ -76,93 +76,95 @@ def test_state_and_progress_move_and_the_job_log_fills_in(
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_cancel_a_queued_job_so_it_never_runs(
-    api: ApiServer,
-    engines: Engines,
+    shared_api: ApiServer,
+    shared_engines: Engines,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     admin_token: str,
     engine: str,
 ) -> None:
-    on_engine(engines, monkeypatch, engine)
+    on_engine(shared_engines, monkeypatch, engine)
     job_id = dispatch(
-        api, "api.steps", {"marker_dir": str(tmp_path), "steps": 1, "seconds": 0}, delay=3
+        shared_api, "api.steps", {"marker_dir": str(tmp_path), "steps": 1, "seconds": 0}, delay=3
     )
-    assert api.job(job_id)["state"] == "queued"
+    assert shared_api.job(job_id)["state"] == "queued"
 
-    response = api.client.delete(f"/jobs/{job_id}", headers=api.admin(admin_token))
+    response = shared_api.client.delete(f"/jobs/{job_id}", headers=shared_api.admin(admin_token))
 
     assert response.status_code == 200, response.text
     assert response.json()["job_id"] == job_id
-    api.wait_for(job_id, lambda j: j["state"] == "cancelled", engines=engines)
+    shared_api.wait_for(job_id, lambda j: j["state"] == "cancelled", engines=shared_engines)
     time.sleep(4)  # past the delay: a job that was not really cancelled would run now
     assert runs(tmp_path, "step-0") == 0
-    assert api.job(job_id)["state"] == "cancelled"
-    cancelled = api.client.get("/jobs", params={"state": "cancelled"}).json()
+    assert shared_api.job(job_id)["state"] == "cancelled"
+    cancelled = shared_api.client.get("/jobs", params={"state": "cancelled"}).json()
     assert job_id in [j["job_id"] for j in cancelled]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_cancel_a_running_job_stops_it_between_steps(
-    api: ApiServer,
-    engines: Engines,
+    shared_api: ApiServer,
+    shared_engines: Engines,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     admin_token: str,
     engine: str,
 ) -> None:
-    on_engine(engines, monkeypatch, engine)
-    job_id = dispatch(api, "api.steps", {"marker_dir": str(tmp_path), "steps": 4, "seconds": 1.5})
+    on_engine(shared_engines, monkeypatch, engine)
+    job_id = dispatch(
+        shared_api, "api.steps", {"marker_dir": str(tmp_path), "steps": 4, "seconds": 1.5}
+    )
     deadline = time.monotonic() + 30
     while runs(tmp_path, "step-0") == 0:
-        assert time.monotonic() < deadline, engines.logs()
+        assert time.monotonic() < deadline, shared_engines.logs()
         time.sleep(0.05)
 
-    response = api.client.delete(f"/jobs/{job_id}", headers=api.admin(admin_token))
+    response = shared_api.client.delete(f"/jobs/{job_id}", headers=shared_api.admin(admin_token))
 
     assert response.status_code == 200, response.text
-    api.wait_for(job_id, lambda j: j["state"] == "cancelled", engines=engines)
+    shared_api.wait_for(job_id, lambda j: j["state"] == "cancelled", engines=shared_engines)
     time.sleep(3.5)  # long enough for two more steps, had the job kept going
     assert runs(tmp_path, "step-3") == 0
     assert runs(tmp_path, "step-2") == 0
-    assert api.job(job_id)["state"] == "cancelled"
+    assert shared_api.job(job_id)["state"] == "cancelled"
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_job_that_exhausts_its_retries_is_dead_and_replays(
-    api: ApiServer,
-    engines: Engines,
+    shared_api: ApiServer,
+    shared_engines: Engines,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     admin_token: str,
     engine: str,
 ) -> None:
-    on_engine(engines, monkeypatch, engine)
-    job_id = dispatch(api, "api.flaky", {"marker_dir": str(tmp_path)})
+    on_engine(shared_engines, monkeypatch, engine)
+    job_id = dispatch(shared_api, "api.flaky", {"marker_dir": str(tmp_path)})
 
     def in_dead_letters() -> list[dict[str, Any]]:
-        return [j for j in api.client.get("/dead").json() if j["job_id"] == job_id]
+        return [j for j in shared_api.client.get("/dead").json() if j["job_id"] == job_id]
 
-    api.wait_for(job_id, lambda j: j["state"] in ("dead", "failed"), engines=engines)
+    shared_api.wait_for(job_id, lambda j: j["state"] in ("dead", "failed"), engines=shared_engines)
     deadline = time.monotonic() + 10
     while not in_dead_letters():  # the job log is written in batches
-        assert time.monotonic() < deadline, api.job(job_id)
+        assert time.monotonic() < deadline, shared_api.job(job_id)
         time.sleep(0.2)
     (dead,) = in_dead_letters()
     assert dead["attempts"] == 2
     assert dead["error_class"] and "RuntimeError" in dead["error_class"]
     assert "not allowed yet" in dead["error_message"]
-    detail = api.job(job_id)
+    detail = shared_api.job(job_id)
     assert "not allowed yet" in (detail.get("error") or detail["error_message"])
     assert runs(tmp_path, "check") == 2
     assert runs(tmp_path, "prepare") == 1
 
     (tmp_path / ALLOW_FILE).touch()
-    replay = api.client.post(f"/jobs/{job_id}/replay", headers=api.admin(admin_token))
+    replay = shared_api.client.post(f"/jobs/{job_id}/replay", headers=shared_api.admin(admin_token))
 
     assert replay.status_code == 202, replay.text
     assert replay.json()["job_id"] == job_id
     assert replay.json()["status_url"] == f"/jobs/{job_id}"
-    done = api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=engines)
+    done = shared_api.wait_for(job_id, lambda j: j["state"] == "succeeded", engines=shared_engines)
     # replay_job's contract: on Dramatiq finished steps keep their results; a Temporal replay
     # is a new workflow run, so its steps run again
     prepare_runs = 1 if engine == "dramatiq" else 2
@@ -177,21 +179,23 @@ def test_a_job_that_exhausts_its_retries_is_dead_and_replays(
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_replaying_an_active_job_is_409(
-    api: ApiServer,
-    engines: Engines,
+    shared_api: ApiServer,
+    shared_engines: Engines,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     admin_token: str,
     engine: str,
 ) -> None:
-    on_engine(engines, monkeypatch, engine)
+    on_engine(shared_engines, monkeypatch, engine)
     job_id = dispatch(
-        api, "api.steps", {"marker_dir": str(tmp_path), "steps": 1, "seconds": 0}, delay=30
+        shared_api, "api.steps", {"marker_dir": str(tmp_path), "steps": 1, "seconds": 0}, delay=30
     )
-    response = api.client.post(f"/jobs/{job_id}/replay", headers=api.admin(admin_token))
+    response = shared_api.client.post(
+        f"/jobs/{job_id}/replay", headers=shared_api.admin(admin_token)
+    )
     assert response.status_code == 409
     assert response.json()["state"] == "queued"
-    api.client.delete(f"/jobs/{job_id}", headers=api.admin(admin_token))
+    shared_api.client.delete(f"/jobs/{job_id}", headers=shared_api.admin(admin_token))
 
 
 def test_queues_and_workers_show_the_live_system(
