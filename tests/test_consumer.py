@@ -1,15 +1,20 @@
-"""JobyardConsumer refills its prefetch window in batches, woken by acks (real Redis)."""
+"""JobyardConsumer refills its prefetch window in batches, woken by acks; JobyardWorker's
+threads share it (real Redis)."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import dramatiq
+import pytest
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import Middleware, SkipMessage
 
 from jobyard.queue.broker import JobyardBroker
 from jobyard.queue.runner import ACKED
+from jobyard.queue.worker import JobyardWorker
 
 QUEUE = "default"
 
@@ -63,4 +68,101 @@ def test_an_ack_wakes_a_waiting_consumer_at_once(redis_server) -> None:
     started = time.monotonic()
     assert next(consumer) is not None  # woken by the acks, not by the 5 s timeout
     assert time.monotonic() - started < 2
+    broker.close()
+
+
+def pulled_worker(redis_url: str, run, *, threads: int, prefetch: int):
+    """A JobyardWorker on QUEUE whose actor calls `run(n)` for message n."""
+    broker = JobyardBroker(url=redis_url, namespace="dramatiq", middleware=[])
+    dramatiq.Actor(run, broker=broker, actor_name="noop", queue_name=QUEUE, priority=0, options={})
+    broker.declare_queue(QUEUE)
+    worker = JobyardWorker(broker, queues={QUEUE}, worker_threads=threads, worker_timeout=100)
+    worker.queue_prefetch = prefetch
+    return broker, worker
+
+
+def test_worker_threads_share_the_fetched_messages_and_none_waits_behind_a_busy_one(
+    redis_server,
+) -> None:
+    fill(redis_server.url, 30)
+    runs: list[int] = []
+    release = threading.Event()
+
+    def run(n: int) -> None:
+        runs.append(n)
+        if n == 0:  # the first message holds its thread until the others are done
+            release.wait(10)
+
+    broker, worker = pulled_worker(redis_server.url, run, threads=2, prefetch=8)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while len(runs) < 30 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    done_while_held = len(runs)
+    release.set()
+    worker.stop(timeout=5000)
+    assert done_while_held == 30  # none waited for message 0's thread
+    assert sorted(runs) == list(range(30))  # each once
+    assert broker.client.llen(f"dramatiq:{QUEUE}") == 0
+    assert broker.client.hlen(f"dramatiq:{QUEUE}.msgs") == 0  # every one acked
+    broker.close()
+
+
+def test_a_stop_puts_back_the_messages_fetched_and_not_taken(redis_server) -> None:
+    fill(redis_server.url, 10)
+    runs: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    def run(n: int) -> None:
+        runs.append(n)
+        started.set()
+        release.wait(10)
+
+    broker, worker = pulled_worker(redis_server.url, run, threads=1, prefetch=8)
+    worker.start()
+    assert started.wait(5)
+    stopping = threading.Thread(target=worker.stop, kwargs={"timeout": 5000})
+    stopping.start()
+    time.sleep(0.3)  # the stop is under way: no thread may take another message
+    release.set()
+    stopping.join(10)
+    assert runs == [0]
+    # The running one was acked; the seven fetched with it are back with the two never fetched.
+    assert broker.client.llen(f"dramatiq:{QUEUE}") == 9
+    assert broker.client.hlen(f"dramatiq:{QUEUE}.msgs") == 9
+    assert not broker.client.keys("dramatiq:__acks__.*")
+    broker.close()
+
+
+class Recording(Middleware):
+    def __init__(self, name: str, calls: list[str], *, fail: bool = False) -> None:
+        self.name, self.calls, self.fail = name, calls, fail
+
+    def before_process_message(self, broker, message) -> None:
+        self.calls.append(f"before {self.name}")
+        if self.fail:
+            raise RuntimeError("broken middleware")
+
+    def after_process_message(self, broker, message, *, result=None, exception=None) -> None:
+        self.calls.append(f"after {self.name}")
+
+
+class Skipping(Middleware):
+    def before_process_message(self, broker, message) -> None:
+        raise SkipMessage()
+
+
+def test_signals_reach_the_middleware_that_handle_them_in_dramatiqs_order(redis_server) -> None:
+    calls: list[str] = []
+    broker = JobyardBroker(url=redis_server.url, namespace="dramatiq", middleware=[])
+    broker.add_middleware(Recording("a", calls))
+    broker.add_middleware(Middleware())  # handles nothing: not called
+    assert broker.hooks("before_process_message") == [broker.middleware[0].before_process_message]
+    broker.add_middleware(Recording("b", calls, fail=True))  # a new one is seen at once
+    broker.emit_before("process_message", None)  # b's failure is logged, not raised
+    broker.emit_after("process_message", None, result=None)
+    assert calls == ["before a", "before b", "after b", "after a"]
+    broker.add_middleware(Skipping())
+    with pytest.raises(SkipMessage):  # Dramatiq's worker acts on it
+        broker.emit_before("process_message", None)
     broker.close()

@@ -48,3 +48,12 @@ def test_a_lost_server_fails_the_call_and_the_next_one_tries_to_connect(redis_se
         store.live_workers("default", 60_000)
     with pytest.raises(ConnectFailed):  # nothing was sent: the outcome is known
         store.live_workers("default", 60_000)
+
+
+def test_a_value_redis_cannot_take_gets_redis_pys_error_and_the_connection_stays_usable(
+    redis_server,
+) -> None:
+    store = DirectJobStore(make_client(redis_server.url, timeout=2.0))
+    with pytest.raises(redis.DataError):  # hiredis refuses a bool; redis-py's packer says why
+        store.take_lease("lease", True, 10_000)  # type: ignore[arg-type]
+    assert store.take_lease("lease", "me", 10_000) is True

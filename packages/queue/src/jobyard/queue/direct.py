@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import hiredis
 import redis
 
 from jobyard.queue.store import JobStore
@@ -48,10 +49,29 @@ class DirectJobStore(JobStore):
             connection.disconnect()
         if connection._sock is None:  # connect() itself, which raises ConnectFailed on failure
             connection.connect()
-        connection.send_packed_command(
-            connection.pack_command("EVALSHA", sha, len(keys_), *keys_, *args), check_health=False
-        )
+        _send(connection, ("EVALSHA", sha, len(keys_), *keys_, *args))
         return connection.read_response()
+
+
+def _send(connection: Any, command: tuple[Any, ...]) -> None:
+    """redis-py's `send_packed_command`, errors and all, with the command packed by hiredis in
+    one C call (redis-py's packer costs a worker's script call about 7 us more)."""
+    try:
+        packed = hiredis.pack_command(command)
+    except TypeError:  # a value hiredis cannot pack: redis-py's packer says why (DataError)
+        connection.send_packed_command(connection.pack_command(*command), check_health=False)
+        return
+    try:
+        connection._sock.sendall(packed)
+    except TimeoutError as exc:
+        connection.disconnect()
+        raise redis.TimeoutError("Timeout writing to socket") from exc
+    except OSError as exc:
+        connection.disconnect()
+        raise redis.ConnectionError(f"Error while writing to socket: {exc.args}") from exc
+    except BaseException:
+        connection.disconnect()  # a half-sent command must not be followed by another
+        raise
 
 
 def _closed(connection: Any) -> bool:
