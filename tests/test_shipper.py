@@ -4,6 +4,7 @@ once. Real Redis, real SQLite and PostgreSQL, real processes."""
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 import uuid
@@ -13,7 +14,7 @@ from sqlalchemy import select
 
 from jobyard.dispatcher import get_job_record
 from jobyard.dispatcher.metrics import render
-from jobyard.job_engine.db import get_engine
+from jobyard.job_engine.db import get_engine, joblog
 from jobyard.job_engine.db.joblog import JobLogWriter, writer
 from jobyard.job_engine.db.models import JobEvent, JobLog
 from jobyard.queue import keys
@@ -86,6 +87,27 @@ def test_a_finished_job_is_shipped_and_trimmed(store, job_log_database):
     assert record.enqueued_at <= record.started_at <= record.finished_at
     assert record.duration_ms is not None
     assert _marked(store) == []
+
+
+def test_the_garbage_collector_is_paused_only_while_a_batch_is_written(
+    store, job_log_database, monkeypatch
+):
+    """Each entry makes a row and an event, alive until the batch is written: the collector
+    would traverse the heap again and again for no cycle (see jobyard.job_engine.collector)."""
+    ship = joblog.ship
+    seen: list[bool] = []
+
+    def watched(events, url=None):
+        seen.append(gc.isenabled())
+        return ship(events, url)
+
+    monkeypatch.setattr(joblog, "ship", watched)
+    job_id = _enqueue(store)
+    store.complete(job_id, 0, resume=False, result={"ok": 1})
+    assert gc.isenabled()
+    JobLogShipper(store, 0.1, database_url=job_log_database).ship_all()
+    assert seen == [False] and gc.isenabled()
+    assert get_job_record(job_id).state == "succeeded"
 
 
 def test_a_change_made_while_shipping_stays_in_the_outbox(store, job_log_database):

@@ -26,6 +26,7 @@ from typing import Any
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from jobyard.job_engine.collector import collector_paused
 from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.joblog import REPORTED, OutboxEvent
 from jobyard.job_engine.lifecycle import FINAL_STATES
@@ -110,10 +111,11 @@ class JobLogShipper:
     def ship_batch(self, *, trim: bool = True) -> int:
         """Ship the oldest outbox entries; returns how many were read (0: none left).
         `trim=False` leaves them in Redis, as a shipper that died after its commit would."""
-        entries = self.store.job_log_entries(self.batch)
-        if not entries:
-            return 0
-        self._write([to_event(entry_id, entry) for entry_id, entry in entries])
+        with collector_paused():
+            entries = self.store.job_log_entries(self.batch)
+            if not entries:
+                return 0
+            self._write([to_event(entry_id, entry) for entry_id, entry in entries])
         if trim:
             self.store.job_log_shipped(entries[-1][0])
         return len(entries)
