@@ -15,6 +15,7 @@ from dramatiq.middleware import Middleware, SkipMessage
 from jobyard.queue.broker import JobyardBroker
 from jobyard.queue.runner import ACKED
 from jobyard.queue.worker import JobyardWorker
+from tests.support import RedisServer, wait_for
 
 QUEUE = "default"
 
@@ -166,3 +167,27 @@ def test_signals_reach_the_middleware_that_handle_them_in_dramatiqs_order(redis_
     with pytest.raises(SkipMessage):  # Dramatiq's worker acts on it
         broker.emit_before("process_message", None)
     broker.close()
+
+
+def test_the_shared_consumer_is_made_again_after_redis_comes_back() -> None:
+    server = RedisServer(aof=True).start()
+    try:
+        fill(server.url, 20)
+        runs: list[int] = []
+
+        def run(n: int) -> None:
+            runs.append(n)
+            time.sleep(0.05)
+
+        broker, worker = pulled_worker(server.url, run, threads=2, prefetch=2)
+        broker.client.connection_pool.connection_kwargs["socket_timeout"] = 1
+        worker.start()
+        wait_for(lambda: len(runs) >= 4, timeout=5)
+        server.kill()
+        time.sleep(1.5)  # the threads' fetches fail meanwhile
+        server.start()
+        wait_for(lambda: set(runs) == set(range(20)), timeout=30)
+        worker.stop(timeout=5000)
+        broker.close()
+    finally:
+        server.stop()
