@@ -31,8 +31,18 @@
 
 local command = ARGV[1]
 
+-- Redis's clock, read once per call: every time one call writes is the same instant (and a
+-- call that writes a job's record and its outbox entry makes one TIME call, not two).
+local clock
+local function redis_time()
+    if not clock then
+        clock = redis.call("time")
+    end
+    return clock
+end
+
 local function now_ms()
-    local t = redis.call("time")
+    local t = redis_time()
     return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
@@ -52,7 +62,7 @@ local function changed(events_key, job_key, ...)
     if not events_key then
         return
     end
-    local t = redis.call("time")
+    local t = redis_time()
     local entry = {"job", job_key, "at", t[1] .. "." .. string.format("%06d", t[2])}
     local fields = {...}
     for i = 1, select("#", ...), 2 do
