@@ -8,6 +8,8 @@ from typing import Any
 
 import dramatiq
 import redis
+from dramatiq import Message
+from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import CurrentMessage, Middleware, MiddlewareError, TimeLimit
@@ -50,6 +52,32 @@ class JobyardConsumer(_RedisConsumer):
         if message is not None:
             self.delivered.add(message.options["redis_message_id"])
         return message
+
+    def take_cached(self) -> MessageProxy | None:
+        """A fetched message, if one is waiting, without the lock `__next__` needs: list.pop is
+        atomic, so each message goes to one caller."""
+        try:
+            data = self.message_cache.pop(0)
+        except IndexError:
+            return None
+        if data is None:  # see Dramatiq's __next__ (its issue 266)
+            return None
+        message = Message.decode(data)
+        self.queued_message_ids.add(message.message_id)
+        self.delivered.add(message.options["redis_message_id"])
+        return MessageProxy(message)
+
+    def take_all_cached(self) -> list[MessageProxy]:
+        """Every fetched message still waiting (to put back): each goes to one caller, as with
+        `take_cached`, but is not marked handed on."""
+        taken: list[MessageProxy] = []
+        while True:
+            try:
+                data = self.message_cache.pop(0)
+            except IndexError:
+                return taken
+            if data is not None:
+                taken.append(MessageProxy(Message.decode(data)))
 
     def _settled(self, message: Any) -> None:
         """Called from worker threads as each message is done."""

@@ -25,11 +25,12 @@ from typing import Any
 
 import dramatiq
 import redis
-from dramatiq.broker import Broker, Consumer, MessageProxy
+from dramatiq.broker import Broker, MessageProxy
 from dramatiq.common import current_millis, iter_queue, q_name
 from dramatiq.errors import BrokerConnectionError, ConnectionClosed
-from dramatiq.message import Message
 from dramatiq.worker import CONSUMER_RESTART_DELAY_SECS, ConsumerThread, WorkerThread
+
+from jobyard.queue.broker import JobyardConsumer
 
 log = logging.getLogger("jobyard.worker")
 
@@ -87,8 +88,8 @@ class KeepDelayedConsumerThread(ConsumerThread):
 
 class PulledQueue:
     """A queue's Dramatiq consumer, shared by the worker threads that run its messages. A thread
-    takes its next message itself, under a lock; the one that finds none fetched fetches the
-    next batch (JobyardConsumer's window). No message waits behind a busy thread.
+    takes its next message itself; the one that finds none fetched fetches the next batch, under
+    a lock (JobyardConsumer's window). No message waits behind a busy thread.
 
     Dramatiq's consumer thread does the same fetching, then hands each message over through a
     priority queue. Measured with bare Dramatiq actors at 4 processes x 8 threads, the same
@@ -98,7 +99,7 @@ class PulledQueue:
         self.broker, self.queue_name = broker, queue_name
         self.prefetch, self.timeout_ms = prefetch, timeout_ms
         self.lock = threading.Lock()
-        self.consumer: Consumer | None = None
+        self.consumer: JobyardConsumer | None = None
         self.broken = False  # the consumer failed: a new one is made at `reconnect_at`
         self.reconnect_at = 0.0
         self.taking = True
@@ -108,6 +109,11 @@ class PulledQueue:
         if not self.taking:
             time.sleep(self.timeout_ms / 1000)
             return None
+        consumer = self.consumer
+        if consumer is not None and not self.broken:
+            message = consumer.take_cached()
+            if message is not None:
+                return message
         wait = self.reconnect_at - time.monotonic()
         if wait > 0:
             time.sleep(min(wait, self.timeout_ms / 1000))
@@ -117,12 +123,13 @@ class PulledQueue:
                 return None
             try:
                 if self.consumer is None or self.broken:
-                    self.consumer = self.broker.consume(
+                    self.consumer = self.broker.consume(  # type: ignore[assignment]
                         self.queue_name, self.prefetch, self.timeout_ms
                     )
                     self.broken = False
-                message: MessageProxy | None = next(self.consumer)
-                return message
+                assert self.consumer is not None
+                fetched: MessageProxy | None = next(self.consumer)
+                return fetched
             except BrokerConnectionError as exc:
                 log.critical("consumer of %s lost its connection: %s", self.queue_name, exc)
             except Exception:
@@ -161,10 +168,9 @@ class PulledQueue:
         consumer = self.consumer
         if consumer is None:
             return
-        cached: list[Any] = getattr(consumer, "message_cache", [])
+        cached = consumer.take_all_cached()  # one a late thread took is not put back as well
         try:
-            consumer.requeue([MessageProxy(Message.decode(d)) for d in cached if d is not None])
-            cached.clear()
+            consumer.requeue(cached)  # type: ignore[no-untyped-call]
         except BrokerConnectionError:
             # They stay in this worker's ack set, which a peer's sweep requeues once this
             # process's heartbeat has expired.
