@@ -109,10 +109,12 @@ class WorkerProcess:
 
         self.queues = queues
         self.worker_id = new_worker_id()
-        # With the job log on, every job change is marked for the supervisor's shipper.
+        # With the job log on, every job change is marked for the supervisor's shipper. The
+        # job threads' calls made at the same moment share a round trip (CallGroup).
         self.store = DirectJobStore(
             get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT)),
             log_changes=joblog.enabled(),
+            group_calls=True,
         )
         self.in_flight = InFlight()
         self.brokers: dict[str, RedisBroker] = {}

@@ -11,11 +11,17 @@ Errors are what they were: redis-py's Connection disconnects itself on any error
 or reading (a half-read reply is never reused) and the next call reconnects; a reply error
 (NOSCRIPT, a script error) leaves the connection clean. There are no client-side retries to
 lose: jobyard's clients make none (jobyard.queue.client).
+
+A worker's store (`group_calls=True`) also lets calls made at the same moment by several of the
+process's threads share one round trip (`CallGroup`): each call still gets its own reply, or
+its own error.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -26,24 +32,36 @@ from jobyard.queue.store import JobStore
 
 class DirectJobStore(JobStore):
     def __init__(
-        self, client: redis.Redis, *, log_changes: bool = False, check_closed: bool = False
+        self,
+        client: redis.Redis,
+        *,
+        log_changes: bool = False,
+        check_closed: bool = False,
+        group_calls: bool = False,
     ) -> None:
         """`check_closed`: before each call, look whether the server closed the connection (as
         redis-py's pool does, one poll), and connect again if so. A dispatcher needs it: a call
         sent on a closed connection fails after sending, which is ambiguous (did Redis run it?),
-        where a failed connect proves it did not, and the job goes to Temporal cleanly."""
+        where a failed connect proves it did not, and the job goes to Temporal cleanly.
+        `group_calls`: the threads' concurrent calls share round trips (`CallGroup`)."""
         super().__init__(client, log_changes=log_changes)
         self._local = threading.local()
         self._check_closed = check_closed
+        self._group = CallGroup(self._new_connection) if group_calls else None
+
+    def _new_connection(self) -> Any:
+        pool = self.client.connection_pool
+        return pool.connection_class(**pool.connection_kwargs)
 
     def _connection(self) -> Any:
         connection = getattr(self._local, "connection", None)
         if connection is None:
-            pool = self.client.connection_pool
-            connection = self._local.connection = pool.connection_class(**pool.connection_kwargs)
+            connection = self._local.connection = self._new_connection()
         return connection
 
     def _evalsha(self, sha: str, keys_: list[str], args: tuple[Any, ...]) -> Any:
+        if self._group is not None:
+            return self._group.call(("EVALSHA", sha, len(keys_), *keys_, *args))
         connection = self._connection()
         if connection._sock is not None and self._check_closed and _closed(connection):
             connection.disconnect()
@@ -61,6 +79,10 @@ def _send(connection: Any, command: tuple[Any, ...]) -> None:
     except TypeError:  # a value hiredis cannot pack: redis-py's packer says why (DataError)
         connection.send_packed_command(connection.pack_command(*command), check_health=False)
         return
+    _sendall(connection, packed)
+
+
+def _sendall(connection: Any, packed: bytes) -> None:
     try:
         connection._sock.sendall(packed)
     except TimeoutError as exc:
@@ -81,3 +103,140 @@ def _closed(connection: Any) -> bool:
         return bool(connection.can_read(timeout=0))
     except redis.ConnectionError:
         return True
+
+
+#: A call's reply before it has one (a script may reply nil: None).
+_UNANSWERED: Any = object()
+
+
+class _Call:
+    """One thread's command in a `CallGroup`, and its answer."""
+
+    __slots__ = ("answered", "command", "error", "leads", "reply")
+
+    def __init__(self, command: tuple[Any, ...]) -> None:
+        self.command = command
+        self.reply: Any = _UNANSWERED
+        self.error: BaseException | None = None
+        self.leads = False  # handed the sending of the next round trip
+        # Held until the call is answered or made the leader: its thread waits on it.
+        self.answered = threading.Lock()
+        self.answered.acquire()
+
+    @property
+    def pending(self) -> bool:
+        return self.error is None and self.reply is _UNANSWERED
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+
+class CallGroup:
+    """Script calls of a process's threads, made at the same moment, share one round trip.
+
+    A worker's no-op job spends about 45 us of client CPU on its one script call sent alone
+    (a send and a receive syscall, and a wake-up), and 10-15 us when four go together. The
+    first thread to call while no round trip is under way leads: it sends every call waiting
+    (its own among them) in one write, reads their replies in order, and hands each its own.
+    Calls made meanwhile wait, and the first of them leads the next round trip. No call waits
+    for a batch to fill: a call alone is sent at once.
+
+    Errors stay each call's own: an error reply (NOSCRIPT, a script error) goes to its call
+    only, and the connection stays usable. A lost connection or a timeout fails every call not
+    yet answered, as it would have failed each alone (what Redis ran is unknown: the caller's
+    ambiguity is the same), and the next round trip connects again. An interruption of the
+    leading thread (Dramatiq's time limit) is raised in that thread only; the other calls get
+    a ConnectionError.
+    """
+
+    def __init__(self, connect: Callable[[], Any]) -> None:
+        self._connect = connect
+        self._connection: Any = None
+        self._lock = threading.Lock()
+        self._waiting: list[_Call] = []
+        self._sending = False
+
+    def call(self, command: tuple[Any, ...]) -> Any:
+        call = _Call(command)
+        with self._lock:
+            self._waiting.append(call)
+            leads = not self._sending
+            self._sending = True
+        if not leads:
+            call.answered.acquire()
+            if not call.leads:
+                return call.result()
+        self._lead()
+        return call.result()
+
+    def _lead(self) -> None:
+        with self._lock:
+            batch, self._waiting = self._waiting, []
+        try:
+            self._round_trip(batch)
+        finally:
+            with self._lock:
+                successor = self._waiting[0] if self._waiting else None
+                self._sending = successor is not None
+            for call in batch:
+                call.answered.release()
+            if successor is not None:
+                successor.leads = True
+                successor.answered.release()
+
+    def _round_trip(self, batch: list[_Call]) -> None:
+        try:
+            connection = self._connected()
+            for call in self._send(connection, batch):
+                try:
+                    call.reply = connection.read_response()
+                except redis.ResponseError as exc:  # this call's own: the connection is clean
+                    call.error = exc
+        except BaseException as exc:
+            if self._connection is not None:
+                self._connection.disconnect()
+            for call in batch:
+                if call.pending:
+                    call.error = _lost(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _connected(self) -> Any:
+        if self._connection is None:
+            self._connection = self._connect()
+        if self._connection._sock is None:  # connect() itself: ConnectFailed on failure
+            self._connection.connect()
+        return self._connection
+
+    @staticmethod
+    def _send(connection: Any, batch: list[_Call]) -> list[_Call]:
+        """Writes the batch's commands in one write; returns the calls sent (a command hiredis
+        cannot pack goes through redis-py's packer, which raises DataError for a bad value)."""
+        packed: list[bytes] = []
+        sent: list[_Call] = []
+        for call in batch:
+            try:
+                packed.append(hiredis.pack_command(call.command))
+            except TypeError:
+                try:
+                    packed.append(b"".join(connection.pack_command(*call.command)))
+                except redis.DataError as exc:
+                    call.error = exc
+                    continue
+            sent.append(call)
+        if sent:
+            _sendall(connection, b"".join(packed))
+        return sent
+
+
+def _lost(exc: BaseException) -> BaseException:
+    """A failed round trip's error for one of its calls: a copy of Redis's error (each thread
+    raises its own), or a ConnectionError for an interruption of the leading thread."""
+    if isinstance(exc, redis.RedisError):
+        lost = copy.copy(exc)
+    else:
+        lost = redis.ConnectionError(f"round trip interrupted: {type(exc).__name__}")
+    lost.__cause__ = exc
+    return lost
