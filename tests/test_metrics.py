@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 
 import httpx
 
@@ -67,3 +70,39 @@ def test_fallbacks_by_reason_and_queue_depth(engines, monkeypatch):
     assert metric_value(samples, "jobyard_fallbacks_total", reason="flag_off") - before == 3
     assert metric_value(samples, "jobyard_queue_live_workers", queue="data-sync") == 1
     assert metric_value(samples, "jobyard_queue_live_workers", queue="default") == 0
+
+
+_FORKED_COUNTS = """
+import os, sys
+from prometheus_client import CollectorRegistry, multiprocess
+from jobyard.job_engine import metrics
+
+metrics.JOBS.labels("a.job", "default", "dramatiq", "succeeded").inc()
+child = os.fork()
+if child == 0:
+    metrics.JOBS.labels("a.job", "default", "dramatiq", "succeeded").inc(10)
+    os._exit(0)
+os.waitpid(child, 0)
+registry = CollectorRegistry()
+multiprocess.MultiProcessCollector(registry)
+print(registry.get_sample_value(
+    "jobyard_jobs_total",
+    {"name": "a.job", "queue": "default", "engine": "dramatiq", "outcome": "succeeded"},
+))
+print(sorted(os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"])))
+print(os.getpid(), child)
+"""
+
+
+def test_a_forked_process_counts_in_a_file_of_its_own(tmp_path):
+    """Multiprocess values read the process id once per process: a fork must still be seen,
+    or the child would write into its parent's file (and its counts be lost or doubled)."""
+    script = subprocess.run(
+        [sys.executable, "-c", _FORKED_COUNTS],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    total, files, pids = script.stdout.splitlines()
+    parent, child = pids.split()
+    assert float(total) == 11.0
+    assert files == str(sorted([f"counter_{parent}.db", f"counter_{child}.db"]))
