@@ -202,6 +202,25 @@ def test_a_batch_shipped_again_after_a_crash_adds_no_event(store, database):
     assert _marked(store) == []
 
 
+def test_any_job_id_finds_its_own_row_when_shipped_again(jobyard_env, database):
+    """The ids to lock travel as one value (PostgreSQL: a JSON array): an id with a quote, a
+    backslash, a comma, braces or spelling NULL still finds its own row, so a batch shipped
+    again adds nothing, and a later change is numbered after the first."""
+    suffix = uuid.uuid4().hex[:8]
+    ids = [f'q"uote-{suffix}', f"back\\slash-{suffix}", f"com,ma-{suffix}", f"{{brace}}-{suffix}",
+           "NULL", f"sp ace-ünï-{suffix}"]  # fmt: skip
+    running = {"state": "running", "name": "system.echo", "queue": "default", "attempts": 1}
+    first = [(1, 1_790_000_000.0, job_id, {"engine": "dramatiq", **running}) for job_id in ids]
+    assert joblog.ship(first, database) == len(ids)
+    assert joblog.ship(first, database) == 0
+    done = {"engine": "dramatiq", "state": "succeeded", "finished_at": 1_790_000_001.0}
+    assert joblog.ship([(2, 1_790_000_001.0, job_id, done) for job_id in ids], database) == 6
+    for job_id in ids:
+        assert _events(database, job_id) == [
+            ("state", "running", "dramatiq", 1), ("state", "succeeded", "dramatiq", 1),
+        ], job_id  # fmt: skip
+
+
 def test_marks_wait_while_the_database_is_down(store, job_log_database):
     job_id = _enqueue(store)
     store.complete(job_id, 0, resume=False, result=1)

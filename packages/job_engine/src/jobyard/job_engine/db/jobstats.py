@@ -16,9 +16,10 @@ writers in several processes never lose one another's counts.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 #: Upper bounds (ms) of the histogram buckets; the last bucket has no upper bound.
@@ -46,17 +47,27 @@ def period_of(moment: datetime, span: int) -> datetime:
     return moment.replace(second=0, microsecond=0)
 
 
-Increment = tuple[str, datetime, bool, int | None, int | None]
+def minute_of(moment: float) -> int:
+    """The minute (since the epoch) of unix seconds `moment`, as the job log stores it:
+    datetime.fromtimestamp rounds to the microsecond first (half to even), so a moment within
+    half a microsecond of the next minute is in that minute, as the job's finished_at is."""
+    fraction, whole = math.modf(moment)
+    microseconds = round(fraction * 1e6)
+    return (int(whole) + (microseconds >= 1_000_000) - (microseconds < 0)) // 60
+
+
+#: (queue, when it finished in unix seconds, failed, run bucket, wait bucket)
+Increment = tuple[str, float, bool, int | None, int | None]
 
 
 def increment(
     queue: str | None,
-    finished_at: datetime,
+    finished_at: float,
     state: str,
     duration_ms: float | None,
     wait_ms: float | None,
 ) -> Increment:
-    """One finished job: (queue, when it finished, failed, run bucket, wait bucket)."""
+    """One finished job (`finished_at`: unix seconds)."""
     return (
         queue or "",
         finished_at,
@@ -69,19 +80,20 @@ def increment(
 def combine(increments: list[Increment]) -> list[dict[str, Any]]:
     """The increments added up per (queue, span, period): one job_stats row to add each."""
     # Alike increments (same queue, minute, outcome and buckets; a minute lies in one period of
-    # every span) are counted first: a batch of thousands of jobs holds a few dozen kinds.
+    # every span) are counted first: a batch of thousands of jobs holds a few dozen kinds. A
+    # period is kept in unix seconds until its row is made: datetimes per job cost more.
     kinds = Counter(
-        (queue, period_of(finished_at, SPANS[0]), failed, run, wait)
+        (queue, minute_of(finished_at), failed, run, wait)
         for queue, finished_at, failed, run, wait in increments
     )
-    merged: dict[tuple[str, int, datetime], dict[str, Any]] = {}
+    merged: dict[tuple[str, int, int], dict[str, Any]] = {}
     for (queue, minute, failed, run, wait), count in kinds.items():
         for span in SPANS:
-            key = (queue, span, period_of(minute, span))
+            key = (queue, span, minute * 60 // span * span)
             row = merged.get(key)
             if row is None:
-                row = merged[key] = {c: 0 for c in COUNT_COLUMNS}
-                row.update(queue=queue, span=span, period_start=key[2])
+                row = merged[key] = dict.fromkeys(COUNT_COLUMNS, 0)
+                row.update(queue=queue, span=span, period_start=datetime.fromtimestamp(key[2], UTC))
             row["finished"] += count
             row["failed"] += failed * count
             if run is not None:
