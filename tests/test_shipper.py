@@ -302,3 +302,98 @@ def test_the_log_of_a_finished_job_survives_its_worker_killed(engines, monkeypat
         lambda: (r := get_job_record(handle.job_id)) and r.state == "succeeded" and r, timeout=15
     )
     assert record.result == {"kill": "me"}
+
+
+def _ended_jobs_batch(suffix: str, queue: str) -> tuple[list[joblog.OutboxEvent], list[str]]:
+    """Rows as a web process and earlier batches left them, then one outbox batch of endings
+    and other changes, for jobs in every case `ship` tells apart. Returns (batch, job ids)."""
+    ids = {case: f"{case}-{suffix}" for case in (
+        "done", "dead", "no_row", "already_final", "newer_row", "several", "cancelled",
+    )}  # fmt: skip
+    t = 1_790_000_000.0
+    queued = JobLogWriter(None, interval=60)
+    for case, job_id in ids.items():
+        if case != "no_row":
+            queued.record(job_id, ts=t, name="system.echo", queue=queue, engine="dramatiq",
+                          state="queued", payload={"case": case}, enqueued_at=t)  # fmt: skip
+    queued.record(ids["already_final"], ts=t + 5, name="system.echo", state="cancelled")
+    queued.record(ids["newer_row"], ts=t + 50, name="system.echo", state="retrying")
+    common = {"engine": "dramatiq", "name": "system.echo", "queue": queue,
+              "enqueued_at": t, "started_at": t + 1}  # fmt: skip
+    ended = {**common, "attempts": 1, "finished_at": t + 3, "duration_ms": 2000}
+    batch: list[joblog.OutboxEvent] = [
+        (10, t + 3, ids["done"], {**ended, "state": "succeeded", "result": {"ok": 1}}),
+        (11, t + 3, ids["dead"], {**ended, "attempts": 3, "state": "dead",
+                                  "error_message": "ValueError: no", "error_class": "ValueError",
+                                  "error_traceback": "Traceback...", "payload": {"n": 1}}),
+        (12, t + 3, ids["no_row"], {**ended, "state": "succeeded", "result": 2}),
+        (13, t + 3, ids["already_final"], {**ended, "state": "succeeded", "result": 3}),
+        (14, t + 3, ids["newer_row"], {**ended, "state": "failed", "error_message": "late"}),
+        (15, t + 1, ids["several"], {**common, "attempts": 1, "state": "running"}),
+        (16, t + 2, ids["several"], {"engine": "dramatiq", "progress": 0.5,
+                                     joblog.REPORTED: True}),
+        (17, t + 3, ids["several"], {**ended, "state": "succeeded", "result": 4}),
+        (18, t + 4, ids["cancelled"], {**ended, "state": "cancelled", "finished_at": t + 4}),
+    ]  # fmt: skip
+    return batch, [queued, *ids.values()]  # type: ignore[list-item]
+
+
+def _log_of(url: str, ids: list[str], suffix: str) -> tuple[list, list, list]:
+    """The jobs' rows and events (ids without the suffix) and their queue's job_stats."""
+    from jobyard.job_engine.db.models import JobStat
+
+    log_t, events_t, stats_t = JobLog.__table__, JobEvent.__table__, JobStat.__table__
+    with get_engine(url).connect() as connection:
+        rows = connection.execute(
+            select(log_t).where(log_t.c.job_id.in_(ids)).order_by(log_t.c.job_id)
+        ).mappings().all()  # fmt: skip
+        events = connection.execute(
+            select(events_t).where(events_t.c.job_id.in_(ids))
+            .order_by(events_t.c.job_id, events_t.c.seq)
+        ).mappings().all()  # fmt: skip
+        queue = rows[0]["queue"]
+        stats = connection.execute(
+            select(stats_t).where(stats_t.c.queue == queue).order_by(stats_t.c.span)
+        ).mappings().all()  # fmt: skip
+
+    def plain(row) -> dict:
+        kept = {k: v for k, v in row.items() if k != "queue"}
+        if "job_id" in kept:
+            kept["job_id"] = kept["job_id"].removesuffix(f"-{suffix}")
+        return kept
+
+    return [plain(r) for r in rows], [plain(e) for e in events], [plain(s) for s in stats]
+
+
+def test_endings_in_one_update_write_what_the_general_path_writes(job_log_db_url, monkeypatch):
+    """PostgreSQL ships most endings in one UPDATE; every row, event and job_stats count must
+    be what the general path (lock, merge, upsert) writes for the same batch, and a batch
+    shipped again adds nothing either way."""
+    written, by_update = {}, []
+    ship_endings = joblog._ship_endings
+    for path in ("endings", "general"):
+        suffix, queue = uuid.uuid4().hex[:8], f"q-{path}-{uuid.uuid4().hex[:6]}"
+        batch, (queued, *ids) = _ended_jobs_batch(suffix, queue)
+        queued.url = job_log_db_url
+        queued.flush()
+        with monkeypatch.context() as patched:
+            if path == "general":
+                patched.setattr(joblog, "_endings", lambda events: [])
+            else:
+                patched.setattr(joblog, "_ship_endings", lambda connection, endings: (
+                    by_update.append(ship_endings(connection, endings)) or by_update[-1]
+                ))  # fmt: skip
+            assert joblog.ship(batch, job_log_db_url) == len(batch)
+            assert joblog.ship(batch, job_log_db_url) == 0
+        written[path] = _log_of(job_log_db_url, ids, suffix)
+    rows, events, stats = written["endings"]
+    assert (rows, events, stats) == written["general"]
+    assert {r["job_id"]: r["state"] for r in rows} == {
+        "already_final": "cancelled", "cancelled": "cancelled", "dead": "dead",
+        "done": "succeeded", "newer_row": "retrying", "no_row": "succeeded",
+        "several": "succeeded",
+    }  # fmt: skip
+    # Minutes and hours: six jobs ended (one of them when the web process cancelled it).
+    assert sum(s["finished"] for s in stats) == 2 * 6
+    ended_by_update = {job_id.split("-")[0] for job_id in by_update[0]}
+    assert ended_by_update == {"done", "dead", "cancelled"} and by_update[1] == set()

@@ -30,13 +30,23 @@ import json
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any, NamedTuple
 
 import pydantic_core
-from sqlalchemy import Connection, bindparam, case, cast, func, literal_column, select, text
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal_column,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -283,9 +293,18 @@ def ship(events: list[OutboxEvent], url: str | None = None) -> int:
     """Writes changes from the Dramatiq outbox, in one transaction: the jobs' rows are locked,
     the events a batch wrote before (at or below the job's `outbox_id`: the shipper died
     before trimming them) are skipped, the rest are merged per round (`merge_rounds`) and
-    upserted, and each job's `outbox_id` moves to its last event. Returns how many were new."""
+    upserted, and each job's `outbox_id` moves to its last event. Returns how many were new.
+    On PostgreSQL most endings first go in one UPDATE with the same rules (`_ship_endings`)."""
     engine = get_engine(url)
     with engine.begin() as connection:
+        ended = 0
+        if connection.dialect.name == "postgresql":
+            ended_jobs = _ship_endings(connection, _endings(events))
+            if ended_jobs:
+                events = [event for event in events if event[2] not in ended_jobs]
+                ended = len(ended_jobs)
+            if not events:
+                return ended
         ids = sorted({job_id for _, _, job_id, _ in events})
         locked = _lock(connection, ids) if connection.dialect.name == "postgresql" else None
         if locked is not None:
@@ -299,7 +318,79 @@ def ship(events: list[OutboxEvent], url: str | None = None) -> int:
         rows = [_shipped_row(job_events) for job_events in fresh_of.values()]
         if rows:
             _upsert_in(connection, rows, locked)
-    return sum(len(job_events) for job_events in fresh_of.values())
+    return ended + sum(len(job_events) for job_events in fresh_of.values())
+
+
+def _endings(events: list[OutboxEvent]) -> list[OutboxEvent]:
+    """The batch's jobs whose one change is a final state with no progress report or wake
+    time, queued long enough before they ended that the dispatching process has written
+    their row (two of its flush intervals): most jobs, shipped after they ended, for
+    `_ship_endings`. A job without a row costs that UPDATE for nothing (measured: 13 us more
+    shipper CPU per job than the general path alone), so a job that ended sooner goes straight
+    to the general path."""
+    changes_per_job = Counter(event[2] for event in events)
+    row_written_after = 2 * env.get_float(env.JOB_LOG_INTERVAL)
+    return [
+        event
+        for event in events
+        if changes_per_job[event[2]] == 1
+        and event[3].get("state") in FINAL_JOB_STATES
+        and event[3].get("progress") is None
+        and event[3].get("run_at") is None
+        and event[1] - (event[3].get("enqueued_at") or event[1]) > row_written_after
+    ]
+
+
+def _ship_endings(connection: Connection, endings: list[OutboxEvent]) -> set[str]:
+    """PostgreSQL: the endings of jobs whose row holds an unfinished state, older than the
+    ending, and no later outbox entry, in one UPDATE (the general path locks the rows first,
+    then upserts them): the row merged as `_merge_rules` merges it, plus the one state event
+    `changes_of` would make, numbered after the row's last, and the job_stats increment.
+    Returns the jobs written; the rest take the general path (no row yet, a replayed batch,
+    a row already final or newer)."""
+    if not endings:
+        return set()
+    rows = {job_id: {**_row_of(at, job_id, fields), "outbox_id": entry}
+            for entry, at, job_id, fields in endings}  # fmt: skip
+    stored = [_stored(rows[job_id]) for job_id in sorted(rows)]  # one lock order (_upsert_in)
+    events: list[dict[str, Any]] = []
+    increments: list[jobstats.Increment] = []
+    result = connection.execute(_endings_statement(), {"rows": _json_text(stored)}).all()
+    for job_id, seq, attempts, queue, started_at, enqueued_at in result:
+        row = rows[job_id]
+        events.append({
+            "job_id": job_id, "seq": seq, "at": row["state_at"], "kind": "state",
+            "state": row["state"], "engine": row.get("engine"), "attempts": attempts,
+            "run_at": None, "error": row.get("error_message"),
+        })  # fmt: skip
+        known = {"queue": queue, "started_at": started_at, "enqueued_at": enqueued_at}
+        increments.append(_finish_stat(row, known))
+    if events:
+        _insert_events(connection, events)
+        _add_stats(connection, jobstats.combine(increments))
+    return {event["job_id"] for event in events}
+
+
+@functools.cache
+def _endings_statement() -> Any:
+    table = Base.metadata.tables[JobLog.__tablename__]
+    ending = _rows_from_json()
+    merged = _merge_rules(ending.c) | {"events": table.c.events + 1}
+    return (
+        update(table)
+        .values(merged)
+        .where(
+            table.c.job_id == ending.c.job_id,
+            table.c.state.not_in(FINAL_JOB_STATES),
+            table.c.state_at.is_(None) | (ending.c.state_at >= table.c.state_at),
+            table.c.outbox_id.is_(None) | (ending.c.outbox_id > table.c.outbox_id),
+        )
+        .returning(*[table.c[c] for c in _ENDING_RETURNS])
+    )
+
+
+#: What `_ship_endings` reads back of each row it wrote (after the merge).
+_ENDING_RETURNS = ("job_id", "events", "attempts", "queue", "started_at", "enqueued_at")
 
 
 def _shipped_row(job_events: list[OutboxEvent]) -> dict[str, Any]:
