@@ -24,6 +24,7 @@ import threading
 import uuid
 from typing import Any
 
+import pydantic_core
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from jobyard.job_engine.collector import collector_paused
@@ -54,6 +55,16 @@ def outbox_id(entry_id: bytes) -> int:
     return int(milliseconds) * 1_000_000 + int(sequence)
 
 
+def _json_value(text: bytes) -> Any:
+    """JSON from the outbox, parsed by pydantic-core (a dependency already): a tenth of
+    json.loads's time for a job's small result. What it refuses and json.loads takes (an
+    escaped lone surrogate) goes through json.loads, as before."""
+    try:
+        return pydantic_core.from_json(text)
+    except ValueError:
+        return json.loads(text)
+
+
 def to_event(entry_id: bytes, entry: dict[bytes, bytes]) -> OutboxEvent:
     """An outbox entry as `joblog.ship` takes it: the fields a job log row takes from it, times
     in unix seconds."""
@@ -64,7 +75,7 @@ def to_event(entry_id: bytes, entry: dict[bytes, bytes]) -> OutboxEvent:
         elif (column := MS_FIELDS.get(field)) is not None:
             fields[column] = int(value) / 1000
         elif (column := JSON_FIELDS.get(field)) is not None:
-            fields[column] = json.loads(value)
+            fields[column] = _json_value(value)
         elif field == b"attempts":
             fields["attempts"] = int(value)
         elif field == b"error":
