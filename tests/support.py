@@ -100,6 +100,13 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
 
+    def kill_paused(self) -> None:
+        """SIGKILL a paused server as it stands: what it received and had not run, it never
+        runs (`kill` resumes it first, and it may answer before it dies)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
     def stop(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)

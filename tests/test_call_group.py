@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from collections.abc import Callable
@@ -120,7 +121,7 @@ def test_a_lost_server_fails_the_call_in_flight_and_the_waiting_ones_are_not_sen
     time.sleep(0.05)
     rest = _in_threads_later(4, lambda _: group.call(("INCR", "n")))
     _queued(group, 4)
-    redis_server.kill()
+    redis_server.kill_paused()
     (in_flight,) = first()
     assert isinstance(in_flight, redis.ConnectionError)
     # The next round trip's connect fails: nothing was sent, so the outcome is known.
@@ -157,3 +158,51 @@ def test_a_worker_store_groups_its_calls_and_keeps_its_replies(redis_server) -> 
     with pytest.raises(redis.DataError):  # a value hiredis cannot pack: redis-py says why
         store.take_lease("lease", True, 10_000)  # type: ignore[arg-type]
     assert store.live_workers("default", 60_000) == 1
+
+
+class _TimeLimit(BaseException):
+    """Stands for Dramatiq's TimeLimitExceeded, which its TimeLimit middleware raises in a job's
+    thread from another thread (PyThreadState_SetAsyncExc), wherever that thread is."""
+
+
+def _raise_in(thread: threading.Thread, exc: type[BaseException]) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc))
+
+
+def test_a_call_interrupted_once_handed_the_lead_still_sends_the_calls_behind_it(
+    redis_server,
+) -> None:
+    """The next leader's thread is interrupted while it waits (the exception lands when it
+    wakes): it raises, but first sends the round trip it was handed, so the calls queued
+    behind it are answered and later calls do not wait forever."""
+    group = _group(redis_server.url)
+    group.call(("PING",))
+    redis_server.pause()
+    outcomes: dict[str, object] = {}
+
+    def calling(name: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                outcomes[name] = group.call(("INCR", "n"))
+            except BaseException as exc:
+                outcomes[name] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    leader = calling("leader")
+    _queued(group, 0)
+    time.sleep(0.05)
+    next_leader = calling("next leader")
+    _queued(group, 1)
+    behind = calling("behind")
+    _queued(group, 2)
+    _raise_in(next_leader, _TimeLimit)  # lands when it wakes, handed the lead
+    redis_server.resume()
+    for thread in (leader, next_leader, behind):
+        thread.join(10)
+    assert not any(t.is_alive() for t in (leader, next_leader, behind)), outcomes
+    assert isinstance(outcomes["next leader"], _TimeLimit)
+    assert outcomes["leader"] == 1 and outcomes["behind"] == 3  # the interrupted one ran too
+    assert group.call(("INCR", "n")) == 4

@@ -160,31 +160,52 @@ class CallGroup:
 
     def call(self, command: tuple[Any, ...]) -> Any:
         call = _Call(command)
-        with self._lock:
-            self._waiting.append(call)
-            leads = not self._sending
-            self._sending = True
-        if not leads:
-            call.answered.acquire()
+        try:
+            with self._lock:
+                self._waiting.append(call)
+                call.leads = not self._sending
+                self._sending = True
             if not call.leads:
-                return call.result()
-        self._lead()
+                call.answered.acquire()
+        finally:
+            # Dramatiq's time limit raises in a job's thread wherever it is, even here: a call
+            # interrupted while it waits leaves the queue (unsent), and one interrupted once it
+            # was handed the lead still sends, so that no call behind it waits forever.
+            if not call.leads and call.pending:
+                self._withdraw(call)
+            if call.leads:
+                self._lead()
         return call.result()
 
-    def _lead(self) -> None:
+    def _withdraw(self, call: _Call) -> None:
         with self._lock:
-            batch, self._waiting = self._waiting, []
+            if not call.leads and call in self._waiting:
+                self._waiting.remove(call)
+
+    def _lead(self) -> None:
+        batch: list[_Call] = []
         try:
+            with self._lock:
+                batch, self._waiting = self._waiting, []
             self._round_trip(batch)
         finally:
-            with self._lock:
-                successor = self._waiting[0] if self._waiting else None
-                self._sending = successor is not None
-            for call in batch:
-                call.answered.release()
+            self._hand_over(batch)
+
+    def _hand_over(self, batch: list[_Call]) -> None:
+        """Answers the batch's calls (one left unsent gets an error) and hands the lead to the
+        first call waiting, if any."""
+        with self._lock:
+            successor = self._waiting[0] if self._waiting else None
             if successor is not None:
                 successor.leads = True
-                successor.answered.release()
+            else:
+                self._sending = False
+        for call in batch:
+            if call.pending:
+                call.error = redis.ConnectionError("not sent: the sending thread was interrupted")
+            call.answered.release()
+        if successor is not None:
+            successor.answered.release()
 
     def _round_trip(self, batch: list[_Call]) -> None:
         try:
