@@ -72,14 +72,19 @@ class DirectJobStore(JobStore):
 
 
 def _send(connection: Any, command: tuple[Any, ...]) -> None:
-    """redis-py's `send_packed_command`, errors and all, with the command packed by hiredis in
-    one C call (redis-py's packer costs a worker's script call about 7 us more)."""
+    """redis-py's `send_packed_command`, errors and all, with the command packed by hiredis."""
+    _sendall(connection, _pack(connection, command))
+
+
+def _pack(connection: Any, command: tuple[Any, ...]) -> bytes:
+    """The command packed by hiredis in one C call (redis-py's packer costs a worker's script
+    call about 7 us more); a value hiredis cannot pack goes through redis-py's packer, which
+    says why (DataError)."""
     try:
-        packed = hiredis.pack_command(command)
-    except TypeError:  # a value hiredis cannot pack: redis-py's packer says why (DataError)
-        connection.send_packed_command(connection.pack_command(*command), check_health=False)
-        return
-    _sendall(connection, packed)
+        packed: bytes = hiredis.pack_command(command)
+        return packed
+    except TypeError:
+        return b"".join(connection.pack_command(*command))
 
 
 def _sendall(connection: Any, packed: bytes) -> None:
@@ -184,16 +189,21 @@ class CallGroup:
 
     def _lead(self) -> None:
         batch: list[_Call] = []
+        failure: BaseException | None = None
         try:
             with self._lock:
                 batch, self._waiting = self._waiting, []
             self._round_trip(batch)
+        except BaseException as exc:
+            failure = exc
+            if not isinstance(exc, Exception):  # an interruption: raised in this thread only
+                raise
         finally:
-            self._hand_over(batch)
+            self._hand_over(batch, failure)
 
-    def _hand_over(self, batch: list[_Call]) -> None:
-        """Answers the batch's calls (one left unsent gets an error) and hands the lead to the
-        first call waiting, if any."""
+    def _hand_over(self, batch: list[_Call], failure: BaseException | None) -> None:
+        """Answers the batch's calls (those the round trip left unanswered get its error) and
+        hands the lead to the first call waiting, if any."""
         with self._lock:
             successor = self._waiting[0] if self._waiting else None
             if successor is not None:
@@ -202,27 +212,23 @@ class CallGroup:
                 self._sending = False
         for call in batch:
             if call.pending:
-                call.error = redis.ConnectionError("not sent: the sending thread was interrupted")
+                call.error = _lost(failure)
             call.answered.release()
         if successor is not None:
             successor.answered.release()
 
     def _round_trip(self, batch: list[_Call]) -> None:
+        connection = self._connected()
         try:
-            connection = self._connected()
-            for call in self._send(connection, batch):
+            sent = self._send(connection, batch)
+            for call in sent:
                 try:
                     call.reply = connection.read_response()
                 except redis.ResponseError as exc:  # this call's own: the connection is clean
                     call.error = exc
-        except BaseException as exc:
-            if self._connection is not None:
-                self._connection.disconnect()
-            for call in batch:
-                if call.pending:
-                    call.error = _lost(exc)
-            if not isinstance(exc, Exception):
-                raise
+        except BaseException:
+            connection.disconnect()  # a reply half read must never reach another call
+            raise
 
     def _connected(self) -> Any:
         if self._connection is None:
@@ -233,31 +239,29 @@ class CallGroup:
 
     @staticmethod
     def _send(connection: Any, batch: list[_Call]) -> list[_Call]:
-        """Writes the batch's commands in one write; returns the calls sent (a command hiredis
-        cannot pack goes through redis-py's packer, which raises DataError for a bad value)."""
+        """Writes the batch's commands in one write; returns the calls sent (one with a value
+        Redis cannot take gets redis-py's DataError, and is not sent)."""
         packed: list[bytes] = []
         sent: list[_Call] = []
         for call in batch:
             try:
-                packed.append(hiredis.pack_command(call.command))
-            except TypeError:
-                try:
-                    packed.append(b"".join(connection.pack_command(*call.command)))
-                except redis.DataError as exc:
-                    call.error = exc
-                    continue
+                packed.append(_pack(connection, call.command))
+            except redis.DataError as exc:
+                call.error = exc
+                continue
             sent.append(call)
         if sent:
             _sendall(connection, b"".join(packed))
         return sent
 
 
-def _lost(exc: BaseException) -> BaseException:
-    """A failed round trip's error for one of its calls: a copy of Redis's error (each thread
-    raises its own), or a ConnectionError for an interruption of the leading thread."""
-    if isinstance(exc, redis.RedisError):
-        lost = copy.copy(exc)
+def _lost(failure: BaseException | None) -> BaseException:
+    """The error of a call its round trip left unanswered: a copy of Redis's error (each
+    thread raises its own), or a ConnectionError when the leading thread was interrupted."""
+    if isinstance(failure, redis.RedisError):
+        lost = copy.copy(failure)
     else:
-        lost = redis.ConnectionError(f"round trip interrupted: {type(exc).__name__}")
-    lost.__cause__ = exc
+        reason = type(failure).__name__ if failure is not None else "not sent"
+        lost = redis.ConnectionError(f"round trip interrupted: {reason}")
+    lost.__cause__ = failure
     return lost

@@ -358,11 +358,10 @@ def _ship_endings(connection: Connection, endings: list[OutboxEvent]) -> set[str
     result = connection.execute(_endings_statement(), {"rows": _json_text(stored)}).all()
     for job_id, seq, attempts, queue, started_at, enqueued_at in result:
         row = rows[job_id]
-        events.append({
-            "job_id": job_id, "seq": seq, "at": row["state_at"], "kind": "state",
-            "state": row["state"], "engine": row.get("engine"), "attempts": attempts,
-            "run_at": None, "error": row.get("error_message"),
-        })  # fmt: skip
+        # The row was unfinished and older: the ending is its one state event (changes_of's
+        # rules), its attempts the merged row's.
+        (change,) = changes_of(row, {"attempts": attempts})
+        events.append({"job_id": job_id, "seq": seq, **change})
         known = {"queue": queue, "started_at": started_at, "enqueued_at": enqueued_at}
         increments.append(_finish_stat(row, known))
     if events:
