@@ -126,10 +126,14 @@ class JobLogShipper:
             entries = self.store.job_log_entries(self.batch)
             if not entries:
                 return 0
+            read, last = len(entries), entries[-1][0]
             self._write([to_event(entry_id, entry) for entry_id, entry in entries])
+            # Freed while the collector is paused, the batch's objects are never traversed by
+            # it (kept until the return, they were: about 1 us per job).
+            del entries
         if trim:
-            self.store.job_log_shipped(entries[-1][0])
-        return len(entries)
+            self.store.job_log_shipped(last)
+        return read
 
     def _write(self, events: list[OutboxEvent]) -> None:
         """One transaction; if the database refuses it (not a lost connection), the jobs go one

@@ -37,12 +37,20 @@ from typing import Any, NamedTuple
 
 import pydantic_core
 from sqlalchemy import (
+    BigInteger,
     Connection,
+    Float,
+    Integer,
+    Text,
     bindparam,
     case,
     cast,
+    column,
     func,
+    insert,
+    literal,
     literal_column,
+    null,
     select,
     text,
     update,
@@ -327,7 +335,7 @@ def _endings(events: list[OutboxEvent]) -> list[OutboxEvent]:
     their row (two of its flush intervals): most jobs, shipped after they ended, for
     `_ship_endings`. A job without a row costs that UPDATE for nothing (measured: 13 us more
     shipper CPU per job than the general path alone), so a job that ended sooner goes straight
-    to the general path."""
+    to the general path, as does a change with a field the UPDATE does not take."""
     changes_per_job = Counter(event[2] for event in events)
     row_written_after = 2 * env.get_float(env.JOB_LOG_INTERVAL)
     return [
@@ -335,47 +343,74 @@ def _endings(events: list[OutboxEvent]) -> list[OutboxEvent]:
         for event in events
         if changes_per_job[event[2]] == 1
         and event[3].get("state") in FINAL_JOB_STATES
-        and event[3].get("progress") is None
-        and event[3].get("run_at") is None
+        and event[3].keys() <= ENDING_FIELDS.keys()
         and event[1] - (event[3].get("enqueued_at") or event[1]) > row_written_after
     ]
 
 
 def _ship_endings(connection: Connection, endings: list[OutboxEvent]) -> set[str]:
     """PostgreSQL: the endings of jobs whose row holds an unfinished state, older than the
-    ending, and no later outbox entry, in one UPDATE (the general path locks the rows first,
-    then upserts them): the row merged as `_merge_rules` merges it, plus the one state event
-    `changes_of` would make, numbered after the row's last, and the job_stats increment.
+    ending, and no later outbox entry, in one statement (the general path locks the rows
+    first, then upserts them): the row merged as `_merge_rules` merges it, the one state event
+    `changes_of` would make, numbered after the row's last, and then the job_stats increment.
     Returns the jobs written; the rest take the general path (no row yet, a replayed batch,
     a row already final or newer)."""
     if not endings:
         return set()
-    rows = {job_id: {**_row_of(at, job_id, fields), "outbox_id": entry}
-            for entry, at, job_id, fields in endings}  # fmt: skip
-    stored = [_stored(rows[job_id]) for job_id in sorted(rows)]  # one lock order (_upsert_in)
-    events: list[dict[str, Any]] = []
-    increments: list[jobstats.Increment] = []
-    result = connection.execute(_endings_statement(), {"rows": _json_text(stored)}).all()
-    for job_id, seq, attempts, queue, started_at, enqueued_at in result:
-        row = rows[job_id]
-        # The row was unfinished and older: the ending is its one state event (changes_of's
-        # rules), its attempts the merged row's.
-        (change,) = changes_of(row, {"attempts": attempts})
-        events.append({"job_id": job_id, "seq": seq, **change})
-        known = {"queue": queue, "started_at": started_at, "enqueued_at": enqueued_at}
-        increments.append(_finish_stat(row, known))
-    if events:
-        _insert_events(connection, events)
+    # One lock order (_upsert_in's); times stay unix seconds (the database converts them).
+    rows = {job_id: {"job_id": job_id, "outbox_id": entry, "state_at": at, **fields}
+            for entry, at, job_id, fields in sorted(endings, key=itemgetter(2))}  # fmt: skip
+    connection.execute(_BY_PRIMARY_KEY)
+    rows_json = _json_text(list(rows.values()))
+    written = connection.execute(_endings_statement(), {"rows": rows_json}).all()
+    increments = [
+        _ending_stat(rows[job_id], queue, started, enqueued)
+        for job_id, queue, started, enqueued in written
+    ]
+    if increments:
         _add_stats(connection, jobstats.combine(increments))
-    return {event["job_id"] for event in events}
+    return {job_id for job_id, *_ in written}
+
+
+#: PostgreSQL: the endings UPDATE finds its rows by primary key, one probe per ending. The
+#: planner, guessing 100 rows for a JSON recordset, may hash-join it with a scan of the whole
+#: job_log instead (seen: 20,000 rows read for a batch of 1,000; a large log costs more each
+#: batch). For this transaction only.
+_BY_PRIMARY_KEY = text(
+    "SELECT set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)"
+)
+#: The columns the merge rules read that an ending never sets.
+NOT_IN_ENDINGS = ("progress", "run_at", "fallback_reason", "events")
+#: The fields of an ending (as the shipper's outbox events carry them) the endings statement
+#: takes, with their types there; times are unix seconds.
+ENDING_FIELDS = {
+    "engine": Text, "state": Text, "name": Text, "queue": Text, "attempts": Integer,
+    "enqueued_at": Float, "started_at": Float, "finished_at": Float, "duration_ms": BigInteger,
+    "result": JSONB, "payload": JSONB, "error_message": Text, "error_class": Text,
+    "error_traceback": Text,
+}  # fmt: skip
 
 
 @functools.cache
 def _endings_statement() -> Any:
+    """The endings UPDATE (`_merge_rules`, on the conditions `_ship_endings` states), the
+    state event of each row it wrote, and what the job_stats increments need of the row."""
     table = Base.metadata.tables[JobLog.__tablename__]
-    ending = _rows_from_json()
+    given = {"job_id": Text, "outbox_id": BigInteger, "state_at": Float, **ENDING_FIELDS}
+    raw = (
+        func.jsonb_to_recordset(cast(bindparam("rows"), JSONB))
+        .table_valued(*[column(name, kind) for name, kind in given.items()])
+        .render_derived("raw", with_types=True)
+    )
+    seconds = ("state_at", "enqueued_at", "started_at", "finished_at")
+    ending = select(
+        raw.c.job_id, raw.c.outbox_id,
+        *[func.to_timestamp(raw.c[name]).label(name) for name in seconds],
+        *[raw.c[name] for name in ENDING_FIELDS if name not in seconds],
+        *[cast(null(), table.c[name].type).label(name) for name in NOT_IN_ENDINGS],
+    ).subquery("ending")  # fmt: skip
     merged = _merge_rules(ending.c) | {"events": table.c.events + 1}
-    return (
+    written = (
         update(table)
         .values(merged)
         .where(
@@ -385,15 +420,31 @@ def _endings_statement() -> Any:
             table.c.outbox_id.is_(None) | (ending.c.outbox_id > table.c.outbox_id),
         )
         .returning(
-            table.c.job_id,
-            table.c.events,
-            table.c.attempts,
-            table.c.queue,
+            table.c.job_id, table.c.events, table.c.state_at, table.c.state, table.c.engine,
+            table.c.attempts, ending.c.error_message, table.c.queue,
             # Unix seconds (float8) for the stats: a datetime a row would cost more to make.
-            func.date_part("epoch", table.c.started_at),
-            func.date_part("epoch", table.c.enqueued_at),
-        )
+            func.date_part("epoch", table.c.started_at).label("started"),
+            func.date_part("epoch", table.c.enqueued_at).label("enqueued"),
+        )  # fmt: skip
+        .cte("written")
     )
+    # The row was unfinished and older: its ending is its one state event (changes_of's
+    # rules), with the merged row's engine and attempts.
+    events = Base.metadata.tables[JobEvent.__tablename__]
+    logged = (
+        insert(events)
+        .from_select(
+            ["job_id", "seq", "at", "kind", "state", "engine", "attempts", "error"],
+            select(
+                written.c.job_id, written.c.events, written.c.state_at, literal("state"),
+                written.c.state, written.c.engine, written.c.attempts, written.c.error_message,
+            ),  # fmt: skip
+        )
+        .cte("logged")
+    )
+    return select(
+        written.c.job_id, written.c.queue, written.c.started, written.c.enqueued
+    ).add_cte(logged)
 
 
 def _shipped_row(job_events: list[OutboxEvent]) -> dict[str, Any]:
@@ -717,6 +768,21 @@ def _finish_stat(row: dict[str, Any], old: dict[str, Any]) -> jobstats.Increment
     return jobstats.increment(
         row.get("queue") or old.get("queue"), end, row["state"], duration, wait
     )
+
+
+def _ending_stat(
+    row: dict[str, Any], queue: str | None, started: float | None, enqueued: float | None
+) -> jobstats.Increment:
+    """`_finish_stat` of an ending `_ship_endings` wrote: the row's times are unix seconds, and
+    the merged row's queue, started_at and enqueued_at (the earliest known) come with it."""
+    end = row.get("finished_at") or row["state_at"]
+    started = row.get("started_at") or started
+    enqueued = enqueued or row.get("enqueued_at")
+    duration = row.get("duration_ms")
+    if duration is None and started is not None:
+        duration = (end - started) * 1000
+    wait = (started - enqueued) * 1000 if started is not None and enqueued else None
+    return jobstats.increment(row.get("queue") or queue, end, row["state"], duration, wait)
 
 
 def _add_stats(connection: Connection, rows: list[dict[str, Any]]) -> None:
