@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, bindparam, func, select
 
 from jobyard.dispatcher.dispatch import get_dispatcher, get_job
 from jobyard.dispatcher.engines import CancelStatus, Engine, ReplayStatus, WorkerInfo
@@ -17,7 +17,7 @@ from jobyard.dispatcher.errors import EngineUnavailable, JobNotFoundError, JobSt
 from jobyard.dispatcher.models import JobHandle, JobStatus
 from jobyard.job_engine import JobyardError, UnknownJobError, get_spec
 from jobyard.job_engine.db import session_scope
-from jobyard.job_engine.db.models import JobLog
+from jobyard.job_engine.db.models import JobLog, state_in
 from jobyard.job_engine.lifecycle import dispatched_event, job_event
 
 __all__ = [
@@ -198,46 +198,59 @@ class Cursor:
             raise ValueError(f"not a listing cursor: {text!r}") from exc
 
 
-def list_jobs(
-    *,
-    state: str | None = None,
-    name: str | None = None,
-    queue: str | None = None,
-    engine: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    job_id: str | None = None,
-    after: Cursor | None = None,
-    limit: int = 50,
-    offset: int = 0,
-) -> list[JobRecord]:
+class Listing(TypedDict, total=False):
+    """The job list's filters and page: state, name, queue, engine, enqueued in [since,
+    until), `job_id` (that id, or ids starting with it). Page with `after` (the `Cursor` of the
+    last row of the previous page): each page is read off an index, however deep; `offset`
+    still works but costs a scan of the rows it skips. `limit`: 50 unless given."""
+
+    state: str | None
+    name: str | None
+    queue: str | None
+    engine: str | None
+    since: datetime | None
+    until: datetime | None
+    job_id: str | None
+    after: Cursor | None
+    limit: int
+    offset: int
+
+
+def list_jobs(**listing: Unpack[Listing]) -> list[JobRecord]:
     """Summaries from the job log (payload, result, progress and traceback left out), most
-    recently enqueued first. Filters: state, name, queue, engine, enqueued in [since, until),
-    `job_id` (that id, or ids starting with it). Page with `after` (the `Cursor` of the last
-    row of the previous page): each page is read off an index, however deep; `offset` still
-    works but costs a scan of the rows it skips."""
+    recently enqueued first."""
+    with session_scope() as session:
+        return [_summary_record(row._mapping) for row in session.execute(listing_query(**listing))]
+
+
+def listing_query(**listing: Unpack[Listing]) -> Select[Any]:
+    """`list_jobs`'s query."""
     table = JobLog.__table__
     columns = [table.c[c] for c in SUMMARY_COLUMNS]
     message = func.substr(table.c.error_message, 1, SUMMARY_ERROR_CHARS + 1).label("error_message")
     query = select(*columns, message)
-    for column, value in (("state", state), ("name", name), ("queue", queue), ("engine", engine)):
-        if value:
+    if state := listing.get("state"):
+        query = query.where(state_in(state))
+    for column in ("name", "queue", "engine"):
+        if value := listing.get(column):
             query = query.where(table.c[column] == value)
-    if since is not None:
+    if (since := listing.get("since")) is not None:
         query = query.where(table.c.enqueued_at >= since)
-    if until is not None:
+    if (until := listing.get("until")) is not None:
         query = query.where(table.c.enqueued_at < until)
-    if job_id:
+    if job_id := listing.get("job_id"):
         escaped = job_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        query = query.where(table.c.job_id.like(f"{escaped}%", escape="\\"))
-    if after is not None:
+        # A literal, as state_in's: a prepared statement's generic plan, blind to the
+        # pattern, would read the whole log instead of the primary key's range.
+        prefix = bindparam("prefix", f"{escaped}%", literal_execute=True)
+        query = query.where(table.c.job_id.like(prefix, escape="\\"))
+    if (after := listing.get("after")) is not None:
         query = query.where(_before(after))
     # The order of a backward scan of (enqueued_at, job_id) on both databases: NULLs (rows
     # older than migration 0006 that only a late event wrote) first, as in _before.
     query = query.order_by(table.c.enqueued_at.desc().nulls_first(), table.c.job_id.desc())
-    query = query.limit(max(1, min(limit, MAX_LIST))).offset(max(0, offset))
-    with session_scope() as session:
-        return [_summary_record(row._mapping) for row in session.execute(query)]
+    limit, offset = listing.get("limit", 50), listing.get("offset", 0)
+    return query.limit(max(1, min(limit, MAX_LIST))).offset(max(0, offset))
 
 
 def _before(cursor: Cursor) -> Any:
@@ -277,10 +290,13 @@ def get_job_steps(job_id: str) -> dict[str, Any]:
     return {}
 
 
+#: Dead jobs per queue (the queue stats' dead letters).
+DEAD_COUNTS = select(JobLog.queue, func.count()).where(state_in("dead")).group_by(JobLog.queue)
+
+
 def _dead_counts() -> dict[str, int]:
-    query = select(JobLog.queue, func.count()).where(JobLog.state == "dead").group_by(JobLog.queue)
     with session_scope() as session:
-        return {queue: count for queue, count in session.execute(query) if queue}
+        return {queue: count for queue, count in session.execute(DEAD_COUNTS) if queue}
 
 
 def queue_stats() -> list[QueueStats]:

@@ -16,7 +16,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from jobyard.dispatcher.engines import Engine, Submission, SubmitStatus
@@ -27,7 +27,7 @@ from jobyard.dispatcher.models import FALLBACK_RESCUED
 from jobyard.dispatcher.owners import OwnerRegistry
 from jobyard.job_engine import env
 from jobyard.job_engine.db import session_scope
-from jobyard.job_engine.db.models import JobLog
+from jobyard.job_engine.db.models import JobLog, state_in
 from jobyard.job_engine.db.steps import load_steps
 from jobyard.job_engine.lifecycle import dispatched_event
 from jobyard.queue.client import get_client
@@ -49,15 +49,18 @@ _UNFINISHED = ("queued", "running", "retrying")
 
 def unfinished_dramatiq_jobs(before: float, limit: int) -> list[Any]:
     """Job log rows of Dramatiq jobs not finished, enqueued before `before` (unix seconds)."""
-    query = (
+    with session_scope() as session:
+        return list(session.execute(unfinished_query(before, limit)))
+
+
+def unfinished_query(before: float, limit: int) -> Select[Any]:
+    return (
         select(JobLog.job_id, JobLog.name, JobLog.queue, JobLog.payload)
-        .where(JobLog.engine == "dramatiq", JobLog.state.in_(_UNFINISHED))
+        .where(JobLog.engine == "dramatiq", state_in(*_UNFINISHED))
         .where(JobLog.enqueued_at < datetime.fromtimestamp(before, UTC))
         .order_by(JobLog.enqueued_at)
         .limit(limit)
     )
-    with session_scope() as session:
-        return list(session.execute(query))
 
 
 class Rescue:

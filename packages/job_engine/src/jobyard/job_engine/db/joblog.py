@@ -45,7 +45,6 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
-    column,
     func,
     insert,
     literal,
@@ -55,6 +54,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy import column as typed_column
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -399,7 +399,7 @@ def _endings_statement() -> Any:
     given = {"job_id": Text, "outbox_id": BigInteger, "state_at": Float, **ENDING_FIELDS}
     raw = (
         func.jsonb_to_recordset(cast(bindparam("rows"), JSONB))
-        .table_valued(*[column(name, kind) for name, kind in given.items()])
+        .table_valued(*[typed_column(name, kind) for name, kind in given.items()])
         .render_derived("raw", with_types=True)
     )
     seconds = ("state_at", "enqueued_at", "started_at", "finished_at")
@@ -420,12 +420,18 @@ def _endings_statement() -> Any:
             table.c.outbox_id.is_(None) | (ending.c.outbox_id > table.c.outbox_id),
         )
         .returning(
-            table.c.job_id, table.c.events, table.c.state_at, table.c.state, table.c.engine,
-            table.c.attempts, ending.c.error_message, table.c.queue,
+            table.c.job_id,
+            table.c.events,
+            table.c.state_at,
+            table.c.state,
+            table.c.engine,
+            table.c.attempts,
+            ending.c.error_message,
+            table.c.queue,
             # Unix seconds (float8) for the stats: a datetime a row would cost more to make.
             func.date_part("epoch", table.c.started_at).label("started"),
             func.date_part("epoch", table.c.enqueued_at).label("enqueued"),
-        )  # fmt: skip
+        )
         .cte("written")
     )
     # The row was unfinished and older: its ending is its one state event (changes_of's
@@ -436,15 +442,21 @@ def _endings_statement() -> Any:
         .from_select(
             ["job_id", "seq", "at", "kind", "state", "engine", "attempts", "error"],
             select(
-                written.c.job_id, written.c.events, written.c.state_at, literal("state"),
-                written.c.state, written.c.engine, written.c.attempts, written.c.error_message,
-            ),  # fmt: skip
+                written.c.job_id,
+                written.c.events,
+                written.c.state_at,
+                literal("state"),
+                written.c.state,
+                written.c.engine,
+                written.c.attempts,
+                written.c.error_message,
+            ),
         )
         .cte("logged")
     )
-    return select(
-        written.c.job_id, written.c.queue, written.c.started, written.c.enqueued
-    ).add_cte(logged)
+    return select(written.c.job_id, written.c.queue, written.c.started, written.c.enqueued).add_cte(
+        logged
+    )
 
 
 def _shipped_row(job_events: list[OutboxEvent]) -> dict[str, Any]:
