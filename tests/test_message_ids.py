@@ -6,13 +6,35 @@ from __future__ import annotations
 import json
 import os
 
-from jobyard.queue.messages import NewJobMessages, encode_job_message, random_id, random_ids
+import time
+
+from jobyard.queue.messages import (
+    NewJobMessages,
+    encode_job_message,
+    new_job_id,
+    new_job_ids,
+    random_id,
+    random_ids,
+)
 
 
 def test_ids_look_like_token_hex_and_do_not_repeat() -> None:
     ids = [random_id() for _ in range(1200)] + random_ids(50)
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_job_ids_made_later_sort_later_and_do_not_repeat() -> None:
+    """Job ids lead with the time in ms (the job log's primary key then grows at its right
+    edge), 80 random bits after it."""
+    earlier = [new_job_id() for _ in range(600)] + new_job_ids(600)
+    time.sleep(0.002)
+    later = new_job_ids(3) + [new_job_id()]
+    ids = earlier + later
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert max(earlier) < min(later)
+    assert abs(int(later[-1][:12], 16) / 1000 - time.time()) < 5
 
 
 def test_a_forked_child_draws_ids_of_its_own() -> None:

@@ -36,8 +36,9 @@ from jobyard.queue.store import JobStore
 
 log = logging.getLogger("jobyard.shipper")
 
-#: Outbox entries read and written per transaction.
-BATCH = 1000
+#: Outbox entries read and written per transaction: a busy worker's interval fits in one
+#: (measured against 1,000: 2.5 us less PostgreSQL and 1 us less shipper CPU per job).
+BATCH = 5000
 #: Values a database may refuse (e.g. a NUL character in JSON, for PostgreSQL's JSONB).
 JSON_COLUMNS = ("result", "payload", "progress")
 #: Outbox fields (jobyard.lua) copied as they are, as text, to the row column of this name.

@@ -70,7 +70,7 @@ from jobyard.job_engine.lifecycle import dispatched_batch_event, dispatched_even
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import get_client
 from jobyard.queue.direct import DirectJobStore
-from jobyard.queue.messages import random_id, random_ids
+from jobyard.queue.messages import new_job_id, new_job_ids
 
 if TYPE_CHECKING:
     from jobyard.dispatcher.engines.temporal import TemporalEngine
@@ -82,7 +82,7 @@ MAX_DELAY_SECONDS = 7 * 24 * 3600  # Dramatiq's delay limit; Temporal would allo
 
 def _check_job_id(job_id: str | None) -> str:
     if job_id is None:
-        return random_id()  # a uuid4's hex, without the UUID object or a system call each
+        return new_job_id()
     if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
         raise ValueError(
             f"invalid job_id {job_id!r}: 1-200 characters of letters, digits and ._:@/- "
@@ -575,7 +575,7 @@ def _plain_jobs(
                 group = by_name[name] = ([], [])
             group[0].append(index)
             group[1].append(payload)
-        job_ids = random_ids(len(chunk))
+        job_ids = new_job_ids(len(chunk))
         if len(by_name) == 1:  # one job's payloads (most chunks): already in the callers' order
             for name, (members, payloads) in by_name.items():
                 for index, job in _named_jobs(name, members, payloads, job_ids, results):

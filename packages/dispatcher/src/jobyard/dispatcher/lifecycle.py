@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, TypedDict, TypeVar, Unpack
 
-from sqlalchemy import Select, bindparam, func, select
+from sqlalchemy import BindParameter, Select, bindparam, func, select
 
 from jobyard.dispatcher.dispatch import get_dispatcher, get_job
 from jobyard.dispatcher.engines import CancelStatus, Engine, ReplayStatus, WorkerInfo
@@ -242,7 +242,7 @@ def listing_query(**listing: Unpack[Listing]) -> Select[Any]:
         escaped = job_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         # A literal, as state_in's: a prepared statement's generic plan, blind to the
         # pattern, would read the whole log instead of the primary key's range.
-        prefix = bindparam("prefix", f"{escaped}%", literal_execute=True)
+        prefix: BindParameter[str] = bindparam("prefix", f"{escaped}%", literal_execute=True)
         query = query.where(table.c.job_id.like(prefix, escape="\\"))
     if (after := listing.get("after")) is not None:
         query = query.where(_before(after))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -17,6 +16,7 @@ from jobyard.dispatcher import (
 )
 from jobyard.django import compat
 from jobyard.django.jobs import DjangoTaskPayload, job_name
+from jobyard.queue.messages import new_job_id
 from jobyard.queue.queues import queue_names
 
 #: jobyard's states as Django's. A job that succeeded may still hold a task that raised.
@@ -55,7 +55,7 @@ class JobyardBackend(compat.BaseTaskBackend):  # type: ignore[misc]  # django-ta
             kwargs=compat.normalize_json(dict(kwargs)), backend=self.alias,
             takes_context=task.takes_context,
         )  # fmt: skip
-        options: dict[str, Any] = {"job_id": uuid.uuid4().hex}
+        options: dict[str, Any] = {"job_id": new_job_id()}
         if task.run_after is not None:
             options["delay"] = max(0.0, (task.run_after - timezone.now()).total_seconds())
         return job_name(task.queue_name), payload.model_dump(), options
