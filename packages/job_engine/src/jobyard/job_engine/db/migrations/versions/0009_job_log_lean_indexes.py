@@ -12,6 +12,10 @@ update is heap-only). A job's ending updated seven; now five for a succeeded job
 enqueued_at index newest first, where such rows are the common case; every other state, the
 rescue's unfinished jobs and the dead-letter counts keep an index (their queries name the state
 as a literal, which the planner needs to use a partial index).
+
+On PostgreSQL the new collation rebuilds job_log's indexes under a lock that holds every
+write to the table until it is done (each write waits for it): on a big log, run it while the
+system is quiet. Code from before this revision runs on the new schema unchanged.
 """
 
 from __future__ import annotations
