@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-
 import time
 
 from jobyard.queue.messages import (
@@ -29,7 +28,7 @@ def test_job_ids_made_later_sort_later_and_do_not_repeat() -> None:
     edge), 80 random bits after it."""
     earlier = [new_job_id() for _ in range(600)] + new_job_ids(600)
     time.sleep(0.002)
-    later = new_job_ids(3) + [new_job_id()]
+    later = [*new_job_ids(3), new_job_id()]
     ids = earlier + later
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
