@@ -773,13 +773,7 @@ def _finish_stat(row: dict[str, Any], old: dict[str, Any]) -> jobstats.Increment
     enqueued = [
         t for t in (_seconds(row.get("enqueued_at")), _seconds(old.get("enqueued_at"))) if t
     ]
-    duration = row.get("duration_ms")
-    if duration is None and started is not None:
-        duration = (end - started) * 1000
-    wait = (started - min(enqueued)) * 1000 if started is not None and enqueued else None
-    return jobstats.increment(
-        row.get("queue") or old.get("queue"), end, row["state"], duration, wait
-    )
+    return _increment(row, old.get("queue"), end, started, min(enqueued) if enqueued else None)
 
 
 def _ending_stat(
@@ -788,8 +782,20 @@ def _ending_stat(
     """`_finish_stat` of an ending `_ship_endings` wrote: the row's times are unix seconds, and
     the merged row's queue, started_at and enqueued_at (the earliest known) come with it."""
     end = row.get("finished_at") or row["state_at"]
-    started = row.get("started_at") or started
-    enqueued = enqueued or row.get("enqueued_at")
+    return _increment(
+        row, queue, end, row.get("started_at") or started, enqueued or row.get("enqueued_at")
+    )
+
+
+def _increment(
+    row: dict[str, Any],
+    queue: str | None,
+    end: float,
+    started: float | None,
+    enqueued: float | None,
+) -> jobstats.Increment:
+    """The increment of a row that ended at `end` (unix seconds): its own duration, or the
+    time since it started; its wait from the earliest enqueue known to its start."""
     duration = row.get("duration_ms")
     if duration is None and started is not None:
         duration = (end - started) * 1000
