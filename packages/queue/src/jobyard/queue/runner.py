@@ -24,14 +24,13 @@ from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.steps import begin_step
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.queue.context import Cancelled, DramatiqContext, LostOwnership, Suspend, Throttled
+from jobyard.queue.dramatiq_compat import ACKED
 from jobyard.queue.eager import discard_loop, run_eagerly
 from jobyard.queue.messages import RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
 from jobyard.queue.queues import get_queue, retry_policy
 from jobyard.queue.store import NO_DELIVERY, Delivery, JobStore, StartResult
 
 log = logging.getLogger("jobyard.worker")
-#: Set on a MessageProxy once a jobyard Lua call has acked it (see JobyardConsumer).
-ACKED = "jobyard_acked"
 ENGINE = "dramatiq"
 
 

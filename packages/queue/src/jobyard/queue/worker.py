@@ -1,5 +1,5 @@
 """Dramatiq's Worker, with a faster way to hand out messages and the two changes jobyard's
-promises need.
+promises need (the Dramatiq classes they override are in jobyard.queue.dramatiq_compat).
 
 - The worker threads take a queue's messages themselves, from one consumer they share
   (`PulledQueue`). Dramatiq's consumer thread hands every message to a worker thread through a
@@ -16,74 +16,21 @@ promises need.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from queue import PriorityQueue
-from typing import Any
 
-import dramatiq
-import redis
 from dramatiq.broker import Broker, MessageProxy
-from dramatiq.common import current_millis, iter_queue, q_name
-from dramatiq.errors import BrokerConnectionError, ConnectionClosed
-from dramatiq.worker import CONSUMER_RESTART_DELAY_SECS, ConsumerThread, WorkerThread
 
-from jobyard.queue.broker import JobyardConsumer
+from jobyard.queue.dramatiq_compat import (
+    CONSUMER_RESTART_DELAY_SECS,
+    BrokerConnectionError,
+    JobyardConsumer,
+    JobyardWorkerBase,
+    PullWorkerThread,
+)
 
 log = logging.getLogger("jobyard.worker")
-
-
-class KeepDelayedConsumerThread(ConsumerThread):
-    """Keeps its delayed messages across a connection error: ignores the reset of
-    `delay_queue` that follows one, and does not hand them back on the close after it."""
-
-    _kept: PriorityQueue[Any] | None = None
-
-    @property
-    def delay_queue(self) -> PriorityQueue[Any]:
-        assert self._kept is not None
-        return self._kept
-
-    @delay_queue.setter
-    def delay_queue(self, queue: PriorityQueue[Any]) -> None:
-        if self._kept is None:
-            self._kept = queue
-
-    def handle_delayed_messages(self) -> None:
-        """Dramatiq's, except that a message whose enqueue fails goes back on the delay queue
-        (to be enqueued again once Redis answers; a second copy from an enqueue that reached
-        Redis runs once, see the job's seq) and the error is the connection error it is.
-
-        Called after every message: an empty delay queue is seen without a get (which takes its
-        lock and raises Empty). Only this thread adds to it, so the look cannot miss one."""
-        if not self.delay_queue.queue:
-            return
-        for item in iter_queue(self.delay_queue):
-            message = item.message
-            if item.priority > current_millis():
-                self.delay_queue.put(item)
-                self.delay_queue.task_done()
-                break
-            ready = message.copy(queue_name=q_name(message.queue_name))
-            del ready.options["eta"]
-            try:
-                self.broker.enqueue(ready)
-            except redis.RedisError as exc:
-                self.delay_queue.put(item)
-                self.delay_queue.task_done()
-                raise ConnectionClosed(exc) from exc
-            self.post_process_message(message)
-            self.delay_queue.task_done()
-
-    def close(self) -> None:
-        if self.running:  # a reconnect, not a stop: the delayed messages stay ours
-            with contextlib.suppress(BrokerConnectionError):
-                if self.consumer:
-                    self.consumer.close()
-            return
-        super().close()
 
 
 class PulledQueue:
@@ -170,7 +117,7 @@ class PulledQueue:
             return
         cached = consumer.take_all_cached()  # one a late thread took is not put back as well
         try:
-            consumer.requeue(cached)  # type: ignore[no-untyped-call]
+            consumer.put_back(cached)
         except BrokerConnectionError:
             # They stay in this worker's ack set, which a peer's sweep requeues once this
             # process's heartbeat has expired.
@@ -178,82 +125,12 @@ class PulledQueue:
         consumer.close()
 
 
-class _Untracked(PriorityQueue[Any]):
-    """A PullWorkerThread's stand-in for the work queue: its messages never pass through one."""
-
-    def task_done(self) -> None:
-        pass
-
-
-class PullWorkerThread(WorkerThread):
-    """A Dramatiq worker thread that takes its messages from a PulledQueue."""
-
-    def __init__(self, *, broker: Broker, queue: PulledQueue, worker_timeout: int) -> None:
-        super().__init__(
-            broker=broker,
-            consumers={queue.queue_name: queue},  # type: ignore[dict-item]  # its post_process_message
-            work_queue=_Untracked(),
-            worker_timeout=worker_timeout,
-        )
-        self.queue = queue
-
-    def run(self) -> None:
-        self.running = True
-        self.broker.emit_after("worker_thread_boot", self)
-        while self.running:
-            message = self.queue.next_message()
-            if message is not None:
-                self.process_message(message)
-        self.broker.emit_before("worker_thread_shutdown", self)
-
-
-class JobyardWorker(dramatiq.Worker):
+class JobyardWorker(JobyardWorkerBase):
     """Runs one queue: its worker threads pull from a PulledQueue; its delay queue keeps a
     consumer thread (it only moves messages that come due to the queue)."""
 
-    pulled: PulledQueue | None = None
+    def pulled_queue(self, queue_name: str) -> PulledQueue:
+        return PulledQueue(self.broker, queue_name, self.queue_prefetch, self.worker_timeout)
 
-    def _add_consumer(self, queue_name: str, *, delay: bool = False) -> None:
-        # dramatiq 2.x's Worker._add_consumer, with the consumer classes above.
-        if queue_name in self.consumers:
-            return
-        if self.consumer_whitelist and q_name(queue_name) not in self.consumer_whitelist:
-            return
-        if not delay:
-            if self.pulled is not None and self.pulled.queue_name != queue_name:
-                raise ValueError("a JobyardWorker runs one queue")
-            self.pulled = PulledQueue(
-                self.broker, queue_name, self.queue_prefetch, self.worker_timeout
-            )
-            return
-        consumer = self.consumers[queue_name] = KeepDelayedConsumerThread(
-            broker=self.broker,
-            queue_name=queue_name,
-            prefetch=self.delay_prefetch,
-            work_queue=self.work_queue,
-            worker_timeout=self.worker_timeout,
-        )
-        consumer.start()
-
-    def _add_worker(self) -> None:
-        if self.pulled is None:
-            raise ValueError("the worker's queue is not declared on its broker")
-        thread = PullWorkerThread(
-            broker=self.broker, queue=self.pulled, worker_timeout=self.worker_timeout
-        )
-        thread.start()
-        self.workers.append(thread)
-
-    def stop(self, timeout: int = 600000) -> None:
-        """Lets the worker threads finish their messages until `timeout` ms from now, then
-        stops the consumers as Dramatiq does (requeueing what is left in memory)."""
-        deadline = time.monotonic() + timeout / 1000
-        if self.pulled is not None:
-            self.pulled.stop_taking()
-        for thread in self.workers:
-            thread.stop()
-        for thread in self.workers:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if self.pulled is not None:
-            self.pulled.close()
-        super().stop(timeout=max(1, int((deadline - time.monotonic()) * 1000)))
+    def run_message(self, thread: PullWorkerThread, message: MessageProxy) -> None:
+        thread.process_message(message)
