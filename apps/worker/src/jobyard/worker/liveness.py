@@ -20,9 +20,18 @@ log = logging.getLogger("jobyard.worker")
 MAINTENANCE_EVERY = 3
 
 
-def new_worker_id() -> str:
-    """`host:pid:random`; `jobyard health` finds its own container's workers by the host part."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+def new_worker_id(token: str | None = None) -> str:
+    """`host:pid:token` (a random token if none is given); `jobyard health` finds its own
+    container's workers by the host part."""
+    return worker_id_of(socket.gethostname(), os.getpid(), token or new_worker_token())
+
+
+def worker_id_of(host: str, pid: int, token: str) -> str:
+    return f"{host}:{pid}:{token}"
+
+
+def new_worker_token() -> str:
+    return uuid.uuid4().hex[:8]
 
 
 #: Seconds between attempts while beats fail (each also bounded by the Redis timeout).
@@ -74,7 +83,7 @@ class Heartbeat(threading.Thread):
                 beats += 1
                 if beats % MAINTENANCE_EVERY == 0:
                     for queue, broker in self.brokers.items():
-                        requeue_from_dead_workers(broker, queue)
+                        requeue_from_dead_workers(broker, queue, self.store)
             except Exception as exc:  # Redis down: keep trying, the dispatcher falls back meanwhile
                 if not failing:
                     log.warning("heartbeat failed: %s; retrying until Redis answers", exc)

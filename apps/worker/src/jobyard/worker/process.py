@@ -20,9 +20,10 @@ from jobyard.job_engine import env, tracing
 from jobyard.job_engine.db import joblog
 from jobyard.queue.client import get_client
 from jobyard.queue.direct import DirectJobStore
+from jobyard.queue.dramatiq_compat import broker_id_of
 from jobyard.queue.messages import SEQ
 from jobyard.queue.queues import get_queue, parse_queue_list
-from jobyard.queue.worker import JobyardWorker
+from jobyard.queue.worker import JobyardWorker, RunGate
 from jobyard.worker.liveness import Heartbeat, new_worker_id
 
 log = logging.getLogger("jobyard.worker")
@@ -104,11 +105,13 @@ class InFlight(Middleware):
 
 
 class WorkerProcess:
-    def __init__(self, queues: list[str]) -> None:
+    def __init__(self, queues: list[str], token: str | None = None) -> None:
+        """`token`: the last part of the worker id, chosen by the supervisor (which then knows
+        the id of a process it sees die: see jobyard.worker.supervisor)."""
         from jobyard.queue.broker import build_broker
 
         self.queues = queues
-        self.worker_id = new_worker_id()
+        self.worker_id = new_worker_id(token)
         # With the job log on, every job change is marked for the supervisor's shipper. The
         # job threads' calls made at the same moment share a round trip (CallGroup).
         self.store = DirectJobStore(
@@ -120,14 +123,21 @@ class WorkerProcess:
         self.brokers: dict[str, RedisBroker] = {}
         self.workers: dict[str, JobyardWorker] = {}
         self.limits_ms: dict[str, int] = {}
+        gate = RunGate()  # a suspect runs alone in the process, whatever its queue
         for queue in queues:
             config = get_queue(queue)
-            broker = build_broker(queue, store=self.store)
+            broker = build_broker(
+                queue, store=self.store, broker_id=broker_id_of(self.worker_id, queue)
+            )
             broker.add_middleware(self.in_flight)
             self.brokers[queue] = broker
             self.limits_ms[queue] = int(config.time_limit * 1000)
             worker = JobyardWorker(
-                broker, queues={queue}, worker_threads=config.concurrency, worker_timeout=200
+                broker,
+                queues={queue},
+                worker_threads=config.concurrency,
+                worker_timeout=200,
+                gate=gate,
             )
             worker.queue_prefetch = config.prefetch
             self.workers[queue] = worker
@@ -198,6 +208,7 @@ def _install_child_dispatcher() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobyard-worker-process")
     parser.add_argument("--queues", default="")
+    parser.add_argument("--worker-token", default=None, help="the worker id's last part")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"),
@@ -205,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         force=True,
     )
     _install_child_dispatcher()
-    process = WorkerProcess(parse_queue_list(args.queues))
+    process = WorkerProcess(parse_queue_list(args.queues), args.worker_token)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: process.stop_requested.set())
     code = process.run()

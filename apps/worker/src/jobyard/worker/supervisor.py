@@ -1,11 +1,13 @@
-"""`jobyard worker`: starts N worker processes, restarts any that die, forwards SIGTERM, and
-ships the job log of their jobs from Redis to the database (see shipper.py)."""
+"""`jobyard worker`: starts N worker processes, restarts any that die (taking back the messages
+a dead one held at once, see jobyard.queue.reclaim), forwards SIGTERM, and ships the job log of
+their jobs from Redis to the database (see shipper.py)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +16,7 @@ import time
 from types import FrameType
 
 from jobyard.job_engine import env
+from jobyard.worker.liveness import new_worker_token, worker_id_of
 
 log = logging.getLogger("jobyard.worker")
 RESTART_DELAY = 1.0
@@ -21,8 +24,35 @@ RESTART_DELAY = 1.0
 KILL_MARGIN = 5.0
 
 
-def _spawn(queues: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "jobyard.worker.process", "--queues", queues])
+class _Child:
+    """A worker process, and the token of its worker id (`host:pid:token`)."""
+
+    def __init__(self, queues: str) -> None:
+        self.token = new_worker_token()
+        module = "jobyard.worker.process"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--queues", queues, "--worker-token", self.token]
+        )
+
+    def reclaim(self, queues: list[str]) -> None:
+        """The messages the exited process held go back to their queues now, as suspects (see
+        jobyard.queue.reclaim), with how it ended; its worker id leaves the live set. If Redis
+        cannot be reached, the sweep that finds its heartbeat old does it later."""
+        from jobyard.queue.client import get_client
+        from jobyard.queue.dramatiq_compat import broker_id_of
+        from jobyard.queue.reclaim import exit_description, reclaim
+        from jobyard.queue.store import JobStore
+
+        host, pid = socket.gethostname(), self.proc.pid
+        worker_id = worker_id_of(host, pid, self.token)
+        died = exit_description(host, pid, self.proc.returncode)
+        try:
+            store = JobStore(get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT)))
+            for queue in queues:
+                reclaim(store, queue, dead=[(broker_id_of(worker_id, queue), died)])
+            store.deregister(worker_id, queues)
+        except Exception as exc:
+            log.warning("could not take back the messages of worker process %d: %s", pid, exc)
 
 
 def _serve_metrics() -> None:
@@ -67,7 +97,7 @@ def run_workers(queues: list[str], processes: int) -> int:
     )
     joined = ",".join(queues)
     _serve_metrics()
-    children = [_spawn(joined) for _ in range(processes)]
+    children = [_Child(joined) for _ in range(processes)]
     shipper_stop = threading.Event()
     shipper = _start_shipper(shipper_stop)  # after the spawn: its imports overlap theirs
     stopping = threading.Event()
@@ -78,28 +108,31 @@ def run_workers(queues: list[str], processes: int) -> int:
     def request_stop(signum: int, _frame: FrameType | None) -> None:
         stopping.set()
         for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     log.info("started %d worker process(es) for %s", processes, joined)
     while not stopping.is_set():
         for i, child in enumerate(children):
-            if child.poll() is not None and not stopping.is_set():
+            if child.proc.poll() is not None and not stopping.is_set():
                 log.error(
-                    "worker process %d exited with %s; restarting", child.pid, child.returncode
+                    "worker process %d exited with %s; restarting",
+                    child.proc.pid,
+                    child.proc.returncode,
                 )
+                child.reclaim(queues)
                 if not stopping.wait(RESTART_DELAY):  # no respawn once a stop was asked for
-                    children[i] = _spawn(joined)
+                    children[i] = _Child(joined)
         stopping.wait(0.5)
     deadline = time.monotonic() + env.get_float(env.WORKER_SHUTDOWN_GRACE) + KILL_MARGIN
     code = 0
     for child in children:
         try:
-            code |= child.wait(max(0.1, deadline - time.monotonic()))
+            code |= child.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.kill()
+            child.proc.kill()
             code |= 1
     if shipper is not None:  # the last jobs' changes, now that no worker makes more
         shipper_stop.set()

@@ -39,6 +39,15 @@ class Cancelled(BaseException):
     """Cancellation was asked for; the job stops at this step boundary."""
 
 
+class DiedTooOften(BaseException):
+    """A suspect's start found its attempts used up by deaths of its process (see
+    jobyard.queue.reclaim): it is not run again."""
+
+    def __init__(self, start: StartResult) -> None:
+        super().__init__(start.died)
+        self.start = start
+
+
 class Throttled(BaseException):
     """The job's rate limit is used up; try again in `seconds`."""
 
@@ -64,12 +73,15 @@ class DramatiqContext(BaseJobContext):
         on_progress: Callable[[Any], None] | None = None,
         time_limit: float | None = None,
         journal: Callable[[str, str, str], Callable[[], object]] | None = None,
+        suspect_attempts: int = 0,
     ) -> None:
         """`time_limit`: seconds this run may take; a step still running then is abandoned
         (see jobyard.queue.deadline). `journal(job_id, step, result_json)` starts keeping a
         returned step's result durably (jobyard.job_engine.db.steps) and returns the wait for
-        it."""
+        it. `suspect_attempts`: the job's attempts, when its message is a suspect's (see
+        jobyard.queue.reclaim)."""
         super().__init__(job_id, job_name)
+        self._suspect_attempts = suspect_attempts
         self._journal = journal
         self._time_limit = time_limit
         self._deadline = None if time_limit is None else time.monotonic() + time_limit
@@ -94,10 +106,13 @@ class DramatiqContext(BaseJobContext):
     def start(self) -> StartResult:
         if self._started is None:
             result = self._store.start(
-                self.job_id, self.job_name, self._seq, resume=self._resume, rate=self._rate
-            )
+                self.job_id, self.job_name, self._seq, resume=self._resume, rate=self._rate,
+                suspect_attempts=self._suspect_attempts,
+            )  # fmt: skip
             if result.status == "throttled":
                 raise Throttled(result.retry_in_ms / 1000)
+            if result.status == "exhausted":
+                raise DiedTooOften(result)
             if result.status != "ok":
                 raise LostOwnership(result.status)
             self._started, self._recorded = result, result.steps

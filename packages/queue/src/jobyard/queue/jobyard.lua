@@ -12,6 +12,12 @@
 --       cancel: "1" when cancellation of a running job was asked for
 --       seq:    the run number the next Dramatiq message must carry; a message with any other
 --               seq is stale (a duplicate left by a crash) and is dropped
+--       lone:   the seq of the last run that started as a suspect, alone in its process (see
+--               reclaim); a suspect start that finds it equal to seq follows a run of that
+--               message that died alone, a death that is the job's own
+--       lone_attempts: the attempts that suspect start was allowed (its retry policy's)
+--       died:   how the last process that died holding the job's message ended (see reclaim)
+--       deaths: how many processes died holding the job's message (see reclaim)
 --   jobyard:steps:<id>      hash  step name -> JSON result
 --   jobyard:workers:<queue> zset  worker id -> last heartbeat, ms on Redis's clock
 --   jobyard:joblog:events   stream  the job log's outbox: one entry per change a worker's call
@@ -23,6 +29,8 @@
 --       (its events_key).
 --   jobyard:joblog:shipper  str   the shipper holding the lease (one ships at a time)
 --   jobyard:rate:<job>:<n>  str   job starts in rate window n
+--   jobyard:suspects:<queue> list  ids of messages taken back from a dead process, waiting
+--       (their data still in the queue's msgs hash) to be marked suspect and requeued
 --   dramatiq:<queue>        list  message ids;  dramatiq:<queue>.msgs  hash id -> message
 --   dramatiq:__heartbeats__ zset  Dramatiq broker id -> last heartbeat (ms)
 --   dramatiq:__acks__.<broker id>.<queue>  set  message ids a consumer fetched, not yet acked
@@ -115,7 +123,7 @@ end
 -- redelivery of a message that already started (its worker died), is a new one.
 local function start_checks(job_key, events_key, seq, is_resume)
     local job = redis.call("hmget", job_key, "engine", "state", "seq", "attempts", "started_seq",
-                           "cancel", "started_at", "name", "queue", "enqueued_at")
+                           "cancel", "started_at", "name", "queue", "enqueued_at", "lone", "died")
     if job[1] ~= "dramatiq" then
         return "lost"
     end
@@ -136,7 +144,9 @@ local function start_checks(job_key, events_key, seq, is_resume)
     if is_resume == "0" or job[5] == seq then
         attempts = attempts + 1
     end
-    return "ok", attempts, job[7], {name = job[8], queue = job[9], enqueued_at = job[10]}
+    return "ok", attempts, job[7], {name = job[8], queue = job[9], enqueued_at = job[10],
+                                    prior_attempts = tonumber(job[4] or "0"),
+                                    died_alone = job[11] == seq, died = job[12]}
 end
 
 -- Whether the queue has a live worker, asked of Redis at most once per call and only when a
@@ -273,15 +283,24 @@ elseif command == "enqueue_many" then
 
 -- start: KEYS job, steps, rate key prefix (the window number is appended) [, events]
 --        ARGV seq, is_resume ("1"|"0"), rate calls (0 = none), rate period ms
+--             [, the job's attempts when the message is a suspect (see reclaim), else 0]
 -- -> {"ok", attempts, started_at ms, step, json, step, json, ...}
 --    | {"lost"} | {"stale"} | {"done"} | {"cancelled"} | {"throttled", ms until the window frees}
+--    | {"exhausted", attempts, how the last process died}: a suspect whose last run died alone
+--      and used the last attempt; nothing is written (the caller finishes it dead)
+-- A suspect runs alone in its process: its start is recorded ("lone") before its handler runs,
+-- so that a death during it is known to be its own.
 elseif command == "start" then
     local job_key, steps_key, rate_prefix, events_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
     local seq, is_resume, rate_calls, rate_period = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+    local suspect_attempts = tonumber(ARGV[6] or "0")
 
     local status, attempts, started_at, job = start_checks(job_key, events_key, seq, is_resume)
     if status ~= "ok" then
         return {status}
+    end
+    if suspect_attempts > 0 and job.died_alone and job.prior_attempts >= suspect_attempts then
+        return {"exhausted", job.prior_attempts, job.died or ""}
     end
     local calls = tonumber(rate_calls)
     if calls > 0 and is_resume == "0" then
@@ -300,6 +319,9 @@ elseif command == "start" then
     started_at = started_at or now_ms()
     redis.call("hset", job_key, "state", "running", "attempts", attempts, "started_seq", seq,
                "started_at", started_at)
+    if suspect_attempts > 0 then
+        redis.call("hset", job_key, "lone", seq, "lone_attempts", suspect_attempts)
+    end
     changed(events_key, job_key, "state", "running", "name", job.name, "queue", job.queue,
             "attempts", attempts, "enqueued_at", job.enqueued_at, "started_at", started_at)
     local result = {"ok", attempts, started_at}
@@ -534,7 +556,8 @@ elseif command == "replay" then
     redis.call("hset", job_key, "state", "queued", "seq", next_seq, "rmid", message_id,
                "attempts", 0, "error", "", "error_class", "", "result", "",
                "enqueued_at", now_ms())
-    redis.call("hdel", job_key, "cancel", "finished_at", "started_seq", "traceback")
+    redis.call("hdel", job_key, "cancel", "finished_at", "started_seq", "traceback", "lone",
+               "lone_attempts", "died", "deaths")
     redis.call("persist", job_key)
     redis.call("hset", queue_msgs_key, message_id, message)
     redis.call("rpush", queue_key, message_id)
@@ -580,6 +603,105 @@ elseif command == "rescue" then
         end
     end
     return moved
+
+-- reclaim: KEYS dramatiq heartbeats, queue list, queue msgs, delay list, delay msgs, suspects
+--          ARGV acks key prefix ("<namespace>:__acks__."), queue, delay queue, job key prefix,
+--               dead before (ms: brokers whose heartbeat is older are dead; "0": none),
+--               how those died, then (broker id, how it died) for each broker known dead
+-- -> the number of messages taken as suspects.
+-- Dramatiq's dead-worker requeue (dispatch.lua's maintenance), with jobyard's bookkeeping. Of
+-- the messages a dead broker held of `queue`, the jobs that were running there are suspects (one
+-- of them may have killed it): each, still live and of this seq, gets "died" and its message id
+-- goes to the suspects list, for the caller to mark the message as a suspect's and requeue it
+-- (`requeue_suspects`): a suspect runs alone in its process. Running is what the record shows: a
+-- start under this seq, or "running" (a run without steps shows it after a second, see
+-- mark_running). Whatever the record shows, a job whose message is held by a second dying
+-- process is a suspect too (a handler that kills its process before its first step shows
+-- nothing). The rest, fetched but not run, and stale or finished jobs' messages are requeued as
+-- Dramatiq does (start_checks drops the latter); delayed messages go back to the delay queue. Brokers named dead (their supervisor saw the process
+-- exit) are forgotten here; the others by Dramatiq's maintenance, which the caller runs after.
+-- (Acks and job keys are built from prefixes, as rescue builds job keys.)
+elseif command == "reclaim" then
+    local heartbeats_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
+    local delay_key, delay_msgs_key, suspects_key = KEYS[4], KEYS[5], KEYS[6]
+    local acks_prefix, queue, delay_queue, job_prefix = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+    local dead_before, stale_beat = tonumber(ARGV[6]), ARGV[7]
+
+    local dead = {}
+    if dead_before > 0 then
+        for _, broker in ipairs(redis.call("zrangebyscore", heartbeats_key, 0, dead_before)) do
+            -- "<worker id>/<queue>" (see dramatiq_compat.broker_id_of), or a bare id
+            local worker = string.match(broker, "^(.*)/[^/]*$") or broker
+            dead[#dead + 1] = {broker, "worker " .. worker .. " " .. stale_beat, false}
+        end
+    end
+    for i = 8, #ARGV - 1, 2 do
+        dead[#dead + 1] = {ARGV[i], ARGV[i + 1], true}
+    end
+    local suspects = 0
+    for _, entry in ipairs(dead) do
+        local broker, died, named = entry[1], entry[2], entry[3]
+        local acks_key = acks_prefix .. broker .. "." .. queue
+        for _, message_id in ipairs(redis.call("smembers", acks_key)) do
+            local data = redis.call("hget", queue_msgs_key, message_id)
+            if data then
+                local ok, message = pcall(cjson.decode, data)
+                local job_id = ok and type(message) == "table" and message["args"]
+                               and message["args"][1]
+                local job_key = type(job_id) == "string" and (job_prefix .. job_id)
+                local job = job_key and redis.call("hmget", job_key, "engine", "state", "seq",
+                                                   "cancel", "started_seq")
+                local seq = ok and type(message) == "table" and message["options"]
+                            and tostring(message["options"]["jobyard_seq"] or 0)
+                local live = job and job[1] == "dramatiq" and not TERMINAL[job[2]]
+                             and job[3] == seq and job[4] ~= "1"
+                local deaths = live and redis.call("hincrby", job_key, "deaths", 1)
+                if live and (job[5] == seq or job[2] == "running" or deaths > 1) then
+                    redis.call("hset", job_key, "died", died)
+                    redis.call("rpush", suspects_key, message_id)
+                    suspects = suspects + 1
+                else
+                    redis.call("rpush", queue_key, message_id)
+                end
+            end
+        end
+        redis.call("del", acks_key)
+        local delay_acks_key = acks_prefix .. broker .. "." .. delay_queue
+        for _, message_id in ipairs(redis.call("smembers", delay_acks_key)) do
+            if redis.call("hexists", delay_msgs_key, message_id) > 0 then
+                redis.call("rpush", delay_key, message_id)
+            end
+        end
+        redis.call("del", delay_acks_key)
+        if named then
+            redis.call("zrem", heartbeats_key, broker)
+        end
+    end
+    return suspects
+
+-- requeue_suspects: KEYS suspects, queue list, queue msgs
+--                   ARGV (message id, the message marked as a suspect's) for each
+-- -> the number requeued.  Each message still on the suspects list gets its marked data and
+-- goes back on its queue; with "" for data it is dropped (its job was finished dead: see
+-- jobyard.queue.reclaim), as is one a cancel or handoff removed meanwhile.
+elseif command == "requeue_suspects" then
+    local suspects_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
+
+    local requeued = 0
+    for i = 2, #ARGV - 1, 2 do
+        local message_id, data = ARGV[i], ARGV[i + 1]
+        if redis.call("lrem", suspects_key, 0, message_id) > 0
+                and redis.call("hexists", queue_msgs_key, message_id) > 0 then
+            if data == "" then
+                redis.call("hdel", queue_msgs_key, message_id)
+            else
+                redis.call("hset", queue_msgs_key, message_id, data)
+                redis.call("rpush", queue_key, message_id)
+                requeued = requeued + 1
+            end
+        end
+    end
+    return requeued
 
 -- heartbeat: KEYS dramatiq heartbeats, workers zset per queue...
 --            ARGV worker id, dramatiq broker id   -> now (ms)

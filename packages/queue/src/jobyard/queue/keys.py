@@ -5,6 +5,7 @@ jobyard:steps:<job_id>     hash  step name -> JSON result of a finished step
 jobyard:workers:<queue>    zset  worker id -> last heartbeat, ms on the Redis clock
 jobyard:rate:<job>:<n>     str   starts of <job> in rate window number <n>
 jobyard:handoff            list  messages of jobs being moved to Temporal (their workers died)
+jobyard:suspects:<queue>   list  ids of messages taken back from a dead process, to requeue marked
 jobyard:joblog:events      stream  one entry per change a worker made to a job: the job log's outbox
 jobyard:joblog:shipper     str   id of the shipper holding the lease to empty that outbox
 dramatiq:<queue>           list  Dramatiq message ids waiting on <queue>
@@ -55,7 +56,15 @@ def dramatiq_heartbeats() -> str:
 
 
 def dramatiq_acks(broker_id: str, queue: str) -> str:
-    return f"{DRAMATIQ_NAMESPACE}:__acks__.{broker_id}.{queue}"
+    return f"{dramatiq_acks_prefix()}{broker_id}.{queue}"
+
+
+def dramatiq_acks_prefix() -> str:
+    return f"{DRAMATIQ_NAMESPACE}:__acks__."
+
+
+def suspects(queue: str) -> str:
+    return f"{PREFIX}:suspects:{queue}"
 
 
 def job_prefix() -> str:

@@ -23,11 +23,19 @@ from jobyard.job_engine import JobSpec, PermanentError, env
 from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.steps import begin_step
 from jobyard.job_engine.lifecycle import job_event, progress_event
-from jobyard.queue.context import Cancelled, DramatiqContext, LostOwnership, Suspend, Throttled
+from jobyard.queue.context import (
+    Cancelled,
+    DiedTooOften,
+    DramatiqContext,
+    LostOwnership,
+    Suspend,
+    Throttled,
+)
 from jobyard.queue.dramatiq_compat import ACKED
 from jobyard.queue.eager import discard_loop, run_eagerly
 from jobyard.queue.messages import RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
 from jobyard.queue.queues import get_queue, retry_policy
+from jobyard.queue.reclaim import WORKER_PROCESS_DIED, died_error, is_suspect
 from jobyard.queue.store import NO_DELIVERY, Delivery, JobStore, StartResult
 
 log = logging.getLogger("jobyard.worker")
@@ -108,10 +116,13 @@ class _Run:
         )
         self.acked = False
         self.progress_count = 0
+        # A suspect (taken back from a dead process, see jobyard.queue.reclaim) runs alone, and
+        # its start is recorded before its handler runs, with the attempts it may use.
+        self.suspect = is_suspect(options)
         self.ctx = DramatiqContext(
             self.store, self.spec.name, job_id, self.seq, self.resume, runner.rate,
             on_start=self.started, on_progress=self.progressed, time_limit=runner.time_limit,
-            journal=runner.journal,
+            journal=runner.journal, suspect_attempts=self.retry.attempts if self.suspect else 0,
         )  # fmt: skip
 
     def event(self, state: str, start: StartResult | None, **fields: Any) -> None:
@@ -134,12 +145,16 @@ class _Run:
 
     def execute(self) -> None:
         try:
+            if self.suspect:
+                self.ctx.start()
             model = self.spec.validate(self.payload)
             result: Any = run_eagerly(self.spec.handler(self.ctx, model))
         except Suspend as suspend:
             self.reschedule("running", suspend.seconds, resume=True)
         except Throttled as throttled:
             self.reschedule("queued", throttled.seconds, resume=self.resume)
+        except DiedTooOften as died:
+            self.died_too_often(died)
         except Cancelled:
             self.finish("cancelled")
         except LostOwnership as lost:
@@ -179,6 +194,12 @@ class _Run:
         self.acked = True
         if owned:  # a superseded copy (see seq) must not report an outcome
             self.event(state, start, payload=payload, **fields)
+
+    def died_too_often(self, died: DiedTooOften) -> None:
+        """Its process died during its last attempt: dead, not run again."""
+        error = died_error(died.start.attempts, died.start.died)
+        log.warning("job %s dead after %d attempt(s): %s", self.job_id, died.start.attempts, error)
+        self.finish("dead", error=error, error_class=WORKER_PROCESS_DIED, payload=self.payload)
 
     def failed(self, exc: BaseException) -> None:
         try:

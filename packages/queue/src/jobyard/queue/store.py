@@ -165,11 +165,12 @@ class QueueCounts:
 
 @dataclass
 class StartResult:
-    status: str  # ok | lost | stale | done | cancelled | throttled
+    status: str  # ok | lost | stale | done | cancelled | throttled | exhausted
     attempts: int = 0
     started_at: float = 0.0  # unix seconds of the job's first start
     steps: dict[str, str] = field(default_factory=dict)
     retry_in_ms: int = 0
+    died: str = ""  # exhausted: how the last process that ran the job died
 
 
 def _text(value: Any) -> str:
@@ -282,8 +283,17 @@ class JobStore:
         return BatchLine(self)
 
     def start(
-        self, job_id: str, job_name: str, seq: int, *, resume: bool, rate: tuple[int, int] | None
+        self,
+        job_id: str,
+        job_name: str,
+        seq: int,
+        *,
+        resume: bool,
+        rate: tuple[int, int] | None,
+        suspect_attempts: int = 0,
     ) -> StartResult:
+        """`suspect_attempts`: for a suspect's message (see `reclaim`), the job's attempts: a
+        suspect whose last run died alone with the last of them is "exhausted" (not started)."""
         calls, period_ms = rate or (0, 0)
         reply = self._call(
             [keys.job(job_id), keys.steps(job_id), keys.rate_prefix(job_name), *self._events],
@@ -292,10 +302,13 @@ class JobStore:
             "1" if resume else "0",
             calls,
             period_ms,
+            suspect_attempts,
         )
         status = _text(reply[0])
         if status == "throttled":
             return StartResult(status, retry_in_ms=int(reply[1]))
+        if status == "exhausted":
+            return StartResult(status, attempts=int(reply[1]), died=_text(reply[2]))
         if status != "ok":
             return StartResult(status)
         flat = [_text(v) for v in reply[3:]]
@@ -464,6 +477,55 @@ class JobStore:
             heartbeat_timeout_ms,
             limit,
             keys.job_prefix(),
+        )
+        return int(reply)
+
+    def reclaim(
+        self,
+        queue: str,
+        *,
+        dead_before_ms: int = 0,
+        stale_beat: str = "",
+        dead: Sequence[tuple[str, str]] = (),
+    ) -> int:
+        """Takes back the messages of `queue` (and its delay queue) held by dead Dramatiq
+        brokers: those whose heartbeat is older than `dead_before_ms` (0: none; `stale_beat`
+        says how they died), and `dead`, (broker id, how its process died) pairs. Live jobs'
+        messages go to the suspects list (see `requeue_suspects`); returns how many."""
+        delay_queue = keys.delayed(queue)
+        reply = self._call(
+            [keys.dramatiq_heartbeats(), *self._queue_keys(queue), keys.suspects(queue)],
+            "reclaim",
+            keys.dramatiq_acks_prefix(),
+            queue,
+            delay_queue,
+            keys.job_prefix(),
+            dead_before_ms,
+            stale_beat,
+            *[value for pair in dead for value in pair],
+        )
+        return int(reply)
+
+    def suspects(self, queue: str) -> list[tuple[str, bytes | str | None]]:
+        """The messages on `queue`'s suspects list: (message id, its data; None if gone)."""
+        ids = [_text(i) for i in self.client.lrange(keys.suspects(queue), 0, -1)]
+        if not ids:
+            return []
+        data = self.client.hmget(keys.dramatiq_messages(queue), ids)
+        return list(zip(ids, data, strict=True))
+
+    def requeue_suspects(self, queue: str, marked: Sequence[tuple[str, bytes]]) -> int:
+        """Puts suspects' messages, (id, data marked as a suspect's), back on `queue`."""
+        if not marked:
+            return 0
+        reply = self._call(
+            [
+                keys.suspects(queue),
+                keys.dramatiq_queue(queue),
+                keys.dramatiq_messages(queue),
+            ],
+            "requeue_suspects",
+            *[value for pair in marked for value in pair],
         )
         return int(reply)
 

@@ -9,6 +9,8 @@ promises need (the Dramatiq classes they override are in jobyard.queue.dramatiq_
   ack set is never swept: jobs parked by `ctx.sleep` or a retry backoff would wait forever.
   That includes the one delayed message whose move to its queue failed: Dramatiq has taken it
   off the in-memory delay queue by then, and the error is not even a connection error to it.
+- A suspect (a message taken back from a dead process, see jobyard.queue.reclaim) runs alone in
+  its process (`RunGate`), so that a job that kills its process kills no other job with it.
 - A graceful stop gives every worker thread the whole grace period: dramatiq's `join_all`
   takes the total elapsed time off each remaining thread's timeout, so a stop can give up
   (and requeue jobs that would have finished) long before the grace ends.
@@ -19,6 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from dramatiq.broker import Broker, MessageProxy
 
@@ -29,6 +33,7 @@ from jobyard.queue.dramatiq_compat import (
     JobyardWorkerBase,
     PullWorkerThread,
 )
+from jobyard.queue.reclaim import is_suspect
 
 log = logging.getLogger("jobyard.worker")
 
@@ -87,6 +92,13 @@ class PulledQueue:
             self.reconnect_at = time.monotonic() + CONSUMER_RESTART_DELAY_SECS
             return None
 
+    def untake(self, message: MessageProxy) -> None:
+        """Gives back a message taken and not run (its thread is stopping): the next taker, or
+        `close`, gets it."""
+        consumer = self.consumer
+        assert consumer is not None  # a message came from it
+        consumer.untake(message)
+
     def post_process_message(self, message: MessageProxy) -> None:
         """Dramatiq's ConsumerThread.post_process_message: ack (or nack) a message a worker
         thread is done with, retrying while Redis is unreachable."""
@@ -125,12 +137,78 @@ class PulledQueue:
         consumer.close()
 
 
+class RunGate:
+    """Lets a process's runs go side by side, and a suspect's alone: it waits until the runs under
+    way end, and no other starts until it ends. The suspect waiting goes first: runs that
+    would start meanwhile wait for it. One per process (all its queues' workers)."""
+
+    #: Seconds between looks at whether a waiting thread is stopping.
+    POLL = 0.2
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition(threading.Lock())
+        self._running = 0
+        self._alone = False
+        self._waiting_alone = 0
+
+    def enter(self, alone: bool, stopping: Callable[[], bool]) -> bool:
+        """Waits for this run's turn; False, without it, once `stopping()` says so."""
+        with self._changed:
+            if not alone:
+                if not self._alone and not self._waiting_alone:  # the usual case: no wait
+                    self._running += 1
+                    return True
+                while self._alone or self._waiting_alone:
+                    if stopping():
+                        return False
+                    self._changed.wait(self.POLL)
+                self._running += 1
+                return True
+            self._waiting_alone += 1
+            try:
+                while self._running or self._alone:
+                    if stopping():
+                        return False
+                    self._changed.wait(self.POLL)
+                self._alone = True
+                return True
+            finally:
+                self._waiting_alone -= 1
+                if not self._alone:  # gave up: the runs it held back may go
+                    self._changed.notify_all()
+
+    def leave(self, alone: bool) -> None:
+        with self._changed:
+            if alone:
+                self._alone = False
+                self._changed.notify_all()
+            else:
+                self._running -= 1
+                if not self._running and self._waiting_alone:
+                    self._changed.notify_all()
+
+
 class JobyardWorker(JobyardWorkerBase):
     """Runs one queue: its worker threads pull from a PulledQueue; its delay queue keeps a
-    consumer thread (it only moves messages that come due to the queue)."""
+    consumer thread (it only moves messages that come due to the queue). `gate`: the process's
+    RunGate, shared by its workers (one of its own if not given)."""
+
+    def __init__(self, *args: Any, gate: RunGate | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = gate or RunGate()
 
     def pulled_queue(self, queue_name: str) -> PulledQueue:
         return PulledQueue(self.broker, queue_name, self.queue_prefetch, self.worker_timeout)
 
     def run_message(self, thread: PullWorkerThread, message: MessageProxy) -> None:
-        thread.process_message(message)
+        alone = is_suspect(message.options)
+        if alone:
+            log.info("message %s was held by a process that died: it runs alone", message)
+        if not self.gate.enter(alone, lambda: thread.stopping):
+            assert self.pulled is not None
+            self.pulled.untake(message)
+            return
+        try:
+            thread.process_message(message)
+        finally:
+            self.gate.leave(alone)

@@ -1,0 +1,68 @@
+"""A job whose step kills its worker process (os._exit) is bounded by its retry policy, and the
+jobs that ran beside it are not killed with it again and again (jobyard.queue.reclaim)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import tests.poison_jobs  # noqa: F401  # registers the jobs in this (the dispatching) process
+from jobyard.dispatcher import dispatch_job, get_job
+from tests.support import wait_for
+
+TERMINAL = ("succeeded", "failed", "dead", "cancelled")
+ATTEMPTS = 3  # tests.poison_jobs.poison's RetryPolicy
+NEIGHBOURS = 24
+
+
+def _runs(directory: Path, name: str) -> int:
+    path = directory / name
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _final(job_id: str) -> bool:
+    return get_job(job_id).state in TERMINAL
+
+
+def test_a_job_that_kills_its_process_ends_dead_and_spares_its_neighbours(
+    engines, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("JOBYARD_JOB_MODULES", "tests.jobs,tests.poison_jobs")
+    heartbeat_timeout = 3.0  # tests/conftest.py's WORKER_HEARTBEAT_TIMEOUT
+    engines.start_worker(queues="default", processes=2)
+
+    def neighbour(i: int) -> str:
+        payload = {"marker_dir": str(tmp_path), "name": f"n{i}", "seconds": 1.0}
+        return dispatch_job("test.neighbour", payload).job_id
+
+    # A few neighbours first, so that some are running beside the poison when it first kills
+    # its process; more after it, fetched by the processes that run it again.
+    before = [neighbour(i) for i in range(3)]
+    dispatched_at = time.monotonic()
+    poison = dispatch_job("test.poison", {"marker_dir": str(tmp_path)}).job_id
+    after = [neighbour(i) for i in range(3, NEIGHBOURS)]
+
+    bound = ATTEMPTS * heartbeat_timeout + 10
+    wait_for(lambda: _final(poison), timeout=bound)
+    dead_after = time.monotonic() - dispatched_at
+    status = get_job(poison)
+    assert status.state == "dead", status
+    assert status.error.startswith("WorkerProcessDied: "), status
+    assert "exit code 1" in status.error and socket.gethostname() in status.error, status.error
+    poison_runs = _runs(tmp_path, "poison")
+    assert 1 <= poison_runs <= ATTEMPTS, poison_runs
+
+    for job_id in before + after:
+        wait_for(lambda job_id=job_id: _final(job_id), timeout=60)
+    states = {job_id: get_job(job_id).state for job_id in before + after}
+    assert set(states.values()) == {"succeeded"}, states
+    runs = {f"n{i}": _runs(tmp_path, f"n{i}") for i in range(NEIGHBOURS)}
+    assert all(1 <= n <= 2 for n in runs.values()), runs  # cut at most once
+    time.sleep(2 * heartbeat_timeout)  # a late redelivery would run the poison again
+    assert _runs(tmp_path, "poison") == poison_runs
+    print(status.error)
+    print(
+        f"poison ran {poison_runs}x, dead {dead_after:.1f} s after dispatch (bound {bound:g} s);"
+        f" neighbours cut: {sum(1 for n in runs.values() if n == 2)} of {NEIGHBOURS}"
+    )
