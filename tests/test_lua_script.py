@@ -1067,3 +1067,131 @@ def test_every_command_has_a_test() -> None:
     assert len(commands) >= 16
     untested = {c for c in commands if not any(n.startswith(f"test_{c}_") for n in globals())}
     assert untested == set()
+
+
+# start of a suspect (see jobyard.queue.reclaim): ARGV ..., the job's attempts
+
+
+def test_start_of_a_suspect_records_its_run_alone(r: redis.Redis, lua: Lua) -> None:
+    seed(r, state="running", attempts=1, started_seq=0, started_at=1000)
+    keys_ = [JOB_KEY, STEPS_KEY, keys.rate_prefix(NAME)]
+    assert lua("start", keys_, 0, "0", 0, 0, 3) == ["ok", 2, "1000"]
+    record = job(r)
+    assert (record["lone"], record["lone_attempts"], record["attempts"]) == ("0", "3", "2")
+    # Died alone with attempts left: it runs again, alone.
+    assert lua("start", keys_, 0, "0", 0, 0, 3) == ["ok", 3, "1000"]
+
+
+def test_start_of_a_suspect_whose_run_alone_used_the_last_attempt_is_exhausted(
+    r: redis.Redis, lua: Lua
+) -> None:
+    seed(r, state="running", attempts=3, started_seq=0, started_at=1000, lone=0, died="how")
+    keys_ = [JOB_KEY, STEPS_KEY, keys.rate_prefix(NAME)]
+    assert lua("start", keys_, 0, "0", 0, 0, 3) == ["exhausted", 3, "how"]
+    assert job(r)["attempts"] == "3"  # nothing written: the caller finishes it dead
+    # A death shared with other runs (no "lone" of this seq) gets its run alone first.
+    seed(r, state="running", attempts=3, started_seq=0, lone=-1)
+    assert lua("start", keys_, 0, "0", 0, 0, 3)[:2] == ["ok", 4]
+    # Not a suspect: started as before, whatever its attempts.
+    seed(r, state="running", attempts=5, started_seq=0, lone=0)
+    assert start(lua)[:2] == ["ok", 6]
+
+
+# reclaim: KEYS dramatiq heartbeats, queue list, queue msgs, delay list, delay msgs, suspects
+#          ARGV acks prefix, queue, delay queue, job prefix, dead before ms, how those died,
+#               (broker, how it died)...
+
+
+def reclaim(lua: Lua, dead_before: int = 0, *named: str) -> Any:
+    return lua(
+        "reclaim",
+        [keys.dramatiq_heartbeats(), *QUEUE_KEYS, keys.suspects(QUEUE)],
+        keys.dramatiq_acks_prefix(),
+        QUEUE,
+        DELAY_QUEUE,
+        keys.job_prefix(),
+        dead_before,
+        "stopped beating",
+        *named,
+    )
+
+
+def held(r: redis.Redis, job_id: str, broker: str = BROKER, **fields: Any) -> str:
+    """A message of `job_id` fetched by `broker` and not acked; the job's record with `fields`."""
+    rmid, _ = put_message(r, QUEUE_KEY, MSGS_KEY, job_id=job_id)
+    r.lrem(QUEUE_KEY, 0, rmid)
+    r.sadd(keys.dramatiq_acks(broker, QUEUE), rmid)
+    if fields.get("engine") != "none":
+        seed(r, keys.job(job_id), rmid=rmid, **fields)
+    return rmid
+
+
+def test_reclaim_takes_a_named_dead_brokers_running_jobs_as_suspects(
+    r: redis.Redis, lua: Lua
+) -> None:
+    ids = {
+        "running": held(r, "running", state="running", started_seq=0),
+        "marked": held(r, "marked", state="running"),  # a run without steps, shown running
+        "fetched": held(r, "fetched"),  # fetched, never started
+        "twice": held(r, "twice", deaths=1),  # its second dying process
+        "stale": held(r, "stale", seq=3, state="running", started_seq=3),
+        "done": held(r, "done", state="succeeded"),
+        "cancelling": held(r, "cancelling", state="running", started_seq=0, cancel="1"),
+    }
+    delayed, _ = put_message(r, DELAY_KEY, DELAY_MSGS_KEY, job_id="parked")
+    r.lrem(DELAY_KEY, 0, delayed)
+    r.sadd(keys.dramatiq_acks(BROKER, DELAY_QUEUE), delayed)
+    r.zadd(keys.dramatiq_heartbeats(), {BROKER: now_ms(r)})  # beating until it died
+    held(r, "elsewhere", broker="broker-2", state="running", started_seq=0)
+
+    assert reclaim(lua, 0, BROKER, "exited with exit code 1") == 3
+    suspects = ["running", "marked", "twice"]
+    assert sorted(r.lrange(keys.suspects(QUEUE), 0, -1)) == sorted(ids[j] for j in suspects)
+    for job_id in suspects:
+        assert job(r, keys.job(job_id))["died"] == "exited with exit code 1"
+    requeued = ["fetched", "stale", "done", "cancelling"]
+    assert sorted(r.lrange(QUEUE_KEY, 0, -1)) == sorted(ids[j] for j in requeued)
+    assert "died" not in job(r, keys.job("fetched"))
+    assert job(r, keys.job("fetched"))["deaths"] == "1"
+    assert r.lrange(DELAY_KEY, 0, -1) == [delayed]
+    assert not r.exists(ACKS_KEY, keys.dramatiq_acks(BROKER, DELAY_QUEUE))
+    assert r.zscore(keys.dramatiq_heartbeats(), BROKER) is None  # forgotten
+    assert r.scard(keys.dramatiq_acks("broker-2", QUEUE)) == 1  # a live broker's: untouched
+
+
+def test_reclaim_by_heartbeat_takes_only_brokers_older_than_the_bound(
+    r: redis.Redis, lua: Lua
+) -> None:
+    now = now_ms(r)
+    r.zadd(keys.dramatiq_heartbeats(), {"host:1:ab/default": now - 10_000, "live": now})
+    old = held(r, "old", broker="host:1:ab/default", state="running", started_seq=0)
+    held(r, "live", broker="live", state="running", started_seq=0)
+    assert reclaim(lua, now - 5_000) == 1
+    assert r.lrange(keys.suspects(QUEUE), 0, -1) == [old]
+    assert job(r, keys.job("old"))["died"] == "worker host:1:ab stopped beating"
+    # Dramatiq's maintenance forgets the broker (it runs after): the heartbeat stays here.
+    assert r.zscore(keys.dramatiq_heartbeats(), "host:1:ab/default") is not None
+    assert r.scard(keys.dramatiq_acks("live", QUEUE)) == 1
+
+
+# requeue_suspects: KEYS suspects, queue list, queue msgs   ARGV (message id, data)...
+
+
+def test_requeue_suspects_puts_the_marked_messages_back_or_drops_them(
+    r: redis.Redis, lua: Lua
+) -> None:
+    suspects_key = keys.suspects(QUEUE)
+    kept, _ = put_message(r, QUEUE_KEY, MSGS_KEY, job_id="kept")
+    dropped, _ = put_message(r, QUEUE_KEY, MSGS_KEY, job_id="dropped")
+    r.delete(QUEUE_KEY)
+    r.rpush(suspects_key, kept, dropped, "gone")
+    reply = lua(
+        "requeue_suspects", [suspects_key, QUEUE_KEY, MSGS_KEY],
+        kept, "marked", dropped, "", "gone", "marked", "not-listed", "marked",
+    )  # fmt: skip
+    assert reply == 1
+    assert r.lrange(QUEUE_KEY, 0, -1) == [kept]
+    assert r.hget(MSGS_KEY, kept) == "marked"
+    assert not r.hexists(MSGS_KEY, dropped) and not r.hexists(MSGS_KEY, "gone")
+    assert not r.hexists(MSGS_KEY, "not-listed")
+    assert not r.exists(suspects_key)

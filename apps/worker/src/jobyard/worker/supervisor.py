@@ -36,8 +36,10 @@ class _Child:
 
     def reclaim(self, queues: list[str]) -> None:
         """The messages the exited process held go back to their queues now, as suspects (see
-        jobyard.queue.reclaim), with how it ended; its worker id leaves the live set. If Redis
-        cannot be reached, the sweep that finds its heartbeat old does it later."""
+        jobyard.queue.reclaim), with how it ended. If Redis cannot be reached, the sweep that
+        finds its heartbeat old does it later. Its queue heartbeat is left to expire: the
+        restarted process beats before then, and a queue seen without a live worker meanwhile
+        would send its jobs to Temporal."""
         from jobyard.queue.client import get_client
         from jobyard.queue.dramatiq_compat import broker_id_of
         from jobyard.queue.reclaim import exit_description, reclaim
@@ -50,7 +52,6 @@ class _Child:
             store = JobStore(get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT)))
             for queue in queues:
                 reclaim(store, queue, dead=[(broker_id_of(worker_id, queue), died)])
-            store.deregister(worker_id, queues)
         except Exception as exc:
             log.warning("could not take back the messages of worker process %d: %s", pid, exc)
 
