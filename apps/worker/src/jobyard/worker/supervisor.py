@@ -40,6 +40,7 @@ class _Child:
         finds its heartbeat old does it later. Its queue heartbeat is left to expire: the
         restarted process beats before then, and a queue seen without a live worker meanwhile
         would send its jobs to Temporal."""
+        from jobyard.job_engine.db import joblog
         from jobyard.queue.client import get_client
         from jobyard.queue.dramatiq_compat import broker_id_of
         from jobyard.queue.reclaim import exit_description, reclaim
@@ -49,7 +50,9 @@ class _Child:
         worker_id = worker_id_of(host, pid, self.token)
         died = exit_description(host, pid, self.proc.returncode)
         try:
-            store = JobStore(get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT)))
+            # With the job log on, a job finished dead here is shipped as its workers' are.
+            client = get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT))
+            store = JobStore(client, log_changes=joblog.enabled())
             for queue in queues:
                 reclaim(store, queue, dead=[(broker_id_of(worker_id, queue), died)])
         except Exception as exc:

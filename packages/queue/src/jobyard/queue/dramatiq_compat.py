@@ -19,7 +19,9 @@ Overrides, and why (the classes are below):
   `broker_id_of`), `add_middleware`, `emit_before`, `emit_after` (only the middleware hooks that
   do something are called: Dramatiq looks each one up by name for every signal of every
   message), `consume` (puts back messages a lost fetch reply left in this broker's ack set),
-  `consumer_class`. Calls `do_requeue`, `do_qsize` (Dramatiq's `__getattr__` commands).
+  `consumer_class`. Calls `do_requeue`, `do_qsize` (Dramatiq's `__getattr__` commands). Built
+  with `maintenance_chance=0`: Dramatiq's chance maintenance would requeue a dead process's
+  messages without jobyard's bookkeeping (jobyard.queue.reclaim does it).
 - `ConsumerThread` as `KeepDelayedConsumerThread`: `delay_queue` (an attribute Dramatiq resets
   after a connection error, dropping the delayed messages it holds while their ids stay in a
   live worker's ack set, where nothing sweeps them), `handle_delayed_messages`, `close`.
@@ -27,7 +29,8 @@ Overrides, and why (the classes are below):
   `jobyard.queue.worker.PulledQueue` that stands in for Dramatiq's consumer thread: Dramatiq's
   `WorkerThread.process_message` calls `consumers[queue].post_process_message(message)` and
   `work_queue.task_done()` (`_Untracked`).
-- `Worker` as `JobyardWorker`: `_add_consumer` (underscore-private; called by Dramatiq's
+- `Worker` as `JobyardWorkerBase` (jobyard.queue.worker.JobyardWorker says how to make its
+  PulledQueue and run a message): `_add_consumer` (underscore-private; called by Dramatiq's
   `_WorkerMiddleware` for each declared queue), `_add_worker` (called by `Worker.start`), and
   `stop` (Dramatiq's `join_all` takes the elapsed time off each thread's timeout, so a stop could
   give up long before the grace ends). Reads `consumers`, `consumer_whitelist`, `work_queue`,
@@ -164,7 +167,7 @@ class JobyardConsumer(_RedisConsumer):
         again, first, as if never taken (the next taker, or `take_all_cached`, gets it)."""
         self.delivered.discard(message.options["redis_message_id"])
         self.queued_message_ids.discard(message.message_id)
-        self.message_cache.insert(0, message._message.encode())
+        self.message_cache.insert(0, message.encode())
 
     def put_back(self, messages: list[MessageProxy]) -> None:
         """Returns fetched messages to the queue (Dramatiq's requeue)."""
