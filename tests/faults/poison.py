@@ -83,7 +83,6 @@ def poison_job(h: Harness, n: int = 200, before: int = 10, work: float = 0.2) ->
         row.extra["normal_succeeded"] = sum(1 for s in final.values() if s.state == "succeeded")
         row.extra["normal_steps_cut"] = sum(cut)
         row.extra["normal_cut_max"] = max(cut, default=0)
-        row.extra["processes_died"] = cluster.logs().count("exited with 1; restarting")
         row.require(poison_runs <= POISON_ATTEMPTS, f"the poison runs at most {POISON_ATTEMPTS}x")
         row.require(
             status.state == "dead" and dead_s <= bound,
