@@ -76,7 +76,7 @@ from dramatiq.middleware import Middleware, MiddlewareError
 from dramatiq.worker import CONSUMER_RESTART_DELAY_SECS, ConsumerThread, WorkerThread
 
 from jobyard.queue import keys
-from jobyard.queue.store import _text
+from jobyard.queue.store.script import _text
 
 if TYPE_CHECKING:
     from jobyard.queue.worker import PulledQueue

@@ -1,0 +1,177 @@
+"""JobStore's commands of a job's run on a worker: start, steps, progress, and its end
+(finish, complete, reschedule), each acking the Dramatiq message it ran from (`Delivery`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobyard.queue import keys
+from jobyard.queue.store.script import ScriptStore, _text
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The Dramatiq message being processed, so our calls can ack it (see `ack` in the Lua)."""
+
+    broker_id: str
+    queue: str
+    redis_message_id: str
+
+    def keys(self) -> list[str]:
+        return [keys.dramatiq_acks(self.broker_id, self.queue), keys.dramatiq_messages(self.queue)]
+
+
+NO_DELIVERY = Delivery("", "", "")
+
+
+@dataclass
+class StartResult:
+    status: str  # ok | lost | stale | done | cancelled | throttled | exhausted
+    attempts: int = 0
+    started_at: float = 0.0  # unix seconds of the job's first start
+    steps: dict[str, str] = field(default_factory=dict)
+    retry_in_ms: int = 0
+    died: str = ""  # exhausted: how the last process that ran the job died
+
+
+class RunCommands(ScriptStore):
+    def start(
+        self,
+        job_id: str,
+        job_name: str,
+        seq: int,
+        *,
+        resume: bool,
+        rate: tuple[int, int] | None,
+        suspect_attempts: int = 0,
+    ) -> StartResult:
+        """`suspect_attempts`: for a suspect's message (see `reclaim`), the job's attempts: a
+        suspect whose last run died alone with the last of them is "exhausted" (not started)."""
+        calls, period_ms = rate or (0, 0)
+        reply = self._call(
+            [keys.job(job_id), keys.steps(job_id), keys.rate_prefix(job_name), *self._events],
+            "start",
+            seq,
+            "1" if resume else "0",
+            calls,
+            period_ms,
+            suspect_attempts,
+        )
+        status = _text(reply[0])
+        if status == "throttled":
+            return StartResult(status, retry_in_ms=int(reply[1]))
+        if status == "exhausted":
+            return StartResult(status, attempts=int(reply[1]), died=_text(reply[2]))
+        if status != "ok":
+            return StartResult(status)
+        flat = [_text(v) for v in reply[3:]]
+        steps = dict(zip(flat[::2], flat[1::2], strict=True))
+        return StartResult(status, int(reply[1]), int(reply[2]) / 1000, steps)
+
+    def record_step(
+        self, job_id: str, seq: int, step: str, result_json: str, timing_json: str = ""
+    ) -> str:
+        """ "ok", "lost" (the job is not ours any more) or "cancel" (stop at this boundary).
+        `timing_json`: when the step ran, kept beside it (STEP_TIMING_PREFIX) for the timeline."""
+        reply = self._call(
+            [keys.job(job_id), keys.steps(job_id)],
+            "step",
+            seq,
+            step,
+            result_json,
+            self.retention,
+            timing_json,
+        )
+        return _text(reply)
+
+    def record_progress(self, job_id: str, seq: int, progress_json: str) -> bool:
+        reply = self._call([keys.job(job_id), *self._events], "progress", seq, progress_json)
+        return _text(reply) == "ok"
+
+    def mark_running(self, job_id: str, seq: int) -> bool:
+        """Show a run that is still before its first step as running (see jobyard.lua)."""
+        return bool(self._call([keys.job(job_id), *self._events], "mark_running", seq))
+
+    def finish(
+        self,
+        job_id: str,
+        seq: int,
+        state: str,
+        *,
+        result: Any = None,
+        error: str = "",
+        error_class: str = "",
+        delivery: Delivery = NO_DELIVERY,
+        payload: Any = None,
+        traceback: str = "",
+    ) -> bool:
+        reply = self._call(
+            [keys.job(job_id), keys.steps(job_id), *delivery.keys(), *self._events],
+            "finish",
+            seq,
+            state,
+            json.dumps(result),
+            error,
+            error_class,
+            self.retention,
+            delivery.redis_message_id,
+            "" if payload is None else json.dumps(payload),
+            traceback,
+        )
+        return _text(reply) == "ok"
+
+    def complete(
+        self, job_id: str, seq: int, *, resume: bool, result: Any, delivery: Delivery = NO_DELIVERY
+    ) -> StartResult:
+        """Start and finish a run that used no step, in one call; status "ok" or why not."""
+        reply = self._call(
+            [keys.job(job_id), keys.steps(job_id), *delivery.keys(), *self._events],
+            "complete",
+            seq,
+            "1" if resume else "0",
+            json.dumps(result),
+            self.retention,
+            delivery.redis_message_id,
+        )
+        status = _text(reply[0])
+        if status != "ok":
+            return StartResult(status)
+        return StartResult(status, int(reply[1]), int(reply[2]) / 1000)
+
+    def reschedule(
+        self,
+        job_id: str,
+        seq: int,
+        next_seq: int,
+        state: str,
+        delay_queue: str,
+        redis_message_id: str,
+        message: bytes,
+        *,
+        error: str = "",
+        error_class: str = "",
+        delivery: Delivery = NO_DELIVERY,
+        run_at_ms: int = 0,
+    ) -> bool:
+        reply = self._call(
+            [
+                keys.job(job_id),
+                keys.dramatiq_queue(delay_queue),
+                keys.dramatiq_messages(delay_queue),
+                *delivery.keys(),
+                *self._events,
+            ],
+            "reschedule",
+            seq,
+            next_seq,
+            state,
+            redis_message_id,
+            message,
+            error,
+            error_class,
+            delivery.redis_message_id,
+            run_at_ms,
+        )
+        return _text(reply) == "ok"
