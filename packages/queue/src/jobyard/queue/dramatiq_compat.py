@@ -373,7 +373,6 @@ class PullWorkerThread(WorkerThread):
         self.queue = queue
         self.run_message = run_message
 
-    @property
     def stopping(self) -> bool:
         return not self.running
 

@@ -137,55 +137,86 @@ class PulledQueue:
         consumer.close()
 
 
+#: The token of a suspect's run (see RunGate.enter).
+ALONE: object = object()
+
+
 class RunGate:
     """Lets a process's runs go side by side, and a suspect's alone: it waits until the runs under
-    way end, and no other starts until it ends. The suspect waiting goes first: runs that
-    would start meanwhile wait for it. One per process (all its queues' workers)."""
+    way end, and no other starts until it ends. Suspects waiting go first: runs that would start
+    meanwhile wait for them. One per process (all its queues' workers).
+
+    Every run passes here, so a usual run takes no lock: it lists itself, then looks whether a
+    suspect wants the process; a suspect says so, then looks whether runs are listed. Each writes
+    before it reads what the other wrote (list.append and attribute reads are atomic under the
+    GIL), so one of them always sees the other: the run then steps back and waits."""
 
     #: Seconds between looks at whether a waiting thread is stopping.
     POLL = 0.2
 
     def __init__(self) -> None:
+        self._runs: list[object] = []  # a token per usual run under way
+        self._suspects = 0  # suspects waiting or running; changed under `_changed`
         self._changed = threading.Condition(threading.Lock())
-        self._running = 0
-        self._alone = False
-        self._waiting_alone = 0
+        self._alone = threading.Lock()  # held by the suspect running
 
-    def enter(self, alone: bool, stopping: Callable[[], bool]) -> bool:
-        """Waits for this run's turn; False, without it, once `stopping()` says so."""
+    def enter(self, alone: bool, stopping: Callable[[], bool]) -> object | None:
+        """Waits for this run's turn: a token for `leave`, or None (no turn) once `stopping()`
+        says so."""
+        if alone:
+            return self._enter_alone(stopping)
+        token = object()
+        self._runs.append(token)
+        if not self._suspects:
+            return token
+        self._runs.remove(token)  # a suspect wants the process: wait for it
         with self._changed:
-            if not alone:
-                if not self._alone and not self._waiting_alone:  # the usual case: no wait
-                    self._running += 1
-                    return True
-                while self._alone or self._waiting_alone:
-                    if stopping():
-                        return False
-                    self._changed.wait(self.POLL)
-                self._running += 1
-                return True
-            self._waiting_alone += 1
-            try:
-                while self._running or self._alone:
-                    if stopping():
-                        return False
-                    self._changed.wait(self.POLL)
-                self._alone = True
-                return True
-            finally:
-                self._waiting_alone -= 1
-                if not self._alone:  # gave up: the runs it held back may go
-                    self._changed.notify_all()
+            if self._suspects and not self._runs:
+                self._changed.notify_all()  # it may have looked while this run was listed
+            while self._suspects:
+                if stopping():
+                    return None
+                self._changed.wait(self.POLL)
+            self._runs.append(token)
+        return token
 
-    def leave(self, alone: bool) -> None:
+    def _enter_alone(self, stopping: Callable[[], bool]) -> object | None:
         with self._changed:
-            if alone:
-                self._alone = False
+            self._suspects += 1
+        try:
+            while not self._alone.acquire(timeout=self.POLL):
+                if stopping():
+                    raise _GaveUp
+            while self._runs:
+                if stopping():
+                    self._alone.release()
+                    raise _GaveUp
+                with self._changed:
+                    if self._runs:
+                        self._changed.wait(self.POLL)
+            return ALONE
+        except _GaveUp:
+            self._left_alone()
+            return None
+
+    def leave(self, token: object) -> None:
+        if token is ALONE:
+            self._alone.release()
+            self._left_alone()
+            return
+        self._runs.remove(token)
+        if self._suspects and not self._runs:
+            with self._changed:
                 self._changed.notify_all()
-            else:
-                self._running -= 1
-                if not self._running and self._waiting_alone:
-                    self._changed.notify_all()
+
+    def _left_alone(self) -> None:
+        with self._changed:
+            self._suspects -= 1
+            self._changed.notify_all()
+
+
+class _GaveUp(Exception):
+    """A suspect's thread stopped while it waited for its turn."""
 
 
 class JobyardWorker(JobyardWorkerBase):
@@ -204,11 +235,12 @@ class JobyardWorker(JobyardWorkerBase):
         alone = is_suspect(message.options)
         if alone:
             log.info("message %s was held by a process that died: it runs alone", message)
-        if not self.gate.enter(alone, lambda: thread.stopping):
+        token = self.gate.enter(alone, thread.stopping)
+        if token is None:
             assert self.pulled is not None
             self.pulled.untake(message)
             return
         try:
             thread.process_message(message)
         finally:
-            self.gate.leave(alone)
+            self.gate.leave(token)
