@@ -66,11 +66,11 @@ from jobyard.job_engine import (
 )
 from jobyard.job_engine.collector import collector_paused
 from jobyard.job_engine.db.readiness import check_setup
+from jobyard.job_engine.ids import new_job_id, new_job_ids
 from jobyard.job_engine.lifecycle import dispatched_batch_event, dispatched_event
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue.client import get_client
 from jobyard.queue.direct import DirectJobStore
-from jobyard.queue.messages import new_job_id, new_job_ids
 
 if TYPE_CHECKING:
     from jobyard.dispatcher.engines.temporal import TemporalEngine

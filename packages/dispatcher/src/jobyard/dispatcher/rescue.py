@@ -30,6 +30,7 @@ from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import JobLog, state_in
 from jobyard.job_engine.db.steps import load_steps
 from jobyard.job_engine.lifecycle import dispatched_event
+from jobyard.job_engine.states import UNFINISHED_STATES
 from jobyard.queue.client import get_client
 from jobyard.queue.store import JobStore
 
@@ -44,7 +45,6 @@ EXPIRY_MARGIN = 0.1
 MIN_PASS_GAP = 0.2
 #: Seconds to the next pass after one that left jobs on the handoff list.
 RETRY_GAP = 0.5
-_UNFINISHED = ("queued", "running", "retrying")
 
 
 def unfinished_dramatiq_jobs(before: float, limit: int) -> list[Any]:
@@ -56,7 +56,7 @@ def unfinished_dramatiq_jobs(before: float, limit: int) -> list[Any]:
 def unfinished_query(before: float, limit: int) -> Select[Any]:
     return (
         select(JobLog.job_id, JobLog.name, JobLog.queue, JobLog.payload)
-        .where(JobLog.engine == "dramatiq", state_in(*_UNFINISHED))
+        .where(JobLog.engine == "dramatiq", state_in(*UNFINISHED_STATES))
         .where(JobLog.enqueued_at < datetime.fromtimestamp(before, UTC))
         .order_by(JobLog.enqueued_at)
         .limit(limit)

@@ -16,8 +16,8 @@ from jobyard.dispatcher import (
 )
 from jobyard.django import compat
 from jobyard.django.jobs import DjangoTaskPayload, job_name
-from jobyard.queue.messages import new_job_id
-from jobyard.queue.queues import queue_names
+from jobyard.job_engine.ids import new_job_id
+from jobyard.job_engine.queues import queue_names
 
 #: jobyard's states as Django's. A job that succeeded may still hold a task that raised.
 STATES = {

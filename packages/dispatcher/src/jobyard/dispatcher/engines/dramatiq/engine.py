@@ -28,6 +28,7 @@ from jobyard.dispatcher.engines.base import (
 from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, EngineName, JobStatus
+from jobyard.job_engine.states import UNFINISHED_STATES, JobState
 from jobyard.queue import keys
 from jobyard.queue.messages import (
     EncodedMessage,
@@ -42,12 +43,12 @@ if TYPE_CHECKING:
     from jobyard.queue.broker import DeadWorkerSweeper
 
 #: States in which a job may be waiting for a delayed message (a sleep, a retry, a throttle).
-_WAITING = ("queued", "running", "retrying")
+_WAITING = UNFINISHED_STATES
 
 log = logging.getLogger("jobyard.rescue")
 
 _CANCEL = {
-    "cancelled": CancelStatus.CANCELLED,
+    JobState.CANCELLED: CancelStatus.CANCELLED,
     "requested": CancelStatus.REQUESTED,
     "done": CancelStatus.FINISHED,
     "temporal": CancelStatus.NOT_HERE,
@@ -163,7 +164,7 @@ class DramatiqEngine(Engine):
         record = self.record(job_id)
         if record is None:
             return None
-        state = record.get("state", "queued")
+        state = JobState(record.get("state", JobState.QUEUED))
         result = json.loads(record["result"]) if record.get("result") else None
         progress = json.loads(record["progress"]) if record.get("progress") else None
         run_at = int(record.get("run_at") or 0) / 1000  # set when rescheduled; past once it ran
@@ -173,7 +174,7 @@ class DramatiqEngine(Engine):
             state=state,
             attempts=int(record.get("attempts", 0)),
             name=record.get("name"),
-            result=result if state == "succeeded" else None,
+            result=result if state == JobState.SUCCEEDED else None,
             error=record.get("error") or None,
             progress=progress,
             run_at=run_at if run_at > time.time() and state in _WAITING else None,
@@ -306,7 +307,7 @@ class DramatiqEngine(Engine):
             self.store.handoff_done(orphan.message)
 
 
-_REPLAYABLE = ("failed", "dead", "cancelled")
+_REPLAYABLE = (JobState.FAILED, JobState.DEAD, JobState.CANCELLED)
 _STARTED = Submitted(SubmitStatus.STARTED)  # results are frozen: one each serves every job
 _NO_WORKERS = Submitted(SubmitStatus.NO_WORKERS, owner="temporal")
 
