@@ -10,7 +10,8 @@ from typing import Any
 
 from jobyard.job_engine import children, metrics, tracing
 from jobyard.job_engine.db import joblog
-from jobyard.job_engine.states import FINAL_STATES, JobState
+from jobyard.job_engine.states import FINAL_STATES as FINAL_STATES  # imported from here too
+from jobyard.job_engine.states import JobState
 
 log = logging.getLogger("jobyard.lifecycle")
 

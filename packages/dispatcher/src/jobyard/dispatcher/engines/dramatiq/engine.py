@@ -8,13 +8,14 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from jobyard.dispatcher.engines.base import (
     Cancellation,
     CancelStatus,
     Engine,
+    NewJob,
+    Orphan,
     QueueDepth,
     Release,
     ReleaseStatus,
@@ -60,33 +61,6 @@ def kept_options(options: DispatchOptions) -> dict[str, Any]:
     """What a replay of the job must dispatch with again (the delay was for the first run)."""
     kept = {"webhook_url": options.webhook_url, "retry": options.retry}
     return {key: value for key, value in kept.items() if value is not None}
-
-
-class NewJob(NamedTuple):
-    """A job `dispatch_many` validated with a generated id and no options, its payload as data
-    and as its strict JSON text: cheaper to make than a Submission (a bulk dispatch makes one
-    per job), and sent with a message made from its job's template. `submission()` is the
-    same job for every other path (Temporal, the job log's record of one job)."""
-
-    job_id: str
-    name: str
-    queue: str
-    payload: dict[str, Any]
-    payload_json: bytes
-
-    def submission(self) -> Submission:
-        return Submission(
-            self.job_id, self.name, self.queue, self.payload, NO_OPTIONS,
-            payload_json=self.payload_json,
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Orphan:
-    """A job moved off a queue that has no live worker, waiting to be started elsewhere."""
-
-    message: bytes  # as it sits on the handoff list, to remove it once started elsewhere
-    job: Submission
 
 
 class DramatiqEngine(Engine):
@@ -137,6 +111,12 @@ class DramatiqEngine(Engine):
             for queue, dramatiq_queue, batch in _batches(jobs):
                 sender.send(queue, dramatiq_queue, batch)
         return sender.results()
+
+    def submit_batch(
+        self, jobs: Iterable[Submission | NewJob]
+    ) -> list[Submitted | EngineUnavailable]:
+        """`submit_many` takes NewJobs as they are: their messages come from a template."""
+        return self.submit_many(jobs)
 
     def _submitted(self, reply: Reply) -> Submitted:
         if reply.status == "enqueued":
