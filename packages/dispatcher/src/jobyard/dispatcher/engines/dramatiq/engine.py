@@ -49,7 +49,7 @@ _WAITING = UNFINISHED_STATES
 log = logging.getLogger("jobyard.rescue")
 
 _CANCEL = {
-    JobState.CANCELLED: CancelStatus.CANCELLED,
+    "cancelled": CancelStatus.CANCELLED,  # the Lua call's replies, not job states
     "requested": CancelStatus.REQUESTED,
     "done": CancelStatus.FINISHED,
     "temporal": CancelStatus.NOT_HERE,
