@@ -8,18 +8,20 @@ fourth engine is done when it passes this file and the ctx conformance suite.
 from __future__ import annotations
 
 import importlib
+import inspect
 import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from jobyard.dispatcher import get_dispatcher
+from jobyard.dispatcher import JobHandle, JobNotFoundError, get_dispatcher
 from jobyard.dispatcher.engines import (
     CancelStatus,
     Engine,
     ReleaseStatus,
     ReplayStatus,
+    RescueSource,
     Submission,
     SubmitStatus,
 )
@@ -109,3 +111,60 @@ def test_failed_job_replays_under_its_id(engine: Engine, tmp_path) -> None:
     while (found := engine.status(job.job_id)) is None or found.state != "succeeded":
         assert time.monotonic() < deadline, found
         time.sleep(0.1)
+
+
+def test_the_dispatcher_routes_through_any_engine(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """The dispatcher holds `Engine`s, not Dramatiq and Temporal: built on two inline engines,
+    dispatch, dispatch_many and lookups go through the preferred one, as they go through
+    Dramatiq in production."""
+    from jobyard.dispatcher import Dispatcher
+    from jobyard.dispatcher.breaker import CircuitBreaker
+    from jobyard.job_engine.db.joblog import reset_writer
+
+    importlib.import_module("tests.jobs")
+    monkeypatch.setenv("JOBYARD_JOB_LOG", "false")  # the routing is under test, not the log
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/no-job-log.db")
+    monkeypatch.setenv("USE_DRAMATIQ", "true")
+    reset_writer()
+    preferred, fallback = InlineEngine(), InlineEngine()
+    dispatcher = Dispatcher(preferred, fallback, CircuitBreaker(lambda: True, 1.0))
+    try:
+        handle = dispatcher.dispatch("system.echo", {"message": "one"})
+        assert (handle.engine, handle.fallback_reason, handle.duplicate) == ("inline", None, False)
+        assert preferred.status(handle.job_id) is not None
+        assert fallback.status(handle.job_id) is None
+        found = dispatcher.status(handle.job_id)
+        assert (found.state, found.result) == ("succeeded", {"message": "one"})
+        many = dispatcher.dispatch_many([("system.echo", {"message": f"m{i}"}) for i in range(3)])
+        assert all(isinstance(h, JobHandle) and h.engine == "inline" for h in many), many
+        assert [preferred.status(h.job_id).result for h in many] == [  # type: ignore[union-attr]
+            {"message": f"m{i}"} for i in range(3)
+        ]
+        with pytest.raises(JobNotFoundError):
+            dispatcher.status(uuid.uuid4().hex)
+    finally:
+        reset_writer()
+
+
+def test_dramatiq_is_a_rescue_source_to_the_letter() -> None:
+    """The rescue holds a `RescueSource`, the six calls it makes on the engine it moves jobs
+    off: an engine offering them, with these signatures, can be rescued from."""
+    from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
+
+    members = [
+        name for name, value in vars(RescueSource).items()
+        if callable(value) and not name.startswith("_")
+    ]  # fmt: skip
+    assert sorted(members) == sorted(
+        ["collect_orphans", "orphan_moved", "heartbeat_expiries", "missing", "restore_steps",
+         "recover"]
+    )  # fmt: skip
+    for name in members:
+        declared = inspect.signature(getattr(RescueSource, name))
+        offered = inspect.signature(getattr(DramatiqEngine, name))
+        assert list(offered.parameters) == list(declared.parameters), name
+        assert offered.return_annotation == declared.return_annotation, name
+    assert isinstance(DramatiqEngine.__new__(DramatiqEngine), RescueSource)
+    assert not isinstance(InlineEngine(), RescueSource)  # nothing to rescue from: no queues

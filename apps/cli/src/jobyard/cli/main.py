@@ -122,7 +122,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from jobyard.queue.queues import parse_queue_list
+    from jobyard.job_engine.queues import parse_queue_list
     from jobyard.worker.supervisor import run_workers
 
     try:

@@ -19,6 +19,7 @@ from jobyard.job_engine import JobyardError, UnknownJobError, get_spec
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import JobLog, state_in
 from jobyard.job_engine.lifecycle import dispatched_event, job_event
+from jobyard.job_engine.states import JobState
 
 __all__ = [
     "Cursor",
@@ -124,11 +125,15 @@ def cancel_job(job_id: str) -> JobStatus:
             continue
         status = get_job(job_id)
         never_started = outcome.status == CancelStatus.CANCELLED or (
-            engine.name == "temporal" and status.state == "cancelled"
+            engine.name == "temporal" and status.state == JobState.CANCELLED
         )
         if never_started and status.name:  # no run is left to report it
             job_event(
-                job_id, status.name, "cancelled", queue=_queue_of(status.name), engine=engine.name
+                job_id,
+                status.name,
+                JobState.CANCELLED,
+                queue=_queue_of(status.name),
+                engine=engine.name,
             )
         return status
     raise _not_found(job_id)
@@ -291,7 +296,9 @@ def get_job_steps(job_id: str) -> dict[str, Any]:
 
 
 #: Dead jobs per queue (the queue stats' dead letters).
-DEAD_COUNTS = select(JobLog.queue, func.count()).where(state_in("dead")).group_by(JobLog.queue)
+DEAD_COUNTS = (
+    select(JobLog.queue, func.count()).where(state_in(JobState.DEAD)).group_by(JobLog.queue)
+)
 
 
 def _dead_counts() -> dict[str, int]:

@@ -10,6 +10,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from jobyard.dispatcher.models import JobStatus
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobLog
+from jobyard.job_engine.states import JobState
 
 
 def logged_status(job_id: str) -> JobStatus | None:
@@ -28,10 +29,10 @@ def logged_status(job_id: str) -> JobStatus | None:
     return JobStatus(
         job_id=job_id,
         engine=row.engine,
-        state=row.state,
+        state=JobState(row.state),
         attempts=row.attempts,
         name=row.name,
-        result=row.result if row.state == "succeeded" else None,
+        result=row.result if row.state == JobState.SUCCEEDED else None,
         error=row.error_message,
         progress=row.progress,
     )

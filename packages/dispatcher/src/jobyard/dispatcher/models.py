@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from jobyard.job_engine.states import JobState
+
 EngineName = Literal["dramatiq", "temporal", "inline"]
 #: Why a job went to Temporal. Also the `reason` label of the fallback metric.
 FALLBACK_FLAG_OFF = "flag_off"
@@ -55,13 +57,19 @@ class JobHandle:
 class JobStatus:
     job_id: str
     engine: EngineName
-    state: str  # queued | running | retrying | succeeded | failed | cancelled
+    state: JobState
     attempts: int
     name: str | None = None
     result: Any = None
     error: str | None = None
     progress: Any = None
     run_at: float | None = None  # unix seconds: when a sleeping, delayed or retrying job runs
+
+    def __post_init__(self) -> None:
+        # Held as the enum whatever an engine read back (Redis and Temporal store the string):
+        # an unknown state fails here, where it is made, not in a caller comparing it.
+        if type(self.state) is not JobState:
+            object.__setattr__(self, "state", JobState(self.state))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

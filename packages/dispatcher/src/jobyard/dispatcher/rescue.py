@@ -19,17 +19,17 @@ from typing import Any
 from sqlalchemy import Select, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from jobyard.dispatcher.engines import Engine, Submission, SubmitStatus
+from jobyard.dispatcher.engines import Engine, Orphan, RescueSource, Submission, SubmitStatus
 from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
-from jobyard.dispatcher.engines.dramatiq.engine import Orphan
 from jobyard.dispatcher.errors import EngineUnavailable
-from jobyard.dispatcher.models import FALLBACK_RESCUED
+from jobyard.dispatcher.models import FALLBACK_RESCUED, EngineName
 from jobyard.dispatcher.owners import OwnerRegistry
 from jobyard.job_engine import env
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import JobLog, state_in
 from jobyard.job_engine.db.steps import load_steps
 from jobyard.job_engine.lifecycle import dispatched_event
+from jobyard.job_engine.states import UNFINISHED_STATES
 from jobyard.queue.client import get_client
 from jobyard.queue.store import JobStore
 
@@ -44,19 +44,18 @@ EXPIRY_MARGIN = 0.1
 MIN_PASS_GAP = 0.2
 #: Seconds to the next pass after one that left jobs on the handoff list.
 RETRY_GAP = 0.5
-_UNFINISHED = ("queued", "running", "retrying")
 
 
-def unfinished_dramatiq_jobs(before: float, limit: int) -> list[Any]:
-    """Job log rows of Dramatiq jobs not finished, enqueued before `before` (unix seconds)."""
+def unfinished_jobs(before: float, limit: int, engine: EngineName = "dramatiq") -> list[Any]:
+    """Job log rows of `engine`'s jobs not finished, enqueued before `before` (unix seconds)."""
     with session_scope() as session:
-        return list(session.execute(unfinished_query(before, limit)))
+        return list(session.execute(unfinished_query(before, limit, engine)))
 
 
-def unfinished_query(before: float, limit: int) -> Select[Any]:
+def unfinished_query(before: float, limit: int, engine: EngineName = "dramatiq") -> Select[Any]:
     return (
         select(JobLog.job_id, JobLog.name, JobLog.queue, JobLog.payload)
-        .where(JobLog.engine == "dramatiq", state_in(*_UNFINISHED))
+        .where(JobLog.engine == engine, state_in(*UNFINISHED_STATES))
         .where(JobLog.enqueued_at < datetime.fromtimestamp(before, UTC))
         .order_by(JobLog.enqueued_at)
         .limit(limit)
@@ -64,28 +63,32 @@ def unfinished_query(before: float, limit: int) -> Select[Any]:
 
 
 class Rescue:
-    def __init__(self, dramatiq: DramatiqEngine, temporal: Engine) -> None:
-        self.dramatiq = dramatiq
-        self.temporal = temporal
+    """Moves jobs off `source` (the engine whose workers died: Dramatiq's store) onto `target`
+    (any engine: Temporal's)."""
+
+    def __init__(self, source: RescueSource, target: Engine) -> None:
+        self.source = source
+        self.target = target
         self.owners = OwnerRegistry()
         self._retry_soon = False
         self._pass_began = time.monotonic()
 
     @classmethod
-    def from_env(cls, temporal: Engine) -> Rescue:
-        """With the worker-side Redis timeout: a pass may move hundreds of jobs in one call."""
+    def from_env(cls, target: Engine) -> Rescue:
+        """Off Dramatiq, with the worker-side Redis timeout: a pass may move hundreds of jobs
+        in one call."""
         store = JobStore(get_client(timeout=env.get_float(env.WORKER_REDIS_TIMEOUT)))
-        return cls(DramatiqEngine(store, env.get_float(env.WORKER_HEARTBEAT_TIMEOUT)), temporal)
+        return cls(DramatiqEngine(store, env.get_float(env.WORKER_HEARTBEAT_TIMEOUT)), target)
 
     def run_once(self) -> int:
         """One pass; how many jobs it moved. Raises EngineUnavailable when Redis is down (a job
         Temporal does not take stays on the handoff list for the next pass)."""
         self._pass_began = time.monotonic()
-        orphans = self._with_kept_steps(self.dramatiq.collect_orphans(FALLBACK_RESCUED))
+        orphans = self._with_kept_steps(self.source.collect_orphans(FALLBACK_RESCUED))
         # Redis already records these jobs as Temporal's; the registry must agree, or a
         # re-dispatch of a caller-chosen id would be sent to Dramatiq and dropped there. One
         # statement for the pass: a write per job would queue hundreds of transactions.
-        self.owners.move_many([o.job.job_id for o in orphans], "dramatiq", "temporal")
+        self.owners.move_many([o.job.job_id for o in orphans], self.source.name, self.target.name)
         failed: list[EngineUnavailable] = []
         for at in range(0, len(orphans), MOVE_BATCH):
             failed += self._move(orphans[at : at + MOVE_BATCH])
@@ -126,19 +129,19 @@ class Rescue:
         before cleaning up) and drops the started ones from the handoff list; the errors of
         those that stay on it."""
         handed_over = time.time()  # before the start: a job may finish before it returns
-        outcomes = self.temporal.submit_many([o.job for o in orphans])
+        outcomes = self.target.submit_many([o.job for o in orphans])
         failed = []
         for orphan, outcome in zip(orphans, outcomes, strict=True):
             job = orphan.job
             try:
                 if isinstance(outcome, EngineUnavailable):
                     raise outcome
-                self.dramatiq.orphan_moved(orphan)
+                self.source.orphan_moved(orphan)
             except EngineUnavailable as exc:
                 failed.append(exc)
                 continue
             dispatched_event(
-                job.job_id, job.name, job.queue, self.temporal.name, job.payload,
+                job.job_id, job.name, job.queue, self.target.name, job.payload,
                 FALLBACK_RESCUED, handed_over,
             )  # fmt: skip
         return failed
@@ -150,7 +153,7 @@ class Rescue:
         if self._retry_soon:
             return RETRY_GAP
         # Since the last pass began: a heartbeat that expired while the pass ran was not swept.
-        expiries = self.dramatiq.heartbeat_expiries(time.monotonic() - self._pass_began)
+        expiries = self.source.heartbeat_expiries(time.monotonic() - self._pass_began)
         if not expiries:
             return interval
         return max(MIN_PASS_GAP, min(interval, min(expiries) + EXPIRY_MARGIN))
@@ -160,11 +163,11 @@ class Rescue:
         whose Redis record is gone: Redis restarted empty, or failed over to a replica that
         missed writes. A queue with no live worker sends them on to Temporal."""
         try:
-            candidates = unfinished_dramatiq_jobs(time.time() - grace, limit)
+            candidates = unfinished_jobs(time.time() - grace, limit, self.source.name)
         except SQLAlchemyError as exc:  # no job log to recover from: nothing to do
             log.debug("lost job recovery skipped: %s", exc)
             return 0
-        lost = set(self.dramatiq.missing([row.job_id for row in candidates]))
+        lost = set(self.source.missing([row.job_id for row in candidates]))
         if not lost:
             return 0
         # The steps that had returned, kept in the database as they returned (db/steps.py):
@@ -184,12 +187,12 @@ class Rescue:
                 job.job_id, len(steps),
             )  # fmt: skip
             if steps:
-                self.dramatiq.restore_steps(job.job_id, steps)
-            if self.dramatiq.recover(job).status == SubmitStatus.NO_WORKERS:
-                self.owners.move(job.job_id, "dramatiq", "temporal")
+                self.source.restore_steps(job.job_id, steps)
+            if self.source.recover(job).status == SubmitStatus.NO_WORKERS:
+                self.owners.move(job.job_id, self.source.name, self.target.name)
                 decoded = {step: json.loads(result) for step, result in steps.items()}
                 moved = dataclasses.replace(
                     job, fallback_reason=FALLBACK_RESCUED, recorded_steps=decoded or None
                 )
-                self.temporal.submit(moved)
+                self.target.submit(moved)
         return len(lost)

@@ -16,18 +16,19 @@ from jobyard.dispatcher import (
 )
 from jobyard.django import compat
 from jobyard.django.jobs import DjangoTaskPayload, job_name
-from jobyard.queue.messages import new_job_id
-from jobyard.queue.queues import queue_names
+from jobyard.job_engine.ids import new_job_id
+from jobyard.job_engine.queues import queue_names
+from jobyard.job_engine.states import JobState
 
 #: jobyard's states as Django's. A job that succeeded may still hold a task that raised.
 STATES = {
-    "queued": compat.TaskResultStatus.READY,
-    "retrying": compat.TaskResultStatus.READY,
-    "running": compat.TaskResultStatus.RUNNING,
-    "succeeded": compat.TaskResultStatus.SUCCESSFUL,
-    "failed": compat.TaskResultStatus.FAILED,
-    "dead": compat.TaskResultStatus.FAILED,
-    "cancelled": compat.TaskResultStatus.FAILED,
+    JobState.QUEUED: compat.TaskResultStatus.READY,
+    JobState.RETRYING: compat.TaskResultStatus.READY,
+    JobState.RUNNING: compat.TaskResultStatus.RUNNING,
+    JobState.SUCCEEDED: compat.TaskResultStatus.SUCCESSFUL,
+    JobState.FAILED: compat.TaskResultStatus.FAILED,
+    JobState.DEAD: compat.TaskResultStatus.FAILED,
+    JobState.CANCELLED: compat.TaskResultStatus.FAILED,
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from jobyard.job_engine import JobContext, RetryPolicy, job
-from jobyard.queue.queues import queue_names
+from jobyard.job_engine.queues import queue_names
 
 #: A worker's id in Django's `TaskResult.worker_ids`.
 WORKER_ID = f"jobyard:{socket.gethostname()}:{os.getpid()}"

@@ -15,28 +15,38 @@ from jobyard.job_engine.errors import (
     UnknownJobError,
     UnsafeURLError,
 )
+from jobyard.job_engine.ids import new_job_id, new_job_ids
 from jobyard.job_engine.policy import RateLimit, RetryPolicy
+from jobyard.job_engine.queues import QueueConfig, QueueError, UnknownQueueError, queue
 from jobyard.job_engine.registry import JobSpec, get_spec, job, registry
 from jobyard.job_engine.schedules import Schedule, ScheduleError, schedule, schedule_registry
+from jobyard.job_engine.states import JobState
 
 __all__ = [
     "IdempotencyConflictError",
     "InvalidPayloadError",
     "JobContext",
     "JobSpec",
+    "JobState",
     "JobyardError",
     "MissingSettingError",
     "PayloadTooLargeError",
     "PermanentError",
+    "QueueConfig",
+    "QueueError",
     "RateLimit",
     "RetryPolicy",
     "Schedule",
     "ScheduleError",
     "StepError",
     "UnknownJobError",
+    "UnknownQueueError",
     "UnsafeURLError",
     "get_spec",
     "job",
+    "new_job_id",
+    "new_job_ids",
+    "queue",
     "registry",
     "resolve_step",
     "schedule",

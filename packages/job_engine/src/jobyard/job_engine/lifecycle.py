@@ -10,10 +10,11 @@ from typing import Any
 
 from jobyard.job_engine import children, metrics, tracing
 from jobyard.job_engine.db import joblog
+from jobyard.job_engine.states import FINAL_STATES as FINAL_STATES  # imported from here too
+from jobyard.job_engine.states import JobState
 
 log = logging.getLogger("jobyard.lifecycle")
 
-FINAL_STATES = frozenset({"succeeded", "failed", "dead", "cancelled"})
 WEBHOOK_JOB = "webhook.deliver"
 
 
@@ -64,7 +65,7 @@ def job_event(
                 started_at=started_at,
                 finished_at=now if final else None,
                 duration_ms=int((now - started_at) * 1000) if final and started_at else None,
-                result=result if state == "succeeded" else None,
+                result=result if state == JobState.SUCCEEDED else None,
                 error_class=error_class,
                 error_message=(error or "")[:2000] or None,
                 error_traceback=traceback,
@@ -76,13 +77,13 @@ def job_event(
             _labelled(metrics.JOBS, *labels, state).inc()
             if started_at:
                 _labelled(metrics.DURATION, *labels).observe(max(0.0, now - started_at))
-        if state == "retrying":
+        if state == JobState.RETRYING:
             _labelled(metrics.RETRIES, *labels).inc()
-        if state == "dead":
+        if state == JobState.DEAD:
             _labelled(metrics.DEAD_LETTERS, *labels).inc()
         if webhook_url and final:
             body = {"job_id": job_id, "name": name, "event": state, "engine": engine,
-                    "attempts": attempts, "result": result if state == "succeeded" else None,
+                    "attempts": attempts, "result": result if state == JobState.SUCCEEDED else None,
                     "error": error}  # fmt: skip
             notify(webhook_url, body, f"{job_id}:event:{state}")
     except Exception:
@@ -117,7 +118,7 @@ def dispatched_event(
     try:
         ts = enqueued_at or time.time()
         joblog.record(
-            job_id, ts=ts, name=name, queue=queue, engine=engine, state="queued",
+            job_id, ts=ts, name=name, queue=queue, engine=engine, state=JobState.QUEUED,
             payload=payload, fallback_reason=fallback_reason, enqueued_at=ts, run_at=run_at,
         )  # fmt: skip
         _labelled(metrics.DISPATCHED, name, queue, engine).inc()

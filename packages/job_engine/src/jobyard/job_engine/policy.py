@@ -48,6 +48,15 @@ class RateLimit:
     calls: int
     period: float = 60.0
 
+    def __post_init__(self) -> None:
+        if type(self.calls) is not int or self.calls < 1:
+            raise ValueError(
+                f"RateLimit.calls must be a whole number of at least 1: {self.calls!r}"
+            )
+        period = self.period
+        if isinstance(period, bool) or not isinstance(period, int | float) or not period > 0:
+            raise ValueError(f"RateLimit.period must be a positive number of seconds: {period!r}")
+
 
 def env_key(job_name: str, field: str) -> str:
     """`webhook.deliver`, `attempts` -> `JOBYARD_JOB_WEBHOOK_DELIVER_ATTEMPTS`."""

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from jobyard.job_engine import env, strictjson
+from jobyard.job_engine import env, queues, strictjson
 from jobyard.job_engine.context import JobContext
 from jobyard.job_engine.env import JOB_MODULES as JOB_MODULES_ENV
 from jobyard.job_engine.errors import (
@@ -227,9 +227,15 @@ def job(
 
     `http=False` keeps the job off the HTTP API (403 there, whatever the token).
 
+    `queue` names a declared queue (`jobyard.job_engine.queue`): declared above in the same
+    module, built in, or by a module of JOBYARD_JOB_MODULES; any other raises
+    UnknownQueueError here, at declaration, not at dispatch.
+
     >>> @job("system.echo", payload=EchoPayload, retry=RetryPolicy(attempts=1))
     ... async def echo(ctx, payload): return payload.model_dump()
     """
+    if not queues.is_declared(queue):
+        raise queues.UnknownQueueError(queue, queues.declared_names())
 
     def declare(handler: Handler) -> Handler:
         registry.add(

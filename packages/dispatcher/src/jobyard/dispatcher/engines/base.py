@@ -16,10 +16,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from jobyard.dispatcher.errors import EngineUnavailable
-from jobyard.dispatcher.models import DispatchOptions, EngineName, JobStatus
+from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, EngineName, JobStatus
 from jobyard.job_engine import JobyardError
 
 
@@ -51,6 +51,30 @@ class Submission:
     #: The payload's strict JSON text, when the dispatcher has it already (dispatch_many): an
     #: engine may carry it as it is instead of encoding the payload again.
     payload_json: bytes | None = None
+
+
+class NewJob(NamedTuple):
+    """A job `dispatch_many` validated with a generated id and no options, its payload as data
+    and as its strict JSON text: cheaper to make than a Submission (a bulk dispatch makes one
+    per job); an engine may send it from a template (see `Engine.submit_batch`).
+    `submission()` is the same job for every other path (Temporal, the job log's record of
+    one job)."""
+
+    job_id: str
+    name: str
+    queue: str
+    payload: dict[str, Any]
+    payload_json: bytes
+
+    def submission(self) -> Submission:
+        return Submission(
+            self.job_id, self.name, self.queue, self.payload, NO_OPTIONS,
+            payload_json=self.payload_json,
+        )  # fmt: skip
+
+
+def as_submission(job: Submission | NewJob) -> Submission:
+    return job if isinstance(job, Submission) else job.submission()
 
 
 class SubmitStatus(StrEnum):
@@ -164,6 +188,13 @@ class Engine(ABC):
                 results.append(exc)
         return results
 
+    def submit_batch(
+        self, jobs: Iterable[Submission | NewJob]
+    ) -> list[Submitted | EngineUnavailable]:
+        """`submit_many` of `dispatch_many`'s jobs, among them NewJobs: each as its
+        Submission. An engine that sends a NewJob for less overrides this."""
+        return self.submit_many(as_submission(job) for job in jobs)
+
     @abstractmethod
     def release(self, job_id: str, name: str, queue: str) -> Release:
         """Make sure this engine will not run the job, unless it already started it."""
@@ -189,3 +220,44 @@ class Engine(ABC):
 
     @abstractmethod
     def workers(self) -> list[WorkerInfo]: ...
+
+    def job_log_backlog(self) -> int:
+        """Jobs whose changes have not reached the job log yet: none for an engine that writes
+        it as they happen; an engine that ships them later (Dramatiq) counts them."""
+        return 0
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A job moved off a queue that has no live worker, waiting to be started elsewhere."""
+
+    message: bytes  # as it sits on the handoff list, to remove it once started elsewhere
+    job: Submission
+
+
+@runtime_checkable
+class RescueSource(Protocol):
+    """What the rescue (jobyard.dispatcher.rescue) asks of the engine it moves jobs off: an
+    engine whose queued jobs can outlive its workers, or its store (Dramatiq on Redis). The
+    engine the jobs move to needs only `Engine`."""
+
+    name: ClassVar[EngineName]
+
+    def collect_orphans(self, fallback_reason: str) -> list[Orphan]:
+        """Jobs of queues with no live worker, taken off them onto a handoff list."""
+
+    def orphan_moved(self, orphan: Orphan) -> None:
+        """Drop a job from the handoff list: it started elsewhere."""
+
+    def heartbeat_expiries(self, lookback: float = 0.0) -> list[float]:
+        """Seconds until each queue's last live worker, or a worker's held messages, is known
+        dead (negative: expired in the last `lookback` seconds)."""
+
+    def missing(self, job_ids: list[str]) -> list[str]:
+        """Those of `job_ids` this engine has no record of (lost with its store)."""
+
+    def restore_steps(self, job_id: str, steps: dict[str, str]) -> None:
+        """Put back the step results (JSON text) of a lost job before `recover`."""
+
+    def recover(self, job: Submission) -> Submitted:
+        """Enqueue again a job its store lost, so that no stale copy of it runs."""

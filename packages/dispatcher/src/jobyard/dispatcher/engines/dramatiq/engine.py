@@ -8,13 +8,14 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from jobyard.dispatcher.engines.base import (
     Cancellation,
     CancelStatus,
     Engine,
+    NewJob,
+    Orphan,
     QueueDepth,
     Release,
     ReleaseStatus,
@@ -28,6 +29,7 @@ from jobyard.dispatcher.engines.base import (
 from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, EngineName, JobStatus
+from jobyard.job_engine.states import UNFINISHED_STATES, JobState
 from jobyard.queue import keys
 from jobyard.queue.messages import (
     EncodedMessage,
@@ -42,12 +44,12 @@ if TYPE_CHECKING:
     from jobyard.queue.broker import DeadWorkerSweeper
 
 #: States in which a job may be waiting for a delayed message (a sleep, a retry, a throttle).
-_WAITING = ("queued", "running", "retrying")
+_WAITING = UNFINISHED_STATES
 
 log = logging.getLogger("jobyard.rescue")
 
 _CANCEL = {
-    "cancelled": CancelStatus.CANCELLED,
+    "cancelled": CancelStatus.CANCELLED,  # the Lua call's replies, not job states
     "requested": CancelStatus.REQUESTED,
     "done": CancelStatus.FINISHED,
     "temporal": CancelStatus.NOT_HERE,
@@ -59,33 +61,6 @@ def kept_options(options: DispatchOptions) -> dict[str, Any]:
     """What a replay of the job must dispatch with again (the delay was for the first run)."""
     kept = {"webhook_url": options.webhook_url, "retry": options.retry}
     return {key: value for key, value in kept.items() if value is not None}
-
-
-class NewJob(NamedTuple):
-    """A job `dispatch_many` validated with a generated id and no options, its payload as data
-    and as its strict JSON text: cheaper to make than a Submission (a bulk dispatch makes one
-    per job), and sent with a message made from its job's template. `submission()` is the
-    same job for every other path (Temporal, the job log's record of one job)."""
-
-    job_id: str
-    name: str
-    queue: str
-    payload: dict[str, Any]
-    payload_json: bytes
-
-    def submission(self) -> Submission:
-        return Submission(
-            self.job_id, self.name, self.queue, self.payload, NO_OPTIONS,
-            payload_json=self.payload_json,
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Orphan:
-    """A job moved off a queue that has no live worker, waiting to be started elsewhere."""
-
-    message: bytes  # as it sits on the handoff list, to remove it once started elsewhere
-    job: Submission
 
 
 class DramatiqEngine(Engine):
@@ -137,6 +112,12 @@ class DramatiqEngine(Engine):
                 sender.send(queue, dramatiq_queue, batch)
         return sender.results()
 
+    def submit_batch(
+        self, jobs: Iterable[Submission | NewJob]
+    ) -> list[Submitted | EngineUnavailable]:
+        """`submit_many` takes NewJobs as they are: their messages come from a template."""
+        return self.submit_many(jobs)
+
     def _submitted(self, reply: Reply) -> Submitted:
         if reply.status == "enqueued":
             return _STARTED
@@ -163,7 +144,7 @@ class DramatiqEngine(Engine):
         record = self.record(job_id)
         if record is None:
             return None
-        state = record.get("state", "queued")
+        state = JobState(record.get("state", JobState.QUEUED))
         result = json.loads(record["result"]) if record.get("result") else None
         progress = json.loads(record["progress"]) if record.get("progress") else None
         run_at = int(record.get("run_at") or 0) / 1000  # set when rescheduled; past once it ran
@@ -173,7 +154,7 @@ class DramatiqEngine(Engine):
             state=state,
             attempts=int(record.get("attempts", 0)),
             name=record.get("name"),
-            result=result if state == "succeeded" else None,
+            result=result if state == JobState.SUCCEEDED else None,
             error=record.get("error") or None,
             progress=progress,
             run_at=run_at if run_at > time.time() and state in _WAITING else None,
@@ -306,7 +287,7 @@ class DramatiqEngine(Engine):
             self.store.handoff_done(orphan.message)
 
 
-_REPLAYABLE = ("failed", "dead", "cancelled")
+_REPLAYABLE = (JobState.FAILED, JobState.DEAD, JobState.CANCELLED)
 _STARTED = Submitted(SubmitStatus.STARTED)  # results are frozen: one each serves every job
 _NO_WORKERS = Submitted(SubmitStatus.NO_WORKERS, owner="temporal")
 

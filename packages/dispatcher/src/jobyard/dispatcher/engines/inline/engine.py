@@ -27,14 +27,15 @@ from jobyard.dispatcher.engines.inline.errors import failure_of
 from jobyard.dispatcher.models import EngineName, JobStatus
 from jobyard.job_engine import get_spec
 from jobyard.job_engine.inline import InlineContext
+from jobyard.job_engine.states import JobState
 
-_REPLAYABLE = ("failed", "dead", "cancelled")
+_REPLAYABLE = (JobState.FAILED, JobState.DEAD, JobState.CANCELLED)
 
 
 @dataclass
 class _Run:
     job: Submission
-    state: str = "queued"
+    state: JobState = JobState.QUEUED
     attempts: int = 0
     result: Any = None
     error: str | None = None
@@ -62,14 +63,14 @@ class InlineEngine(Engine):
     def _run(self, run: _Run) -> None:
         spec = get_spec(run.job.name)
         ctx = InlineContext(spec, run.job.job_id)
-        run.state = "running"
+        run.state = JobState.RUNNING
         try:
             run.result = asyncio.run(
                 asyncio.wait_for(
                     spec.handler(ctx, spec.validate(run.job.payload)), spec.effective_timeout()
                 )
             )
-            run.state, run.error = "succeeded", None
+            run.state, run.error = JobState.SUCCEEDED, None
         except Exception as exc:
             run.state, run.error = failure_of(exc)
         run.attempts = ctx.attempt
@@ -92,7 +93,7 @@ class InlineEngine(Engine):
             state=run.state,
             attempts=run.attempts,
             name=run.job.name,
-            result=run.result if run.state == "succeeded" else None,
+            result=run.result if run.state == JobState.SUCCEEDED else None,
             error=run.error,
             progress=run.progress,
         )

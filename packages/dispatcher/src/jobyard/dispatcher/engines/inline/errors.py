@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from jobyard.job_engine import PermanentError, StepError
+from jobyard.job_engine.states import JobState
 
 
-def failure_of(exc: BaseException) -> tuple[str, str]:
+def failure_of(exc: BaseException) -> tuple[JobState, str]:
     """(state, error): retries already ran inside the context, so what escapes is final."""
     if isinstance(exc, TimeoutError):
-        return "failed", "TimeoutError: the job ran past its timeout"
+        return JobState.FAILED, "TimeoutError: the job ran past its timeout"
     if isinstance(exc, PermanentError | StepError):
-        return "failed", f"{type(exc).__name__}: {exc}"
-    return "dead", f"{type(exc).__name__}: {exc}"
+        return JobState.FAILED, f"{type(exc).__name__}: {exc}"
+    return JobState.DEAD, f"{type(exc).__name__}: {exc}"

@@ -52,7 +52,7 @@ from jobyard.dispatcher.engines.temporal.errors import (
 )
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import EngineName, JobStatus
-from jobyard.job_engine import tracing
+from jobyard.job_engine import JobState, tracing
 
 T = TypeVar("T")
 
@@ -263,7 +263,7 @@ class TemporalEngine(Engine):
         return JobStatus(
             job_id=job_id,
             engine=self.name,
-            state=state,
+            state=JobState(state),
             attempts=int(live.get("attempts", 0)),
             name=live.get("name"),
             result=result,
