@@ -2,7 +2,7 @@
 # Both install what they need first (uv, then the locked workspace into .venv).
 UV := python3 -m uv
 
-.PHONY: setup dev test lint format bench chaos
+.PHONY: setup dev test test-fast lint format bench chaos
 
 setup:
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -17,6 +17,11 @@ dev: setup
 test: setup
 	$(UV) run pytest -n 2
 	$(MAKE) --no-print-directory lint
+
+# The inner loop: the unit tier only (no server, no jobyard process; tests/conftest.py sets
+# each test's tier), in under a minute.
+test-fast: setup
+	$(UV) run pytest -n 2 -m unit -q
 
 lint: setup
 	$(UV) run ruff check .
