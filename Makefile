@@ -1,11 +1,12 @@
 # Two entry points for a fresh machine: `make dev` runs the system, `make test` runs the tests.
 # Both install what they need first (uv, then the locked workspace into .venv).
+# `make ... UV=uv` where uv is a binary on PATH rather than a module (CI).
 UV := python3 -m uv
 
-.PHONY: setup dev test lint format bench chaos
+.PHONY: setup dev test test-fast lint format bench chaos
 
 setup:
-	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen --compile-bytecode
 	@# Our own packages are installed editable, so uv does not compile them; every worker
 	@# process a test starts would compile them again (no .pyc is written at run time here).
@@ -17,6 +18,11 @@ dev: setup
 test: setup
 	$(UV) run pytest -n 2
 	$(MAKE) --no-print-directory lint
+
+# The inner loop: the unit tier only (no server, no jobyard process; tests/conftest.py sets
+# each test's tier), in under a minute.
+test-fast: setup
+	$(UV) run pytest -n 2 -m unit -q
 
 lint: setup
 	$(UV) run ruff check .

@@ -3,14 +3,19 @@ Temporal task queue, and the environment jobyard's processes read."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from jobyard.dispatcher import reset_dispatcher
 from jobyard.job_engine.db.joblog import reset_writer
 from jobyard.queue.client import reset_clients
+from tests import support
 from tests.engines import Engines
 from tests.support import ROOT, RedisServer, TemporalDevServer, migrated_pg_database
 
@@ -178,8 +183,134 @@ LONG_FIRST = (
 )
 
 
+#: The test tiers (README, Development). `unit`: in this process, no server, no program run
+#: whole (`make test-fast`). `integration`: a real Redis, PostgreSQL or Temporal dev server.
+#: `acceptance`: jobyard's programs run whole as processes (workers, the CLI, the scheduler, the
+#: deploy script, the built wheel), against real servers where they need them.
+UNIT, INTEGRATION, ACCEPTANCE = "unit", "integration", "acceptance"
+
+#: Fixtures that start or reach a server: a test using one, directly or through another
+#: fixture, is integration at least.
+SERVER_FIXTURES = frozenset(
+    {"redis_server", "temporal_server", "job_log_db_url", "pg_url", "fresh_pg_url"}
+)
+#: Fixtures that start jobyard's processes (or hand a test the means to): acceptance.
+PROCESS_FIXTURES = frozenset({"engines", "shared_engines", "module_engines"})
+#: Fixture parameters that pick a server (fixtures that call request.getfixturevalue, which
+#: the fixture closure cannot see): (fixture, parameter) -> tier.
+PARAMETER_TIERS = {
+    ("database", "pg"): INTEGRATION,
+    ("database", "postgresql"): INTEGRATION,
+    ("engine", "dramatiq"): ACCEPTANCE,
+    ("engine", "temporal"): ACCEPTANCE,
+}
+#: Tests that start a server or run a program by themselves, not through a fixture above (node
+#: id prefix -> tier). A unit-tier test that starts a server or a jobyard command fails, naming
+#: this table (refusing_servers).
+EXPLICIT_TIERS = {
+    "tests/test_job_log_indexes.py::": INTEGRATION,  # big_log: a PostgreSQL database of its own
+    "tests/test_schedules.py::test_racing_schedulers_claim_and_dispatch_each_tick_once": (
+        INTEGRATION  # a PostgreSQL database of its own
+    ),
+    "tests/test_consumer.py::test_the_worker_keeps_running_its_queue_after_redis_comes_back": (
+        INTEGRATION  # a redis-server of its own, with AOF
+    ),
+    "tests/deploy/test_temporal_worker_health.py::": INTEGRATION,  # a Temporal dev server
+    "tests/catalogue/test_retention.py::test_jobyard_db_prune_reads_the_retention": (
+        ACCEPTANCE  # `jobyard db prune`
+    ),
+    # this module again, in a Python 3.12 virtualenv with its workers
+    "tests/test_django.py::test_the_backend_on_django6_and_python312": ACCEPTANCE,
+    # the wheel built and installed into two virtualenvs
+    "tests/test_distribution.py::": ACCEPTANCE,
+}
+#: A module's fixture that runs a program whole: (module, fixture) -> tier.
+MODULE_FIXTURE_TIERS = {
+    # docker/deploy/rolling-deploy.sh under bash against a fake docker (the module's shellcheck
+    # tests do not take it and stay unit)
+    ("tests/deploy/test_rolling_deploy.py", "deploy"): ACCEPTANCE,
+}
+
+
+def tier_of(item: pytest.Item) -> str:
+    for prefix, tier in EXPLICIT_TIERS.items():
+        if item.nodeid.startswith(prefix):
+            return tier
+    fixtures = set(getattr(item, "fixturenames", ()))
+    module = item.nodeid.partition("::")[0]
+    for (in_module, fixture), tier in MODULE_FIXTURE_TIERS.items():
+        if module == in_module and fixture in fixtures:
+            return tier
+    callspec = getattr(item, "callspec", None)
+    chosen = {
+        PARAMETER_TIERS.get((name, value))
+        for name, value in (callspec.params.items() if callspec is not None else ())
+        if name in fixtures and isinstance(value, str)
+    }
+    if fixtures & PROCESS_FIXTURES or ACCEPTANCE in chosen:
+        return ACCEPTANCE
+    if fixtures & SERVER_FIXTURES or INTEGRATION in chosen:
+        return INTEGRATION
+    return UNIT
+
+
+class ServerInUnitTest(AssertionError):
+    """A unit-tier test started a server or a jobyard process: its tier is wrong."""
+
+    def __init__(self, what: str, nodeid: str) -> None:
+        super().__init__(
+            f"{nodeid} is in the unit tier but {what}: add it to EXPLICIT_TIERS in "
+            "tests/conftest.py (or take the fixture that gives you the server)"
+        )
+
+
+#: Programs a unit-tier test may not start.
+SERVER_PROGRAMS = frozenset({"redis-server", "temporal", "jobyard", "postgres"})
+
+
+@contextlib.contextmanager
+def refusing_servers(nodeid: str) -> Iterator[None]:
+    """While a unit-tier test runs: starting a server program, a jobyard command (as a program
+    or `python -m jobyard.cli`) or creating a PostgreSQL database fails with ServerInUnitTest."""
+    popen_init = subprocess.Popen.__init__
+
+    def guarded_popen(self: subprocess.Popen[Any], args: Any, *rest: Any, **kwargs: Any) -> None:
+        argv = [args] if isinstance(args, str | os.PathLike) else list(args)
+        program = os.path.basename(str(argv[0])) if argv else ""
+        if program in SERVER_PROGRAMS or "jobyard.cli" in map(str, argv[:3]):
+            raise ServerInUnitTest(f"started {program} ({argv[:3]})", nodeid)
+        popen_init(self, args, *rest, **kwargs)
+
+    def refused_database(*_args: Any, **_kwargs: Any) -> str:
+        raise ServerInUnitTest("created a PostgreSQL database", nodeid)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", guarded_popen)
+        patch.setattr(support, "create_pg_database", refused_database)
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    if item.get_closest_marker(UNIT) is None:
+        return (yield)
+    with refusing_servers(item.nodeid):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    if item.get_closest_marker(UNIT) is None:
+        return (yield)
+    with refusing_servers(item.nodeid):
+        return (yield)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long tests first, in LONG_FIRST's order; the rest keep theirs."""
+    """Each test marked with its tier; the long tests first, in LONG_FIRST's order, the rest
+    keep theirs."""
+    for item in items:
+        item.add_marker(tier_of(item))
 
     def rank(item: pytest.Item) -> int:
         for i, prefix in enumerate(LONG_FIRST):

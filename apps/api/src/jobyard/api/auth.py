@@ -84,3 +84,8 @@ def require_admin(role: Annotated[Role, Depends(require_token)]) -> Role:
     if role != "admin":
         raise HTTPException(status.HTTP_403_FORBIDDEN, ADMIN_ONLY)
     return role
+
+
+#: The `dependencies=` of a route any valid token may call, and of an admin-only route.
+TOKEN = [Depends(require_token)]
+ADMIN = [Depends(require_admin)]
