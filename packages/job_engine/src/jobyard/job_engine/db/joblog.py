@@ -20,6 +20,13 @@ form one gap-free sequence, which GET /jobs/{id}/events streams. The price is on
 per batch and round, never work on a worker's job thread. Several changes of one job in a batch
 are written in rounds (`merge_rounds`), so each state change and each progress report a writer
 recorded becomes an event of its own, in order, however fast they came.
+
+A job's history starts with its dispatch, whichever process writes first: the web process
+flushes "queued" every interval, and a worker's "running" may reach the log before it. The
+writer of a job's first change that is not its dispatch writes a "queued" first, at the job's
+enqueue time as it knows it (`dispatch_event`); the dispatch's own record, when it comes, then
+merges into the row and adds no event. Numbers follow the order things happened, so a reader
+following a job never sees a later event before its dispatch.
 """
 
 from __future__ import annotations
@@ -350,9 +357,10 @@ def _endings(events: list[OutboxEvent]) -> list[OutboxEvent]:
 
 def _ship_endings(connection: Connection, endings: list[OutboxEvent]) -> set[str]:
     """PostgreSQL: the endings of jobs whose row holds an unfinished state, older than the
-    ending, and no later outbox entry, in one statement (the general path locks the rows
-    first, then upserts them): the row merged as `_merge_rules` merges it, the one state event
-    `changes_of` would make, numbered after the row's last, and then the job_stats increment.
+    ending, at least one event (its dispatch) and no later outbox entry, in one statement
+    (the general path locks the rows first, then upserts them): the row merged as
+    `_merge_rules` merges it, the one state event `changes_of` would make, numbered after the
+    row's last, and then the job_stats increment.
     Returns the jobs written; the rest take the general path (no row yet, a replayed batch,
     a row already final or newer)."""
     if not endings:
@@ -415,6 +423,7 @@ def _endings_statement() -> Any:
         .values(merged)
         .where(
             table.c.job_id == ending.c.job_id,
+            table.c.events > 0,  # a row without events takes the general path: its dispatch first
             table.c.state.not_in(FINAL_JOB_STATES),
             table.c.state_at.is_(None) | (ending.c.state_at >= table.c.state_at),
             table.c.outbox_id.is_(None) | (ending.c.outbox_id > table.c.outbox_id),
@@ -655,13 +664,20 @@ def _number(
     finished: list[dict[str, Any]],
 ) -> None:
     """Appends each row's events, numbered after its job's last, and the job_stats increment
-    of each job that reaches a final state; sets the stored rows' event counts."""
+    of each job that reaches a final state; sets the stored rows' event counts. A job's first
+    event is always its dispatch: a writer whose first change of a job new to the log is a
+    later one writes the dispatch first (`dispatch_event`)."""
     for row, kept in pairs:
         old = before.get(row["job_id"])
         seq = old["events"] if old is not None else 0
+        first = seq == 0
         parts = row.get(PARTS)
         for part in parts or (row,):
             for change in changes_of(part, old):
+                if first and not (change["kind"] == "state" and change["state"] == "queued"):
+                    seq += 1
+                    events.append({"job_id": row["job_id"], "seq": seq, **dispatch_event(part)})
+                first = False
                 seq += 1
                 events.append({"job_id": row["job_id"], "seq": seq, **change})
                 if change["kind"] == "state" and change["state"] in FINAL_JOB_STATES:
@@ -672,6 +688,21 @@ def _number(
             if parts:
                 old = _applied(part, old)
         kept["events"] = seq
+
+
+def dispatch_event(row: dict[str, Any]) -> dict[str, Any]:
+    """The "queued" a job's history starts with, written by the first writer of a job whose
+    first change it has is a later one (a worker's "running", shipped before the web process
+    flushed the dispatch): at the job's enqueue time as that writer knows it (a Dramatiq
+    job's on Redis's clock, from the outbox; a Temporal job's workflow start), else at the
+    change's own time. The dispatch's own record, when it comes, merges into the row and adds
+    no event: an event once written never changes, so a reader following the job never sees
+    a later event before the dispatch, nor an event it read change."""
+    first_at = row.get("state_at") or row.get("progress_at") or time.time()
+    enqueued = row.get("enqueued_at")
+    at = min(enqueued, first_at) if enqueued is not None else first_at
+    return {"at": at, "kind": "state", "state": "queued", "engine": row.get("engine"),
+            "attempts": 0, "run_at": None, "error": None}  # fmt: skip
 
 
 def _applied(row: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:

@@ -160,7 +160,8 @@ def state_in(*states: str) -> ColumnElement[bool]:
 
 class JobEvent(Base):
     """A job's state changes and progress reports, numbered per job (1, 2, ...) in the order
-    they reached the job log, whichever engine ran the job: what GET /jobs/{id}/events and
+    they happened, whichever engine ran the job and whichever process wrote first (the first is
+    always its dispatch, see joblog.dispatch_event): what GET /jobs/{id}/events and
     `ajob_events` stream. Written in the job log's batches (joblog.upsert), never per event."""
 
     __tablename__ = "job_events"
