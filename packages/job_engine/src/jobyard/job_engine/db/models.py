@@ -135,7 +135,8 @@ class JobLog(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     duration_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    # When `state` was last set: events from several processes arrive out of order (joblog.py).
+    # When `state` was last set: events from several processes arrive out of order
+    # (joblog/merge.py).
     state_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # When the job runs next: the wake time of a durable sleep, the next attempt of a retrying
     # job, the start of a delayed one (None when it is not waiting on a timer).
