@@ -94,7 +94,8 @@ def test_a_new_job_gets_the_row_and_event_of_a_record(database):
 
 def test_a_job_whose_row_exists_is_merged_as_a_record_would_be(database):
     """The worker's shipper wrote "running" and "succeeded" before the web process flushed the
-    dispatch: the batched "queued" adds its sticky columns and no event, as `record`'s does."""
+    dispatch (and, first, their "queued"): the batched "queued" adds its sticky columns and no
+    event, as `record`'s does."""
     log = JobLogWriter(database)
     ts = time.time()
     batched, twin, fresh = _id("exists"), _id("exists-twin"), _id("fresh")
@@ -110,7 +111,12 @@ def test_a_job_whose_row_exists_is_merged_as_a_record_would_be(database):
     assert log.flush() == 3
     _same_log(database, batched, twin)
     row = _row(database, batched)
-    assert (row["state"], row["payload"], row["events"]) == ("succeeded", PAYLOAD, 2)
+    assert (row["state"], row["payload"], row["events"]) == ("succeeded", PAYLOAD, 3)
+    # written with the first change, at its time (the writer knew no earlier one)
+    first = _events(database, batched)[0]
+    assert (first["seq"], first["state"], first["at"].timestamp()) == (
+        1, "queued", pytest.approx(ts + 0.01, abs=1e-5),
+    )  # fmt: skip
     assert _row(database, fresh)["state"] == "queued"
 
 

@@ -185,9 +185,10 @@ def test_a_batch_shipped_again_after_a_crash_adds_no_event(store, database):
         store.record_progress(job_id, 0, str(n))
     crashed = JobLogShipper(store, 0.1, database_url=database, batch=3)
     assert crashed.ship_batch(trim=False) == 3  # running, 1, 2 written; nothing trimmed
+    # No web process logged the dispatch: the shipper writes it first, from the outbox.
     assert _events(database, job_id) == [
-        ("state", "running", "dramatiq", 1), ("progress", 1, "dramatiq", None),
-        ("progress", 2, "dramatiq", None),
+        ("state", "queued", "dramatiq", 0), ("state", "running", "dramatiq", 1),
+        ("progress", 1, "dramatiq", None), ("progress", 2, "dramatiq", None),
     ]  # fmt: skip
     store.finish(job_id, 0, "succeeded", result=1)
     assert len(_marked(store)) == 6
@@ -195,6 +196,7 @@ def test_a_batch_shipped_again_after_a_crash_adds_no_event(store, database):
     store.client.delete(keys.job_log_shipper())  # the dead shipper's lease, expired
     JobLogShipper(store, 0.1, database_url=database).ship_all()
     assert _events(database, job_id) == [
+        ("state", "queued", "dramatiq", 0),
         ("state", "running", "dramatiq", 1),
         *[("progress", n, "dramatiq", None) for n in range(1, 5)],
         ("state", "succeeded", "dramatiq", 1),
@@ -217,7 +219,8 @@ def test_any_job_id_finds_its_own_row_when_shipped_again(jobyard_env, database):
     assert joblog.ship([(2, 1_790_000_001.0, job_id, done) for job_id in ids], database) == 6
     for job_id in ids:
         assert _events(database, job_id) == [
-            ("state", "running", "dramatiq", 1), ("state", "succeeded", "dramatiq", 1),
+            ("state", "queued", "dramatiq", 0), ("state", "running", "dramatiq", 1),
+            ("state", "succeeded", "dramatiq", 1),
         ], job_id  # fmt: skip
 
 

@@ -126,4 +126,6 @@ async def record_event(event: dict[str, Any]) -> None:
             progress_event, job_id, name, event["progress"], event["seq"], event.get("webhook_url")
         )
         return
-    await asyncio.to_thread(job_event, job_id, name, state, engine="temporal", **event)
+    await asyncio.to_thread(
+        job_event, job_id, name, state, engine="temporal", enqueued_at=enqueued_at, **event
+    )

@@ -2,9 +2,11 @@
 
 The source is the job log's `job_events` table (jobyard.job_engine.db.joblog): state changes and
 progress reports numbered per job (seq 1, 2, ...) in one sequence whichever engine wrote them,
-so a job that starts on Dramatiq and moves to Temporal reads as one story, and a reader that
-stopped at seq n resumes at n + 1 with nothing lost or repeated. Readers poll that table (a
-primary-key range read), so following a job costs the engines and the dispatch path nothing.
+in the order they happened, the first always the job's dispatch ("queued") whichever process
+reached the log first. So a job that starts on Dramatiq and moves to Temporal reads as one
+story, and a reader that stopped at seq n resumes at n + 1 with nothing lost or repeated.
+Readers poll that table (a primary-key range read), so following a job costs the engines and
+the dispatch path nothing.
 """
 
 from __future__ import annotations

@@ -41,9 +41,12 @@ def job_event(
     webhook_url: str | None = None,
     logged: bool = False,
     run_at: float | None = None,
+    enqueued_at: float | None = None,
 ) -> None:
     """Record a state change. Never raises: bookkeeping must not fail a job.
     `run_at`: when a job waiting on a timer (a durable sleep, a retry) runs next.
+    `enqueued_at`: when the engine took the job, if known (dates its dispatch in the job log
+    when this change gets there first).
     `logged`: the engine already put the change in the job log's outbox (a Dramatiq worker
     does, in the Lua call that made it), so only metrics and the webhook event are left."""
     now = time.time()
@@ -71,6 +74,7 @@ def job_event(
                 error_traceback=traceback,
                 payload=payload,
                 run_at=run_at,
+                enqueued_at=enqueued_at,
             )
         labels = (name, queue or "", engine)
         if final:

@@ -135,7 +135,8 @@ class JobLog(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     duration_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    # When `state` was last set: events from several processes arrive out of order (joblog.py).
+    # When `state` was last set: events from several processes arrive out of order
+    # (joblog/merge.py).
     state_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # When the job runs next: the wake time of a durable sleep, the next attempt of a retrying
     # job, the start of a delayed one (None when it is not waiting on a timer).
@@ -160,7 +161,8 @@ def state_in(*states: str) -> ColumnElement[bool]:
 
 class JobEvent(Base):
     """A job's state changes and progress reports, numbered per job (1, 2, ...) in the order
-    they reached the job log, whichever engine ran the job: what GET /jobs/{id}/events and
+    they happened, whichever engine ran the job and whichever process wrote first (the first is
+    always its dispatch, see joblog.dispatch_event): what GET /jobs/{id}/events and
     `ajob_events` stream. Written in the job log's batches (joblog.upsert), never per event."""
 
     __tablename__ = "job_events"
