@@ -1,0 +1,368 @@
+"""The permit store: every flow-control bucket's state in one row of `flow_permits`, in the
+job log's database (PostgreSQL; SQLite on one host), shared by both engines.
+
+Each operation is one short transaction on one bucket's row:
+
+    INSERT INTO flow_permits ... ON CONFLICT (scope, bucket) DO UPDATE SET ... RETURNING
+        state, <the database's clock>
+
+locks the row (created if it is new) and returns its state and the database's time *after* the
+lock was granted, so recorded times never go backwards and no host's clock matters. The limiter
+rule (`flow.limiter`, pure and property-tested) then decides, and the new state is written
+before the commit releases the lock. Buckets are independent rows: limits on different keys
+never wait for each other. On SQLite the transaction is BEGIN IMMEDIATE (the database's one
+writer lock): a deferred transaction whose snapshot went stale would fail with SQLITE_BUSY
+instead of waiting.
+
+A row whose state is empty is deleted; `purge` deletes the rows whose state has run out
+(`expires_at`, ms): a tenant seen once leaves nothing behind for good.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+from sqlalchemy import BigInteger, Column, Index, String, Table, Text
+
+from jobyard.job_engine.db import Base, get_engine
+from jobyard.job_engine.flow.limiter import (
+    DebounceClaim,
+    DebounceState,
+    DebounceTicket,
+    LeaseState,
+    debounce_claim,
+    debounce_dispatch,
+    due_waiters,
+    lease_release,
+    lease_renew,
+    lease_try_acquire,
+    next_key,
+    rate_expires_at,
+    rate_try_start,
+)
+
+TABLE = "flow_permits"
+#: Milliseconds a started debounce burst's row outlives its due time (a run that never claims
+#: it, because its job was cancelled, leaves it for `purge`).
+DEBOUNCE_GRACE_MS = 24 * 3600 * 1000
+
+permits = Table(
+    TABLE,
+    Base.metadata,
+    Column("scope", String(160), primary_key=True),
+    Column("bucket", String(255), primary_key=True),
+    Column("state", Text, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Index("ix_flow_permits_expires_at", "expires_at"),
+)
+
+_PG_NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+_SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+_LOCK = (
+    f"INSERT INTO {TABLE} (scope, bucket, state, expires_at) VALUES ({{p}}, {{p}}, '', 0) "
+    f"ON CONFLICT (scope, bucket) DO UPDATE SET expires_at = {TABLE}.expires_at "
+    "RETURNING state, {now}"
+)
+_WRITE = (
+    f"UPDATE {TABLE} SET state = {{p}}, expires_at = {{p}} WHERE scope = {{p}} AND bucket = {{p}}"
+)
+_DELETE = f"DELETE FROM {TABLE} WHERE scope = {{p}} AND bucket = {{p}}"
+_SCOPE_ROWS = f"SELECT bucket, state, {{now}} FROM {TABLE} WHERE scope = {{p}} AND state <> ''"
+_ALL_ROWS = f"SELECT scope, bucket, state, {{now}} FROM {TABLE} WHERE state <> ''"
+_PURGE = f"DELETE FROM {TABLE} WHERE expires_at < {{now}}"
+_NOW = "SELECT {now}"
+
+
+class _Dialect(NamedTuple):
+    lock: str
+    write: str
+    delete: str
+    scope_rows: str
+    all_rows: str
+    purge: str
+    now: str
+
+
+def _dialect(placeholder: str, now: str) -> _Dialect:
+    def sql(template: str) -> str:
+        return template.format(p=placeholder, now=now)
+
+    return _Dialect(
+        sql(_LOCK), sql(_WRITE), sql(_DELETE), sql(_SCOPE_ROWS), sql(_ALL_ROWS), sql(_PURGE),
+        sql(_NOW),
+    )  # fmt: skip
+
+
+_POSTGRESQL = _dialect("%s", _PG_NOW)
+_SQLITE = _dialect("?", _SQLITE_NOW)
+
+_T = TypeVar("_T")
+#: A rule applied under a bucket's lock: (state or None, db now ms) ->
+#: (outcome, new state or None to delete the row, expires_at ms).
+_Rule = Callable[[Any, int], tuple[_T, Any, int]]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+@dataclass(frozen=True)
+class RateGrant:
+    granted: bool
+    at: float  # the database's time of the decision, epoch seconds: a granted start's time
+    retry_in: float  # refused: seconds until the window allows one more start
+
+
+@dataclass(frozen=True)
+class SlotGrant:
+    granted: bool
+    at: float
+    position: int = 0  # refused: waiters of the bucket ahead of this one
+    retry_in: float = 0.0  # refused: seconds until the job asks again unless woken first
+
+
+@dataclass(frozen=True)
+class HeldSlot:
+    scope: str
+    bucket: str
+    holder: str
+    limit: int
+
+
+@dataclass(frozen=True)
+class BucketCounts:
+    """What a bucket holds now (for Prometheus and the dashboard)."""
+
+    scope: str
+    bucket: str
+    running: int  # live leases
+    waiting: int  # waiters (concurrency) or waiting debounce bursts
+    recent_starts: int  # rate: starts in the bucket's window
+
+
+class PermitStore:
+    """Acquire, renew and release permits in the database at `url` (default: DATABASE_URL)."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.engine = get_engine(url)
+        self.sqlite = self.engine.dialect.name == "sqlite"
+        self.sql = _SQLITE if self.sqlite else _POSTGRESQL
+
+    # --- the one transaction shape ----------------------------------------------------------
+
+    def _locked(self, items: Sequence[tuple[str, str]], rule: Callable[..., Any]) -> list[Any]:
+        """Apply `rule(index, state, now)` to each bucket under its row lock, in one
+        transaction; rows are locked in (scope, bucket) order, so two callers never deadlock."""
+        order = sorted(range(len(items)), key=lambda i: items[i])
+        outcomes: list[Any] = [None] * len(items)
+        connection = self.engine.raw_connection()
+        driver: Any = connection.driver_connection
+        isolation = driver.isolation_level if self.sqlite else None
+        try:
+            if self.sqlite:
+                driver.isolation_level = None  # we say BEGIN ourselves
+            cursor = connection.cursor()
+            if self.sqlite:
+                cursor.execute("BEGIN IMMEDIATE")
+            for index in order:
+                scope, bucket = items[index]
+                cursor.execute(self.sql.lock, (scope, bucket))
+                text, now = cursor.fetchone()
+                state = json.loads(text) if text else None
+                outcome, new_state, expires_at = rule(index, state, int(now))
+                if new_state is None:
+                    cursor.execute(self.sql.delete, (scope, bucket))
+                else:
+                    encoded = json.dumps(new_state, separators=(",", ":"))
+                    cursor.execute(self.sql.write, (encoded, expires_at, scope, bucket))
+                outcomes[index] = outcome
+            if self.sqlite:
+                cursor.execute("COMMIT")
+            else:
+                connection.commit()
+            cursor.close()
+        except BaseException:
+            if self.sqlite:
+                if driver.in_transaction:
+                    driver.execute("ROLLBACK")
+            else:
+                connection.rollback()
+            raise
+        finally:
+            if self.sqlite:
+                driver.isolation_level = isolation
+            connection.close()  # back to the pool
+        return outcomes
+
+    def _one(self, scope: str, bucket: str, rule: _Rule[_T]) -> _T:
+        outcome: _T = self._locked([(scope, bucket)], lambda _i, s, n: rule(s, n))[0]
+        return outcome
+
+    def _read(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(sql, tuple(params))
+            rows = [tuple(r) for r in cursor.fetchall()]
+            cursor.close()
+            connection.commit()
+            return rows
+        finally:
+            connection.close()
+
+    def now(self) -> float:
+        """The database's clock, epoch seconds: the clock every permit is timed by."""
+        return int(self._read(self.sql.now, ())[0][0]) / 1000
+
+    # --- rate limits ------------------------------------------------------------------------
+
+    def acquire_rate(self, scope: str, bucket: str, calls: int, period: float) -> RateGrant:
+        """Count a start in the bucket unless `calls` starts lie in the last `period` seconds."""
+        period_ms = _ms(period)
+
+        def rule(state: Any, now: int) -> tuple[RateGrant, Any, int]:
+            decision = rate_try_start(state or [], now, calls, period_ms)
+            at = decision.starts[-1] if decision.granted else now
+            grant = RateGrant(decision.granted, at / 1000, decision.retry_in_ms / 1000)
+            return grant, decision.starts, rate_expires_at(decision.starts, period_ms)
+
+        return self._one(scope, bucket, rule)
+
+    # --- concurrency ------------------------------------------------------------------------
+
+    def acquire_slot(
+        self, scope: str, bucket: str, holder: str, limit: int, ttl: float, park: float
+    ) -> SlotGrant:
+        """Take one of the bucket's `limit` slots for `holder` (a job id), leased for `ttl`
+        seconds; refused, the holder waits in the bucket's FIFO and asks again in `retry_in`
+        (at most `park`) unless a release wakes it first."""
+
+        def rule(state: Any, now: int) -> tuple[SlotGrant, Any, int]:
+            leases = LeaseState.from_json(state)
+            decision = lease_try_acquire(leases, holder, now, limit, _ms(ttl), _ms(park))
+            grant = SlotGrant(
+                decision.granted, now / 1000, decision.position, decision.retry_in_ms / 1000
+            )
+            return grant, _kept(leases), leases.expires_at()
+
+        return self._one(scope, bucket, rule)
+
+    def renew_slots(self, held: Sequence[HeldSlot], ttl: float) -> list[bool]:
+        """Extend the leases of a worker's running jobs, all in one transaction; False for a
+        run whose lease had expired and whose slot has been taken since."""
+        ttl_ms = _ms(ttl)
+
+        def rule(index: int, state: Any, now: int) -> tuple[bool, Any, int]:
+            slot = held[index]
+            leases = LeaseState.from_json(state)
+            kept = lease_renew(leases, slot.holder, now, slot.limit, ttl_ms)
+            return kept, _kept(leases), leases.expires_at()
+
+        return self._locked([(s.scope, s.bucket) for s in held], rule)
+
+    def release_slot(self, scope: str, bucket: str, holder: str, limit: int) -> list[str]:
+        """End `holder`'s lease; the waiters now due a slot (to wake early, best effort)."""
+
+        def rule(state: Any, now: int) -> tuple[list[str], Any, int]:
+            leases = LeaseState.from_json(state)
+            wake = lease_release(leases, holder, now, limit)
+            return wake, _kept(leases), leases.expires_at()
+
+        return self._one(scope, bucket, rule)
+
+    def due_round_robin(
+        self, scope: str, limit: int, budget: int, after: str | None
+    ) -> list[tuple[str, str]]:
+        """Up to `budget` (bucket, holder) waiters due a slot now (a dead holder's lease ran
+        out, or a wake-up was lost), taken one per bucket in turn, starting after bucket
+        `after`: a sweep never serves one bucket's whole queue before another's one job.
+        A read: the waiters still take their slots through `acquire_slot`."""
+        due: dict[str, list[str]] = {}
+        for bucket, text, now in self._read(self.sql.scope_rows, (scope,)):
+            leases = LeaseState.from_json(json.loads(text))
+            leases.prune(int(now))
+            waiting = due_waiters(leases, limit)
+            if waiting:
+                due[str(bucket)] = waiting
+        chosen: list[tuple[str, str]] = []
+        last = after
+        while due and len(chosen) < budget:
+            bucket = next_key(list(due), last)
+            assert bucket is not None
+            chosen.append((bucket, due[bucket].pop(0)))
+            if not due[bucket]:
+                del due[bucket]
+            last = bucket
+        return chosen
+
+    # --- debounce ---------------------------------------------------------------------------
+
+    def debounce(
+        self,
+        scope: str,
+        bucket: str,
+        job_id: str,
+        payload: Any,
+        period: float,
+        max_wait: float | None,
+    ) -> DebounceTicket:
+        """Collapse a dispatch into the bucket's open burst, or open one run by `job_id`."""
+        max_wait_ms = None if max_wait is None else _ms(max_wait)
+
+        def rule(state: Any, now: int) -> tuple[DebounceTicket, Any, int]:
+            bursts = DebounceState.from_json(state)
+            ticket = debounce_dispatch(bursts, job_id, payload, now, _ms(period), max_wait_ms)
+            return ticket, bursts.to_json(), bursts.expires_at(DEBOUNCE_GRACE_MS)
+
+        return self._one(scope, bucket, rule)
+
+    def claim_debounced(self, scope: str, bucket: str, run_id: str) -> DebounceClaim:
+        """A burst's run asks to start: `start` (with the last payload) once it is due."""
+
+        def rule(state: Any, now: int) -> tuple[DebounceClaim, Any, int]:
+            bursts = DebounceState.from_json(state)
+            claim = debounce_claim(bursts, run_id, now)
+            kept = None if bursts.empty() else bursts.to_json()
+            return claim, kept, bursts.expires_at(DEBOUNCE_GRACE_MS)
+
+        return self._one(scope, bucket, rule)
+
+    # --- upkeep and counts ------------------------------------------------------------------
+
+    def counts(self) -> list[BucketCounts]:
+        """Every bucket holding something now: running, waiting, recent starts."""
+        found: list[BucketCounts] = []
+        for scope, bucket, text, now in self._read(self.sql.all_rows, ()):
+            state = json.loads(text)
+            if isinstance(state, list):  # a rate bucket: its starts; the window is the scope's
+                found.append(BucketCounts(scope, bucket, 0, 0, len(state)))
+            elif "bursts" in state:
+                found.append(BucketCounts(scope, bucket, 0, len(state["bursts"]), 0))
+            else:
+                leases = LeaseState.from_json(state)
+                leases.prune(int(now))
+                found.append(
+                    BucketCounts(scope, bucket, len(leases.leases), len(leases.waiters), 0)
+                )
+        return found
+
+    def purge(self) -> int:
+        """Delete the rows whose state has run out; how many."""
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(self.sql.purge)
+            deleted = int(cursor.rowcount or 0)
+            cursor.close()
+            connection.commit()
+            return deleted
+        finally:
+            connection.close()
+
+
+def _kept(leases: LeaseState) -> dict[str, Any] | None:
+    return None if leases.empty() else leases.to_json()
