@@ -171,7 +171,9 @@ class PermitStore:
             for index in order:
                 scope, bucket = items[index]
                 cursor.execute(self.sql.lock, (scope, bucket))
-                text, now = cursor.fetchone()
+                row = cursor.fetchone()
+                assert row is not None  # an upsert's RETURNING always has its row
+                text, now = row
                 state = json.loads(text) if text else None
                 outcome, new_state, expires_at = rule(index, state, int(now))
                 if new_state is None:
