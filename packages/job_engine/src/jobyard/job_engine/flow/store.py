@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import BigInteger, Column, Index, String, Table, Text
+import psycopg
+from sqlalchemy import BigInteger, Column, Engine, Index, String, Table, Text, create_engine
+from sqlalchemy.engine import make_url
 
-from jobyard.job_engine.db import Base, get_engine
+from jobyard.job_engine.db import Base, database_url, get_engine, normalize_url
 from jobyard.job_engine.flow.limiter import (
     DebounceClaim,
     DebounceState,
@@ -75,6 +79,7 @@ _SCOPE_ROWS = f"SELECT bucket, state, {{now}} FROM {TABLE} WHERE scope = {{p}} A
 _ALL_ROWS = f"SELECT scope, bucket, state, {{now}} FROM {TABLE} WHERE state <> ''"
 _PURGE = f"DELETE FROM {TABLE} WHERE expires_at < {{now}}"
 _NOW = "SELECT {now}"
+_NOT_DURABLE = "SET LOCAL synchronous_commit = off"
 
 
 class _Dialect(NamedTuple):
@@ -147,58 +152,99 @@ class BucketCounts:
 class PermitStore:
     """Acquire, renew and release permits in the database at `url` (default: DATABASE_URL)."""
 
-    def __init__(self, url: str | None = None) -> None:
-        self.engine = get_engine(url)
+    def __init__(self, url: str | None = None, *, durable: bool = True) -> None:
+        """`durable=False` (PostgreSQL): permits commit without waiting for the WAL flush,
+        several times cheaper; a crash of the database server (not of a client) may then
+        forget the permits of its last few hundred milliseconds, letting that many starts
+        through again."""
+        self.engine = _engine(url)
         self.sqlite = self.engine.dialect.name == "sqlite"
         self.sql = _SQLITE if self.sqlite else _POSTGRESQL
+        self.durable = durable
+        self._disconnects: tuple[type[BaseException], ...] = (
+            (sqlite3.OperationalError,) if self.sqlite else (psycopg.OperationalError,)
+        )
 
     # --- the one transaction shape ----------------------------------------------------------
 
     def _locked(self, items: Sequence[tuple[str, str]], rule: Callable[..., Any]) -> list[Any]:
         """Apply `rule(index, state, now)` to each bucket under its row lock, in one
-        transaction; rows are locked in (scope, bucket) order, so two callers never deadlock."""
-        order = sorted(range(len(items)), key=lambda i: items[i])
+        transaction; rows are locked in (scope, bucket) order, so two callers never deadlock.
+        A connection the server dropped (a restart) is replaced and the transaction run again:
+        nothing of it was committed."""
+        for tries_left in (1, 0):
+            connection = self.engine.raw_connection()
+            try:
+                if self.sqlite:
+                    return self._sqlite_transaction(connection, items, rule)
+                return self._postgresql_transaction(connection, items, rule)
+            except self._disconnects as exc:
+                if not tries_left or not _dropped(connection, exc):
+                    raise
+                connection.invalidate()
+            finally:
+                connection.close()  # back to the pool (an invalidated one is discarded)
+        raise AssertionError("unreachable")
+
+    def _apply(
+        self, cursor: Any, items: Sequence[tuple[str, str]], rule: Callable[..., Any]
+    ) -> list[Any]:
         outcomes: list[Any] = [None] * len(items)
-        connection = self.engine.raw_connection()
-        driver: Any = connection.driver_connection
-        isolation = driver.isolation_level if self.sqlite else None
-        try:
-            if self.sqlite:
-                driver.isolation_level = None  # we say BEGIN ourselves
-            cursor = connection.cursor()
-            if self.sqlite:
-                cursor.execute("BEGIN IMMEDIATE")
-            for index in order:
-                scope, bucket = items[index]
-                cursor.execute(self.sql.lock, (scope, bucket))
-                row = cursor.fetchone()
-                assert row is not None  # an upsert's RETURNING always has its row
-                text, now = row
-                state = json.loads(text) if text else None
-                outcome, new_state, expires_at = rule(index, state, int(now))
-                if new_state is None:
-                    cursor.execute(self.sql.delete, (scope, bucket))
-                else:
-                    encoded = json.dumps(new_state, separators=(",", ":"))
-                    cursor.execute(self.sql.write, (encoded, expires_at, scope, bucket))
-                outcomes[index] = outcome
-            if self.sqlite:
-                cursor.execute("COMMIT")
+        for index in sorted(range(len(items)), key=lambda i: items[i]):
+            scope, bucket = items[index]
+            cursor.execute(self.sql.lock, (scope, bucket))
+            row = cursor.fetchone()
+            assert row is not None  # an upsert's RETURNING always has its row
+            text, now = row
+            state = json.loads(text) if text else None
+            outcome, new_state, expires_at = rule(index, state, int(now))
+            if new_state is None:
+                cursor.execute(self.sql.delete, (scope, bucket))
             else:
-                connection.commit()
-            cursor.close()
+                encoded = json.dumps(new_state, separators=(",", ":"))
+                cursor.execute(self.sql.write, (encoded, expires_at, scope, bucket))
+            outcomes[index] = outcome
+        return outcomes
+
+    def _postgresql_transaction(
+        self, connection: Any, items: Sequence[tuple[str, str]], rule: Callable[..., Any]
+    ) -> list[Any]:
+        # Pipelined: BEGIN (implicit) and the lock go in one round trip, the write and COMMIT
+        # in a second.
+        driver: Any = connection.driver_connection
+        try:
+            with driver.pipeline(), driver.cursor() as cursor:
+                if not self.durable:
+                    cursor.execute(_NOT_DURABLE)
+                outcomes = self._apply(cursor, items, rule)
+                driver.commit()
+            return outcomes
         except BaseException:
-            if self.sqlite:
+            if not driver.closed:
+                driver.rollback()
+            raise
+
+    def _sqlite_transaction(
+        self, connection: Any, items: Sequence[tuple[str, str]], rule: Callable[..., Any]
+    ) -> list[Any]:
+        driver: Any = connection.driver_connection
+        isolation = driver.isolation_level
+        driver.isolation_level = None  # we say BEGIN ourselves
+        try:
+            cursor = driver.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                outcomes = self._apply(cursor, items, rule)
+                cursor.execute("COMMIT")
+            except BaseException:
                 if driver.in_transaction:
                     driver.execute("ROLLBACK")
-            else:
-                connection.rollback()
-            raise
+                raise
+            finally:
+                cursor.close()
+            return outcomes
         finally:
-            if self.sqlite:
-                driver.isolation_level = isolation
-            connection.close()  # back to the pool
-        return outcomes
+            driver.isolation_level = isolation
 
     def _one(self, scope: str, bucket: str, rule: _Rule[_T]) -> _T:
         outcome: _T = self._locked([(scope, bucket)], lambda _i, s, n: rule(s, n))[0]
@@ -364,6 +410,40 @@ class PermitStore:
             return deleted
         finally:
             connection.close()
+
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _engine(url: str | None) -> Engine:
+    """SQLite: the job log's own engine (its pragmas: WAL, busy_timeout). PostgreSQL: one of
+    the store's own per URL, without the job log's pre-ping: a permit's transaction is two
+    round trips, and a ping on every checkout would be a third; a dropped connection is
+    retried instead (`_locked`)."""
+    key = normalize_url(url) if url is not None else database_url()
+    if make_url(key).get_backend_name() == "sqlite":
+        return get_engine(key)
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = create_engine(key, pool_size=10, max_overflow=40)
+        return engine
+
+
+def dispose_store_engines() -> None:
+    """Close the store's pooled PostgreSQL connections (after fork, before dropping a
+    database)."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def _dropped(connection: Any, exc: BaseException) -> bool:
+    """Was the error the connection's loss (worth one more try on a new one)?"""
+    driver = getattr(connection, "driver_connection", None)
+    return bool(getattr(driver, "closed", False)) or "closed" in str(exc).lower()
 
 
 def _kept(leases: LeaseState) -> dict[str, Any] | None:
