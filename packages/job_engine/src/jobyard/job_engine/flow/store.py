@@ -48,6 +48,7 @@ from jobyard.job_engine.flow.limiter import (
     rate_expires_at,
     rate_try_start,
 )
+from jobyard.job_engine.flow.waiting import CONCURRENCY, DEBOUNCE, RATE
 
 TABLE = "flow_permits"
 #: Milliseconds a started debounce burst's row outlives its due time (a run that never claims
@@ -109,6 +110,11 @@ _T = TypeVar("_T")
 #: A rule applied under a bucket's lock: (state or None, db now ms) ->
 #: (outcome, new state or None to delete the row, expires_at ms).
 _Rule = Callable[[Any, int], tuple[_T, Any, int]]
+#: A decision over several locked buckets: (their states, db now ms) -> (outcome, per bucket
+#: KEEP or (new state or None to delete the row, expires_at ms)).
+_Decide = Callable[[list[Any], int], tuple[_T, list[Any]]]
+#: A bucket a decision leaves as it was.
+KEEP = object()
 
 
 def _ms(seconds: float) -> int:
@@ -128,6 +134,37 @@ class SlotGrant:
     at: float
     position: int = 0  # refused: waiters of the bucket ahead of this one
     retry_in: float = 0.0  # refused: seconds until the job asks again unless woken first
+
+
+@dataclass(frozen=True)
+class PermitRequest:
+    """One limit a run must pass, in `acquire_all`: kind RATE (`calls` per `period`),
+    CONCURRENCY (`limit` leases of `ttl`, waiters park at most `park`) or DEBOUNCE (claim the
+    burst the run serves)."""
+
+    kind: str
+    scope: str
+    bucket: str
+    calls: int = 0
+    period: float = 0.0
+    limit: int = 0
+    ttl: float = 0.0
+    park: float = 0.0
+
+
+@dataclass(frozen=True)
+class Admission:
+    """`acquire_all`'s answer. Granted: every limit took the run (`debounce`: the claimed
+    burst, its last payload and members; None when the run has no burst to claim any more,
+    a rerun). Refused: nothing was taken; `refused` is the first limit that said no,
+    `retry_in` the seconds until the run asks again (a release may wake it sooner)."""
+
+    granted: bool
+    at: float
+    refused: PermitRequest | None = None
+    retry_in: float = 0.0
+    position: int = 0
+    debounce: DebounceClaim | None = None
 
 
 @dataclass(frozen=True)
@@ -167,17 +204,17 @@ class PermitStore:
 
     # --- the one transaction shape ----------------------------------------------------------
 
-    def _locked(self, items: Sequence[tuple[str, str]], rule: Callable[..., Any]) -> list[Any]:
-        """Apply `rule(index, state, now)` to each bucket under its row lock, in one
-        transaction; rows are locked in (scope, bucket) order, so two callers never deadlock.
-        A connection the server dropped (a restart) is replaced and the transaction run again:
-        nothing of it was committed."""
+    def _transaction(self, items: Sequence[tuple[str, str]], decide: _Decide[_T]) -> _T:
+        """Lock every bucket's row (in (scope, bucket) order, so two callers never deadlock),
+        let `decide(states, now)` see them all at once, write what it changed, commit. `now` is
+        the database's clock once every lock is held. A connection the server dropped (a
+        restart) is replaced and the transaction run again: nothing of it was committed."""
         for tries_left in (1, 0):
             connection = self.engine.raw_connection()
             try:
                 if self.sqlite:
-                    return self._sqlite_transaction(connection, items, rule)
-                return self._postgresql_transaction(connection, items, rule)
+                    return self._sqlite_transaction(connection, items, decide)
+                return self._postgresql_transaction(connection, items, decide)
             except self._disconnects as exc:
                 if not tries_left or not _dropped(connection, exc):
                     raise
@@ -186,29 +223,43 @@ class PermitStore:
                 connection.close()  # back to the pool (an invalidated one is discarded)
         raise AssertionError("unreachable")
 
-    def _apply(
-        self, cursor: Any, items: Sequence[tuple[str, str]], rule: Callable[..., Any]
-    ) -> list[Any]:
-        outcomes: list[Any] = [None] * len(items)
-        for index in sorted(range(len(items)), key=lambda i: items[i]):
-            scope, bucket = items[index]
-            cursor.execute(self.sql.lock, (scope, bucket))
+    def _each(self, items: Sequence[tuple[str, str]], rule: Callable[..., Any]) -> list[Any]:
+        """`rule(index, state, now) -> (outcome, new state or None, expires_at)` applied to
+        each bucket, in one transaction."""
+
+        def decide(states: list[Any], now: int) -> tuple[list[Any], list[Any]]:
+            applied = [rule(i, state, now) for i, state in enumerate(states)]
+            return [a[0] for a in applied], [(a[1], a[2]) for a in applied]
+
+        return self._transaction(items, decide)
+
+    def _apply(self, cursor: Any, items: Sequence[tuple[str, str]], decide: _Decide[_T]) -> _T:
+        order = sorted(range(len(items)), key=lambda i: items[i])
+        states: list[Any] = [None] * len(items)
+        now = 0
+        for index in order:
+            cursor.execute(self.sql.lock, items[index])
             row = cursor.fetchone()
             assert row is not None  # an upsert's RETURNING always has its row
-            text, now = row
-            state = json.loads(text) if text else None
-            outcome, new_state, expires_at = rule(index, state, int(now))
+            text, clock = row
+            states[index] = json.loads(text) if text else None
+            now = max(now, int(clock))
+        outcome, writes = decide(states, now)
+        for index in order:
+            if writes[index] is KEEP:
+                continue
+            scope, bucket = items[index]
+            new_state, expires_at = writes[index]
             if new_state is None:
                 cursor.execute(self.sql.delete, (scope, bucket))
             else:
                 encoded = json.dumps(new_state, separators=(",", ":"))
                 cursor.execute(self.sql.write, (encoded, expires_at, scope, bucket))
-            outcomes[index] = outcome
-        return outcomes
+        return outcome
 
     def _postgresql_transaction(
-        self, connection: Any, items: Sequence[tuple[str, str]], rule: Callable[..., Any]
-    ) -> list[Any]:
+        self, connection: Any, items: Sequence[tuple[str, str]], decide: _Decide[_T]
+    ) -> _T:
         # Pipelined: BEGIN (implicit) and the lock go in one round trip, the write and COMMIT
         # in a second.
         driver: Any = connection.driver_connection
@@ -216,7 +267,7 @@ class PermitStore:
             with driver.pipeline(), driver.cursor() as cursor:
                 if not self.durable:
                     cursor.execute(_NOT_DURABLE)
-                outcomes = self._apply(cursor, items, rule)
+                outcomes = self._apply(cursor, items, decide)
                 driver.commit()
             return outcomes
         except BaseException:
@@ -225,8 +276,8 @@ class PermitStore:
             raise
 
     def _sqlite_transaction(
-        self, connection: Any, items: Sequence[tuple[str, str]], rule: Callable[..., Any]
-    ) -> list[Any]:
+        self, connection: Any, items: Sequence[tuple[str, str]], decide: _Decide[_T]
+    ) -> _T:
         driver: Any = connection.driver_connection
         isolation = driver.isolation_level
         driver.isolation_level = None  # we say BEGIN ourselves
@@ -234,7 +285,7 @@ class PermitStore:
             cursor = driver.cursor()
             cursor.execute("BEGIN IMMEDIATE")
             try:
-                outcomes = self._apply(cursor, items, rule)
+                outcomes = self._apply(cursor, items, decide)
                 cursor.execute("COMMIT")
             except BaseException:
                 if driver.in_transaction:
@@ -247,7 +298,7 @@ class PermitStore:
             driver.isolation_level = isolation
 
     def _one(self, scope: str, bucket: str, rule: _Rule[_T]) -> _T:
-        outcome: _T = self._locked([(scope, bucket)], lambda _i, s, n: rule(s, n))[0]
+        outcome: _T = self._each([(scope, bucket)], lambda _i, s, n: rule(s, n))[0]
         return outcome
 
     def _read(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -265,6 +316,77 @@ class PermitStore:
     def now(self) -> float:
         """The database's clock, epoch seconds: the clock every permit is timed by."""
         return int(self._read(self.sql.now, ())[0][0]) / 1000
+
+    # --- a run's limits together --------------------------------------------------------
+
+    def acquire_all(self, holder: str, requests: Sequence[PermitRequest]) -> Admission:
+        """Pass a run (`holder`, its job id) through all its limits at once, in one
+        transaction: either every one takes it (a debounce burst is claimed, a rate start is
+        counted, a lease is taken), or none does. A refused run spends nothing: a concurrency
+        wait does not burn rate permits, a rate wait does not hold a slot or close a burst.
+        It only keeps (or takes) its place in the FIFO of a concurrency limit that refused it."""
+        if not requests:
+            raise ValueError("acquire_all needs at least one limit")
+
+        def decide(states: list[Any], now: int) -> tuple[Admission, list[Any]]:
+            writes: list[Any] = [KEEP] * len(requests)
+            granted_writes: list[Any] = [KEEP] * len(requests)
+            refusals: list[tuple[int, float, int]] = []  # (request index, retry_in ms, position)
+            claim: DebounceClaim | None = None
+            for index, (request, state) in enumerate(zip(requests, states, strict=True)):
+                if request.kind == RATE:
+                    period_ms = _ms(request.period)
+                    rate = rate_try_start(state or [], now, request.calls, period_ms)
+                    if rate.granted:
+                        expires = rate_expires_at(rate.starts, period_ms)
+                        granted_writes[index] = (rate.starts, expires)
+                    else:
+                        refusals.append((index, rate.retry_in_ms, 0))
+                elif request.kind == CONCURRENCY:
+                    leases = LeaseState.from_json(state)
+                    lease = lease_try_acquire(
+                        leases, holder, now, request.limit, _ms(request.ttl), _ms(request.park)
+                    )
+                    write = (_kept(leases), leases.expires_at())
+                    if lease.granted:
+                        granted_writes[index] = write
+                    else:
+                        writes[index] = write  # its place among the waiters
+                        refusals.append((index, lease.retry_in_ms, lease.position))
+                elif request.kind == DEBOUNCE:
+                    bursts = DebounceState.from_json(state)
+                    claimed = debounce_claim(bursts, holder, now)
+                    if claimed.status == "wait":
+                        refusals.append((index, claimed.retry_in_ms, 0))
+                    elif claimed.status == "start":
+                        claim = claimed
+                        kept = None if bursts.empty() else bursts.to_json()
+                        granted_writes[index] = (kept, bursts.expires_at(DEBOUNCE_GRACE_MS))
+                else:
+                    raise ValueError(f"unknown limit kind {request.kind!r}")
+            if not refusals:
+                return Admission(True, now / 1000, debounce=claim), granted_writes
+            first, _, position = refusals[0]
+            # It cannot start before every limit allows it: ask again at the latest of them.
+            retry_ms = max(r[1] for r in refusals)
+            admission = Admission(False, now / 1000, requests[first], retry_ms / 1000, position)
+            return admission, writes
+
+        return self._transaction([(r.scope, r.bucket) for r in requests], decide)
+
+    def release_all(self, holder: str, held: Sequence[HeldSlot]) -> list[HeldSlot]:
+        """End a run's leases, in one transaction; the waiters now due a slot (as HeldSlots
+        of their own), to wake early, best effort."""
+
+        def rule(index: int, state: Any, now: int) -> tuple[list[HeldSlot], Any, int]:
+            slot = held[index]
+            leases = LeaseState.from_json(state)
+            wake = lease_release(leases, holder, now, slot.limit)
+            woken = [HeldSlot(slot.scope, slot.bucket, w, slot.limit) for w in wake]
+            return woken, _kept(leases), leases.expires_at()
+
+        outcomes = self._each([(s.scope, s.bucket) for s in held], rule)
+        return [w for woken in outcomes for w in woken]
 
     # --- rate limits ------------------------------------------------------------------------
 
@@ -310,7 +432,7 @@ class PermitStore:
             kept = lease_renew(leases, slot.holder, now, slot.limit, ttl_ms)
             return kept, _kept(leases), leases.expires_at()
 
-        return self._locked([(s.scope, s.bucket) for s in held], rule)
+        return self._each([(s.scope, s.bucket) for s in held], rule)
 
     def release_slot(self, scope: str, bucket: str, holder: str, limit: int) -> list[str]:
         """End `holder`'s lease; the waiters now due a slot (to wake early, best effort)."""
@@ -420,7 +542,7 @@ def _engine(url: str | None) -> Engine:
     """SQLite: the job log's own engine (its pragmas: WAL, busy_timeout). PostgreSQL: one of
     the store's own per URL, without the job log's pre-ping: a permit's transaction is two
     round trips, and a ping on every checkout would be a third; a dropped connection is
-    retried instead (`_locked`)."""
+    retried instead (`PermitStore._transaction`)."""
     key = normalize_url(url) if url is not None else database_url()
     if make_url(key).get_backend_name() == "sqlite":
         return get_engine(key)
