@@ -152,3 +152,24 @@ def test_a_renewed_lease_outlives_its_ttl_and_an_abandoned_one_does_not(
         assert [s.holder for s in renewer.renew_now()] == ["j1"] and lost == ["j1"]
     finally:
         renewer.stop()
+
+
+def test_prometheus_counts_what_the_store_holds(store: PermitStore) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from jobyard.job_engine.flow.metrics import FlowCollector
+    from tests.support import metric_samples, metric_value
+
+    job = _job()
+    limits = job_limits(job, "default", concurrency=Concurrency(1, key="tenant"))
+    for n, tenant in enumerate(["big", "big", "big", "small", "small"]):
+        Gate(store, job, f"j{n}", {"tenant": tenant}, limits, ttl=TTL, park=PARK).acquire()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FlowCollector(lambda: store, top_keys=1))
+    samples = metric_samples(generate_latest(registry).decode())
+    scope = limits[0].scope
+    assert metric_value(samples, "jobyard_flow_running", scope=scope) == 2
+    assert metric_value(samples, "jobyard_flow_waiting", scope=scope) == 3
+    assert metric_value(samples, "jobyard_flow_waiting_by_key", scope=scope, key="big") == 2
+    assert not [k for k in samples if k[0] == "jobyard_flow_waiting_by_key" and
+                ("key", "small") in k[1] and ("scope", scope) in k[1]]  # fmt: skip

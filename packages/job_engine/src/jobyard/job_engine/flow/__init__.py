@@ -1,7 +1,10 @@
 """Flow control shared by both engines: declarations (`Concurrency`, `Debounce`, a keyed
 `RateLimit`, priorities), the limiter rules as pure functions (`limiter`), the permit store in
-the job log's database (`store`) and why a held job waits (`waiting`).
-See docs/flow-control.md."""
+the job log's database (`store`), what the engines call (`gate`), why a held job waits
+(`waiting`) and its Prometheus counts (`metrics`). See docs/flow-control.md.
+
+This package imports no database driver: `store`, `gate` and `metrics` are imported by the
+code that uses them, only for jobs that declare a limit."""
 
 from jobyard.job_engine.flow.declarations import (
     DEFAULT_PRIORITY,
