@@ -1,0 +1,266 @@
+"""The limiter rules as pure functions of a state and a clock (integer milliseconds).
+
+The permit store (`flow.store`) reads a bucket's state under a row lock, applies one of these,
+and writes the result back, so what the property tests prove on a simulated clock is what the
+database does. Every state is plain JSON (`to_json` / `from_json`).
+
+- Rate: a sliding log of the starts of the last `period`. A start is granted when fewer than
+  `calls` starts lie in (now - period, now]; then no window of length `period` anywhere holds
+  more than `calls` (a fixed window, as Redis INCR per window does, lets 2 x calls through
+  around a window boundary).
+- Concurrency: leases that expire unless renewed (a dead worker's slot comes back at its
+  lease's expiry), and a FIFO of waiters per key: a free slot goes to the longest-waiting job
+  of the key, not to whichever parked job wakes first.
+- Fairness across keys: `next_key` serves keys with waiters round-robin.
+- Debounce: bursts of dispatches, each run once, with its last payload.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# --- rate limit ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    granted: bool
+    starts: list[int]  # the bucket's new state: its starts in the current window, ascending
+    retry_in_ms: int  # refused: the wait until the window allows one more start
+
+
+def rate_try_start(starts: Sequence[int], now: int, calls: int, period_ms: int) -> RateDecision:
+    """Grant a start at `now` unless `calls` starts already lie in (now - period, now]."""
+    # A clock that stepped back must not let a start in early: never before the last one.
+    now = max(now, starts[-1]) if starts else now
+    live = list(starts[bisect.bisect_right(starts, now - period_ms) :])
+    if len(live) < calls:
+        live.append(now)
+        return RateDecision(True, live, 0)
+    # One more start fits once the start `calls` places back has left the window.
+    return RateDecision(False, live, max(1, live[len(live) - calls] + period_ms - now))
+
+
+def rate_expires_at(starts: Sequence[int], period_ms: int) -> int:
+    """When the bucket holds nothing any more (its row may then be deleted)."""
+    return (starts[-1] + period_ms) if starts else 0
+
+
+# --- concurrency -----------------------------------------------------------------------------
+
+
+@dataclass
+class LeaseState:
+    """A bucket's running jobs (holder -> lease expiry) and waiting jobs in arrival order
+    (holder, until: the waiter is forgotten past this, when it stopped asking)."""
+
+    leases: dict[str, int] = field(default_factory=dict)
+    waiters: list[tuple[str, int]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"leases": self.leases, "waiters": [list(w) for w in self.waiters]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> LeaseState:
+        data = data or {}
+        return cls(
+            dict(data.get("leases", {})), [(str(h), int(u)) for h, u in data.get("waiters", [])]
+        )
+
+    def prune(self, now: int) -> None:
+        self.leases = {h: e for h, e in self.leases.items() if e > now}
+        self.waiters = [(h, u) for h, u in self.waiters if u > now]
+
+    def position(self, holder: str) -> int | None:
+        for index, (waiting, _) in enumerate(self.waiters):
+            if waiting == holder:
+                return index
+        return None
+
+    def expires_at(self) -> int:
+        return max([*self.leases.values(), *(u for _, u in self.waiters), 0])
+
+    def empty(self) -> bool:
+        return not self.leases and not self.waiters
+
+
+@dataclass(frozen=True)
+class LeaseDecision:
+    granted: bool
+    position: int = 0  # refused: waiters ahead of this one
+    retry_in_ms: int = 0  # refused: when to ask again if no wake-up comes first
+
+
+def lease_try_acquire(
+    state: LeaseState, holder: str, now: int, limit: int, ttl_ms: int, park_ms: int
+) -> LeaseDecision:
+    """Take a slot for `holder` (renew it if held), in FIFO order of the bucket's waiters.
+
+    Refused, the holder is (or stays) a waiter: the first `free` waiters are due a slot, so they
+    ask again at the earliest lease expiry (a dead holder's slot); the others in `park_ms`, by
+    when a release has normally woken them (`lease_release`). A waiter is kept `ttl_ms` past
+    its next ask, then forgotten (its job went away)."""
+    state.prune(now)
+    if holder in state.leases:
+        state.leases[holder] = now + ttl_ms
+        return LeaseDecision(True)
+    free = limit - len(state.leases)
+    position = state.position(holder)
+    if position is None:
+        position = len(state.waiters)
+        state.waiters.append((holder, 0))
+    if position < free:
+        del state.waiters[position]
+        state.leases[holder] = now + ttl_ms
+        return LeaseDecision(True)
+    earliest = min(state.leases.values(), default=now + 1)
+    due_soon = position < limit  # among the next to get a slot
+    retry_in = max(1, min(earliest - now, park_ms) if due_soon else park_ms)
+    state.waiters[position] = (holder, now + retry_in + ttl_ms)
+    return LeaseDecision(False, position - max(free, 0), retry_in)
+
+
+def lease_renew(state: LeaseState, holder: str, now: int, limit: int, ttl_ms: int) -> bool:
+    """Extend a running job's lease. One that expired (its worker stalled past the ttl) is
+    taken again if a slot is free; False when it is not (the run has lost its slot)."""
+    state.prune(now)
+    if holder in state.leases or len(state.leases) < limit:
+        state.leases[holder] = now + ttl_ms
+        return True
+    return False
+
+
+def lease_release(state: LeaseState, holder: str, now: int, limit: int) -> list[str]:
+    """End a run's lease (and forget it as a waiter); the waiters now due a slot, to wake."""
+    state.prune(now)
+    state.leases.pop(holder, None)
+    state.waiters = [(h, u) for h, u in state.waiters if h != holder]
+    return due_waiters(state, limit)
+
+
+def due_waiters(state: LeaseState, limit: int) -> list[str]:
+    free = max(0, limit - len(state.leases))
+    return [h for h, _ in state.waiters[:free]]
+
+
+def next_key(waiting: Sequence[str], last: str | None) -> str | None:
+    """Round-robin over the keys that have waiters: the first after `last` in key order,
+    wrapping around. A key with waiters is served within len(waiting) turns, however many
+    jobs another key has."""
+    if not waiting:
+        return None
+    ordered = sorted(waiting)
+    if last is None:
+        return ordered[0]
+    index = bisect.bisect_right(ordered, last)
+    return ordered[index % len(ordered)]
+
+
+# --- debounce --------------------------------------------------------------------------------
+
+
+@dataclass
+class Burst:
+    """Dispatches collapsed into one run: `run_id` is the job that runs it (the first
+    dispatch's id); `members` every job id it serves, in dispatch order."""
+
+    run_id: str
+    first: int
+    last: int
+    due: int
+    payload: Any
+    members: list[str]
+
+    def to_json(self) -> list[Any]:
+        return [self.run_id, self.first, self.last, self.due, self.payload, self.members]
+
+    @classmethod
+    def from_json(cls, data: Sequence[Any]) -> Burst:
+        run_id, first, last, due, payload, members = data
+        return cls(str(run_id), int(first), int(last), int(due), payload, list(members))
+
+
+@dataclass
+class DebounceState:
+    """The bucket's bursts not yet started, oldest first; only the last may take more."""
+
+    bursts: list[Burst] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bursts": [b.to_json() for b in self.bursts]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> DebounceState:
+        return cls([Burst.from_json(b) for b in (data or {}).get("bursts", [])])
+
+    def expires_at(self, grace_ms: int) -> int:
+        return max([b.due + grace_ms for b in self.bursts] or [0])
+
+    def empty(self) -> bool:
+        return not self.bursts
+
+
+@dataclass(frozen=True)
+class DebounceTicket:
+    run_id: str  # the job whose run serves this dispatch
+    due: int  # when that run may start
+    joined: bool  # True: collapsed into an earlier dispatch's run (dispatch nothing new)
+
+
+def debounce_dispatch(
+    state: DebounceState,
+    job_id: str,
+    payload: Any,
+    now: int,
+    period_ms: int,
+    max_wait_ms: int | None,
+) -> DebounceTicket:
+    """Collapse a dispatch into the open burst when it comes within `period` of that burst's
+    last dispatch (and, with a max_wait, before the burst's first + max_wait); else open a
+    burst whose run is this job."""
+    if state.bursts:
+        open_burst = state.bursts[-1]
+        in_period = now - open_burst.last <= period_ms
+        in_max_wait = max_wait_ms is None or now <= open_burst.first + max_wait_ms
+        if in_period and in_max_wait:
+            open_burst.last = max(open_burst.last, now)
+            open_burst.payload = payload
+            if job_id not in open_burst.members:
+                open_burst.members.append(job_id)
+            open_burst.due = _due(open_burst.first, open_burst.last, period_ms, max_wait_ms)
+            return DebounceTicket(open_burst.run_id, open_burst.due, joined=True)
+    burst = Burst(job_id, now, now, _due(now, now, period_ms, max_wait_ms), payload, [job_id])
+    state.bursts.append(burst)
+    return DebounceTicket(job_id, burst.due, joined=False)
+
+
+def _due(first: int, last: int, period_ms: int, max_wait_ms: int | None) -> int:
+    due = last + period_ms
+    return due if max_wait_ms is None else min(due, first + max_wait_ms)
+
+
+@dataclass(frozen=True)
+class DebounceClaim:
+    """`start`: run now with `payload`, serving `members`; `wait`: ask again in `retry_in_ms`
+    (the burst took a later dispatch); `gone`: no burst has this run (already started)."""
+
+    status: str
+    payload: Any = None
+    members: tuple[str, ...] = ()
+    retry_in_ms: int = 0
+
+
+def debounce_claim(state: DebounceState, run_id: str, now: int) -> DebounceClaim:
+    """The run of a burst asks to start: at its due time its burst closes (a later dispatch
+    opens a new one) and it runs with the burst's last payload."""
+    for index, burst in enumerate(state.bursts):
+        if burst.run_id != run_id:
+            continue
+        if now < burst.due:
+            return DebounceClaim("wait", retry_in_ms=burst.due - now)
+        del state.bursts[index]
+        return DebounceClaim("start", burst.payload, tuple(burst.members))
+    return DebounceClaim("gone")

@@ -1,0 +1,572 @@
+"""The permit store: every flow-control bucket's state in one row of `flow_permits`, in the
+job log's database (PostgreSQL; SQLite on one host), shared by both engines.
+
+Each operation is one short transaction on one bucket's row:
+
+    INSERT INTO flow_permits ... ON CONFLICT (scope, bucket) DO UPDATE SET ... RETURNING
+        state, <the database's clock>
+
+locks the row (created if it is new) and returns its state and the database's time *after* the
+lock was granted, so recorded times never go backwards and no host's clock matters. The limiter
+rule (`flow.limiter`, pure and property-tested) then decides, and the new state is written
+before the commit releases the lock. Buckets are independent rows: limits on different keys
+never wait for each other. On SQLite the transaction is BEGIN IMMEDIATE (the database's one
+writer lock): a deferred transaction whose snapshot went stale would fail with SQLITE_BUSY
+instead of waiting.
+
+A row whose state is empty is deleted; `purge` deletes the rows whose state has run out
+(`expires_at`, ms): a tenant seen once leaves nothing behind for good.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+import psycopg
+from sqlalchemy import BigInteger, Column, Engine, Index, String, Table, Text, create_engine
+from sqlalchemy.engine import make_url
+
+from jobyard.job_engine.db import Base, database_url, get_engine, normalize_url
+from jobyard.job_engine.flow.limiter import (
+    DebounceClaim,
+    DebounceState,
+    DebounceTicket,
+    LeaseState,
+    debounce_claim,
+    debounce_dispatch,
+    due_waiters,
+    lease_release,
+    lease_renew,
+    lease_try_acquire,
+    next_key,
+    rate_expires_at,
+    rate_try_start,
+)
+from jobyard.job_engine.flow.waiting import CONCURRENCY, DEBOUNCE, RATE
+
+TABLE = "flow_permits"
+#: Milliseconds a started debounce burst's row outlives its due time (a run that never claims
+#: it, because its job was cancelled, leaves it for `purge`).
+DEBOUNCE_GRACE_MS = 24 * 3600 * 1000
+
+permits = Table(
+    TABLE,
+    Base.metadata,
+    Column("scope", String(160), primary_key=True),
+    Column("bucket", String(255), primary_key=True),
+    Column("state", Text, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Index("ix_flow_permits_expires_at", "expires_at"),
+)
+
+_PG_NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+_SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+_LOCK = (
+    f"INSERT INTO {TABLE} (scope, bucket, state, expires_at) VALUES ({{p}}, {{p}}, '', 0) "
+    f"ON CONFLICT (scope, bucket) DO UPDATE SET expires_at = {TABLE}.expires_at "
+    "RETURNING state, {now}"
+)
+_WRITE = (
+    f"UPDATE {TABLE} SET state = {{p}}, expires_at = {{p}} WHERE scope = {{p}} AND bucket = {{p}}"
+)
+_DELETE = f"DELETE FROM {TABLE} WHERE scope = {{p}} AND bucket = {{p}}"
+_SCOPE_ROWS = f"SELECT bucket, state, {{now}} FROM {TABLE} WHERE scope = {{p}} AND state <> ''"
+_ALL_ROWS = f"SELECT scope, bucket, state, {{now}} FROM {TABLE} WHERE state <> ''"
+_PURGE = f"DELETE FROM {TABLE} WHERE expires_at < {{now}}"
+_NOW = "SELECT {now}"
+_NOT_DURABLE = "SET LOCAL synchronous_commit = off"
+
+
+class _Dialect(NamedTuple):
+    lock: str
+    write: str
+    delete: str
+    scope_rows: str
+    all_rows: str
+    purge: str
+    now: str
+
+
+def _dialect(placeholder: str, now: str) -> _Dialect:
+    def sql(template: str) -> str:
+        return template.format(p=placeholder, now=now)
+
+    return _Dialect(
+        sql(_LOCK), sql(_WRITE), sql(_DELETE), sql(_SCOPE_ROWS), sql(_ALL_ROWS), sql(_PURGE),
+        sql(_NOW),
+    )  # fmt: skip
+
+
+_POSTGRESQL = _dialect("%s", _PG_NOW)
+_SQLITE = _dialect("?", _SQLITE_NOW)
+
+_T = TypeVar("_T")
+#: A rule applied under a bucket's lock: (state or None, db now ms) ->
+#: (outcome, new state or None to delete the row, expires_at ms).
+_Rule = Callable[[Any, int], tuple[_T, Any, int]]
+#: A decision over several locked buckets: (their states, db now ms) -> (outcome, per bucket
+#: KEEP or (new state or None to delete the row, expires_at ms)).
+_Decide = Callable[[list[Any], int], tuple[_T, list[Any]]]
+#: A bucket a decision leaves as it was.
+KEEP = object()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+@dataclass(frozen=True)
+class RateGrant:
+    granted: bool
+    at: float  # the database's time of the decision, epoch seconds: a granted start's time
+    retry_in: float  # refused: seconds until the window allows one more start
+
+
+@dataclass(frozen=True)
+class SlotGrant:
+    granted: bool
+    at: float
+    position: int = 0  # refused: waiters of the bucket ahead of this one
+    retry_in: float = 0.0  # refused: seconds until the job asks again unless woken first
+
+
+@dataclass(frozen=True)
+class PermitRequest:
+    """One limit a run must pass, in `acquire_all`: kind RATE (`calls` per `period`),
+    CONCURRENCY (`limit` leases of `ttl`, waiters park at most `park`) or DEBOUNCE (claim the
+    burst the run serves)."""
+
+    kind: str
+    scope: str
+    bucket: str
+    calls: int = 0
+    period: float = 0.0
+    limit: int = 0
+    ttl: float = 0.0
+    park: float = 0.0
+
+
+@dataclass(frozen=True)
+class Admission:
+    """`acquire_all`'s answer. Granted: every limit took the run (`debounce`: the claimed
+    burst, its last payload and members; None when the run has no burst to claim any more,
+    a rerun). Refused: nothing was taken; `refused` is the first limit that said no,
+    `retry_in` the seconds until the run asks again (a release may wake it sooner)."""
+
+    granted: bool
+    at: float
+    refused: PermitRequest | None = None
+    retry_in: float = 0.0
+    position: int = 0
+    debounce: DebounceClaim | None = None
+
+
+@dataclass(frozen=True)
+class HeldSlot:
+    scope: str
+    bucket: str
+    holder: str
+    limit: int
+
+
+@dataclass(frozen=True)
+class BucketCounts:
+    """What a bucket holds now (for Prometheus and the dashboard)."""
+
+    scope: str
+    bucket: str
+    running: int  # live leases
+    waiting: int  # waiters (concurrency) or waiting debounce bursts
+    recent_starts: int  # rate: starts in the bucket's window
+
+
+class PermitStore:
+    """Acquire, renew and release permits in the database at `url` (default: DATABASE_URL)."""
+
+    def __init__(self, url: str | None = None, *, durable: bool = True) -> None:
+        """`durable=False` (PostgreSQL): permits commit without waiting for the WAL flush,
+        several times cheaper; a crash of the database server (not of a client) may then
+        forget the permits of its last few hundred milliseconds, letting that many starts
+        through again."""
+        self.engine = _engine(url)
+        self.sqlite = self.engine.dialect.name == "sqlite"
+        self.sql = _SQLITE if self.sqlite else _POSTGRESQL
+        self.durable = durable
+        self._disconnects: tuple[type[BaseException], ...] = (
+            (sqlite3.OperationalError,) if self.sqlite else (psycopg.OperationalError,)
+        )
+
+    # --- the one transaction shape ----------------------------------------------------------
+
+    def _transaction(self, items: Sequence[tuple[str, str]], decide: _Decide[_T]) -> _T:
+        """Lock every bucket's row (in (scope, bucket) order, so two callers never deadlock),
+        let `decide(states, now)` see them all at once, write what it changed, commit. `now` is
+        the database's clock once every lock is held. A connection the server dropped (a
+        restart) is replaced and the transaction run again: nothing of it was committed."""
+        for tries_left in (1, 0):
+            connection = self.engine.raw_connection()
+            try:
+                if self.sqlite:
+                    return self._sqlite_transaction(connection, items, decide)
+                return self._postgresql_transaction(connection, items, decide)
+            except self._disconnects as exc:
+                if not tries_left or not _dropped(connection, exc):
+                    raise
+                connection.invalidate()
+            finally:
+                connection.close()  # back to the pool (an invalidated one is discarded)
+        raise AssertionError("unreachable")
+
+    def _each(self, items: Sequence[tuple[str, str]], rule: Callable[..., Any]) -> list[Any]:
+        """`rule(index, state, now) -> (outcome, new state or None, expires_at)` applied to
+        each bucket, in one transaction."""
+
+        def decide(states: list[Any], now: int) -> tuple[list[Any], list[Any]]:
+            applied = [rule(i, state, now) for i, state in enumerate(states)]
+            return [a[0] for a in applied], [(a[1], a[2]) for a in applied]
+
+        return self._transaction(items, decide)
+
+    def _apply(self, cursor: Any, items: Sequence[tuple[str, str]], decide: _Decide[_T]) -> _T:
+        order = sorted(range(len(items)), key=lambda i: items[i])
+        states: list[Any] = [None] * len(items)
+        now = 0
+        for index in order:
+            cursor.execute(self.sql.lock, items[index])
+            row = cursor.fetchone()
+            assert row is not None  # an upsert's RETURNING always has its row
+            text, clock = row
+            states[index] = json.loads(text) if text else None
+            now = max(now, int(clock))
+        outcome, writes = decide(states, now)
+        for index in order:
+            if writes[index] is KEEP:
+                continue
+            scope, bucket = items[index]
+            new_state, expires_at = writes[index]
+            if new_state is None:
+                cursor.execute(self.sql.delete, (scope, bucket))
+            else:
+                encoded = json.dumps(new_state, separators=(",", ":"))
+                cursor.execute(self.sql.write, (encoded, expires_at, scope, bucket))
+        return outcome
+
+    def _postgresql_transaction(
+        self, connection: Any, items: Sequence[tuple[str, str]], decide: _Decide[_T]
+    ) -> _T:
+        # Pipelined: BEGIN (implicit) and the lock go in one round trip, the write and COMMIT
+        # in a second.
+        driver: Any = connection.driver_connection
+        try:
+            with driver.pipeline(), driver.cursor() as cursor:
+                if not self.durable:
+                    cursor.execute(_NOT_DURABLE)
+                outcomes = self._apply(cursor, items, decide)
+                driver.commit()
+            return outcomes
+        except BaseException:
+            if not driver.closed:
+                driver.rollback()
+            raise
+
+    def _sqlite_transaction(
+        self, connection: Any, items: Sequence[tuple[str, str]], decide: _Decide[_T]
+    ) -> _T:
+        driver: Any = connection.driver_connection
+        isolation = driver.isolation_level
+        driver.isolation_level = None  # we say BEGIN ourselves
+        try:
+            cursor = driver.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                outcomes = self._apply(cursor, items, decide)
+                cursor.execute("COMMIT")
+            except BaseException:
+                if driver.in_transaction:
+                    driver.execute("ROLLBACK")
+                raise
+            finally:
+                cursor.close()
+            return outcomes
+        finally:
+            driver.isolation_level = isolation
+
+    def _one(self, scope: str, bucket: str, rule: _Rule[_T]) -> _T:
+        outcome: _T = self._each([(scope, bucket)], lambda _i, s, n: rule(s, n))[0]
+        return outcome
+
+    def _read(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(sql, tuple(params))
+            rows = [tuple(r) for r in cursor.fetchall()]
+            cursor.close()
+            connection.commit()
+            return rows
+        finally:
+            connection.close()
+
+    def now(self) -> float:
+        """The database's clock, epoch seconds: the clock every permit is timed by."""
+        return int(self._read(self.sql.now, ())[0][0]) / 1000
+
+    # --- a run's limits together --------------------------------------------------------
+
+    def acquire_all(self, holder: str, requests: Sequence[PermitRequest]) -> Admission:
+        """Pass a run (`holder`, its job id) through all its limits at once, in one
+        transaction: either every one takes it (a debounce burst is claimed, a rate start is
+        counted, a lease is taken), or none does. A refused run spends nothing: a concurrency
+        wait does not burn rate permits, a rate wait does not hold a slot or close a burst.
+        It only keeps (or takes) its place in the FIFO of a concurrency limit that refused it."""
+        if not requests:
+            raise ValueError("acquire_all needs at least one limit")
+
+        def decide(states: list[Any], now: int) -> tuple[Admission, list[Any]]:
+            writes: list[Any] = [KEEP] * len(requests)
+            granted_writes: list[Any] = [KEEP] * len(requests)
+            refusals: list[tuple[int, float, int]] = []  # (request index, retry_in ms, position)
+            claim: DebounceClaim | None = None
+            for index, (request, state) in enumerate(zip(requests, states, strict=True)):
+                if request.kind == RATE:
+                    period_ms = _ms(request.period)
+                    rate = rate_try_start(state or [], now, request.calls, period_ms)
+                    if rate.granted:
+                        expires = rate_expires_at(rate.starts, period_ms)
+                        granted_writes[index] = (rate.starts, expires)
+                    else:
+                        refusals.append((index, rate.retry_in_ms, 0))
+                elif request.kind == CONCURRENCY:
+                    leases = LeaseState.from_json(state)
+                    lease = lease_try_acquire(
+                        leases, holder, now, request.limit, _ms(request.ttl), _ms(request.park)
+                    )
+                    write = (_kept(leases), leases.expires_at())
+                    if lease.granted:
+                        granted_writes[index] = write
+                    else:
+                        writes[index] = write  # its place among the waiters
+                        refusals.append((index, lease.retry_in_ms, lease.position))
+                elif request.kind == DEBOUNCE:
+                    bursts = DebounceState.from_json(state)
+                    claimed = debounce_claim(bursts, holder, now)
+                    if claimed.status == "wait":
+                        refusals.append((index, claimed.retry_in_ms, 0))
+                    elif claimed.status == "start":
+                        claim = claimed
+                        kept = None if bursts.empty() else bursts.to_json()
+                        granted_writes[index] = (kept, bursts.expires_at(DEBOUNCE_GRACE_MS))
+                else:
+                    raise ValueError(f"unknown limit kind {request.kind!r}")
+            if not refusals:
+                return Admission(True, now / 1000, debounce=claim), granted_writes
+            first, _, position = refusals[0]
+            # It cannot start before every limit allows it: ask again at the latest of them.
+            retry_ms = max(r[1] for r in refusals)
+            admission = Admission(False, now / 1000, requests[first], retry_ms / 1000, position)
+            return admission, writes
+
+        return self._transaction([(r.scope, r.bucket) for r in requests], decide)
+
+    def release_all(self, holder: str, held: Sequence[HeldSlot]) -> list[HeldSlot]:
+        """End a run's leases, in one transaction; the waiters now due a slot (as HeldSlots
+        of their own), to wake early, best effort."""
+
+        def rule(index: int, state: Any, now: int) -> tuple[list[HeldSlot], Any, int]:
+            slot = held[index]
+            leases = LeaseState.from_json(state)
+            wake = lease_release(leases, holder, now, slot.limit)
+            woken = [HeldSlot(slot.scope, slot.bucket, w, slot.limit) for w in wake]
+            return woken, _kept(leases), leases.expires_at()
+
+        outcomes = self._each([(s.scope, s.bucket) for s in held], rule)
+        return [w for woken in outcomes for w in woken]
+
+    # --- rate limits ------------------------------------------------------------------------
+
+    def acquire_rate(self, scope: str, bucket: str, calls: int, period: float) -> RateGrant:
+        """Count a start in the bucket unless `calls` starts lie in the last `period` seconds."""
+        period_ms = _ms(period)
+
+        def rule(state: Any, now: int) -> tuple[RateGrant, Any, int]:
+            decision = rate_try_start(state or [], now, calls, period_ms)
+            at = decision.starts[-1] if decision.granted else now
+            grant = RateGrant(decision.granted, at / 1000, decision.retry_in_ms / 1000)
+            return grant, decision.starts, rate_expires_at(decision.starts, period_ms)
+
+        return self._one(scope, bucket, rule)
+
+    # --- concurrency ------------------------------------------------------------------------
+
+    def acquire_slot(
+        self, scope: str, bucket: str, holder: str, limit: int, ttl: float, park: float
+    ) -> SlotGrant:
+        """Take one of the bucket's `limit` slots for `holder` (a job id), leased for `ttl`
+        seconds; refused, the holder waits in the bucket's FIFO and asks again in `retry_in`
+        (at most `park`) unless a release wakes it first."""
+
+        def rule(state: Any, now: int) -> tuple[SlotGrant, Any, int]:
+            leases = LeaseState.from_json(state)
+            decision = lease_try_acquire(leases, holder, now, limit, _ms(ttl), _ms(park))
+            grant = SlotGrant(
+                decision.granted, now / 1000, decision.position, decision.retry_in_ms / 1000
+            )
+            return grant, _kept(leases), leases.expires_at()
+
+        return self._one(scope, bucket, rule)
+
+    def renew_slots(self, held: Sequence[HeldSlot], ttl: float) -> list[bool]:
+        """Extend the leases of a worker's running jobs, all in one transaction; False for a
+        run whose lease had expired and whose slot has been taken since."""
+        ttl_ms = _ms(ttl)
+
+        def rule(index: int, state: Any, now: int) -> tuple[bool, Any, int]:
+            slot = held[index]
+            leases = LeaseState.from_json(state)
+            kept = lease_renew(leases, slot.holder, now, slot.limit, ttl_ms)
+            return kept, _kept(leases), leases.expires_at()
+
+        return self._each([(s.scope, s.bucket) for s in held], rule)
+
+    def release_slot(self, scope: str, bucket: str, holder: str, limit: int) -> list[str]:
+        """End `holder`'s lease; the waiters now due a slot (to wake early, best effort)."""
+
+        def rule(state: Any, now: int) -> tuple[list[str], Any, int]:
+            leases = LeaseState.from_json(state)
+            wake = lease_release(leases, holder, now, limit)
+            return wake, _kept(leases), leases.expires_at()
+
+        return self._one(scope, bucket, rule)
+
+    def due_round_robin(
+        self, scope: str, limit: int, budget: int, after: str | None
+    ) -> list[tuple[str, str]]:
+        """Up to `budget` (bucket, holder) waiters due a slot now (a dead holder's lease ran
+        out, or a wake-up was lost), taken one per bucket in turn, starting after bucket
+        `after`: a sweep never serves one bucket's whole queue before another's one job.
+        A read: the waiters still take their slots through `acquire_slot`."""
+        due: dict[str, list[str]] = {}
+        for bucket, text, now in self._read(self.sql.scope_rows, (scope,)):
+            leases = LeaseState.from_json(json.loads(text))
+            leases.prune(int(now))
+            waiting = due_waiters(leases, limit)
+            if waiting:
+                due[str(bucket)] = waiting
+        chosen: list[tuple[str, str]] = []
+        last = after
+        while due and len(chosen) < budget:
+            bucket = next_key(list(due), last)
+            assert bucket is not None
+            chosen.append((bucket, due[bucket].pop(0)))
+            if not due[bucket]:
+                del due[bucket]
+            last = bucket
+        return chosen
+
+    # --- debounce ---------------------------------------------------------------------------
+
+    def debounce(
+        self,
+        scope: str,
+        bucket: str,
+        job_id: str,
+        payload: Any,
+        period: float,
+        max_wait: float | None,
+    ) -> DebounceTicket:
+        """Collapse a dispatch into the bucket's open burst, or open one run by `job_id`."""
+        max_wait_ms = None if max_wait is None else _ms(max_wait)
+
+        def rule(state: Any, now: int) -> tuple[DebounceTicket, Any, int]:
+            bursts = DebounceState.from_json(state)
+            ticket = debounce_dispatch(bursts, job_id, payload, now, _ms(period), max_wait_ms)
+            return ticket, bursts.to_json(), bursts.expires_at(DEBOUNCE_GRACE_MS)
+
+        return self._one(scope, bucket, rule)
+
+    def claim_debounced(self, scope: str, bucket: str, run_id: str) -> DebounceClaim:
+        """A burst's run asks to start: `start` (with the last payload) once it is due."""
+
+        def rule(state: Any, now: int) -> tuple[DebounceClaim, Any, int]:
+            bursts = DebounceState.from_json(state)
+            claim = debounce_claim(bursts, run_id, now)
+            kept = None if bursts.empty() else bursts.to_json()
+            return claim, kept, bursts.expires_at(DEBOUNCE_GRACE_MS)
+
+        return self._one(scope, bucket, rule)
+
+    # --- upkeep and counts ------------------------------------------------------------------
+
+    def counts(self) -> list[BucketCounts]:
+        """Every bucket holding something now: running, waiting, recent starts."""
+        found: list[BucketCounts] = []
+        for scope, bucket, text, now in self._read(self.sql.all_rows, ()):
+            state = json.loads(text)
+            if isinstance(state, list):  # a rate bucket: its starts; the window is the scope's
+                found.append(BucketCounts(scope, bucket, 0, 0, len(state)))
+            elif "bursts" in state:
+                found.append(BucketCounts(scope, bucket, 0, len(state["bursts"]), 0))
+            else:
+                leases = LeaseState.from_json(state)
+                leases.prune(int(now))
+                found.append(
+                    BucketCounts(scope, bucket, len(leases.leases), len(leases.waiters), 0)
+                )
+        return found
+
+    def purge(self) -> int:
+        """Delete the rows whose state has run out; how many."""
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(self.sql.purge)
+            deleted = int(cursor.rowcount or 0)
+            cursor.close()
+            connection.commit()
+            return deleted
+        finally:
+            connection.close()
+
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _engine(url: str | None) -> Engine:
+    """SQLite: the job log's own engine (its pragmas: WAL, busy_timeout). PostgreSQL: one of
+    the store's own per URL, without the job log's pre-ping: a permit's transaction is two
+    round trips, and a ping on every checkout would be a third; a dropped connection is
+    retried instead (`PermitStore._transaction`)."""
+    key = normalize_url(url) if url is not None else database_url()
+    if make_url(key).get_backend_name() == "sqlite":
+        return get_engine(key)
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = create_engine(key, pool_size=10, max_overflow=40)
+        return engine
+
+
+def dispose_store_engines() -> None:
+    """Close the store's pooled PostgreSQL connections (after fork, before dropping a
+    database)."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def _dropped(connection: Any, exc: BaseException) -> bool:
+    """Was the error the connection's loss (worth one more try on a new one)?"""
+    driver = getattr(connection, "driver_connection", None)
+    return bool(getattr(driver, "closed", False)) or "closed" in str(exc).lower()
+
+
+def _kept(leases: LeaseState) -> dict[str, Any] | None:
+    return None if leases.empty() else leases.to_json()
