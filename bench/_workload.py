@@ -49,10 +49,14 @@ _ORDER = {
     "order_id": 7_654_321,
     "customer": {"id": 1234, "email": "someone@example.com", "name": "Ada Lovelace"},
     "items": [
-        {"sku": f"SKU-{n:05d}", "title": f"an item of the order, number {n}", "qty": n % 3 + 1,
-         "price_cents": 1999 + n}
+        {
+            "sku": f"SKU-{n:05d}",
+            "title": f"an item of the order, number {n}",
+            "qty": n % 3 + 1,
+            "price_cents": 1999 + n,
+        }
         for n in range(9)
-    ],  # fmt: skip
+    ],
     "currency": "EUR",
     "note": "leave it at the door",
 }
@@ -118,8 +122,8 @@ class Marks:
             with open(path, "rb") as f:
                 f.seek(self._offsets.get(name, 0))
                 chunk = self._partial.get(name, b"") + f.read()
-            self._offsets[name] = self._offsets.get(name, 0) + len(chunk) - len(
-                self._partial.get(name, b"")
+            self._offsets[name] = (
+                self._offsets.get(name, 0) + len(chunk) - len(self._partial.get(name, b""))
             )
             lines = chunk.split(b"\n")
             self._partial[name] = lines.pop()  # an incomplete last line waits for the next read

@@ -38,6 +38,7 @@ fails the check is printed INVALID.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -47,7 +48,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +58,7 @@ from _workload import MARKS_ENV, WORKLOADS, Marks, Workload, payload
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BENCH_PATH = f"{ROOT}{os.pathsep}{ROOT / 'bench'}"
-CONTENDERS = ["bare16", "bare32", "celery-threads", "celery-prefork", "jobyard"]
+CONTENDERS = ["bare16", "bare32", "celery-threads", "celery-prefork", "jobyard", "temporal"]
 #: The contender every ratio is taken against: bare Dramatiq at jobyard's prefetch.
 REFERENCE = "bare32"
 
@@ -103,7 +103,9 @@ def machine() -> tuple[float, float]:
 
 
 class PostgresBackends:
-    """CPU of the backends connected to one database (not the whole cluster's)."""
+    """CPU of the client backends connected to one database (not the whole cluster's).
+    Autovacuum's workers are left out: they come and go between two samples (their CPU
+    cannot be read per database from /proc), and would land in whichever slice ran."""
 
     def __init__(self, database_url: str) -> None:
         import psycopg
@@ -114,7 +116,9 @@ class PostgresBackends:
 
     def cpu(self) -> dict[int, float]:
         rows = self.connection.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (self.database,)
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s "
+            "AND backend_type = 'client backend'",
+            (self.database,),
         ).fetchall()
         return {pid: _ticks(f"/proc/{pid}/stat")[0] / CLOCK_TICKS for (pid,) in rows}
 
@@ -233,7 +237,9 @@ class Contender:
     def check(self, segment: Segment, timeout: float) -> str | None:
         """Why the segment is invalid, or None: every job sent ran to its end."""
         seen = self.marks.segment(segment.name)
-        missing = [i for i in range(segment.sent) if seen.get(i, [0, 0, float("inf")])[2] == float("inf")]
+        missing = [
+            i for i in range(segment.sent) if seen.get(i, [0, 0, float("inf")])[2] == float("inf")
+        ]
         if missing:
             return f"{len(missing)} of {segment.sent} jobs never ended"
         return None
@@ -242,15 +248,13 @@ class Contender:
         raise NotImplementedError
 
     def signal(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.session, sig)
-        except ProcessLookupError:
-            pass
 
     def redis_cpu(self) -> float:
         info = self.client.info("cpu")
-        return sum(float(info[k]) for k in (
-            "used_cpu_user", "used_cpu_sys", "used_cpu_user_children", "used_cpu_sys_children"))  # fmt: skip
+        keys = ("used_cpu_user", "used_cpu_sys", "used_cpu_user_children", "used_cpu_sys_children")
+        return sum(float(info[k]) for k in keys)
 
     def close(self) -> None:
         self.signal(signal.SIGCONT)
@@ -369,43 +373,53 @@ class Jobyard(Contender):
         return handle.job_id
 
     def flush(self) -> None:
-        from jobyard.job_engine.db import joblog
-
-        current = joblog.writer()
-        if current is not None:
-            current.flush()
+        flush_job_log()
 
     def check(self, segment: Segment, timeout: float) -> str | None:
         problem = super().check(segment, timeout)
         if problem:
             return problem
-        import sqlalchemy as sa
-
-        from jobyard.job_engine.db import get_engine
-
-        engine = get_engine(self.database_url)
-        ids = segment.job_ids
-        if len(ids) != segment.sent:
-            return f"{segment.sent - len(ids)} dispatches returned no job id"
-        deadline = time.monotonic() + timeout
-        while True:  # the worker's job-log shipper writes endings every half second
-            succeeded = 0
-            with engine.connect() as connection:
-                for at in range(0, len(ids), 5000):
-                    succeeded += connection.execute(
-                        sa.text("SELECT count(*) FROM job_log WHERE state = 'succeeded' "
-                                "AND job_id = ANY(:ids)"), {"ids": ids[at:at + 5000]},
-                    ).scalar_one()  # fmt: skip
-            if succeeded == len(ids):
-                return None
-            if time.monotonic() > deadline:
-                return f"{len(ids) - succeeded} of {len(ids)} jobs not `succeeded` in the job log"
-            time.sleep(0.5)
+        return _joblog_problem(self.database_url, segment, timeout)
 
     def stop_worker(self) -> None:
         self.store.deregister(self.fake_worker, ["default"])
         self.proc.stop()
         self.flush()
+
+
+def flush_job_log() -> None:
+    """Write what this process's job log still holds (the queued rows of its dispatches)."""
+    from jobyard.job_engine.db import joblog
+
+    current = joblog.writer()
+    if current is not None:
+        current.flush()
+
+
+def _joblog_problem(database_url: str, segment: Segment, timeout: float) -> str | None:
+    """Why the segment's jobs are not all `succeeded` in the job log, or None."""
+    import sqlalchemy as sa
+
+    from jobyard.job_engine.db import get_engine
+
+    engine = get_engine(database_url)
+    ids = segment.job_ids
+    if len(ids) != segment.sent:
+        return f"{segment.sent - len(ids)} dispatches returned no job id"
+    deadline = time.monotonic() + timeout
+    while True:  # the worker's job-log shipper writes endings every half second
+        succeeded = 0
+        with engine.connect() as connection:
+            for at in range(0, len(ids), 5000):
+                succeeded += connection.execute(
+                    sa.text("SELECT count(*) FROM job_log WHERE state = 'succeeded' "
+                            "AND job_id = ANY(:ids)"), {"ids": ids[at:at + 5000]},
+                ).scalar_one()  # fmt: skip
+        if succeeded == len(ids):
+            return None
+        if time.monotonic() > deadline:
+            return f"{len(ids) - succeeded} of {len(ids)} jobs not `succeeded` in the job log"
+        time.sleep(0.5)
 
 
 def start_contender(label: str, workload: Workload, processes: int, threads: int,
@@ -444,6 +458,8 @@ class Settings:
     fill_scale: float = 1.0
     capacity: float | None = None  # jobs/s the open-loop rates are taken from, if not measured
     drain_timeout: float = 180.0
+    temporal_jobs: int = 400  # per contender and workload
+    temporal_rounds: int = 4
 
 
 class Bench:
@@ -624,11 +640,11 @@ class Bench:
 
     # a workload
 
-    def run_workload(self, workload: Workload) -> list[Contender]:
+    def run_workload(self, workload: Workload, labels: list[str]) -> list[Contender]:
         contenders: list[Contender] = []
-        print(f"\n== {workload.name}: starting {', '.join(self.s.contenders)} ==", flush=True)
+        print(f"\n== {workload.name}: starting {', '.join(labels)} ==", flush=True)
         try:
-            for label in self.s.contenders:
+            for label in labels:
                 c = start_contender(label, workload, self.s.processes, self.s.threads,
                                     self.database_url)  # fmt: skip
                 contenders.append(c)
@@ -646,7 +662,7 @@ class Bench:
                     raise SystemExit(f"open-loop modes need {REFERENCE}'s drain or --capacity")
                 for n, load in enumerate(loads):
                     rate = capacity * int(load) / 100
-                    order = contenders[n % len(contenders):] + contenders[: n % len(contenders)]
+                    order = contenders[n % len(contenders) :] + contenders[: n % len(contenders)]
                     for c in order:
                         self.open_loop(c, f"load{load}", rate)
                     report_open_loop(workload, contenders, f"load{load}", int(load))
@@ -657,6 +673,189 @@ class Bench:
                 except Exception as exc:
                     print(f"({c.label}: close failed: {exc!r})")
         return contenders
+
+
+# -- Temporal -----------------------------------------------------------------------------------
+
+
+def _temporal_server_pid(port: int) -> int:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"start-dev" in cmdline and str(port).encode() in cmdline:
+                return int(entry.name)
+    raise RuntimeError(f"no Temporal dev server on port {port}")
+
+
+@dataclass
+class TemporalRow:
+    workload: str
+    label: str
+    jobs: int = 0
+    seconds: float = 0.0
+    parts: Parts = field(default_factory=Parts)
+    server: float = 0.0  # the Temporal dev server's CPU seconds
+    invalid: str | None = None
+    job_ids: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.jobs / self.seconds if self.seconds else 0.0
+
+    def per_job_us(self) -> dict[str, float]:
+        jobs = max(self.jobs, 1)
+        p = self.parts
+        return {
+            "dispatch": p.dispatch / jobs * 1e6,
+            "worker": p.worker / jobs * 1e6,
+            "temporal": self.server / jobs * 1e6,
+            "postgres": p.postgres / jobs * 1e6,
+        }
+
+
+CONCURRENT_STARTS = 8  # as many starts in flight as 8 web threads dispatching
+
+
+def temporal_rows(settings: Settings, database_url: str, postgres: PostgresBackends,
+                  n: int, rounds: int) -> list[TemporalRow]:  # fmt: skip
+    """jobyard's Temporal fallback (USE_DRAMATIQ=false) against a bare workflow with the same
+    activities and local activities, `rounds` interleaved batches of n/rounds jobs each, every
+    batch dispatched CONCURRENT_STARTS at a time and timed until its last workflow closed."""
+    import asyncio
+
+    from _common import TemporalDevServer
+    from temporalio.client import Client
+
+    redis_server = BenchRedis().start()
+    server = TemporalDevServer().start()
+    server_pid = _temporal_server_pid(server.port)
+    task_queue = f"bench-{uuid.uuid4().hex[:8]}"
+    bare_queue = f"bare-{uuid.uuid4().hex[:8]}"
+    marks_dir = tempfile.mkdtemp(prefix="bench-marks-temporal-")
+    set_env(
+        REDIS_URL=redis_server.url, USE_DRAMATIQ="false", DATABASE_URL=database_url,
+        JOBYARD_JOB_LOG="true", JOBYARD_JOB_MODULES="_bench_jobs", TEMPORAL_ADDRESS=server.address,
+        TEMPORAL_TASK_QUEUE=task_queue, PYTHONPATH=BENCH_PATH, WORKER_METRICS_PORT="0",
+    )  # fmt: skip
+    import _bench_jobs  # noqa: F401
+
+    from jobyard.dispatcher import dispatch_job, warm_up
+
+    worker = Proc(["temporal-worker"], {**os.environ, MARKS_ENV: marks_dir})
+    bare = _session([sys.executable, str(ROOT / "bench" / "_bare_temporal_worker.py"),
+                     server.address, bare_queue], dict(os.environ))  # fmt: skip
+    rows: list[TemporalRow] = []
+    loop = asyncio.new_event_loop()
+    client = loop.run_until_complete(Client.connect(server.address))
+    pool = ThreadPoolExecutor(CONCURRENT_STARTS)
+
+    def running(queue: str) -> int:
+        query = f"TaskQueue = '{queue}' AND ExecutionStatus = 'Running'"
+        return loop.run_until_complete(client.count_workflows(query)).count
+
+    def completed(queue: str) -> int:
+        query = f"TaskQueue = '{queue}' AND ExecutionStatus = 'Completed'"
+        return loop.run_until_complete(client.count_workflows(query)).count
+
+    def sample(session: int) -> tuple[Any, ...]:
+        return (
+            time.perf_counter(),
+            dispatcher_cpu(),
+            session_cpu(session),
+            _ticks(f"/proc/{server_pid}/stat")[0] / CLOCK_TICKS,
+            postgres.cpu(),
+            machine(),
+        )
+
+    def run_jobyard(workload: Workload, row: TemporalRow, start: int, count: int) -> None:
+        name = f"bench.w_{workload.name}"
+
+        def one(i: int) -> str:
+            body = payload(workload, "temporal", i)
+            body["t"] = time.time()
+            handle = dispatch_job(name, body)
+            if handle.engine != "temporal":
+                raise RuntimeError(f"a job went to {handle.engine}")
+            return handle.job_id
+
+        before = sample(worker.pid)
+        ids = list(pool.map(one, range(start, start + count)))
+        wait_for(lambda: running(task_queue) == 0, timeout=600, interval=0.1)
+        flush_job_log()  # the dispatch side's queued rows, within the measured time
+        after = sample(worker.pid)
+        _add(row, before, after, count)
+        row.job_ids.extend(ids)
+
+    def run_bare(workload: Workload, row: TemporalRow, start: int, count: int) -> None:
+        async def start_all() -> None:
+            gate = asyncio.Semaphore(CONCURRENT_STARTS)
+
+            async def one(i: int) -> None:
+                body = payload(workload, "temporal", i)
+                async with gate:
+                    await client.start_workflow(
+                        "bare.workload", [body, workload.steps, workload.sleep],
+                        id=f"{bare_queue}-{workload.name}-{i}", task_queue=bare_queue,
+                    )  # fmt: skip
+
+            await asyncio.gather(*(one(i) for i in range(start, start + count)))
+
+        before = sample(bare.pid)
+        loop.run_until_complete(start_all())
+        wait_for(lambda: running(bare_queue) == 0, timeout=600, interval=0.1)
+        after = sample(bare.pid)
+        _add(row, before, after, count)
+
+    def _add(row: TemporalRow, before: tuple[Any, ...], after: tuple[Any, ...], count: int) -> None:
+        row.jobs += count
+        row.seconds += after[0] - before[0]
+        row.parts += Parts(
+            dispatch=after[1] - before[1], worker=after[2] - before[2],
+            postgres=PostgresBackends.delta(before[4], after[4]),
+            busy=after[5][0] - before[5][0], machine=after[5][1] - before[5][1],
+        )  # fmt: skip
+        row.server += after[3] - before[3]
+
+    try:
+        wait_for(lambda: "Temporal worker polling" in worker.output(), timeout=120)
+        warm_up()
+        for workload_name in settings.workloads:
+            workload = WORKLOADS[workload_name]
+            bare_row = TemporalRow(workload.name, "bare Temporal")
+            row = TemporalRow(workload.name, "jobyard fallback")
+            bare_done_before = completed(bare_queue)
+            per_round = max(1, n // rounds)
+            run_bare(workload, bare_row, 0, 4)  # warm: workers started, caches filled
+            run_jobyard(workload, TemporalRow("", ""), 0, 4)
+            bare_done_before = completed(bare_queue)
+            bare_row.jobs = row.jobs = 0
+            for r in range(rounds):
+                start = 100 + r * per_round
+                if r % 2 == 0:
+                    run_bare(workload, bare_row, start, per_round)
+                    run_jobyard(workload, row, start, per_round)
+                else:
+                    run_jobyard(workload, row, start, per_round)
+                    run_bare(workload, bare_row, start, per_round)
+            if completed(bare_queue) - bare_done_before != bare_row.jobs:
+                bare_row.invalid = "not every bare workflow completed"
+            check = Segment("temporal", sent=len(row.job_ids), job_ids=row.job_ids)
+            row.invalid = _joblog_problem(database_url, check, 60)
+            rows += [bare_row, row]
+            report_temporal(workload, bare_row, row)
+    finally:
+        pool.shutdown()
+        loop.close()
+        worker.stop()
+        bare.terminate()
+        bare.wait(30)
+        server.stop()
+        redis_server.stop()
+        shutil.rmtree(marks_dir, ignore_errors=True)
+    return rows
 
 
 # -- reporting ----------------------------------------------------------------------------------
@@ -701,7 +900,7 @@ def _lat(values: list[float]) -> str:
     if not values:
         return "        -"
     ms = [v * 1000 for v in values]
-    return (f"{pct(ms, 50):6.1f} {pct(ms, 95):6.1f} {pct(ms, 99):7.1f} {max(ms):7.1f}")
+    return f"{pct(ms, 50):6.1f} {pct(ms, 95):6.1f} {pct(ms, 99):7.1f} {max(ms):7.1f}"
 
 
 def latencies(seg: Segment) -> tuple[list[float], list[float]]:
@@ -726,10 +925,32 @@ def report_open_loop(workload: Workload, contenders: list[Contender], mode: str,
         kept = "yes" if seg.kept_up else f"no ({seg.left_at_end} left)"
         calls = [v * 1e6 for v in seg.calls]
         busy = seg.parts.busy / seg.parts.machine if seg.parts.machine else 0.0
-        print(f"{c.label:<15} {kept:<13} {_lat(starts):<33} {_lat(dones):<33} "
-              f"{pct(calls, 50):6.0f} {pct(calls, 99):6.0f}  {_us(seg.per_job_us())}  {busy:4.0%}")
+        print(
+            f"{c.label:<15} {kept:<13} {_lat(starts):<33} {_lat(dones):<33} "
+            f"{pct(calls, 50):6.0f} {pct(calls, 99):6.0f}  {_us(seg.per_job_us())}  {busy:4.0%}"
+        )
         if seg.lag > 0.1:
             print(f"{'':<15} (the producer ran up to {seg.lag * 1000:.0f} ms behind its schedule)")
+    sys.stdout.flush()
+
+
+def report_temporal(workload: Workload, bare: TemporalRow, row: TemporalRow) -> None:
+    locals_ = 2 + (1 if workload.sleep else 0)
+    print(f"-- {workload.name}, Temporal: {workload.steps} activities + {locals_} local activities"
+          f"{' + a timer' if workload.sleep else ''} per workflow, {bare.jobs} jobs each, "
+          f"{CONCURRENT_STARTS} starts in flight")  # fmt: skip
+    print(f"{'contender':<17} {'jobs/s':>7} {'x bare':>7}   CPU us/job: dispatch  worker "
+          "Temporal     PG   total  busy")  # fmt: skip
+    for r in (bare, row):
+        if r.invalid:
+            print(f"{r.label:<17} INVALID: {r.invalid}")
+            continue
+        ratio = f"{r.rate / bare.rate:6.2f}x" if not bare.invalid else "      -"
+        u = r.per_job_us()
+        busy = r.parts.busy / r.parts.machine if r.parts.machine else 0.0
+        print(f"{r.label:<17} {r.rate:7.1f} {ratio}               {u['dispatch']:6.0f} "
+              f"{u['worker']:7.0f} {u['temporal']:8.0f} {u['postgres']:6.0f} "
+              f"{sum(u.values()):7.0f}  {busy:4.0%}")  # fmt: skip
     sys.stdout.flush()
 
 
@@ -740,7 +961,7 @@ class Target:
     measured: str
 
 
-def targets(results: dict[str, list[Contender]]) -> list[Target]:
+def targets(results: dict[str, list[Contender]], temporal: list[TemporalRow]) -> list[Target]:
     """Issue 26 item 2, from this run's figures (jobyard against bare32)."""
     out: list[Target] = []
 
@@ -754,7 +975,11 @@ def targets(results: dict[str, list[Contender]]) -> list[Target]:
         j, b = seg(workload, "jobyard", "drain"), seg(workload, REFERENCE, "drain")
         if j and b:
             r = j.throughput / b.throughput
-            out.append(Target(what, r >= floor, f"{r:.2f}x ({j.throughput:.0f} / {b.throughput:.0f} jobs/s)"))
+            out.append(
+                Target(
+                    what, r >= floor, f"{r:.2f}x ({j.throughput:.0f} / {b.throughput:.0f} jobs/s)"
+                )
+            )
         else:
             out.append(Target(what, None, "not measured, or INVALID"))
 
@@ -782,8 +1007,13 @@ def targets(results: dict[str, list[Contender]]) -> list[Target]:
     j = seg("noop", "jobyard", "load80")
     if j:
         jp = pct(latencies(j)[0], 99)
-        out.append(Target("noop at 80%: p99 dispatch->start < 20 ms", bool(j.kept_up) and jp < 0.020,
-                          f"{jp * 1000:.1f} ms, kept up: {'yes' if j.kept_up else 'no'}"))
+        out.append(
+            Target(
+                "noop at 80%: p99 dispatch->start < 20 ms",
+                bool(j.kept_up) and jp < 0.020,
+                f"{jp * 1000:.1f} ms, kept up: {'yes' if j.kept_up else 'no'}",
+            )
+        )
     else:
         out.append(Target("noop at 80%: p99 dispatch->start < 20 ms", None, "not measured"))
     for workload in results:
@@ -791,13 +1021,29 @@ def targets(results: dict[str, list[Contender]]) -> list[Target]:
             j, b = seg(workload, "jobyard", mode), seg(workload, REFERENCE, mode)
             if j and b and j.calls and b.calls:
                 jp, bp = pct(j.calls, 99), pct(b.calls, 99)
-                out.append(Target(f"web, {workload} at {mode[4:]}%: dispatch_job p99 <= 1.5x send()'s",
-                                  jp <= 1.5 * bp, f"{jp * 1e6:.0f} / {bp * 1e6:.0f} us = {jp / bp:.2f}x"))
+                out.append(
+                    Target(
+                        f"web, {workload} at {mode[4:]}%: dispatch_job p99 <= 1.5x send()'s",
+                        jp <= 1.5 * bp,
+                        f"{jp * 1e6:.0f} / {bp * 1e6:.0f} us = {jp / bp:.2f}x",
+                    )
+                )
+    for bare, row in zip(temporal[::2], temporal[1::2], strict=True):
+        what = f"Temporal fallback, {row.workload}: >= 1.0x bare Temporal (same activities)"
+        if bare.invalid or row.invalid:
+            out.append(Target(what, None, "INVALID"))
+        else:
+            r = row.rate / bare.rate
+            out.append(
+                Target(what, r >= 1.0, f"{r:.2f}x ({row.rate:.1f} / {bare.rate:.1f} jobs/s)")
+            )
     return out
 
 
 def print_targets(rows: list[Target]) -> None:
-    print("\n== issue 26 targets (jobyard against bare Dramatiq at jobyard's prefetch, this run) ==")
+    print(
+        "\n== issue 26 targets (jobyard against bare Dramatiq at jobyard's prefetch, this run) =="
+    )
     for t in rows:
         verdict = "PASS" if t.verdict else ("FAIL" if t.verdict is False else "----")
         print(f"{verdict}  {t.what:<62} {t.measured}")
@@ -806,22 +1052,38 @@ def print_targets(rows: list[Target]) -> None:
 
 def main(settings: Settings) -> dict[str, list[Contender]]:
     results: dict[str, list[Contender]] = {}
-    print(f"{settings.processes} processes x {settings.threads} threads per contender; "
-          f"{os.cpu_count()} CPUs; machine shared: figures drift, ratios are what to read")  # fmt: skip
+    temporal: list[TemporalRow] = []
+    queue_contenders = [c for c in settings.contenders if c != "temporal"]
+    print(
+        f"{settings.processes} processes x {settings.threads} threads per contender; "
+        f"{os.cpu_count()} CPUs; the machine is shared: figures drift, ratios are what to read"
+    )
     with fresh_database() as database_url:
         bench = Bench(settings, database_url)
         try:
-            for name in settings.workloads:
-                results[name] = bench.run_workload(WORKLOADS[name])
+            if queue_contenders:
+                for name in settings.workloads:
+                    results[name] = bench.run_workload(WORKLOADS[name], queue_contenders)
+            if "temporal" in settings.contenders:
+                print("\n== Temporal: jobyard's fallback against bare Temporal ==", flush=True)
+                temporal = temporal_rows(
+                    settings,
+                    database_url,
+                    bench.postgres,
+                    settings.temporal_jobs,
+                    settings.temporal_rounds,
+                )
         finally:
             bench.pool.shutdown()
             bench.postgres.connection.close()
-    print_targets(targets(results))
+    print_targets(targets(results, temporal))
     return results
 
 
 def parse(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small counts, a few seconds a row")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
@@ -841,6 +1103,7 @@ def parse(argv: list[str] | None = None) -> Settings:
     if args.quick:
         settings.rounds, settings.slice, settings.seconds = 2, 0.5, 3.0
         settings.fill_scale, settings.drain_timeout = 0.1, 60.0
+        settings.temporal_jobs, settings.temporal_rounds = 24, 2
     if args.rounds:
         settings.rounds = args.rounds
     if args.slice:
