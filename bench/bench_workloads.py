@@ -191,6 +191,7 @@ class Segment:
     lag: float = 0.0  # open loop: the producer's largest delay behind its schedule
     invalid: str | None = None
     latencies: dict[int, list[float]] = field(default_factory=dict)
+    ran_dry: int = 0  # drain slices that ended with (almost) nothing left: the rate understated
 
     @property
     def throughput(self) -> float:
@@ -452,7 +453,7 @@ class Settings:
     threads: int = 8
     rounds: int = 8
     slice: float = 1.0
-    settle: float = 0.2
+    settle: float = 0.3
     seconds: float = 20.0
     producers: int = 4
     fill_scale: float = 1.0
@@ -533,35 +534,45 @@ class Bench:
     # drain
 
     def drain(self, contenders: list[Contender]) -> None:
+        """Interleaved slices; the first round only calibrates (each contender's rate sets how
+        much it is given for the next slices: enough that it never runs dry, little enough
+        that what is left at the end drains in seconds, however slow the contender)."""
         workload = contenders[0].workload
-        fill = max(200, int(workload.drain_fill * self.s.fill_scale))
+        fill = max(100, int(workload.drain_fill * self.s.fill_scale))
+        # a slice outlasts a durable sleep, or a slow contender ends no job in it
+        slice_ = max(self.s.slice, 2 * workload.sleep)
+        floor = 4 * self.s.processes * self.s.threads  # more than every prefetch window
         for c in contenders:
             c.segments["drain"] = Segment("drain")
             self.fill(c, c.segments["drain"], fill)
         rates: dict[str, float] = {}
-        for turn in range(self.s.rounds):
+        rounds = self.s.rounds + 1
+        for turn in range(rounds):
             first = turn % len(contenders)
             for c in contenders[first:] + contenders[:first]:
                 seg = c.segments["drain"]
                 backlog = seg.sent - c.marks.done("drain")
-                # enough for the settle and the slice twice over at the last slice's rate
-                need = int(rates.get(c.label, 0) * (self.s.settle + self.s.slice) * 2)
-                if backlog < max(need, fill // 4):
-                    self.fill(c, seg, max(need, fill // 4) * 2 - backlog)
-                done_before = c.marks.done("drain")
+                if c.label in rates:  # three slices' worth at the last slice's rate
+                    need = max(floor, int(rates[c.label] * (self.s.settle + slice_) * 3))
+                    if backlog < need:
+                        self.fill(c, seg, 2 * need - backlog)
+                        backlog = 2 * need
                 c.signal(signal.SIGCONT)
                 time.sleep(self.s.settle)
                 start_done = c.marks.done("drain")
                 before = self.snapshot(c)
-                time.sleep(self.s.slice)
+                time.sleep(slice_)
                 after = self.snapshot(c)
                 end_done = c.marks.done("drain")
                 c.signal(signal.SIGSTOP)
-                del done_before
+                rates[c.label] = (end_done - start_done) / (after[0] - before[0])
+                if turn == 0 and rounds > 1:
+                    continue  # calibration
+                if seg.sent - end_done < floor // 4:
+                    seg.ran_dry += 1
                 seg.done += end_done - start_done
                 seg.seconds += after[0] - before[0]
                 seg.parts += self.parts(before, after)
-                rates[c.label] = (end_done - start_done) / (after[0] - before[0])
         for c in contenders:  # every job sent must end: all resume together
             c.signal(signal.SIGCONT)
         for c in contenders:
@@ -611,8 +622,8 @@ class Bench:
         before = self.snapshot(c, dispatch=True)
         futures = [self.pool.submit(produce, k) for k in range(self.s.producers)]
         # Stop early when the backlog shows the contender cannot keep up (its drain would take
-        # minutes): more than 3 s of arrivals beyond what is in flight when it keeps up.
-        limit = rate * (3.0 + workload.sleep + workload.step_seconds) + 4 * self.s.threads
+        # minutes): 2 s of arrivals more than are in flight when it keeps up.
+        limit = rate * (2.0 + workload.sleep + workload.step_seconds) + 4 * self.s.threads
         while not all(f.done() for f in futures):
             time.sleep(0.25)
             if sum(sent) - c.marks.done(name) > limit:
@@ -664,6 +675,14 @@ class Bench:
                     rate = capacity * int(load) / 100
                     order = contenders[n % len(contenders) :] + contenders[: n % len(contenders)]
                     for c in order:
+                        behind = [m for m, g in c.segments.items() if g.kept_up is False]
+                        if behind:  # it would only fall behind further, for minutes
+                            c.segments[f"load{load}"] = Segment(
+                                f"load{load}",
+                                rate=rate,
+                                invalid=f"skipped: fell behind at {behind[0][4:]}%",
+                            )
+                            continue
                         self.open_loop(c, f"load{load}", rate)
                     report_open_loop(workload, contenders, f"load{load}", int(load))
         finally:
@@ -893,6 +912,8 @@ def report_drain(workload: Workload, contenders: list[Contender]) -> None:
         busy = seg.parts.busy / seg.parts.machine if seg.parts.machine else 0.0
         print(f"{c.label:<15} {seg.throughput:8.0f} {ratio}              {_us(parts)}  "
               f"{cpu_ratio}  {busy:6.0%}")  # fmt: skip
+        if seg.ran_dry:
+            print(f"{'':<15} ({seg.ran_dry} slices ran dry: its rate is understated)")
     sys.stdout.flush()
 
 
@@ -919,7 +940,8 @@ def report_open_loop(workload: Workload, contenders: list[Contender], mode: str,
     for c in contenders:
         seg = c.segments[mode]
         if seg.invalid:
-            print(f"{c.label:<15} INVALID: {seg.invalid}")
+            tag = "" if seg.invalid.startswith("skipped") else "INVALID: "
+            print(f"{c.label:<15} {tag}{seg.invalid}")
             continue
         starts, dones = latencies(seg)
         kept = "yes" if seg.kept_up else f"no ({seg.left_at_end} left)"
