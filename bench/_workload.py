@@ -105,46 +105,55 @@ def mark(kind: str, body: dict[str, Any]) -> None:
 
 @dataclass
 class Marks:
-    """The marks of one contender, read incrementally from its directory."""
+    """The marks of one contender, read incrementally from its directory. Counting the jobs
+    done is a bytes.count over what is new (the producer threads share the GIL with it);
+    the lines are parsed only when a segment's latencies are asked for."""
 
     directory: str
 
     def __post_init__(self) -> None:
         self._offsets: dict[str, int] = {}
         self._partial: dict[str, bytes] = {}
-        #: (segment, index) -> [dispatched at, first start, done]
+        self._chunks: list[bytes] = []  # complete lines, in the order read
+        self._counted: dict[str, tuple[int, int]] = {}  # segment -> (chunks counted, done)
+        self._parsed = 0  # chunks parsed into self.jobs
+        #: (segment, index) -> [dispatched at, first start, first done]
         self.jobs: dict[tuple[str, int], list[float]] = {}
-        self.done_by_segment: dict[str, int] = {}
 
     def read(self) -> None:
         for name in os.listdir(self.directory):
-            path = os.path.join(self.directory, name)
-            with open(path, "rb") as f:
+            with open(os.path.join(self.directory, name), "rb") as f:
                 f.seek(self._offsets.get(name, 0))
-                chunk = self._partial.get(name, b"") + f.read()
-            self._offsets[name] = (
-                self._offsets.get(name, 0) + len(chunk) - len(self._partial.get(name, b""))
-            )
-            lines = chunk.split(b"\n")
-            self._partial[name] = lines.pop()  # an incomplete last line waits for the next read
-            for line in lines:
-                kind, segment, index, dispatched, at = line.decode().split()
-                key = (segment, int(index))
-                entry = self.jobs.get(key)
-                if entry is None:
-                    entry = self.jobs[key] = [float(dispatched), float("inf"), float("inf")]
-                slot = 1 if kind == "s" else 2
-                if entry[slot] == float("inf"):
-                    if slot == 2:
-                        self.done_by_segment[segment] = self.done_by_segment.get(segment, 0) + 1
-                    entry[slot] = float(at)
-                else:  # a replay (the job ran again after a durable sleep): keep the first
-                    entry[slot] = min(entry[slot], float(at))
+                new = f.read()
+            if not new:
+                continue
+            self._offsets[name] = self._offsets.get(name, 0) + len(new)
+            data = self._partial.get(name, b"") + new
+            complete, _, self._partial[name] = data.rpartition(b"\n")
+            if complete:  # an incomplete last line waits for the next read
+                self._chunks.append(complete + b"\n")
 
     def done(self, segment: str) -> int:
+        """Jobs of the segment whose code ended (each writes its "d" line once)."""
         self.read()
-        return self.done_by_segment.get(segment, 0)
+        counted, done = self._counted.get(segment, (0, 0))
+        needle = f"d {segment} ".encode()
+        for chunk in self._chunks[counted:]:
+            done += chunk.count(needle)
+        self._counted[segment] = (len(self._chunks), done)
+        return done
 
     def segment(self, segment: str) -> dict[int, list[float]]:
         self.read()
+        inf = float("inf")
+        for chunk in self._chunks[self._parsed :]:
+            for line in chunk.decode().splitlines():
+                kind, seg, index, dispatched, at = line.split()
+                key = (seg, int(index))
+                entry = self.jobs.get(key)
+                if entry is None:
+                    entry = self.jobs[key] = [float(dispatched), inf, inf]
+                slot = 1 if kind == "s" else 2
+                entry[slot] = min(entry[slot], float(at))  # a replay's mark: keep the first
+        self._parsed = len(self._chunks)
         return {i: v for (s, i), v in self.jobs.items() if s == segment}

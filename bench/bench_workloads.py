@@ -20,7 +20,8 @@ Modes:
   running (the others paused). Dispatch->start and dispatch->done come from the jobs' own
   marks (the time taken in the job's code, the same point for every contender); the dispatch
   call's time is the web process's `dispatch_job` (bare: `send()`, `send_task()`). It "kept
-  up" if every job was done within the sleep plus 2 s of the producer stopping.
+  up" if, when the producer stopped, no more jobs were in flight than arrive in a job's own
+  duration plus half a second (plus the prefetch windows), and all were done 2 s later.
 
 CPU per job for every part: the dispatching process (every thread of this process but the
 main one, which only measures), the workers (every process of the contender's session), its
@@ -191,6 +192,8 @@ class Segment:
     lag: float = 0.0  # open loop: the producer's largest delay behind its schedule
     invalid: str | None = None
     latencies: dict[int, list[float]] = field(default_factory=dict)
+    #: the jobs sent, when not 0..sent-1 (an open loop stopped early: its threads stop apart)
+    indices: list[int] | None = None
     ran_dry: int = 0  # drain slices that ended with (almost) nothing left: the rate understated
 
     @property
@@ -238,9 +241,8 @@ class Contender:
     def check(self, segment: Segment, timeout: float) -> str | None:
         """Why the segment is invalid, or None: every job sent ran to its end."""
         seen = self.marks.segment(segment.name)
-        missing = [
-            i for i in range(segment.sent) if seen.get(i, [0, 0, float("inf")])[2] == float("inf")
-        ]
+        sent = segment.indices if segment.indices is not None else range(segment.sent)
+        missing = [i for i in sent if seen.get(i, [0, 0, float("inf")])[2] == float("inf")]
         if missing:
             return f"{len(missing)} of {segment.sent} jobs never ended"
         return None
@@ -599,6 +601,8 @@ class Bench:
         lags = [0.0] * self.s.producers
         sent = [0] * self.s.producers
 
+        indices: list[int] = []
+
         def produce(k: int) -> tuple[list[float], list[str | None]]:
             calls: list[float] = []
             ids: list[str | None] = []
@@ -616,6 +620,7 @@ class Bench:
                 began = time.perf_counter()
                 ids.append(c.send(body))
                 calls.append(time.perf_counter() - began)
+                indices.append(i)
                 sent[k] += 1
             return calls, ids
 
@@ -634,9 +639,17 @@ class Bench:
             seg.job_ids.extend(i for i in ids if i is not None)
         produced_at = time.perf_counter()
         seg.sent = sum(sent)
+        seg.indices = indices
         seg.lag = max(lags)
         seg.left_at_end = seg.sent - c.marks.done(name)
-        seg.kept_up = not stop.is_set() and self.wait_done(c, seg, workload.sleep + 2.0)
+        # Kept up: when the producer stopped, no more in flight than half a second of arrivals
+        # beyond a job's own duration (and the prefetch windows), and all done soon after.
+        in_flight = rate * (workload.sleep + workload.step_seconds + 0.5) + 4 * self.s.threads
+        seg.kept_up = (
+            not stop.is_set()
+            and seg.left_at_end <= in_flight
+            and self.wait_done(c, seg, workload.sleep + 2.0)
+        )
         if not seg.kept_up and not self.wait_done(c, seg, self.s.drain_timeout):
             seg.invalid = f"{seg.sent - c.marks.done(name)} of {seg.sent} jobs not done"
         self.pool.submit(c.flush).result()
