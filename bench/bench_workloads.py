@@ -1060,7 +1060,12 @@ def targets(results: dict[str, list[Contender]], temporal: list[TemporalRow]) ->
                     Target(
                         f"web, {workload} at {mode[4:]}%: dispatch_job p99 <= 1.5x send()'s",
                         jp <= 1.5 * bp,
-                        f"{jp * 1e6:.0f} / {bp * 1e6:.0f} us = {jp / bp:.2f}x",
+                        f"{jp * 1e6:.0f} / {bp * 1e6:.0f} us = {jp / bp:.2f}x"
+                        + (
+                            ""
+                            if j.kept_up
+                            else " (jobyard fell behind: its producer stopped early)"
+                        ),
                     )
                 )
     for bare, row in zip(temporal[::2], temporal[1::2], strict=True):
