@@ -35,9 +35,11 @@ format: setup
 	$(UV) run ruff format .
 
 bench: setup
-	@# Celery and RQ, the peers bench_throughput measures in the same run (not needed to test).
+	@# Celery and RQ, the peers the benchmarks measure in the same run (not needed to test).
+	@# `make bench BENCH_ARGS=--quick` for a smoke test; one row:
+	@# BENCH_ARGS="--only bench_workloads --workloads step1 --contenders bare32,jobyard --modes drain,80"
 	$(UV) sync --frozen --group bench
-	$(UV) run --group bench python bench/run_all.py
+	$(UV) run --group bench python bench/run_all.py $(BENCH_ARGS)
 
 # The fault suite at full size (issue 11): hundreds of jobs per fault, every step execution counted.
 # Prints the fault table; exits non-zero when any row misses a target. Under 15 minutes.

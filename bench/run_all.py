@@ -1,13 +1,19 @@
 """Runs every benchmark in turn; each prints its ratios against baselines from the same run.
 
-Together they print every row of issue 16's table: dispatch_job against bare send()
-(bench_dispatch), end-to-end throughput and CPU per job at 2 x 8 with Celery and RQ beside it
-and at 4 x 8 (bench_throughput), the Temporal fallback against a bare one-activity workflow
-(bench_temporal_fallback) and bulk dispatch (bench_dispatch_many).
+bench_workloads is issue 26's table: the jobs users run (no-op, one and three 5 ms steps, a
+durable sleep) through jobyard, bare Dramatiq at its default prefetch and at jobyard's, Celery
+(threads and prefork) and, for the fallback, bare Temporal; backlog drain and open-loop load,
+CPU per job for every part, every job checked. The others measure what it does not:
+dispatch_job's latency on an idle machine (bench_dispatch), bulk dispatch (bench_dispatch_many),
+a paused Redis (bench_paused_redis) and token cleanup (bench_token_cleanup). bench_throughput
+(no-op jobs at 4 x 8, RQ) and bench_temporal_fallback still run alone.
+
+    python bench/run_all.py [--quick] [--only bench_workloads] [bench_workloads options...]
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from collections.abc import Callable
@@ -21,26 +27,32 @@ def _module(name: str) -> Any:
     return importlib.import_module(name)
 
 
-BENCHMARKS: list[tuple[str, Callable[[], object]]] = [
-    ("bench_dispatch", lambda: _module("bench_dispatch").main()),
-    ("bench_dispatch_many", lambda: _module("bench_dispatch_many").main()),
-    # Enough jobs that no queue runs low before the ten rounds end (fewer slices give a less
-    # steady ratio on this noisy machine): jobyard drains 60,000 in three slices at 2 x 8, and
-    # 120,000 in five to seven at 4 x 8.
-    (
-        "bench_throughput, 2 processes x 8 threads",
-        lambda: _module("bench_throughput").main(n=150000),
-    ),
-    (
-        "bench_throughput, 4 processes x 8 threads (both saturate the machine)",
-        lambda: _module("bench_throughput").main(n=200000, processes=4, peers=False),
-    ),
-    ("bench_paused_redis", lambda: _module("bench_paused_redis").main()),
-    ("bench_temporal_fallback", lambda: _module("bench_temporal_fallback").main()),
-    ("bench_token_cleanup", lambda: _module("bench_token_cleanup").main()),
-]
+def benchmarks(quick: bool, workload_args: list[str]) -> list[tuple[str, Callable[[], object]]]:
+    def workloads() -> object:
+        module = _module("bench_workloads")
+        return module.main(module.parse(["--quick", *workload_args] if quick else workload_args))
+
+    if quick:
+        return [
+            ("bench_dispatch", lambda: _module("bench_dispatch").main(n=500, rounds=2)),
+            ("bench_workloads", workloads),
+        ]
+    return [
+        ("bench_dispatch", lambda: _module("bench_dispatch").main()),
+        ("bench_dispatch_many", lambda: _module("bench_dispatch_many").main()),
+        ("bench_workloads", workloads),
+        ("bench_paused_redis", lambda: _module("bench_paused_redis").main()),
+        ("bench_token_cleanup", lambda: _module("bench_token_cleanup").main()),
+    ]
+
 
 if __name__ == "__main__":
-    for title, run in BENCHMARKS:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smoke test: small counts")
+    parser.add_argument("--only", help="one benchmark by name, e.g. bench_workloads")
+    args, rest = parser.parse_known_args()
+    for title, run in benchmarks(args.quick, rest):
+        if args.only and title != args.only:
+            continue
         print(f"\n== {title} ==", flush=True)
         run()
