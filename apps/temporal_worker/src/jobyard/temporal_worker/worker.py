@@ -15,7 +15,9 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from jobyard.dispatcher.engines.temporal.engine import interceptors
 from jobyard.job_engine import env, tracing
 from jobyard.job_engine.registry import load_job_modules
-from jobyard.temporal_worker.activities import claim_from_redis, record_event, run_step
+from jobyard.temporal_worker.activities import JobActivities
+from jobyard.temporal_worker.claims import RedisClaims
+from jobyard.temporal_worker.journal import StepRecords
 from jobyard.temporal_worker.rescue import rescue_forever
 from jobyard.temporal_worker.workflow import JobWorkflow
 
@@ -23,13 +25,20 @@ log = logging.getLogger("jobyard.temporal_worker")
 CONNECT_RETRY_SECONDS = 2.0
 
 
-def build_worker(client: Client, task_queue: str | None = None) -> Worker:
+def job_activities() -> JobActivities:
+    """The activities with what they need, made once per worker from the environment."""
+    return JobActivities(RedisClaims.from_env(), StepRecords.from_env())
+
+
+def build_worker(
+    client: Client, task_queue: str | None = None, activities: JobActivities | None = None
+) -> Worker:
     load_job_modules()  # import job modules here, so the sandbox passes them through
     return Worker(
         client,
         task_queue=task_queue or env.get_str(env.TEMPORAL_TASK_QUEUE),
         workflows=[JobWorkflow],
-        activities=[run_step, claim_from_redis, record_event],
+        activities=(activities or job_activities()).all(),
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_all_modules()
         ),
