@@ -162,15 +162,16 @@ def test_returned_steps_are_not_run_again_across_temporal_server_crashes(
         running = set(world.running())
         world.temporal.sigkill()
         killed_at = time.time()
-        wait_for(lambda: not running & set(world.running()), timeout=10, interval=0.05)
+        wait_for(lambda r=running: not r & set(world.running()), timeout=10, interval=0.05)
         time.sleep(max(0.0, killed_at + DOWN_SECONDS - time.time()))
         world.temporal.start()
         returned_while_down += world.ended_between(killed_at, time.time())
     final = world.wait_final(ids, timeout=180)
     counts = world.ledger.counts()
     print(
-        f"summary: journal={journal}: {world.temporal.kills} server kills, {returned_while_down} steps returned "
-        f"while it was down, {counts.rerun_returned} returned steps run again, "
+        f"summary: journal={journal}: {world.temporal.kills} server kills, "
+        f"{returned_while_down} steps returned while it was down, "
+        f"{counts.rerun_returned} returned steps run again, "
         f"{counts.rerun_interrupted} interrupted steps run again"
     )
     assert returned_while_down >= 4
