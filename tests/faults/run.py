@@ -15,6 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
+from tests.faults import temporal_crash
 from tests.faults.scenarios import FULL, Harness, Row, table
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     harness = Harness(temporal.address, database_url, workdir, settle=args.settle)
     rows: list[Row] = []
     try:
-        for scenario, params in FULL:
+        for scenario, params in [*FULL, *temporal_crash.FULL]:
             if not any(k in scenario.__name__ for k in args.k.split(",")):
                 continue
             scaled = {

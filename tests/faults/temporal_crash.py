@@ -11,15 +11,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.faults.ledger import Ledger
 from tests.faults.scenarios import Harness, Load, Row, _timed, finish, say, wait_final
 from tests.support import free_port, temporal_cli, wait_for
 
@@ -84,3 +86,112 @@ class CrashableTemporal:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.sigkill()
+
+
+#: The Temporal worker's FaultLog lines for steps answered from the journal (activities.py).
+_HIT = "step returned before, not run again"
+_HITS_MORE = re.compile(re.escape(_HIT) + r": (\d+) more in the last")
+
+
+def journal_hits(log: str) -> int:
+    """Steps a worker answered from the step journal instead of running them, by its log."""
+    return log.count(f"{_HIT}: job ") + sum(int(m) for m in _HITS_MORE.findall(log))
+
+
+@_timed
+def temporal_server_crashes(
+    h: Harness,
+    n: int = 300,
+    rate: float = 10.0,
+    every: float = 3.0,
+    down: float = 1.0,
+    last_down: float = 11.0,
+    work: float = 1.0,
+    workers: int = 2,
+) -> Row:
+    """Jobs of three steps dispatched to Temporal (USE_DRAMATIQ=false) at `rate` per second,
+    while the Temporal server is SIGKILLed every `every` seconds and started again on its
+    database `down` seconds later; every fourth kill, and the last, keeps it down `last_down`
+    seconds, past the workers' retries of a step's completion, so steps that returned meanwhile
+    are certainly unknown to Temporal. A dispatch refused as not started is dispatched again,
+    as its caller is told to; that the refused one never ran is checked in the ledger by its
+    job id."""
+    ledger = h.ledger("temporal-crash")
+    server = CrashableTemporal(h.workdir / f"temporal-{time.monotonic_ns()}.db").start()
+    cluster = dataclasses.replace(h, temporal_address=server.address).cluster(aof=True)
+    try:
+        procs = [cluster.start_temporal_worker(wait=False) for _ in range(workers)]
+        for proc in procs:
+            cluster.wait_ready(proc)
+        cluster.apply({"USE_DRAMATIQ": "false"})
+        say(f"{workers} temporal workers up")
+        load = Load(ledger, steps=3, work=work)
+        feeder = threading.Thread(target=_feed, args=(load, n, rate), daemon=True)
+        feeder.start()
+        downtimes: list[tuple[float, float]] = []
+        while feeder.is_alive():
+            feeder.join(every)
+            if feeder.is_alive():  # every fourth kill a long one
+                downtimes.append(_crash(server, last_down if len(downtimes) % 4 == 3 else down))
+        downtimes.append(_crash(server, last_down))
+        say(f"temporal server SIGKILLed {server.kills} times")
+        final = wait_final(load.accepted(), h.settle)
+        row = finish("temporal server SIGKILLed under load", load, final)
+        returned = [
+            e.ended
+            for steps in ledger.histories().values()
+            for history in steps.values()
+            for e in history.executions
+            if e.ended is not None and not e.failed
+        ]
+        long_downs = [(a, b) for a, b in downtimes if b - a >= last_down]
+        returned_while_down = sum(1 for t in returned if any(a <= t <= b for a, b in downtimes))
+        returned_in_long = sum(1 for t in returned if any(a <= t <= b for a, b in long_downs))
+        ran = {line["job"] for line in ledger.lines()}
+        refused = [a for a in load.attempts if a.error == "DispatchUnavailableError"]
+        row.extra["kills"] = server.kills
+        row.extra["refused"] = len(refused)
+        row.extra["unknown"] = sum(
+            1 for a in load.attempts if a.error == "DispatchOutcomeUnknownError"
+        )
+        row.extra["refused_but_ran"] = sum(
+            1 for a in refused if a.job_id is None or a.job_id in ran
+        )
+        row.extra["returned_while_down"] = returned_while_down
+        row.extra["of_them_in_long_downs"] = returned_in_long
+        row.extra["journal_hits"] = sum(journal_hits(p.output()) for p in procs)
+        row.require(server.kills >= 3, "the server was SIGKILLed at least three times")
+        row.require(returned_while_down > 0, "steps returned while the server was down")
+        row.require(
+            row.extra["refused_but_ran"] == 0,
+            "rule 4: a dispatch refused as not started (its id known) never runs",
+        )
+        return row
+    finally:
+        cluster.close()
+        server.stop()
+
+
+def _feed(load: Load, n: int, rate: float) -> None:
+    """`n` jobs, one every 1/`rate` s (no catching up in a burst after a slow stretch); a job
+    refused as not started is dispatched again 0.2 s later, under a new id."""
+    for i in range(n):
+        began = time.monotonic()
+        while load.dispatch(f"j{i}").error == "DispatchUnavailableError":
+            time.sleep(0.2)
+        time.sleep(max(0.0, began + 1 / rate - time.monotonic()))
+
+
+def _crash(server: CrashableTemporal, down: float) -> tuple[float, float]:
+    """SIGKILL the server, start it again `down` seconds later; (killed, back) in unix seconds."""
+    server.sigkill()
+    killed = time.time()
+    time.sleep(down)
+    server.start()
+    return killed, time.time()
+
+
+#: The rows of this module, for `make chaos` (tests/faults/run.py).
+FULL: list[tuple[Callable[..., Row], dict[str, Any]]] = [
+    (temporal_server_crashes, {"n": 200}),
+]
