@@ -25,6 +25,7 @@ from temporalio.client import (
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RetryConfig
 
 from jobyard.dispatcher.engines.base import (
     AlreadyClosed,
@@ -55,6 +56,13 @@ from jobyard.dispatcher.models import EngineName, JobStatus
 from jobyard.job_engine import JobState, tracing
 
 T = TypeVar("T")
+
+#: Every request of the dispatcher's client is sent once (temporalio's core counts the first
+#: try as one of max_retries; 0 would mean "retry without end"). Its retries would resend a
+#: start whose first try may have reached the server, and end, seconds later, with the last
+#: try's error: a refused connection then proves nothing, and every dispatch while the server
+#: is down waits out the whole timeout to be told "unknown" (errors.py).
+SEND_ONCE = RetryConfig(max_retries=1)
 
 _OPEN = ("queued", "running", "retrying")
 _STATES = {
@@ -119,7 +127,10 @@ class TemporalEngine(Engine):
             with map_connect_errors(self.address):
                 self._client = await asyncio.wait_for(
                     Client.connect(
-                        self.address, namespace=self.namespace, interceptors=interceptors()
+                        self.address,
+                        namespace=self.namespace,
+                        interceptors=interceptors(),
+                        retry_config=SEND_ONCE,
                     ),
                     self.timeout,
                 )
