@@ -3,12 +3,14 @@ jobs that ran beside it are not killed with it again and again (jobyard.queue.re
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from pathlib import Path
 
 import tests.poison_jobs  # noqa: F401  # registers the jobs in this (the dispatching) process
 from jobyard.dispatcher import dispatch_job, get_job
+from jobyard.queue import keys
 from tests.support import wait_for
 
 TERMINAL = ("succeeded", "failed", "dead", "cancelled")
@@ -66,3 +68,23 @@ def test_a_job_that_kills_its_process_ends_dead_and_spares_its_neighbours(
         f"poison ran {poison_runs}x, dead {dead_after:.1f} s after dispatch (bound {bound:g} s);"
         f" neighbours cut: {sum(1 for n in runs.values() if n == 2)} of {NEIGHBOURS}"
     )
+
+
+def test_a_host_that_dies_whole_leaves_its_running_jobs_to_run_alone(engines, tmp_path):
+    """The supervisor dies with its process (the whole host, say): no one sees the exit, and the
+    running job's message is taken back by the sweep that finds the heartbeat old, as a suspect
+    (run alone, its death recorded)."""
+    engines.start_worker(queues="default")
+    handle = dispatch_job("test.stubborn", {"marker_dir": str(tmp_path), "seconds": 60})
+    wait_for(lambda: _runs(tmp_path, "block") == 1, timeout=30)
+    engines.worker.signal_group(signal.SIGKILL)
+    engines.worker.proc.wait()
+
+    engines.start_worker(queues="default")
+    wait_for(lambda: _final(handle.job_id), timeout=60)
+    status = get_job(handle.job_id)
+    assert status.state == "succeeded", status
+    assert status.result == 2  # block_first_time's count: it ran twice
+    record = engines.redis.client().hgetall(keys.job(handle.job_id))
+    assert b"stopped sending heartbeats" in record[b"died"], record
+    assert record[b"lone"] == record[b"seq"]  # its second run was a suspect's, alone
