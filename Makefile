@@ -19,8 +19,8 @@ test: setup
 	$(UV) run pytest -n 2
 	$(MAKE) --no-print-directory lint
 
-# The inner loop: the unit tier only (no server, no jobyard process; tests/conftest.py sets
-# each test's tier), in under a minute.
+# The inner loop: the unit tier only, no server and no jobyard process (tests/conftest.py sets
+# each test's tier).
 test-fast: setup
 	$(UV) run pytest -n 2 -m unit -q
 

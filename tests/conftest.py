@@ -1,5 +1,6 @@
 """Shared fixtures: a Temporal dev server per session; per test, a private redis-server, a fresh
-Temporal task queue, and the environment jobyard's processes read."""
+Temporal task queue, and the environment jobyard's processes read. Every test is marked with its
+tier (unit, integration, acceptance: tier_of below); `make test-fast` runs the unit tier."""
 
 from __future__ import annotations
 

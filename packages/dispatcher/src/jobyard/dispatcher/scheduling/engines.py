@@ -10,7 +10,7 @@ Dispatch = Callable[[str, dict[str, Any], str], Any]  # (job, payload, job_id) -
 Status = Callable[[str], Any]  # job_id -> JobStatus or None (not found)
 
 
-def dispatch_job_once(name: str, payload: dict[str, Any], job_id: str) -> Any:
+def dispatch_with_id(name: str, payload: dict[str, Any], job_id: str) -> Any:
     from jobyard.dispatcher.dispatch import dispatch_job
 
     return dispatch_job(name, payload, job_id=job_id)

@@ -16,7 +16,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from jobyard.dispatcher.scheduling import claims, housekeeping
-from jobyard.dispatcher.scheduling.engines import Dispatch, Status, dispatch_job_once, job_status
+from jobyard.dispatcher.scheduling.engines import Dispatch, Status, dispatch_with_id, job_status
 from jobyard.dispatcher.scheduling.rows import BATCH, OPEN_TICK_STATES
 from jobyard.dispatcher.scheduling.ticks import process as process_tick
 from jobyard.job_engine import env
@@ -38,7 +38,7 @@ class Scheduler:
         self,
         *,
         url: str | None = None,
-        dispatch: Dispatch = dispatch_job_once,
+        dispatch: Dispatch = dispatch_with_id,
         status: Status = job_status,
         role: str = "scheduler",
     ) -> None:
