@@ -23,18 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobyard.job_engine.flow.declarations import Concurrency, Debounce, payload_key
-from jobyard.job_engine.flow.limiter import DebounceTicket
+from jobyard.job_engine.flow.limiter import CONCURRENCY, DEBOUNCE, RATE, DebounceTicket
 from jobyard.job_engine.flow.store import Admission, HeldSlot, PermitRequest, PermitStore
-from jobyard.job_engine.flow.waiting import (
-    CONCURRENCY,
-    DEBOUNCE,
-    JOB,
-    QUEUE,
-    RATE,
-    Hold,
-    describe,
-    scope,
-)
+from jobyard.job_engine.flow.waiting import JOB, QUEUE, Hold, describe, scope
 from jobyard.job_engine.policy import RateLimit
 
 log = logging.getLogger("jobyard.flow")

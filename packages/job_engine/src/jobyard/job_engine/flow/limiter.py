@@ -264,3 +264,82 @@ def debounce_claim(state: DebounceState, run_id: str, now: int) -> DebounceClaim
         del state.bursts[index]
         return DebounceClaim("start", burst.payload, tuple(burst.members))
     return DebounceClaim("gone")
+
+
+# --- a run's limits together -----------------------------------------------------------------
+
+RATE, CONCURRENCY, DEBOUNCE = "rate", "concurrency", "debounce"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit of a run, in milliseconds: RATE (`calls` per `period_ms`), CONCURRENCY
+    (`limit` leases of `ttl_ms`, waiters park at most `park_ms`) or DEBOUNCE (the run claims
+    its burst)."""
+
+    kind: str
+    calls: int = 0
+    period_ms: int = 0
+    limit: int = 0
+    ttl_ms: int = 0
+    park_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Admit:
+    """`admit`'s decision. `changes`: the buckets (by index) whose state changes, each to its
+    new JSON state (None: empty, delete it) and when that state runs out (ms)."""
+
+    granted: bool
+    changes: dict[int, tuple[Any, int]]
+    refused: int | None = None  # the first limit that said no
+    retry_in_ms: int = 0
+    position: int = 0
+    claim: DebounceClaim | None = None  # granted: the burst claimed (None: none to claim)
+
+
+def admit(
+    holder: str, limits: Sequence[Limit], states: Sequence[Any], now: int, grace_ms: int
+) -> Admit:
+    """A run through all its limits at once: every one takes it (a burst is claimed, a start
+    counted, a lease taken), or none does. Refused, it spends nothing: a concurrency wait burns
+    no rate permit, a rate wait holds no slot and closes no burst; it only keeps (or takes) its
+    place among a refusing concurrency limit's waiters. It asks again when the last of the
+    refusing limits allows it (a release may wake it sooner). `grace_ms`: how long a pending
+    debounce burst's state outlives its due time."""
+    granted: dict[int, tuple[Any, int]] = {}
+    waiting: dict[int, tuple[Any, int]] = {}
+    refusals: list[tuple[int, int, int]] = []  # (limit index, retry_in ms, position)
+    claim: DebounceClaim | None = None
+    for index, (limit, state) in enumerate(zip(limits, states, strict=True)):
+        if limit.kind == RATE:
+            rate = rate_try_start(state or [], now, limit.calls, limit.period_ms)
+            if rate.granted:
+                granted[index] = (rate.starts, rate_expires_at(rate.starts, limit.period_ms))
+            else:
+                refusals.append((index, rate.retry_in_ms, 0))
+        elif limit.kind == CONCURRENCY:
+            leases = LeaseState.from_json(state)
+            lease = lease_try_acquire(leases, holder, now, limit.limit, limit.ttl_ms, limit.park_ms)
+            change = (None if leases.empty() else leases.to_json(), leases.expires_at())
+            if lease.granted:
+                granted[index] = change
+            else:
+                waiting[index] = change
+                refusals.append((index, lease.retry_in_ms, lease.position))
+        elif limit.kind == DEBOUNCE:
+            bursts = DebounceState.from_json(state)
+            claimed = debounce_claim(bursts, holder, now)
+            if claimed.status == "wait":
+                refusals.append((index, claimed.retry_in_ms, 0))
+            elif claimed.status == "start":
+                claim = claimed
+                kept = None if bursts.empty() else bursts.to_json()
+                granted[index] = (kept, bursts.expires_at(grace_ms))
+        else:
+            raise ValueError(f"unknown limit kind {limit.kind!r}")
+    if not refusals:
+        return Admit(True, granted, claim=claim)
+    first, _, position = refusals[0]
+    retry_in = max(r[1] for r in refusals)
+    return Admit(False, waiting, first, retry_in, position)

@@ -34,10 +34,13 @@ from sqlalchemy.engine import make_url
 
 from jobyard.job_engine.db import Base, database_url, get_engine, normalize_url
 from jobyard.job_engine.flow.limiter import (
+    RATE,
     DebounceClaim,
     DebounceState,
     DebounceTicket,
     LeaseState,
+    Limit,
+    admit,
     debounce_claim,
     debounce_dispatch,
     due_waiters,
@@ -48,7 +51,6 @@ from jobyard.job_engine.flow.limiter import (
     rate_expires_at,
     rate_try_start,
 )
-from jobyard.job_engine.flow.waiting import CONCURRENCY, DEBOUNCE, RATE
 
 TABLE = "flow_permits"
 #: Milliseconds a started debounce burst's row outlives its due time (a run that never claims
@@ -328,49 +330,21 @@ class PermitStore:
         if not requests:
             raise ValueError("acquire_all needs at least one limit")
 
+        limits = [
+            Limit(r.kind, r.calls, _ms(r.period) if r.kind == RATE else 0, r.limit, _ms(r.ttl),
+                  _ms(r.park))
+            for r in requests
+        ]  # fmt: skip
+
         def decide(states: list[Any], now: int) -> tuple[Admission, list[Any]]:
-            writes: list[Any] = [KEEP] * len(requests)
-            granted_writes: list[Any] = [KEEP] * len(requests)
-            refusals: list[tuple[int, float, int]] = []  # (request index, retry_in ms, position)
-            claim: DebounceClaim | None = None
-            for index, (request, state) in enumerate(zip(requests, states, strict=True)):
-                if request.kind == RATE:
-                    period_ms = _ms(request.period)
-                    rate = rate_try_start(state or [], now, request.calls, period_ms)
-                    if rate.granted:
-                        expires = rate_expires_at(rate.starts, period_ms)
-                        granted_writes[index] = (rate.starts, expires)
-                    else:
-                        refusals.append((index, rate.retry_in_ms, 0))
-                elif request.kind == CONCURRENCY:
-                    leases = LeaseState.from_json(state)
-                    lease = lease_try_acquire(
-                        leases, holder, now, request.limit, _ms(request.ttl), _ms(request.park)
-                    )
-                    write = (_kept(leases), leases.expires_at())
-                    if lease.granted:
-                        granted_writes[index] = write
-                    else:
-                        writes[index] = write  # its place among the waiters
-                        refusals.append((index, lease.retry_in_ms, lease.position))
-                elif request.kind == DEBOUNCE:
-                    bursts = DebounceState.from_json(state)
-                    claimed = debounce_claim(bursts, holder, now)
-                    if claimed.status == "wait":
-                        refusals.append((index, claimed.retry_in_ms, 0))
-                    elif claimed.status == "start":
-                        claim = claimed
-                        kept = None if bursts.empty() else bursts.to_json()
-                        granted_writes[index] = (kept, bursts.expires_at(DEBOUNCE_GRACE_MS))
-                else:
-                    raise ValueError(f"unknown limit kind {request.kind!r}")
-            if not refusals:
-                return Admission(True, now / 1000, debounce=claim), granted_writes
-            first, _, position = refusals[0]
-            # It cannot start before every limit allows it: ask again at the latest of them.
-            retry_ms = max(r[1] for r in refusals)
-            admission = Admission(False, now / 1000, requests[first], retry_ms / 1000, position)
-            return admission, writes
+            decision = admit(holder, limits, states, now, DEBOUNCE_GRACE_MS)
+            writes = [decision.changes.get(i, KEEP) for i in range(len(requests))]
+            if decision.granted:
+                return Admission(True, now / 1000, debounce=decision.claim), writes
+            assert decision.refused is not None
+            refused = requests[decision.refused]
+            retry_in = decision.retry_in_ms / 1000
+            return Admission(False, now / 1000, refused, retry_in, decision.position), writes
 
         return self._transaction([(r.scope, r.bucket) for r in requests], decide)
 
