@@ -20,7 +20,7 @@ from alembic.runtime.migration import MigrationContext
 
 from jobyard.job_engine import db
 from jobyard.job_engine.db.migrate import downgrade, upgrade
-from jobyard.job_engine.flow.store import TABLE, HeldSlot, PermitStore
+from jobyard.job_engine.flow.store import TABLE, HeldSlot, PermitStore, dispose_store_engines
 from tests.support import migrated_pg_database
 
 SPAWN = multiprocessing.get_context("spawn")  # no engine or pool crosses a fork
@@ -163,7 +163,7 @@ def _rate_worker(url: str, scope: str, go: Any, out: Any) -> None:
             grants.append((key, grant.at))
         else:  # parks until the window allows, as a throttled job does
             time.sleep(min(grant.retry_in, 0.05))
-    out.put(grants)
+    _hand_back(out, grants)
 
 
 def _slot_worker(url: str, scope: str, worker: int, go: Any, out: Any) -> None:
@@ -185,7 +185,15 @@ def _slot_worker(url: str, scope: str, worker: int, go: Any, out: Any) -> None:
         time.sleep(0.02 + 0.01 * (worker % 3))  # longer than an acquire: runs overlap
         runs.append((key, began, time.time()))
         store.release_slot(scope, key, holder, SLOT_LIMIT)
-    out.put(runs)
+    _hand_back(out, runs)
+
+
+def _hand_back(out: Any, records: Any) -> None:
+    """A worker's records to the test, and its connections closed before it exits."""
+    dispose_store_engines()
+    out.put(records)
+    out.close()
+    out.join_thread()
 
 
 def _run_processes(target: Any, args: list[tuple[Any, ...]]) -> list[Any]:
@@ -198,8 +206,8 @@ def _run_processes(target: Any, args: list[tuple[Any, ...]]) -> list[Any]:
     go.wait(timeout=120)
     results = [out.get(timeout=120) for _ in procs]
     for proc in procs:
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
+        proc.join(timeout=120)  # a loaded machine can take a while to end a process
+        assert proc.exitcode == 0, (proc, proc.exitcode)
     return results
 
 
