@@ -173,3 +173,24 @@ def test_prometheus_counts_what_the_store_holds(store: PermitStore) -> None:
     assert metric_value(samples, "jobyard_flow_waiting_by_key", scope=scope, key="big") == 2
     assert not [k for k in samples if k[0] == "jobyard_flow_waiting_by_key" and
                 ("key", "small") in k[1] and ("scope", scope) in k[1]]  # fmt: skip
+
+
+def test_admission_at_dispatch_keeps_a_key_to_its_limit_in_the_queue(store: PermitStore) -> None:
+    job = _job()
+    limits = job_limits(job, "default", concurrency=Concurrency(2, key="tenant"),
+                        rate_limit=KeyedRateLimit(100, 60.0))  # fmt: skip
+
+    def gate(job_id: str, tenant: str) -> Gate:
+        return Gate(store, job, job_id, {"tenant": tenant}, limits, ttl=TTL, park=PARK)
+
+    admitted = [gate(f"big{n}", "big").admit(ttl=60.0) for n in range(5)]
+    assert [a.granted for a in admitted] == [True, True, False, False, False]
+    assert gate("small0", "small").admit(ttl=60.0).granted  # another key is not held back
+    assert "rate" not in _counts(store, job)  # admission counts no start
+    first = gate("big0", "big")
+    assert first.acquire().granted  # its start renews the lease admission took
+    assert not gate("big2", "big").acquire().granted  # still 2: big0 running, big1 admitted
+    assert [w.holder for w in first.release()] == ["big2"]
+    assert gate("big2", "big").acquire().granted
+    unlimited = job_limits(job, "default", rate_limit=KeyedRateLimit(100, 60.0))
+    assert Gate(store, job, "r1", {}, unlimited, ttl=TTL, park=PARK).admit(ttl=60.0).granted
