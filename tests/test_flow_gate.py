@@ -119,10 +119,12 @@ def test_a_debounced_burst_is_claimed_once_with_its_last_payload(store: PermitSt
     assert admitted.granted and admitted.debounce is not None
     assert admitted.debounce.payload == {"doc": 42, "n": 2}
     assert admitted.debounce.members == ("j0", "j1", "j2")
-    # A rerun of the same run (a retry) finds its burst gone: it replays its recorded payload.
+    # A rerun of the same run (a retry) gets the same burst, not the dispatch's own payload.
     time.sleep(0.5)
     again = run.acquire()
-    assert again.granted and again.debounce is None
+    assert again.granted and again.debounce == admitted.debounce
+    waiting = {c.bucket: c.waiting for c in store.counts() if c.scope == limits[0].scope}
+    assert waiting == {"42": 0, "7": 1}  # key 7's burst waits; 42's started
 
 
 def test_a_payload_without_its_key_never_gets_a_gate(store: PermitStore) -> None:

@@ -128,7 +128,10 @@ def test_debounce_collapses_a_burst_into_its_first_jobs_run(url: str) -> None:
     time.sleep(max(0.0, second.due / 1000 - store.now()) + 0.01)
     claim = store.claim_debounced(scope, "doc-42", "j1")
     assert (claim.status, claim.payload, claim.members) == ("start", {"v": 2}, ("j1", "j2"))
-    assert store.claim_debounced(scope, "doc-42", "j1").status == "gone"
+    assert store.claim_debounced(scope, "doc-42", "j1") == claim  # a rerun: the same burst
+    assert store.debounce(scope, "doc-42", "j2", {"v": 2}, 0.3, 5.0) == second  # a retried call
+    later = store.debounce(scope, "doc-42", "j3", {"v": 3}, 0.3, 5.0)
+    assert not later.joined and later.run_id == "j3"  # the started burst takes no more
 
 
 def test_purge_deletes_only_rows_that_ran_out(url: str) -> None:
@@ -139,6 +142,27 @@ def test_purge_deletes_only_rows_that_ran_out(url: str) -> None:
     store.purge()
     left = {c.bucket for c in store.counts() if c.scope == scope}
     assert left == {"long"}
+
+
+def test_a_connection_the_server_dropped_is_replaced(pg_url: str) -> None:
+    import psycopg
+
+    from tests.support import PG_ADMIN_URL
+
+    store, scope = PermitStore(pg_url), _unique("rate:job:dropped")
+    assert store.acquire_rate(scope, "k", 5, 60.0).granted  # a pooled connection now exists
+    database = pg_url.rpartition("/")[2]
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()) AS t",
+            (database,),
+        ).fetchone()
+    assert killed is not None and killed[0] >= 1
+    time.sleep(0.2)
+    grant = store.acquire_rate(scope, "k", 5, 60.0)  # on a new connection, counted once
+    assert grant.granted
+    assert [c.recent_starts for c in store.counts() if c.scope == scope] == [2]
 
 
 # --- real processes contending -----------------------------------------------------------------

@@ -165,7 +165,9 @@ def next_key(waiting: Sequence[str], last: str | None) -> str | None:
 @dataclass
 class Burst:
     """Dispatches collapsed into one run: `run_id` is the job that runs it (the first
-    dispatch's id); `members` every job id it serves, in dispatch order."""
+    dispatch's id); `members` every job id it serves, in dispatch order. `started`: when its run
+    claimed it (0: not yet); a started burst takes no more dispatches and is kept a while so
+    that a rerun of its run (a retry, a claim whose reply was lost) gets the same payload."""
 
     run_id: str
     first: int
@@ -173,19 +175,26 @@ class Burst:
     due: int
     payload: Any
     members: list[str]
+    started: int = 0
 
     def to_json(self) -> list[Any]:
-        return [self.run_id, self.first, self.last, self.due, self.payload, self.members]
+        return [
+            self.run_id, self.first, self.last, self.due, self.payload, self.members,
+            self.started,
+        ]  # fmt: skip
 
     @classmethod
     def from_json(cls, data: Sequence[Any]) -> Burst:
-        run_id, first, last, due, payload, members = data
-        return cls(str(run_id), int(first), int(last), int(due), payload, list(members))
+        run_id, first, last, due, payload, members, started = data
+        return cls(
+            str(run_id), int(first), int(last), int(due), payload, list(members), int(started)
+        )
 
 
 @dataclass
 class DebounceState:
-    """The bucket's bursts not yet started, oldest first; only the last may take more."""
+    """The bucket's bursts, oldest first: started ones (kept for reruns), then those waiting;
+    only the last may take more dispatches."""
 
     bursts: list[Burst] = field(default_factory=list)
 
@@ -196,11 +205,21 @@ class DebounceState:
     def from_json(cls, data: dict[str, Any] | None) -> DebounceState:
         return cls([Burst.from_json(b) for b in (data or {}).get("bursts", [])])
 
-    def expires_at(self, grace_ms: int) -> int:
-        return max([b.due + grace_ms for b in self.bursts] or [0])
+    def prune(self, now: int, keep_started_ms: int) -> None:
+        """Forget bursts whose run started more than `keep_started_ms` ago."""
+        self.bursts = [b for b in self.bursts if not b.started or b.started + keep_started_ms > now]
+
+    def expires_at(self, keep_started_ms: int, grace_ms: int) -> int:
+        """When nothing of the bucket is needed any more: a started burst `keep_started_ms`
+        after its start, a waiting one `grace_ms` after it was due (its run never came)."""
+        ends = [b.started + keep_started_ms if b.started else b.due + grace_ms for b in self.bursts]
+        return max(ends or [0])
 
     def empty(self) -> bool:
         return not self.bursts
+
+    def waiting(self) -> int:
+        return sum(1 for b in self.bursts if not b.started)
 
 
 @dataclass(frozen=True)
@@ -220,16 +239,19 @@ def debounce_dispatch(
 ) -> DebounceTicket:
     """Collapse a dispatch into the open burst when it comes within `period` of that burst's
     last dispatch (and, with a max_wait, before the burst's first + max_wait); else open a
-    burst whose run is this job."""
-    if state.bursts:
+    burst whose run is this job. The same job id dispatched again (a retried call) gets its
+    first answer."""
+    for burst in state.bursts:
+        if job_id in burst.members:
+            return DebounceTicket(burst.run_id, burst.due, joined=burst.run_id != job_id)
+    if state.bursts and not state.bursts[-1].started:
         open_burst = state.bursts[-1]
         in_period = now - open_burst.last <= period_ms
         in_max_wait = max_wait_ms is None or now <= open_burst.first + max_wait_ms
         if in_period and in_max_wait:
             open_burst.last = max(open_burst.last, now)
             open_burst.payload = payload
-            if job_id not in open_burst.members:
-                open_burst.members.append(job_id)
+            open_burst.members.append(job_id)
             open_burst.due = _due(open_burst.first, open_burst.last, period_ms, max_wait_ms)
             return DebounceTicket(open_burst.run_id, open_burst.due, joined=True)
     burst = Burst(job_id, now, now, _due(now, now, period_ms, max_wait_ms), payload, [job_id])
@@ -244,8 +266,9 @@ def _due(first: int, last: int, period_ms: int, max_wait_ms: int | None) -> int:
 
 @dataclass(frozen=True)
 class DebounceClaim:
-    """`start`: run now with `payload`, serving `members`; `wait`: ask again in `retry_in_ms`
-    (the burst took a later dispatch); `gone`: no burst has this run (already started)."""
+    """`start`: run now with `payload`, serving `members` (again, for a rerun of a started
+    burst); `wait`: ask again in `retry_in_ms` (the burst took a later dispatch); `gone`: no
+    burst has this run (it started long ago: the run has recorded its payload)."""
 
     status: str
     payload: Any = None
@@ -254,14 +277,15 @@ class DebounceClaim:
 
 
 def debounce_claim(state: DebounceState, run_id: str, now: int) -> DebounceClaim:
-    """The run of a burst asks to start: at its due time its burst closes (a later dispatch
-    opens a new one) and it runs with the burst's last payload."""
-    for index, burst in enumerate(state.bursts):
+    """The run of a burst asks to start: at its due time the burst closes (a later dispatch
+    opens a new one) and the run gets the burst's last payload, now and on any rerun."""
+    for burst in state.bursts:
         if burst.run_id != run_id:
             continue
-        if now < burst.due:
-            return DebounceClaim("wait", retry_in_ms=burst.due - now)
-        del state.bursts[index]
+        if not burst.started:
+            if now < burst.due:
+                return DebounceClaim("wait", retry_in_ms=burst.due - now)
+            burst.started = now
         return DebounceClaim("start", burst.payload, tuple(burst.members))
     return DebounceClaim("gone")
 
@@ -299,14 +323,19 @@ class Admit:
 
 
 def admit(
-    holder: str, limits: Sequence[Limit], states: Sequence[Any], now: int, grace_ms: int
+    holder: str,
+    limits: Sequence[Limit],
+    states: Sequence[Any],
+    now: int,
+    grace_ms: int,
+    keep_started_ms: int,
 ) -> Admit:
     """A run through all its limits at once: every one takes it (a burst is claimed, a start
     counted, a lease taken), or none does. Refused, it spends nothing: a concurrency wait burns
     no rate permit, a rate wait holds no slot and closes no burst; it only keeps (or takes) its
     place among a refusing concurrency limit's waiters. It asks again when the last of the
-    refusing limits allows it (a release may wake it sooner). `grace_ms`: how long a pending
-    debounce burst's state outlives its due time."""
+    refusing limits allows it (a release may wake it sooner). `grace_ms`: how long a waiting
+    debounce burst outlives its due time; `keep_started_ms`: a started one its start."""
     granted: dict[int, tuple[Any, int]] = {}
     waiting: dict[int, tuple[Any, int]] = {}
     refusals: list[tuple[int, int, int]] = []  # (limit index, retry_in ms, position)
@@ -329,13 +358,14 @@ def admit(
                 refusals.append((index, lease.retry_in_ms, lease.position))
         elif limit.kind == DEBOUNCE:
             bursts = DebounceState.from_json(state)
+            bursts.prune(now, keep_started_ms)
             claimed = debounce_claim(bursts, holder, now)
             if claimed.status == "wait":
                 refusals.append((index, claimed.retry_in_ms, 0))
             elif claimed.status == "start":
                 claim = claimed
                 kept = None if bursts.empty() else bursts.to_json()
-                granted[index] = (kept, bursts.expires_at(grace_ms))
+                granted[index] = (kept, bursts.expires_at(keep_started_ms, grace_ms))
         else:
             raise ValueError(f"unknown limit kind {limit.kind!r}")
     if not refusals:

@@ -53,9 +53,12 @@ from jobyard.job_engine.flow.limiter import (
 )
 
 TABLE = "flow_permits"
-#: Milliseconds a started debounce burst's row outlives its due time (a run that never claims
-#: it, because its job was cancelled, leaves it for `purge`).
+#: Milliseconds a waiting debounce burst outlives its due time (a run that never claims it,
+#: because its job was cancelled, leaves it for `purge`).
 DEBOUNCE_GRACE_MS = 24 * 3600 * 1000
+#: Milliseconds a started burst is kept, so that a rerun of its run (a retry, a claim whose
+#: reply was lost) gets the same payload; by then the run has recorded it as a step.
+DEBOUNCE_KEEP_STARTED_MS = 3600 * 1000
 
 permits = Table(
     TABLE,
@@ -209,16 +212,22 @@ class PermitStore:
     def _transaction(self, items: Sequence[tuple[str, str]], decide: _Decide[_T]) -> _T:
         """Lock every bucket's row (in (scope, bucket) order, so two callers never deadlock),
         let `decide(states, now)` see them all at once, write what it changed, commit. `now` is
-        the database's clock once every lock is held. A connection the server dropped (a
-        restart) is replaced and the transaction run again: nothing of it was committed."""
+        the database's clock once every lock is held.
+
+        A connection found dropped (a database restart) while locking is replaced and the
+        transaction run again: nothing of it can have been committed. Lost once the writes and
+        the COMMIT were sent, it is not retried (the commit may have happened): the error goes
+        to the caller, and every operation is safe to repeat (a rate start counted twice only
+        delays the next; a held lease is renewed; a claimed burst is claimed again)."""
         for tries_left in (1, 0):
             connection = self.engine.raw_connection()
+            writing = [False]
             try:
                 if self.sqlite:
-                    return self._sqlite_transaction(connection, items, decide)
-                return self._postgresql_transaction(connection, items, decide)
+                    return self._sqlite_transaction(connection, items, decide, writing)
+                return self._postgresql_transaction(connection, items, decide, writing)
             except self._disconnects as exc:
-                if not tries_left or not _dropped(connection, exc):
+                if not tries_left or writing[0] or not _dropped(connection, exc):
                     raise
                 connection.invalidate()
             finally:
@@ -235,7 +244,13 @@ class PermitStore:
 
         return self._transaction(items, decide)
 
-    def _apply(self, cursor: Any, items: Sequence[tuple[str, str]], decide: _Decide[_T]) -> _T:
+    def _apply(
+        self,
+        cursor: Any,
+        items: Sequence[tuple[str, str]],
+        decide: _Decide[_T],
+        writing: list[bool],
+    ) -> _T:
         order = sorted(range(len(items)), key=lambda i: items[i])
         states: list[Any] = [None] * len(items)
         now = 0
@@ -247,6 +262,7 @@ class PermitStore:
             states[index] = json.loads(text) if text else None
             now = max(now, int(clock))
         outcome, writes = decide(states, now)
+        writing[0] = True
         for index in order:
             if writes[index] is KEEP:
                 continue
@@ -260,7 +276,11 @@ class PermitStore:
         return outcome
 
     def _postgresql_transaction(
-        self, connection: Any, items: Sequence[tuple[str, str]], decide: _Decide[_T]
+        self,
+        connection: Any,
+        items: Sequence[tuple[str, str]],
+        decide: _Decide[_T],
+        writing: list[bool],
     ) -> _T:
         # Pipelined: BEGIN (implicit) and the lock go in one round trip, the write and COMMIT
         # in a second.
@@ -269,7 +289,7 @@ class PermitStore:
             with driver.pipeline(), driver.cursor() as cursor:
                 if not self.durable:
                     cursor.execute(_NOT_DURABLE)
-                outcomes = self._apply(cursor, items, decide)
+                outcomes = self._apply(cursor, items, decide, writing)
                 driver.commit()
             return outcomes
         except BaseException:
@@ -278,7 +298,11 @@ class PermitStore:
             raise
 
     def _sqlite_transaction(
-        self, connection: Any, items: Sequence[tuple[str, str]], decide: _Decide[_T]
+        self,
+        connection: Any,
+        items: Sequence[tuple[str, str]],
+        decide: _Decide[_T],
+        writing: list[bool],
     ) -> _T:
         driver: Any = connection.driver_connection
         isolation = driver.isolation_level
@@ -287,7 +311,7 @@ class PermitStore:
             cursor = driver.cursor()
             cursor.execute("BEGIN IMMEDIATE")
             try:
-                outcomes = self._apply(cursor, items, decide)
+                outcomes = self._apply(cursor, items, decide, writing)
                 cursor.execute("COMMIT")
             except BaseException:
                 if driver.in_transaction:
@@ -337,7 +361,9 @@ class PermitStore:
         ]  # fmt: skip
 
         def decide(states: list[Any], now: int) -> tuple[Admission, list[Any]]:
-            decision = admit(holder, limits, states, now, DEBOUNCE_GRACE_MS)
+            decision = admit(
+                holder, limits, states, now, DEBOUNCE_GRACE_MS, DEBOUNCE_KEEP_STARTED_MS
+            )
             writes = [decision.changes.get(i, KEEP) for i in range(len(requests))]
             if decision.granted:
                 return Admission(True, now / 1000, debounce=decision.claim), writes
@@ -459,8 +485,10 @@ class PermitStore:
 
         def rule(state: Any, now: int) -> tuple[DebounceTicket, Any, int]:
             bursts = DebounceState.from_json(state)
+            bursts.prune(now, DEBOUNCE_KEEP_STARTED_MS)
             ticket = debounce_dispatch(bursts, job_id, payload, now, _ms(period), max_wait_ms)
-            return ticket, bursts.to_json(), bursts.expires_at(DEBOUNCE_GRACE_MS)
+            expires = bursts.expires_at(DEBOUNCE_KEEP_STARTED_MS, DEBOUNCE_GRACE_MS)
+            return ticket, bursts.to_json(), expires
 
         return self._one(scope, bucket, rule)
 
@@ -469,9 +497,10 @@ class PermitStore:
 
         def rule(state: Any, now: int) -> tuple[DebounceClaim, Any, int]:
             bursts = DebounceState.from_json(state)
+            bursts.prune(now, DEBOUNCE_KEEP_STARTED_MS)
             claim = debounce_claim(bursts, run_id, now)
             kept = None if bursts.empty() else bursts.to_json()
-            return claim, kept, bursts.expires_at(DEBOUNCE_GRACE_MS)
+            return claim, kept, bursts.expires_at(DEBOUNCE_KEEP_STARTED_MS, DEBOUNCE_GRACE_MS)
 
         return self._one(scope, bucket, rule)
 
@@ -485,7 +514,8 @@ class PermitStore:
             if isinstance(state, list):  # a rate bucket: its starts; the window is the scope's
                 found.append(BucketCounts(scope, bucket, 0, 0, len(state)))
             elif "bursts" in state:
-                found.append(BucketCounts(scope, bucket, 0, len(state["bursts"]), 0))
+                waiting = DebounceState.from_json(state).waiting()
+                found.append(BucketCounts(scope, bucket, 0, waiting, 0))
             else:
                 leases = LeaseState.from_json(state)
                 leases.prune(int(now))
