@@ -20,7 +20,13 @@ from alembic.runtime.migration import MigrationContext
 
 from jobyard.job_engine import db
 from jobyard.job_engine.db.migrate import downgrade, upgrade
-from jobyard.job_engine.flow.store import TABLE, HeldSlot, PermitStore, dispose_store_engines
+from jobyard.job_engine.flow.store import (
+    TABLE,
+    WAITERS,
+    HeldSlot,
+    PermitStore,
+    dispose_store_engines,
+)
 from tests.support import migrated_pg_database
 
 SPAWN = multiprocessing.get_context("spawn")  # no engine or pool crosses a fork
@@ -51,7 +57,7 @@ def _unique(prefix: str) -> str:
 def test_the_migration_makes_the_stores_table(url: str) -> None:
     def ours(obj: Any, name: Any, type_: str, reflected: Any, compare_to: Any) -> bool:
         table = obj if type_ == "table" else getattr(obj, "table", None)
-        return (name if type_ == "table" else getattr(table, "name", None)) == TABLE
+        return (name if type_ == "table" else getattr(table, "name", None)) in (TABLE, WAITERS)
 
     with db.get_engine(url).connect() as connection:
         context = MigrationContext.configure(
@@ -66,6 +72,7 @@ def test_the_migration_goes_down_and_up(tmp_path: Path) -> None:
     downgrade(url, "0009_job_log_lean_indexes")
     with db.get_engine(url).connect() as connection:
         assert not db.get_engine(url).dialect.has_table(connection, TABLE)
+        assert not db.get_engine(url).dialect.has_table(connection, WAITERS)
     upgrade(url)
     assert PermitStore(url).acquire_rate("rate:job:x", "", 1, 1.0).granted
 
@@ -104,6 +111,28 @@ def test_slots_lease_wait_in_order_wake_and_expire(url: str) -> None:
     store.release_slot(scope, "acme", "j3", 1)
     store.release_slot(scope, "beta", "b1", 1)
     assert [c for c in store.counts() if c.scope == scope] == []  # empty rows are deleted
+
+
+def test_a_long_queue_of_one_key_stays_out_of_its_buckets_row(url: str) -> None:
+    # One tenant's backlog: each waiter is a row of its own, so an operation on the bucket
+    # rewrites only its leases, whatever the queue's length, and the queue stays FIFO.
+    store, scope = PermitStore(url), _unique("concurrency:job:long")
+    assert store.acquire_slot(scope, "flood", "run", 1, 30.0, 60.0).granted
+    for n in range(300):
+        refused = store.acquire_slot(scope, "flood", f"w{n:03d}", 1, 30.0, 60.0)
+        assert not refused.granted
+    assert refused.position == 1  # counted up to the limit, not to 299
+    (text,) = store._read(
+        f"SELECT state FROM flow_permits WHERE scope = {'?' if store.sqlite else '%s'}", (scope,)
+    )[0]
+    assert len(text) < 200 and "w299" not in text
+    assert [(c.running, c.waiting) for c in store.counts() if c.scope == scope] == [(1, 300)]
+    holder = "run"
+    for n in range(3):  # each release wakes the longest waiting, who takes the slot
+        assert store.release_slot(scope, "flood", holder, 1) == [f"w{n:03d}"]
+        assert not store.acquire_slot(scope, "flood", f"w{n + 1:03d}", 1, 30.0, 60.0).granted
+        assert store.acquire_slot(scope, "flood", f"w{n:03d}", 1, 30.0, 60.0).granted
+        holder = f"w{n:03d}"
 
 
 def test_due_waiters_are_swept_round_robin_across_keys(url: str) -> None:

@@ -18,9 +18,9 @@ database does. Every state is plain JSON (`to_json` / `from_json`).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 # --- rate limit ------------------------------------------------------------------------------
 
@@ -52,45 +52,91 @@ def rate_expires_at(starts: Sequence[int], period_ms: int) -> int:
 # --- concurrency -----------------------------------------------------------------------------
 
 
+class Waiters(Protocol):
+    """A bucket's waiting jobs in arrival order. Each has `until`: past it the waiter is
+    forgotten (it stopped asking: its job went away). `prune(now)` sets the instant the others
+    answer for; `position` and `count` stop counting at `bound` (the rules only compare them
+    with the limit), so a store can answer them without reading a long queue."""
+
+    def prune(self, now: int) -> None: ...
+    def position(self, holder: str, bound: int) -> int | None: ...
+    def count(self, bound: int) -> int: ...
+    def join(self, holder: str, now: int, until: int) -> None: ...
+    def remove(self, holder: str) -> None: ...
+    def first(self, n: int) -> list[str]: ...
+
+
+@dataclass
+class ListWaiters:
+    """Waiters in memory, (holder, since, until) in arrival order: the model the property
+    tests run, kept in a bucket's JSON when no store keeps them in a table."""
+
+    items: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def prune(self, now: int) -> None:
+        self.items = [w for w in self.items if w[2] > now]
+
+    def position(self, holder: str, bound: int) -> int | None:
+        for index, (waiting, _, _) in enumerate(self.items):
+            if waiting == holder:
+                return min(index, bound)
+        return None
+
+    def count(self, bound: int) -> int:
+        return min(len(self.items), bound)
+
+    def join(self, holder: str, now: int, until: int) -> None:
+        for index, (waiting, since, _) in enumerate(self.items):
+            if waiting == holder:
+                self.items[index] = (holder, since, until)
+                return
+        self.items.append((holder, now, until))
+
+    def remove(self, holder: str) -> None:
+        self.items = [w for w in self.items if w[0] != holder]
+
+    def first(self, n: int) -> list[str]:
+        return [w[0] for w in self.items[:n]]
+
+
 @dataclass
 class LeaseState:
-    """A bucket's running jobs (holder -> lease expiry) and waiting jobs in arrival order
-    (holder, until: the waiter is forgotten past this, when it stopped asking)."""
+    """A bucket's running jobs (holder -> lease expiry) and its waiters (in the state's JSON
+    as a ListWaiters, or a store's own, e.g. a table: then only the leases are JSON)."""
 
     leases: dict[str, int] = field(default_factory=dict)
-    waiters: list[tuple[str, int]] = field(default_factory=list)
+    waiters: Waiters = field(default_factory=ListWaiters)
 
     def to_json(self) -> dict[str, Any]:
-        return {"leases": self.leases, "waiters": [list(w) for w in self.waiters]}
+        data: dict[str, Any] = {"leases": self.leases}
+        if isinstance(self.waiters, ListWaiters) and self.waiters.items:
+            data["waiters"] = [list(w) for w in self.waiters.items]
+        return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> LeaseState:
+    def from_json(cls, data: dict[str, Any] | None, waiters: Waiters | None = None) -> LeaseState:
         data = data or {}
-        return cls(
-            dict(data.get("leases", {})), [(str(h), int(u)) for h, u in data.get("waiters", [])]
-        )
+        if waiters is None:
+            waiters = ListWaiters([(str(h), int(s), int(u)) for h, s, u in data.get("waiters", [])])
+        return cls(dict(data.get("leases", {})), waiters)
 
     def prune(self, now: int) -> None:
         self.leases = {h: e for h, e in self.leases.items() if e > now}
-        self.waiters = [(h, u) for h, u in self.waiters if u > now]
-
-    def position(self, holder: str) -> int | None:
-        for index, (waiting, _) in enumerate(self.waiters):
-            if waiting == holder:
-                return index
-        return None
+        self.waiters.prune(now)
 
     def expires_at(self) -> int:
-        return max([*self.leases.values(), *(u for _, u in self.waiters), 0])
+        listed = self.waiters.items if isinstance(self.waiters, ListWaiters) else []
+        return max([*self.leases.values(), *(u for _, _, u in listed), 0])
 
     def empty(self) -> bool:
-        return not self.leases and not self.waiters
+        listed = self.waiters.items if isinstance(self.waiters, ListWaiters) else []
+        return not self.leases and not listed
 
 
 @dataclass(frozen=True)
 class LeaseDecision:
     granted: bool
-    position: int = 0  # refused: waiters ahead of this one
+    position: int = 0  # refused: waiters ahead of this one (counted up to the limit)
     retry_in_ms: int = 0  # refused: when to ask again if no wake-up comes first
 
 
@@ -108,18 +154,17 @@ def lease_try_acquire(
         state.leases[holder] = now + ttl_ms
         return LeaseDecision(True)
     free = limit - len(state.leases)
-    position = state.position(holder)
+    position = state.waiters.position(holder, limit)
     if position is None:
-        position = len(state.waiters)
-        state.waiters.append((holder, 0))
+        position = state.waiters.count(limit)
     if position < free:
-        del state.waiters[position]
+        state.waiters.remove(holder)
         state.leases[holder] = now + ttl_ms
         return LeaseDecision(True)
     earliest = min(state.leases.values(), default=now + 1)
     due_soon = position < limit  # among the next to get a slot
     retry_in = max(1, min(earliest - now, park_ms) if due_soon else park_ms)
-    state.waiters[position] = (holder, now + retry_in + ttl_ms)
+    state.waiters.join(holder, now, now + retry_in + ttl_ms)
     return LeaseDecision(False, position - max(free, 0), retry_in)
 
 
@@ -137,13 +182,13 @@ def lease_release(state: LeaseState, holder: str, now: int, limit: int) -> list[
     """End a run's lease (and forget it as a waiter); the waiters now due a slot, to wake."""
     state.prune(now)
     state.leases.pop(holder, None)
-    state.waiters = [(h, u) for h, u in state.waiters if h != holder]
+    state.waiters.remove(holder)
     return due_waiters(state, limit)
 
 
 def due_waiters(state: LeaseState, limit: int) -> list[str]:
     free = max(0, limit - len(state.leases))
-    return [h for h, _ in state.waiters[:free]]
+    return state.waiters.first(free) if free else []
 
 
 def next_key(waiting: Sequence[str], last: str | None) -> str | None:
@@ -329,13 +374,16 @@ def admit(
     now: int,
     grace_ms: int,
     keep_started_ms: int,
+    waiters: Callable[[int], Waiters] | None = None,
 ) -> Admit:
     """A run through all its limits at once: every one takes it (a burst is claimed, a start
     counted, a lease taken), or none does. Refused, it spends nothing: a concurrency wait burns
     no rate permit, a rate wait holds no slot and closes no burst; it only keeps (or takes) its
     place among a refusing concurrency limit's waiters. It asks again when the last of the
     refusing limits allows it (a release may wake it sooner). `grace_ms`: how long a waiting
-    debounce burst outlives its due time; `keep_started_ms`: a started one its start."""
+    debounce burst outlives its due time; `keep_started_ms`: a started one its start.
+    `waiters(index)`: a concurrency limit's waiters when a store keeps them apart from the
+    state (its changes are the store's to apply or drop, by `changes`)."""
     granted: dict[int, tuple[Any, int]] = {}
     waiting: dict[int, tuple[Any, int]] = {}
     refusals: list[tuple[int, int, int]] = []  # (limit index, retry_in ms, position)
@@ -348,7 +396,7 @@ def admit(
             else:
                 refusals.append((index, rate.retry_in_ms, 0))
         elif limit.kind == CONCURRENCY:
-            leases = LeaseState.from_json(state)
+            leases = LeaseState.from_json(state, waiters(index) if waiters else None)
             lease = lease_try_acquire(leases, holder, now, limit.limit, limit.ttl_ms, limit.park_ms)
             change = (None if leases.empty() else leases.to_json(), leases.expires_at())
             if lease.granted:
