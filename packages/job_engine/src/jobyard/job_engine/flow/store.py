@@ -102,7 +102,11 @@ _ALL_ROWS = f"SELECT scope, bucket, state, {{now}} FROM {TABLE} WHERE state <> '
 _PURGE = f"DELETE FROM {TABLE} WHERE expires_at < {{now}}"
 _NOW = "SELECT {now}"
 _W_BUCKET = "scope = {p} AND bucket = {p} AND until_ms > {p}"
-_W_SINCE = f"SELECT since_ms FROM {WAITERS} WHERE holder = {{p}} AND " + _W_BUCKET
+#: The holder's place (None: not waiting) and the live waiters (up to a bound), in one trip.
+_W_SINCE = (
+    f"SELECT (SELECT since_ms FROM {WAITERS} WHERE holder = {{p}} AND " + _W_BUCKET + "), "
+    f"(SELECT count(*) FROM (SELECT 1 FROM {WAITERS} WHERE " + _W_BUCKET + " LIMIT {p}) AS n)"
+)
 _W_AHEAD = (
     f"SELECT count(*) FROM (SELECT 1 FROM {WAITERS} WHERE " + _W_BUCKET
     + " AND (since_ms < {p} OR (since_ms = {p} AND holder < {p})) LIMIT {p}) AS ahead"
@@ -250,6 +254,7 @@ class TableWaiters:
         self.now = 0
         self.ops: list[tuple[str, tuple[Any, ...]]] = []
         self.removed: set[str] = set()
+        self.counted: tuple[int, int] | None = None
         store._tx.waiters.append(self)
 
     def _one(self, sql: str, *params: Any) -> Any:
@@ -263,14 +268,19 @@ class TableWaiters:
     def position(self, holder: str, bound: int) -> int | None:
         if holder in self.removed:
             return None
-        since = self._one(self.sql.w_since, holder, self.scope, self.bucket, self.now)
+        key = (self.scope, self.bucket, self.now)
+        self.cursor.execute(self.sql.w_since, (holder, *key, *key, bound))
+        since, live = self.cursor.fetchone()
         if since is None:
+            self.counted = (bound, int(live))  # the count the rule asks for next
             return None
         ahead = self._one(self.sql.w_ahead, self.scope, self.bucket, self.now, since, since,
                           holder, bound)  # fmt: skip
         return int(ahead)
 
     def count(self, bound: int) -> int:
+        if self.counted is not None and self.counted[0] == bound and not self.ops:
+            return self.counted[1]
         return int(self._one(self.sql.w_count, self.scope, self.bucket, self.now, bound))
 
     def join(self, holder: str, now: int, until: int) -> None:
