@@ -19,7 +19,8 @@ from jobyard.job_engine.flow import (
     rate_limit_key,
     validate_priority,
 )
-from jobyard.job_engine.flow.waiting import CONCURRENCY, JOB, Hold, describe, scope
+from jobyard.job_engine.flow.limiter import CONCURRENCY
+from jobyard.job_engine.flow.waiting import JOB, Hold, describe, scope
 
 
 class Account(BaseModel):

@@ -119,10 +119,12 @@ def test_a_debounced_burst_is_claimed_once_with_its_last_payload(store: PermitSt
     assert admitted.granted and admitted.debounce is not None
     assert admitted.debounce.payload == {"doc": 42, "n": 2}
     assert admitted.debounce.members == ("j0", "j1", "j2")
-    # A rerun of the same run (a retry) finds its burst gone: it replays its recorded payload.
+    # A rerun of the same run (a retry) gets the same burst, not the dispatch's own payload.
     time.sleep(0.5)
     again = run.acquire()
-    assert again.granted and again.debounce is None
+    assert again.granted and again.debounce == admitted.debounce
+    waiting = {c.bucket: c.waiting for c in store.counts() if c.scope == limits[0].scope}
+    assert waiting == {"7": 1}  # key 7's burst waits; 42's started (nothing waits there)
 
 
 def test_a_payload_without_its_key_never_gets_a_gate(store: PermitStore) -> None:
@@ -173,3 +175,24 @@ def test_prometheus_counts_what_the_store_holds(store: PermitStore) -> None:
     assert metric_value(samples, "jobyard_flow_waiting_by_key", scope=scope, key="big") == 2
     assert not [k for k in samples if k[0] == "jobyard_flow_waiting_by_key" and
                 ("key", "small") in k[1] and ("scope", scope) in k[1]]  # fmt: skip
+
+
+def test_admission_at_dispatch_keeps_a_key_to_its_limit_in_the_queue(store: PermitStore) -> None:
+    job = _job()
+    limits = job_limits(job, "default", concurrency=Concurrency(2, key="tenant"),
+                        rate_limit=KeyedRateLimit(100, 60.0))  # fmt: skip
+
+    def gate(job_id: str, tenant: str) -> Gate:
+        return Gate(store, job, job_id, {"tenant": tenant}, limits, ttl=TTL, park=PARK)
+
+    admitted = [gate(f"big{n}", "big").admit(ttl=60.0) for n in range(5)]
+    assert [a.granted for a in admitted] == [True, True, False, False, False]
+    assert gate("small0", "small").admit(ttl=60.0).granted  # another key is not held back
+    assert "rate" not in _counts(store, job)  # admission counts no start
+    first = gate("big0", "big")
+    assert first.acquire().granted  # its start renews the lease admission took
+    assert not gate("big2", "big").acquire().granted  # still 2: big0 running, big1 admitted
+    assert [w.holder for w in first.release()] == ["big2"]
+    assert gate("big2", "big").acquire().granted
+    unlimited = job_limits(job, "default", rate_limit=KeyedRateLimit(100, 60.0))
+    assert Gate(store, job, "r1", {}, unlimited, ttl=TTL, park=PARK).admit(ttl=60.0).granted

@@ -12,8 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jobyard.job_engine.flow.limiter import (
+    CONCURRENCY,
+    DEBOUNCE,
+    RATE,
     DebounceState,
     LeaseState,
+    Limit,
+    admit,
     debounce_claim,
     debounce_dispatch,
     lease_release,
@@ -275,6 +280,8 @@ def test_debounce_runs_once_per_burst_with_the_last_payload(
         if kind == "dispatch":
             dispatched_at[job] = now
             ticket = debounce_dispatch(state, str(job), {"n": job}, now, period, max_wait)
+            # the same dispatch again (a retried call): the same answer, nothing collapses twice
+            assert debounce_dispatch(state, str(job), {"n": job}, now, period, max_wait) == ticket
             served_by[job] = ticket.run_id
             if not ticket.joined:  # a new run: it asks to start at its due time (or later)
                 order += 1
@@ -289,6 +296,7 @@ def test_debounce_runs_once_per_burst_with_the_last_payload(
             heapq.heappush(events, (now + claim.retry_in_ms + late, order, "claim", key, job))
             continue
         runs[str(job)] = (now, claim.members, claim.payload)
+        assert debounce_claim(state, str(job), now + 1) == claim  # a rerun: the same burst
     # every dispatch is served by exactly one run, the one its ticket named
     served = [int(m) for _, members, _ in runs.values() for m in members]
     assert sorted(served) == sorted(dispatched_at)
@@ -326,6 +334,94 @@ def test_debounce_on_time_starts_exactly_at_the_quiet_end_or_the_cap() -> None:
     assert debounce_claim(state, "j0", 7).status == "wait"
     claim = debounce_claim(state, "j0", 8)
     assert (claim.status, claim.payload, claim.members) == ("start", {"at": 6}, ("j0", "j3", "j6"))
-    assert debounce_claim(state, "j0", 9).status == "gone"
+    assert debounce_claim(state, "j0", 9) == claim  # a rerun of the run: the same burst
     fresh = debounce_dispatch(state, "j9", {"at": 9}, 9, 5, 8)
     assert not fresh.joined and fresh.due == 14
+    state.prune(8 + 3600, keep_started_ms=3600)  # the started burst is forgotten in time
+    assert debounce_claim(state, "j0", 8 + 3600).status == "gone"
+
+
+# --- a run's limits together ---------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    calls=st.integers(1, 4),
+    period=st.integers(5, 60),
+    limit=st.integers(1, 3),
+    runs=st.lists(st.tuples(st.integers(0, 100), st.integers(1, 50)), min_size=1, max_size=30),
+)
+def test_admit_takes_every_limit_or_none(
+    calls: int, period: int, limit: int, runs: list[tuple[int, int]]
+) -> None:
+    # One job under a rate limit and a concurrency limit at once; each run asks at its arrival,
+    # runs for its time, and, refused, asks again when told or when a release wakes it.
+    limits = [Limit(RATE, calls=calls, period_ms=period),
+              Limit(CONCURRENCY, limit=limit, ttl_ms=10_000, park_ms=200)]  # fmt: skip
+    states: list[object] = [None, None]
+    events: list[tuple[int, int, str, int]] = []
+    order = 0
+
+    def push(at: int, kind: str, run: int) -> None:
+        nonlocal order
+        order += 1
+        heapq.heappush(events, (at, order, kind, run))
+
+    for run, (arrival, _) in enumerate(runs):
+        push(arrival, "ask", run)
+    started: dict[int, int] = {}
+    ended: dict[int, int] = {}
+    while events:
+        now, _, kind, run = heapq.heappop(events)
+        assert now < 1_000_000, "a run never started"
+        if kind == "end":
+            lease = LeaseState.from_json(states[1])  # type: ignore[arg-type]
+            for woken in lease_release(lease, str(run), now, limit):
+                push(now, "ask", int(woken))
+            states[1] = None if lease.empty() else lease.to_json()
+            ended[run] = now
+            continue
+        if run in started:
+            continue
+        before = list(states)
+        decision = admit(str(run), limits, states, now, grace_ms=0, keep_started_ms=0)
+        for index, (state, _expires) in decision.changes.items():
+            states[index] = state
+        if decision.granted:
+            started[run] = now
+            push(now + runs[run][1], "end", run)
+            continue
+        assert states[0] == before[0]  # a refused run counts no start ...
+        lease = LeaseState.from_json(states[1])  # type: ignore[arg-type]
+        assert str(run) not in lease.leases  # ... and holds no slot
+        push(now + decision.retry_in_ms, "ask", run)
+    assert set(started) == set(range(len(runs)))
+    times = sorted(started.values())
+    assert all(
+        later - earlier >= period for earlier, later in zip(times, times[calls:], strict=False)
+    )
+    edges = sorted([(t, 1) for t in started.values()] + [(t, -1) for t in ended.values()],
+                   key=lambda e: (e[0], e[1]))  # fmt: skip
+    running = 0
+    for _, step in edges:
+        running += step
+        assert running <= limit
+
+
+def test_admit_claims_a_burst_only_when_the_rate_lets_the_run_start() -> None:
+    bursts = DebounceState()
+    debounce_dispatch(bursts, "run", {"v": 1}, 0, 10, None)
+    debounce_dispatch(bursts, "other", {"v": 2}, 5, 10, None)
+    limits = [Limit(DEBOUNCE), Limit(RATE, calls=1, period_ms=100)]
+    states: list[object] = [bursts.to_json(), [10]]  # the rate's one start is used at 10
+    refused = admit("run", limits, states, 20, grace_ms=0, keep_started_ms=1000)
+    assert not refused.granted and refused.refused == 1 and refused.retry_in_ms == 90
+    assert refused.changes == {}  # the burst stays open for later
+    granted = admit("run", limits, states, 110, grace_ms=0, keep_started_ms=1000)
+    assert granted.granted and granted.claim is not None
+    assert granted.claim.payload == {"v": 2} and granted.claim.members == ("run", "other")
+    assert granted.changes[1] == ([110], 210)
+    kept, kept_until = granted.changes[0]  # the started burst, kept for a rerun until 1110
+    assert kept_until == 1110
+    rerun = admit("run", limits, [kept, [110]], 300, grace_ms=0, keep_started_ms=1000)
+    assert rerun.granted and rerun.claim == granted.claim

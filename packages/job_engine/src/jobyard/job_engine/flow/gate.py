@@ -19,22 +19,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from jobyard.job_engine.flow.declarations import Concurrency, Debounce, payload_key
-from jobyard.job_engine.flow.limiter import DebounceTicket
+from jobyard.job_engine.flow.limiter import CONCURRENCY, DEBOUNCE, RATE, DebounceTicket
 from jobyard.job_engine.flow.store import Admission, HeldSlot, PermitRequest, PermitStore
-from jobyard.job_engine.flow.waiting import (
-    CONCURRENCY,
-    DEBOUNCE,
-    JOB,
-    QUEUE,
-    RATE,
-    Hold,
-    describe,
-    scope,
-)
+from jobyard.job_engine.flow.waiting import JOB, QUEUE, Hold, describe, scope
 from jobyard.job_engine.policy import RateLimit
 
 log = logging.getLogger("jobyard.flow")
@@ -126,6 +117,16 @@ class Gate:
                 if r.kind == CONCURRENCY
             ]
         return admission
+
+    def admit(self, ttl: float) -> Admission:
+        """At dispatch (Dramatiq): take the run's concurrency slots for `ttl` seconds, its time
+        in the ready queue, so that no key ever has more than its limit of jobs there; refused,
+        the job is dispatched parked, as a waiter. At its start `acquire` renews the same
+        leases (a holder's own lease is renewed). Granted when it has no concurrency limit."""
+        slots = [replace(r, ttl=ttl) for r in self.requests if r.kind == CONCURRENCY]
+        if not slots:
+            return Admission(True, 0.0)
+        return self.store.acquire_all(self.job_id, slots)
 
     def hold(self, admission: Admission) -> Hold | None:
         """What the job shows while the refusal holds it (None when it was granted)."""

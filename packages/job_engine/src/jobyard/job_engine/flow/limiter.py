@@ -18,9 +18,9 @@ database does. Every state is plain JSON (`to_json` / `from_json`).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 # --- rate limit ------------------------------------------------------------------------------
 
@@ -52,45 +52,91 @@ def rate_expires_at(starts: Sequence[int], period_ms: int) -> int:
 # --- concurrency -----------------------------------------------------------------------------
 
 
+class Waiters(Protocol):
+    """A bucket's waiting jobs in arrival order. Each has `until`: past it the waiter is
+    forgotten (it stopped asking: its job went away). `prune(now)` sets the instant the others
+    answer for; `position` and `count` stop counting at `bound` (the rules only compare them
+    with the limit), so a store can answer them without reading a long queue."""
+
+    def prune(self, now: int) -> None: ...
+    def position(self, holder: str, bound: int) -> int | None: ...
+    def count(self, bound: int) -> int: ...
+    def join(self, holder: str, now: int, until: int) -> None: ...
+    def remove(self, holder: str) -> None: ...
+    def first(self, n: int) -> list[str]: ...
+
+
+@dataclass
+class ListWaiters:
+    """Waiters in memory, (holder, since, until) in arrival order: the model the property
+    tests run, kept in a bucket's JSON when no store keeps them in a table."""
+
+    items: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def prune(self, now: int) -> None:
+        self.items = [w for w in self.items if w[2] > now]
+
+    def position(self, holder: str, bound: int) -> int | None:
+        for index, (waiting, _, _) in enumerate(self.items):
+            if waiting == holder:
+                return min(index, bound)
+        return None
+
+    def count(self, bound: int) -> int:
+        return min(len(self.items), bound)
+
+    def join(self, holder: str, now: int, until: int) -> None:
+        for index, (waiting, since, _) in enumerate(self.items):
+            if waiting == holder:
+                self.items[index] = (holder, since, until)
+                return
+        self.items.append((holder, now, until))
+
+    def remove(self, holder: str) -> None:
+        self.items = [w for w in self.items if w[0] != holder]
+
+    def first(self, n: int) -> list[str]:
+        return [w[0] for w in self.items[:n]]
+
+
 @dataclass
 class LeaseState:
-    """A bucket's running jobs (holder -> lease expiry) and waiting jobs in arrival order
-    (holder, until: the waiter is forgotten past this, when it stopped asking)."""
+    """A bucket's running jobs (holder -> lease expiry) and its waiters (in the state's JSON
+    as a ListWaiters, or a store's own, e.g. a table: then only the leases are JSON)."""
 
     leases: dict[str, int] = field(default_factory=dict)
-    waiters: list[tuple[str, int]] = field(default_factory=list)
+    waiters: Waiters = field(default_factory=ListWaiters)
 
     def to_json(self) -> dict[str, Any]:
-        return {"leases": self.leases, "waiters": [list(w) for w in self.waiters]}
+        data: dict[str, Any] = {"leases": self.leases}
+        if isinstance(self.waiters, ListWaiters) and self.waiters.items:
+            data["waiters"] = [list(w) for w in self.waiters.items]
+        return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> LeaseState:
+    def from_json(cls, data: dict[str, Any] | None, waiters: Waiters | None = None) -> LeaseState:
         data = data or {}
-        return cls(
-            dict(data.get("leases", {})), [(str(h), int(u)) for h, u in data.get("waiters", [])]
-        )
+        if waiters is None:
+            waiters = ListWaiters([(str(h), int(s), int(u)) for h, s, u in data.get("waiters", [])])
+        return cls(dict(data.get("leases", {})), waiters)
 
     def prune(self, now: int) -> None:
         self.leases = {h: e for h, e in self.leases.items() if e > now}
-        self.waiters = [(h, u) for h, u in self.waiters if u > now]
-
-    def position(self, holder: str) -> int | None:
-        for index, (waiting, _) in enumerate(self.waiters):
-            if waiting == holder:
-                return index
-        return None
+        self.waiters.prune(now)
 
     def expires_at(self) -> int:
-        return max([*self.leases.values(), *(u for _, u in self.waiters), 0])
+        listed = self.waiters.items if isinstance(self.waiters, ListWaiters) else []
+        return max([*self.leases.values(), *(u for _, _, u in listed), 0])
 
     def empty(self) -> bool:
-        return not self.leases and not self.waiters
+        listed = self.waiters.items if isinstance(self.waiters, ListWaiters) else []
+        return not self.leases and not listed
 
 
 @dataclass(frozen=True)
 class LeaseDecision:
     granted: bool
-    position: int = 0  # refused: waiters ahead of this one
+    position: int = 0  # refused: waiters ahead of this one (counted up to the limit)
     retry_in_ms: int = 0  # refused: when to ask again if no wake-up comes first
 
 
@@ -108,18 +154,17 @@ def lease_try_acquire(
         state.leases[holder] = now + ttl_ms
         return LeaseDecision(True)
     free = limit - len(state.leases)
-    position = state.position(holder)
+    position = state.waiters.position(holder, limit)
     if position is None:
-        position = len(state.waiters)
-        state.waiters.append((holder, 0))
+        position = state.waiters.count(limit)
     if position < free:
-        del state.waiters[position]
+        state.waiters.remove(holder)
         state.leases[holder] = now + ttl_ms
         return LeaseDecision(True)
     earliest = min(state.leases.values(), default=now + 1)
     due_soon = position < limit  # among the next to get a slot
     retry_in = max(1, min(earliest - now, park_ms) if due_soon else park_ms)
-    state.waiters[position] = (holder, now + retry_in + ttl_ms)
+    state.waiters.join(holder, now, now + retry_in + ttl_ms)
     return LeaseDecision(False, position - max(free, 0), retry_in)
 
 
@@ -137,13 +182,13 @@ def lease_release(state: LeaseState, holder: str, now: int, limit: int) -> list[
     """End a run's lease (and forget it as a waiter); the waiters now due a slot, to wake."""
     state.prune(now)
     state.leases.pop(holder, None)
-    state.waiters = [(h, u) for h, u in state.waiters if h != holder]
+    state.waiters.remove(holder)
     return due_waiters(state, limit)
 
 
 def due_waiters(state: LeaseState, limit: int) -> list[str]:
     free = max(0, limit - len(state.leases))
-    return [h for h, _ in state.waiters[:free]]
+    return state.waiters.first(free) if free else []
 
 
 def next_key(waiting: Sequence[str], last: str | None) -> str | None:
@@ -165,7 +210,9 @@ def next_key(waiting: Sequence[str], last: str | None) -> str | None:
 @dataclass
 class Burst:
     """Dispatches collapsed into one run: `run_id` is the job that runs it (the first
-    dispatch's id); `members` every job id it serves, in dispatch order."""
+    dispatch's id); `members` every job id it serves, in dispatch order. `started`: when its run
+    claimed it (0: not yet); a started burst takes no more dispatches and is kept a while so
+    that a rerun of its run (a retry, a claim whose reply was lost) gets the same payload."""
 
     run_id: str
     first: int
@@ -173,19 +220,26 @@ class Burst:
     due: int
     payload: Any
     members: list[str]
+    started: int = 0
 
     def to_json(self) -> list[Any]:
-        return [self.run_id, self.first, self.last, self.due, self.payload, self.members]
+        return [
+            self.run_id, self.first, self.last, self.due, self.payload, self.members,
+            self.started,
+        ]  # fmt: skip
 
     @classmethod
     def from_json(cls, data: Sequence[Any]) -> Burst:
-        run_id, first, last, due, payload, members = data
-        return cls(str(run_id), int(first), int(last), int(due), payload, list(members))
+        run_id, first, last, due, payload, members, started = data
+        return cls(
+            str(run_id), int(first), int(last), int(due), payload, list(members), int(started)
+        )
 
 
 @dataclass
 class DebounceState:
-    """The bucket's bursts not yet started, oldest first; only the last may take more."""
+    """The bucket's bursts, oldest first: started ones (kept for reruns), then those waiting;
+    only the last may take more dispatches."""
 
     bursts: list[Burst] = field(default_factory=list)
 
@@ -196,11 +250,21 @@ class DebounceState:
     def from_json(cls, data: dict[str, Any] | None) -> DebounceState:
         return cls([Burst.from_json(b) for b in (data or {}).get("bursts", [])])
 
-    def expires_at(self, grace_ms: int) -> int:
-        return max([b.due + grace_ms for b in self.bursts] or [0])
+    def prune(self, now: int, keep_started_ms: int) -> None:
+        """Forget bursts whose run started more than `keep_started_ms` ago."""
+        self.bursts = [b for b in self.bursts if not b.started or b.started + keep_started_ms > now]
+
+    def expires_at(self, keep_started_ms: int, grace_ms: int) -> int:
+        """When nothing of the bucket is needed any more: a started burst `keep_started_ms`
+        after its start, a waiting one `grace_ms` after it was due (its run never came)."""
+        ends = [b.started + keep_started_ms if b.started else b.due + grace_ms for b in self.bursts]
+        return max(ends or [0])
 
     def empty(self) -> bool:
         return not self.bursts
+
+    def waiting(self) -> int:
+        return sum(1 for b in self.bursts if not b.started)
 
 
 @dataclass(frozen=True)
@@ -220,16 +284,19 @@ def debounce_dispatch(
 ) -> DebounceTicket:
     """Collapse a dispatch into the open burst when it comes within `period` of that burst's
     last dispatch (and, with a max_wait, before the burst's first + max_wait); else open a
-    burst whose run is this job."""
-    if state.bursts:
+    burst whose run is this job. The same job id dispatched again (a retried call) gets its
+    first answer."""
+    for burst in state.bursts:
+        if job_id in burst.members:
+            return DebounceTicket(burst.run_id, burst.due, joined=burst.run_id != job_id)
+    if state.bursts and not state.bursts[-1].started:
         open_burst = state.bursts[-1]
         in_period = now - open_burst.last <= period_ms
         in_max_wait = max_wait_ms is None or now <= open_burst.first + max_wait_ms
         if in_period and in_max_wait:
             open_burst.last = max(open_burst.last, now)
             open_burst.payload = payload
-            if job_id not in open_burst.members:
-                open_burst.members.append(job_id)
+            open_burst.members.append(job_id)
             open_burst.due = _due(open_burst.first, open_burst.last, period_ms, max_wait_ms)
             return DebounceTicket(open_burst.run_id, open_burst.due, joined=True)
     burst = Burst(job_id, now, now, _due(now, now, period_ms, max_wait_ms), payload, [job_id])
@@ -244,8 +311,9 @@ def _due(first: int, last: int, period_ms: int, max_wait_ms: int | None) -> int:
 
 @dataclass(frozen=True)
 class DebounceClaim:
-    """`start`: run now with `payload`, serving `members`; `wait`: ask again in `retry_in_ms`
-    (the burst took a later dispatch); `gone`: no burst has this run (already started)."""
+    """`start`: run now with `payload`, serving `members` (again, for a rerun of a started
+    burst); `wait`: ask again in `retry_in_ms` (the burst took a later dispatch); `gone`: no
+    burst has this run (it started long ago: the run has recorded its payload)."""
 
     status: str
     payload: Any = None
@@ -254,13 +322,102 @@ class DebounceClaim:
 
 
 def debounce_claim(state: DebounceState, run_id: str, now: int) -> DebounceClaim:
-    """The run of a burst asks to start: at its due time its burst closes (a later dispatch
-    opens a new one) and it runs with the burst's last payload."""
-    for index, burst in enumerate(state.bursts):
+    """The run of a burst asks to start: at its due time the burst closes (a later dispatch
+    opens a new one) and the run gets the burst's last payload, now and on any rerun."""
+    for burst in state.bursts:
         if burst.run_id != run_id:
             continue
-        if now < burst.due:
-            return DebounceClaim("wait", retry_in_ms=burst.due - now)
-        del state.bursts[index]
+        if not burst.started:
+            if now < burst.due:
+                return DebounceClaim("wait", retry_in_ms=burst.due - now)
+            burst.started = now
         return DebounceClaim("start", burst.payload, tuple(burst.members))
     return DebounceClaim("gone")
+
+
+# --- a run's limits together -----------------------------------------------------------------
+
+RATE, CONCURRENCY, DEBOUNCE = "rate", "concurrency", "debounce"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One limit of a run, in milliseconds: RATE (`calls` per `period_ms`), CONCURRENCY
+    (`limit` leases of `ttl_ms`, waiters park at most `park_ms`) or DEBOUNCE (the run claims
+    its burst)."""
+
+    kind: str
+    calls: int = 0
+    period_ms: int = 0
+    limit: int = 0
+    ttl_ms: int = 0
+    park_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Admit:
+    """`admit`'s decision. `changes`: the buckets (by index) whose state changes, each to its
+    new JSON state (None: empty, delete it) and when that state runs out (ms)."""
+
+    granted: bool
+    changes: dict[int, tuple[Any, int]]
+    refused: int | None = None  # the first limit that said no
+    retry_in_ms: int = 0
+    position: int = 0
+    claim: DebounceClaim | None = None  # granted: the burst claimed (None: none to claim)
+
+
+def admit(
+    holder: str,
+    limits: Sequence[Limit],
+    states: Sequence[Any],
+    now: int,
+    grace_ms: int,
+    keep_started_ms: int,
+    waiters: Callable[[int], Waiters] | None = None,
+) -> Admit:
+    """A run through all its limits at once: every one takes it (a burst is claimed, a start
+    counted, a lease taken), or none does. Refused, it spends nothing: a concurrency wait burns
+    no rate permit, a rate wait holds no slot and closes no burst; it only keeps (or takes) its
+    place among a refusing concurrency limit's waiters. It asks again when the last of the
+    refusing limits allows it (a release may wake it sooner). `grace_ms`: how long a waiting
+    debounce burst outlives its due time; `keep_started_ms`: a started one its start.
+    `waiters(index)`: a concurrency limit's waiters when a store keeps them apart from the
+    state (its changes are the store's to apply or drop, by `changes`)."""
+    granted: dict[int, tuple[Any, int]] = {}
+    waiting: dict[int, tuple[Any, int]] = {}
+    refusals: list[tuple[int, int, int]] = []  # (limit index, retry_in ms, position)
+    claim: DebounceClaim | None = None
+    for index, (limit, state) in enumerate(zip(limits, states, strict=True)):
+        if limit.kind == RATE:
+            rate = rate_try_start(state or [], now, limit.calls, limit.period_ms)
+            if rate.granted:
+                granted[index] = (rate.starts, rate_expires_at(rate.starts, limit.period_ms))
+            else:
+                refusals.append((index, rate.retry_in_ms, 0))
+        elif limit.kind == CONCURRENCY:
+            leases = LeaseState.from_json(state, waiters(index) if waiters else None)
+            lease = lease_try_acquire(leases, holder, now, limit.limit, limit.ttl_ms, limit.park_ms)
+            change = (None if leases.empty() else leases.to_json(), leases.expires_at())
+            if lease.granted:
+                granted[index] = change
+            else:
+                waiting[index] = change
+                refusals.append((index, lease.retry_in_ms, lease.position))
+        elif limit.kind == DEBOUNCE:
+            bursts = DebounceState.from_json(state)
+            bursts.prune(now, keep_started_ms)
+            claimed = debounce_claim(bursts, holder, now)
+            if claimed.status == "wait":
+                refusals.append((index, claimed.retry_in_ms, 0))
+            elif claimed.status == "start":
+                claim = claimed
+                kept = None if bursts.empty() else bursts.to_json()
+                granted[index] = (kept, bursts.expires_at(keep_started_ms, grace_ms))
+        else:
+            raise ValueError(f"unknown limit kind {limit.kind!r}")
+    if not refusals:
+        return Admit(True, granted, claim=claim)
+    first, _, position = refusals[0]
+    retry_in = max(r[1] for r in refusals)
+    return Admit(False, waiting, first, retry_in, position)

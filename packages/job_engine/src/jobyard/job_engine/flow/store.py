@@ -34,13 +34,15 @@ from sqlalchemy.engine import make_url
 
 from jobyard.job_engine.db import Base, database_url, get_engine, normalize_url
 from jobyard.job_engine.flow.limiter import (
+    RATE,
     DebounceClaim,
     DebounceState,
     DebounceTicket,
     LeaseState,
+    Limit,
+    admit,
     debounce_claim,
     debounce_dispatch,
-    due_waiters,
     lease_release,
     lease_renew,
     lease_try_acquire,
@@ -48,12 +50,14 @@ from jobyard.job_engine.flow.limiter import (
     rate_expires_at,
     rate_try_start,
 )
-from jobyard.job_engine.flow.waiting import CONCURRENCY, DEBOUNCE, RATE
 
 TABLE = "flow_permits"
-#: Milliseconds a started debounce burst's row outlives its due time (a run that never claims
-#: it, because its job was cancelled, leaves it for `purge`).
+#: Milliseconds a waiting debounce burst outlives its due time (a run that never claims it,
+#: because its job was cancelled, leaves it for `purge`).
 DEBOUNCE_GRACE_MS = 24 * 3600 * 1000
+#: Milliseconds a started burst is kept, so that a rerun of its run (a retry, a claim whose
+#: reply was lost) gets the same payload; by then the run has recorded it as a step.
+DEBOUNCE_KEEP_STARTED_MS = 3600 * 1000
 
 permits = Table(
     TABLE,
@@ -63,6 +67,23 @@ permits = Table(
     Column("state", Text, nullable=False),
     Column("expires_at", BigInteger, nullable=False),
     Index("ix_flow_permits_expires_at", "expires_at"),
+)
+
+WAITERS = "flow_waiters"
+#: A concurrency bucket's waiting jobs, one row each: a key's queue can be long (one tenant's
+#: 10,000 jobs), so it is not kept in the bucket's JSON, which every operation rewrites. Every
+#: change is made under the bucket's row lock in flow_permits. `since_ms` orders them (FIFO);
+#: `until_ms` is when a waiter that stopped asking is forgotten.
+waiters = Table(
+    WAITERS,
+    Base.metadata,
+    Column("scope", String(160), primary_key=True),
+    Column("bucket", String(255), primary_key=True),
+    Column("holder", String(255), primary_key=True),
+    Column("since_ms", BigInteger, nullable=False),
+    Column("until_ms", BigInteger, nullable=False),
+    Index("ix_flow_waiters_order", "scope", "bucket", "since_ms", "holder"),
+    Index("ix_flow_waiters_until_ms", "until_ms"),
 )
 
 _PG_NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
@@ -80,6 +101,34 @@ _SCOPE_ROWS = f"SELECT bucket, state, {{now}} FROM {TABLE} WHERE scope = {{p}} A
 _ALL_ROWS = f"SELECT scope, bucket, state, {{now}} FROM {TABLE} WHERE state <> ''"
 _PURGE = f"DELETE FROM {TABLE} WHERE expires_at < {{now}}"
 _NOW = "SELECT {now}"
+_W_BUCKET = "scope = {p} AND bucket = {p} AND until_ms > {p}"
+#: The holder's place (None: not waiting) and the live waiters (up to a bound), in one trip.
+_W_SINCE = (
+    f"SELECT (SELECT since_ms FROM {WAITERS} WHERE holder = {{p}} AND " + _W_BUCKET + "), "
+    f"(SELECT count(*) FROM (SELECT 1 FROM {WAITERS} WHERE " + _W_BUCKET + " LIMIT {p}) AS n)"
+)
+_W_AHEAD = (
+    f"SELECT count(*) FROM (SELECT 1 FROM {WAITERS} WHERE " + _W_BUCKET
+    + " AND (since_ms < {p} OR (since_ms = {p} AND holder < {p})) LIMIT {p}) AS ahead"
+)  # fmt: skip
+_W_COUNT = f"SELECT count(*) FROM (SELECT 1 FROM {WAITERS} WHERE " + _W_BUCKET + " LIMIT {p}) AS n"
+_W_FIRST = (
+    f"SELECT holder FROM {WAITERS} WHERE " + _W_BUCKET + " ORDER BY since_ms, holder LIMIT {p}"
+)
+_W_JOIN = (
+    f"INSERT INTO {WAITERS} (scope, bucket, holder, since_ms, until_ms) "
+    "VALUES ({p}, {p}, {p}, {p}, {p}) ON CONFLICT (scope, bucket, holder) DO UPDATE SET "
+    f"since_ms = CASE WHEN {WAITERS}.until_ms <= excluded.since_ms THEN excluded.since_ms "
+    f"ELSE {WAITERS}.since_ms END, until_ms = excluded.until_ms"
+)
+_W_REMOVE = f"DELETE FROM {WAITERS} WHERE scope = {{p}} AND bucket = {{p}} AND holder = {{p}}"
+_W_SCOPE = (
+    f"SELECT bucket FROM {WAITERS} WHERE scope = {{p}} AND until_ms > {{now}} GROUP BY bucket"
+)
+_W_ALL = (
+    f"SELECT scope, bucket, count(*) FROM {WAITERS} WHERE until_ms > {{now}} GROUP BY scope, bucket"
+)
+_W_PURGE = f"DELETE FROM {WAITERS} WHERE until_ms < {{now}}"
 _NOT_DURABLE = "SET LOCAL synchronous_commit = off"
 
 
@@ -91,16 +140,23 @@ class _Dialect(NamedTuple):
     all_rows: str
     purge: str
     now: str
+    w_since: str
+    w_ahead: str
+    w_count: str
+    w_first: str
+    w_join: str
+    w_remove: str
+    w_scope: str
+    w_all: str
+    w_purge: str
 
 
 def _dialect(placeholder: str, now: str) -> _Dialect:
-    def sql(template: str) -> str:
-        return template.format(p=placeholder, now=now)
-
-    return _Dialect(
-        sql(_LOCK), sql(_WRITE), sql(_DELETE), sql(_SCOPE_ROWS), sql(_ALL_ROWS), sql(_PURGE),
-        sql(_NOW),
+    templates = (
+        _LOCK, _WRITE, _DELETE, _SCOPE_ROWS, _ALL_ROWS, _PURGE, _NOW, _W_SINCE, _W_AHEAD,
+        _W_COUNT, _W_FIRST, _W_JOIN, _W_REMOVE, _W_SCOPE, _W_ALL, _W_PURGE,
     )  # fmt: skip
+    return _Dialect(*(t.format(p=placeholder, now=now) for t in templates))
 
 
 _POSTGRESQL = _dialect("%s", _PG_NOW)
@@ -186,6 +242,80 @@ class BucketCounts:
     recent_starts: int  # rate: starts in the bucket's window
 
 
+class TableWaiters:
+    """A concurrency bucket's waiters in `flow_waiters`, read and written in the transaction
+    that holds the bucket's row lock (limiter.Waiters). Reads go to the table at once; changes
+    are kept until `flush`, so that a run refused by another of its limits can `discard` the
+    ones that would have given it a slot (acquire_all is all or nothing)."""
+
+    def __init__(self, store: PermitStore, scope: str, bucket: str) -> None:
+        self.cursor, self.sql = store._tx.cursor, store.sql
+        self.scope, self.bucket = scope, bucket
+        self.now = 0
+        self.ops: list[tuple[str, tuple[Any, ...]]] = []
+        self.removed: set[str] = set()
+        self.counted: tuple[int, int] | None = None
+        store._tx.waiters.append(self)
+
+    def _one(self, sql: str, *params: Any) -> Any:
+        self.cursor.execute(sql, params)
+        row = self.cursor.fetchone()
+        return None if row is None else row[0]
+
+    def prune(self, now: int) -> None:
+        self.now = now  # expired rows are skipped by every read; `purge` deletes them
+
+    def position(self, holder: str, bound: int) -> int | None:
+        if holder in self.removed:
+            return None
+        key = (self.scope, self.bucket, self.now)
+        self.cursor.execute(self.sql.w_since, (holder, *key, *key, bound))
+        since, live = self.cursor.fetchone()
+        if since is None:
+            self.counted = (bound, int(live))  # the count the rule asks for next
+            return None
+        ahead = self._one(self.sql.w_ahead, self.scope, self.bucket, self.now, since, since,
+                          holder, bound)  # fmt: skip
+        return int(ahead)
+
+    def count(self, bound: int) -> int:
+        if self.counted is not None and self.counted[0] == bound and not self.ops:
+            return self.counted[1]
+        return int(self._one(self.sql.w_count, self.scope, self.bucket, self.now, bound))
+
+    def join(self, holder: str, now: int, until: int) -> None:
+        self.removed.discard(holder)
+        self.ops.append((self.sql.w_join, (self.scope, self.bucket, holder, now, until)))
+
+    def remove(self, holder: str) -> None:
+        self.removed.add(holder)
+        self.ops.append((self.sql.w_remove, (self.scope, self.bucket, holder)))
+
+    def first(self, n: int) -> list[str]:
+        if n <= 0:
+            return []
+        self.cursor.execute(
+            self.sql.w_first, (self.scope, self.bucket, self.now, n + len(self.removed))
+        )
+        holders = [str(r[0]) for r in self.cursor.fetchall()]
+        return [h for h in holders if h not in self.removed][:n]
+
+    def discard(self) -> None:
+        self.ops.clear()
+
+    def flush(self) -> None:
+        for sql, params in self.ops:
+            self.cursor.execute(sql, params)
+        self.ops.clear()
+
+
+class _Transaction(threading.local):
+    """The cursor of the transaction this thread is in, and the waiters it changed."""
+
+    cursor: Any = None
+    waiters: list[TableWaiters]
+
+
 class PermitStore:
     """Acquire, renew and release permits in the database at `url` (default: DATABASE_URL)."""
 
@@ -198,6 +328,7 @@ class PermitStore:
         self.sqlite = self.engine.dialect.name == "sqlite"
         self.sql = _SQLITE if self.sqlite else _POSTGRESQL
         self.durable = durable
+        self._tx = _Transaction()
         self._disconnects: tuple[type[BaseException], ...] = (
             (sqlite3.OperationalError,) if self.sqlite else (psycopg.OperationalError,)
         )
@@ -207,16 +338,22 @@ class PermitStore:
     def _transaction(self, items: Sequence[tuple[str, str]], decide: _Decide[_T]) -> _T:
         """Lock every bucket's row (in (scope, bucket) order, so two callers never deadlock),
         let `decide(states, now)` see them all at once, write what it changed, commit. `now` is
-        the database's clock once every lock is held. A connection the server dropped (a
-        restart) is replaced and the transaction run again: nothing of it was committed."""
+        the database's clock once every lock is held.
+
+        A connection found dropped (a database restart) while locking is replaced and the
+        transaction run again: nothing of it can have been committed. Lost once the writes and
+        the COMMIT were sent, it is not retried (the commit may have happened): the error goes
+        to the caller, and every operation is safe to repeat (a rate start counted twice only
+        delays the next; a held lease is renewed; a claimed burst is claimed again)."""
         for tries_left in (1, 0):
             connection = self.engine.raw_connection()
+            writing = [False]
             try:
                 if self.sqlite:
-                    return self._sqlite_transaction(connection, items, decide)
-                return self._postgresql_transaction(connection, items, decide)
+                    return self._sqlite_transaction(connection, items, decide, writing)
+                return self._postgresql_transaction(connection, items, decide, writing)
             except self._disconnects as exc:
-                if not tries_left or not _dropped(connection, exc):
+                if not tries_left or writing[0] or not _dropped(connection, exc):
                     raise
                 connection.invalidate()
             finally:
@@ -233,10 +370,17 @@ class PermitStore:
 
         return self._transaction(items, decide)
 
-    def _apply(self, cursor: Any, items: Sequence[tuple[str, str]], decide: _Decide[_T]) -> _T:
+    def _apply(
+        self,
+        cursor: Any,
+        items: Sequence[tuple[str, str]],
+        decide: _Decide[_T],
+        writing: list[bool],
+    ) -> _T:
         order = sorted(range(len(items)), key=lambda i: items[i])
         states: list[Any] = [None] * len(items)
         now = 0
+        self._tx.cursor, self._tx.waiters = cursor, []
         for index in order:
             cursor.execute(self.sql.lock, items[index])
             row = cursor.fetchone()
@@ -244,7 +388,13 @@ class PermitStore:
             text, clock = row
             states[index] = json.loads(text) if text else None
             now = max(now, int(clock))
-        outcome, writes = decide(states, now)
+        try:
+            outcome, writes = decide(states, now)
+            writing[0] = True
+            for changed in self._tx.waiters:
+                changed.flush()
+        finally:
+            self._tx.cursor, self._tx.waiters = None, []
         for index in order:
             if writes[index] is KEEP:
                 continue
@@ -258,7 +408,11 @@ class PermitStore:
         return outcome
 
     def _postgresql_transaction(
-        self, connection: Any, items: Sequence[tuple[str, str]], decide: _Decide[_T]
+        self,
+        connection: Any,
+        items: Sequence[tuple[str, str]],
+        decide: _Decide[_T],
+        writing: list[bool],
     ) -> _T:
         # Pipelined: BEGIN (implicit) and the lock go in one round trip, the write and COMMIT
         # in a second.
@@ -267,7 +421,7 @@ class PermitStore:
             with driver.pipeline(), driver.cursor() as cursor:
                 if not self.durable:
                     cursor.execute(_NOT_DURABLE)
-                outcomes = self._apply(cursor, items, decide)
+                outcomes = self._apply(cursor, items, decide, writing)
                 driver.commit()
             return outcomes
         except BaseException:
@@ -276,7 +430,11 @@ class PermitStore:
             raise
 
     def _sqlite_transaction(
-        self, connection: Any, items: Sequence[tuple[str, str]], decide: _Decide[_T]
+        self,
+        connection: Any,
+        items: Sequence[tuple[str, str]],
+        decide: _Decide[_T],
+        writing: list[bool],
     ) -> _T:
         driver: Any = connection.driver_connection
         isolation = driver.isolation_level
@@ -285,7 +443,7 @@ class PermitStore:
             cursor = driver.cursor()
             cursor.execute("BEGIN IMMEDIATE")
             try:
-                outcomes = self._apply(cursor, items, decide)
+                outcomes = self._apply(cursor, items, decide, writing)
                 cursor.execute("COMMIT")
             except BaseException:
                 if driver.in_transaction:
@@ -328,49 +486,33 @@ class PermitStore:
         if not requests:
             raise ValueError("acquire_all needs at least one limit")
 
+        limits = [
+            Limit(r.kind, r.calls, _ms(r.period) if r.kind == RATE else 0, r.limit, _ms(r.ttl),
+                  _ms(r.park))
+            for r in requests
+        ]  # fmt: skip
+
         def decide(states: list[Any], now: int) -> tuple[Admission, list[Any]]:
-            writes: list[Any] = [KEEP] * len(requests)
-            granted_writes: list[Any] = [KEEP] * len(requests)
-            refusals: list[tuple[int, float, int]] = []  # (request index, retry_in ms, position)
-            claim: DebounceClaim | None = None
-            for index, (request, state) in enumerate(zip(requests, states, strict=True)):
-                if request.kind == RATE:
-                    period_ms = _ms(request.period)
-                    rate = rate_try_start(state or [], now, request.calls, period_ms)
-                    if rate.granted:
-                        expires = rate_expires_at(rate.starts, period_ms)
-                        granted_writes[index] = (rate.starts, expires)
-                    else:
-                        refusals.append((index, rate.retry_in_ms, 0))
-                elif request.kind == CONCURRENCY:
-                    leases = LeaseState.from_json(state)
-                    lease = lease_try_acquire(
-                        leases, holder, now, request.limit, _ms(request.ttl), _ms(request.park)
-                    )
-                    write = (_kept(leases), leases.expires_at())
-                    if lease.granted:
-                        granted_writes[index] = write
-                    else:
-                        writes[index] = write  # its place among the waiters
-                        refusals.append((index, lease.retry_in_ms, lease.position))
-                elif request.kind == DEBOUNCE:
-                    bursts = DebounceState.from_json(state)
-                    claimed = debounce_claim(bursts, holder, now)
-                    if claimed.status == "wait":
-                        refusals.append((index, claimed.retry_in_ms, 0))
-                    elif claimed.status == "start":
-                        claim = claimed
-                        kept = None if bursts.empty() else bursts.to_json()
-                        granted_writes[index] = (kept, bursts.expires_at(DEBOUNCE_GRACE_MS))
-                else:
-                    raise ValueError(f"unknown limit kind {request.kind!r}")
-            if not refusals:
-                return Admission(True, now / 1000, debounce=claim), granted_writes
-            first, _, position = refusals[0]
-            # It cannot start before every limit allows it: ask again at the latest of them.
-            retry_ms = max(r[1] for r in refusals)
-            admission = Admission(False, now / 1000, requests[first], retry_ms / 1000, position)
-            return admission, writes
+            made: dict[int, TableWaiters] = {}
+
+            def waiters_of(index: int) -> TableWaiters:
+                request = requests[index]
+                return made.setdefault(index, TableWaiters(self, request.scope, request.bucket))
+
+            decision = admit(
+                holder, limits, states, now, DEBOUNCE_GRACE_MS, DEBOUNCE_KEEP_STARTED_MS,
+                waiters_of,
+            )  # fmt: skip
+            for index, table in made.items():
+                if index not in decision.changes:
+                    table.discard()
+            writes = [decision.changes.get(i, KEEP) for i in range(len(requests))]
+            if decision.granted:
+                return Admission(True, now / 1000, debounce=decision.claim), writes
+            assert decision.refused is not None
+            refused = requests[decision.refused]
+            retry_in = decision.retry_in_ms / 1000
+            return Admission(False, now / 1000, refused, retry_in, decision.position), writes
 
         return self._transaction([(r.scope, r.bucket) for r in requests], decide)
 
@@ -380,7 +522,7 @@ class PermitStore:
 
         def rule(index: int, state: Any, now: int) -> tuple[list[HeldSlot], Any, int]:
             slot = held[index]
-            leases = LeaseState.from_json(state)
+            leases = LeaseState.from_json(state, TableWaiters(self, slot.scope, slot.bucket))
             wake = lease_release(leases, holder, now, slot.limit)
             woken = [HeldSlot(slot.scope, slot.bucket, w, slot.limit) for w in wake]
             return woken, _kept(leases), leases.expires_at()
@@ -412,7 +554,7 @@ class PermitStore:
         (at most `park`) unless a release wakes it first."""
 
         def rule(state: Any, now: int) -> tuple[SlotGrant, Any, int]:
-            leases = LeaseState.from_json(state)
+            leases = LeaseState.from_json(state, TableWaiters(self, scope, bucket))
             decision = lease_try_acquire(leases, holder, now, limit, _ms(ttl), _ms(park))
             grant = SlotGrant(
                 decision.granted, now / 1000, decision.position, decision.retry_in_ms / 1000
@@ -438,7 +580,7 @@ class PermitStore:
         """End `holder`'s lease; the waiters now due a slot (to wake early, best effort)."""
 
         def rule(state: Any, now: int) -> tuple[list[str], Any, int]:
-            leases = LeaseState.from_json(state)
+            leases = LeaseState.from_json(state, TableWaiters(self, scope, bucket))
             wake = lease_release(leases, holder, now, limit)
             return wake, _kept(leases), leases.expires_at()
 
@@ -451,13 +593,19 @@ class PermitStore:
         out, or a wake-up was lost), taken one per bucket in turn, starting after bucket
         `after`: a sweep never serves one bucket's whole queue before another's one job.
         A read: the waiters still take their slots through `acquire_slot`."""
-        due: dict[str, list[str]] = {}
-        for bucket, text, now in self._read(self.sql.scope_rows, (scope,)):
+        running: dict[str, int] = {}
+        now = int(self.now() * 1000)
+        for bucket, text, _ in self._read(self.sql.scope_rows, (scope,)):
             leases = LeaseState.from_json(json.loads(text))
-            leases.prune(int(now))
-            waiting = due_waiters(leases, limit)
-            if waiting:
-                due[str(bucket)] = waiting
+            leases.prune(now)
+            running[str(bucket)] = len(leases.leases)
+        due: dict[str, list[str]] = {}
+        for (bucket,) in self._read(self.sql.w_scope, (scope,)):
+            free = limit - running.get(str(bucket), 0)
+            if free > 0:
+                first = self._read(self.sql.w_first, (scope, bucket, now, free))
+                if first:
+                    due[str(bucket)] = [str(r[0]) for r in first]
         chosen: list[tuple[str, str]] = []
         last = after
         while due and len(chosen) < budget:
@@ -485,8 +633,10 @@ class PermitStore:
 
         def rule(state: Any, now: int) -> tuple[DebounceTicket, Any, int]:
             bursts = DebounceState.from_json(state)
+            bursts.prune(now, DEBOUNCE_KEEP_STARTED_MS)
             ticket = debounce_dispatch(bursts, job_id, payload, now, _ms(period), max_wait_ms)
-            return ticket, bursts.to_json(), bursts.expires_at(DEBOUNCE_GRACE_MS)
+            expires = bursts.expires_at(DEBOUNCE_KEEP_STARTED_MS, DEBOUNCE_GRACE_MS)
+            return ticket, bursts.to_json(), expires
 
         return self._one(scope, bucket, rule)
 
@@ -495,9 +645,10 @@ class PermitStore:
 
         def rule(state: Any, now: int) -> tuple[DebounceClaim, Any, int]:
             bursts = DebounceState.from_json(state)
+            bursts.prune(now, DEBOUNCE_KEEP_STARTED_MS)
             claim = debounce_claim(bursts, run_id, now)
             kept = None if bursts.empty() else bursts.to_json()
-            return claim, kept, bursts.expires_at(DEBOUNCE_GRACE_MS)
+            return claim, kept, bursts.expires_at(DEBOUNCE_KEEP_STARTED_MS, DEBOUNCE_GRACE_MS)
 
         return self._one(scope, bucket, rule)
 
@@ -505,28 +656,36 @@ class PermitStore:
 
     def counts(self) -> list[BucketCounts]:
         """Every bucket holding something now: running, waiting, recent starts."""
-        found: list[BucketCounts] = []
+        found: dict[tuple[str, str], list[int]] = {}
         for scope, bucket, text, now in self._read(self.sql.all_rows, ()):
             state = json.loads(text)
+            counts = found.setdefault((scope, bucket), [0, 0, 0])
             if isinstance(state, list):  # a rate bucket: its starts; the window is the scope's
-                found.append(BucketCounts(scope, bucket, 0, 0, len(state)))
+                counts[2] = len(state)
             elif "bursts" in state:
-                found.append(BucketCounts(scope, bucket, 0, len(state["bursts"]), 0))
+                counts[1] = DebounceState.from_json(state).waiting()
             else:
                 leases = LeaseState.from_json(state)
                 leases.prune(int(now))
-                found.append(
-                    BucketCounts(scope, bucket, len(leases.leases), len(leases.waiters), 0)
-                )
-        return found
+                counts[0] = len(leases.leases)
+        for scope, bucket, waiting in self._read(self.sql.w_all, ()):
+            found.setdefault((scope, bucket), [0, 0, 0])[1] += int(waiting)
+        return [
+            BucketCounts(scope, bucket, *counts)
+            for (scope, bucket), counts in found.items()
+            if any(counts)
+        ]
 
     def purge(self) -> int:
-        """Delete the rows whose state has run out; how many."""
+        """Delete the buckets whose state has run out and the waiters that stopped asking;
+        how many rows."""
         connection = self.engine.raw_connection()
         try:
             cursor = connection.cursor()
-            cursor.execute(self.sql.purge)
-            deleted = int(cursor.rowcount or 0)
+            deleted = 0
+            for sql in (self.sql.purge, self.sql.w_purge):
+                cursor.execute(sql)
+                deleted += int(cursor.rowcount or 0)
             cursor.close()
             connection.commit()
             return deleted

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jobyard.job_engine.flow.declarations import Concurrency, Debounce, KeyedRateLimit
+from jobyard.job_engine.flow.limiter import CONCURRENCY, DEBOUNCE, RATE
 from jobyard.job_engine.policy import RateLimit
 
 #: display_state of a job waiting for its rate limit's window.
@@ -22,9 +23,6 @@ DEBOUNCING = "debouncing"
 COLLAPSED = "collapsed"
 DISPLAY_STATES = (THROTTLED, WAITING_FOR_SLOT, DEBOUNCING, COLLAPSED)
 
-RATE = "rate"
-CONCURRENCY = "concurrency"
-DEBOUNCE = "debounce"
 #: What declares the limit: a job (`@job(...)`) or a queue (`queue(...)`).
 JOB, QUEUE = "job", "queue"
 
