@@ -136,7 +136,7 @@ def main() -> None:
                                settings.threads, database_url)  # fmt: skip
         database = psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True)
         try:
-            bench.warm_up(c)
+            bench.warm_up([c])
             c.signal(signal.SIGCONT)
             time.sleep(0.5)
             pids = processes_of(c.session)
