@@ -863,12 +863,10 @@ def temporal_rows(settings: Settings, database_url: str, postgres: PostgresBacke
             workload = WORKLOADS[workload_name]
             bare_row = TemporalRow(workload.name, "bare Temporal")
             row = TemporalRow(workload.name, "jobyard fallback")
-            bare_done_before = completed(bare_queue)
             per_round = max(1, n // rounds)
-            run_bare(workload, bare_row, 0, 4)  # warm: workers started, caches filled
+            run_bare(workload, TemporalRow("", ""), 0, 4)  # warm: workers started, caches filled
             run_jobyard(workload, TemporalRow("", ""), 0, 4)
             bare_done_before = completed(bare_queue)
-            bare_row.jobs = row.jobs = 0
             for r in range(rounds):
                 start = 100 + r * per_round
                 if r % 2 == 0:
