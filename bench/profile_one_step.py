@@ -9,8 +9,10 @@ py-spy samples every process of it (the dispatching process too) for the whole w
     uv pip install py-spy   # not in the lock file: `uv sync` removes it again
     uv run --group bench python bench/profile_one_step.py --contender jobyard --rate 300
 
-Prints, per process, the functions with the most samples (on CPU, idle threads left out),
-self and inclusive, and the Redis commands and PostgreSQL writes per job.
+Prints, per process, its CPU per job and the functions with the most samples (py-spy --gil:
+the thread holding the GIL, which is where a Python process's CPU goes; C code that releases
+the GIL, a socket wait or libpq's work, is not sampled), self and inclusive, and the Redis
+commands and PostgreSQL writes per job.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def record(pid: int, seconds: float, directory: str) -> tuple[subprocess.Popen[b
     path = os.path.join(directory, f"{pid}.txt")
     proc = subprocess.Popen(
         [PY_SPY, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
-         "--format", "raw", "--output", path, "--nonblocking"],
+         "--format", "raw", "--output", path, "--nonblocking", "--gil"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     return proc, path
@@ -136,7 +138,7 @@ def main() -> None:
                                settings.threads, database_url)  # fmt: skip
         database = psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True)
         try:
-            bench.warm_up(c)
+            bench.warm_up([c])
             c.signal(signal.SIGCONT)
             time.sleep(0.5)
             pids = processes_of(c.session)
@@ -146,7 +148,9 @@ def main() -> None:
             # py-spy starts as the producer does (open_loop resumes the worker and waits 1 s)
             spies = [(pid, *record(pid, args.seconds + 1.5, directory)) for pid in pids]
             spies.append((os.getpid(), *record(os.getpid(), args.seconds + 1.5, directory)))
+            cpu_before = {pid: bw._ticks(f"/proc/{pid}/stat")[0] for pid, _, _ in spies}
             bench.open_loop(c, "profile", args.rate)
+            cpu_after = {pid: bw._ticks(f"/proc/{pid}/stat")[0] for pid, _, _ in spies}
             for _, proc, _ in spies:
                 proc.wait(60)
             seg = c.segments["profile"]
@@ -166,9 +170,16 @@ def main() -> None:
           + f", total {sum(u.values()):.0f}")  # fmt: skip
     for pid, _, path in spies:
         role = "dispatching process (this one)" if pid == os.getpid() else f"worker pid {pid}"
-        print(f"\n-- py-spy, {role}")
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:90]
+        except OSError:
+            cmd = ""
+        used = (cpu_after[pid] - cpu_before[pid]) / bw.CLOCK_TICKS / jobs * 1e6
+        print(f"\n-- py-spy, {role}: {used:.0f} us CPU per job over the window (all threads)")
+        print(f"  {cmd}")
         print("\n".join(summarise(path, args.top)))
-    print("\n-- Redis INFO commandstats, per job")
+    print("\n-- Redis INFO commandstats, per job (evalsha's time includes the commands its")
+    print("   scripts call, which are listed too: 'all' counts them twice)")
     print(f"  {'command':<28} {'calls/job':>9} {'us/call':>8} {'us/job':>7}")
     for name, (calls, usec) in sorted(stats.items(), key=lambda kv: -kv[1][1]):
         print(f"  {name:<28} {calls / jobs:9.2f} {usec / max(calls, 1):8.1f} {usec / jobs:7.1f}")
