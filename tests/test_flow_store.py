@@ -92,10 +92,11 @@ def test_rate_grants_calls_per_period_then_says_when(url: str) -> None:
 
 def test_slots_lease_wait_in_order_wake_and_expire(url: str) -> None:
     store, scope = PermitStore(url), _unique("concurrency:job:t")
-    assert store.acquire_slot(scope, "acme", "j1", 1, 30.0, 60.0).granted
+    first = store.acquire_slot(scope, "acme", "j1", 1, 30.0, 60.0)
     second = store.acquire_slot(scope, "acme", "j2", 1, 30.0, 60.0)
     third = store.acquire_slot(scope, "acme", "j3", 1, 30.0, 60.0)
-    assert not second.granted and second.position == 0 and 29 < second.retry_in <= 30
+    assert first.granted and not second.granted and second.position == 0
+    assert abs(second.retry_in - (first.at + 30.0 - second.at)) < 0.002  # at j1's expiry
     assert not third.granted and third.position == 1 and third.retry_in == 60.0
     assert store.acquire_slot(scope, "beta", "b1", 1, 30.0, 60.0).granted
     counts = {(c.bucket, c.running, c.waiting) for c in store.counts() if c.scope == scope}
@@ -149,8 +150,8 @@ def test_due_waiters_are_swept_round_robin_across_keys(url: str) -> None:
 
 def test_debounce_collapses_a_burst_into_its_first_jobs_run(url: str) -> None:
     store, scope = PermitStore(url), _unique("debounce:job:t")
-    first = store.debounce(scope, "doc-42", "j1", {"v": 1}, 0.3, 5.0)
-    second = store.debounce(scope, "doc-42", "j2", {"v": 2}, 0.3, 5.0)
+    first = store.debounce(scope, "doc-42", "j1", {"v": 1}, 2.0, 5.0)
+    second = store.debounce(scope, "doc-42", "j2", {"v": 2}, 2.0, 5.0)
     assert not first.joined and second.joined and second.run_id == "j1"
     assert second.due > first.due
     assert store.claim_debounced(scope, "doc-42", "j1").status == "wait"
@@ -158,8 +159,8 @@ def test_debounce_collapses_a_burst_into_its_first_jobs_run(url: str) -> None:
     claim = store.claim_debounced(scope, "doc-42", "j1")
     assert (claim.status, claim.payload, claim.members) == ("start", {"v": 2}, ("j1", "j2"))
     assert store.claim_debounced(scope, "doc-42", "j1") == claim  # a rerun: the same burst
-    assert store.debounce(scope, "doc-42", "j2", {"v": 2}, 0.3, 5.0) == second  # a retried call
-    later = store.debounce(scope, "doc-42", "j3", {"v": 3}, 0.3, 5.0)
+    assert store.debounce(scope, "doc-42", "j2", {"v": 2}, 2.0, 5.0) == second  # a retried call
+    later = store.debounce(scope, "doc-42", "j3", {"v": 3}, 2.0, 5.0)
     assert not later.joined and later.run_id == "j3"  # the started burst takes no more
 
 
