@@ -138,12 +138,15 @@ def test_a_long_queue_of_one_key_stays_out_of_its_buckets_row(url: str) -> None:
 
 def test_due_waiters_are_swept_round_robin_across_keys(url: str) -> None:
     store, scope = PermitStore(url), _unique("concurrency:job:rr")
+    last = None
     for key in ("a", "b", "c"):
-        assert store.acquire_slot(scope, key, f"{key}-run", 2, 0.2, 60.0).granted
-        assert store.acquire_slot(scope, key, f"{key}-run2", 2, 0.2, 60.0).granted
+        assert store.acquire_slot(scope, key, f"{key}-run", 2, 3.0, 60.0).granted
+        last = store.acquire_slot(scope, key, f"{key}-run2", 2, 3.0, 60.0)
+        assert last.granted
         for n in range(3):
             assert not store.acquire_slot(scope, key, f"{key}{n}", 2, 30.0, 60.0).granted
-    time.sleep(0.25)  # every holder died: two slots free per key
+    assert last is not None
+    time.sleep(max(0.0, last.at + 3.0 - store.now()) + 0.05)  # every holder died: 2 free a key
     swept = store.due_round_robin(scope, 2, 4, "a")
     assert swept == [("b", "b0"), ("c", "c0"), ("a", "a0"), ("b", "b1")]
 
@@ -306,9 +309,13 @@ def test_contending_processes_never_hold_more_than_the_limit(
     print(f"\n{backend}: {PROCESSES} processes, {total / (ended - began):.0f} runs/s on 2 keys")
 
 
+#: The killed holder's lease: long enough for the test to see it held on a loaded machine.
+DOOMED_TTL = 5.0
+
+
 def _holder_that_dies(url: str, scope: str, out: Any) -> None:
     store = PermitStore(url)
-    out.put(store.acquire_slot(scope, "k", "doomed", 1, 1.0, 60.0).granted)
+    out.put(store.acquire_slot(scope, "k", "doomed", 1, DOOMED_TTL, 60.0).granted)
     time.sleep(0.1)
     os.kill(os.getpid(), signal.SIGKILL)  # holds its slot, never releases
 
@@ -322,7 +329,7 @@ def test_a_sigkilled_holders_slot_comes_back_at_its_lease_expiry(pg_url: str) ->
     proc.join(timeout=30)
     assert proc.exitcode == -signal.SIGKILL
     refused = store.acquire_slot(scope, "k", "next", 1, 1.0, 60.0)
-    assert not refused.granted and refused.retry_in <= 1.0
+    assert not refused.granted and refused.retry_in <= DOOMED_TTL
     time.sleep(refused.retry_in)
     assert store.acquire_slot(scope, "k", "next", 1, 1.0, 60.0).granted
 
