@@ -78,12 +78,19 @@ def test_a_backlog_runs_highest_priority_first_equal_ones_in_dispatch_order(
             )
             for index, p in enumerate(priorities)
         ]
-        # Workflows run first, with no activity worker: every step waits in the backlog.
+        # Workflows run first, with no activity worker, until every step waits in the backlog.
         async with Worker(
             client, task_queue=queue, workflows=[OneStep], activities=[],
             workflow_runner=UnsandboxedWorkflowRunner(),
         ):  # fmt: skip
-            await asyncio.sleep(3)
+            for handle in handles:
+                for _ in range(600):
+                    described = await handle.describe()
+                    if described.raw_description.pending_activities:
+                        break
+                    await asyncio.sleep(0.1)
+                else:
+                    raise AssertionError(f"{handle.id} never scheduled its step")
         async with Worker(
             client, task_queue=queue, workflows=[OneStep], activities=[record],
             max_concurrent_activities=1, workflow_runner=UnsandboxedWorkflowRunner(),
