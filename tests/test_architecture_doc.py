@@ -70,8 +70,10 @@ def module_exists(dotted: str) -> bool:
         found = module if module.is_file() else path / "__init__.py"
         if found.is_file():
             rest = parts[cut:]
-            return not rest or re.search(rf"\b(def|class)\s+{rest[0]}\b|^{rest[0]}\b\s*[:=]",
-                                         found.read_text(), re.MULTILINE) is not None
+            if not rest:
+                return True
+            defined = rf"\b(def|class)\s+{rest[0]}\b|^{rest[0]}\b\s*[:=]"
+            return re.search(defined, found.read_text(), re.MULTILINE) is not None
     return False
 
 
@@ -95,10 +97,10 @@ def _imports(tree: ast.AST) -> list[tuple[str, str]]:
             return
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             inner = TYPES_ONLY if context == MODULE_LEVEL else context
-            for child in node.body:
-                visit(child, inner)
-            for child in node.orelse:
-                visit(child, context)
+            for statement in node.body:
+                visit(statement, inner)
+            for statement in node.orelse:
+                visit(statement, context)
             return
         for child in ast.iter_child_nodes(node):
             visit(child, _import_context(node, context))
@@ -115,9 +117,9 @@ def import_graph(root: Path = ROOT) -> dict[str, dict[str, set[str]]]:
         for path in sorted(source.rglob("*.py")):
             for module, context in _imports(ast.parse(path.read_text(), str(path))):
                 parts = module.split(".")
-                if parts[0] == "jobyard" and len(parts) > 1 and parts[1] in PACKAGES:
-                    if parts[1] != package:
-                        graph[package][parts[1]].add(context)
+                other = parts[1] if parts[0] == "jobyard" and len(parts) > 1 else None
+                if other in PACKAGES and other != package:
+                    graph[package][other].add(context)
     return graph
 
 
