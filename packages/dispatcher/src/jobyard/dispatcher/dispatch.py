@@ -1,5 +1,6 @@
 """dispatch_job(): validate, pick an engine, start the job once. The public functions, and the
-`Dispatcher` that wires the parts together:
+`Dispatcher` that wires the parts together (the steps: docs/architecture.md, "The dispatch
+contract"):
 
 1. validate name, payload and options (submission.py);  a caller-chosen id is claimed in the
    job id registry first (caller_ids.py);  2-7. route the job to the preferred engine, or to

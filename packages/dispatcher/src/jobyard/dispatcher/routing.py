@@ -1,5 +1,5 @@
 """Which engine takes a job: steps 2-7 of the dispatch contract (step 1, the checks, is
-submission.py; caller-chosen ids first go through caller_ids.py).
+submission.py; caller-chosen ids first go through caller_ids.py; all seven: docs/architecture.md).
 
 2. USE_DRAMATIQ=false -> the fallback engine (Temporal);  3. the preferred engine's circuit
 open -> the fallback;  4-5. the preferred engine (Dramatiq: one Lua call checks live workers for
