@@ -202,6 +202,8 @@ PROCESS_FIXTURES = frozenset({"engines", "shared_engines", "module_engines"})
 PARAMETER_TIERS = {
     ("database", "pg"): INTEGRATION,
     ("database", "postgresql"): INTEGRATION,
+    ("url", "postgresql"): INTEGRATION,  # tests/test_flow_store.py
+    ("store", "postgresql"): INTEGRATION,  # tests/test_flow_gate.py
     ("engine", "dramatiq"): ACCEPTANCE,
     ("engine", "temporal"): ACCEPTANCE,
 }
@@ -224,6 +226,9 @@ EXPLICIT_TIERS = {
     "tests/test_django.py::test_the_backend_on_django6_and_python312": ACCEPTANCE,
     # the wheel built and installed into two virtualenvs
     "tests/test_distribution.py::": ACCEPTANCE,
+    "tests/test_flow_temporal_priority.py::": INTEGRATION,  # a dev server with priority flags
+    # `jobyard worker --queues nope`, to read what it says
+    "tests/test_queue_declaration.py::test_a_worker_told_an_unknown_queue_says_so": ACCEPTANCE,
 }
 #: A module's fixture that runs a program whole: (module, fixture) -> tier.
 MODULE_FIXTURE_TIERS = {
