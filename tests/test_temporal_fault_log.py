@@ -12,7 +12,7 @@ import time
 import pytest
 
 from jobyard.dispatcher import dispatch_job
-from jobyard.temporal_worker.faultlog import FaultLog, RepeatedLines
+from jobyard.temporal_worker.faultlog import FaultLog
 from tests.engines import Engines
 from tests.support import RedisServer, wait_for
 
@@ -88,19 +88,3 @@ def test_counts_per_cause_and_interval(captured: tuple[logging.Logger, _Lines]) 
     faults.fault("a", "job 6")
     faults.flush(force=True)
     assert handler.lines[4:] == ["a: 1 more in the last 0 s; latest: job 6"]
-
-
-def test_repeated_library_lines_are_counted_errors_pass(
-    captured: tuple[logging.Logger, _Lines],
-) -> None:
-    out, handler = captured
-    library = logging.getLogger("tests.fault_log.library")
-    library.propagate = False
-    passed = _Lines()
-    library.handlers = [passed]
-    library.addFilter(RepeatedLines(FaultLog(out, interval=10), lambda r: r.getMessage()))
-    for attempt in range(1, 6):
-        library.warning("gRPC call poll retried %d times", attempt)
-    library.error("something else broke")
-    assert handler.lines == ["gRPC call poll retried N times: gRPC call poll retried 1 times"]
-    assert passed.lines == ["something else broke"]

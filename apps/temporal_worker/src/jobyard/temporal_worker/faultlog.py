@@ -6,7 +6,6 @@ a minute hide the line that matters."""
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -87,25 +86,3 @@ class FaultLog:
         while True:
             time.sleep(min(self.interval, 1.0))
             self.flush()
-
-
-_NUMBERS = re.compile(r"\d+")
-
-
-class RepeatedLines(logging.Filter):
-    """A logger filter for a library's lines that repeat by the hundred during an outage
-    (temporalio's core: "gRPC call poll_activity_task_queue retried 9 times" per poll per
-    second while the server is down): each line goes through a FaultLog keyed by its text
-    with numbers and details taken out, so it is written once per interval, with a count.
-    Errors pass untouched."""
-
-    def __init__(self, faults: FaultLog, key: Callable[[logging.LogRecord], str]) -> None:
-        super().__init__()
-        self.faults = faults
-        self.key = key
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR:
-            return True
-        self.faults.fault(_NUMBERS.sub("N", self.key(record)), record.getMessage())
-        return False

@@ -9,13 +9,6 @@ import threading
 from datetime import timedelta
 
 from temporalio.client import Client
-from temporalio.runtime import (
-    LogForwardingConfig,
-    LoggingConfig,
-    Runtime,
-    TelemetryConfig,
-    TelemetryFilter,
-)
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -24,7 +17,6 @@ from jobyard.job_engine import env, tracing
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.temporal_worker.activities import JobActivities
 from jobyard.temporal_worker.claims import RedisClaims
-from jobyard.temporal_worker.faultlog import FaultLog, RepeatedLines
 from jobyard.temporal_worker.journal import StepRecords
 from jobyard.temporal_worker.rescue import rescue_forever
 from jobyard.temporal_worker.workflow import JobWorkflow
@@ -56,28 +48,6 @@ def build_worker(
     )
 
 
-def quiet_core_logs() -> None:
-    """temporalio's core (Rust) logs through Python's logging instead of straight to stderr,
-    its repeated lines once per interval with a count: while the server is down each poller
-    logs a line per retry. Before any client exists: clients keep the runtime they were made
-    with."""
-    core = logging.getLogger("temporalio.core")
-    core.addFilter(RepeatedLines(FaultLog(logging.getLogger("jobyard.temporal_core")), _core_key))
-    forwarded = LoggingConfig(
-        filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),  # temporalio's default
-        forwarding=LogForwardingConfig(logger=core),
-    )
-    Runtime.set_default(
-        Runtime(telemetry=TelemetryConfig(logging=forwarded)), error_if_already_set=False
-    )
-
-
-def _core_key(record: logging.LogRecord) -> str:
-    """What a core line is about: its source and message, without its fields (the error)."""
-    line = getattr(record, "temporal_log", None)
-    return f"{line.target}: {line.message}" if line is not None else record.getMessage()
-
-
 async def connect(address: str, namespace: str) -> Client:
     while True:
         try:
@@ -98,7 +68,6 @@ def install_child_dispatcher() -> None:
 
 
 async def serve() -> None:
-    quiet_core_logs()
     tracing.setup_from_env()
     install_child_dispatcher()
     client = await connect(env.get_str(env.TEMPORAL_ADDRESS), env.get_str(env.TEMPORAL_NAMESPACE))
