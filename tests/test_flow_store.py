@@ -154,6 +154,7 @@ def test_due_waiters_are_swept_round_robin_across_keys(url: str) -> None:
 def test_debounce_collapses_a_burst_into_its_first_jobs_run(url: str) -> None:
     store, scope = PermitStore(url), _unique("debounce:job:t")
     first = store.debounce(scope, "doc-42", "j1", {"v": 1}, 2.0, 5.0)
+    time.sleep(0.01)  # a later dispatch, so a later due time (the clock counts milliseconds)
     second = store.debounce(scope, "doc-42", "j2", {"v": 2}, 2.0, 5.0)
     assert not first.joined and second.joined and second.run_id == "j1"
     assert second.due > first.due
