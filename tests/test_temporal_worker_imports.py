@@ -1,6 +1,5 @@
-"""apps/temporal_worker reaches Dramatiq's package in two places only (issue 28, item 1): the
-claim's store (claims.py) and the retry policy (context.py, until the queue registry moves to
-jobyard.job_engine.queues); and no activity fetches a whole Dispatcher for a claim."""
+"""apps/temporal_worker reaches Dramatiq's package in one place only (issue 28, item 1): the
+claim's store (claims.py); and no activity fetches a whole Dispatcher for a claim."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ from tests.support import ROOT
 PACKAGE = ROOT / "apps/temporal_worker/src/jobyard/temporal_worker"
 ALLOWED = {
     "claims.py": {"jobyard.queue.client", "jobyard.queue.store"},
-    "context.py": {"jobyard.queue.queues"},
 }
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import redis
 
 from jobyard.job_engine import env
+from jobyard.job_engine.queues import queue_names
 from jobyard.queue.client import make_client
-from jobyard.queue.queues import queue_names
 from jobyard.queue.store import JobStore
 
 STATE_DIR = Path(".jobyard")

@@ -12,7 +12,7 @@ from temporalio.common import RetryPolicy as TemporalRetryPolicy
 with workflow.unsafe.imports_passed_through():
     from jobyard.job_engine import JobSpec
     from jobyard.job_engine.context import StepRetryContext
-    from jobyard.queue.queues import retry_policy  # -> jobyard.job_engine.queues (issue 28)
+    from jobyard.job_engine.queues import retry_policy
     from jobyard.temporal_worker.activities import (
         EVENT_ACTIVITY,
         STEP_ACTIVITY,

@@ -7,9 +7,9 @@ import socket
 import redis
 
 from jobyard.job_engine import env
+from jobyard.job_engine.queues import parse_queue_list
 from jobyard.queue import keys
 from jobyard.queue.client import make_client
-from jobyard.queue.queues import parse_queue_list
 
 
 def check_health(queues_text: str = "") -> tuple[bool, str]:

@@ -18,11 +18,11 @@ from dramatiq.middleware import Middleware
 
 from jobyard.job_engine import env, tracing
 from jobyard.job_engine.db import joblog
+from jobyard.job_engine.queues import get_queue, parse_queue_list
 from jobyard.queue.client import get_client
 from jobyard.queue.direct import DirectJobStore
 from jobyard.queue.dramatiq_compat import broker_id_of
 from jobyard.queue.messages import SEQ
-from jobyard.queue.queues import get_queue, parse_queue_list
 from jobyard.queue.worker import JobyardWorker, RunGate
 from jobyard.worker.liveness import Heartbeat, new_worker_id
 

@@ -22,7 +22,7 @@ WORKER_REPLICAS = "WORKER_REPLICAS"  # read by compose/deploy, not by Python
 WEBHOOK_SECRET = "WEBHOOK_SECRET"
 JOB_MODULES = "JOBYARD_JOB_MODULES"
 BREAKER_PROBE_INTERVAL = "JOBYARD_BREAKER_PROBE_INTERVAL"  # seconds between Redis probes when open
-# Per-queue (see jobyard.queue.queues): WORKER_CONCURRENCY_<QUEUE>, WORKER_PREFETCH_<QUEUE>,
+# Per-queue (see jobyard.job_engine.queues): WORKER_CONCURRENCY_<QUEUE>, WORKER_PREFETCH_<QUEUE>,
 # QUEUE_TIME_LIMIT_<QUEUE>, QUEUE_MAX_ATTEMPTS_<QUEUE>
 # Per-job: JOBYARD_JOB_<NAME>_ATTEMPTS|BACKOFF|TIMEOUT (see jobyard.job_engine.policy.env_key)
 
@@ -158,8 +158,9 @@ DEFAULTS[WORKER_METRICS_PORT] = "9191"
 TEMPORAL_STEP_CONCURRENCY = "TEMPORAL_STEP_CONCURRENCY"
 DEFAULTS[TEMPORAL_STEP_CONCURRENCY] = "100"
 
-# "false": a Dramatiq step's result is kept in Redis only, not also in the database's job_steps
-# (a Redis that comes back empty then runs returned steps again; see db/steps.py)
+# "false": a step's result is not also kept in the database's job_steps: on Dramatiq it is then in
+# Redis only (a Redis that comes back empty runs returned steps again), and on Temporal a step whose
+# completion the server never got runs again (see db/steps.py, temporal_worker/journal.py)
 STEP_JOURNAL = "JOBYARD_STEP_JOURNAL"
 DEFAULTS[STEP_JOURNAL] = "true"
 
