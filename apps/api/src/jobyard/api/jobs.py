@@ -54,9 +54,9 @@ from jobyard.dispatcher import (
     replay_job,
 )
 from jobyard.dispatcher.dispatch import MAX_DELAY_SECONDS
-from jobyard.job_engine.flow import PRIORITY_MAX, PRIORITY_MIN
 from jobyard.dispatcher.timeline import job_timeline
 from jobyard.job_engine import UnsafeURLError, get_spec, netguard, strictjson
+from jobyard.job_engine.flow import PRIORITY_MAX, PRIORITY_MIN
 
 log = logging.getLogger("jobyard.api")
 router = APIRouter()
