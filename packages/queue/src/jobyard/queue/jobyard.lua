@@ -143,9 +143,10 @@ end
 -- Puts back fetched messages, each where it waited: priority 0 at the back of the queue's list
 -- (as Dramatiq does) unless `zero_first`, a band's at the front of its band, in their order
 -- (they were fetched before the messages still there). `entries`: {message id, priority} in
--- fetch order.
-local function put_back(queue_key, bands_key, band_prefix, entries, zero_first)
-    local fronts = {}
+-- fetch order. With `channel`, a message put back above priority 0 is published there, as an
+-- enqueue would (workers fetch it before what they prefetched).
+local function put_back(queue_key, bands_key, band_prefix, entries, zero_first, channel)
+    local fronts, top = {}, 0
     for _, entry in ipairs(entries) do
         if entry[2] == 0 and not zero_first then
             redis.call("rpush", queue_key, entry[1])
@@ -157,6 +158,10 @@ local function put_back(queue_key, bands_key, band_prefix, entries, zero_first)
         local p = fronts[i][2]
         local list_key = p == 0 and queue_key or waiting_list(queue_key, bands_key, band_prefix, p)
         redis.call("lpush", list_key, fronts[i][1])
+        top = math.max(top, p)
+    end
+    if channel and top > 0 then
+        redis.call("publish", channel, top)
     end
 end
 
@@ -685,6 +690,7 @@ elseif command == "rescue" then
 
 -- reclaim: KEYS dramatiq heartbeats, queue list, queue msgs, delay list, delay msgs, suspects
 --               [, bands, band prefix (a prefix, in KEYS so that ARGV keeps its pairs)]
+--               [, priority channel]
 --          ARGV acks key prefix ("<namespace>:__acks__."), queue, delay queue, job key prefix,
 --               dead before (ms: brokers whose heartbeat is older are dead; "0": none),
 --               how those died, then (broker id, how it died) for each broker known dead
@@ -706,7 +712,7 @@ elseif command == "rescue" then
 elseif command == "reclaim" then
     local heartbeats_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
     local delay_key, delay_msgs_key, suspects_key = KEYS[4], KEYS[5], KEYS[6]
-    local bands_key, band_prefix = KEYS[7], KEYS[8]
+    local bands_key, band_prefix, channel = KEYS[7], KEYS[8], KEYS[9]
     local acks_prefix, queue, delay_queue, job_prefix = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
     local dead_before, stale_beat = tonumber(ARGV[6]), ARGV[7]
 
@@ -750,7 +756,7 @@ elseif command == "reclaim" then
                 end
             end
         end
-        put_back(queue_key, bands_key, band_prefix, requeued)
+        put_back(queue_key, bands_key, band_prefix, requeued, false, channel)
         redis.call("del", acks_key)
         local delay_acks_key = acks_prefix .. broker .. "." .. delay_queue
         for _, message_id in ipairs(redis.call("smembers", delay_acks_key)) do
@@ -766,7 +772,8 @@ elseif command == "reclaim" then
     return suspects
 
 -- requeue_suspects: KEYS suspects, queue list, queue msgs
---                        [, bands, band prefix, job key prefix (prefixes: ARGV keeps its pairs)]
+--                        [, bands, band prefix, job key prefix (prefixes: ARGV keeps its pairs),
+--                         priority channel]
 --                   ARGV (message id, the message marked as a suspect's) for each
 -- (A suspect goes back to its band, at its front, see put_back; without the band keys, to the
 -- queue's list.)
@@ -775,7 +782,7 @@ elseif command == "reclaim" then
 -- jobyard.queue.reclaim), as is one a cancel or handoff removed meanwhile.
 elseif command == "requeue_suspects" then
     local suspects_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
-    local bands_key, band_prefix, job_prefix = KEYS[4], KEYS[5], KEYS[6]
+    local bands_key, band_prefix, job_prefix, channel = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 
     local requeued, entries = 0, {}
     for i = 2, #ARGV - 1, 2 do
@@ -792,7 +799,7 @@ elseif command == "requeue_suspects" then
             end
         end
     end
-    put_back(queue_key, bands_key, band_prefix, entries)
+    put_back(queue_key, bands_key, band_prefix, entries, false, channel)
     return requeued
 
 -- fetch: KEYS dramatiq heartbeats, this broker's acks of the queue, queue list, queue msgs, bands
