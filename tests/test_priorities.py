@@ -252,3 +252,29 @@ def test_the_cli_dispatches_with_a_priority_and_refuses_a_bad_one(
     assert not_an_int.returncode == 2 and "--priority" in not_an_int.stderr
     assert client.llen(keys.band(PRIORITY_QUEUE, 42)) == 1  # nothing more queued
     client.close()
+
+
+# --- Temporal: the workflow carries the priority as its task priority ----------------------
+
+
+def test_a_temporal_dispatch_carries_its_priority_as_the_task_priority_key(
+    prio: Engines, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the dev server (a real one): `priority_key = 101 - priority`, none for 0. Whether the
+    server orders by it depends on its matcher settings (docs/flow-control.md)."""
+    from jobyard.dispatcher import get_dispatcher
+
+    monkeypatch.setenv(env.USE_DRAMATIQ, "false")
+    temporal = get_dispatcher().temporal
+    keys_seen = {}
+    for p in (100, 1, None, -100):
+        handle = dispatch_job("test.prio_mark", mark(tmp_path, f"t{p}"), priority=p)
+        assert handle.engine == "temporal", handle
+
+        async def describe(job_id: str = handle.job_id) -> Any:
+            client = await temporal.client()  # type: ignore[attr-defined]
+            return await client.get_workflow_handle(job_id).describe()
+
+        info = temporal.run(describe()).raw_description.workflow_execution_info  # type: ignore[attr-defined]
+        keys_seen[p] = info.priority.priority_key
+    assert keys_seen == {100: 1, 1: 100, None: 0, -100: 201}  # 0: no key sent
