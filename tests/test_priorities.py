@@ -175,16 +175,20 @@ def test_jobs_without_a_priority_take_no_extra_redis_call(prio: Engines, tmp_pat
     band_keys = (keys.band_prefix(PRIORITY_QUEUE), keys.priority_channel(PRIORITY_QUEUE))
     assert not [w for w, _ in seen if any(a.startswith(band_keys) for a in w[1:2])]
     assert not [w for w, _ in seen if w[0].upper() == "PUBLISH"]
-    # Each jobyard fetch (its KEYS name the band index) and the commands its script ran.
+    # Each jobyard fetch (its KEYS name the band index) and the commands its script ran; no
+    # other jobyard command naming it (a requeue to fetch again for a priority) ran at all.
     fetches: list[list[str]] = []
     for at, (words, _) in enumerate(seen):
-        if words[0].upper() == "EVALSHA" and keys.bands(PRIORITY_QUEUE) in words:
-            ran = []
-            for inner, client_type in seen[at + 1 :]:
-                if client_type != "lua":
-                    break
-                ran.append(inner[0].lower())
-            fetches.append(ran)
+        if words[0].upper() != "EVALSHA" or keys.bands(PRIORITY_QUEUE) not in words:
+            continue
+        command = words[3 + int(words[2])]
+        assert command == "fetch", words
+        ran = []
+        for inner, client_type in seen[at + 1 :]:
+            if client_type != "lua":
+                break
+            ran.append(inner[0].lower())
+        fetches.append(ran)
     complete = fetches[:-1]  # the last may have been cut off by the end of the watch
     assert complete, seen
     for ran in complete:

@@ -46,8 +46,9 @@ log = logging.getLogger("jobyard.worker")
 
 class PriorityListener:
     """Calls `heard()` whenever a message of priority > 0 enters `queue` (jobyard.lua publishes
-    on its channel), and once after each (re)subscription, since one may have come meanwhile. A
-    daemon thread of its own; a lost connection is subscribed again a second later."""
+    on its channel). `start` subscribes before it returns, so a worker that has fetched nothing
+    yet misses nothing; after a lost connection it subscribes again a second later, and calls
+    `heard()` once, since one may have come meanwhile. A daemon thread of its own."""
 
     POLL = 1.0  # seconds between looks at whether to stop
 
@@ -57,19 +58,34 @@ class PriorityListener:
         self.thread = threading.Thread(
             target=self._run, name=f"jobyard-priority-{queue}", daemon=True
         )
+        self._first: Any = None  # the pubsub `start` subscribed, for the thread to listen on
 
     def start(self) -> None:
+        try:
+            self._first = self._subscribed()
+        except redis.RedisError as exc:  # the thread tries again
+            log.warning("priority channel %s: %s; subscribing again", self.channel, exc)
         self.thread.start()
 
     def stop(self) -> None:
         self.stopped.set()
 
+    def _subscribed(self) -> Any:
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self.channel)
+        except BaseException:
+            pubsub.close()
+            raise
+        return pubsub
+
     def _run(self) -> None:
+        pubsub, self._first = self._first, None
         while not self.stopped.is_set():
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
-                pubsub.subscribe(self.channel)
-                self.heard()
+                if pubsub is None:
+                    pubsub = self._subscribed()
+                    self.heard()
                 while not self.stopped.is_set():
                     if pubsub.get_message(timeout=self.POLL) is not None:
                         self.heard()
@@ -77,7 +93,9 @@ class PriorityListener:
                 log.warning("priority channel %s: %s; subscribing again", self.channel, exc)
                 self.stopped.wait(CONSUMER_RESTART_DELAY_SECS)
             finally:
-                pubsub.close()
+                if pubsub is not None:
+                    pubsub.close()
+                    pubsub = None
 
 
 class PulledQueue:

@@ -391,6 +391,16 @@ def interceptors(*, worker: bool = False) -> list[Interceptor]:
 #: Temporal's priority key of jobyard's priority 0: the middle of 201 levels (1 runs first).
 PRIORITY_KEY_OF_ZERO = 101
 
+#: The dev server's dynamic config under which it orders a task queue's backlog exactly by
+#: `task_priority` (docs/flow-control.md "Priorities": measured on server 1.32): the new
+#: matcher, one partition, 201 levels. `jobyard dev` and the tests' dev server pass them.
+DEV_SERVER_PRIORITY_FLAGS = [
+    "--dynamic-config-value", "matching.useNewMatcher=true",
+    "--dynamic-config-value", "matching.numTaskqueueReadPartitions=1",
+    "--dynamic-config-value", "matching.numTaskqueueWritePartitions=1",
+    "--dynamic-config-value", "matching.priorityLevels=201",
+]  # fmt: skip
+
 
 def task_priority(priority: int) -> Priority:
     """The Temporal task priority of a jobyard priority (-100..100, higher first):
