@@ -24,6 +24,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.testing import WorkflowEnvironment
 
+from jobyard.dispatcher.engines.temporal.engine import DEV_SERVER_PRIORITY_FLAGS
+
 ROOT = Path(__file__).resolve().parent.parent
 #: The local PostgreSQL cluster's `test` database, used only to create and drop test databases.
 PG_ADMIN_URL = os.environ.get(
@@ -147,6 +149,8 @@ class TemporalDevServer:
                 port=self.port,
                 ui=False,
                 dev_server_log_level="error",
+                # Priorities ordered as in production (see DEV_SERVER_PRIORITY_FLAGS).
+                dev_server_extra_args=DEV_SERVER_PRIORITY_FLAGS,
             ),
             self.loop,
         )

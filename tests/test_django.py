@@ -81,7 +81,7 @@ def test_the_backend_is_configured(django_project: Path) -> None:
     assert default_task_backend.supports_defer
     assert default_task_backend.supports_async_task
     assert default_task_backend.supports_get_result
-    assert not default_task_backend.supports_priority
+    assert default_task_backend.supports_priority
     with pytest.raises(c.InvalidTask, match="Queue 'scheduled' is not valid"):
         tasks().noop_task.using(queue_name="scheduled")
     with pytest.raises(c.TaskResultDoesNotExist):
@@ -228,5 +228,22 @@ def test_the_backend_on_django6_and_python312(
     )  # fmt: skip
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    assert re.search(r"\b4 passed\b", summary) and "skipped" in summary, summary
+    assert re.search(r"\b5 passed\b", summary) and "skipped" in summary, summary
     record_property("summary", f"Django {versions[1]} on Python {versions[0]}: {summary}")
+
+
+def test_a_task_priority_reaches_its_jobs_band(django_project: Path, engines: Engines) -> None:
+    """Django's priority (-100..100, higher first) is jobyard's: the job waits in its band."""
+    from jobyard.queue import keys
+
+    client = engines.redis.client()
+    seconds, _ = client.time()  # a live worker's heartbeat: the job waits on Dramatiq
+    client.zadd(keys.workers("default"), {"placeholder": (seconds + 600) * 1000})
+    result = tasks().noop_task.using(priority=42).enqueue()
+    default = tasks().noop_task.enqueue()  # Django's default, 0: the job's own
+    assert client.llen(keys.band("default", 42)) == 1
+    assert client.hget(keys.job(result.id), "priority") == b"42"
+    assert client.hget(keys.job(default.id), "priority") is None
+    with pytest.raises(compat().InvalidTask):
+        tasks().noop_task.using(priority=101)
+    client.close()

@@ -6,6 +6,7 @@ Redis state each command leaves) independently of the Python wrapper."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from importlib import resources
 from typing import Any
@@ -1195,3 +1196,274 @@ def test_requeue_suspects_puts_the_marked_messages_back_or_drops_them(
     assert not r.hexists(MSGS_KEY, dropped) and not r.hexists(MSGS_KEY, "gone")
     assert not r.hexists(MSGS_KEY, "not-listed")
     assert not r.exists(suspects_key)
+
+
+# --- Priorities (docs/flow-control.md "Priorities") -----------------------------------------
+# A job's priority is its record's "priority"; p != 0 waits in jobyard:band:<queue>:<p>, listed
+# in jobyard:bands:<queue> (score -p); priority 0 is Dramatiq's queue list, untouched.
+
+BANDS_KEY = keys.bands(QUEUE)
+BAND_PREFIX = keys.band_prefix(QUEUE)
+CHANNEL = keys.priority_channel(QUEUE)
+
+
+def enqueue_prioritized(
+    lua: Lua, job_id: str, priority: int, *, queue_key: str = QUEUE_KEY, delayed: bool = False
+) -> Any:
+    """`enqueue` as store.enqueue calls it with a priority (p != 0)."""
+    message = encode_job_message(NAME, QUEUE, job_id, {"job": job_id})
+    return lua(
+        "enqueue",
+        [keys.job(job_id), WORKERS_KEY, queue_key, MSGS_KEY, BANDS_KEY],
+        job_id,
+        message.redis_message_id,
+        message.data.decode(),
+        NAME,
+        QUEUE,
+        TIMEOUT_MS,
+        TTL,
+        "",
+        0,
+        priority,
+        "" if delayed else BAND_PREFIX,
+        CHANNEL,
+    )
+
+
+def fetch(lua: Lua, wanted: int, broker: str = BROKER) -> list[str]:
+    """`fetch` as BandCommands.fetch calls it: the job ids of the messages, in order."""
+    data = lua(
+        "fetch",
+        [
+            keys.dramatiq_heartbeats(),
+            keys.dramatiq_acks(broker, QUEUE),
+            QUEUE_KEY,
+            MSGS_KEY,
+            BANDS_KEY,
+        ],
+        broker,
+        12345,
+        wanted,
+        BAND_PREFIX,
+    )
+    return [json.loads(d)["args"][0] for d in data]
+
+
+def enqueue_plain(lua: Lua, job_id: str) -> Any:
+    message = encode_job_message(NAME, QUEUE, job_id, {"job": job_id})
+    return lua(
+        "enqueue",
+        [keys.job(job_id), WORKERS_KEY, QUEUE_KEY, MSGS_KEY],
+        job_id,
+        message.redis_message_id,
+        message.data.decode(),
+        NAME,
+        QUEUE,
+        TIMEOUT_MS,
+        TTL,
+        "",
+    )
+
+
+def test_enqueue_with_a_priority_puts_the_message_in_its_band_and_publishes_above_zero(
+    r: redis.Redis, lua: Lua
+) -> None:
+    live_worker(r)
+    listener = r.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(CHANNEL)
+    listener.get_message(timeout=1)
+    assert enqueue_prioritized(lua, "high", 7) == ["enqueued"]
+    assert enqueue_prioritized(lua, "low", -3) == ["enqueued"]
+    assert r.llen(QUEUE_KEY) == 0
+    assert r.llen(keys.band(QUEUE, 7)) == 1 and r.llen(keys.band(QUEUE, -3)) == 1
+    assert r.zrange(BANDS_KEY, 0, -1, withscores=True) == [("7", -7.0), ("-3", 3.0)]
+    assert r.hget(keys.job("high"), "priority") == "7"
+    published = listener.get_message(timeout=1)
+    assert published is not None and published["data"] == "7"
+    assert listener.get_message(timeout=0.2) is None  # nothing for p < 0
+    listener.close()
+
+
+def test_enqueue_with_a_priority_and_a_delay_waits_on_the_delay_queue(
+    r: redis.Redis, lua: Lua
+) -> None:
+    live_worker(r)
+    assert enqueue_prioritized(lua, "later", 5, queue_key=DELAY_KEY, delayed=True) == ["enqueued"]
+    assert r.llen(DELAY_KEY) == 1 and r.exists(BANDS_KEY) == 0
+    assert r.hget(keys.job("later"), "priority") == "5"  # its band once due (hand_back)
+
+
+def test_enqueue_without_a_priority_touches_no_band_key(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    assert enqueue_plain(lua, "plain") == ["enqueued"]
+    assert r.lrange(QUEUE_KEY, 0, -1) and r.exists(BANDS_KEY) == 0
+    assert "priority" not in r.hgetall(keys.job("plain"))
+
+
+# fetch: KEYS heartbeats, acks, queue list, queue msgs, bands   ARGV broker, ms, wanted, prefix
+
+
+def test_fetch_takes_bands_above_zero_then_the_list_then_bands_below_in_fifo_order(
+    r: redis.Redis, lua: Lua
+) -> None:
+    live_worker(r)
+    for job_id, p in [("a0", 0), ("b-5", -5), ("c10", 10), ("d0", 0), ("e10", 10), ("f3", 3)]:
+        if p:
+            enqueue_prioritized(lua, job_id, p)
+        else:
+            enqueue_plain(lua, job_id)
+    enqueue_prioritized(lua, "g-1", -1)
+    assert fetch(lua, 3) == ["c10", "e10", "f3"]
+    # Band 10 came up short: it left the index; band 3 gave exactly what was asked: it leaves
+    # at the next fetch, which finds it empty.
+    assert r.zrange(BANDS_KEY, 0, -1) == ["3", "-1", "-5"]
+    assert fetch(lua, 10) == ["a0", "d0", "g-1", "b-5"]
+    assert r.exists(BANDS_KEY) == 0
+    assert len(r.smembers(ACKS_KEY)) == 7  # every id fetched is held, as Dramatiq's fetch
+    assert r.zscore(keys.dramatiq_heartbeats(), BROKER) == 12345
+    assert fetch(lua, 5) == []
+
+
+def test_fetch_drops_a_message_whose_data_is_gone(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    enqueue_prioritized(lua, "gone", 4)
+    enqueue_prioritized(lua, "kept", 4)
+    rmid = r.lindex(keys.band(QUEUE, 4), 0)
+    r.hdel(MSGS_KEY, rmid)  # cancelled while waiting
+    assert fetch(lua, 5) == ["kept"]
+    assert rmid not in r.smembers(ACKS_KEY)
+
+
+# requeue: KEYS acks, queue list, queue msgs, bands   ARGV job prefix, band prefix, first|last, ids
+
+
+def requeue(lua: Lua, ids: list[str], where: str = "last") -> Any:
+    return lua(
+        "requeue",
+        [ACKS_KEY, QUEUE_KEY, MSGS_KEY, BANDS_KEY],
+        keys.job_prefix(),
+        BAND_PREFIX,
+        where,
+        *ids,
+    )
+
+
+def test_requeue_puts_each_message_back_in_its_band_first(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    for job_id in ("p1", "p2", "p3"):
+        enqueue_prioritized(lua, job_id, 9)
+    enqueue_plain(lua, "z1")
+    enqueue_plain(lua, "z2")
+    assert fetch(lua, 1) == ["p1"]
+    taken = r.smembers(ACKS_KEY)
+    assert fetch(lua, 2) == ["p2", "p3"]
+    ids = [i for i in r.smembers(ACKS_KEY) if i not in taken]
+    order = {json.loads(r.hget(MSGS_KEY, i))["args"][0]: i for i in ids}
+    assert requeue(lua, [order["p2"], order["p3"]]) == 2
+    # Back at the front of band 9, in their order, and the band is listed again.
+    assert r.zrange(BANDS_KEY, 0, -1) == ["9"]
+    assert fetch(lua, 10) == ["p2", "p3", "z1", "z2"]
+
+
+def test_requeue_first_restores_priority_zero_order_too(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    for job_id in ("z1", "z2", "z3"):
+        enqueue_plain(lua, job_id)
+    fetched_ids = r.lrange(QUEUE_KEY, 0, 1)
+    assert fetch(lua, 2) == ["z1", "z2"]
+    assert requeue(lua, fetched_ids, "first") == 2
+    assert fetch(lua, 10) == ["z1", "z2", "z3"]
+    # "last" is Dramatiq's requeue: priority 0 at the back.
+    all_ids = r.smembers(ACKS_KEY)
+    first = [i for i in all_ids if json.loads(r.hget(MSGS_KEY, i))["args"][0] == "z1"]
+    assert requeue(lua, first) == 1
+    assert requeue(lua, first) == 0  # no longer held: nothing
+    assert r.llen(QUEUE_KEY) == 1
+
+
+# hand_back: KEYS queue list, queue msgs, bands   ARGV job prefix, band prefix, channel, id, data
+
+
+def test_hand_back_puts_a_due_message_in_its_jobs_band(r: redis.Redis, lua: Lua) -> None:
+    seed(r, keys.job("urgent"), priority=50)
+    seed(r, keys.job("plain"))
+    for job_id in ("urgent", "plain"):
+        message = encode_job_message(NAME, QUEUE, job_id, {})
+        p = lua(
+            "hand_back",
+            [QUEUE_KEY, MSGS_KEY, BANDS_KEY],
+            keys.job_prefix(),
+            BAND_PREFIX,
+            CHANNEL,
+            message.redis_message_id,
+            message.data.decode(),
+        )
+        assert p == (50 if job_id == "urgent" else 0)
+    assert r.llen(keys.band(QUEUE, 50)) == 1 and r.llen(QUEUE_KEY) == 1
+    assert fetch(lua, 5) == ["urgent", "plain"]
+
+
+def test_reclaim_with_band_keys_requeues_a_dead_brokers_message_to_its_band(
+    r: redis.Redis, lua: Lua
+) -> None:
+    live_worker(r)
+    enqueue_plain(lua, "z")
+    enqueue_prioritized(lua, "hi", 20)
+    assert fetch(lua, 5, broker="dead") == ["hi", "z"]
+    reply = lua(
+        "reclaim",
+        [
+            keys.dramatiq_heartbeats(),
+            *QUEUE_KEYS,
+            keys.suspects(QUEUE),
+            BANDS_KEY,
+            BAND_PREFIX,
+        ],
+        keys.dramatiq_acks_prefix(),
+        QUEUE,
+        DELAY_QUEUE,
+        keys.job_prefix(),
+        0,
+        "stopped beating",
+        "dead",
+        "was killed",
+    )
+    assert reply == 0  # neither had started: no suspect
+    assert r.llen(keys.band(QUEUE, 20)) == 1 and r.llen(QUEUE_KEY) == 1
+    assert fetch(lua, 5) == ["hi", "z"]
+
+
+def test_requeue_suspects_with_band_keys_puts_a_suspect_in_its_band(
+    r: redis.Redis, lua: Lua
+) -> None:
+    seed(r, keys.job("hi"), priority=-20)
+    message = encode_job_message(NAME, QUEUE, "hi", {})
+    r.hset(MSGS_KEY, message.redis_message_id, message.data.decode())
+    r.rpush(keys.suspects(QUEUE), message.redis_message_id)
+    reply = lua(
+        "requeue_suspects",
+        [keys.suspects(QUEUE), QUEUE_KEY, MSGS_KEY, BANDS_KEY, BAND_PREFIX, keys.job_prefix()],
+        message.redis_message_id,
+        message.data.decode(),
+    )
+    assert reply == 1
+    assert r.lrange(keys.band(QUEUE, -20), 0, -1) == [message.redis_message_id]
+    assert r.llen(QUEUE_KEY) == 0
+
+
+def test_rescue_with_band_keys_moves_banded_jobs_highest_first(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    enqueue_plain(lua, "z")
+    enqueue_prioritized(lua, "hi", 30)
+    r.delete(WORKERS_KEY)  # the workers died
+    moved = lua(
+        "rescue",
+        [WORKERS_KEY, *QUEUE_KEYS, keys.handoff(), BANDS_KEY],
+        TIMEOUT_MS,
+        100,
+        keys.job_prefix(),
+        BAND_PREFIX,
+    )
+    assert moved == 2
+    handed = [json.loads(d)["args"][0] for d in r.lrange(keys.handoff(), 0, -1)]
+    assert handed == ["hi", "z"]

@@ -25,6 +25,7 @@ from jobyard.job_engine import (
     UnknownJobError,
     UnsafeURLError,
 )
+from jobyard.job_engine.flow import InvalidPriorityError
 
 log = logging.getLogger("jobyard.api")
 
@@ -50,6 +51,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     def conflict(_: Request, exc: Exception) -> JSONResponse:
         return SafeJSONResponse({"detail": str(exc)}, status.HTTP_409_CONFLICT)
+
+    def invalid_priority(_: Request, exc: Exception) -> JSONResponse:
+        return unprocessable(validation_detail(["query", "priority"], str(exc), "priority"))
 
     def unsafe_url(_: Request, exc: Exception) -> JSONResponse:
         return unprocessable(validation_detail(["query", "webhook_url"], str(exc), "url_unsafe"))
@@ -92,6 +96,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PayloadTooLargeError, too_large)
     app.add_exception_handler(IdempotencyConflictError, conflict)
     app.add_exception_handler(UnsafeURLError, unsafe_url)
+    app.add_exception_handler(InvalidPriorityError, invalid_priority)
     app.add_exception_handler(MissingSettingError, missing_setting)
     app.add_exception_handler(DispatchUnavailableError, dispatch_unavailable)
     app.add_exception_handler(EngineUnavailable, engine_unavailable)

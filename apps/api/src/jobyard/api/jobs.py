@@ -56,6 +56,7 @@ from jobyard.dispatcher import (
 from jobyard.dispatcher.dispatch import MAX_DELAY_SECONDS
 from jobyard.dispatcher.timeline import job_timeline
 from jobyard.job_engine import UnsafeURLError, get_spec, netguard, strictjson
+from jobyard.job_engine.flow import PRIORITY_MAX, PRIORITY_MIN
 
 log = logging.getLogger("jobyard.api")
 router = APIRouter()
@@ -99,6 +100,13 @@ async def dispatch(
         description="http(s) URL that receives the job's final state, signed. Private, "
         "loopback and link-local addresses are refused unless in JOBYARD_WEBHOOK_ALLOW.",
     ),
+    priority: int | None = Query(
+        None,
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description="Among the queue's waiting jobs, higher starts first (-100 to 100); "
+        "default: the job's own.",
+    ),
 ) -> JSONResponse:
     """Start job `name` with the JSON body as its payload."""
     spec = await asyncio.to_thread(get_spec, name)
@@ -123,7 +131,7 @@ async def dispatch(
         )
     try:
         handle = await adispatch_job(
-            name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url
+            name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url, priority=priority
         )
     except DispatchUnavailableError as exc:
         log.warning("dispatch of %s unavailable: %s", job_id, exc)

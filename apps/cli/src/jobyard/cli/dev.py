@@ -59,12 +59,14 @@ def start_temporal(address: str) -> subprocess.Popen[bytes] | None:
     if _port_open(address):
         _say(f"Temporal already running at {address}")
         return None
+    from jobyard.dispatcher.engines.temporal.engine import DEV_SERVER_PRIORITY_FLAGS
+
     host, _, port = address.rpartition(":")
     STATE_DIR.mkdir(exist_ok=True)
     cmd = [
         temporal_cli(), "server", "start-dev", "--ip", host or "127.0.0.1", "--port", port,
         "--ui-port", str(TEMPORAL_UI_PORT), "--db-filename", str(STATE_DIR / "temporal.db"),
-        "--log-level", "warn",
+        "--log-level", "warn", *DEV_SERVER_PRIORITY_FLAGS,
     ]  # fmt: skip
     log = open(STATE_DIR / "temporal.log", "ab")  # noqa: SIM115 - lives as long as the server
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -93,7 +93,9 @@ def cmd_dispatch(args: argparse.Namespace) -> int:
 
     payload = _json(args.payload, "--payload")
     try:
-        handle = dispatch_job(args.name, payload, job_id=args.job_id, delay=args.delay)
+        handle = dispatch_job(
+            args.name, payload, job_id=args.job_id, delay=args.delay, priority=args.priority
+        )
     except DispatchUnavailableError as exc:
         return _fail(str(exc), EXIT_UNAVAILABLE)
     except (JobyardError, ValueError) as exc:
@@ -269,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--payload", default="{}", help="the payload as JSON")
     p.add_argument("--job-id", help="idempotency key: dispatching it twice starts one job")
     p.add_argument("--delay", type=float, help="seconds before the job may start")
+    p.add_argument(
+        "--priority",
+        type=int,
+        help="-100 to 100, higher starts first among its queue's waiting jobs (default: the "
+        "job's own)",
+    )
     modules_option(p)
     p.set_defaults(func=cmd_dispatch, loads_jobs=True)
 

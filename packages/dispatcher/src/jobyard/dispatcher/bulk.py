@@ -98,7 +98,7 @@ class BulkDispatch:
             try:
                 job = make_submission(
                     request.name, request.payload, request.job_id, request.delay,
-                    request.webhook_url, request.retry,
+                    request.webhook_url, request.retry, request.priority,
                 )  # fmt: skip
             except (JobyardError, ValueError) as exc:
                 results[index] = exc
@@ -130,6 +130,7 @@ def _is_plain(request: DispatchRequest | tuple[str, Any]) -> bool:
         and request.delay is None
         and request.webhook_url is None
         and request.retry is None
+        and request.priority is None
     )
 
 
@@ -196,14 +197,17 @@ def _named_jobs(
         spec.check_environment()
     except JobyardError as exc:
         missing = exc
-    job_name, queue = spec.name, spec.queue
+    job_name, queue, priority = spec.name, spec.queue, spec.priority
     for index, outcome in zip(members, encoded, strict=True):
         if isinstance(outcome, JobyardError):
             results[index] = outcome
         elif missing is not None:
             results[index] = missing
         else:
-            yield index, NewJob(job_ids.pop(), job_name, queue, outcome.data, outcome.text)
+            yield (
+                index,
+                NewJob(job_ids.pop(), job_name, queue, outcome.data, outcome.text, priority),
+            )
 
 
 def _settled(result: JobHandle | Exception | None) -> JobHandle | Exception:

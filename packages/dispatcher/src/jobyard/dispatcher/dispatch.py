@@ -103,8 +103,9 @@ class Dispatcher:
         delay: float | None = None,
         webhook_url: str | None = None,
         retry: RetryPolicy | None = None,
+        priority: int | None = None,
     ) -> JobHandle:
-        job = make_submission(name, payload, job_id, delay, webhook_url, retry)
+        job = make_submission(name, payload, job_id, delay, webhook_url, retry, priority)
         # An id taken by another job is a conflict whatever this process's settings are.
         owner = self.caller_ids.registered_owner(job) if job_id is not None else None
         get_spec(job.name).check_environment()
@@ -162,6 +163,7 @@ def dispatch_job(
     delay: float | None = None,
     webhook_url: str | None = None,
     retry: RetryPolicy | None = None,
+    priority: int | None = None,
 ) -> JobHandle:
     """Start job `name` with `payload`; returns at once with the job id and the engine chosen.
 
@@ -170,16 +172,19 @@ def dispatch_job(
     A caller-supplied `job_id` is an idempotency key: a second dispatch starts nothing.
     With `webhook_url`, the job's final state is POSTed there (signed) by `webhook.deliver`.
     `retry` overrides the job's attempts and backoff for this dispatch.
+    `priority`, an int from -100 to 100 (InvalidPriorityError otherwise), overrides the job's
+    (`@job(priority=)`, default 0): among its queue's waiting jobs, higher starts first.
     """
     dispatcher = get_dispatcher()  # first: building it turns tracing on if configured
     if tracing.ACTIVE:  # off: this check is all tracing costs a dispatch
         return tracing.traced_dispatch(
             dispatcher.dispatch, name, payload, job_id=job_id, delay=delay,
-            webhook_url=webhook_url, retry=retry,
+            webhook_url=webhook_url, retry=retry, priority=priority,
         )  # fmt: skip
     return dispatcher.dispatch(
-        name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url, retry=retry
-    )
+        name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url, retry=retry,
+        priority=priority,
+    )  # fmt: skip
 
 
 async def adispatch_job(
@@ -190,11 +195,12 @@ async def adispatch_job(
     delay: float | None = None,
     webhook_url: str | None = None,
     retry: RetryPolicy | None = None,
+    priority: int | None = None,
 ) -> JobHandle:
     """dispatch_job for async web code; never blocks the event loop."""
     return await asyncio.to_thread(
         dispatch_job, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url,
-        retry=retry,
+        retry=retry, priority=priority,
     )  # fmt: skip
 
 

@@ -25,6 +25,7 @@ class DispatchOptions:
     delay: float | None = None  # seconds before the job may start
     webhook_url: str | None = None  # where the final state is POSTed
     retry: dict[str, Any] | None = None  # {"attempts", "backoff"} overriding the job's policy
+    priority: int = 0  # -100..100, higher first (the job's own when the dispatch gave none)
 
 
 NO_OPTIONS = DispatchOptions()  # frozen: shared by every dispatch that asks for nothing
@@ -40,6 +41,7 @@ class DispatchRequest:
     delay: float | None = None
     webhook_url: str | None = None
     retry: Any = None  # a jobyard.job_engine.RetryPolicy
+    priority: int | None = None  # -100..100, higher first; None: the job's (@job priority=)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 from jobyard.dispatcher.engines import Submission
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions
 from jobyard.job_engine import RetryPolicy, UnsafeURLError, get_spec, netguard
+from jobyard.job_engine.flow.declarations import validate_priority
 from jobyard.job_engine.ids import new_job_id
 
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}")
@@ -63,17 +64,21 @@ def make_submission(
     delay: float | None,
     webhook_url: str | None,
     retry: RetryPolicy | None,
+    priority: int | None = None,
 ) -> Submission:
-    """A dispatch's arguments checked and encoded: what crosses to an engine."""
+    """A dispatch's arguments checked and encoded: what crosses to an engine. `priority`: the
+    dispatch's (InvalidPriorityError unless an int from -100 to 100), else the job's."""
     spec = get_spec(name)
     encoded = spec.encode_with_text(payload)
-    if delay is None and webhook_url is None and retry is None:
+    chosen = spec.priority if priority is None else validate_priority(priority)
+    if delay is None and webhook_url is None and retry is None and not chosen:
         options = NO_OPTIONS
     else:
         options = DispatchOptions(
             delay=check_delay(delay),
             webhook_url=check_webhook_url(webhook_url),
             retry=check_retry(retry),
+            priority=chosen,
         )
     return Submission(
         check_job_id(job_id), spec.name, spec.queue, encoded.data, options,

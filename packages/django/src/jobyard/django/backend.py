@@ -36,7 +36,7 @@ class JobyardBackend(compat.BaseTaskBackend):  # type: ignore[misc]  # django-ta
     supports_defer = True
     supports_async_task = True
     supports_get_result = True
-    supports_priority = False
+    supports_priority = True  # Django's -100..100, higher first: jobyard's own scale
 
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
@@ -59,6 +59,8 @@ class JobyardBackend(compat.BaseTaskBackend):  # type: ignore[misc]  # django-ta
         options: dict[str, Any] = {"job_id": new_job_id()}
         if task.run_after is not None:
             options["delay"] = max(0.0, (task.run_after - timezone.now()).total_seconds())
+        if task.priority:  # 0, Django's default, leaves the job's own (@job priority=)
+            options["priority"] = task.priority
         return job_name(task.queue_name), payload.model_dump(), options
 
     def _enqueued(self, task: compat.Task, job_id: str, args: Any, kwargs: Any) -> Any:

@@ -26,6 +26,7 @@ from jobyard.job_engine.errors import (
     PayloadTooLargeError,
     UnknownJobError,
 )
+from jobyard.job_engine.flow.declarations import DEFAULT_PRIORITY, validate_priority
 from jobyard.job_engine.policy import RateLimit, RetryPolicy, retry_with_env, timeout_with_env
 
 Handler = Callable[[JobContext, Any], Coroutine[Any, Any, Any]]
@@ -64,6 +65,9 @@ class JobSpec:
     #: API client must never choose the arguments of (deleting files, signing bodies) say False;
     #: they are still dispatched from Python code, schedules and other jobs.
     http: bool = True
+    #: -100..100, higher first: where the job's runs wait among its queue's (see
+    #: docs/flow-control.md "Priorities"); a dispatch may give its own.
+    priority: int = DEFAULT_PRIORITY
 
     def check_environment(self) -> None:
         """Fail at dispatch, not in a worker, when the job cannot run without a setting."""
@@ -222,10 +226,14 @@ def job(
     rate_limit: RateLimit | None = None,
     requires_env: tuple[str, ...] = (),
     http: bool = True,
+    priority: int = DEFAULT_PRIORITY,
 ) -> Callable[[Handler], Handler]:
     """Declare `async def handler(ctx, payload)` as the job `name`.
 
     `http=False` keeps the job off the HTTP API (403 there, whatever the token).
+
+    `priority`: an int from -100 to 100, higher first, for the job's runs not dispatched with
+    one of their own; anything else raises InvalidPriorityError here.
 
     `queue` names a declared queue (`jobyard.job_engine.queue`): declared above in the same
     module, built in, or by a module of JOBYARD_JOB_MODULES; any other raises
@@ -236,6 +244,7 @@ def job(
     """
     if not queues.is_declared(queue):
         raise queues.UnknownQueueError(queue, queues.declared_names())
+    priority = validate_priority(priority)
 
     def declare(handler: Handler) -> Handler:
         registry.add(
@@ -249,6 +258,7 @@ def job(
                 rate_limit=rate_limit,
                 requires_env=requires_env,
                 http=http,
+                priority=priority,
                 description=(handler.__doc__ or "").strip().split("\n")[0],
             )
         )

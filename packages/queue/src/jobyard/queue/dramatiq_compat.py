@@ -19,7 +19,10 @@ Overrides, and why (the classes are below):
   `broker_id_of`), `add_middleware`, `emit_before`, `emit_after` (only the middleware hooks that
   do something are called: Dramatiq looks each one up by name for every signal of every
   message), `consume` (puts back messages a lost fetch reply left in this broker's ack set),
-  `consumer_class`. Calls `do_requeue`, `do_qsize` (Dramatiq's `__getattr__` commands). Built
+  `consumer_class`. Defines `do_fetch`, `do_requeue` and `do_enqueue`, which Dramatiq's
+  `__getattr__` would make dispatch.lua calls of: on a queue (not a delay queue) they are
+  jobyard.lua's band-aware `fetch`, `requeue` and `hand_back` (priorities, see
+  docs/flow-control.md), on a delay queue Dramatiq's own (`_dispatch`). Calls `do_qsize`. Built
   with `maintenance_chance=0`: Dramatiq's chance maintenance would requeue a dead process's
   messages without jobyard's bookkeeping (jobyard.queue.reclaim does it).
 - `ConsumerThread` as `KeepDelayedConsumerThread`: `delay_queue` (an attribute Dramatiq resets
@@ -63,7 +66,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 from queue import PriorityQueue
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import dramatiq
 import redis
@@ -76,6 +79,7 @@ from dramatiq.middleware import Middleware, MiddlewareError
 from dramatiq.worker import CONSUMER_RESTART_DELAY_SECS, ConsumerThread, WorkerThread
 
 from jobyard.queue import keys
+from jobyard.queue.store.bands import BandCommands
 from jobyard.queue.store.script import _text
 
 if TYPE_CHECKING:
@@ -212,6 +216,7 @@ class JobyardBroker(RedisBroker):
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         if broker_id is not None:
             self.broker_id = broker_id
+        self.bands = BandCommands(self.client)
         self._delivered: dict[str, set[str]] = {}
         self._delivered_lock = threading.Lock()
 
@@ -247,6 +252,33 @@ class JobyardBroker(RedisBroker):
                 hook(self, *args, **kwargs)
             except Exception:
                 self.logger.critical("Unexpected failure in %s.", hook, exc_info=True)
+
+    def do_fetch(self, queue_name: str, count: int) -> list[bytes]:
+        """Up to `count` messages of `queue_name`, a queue's bands before and after its list."""
+        if queue_name.endswith(keys.DELAY_SUFFIX):
+            fetch = self._dispatch("fetch")  # type: ignore[no-untyped-call]
+            return cast(list[bytes], fetch(queue_name, count))
+        return self.bands.fetch(self.broker_id, queue_name, current_millis(), count)
+
+    def requeue_in_order(self, queue_name: str, message_ids: list[str]) -> None:
+        """Puts fetched messages back where they were, in the order they were fetched: a
+        fetch after it takes them again, after any message of higher priority that came."""
+        self.bands.requeue(self.broker_id, queue_name, message_ids, in_order=True)
+
+    def do_requeue(self, queue_name: str, *message_ids: str) -> None:
+        """Puts fetched messages back, each to where it waited (its band, or the list)."""
+        if queue_name.endswith(keys.DELAY_SUFFIX):
+            self._dispatch("requeue")(queue_name, *message_ids)  # type: ignore[no-untyped-call]
+            return
+        self.bands.requeue(self.broker_id, queue_name, message_ids)
+
+    def do_enqueue(self, queue_name: str, message_id: str, data: bytes) -> None:
+        """Dramatiq's enqueue; a message entering a queue (a delayed one come due: jobyard
+        dispatches through JobStore) goes to its job's band."""
+        if queue_name.endswith(keys.DELAY_SUFFIX):
+            self._dispatch("enqueue")(queue_name, message_id, data)  # type: ignore[no-untyped-call]
+            return
+        self.bands.hand_back(queue_name, message_id, data)
 
     def delivered(self, queue_name: str) -> set[str]:
         with self._delivered_lock:
@@ -499,6 +531,7 @@ RELIED_ON: dict[str, dict[str, str]] = {
     },
     "dramatiq.brokers.redis.RedisBroker": {
         "_max_unpack_size": "(self)",
+        "_dispatch": "(self, command)",
         "enqueue": "(self, message: 'Message', *, delay: 'Optional[int]' = None) -> 'Message'",
         "scripts": "",
         "broker_id": "",
@@ -561,6 +594,15 @@ CALLERS: list[tuple[str, str]] = [
         "dramatiq.brokers.redis._RedisConsumer.__next__",
         "self.message_cache = messages = self.broker.do_fetch(",
     ),
+    (
+        "dramatiq.brokers.redis._RedisConsumer.requeue",
+        "self.broker.do_requeue(self.queue_name, *message_ids)",
+    ),
+    (
+        "dramatiq.brokers.redis.RedisBroker.enqueue",
+        'self.do_enqueue(queue_name, message.options["redis_message_id"], message.encode())',
+    ),
+    ("dramatiq.brokers.redis.RedisBroker.__getattr__", "return self._dispatch(command)"),
 ]
 
 #: Dramatiq's dispatch.lua as `dramatiq_maintenance`, jobyard.queue.keys and jobyard.lua rely on

@@ -32,6 +32,15 @@
 --   jobyard:suspects:<queue> list  ids of messages taken back from a dead process, waiting
 --       (their data still in the queue's msgs hash) to be marked suspect and requeued
 --   dramatiq:<queue>        list  message ids;  dramatiq:<queue>.msgs  hash id -> message
+--   jobyard:band:<queue>:<p> list  ids of messages of priority p (-100..100, not 0) waiting on
+--       <queue>, their data in dramatiq:<queue>.msgs; priority 0 waits on dramatiq:<queue>, so
+--       jobs without a priority take Dramatiq's path unchanged. A job's priority is its record's
+--       "priority" field (absent: 0), which every path that puts a message back reads.
+--   jobyard:bands:<queue>   zset  p -> -p for each band that may hold messages (fetch drops
+--       the ones it empties): `fetch` takes bands p > 0, highest first, then the queue's list,
+--       then bands p < 0; lists keep dispatch order within a band.
+--   jobyard:priority:<queue> channel: a message of priority > 0 entered the queue (workers
+--       fetch it before the messages they prefetched, see jobyard.queue.worker)
 --   dramatiq:__heartbeats__ zset  Dramatiq broker id -> last heartbeat (ms)
 --   dramatiq:__acks__.<broker id>.<queue>  set  message ids a consumer fetched, not yet acked
 --
@@ -109,6 +118,53 @@ local function remove_waiting_message(queue_key, queue_msgs_key, delay_key, dela
     end
 end
 
+-- Where a message of priority `p` waits: the queue's list for 0, else its band, listed in the
+-- queue's band index (score -p: the highest priority first).
+local function waiting_list(queue_key, bands_key, band_prefix, p)
+    if p == 0 then
+        return queue_key
+    end
+    redis.call("zadd", bands_key, -p, p)
+    return band_prefix .. p
+end
+
+-- The priority of the job a message carries: its record's "priority", 0 when it has none (or
+-- the message cannot be read: Dramatiq's path, as before priorities).
+local function priority_of(job_prefix, data)
+    local ok, message = pcall(cjson.decode, data)
+    local job_id = ok and type(message) == "table" and type(message["args"]) == "table"
+                   and message["args"][1]
+    if type(job_id) ~= "string" then
+        return 0
+    end
+    return tonumber(redis.call("hget", job_prefix .. job_id, "priority")) or 0
+end
+
+-- Puts back fetched messages, each where it waited: priority 0 at the back of the queue's list
+-- (as Dramatiq does) unless `zero_first`, a band's at the front of its band, in their order
+-- (they were fetched before the messages still there). `entries`: {message id, priority} in
+-- fetch order. With `channel`, a message put back above priority 0 is published there, as an
+-- enqueue would (workers fetch it before what they prefetched).
+local function put_back(queue_key, bands_key, band_prefix, entries, zero_first, channel)
+    local fronts, top = {}, 0
+    for _, entry in ipairs(entries) do
+        if entry[2] == 0 and not zero_first then
+            redis.call("rpush", queue_key, entry[1])
+        else
+            fronts[#fronts + 1] = entry
+        end
+    end
+    for i = #fronts, 1, -1 do
+        local p = fronts[i][2]
+        local list_key = p == 0 and queue_key or waiting_list(queue_key, bands_key, band_prefix, p)
+        redis.call("lpush", list_key, fronts[i][1])
+        top = math.max(top, p)
+    end
+    if channel and top > 0 then
+        redis.call("publish", channel, top)
+    end
+end
+
 -- A finished job's record expires after the retention enqueue stored in it ("ttl").
 local function expire_finished(job_key)
     local ttl = redis.call("hget", job_key, "ttl")
@@ -178,8 +234,10 @@ end
 -- One job's enqueue, for `enqueue` and `enqueue_many`; `is_live`: see `liveness`. With no live
 -- worker the job is written as a Temporal tombstone, so that dispatching the same id again
 -- never reaches Dramatiq while Temporal owns it.
+-- `band`: nil for priority 0, else {priority, bands key, band prefix ("" when the message goes to
+-- the delay queue: it enters its band when due, see hand_back), channel}.
 local function enqueue_job(job_key, queue_key, queue_msgs_key, is_live, now, message_id, message,
-                           name, queue, ttl, options, seq)
+                           name, queue, ttl, options, seq, band)
     local existing = redis.call("hmget", job_key, "engine", "state")
     if existing[1] then
         return {"exists", existing[1], existing[2] or ""}
@@ -192,6 +250,16 @@ local function enqueue_job(job_key, queue_key, queue_msgs_key, is_live, now, mes
     end
     write_queued(job_key, name, queue, now, message_id, ttl, options, seq)
     redis.call("hset", queue_msgs_key, message_id, message)
+    if band then
+        local p = band[1]
+        redis.call("hset", job_key, "priority", p)
+        if band[3] ~= "" then
+            queue_key = waiting_list(queue_key, band[2], band[3], p)
+            if p > 0 then
+                redis.call("publish", band[4], p)
+            end
+        end
+    end
     redis.call("rpush", queue_key, message_id)
     return {"enqueued"}
 end
@@ -211,10 +279,11 @@ local function call_spread(command, key, items, first)
     return total
 end
 
--- enqueue: KEYS job, workers, queue list, queue msgs
+-- enqueue: KEYS job, workers, queue list, queue msgs [, bands]
 --          ARGV job_id, redis message id, message, name, queue, heartbeat timeout ms, ttl s,
 --               options JSON ("" for none), seq (the run number the message carries; 0 but for
 --               a job recovered from the job log)
+--               [, priority (not 0), band prefix ("" for a delayed message), priority channel]
 -- -> {"enqueued"} | {"exists", engine, state} | {"no_workers"}
 if command == "enqueue" then
     local job_key, workers_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -222,9 +291,14 @@ if command == "enqueue" then
     local _job_id, message_id, message, name, queue = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
     local timeout_ms, ttl, options, seq = ARGV[7], ARGV[8], ARGV[9], ARGV[10] or "0"
 
+    local band = nil
+    if ARGV[11] then
+        band = {tonumber(ARGV[11]), KEYS[5], ARGV[12], ARGV[13]}
+    end
+
     local now = now_ms()
     return enqueue_job(job_key, queue_key, queue_msgs_key, liveness(workers_key, timeout_ms, now),
-                       now, message_id, message, name, queue, ttl, options, seq)
+                       now, message_id, message, name, queue, ttl, options, seq, band)
 
 -- enqueue_many: KEYS workers, queue list, queue msgs, job 1, job 2, ... (one queue's batch)
 --               ARGV queue, heartbeat timeout ms, ttl s, then four per job in KEYS' order:
@@ -564,7 +638,9 @@ elseif command == "replay" then
     return {"ok"}
 
 -- rescue: KEYS workers zset, queue list, queue msgs, delay list, delay msgs, handoff list
---         ARGV heartbeat timeout ms, limit, job key prefix
+--              [, bands]
+--         ARGV heartbeat timeout ms, limit, job key prefix [, band prefix]
+-- (Band lists are moved too, highest priority first, then the queue's list, then the delayed.)
 -- -> number of messages moved to the handoff list.
 -- With no live worker for the queue, moves the messages of its unfinished jobs, waiting or
 -- delayed (a dispatch delay, a retry backoff, a durable sleep), from the queue to the handoff
@@ -583,7 +659,15 @@ elseif command == "rescue" then
         return 0
     end
     local moved = 0
-    for _, lists in ipairs({{queue_key, queue_msgs_key}, {delay_key, delay_msgs_key}}) do
+    local scanned = {}
+    if KEYS[7] then
+        for _, p in ipairs(redis.call("zrange", KEYS[7], 0, -1)) do
+            scanned[#scanned + 1] = {ARGV[5] .. p, queue_msgs_key}
+        end
+    end
+    scanned[#scanned + 1] = {queue_key, queue_msgs_key}
+    scanned[#scanned + 1] = {delay_key, delay_msgs_key}
+    for _, lists in ipairs(scanned) do
         local list_key, msgs_key = lists[1], lists[2]
         for _, message_id in ipairs(redis.call("lrange", list_key, 0, tonumber(limit) - 1)) do
             local data = redis.call("hget", msgs_key, message_id)
@@ -605,9 +689,13 @@ elseif command == "rescue" then
     return moved
 
 -- reclaim: KEYS dramatiq heartbeats, queue list, queue msgs, delay list, delay msgs, suspects
+--               [, bands, band prefix (a prefix, in KEYS so that ARGV keeps its pairs)]
+--               [, priority channel]
 --          ARGV acks key prefix ("<namespace>:__acks__."), queue, delay queue, job key prefix,
 --               dead before (ms: brokers whose heartbeat is older are dead; "0": none),
 --               how those died, then (broker id, how it died) for each broker known dead
+-- (A message requeued goes back to its band, at its front, see put_back; without the band
+-- keys, to the queue's list.)
 -- -> the number of messages taken as suspects.
 -- Dramatiq's dead-worker requeue (dispatch.lua's maintenance), with jobyard's bookkeeping. Of
 -- the messages a dead broker held of `queue`, the jobs that were running there are suspects (one
@@ -624,6 +712,7 @@ elseif command == "rescue" then
 elseif command == "reclaim" then
     local heartbeats_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
     local delay_key, delay_msgs_key, suspects_key = KEYS[4], KEYS[5], KEYS[6]
+    local bands_key, band_prefix, channel = KEYS[7], KEYS[8], KEYS[9]
     local acks_prefix, queue, delay_queue, job_prefix = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
     local dead_before, stale_beat = tonumber(ARGV[6]), ARGV[7]
 
@@ -642,6 +731,7 @@ elseif command == "reclaim" then
     for _, entry in ipairs(dead) do
         local broker, died, named = entry[1], entry[2], entry[3]
         local acks_key = acks_prefix .. broker .. "." .. queue
+        local requeued = {}
         for _, message_id in ipairs(redis.call("smembers", acks_key)) do
             local data = redis.call("hget", queue_msgs_key, message_id)
             if data then
@@ -650,7 +740,7 @@ elseif command == "reclaim" then
                                and message["args"][1]
                 local job_key = type(job_id) == "string" and (job_prefix .. job_id)
                 local job = job_key and redis.call("hmget", job_key, "engine", "state", "seq",
-                                                   "cancel", "started_seq")
+                                                   "cancel", "started_seq", "priority")
                 local seq = ok and type(message) == "table" and message["options"]
                             and tostring(message["options"]["jobyard_seq"] or 0)
                 local live = job and job[1] == "dramatiq" and not TERMINAL[job[2]]
@@ -661,10 +751,12 @@ elseif command == "reclaim" then
                     redis.call("rpush", suspects_key, message_id)
                     suspects = suspects + 1
                 else
-                    redis.call("rpush", queue_key, message_id)
+                    local p = bands_key and job and tonumber(job[6]) or 0
+                    requeued[#requeued + 1] = {message_id, p}
                 end
             end
         end
+        put_back(queue_key, bands_key, band_prefix, requeued, false, channel)
         redis.call("del", acks_key)
         local delay_acks_key = acks_prefix .. broker .. "." .. delay_queue
         for _, message_id in ipairs(redis.call("smembers", delay_acks_key)) do
@@ -680,14 +772,19 @@ elseif command == "reclaim" then
     return suspects
 
 -- requeue_suspects: KEYS suspects, queue list, queue msgs
+--                        [, bands, band prefix, job key prefix (prefixes: ARGV keeps its pairs),
+--                         priority channel]
 --                   ARGV (message id, the message marked as a suspect's) for each
+-- (A suspect goes back to its band, at its front, see put_back; without the band keys, to the
+-- queue's list.)
 -- -> the number requeued.  Each message still on the suspects list gets its marked data and
 -- goes back on its queue; with "" for data it is dropped (its job was finished dead: see
 -- jobyard.queue.reclaim), as is one a cancel or handoff removed meanwhile.
 elseif command == "requeue_suspects" then
     local suspects_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3]
+    local bands_key, band_prefix, job_prefix, channel = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 
-    local requeued = 0
+    local requeued, entries = 0, {}
     for i = 2, #ARGV - 1, 2 do
         local message_id, data = ARGV[i], ARGV[i + 1]
         if redis.call("lrem", suspects_key, 0, message_id) > 0
@@ -696,12 +793,116 @@ elseif command == "requeue_suspects" then
                 redis.call("hdel", queue_msgs_key, message_id)
             else
                 redis.call("hset", queue_msgs_key, message_id, data)
-                redis.call("rpush", queue_key, message_id)
+                local p = bands_key and priority_of(job_prefix, data) or 0
+                entries[#entries + 1] = {message_id, p}
                 requeued = requeued + 1
             end
         end
     end
+    put_back(queue_key, bands_key, band_prefix, entries, false, channel)
     return requeued
+
+-- fetch: KEYS dramatiq heartbeats, this broker's acks of the queue, queue list, queue msgs, bands
+--        ARGV broker id, timestamp ms, how many at most, band prefix
+-- -> the messages' data, in the order to run them: bands p > 0 highest first, the queue's list,
+--    bands p < 0. Dramatiq's fetch (dispatch.lua) otherwise: the broker's heartbeat, each id
+--    into the acks set. A message whose data is gone (cancelled or handed off while waiting)
+--    is dropped. A band found short of what was asked is empty: it leaves the index.
+elseif command == "fetch" then
+    local heartbeats_key, acks_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+    local bands_key = KEYS[5]
+    local broker_id, timestamp, wanted = ARGV[2], ARGV[3], math.min(tonumber(ARGV[4]), 1000)
+    local band_prefix = ARGV[5]
+
+    redis.call("zadd", heartbeats_key, timestamp, broker_id)
+    local ids = {}
+    local function take(list_key)
+        local want = wanted - #ids
+        if want <= 0 then
+            return 0
+        end
+        local got = redis.call("lpop", list_key, want)
+        if not got then
+            return 0
+        end
+        for _, message_id in ipairs(got) do
+            ids[#ids + 1] = message_id
+        end
+        return #got
+    end
+    local main_taken = false
+    for _, p in ipairs(redis.call("zrange", bands_key, 0, -1)) do
+        local priority = tonumber(p)
+        if #ids >= wanted then
+            break
+        end
+        if priority < 0 and not main_taken then
+            main_taken = true
+            take(queue_key)
+        end
+        local want = wanted - #ids
+        if want > 0 and take(band_prefix .. p) < want then
+            redis.call("zrem", bands_key, p)
+        end
+    end
+    if not main_taken then
+        take(queue_key)
+    end
+    if #ids == 0 then
+        return {}
+    end
+    redis.call("sadd", acks_key, unpack(ids))
+    local data = redis.call("hmget", queue_msgs_key, unpack(ids))
+    local messages = {}
+    for i = 1, #ids do
+        if data[i] then
+            messages[#messages + 1] = data[i]
+        else
+            redis.call("srem", acks_key, ids[i])
+        end
+    end
+    return messages
+
+-- requeue: KEYS this broker's acks of the queue, queue list, queue msgs, bands
+--          ARGV job key prefix, band prefix, "first" | "last" (where priority 0 goes back),
+--               message ids... (in the order they were fetched)
+-- -> the number put back.  Dramatiq's requeue (fetched messages not run: a stop, a nack), each
+-- to where it waited (see put_back); "first" restores the order they were fetched in (a worker
+-- handing back its prefetched messages to fetch again, a priority > 0 having arrived). Ids no
+-- longer in the acks set (acked meanwhile) stay acked.
+elseif command == "requeue" then
+    local acks_key, queue_key, queue_msgs_key, bands_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+    local job_prefix, band_prefix, zero_first = ARGV[2], ARGV[3], ARGV[4] == "first"
+
+    local entries = {}
+    for i = 5, #ARGV do
+        local message_id = ARGV[i]
+        if redis.call("srem", acks_key, message_id) > 0 then
+            local data = redis.call("hget", queue_msgs_key, message_id)
+            if data then
+                entries[#entries + 1] = {message_id, priority_of(job_prefix, data)}
+            end
+        end
+    end
+    put_back(queue_key, bands_key, band_prefix, entries, zero_first)
+    return #entries
+
+-- hand_back: KEYS queue list, queue msgs, bands
+--            ARGV job key prefix, band prefix, priority channel, redis message id, message
+-- -> the job's priority.  A delayed message come due (a dispatch delay, a retry's backoff, a
+-- sleep) enters its queue: Dramatiq's enqueue, into the job's band (at its back).
+elseif command == "hand_back" then
+    local queue_key, queue_msgs_key, bands_key = KEYS[1], KEYS[2], KEYS[3]
+    local job_prefix, band_prefix, channel = ARGV[2], ARGV[3], ARGV[4]
+    local message_id, message = ARGV[5], ARGV[6]
+
+    local p = priority_of(job_prefix, message)
+    redis.call("hset", queue_msgs_key, message_id, message)
+    redis.call("rpush", waiting_list(queue_key, bands_key, band_prefix, p), message_id)
+    if p > 0 then
+        redis.call("publish", channel, p)
+    end
+    return p
 
 -- heartbeat: KEYS dramatiq heartbeats, workers zset per queue...
 --            ARGV worker id, dramatiq broker id   -> now (ms)

@@ -8,6 +8,10 @@ jobyard:handoff            list  messages of jobs being moved to Temporal (their
 jobyard:suspects:<queue>   list  ids of messages taken back from a dead process, to requeue marked
 jobyard:joblog:events      stream  one entry per change a worker made to a job: the job log's outbox
 jobyard:joblog:shipper     str   id of the shipper holding the lease to empty that outbox
+jobyard:band:<queue>:<p>   list  ids of messages of priority p != 0 waiting on <queue> (data in
+                                 dramatiq:<queue>.msgs); priority 0 waits on dramatiq:<queue>
+jobyard:bands:<queue>      zset  p -> -p for each band of <queue> that may hold messages
+jobyard:priority:<queue>   channel  published on when a message of priority > 0 enters <queue>
 dramatiq:<queue>           list  Dramatiq message ids waiting on <queue>
 dramatiq:<queue>.msgs      hash  Dramatiq message id -> encoded message
 dramatiq:<queue>.DQ[.msgs] the same for messages delayed on <queue>
@@ -81,3 +85,20 @@ def job_log_events() -> str:
 
 def job_log_shipper() -> str:
     return f"{PREFIX}:joblog:shipper"
+
+
+def band_prefix(queue: str) -> str:
+    """`band(queue, p)` without p: jobyard.lua appends the priority it reads from a job."""
+    return f"{PREFIX}:band:{queue}:"
+
+
+def band(queue: str, priority: int) -> str:
+    return f"{band_prefix(queue)}{priority}"
+
+
+def bands(queue: str) -> str:
+    return f"{PREFIX}:bands:{queue}"
+
+
+def priority_channel(queue: str) -> str:
+    return f"{PREFIX}:priority:{queue}"

@@ -11,6 +11,10 @@ promises need (the Dramatiq classes they override are in jobyard.queue.dramatiq_
   off the in-memory delay queue by then, and the error is not even a connection error to it.
 - A suspect (a message taken back from a dead process, see jobyard.queue.reclaim) runs alone in
   its process (`RunGate`), so that a job that kills its process kills no other job with it.
+- A message of priority > 0 does not wait behind the messages a worker prefetched: its enqueue
+  publishes on the queue's priority channel (`PriorityListener`), and the next thread to take a
+  message first puts the prefetched ones back in order and fetches again (bands first). Jobs
+  without a priority publish nothing, and a worker that hears nothing does nothing more.
 - A graceful stop gives every worker thread the whole grace period: dramatiq's `join_all`
   takes the total elapsed time off each remaining thread's timeout, so a stop can give up
   (and requeue jobs that would have finished) long before the grace ends.
@@ -24,8 +28,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from dramatiq.broker import Broker, MessageProxy
 
+from jobyard.queue import keys
 from jobyard.queue.dramatiq_compat import (
     CONSUMER_RESTART_DELAY_SECS,
     BrokerConnectionError,
@@ -36,6 +42,60 @@ from jobyard.queue.dramatiq_compat import (
 from jobyard.queue.reclaim import is_suspect
 
 log = logging.getLogger("jobyard.worker")
+
+
+class PriorityListener:
+    """Calls `heard()` whenever a message of priority > 0 enters `queue` (jobyard.lua publishes
+    on its channel). `start` subscribes before it returns, so a worker that has fetched nothing
+    yet misses nothing; after a lost connection it subscribes again a second later, and calls
+    `heard()` once, since one may have come meanwhile. A daemon thread of its own."""
+
+    POLL = 1.0  # seconds between looks at whether to stop
+
+    def __init__(self, client: redis.Redis, queue: str, heard: Callable[[], None]) -> None:
+        self.client, self.channel, self.heard = client, keys.priority_channel(queue), heard
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, name=f"jobyard-priority-{queue}", daemon=True
+        )
+        self._first: Any = None  # the pubsub `start` subscribed, for the thread to listen on
+
+    def start(self) -> None:
+        try:
+            self._first = self._subscribed()
+        except redis.RedisError as exc:  # the thread tries again
+            log.warning("priority channel %s: %s; subscribing again", self.channel, exc)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _subscribed(self) -> Any:
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self.channel)
+        except BaseException:
+            pubsub.close()
+            raise
+        return pubsub
+
+    def _run(self) -> None:
+        pubsub, self._first = self._first, None
+        while not self.stopped.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._subscribed()
+                    self.heard()
+                while not self.stopped.is_set():
+                    if pubsub.get_message(timeout=self.POLL) is not None:
+                        self.heard()
+            except redis.RedisError as exc:
+                log.warning("priority channel %s: %s; subscribing again", self.channel, exc)
+                self.stopped.wait(CONSUMER_RESTART_DELAY_SECS)
+            finally:
+                if pubsub is not None:
+                    pubsub.close()
+                    pubsub = None
 
 
 class PulledQueue:
@@ -55,6 +115,41 @@ class PulledQueue:
         self.broken = False  # the consumer failed: a new one is made at `reconnect_at`
         self.reconnect_at = 0.0
         self.taking = True
+        # A message of priority > 0 has come since the last fetch (see PriorityListener).
+        self.outranked = False
+        self.listener: PriorityListener | None = None
+
+    def heard_priority(self) -> None:
+        self.outranked = True
+
+    def listen(self, client: redis.Redis) -> None:
+        """Starts fetching again whenever a message of priority > 0 arrives."""
+        self.listener = PriorityListener(client, self.queue_name, self.heard_priority)
+        self.listener.start()
+
+    def refetch(self, consumer: JobyardConsumer) -> None:
+        """Puts back the prefetched messages in order and fetches again, so that one of
+        higher priority comes first. Skipped if another thread is fetching: it takes bands
+        first anyway."""
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            if not self.outranked or not self.taking:
+                return
+            self.outranked = False
+            cached = consumer.take_all_cached()
+            ids = [m.options["redis_message_id"] for m in cached]
+            try:
+                if ids:
+                    self.broker.requeue_in_order(self.queue_name, ids)  # type: ignore[attr-defined]
+            except redis.RedisError as exc:
+                # Put back in memory as they were: nothing lost, the priority waits its turn.
+                for message in reversed(cached):
+                    consumer.message_cache.insert(0, message.encode())
+                self.outranked = True
+                log.warning("could not refetch %s for a priority: %s", self.queue_name, exc)
+        finally:
+            self.lock.release()
 
     def next_message(self) -> MessageProxy | None:
         """The next message to run, or None after waiting at most about the timeout."""
@@ -63,6 +158,8 @@ class PulledQueue:
             return None
         consumer = self.consumer
         if consumer is not None and not self.broken:
+            if self.outranked:
+                self.refetch(consumer)
             message = consumer.take_cached()
             if message is not None:
                 return message
@@ -124,6 +221,8 @@ class PulledQueue:
         """Puts back the messages fetched and not taken. After the worker threads stopped: a
         message put back must not also be taken."""
         self.stop_taking()
+        if self.listener is not None:
+            self.listener.stop()
         consumer = self.consumer
         if consumer is None:
             return
@@ -229,7 +328,9 @@ class JobyardWorker(JobyardWorkerBase):
         self.gate = gate or RunGate()
 
     def pulled_queue(self, queue_name: str) -> PulledQueue:
-        return PulledQueue(self.broker, queue_name, self.queue_prefetch, self.worker_timeout)
+        pulled = PulledQueue(self.broker, queue_name, self.queue_prefetch, self.worker_timeout)
+        pulled.listen(self.broker.client)  # type: ignore[attr-defined]
+        return pulled
 
     def run_message(self, thread: PullWorkerThread, message: MessageProxy) -> None:
         alone = is_suspect(message.options)

@@ -65,10 +65,12 @@ class NewJob(NamedTuple):
     queue: str
     payload: dict[str, Any]
     payload_json: bytes
+    priority: int = 0  # its job's declared priority (`@job(priority=)`)
 
     def submission(self) -> Submission:
+        options = NO_OPTIONS if not self.priority else DispatchOptions(priority=self.priority)
         return Submission(
-            self.job_id, self.name, self.queue, self.payload, NO_OPTIONS,
+            self.job_id, self.name, self.queue, self.payload, options,
             payload_json=self.payload_json,
         )  # fmt: skip
 

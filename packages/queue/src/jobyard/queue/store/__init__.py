@@ -8,11 +8,13 @@
 - `runs`: a job's run on a worker (`Delivery`, `StartResult`): start, steps, progress, finish,
   complete, reschedule;
 - `liveness`: heartbeats, leases, Redis's clock, dead processes' messages taken back;
+- `bands`: priorities' bands: a worker's fetch and requeue, a delayed message's hand-back;
 - `reads`: records, steps, queue counts (`QueueCounts`) and the job log's outbox.
 """
 
 from __future__ import annotations
 
+from jobyard.queue.store.bands import BandCommands
 from jobyard.queue.store.dispatch import BatchJob, BatchLine, DispatchCommands
 from jobyard.queue.store.liveness import LivenessCommands
 from jobyard.queue.store.reads import QueueCounts, Reads
@@ -34,5 +36,5 @@ __all__ = [
 ]
 
 
-class JobStore(DispatchCommands, RunCommands, LivenessCommands, Reads):
+class JobStore(DispatchCommands, RunCommands, LivenessCommands, Reads, BandCommands):
     """Every jobyard.lua command, and the plain reads beside them (see the modules above)."""

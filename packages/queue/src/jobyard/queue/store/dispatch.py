@@ -128,17 +128,25 @@ class DispatchCommands(ScriptStore):
         heartbeat_timeout_ms: int,
         options: dict[str, Any] | None = None,
         seq: int = 0,
+        priority: int = 0,
     ) -> Reply:
         """ "enqueued", "exists" (detail: the engine that owns the job, state: its state) or
         "no_workers" (the job is now recorded as Temporal's). `options`: the dispatch's options
-        a replay of the job must keep."""
+        a replay of the job must keep. `priority` (not 0): the message waits in its band of
+        `queue` (once due, if `dramatiq_queue` is the delay queue); 0 passes nothing more."""
+        job_keys = [
+            keys.job(job_id),
+            keys.workers(queue),
+            keys.dramatiq_queue(dramatiq_queue),
+            keys.dramatiq_messages(dramatiq_queue),
+        ]
+        band: tuple[Any, ...] = ()
+        if priority:
+            job_keys.append(keys.bands(queue))
+            prefix = keys.band_prefix(queue) if dramatiq_queue == queue else ""
+            band = (priority, prefix, keys.priority_channel(queue))
         reply = self._call(
-            [
-                keys.job(job_id),
-                keys.workers(queue),
-                keys.dramatiq_queue(dramatiq_queue),
-                keys.dramatiq_messages(dramatiq_queue),
-            ],
+            job_keys,
             "enqueue",
             job_id,
             redis_message_id,
@@ -149,6 +157,7 @@ class DispatchCommands(ScriptStore):
             self.retention,
             json.dumps(options) if options else "",
             seq,
+            *band,
         )
         return Reply.decode(reply)
 
@@ -237,11 +246,12 @@ class DispatchCommands(ScriptStore):
         """Move the waiting and delayed jobs of a queue with no live worker to the handoff
         list (to start them on Temporal)."""
         reply = self._call(
-            [keys.workers(queue), *self._queue_keys(queue), keys.handoff()],
+            [keys.workers(queue), *self._queue_keys(queue), keys.handoff(), keys.bands(queue)],
             "rescue",
             heartbeat_timeout_ms,
             limit,
             keys.job_prefix(),
+            keys.band_prefix(queue),
         )
         return int(reply)
 

@@ -61,7 +61,14 @@ class LivenessCommands(ScriptStore):
         messages go to the suspects list (see `requeue_suspects`); returns how many."""
         delay_queue = keys.delayed(queue)
         reply = self._call(
-            [keys.dramatiq_heartbeats(), *self._queue_keys(queue), keys.suspects(queue)],
+            [
+                keys.dramatiq_heartbeats(),
+                *self._queue_keys(queue),
+                keys.suspects(queue),
+                keys.bands(queue),
+                keys.band_prefix(queue),
+                keys.priority_channel(queue),
+            ],
             "reclaim",
             keys.dramatiq_acks_prefix(),
             queue,
@@ -90,6 +97,10 @@ class LivenessCommands(ScriptStore):
                 keys.suspects(queue),
                 keys.dramatiq_queue(queue),
                 keys.dramatiq_messages(queue),
+                keys.bands(queue),
+                keys.band_prefix(queue),
+                keys.job_prefix(),
+                keys.priority_channel(queue),
             ],
             "requeue_suspects",
             *[value for pair in marked for value in pair],

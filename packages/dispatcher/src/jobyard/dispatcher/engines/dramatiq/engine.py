@@ -8,7 +8,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from jobyard.dispatcher.engines.base import (
     Cancellation,
@@ -25,6 +25,7 @@ from jobyard.dispatcher.engines.base import (
     SubmitStatus,
     Submitted,
     WorkerInfo,
+    as_submission,
 )
 from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
 from jobyard.dispatcher.errors import EngineUnavailable
@@ -94,6 +95,7 @@ class DramatiqEngine(Engine):
                 self._timeout_ms,
                 kept_options(job.options),
                 seq,
+                job.options.priority,
             )
         return self._submitted(reply)
 
@@ -108,8 +110,11 @@ class DramatiqEngine(Engine):
         batch's jobs its error."""
         sender = _BatchSender(self)
         with sender:
-            for queue, dramatiq_queue, batch in _batches(jobs):
-                sender.send(queue, dramatiq_queue, batch)
+            for item in _batches(jobs):
+                if isinstance(item, _Prioritized):
+                    sender.send_one(item)
+                else:
+                    sender.send(*item)
         return sender.results()
 
     def submit_batch(
@@ -363,12 +368,25 @@ class Batch:
         new.clear()
 
 
-def _batches(jobs: Iterable[Submission | NewJob]) -> Iterator[tuple[str, str, Batch]]:
+class _Prioritized(NamedTuple):
+    """A job with a priority, in `submit_many`: enqueued by itself (`enqueue` puts it in its
+    band; `enqueue_many` takes priority 0 only, so that bulk jobs without one pay nothing)."""
+
+    at: int  # its index in the caller's list
+    job: Submission
+
+
+def _batches(
+    jobs: Iterable[Submission | NewJob],
+) -> Iterator[tuple[str, str, Batch] | _Prioritized]:
     """(queue, Dramatiq queue, jobs) batches, each job's messages encoded, in the callers'
-    order within each queue."""
+    order within each queue; a job with a priority on its own."""
     open_batches: dict[str, tuple[str, Batch]] = {}
     templated = NewJobMessages.usable()  # the same for every job of the call
     for index, job in enumerate(jobs):
+        if job.priority if isinstance(job, NewJob) else job.options.priority:
+            yield _Prioritized(index, as_submission(job))
+            continue
         if templated and type(job) is NewJob:
             dramatiq_queue = job.queue
             opened = open_batches.get(dramatiq_queue)
@@ -481,6 +499,20 @@ class _BatchSender:
             return
         for index, reply in zip(batch.indices, replies, strict=True):
             self._results[index] = self.engine._submitted(reply)
+
+    def send_one(self, item: _Prioritized) -> None:
+        """A job of `_Prioritized`, by itself, once the batch in flight is read."""
+        self._finish()
+        if self._failed is not None:
+            self._results[item.at] = EngineUnavailable(
+                self.engine.name, f"not sent: an earlier batch failed ({self._failed})"
+            )
+            return
+        try:
+            self._results[item.at] = self.engine.submit(item.job)
+        except EngineUnavailable as exc:
+            self._failed = exc
+            self._results[item.at] = exc
 
     def _fail(self, batch: Batch, exc: EngineUnavailable) -> None:
         self._failed = exc

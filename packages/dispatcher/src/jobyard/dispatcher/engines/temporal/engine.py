@@ -23,7 +23,7 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowHandle,
 )
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.common import Priority, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RetryConfig
 
@@ -152,8 +152,14 @@ class TemporalEngine(Engine):
         return (await self.client()).get_workflow_handle(job_id)
 
     async def _start(
-        self, request: JobRequest, delay: float | None, reuse: WorkflowIDReusePolicy
+        self,
+        request: JobRequest,
+        delay: float | None,
+        reuse: WorkflowIDReusePolicy,
+        priority: int = 0,
     ) -> None:
+        """`priority` (jobyard's, -100..100) becomes the workflow's task priority, which its
+        steps inherit (see `task_priority`)."""
         client = await self.client()
         with map_temporal_errors():
             await client.start_workflow(
@@ -165,6 +171,7 @@ class TemporalEngine(Engine):
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
                 start_delay=timedelta(seconds=delay) if delay else None,
                 rpc_timeout=self._rpc_timeout(),
+                priority=task_priority(priority),
             )
 
     def submit(self, job: Submission) -> Submitted:
@@ -181,7 +188,10 @@ class TemporalEngine(Engine):
         try:
             self._call(
                 self._start(
-                    JobRequest.of(job), job.options.delay, WorkflowIDReusePolicy.REJECT_DUPLICATE
+                    JobRequest.of(job),
+                    job.options.delay,
+                    WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                    job.options.priority,
                 )
             )
         except AlreadyOnEngine:
@@ -197,7 +207,10 @@ class TemporalEngine(Engine):
             request = JobRequest.of(job)
             try:
                 await self._start(
-                    request, job.options.delay, WorkflowIDReusePolicy.REJECT_DUPLICATE
+                    request,
+                    job.options.delay,
+                    WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                    job.options.priority,
                 )
             except AlreadyOnEngine:
                 return Submitted(SubmitStatus.DUPLICATE, owner=self.name)
@@ -373,6 +386,30 @@ def interceptors(*, worker: bool = False) -> list[Interceptor]:
 
     traced = TracingInterceptor(tracing.tracer())
     return [traced] if worker else [_TraceStarts(traced)]
+
+
+#: Temporal's priority key of jobyard's priority 0: the middle of 201 levels (1 runs first).
+PRIORITY_KEY_OF_ZERO = 101
+
+#: The dev server's dynamic config under which it orders a task queue's backlog exactly by
+#: `task_priority` (docs/flow-control.md "Priorities": measured on server 1.32): the new
+#: matcher, one partition, 201 levels. `jobyard dev` and the tests' dev server pass them.
+DEV_SERVER_PRIORITY_FLAGS = [
+    "--dynamic-config-value", "matching.useNewMatcher=true",
+    "--dynamic-config-value", "matching.numTaskqueueReadPartitions=1",
+    "--dynamic-config-value", "matching.numTaskqueueWritePartitions=1",
+    "--dynamic-config-value", "matching.priorityLevels=201",
+]  # fmt: skip
+
+
+def task_priority(priority: int) -> Priority:
+    """The Temporal task priority of a jobyard priority (-100..100, higher first):
+    `priority_key = 101 - priority`, for a server run with the new matcher and
+    `matching.priorityLevels=201` (docs/flow-control.md "Priorities"). 0 sends no key: the
+    server's default, its middle level. A server without the new matcher ignores the key."""
+    if not priority:
+        return Priority.default
+    return Priority(priority_key=PRIORITY_KEY_OF_ZERO - priority)
 
 
 def _next_retry(description: Any) -> float | None:

@@ -1,0 +1,69 @@
+"""JobStore's commands of priorities' bands (docs/flow-control.md "Priorities"): a worker's
+fetch, its requeue of messages it fetched and did not run, and a delayed message's hand-back
+to its queue. Each puts a message where its job's priority says; priority 0 is Dramatiq's
+queue list, as without priorities."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from jobyard.queue import keys
+from jobyard.queue.store.script import ScriptStore
+
+
+class BandCommands(ScriptStore):
+    def fetch(self, broker_id: str, queue: str, timestamp_ms: int, wanted: int) -> list[bytes]:
+        """Up to `wanted` messages of `queue` for broker `broker_id`, in the order to run them
+        (bands p > 0 highest first, the queue's list, bands p < 0), moved into its acks set;
+        its Dramatiq heartbeat is `timestamp_ms` (Dramatiq's fetch does both)."""
+        reply = self._call(
+            [
+                keys.dramatiq_heartbeats(),
+                keys.dramatiq_acks(broker_id, queue),
+                keys.dramatiq_queue(queue),
+                keys.dramatiq_messages(queue),
+                keys.bands(queue),
+            ],
+            "fetch",
+            broker_id,
+            timestamp_ms,
+            wanted,
+            keys.band_prefix(queue),
+        )
+        return list(reply)
+
+    def requeue(
+        self, broker_id: str, queue: str, message_ids: Sequence[str], *, in_order: bool = False
+    ) -> int:
+        """Puts back messages broker `broker_id` fetched and did not run, each where it waited:
+        priority 0 at the back of the queue's list (Dramatiq's requeue), or, `in_order`, at its
+        front, so that fetching again gives the same order (bands always keep it)."""
+        if not message_ids:
+            return 0
+        reply = self._call(
+            [
+                keys.dramatiq_acks(broker_id, queue),
+                keys.dramatiq_queue(queue),
+                keys.dramatiq_messages(queue),
+                keys.bands(queue),
+            ],
+            "requeue",
+            keys.job_prefix(),
+            keys.band_prefix(queue),
+            "first" if in_order else "last",
+            *message_ids,
+        )
+        return int(reply)
+
+    def hand_back(self, queue: str, message_id: str, data: bytes) -> int:
+        """A delayed message come due enters `queue`, in its job's band; the job's priority."""
+        reply = self._call(
+            [keys.dramatiq_queue(queue), keys.dramatiq_messages(queue), keys.bands(queue)],
+            "hand_back",
+            keys.job_prefix(),
+            keys.band_prefix(queue),
+            keys.priority_channel(queue),
+            message_id,
+            data,
+        )
+        return int(reply)
