@@ -27,6 +27,7 @@ from jobyard.dispatcher import (
     queue_stats,
     replay_job,
 )
+from jobyard.job_engine.states import JobState
 
 #: Dead jobs one POST /dead/replay runs again (each is a call to its engine).
 MAX_BULK_REPLAY = 500
@@ -69,7 +70,7 @@ def replay_dead(body: BulkReplay) -> JSONResponse:
         ids = body.job_ids
     elif body.all:
         found = list_jobs(
-            state="dead", name=body.name, queue=body.queue, engine=body.engine,
+            state=JobState.DEAD, name=body.name, queue=body.queue, engine=body.engine,
             since=body.since, until=body.until, limit=MAX_BULK_REPLAY,
         )  # fmt: skip
         ids = [record.job_id for record in found]

@@ -16,8 +16,9 @@ from jobyard.api.params import JobIdPath
 from jobyard.api.responses import TOKEN_RESPONSES, doc, printable
 from jobyard.dispatcher import get_job
 from jobyard.dispatcher.events import ajob_events, stream_position
+from jobyard.job_engine.states import JobState
 
-FINAL_STATES = ("succeeded", "failed", "cancelled", "dead")
+FINAL_STATES = tuple(state for state in JobState if state.final)
 #: How soon an EventSource reconnects after a dropped stream, and how often a quiet one pings.
 SSE_RETRY_MS = 1000
 KEEPALIVE_SECONDS = 15.0

@@ -194,7 +194,7 @@ def dead(
 ) -> JSONResponse:
     """Dead letters: jobs that exhausted their retries (summaries and pages as GET /jobs)."""
     return listing(
-        request, limit, cursor, state="dead", name=name, queue=queue, engine=engine,
+        request, limit, cursor, state=JobState.DEAD, name=name, queue=queue, engine=engine,
         since=since, until=until, job_id=job_id, offset=offset,
     )  # fmt: skip
 

@@ -8,11 +8,13 @@ from typing import Annotated, Any, Literal
 from fastapi import Path, Query
 
 from jobyard.dispatcher.dispatch import JOB_ID_PATTERN
+from jobyard.job_engine.states import JobState
+
+__all__ = ["JobState"]  # routers take a job state as this enum (FastAPI gives 422 for others)
 
 MAX_PAGE = 500
 #: Deepest offset a listing pages to; past it the database would scan (or overflow) for nothing.
 MAX_OFFSET = 1_000_000
-JobState = Literal["queued", "running", "retrying", "succeeded", "failed", "dead", "cancelled"]
 Engine = Literal["dramatiq", "temporal"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$"  # job and queue names
 JOB_ID_PATH = f"^{JOB_ID_PATTERN.pattern}$"

@@ -14,6 +14,7 @@ from jobyard.api.responses import SafeJSONResponse, unprocessable, validation_de
 from jobyard.dispatcher import get_job_record, get_job_steps, list_jobs
 from jobyard.dispatcher.lifecycle import Cursor, cursor_of
 from jobyard.dispatcher.timeline import without_timings
+from jobyard.job_engine.states import JobState
 
 log = logging.getLogger("jobyard.api")
 
@@ -22,7 +23,11 @@ log = logging.getLogger("jobyard.api")
 SUMMARY_OMITS = ("payload", "result", "progress", "error_traceback")
 SUMMARY_ERROR_CHARS = 300
 #: How a job waiting on a timer (run_at in the future) reads: see readable.
-WAITING_STATES = {"running": "sleeping", "queued": "delayed", "retrying": "retrying"}
+WAITING_STATES = {
+    JobState.RUNNING: "sleeping",
+    JobState.QUEUED: "delayed",
+    JobState.RETRYING: "retrying",
+}
 
 
 def job_log_view(job_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
@@ -65,7 +70,7 @@ def readable(job: dict[str, Any]) -> dict[str, Any]:
         except ValueError:
             waiting = False
     state = job.get("state")
-    if not waiting and state in ("queued", "running"):
+    if not waiting and state in (JobState.QUEUED, JobState.RUNNING):
         job["run_at"] = None  # past: the job is not waiting on it any more
     job["display_state"] = WAITING_STATES.get(state or "", state) if waiting else state
     return job

@@ -21,6 +21,7 @@ import redis
 
 from jobyard.job_engine import env
 from jobyard.job_engine.queues import queue_names
+from jobyard.job_engine.states import JobState
 from jobyard.queue.client import make_client
 from jobyard.queue.store import JobStore
 
@@ -191,9 +192,9 @@ def run_canary() -> bool:
     deadline = time.monotonic() + CANARY_TIMEOUT
     while time.monotonic() < deadline:
         status = get_job(handle.job_id)
-        if status.state in ("succeeded", "failed"):
+        if status.state.final:
             _say(f"canary system.echo {status.state} on {status.engine}: {status.result}")
-            return status.state == "succeeded"
+            return status.state == JobState.SUCCEEDED
         time.sleep(0.2)
     _say("canary system.echo did not finish in time")
     return False

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from jobyard.job_engine import JobyardError, env
+from jobyard.job_engine.states import JobState
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -186,7 +187,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
     )
 
     if args.dead_command == "list":
-        for record in list_jobs(state="dead", name=args.name, limit=args.limit):
+        for record in list_jobs(state=JobState.DEAD, name=args.name, limit=args.limit):
             print(json.dumps({k: record.as_dict()[k] for k in DEAD_LIST_FIELDS}, default=str))
         return 0
     if args.dead_command == "show":

@@ -31,6 +31,7 @@ from jobyard.job_engine.collector import collector_paused
 from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.joblog import REPORTED, OutboxEvent
 from jobyard.job_engine.lifecycle import FINAL_STATES
+from jobyard.job_engine.states import JobState
 from jobyard.queue import keys
 from jobyard.queue.store import JobStore
 
@@ -89,7 +90,7 @@ def to_event(entry_id: bytes, entry: dict[bytes, bytes]) -> OutboxEvent:
         fields["finished_at"] = at
         if (started := entry.get(b"started_at")) is not None:
             fields["duration_ms"] = max(0, int(at * 1000) - int(started))
-        if state != "succeeded":
+        if state != JobState.SUCCEEDED:
             fields.pop("result", None)
     else:
         fields.pop("result", None)

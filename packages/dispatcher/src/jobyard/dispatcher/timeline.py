@@ -18,6 +18,7 @@ from jobyard.dispatcher.dispatch import get_dispatcher
 from jobyard.dispatcher.engines.temporal.contract import STEP_ACTIVITY
 from jobyard.dispatcher.engines.temporal.engine import TemporalEngine
 from jobyard.job_engine.context import SLEEP_STEP_PREFIX, STEP_TIMING_PREFIX
+from jobyard.job_engine.states import JobState
 
 __all__ = ["dramatiq_timeline", "job_timeline", "without_timings"]
 
@@ -47,7 +48,7 @@ def dramatiq_timeline(steps: dict[str, Any]) -> list[dict[str, Any]]:
             if not step.startswith(SLEEP_STEP_PREFIX):  # a sleep's entry is made from its wake time
                 entries.append(_entry(
                     "step", step, "dramatiq", value.get("start"), value.get("end"),
-                    attempts=value.get("attempt"), state="succeeded",
+                    attempts=value.get("attempt"), state=JobState.SUCCEEDED,
                 ))  # fmt: skip
         elif key.startswith(SLEEP_STEP_PREFIX) and isinstance(value, int | float):
             entries.append(_dramatiq_sleep(key, float(value), steps, now))
@@ -82,7 +83,9 @@ async def _temporal_timeline(engine: TemporalEngine, job_id: str) -> list[dict[s
                 continue  # the claim of a job moved from Dramatiq
             decoded = await client.data_converter.decode(list(attrs.input.payloads))
             step = decoded[0].get("step") if decoded and isinstance(decoded[0], dict) else None
-            entry = _entry("step", str(step), "temporal", at, None, attempts=1, state="running")
+            entry = _entry(
+                "step", str(step), "temporal", at, None, attempts=1, state=JobState.RUNNING
+            )
             scheduled[event.event_id] = entry
             entries.append(entry)
         elif event.HasField("activity_task_started_event_attributes"):
@@ -91,13 +94,15 @@ async def _temporal_timeline(engine: TemporalEngine, job_id: str) -> list[dict[s
             if running is not None:
                 running["attempts"] = started.attempt
         elif event.HasField("activity_task_completed_event_attributes"):
-            _close(scheduled, event.activity_task_completed_event_attributes, at, "succeeded")
+            _close(
+                scheduled, event.activity_task_completed_event_attributes, at, JobState.SUCCEEDED
+            )
         elif event.HasField("activity_task_failed_event_attributes"):
-            _close(scheduled, event.activity_task_failed_event_attributes, at, "failed")
+            _close(scheduled, event.activity_task_failed_event_attributes, at, JobState.FAILED)
         elif event.HasField("activity_task_timed_out_event_attributes"):
             _close(scheduled, event.activity_task_timed_out_event_attributes, at, "timed out")
         elif event.HasField("activity_task_canceled_event_attributes"):
-            _close(scheduled, event.activity_task_canceled_event_attributes, at, "cancelled")
+            _close(scheduled, event.activity_task_canceled_event_attributes, at, JobState.CANCELLED)
         elif event.HasField("timer_started_event_attributes"):
             timer = event.timer_started_event_attributes
             wake = at + timer.start_to_fire_timeout.ToTimedelta().total_seconds()

@@ -3,6 +3,7 @@ jobyard.lua keeps its own copies, checked against this enum by tests/test_job_st
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
 
 
@@ -24,3 +25,8 @@ class JobState(StrEnum):
 FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD, JobState.CANCELLED})
 #: States of a job that has not finished.
 UNFINISHED_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.RETRYING)
+
+
+def sql_literals(states: Iterable[JobState]) -> str:
+    """`'failed', 'dead'`: states as SQL string literals, for an `IN (...)` in a constant query."""
+    return ", ".join(f"'{state.value}'" for state in sorted(states))

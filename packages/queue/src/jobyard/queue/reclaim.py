@@ -37,6 +37,7 @@ from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 
 from jobyard.job_engine.lifecycle import job_event
+from jobyard.job_engine.states import JobState
 from jobyard.queue import keys
 from jobyard.queue.dramatiq_compat import dramatiq_maintenance
 from jobyard.queue.messages import SEQ, WEBHOOK
@@ -121,20 +122,20 @@ def _finished_exhausted(store: JobStore, queue: str, message: Message[Any]) -> b
     job_id, payload = message.args[0], message.args[1]
     seq = int(message.options.get(SEQ, 0))
     record = store.get(job_id)
-    if not record or record.get("lone") != str(seq) or record.get("state") != "running":
+    if not record or record.get("lone") != str(seq) or record.get("state") != JobState.RUNNING:
         return False
     attempts, allowed = int(record.get("attempts", 0)), int(record.get("lone_attempts", 0))
     if not allowed or attempts < allowed:
         return False
     error = died_error(attempts, record.get("died", ""))
     owned = store.finish(
-        job_id, seq, "dead", error=error, error_class=WORKER_PROCESS_DIED, payload=payload
+        job_id, seq, JobState.DEAD, error=error, error_class=WORKER_PROCESS_DIED, payload=payload
     )
     if owned:
         log.warning("job %s dead after %d attempt(s): %s", job_id, attempts, error)
         started_at = record.get("started_at")
         job_event(
-            job_id, message.actor_name, "dead", queue=queue, engine="dramatiq",
+            job_id, message.actor_name, JobState.DEAD, queue=queue, engine="dramatiq",
             attempts=attempts, started_at=int(started_at) / 1000 if started_at else None,
             webhook_url=message.options.get(WEBHOOK), logged=store.logs_changes,
             error=error, error_class=WORKER_PROCESS_DIED, payload=payload,

@@ -7,8 +7,10 @@ from typing import Any
 
 from sqlalchemy import CursorResult, Result
 
+from jobyard.job_engine.states import UNFINISHED_STATES
+
 #: A tick's job in one of these states counts as running (the overlap policies).
-ACTIVE_JOB_STATES = ("queued", "running", "retrying")
+ACTIVE_JOB_STATES = UNFINISHED_STATES
 #: Tick rows still to dispatch.
 OPEN_TICK_STATES = ("pending", "buffered")
 #: Ticks one schedule claims in one pass, and rows one pass works through; a longer catch-up

@@ -22,6 +22,8 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
+from jobyard.job_engine.states import FINAL_STATES, JobState, sql_literals
+
 #: Upper bounds (ms) of the histogram buckets; the last bucket has no upper bound.
 BOUNDS_MS = (
     5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 60_000, 150_000,
@@ -31,7 +33,7 @@ BUCKETS = len(BOUNDS_MS) + 1
 RUN_COLUMNS = tuple(f"run_{i}" for i in range(BUCKETS))
 WAIT_COLUMNS = tuple(f"wait_{i}" for i in range(BUCKETS))
 COUNT_COLUMNS = ("finished", "failed", *RUN_COLUMNS, *WAIT_COLUMNS)
-FAILED_STATES = ("failed", "dead")
+FAILED_STATES = (JobState.FAILED, JobState.DEAD)
 #: The roll-ups' periods, in seconds: minutes for the short windows, hours for the long ones.
 SPANS = (60, 3600)
 
@@ -144,10 +146,10 @@ def backfill_sql(dialect: str, span: int) -> str:
 INSERT INTO job_stats (queue, span, period_start, {columns})
 SELECT coalesce(queue, ''), {span}, {minute},
        count(*),
-       sum(CASE WHEN state IN ('failed', 'dead') THEN 1 ELSE 0 END),
+       sum(CASE WHEN state IN ({sql_literals(FAILED_STATES)}) THEN 1 ELSE 0 END),
        {_cases("duration_ms", "run")},
        {_cases(wait, "wait")}
 FROM job_log
-WHERE finished_at IS NOT NULL AND state IN ('succeeded', 'failed', 'dead', 'cancelled')
+WHERE finished_at IS NOT NULL AND state IN ({sql_literals(FINAL_STATES)})
 GROUP BY coalesce(queue, ''), {minute}
 """

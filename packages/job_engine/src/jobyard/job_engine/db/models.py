@@ -27,14 +27,15 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from jobyard.job_engine.db import Base, JSONType, UTCDateTime, utcnow
 from jobyard.job_engine.db.jobstats import RUN_COLUMNS, WAIT_COLUMNS
+from jobyard.job_engine.states import JobState
 
 # A BIGINT primary key that still auto-increments on SQLite (only INTEGER PRIMARY KEY does there).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 MESSAGE_ROLES = ("user", "assistant")
 ENGINES = ("dramatiq", "temporal")
-JOB_STATES = ("queued", "running", "retrying", "succeeded", "failed", "cancelled", "dead")
-FINAL_JOB_STATES = ("succeeded", "failed", "cancelled", "dead")
+JOB_STATES = tuple(JobState)
+FINAL_JOB_STATES = tuple(state for state in JobState if state.final)
 REPORT_KINDS = ("daily", "weekly")
 TICK_KINDS = ("tick", "trigger", "backfill")
 # pending: claimed, to be dispatched by its owner (or by anyone once the lease ran out);
@@ -43,7 +44,7 @@ TICK_STATES = ("pending", "buffered", "dispatched", "skipped", "failed")
 
 
 #: The state index's condition (JobLog).
-NOT_SUCCEEDED = text("state <> 'succeeded'")
+NOT_SUCCEEDED = text(f"state <> '{JobState.SUCCEEDED}'")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -122,7 +123,7 @@ class JobLog(Base):
     name: Mapped[str] = mapped_column(String(255), nullable=False)
     queue: Mapped[str | None] = mapped_column(String(128), nullable=True)
     engine: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    state: Mapped[str] = mapped_column(String(16), nullable=False, default="queued")
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default=JobState.QUEUED.value)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     payload: Mapped[Any | None] = mapped_column(JSONType, nullable=True)
     result: Mapped[Any | None] = mapped_column(JSONType, nullable=True)

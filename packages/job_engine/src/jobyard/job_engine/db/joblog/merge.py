@@ -20,6 +20,7 @@ from sqlalchemy import case, func
 
 from jobyard.job_engine.db import Base
 from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobLog
+from jobyard.job_engine.states import JobState
 
 #: Columns an event may set whatever its age (first value wins).
 STICKY = ("name", "queue", "payload", "enqueued_at", "started_at", "fallback_reason")
@@ -178,7 +179,7 @@ def dispatch_event(row: dict[str, Any]) -> dict[str, Any]:
     first_at = row.get("state_at") or row.get("progress_at") or time.time()
     enqueued = row.get("enqueued_at")
     at = min(enqueued, first_at) if enqueued is not None else first_at
-    return {"at": at, "kind": "state", "state": "queued", "engine": row.get("engine"),
+    return {"at": at, "kind": "state", "state": JobState.QUEUED, "engine": row.get("engine"),
             "attempts": 0, "run_at": None, "error": None}  # fmt: skip
 
 
@@ -211,7 +212,7 @@ def applied(row: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
 
 def stored(row: dict[str, Any]) -> dict[str, Any]:
     """A copy of `row` as the table takes it (a caller may retry with the original)."""
-    stored = {"state": "queued", "name": "unknown", "attempts": 0, "events": 0, **row}
+    stored = {"state": JobState.QUEUED, "name": "unknown", "attempts": 0, "events": 0, **row}
     stored.pop(PARTS, None)
     for column in TIMESTAMPS:
         if column in stored:
@@ -240,6 +241,6 @@ def merge_rules(new: Any) -> dict[str, Any]:
     )
     rules["run_at"] = case((newer, new.run_at), else_=old.run_at)
     # A replayed job starts over: the newer "queued" clears when it finished.
-    replayed = newer & (new.state == "queued")
+    replayed = newer & (new.state == JobState.QUEUED)
     rules["finished_at"] = case((replayed, None), else_=rules["finished_at"])
     return rules

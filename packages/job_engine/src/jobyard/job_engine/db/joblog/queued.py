@@ -13,6 +13,7 @@ from sqlalchemy import Connection, text
 
 from jobyard.job_engine.db.joblog.merge import utc
 from jobyard.job_engine.db.joblog.sql import first_seen, insert_events
+from jobyard.job_engine.states import JobState
 
 
 class QueuedBatch(NamedTuple):
@@ -36,7 +37,7 @@ class QueuedBatch(NamedTuple):
         return [
             (self.ts, job_id, {
                 "name": self.name, "queue": self.queue, "engine": self.engine,
-                "state": "queued", "payload": json.loads(payload), "enqueued_at": self.ts,
+                "state": JobState.QUEUED, "payload": json.loads(payload), "enqueued_at": self.ts,
             })
             for job_id, payload in self.jobs
         ]  # fmt: skip
@@ -58,11 +59,12 @@ _INSERT_QUEUED_PG = text(
     "), inserted AS ("
     " INSERT INTO job_log (job_id, name, queue, engine, state, attempts, payload, enqueued_at,"
     " state_at, events)"
-    " SELECT job_id, name, queue, engine, 'queued', 0, payload, at, at, 1 FROM source ORDER BY n"
+    f" SELECT job_id, name, queue, engine, '{JobState.QUEUED}', 0, payload, at, at, 1 FROM source"
+    " ORDER BY n"
     " ON CONFLICT (job_id) DO NOTHING RETURNING job_id"
     "), numbered AS ("
     " INSERT INTO job_events (job_id, seq, at, kind, state, engine, attempts)"
-    " SELECT s.job_id, 1, to_timestamp(s.ts), 'state', 'queued', s.engine, 0"
+    f" SELECT s.job_id, 1, to_timestamp(s.ts), 'state', '{JobState.QUEUED}', s.engine, 0"
     " FROM inserted i JOIN source s ON s.job_id = i.job_id"
     ") SELECT s.job_id FROM source s LEFT JOIN inserted i ON i.job_id = s.job_id"
     " WHERE i.job_id IS NULL"
@@ -73,7 +75,7 @@ _INSERT_QUEUED_PG = text(
 _INSERT_QUEUED_SQLITE = text(
     "INSERT INTO job_log (job_id, name, queue, engine, state, attempts, payload, enqueued_at,"
     " state_at, events)"
-    " SELECT r.value ->> 0, b.value ->> 0, b.value ->> 1, b.value ->> 2, 'queued', 0,"
+    f" SELECT r.value ->> 0, b.value ->> 0, b.value ->> 1, b.value ->> 2, '{JobState.QUEUED}', 0,"
     " NULLIF(r.value -> 2, 'null'), b.value ->> 3, b.value ->> 3, 1"
     " FROM json_each(:rows) AS r JOIN json_each(:batches) AS b ON b.key = r.value ->> 1"
     " WHERE true ORDER BY r.key"
@@ -111,8 +113,8 @@ def insert_queued(
     else:
         inserted = {job_id for (job_id,) in connection.execute(_INSERT_QUEUED_SQLITE, parameters)}
         first = [
-            {"job_id": job_id, "seq": 1, "at": batches[n].ts, "kind": "state", "state": "queued",
-             "engine": batches[n].engine, "attempts": 0}
+            {"job_id": job_id, "seq": 1, "at": batches[n].ts, "kind": "state",
+             "state": JobState.QUEUED, "engine": batches[n].engine, "attempts": 0}
             for job_id, n, _ in once
             if job_id in inserted
         ]  # fmt: skip

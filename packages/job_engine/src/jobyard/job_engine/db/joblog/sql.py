@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from jobyard.job_engine.db import Base
 from jobyard.job_engine.db.joblog.merge import COLUMNS, merge_rules, utc
 from jobyard.job_engine.db.models import JobEvent, JobLog
+from jobyard.job_engine.states import JobState
 
 
 def json_text(rows: list[dict[str, Any]]) -> str:
@@ -158,7 +159,8 @@ def lock_rows(connection: Connection, stored: list[dict[str, Any]]) -> dict[str,
     created = connection.execute(
         text(
             "INSERT INTO job_log (job_id, name, state, attempts, events, enqueued_at) "
-            "SELECT value ->> 'job_id', value ->> 'name', 'queued', 0, 0, value ->> 'at' "
+            f"SELECT value ->> 'job_id', value ->> 'name', '{JobState.QUEUED}', 0, 0,"
+            " value ->> 'at' "
             "FROM json_each(:stubs) WHERE true "
             "ON CONFLICT (job_id) DO NOTHING RETURNING job_id"
         ),

@@ -21,6 +21,7 @@ from jobyard.job_engine.db.joblog.sql import (
 )
 from jobyard.job_engine.db.joblog.stats import add_stats, finish_stat
 from jobyard.job_engine.db.models import FINAL_JOB_STATES
+from jobyard.job_engine.states import JobState
 
 Pair = tuple[dict[str, Any], dict[str, Any]]  # (a row as given, the row as stored)
 
@@ -77,7 +78,7 @@ def _number(
         parts = row.get(PARTS)
         for part in parts or (row,):
             for change in changes_of(part, old):
-                if first and not (change["kind"] == "state" and change["state"] == "queued"):
+                if first and not (change["kind"] == "state" and change["state"] == JobState.QUEUED):
                     seq += 1
                     events.append({"job_id": row["job_id"], "seq": seq, **dispatch_event(part)})
                 first = False
