@@ -430,7 +430,7 @@ def start_contender(label: str, workload: Workload, processes: int, threads: int
     if label == "bare16":
         return BareDramatiq(label, workload, processes, threads, None)
     if label == "bare32":
-        from jobyard.queue.queues import get_queue
+        from jobyard.job_engine.queues import get_queue
 
         os.environ["WORKER_CONCURRENCY_DEFAULT"] = str(threads)
         return BareDramatiq(label, workload, processes, threads, get_queue("default").prefetch)

@@ -10,11 +10,11 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import CurrentMessage, TimeLimit
 
 from jobyard.job_engine import env, registry, tracing
+from jobyard.job_engine.queues import get_queue
 from jobyard.queue import keys
 from jobyard.queue.client import get_client
 from jobyard.queue.direct import DirectJobStore
 from jobyard.queue.dramatiq_compat import JobyardBroker
-from jobyard.queue.queues import get_queue
 from jobyard.queue.reclaim import sweep_dead_workers
 from jobyard.queue.runner import TIME_LIMIT_BACKSTOP, JobRunner
 from jobyard.queue.store import JobStore

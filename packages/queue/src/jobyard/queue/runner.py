@@ -23,6 +23,7 @@ from jobyard.job_engine import JobSpec, PermanentError, env
 from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.steps import begin_step
 from jobyard.job_engine.lifecycle import job_event, progress_event
+from jobyard.job_engine.queues import get_queue, retry_policy
 from jobyard.queue.context import (
     Cancelled,
     DiedTooOften,
@@ -34,7 +35,6 @@ from jobyard.queue.context import (
 from jobyard.queue.dramatiq_compat import ACKED
 from jobyard.queue.eager import discard_loop, run_eagerly
 from jobyard.queue.messages import RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
-from jobyard.queue.queues import get_queue, retry_policy
 from jobyard.queue.reclaim import WORKER_PROCESS_DIED, died_error, is_suspect
 from jobyard.queue.store import NO_DELIVERY, Delivery, JobStore, StartResult
 

@@ -30,6 +30,7 @@ from jobyard.dispatcher.engines.base import (
 from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, EngineName, JobStatus
+from jobyard.job_engine.queues import queue_names
 from jobyard.job_engine.states import UNFINISHED_STATES, JobState
 from jobyard.queue import keys
 from jobyard.queue.messages import (
@@ -38,7 +39,6 @@ from jobyard.queue.messages import (
     decode_job_message,
     encode_job_message,
 )
-from jobyard.queue.queues import queue_names
 from jobyard.queue.store import BatchLine, JobStore, Reply
 
 if TYPE_CHECKING:
