@@ -131,3 +131,19 @@ def _concurrency_scopes() -> dict[str, tuple[str, int]]:
             if lim.kind == CONCURRENCY and isinstance(lim.declaration, Concurrency):
                 found[lim.scope] = (spec.queue, lim.declaration.limit)
     return found
+
+
+def flow_counts(top: int = 20) -> list[dict[str, object]]:
+    """The flow-control buckets holding something now, the `top` with most waiting jobs first:
+    scope (the limit), key, running, waiting, recent starts. Empty when no job is limited."""
+    if not any(spec.limited for spec in registry):
+        return []
+    from jobyard.job_engine.flow import runtime
+
+    counts = runtime.permit_store().counts()
+    counts.sort(key=lambda c: (-c.waiting, -c.running, c.scope, c.bucket))
+    return [
+        {"scope": c.scope, "key": c.bucket, "running": c.running, "waiting": c.waiting,
+         "recent_starts": c.recent_starts}
+        for c in counts[:top]
+    ]  # fmt: skip
