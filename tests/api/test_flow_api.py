@@ -61,8 +61,8 @@ def test_a_held_job_shows_why_it_waits(
     assert detail["run_at"] is not None  # when it asks again, unless woken first
     running = flow_api.client.get(f"/jobs/{first.json()['job_id']}").json()
     assert running["display_state"] == "queued"  # admitted: in the ready list
-    admin = httpx.Client(base_url=flow_api.url, headers={"Authorization": f"Bearer {admin_token}"})
-    buckets = admin.get("/flow").json()
+    as_admin = flow_api.admin(admin_token)
+    buckets = flow_api.client.get("/flow", headers=as_admin).json()
     assert {"scope": "concurrency:job:test.flow_one_slot", "key": "acme", "running": 1,
             "waiting": 1, "recent_starts": 0} in buckets  # fmt: skip
     queues = {q["name"]: q for q in flow_api.client.get("/queues", headers=as_admin).json()}
