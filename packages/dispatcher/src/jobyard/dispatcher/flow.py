@@ -18,6 +18,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from jobyard.dispatcher.engines import Submission
 from jobyard.dispatcher.models import JobHandle, JobStatus
 from jobyard.job_engine import Concurrency, JobSpec, env, registry
@@ -83,7 +85,10 @@ def served_by(job_id: str) -> str | None:
         return None
     from jobyard.job_engine.flow import runtime
 
-    return runtime.permit_store().served_by(job_id)
+    try:
+        return runtime.permit_store().served_by(job_id)
+    except SQLAlchemyError:  # no permit store here: the engines' "not found" stands
+        return None
 
 
 def follow_collapsed(job_id: str, status: JobStatus, run_id: str) -> JobStatus:
