@@ -13,6 +13,7 @@ from jobyard.job_engine.flow import runtime
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue import keys
 from tests.api.conftest import ApiServer
+from tests.api.test_priority_api import pretend_a_live_worker
 from tests.flow_jobs import ONE_THREAD_QUEUE
 from tests.support import RedisServer
 
@@ -24,13 +25,6 @@ def flow_api(api: ApiServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[ApiSer
     runtime.reset()  # the permit store of this test's database
     yield api
     runtime.reset()
-
-
-def pretend_a_live_worker(redis_server: RedisServer, queue: str) -> None:
-    client = redis_server.client()
-    seconds, _ = client.time()
-    client.zadd(keys.workers(queue), {"placeholder": (seconds + 600) * 1000})
-    client.close()
 
 
 def test_a_payload_without_its_key_is_422_and_starts_nothing(
