@@ -32,7 +32,7 @@ class Held(BaseException):
         self.seconds, self.hold = seconds, hold
 
 
-class RunGate:
+class RunPermits:
     """One run of a limited job. A resume after a durable sleep is not a new start: it asks
     its concurrency slots (kept through the sleep) and its burst again, not its rate."""
 
