@@ -255,3 +255,21 @@ def test_dispatch_lets_at_most_the_limit_per_key_into_the_ready_list(
     assert client.llen(keys.dramatiq_queue(FLOW_QUEUE)) == 2 * CONCURRENCY
     assert client.zcard(keys.parked(FLOW_QUEUE)) == 21 + 3 - 2 * CONCURRENCY
     client.close()
+
+
+def test_a_run_whose_permit_store_is_away_waits_instead_of_running_unlimited(
+    flow: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobyard.job_engine import get_spec
+    from jobyard.queue.flow import STORE_AWAY_SECONDS, Held, RunPermits
+    from jobyard.queue.store import JobStore
+
+    monkeypatch.setenv(env.DATABASE_URL, "postgresql+psycopg://nobody@127.0.0.1:1/nothing")
+    runtime.reset()
+    spec = get_spec("test.flow_slots")
+    permits = RunPermits(
+        JobStore(flow.redis.client()), spec, "job-x", {"tenant": "t"}, resume=False
+    )
+    with pytest.raises(Held) as held:
+        permits.acquire()
+    assert (held.value.seconds, held.value.hold) == (STORE_AWAY_SECONDS, None)

@@ -15,6 +15,7 @@ The keys were read from the payload already (`make_submission`: MissingKeyError,
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,8 @@ from jobyard.job_engine.flow.waiting import COLLAPSED, Hold, describe
 
 if TYPE_CHECKING:
     from jobyard.dispatcher.routing import Router
+
+log = logging.getLogger("jobyard.flow")
 
 
 class FlowDispatch:
@@ -63,7 +66,11 @@ class FlowDispatch:
         if not any(lim.kind == CONCURRENCY for lim in spec.limits):
             return job
         gate = runtime.gate(spec, job.job_id, job.payload)
-        admission = gate.admit(runtime.admission_seconds())
+        try:
+            admission = gate.admit(runtime.admission_seconds())
+        except Exception as exc:  # best effort: its run asks at its start all the same
+            log.warning("job %s: no admission at dispatch (%s)", job.job_id, exc)
+            return job
         if admission.granted:
             return job
         held = gate.hold(admission)
