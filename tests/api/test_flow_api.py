@@ -61,3 +61,19 @@ def test_a_held_job_shows_why_it_waits(
             "waiting": 1, "recent_starts": 0} in buckets  # fmt: skip
     queues = {q["name"]: q for q in flow_api.client.get("/queues", headers=as_admin).json()}
     assert queues[ONE_THREAD_QUEUE]["held"] == 1
+
+
+def test_a_collapsed_dispatch_names_the_run_that_serves_it(
+    flow_api: ApiServer, redis_server: RedisServer
+) -> None:
+    pretend_a_live_worker(redis_server, "flow")
+    body = {"marker_dir": "/tmp", "doc": "d-42", "value": 1}
+    first = flow_api.client.post("/jobs/test.flow_debounce", json=body)
+    second = flow_api.client.post("/jobs/test.flow_debounce", json={**body, "value": 2})
+    assert first.status_code == second.status_code == 202, second.text
+    assert first.json()["served_by"] is None
+    assert second.json()["served_by"] == first.json()["job_id"]
+    detail = flow_api.client.get(f"/jobs/{second.json()['job_id']}").json()
+    assert (detail["display_state"], detail["served_by"]) == ("collapsed", first.json()["job_id"])
+    run = flow_api.client.get(f"/jobs/{first.json()['job_id']}").json()
+    assert (run["state"], run["display_state"]) == ("queued", "debouncing")
