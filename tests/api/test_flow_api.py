@@ -61,6 +61,11 @@ def test_a_held_job_shows_why_it_waits(
             "waiting": 1, "recent_starts": 0} in buckets  # fmt: skip
     queues = {q["name"]: q for q in flow_api.client.get("/queues", headers=as_admin).json()}
     assert queues[ONE_THREAD_QUEUE]["held"] == 1
+    metrics = flow_api.client.get("/metrics").text
+    scope = "concurrency:job:test.flow_one_slot"
+    assert f'jobyard_flow_waiting{{scope="{scope}"}} 1.0' in metrics
+    assert f'jobyard_flow_running{{scope="{scope}"}} 1.0' in metrics
+    assert f'jobyard_queue_held{{queue="{ONE_THREAD_QUEUE}"}} 1.0' in metrics
 
 
 def test_a_collapsed_dispatch_names_the_run_that_serves_it(
