@@ -3,7 +3,6 @@
 jobyard:job:<job_id>       hash  the job record on the Dramatiq side (see jobyard.lua)
 jobyard:steps:<job_id>     hash  step name -> JSON result of a finished step
 jobyard:workers:<queue>    zset  worker id -> last heartbeat, ms on the Redis clock
-jobyard:rate:<job>:<n>     str   starts of <job> in rate window number <n>
 jobyard:handoff            list  messages of jobs being moved to Temporal (their workers died)
 jobyard:suspects:<queue>   list  ids of messages taken back from a dead process, to requeue marked
 jobyard:joblog:events      stream  one entry per change a worker made to a job: the job log's outbox
@@ -12,6 +11,8 @@ jobyard:band:<queue>:<p>   list  ids of messages of priority p != 0 waiting on <
                                  dramatiq:<queue>.msgs); priority 0 waits on dramatiq:<queue>
 jobyard:bands:<queue>      zset  p -> -p for each band of <queue> that may hold messages
 jobyard:priority:<queue>   channel  published on when a message of priority > 0 enters <queue>
+jobyard:parked:<queue>     zset  ids of messages of <queue> waiting for a flow-control slot ->
+                                 when they ask again (ms); fetch moves due ones to their list
 dramatiq:<queue>           list  Dramatiq message ids waiting on <queue>
 dramatiq:<queue>.msgs      hash  Dramatiq message id -> encoded message
 dramatiq:<queue>.DQ[.msgs] the same for messages delayed on <queue>
@@ -36,10 +37,6 @@ def steps(job_id: str) -> str:
 
 def workers(queue: str) -> str:
     return f"{PREFIX}:workers:{queue}"
-
-
-def rate_prefix(job_name: str) -> str:
-    return f"{PREFIX}:rate:{job_name}:"
 
 
 def dramatiq_queue(queue: str) -> str:
@@ -102,3 +99,7 @@ def bands(queue: str) -> str:
 
 def priority_channel(queue: str) -> str:
     return f"{PREFIX}:priority:{queue}"
+
+
+def parked(queue: str) -> str:
+    return f"{PREFIX}:parked:{queue}"
