@@ -75,6 +75,9 @@ class Cluster:
     """One scenario's world: its Redis, its worker processes, and the harness's own environment
     pointed at them (restored by close())."""
 
+    #: The queues `jobyard worker` serves (the soak adds the scheduled queue).
+    worker_queues = QUEUE
+
     def __init__(
         self,
         temporal_address: str,
@@ -111,7 +114,7 @@ class Cluster:
     ) -> Proc:
         env = dict(os.environ) | self.env | (extra or {}) | {ENGINE_ENV: "dramatiq"}
         count = str(processes or self.processes)
-        proc = Proc(["worker", "--queues", QUEUE, "--processes", count], env)
+        proc = Proc(["worker", "--queues", self.worker_queues, "--processes", count], env)
         self.procs.append(proc)
         if wait:
             self.wait_ready(proc)
