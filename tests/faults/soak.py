@@ -219,23 +219,26 @@ class Soak:
     def quiet(self, at: float) -> bool:
         return not any(f.began - BEFORE <= at <= f.ended + RECOVERY for f in self.faults)
 
-    def latencies(self, since: float, until: float) -> tuple[list[float], list[float]]:
+    def latencies(self, since: float, until: float) -> dict[str, list[float]]:
         """Seconds from dispatch to the first step's first START, for jobs accepted in
-        [since, until): all of them, and the quiet ones. A job not started yet counts with the
-        time it has waited so far (a lower bound)."""
+        [since, until): "all", the "quiet" ones, those split by engine, and how long the quiet
+        ones' dispatch calls took ("call"). A job not started yet counts with the time it has
+        waited so far (a lower bound)."""
         histories = self.ledger.histories()
         now = time.time()
-        every, quiet = [], []
+        out: dict[str, list[float]] = {"all": [], "quiet": [], "call": []}
         for load in self.loads.values():
             for a in list(load.attempts):
                 if a.handle is None or not since <= a.at < until:
                     continue
                 s0 = histories.get(a.tag, {}).get("s0")
-                started = s0.executions[0].started if s0 and s0.executions else now
-                every.append(started - a.at)
+                waited = (s0.executions[0].started if s0 and s0.executions else now) - a.at
+                out["all"].append(waited)
                 if self.quiet(a.at):
-                    quiet.append(started - a.at)
-        return every, quiet
+                    out["quiet"].append(waited)
+                    out.setdefault(str(a.handle.engine), []).append(waited)
+                    out["call"].append(a.seconds)
+        return out
 
     def report(self, since: float, until: float, label: str) -> Window:
         self.finality.poll_log()
@@ -244,7 +247,13 @@ class Soak:
         temporal_mb, _ = tree_rss_mb(w.temporal_worker.pid)
         redis_mb = redis_rss_mb(w.cluster.redis.url)
         pg = postgres(w.database_url)
-        every, quiet = self.latencies(since, until)
+        lat = self.latencies(since, until)
+        every, quiet = lat["all"], lat["quiet"]
+        by_engine = ", ".join(
+            f"{engine} n={len(lat[engine])} p99 {_ms(percentile(lat[engine], 99))}"
+            for engine in ("dramatiq", "temporal")
+            if engine in lat
+        )
         counts = self.ledger.counts()
         attempts = [a for load in self.loads.values() for a in load.attempts]
         dispatched = len({a.tag for a in attempts})
@@ -265,7 +274,9 @@ class Soak:
             f" {pg and pg['events']} events",
             f"   dispatch->start ms, jobs dispatched in this window: n={len(every)}"
             f" p50 {_ms(percentile(every, 50))} p99 {_ms(percentile(every, 99))};"
-            f" quiet n={len(quiet)} p50 {_ms(percentile(quiet, 50))} p99 {_ms(p99_quiet)}",
+            f" quiet n={len(quiet)} p50 {_ms(percentile(quiet, 50))} p99 {_ms(p99_quiet)}"
+            f" (by engine: {by_engine}; the dispatch call alone p99"
+            f" {_ms(percentile(lat['call'], 99))})",
             f"   faults so far {len(self.faults)} (worker restarts outside faults"
             f" {self.unexpected_exits}): lost (late) {self.finality.late(time.time(), LATE_AFTER)},"
             f" ran on both engines {counts.both_engines}, returned steps re-run"

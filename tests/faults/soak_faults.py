@@ -8,6 +8,7 @@ hour (eleven faults) meets all ten kinds and one twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
+from jobyard.dispatcher import get_job
 from tests.faults.procs import Cluster
 from tests.support import PG_ADMIN_URL, Proc
 
@@ -110,10 +112,19 @@ def temporal_server_sigkill(w: World) -> str:
 
 
 def poison_job(w: World) -> str:
-    """A job whose step kills its worker process (os._exit), among the load."""
+    """A job whose step kills its worker process (os._exit), among the load; the fault lasts
+    until the job is final (dead after its attempts, each death a worker process restarted)."""
     tag = f"poison-{time.monotonic_ns()}"
     attempt = w.poison.dispatch(tag)
-    return f"poison job {attempt.job_id or attempt.error} dispatched"
+    if attempt.job_id is None:
+        return f"poison job refused: {attempt.error}"
+    began = time.monotonic()
+    state = None
+    while time.monotonic() - began < 120 and state not in ("failed", "dead", "succeeded"):
+        time.sleep(1)
+        with contextlib.suppress(Exception):  # unreadable a moment: ask again
+            state = get_job(attempt.job_id).state
+    return f"poison job {attempt.job_id} {state} after {time.monotonic() - began:.0f} s"
 
 
 def joblog_db_blink(w: World) -> str:
