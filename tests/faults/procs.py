@@ -111,10 +111,12 @@ class Cluster:
         extra: dict[str, str] | None = None,
         *,
         wait: bool = True,
+        queues: str | None = None,
     ) -> Proc:
         env = dict(os.environ) | self.env | (extra or {}) | {ENGINE_ENV: "dramatiq"}
         count = str(processes or self.processes)
-        proc = Proc(["worker", "--queues", self.worker_queues, "--processes", count], env)
+        queues = queues or self.worker_queues
+        proc = Proc(["worker", "--queues", queues, "--processes", count], env)
         self.procs.append(proc)
         if wait:
             self.wait_ready(proc)

@@ -8,16 +8,19 @@ SOAK_FAULT_EVERY and SOAK_REPORT_EVERY (seconds; by default 1/12 of the run but 
 1/6 of the run but at least 60),
 SOAK_SETTLE (seconds accepted jobs get to finish after the load stops, 120), SOAK_SEED (1),
 SOAK_FAULTS (comma-separated fault kinds of tests/faults/soak_faults.py; default all).
+Stop a run early with SIGTERM to this process (`kill <pid>`): it still cleans up.
 
-The world is the fault suite's: a private redis-server with AOF on a free port, a real
-`jobyard worker` (2 processes) and `jobyard temporal-worker`, a Temporal dev server on its own
+The world is the fault suite's: a private redis-server with AOF on a free port, real
+`jobyard worker`s (2 processes for the default and scheduled queues, 1 for the witness queue) and
+two `jobyard temporal-worker`s, a Temporal dev server on its own
 database file (tests/faults/temporal_crash.CrashableTemporal: the dev server the fault rows kill),
 and the job log in a private PostgreSQL database created on the local server and dropped after.
 
 The load (dispatched from this process, no burst to catch up after a slow stretch): 50% jobs of
-three steps, 15% with a durable 2 s sleep, 10% whose second step fails once (a retry), 5% that
-always fail (dead after 2 attempts), 10% of one 0.5 s step, 10% on Temporal (a queue no Dramatiq
-worker serves: a 1.5 s sleep and a retried step), and a schedule firing every 5 s. Every step
+three steps (15% of all on the witness queue), 15% with a durable 2 s sleep, 10% whose second step
+fails once (a retry), 5% that always fail (dead after 2 attempts), 10% of one 0.5 s step, 10% on
+Temporal (a queue no Dramatiq worker serves: a 1.5 s sleep and a retried step), and a schedule
+firing every 5 s. Every step
 execution is recorded in the ledger (tests/faults/soak_jobs.py), which the counters read.
 
 The faults, one every SOAK_FAULT_EVERY seconds from the first interval on, are in
@@ -27,7 +30,9 @@ Targets, printed PASS/FAIL at the end (exit status 1 if any fails):
 - lost 0: every accepted job and every schedule tick final within SOAK_SETTLE after the load stops;
 - ran on both engines 0 and returned steps re-run 0, as `make chaos` counts them (docs/faults.md);
 - worker RSS growth under 10% from the end of the first report window ("minute 10") to the end
-  of the load ("minute 60"), for `jobyard worker` (supervisor + processes) and the temporal worker;
+  of the load ("minute 60"), of the witnesses: the `jobyard worker` of the witness queue
+  (supervisor + process) and one of the two temporal workers, which no fault targets (a worker a
+  fault restarts starts its memory again); the others' RSS is in every report;
 - p99 drift under 20%: drift = p99 of the last report window / p99 of the second window - 1, of
   dispatch->first step START over "quiet" jobs dispatched to Dramatiq (neither during a fault nor
   from 10 s before it to 30 s after it); the first window is warm-up; a drop in latency passes.
@@ -40,6 +45,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -49,10 +55,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobyard.queue import keys
 from tests.faults import soak_faults
 from tests.faults.procs import Cluster
 from tests.faults.scenarios import Load
-from tests.faults.soak_jobs import LEDGER_ENV, MARKERS_ENV
+from tests.faults.soak_jobs import LEDGER_ENV, MARKERS_ENV, WITNESS_QUEUE
 from tests.faults.soak_measure import (
     Finality,
     GrowingLedger,
@@ -62,6 +69,7 @@ from tests.faults.soak_measure import (
     ticks,
     tree_rss_mb,
 )
+from tests.support import Proc, wait_for
 
 JOB_MODULES = "tests.faults.jobs,tests.faults.poison,tests.faults.soak_jobs"
 #: A dispatch this many seconds before a fault began or after it ended is not "quiet" (left out
@@ -110,7 +118,8 @@ class Kind:
 
 
 MIX = [
-    Kind("steps", "soak.chain", 50, {"steps": 3}),
+    Kind("steps", "soak.chain", 35, {"steps": 3}),
+    Kind("witness", "soak.witness", 15, {"steps": 3}),
     Kind("sleep", "soak.chain", 15, {"steps": 2, "sleep": 2.0}),
     Kind("retry", "soak.chain", 10, {"steps": 3, "fail_step": 1}),
     Kind("fail", "soak.fail", 5, {"steps": 2, "fail_step": 1, "fail_mode": "fail"}),
@@ -132,14 +141,24 @@ class Window:
     """One report: its measurements, for the table and the targets."""
 
     minute: float
-    worker_mb: float
-    temporal_worker_mb: float
+    rss_mb: dict[str, float]  # "worker", "witness", "temporal-worker", "temporal-witness"
     p99: dict[str, float | None]  # quiet jobs' dispatch->start p99: "quiet", by engine
     line: str = ""
 
 
 class SoakCluster(Cluster):
     worker_queues = "default,scheduled"
+
+
+def start_witness(cluster: Cluster) -> Proc:
+    """The witness `jobyard worker`: one process, its own queue, started and waited for."""
+    proc = cluster.start_worker(1, queues=WITNESS_QUEUE, wait=False)
+    client = cluster.redis.client()
+    try:
+        wait_for(lambda: client.zcard(keys.workers(WITNESS_QUEUE)) > 0, timeout=120)
+    finally:
+        client.close()
+    return proc
 
 
 @dataclass
@@ -215,6 +234,14 @@ class Soak:
             self.unexpected_exits += 1
             say(self, f"temporal worker exited ({w.temporal_worker.proc.returncode})")
             w.temporal_worker = w.cluster.start_temporal_worker()
+        if w.witness.proc.poll() is not None:  # its growth figure is then not the whole run's
+            self.unexpected_exits += 1
+            say(self, f"witness worker exited ({w.witness.proc.returncode})")
+            w.witness = start_witness(w.cluster)
+        if w.temporal_witness.proc.poll() is not None:
+            self.unexpected_exits += 1
+            say(self, f"witness temporal worker exited ({w.temporal_witness.proc.returncode})")
+            w.temporal_witness = w.cluster.start_temporal_worker()
 
     # --- reports ----------------------------------------------------------------------------
 
@@ -245,8 +272,9 @@ class Soak:
     def report(self, since: float, until: float, label: str) -> Window:
         self.finality.poll_log()
         w = self.world
-        worker_mb, worker_n = tree_rss_mb(w.worker.pid)
-        temporal_mb, _ = tree_rss_mb(w.temporal_worker.pid)
+        procs = {"worker": w.worker, "witness": w.witness, "temporal-worker": w.temporal_worker,
+                 "temporal-witness": w.temporal_witness}  # fmt: skip
+        rss = {name: tree_rss_mb(proc.pid) for name, proc in procs.items()}
         redis_mb = redis_rss_mb(w.cluster.redis.url)
         pg = postgres(w.database_url)
         lat = self.latencies(since, until)
@@ -269,9 +297,10 @@ class Soak:
             f" in flight {len(self.finality.pending)},"
             f" late (> {LATE_AFTER:g} s) {self.finality.late(time.time(), LATE_AFTER)};"
             f" schedule ticks {_ticks(tick)}",
-            f"   memory RSS MB: worker {worker_mb:.1f} ({worker_n} processes),"
-            f" temporal-worker {temporal_mb:.1f}, redis {_mb(redis_mb)},"
-            f" postgres {_mb(pg and pg['rss_mb'])} ({pg and pg['backends']} backends of the db)",
+            "   memory RSS MB: "
+            + ", ".join(f"{name} {mb:.1f} ({n} processes)" for name, (mb, n) in rss.items())
+            + f", redis {_mb(redis_mb)}, postgres {_mb(pg and pg['rss_mb'])}"
+            f" ({pg and pg['backends']} backends of the db)",
             f"   job log: {_mb(pg and pg['joblog_mb'])} MB on disk, {pg and pg['jobs']} jobs,"
             f" {pg and pg['events']} events",
             f"   dispatch->start ms, jobs dispatched in this window: n={len(every)}"
@@ -288,7 +317,7 @@ class Soak:
         ]
         print("\n".join(lines), flush=True)
         p99 = {k: percentile(lat.get(k, []), 99) for k in ("quiet", "dramatiq", "temporal")}
-        window = Window(minute, worker_mb, temporal_mb, p99, line=lines[0])
+        window = Window(minute, {k: mb for k, (mb, _) in rss.items()}, p99, line=lines[0])
         self.windows.append(window)
         return window
 
@@ -413,15 +442,13 @@ def _growth_checks(windows: list[Window]) -> list[tuple[bool, str]]:
     if len(windows) < 2:
         return [(False, "worker RSS growth: fewer than two reports")]
     first, last = windows[0], windows[-1]
+    span = f"minute {first.minute:.0f} -> {last.minute:.0f}"
     out = []
-    for name, a, b in [
-        ("jobyard worker", first.worker_mb, last.worker_mb),
-        ("temporal worker", first.temporal_worker_mb, last.temporal_worker_mb),
-    ]:
+    for name, what in [("witness", "jobyard worker"), ("temporal-witness", "temporal worker")]:
+        a, b = first.rss_mb[name], last.rss_mb[name]
         growth = b / a - 1 if a else float("inf")
-        span = f"minute {first.minute:.0f} -> {last.minute:.0f}"
-        text = f"{name} RSS growth {span}: {growth:+.1%} ({a:.1f} -> {b:.1f} MB), target < 10%"
-        out.append((growth < 0.10, text))
+        text = f"{what} RSS growth {span}: {growth:+.1%} ({a:.1f} -> {b:.1f} MB), target < 10%"
+        out.append((growth < 0.10, text + f" (the {name}, which no fault restarts)"))
     return out
 
 
@@ -474,9 +501,12 @@ def main() -> int:
     cluster = SoakCluster(temporal.address, database_url, env=env, logdir=workdir / "logs")
     try:
         worker, temporal_worker = cluster.start_both()
+        temporal_witness = cluster.start_temporal_worker(wait=False)
+        witness = start_witness(cluster)
+        cluster.wait_ready(temporal_witness)
         loads = {k.job: Load(ledger, job=k.job) for k in MIX}
         world = soak_faults.World(
-            cluster, worker, temporal_worker, temporal, database_url,
+            cluster, worker, temporal_worker, witness, temporal_witness, temporal, database_url,
             poison=Load(ledger, job="faults.poison"),
         )  # fmt: skip
         soak = Soak(config, world, ledger, loads, Finality(database_url))
@@ -492,7 +522,15 @@ def main() -> int:
         print(f"soak: ledger and process logs kept in {workdir}", flush=True)
 
 
+def _stop_cleanly(signum: int, _frame: Any) -> None:
+    """SIGTERM or SIGINT (which a detached `nohup ... &` run ignores otherwise): leave through
+    main's `finally`, which stops the processes and drops the database."""
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop_cleanly)
+    signal.signal(signal.SIGINT, _stop_cleanly)
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -32,11 +32,15 @@ if TYPE_CHECKING:
 class World:
     """What a fault may act on: the soak's Redis and workers (in `cluster`), the current
     `jobyard worker` and `jobyard temporal-worker` (replaced when one is restarted), the Temporal
-    server, the job log's database, and the load (for the poison job)."""
+    server, the job log's database, and the load (for the poison job). The witnesses, a
+    `jobyard worker` of their own queue and a second temporal worker, are never a fault's
+    target: their memory over the whole run is the growth target."""
 
     cluster: Cluster
     worker: Proc
     temporal_worker: Proc
+    witness: Proc
+    temporal_witness: Proc
     temporal: CrashableTemporal
     database_url: str
     poison: Load
@@ -80,14 +84,15 @@ def worker_process_sigkill(w: World) -> str:
 
 
 def dramatiq_workers_sigkill(w: World) -> str:
-    """Every Dramatiq worker SIGKILLed and kept down past the heartbeat timeout and a rescue pass
-    (their jobs move to Temporal), then started again."""
+    """Every Dramatiq worker of the default queue SIGKILLed and kept down past the heartbeat
+    timeout and a rescue pass (the queue's jobs move to Temporal), then started again; the
+    witness serves another queue."""
     Cluster.sigkill(w.worker)
     env = w.cluster.env
     time.sleep(float(env["WORKER_HEARTBEAT_TIMEOUT"]) + float(env["JOBYARD_RESCUE_INTERVAL"]))
     w.worker = w.cluster.start_worker()
     w.restarted("worker")
-    return "every dramatiq worker SIGKILLed, restarted 15 s later"
+    return "every dramatiq worker of the default queue SIGKILLed, restarted 15 s later"
 
 
 def worker_sigterm(w: World) -> str:
@@ -98,10 +103,11 @@ def worker_sigterm(w: World) -> str:
 
 
 def temporal_worker_sigkill(w: World) -> str:
+    """One of the two temporal workers SIGKILLed (the other retries its steps), restarted."""
     Cluster.sigkill(w.temporal_worker)
     w.temporal_worker = w.cluster.start_temporal_worker()
     w.restarted("temporal-worker")
-    return "temporal worker SIGKILLed, restarted"
+    return "one of two temporal workers SIGKILLed, restarted"
 
 
 def temporal_server_sigkill(w: World) -> str:

@@ -29,7 +29,12 @@ TEMPORAL_QUEUE = "soak-temporal"
 SCHEDULE = "soak.every5"
 TICK_EVERY = 5.0
 
+#: The queue of the witness worker, a `jobyard worker` no fault restarts: its RSS over the hour
+#: is the growth target (a restarted worker's memory starts again from nothing).
+WITNESS_QUEUE = "soak-witness"
+
 queue(TEMPORAL_QUEUE, concurrency=10, time_limit=120, max_attempts=5)
+queue(WITNESS_QUEUE, concurrency=10, time_limit=120, max_attempts=5)
 
 
 def soak_step(ledger: str, tag: str, job_id: str, step: str, work: float, mode: str) -> str:
@@ -96,6 +101,17 @@ async def fail(ctx: Any, payload: SoakPayload) -> int:
     timeout=60,
 )
 async def on_temporal(ctx: Any, payload: SoakPayload) -> int:
+    return await _plan(ctx, payload)
+
+
+@job(
+    "soak.witness",
+    queue=WITNESS_QUEUE,
+    payload=SoakPayload,
+    retry=RetryPolicy(attempts=3, backoff=0.2),
+    timeout=60,
+)
+async def on_witness(ctx: Any, payload: SoakPayload) -> int:
     return await _plan(ctx, payload)
 
 
