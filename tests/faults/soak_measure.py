@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -77,12 +78,16 @@ class Finality:
         self._drop(done)
         return True
 
-    def poll_engines(self) -> None:
-        """Ask the engines (get_job) about the jobs the job log does not have final."""
+    def poll_engines(self, budget: float) -> None:
+        """Ask the engines (get_job) about the jobs the job log does not have final, for
+        `budget` seconds at most (a query to a Temporal without workers waits)."""
         with self._lock:
             ids = list(self.pending)
         done = []
+        deadline = time.monotonic() + budget
         for job_id in ids:
+            if time.monotonic() > deadline:
+                break
             with contextlib.suppress(Exception):
                 if get_job(job_id).state in TERMINAL:
                     done.append(job_id)
