@@ -301,7 +301,7 @@ class Soak:
             "   memory RSS MB: "
             + ", ".join(f"{name} {mb:.1f} ({n} processes)" for name, (mb, n) in rss.items())
             + f", redis {_mb(redis_mb)}, postgres {_mb(pg and pg['rss_mb'])}"
-            f" ({pg and pg['backends']} backends of the db)",
+            f" (PSS {_mb(pg and pg['pss_mb'])}; {pg and pg['backends']} backends of the db)",
             f"   job log: {_mb(pg and pg['joblog_mb'])} MB on disk, {pg and pg['jobs']} jobs,"
             f" {pg and pg['events']} events",
             f"   dispatch->start ms, jobs dispatched in this window: n={len(every)}"

@@ -131,6 +131,19 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def pss_mb(pid: int) -> float:
+    """A process's proportional set in MB: shared pages (PostgreSQL's shared buffers) divided
+    among the processes that map them, so a sum over backends counts them once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
 def tree_rss_mb(pid: int) -> tuple[float, int]:
     """RSS of a process and all its descendants, MB, and how many processes that is."""
     pids = [pid, *descendant_pids(pid)]
@@ -165,6 +178,7 @@ def postgres(database_url: str) -> dict[str, float] | None:
     assert size is not None
     return {
         "rss_mb": sum(rss_mb(p[0]) for p in pids),
+        "pss_mb": sum(pss_mb(p[0]) for p in pids),
         "backends": len(pids),
         "joblog_mb": size[0] / 2**20,
         "jobs": size[1],
