@@ -177,7 +177,7 @@ class Soak:
 
     # --- the load ---------------------------------------------------------------------------
 
-    def feed(self, rate: float, seed: int, counter: itertools.count) -> None:
+    def feed(self, rate: float, seed: int, counter: itertools.count[int]) -> None:
         rng = random.Random(seed)
         weights = [k.weight for k in MIX]
         next_at = time.monotonic()
@@ -277,7 +277,7 @@ class Soak:
                  "temporal-witness": w.temporal_witness}  # fmt: skip
         rss = {name: tree_rss_mb(proc.pid) for name, proc in procs.items()}
         redis_mb = redis_rss_mb(w.cluster.redis.url)
-        pg = postgres(w.database_url)
+        pg = postgres(w.database_url) or {}  # {} while the database is away
         lat = self.latencies(since, until)
         every, quiet = lat["all"], lat["quiet"]
         by_engine = ", ".join(
@@ -300,10 +300,10 @@ class Soak:
             f" schedule ticks {_ticks(tick)}",
             "   memory RSS MB: "
             + ", ".join(f"{name} {mb:.1f} ({n} processes)" for name, (mb, n) in rss.items())
-            + f", redis {_mb(redis_mb)}, postgres {_mb(pg and pg['rss_mb'])}"
-            f" (PSS {_mb(pg and pg['pss_mb'])}; {pg and pg['backends']} backends of the db)",
-            f"   job log: {_mb(pg and pg['joblog_mb'])} MB on disk, {pg and pg['jobs']} jobs,"
-            f" {pg and pg['events']} events",
+            + f", redis {_mb(redis_mb)}, postgres {_mb(pg.get('rss_mb'))}"
+            f" (PSS {_mb(pg.get('pss_mb'))}; {pg.get('backends')} backends of the db)",
+            f"   job log: {_mb(pg.get('joblog_mb'))} MB on disk, {pg.get('jobs')} jobs,"
+            f" {pg.get('events')} events",
             f"   dispatch->start ms, jobs dispatched in this window: n={len(every)}"
             f" p50 {_ms(percentile(every, 50))} p99 {_ms(percentile(every, 99))};"
             f" quiet n={len(quiet)} p50 {_ms(percentile(quiet, 50))} p99 {_ms(p99_quiet)}"

@@ -123,7 +123,9 @@ class TickPayload(BaseModel):
 async def tick(ctx: Any, payload: TickPayload) -> str:
     """The scheduled job: one ledger step tagged with its own (tick) job id."""
     ledger = os.environ[LEDGER_ENV]
-    return await ctx.run("s0", soak_step, ledger, ctx.job_id, ctx.job_id, "s0", payload.work, "ok")
+    args = (ledger, ctx.job_id, ctx.job_id, "s0", payload.work, "ok")
+    step: str = await ctx.run("s0", soak_step, *args)
+    return step
 
 
 schedule(SCHEDULE, "soak.tick", every=TICK_EVERY, overlap="allow_all", catchup_window=60)
