@@ -89,6 +89,31 @@ def clean_handoff(steps: dict[str, StepHistory]) -> bool:
     return True
 
 
+def fold(
+    lines: list[dict[str, Any]],
+    out: dict[str, dict[str, StepHistory]],
+    open_by_pid: dict[tuple[str, str, int], Execution],
+) -> None:
+    """Add ledger lines, in the order they were appended, to `out` (tag -> step -> history);
+    `open_by_pid` holds the executions still without an END, for the next lines."""
+    for line in lines:
+        key = (line["tag"], line["step"], line["pid"])
+        history = out[line["tag"]][line["step"]]
+        if line["ev"] == "START":
+            if history.executions:
+                if any(e.ended is not None and not e.failed for e in history.executions):
+                    history.after_return += 1
+                else:
+                    history.after_interruption += 1
+            execution = Execution(line["engine"], line["pid"], line["t"])
+            history.executions.append(execution)
+            open_by_pid[key] = execution
+        elif key in open_by_pid:
+            execution = open_by_pid.pop(key)
+            execution.ended = line["t"]
+            execution.failed = line["ev"] == "FAIL"
+
+
 class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -102,23 +127,7 @@ class Ledger:
     def histories(self) -> dict[str, dict[str, StepHistory]]:
         """tag -> step -> history, in the order the lines were appended."""
         out: dict[str, dict[str, StepHistory]] = defaultdict(lambda: defaultdict(StepHistory))
-        open_by_pid: dict[tuple[str, str, int], Execution] = {}
-        for line in self.lines():
-            key = (line["tag"], line["step"], line["pid"])
-            history = out[line["tag"]][line["step"]]
-            if line["ev"] == "START":
-                if history.executions:
-                    if any(e.ended is not None and not e.failed for e in history.executions):
-                        history.after_return += 1
-                    else:
-                        history.after_interruption += 1
-                execution = Execution(line["engine"], line["pid"], line["t"])
-                history.executions.append(execution)
-                open_by_pid[key] = execution
-            elif key in open_by_pid:
-                execution = open_by_pid.pop(key)
-                execution.ended = line["t"]
-                execution.failed = line["ev"] == "FAIL"
+        fold(self.lines(), out, {})
         return out
 
     def engines(self, tag: str) -> set[str]:

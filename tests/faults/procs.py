@@ -75,6 +75,9 @@ class Cluster:
     """One scenario's world: its Redis, its worker processes, and the harness's own environment
     pointed at them (restored by close())."""
 
+    #: The queues `jobyard worker` serves (the soak adds the scheduled queue).
+    worker_queues = QUEUE
+
     def __init__(
         self,
         temporal_address: str,
@@ -108,10 +111,12 @@ class Cluster:
         extra: dict[str, str] | None = None,
         *,
         wait: bool = True,
+        queues: str | None = None,
     ) -> Proc:
         env = dict(os.environ) | self.env | (extra or {}) | {ENGINE_ENV: "dramatiq"}
         count = str(processes or self.processes)
-        proc = Proc(["worker", "--queues", QUEUE, "--processes", count], env)
+        queues = queues or self.worker_queues
+        proc = Proc(["worker", "--queues", queues, "--processes", count], env)
         self.procs.append(proc)
         if wait:
             self.wait_ready(proc)
