@@ -24,7 +24,7 @@ log = logging.getLogger("jobyard.api")
 SUMMARY_OMITS = ("payload", "result", "progress", "error_traceback")
 SUMMARY_ERROR_CHARS = 300
 #: How a job waiting on a timer (run_at in the future) reads: see readable.
-WAITING_STATES = {
+WAITING_STATES: dict[str, str] = {
     JobState.RUNNING: "sleeping",
     JobState.QUEUED: "delayed",
     JobState.RETRYING: "retrying",
