@@ -87,10 +87,14 @@ class CallerIds:
         self,
         chosen: list[tuple[int, Submission]],
         results: list[JobHandle | Exception | None],
+        *,
+        check_environment: bool = True,
     ) -> list[tuple[int, Submission, bool]]:
         """The registry's part of `dispatch_many` for caller-chosen ids, in the order `dispatch`
         takes it: conflicts, then settings, then the claim. Jobs whose id was dispatched before
-        get their result here; returns those now claimed for the preferred engine."""
+        get their result here; returns those now claimed for the preferred engine.
+        `check_environment=False`: the settings were checked where the job was dispatched (the
+        dispatch outbox's relay sends jobs another process checked)."""
         if not chosen:
             return []
         try:
@@ -107,7 +111,8 @@ class CallerIds:
                 owner = owners.get(job.job_id)
                 if owner is not None:
                     check_same_job(job, owner, digest)
-                get_spec(job.name).check_environment()
+                if check_environment:
+                    get_spec(job.name).check_environment()
                 if owner is not None:
                     results[index] = self.redispatch(job, owner)
                 else:
