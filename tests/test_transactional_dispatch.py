@@ -214,9 +214,10 @@ def test_async_connection_and_session(pg_outbox_url: str, monkeypatch: pytest.Mo
 
 
 def test_committed_jobs_run_once_rolled_back_ones_never(
-    on_database: str, engines: Engines, tmp_path: Path
+    engines: Engines, on_database: str, tmp_path: Path
 ) -> None:
-    """The relay of a real `jobyard worker` sends what committed, and only that."""
+    """The relay of a real `jobyard worker` sends what committed, and only that. (`engines`
+    first: its environment is the test's, then DATABASE_URL is `on_database`'s.)"""
     engines.start_worker()
     engine = get_engine()
     with engine.begin() as connection:
@@ -237,7 +238,10 @@ def test_committed_jobs_run_once_rolled_back_ones_never(
     assert status.state == "succeeded" and status.engine == "dramatiq"
     for handle in many:
         assert engines.wait(handle.job_id).state == "succeeded"
-    wait_for(lambda: logged(on_database, committed.job_id) == [("succeeded", "dramatiq")])
+    try:
+        wait_for(lambda: logged(on_database, committed.job_id) == [("succeeded", "dramatiq")])
+    except AssertionError:
+        raise AssertionError(f"{logged(on_database, committed.job_id)}\n{engines.logs()}")
     assert outbox_ids(on_database) == []
     assert runs(tmp_path, "commit") == 1
     assert all(runs(tmp_path, f"m{i}") == 1 for i in range(20))
@@ -255,7 +259,7 @@ def test_committed_jobs_run_once_rolled_back_ones_never(
 
 
 def test_a_relay_killed_mid_batch_loses_nothing_and_runs_nothing_twice(
-    pg_outbox_url: str, monkeypatch: pytest.MonkeyPatch, engines: Engines, tmp_path: Path
+    engines: Engines, pg_outbox_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A relay SIGKILLed after it sent a batch, before it committed: the rows come back, the
     next relay sends them again, and each job runs once (the engines dedupe the ids)."""

@@ -73,29 +73,54 @@ class OutboxRelay:
         engine = get_engine(self.url)
         now = time.time()
         if engine.dialect.name == "sqlite":
-            with engine.connect() as connection:  # a read: a take locks the whole file
-                if not outbox.has_rows(connection, now):
-                    return 0
+            return self._relay_sqlite(now)
         with engine.begin() as connection:
             entries = outbox.take(connection, self.batch, now)
             if not entries:
                 return 0
-            jobs = [submission_of(entry, now) for entry in entries]
-            results = self.send(jobs)
-            sent: list[tuple[outbox.Entry, Submission, JobHandle]] = []
-            failed: list[tuple[outbox.Entry, str, float]] = []
-            for entry, job, result in zip(entries, jobs, results, strict=True):
-                if isinstance(result, JobHandle):
-                    sent.append((entry, job, result))
-                else:
-                    failed.append((entry, one_line(result), now + backoff(entry.attempts)))
-            record_sent(connection, sent, now)
-            outbox.put_back(connection, failed)
+            results = self.send([submission_of(entry, now) for entry in entries])
+            self._settle(connection, entries, results, now)
+        return len(entries)
+
+    def _relay_sqlite(self, now: float) -> int:
+        """SQLite locks the whole file for a writer, and the send writes the id registry on
+        connections of its own: the rows are read, sent, and only then deleted (the ones still
+        there: a relay beside this one may have sent them too, which the registry and the
+        engines dedupe) with their job log rows, in one short transaction."""
+        engine = get_engine(self.url)
+        with engine.connect() as connection:
+            entries = outbox.peek(connection, self.batch, now)
+        if not entries:
+            return 0
+        results = self.send([submission_of(entry, now) for entry in entries])
+        with engine.begin() as connection:
+            deleted = outbox.delete(connection, [entry.id for entry in entries])
+            kept = [(e, r) for e, r in zip(entries, results, strict=True) if e.id in deleted]
+            self._settle(connection, [e for e, _ in kept], [r for _, r in kept], now)
+        return len(entries)
+
+    def _settle(
+        self,
+        connection: Connection,
+        entries: list[outbox.Entry],
+        results: list[JobHandle | Exception],
+        now: float,
+    ) -> None:
+        """In the transaction that deleted `entries`: the sent jobs' job log rows, and the
+        others back in the outbox for a later pass."""
+        sent: list[tuple[outbox.Entry, JobHandle]] = []
+        failed: list[tuple[outbox.Entry, str, float]] = []
+        for entry, result in zip(entries, results, strict=True):
+            if isinstance(result, JobHandle):
+                sent.append((entry, result))
+            else:
+                failed.append((entry, one_line(result), now + backoff(entry.attempts)))
+        record_sent(connection, sent, now)
+        outbox.put_back(connection, failed)
         _count(sent)
         for entry, why, _ in failed[:3]:
             log.warning("job %s (%s) not sent, tried again later: %s", entry.job_id,
                         entry.name, why)  # fmt: skip
-        return len(entries)
 
     def send(self, jobs: list[Submission]) -> list[JobHandle | Exception]:
         """`dispatch_many`'s path for caller-chosen ids: a job id given to an engine before (a
@@ -167,9 +192,7 @@ def backoff(attempts: int) -> float:
 
 
 def record_sent(
-    connection: Connection,
-    sent: list[tuple[outbox.Entry, Submission, JobHandle]],
-    now: float,
+    connection: Connection, sent: list[tuple[outbox.Entry, JobHandle]], now: float
 ) -> None:
     """The sent jobs' "queued" in the job log, in the relay's transaction, as `dispatch_job`'s
     own would be: dated when the caller dispatched, with the engine that took the job. Jobs on
@@ -178,27 +201,27 @@ def record_sent(
         return
     batched: dict[tuple[float, str, str, str], list[tuple[str, bytes]]] = {}
     events: list[tuple[float, str, dict[str, Any]]] = []
-    for entry, job, handle in sorted(sent, key=lambda item: item[0].job_id):
-        delay = job.options.delay
-        if handle.fallback_reason is None and not delay and job.payload_json is not None:
-            key = (entry.enqueued_at, job.name, job.queue, handle.engine)
-            batched.setdefault(key, []).append((job.job_id, job.payload_json))
+    for entry, handle in sorted(sent, key=lambda item: item[0].job_id):
+        delay = entry.options_dict().get("delay")
+        if handle.fallback_reason is None and not delay:
+            key = (entry.enqueued_at, entry.name, entry.queue, handle.engine)
+            batched.setdefault(key, []).append((entry.job_id, entry.payload.encode()))
             continue
-        events.append((entry.enqueued_at, job.job_id, {
-            "name": job.name, "queue": job.queue, "engine": handle.engine,
-            "state": JobState.QUEUED, "payload": job.payload,
+        events.append((entry.enqueued_at, entry.job_id, {
+            "name": entry.name, "queue": entry.queue, "engine": handle.engine,
+            "state": JobState.QUEUED, "payload": json.loads(entry.payload),
             "fallback_reason": handle.fallback_reason, "enqueued_at": entry.enqueued_at,
-            "run_at": now + delay if delay else None,
+            "run_at": entry.enqueued_at + delay if delay else None,
         }))  # fmt: skip
     batches = [joblog.QueuedBatch(*key, jobs) for key, jobs in batched.items()]
     joblog.write_queued_in(connection, batches, events)
 
 
-def _count(sent: list[tuple[outbox.Entry, Submission, JobHandle]]) -> None:
-    dispatched = Counter((job.name, job.queue, handle.engine) for _, job, handle in sent)
+def _count(sent: list[tuple[outbox.Entry, JobHandle]]) -> None:
+    dispatched = Counter((entry.name, entry.queue, handle.engine) for entry, handle in sent)
     for labels, count in dispatched.items():
         metrics.DISPATCHED.labels(*labels).inc(count)
-    fallbacks = Counter(handle.fallback_reason for _, _, handle in sent if handle.fallback_reason)
+    fallbacks = Counter(handle.fallback_reason for _, handle in sent if handle.fallback_reason)
     for reason, count in fallbacks.items():
         metrics.FALLBACKS.labels(reason).inc(count)
 

@@ -247,8 +247,18 @@ def waiting(connection: Connection, job_id: str) -> str | None:
     return found[0][0] if found else None
 
 
-def has_rows(connection: Connection, now: float) -> bool:
-    """Whether a row is due (SQLite's relays look with this before they take)."""
+def peek(connection: Connection, limit: int, now: float) -> list[Entry]:
+    """Up to `limit` committed rows due by `now`, oldest first, left in place (SQLite's relays
+    read, send, then `delete`)."""
     target = SqlAlchemyTarget(connection)
-    sql = f"SELECT 1 FROM {TABLE} WHERE available_at <= {target.placeholder} LIMIT 1"
-    return bool(target.rows(sql, (now,)))
+    mark = target.placeholder
+    sql = f"SELECT {_ENTRY} FROM {TABLE} WHERE available_at <= {mark} ORDER BY id LIMIT {mark}"
+    return [Entry(*row) for row in target.rows(sql, (now, limit))]
+
+
+def delete(connection: Connection, ids: list[int]) -> set[int]:
+    """Deletes the rows of `ids` still there; returns theirs."""
+    target = SqlAlchemyTarget(connection)
+    marks = ", ".join([target.placeholder] * len(ids))
+    sql = f"DELETE FROM {TABLE} WHERE id IN ({marks}) RETURNING id"
+    return {row[0] for row in target.rows(sql, ids)}
