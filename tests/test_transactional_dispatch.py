@@ -318,3 +318,32 @@ def test_dispatch_refuses_once_the_unwritten_job_log_reaches_its_limit(
         dispatch_many([("system.echo", {"message": "refused"})] * 2)
     writer = joblog.writer()
     assert writer is not None and writer.backlog() == 3
+
+
+# ---- Django ----------------------------------------------------------------------------------
+
+
+def test_a_django_view_that_raises_after_enqueueing_in_atomic_enqueues_nothing(
+    engines: Engines, on_database: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`JobyardBackend` with OPTIONS transactional, on Django's own connection: the task of the
+    view that commits runs once, the one of the view that raises never."""
+    import json
+
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "tests.django_app.settings")  # the workers'
+    monkeypatch.setenv("JOBYARD_JOB_MODULES", "tests.jobs,jobyard.django.jobs")
+    engines.start_worker(queues="default")
+    views = subprocess.run(
+        [sys.executable, "-m", "tests.django_app.transactional_views", str(tmp_path)],
+        cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert views.returncode == 0, views.stdout + views.stderr
+    ids = json.loads(views.stdout.strip().splitlines()[-1])
+    assert ids["status"] == 500
+    assert engines.wait(ids["committed"]).state == "succeeded"
+    assert runs(tmp_path, "django-committed") == 1
+    assert outbox_ids(on_database) == []
+    with pytest.raises(JobNotFoundError):
+        get_job(ids["raised"])
+    assert logged(on_database, ids["raised"]) == []
+    assert runs(tmp_path, "django-raised") == 0
