@@ -166,20 +166,22 @@ def test_an_unmigrated_database_names_jobyard_db_upgrade(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'bare.db'}"
     monkeypatch.setenv("DATABASE_URL", url)
-    with get_engine(url).begin() as connection:
-        with pytest.raises(OutboxMissingError, match="jobyard db upgrade"):
-            dispatch_job("test.count", count_payload(tmp_path, "x"), connection=connection)
+    with (
+        get_engine(url).begin() as connection,
+        pytest.raises(OutboxMissingError, match="jobyard db upgrade"),
+    ):
+        dispatch_job("test.count", count_payload(tmp_path, "x"), connection=connection)
     dispose_engines(url)
 
 
-def test_a_connection_to_another_database_is_refused(
-    on_database: str, tmp_path: Path
-) -> None:
+def test_a_connection_to_another_database_is_refused(on_database: str, tmp_path: Path) -> None:
     other = f"sqlite:///{tmp_path / 'other.db'}"
     upgrade(other)
-    with create_engine(other).begin() as connection:
-        with pytest.raises(OutboxDatabaseError, match="DATABASE_URL"):
-            dispatch_job("test.count", count_payload(tmp_path, "x"), connection=connection)
+    with (
+        create_engine(other).begin() as connection,
+        pytest.raises(OutboxDatabaseError, match="DATABASE_URL"),
+    ):
+        dispatch_job("test.count", count_payload(tmp_path, "x"), connection=connection)
 
 
 def test_async_connection_and_session(pg_outbox_url: str, monkeypatch: pytest.MonkeyPatch,
@@ -189,7 +191,9 @@ def test_async_connection_and_session(pg_outbox_url: str, monkeypatch: pytest.Mo
     monkeypatch.setenv("DATABASE_URL", pg_outbox_url)
 
     async def dispatch_both() -> tuple[str, str]:
-        engine = create_async_engine(pg_outbox_url.replace("postgresql://", "postgresql+psycopg://"))
+        engine = create_async_engine(
+            pg_outbox_url.replace("postgresql://", "postgresql+psycopg://")
+        )
         try:
             async with engine.begin() as connection:
                 one = await adispatch_job("test.count", count_payload(tmp_path, "y"),
@@ -241,7 +245,7 @@ def test_committed_jobs_run_once_rolled_back_ones_never(
     try:
         wait_for(lambda: logged(on_database, committed.job_id) == [("succeeded", "dramatiq")])
     except AssertionError:
-        raise AssertionError(f"{logged(on_database, committed.job_id)}\n{engines.logs()}")
+        raise AssertionError(f"{logged(on_database, committed.job_id)}\n{engines.logs()}") from None
     assert outbox_ids(on_database) == []
     assert runs(tmp_path, "commit") == 1
     assert all(runs(tmp_path, f"m{i}") == 1 for i in range(20))

@@ -22,9 +22,7 @@ from tests.support import ROOT
 
 
 @_timed
-def transactional_dispatch(
-    h: Harness, n: int = 2000, rate: float = 40, down: float = 30.0
-) -> Row:
+def transactional_dispatch(h: Harness, n: int = 2000, rate: float = 40, down: float = 30.0) -> Row:
     """Web process SIGKILLed after its last commit, a relay SIGKILLed mid-run, Redis down."""
     fault = f"txn dispatch: web+relay SIGKILL, redis down {down:.0f}s"
     ledger = h.ledger("transactional")

@@ -16,10 +16,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from jobyard.dispatcher.breaker import CircuitBreaker
-from jobyard.dispatcher.bulk import BulkDispatch
 from jobyard.dispatcher import transactional
 from jobyard.dispatcher.backlog import check_job_log_backlog
+from jobyard.dispatcher.breaker import CircuitBreaker
+from jobyard.dispatcher.bulk import BulkDispatch
 from jobyard.dispatcher.caller_ids import CallerIds
 from jobyard.dispatcher.engines import Engine
 from jobyard.dispatcher.errors import EngineUnavailable, JobNotFoundError

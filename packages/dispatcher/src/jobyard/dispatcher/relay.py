@@ -28,6 +28,7 @@ JOBYARD_DISPATCH_RELAY_POLL seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -42,8 +43,8 @@ from jobyard.dispatcher.engines import Submission
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, JobHandle
 from jobyard.job_engine import env, metrics
 from jobyard.job_engine.collector import collector_paused
-from jobyard.job_engine.db import get_engine, joblog
 from jobyard.job_engine.db import dispatch_outbox as outbox
+from jobyard.job_engine.db import get_engine, joblog
 from jobyard.job_engine.db.readiness import one_line
 from jobyard.job_engine.states import JobState
 
@@ -188,7 +189,7 @@ def submission_of(entry: outbox.Entry, now: float) -> Submission:
 
 def backoff(attempts: int) -> float:
     """Seconds before a row no engine took is tried again: 0.5, 1, 2, ... up to MAX_BACKOFF."""
-    return min(MAX_BACKOFF, 0.5 * 2 ** min(attempts, 10))
+    return min(MAX_BACKOFF, 0.5 * float(2 ** min(attempts, 10)))
 
 
 def record_sent(
@@ -274,10 +275,8 @@ class _Waker:
 
     def close(self) -> None:
         if self.connection is not None:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 self.connection.close()
-            except Exception:
-                pass
             self.connection = None
 
 

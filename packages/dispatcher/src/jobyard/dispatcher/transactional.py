@@ -43,12 +43,12 @@ from jobyard.job_engine.db import dispatch_outbox as outbox
 from jobyard.job_engine.states import JobState
 
 __all__ = [
-    "dispatch_in",
-    "dispatch_on",
-    "dispatch_many_in",
-    "options_json",
     "committed_status",
+    "dispatch_in",
+    "dispatch_many_in",
+    "dispatch_on",
     "open_status",
+    "options_json",
     "sql_target",
     "write_jobs",
 ]

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from django.db import connections
-
 from jobyard.dispatcher.models import JobHandle
 from jobyard.dispatcher.transactional import dispatch_on
 
