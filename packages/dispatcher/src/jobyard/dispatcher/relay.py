@@ -39,8 +39,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 
-from jobyard.dispatcher.engines import Submission
-from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, JobHandle
+from jobyard.dispatcher.engines import ClaimMode, Submission
+from jobyard.dispatcher.models import (
+    FALLBACK_REDIS_UNHEALTHY,
+    NO_OPTIONS,
+    DispatchOptions,
+    JobHandle,
+)
+from jobyard.dispatcher.routing import result_of
 from jobyard.job_engine import env, metrics
 from jobyard.job_engine.collector import collector_paused
 from jobyard.job_engine.db import dispatch_outbox as outbox
@@ -127,18 +133,31 @@ class OutboxRelay:
         """`dispatch_many`'s path for caller-chosen ids: a job id given to an engine before (a
         pass killed before it committed) goes back to that engine, which dedupes it."""
         results: list[JobHandle | Exception | None] = [None] * len(jobs)
-        dispatcher = self.dispatcher
+        router = self.dispatcher.router
+        # The engine the ids are claimed for is the one they go to: a job claimed for Temporal
+        # (Redis unhealthy) that the router, its breaker closed meanwhile, gave to Dramatiq
+        # would go to Temporal again on a resend, and run twice.
+        preferred = router.preferred_engine()
         with collector_paused():
-            ready = dispatcher.caller_ids.claim_many(
-                list(enumerate(jobs)), results, check_environment=False
+            ready = self.dispatcher.caller_ids.claim_many(
+                list(enumerate(jobs)), results, check_environment=False, engine=preferred
             )
-            outcomes = dispatcher.router.route_many([(job, mine) for _, job, mine in ready])
+            if preferred == router.dramatiq.name:
+                outcomes = router.route_many([(job, mine) for _, job, mine in ready])
+            else:
+                outcomes = [result_of(self._to_temporal, job) for _, job, _ in ready]
         for (index, _, _), outcome in zip(ready, outcomes, strict=True):
             results[index] = outcome
         return [
             result if result is not None else RuntimeError("relay left a job without a result")
             for result in results
         ]
+
+    def _to_temporal(self, job: Submission) -> JobHandle:
+        router = self.dispatcher.router
+        if not env.get_bool(env.USE_DRAMATIQ):
+            return router.route(job, registered=True)  # releases the id in Redis if it answers
+        return router.to_temporal(job, FALLBACK_REDIS_UNHEALTHY, ClaimMode.BEST_EFFORT)
 
     def run(self, stop: threading.Event) -> None:
         """Passes until `stop`: at once while rows keep coming, else when woken."""
