@@ -14,7 +14,7 @@ from jobyard.dispatcher.errors import (
     EngineUnavailable,
     IdempotencyConflictError,
 )
-from jobyard.dispatcher.models import FALLBACK_OWNED_BY_TEMPORAL, EngineName, JobHandle
+from jobyard.dispatcher.models import FALLBACK_OWNED_BY_TEMPORAL, JobHandle
 from jobyard.dispatcher.owners import Owner, OwnerRegistry, payload_digest
 from jobyard.dispatcher.routing import Router
 from jobyard.job_engine import JobyardError, get_spec
@@ -87,16 +87,10 @@ class CallerIds:
         self,
         chosen: list[tuple[int, Submission]],
         results: list[JobHandle | Exception | None],
-        *,
-        check_environment: bool = True,
-        engine: EngineName | None = None,
     ) -> list[tuple[int, Submission, bool]]:
         """The registry's part of `dispatch_many` for caller-chosen ids, in the order `dispatch`
         takes it: conflicts, then settings, then the claim. Jobs whose id was dispatched before
-        get their result here; returns those now claimed for the preferred engine.
-        `check_environment=False`: the settings were checked where the job was dispatched (the
-        dispatch outbox's relay sends jobs another process checked). `engine`: the engine to
-        claim the ids for (default: the preferred one now)."""
+        get their result here; returns those now claimed for the preferred engine."""
         if not chosen:
             return []
         try:
@@ -113,15 +107,14 @@ class CallerIds:
                 owner = owners.get(job.job_id)
                 if owner is not None:
                     check_same_job(job, owner, digest)
-                if check_environment:
-                    get_spec(job.name).check_environment()
+                get_spec(job.name).check_environment()
                 if owner is not None:
                     results[index] = self.redispatch(job, owner)
                 else:
                     unclaimed.append((index, job, digest))
             except (JobyardError, ValueError) as exc:
                 results[index] = exc
-        preferred = engine or self.router.preferred_engine()
+        preferred = self.router.preferred_engine()
         try:
             with self.registry_errors(chosen[0][1]):
                 claimed = self.owners.claim_many(

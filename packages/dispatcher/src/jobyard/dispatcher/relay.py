@@ -39,13 +39,16 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 
+from jobyard.dispatcher.caller_ids import check_same_job
 from jobyard.dispatcher.engines import ClaimMode, Submission
+from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import (
     FALLBACK_REDIS_UNHEALTHY,
     NO_OPTIONS,
     DispatchOptions,
     JobHandle,
 )
+from jobyard.dispatcher.owners import Owner, payload_digest
 from jobyard.dispatcher.routing import result_of
 from jobyard.job_engine import env, metrics
 from jobyard.job_engine.collector import collector_paused
@@ -130,28 +133,45 @@ class OutboxRelay:
                         entry.name, why)  # fmt: skip
 
     def send(self, jobs: list[Submission]) -> list[JobHandle | Exception]:
-        """`dispatch_many`'s path for caller-chosen ids: a job id given to an engine before (a
-        pass killed before it committed) goes back to that engine, which dedupes it."""
+        """The jobs as caller-chosen ids of `dispatch_many`: each id claimed in the registry
+        (owners.py) for the engine it goes to, before it goes there. A job id claimed before
+        (a pass killed before it committed) goes back to its engine, which dedupes it."""
         results: list[JobHandle | Exception | None] = [None] * len(jobs)
         router = self.dispatcher.router
         # The engine the ids are claimed for is the one they go to: a job claimed for Temporal
         # (Redis unhealthy) that the router, its breaker closed meanwhile, gave to Dramatiq
         # would go to Temporal again on a resend, and run twice.
         preferred = router.preferred_engine()
+        digests = [payload_digest(job.payload) for job in jobs]
         with collector_paused():
-            ready = self.dispatcher.caller_ids.claim_many(
-                list(enumerate(jobs)), results, check_environment=False, engine=preferred
-            )
+            try:
+                claims = [(job.job_id, job.name, d) for job, d in zip(jobs, digests, strict=True)]
+                owners = self.dispatcher.owners.claim_batch(claims, preferred)
+            except EngineUnavailable as exc:  # the registry's database: nothing was sent
+                return [exc] * len(jobs)
+            ready: list[tuple[int, Submission]] = []
+            for index, (job, digest) in enumerate(zip(jobs, digests, strict=True)):
+                owner = owners.get(job.job_id)
+                if owner == Owner(preferred, job.name, digest):  # ours, or a crashed pass's
+                    ready.append((index, job))
+                elif owner is None:
+                    results[index] = RuntimeError(f"job id {job.job_id} was not claimed")
+                else:
+                    results[index] = result_of(self._redispatch, job, owner, digest)
             if preferred == router.dramatiq.name:
-                outcomes = router.route_many([(job, mine) for _, job, mine in ready])
+                outcomes = router.route_many([(job, True) for _, job in ready])
             else:
-                outcomes = [result_of(self._to_temporal, job) for _, job, _ in ready]
-        for (index, _, _), outcome in zip(ready, outcomes, strict=True):
+                outcomes = [result_of(self._to_temporal, job) for _, job in ready]
+        for (index, _), outcome in zip(ready, outcomes, strict=True):
             results[index] = outcome
         return [
             result if result is not None else RuntimeError("relay left a job without a result")
             for result in results
         ]
+
+    def _redispatch(self, job: Submission, owner: Owner, digest: str) -> JobHandle:
+        check_same_job(job, owner, digest)
+        return self.dispatcher.caller_ids.redispatch(job, owner)
 
     def _to_temporal(self, job: Submission) -> JobHandle:
         router = self.dispatcher.router
