@@ -322,6 +322,10 @@ def test_dispatch_refuses_once_the_unwritten_job_log_reaches_its_limit(
         dispatch_many([("system.echo", {"message": "refused"})] * 2)
     writer = joblog.writer()
     assert writer is not None and writer.backlog() == 3
+    monkeypatch.setenv("DATABASE_URL", jobyard_env["DATABASE_URL"])  # the database is back
+    writer.flush()
+    assert writer.backlog() == 0
+    dispatch_job("system.echo", {"message": "accepted again"})
 
 
 # ---- Django ----------------------------------------------------------------------------------

@@ -85,6 +85,10 @@ class OutboxRelay:
         if engine.dialect.name == "sqlite":
             return self._relay_sqlite(now)
         with engine.begin() as connection:
+            # This transaction need not wait for its commit to reach the disk: lost in a crash,
+            # it only puts the rows back, and their resend is deduped (the registry's claim,
+            # which must survive, commits on its own, durably, before anything is sent).
+            connection.exec_driver_sql("SET LOCAL synchronous_commit = off")
             entries = outbox.take(connection, self.batch, now)
             if not entries:
                 return 0
