@@ -38,7 +38,7 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def pg_outbox_url() -> Iterator[str]:
+def pg_url() -> Iterator[str]:
     with migrated_pg_database("jobyard_test_txn") as url:
         yield url
 
@@ -49,7 +49,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         url = f"sqlite:///{tmp_path / 'jobyard.db'}"
         upgrade(url)
         return url
-    return request.getfixturevalue("pg_outbox_url")
+    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture
@@ -184,16 +184,14 @@ def test_a_connection_to_another_database_is_refused(on_database: str, tmp_path:
         dispatch_job("test.count", count_payload(tmp_path, "x"), connection=connection)
 
 
-def test_async_connection_and_session(pg_outbox_url: str, monkeypatch: pytest.MonkeyPatch,
+def test_async_connection_and_session(pg_url: str, monkeypatch: pytest.MonkeyPatch,
                                       tmp_path: Path) -> None:  # fmt: skip
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-    monkeypatch.setenv("DATABASE_URL", pg_outbox_url)
+    monkeypatch.setenv("DATABASE_URL", pg_url)
 
     async def dispatch_both() -> tuple[str, str]:
-        engine = create_async_engine(
-            pg_outbox_url.replace("postgresql://", "postgresql+psycopg://")
-        )
+        engine = create_async_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
         try:
             async with engine.begin() as connection:
                 one = await adispatch_job("test.count", count_payload(tmp_path, "y"),
@@ -210,7 +208,7 @@ def test_async_connection_and_session(pg_outbox_url: str, monkeypatch: pytest.Mo
         return one.job_id, two.job_id, dropped.job_id
 
     one, two, dropped = asyncio.run(dispatch_both())
-    waiting = outbox_ids(pg_outbox_url)
+    waiting = outbox_ids(pg_url)
     assert one in waiting and two in waiting and dropped not in waiting
 
 
@@ -263,12 +261,12 @@ def test_committed_jobs_run_once_rolled_back_ones_never(
 
 
 def test_a_relay_killed_mid_batch_loses_nothing_and_runs_nothing_twice(
-    engines: Engines, pg_outbox_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    engines: Engines, pg_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A relay SIGKILLed after it sent a batch, before it committed: the rows come back, the
     next relay sends them again, and each job runs once (the engines dedupe the ids)."""
-    monkeypatch.setenv("DATABASE_URL", pg_outbox_url)
-    empty(pg_outbox_url)
+    monkeypatch.setenv("DATABASE_URL", pg_url)
+    empty(pg_url)
     monkeypatch.setenv("JOBYARD_DISPATCH_RELAY", "false")  # the workers' relays wait their turn
     reset_dispatcher()
     engines.start_worker()
@@ -280,12 +278,12 @@ def test_a_relay_killed_mid_batch_loses_nothing_and_runs_nothing_twice(
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert killer.returncode == -signal.SIGKILL, killer.stdout + killer.stderr
-    assert len(outbox_ids(pg_outbox_url)) == 300  # rolled back: every row is back
+    assert len(outbox_ids(pg_url)) == 300  # rolled back: every row is back
     # The first send reached Dramatiq: the jobs run while their rows wait to be sent again.
     wait_for(lambda: sum(runs(tmp_path, f"k{i}") for i in range(300)) == 300, timeout=90)
     monkeypatch.setenv("JOBYARD_DISPATCH_RELAY", "true")
     engines.start_worker(processes=1)  # its relay sends the batch again
-    wait_for(lambda: outbox_ids(pg_outbox_url) == [], timeout=60)
+    wait_for(lambda: outbox_ids(pg_url) == [], timeout=60)
     for handle in handles:
         assert engines.wait(handle.job_id).state == "succeeded"
     assert [runs(tmp_path, f"k{i}") for i in range(300)] == [1] * 300

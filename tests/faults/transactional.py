@@ -1,9 +1,9 @@
 """The `make chaos` row of issue 32: jobs dispatched in the web process's own transactions
 (`dispatch_job(..., connection=)`) and sent by the relays of `jobyard worker` and `jobyard
 temporal-worker`, while the web process is SIGKILLed right after its last commit, the Dramatiq
-worker's supervisor (its relay with it) is SIGKILLed mid-run, and Redis is down for `down` seconds as
-transactions keep committing (the relays then send to Temporal). Every committed job runs once,
-no rolled-back one ever runs."""
+worker's supervisor (its relay with it) is SIGKILLed mid-run, and Redis is down for `down`
+seconds as transactions keep committing (the relays then send to Temporal). Every committed job
+runs once, no rolled-back one ever runs."""
 
 from __future__ import annotations
 
