@@ -28,6 +28,7 @@ def transactional_dispatch(h: Harness, n: int = 2000, rate: float = 40, down: fl
     ledger = h.ledger("transactional")
     cluster = h.cluster(aof=True)
     prefix = f"t{uuid.uuid4().hex[:6]}"
+    worker = None
     try:
         worker, _ = cluster.start_both()
         say("workers up")
@@ -77,6 +78,8 @@ def transactional_dispatch(h: Harness, n: int = 2000, rate: float = 40, down: fl
         row.require(row.extra["outbox_left"] == 0, "every committed outbox row was sent")
         return row
     finally:
+        if worker is not None:  # its worker processes, which outlived their supervisor
+            worker.signal_group(signal.SIGKILL)
         cluster.close()
 
 
