@@ -130,3 +130,14 @@ async def nap(ctx: JobContext, payload: NapPayload) -> int:
     runs = append_marker(payload.marker_dir, "nap")
     time.sleep(payload.seconds)
     return runs
+
+
+class CountPayload(BaseModel):
+    marker_dir: str
+    key: str
+
+
+@job("test.count", payload=CountPayload, retry=RetryPolicy(attempts=3, backoff=0.1), timeout=20)
+async def count(ctx: JobContext, payload: CountPayload) -> int:
+    """One line in `marker_dir/key` per execution of its one step (tests count executions)."""
+    return await ctx.run("mark", append_marker, payload.marker_dir, payload.key)

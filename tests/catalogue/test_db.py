@@ -16,7 +16,10 @@ from jobyard.job_engine import db, env
 from jobyard.job_engine.db import migrate
 from jobyard.job_engine.db.models import ConversationMessage, JobLog, JobReport, Token
 
-TABLES = {"job_events", "job_stats", "tokens", "conversation_messages", "job_log", "job_reports"}
+TABLES = {
+    "job_events", "job_stats", "tokens", "conversation_messages", "job_log", "job_reports",
+    "dispatch_outbox",
+}  # fmt: skip
 
 
 # --- database_url / get_engine / session_scope --------------------------------------------------

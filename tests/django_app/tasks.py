@@ -60,3 +60,10 @@ def _log_signal(name: str):
 _started, _finished = _log_signal("task_started"), _log_signal("task_finished")
 task_started.connect(_started, weak=False)
 task_finished.connect(_finished, weak=False)
+
+
+@task
+def mark(directory: str, key: str) -> None:
+    """One line in `directory/key` per run (tests/test_transactional_dispatch.py counts them)."""
+    with open(os.path.join(directory, key), "a") as f:
+        f.write("ran\n")

@@ -18,6 +18,7 @@ from pathlib import Path
 from tests.faults import flow_slots, temporal_crash
 from tests.faults.poison import ROWS as POISON_ROWS
 from tests.faults.scenarios import FULL, Harness, Row, table
+from tests.faults.transactional import ROWS as TRANSACTIONAL_ROWS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     harness = Harness(temporal.address, database_url, workdir, settle=args.settle)
     rows: list[Row] = []
     try:
-        for scenario, params in [*FULL, *POISON_ROWS, *temporal_crash.FULL, *flow_slots.ROWS]:
+        rows_in_order = [
+            *FULL,
+            *POISON_ROWS,
+            *temporal_crash.FULL,
+            *flow_slots.ROWS,
+            *TRANSACTIONAL_ROWS,
+        ]
+        for scenario, params in rows_in_order:
             if not any(k in scenario.__name__ for k in args.k.split(",")):
                 continue
             scaled = {

@@ -81,6 +81,9 @@ async def serve() -> None:
     from jobyard.dispatcher.scheduler import start_scheduler_thread
 
     start_scheduler_thread(scheduler_stop := threading.Event(), role="temporal-worker")
+    from jobyard.dispatcher.relay import start_relay_thread
+
+    start_relay_thread(scheduler_stop)  # the dispatch outbox's relay: stops with the scheduler
     async with worker:
         log.info("Temporal worker polling %s", task_queue)
         await stop.wait()

@@ -108,6 +108,9 @@ def run_workers(queues: list[str], processes: int) -> int:
     from jobyard.dispatcher.scheduler import start_scheduler_thread
 
     start_scheduler_thread(stopping, role="worker")  # every worker schedules; none leads
+    from jobyard.dispatcher.relay import start_relay_thread
+
+    start_relay_thread(stopping)  # the dispatch outbox's relay: every worker runs one
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
         stopping.set()

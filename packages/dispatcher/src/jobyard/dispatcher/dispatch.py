@@ -16,12 +16,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from jobyard.dispatcher import flow
+from jobyard.dispatcher import flow, transactional
+from jobyard.dispatcher.backlog import check_job_log_backlog
 from jobyard.dispatcher.breaker import CircuitBreaker
 from jobyard.dispatcher.bulk import BulkDispatch
 from jobyard.dispatcher.caller_ids import CallerIds
 from jobyard.dispatcher.engines import Engine
-from jobyard.dispatcher.errors import JobNotFoundError
+from jobyard.dispatcher.errors import EngineUnavailable, JobNotFoundError
 from jobyard.dispatcher.models import DispatchRequest, JobHandle, JobStatus
 from jobyard.dispatcher.owners import OwnerRegistry
 from jobyard.dispatcher.routing import Router, record_dispatch
@@ -109,6 +110,7 @@ class Dispatcher:
         priority: int | None = None,
     ) -> JobHandle:
         job = make_submission(name, payload, job_id, delay, webhook_url, retry, priority)
+        check_job_log_backlog()
         # An id taken by another job is a conflict whatever this process's settings are.
         owner = self.caller_ids.registered_owner(job) if job_id is not None else None
         spec = get_spec(job.name)
@@ -130,12 +132,21 @@ class Dispatcher:
         per batch of a queue's jobs, one registry statement per batch of caller-chosen ids. One
         result per request, in order: its handle, or the error `dispatch` would have raised
         for it (the other jobs are dispatched all the same)."""
+        check_job_log_backlog()
         return self.bulk.dispatch_many(requests)
 
     def status(self, job_id: str) -> JobStatus:
+        # Dispatched in a transaction of this process still open: no engine has it yet.
+        pending = transactional.open_status(job_id)
+        if pending is not None:
+            return pending
         try:
             return self.router.status(job_id)
-        except JobNotFoundError:
+        except (JobNotFoundError, EngineUnavailable):
+            # Committed in a caller's transaction, no relay has sent it yet.
+            pending = transactional.committed_status(job_id)
+            if pending is not None:
+                return pending
             run_id = flow.served_by(job_id)  # a debounced dispatch collapsed into a run?
             if run_id is None:
                 raise
@@ -179,6 +190,7 @@ def dispatch_job(
     webhook_url: str | None = None,
     retry: RetryPolicy | None = None,
     priority: int | None = None,
+    connection: Any = None,
 ) -> JobHandle:
     """Start job `name` with `payload`; returns at once with the job id and the engine chosen.
 
@@ -189,7 +201,15 @@ def dispatch_job(
     `retry` overrides the job's attempts and backoff for this dispatch.
     `priority`, an int from -100 to 100 (InvalidPriorityError otherwise), overrides the job's
     (`@job(priority=)`, default 0): among its queue's waiting jobs, higher starts first.
+    With `connection` (a SQLAlchemy Connection or Session), the job is written into that
+    connection's transaction and sent by a relay once it commits; a rollback leaves no trace
+    (the handle's engine is "outbox"; see jobyard.dispatcher.transactional).
     """
+    if connection is not None:
+        return transactional.dispatch_in(
+            connection, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url,
+            retry=retry, priority=priority,
+        )  # fmt: skip
     dispatcher = get_dispatcher()  # first: building it turns tracing on if configured
     if tracing.ACTIVE:  # off: this check is all tracing costs a dispatch
         return tracing.traced_dispatch(
@@ -211,8 +231,15 @@ async def adispatch_job(
     webhook_url: str | None = None,
     retry: RetryPolicy | None = None,
     priority: int | None = None,
+    connection: Any = None,
 ) -> JobHandle:
-    """dispatch_job for async web code; never blocks the event loop."""
+    """dispatch_job for async web code; never blocks the event loop. `connection` may also be
+    an AsyncConnection or AsyncSession."""
+    if connection is not None:
+        return await transactional.adispatch_in(
+            connection, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url,
+            retry=retry, priority=priority,
+        )  # fmt: skip
     return await asyncio.to_thread(
         dispatch_job, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url,
         retry=retry, priority=priority,
@@ -220,7 +247,7 @@ async def adispatch_job(
 
 
 def dispatch_many(
-    requests: Iterable[DispatchRequest | tuple[str, Any]],
+    requests: Iterable[DispatchRequest | tuple[str, Any]], *, connection: Any = None
 ) -> list[JobHandle | Exception]:
     """Start many jobs in batches; one result per request, in order: its JobHandle, or the
     exception `dispatch_job` would have raised for it (the other jobs start all the same).
@@ -231,7 +258,10 @@ def dispatch_many(
     Each request is a `DispatchRequest` (all of `dispatch_job`'s arguments) or a (name, payload)
     pair. The checks, the job id rules and the fallback are `dispatch_job`'s: Dramatiq takes
     the jobs one Lua call per batch; a job it cannot take goes to Temporal on its own.
+    With `connection`, the jobs are written into its transaction, as `dispatch_job` does.
     """
+    if connection is not None:
+        return transactional.dispatch_many_in(connection, requests)
     dispatcher = get_dispatcher()
     if tracing.ACTIVE:  # one span for the batch: its jobs' runs are its children
         with tracing.span(tracing.DISPATCH_MANY, {}, kind="producer"):
@@ -240,9 +270,11 @@ def dispatch_many(
 
 
 async def adispatch_many(
-    requests: Iterable[DispatchRequest | tuple[str, Any]],
+    requests: Iterable[DispatchRequest | tuple[str, Any]], *, connection: Any = None
 ) -> list[JobHandle | Exception]:
     """dispatch_many for async web code; never blocks the event loop."""
+    if connection is not None:
+        return await transactional.adispatch_many_in(connection, requests)
     return await asyncio.to_thread(dispatch_many, list(requests))
 
 

@@ -9,6 +9,7 @@ __all__ = [
     "DispatchUnavailableError",
     "EngineUnavailable",
     "IdempotencyConflictError",
+    "JobLogBacklogError",
     "JobNotFoundError",
     "JobStillActiveError",
 ]
@@ -26,6 +27,12 @@ class EngineUnavailable(JobyardError):
 
 class DispatchUnavailableError(JobyardError):
     """Neither engine could take the job; it was not started and the caller must retry."""
+
+
+class JobLogBacklogError(DispatchUnavailableError):
+    """This process holds too many job log events it could not write (the database is down):
+    a job dispatched now might never reach the log, so nothing would find it again if Redis
+    lost it. Nothing was started; dispatch again once the database is back."""
 
 
 class DispatchOutcomeUnknownError(JobyardError):

@@ -7,7 +7,9 @@ from typing import Any, Literal
 
 from jobyard.job_engine.states import JobState
 
-EngineName = Literal["dramatiq", "temporal", "inline"]
+EngineName = Literal["dramatiq", "temporal", "inline", "outbox"]
+#: The engine of a job dispatched in a transaction that no relay has sent yet (transactional.py).
+OUTBOX_ENGINE: EngineName = "outbox"
 #: Why a job went to Temporal. Also the `reason` label of the fallback metric.
 FALLBACK_FLAG_OFF = "flag_off"
 FALLBACK_REDIS_UNHEALTHY = "redis_unhealthy"

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
@@ -115,6 +115,21 @@ class OwnerRegistry:
                         found[row.job_id] = Owner(row.engine, row.name, row.payload_digest)  # type: ignore[arg-type]
         return found
 
+    def claim_batch(
+        self, claims: Sequence[tuple[str, str, str]], engine: EngineName
+    ) -> dict[str, Owner]:
+        """`claim_many` in one statement on PostgreSQL (the rows travel as one JSON array):
+        what the dispatch outbox's relay claims each pass, a batch of up to a thousand ids.
+        Whoever has each id now; `finished` is not read (the engines dedupe a finished id)."""
+        if not claims:
+            return {}
+        if get_engine().dialect.name != "postgresql":
+            return self.claim_many(claims, engine)
+        rows = json.dumps([{"job_id": j, "name": n, "payload_digest": d} for j, n, d in claims])
+        with _map_database_errors(), get_engine().begin() as connection:
+            found = connection.execute(_CLAIM_BATCH, {"rows": rows, "engine": engine}).all()
+        return {job_id: Owner(owner, name, digest) for job_id, owner, name, digest in found}
+
     def claim(self, job_id: str, engine: EngineName, name: str, digest: str) -> Owner:
         """Claims the id for `engine` unless someone has it; returns whoever has it now."""
         values = {
@@ -149,6 +164,19 @@ class OwnerRegistry:
                 .values(engine=target)
             )
 
+
+#: PostgreSQL: claims the ids no one has for :engine and returns every id's owner: the rows it
+#: inserted, and (the statement's snapshot predates its insert) the ones that were there.
+_CLAIM_BATCH = text(
+    "WITH given AS (SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))"
+    " AS g(job_id text, name text, payload_digest text)),"
+    " inserted AS (INSERT INTO job_owners (job_id, engine, name, payload_digest, claimed_at)"
+    " SELECT job_id, :engine, name, payload_digest, now() FROM given ORDER BY job_id"
+    " ON CONFLICT (job_id) DO NOTHING RETURNING job_id, engine, name, payload_digest)"
+    " SELECT job_id, engine, name, payload_digest FROM inserted"
+    " UNION ALL SELECT o.job_id, o.engine, o.name, o.payload_digest FROM job_owners o"
+    " JOIN given g ON g.job_id = o.job_id"
+)
 
 T = TypeVar("T")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from asgiref.sync import sync_to_async
+
 from django.core.exceptions import ImproperlyConfigured
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -14,7 +16,7 @@ from jobyard.dispatcher import (
     get_job,
     get_job_record,
 )
-from jobyard.django import compat
+from jobyard.django import compat, transactional
 from jobyard.django.jobs import DjangoTaskPayload, job_name
 from jobyard.job_engine.ids import new_job_id
 from jobyard.job_engine.queues import queue_names
@@ -40,6 +42,11 @@ class JobyardBackend(compat.BaseTaskBackend):  # type: ignore[misc]  # django-ta
 
     def __init__(self, alias: str, params: dict[str, Any]) -> None:
         super().__init__(alias, params)
+        # OPTIONS "transactional": enqueue into the dispatch outbox on Django's connection
+        # "database" (default "default"): the task runs if and only if the enqueuing
+        # transaction commits (jobyard/django/transactional.py).
+        self.transactional = bool(self.options.get("transactional", False))
+        self.database = str(self.options.get("database", "default"))
         unknown = sorted(set(self.queues) - set(queue_names()))
         if unknown:
             raise ImproperlyConfigured(
@@ -75,10 +82,15 @@ class JobyardBackend(compat.BaseTaskBackend):  # type: ignore[misc]  # django-ta
 
     def enqueue(self, task: compat.Task, args: Any, kwargs: Any) -> compat.TaskResult:
         name, payload, options = self._prepare(task, args, kwargs)
-        handle = dispatch_job(name, payload, **options)
+        if self.transactional:
+            handle = transactional.enqueue(self.database, name, payload, options)
+        else:
+            handle = dispatch_job(name, payload, **options)
         return self._enqueued(task, handle.job_id, args, kwargs)
 
     async def aenqueue(self, task: compat.Task, args: Any, kwargs: Any) -> compat.TaskResult:
+        if self.transactional:  # Django's connections are used from sync code only
+            return await sync_to_async(self.enqueue)(task, args, kwargs)
         name, payload, options = self._prepare(task, args, kwargs)
         handle = await adispatch_job(name, payload, **options)
         return self._enqueued(task, handle.job_id, args, kwargs)

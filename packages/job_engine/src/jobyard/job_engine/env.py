@@ -128,8 +128,19 @@ REPORT_RECIPIENTS = "JOBYARD_REPORT_RECIPIENTS"  # comma-separated addresses of 
 # The job log (jobyard.job_engine.db.joblog)
 JOB_LOG = "JOBYARD_JOB_LOG"  # "false" switches the database job log off
 JOB_LOG_INTERVAL = "JOBYARD_JOB_LOG_INTERVAL"  # seconds between batched writes
+# Beyond this many unwritten job log events (the database down), dispatch_job without a
+# `connection=` refuses (JobLogBacklogError) rather than start jobs the log may never hear of.
+JOB_LOG_DISPATCH_LIMIT = "JOBYARD_JOB_LOG_DISPATCH_LIMIT"
 DEFAULTS[JOB_LOG] = "true"
 DEFAULTS[JOB_LOG_INTERVAL] = "0.5"
+DEFAULTS[JOB_LOG_DISPATCH_LIMIT] = "100000"
+
+# Dispatch in a transaction (jobyard.dispatcher.transactional, jobyard.dispatcher.relay): the
+# relay in every `jobyard worker` and `jobyard temporal-worker` that sends committed outbox rows.
+DISPATCH_RELAY = "JOBYARD_DISPATCH_RELAY"  # "false": this process runs no relay
+DISPATCH_RELAY_BATCH = "JOBYARD_DISPATCH_RELAY_BATCH"  # outbox rows one relay pass sends at most
+DISPATCH_RELAY_POLL = "JOBYARD_DISPATCH_RELAY_POLL"  # seconds between looks (PostgreSQL: NOTIFY)
+DEFAULTS.update({DISPATCH_RELAY: "true", DISPATCH_RELAY_BATCH: "1000", DISPATCH_RELAY_POLL: "0.02"})
 
 # The HTTP API (jobyard.api). Closed by default: with no token set, every route but GET /health
 # answers 401; each setting below opens something, none closes it.

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     Date,
+    Float,
     Index,
     Integer,
     String,
@@ -304,6 +305,29 @@ class JobOwner(Base):
     name: Mapped[str] = mapped_column(String(255), nullable=False)
     payload_digest: Mapped[str] = mapped_column(String(64), nullable=False)
     claimed_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class DispatchOutbox(Base):
+    """Jobs dispatched inside the caller's transaction (`dispatch_job(..., connection=)`), not
+    sent yet: the relay of every `jobyard worker` and `jobyard temporal-worker` sends each
+    committed row to an engine and, in the same transaction, deletes it and writes the job's
+    `job_log` row (jobyard/job_engine/db/dispatch_outbox.py). Not the job log's Dramatiq outbox
+    (a Redis stream, `job_log.outbox_id`): this one is SQL, written by web processes."""
+
+    __tablename__ = "dispatch_outbox"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    queue: Mapped[str] = mapped_column(String(128), nullable=False)
+    payload: Mapped[str] = mapped_column(Text, nullable=False)  # the strict JSON dispatch made
+    options: Mapped[str | None] = mapped_column(Text, nullable=True)  # DispatchOptions as JSON
+    # Unix seconds: when dispatch_job was called (the job's enqueued_at in the job log), and
+    # when a relay may send it (later than that after a failed send: its backoff).
+    enqueued_at: Mapped[float] = mapped_column(Float, nullable=False)
+    available_at: Mapped[float] = mapped_column(Float, nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class JobStep(Base):

@@ -40,6 +40,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sqlalchemy import Connection
+
 from jobyard.job_engine import env
 from jobyard.job_engine.db import get_engine
 from jobyard.job_engine.db.joblog.merge import (
@@ -99,6 +101,7 @@ __all__ = [
     "upsert",
     "upsert_rounds",
     "write_queued",
+    "write_queued_in",
     "writer",
 ]
 
@@ -153,13 +156,23 @@ def write_queued(
     log is the same either way."""
     engine = get_engine(url)
     with engine.begin() as connection:
-        inserted, left = insert_queued(connection, batches)
-        for batch in left:
-            events.extend(batch.events())
-        rounds = merge_rounds(events) if events else []
-        for rows in rounds:
-            if rows:
-                _upsert_in(connection, rows)
+        return write_queued_in(connection, batches, events)
+
+
+def write_queued_in(
+    connection: Connection,
+    batches: list[QueuedBatch],
+    events: list[tuple[float, str, dict[str, Any]]],
+) -> int:
+    """`write_queued` in the caller's transaction (the dispatch outbox's relay writes the jobs
+    it sent in the transaction that deletes their outbox rows)."""
+    inserted, left = insert_queued(connection, batches)
+    for batch in left:
+        events.extend(batch.events())
+    rounds = merge_rounds(events) if events else []
+    for rows in rounds:
+        if rows:
+            _upsert_in(connection, rows)
     return inserted + sum(len(rows) for rows in rounds)
 
 

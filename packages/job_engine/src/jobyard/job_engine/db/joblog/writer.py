@@ -26,7 +26,10 @@ from jobyard.job_engine.db.readiness import one_line
 
 log = logging.getLogger("jobyard.joblog")
 
-#: Beyond this many unflushed events (a long database outage), the oldest are dropped.
+#: Beyond this many unflushed events (a long database outage), the oldest are dropped. A web
+#: process never gets there by dispatching: dispatch_job refuses from
+#: JOBYARD_JOB_LOG_DISPATCH_LIMIT unwritten events on (jobyard/dispatcher/backlog.py), so a
+#: dispatch's "queued" is never what is dropped; engines' own events past it are.
 MAX_BUFFER = 200_000
 
 #: A failing flush is retried every interval; the same failure is logged at most this often.
@@ -44,6 +47,10 @@ class JobLogWriter:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+
+    def backlog(self) -> int:
+        """Events recorded and not written yet (a dispatch_many batch counts its jobs)."""
+        return len(self._events) + self._batched_jobs
 
     def record(self, job_id: str, **fields: Any) -> None:
         """Queue an event; `state_at` defaults to now. Returns at once."""

@@ -1,0 +1,249 @@
+"""Dispatch inside the caller's transaction: `dispatch_job(name, payload, connection=conn)`.
+
+The job is checked as every dispatch checks it (submission.py), then written as one row of the
+dispatch outbox in `conn`'s transaction (jobyard/job_engine/db/dispatch_outbox.py), and nothing
+else: no engine is touched, so it exists if and only if the transaction commits. The relay of
+every `jobyard worker` and `jobyard temporal-worker` (relay.py) sends committed rows to an
+engine by the usual rules, under the job id the handle already carries, and writes the job's
+`job_log` row in the same transaction as it deletes the outbox row.
+
+`conn` is a SQLAlchemy `Connection` or `Session` (an `AsyncConnection` or `AsyncSession` with
+`adispatch_job`), to the database DATABASE_URL names (the one the relays read; another is
+refused, as is one without the outbox table). Until a relay sent it, `get_job` answers the job
+as `queued` on the engine `outbox` (in this process while the transaction is open, and from the
+outbox once it committed).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import Session
+
+from jobyard.dispatcher.engines import Submission
+from jobyard.dispatcher.models import (
+    NO_OPTIONS,
+    OUTBOX_ENGINE,
+    DispatchOptions,
+    DispatchRequest,
+    JobHandle,
+    JobStatus,
+)
+from jobyard.dispatcher.submission import make_submission
+from jobyard.job_engine import IdempotencyConflictError, JobyardError, get_spec
+from jobyard.job_engine.db import database_url, get_engine
+from jobyard.job_engine.db import dispatch_outbox as outbox
+from jobyard.job_engine.states import JobState
+
+__all__ = [
+    "committed_status",
+    "dispatch_in",
+    "dispatch_many_in",
+    "dispatch_on",
+    "open_status",
+    "options_json",
+    "sql_target",
+    "write_jobs",
+]
+
+
+def dispatch_in(connection: Any, name: str, payload: Any, **options: Any) -> JobHandle:
+    """`dispatch_job(name, payload, connection=...)` on a sync SQLAlchemy Connection or Session.
+    Bad input raises as `dispatch_job` does, before anything is written."""
+    target, still_open = sql_target(connection)
+    return dispatch_on(target, still_open, name, payload, **options)
+
+
+def dispatch_on(
+    target: outbox.Target,
+    still_open: Callable[[], bool],
+    name: str,
+    payload: Any,
+    *,
+    new_id: bool = False,
+    **options: Any,
+) -> JobHandle:
+    """One job into `target`'s transaction (any `Target`: Django's connection too).
+    `new_id`: the given job_id was just generated, so it need not be looked up."""
+    job = make_submission(
+        name, payload, options.get("job_id"), options.get("delay"), options.get("webhook_url"),
+        options.get("retry"), options.get("priority"),
+    )  # fmt: skip
+    get_spec(job.name).check_environment()
+    chosen = {job.job_id} if options.get("job_id") is not None and not new_id else set()
+    (result,) = write_jobs(target, [job], still_open, chosen)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def dispatch_many_in(
+    connection: Any, requests: Iterable[DispatchRequest | tuple[str, Any]]
+) -> list[JobHandle | Exception]:
+    """`dispatch_many(requests, connection=...)`: one result per request, in order, its handle or
+    the error `dispatch_job` would have raised for it; the valid ones are written in one
+    statement, in the caller's transaction."""
+    target, still_open = sql_target(connection)
+    return write_requests(target, list(requests), still_open)
+
+
+def write_requests(
+    target: outbox.Target,
+    requests: list[DispatchRequest | tuple[str, Any]],
+    still_open: Callable[[], bool],
+) -> list[JobHandle | Exception]:
+    """Checks each request as `dispatch_job` does and writes the valid ones to the outbox."""
+    results: list[JobHandle | Exception | None] = [None] * len(requests)
+    valid: list[tuple[int, Submission]] = []
+    chosen: set[str] = set()
+    for index, request in enumerate(requests):
+        if isinstance(request, tuple):
+            request = DispatchRequest(*request)
+        try:
+            job = make_submission(
+                request.name, request.payload, request.job_id, request.delay,
+                request.webhook_url, request.retry, request.priority,
+            )  # fmt: skip
+            get_spec(job.name).check_environment()
+        except (JobyardError, ValueError) as exc:
+            results[index] = exc
+            continue
+        valid.append((index, job))
+        if request.job_id is not None:
+            chosen.add(job.job_id)
+    written = write_jobs(target, [job for _, job in valid], still_open, chosen)
+    for (index, _), result in zip(valid, written, strict=True):
+        results[index] = result
+    return [result for result in results if result is not None]
+
+
+def write_jobs(
+    target: outbox.Target,
+    jobs: list[Submission],
+    still_open: Callable[[], bool],
+    chosen: set[str],
+) -> list[JobHandle | Exception]:
+    """The checked jobs' outbox rows, in the caller's transaction. A caller-chosen id (in
+    `chosen`; a generated one is new) already dispatched (in the outbox, the job log or the id
+    registry) is a duplicate for the same job name and `IdempotencyConflictError` for another;
+    nothing is written for it."""
+    outbox.check_target(target, database_url())
+    known = outbox.known_names(target, sorted(chosen)) if chosen else {}
+    now = time.time()
+    results: list[JobHandle | Exception] = []
+    rows: list[outbox.OutboxRow] = []
+    for job in jobs:
+        name = known.get(job.job_id)
+        if name is not None:
+            results.append(
+                JobHandle(job.job_id, OUTBOX_ENGINE, duplicate=True)
+                if name == job.name
+                else IdempotencyConflictError(job.job_id, f"it was dispatched as job {name!r}")
+            )
+            continue
+        payload = (job.payload_json or json.dumps(job.payload).encode()).decode()
+        rows.append(outbox.OutboxRow(
+            job.job_id, job.name, job.queue, payload, options_json(job.options), now,
+        ))  # fmt: skip
+        results.append(JobHandle(job.job_id, OUTBOX_ENGINE))
+    if rows:
+        outbox.insert(target, rows)
+        _remember([(row.job_id, row.name) for row in rows], still_open)
+    return results
+
+
+def options_json(options: DispatchOptions) -> str | None:
+    if options is NO_OPTIONS or options == NO_OPTIONS:
+        return None
+    return json.dumps({
+        "delay": options.delay, "webhook_url": options.webhook_url, "retry": options.retry,
+        "priority": options.priority,
+    })  # fmt: skip
+
+
+def sql_target(connection: Any) -> tuple[outbox.Target, Callable[[], bool]]:
+    """The outbox's view of a SQLAlchemy Connection or Session, and whether its transaction is
+    still open (for `get_job` while it is)."""
+    if isinstance(connection, AsyncConnection | AsyncSession):
+        raise TypeError(
+            "an async SQLAlchemy connection or session goes to adispatch_job / adispatch_many "
+            "(await them), not to dispatch_job / dispatch_many"
+        )
+    if isinstance(connection, Session):
+        connection = connection.connection()  # begins the session's transaction if need be
+    if not isinstance(connection, Connection):
+        raise TypeError(
+            "connection must be a SQLAlchemy Connection or Session (or, with adispatch_job, an "
+            f"AsyncConnection or AsyncSession), not {type(connection).__name__}"
+        )
+    transaction = connection.get_transaction() or connection.begin()
+    return outbox.SqlAlchemyTarget(connection), lambda: transaction.is_active
+
+
+async def adispatch_in(connection: Any, name: str, payload: Any, **options: Any) -> JobHandle:
+    """`adispatch_job(..., connection=...)`: a sync Connection or Session, or an async one
+    (run on its own greenlet bridge: the event loop is not blocked by a thread hop)."""
+    if isinstance(connection, AsyncConnection | AsyncSession):
+        return await connection.run_sync(lambda sync: dispatch_in(sync, name, payload, **options))
+    return dispatch_in(connection, name, payload, **options)
+
+
+async def adispatch_many_in(
+    connection: Any, requests: Iterable[DispatchRequest | tuple[str, Any]]
+) -> list[JobHandle | Exception]:
+    listed = list(requests)
+    if isinstance(connection, AsyncConnection | AsyncSession):
+        return await connection.run_sync(lambda sync: dispatch_many_in(sync, listed))
+    return dispatch_many_in(connection, listed)
+
+
+# ---- get_job before a relay sent the job ---------------------------------------------------------
+
+#: Jobs this process wrote in a transaction that may still be open: id -> (name, still open?).
+_open: dict[str, tuple[str, Callable[[], bool]]] = {}
+_open_lock = threading.Lock()
+#: Past this many remembered jobs, those of closed transactions are forgotten.
+_OPEN_PRUNE_AT = 10_000
+
+
+def _remember(jobs: list[tuple[str, str]], still_open: Callable[[], bool]) -> None:
+    with _open_lock:
+        for job_id, name in jobs:
+            _open[job_id] = (name, still_open)
+        if len(_open) > _OPEN_PRUNE_AT:
+            for job_id in [key for key, (_, alive) in _open.items() if not alive()]:
+                del _open[job_id]
+
+
+def open_status(job_id: str) -> JobStatus | None:
+    """`queued` on the engine `outbox`, for a job this process wrote in a transaction that is
+    still open (no other connection can see it yet); None otherwise."""
+    with _open_lock:
+        mine = _open.get(job_id)
+        if mine is not None and not mine[1]():
+            del _open[job_id]
+            mine = None
+    return _pending(job_id, mine[0]) if mine is not None else None
+
+
+def committed_status(job_id: str) -> JobStatus | None:
+    """`queued` on the engine `outbox`, for a job committed to the outbox that no relay has
+    sent yet; None otherwise."""
+    try:
+        with get_engine().connect() as connection:
+            name = outbox.waiting(connection, job_id)
+    except SQLAlchemyError:  # no database, or no outbox: nothing waits there
+        return None
+    return _pending(job_id, name) if name is not None else None
+
+
+def _pending(job_id: str, name: str) -> JobStatus:
+    return JobStatus(job_id=job_id, engine=OUTBOX_ENGINE, state=JobState.QUEUED, attempts=0,
+                     name=name)  # fmt: skip
