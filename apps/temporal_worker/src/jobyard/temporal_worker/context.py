@@ -10,6 +10,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy as TemporalRetryPolicy
 
 with workflow.unsafe.imports_passed_through():
+    from jobyard.dispatcher.engines.temporal.contract import step_task_queue
     from jobyard.job_engine import JobSpec
     from jobyard.job_engine.context import StepRetryContext
     from jobyard.job_engine.queues import retry_policy
@@ -68,6 +69,8 @@ class TemporalContext(StepRetryContext):
         self._spec = spec
         self._retry = temporal_retry(spec, retry_overrides)
         self._timeout = timedelta(seconds=spec.effective_timeout())
+        # Steps run on their queue's task queue, with the queue's slots (worker.py).
+        self._steps_on = step_task_queue(workflow.info().task_queue, spec.queue)
 
     async def _run_step(
         self, step: str, ref: str, fn: Callable[..., Any], args: tuple[Any, ...]
@@ -77,6 +80,7 @@ class TemporalContext(StepRetryContext):
         outcome = await workflow.execute_activity(
             STEP_ACTIVITY,
             {"job_id": self.job_id, "step": step, "fn": ref, "args": list(args)},
+            task_queue=self._steps_on,
             start_to_close_timeout=self._timeout,
             # A step whose worker died is retried once its heartbeats stop, not at its timeout.
             heartbeat_timeout=STEP_HEARTBEAT_TIMEOUT,

@@ -18,6 +18,13 @@ __all__ = ["STATUS_QUERY", "WORKFLOW_NAME", "ClaimMode", "JobRequest", "StatusRe
 STEP_ACTIVITY = "jobyard.step"
 
 
+def step_task_queue(task_queue: str, queue: str) -> str:
+    """The Temporal task queue of a jobyard queue's steps: workflows run on `task_queue`
+    (TEMPORAL_TASK_QUEUE), each queue's steps on their own, polled by a Worker whose activity
+    slots are the queue's concurrency (docs/flow-control.md "Per-queue concurrency")."""
+    return f"{task_queue}.{queue}"
+
+
 @dataclass(frozen=True)
 class JobRequest:
     """The workflow's input. Histories written before this type existed hold the same fields as
