@@ -3,10 +3,21 @@ a payload without its limit's key is refused at dispatch, never run unlimited.""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from pydantic import BaseModel
 
-from jobyard.job_engine import InvalidPayloadError, RateLimit
+from jobyard.job_engine import (
+    InvalidPayloadError,
+    JobContext,
+    RateLimit,
+    get_spec,
+    job,
+    queue,
+    queues,
+    registry,
+)
 from jobyard.job_engine.flow import (
     Concurrency,
     Debounce,
@@ -125,3 +136,52 @@ def test_a_hold_says_which_limit_and_key() -> None:
     assert describe(Debounce(5.0, max_wait=60.0)) == "debounce 5s (max 60s)"
     with pytest.raises(ValueError, match="unknown limit"):
         scope("throttle", JOB, "x")
+
+
+@pytest.fixture
+def restored_queues(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queues a test declares go with it."""
+    monkeypatch.setattr(queues, "_QUEUES", dict(queues._QUEUES))
+
+
+async def _noop(ctx: JobContext, payload: Payload) -> None:
+    return None
+
+
+def test_a_job_declares_its_limits_and_is_limited_by_its_queues(restored_queues: None) -> None:
+    plain = job(f"test.plain_{uuid.uuid4().hex[:8]}", payload=Payload)(_noop)
+    assert plain is _noop
+    unlimited = next(s for s in registry if s.handler is _noop)
+    assert (unlimited.limits, unlimited.limited) == ((), False)
+
+    name = f"test.keyed_{uuid.uuid4().hex[:8]}"
+    job(
+        name, payload=Payload, rate_limit=RateLimit(5, 1.0, key="account.tenant_id"),
+        concurrency=Concurrency(2, key="account.tenant_id"),
+        debounce=Debounce(1.0, key="document_id"),
+    )(lambda ctx, payload: _noop(ctx, payload))  # fmt: skip
+    spec = get_spec(name)
+    assert spec.limited and [lim.kind for lim in spec.limits] == ["debounce", "rate", "concurrency"]
+    assert spec.limits[1].key_path == "account.tenant_id"
+
+    queue(
+        "tenants",
+        rate_limit=RateLimit(10, 1.0),
+        concurrency_limit=Concurrency(3, key="account.tenant_id"),
+    )
+    shared = f"test.shared_{uuid.uuid4().hex[:8]}"
+    job(shared, queue="tenants", payload=Payload)(lambda ctx, payload: _noop(ctx, payload))
+    limits = get_spec(shared).limits
+    assert [lim.scope for lim in limits] == ["rate:queue:tenants", "concurrency:queue:tenants"]
+
+
+def test_a_key_the_payload_model_lacks_fails_at_declaration(restored_queues: None) -> None:
+    with pytest.raises(FlowDeclarationError, match="Payload has no field 'tenant'"):
+        job("test.bad_key", payload=Payload, concurrency=Concurrency(2, key="tenant"))
+    with pytest.raises(FlowDeclarationError, match="RateLimit: key must be a payload field"):
+        RateLimit(5, 1.0, key="a..b")
+    queue("keyed", rate_limit=RateLimit(5, 1.0, key="tenant"))
+    with pytest.raises(FlowDeclarationError, match=r"queue 'keyed'.s RateLimit"):
+        job("test.bad_queue_key", queue="keyed", payload=Payload)
+    with pytest.raises(LookupError):
+        get_spec("test.bad_key")

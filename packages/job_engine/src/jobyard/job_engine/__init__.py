@@ -15,6 +15,13 @@ from jobyard.job_engine.errors import (
     UnknownJobError,
     UnsafeURLError,
 )
+from jobyard.job_engine.flow.declarations import (
+    Concurrency,
+    Debounce,
+    FlowDeclarationError,
+    InvalidPriorityError,
+    MissingKeyError,
+)
 from jobyard.job_engine.ids import new_job_id, new_job_ids
 from jobyard.job_engine.policy import RateLimit, RetryPolicy
 from jobyard.job_engine.queues import QueueConfig, QueueError, UnknownQueueError, queue
@@ -23,12 +30,17 @@ from jobyard.job_engine.schedules import Schedule, ScheduleError, schedule, sche
 from jobyard.job_engine.states import JobState
 
 __all__ = [
+    "Concurrency",
+    "Debounce",
+    "FlowDeclarationError",
     "IdempotencyConflictError",
     "InvalidPayloadError",
+    "InvalidPriorityError",
     "JobContext",
     "JobSpec",
     "JobState",
     "JobyardError",
+    "MissingKeyError",
     "MissingSettingError",
     "PayloadTooLargeError",
     "PermanentError",

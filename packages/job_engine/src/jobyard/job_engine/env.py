@@ -165,6 +165,14 @@ DEFAULTS[TEMPORAL_STEP_CONCURRENCY] = "100"
 STEP_JOURNAL = "JOBYARD_STEP_JOURNAL"
 DEFAULTS[STEP_JOURNAL] = "true"
 
+# Flow control (jobyard.job_engine.flow, docs/flow-control.md)
+FLOW_DURABLE = "JOBYARD_FLOW_DURABLE"  # "false": permits commit without waiting for the disk
+FLOW_PARK_SECONDS = "JOBYARD_FLOW_PARK_SECONDS"  # longest a job waiting for a slot sleeps unwoken
+FLOW_ADMISSION_SECONDS = "JOBYARD_FLOW_ADMISSION_SECONDS"  # a slot taken at dispatch lasts this
+DEFAULTS[FLOW_DURABLE] = "true"
+DEFAULTS[FLOW_PARK_SECONDS] = "60"
+DEFAULTS[FLOW_ADMISSION_SECONDS] = "60"
+
 # Moving jobs of worker-less queues to Temporal (jobyard temporal-worker)
 RESCUE_INTERVAL = "JOBYARD_RESCUE_INTERVAL"  # seconds between passes
 DEFAULTS[RESCUE_INTERVAL] = "5"

@@ -31,6 +31,10 @@ class InvalidPayloadError(JobyardError, ValueError):
         self.errors = errors or []
 
 
+class FlowDeclarationError(JobyardError, ValueError):
+    """A flow declaration that cannot be honoured (a limit below 1, a key the payload lacks)."""
+
+
 class PermanentError(JobyardError):
     """Raise from a step to fail the job at once: retrying cannot help (a 404, a bad address)."""
 

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from jobyard.job_engine.errors import FlowDeclarationError
+
 #: The number types an env override parses to.
 _N = TypeVar("_N", int, float)
 
@@ -41,21 +43,42 @@ class RetryPolicy:
         return min(self.max_backoff, self.backoff * factor)
 
 
+def check_key_syntax(path: str | None, what: str) -> None:
+    """A flow-control key path is dot-separated, non-empty payload field names."""
+    if path is None:
+        return
+    if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
+        raise FlowDeclarationError(
+            f"{what}: key must be a payload field name, dotted for nested fields"
+            f" (e.g. 'tenant_id' or 'account.tenant_id'), got {path!r}"
+        )
+
+
 @dataclass(frozen=True)
 class RateLimit:
-    """At most `calls` starts per `period` seconds, across all workers of every engine."""
+    """At most `calls` starts per `period` seconds for each value of the payload field `key`
+    (dotted for nested; one bucket when None), counted across every worker of both engines
+    (the permit store, see docs/flow-control.md). A start is the handler beginning."""
 
     calls: int
     period: float = 60.0
+    key: str | None = None
 
     def __post_init__(self) -> None:
         if type(self.calls) is not int or self.calls < 1:
-            raise ValueError(
+            raise FlowDeclarationError(
                 f"RateLimit.calls must be a whole number of at least 1: {self.calls!r}"
             )
         period = self.period
-        if isinstance(period, bool) or not isinstance(period, int | float) or not period > 0:
-            raise ValueError(f"RateLimit.period must be a positive number of seconds: {period!r}")
+        if (
+            isinstance(period, bool)
+            or not isinstance(period, int | float)
+            or not 0 < period < float("inf")
+        ):
+            raise FlowDeclarationError(
+                f"RateLimit.period must be a positive number of seconds: {period!r}"
+            )
+        check_key_syntax(self.key, "RateLimit")
 
 
 def env_key(job_name: str, field: str) -> str:

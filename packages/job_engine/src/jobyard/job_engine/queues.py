@@ -21,8 +21,10 @@ Prefetch is how many messages a worker process holds per queue (running or waiti
 thread), as a multiple of its concurrency: a high one keeps threads busy on short jobs; a low
 one leaves long jobs on the queue for other workers.
 
-A queue's `rate_limit` is kept in its config; no engine enforces it yet (a job's own
-`rate_limit` is enforced on Dramatiq).
+A queue's `rate_limit` (at most `calls` starts of all its jobs per `period`, optionally per
+key) and `concurrency_limit` (`Concurrency(limit, key)`: at most `limit` runs of its jobs at once
+across every process, host and engine) are flow-control limits, held by the permit store on both
+engines (docs/flow-control.md); `concurrency` is per worker process.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobyard.job_engine import env
 from jobyard.job_engine.errors import JobyardError
+from jobyard.job_engine.flow.declarations import Concurrency
 from jobyard.job_engine.policy import RateLimit, RetryPolicy
 
 if TYPE_CHECKING:
@@ -71,8 +74,9 @@ class QueueConfig:
     max_attempts: int  # cap on a job's declared attempts
     description: str = ""
     prefetch_factor: int = 2  # messages held per worker process, per thread
-    #: Kept for the engines; not enforced yet (see the module's docstring).
+    #: Flow-control limits of all the queue's jobs together (see the module's docstring).
     rate_limit: RateLimit | None = None
+    concurrency_limit: Concurrency | None = None
 
     def __post_init__(self) -> None:
         _check_settings({f.name: getattr(self, f.name) for f in fields(self)}, {})
@@ -134,6 +138,9 @@ def _check_settings(values: dict[str, Any], sources: dict[str, str]) -> None:
     rate_limit = values.get("rate_limit")
     if rate_limit is not None and not isinstance(rate_limit, RateLimit):
         fail("rate_limit", "must be a jobyard.job_engine.RateLimit or None")
+    shared = values.get("concurrency_limit")
+    if shared is not None and not isinstance(shared, Concurrency):
+        fail("concurrency_limit", "must be a jobyard.job_engine.Concurrency or None")
     if not isinstance(values.get("description", ""), str):
         fail("description", "must be a string")
 
@@ -151,12 +158,15 @@ def queue(
     rate_limit: RateLimit | None = None,
     prefetch_factor: int = 2,
     description: str = "",
+    concurrency_limit: Concurrency | None = None,
 ) -> QueueConfig:
     """Declare the queue `name` (at a job module's top, before the jobs that use it).
 
     `concurrency`: jobs of the queue one worker process runs at once; `time_limit`: seconds one
     run may take, whatever the job declares; `max_attempts`: the cap on a job's attempts;
-    `rate_limit`: kept for the engines, not enforced yet. Returns the declared config (the
+    `rate_limit`: starts of all its jobs per period (per key when keyed), on both engines;
+    `concurrency_limit`: its runs at once across every process and engine (per key when
+    keyed). Returns the declared config (the
     env overrides are applied by `get_queue`). Raises QueueError for a bad value, or for a
     queue declared before with other settings."""
     config = QueueConfig(
@@ -167,6 +177,7 @@ def queue(
         description=description,
         prefetch_factor=prefetch_factor,
         rate_limit=rate_limit,
+        concurrency_limit=concurrency_limit,
     )
     with _lock:
         existing = _QUEUES.get(name)
@@ -189,7 +200,10 @@ def queue(
 
 
 def _settings(config: QueueConfig) -> str:
-    shown = ("concurrency", "time_limit", "max_attempts", "rate_limit", "prefetch_factor")
+    shown = (
+        "concurrency", "time_limit", "max_attempts", "rate_limit", "concurrency_limit",
+        "prefetch_factor",
+    )  # fmt: skip
     return ", ".join(f"{f}={getattr(config, f)!r}" for f in shown)
 
 
@@ -206,6 +220,11 @@ def is_declared(name: str) -> bool:
     if name not in _QUEUES:
         _load_job_modules()
     return name in _QUEUES
+
+
+def declared(name: str) -> QueueConfig | None:
+    """The declared queue `name` as declared (no env overrides, no job module loaded)."""
+    return _QUEUES.get(name)
 
 
 def declared_names() -> list[str]:

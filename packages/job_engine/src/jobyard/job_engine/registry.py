@@ -26,7 +26,14 @@ from jobyard.job_engine.errors import (
     PayloadTooLargeError,
     UnknownJobError,
 )
-from jobyard.job_engine.flow.declarations import DEFAULT_PRIORITY, validate_priority
+from jobyard.job_engine.flow.declarations import (
+    DEFAULT_PRIORITY,
+    Concurrency,
+    Debounce,
+    check_key_path,
+    validate_priority,
+)
+from jobyard.job_engine.flow.limits import DeclaredLimit, job_limits
 from jobyard.job_engine.policy import RateLimit, RetryPolicy, retry_with_env, timeout_with_env
 
 Handler = Callable[[JobContext, Any], Coroutine[Any, Any, Any]]
@@ -68,6 +75,26 @@ class JobSpec:
     #: -100..100, higher first: where the job's runs wait among its queue's (see
     #: docs/flow-control.md "Priorities"); a dispatch may give its own.
     priority: int = DEFAULT_PRIORITY
+    #: At most `limit` runs at once per key value, across every process, host and engine.
+    concurrency: Concurrency | None = None
+    #: Dispatches of a key within `period` collapse into one run with the last payload.
+    debounce: Debounce | None = None
+    #: Every flow-control limit the job is under (its own, then its queue's), fixed at
+    #: declaration; `limited` is False for a job with none, which then never touches the permit
+    #: store: the engines check this one attribute.
+    limits: tuple[DeclaredLimit, ...] = field(default=(), init=False, compare=False)
+    limited: bool = field(default=False, init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        declared_queue = queues.declared(self.queue)
+        limits = job_limits(
+            self.name, self.queue, rate_limit=self.rate_limit, concurrency=self.concurrency,
+            debounce=self.debounce,
+            queue_rate_limit=declared_queue.rate_limit if declared_queue else None,
+            queue_concurrency=declared_queue.concurrency_limit if declared_queue else None,
+        )  # fmt: skip
+        object.__setattr__(self, "limits", limits)
+        object.__setattr__(self, "limited", bool(limits))
 
     def check_environment(self) -> None:
         """Fail at dispatch, not in a worker, when the job cannot run without a setting."""
@@ -227,6 +254,8 @@ def job(
     requires_env: tuple[str, ...] = (),
     http: bool = True,
     priority: int = DEFAULT_PRIORITY,
+    concurrency: Concurrency | None = None,
+    debounce: Debounce | None = None,
 ) -> Callable[[Handler], Handler]:
     """Declare `async def handler(ctx, payload)` as the job `name`.
 
@@ -239,12 +268,18 @@ def job(
     module, built in, or by a module of JOBYARD_JOB_MODULES; any other raises
     UnknownQueueError here, at declaration, not at dispatch.
 
+    Flow control (docs/flow-control.md), each optionally keyed on a payload field:
+    `rate_limit=RateLimit(calls, period, key=...)`, `concurrency=Concurrency(limit, key=...)`,
+    `debounce=Debounce(period, key=..., max_wait=...)`. A key path that is not a field of
+    `payload` raises FlowDeclarationError here; so does one of the queue's limits' keys.
+
     >>> @job("system.echo", payload=EchoPayload, retry=RetryPolicy(attempts=1))
     ... async def echo(ctx, payload): return payload.model_dump()
     """
     if not queues.is_declared(queue):
         raise queues.UnknownQueueError(queue, queues.declared_names())
     priority = validate_priority(priority)
+    _check_keys(name, queue, payload, (rate_limit, concurrency, debounce))
 
     def declare(handler: Handler) -> Handler:
         registry.add(
@@ -259,12 +294,31 @@ def job(
                 requires_env=requires_env,
                 http=http,
                 priority=priority,
+                concurrency=concurrency,
+                debounce=debounce,
                 description=(handler.__doc__ or "").strip().split("\n")[0],
             )
         )
         return handler
 
     return declare
+
+
+def _check_keys(
+    name: str,
+    queue: str,
+    payload: type[BaseModel],
+    own: tuple[RateLimit | Concurrency | Debounce | None, ...],
+) -> None:
+    """Every keyed limit the job is under names a field of its payload model."""
+    for limit in own:
+        if limit is not None:
+            check_key_path(payload, limit.key, f"job {name!r}: {type(limit).__name__}")
+    config = queues.declared(queue)
+    for shared in (config.rate_limit, config.concurrency_limit) if config else ():
+        if shared is not None:
+            where = f"job {name!r}: queue {queue!r}'s {type(shared).__name__}"
+            check_key_path(payload, shared.key, where)
 
 
 _loaded: set[str] = set()

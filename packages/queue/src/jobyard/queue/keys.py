@@ -12,6 +12,8 @@ jobyard:band:<queue>:<p>   list  ids of messages of priority p != 0 waiting on <
                                  dramatiq:<queue>.msgs); priority 0 waits on dramatiq:<queue>
 jobyard:bands:<queue>      zset  p -> -p for each band of <queue> that may hold messages
 jobyard:priority:<queue>   channel  published on when a message of priority > 0 enters <queue>
+jobyard:parked:<queue>     zset  ids of messages of <queue> waiting for a flow-control slot ->
+                                 when they ask again (ms); fetch moves due ones to their list
 dramatiq:<queue>           list  Dramatiq message ids waiting on <queue>
 dramatiq:<queue>.msgs      hash  Dramatiq message id -> encoded message
 dramatiq:<queue>.DQ[.msgs] the same for messages delayed on <queue>
@@ -102,3 +104,7 @@ def bands(queue: str) -> str:
 
 def priority_channel(queue: str) -> str:
     return f"{PREFIX}:priority:{queue}"
+
+
+def parked(queue: str) -> str:
+    return f"{PREFIX}:parked:{queue}"

@@ -18,18 +18,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from jobyard.job_engine.errors import FlowDeclarationError as FlowDeclarationError
 from jobyard.job_engine.errors import InvalidPayloadError, JobyardError
 from jobyard.job_engine.policy import RateLimit
+from jobyard.job_engine.policy import check_key_syntax as check_key_syntax
 
 PRIORITY_MIN = -100
 PRIORITY_MAX = 100
 DEFAULT_PRIORITY = 0
 #: A key value longer than this is refused at dispatch (it is a column of the permit store).
 MAX_KEY_LENGTH = 200
-
-
-class FlowDeclarationError(JobyardError, ValueError):
-    """A flow declaration that cannot be honoured (a limit below 1, a key the payload lacks)."""
 
 
 class InvalidPriorityError(JobyardError, ValueError):
@@ -51,17 +49,6 @@ class MissingKeyError(InvalidPayloadError):
         self.path = path
 
 
-def check_key_syntax(path: str | None, what: str) -> None:
-    """A key path is dot-separated, non-empty field names."""
-    if path is None:
-        return
-    if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
-        raise FlowDeclarationError(
-            f"{what}: key must be a payload field name, dotted for nested fields"
-            f" (e.g. 'tenant_id' or 'account.tenant_id'), got {path!r}"
-        )
-
-
 def _positive_number(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise FlowDeclarationError(f"{what} must be a number of seconds, got {value!r}")
@@ -76,18 +63,8 @@ def _count(value: object, what: str) -> int:
     return value
 
 
-@dataclass(frozen=True)
-class KeyedRateLimit(RateLimit):
-    """`RateLimit` with an optional payload key: at most `calls` starts per `period` seconds
-    for each value of the key (one bucket when None), counted across every worker of both
-    engines. Once `key` is a field of `policy.RateLimit` this class is that class."""
-
-    key: str | None = None
-
-    def __post_init__(self) -> None:
-        _count(self.calls, "RateLimit.calls")
-        _positive_number(self.period, "RateLimit.period")
-        check_key_syntax(self.key, "RateLimit")
+#: The keyed rate limit is `RateLimit` itself (its `key` field); the name stays for callers.
+KeyedRateLimit = RateLimit
 
 
 @dataclass(frozen=True)
@@ -126,8 +103,8 @@ class Debounce:
 
 
 def rate_limit_key(rate: RateLimit | None) -> str | None:
-    """The key of a rate limit, whichever class declared it (a plain `RateLimit` has none)."""
-    return getattr(rate, "key", None) if rate is not None else None
+    """The key of a rate limit (None for an unkeyed one or none)."""
+    return rate.key if rate is not None else None
 
 
 def validate_priority(value: object) -> int:

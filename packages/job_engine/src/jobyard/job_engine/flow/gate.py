@@ -19,56 +19,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from jobyard.job_engine.flow.declarations import Concurrency, Debounce, payload_key
 from jobyard.job_engine.flow.limiter import CONCURRENCY, DEBOUNCE, RATE, DebounceTicket
+from jobyard.job_engine.flow.limits import DeclaredLimit as DeclaredLimit
+from jobyard.job_engine.flow.limits import job_limits as job_limits
 from jobyard.job_engine.flow.store import Admission, HeldSlot, PermitRequest, PermitStore
-from jobyard.job_engine.flow.waiting import JOB, QUEUE, Hold, describe, scope
+from jobyard.job_engine.flow.waiting import JOB, Hold, describe, scope
 from jobyard.job_engine.policy import RateLimit
 
 log = logging.getLogger("jobyard.flow")
-
-
-@dataclass(frozen=True)
-class DeclaredLimit:
-    """One limit a job is under, and the permit-store scope it counts in."""
-
-    kind: str
-    scope: str
-    declaration: RateLimit | Concurrency | Debounce
-
-    @property
-    def key_path(self) -> str | None:
-        return getattr(self.declaration, "key", None)
-
-
-def job_limits(
-    job_name: str,
-    queue: str,
-    *,
-    rate_limit: RateLimit | None = None,
-    concurrency: Concurrency | None = None,
-    debounce: Debounce | None = None,
-    queue_rate_limit: RateLimit | None = None,
-    queue_concurrency: Concurrency | None = None,
-) -> tuple[DeclaredLimit, ...]:
-    """Every limit a job is under: its own, then its queue's (a queue's limit counts the
-    starts or runs of all its jobs together). Empty for an unlimited job, which then never
-    touches the permit store."""
-    limits: list[DeclaredLimit] = []
-    if debounce is not None:
-        limits.append(DeclaredLimit(DEBOUNCE, scope(DEBOUNCE, JOB, job_name), debounce))
-    for kind, owner_kind, owner, declared in (
-        (RATE, JOB, job_name, rate_limit),
-        (RATE, QUEUE, queue, queue_rate_limit),
-        (CONCURRENCY, JOB, job_name, concurrency),
-        (CONCURRENCY, QUEUE, queue, queue_concurrency),
-    ):
-        if declared is not None:
-            limits.append(DeclaredLimit(kind, scope(kind, owner_kind, owner), declared))
-    return tuple(limits)
 
 
 def _request(limit: DeclaredLimit, bucket: str, ttl: float, park: float) -> PermitRequest:
