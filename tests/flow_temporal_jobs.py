@@ -1,6 +1,6 @@
 """Jobs of the Temporal flow-control tests (tests/test_flow_temporal.py), loaded through
-JOBYARD_JOB_MODULES=tests.jobs,tests.flow_temporal_jobs: two queues of their own, and steps that
-record when they ran."""
+JOBYARD_JOB_MODULES=tests.jobs,tests.flow_temporal_jobs: queues of their own, jobs under keyed
+limits, and steps that record when they ran."""
 
 from __future__ import annotations
 
@@ -10,11 +10,17 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from jobyard.job_engine import JobContext, RetryPolicy, job, queue
+from jobyard.job_engine import Concurrency, JobContext, RateLimit, RetryPolicy, job, queue
 
 NARROW_CONCURRENCY = 2
 queue("tq-narrow", concurrency=NARROW_CONCURRENCY, time_limit=120)
 queue("tq-wide", concurrency=8, time_limit=120)
+#: Two steps at once per worker process, shared by every key of tq.slot.
+queue("tq-pair", concurrency=2, time_limit=120)
+
+RATE = RateLimit(2, 1.5, key="tenant")
+SLOT = Concurrency(2, key="tenant")
+ONE_SLOT = Concurrency(1, key="tenant")
 
 
 class SpanPayload(BaseModel):
@@ -40,4 +46,33 @@ async def narrow(ctx: JobContext, payload: SpanPayload) -> int:
 
 @job("tq.wide", queue="tq-wide", payload=SpanPayload, retry=RetryPolicy(attempts=1))
 async def wide(ctx: JobContext, payload: SpanPayload) -> int:
+    return await ctx.run("span", record_span, payload.marker_dir, payload.label, payload.seconds)
+
+
+class TenantPayload(BaseModel):
+    marker_dir: str
+    label: str
+    tenant: str
+    seconds: float = 0.0
+
+
+@job("tq.rated", queue="tq-wide", payload=TenantPayload, rate_limit=RATE,
+     retry=RetryPolicy(attempts=1))  # fmt: skip
+async def rated(ctx: JobContext, payload: TenantPayload) -> int:
+    return await ctx.run("span", record_span, payload.marker_dir, payload.label, payload.seconds)
+
+
+@job("tq.keyed", queue="tq-wide", payload=TenantPayload, concurrency=SLOT,
+     retry=RetryPolicy(attempts=1))  # fmt: skip
+async def keyed(ctx: JobContext, payload: TenantPayload) -> int:
+    """Two steps with a durable sleep between: the run holds its slot across all of it."""
+    await ctx.run("first", record_span, payload.marker_dir, payload.label, payload.seconds / 2)
+    await ctx.sleep(0.2)
+    return await ctx.run("second", record_span, payload.marker_dir, payload.label,
+                         payload.seconds / 2)  # fmt: skip
+
+
+@job("tq.slot", queue="tq-pair", payload=TenantPayload, concurrency=ONE_SLOT,
+     retry=RetryPolicy(attempts=1))  # fmt: skip
+async def slot(ctx: JobContext, payload: TenantPayload) -> int:
     return await ctx.run("span", record_span, payload.marker_dir, payload.label, payload.seconds)

@@ -1,18 +1,26 @@
 """Flow control on Temporal (docs/flow-control.md), with a real `jobyard temporal-worker` on the
 session's dev server and USE_DRAMATIQ=false: each jobyard queue's steps on a task queue of their
 own, at most the queue's concurrency at once per worker process, one queue never waiting for
-another's slots; `jobyard temporal-worker --queues` runs only those queues' steps."""
+another's slots; `jobyard temporal-worker --queues` runs only those queues' steps. Keyed limits
+held by the permit store (in the session's job log database), checked from the runs' own
+records: no window over a rate limit per key (on the grants' database stamps), never more runs
+of a key at once than its concurrency limit, and a held job holding no activity slot."""
 
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from jobyard.cli.main import main as cli_main
+from jobyard.dispatcher import JobHandle, JobStatus, get_job
+from jobyard.job_engine.db import get_engine
+from jobyard.job_engine.db.models import JobLog
 from tests.engines import Engines
-from tests.flow_temporal_jobs import NARROW_CONCURRENCY
+from tests.flow_temporal_jobs import NARROW_CONCURRENCY, ONE_SLOT, RATE, SLOT
 from tests.support import Proc, wait_for
 
 JOB_MODULES = "tests.jobs,tests.flow_temporal_jobs"
@@ -112,3 +120,122 @@ def test_a_temporal_worker_told_an_unknown_queue_says_so(
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "unknown queue 'nope'" in err and "tq-wide" in err, err
+
+
+def dispatch_tenant(engines: Engines, name: str, directory: Path, label: str, tenant: str,
+                    seconds: float = 0.0) -> JobHandle:  # fmt: skip
+    payload = {"marker_dir": str(directory), "label": label, "tenant": tenant, "seconds": seconds}
+    return engines.dispatch("temporal", name, payload)
+
+
+def succeeded(engines: Engines, handles: list[JobHandle], timeout: float = 120) -> None:
+    for handle in handles:
+        status = engines.wait(handle.job_id, timeout=timeout)
+        assert status.state == "succeeded", (status, engines.logs())
+
+
+def run_spans(directory: Path) -> dict[str, tuple[float, float]]:
+    """Per run (label), from its first step's start to its last step's end."""
+    found: dict[str, tuple[float, float]] = {}
+    for label, start, end, _ in spans(directory):
+        first, last = found.get(label, (start, end))
+        found[label] = (min(first, start), max(last, end))
+    return found
+
+
+def started_at(database_url: str, job_ids: list[str]) -> dict[str, float]:
+    """The job log's started_at of each job: for a limited job, its grant's database time."""
+
+    def read() -> dict[str, float] | None:
+        table = JobLog.__table__
+        with get_engine(database_url).connect() as connection:
+            rows = connection.execute(
+                select(table.c.job_id, table.c.started_at).where(table.c.job_id.in_(job_ids))
+            ).all()
+        found = {job_id: at.timestamp() for job_id, at in rows if at is not None}
+        return found if len(found) == len(job_ids) else None
+
+    return wait_for(read, timeout=30)
+
+
+def most_in_a_window(starts: list[float], period: float) -> int:
+    """The most starts in any window (t - period, t]."""
+    starts = sorted(starts)
+    return max(sum(1 for s in starts if t - period < s <= t) for t in starts)
+
+
+def held(job_id: str, display_state: str) -> JobStatus:
+    def shows() -> JobStatus | None:
+        status = get_job(job_id)
+        return status if status.display_state == display_state else None
+
+    return wait_for(shows, timeout=60, interval=0.2)
+
+
+def test_a_rate_limit_per_key_holds_in_every_window_on_temporal(
+    flow_env: dict[str, str], engines: Engines, tmp_path: Path
+) -> None:
+    """6 runs of tenant a under RateLimit(2, 1.5 s, key=tenant) start 2 per window, as soon
+    as each window allows; tenant b's 2 runs do not wait behind a's backlog."""
+    engines.ensure_temporal_worker()
+    a = [dispatch_tenant(engines, "tq.rated", tmp_path, f"a{i}", "a") for i in range(6)]
+    b = [dispatch_tenant(engines, "tq.rated", tmp_path, f"b{i}", "b") for i in range(2)]
+    late = held(a[-1].job_id, "throttled")
+    assert late.state == "queued" and late.run_at is not None, late
+    assert late.waiting_reason == "rate limit rate:job:tq.rated (2 starts per 1.5s) for tenant=a"
+    succeeded(engines, [*a, *b])
+    stamps = started_at(flow_env["DATABASE_URL"], [h.job_id for h in [*a, *b]])
+    a_starts = sorted(stamps[h.job_id] for h in a)
+    b_starts = sorted(stamps[h.job_id] for h in b)
+    print(f"\ntenant a starts (s after the first): {[round(t - a_starts[0], 3) for t in a_starts]}")
+    assert most_in_a_window(a_starts, RATE.period) == RATE.calls
+    assert most_in_a_window(b_starts, RATE.period) == RATE.calls
+    # 6 starts, 2 per window: the last at least two periods after the first, not much later
+    assert 2 * RATE.period <= a_starts[-1] - a_starts[0] < 2 * RATE.period + 6, a_starts
+    assert b_starts[-1] < a_starts[2], (a_starts, b_starts)
+
+
+def test_a_concurrency_limit_per_key_holds_across_steps_and_sleeps_on_temporal(
+    flow_env: dict[str, str], engines: Engines, tmp_path: Path
+) -> None:
+    """Runs of 2 steps and a durable sleep, longer than a lease's ttl (3 s here): 5 of tenant
+    a run 2 at a time (their leases renewed and extended over the sleep), tenant b's 2 beside
+    them."""
+    engines.ensure_temporal_worker()
+    a = [dispatch_tenant(engines, "tq.keyed", tmp_path, f"a{i}", "a", 3.0) for i in range(5)]
+    b = [dispatch_tenant(engines, "tq.keyed", tmp_path, f"b{i}", "b", 3.0) for i in range(2)]
+    waiting = held(a[-1].job_id, "waiting for slot")
+    assert waiting.waiting_reason == (
+        "concurrency limit concurrency:job:tq.keyed (2 at once) for tenant=a"
+    )
+    succeeded(engines, [*a, *b], timeout=180)
+    runs = run_spans(tmp_path)
+    by_key: dict[str, list[tuple[str, float, float, int]]] = defaultdict(list)
+    for label, (start, end) in runs.items():
+        by_key[label[0]].append((label, start, end, 0))
+    assert len(by_key["a"]) == 5 and len(by_key["b"]) == 2
+    assert most_at_once(by_key["a"]) == SLOT.limit, by_key["a"]
+    assert most_at_once(by_key["b"]) == SLOT.limit, by_key["b"]
+    assert most_at_once([*by_key["a"], *by_key["b"]]) > SLOT.limit  # keys ran side by side
+
+
+def test_a_job_held_for_a_slot_holds_no_activity_slot(
+    flow_env: dict[str, str], engines: Engines, tmp_path: Path
+) -> None:
+    """tq-pair runs 2 steps at once; tq.slot allows 1 run per tenant. With a1 running and a2
+    held, b1's step takes the queue's other activity slot at once: a2 waits in a timer, not in
+    an activity."""
+    engines.ensure_temporal_worker()
+    a1 = dispatch_tenant(engines, "tq.slot", tmp_path, "a1", "a", 4.0)
+    a2 = dispatch_tenant(engines, "tq.slot", tmp_path, "a2", "a", 0.2)
+    waiting = held(a2.job_id, "waiting for slot")
+    assert waiting.state == "queued"
+    assert waiting.waiting_reason == (
+        f"concurrency limit concurrency:job:tq.slot ({ONE_SLOT.limit} at once) for tenant=a"
+    )
+    b1 = dispatch_tenant(engines, "tq.slot", tmp_path, "b1", "b", 0.2)
+    succeeded(engines, [a1, a2, b1])
+    runs = run_spans(tmp_path)
+    assert runs["b1"][1] < runs["a1"][1], runs  # b1 ended while a1 still ran
+    assert runs["a2"][0] >= runs["a1"][1], runs  # a2 only after a1 released its slot
+    assert get_job(a2.job_id).display_state is None

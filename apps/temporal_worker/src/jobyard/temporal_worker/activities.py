@@ -23,6 +23,7 @@ from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.temporal_worker.claims import ClaimStore, ClaimUnavailable
 from jobyard.temporal_worker.faultlog import FaultLog
 from jobyard.temporal_worker.journal import StepRecords
+from jobyard.temporal_worker.permits import permit
 
 STEP_ACTIVITY = contract.STEP_ACTIVITY
 #: How long a step's activity may go without a heartbeat before Temporal retries it elsewhere
@@ -49,9 +50,9 @@ class JobActivities:
         self.journal = journal
 
     def all(self) -> list[Any]:
-        """The main task queue's: the claim, the events (local), and steps scheduled there
-        before each queue's steps had a task queue of their own."""
-        return [self.run_step, self.claim_from_redis, record_event]
+        """The main task queue's: the claim, the events and the permits (local), and steps
+        scheduled there before each queue's steps had a task queue of their own."""
+        return [self.run_step, self.claim_from_redis, record_event, permit]
 
     def steps(self) -> list[Any]:
         """A queue's step task queue's."""

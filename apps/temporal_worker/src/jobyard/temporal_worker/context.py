@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -66,6 +66,9 @@ class TemporalContext(StepRetryContext):
         self._progress_reports = 0
         self.progress_value: Any = None
         self.sleeping_until: float | None = None  # the status query shows it
+        #: Awaited with a durable sleep's seconds before it starts (a limited job's leases are
+        #: extended to its end: limits.py).
+        self.before_sleep: Callable[[float], Awaitable[None]] | None = None
         self._spec = spec
         self._retry = temporal_retry(spec, retry_overrides)
         self._timeout = timedelta(seconds=spec.effective_timeout())
@@ -95,6 +98,8 @@ class TemporalContext(StepRetryContext):
             seconds = float(self._recorded[name]) - workflow.now().timestamp()
             if seconds <= 0:
                 return
+        if self.before_sleep is not None:
+            await self.before_sleep(seconds)
         wake_at = workflow.now().timestamp() + seconds
         self.sleeping_until = wake_at
         if seconds >= SLEEP_EVENT_MIN_SECONDS and workflow.patched(SLEEP_EVENT_PATCH):

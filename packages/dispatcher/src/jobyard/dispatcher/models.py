@@ -66,6 +66,10 @@ class JobStatus:
     error: str | None = None
     progress: Any = None
     run_at: float | None = None  # unix seconds: when a sleeping, delayed or retrying job runs
+    #: A job held by a flow-control limit (state `queued`): `throttled`, `waiting for slot`,
+    #: `debouncing`; `waiting_reason` names the limit and key (docs/flow-control.md).
+    display_state: str | None = None
+    waiting_reason: str | None = None
 
     def __post_init__(self) -> None:
         # Held as the enum whatever an engine read back (Redis and Temporal store the string):
