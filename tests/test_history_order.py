@@ -151,7 +151,7 @@ def _run_on_a_worker(store: JobStore) -> tuple[str, float]:
         message.data, 60_000,
     )  # fmt: skip
     assert reply.status == "enqueued"
-    assert store.start(job_id, "system.echo", 0, resume=False, rate=None).status == "ok"
+    assert store.start(job_id, "system.echo", 0, resume=False).status == "ok"
     store.record_progress(job_id, 0, "0.5")
     store.finish(job_id, 0, "succeeded", result={"ok": 1})
     return job_id, began

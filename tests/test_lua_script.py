@@ -294,20 +294,19 @@ def test_enqueue_many_of_new_jobs_with_no_live_worker_writes_tombstones(
     assert r.exists(QUEUE_KEY, MSGS_KEY) == 0
 
 
-# start: KEYS job, steps, rate key prefix [, events]
-#        ARGV seq, is_resume, rate calls, rate period ms
+# start: KEYS job, steps [, events]
+#        ARGV seq, is_resume
 
 
 def start(
     lua: Lua,
     seq: int = 0,
     resume: str = "0",
-    rate: tuple[int, int] = (0, 0),
     changes: bool = False,
     job_id: str = JOB,
 ) -> Any:
-    keys_ = [keys.job(job_id), keys.steps(job_id), keys.rate_prefix(NAME)]
-    return lua("start", keys_ + ([EVENTS_KEY] if changes else []), seq, resume, *rate)
+    keys_ = [keys.job(job_id), keys.steps(job_id)]
+    return lua("start", keys_ + ([EVENTS_KEY] if changes else []), seq, resume)
 
 
 def test_start_runs_the_job_and_returns_its_recorded_steps(r: redis.Redis, lua: Lua) -> None:
@@ -385,31 +384,15 @@ def test_start_of_a_job_asked_to_cancel_cancels_it(r: redis.Redis, lua: Lua) -> 
     assert_logged(r, before, after, state="cancelled", name=NAME, queue=QUEUE, attempts=0)
 
 
-def test_start_throttles_past_the_rate_limit(r: redis.Redis, lua: Lua) -> None:
-    period = 24 * 3600 * 1000  # a day: both calls fall in one window
-    for job_id in ("a", "b", "c"):
-        seed(r, keys.job(job_id))
-    window = now_ms(r) // period
-    assert start(lua, rate=(1, period), job_id="a")[0] == "ok"
-    rate_key = f"{keys.rate_prefix(NAME)}{window}"
-    assert r.get(rate_key) == "1"
-    assert period < r.pttl(rate_key) <= 2 * period
-    before = now_ms(r)
-    status, retry_in = start(lua, rate=(1, period), job_id="b")
-    after = now_ms(r)
-    assert status == "throttled"
-    assert (window + 1) * period - after <= retry_in <= (window + 1) * period - before
-    assert job(r, keys.job("b"))["state"] == "queued"  # not started
-    assert r.get(rate_key) == "2"
-    # A resume continues a run that already passed the limit: it is never throttled.
-    assert start(lua, resume="1", rate=(1, period), job_id="c")[0] == "ok"
-    assert r.get(rate_key) == "2"
-
-
-def test_start_without_a_rate_limit_writes_no_rate_key(r: redis.Redis, lua: Lua) -> None:
+def test_start_clears_a_flow_control_hold(r: redis.Redis, lua: Lua) -> None:
+    """Rate limits are the permit store's now (jobyard.job_engine.flow): start only clears
+    what a held job showed."""
     seed(r)
+    r.hset(JOB_KEY, mapping={"hold_state": "throttled", "hold_reason": "rate limit x"})
     assert start(lua)[0] == "ok"
-    assert r.keys(f"{keys.rate_prefix(NAME)}*") == []
+    record = job(r)
+    assert "hold_state" not in record and "hold_reason" not in record
+    assert r.keys("jobyard:rate:*") == []
 
 
 # step: KEYS job, steps   ARGV seq, step name, JSON result, ttl s
@@ -1075,24 +1058,24 @@ def test_every_command_has_a_test() -> None:
 
 def test_start_of_a_suspect_records_its_run_alone(r: redis.Redis, lua: Lua) -> None:
     seed(r, state="running", attempts=1, started_seq=0, started_at=1000)
-    keys_ = [JOB_KEY, STEPS_KEY, keys.rate_prefix(NAME)]
-    assert lua("start", keys_, 0, "0", 0, 0, 3) == ["ok", 2, "1000"]
+    keys_ = [JOB_KEY, STEPS_KEY]
+    assert lua("start", keys_, 0, "0", 3) == ["ok", 2, "1000"]
     record = job(r)
     assert (record["lone"], record["lone_attempts"], record["attempts"]) == ("0", "3", "2")
     # Died alone with attempts left: it runs again, alone.
-    assert lua("start", keys_, 0, "0", 0, 0, 3) == ["ok", 3, "1000"]
+    assert lua("start", keys_, 0, "0", 3) == ["ok", 3, "1000"]
 
 
 def test_start_of_a_suspect_whose_run_alone_used_the_last_attempt_is_exhausted(
     r: redis.Redis, lua: Lua
 ) -> None:
     seed(r, state="running", attempts=3, started_seq=0, started_at=1000, lone=0, died="how")
-    keys_ = [JOB_KEY, STEPS_KEY, keys.rate_prefix(NAME)]
-    assert lua("start", keys_, 0, "0", 0, 0, 3) == ["exhausted", 3, "how"]
+    keys_ = [JOB_KEY, STEPS_KEY]
+    assert lua("start", keys_, 0, "0", 3) == ["exhausted", 3, "how"]
     assert job(r)["attempts"] == "3"  # nothing written: the caller finishes it dead
     # A death shared with other runs (no "lone" of this seq) gets its run alone first.
     seed(r, state="running", attempts=3, started_seq=0, lone=-1)
-    assert lua("start", keys_, 0, "0", 0, 0, 3)[:2] == ["ok", 4]
+    assert lua("start", keys_, 0, "0", 3)[:2] == ["ok", 4]
     # Not a suspect: started as before, whatever its attempts.
     seed(r, state="running", attempts=5, started_seq=0, lone=0)
     assert start(lua)[:2] == ["ok", 6]
@@ -1467,3 +1450,92 @@ def test_rescue_with_band_keys_moves_banded_jobs_highest_first(r: redis.Redis, l
     assert moved == 2
     handed = [json.loads(d)["args"][0] for d in r.lrange(keys.handoff(), 0, -1)]
     assert handed == ["hi", "z"]
+
+
+# Flow control's parked set (docs/flow-control.md): a job a limit holds waits in
+# jobyard:parked:<queue> (score: when it asks again), its record showing why.
+PARKED_KEY = keys.parked(QUEUE)
+
+
+def enqueue_parked(lua: Lua, job_id: str, until_ms: int, priority: int = 0) -> Any:
+    """`enqueue` as store.enqueue calls it for a job a limit held at dispatch."""
+    message = encode_job_message(NAME, QUEUE, job_id, {"job": job_id})
+    return lua(
+        "enqueue",
+        [keys.job(job_id), WORKERS_KEY, QUEUE_KEY, MSGS_KEY, BANDS_KEY, PARKED_KEY],
+        job_id, message.redis_message_id, message.data.decode(), NAME, QUEUE, TIMEOUT_MS, TTL,
+        "", 0, priority, BAND_PREFIX, CHANNEL, until_ms, "waiting for slot", "limit x",
+    )  # fmt: skip
+
+
+def fetch_with_parked(lua: Lua, wanted: int) -> list[str]:
+    data = lua(
+        "fetch",
+        [
+            keys.dramatiq_heartbeats(), ACKS_KEY, QUEUE_KEY, MSGS_KEY, BANDS_KEY, PARKED_KEY,
+            CHANNEL,
+        ],
+        BROKER, 12345, wanted, BAND_PREFIX, keys.job_prefix(),
+    )  # fmt: skip
+    return [json.loads(d)["args"][0] for d in data]
+
+
+def test_enqueue_held_by_a_limit_parks_the_message_and_shows_why(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    later = now_ms(r) + 60_000
+    assert enqueue_parked(lua, "held", later) == ["enqueued"]
+    assert r.llen(QUEUE_KEY) == 0 and r.zcard(PARKED_KEY) == 1
+    record = job(r, keys.job("held"))
+    assert (record["hold_state"], record["hold_reason"]) == ("waiting for slot", "limit x")
+    assert record["run_at"] == str(later) and record["state"] == "queued"
+    assert fetch_with_parked(lua, 5) == []  # not due: it stays parked
+
+
+def test_fetch_moves_due_parked_messages_to_their_lists_first(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    enqueue_plain(lua, "ready")
+    enqueue_parked(lua, "due", now_ms(r) - 1)
+    enqueue_parked(lua, "due-high", now_ms(r) - 1, priority=5)
+    enqueue_parked(lua, "later", now_ms(r) + 60_000)
+    assert fetch_with_parked(lua, 10) == ["due-high", "ready", "due"]
+    assert r.zcard(PARKED_KEY) == 1
+
+
+def test_wake_moves_a_parked_job_to_its_list_now(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    enqueue_parked(lua, "slept", now_ms(r) + 60_000)
+    keys_ = [PARKED_KEY, QUEUE_KEY, MSGS_KEY, BANDS_KEY, CHANNEL]
+    assert lua("wake", keys_, keys.job_prefix(), BAND_PREFIX, "slept", "unknown") == 1
+    assert r.zcard(PARKED_KEY) == 0 and r.llen(QUEUE_KEY) == 1
+    assert lua("wake", keys_, keys.job_prefix(), BAND_PREFIX, "slept") == 0  # not parked now
+    assert fetch_with_parked(lua, 5) == ["slept"]
+
+
+def test_reschedule_with_a_hold_parks_the_next_message(r: redis.Redis, lua: Lua) -> None:
+    seed(r, rmid="m1")
+    r.sadd(ACKS_KEY, "m1")
+    r.hset(MSGS_KEY, "m1", "{}")
+    at = now_ms(r) + 5000
+    reply = lua(
+        "reschedule", [JOB_KEY, PARKED_KEY, MSGS_KEY, ACKS_KEY, MSGS_KEY],
+        0, 1, "queued", "m2", "data", "", "", "m1", at, "throttled", "rate limit y",
+    )  # fmt: skip
+    assert reply == "ok"
+    assert r.zscore(PARKED_KEY, "m2") == at and r.hget(MSGS_KEY, "m2") == "data"
+    assert r.llen(DELAY_KEY) == 0 and not r.sismember(ACKS_KEY, "m1")
+    record = job(r)
+    assert (record["hold_state"], record["hold_reason"], record["seq"]) == (
+        "throttled", "rate limit y", "1"
+    )  # fmt: skip
+
+
+def test_rescue_with_the_parked_key_moves_parked_jobs_too(r: redis.Redis, lua: Lua) -> None:
+    live_worker(r)
+    enqueue_parked(lua, "held", now_ms(r) + 60_000)
+    r.delete(WORKERS_KEY)
+    moved = lua(
+        "rescue", [WORKERS_KEY, *QUEUE_KEYS, keys.handoff(), BANDS_KEY, PARKED_KEY],
+        TIMEOUT_MS, 100, keys.job_prefix(), BAND_PREFIX,
+    )  # fmt: skip
+    assert moved == 1 and r.zcard(PARKED_KEY) == 0
+    assert r.hget(keys.job("held"), "engine") == "temporal"

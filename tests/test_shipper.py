@@ -112,7 +112,7 @@ def test_the_garbage_collector_is_paused_only_while_a_batch_is_written(
 
 def test_a_change_made_while_shipping_stays_in_the_outbox(store, job_log_database):
     job_id = _enqueue(store)
-    store.start(job_id, "system.echo", 0, resume=False, rate=None)
+    store.start(job_id, "system.echo", 0, resume=False)
     read = store.job_log_entries(100)
     store.finish(
         job_id, 0, "dead", error="RuntimeError: boom", error_class="RuntimeError",
@@ -136,16 +136,16 @@ def test_every_change_is_one_event_in_order(store, database):
     queued = JobLogWriter(database, interval=60)
     queued.record(job_id, name="system.echo", queue="default", engine="dramatiq", state="queued")
     queued.flush()
-    store.start(job_id, "system.echo", 0, resume=False, rate=None)
+    store.start(job_id, "system.echo", 0, resume=False)
     for n in range(1, 11):
         store.record_progress(job_id, 0, str(n / 10))
     store.reschedule(job_id, 0, 1, "retrying", "default.DQ", "m2", b"{}", run_at_ms=1)
-    store.start(job_id, "system.echo", 1, resume=False, rate=None)
+    store.start(job_id, "system.echo", 1, resume=False)
     for n in range(1, 11):
         store.record_progress(job_id, 1, str(n / 10))
     store.record_progress(job_id, 1, "1.0")  # the same value again is a report of its own
     store.reschedule(job_id, 1, 2, "running", "default.DQ", "m3", b"{}", run_at_ms=2)  # sleeps
-    store.start(job_id, "system.echo", 2, resume=True, rate=None)
+    store.start(job_id, "system.echo", 2, resume=True)
     store.finish(job_id, 2, "succeeded", result={"ok": True})
 
     JobLogShipper(store, 0.1, database_url=database).ship_all()
@@ -180,7 +180,7 @@ def test_a_batch_shipped_again_after_a_crash_adds_no_event(store, database):
     """The shipper dies after its commit, before trimming the outbox: the next one reads the
     same entries again (in a batch cut elsewhere) and adds only the new ones."""
     job_id = _enqueue(store)
-    store.start(job_id, "system.echo", 0, resume=False, rate=None)
+    store.start(job_id, "system.echo", 0, resume=False)
     for n in range(1, 5):
         store.record_progress(job_id, 0, str(n))
     crashed = JobLogShipper(store, 0.1, database_url=database, batch=3)
@@ -281,7 +281,7 @@ def test_a_job_handed_to_temporal_keeps_what_dramatiq_did_before(store, job_log_
     job_id = _enqueue(store)
     store.reschedule(job_id, 0, 1, "queued", "default.DQ", "rmid-2", b"{}")  # e.g. throttled
     assert store.handoff(job_id, "system.echo", "default").status == "claimed"
-    assert store.start(job_id, "system.echo", 1, resume=False, rate=None).status == "lost"
+    assert store.start(job_id, "system.echo", 1, resume=False).status == "lost"
     JobLogShipper(store, 0.1, database_url=job_log_database).ship_all()
     assert _marked(store) == []
     # Temporal's side writes the rest of the job's life.

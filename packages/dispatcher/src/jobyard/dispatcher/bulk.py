@@ -14,10 +14,11 @@ from typing import Any
 
 from jobyard.dispatcher.caller_ids import CallerIds
 from jobyard.dispatcher.engines import NewJob, Submission
+from jobyard.dispatcher.flow import FlowDispatch
 from jobyard.dispatcher.models import DispatchRequest, JobHandle
 from jobyard.dispatcher.routing import Router, record_dispatch
 from jobyard.dispatcher.submission import make_submission
-from jobyard.job_engine import JobyardError, get_spec
+from jobyard.job_engine import JobyardError, get_spec, registry
 from jobyard.job_engine.collector import collector_paused
 from jobyard.job_engine.ids import new_job_ids
 from jobyard.job_engine.lifecycle import dispatched_batch_event
@@ -27,9 +28,10 @@ PLAIN_CHUNK = 500
 
 
 class BulkDispatch:
-    def __init__(self, router: Router, caller_ids: CallerIds) -> None:
+    def __init__(self, router: Router, caller_ids: CallerIds, flow: FlowDispatch) -> None:
         self.router = router
         self.caller_ids = caller_ids
+        self.flow = flow
 
     def dispatch_many(
         self, requests: Iterable[DispatchRequest | tuple[str, Any]]
@@ -41,8 +43,10 @@ class BulkDispatch:
         results: list[JobHandle | Exception | None] = [None] * len(listed)
         plain: list[int] = []
         others: list[int] = []
+        limited = registry.limited_names
         for index, request in enumerate(listed):
-            (plain if _is_plain(request) else others).append(index)
+            plain_one = _is_plain(request) and _name(request) not in limited
+            (plain if plain_one else others).append(index)
         with collector_paused():
             if plain:
                 self._dispatch_plain(listed, plain, results, started)
@@ -109,6 +113,8 @@ class BulkDispatch:
                 get_spec(job.name).check_environment()
             except JobyardError as exc:
                 results[index] = exc
+        generated = self._flow(generated, results)
+        chosen = self._flow(chosen, results)
         ready = [(index, job, False) for index, job in generated if results[index] is None]
         ready += self.caller_ids.claim_many(chosen, results)
         outcomes = self.router.route_many([(job, registered) for _, job, registered in ready])
@@ -118,6 +124,32 @@ class BulkDispatch:
             result = results[index]
             if isinstance(result, JobHandle):
                 record_dispatch(job, result, started)
+
+    def _flow(
+        self, jobs: list[tuple[int, Submission]], results: list[JobHandle | Exception | None]
+    ) -> list[tuple[int, Submission]]:
+        """Limited jobs through flow control (`FlowDispatch.prepare`): a collapsed one's result
+        is its handle, and it is dispatched no further."""
+        kept: list[tuple[int, Submission]] = []
+        for index, job in jobs:
+            spec = get_spec(job.name)
+            if results[index] is not None or not spec.limited:
+                kept.append((index, job))
+                continue
+            try:
+                prepared = self.flow.prepare(job, spec)
+            except (JobyardError, ValueError) as exc:
+                results[index] = exc
+                continue
+            if isinstance(prepared, JobHandle):
+                results[index] = prepared
+            else:
+                kept.append((index, prepared))
+        return kept
+
+
+def _name(request: DispatchRequest | tuple[str, Any]) -> Any:
+    return request[0] if type(request) is tuple else getattr(request, "name", None)
 
 
 def _is_plain(request: DispatchRequest | tuple[str, Any]) -> bool:

@@ -16,10 +16,12 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from jobyard.dispatcher import flow
 from jobyard.dispatcher.breaker import CircuitBreaker
 from jobyard.dispatcher.bulk import BulkDispatch
 from jobyard.dispatcher.caller_ids import CallerIds
 from jobyard.dispatcher.engines import Engine
+from jobyard.dispatcher.errors import JobNotFoundError
 from jobyard.dispatcher.models import DispatchRequest, JobHandle, JobStatus
 from jobyard.dispatcher.owners import OwnerRegistry
 from jobyard.dispatcher.routing import Router, record_dispatch
@@ -62,7 +64,8 @@ class Dispatcher:
         self.owners = owners or OwnerRegistry()
         self.router = Router(dramatiq, temporal, breaker, self.owners)
         self.caller_ids = CallerIds(self.router, self.owners)
-        self.bulk = BulkDispatch(self.router, self.caller_ids)
+        self.flow = flow.FlowDispatch(self.router)
+        self.bulk = BulkDispatch(self.router, self.caller_ids, self.flow)
 
     @classmethod
     def from_env(cls) -> Dispatcher:
@@ -108,7 +111,13 @@ class Dispatcher:
         job = make_submission(name, payload, job_id, delay, webhook_url, retry, priority)
         # An id taken by another job is a conflict whatever this process's settings are.
         owner = self.caller_ids.registered_owner(job) if job_id is not None else None
-        get_spec(job.name).check_environment()
+        spec = get_spec(job.name)
+        spec.check_environment()
+        if spec.limited:  # debounce, admission (see flow.py); unlimited jobs skip it all
+            prepared = self.flow.prepare(job, spec)
+            if isinstance(prepared, JobHandle):
+                return prepared
+            job = prepared
         started = time.time()
         handle = self.router.route(job) if job_id is None else self.caller_ids.route(job, owner)
         record_dispatch(job, handle, started)
@@ -124,7 +133,13 @@ class Dispatcher:
         return self.bulk.dispatch_many(requests)
 
     def status(self, job_id: str) -> JobStatus:
-        return self.router.status(job_id)
+        try:
+            return self.router.status(job_id)
+        except JobNotFoundError:
+            run_id = flow.served_by(job_id)  # a debounced dispatch collapsed into a run?
+            if run_id is None:
+                raise
+            return flow.follow_collapsed(job_id, self.router.status(run_id), run_id)
 
 
 _default: Dispatcher | None = None

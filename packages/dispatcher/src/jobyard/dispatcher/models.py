@@ -50,6 +50,9 @@ class JobHandle:
     engine: EngineName
     fallback_reason: str | None = None
     duplicate: bool = False  # this job id was dispatched before; nothing new was started
+    #: A debounced dispatch collapsed into another's run: that run's job id (its status is
+    #: this job's too); None for a job that runs itself.
+    served_by: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,10 +69,14 @@ class JobStatus:
     error: str | None = None
     progress: Any = None
     run_at: float | None = None  # unix seconds: when a sleeping, delayed or retrying job runs
-    #: A job held by a flow-control limit (state `queued`): `throttled`, `waiting for slot`,
-    #: `debouncing`; `waiting_reason` names the limit and key (docs/flow-control.md).
+    #: What a queued job held by a flow-control limit shows (`throttled`, `waiting for slot`,
+    #: `debouncing`, `collapsed`; see jobyard.job_engine.flow.waiting), else None.
     display_state: str | None = None
+    #: Which limit holds it, and for which key (e.g. `concurrency limit
+    #: concurrency:job:docs.index (2 at once) for tenant_id=acme`).
     waiting_reason: str | None = None
+    #: A collapsed (debounced) dispatch: the job whose run serves it.
+    served_by: str | None = None
 
     def __post_init__(self) -> None:
         # Held as the enum whatever an engine read back (Redis and Temporal store the string):

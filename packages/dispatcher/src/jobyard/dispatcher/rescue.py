@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from jobyard.dispatcher.engines import Engine, Orphan, RescueSource, Submission, SubmitStatus
 from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
 from jobyard.dispatcher.errors import EngineUnavailable
+from jobyard.dispatcher.flow import WaiterSweep
 from jobyard.dispatcher.models import FALLBACK_RESCUED, EngineName
 from jobyard.dispatcher.owners import OwnerRegistry
 from jobyard.job_engine import env
@@ -72,6 +73,7 @@ class Rescue:
         self.owners = OwnerRegistry()
         self._retry_soon = False
         self._pass_began = time.monotonic()
+        self._waiters: WaiterSweep | None = None
 
     @classmethod
     def from_env(cls, target: Engine) -> Rescue:
@@ -100,7 +102,21 @@ class Rescue:
         # Some starts failed while others went through (a slow, busy Temporal): the next pass
         # comes soon, not an interval later. None went through: Temporal is down, no hurry.
         self._retry_soon = 0 < len(failed) < len(orphans)
-        return len(orphans) - len(failed) + self.recover_lost()
+        moved = len(orphans) - len(failed) + self.recover_lost()
+        self.sweep_waiters()
+        return moved
+
+    def sweep_waiters(self) -> None:
+        """Flow control's upkeep (flow.WaiterSweep): best effort, its database may be away."""
+        wake = getattr(self.source, "wake_parked", None)
+        if wake is None:
+            return
+        if self._waiters is None:
+            self._waiters = WaiterSweep(wake)
+        try:
+            self._waiters.run_once()
+        except Exception as exc:  # the database or Redis away: the next pass sweeps again
+            log.warning("flow-control sweep skipped: %s", exc)
 
     @staticmethod
     def _with_kept_steps(orphans: list[Orphan]) -> list[Orphan]:

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 from jobyard.dispatcher.engines import Submission
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions
 from jobyard.job_engine import RetryPolicy, UnsafeURLError, get_spec, netguard
-from jobyard.job_engine.flow.declarations import validate_priority
+from jobyard.job_engine.flow.declarations import payload_key, validate_priority
 from jobyard.job_engine.ids import new_job_id
 
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}")
@@ -71,6 +71,9 @@ def make_submission(
     spec = get_spec(name)
     encoded = spec.encode_with_text(payload)
     chosen = spec.priority if priority is None else validate_priority(priority)
+    if spec.limited:  # a payload without a limit's key is refused here (422), never unlimited
+        for limit in spec.limits:
+            payload_key(spec.name, encoded.data, limit.key_path)
     if delay is None and webhook_url is None and retry is None and not chosen:
         options = NO_OPTIONS
     else:

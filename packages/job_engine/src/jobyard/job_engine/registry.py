@@ -215,12 +215,17 @@ def max_payload_bytes() -> int:
 class JobRegistry:
     def __init__(self) -> None:
         self._jobs: dict[str, JobSpec] = {}
+        #: The names of the jobs under a flow-control limit (`JobSpec.limited`): what a bulk
+        #: dispatch checks per job, cheaper than looking each spec up.
+        self.limited_names: set[str] = set()
 
     def add(self, spec: JobSpec) -> JobSpec:
         existing = self._jobs.get(spec.name)
         if existing is not None and existing.handler is not spec.handler:
             raise ValueError(f"job {spec.name!r} is declared twice")
         self._jobs[spec.name] = spec
+        if spec.limited:
+            self.limited_names.add(spec.name)
         return spec
 
     def get(self, name: str) -> JobSpec:

@@ -48,14 +48,6 @@ class DiedTooOften(BaseException):
         self.start = start
 
 
-class Throttled(BaseException):
-    """The job's rate limit is used up; try again in `seconds`."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(seconds)
-        self.seconds = seconds
-
-
 class DramatiqContext(BaseJobContext):
     """Starts the run in Redis lazily, at the first step, sleep or progress: until then the
     handler has done nothing observable, and a job that never touches ctx finishes in a single
@@ -68,7 +60,6 @@ class DramatiqContext(BaseJobContext):
         job_id: str,
         seq: int,
         resume: bool,
-        rate: tuple[int, int] | None,
         on_start: Callable[[StartResult], None] | None = None,
         on_progress: Callable[[Any], None] | None = None,
         time_limit: float | None = None,
@@ -88,7 +79,6 @@ class DramatiqContext(BaseJobContext):
         self._store = store
         self._seq = seq
         self._resume = resume
-        self._rate = rate
         self._on_start = on_start
         self._on_progress = on_progress
         self._started: StartResult | None = None
@@ -106,11 +96,9 @@ class DramatiqContext(BaseJobContext):
     def start(self) -> StartResult:
         if self._started is None:
             result = self._store.start(
-                self.job_id, self.job_name, self._seq, resume=self._resume, rate=self._rate,
+                self.job_id, self.job_name, self._seq, resume=self._resume,
                 suspect_attempts=self._suspect_attempts,
             )  # fmt: skip
-            if result.status == "throttled":
-                raise Throttled(result.retry_in_ms / 1000)
             if result.status == "exhausted":
                 raise DiedTooOften(result)
             if result.status != "ok":
@@ -193,3 +181,13 @@ class DramatiqContext(BaseJobContext):
         self._store.record_progress(self.job_id, self._seq, encoded)
         if self._on_progress is not None:
             self._on_progress(value)
+
+    def recorded(self, step: str, value: Any) -> Any:
+        """`value`, recorded as `step` the first time (a flow-control decision, e.g. a debounced
+        run's payload): a retry gets the recorded one back."""
+        self.start()
+        if step in self._recorded:
+            return json.loads(self._recorded[step])
+        encoded = self.encode_result(step, value)
+        self._record(step, encoded)
+        return json.loads(encoded)

@@ -28,7 +28,12 @@
 --       traceback payload. Only when the caller passes it: as the KEY after the command's own
 --       (its events_key).
 --   jobyard:joblog:shipper  str   the shipper holding the lease (one ships at a time)
---   jobyard:rate:<job>:<n>  str   job starts in rate window n
+--   jobyard:parked:<queue>  zset  message ids of <queue> held by a flow-control limit (their
+--       data in dramatiq:<queue>.msgs) -> when they ask again (ms): a job refused a slot at
+--       dispatch, or refused a permit at its start (docs/flow-control.md). `fetch` moves the due
+--       ones to their lists first; `wake` moves one at once (a slot was released for it). Such a
+--       job's record shows why it waits: "hold_state" (its display_state) and "hold_reason",
+--       cleared when it starts.
 --   jobyard:suspects:<queue> list  ids of messages taken back from a dead process, waiting
 --       (their data still in the queue's msgs hash) to be marked suspect and requeued
 --   dramatiq:<queue>        list  message ids;  dramatiq:<queue>.msgs  hash id -> message
@@ -173,13 +178,30 @@ local function expire_finished(job_key)
     end
 end
 
+-- A parked message (see jobyard:parked) enters its job's list, at the back; published as an
+-- enqueue would be when its priority is above 0.
+local function unpark(parked_key, queue_key, queue_msgs_key, bands_key, band_prefix, job_prefix,
+                      channel, message_id)
+    redis.call("zrem", parked_key, message_id)
+    local data = redis.call("hget", queue_msgs_key, message_id)
+    if not data then
+        return  -- cancelled or handed off while it waited
+    end
+    local p = priority_of(job_prefix, data)
+    redis.call("rpush", waiting_list(queue_key, bands_key, band_prefix, p), message_id)
+    if p > 0 and channel then
+        redis.call("publish", channel, p)
+    end
+end
+
 -- May a message carrying `seq` run this job now? "ok", the job's new attempt count, when it
 -- first started (false if never) and the job's name, queue and enqueued_at (for the job log's
 -- event), or why not. A resume after a durable sleep is the same attempt; a retry, or a
 -- redelivery of a message that already started (its worker died), is a new one.
 local function start_checks(job_key, events_key, seq, is_resume)
     local job = redis.call("hmget", job_key, "engine", "state", "seq", "attempts", "started_seq",
-                           "cancel", "started_at", "name", "queue", "enqueued_at", "lone", "died")
+                           "cancel", "started_at", "name", "queue", "enqueued_at", "lone", "died",
+                           "hold_state")
     if job[1] ~= "dramatiq" then
         return "lost"
     end
@@ -195,6 +217,9 @@ local function start_checks(job_key, events_key, seq, is_resume)
         changed(events_key, job_key, "state", "cancelled", "name", job[8], "queue", job[9],
                 "attempts", job[4], "started_at", job[7])
         return "cancelled"
+    end
+    if job[13] then  -- no longer held by a flow-control limit: it starts
+        redis.call("hdel", job_key, "hold_state", "hold_reason")
     end
     local attempts = tonumber(job[4] or "0")
     if is_resume == "0" or job[5] == seq then
@@ -236,8 +261,10 @@ end
 -- never reaches Dramatiq while Temporal owns it.
 -- `band`: nil for priority 0, else {priority, bands key, band prefix ("" when the message goes to
 -- the delay queue: it enters its band when due, see hand_back), channel}.
+-- `park`: nil, or {parked key, until ms, hold_state, hold_reason}: a flow-control limit holds
+-- the job; its message waits in the parked set until then or a `wake` (see jobyard:parked).
 local function enqueue_job(job_key, queue_key, queue_msgs_key, is_live, now, message_id, message,
-                           name, queue, ttl, options, seq, band)
+                           name, queue, ttl, options, seq, band, park)
     local existing = redis.call("hmget", job_key, "engine", "state")
     if existing[1] then
         return {"exists", existing[1], existing[2] or ""}
@@ -250,6 +277,15 @@ local function enqueue_job(job_key, queue_key, queue_msgs_key, is_live, now, mes
     end
     write_queued(job_key, name, queue, now, message_id, ttl, options, seq)
     redis.call("hset", queue_msgs_key, message_id, message)
+    if park then
+        if band then
+            redis.call("hset", job_key, "priority", band[1])
+        end
+        redis.call("zadd", park[1], park[2], message_id)
+        redis.call("hset", job_key, "hold_state", park[3], "hold_reason", park[4],
+                   "run_at", park[2])
+        return {"enqueued"}
+    end
     if band then
         local p = band[1]
         redis.call("hset", job_key, "priority", p)
@@ -284,6 +320,8 @@ end
 --               options JSON ("" for none), seq (the run number the message carries; 0 but for
 --               a job recovered from the job log)
 --               [, priority (not 0), band prefix ("" for a delayed message), priority channel]
+--               [, parked until (ms), hold_state, hold_reason: with KEYS[6] the parked set;
+--                  then the priority arguments are given, priority 0 too]
 -- -> {"enqueued"} | {"exists", engine, state} | {"no_workers"}
 if command == "enqueue" then
     local job_key, workers_key, queue_key, queue_msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -291,14 +329,17 @@ if command == "enqueue" then
     local _job_id, message_id, message, name, queue = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
     local timeout_ms, ttl, options, seq = ARGV[7], ARGV[8], ARGV[9], ARGV[10] or "0"
 
-    local band = nil
-    if ARGV[11] then
+    local band, park = nil, nil
+    if ARGV[11] and ARGV[11] ~= "0" then
         band = {tonumber(ARGV[11]), KEYS[5], ARGV[12], ARGV[13]}
+    end
+    if ARGV[14] then
+        park = {KEYS[6], ARGV[14], ARGV[15], ARGV[16]}
     end
 
     local now = now_ms()
     return enqueue_job(job_key, queue_key, queue_msgs_key, liveness(workers_key, timeout_ms, now),
-                       now, message_id, message, name, queue, ttl, options, seq, band)
+                       now, message_id, message, name, queue, ttl, options, seq, band, park)
 
 -- enqueue_many: KEYS workers, queue list, queue msgs, job 1, job 2, ... (one queue's batch)
 --               ARGV queue, heartbeat timeout ms, ttl s, then four per job in KEYS' order:
@@ -355,19 +396,20 @@ elseif command == "enqueue_many" then
     end
     return replies
 
--- start: KEYS job, steps, rate key prefix (the window number is appended) [, events]
---        ARGV seq, is_resume ("1"|"0"), rate calls (0 = none), rate period ms
+-- start: KEYS job, steps [, events]
+--        ARGV seq, is_resume ("1"|"0")
 --             [, the job's attempts when the message is a suspect (see reclaim), else 0]
 -- -> {"ok", attempts, started_at ms, step, json, step, json, ...}
---    | {"lost"} | {"stale"} | {"done"} | {"cancelled"} | {"throttled", ms until the window frees}
+--    | {"lost"} | {"stale"} | {"done"} | {"cancelled"}
 --    | {"exhausted", attempts, how the last process died}: a suspect whose last run died alone
 --      and used the last attempt; nothing is written (the caller finishes it dead)
 -- A suspect runs alone in its process: its start is recorded ("lone") before its handler runs,
--- so that a death during it is known to be its own.
+-- so that a death during it is known to be its own. (Rate limits are the permit store's, asked
+-- before this call: see jobyard.job_engine.flow.)
 elseif command == "start" then
-    local job_key, steps_key, rate_prefix, events_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-    local seq, is_resume, rate_calls, rate_period = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-    local suspect_attempts = tonumber(ARGV[6] or "0")
+    local job_key, steps_key, events_key = KEYS[1], KEYS[2], KEYS[3]
+    local seq, is_resume = ARGV[2], ARGV[3]
+    local suspect_attempts = tonumber(ARGV[4] or "0")
 
     local status, attempts, started_at, job = start_checks(job_key, events_key, seq, is_resume)
     if status ~= "ok" then
@@ -375,20 +417,6 @@ elseif command == "start" then
     end
     if suspect_attempts > 0 and job.died_alone and job.prior_attempts >= suspect_attempts then
         return {"exhausted", job.prior_attempts, job.died or ""}
-    end
-    local calls = tonumber(rate_calls)
-    if calls > 0 and is_resume == "0" then
-        local period = tonumber(rate_period)
-        local now = now_ms()
-        local window = math.floor(now / period)
-        local rate_key = rate_prefix .. window
-        local used = redis.call("incr", rate_key)
-        if used == 1 then
-            redis.call("pexpire", rate_key, period * 2)
-        end
-        if used > calls then
-            return {"throttled", (window + 1) * period - now}
-        end
     end
     started_at = started_at or now_ms()
     redis.call("hset", job_key, "state", "running", "attempts", attempts, "started_seq", seq,
@@ -526,9 +554,11 @@ elseif command == "complete" then
 --                  [, events]
 --             ARGV seq, next seq, state, redis message id, message, error, error class,
 --                  redis message id of the current message, when the next message is due (ms)
+--                  [, hold_state, hold_reason: parked by a flow-control limit; KEYS 2 and 3 are
+--                   then the queue's parked set and msgs hash]
 -- -> "ok" | "lost".  Puts the job's next message (a retry, or a resume after a sleep) on the
--- delay queue, advances seq and acks the current message in one step, so a crash can never
--- leave two live messages, or none.
+-- delay queue (or, held, in the parked set, due at its time), advances seq and acks the current
+-- message in one step, so a crash can never leave two live messages, or none.
 elseif command == "reschedule" then
     local job_key, delay_key, delay_msgs_key = KEYS[1], KEYS[2], KEYS[3]
     local acks_key, msgs_key, events_key = KEYS[4], KEYS[5], KEYS[6]
@@ -544,7 +574,12 @@ elseif command == "reschedule" then
     redis.call("hset", job_key, "seq", next_seq, "state", state, "rmid", message_id,
                "error", error_message, "error_class", error_class, "run_at", run_at)
     redis.call("hset", delay_msgs_key, message_id, message)
-    redis.call("rpush", delay_key, message_id)
+    if ARGV[11] and ARGV[11] ~= "" then
+        redis.call("zadd", delay_key, run_at, message_id)
+        redis.call("hset", job_key, "hold_state", ARGV[11], "hold_reason", ARGV[12])
+    else
+        redis.call("rpush", delay_key, message_id)
+    end
     changed(events_key, job_key, "state", state, "name", job[3], "queue", job[4],
             "attempts", job[5], "run_at", run_at ~= "0" and run_at, "error", error_message,
             "error_class", error_class)
@@ -638,9 +673,10 @@ elseif command == "replay" then
     return {"ok"}
 
 -- rescue: KEYS workers zset, queue list, queue msgs, delay list, delay msgs, handoff list
---              [, bands]
+--              [, bands [, parked set]]
 --         ARGV heartbeat timeout ms, limit, job key prefix [, band prefix]
--- (Band lists are moved too, highest priority first, then the queue's list, then the delayed.)
+-- (Band lists are moved too, highest priority first, then the queue's list, then the delayed,
+-- then the parked set's messages, each in turn.)
 -- -> number of messages moved to the handoff list.
 -- With no live worker for the queue, moves the messages of its unfinished jobs, waiting or
 -- delayed (a dispatch delay, a retry backoff, a durable sleep), from the queue to the handoff
@@ -667,9 +703,14 @@ elseif command == "rescue" then
     end
     scanned[#scanned + 1] = {queue_key, queue_msgs_key}
     scanned[#scanned + 1] = {delay_key, delay_msgs_key}
+    if KEYS[8] then
+        scanned[#scanned + 1] = {KEYS[8], queue_msgs_key, true}
+    end
     for _, lists in ipairs(scanned) do
-        local list_key, msgs_key = lists[1], lists[2]
-        for _, message_id in ipairs(redis.call("lrange", list_key, 0, tonumber(limit) - 1)) do
+        local list_key, msgs_key, is_set = lists[1], lists[2], lists[3]
+        local members = is_set and redis.call("zrange", list_key, 0, tonumber(limit) - 1)
+                        or redis.call("lrange", list_key, 0, tonumber(limit) - 1)
+        for _, message_id in ipairs(members) do
             local data = redis.call("hget", msgs_key, message_id)
             local message = data and cjson.decode(data)
             local job_id = message and message["args"][1]
@@ -678,7 +719,11 @@ elseif command == "rescue" then
             local seq = message and tostring(message["options"]["jobyard_seq"] or 0)
             if job and job[1] == "dramatiq" and not TERMINAL[job[2]] and job[3] == seq
                     and job[4] ~= "1" then
-                redis.call("lrem", list_key, 1, message_id)
+                if is_set then
+                    redis.call("zrem", list_key, message_id)
+                else
+                    redis.call("lrem", list_key, 1, message_id)
+                end
                 redis.call("hdel", msgs_key, message_id)
                 redis.call("hset", job_key, "engine", "temporal")
                 redis.call("rpush", handoff_key, data)
@@ -803,7 +848,9 @@ elseif command == "requeue_suspects" then
     return requeued
 
 -- fetch: KEYS dramatiq heartbeats, this broker's acks of the queue, queue list, queue msgs, bands
---        ARGV broker id, timestamp ms, how many at most, band prefix
+--             [, parked set, priority channel]
+--        ARGV broker id, timestamp ms, how many at most, band prefix [, job key prefix]
+-- (First, up to that many parked messages now due enter their lists: one EXISTS when none wait.)
 -- -> the messages' data, in the order to run them: bands p > 0 highest first, the queue's list,
 --    bands p < 0. Dramatiq's fetch (dispatch.lua) otherwise: the broker's heartbeat, each id
 --    into the acks set. A message whose data is gone (cancelled or handed off while waiting)
@@ -814,6 +861,13 @@ elseif command == "fetch" then
     local broker_id, timestamp, wanted = ARGV[2], ARGV[3], math.min(tonumber(ARGV[4]), 1000)
     local band_prefix = ARGV[5]
 
+    if KEYS[6] and redis.call("exists", KEYS[6]) == 1 then
+        local due = redis.call("zrangebyscore", KEYS[6], "-inf", now_ms(), "LIMIT", 0, wanted)
+        for _, message_id in ipairs(due) do
+            unpark(KEYS[6], queue_key, queue_msgs_key, bands_key, band_prefix, ARGV[6], KEYS[7],
+                   message_id)
+        end
+    end
     redis.call("zadd", heartbeats_key, timestamp, broker_id)
     local ids = {}
     local function take(list_key)
@@ -903,6 +957,25 @@ elseif command == "hand_back" then
         redis.call("publish", channel, p)
     end
     return p
+
+-- wake: KEYS parked set, queue list, queue msgs, bands, priority channel
+--       ARGV job key prefix, band prefix, job ids...
+-- -> how many were parked.  The jobs' parked messages (if they still wait there) enter their
+-- lists now: a flow-control slot was released for them (docs/flow-control.md).
+elseif command == "wake" then
+    local parked_key, queue_key, queue_msgs_key, bands_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+    local job_prefix, band_prefix = ARGV[2], ARGV[3]
+
+    local woken = 0
+    for i = 4, #ARGV do
+        local message_id = redis.call("hget", job_prefix .. ARGV[i], "rmid")
+        if message_id and redis.call("zscore", parked_key, message_id) then
+            unpark(parked_key, queue_key, queue_msgs_key, bands_key, band_prefix, job_prefix,
+                   KEYS[5], message_id)
+            woken = woken + 1
+        end
+    end
+    return woken
 
 -- heartbeat: KEYS dramatiq heartbeats, workers zset per queue...
 --            ARGV worker id, dramatiq broker id   -> now (ms)

@@ -3,7 +3,6 @@
 jobyard:job:<job_id>       hash  the job record on the Dramatiq side (see jobyard.lua)
 jobyard:steps:<job_id>     hash  step name -> JSON result of a finished step
 jobyard:workers:<queue>    zset  worker id -> last heartbeat, ms on the Redis clock
-jobyard:rate:<job>:<n>     str   starts of <job> in rate window number <n>
 jobyard:handoff            list  messages of jobs being moved to Temporal (their workers died)
 jobyard:suspects:<queue>   list  ids of messages taken back from a dead process, to requeue marked
 jobyard:joblog:events      stream  one entry per change a worker made to a job: the job log's outbox
@@ -38,10 +37,6 @@ def steps(job_id: str) -> str:
 
 def workers(queue: str) -> str:
     return f"{PREFIX}:workers:{queue}"
-
-
-def rate_prefix(job_name: str) -> str:
-    return f"{PREFIX}:rate:{job_name}:"
 
 
 def dramatiq_queue(queue: str) -> str:

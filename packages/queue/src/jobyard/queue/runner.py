@@ -22,6 +22,7 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 from jobyard.job_engine import JobSpec, PermanentError, env
 from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.steps import begin_step
+from jobyard.job_engine.flow.waiting import Hold
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.queue.context import (
     Cancelled,
@@ -29,10 +30,10 @@ from jobyard.queue.context import (
     DramatiqContext,
     LostOwnership,
     Suspend,
-    Throttled,
 )
 from jobyard.queue.dramatiq_compat import ACKED
 from jobyard.queue.eager import discard_loop, run_eagerly
+from jobyard.queue.flow import PAYLOAD_STEP, Held, RunGate
 from jobyard.queue.messages import RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
 from jobyard.queue.queues import get_queue, retry_policy
 from jobyard.queue.reclaim import WORKER_PROCESS_DIED, died_error, is_suspect
@@ -61,8 +62,6 @@ class JobRunner:
         self.spec = spec
         self.broker_id = broker_id
         self.retry = retry_policy(spec)  # env is read once per worker, not per job
-        rate = spec.rate_limit
-        self.rate = (rate.calls, int(rate.period * 1000)) if rate else None
         self.time_limit = time_limit(spec)
         # With the job log on, returned steps are kept in its database too (see steps.py).
         journal = joblog.enabled() and env.get_bool(env.STEP_JOURNAL)
@@ -116,11 +115,12 @@ class _Run:
         )
         self.acked = False
         self.progress_count = 0
+        self.gate: RunGate | None = None  # a limited job's permits (jobyard.queue.flow)
         # A suspect (taken back from a dead process, see jobyard.queue.reclaim) runs alone, and
         # its start is recorded before its handler runs, with the attempts it may use.
         self.suspect = is_suspect(options)
         self.ctx = DramatiqContext(
-            self.store, self.spec.name, job_id, self.seq, self.resume, runner.rate,
+            self.store, self.spec.name, job_id, self.seq, self.resume,
             on_start=self.started, on_progress=self.progressed, time_limit=runner.time_limit,
             journal=runner.journal, suspect_attempts=self.retry.attempts if self.suspect else 0,
         )  # fmt: skip
@@ -145,20 +145,29 @@ class _Run:
 
     def execute(self) -> None:
         try:
-            if self.suspect:
+            if self.spec.limited:  # flow control (jobyard.queue.flow); the only cost otherwise
+                self.pass_limits()
+            elif self.suspect:
                 self.ctx.start()
             model = self.spec.validate(self.payload)
             result: Any = run_eagerly(self.spec.handler(self.ctx, model))
         except Suspend as suspend:
+            if self.gate is not None:
+                self.gate.keep(suspend.seconds)  # its slots stay its own through the sleep
+                self.gate = None
             self.reschedule("running", suspend.seconds, resume=True)
-        except Throttled as throttled:
-            self.reschedule("queued", throttled.seconds, resume=self.resume)
+        except Held as held:  # no permit: parked, its Lua start never made (no attempt)
+            state = "running" if self.resume else "queued"
+            self.reschedule(state, held.seconds, resume=self.resume, hold=held.hold)
         except DiedTooOften as died:
             self.died_too_often(died)
         except Cancelled:
             self.finish("cancelled")
         except LostOwnership as lost:
             log.info("job %s: message dropped (%s)", self.job_id, lost)
+            if str(lost) in ("stale", "lost") and self.gate is not None:
+                self.gate.forget()  # the job's live copy holds the same leases
+                self.gate = None
             if str(lost) == "cancelled":
                 self.event("cancelled", None)
         except redis.RedisError:
@@ -169,6 +178,19 @@ class _Run:
             self.failed(exc)
         else:
             self.succeeded(result)
+        finally:
+            if self.gate is not None:  # every ending but a sleep gives its slots back
+                self.gate.release()
+
+    def pass_limits(self) -> None:
+        """Every permit before the handler runs at all (Held if refused), then the run's
+        start: so no step of it runs before its permit, and a job that never touches ctx asks
+        too. A debounced run gets its burst's last payload, recorded for a retry."""
+        self.gate = RunGate(self.store, self.spec, self.job_id, self.payload, self.resume)
+        payload = self.gate.acquire()
+        self.ctx.start()
+        if payload is not None:
+            self.payload = self.ctx.recorded(PAYLOAD_STEP, payload)
 
     def succeeded(self, result: Any) -> None:
         if self.ctx.started is None:
@@ -206,9 +228,6 @@ class _Run:
             attempt = self.ctx.attempt  # starts the run if the handler failed before any step
         except LostOwnership:
             return
-        except Throttled as throttled:  # over the rate limit: this run never counted
-            self.reschedule("queued", throttled.seconds, resume=self.resume)
-            return
         error, error_class = f"{type(exc).__name__}: {exc}", type(exc).__name__
         retry = self.retry
         if isinstance(exc, PermanentError) or attempt >= retry.attempts:
@@ -225,18 +244,30 @@ class _Run:
             self.event("retrying", self.ctx.started, error=error, error_class=error_class)
 
     def reschedule(
-        self, state: str, delay: float, *, resume: bool, error: str = "", error_class: str = ""
+        self,
+        state: str,
+        delay: float,
+        *,
+        resume: bool,
+        error: str = "",
+        error_class: str = "",
+        hold: Hold | None = None,
     ) -> bool:
+        """`hold`: parked by a flow-control limit (in the queue's parked set, where a release
+        can wake it early, not on the delay queue)."""
         encoded = encode_job_message(
             self.spec.name, self.spec.queue, self.job_id, self.payload,
-            seq=self.seq + 1, resume=resume, delay_seconds=max(delay, 0.001),
+            seq=self.seq + 1, resume=resume,
+            delay_seconds=max(delay, 0.001) if hold is None else None,
             webhook_url=self.webhook_url, retry=self.retry_overrides,
         )  # fmt: skip
+        shown = None if hold is None else (self.spec.queue, hold.display_state, hold.waiting_reason)
         owned = self.store.reschedule(
             self.job_id, self.seq, self.seq + 1, state, encoded.queue,
             encoded.redis_message_id, encoded.data,
             error=error, error_class=error_class, delivery=self.delivery,
             run_at_ms=int((time.time() + delay) * 1000),  # shown as the job's next run
+            hold=shown,
         )  # fmt: skip
         self.acked = True
         return owned

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, EngineName, JobStatus
 from jobyard.job_engine import JobyardError
+from jobyard.job_engine.flow.waiting import Hold
 
 
 class ClaimMode(StrEnum):
@@ -51,6 +52,10 @@ class Submission:
     #: The payload's strict JSON text, when the dispatcher has it already (dispatch_many): an
     #: engine may carry it as it is instead of encoding the payload again.
     payload_json: bytes | None = None
+    #: A flow-control limit refused the job at dispatch (docs/flow-control.md, "Fairness at
+    #: dispatch"): an engine that can park it (Dramatiq) enqueues it waiting, shown with this
+    #: hold, until its turn; any other engine ignores it (its run asks the limit itself).
+    hold: Hold | None = None
 
 
 class NewJob(NamedTuple):

@@ -29,7 +29,17 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 import psycopg
-from sqlalchemy import BigInteger, Column, Engine, Index, String, Table, Text, create_engine
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Index,
+    String,
+    Table,
+    Text,
+    create_engine,
+)
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import make_url
 
 from jobyard.job_engine.db import Base, database_url, get_engine, normalize_url
@@ -86,6 +96,23 @@ waiters = Table(
     Index("ix_flow_waiters_until_ms", "until_ms"),
 )
 
+COLLAPSED = "flow_collapsed"
+#: Debounced dispatches collapsed into another job's run: `get_job` of one follows `served_by`.
+#: Kept until `expires_at` (ms; a finished job's record retention), then purged.
+collapsed = Table(
+    COLLAPSED,
+    Base.metadata,
+    Column("job_id", String(255), primary_key=True),
+    Column("served_by", String(255), nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Index("ix_flow_collapsed_expires_at", "expires_at"),
+)
+_COLLAPSE = sql_text(
+    f"INSERT INTO {COLLAPSED} (job_id, served_by, expires_at) VALUES (:job_id, :served_by, "
+    ":expires_at) ON CONFLICT (job_id) DO NOTHING"
+)
+_SERVED_BY = sql_text(f"SELECT served_by FROM {COLLAPSED} WHERE job_id = :job_id")
+
 _PG_NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 _SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
 _LOCK = (
@@ -129,6 +156,7 @@ _W_ALL = (
     f"SELECT scope, bucket, count(*) FROM {WAITERS} WHERE until_ms > {{now}} GROUP BY scope, bucket"
 )
 _W_PURGE = f"DELETE FROM {WAITERS} WHERE until_ms < {{now}}"
+_C_PURGE = f"DELETE FROM {COLLAPSED} WHERE expires_at < {{now}}"
 _NOT_DURABLE = "SET LOCAL synchronous_commit = off"
 
 
@@ -149,12 +177,13 @@ class _Dialect(NamedTuple):
     w_scope: str
     w_all: str
     w_purge: str
+    c_purge: str
 
 
 def _dialect(placeholder: str, now: str) -> _Dialect:
     templates = (
         _LOCK, _WRITE, _DELETE, _SCOPE_ROWS, _ALL_ROWS, _PURGE, _NOW, _W_SINCE, _W_AHEAD,
-        _W_COUNT, _W_FIRST, _W_JOIN, _W_REMOVE, _W_SCOPE, _W_ALL, _W_PURGE,
+        _W_COUNT, _W_FIRST, _W_JOIN, _W_REMOVE, _W_SCOPE, _W_ALL, _W_PURGE, _C_PURGE,
     )  # fmt: skip
     return _Dialect(*(t.format(p=placeholder, now=now) for t in templates))
 
@@ -676,14 +705,31 @@ class PermitStore:
             if any(counts)
         ]
 
+    # --- collapsed dispatches ---------------------------------------------------------------
+
+    def record_collapsed(self, job_id: str, served_by: str, keep: float) -> None:
+        """A debounced dispatch `job_id` joined `served_by`'s run; kept `keep` seconds. A
+        retried dispatch of the same id keeps its first record."""
+        expires_at = int((self.now() + keep) * 1000)
+        with self.engine.begin() as connection:
+            connection.execute(
+                _COLLAPSE, {"job_id": job_id, "served_by": served_by, "expires_at": expires_at}
+            )
+
+    def served_by(self, job_id: str) -> str | None:
+        """The run a collapsed dispatch joined, None for any other job id."""
+        with self.engine.connect() as connection:
+            found = connection.execute(_SERVED_BY, {"job_id": job_id}).scalar()
+        return None if found is None else str(found)
+
     def purge(self) -> int:
-        """Delete the buckets whose state has run out and the waiters that stopped asking;
-        how many rows."""
+        """Delete the buckets whose state has run out, the waiters that stopped asking and the
+        collapsed dispatches past their keep; how many rows."""
         connection = self.engine.raw_connection()
         try:
             cursor = connection.cursor()
             deleted = 0
-            for sql in (self.sql.purge, self.sql.w_purge):
+            for sql in (self.sql.purge, self.sql.w_purge, self.sql.c_purge):
                 cursor.execute(sql)
                 deleted += int(cursor.rowcount or 0)
             cursor.close()

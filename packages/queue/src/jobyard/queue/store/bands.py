@@ -15,7 +15,8 @@ class BandCommands(ScriptStore):
     def fetch(self, broker_id: str, queue: str, timestamp_ms: int, wanted: int) -> list[bytes]:
         """Up to `wanted` messages of `queue` for broker `broker_id`, in the order to run them
         (bands p > 0 highest first, the queue's list, bands p < 0), moved into its acks set;
-        its Dramatiq heartbeat is `timestamp_ms` (Dramatiq's fetch does both)."""
+        its Dramatiq heartbeat is `timestamp_ms` (Dramatiq's fetch does both). Parked messages
+        now due (flow control) enter their lists first."""
         reply = self._call(
             [
                 keys.dramatiq_heartbeats(),
@@ -23,14 +24,37 @@ class BandCommands(ScriptStore):
                 keys.dramatiq_queue(queue),
                 keys.dramatiq_messages(queue),
                 keys.bands(queue),
+                keys.parked(queue),
+                keys.priority_channel(queue),
             ],
             "fetch",
             broker_id,
             timestamp_ms,
             wanted,
             keys.band_prefix(queue),
+            keys.job_prefix(),
         )
         return list(reply)
+
+    def wake(self, queue: str, job_ids: Sequence[str]) -> int:
+        """The parked messages of `job_ids` (jobs a flow-control slot was released for) enter
+        their lists now, instead of at their parked time; how many were parked."""
+        if not job_ids:
+            return 0
+        reply = self._call(
+            [
+                keys.parked(queue),
+                keys.dramatiq_queue(queue),
+                keys.dramatiq_messages(queue),
+                keys.bands(queue),
+                keys.priority_channel(queue),
+            ],
+            "wake",
+            keys.job_prefix(),
+            keys.band_prefix(queue),
+            *job_ids,
+        )
+        return int(reply)
 
     def requeue(
         self, broker_id: str, queue: str, message_ids: Sequence[str], *, in_order: bool = False

@@ -129,11 +129,14 @@ class DispatchCommands(ScriptStore):
         options: dict[str, Any] | None = None,
         seq: int = 0,
         priority: int = 0,
+        park: tuple[int, str, str] | None = None,
     ) -> Reply:
         """ "enqueued", "exists" (detail: the engine that owns the job, state: its state) or
         "no_workers" (the job is now recorded as Temporal's). `options`: the dispatch's options
         a replay of the job must keep. `priority` (not 0): the message waits in its band of
-        `queue` (once due, if `dramatiq_queue` is the delay queue); 0 passes nothing more."""
+        `queue` (once due, if `dramatiq_queue` is the delay queue); 0 passes nothing more.
+        `park`: (until ms, display_state, waiting_reason) of a job a flow-control limit holds
+        at dispatch: its message waits in the queue's parked set (see jobyard.lua)."""
         job_keys = [
             keys.job(job_id),
             keys.workers(queue),
@@ -141,10 +144,13 @@ class DispatchCommands(ScriptStore):
             keys.dramatiq_messages(dramatiq_queue),
         ]
         band: tuple[Any, ...] = ()
-        if priority:
+        if priority or park:
             job_keys.append(keys.bands(queue))
             prefix = keys.band_prefix(queue) if dramatiq_queue == queue else ""
             band = (priority, prefix, keys.priority_channel(queue))
+        if park:
+            job_keys.append(keys.parked(queue))
+            band += park
         reply = self._call(
             job_keys,
             "enqueue",
@@ -246,7 +252,13 @@ class DispatchCommands(ScriptStore):
         """Move the waiting and delayed jobs of a queue with no live worker to the handoff
         list (to start them on Temporal)."""
         reply = self._call(
-            [keys.workers(queue), *self._queue_keys(queue), keys.handoff(), keys.bands(queue)],
+            [
+                keys.workers(queue),
+                *self._queue_keys(queue),
+                keys.handoff(),
+                keys.bands(queue),
+                keys.parked(queue),
+            ],
             "rescue",
             heartbeat_timeout_ms,
             limit,

@@ -48,9 +48,11 @@ class Reads(ScriptStore):
         pipe.llen(keys.dramatiq_queue(queue))
         pipe.hlen(keys.dramatiq_messages(queue))
         pipe.hlen(keys.dramatiq_messages(keys.delayed(queue)))
-        waiting, held, delayed = pipe.execute()
-        # A queue's msgs hash holds waiting and fetched messages alike.
-        return QueueCounts(waiting, max(0, held - waiting), delayed)
+        pipe.zcard(keys.parked(queue))
+        waiting, held, delayed, parked = pipe.execute()
+        # A queue's msgs hash holds waiting, parked and fetched messages alike. Parked ones
+        # (held by flow control) wait for a time or a wake-up, as delayed ones do.
+        return QueueCounts(waiting, max(0, held - waiting - parked), delayed + parked)
 
     def job_log_entries(self, limit: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """The oldest `limit` entries of the job log's outbox: (stream id, fields), in order."""

@@ -28,11 +28,10 @@ NO_DELIVERY = Delivery("", "", "")
 
 @dataclass
 class StartResult:
-    status: str  # ok | lost | stale | done | cancelled | throttled | exhausted
+    status: str  # ok | lost | stale | done | cancelled | exhausted
     attempts: int = 0
     started_at: float = 0.0  # unix seconds of the job's first start
     steps: dict[str, str] = field(default_factory=dict)
-    retry_in_ms: int = 0
     died: str = ""  # exhausted: how the last process that ran the job died
 
 
@@ -44,24 +43,19 @@ class RunCommands(ScriptStore):
         seq: int,
         *,
         resume: bool,
-        rate: tuple[int, int] | None,
         suspect_attempts: int = 0,
     ) -> StartResult:
         """`suspect_attempts`: for a suspect's message (see `reclaim`), the job's attempts: a
-        suspect whose last run died alone with the last of them is "exhausted" (not started)."""
-        calls, period_ms = rate or (0, 0)
+        suspect whose last run died alone with the last of them is "exhausted" (not started).
+        (A job's flow-control limits are asked before, in the permit store.)"""
         reply = self._call(
-            [keys.job(job_id), keys.steps(job_id), keys.rate_prefix(job_name), *self._events],
+            [keys.job(job_id), keys.steps(job_id), *self._events],
             "start",
             seq,
             "1" if resume else "0",
-            calls,
-            period_ms,
             suspect_attempts,
         )
         status = _text(reply[0])
-        if status == "throttled":
-            return StartResult(status, retry_in_ms=int(reply[1]))
         if status == "exhausted":
             return StartResult(status, attempts=int(reply[1]), died=_text(reply[2]))
         if status != "ok":
@@ -154,15 +148,19 @@ class RunCommands(ScriptStore):
         error_class: str = "",
         delivery: Delivery = NO_DELIVERY,
         run_at_ms: int = 0,
+        hold: tuple[str, str, str] | None = None,
     ) -> bool:
+        """`hold`: (queue, display_state, waiting_reason) of a job a flow-control limit
+        parks: its next message waits in the queue's parked set until `run_at_ms` or a wake,
+        not on the delay queue (`delay_queue` is then unused)."""
+        if hold is None:
+            where = [keys.dramatiq_queue(delay_queue), keys.dramatiq_messages(delay_queue)]
+            shown: tuple[str, ...] = ()
+        else:
+            where = [keys.parked(hold[0]), keys.dramatiq_messages(hold[0])]
+            shown = hold[1:]
         reply = self._call(
-            [
-                keys.job(job_id),
-                keys.dramatiq_queue(delay_queue),
-                keys.dramatiq_messages(delay_queue),
-                *delivery.keys(),
-                *self._events,
-            ],
+            [keys.job(job_id), *where, *delivery.keys(), *self._events],
             "reschedule",
             seq,
             next_seq,
@@ -173,5 +171,6 @@ class RunCommands(ScriptStore):
             error_class,
             delivery.redis_message_id,
             run_at_ms,
+            *shown,
         )
         return _text(reply) == "ok"

@@ -96,6 +96,7 @@ class DramatiqEngine(Engine):
                 kept_options(job.options),
                 seq,
                 job.options.priority,
+                _park(job),
             )
         return self._submitted(reply)
 
@@ -163,6 +164,8 @@ class DramatiqEngine(Engine):
             error=record.get("error") or None,
             progress=progress,
             run_at=run_at if run_at > time.time() and state in _WAITING else None,
+            display_state=record.get("hold_state") or None,
+            waiting_reason=record.get("hold_reason") or None,
         )
 
     def cancel(self, job_id: str) -> Cancellation:
@@ -287,6 +290,11 @@ class DramatiqEngine(Engine):
         of its old messages a worker still holds in memory stale, so only this one runs."""
         return self.submit(job, seq=secrets.randbelow(2**31) + 2**31)
 
+    def wake_parked(self, queue: str, job_ids: list[str]) -> int:
+        """Parked jobs a flow-control slot came back for enter their queue now."""
+        with map_redis_errors():
+            return self.store.wake(queue, job_ids)
+
     def orphan_moved(self, orphan: Orphan) -> None:
         with map_redis_errors():
             self.store.handoff_done(orphan.message)
@@ -368,9 +376,19 @@ class Batch:
         new.clear()
 
 
+def _park(job: Submission) -> tuple[int, str, str] | None:
+    """A job a flow-control limit holds at dispatch waits parked (see jobyard.lua)."""
+    hold = job.hold
+    if hold is None:
+        return None
+    until_ms = int((hold.until or 0) * 1000)
+    return until_ms, hold.display_state, hold.waiting_reason
+
+
 class _Prioritized(NamedTuple):
-    """A job with a priority, in `submit_many`: enqueued by itself (`enqueue` puts it in its
-    band; `enqueue_many` takes priority 0 only, so that bulk jobs without one pay nothing)."""
+    """A job with a priority, or held by a flow-control limit, in `submit_many`: enqueued by
+    itself (`enqueue` puts it in its band or parks it; `enqueue_many` takes neither, so that
+    bulk jobs without them pay nothing)."""
 
     at: int  # its index in the caller's list
     job: Submission
@@ -384,7 +402,7 @@ def _batches(
     open_batches: dict[str, tuple[str, Batch]] = {}
     templated = NewJobMessages.usable()  # the same for every job of the call
     for index, job in enumerate(jobs):
-        if job.priority if isinstance(job, NewJob) else job.options.priority:
+        if job.priority if isinstance(job, NewJob) else (job.options.priority or job.hold):
             yield _Prioritized(index, as_submission(job))
             continue
         if templated and type(job) is NewJob:
