@@ -10,7 +10,15 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from jobyard.job_engine import Concurrency, JobContext, RateLimit, RetryPolicy, job, queue
+from jobyard.job_engine import (
+    Concurrency,
+    Debounce,
+    JobContext,
+    RateLimit,
+    RetryPolicy,
+    job,
+    queue,
+)
 
 NARROW_CONCURRENCY = 2
 queue("tq-narrow", concurrency=NARROW_CONCURRENCY, time_limit=120)
@@ -21,6 +29,7 @@ queue("tq-pair", concurrency=2, time_limit=120)
 RATE = RateLimit(2, 1.5, key="tenant")
 SLOT = Concurrency(2, key="tenant")
 ONE_SLOT = Concurrency(1, key="tenant")
+QUIET = Debounce(3.0, key="tenant")
 
 
 class SpanPayload(BaseModel):
@@ -75,4 +84,10 @@ async def keyed(ctx: JobContext, payload: TenantPayload) -> int:
 @job("tq.slot", queue="tq-pair", payload=TenantPayload, concurrency=ONE_SLOT,
      retry=RetryPolicy(attempts=1))  # fmt: skip
 async def slot(ctx: JobContext, payload: TenantPayload) -> int:
+    return await ctx.run("span", record_span, payload.marker_dir, payload.label, payload.seconds)
+
+
+@job("tq.debounced", queue="tq-wide", payload=TenantPayload, debounce=QUIET,
+     retry=RetryPolicy(attempts=1))  # fmt: skip
+async def debounced(ctx: JobContext, payload: TenantPayload) -> int:
     return await ctx.run("span", record_span, payload.marker_dir, payload.label, payload.seconds)

@@ -9,6 +9,7 @@ of a key at once than its concurrency limit, and a held job holding no activity 
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from jobyard.dispatcher import JobHandle, JobStatus, get_job
 from jobyard.job_engine.db import get_engine
 from jobyard.job_engine.db.models import JobLog
 from tests.engines import Engines
-from tests.flow_temporal_jobs import NARROW_CONCURRENCY, ONE_SLOT, RATE, SLOT
+from tests.flow_temporal_jobs import NARROW_CONCURRENCY, ONE_SLOT, QUIET, RATE, SLOT
 from tests.support import Proc, wait_for
 
 JOB_MODULES = "tests.jobs,tests.flow_temporal_jobs"
@@ -239,3 +240,34 @@ def test_a_job_held_for_a_slot_holds_no_activity_slot(
     assert runs["b1"][1] < runs["a1"][1], runs  # b1 ended while a1 still ran
     assert runs["a2"][0] >= runs["a1"][1], runs  # a2 only after a1 released its slot
     assert get_job(a2.job_id).display_state is None
+
+
+def test_a_debounced_burst_runs_once_with_its_last_payload_on_temporal(
+    flow_env: dict[str, str], engines: Engines, tmp_path: Path
+) -> None:
+    """4 dispatches of tenant a within Debounce(3 s): one run, with the last payload, at
+    least 3 s after the last dispatch; the other 3 lead to it. Tenant b's is its own run."""
+    engines.ensure_temporal_worker()
+    burst = [dispatch_tenant(engines, "tq.debounced", tmp_path, f"a{i}", "a") for i in range(4)]
+    last_dispatch = time.time()
+    other = dispatch_tenant(engines, "tq.debounced", tmp_path, "b0", "b")
+    run = burst[0]
+    assert [h.served_by for h in burst] == [None, run.job_id, run.job_id, run.job_id], burst
+    assert other.served_by is None
+    waiting = held(run.job_id, "debouncing")
+    assert waiting.state == "queued"
+    assert (
+        waiting.waiting_reason
+        == f"debounce limit debounce:job:tq.debounced (debounce {QUIET.period:g}s) for tenant=a"
+    )
+    succeeded(engines, [run, other])
+    assert sorted(label for label, *_ in spans(tmp_path)) == ["a3", "b0"]  # the last payload
+    (a_run,) = [s for s in spans(tmp_path) if s[0] == "a3"]
+    assert a_run[1] >= last_dispatch + QUIET.period - 0.05, (a_run, last_dispatch)
+    for handle in burst[1:]:
+        status = get_job(handle.job_id)
+        assert (status.state, status.display_state, status.served_by) == (
+            "succeeded",
+            "collapsed",
+            run.job_id,
+        ), status

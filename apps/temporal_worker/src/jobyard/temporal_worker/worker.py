@@ -120,7 +120,7 @@ async def serve(queues: list[str] | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    rescuer = asyncio.create_task(rescue_forever(env.get_float(env.RESCUE_INTERVAL), client))
+    rescuer = asyncio.create_task(rescue_forever(env.get_float(env.RESCUE_INTERVAL)))
     from jobyard.dispatcher.scheduler import start_scheduler_thread
 
     start_scheduler_thread(scheduler_stop := threading.Event(), role="temporal-worker")
