@@ -76,7 +76,7 @@ async def rated(ctx: JobContext, payload: TenantPayload) -> int:
 async def keyed(ctx: JobContext, payload: TenantPayload) -> int:
     """Two steps with a durable sleep between: the run holds its slot across all of it."""
     await ctx.run("first", record_span, payload.marker_dir, payload.label, payload.seconds / 2)
-    await ctx.sleep(0.2)
+    await ctx.sleep(1.5)  # longer than a third of the ttl: the leases are extended over it
     return await ctx.run("second", record_span, payload.marker_dir, payload.label,
                          payload.seconds / 2)  # fmt: skip
 
