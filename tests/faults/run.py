@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from tests.faults import temporal_crash
+from tests.faults import flow_slots, temporal_crash
 from tests.faults.poison import ROWS as POISON_ROWS
 from tests.faults.scenarios import FULL, Harness, Row, table
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     harness = Harness(temporal.address, database_url, workdir, settle=args.settle)
     rows: list[Row] = []
     try:
-        for scenario, params in [*FULL, *POISON_ROWS, *temporal_crash.FULL]:
+        for scenario, params in [*FULL, *POISON_ROWS, *temporal_crash.FULL, *flow_slots.ROWS]:
             if not any(k in scenario.__name__ for k in args.k.split(",")):
                 continue
             scaled = {

@@ -135,6 +135,9 @@ class BaseJobContext(ABC):
         self.job_name = job_name
         self._step_names: set[str] = set()
         self._sleeps = 0
+        #: When this run's flow-control permits were granted (the permit store's clock, epoch
+        #: seconds): its start as its limits count it. None for a job without limits.
+        self.permit_at: float | None = None
 
     @property
     @abstractmethod

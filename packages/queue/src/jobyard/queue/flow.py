@@ -45,6 +45,7 @@ class RunGate:
             runtime.permit_store(), spec.name, job_id, payload, limits,
             ttl=runtime.lease_ttl(), park=runtime.park_seconds(),
         )  # fmt: skip
+        self.granted_at: float | None = None
 
     def acquire(self) -> Any | None:
         """Every permit, or Held. The debounced burst's last payload when it claimed one."""
@@ -54,6 +55,7 @@ class RunGate:
             if hold is not None:
                 HELD.labels(hold.scope, hold.kind).inc()
             raise Held(admission.retry_in, hold)
+        self.granted_at = admission.at
         if self.gate.held:
             runtime.renewer(_lost).track(self.job_id, self.gate.held)
         claim = admission.debounce

@@ -188,6 +188,7 @@ class _Run:
         too. A debounced run gets its burst's last payload, recorded for a retry."""
         self.gate = RunGate(self.store, self.spec, self.job_id, self.payload, self.resume)
         payload = self.gate.acquire()
+        self.ctx.permit_at = self.gate.granted_at
         self.ctx.start()
         if payload is not None:
             self.payload = self.ctx.recorded(PAYLOAD_STEP, payload)

@@ -94,7 +94,11 @@ class Gate:
         """What the job shows while the refusal holds it (None when it was granted)."""
         if admission.granted or admission.refused is None:
             return None
-        index = self.requests.index(admission.refused)
+        refused = admission.refused  # `admit` asks with another ttl: matched by its bucket
+        index = next(
+            i for i, r in enumerate(self.requests)
+            if (r.kind, r.scope, r.bucket) == (refused.kind, refused.scope, refused.bucket)
+        )  # fmt: skip
         limit = self.limits[index]
         return Hold(
             limit.kind, limit.scope, describe(limit.declaration), limit.key_path,
