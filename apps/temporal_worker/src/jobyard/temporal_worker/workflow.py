@@ -84,7 +84,7 @@ class JobWorkflow:
 
                 payload = await limits.admit(request.payload, held)
                 # A limited job starts when its permits are granted (the database's time).
-                started_at = final["started_at"] = limits.granted_at
+                started_at = final["started_at"] = ctx.permit_at = limits.granted_at
             self._state = "running"
             # enqueued_at: for the trace's queue wait (the workflow's start, a delay included).
             enqueued_at = workflow.info().start_time.timestamp()
