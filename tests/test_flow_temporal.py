@@ -8,7 +8,6 @@ of a key at once than its concurrency limit, and a held job holding no activity 
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -17,12 +16,12 @@ import pytest
 from sqlalchemy import select
 
 from jobyard.cli.main import main as cli_main
-from jobyard.dispatcher import JobHandle, JobStatus, dispatch_job, get_job
+from jobyard.dispatcher import JobHandle, JobStatus, dispatch_job, get_dispatcher, get_job
 from jobyard.job_engine.db import get_engine
 from jobyard.job_engine.db.models import JobLog
 from tests.engines import Engines
 from tests.flow_temporal_jobs import NARROW_CONCURRENCY, ONE_SLOT, QUIET, RATE, SLOT
-from tests.support import Proc, RedisServer, wait_for
+from tests.support import RedisServer, wait_for
 
 JOB_MODULES = "tests.jobs,tests.flow_temporal_jobs"
 
@@ -51,20 +50,6 @@ def most_at_once(runs: list[tuple[str, float, float, int]]) -> int:
         running += step
         peak = max(peak, running)
     return peak
-
-
-def start_temporal_worker(engines: Engines, *args: str) -> Proc:
-    proc = Proc(["temporal-worker", *args], dict(os.environ))
-    engines._procs.append(proc)  # stopped with the fixture's
-    engines.temporal_worker = engines.temporal_worker or proc
-
-    def polling() -> bool:
-        if proc.proc.poll() is not None:
-            raise AssertionError(f"temporal worker exited:\n{proc.output()}")
-        return "Temporal worker polling" in proc.output()
-
-    wait_for(polling, timeout=120)
-    return proc
 
 
 def test_a_queue_runs_at_most_its_concurrency_of_steps_and_blocks_no_other_queue(
@@ -98,7 +83,7 @@ def test_a_temporal_worker_told_its_queues_runs_only_their_steps(
 ) -> None:
     """`--queues tq-wide`: the workflows of every job run, the steps of tq-wide only; a
     tq-narrow step waits on its task queue until a worker for tq-narrow polls it."""
-    start_temporal_worker(engines, "--queues", "tq-wide")
+    engines.start_temporal_worker("--queues", "tq-wide")
     narrow = engines.dispatch(
         "temporal", "tq.narrow", {"marker_dir": str(tmp_path), "label": "n", "seconds": 0}
     )
@@ -108,7 +93,7 @@ def test_a_temporal_worker_told_its_queues_runs_only_their_steps(
     assert engines.wait(wide.job_id, timeout=90).state == "succeeded"
     assert engines.wait(narrow.job_id, timeout=3, states=("running",)).state == "running"
     assert [label for label, *_ in spans(tmp_path)] == ["w"]
-    start_temporal_worker(engines, "--queues", "tq-narrow")
+    engines.start_temporal_worker("--queues", "tq-narrow")
     assert engines.wait(narrow.job_id, timeout=90).state == "succeeded"
     assert sorted(label for label, *_ in spans(tmp_path)) == ["n", "w"]
 
@@ -230,7 +215,7 @@ def test_a_job_held_for_a_slot_holds_no_activity_slot(
     a1 = dispatch_tenant(engines, "tq.slot", tmp_path, "a1", "a", 4.0)
     a2 = dispatch_tenant(engines, "tq.slot", tmp_path, "a2", "a", 0.2)
     waiting = held(a2.job_id, "waiting for slot")
-    assert waiting.state == "queued"
+    assert (waiting.state, waiting.attempts) == ("queued", 0)
     assert waiting.waiting_reason == (
         f"concurrency limit concurrency:job:tq.slot ({ONE_SLOT.limit} at once) for tenant=a"
     )
@@ -303,3 +288,35 @@ def test_a_rate_limit_counts_the_starts_of_both_engines_across_a_redis_outage(
     # at the grant: windows a little shorter than the period absorb that lag.
     assert most_in_a_window(starts, RATE.period - 0.1) == RATE.calls, starts
     assert min(temporal_starts.values()) > min(dramatiq_starts.values()) + RATE.period - 0.1
+
+
+def test_a_slot_whose_holder_was_terminated_goes_to_the_next_live_waiter_by_the_sweep(
+    flow_env: dict[str, str],
+    engines: Engines,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Concurrency(1): a1 holds tenant a's slot, a2 and a3 wait; a1 and a2 are terminated (no
+    release, no goodbye). a3, parked for JOBYARD_FLOW_PARK_SECONDS (60 s), is woken by the
+    temporal-worker's rescue sweep once a1's lease and a2's place ran out (3 s each here)."""
+    monkeypatch.setenv("JOBYARD_RESCUE_INTERVAL", "1")
+    engines.ensure_temporal_worker()
+    a1 = dispatch_tenant(engines, "tq.slot", tmp_path, "a1", "a", 20.0)
+    a2 = dispatch_tenant(engines, "tq.slot", tmp_path, "a2", "a")
+    held(a2.job_id, "waiting for slot")
+    a3 = dispatch_tenant(engines, "tq.slot", tmp_path, "a3", "a")
+    held(a3.job_id, "waiting for slot")
+    temporal = get_dispatcher().temporal
+
+    async def terminate(job_id: str) -> None:
+        client = await temporal.client()  # type: ignore[attr-defined]
+        await client.get_workflow_handle(job_id).terminate("test: gone without releasing")
+
+    for handle in (a1, a2):
+        temporal.run(terminate(handle.job_id))  # type: ignore[attr-defined]
+    terminated = time.time()
+    succeeded(engines, [a3], timeout=40)
+    (a3_run,) = [run for run in spans(tmp_path) if run[0] == "a3"]
+    waited = a3_run[1] - terminated
+    print(f"\na3 started {waited:.1f} s after its holder and the waiter ahead were terminated")
+    assert waited < 20, waited  # the park alone would have kept it 60 s

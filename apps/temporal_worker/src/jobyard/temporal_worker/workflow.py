@@ -46,7 +46,7 @@ class JobWorkflow:
         return StatusReply(
             name=self._name,
             state=self._state,
-            attempts=ctx.attempts if ctx else 0,
+            attempts=ctx.attempts if ctx and not hold else 0,  # held: no attempt spent
             progress=ctx.progress_value if ctx else None,
             run_at=hold["until"] if hold else ctx.sleeping_until if ctx else None,
             display_state=hold["display_state"] if hold else None,
