@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from temporalio.common import Priority
 
 from jobyard.cli.main import main as cli_main
 from jobyard.dispatcher import JobHandle, JobStatus, dispatch_job, get_dispatcher, get_job
+from jobyard.dispatcher.engines.temporal.engine import fairness_key, task_priority
 from jobyard.job_engine.db import get_engine
 from jobyard.job_engine.db.models import JobLog
 from tests.engines import Engines
@@ -320,3 +322,15 @@ def test_a_slot_whose_holder_was_terminated_goes_to_the_next_live_waiter_by_the_
     waited = a3_run[1] - terminated
     print(f"\na3 started {waited:.1f} s after its holder and the waiter ahead were terminated")
     assert waited < 20, waited  # the park alone would have kept it 60 s
+
+
+def test_a_concurrency_keyed_job_starts_with_its_key_as_temporal_fairness_key() -> None:
+    assert fairness_key("tq.keyed", {"tenant": "acme"}) == "acme"
+    assert fairness_key("tq.slot", {"tenant": 42}) == "42"  # payload_key's text of an int
+    long = fairness_key("tq.keyed", {"tenant": "x" * 200})
+    assert long is not None and len(long.encode()) == 64  # hashed to Temporal's 64 bytes
+    assert fairness_key("tq.rated", {"tenant": "acme"}) is None  # a rate key is no slot key
+    assert fairness_key("tq.keyed", {}) is None  # refused at dispatch, not here
+    assert task_priority(0) == Priority.default
+    assert task_priority(0, "acme") == Priority(fairness_key="acme")
+    assert task_priority(100, "acme") == Priority(priority_key=1, fairness_key="acme")
