@@ -17,7 +17,14 @@ from sqlalchemy import select
 from temporalio.common import Priority
 
 from jobyard.cli.main import main as cli_main
-from jobyard.dispatcher import JobHandle, JobStatus, dispatch_job, get_dispatcher, get_job
+from jobyard.dispatcher import (
+    JobHandle,
+    JobStatus,
+    cancel_job,
+    dispatch_job,
+    get_dispatcher,
+    get_job,
+)
 from jobyard.dispatcher.engines.temporal.engine import fairness_key, task_priority
 from jobyard.job_engine.db import get_engine
 from jobyard.job_engine.db.models import JobLog
@@ -222,10 +229,15 @@ def test_a_job_held_for_a_slot_holds_no_activity_slot(
         f"concurrency limit concurrency:job:tq.slot ({ONE_SLOT.limit} at once) for tenant=a"
     )
     b1 = dispatch_tenant(engines, "tq.slot", tmp_path, "b1", "b", 0.2)
+    a3 = dispatch_tenant(engines, "tq.slot", tmp_path, "a3", "a", 0.2)
+    held(a3.job_id, "waiting for slot")
+    cancel_job(a3.job_id)  # a held job cancels like a queued one: its place is given up
+    assert engines.wait(a3.job_id).state == "cancelled"
     succeeded(engines, [a1, a2, b1])
     runs = run_spans(tmp_path)
     assert runs["b1"][1] < runs["a1"][1], runs  # b1 ended while a1 still ran
     assert runs["a2"][0] >= runs["a1"][1], runs  # a2 only after a1 released its slot
+    assert "a3" not in runs
     assert get_job(a2.job_id).display_state is None
 
 
