@@ -9,7 +9,7 @@ of a key at once than its concurrency limit, and a held job holding no activity 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -346,3 +346,47 @@ def test_a_concurrency_keyed_job_starts_with_its_key_as_temporal_fairness_key() 
     assert task_priority(0) == Priority.default
     assert task_priority(0, "acme") == Priority(fairness_key="acme")
     assert task_priority(100, "acme") == Priority(priority_key=1, fairness_key="acme")
+
+
+def test_what_a_limited_job_adds_to_its_workflow_history(
+    flow_env: dict[str, str], engines: Engines, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-step job, unlimited, rate-limited and concurrency-keyed, none of them refused: the
+    limits cost the patch's marker and search attribute, a marker per permit call (a local
+    activity: no task round trip), and for a lease its renewal timer, nothing else. (Workflow
+    tasks vary from run to run with timing; these events do not.)"""
+    monkeypatch.setenv("WORKER_HEARTBEAT_TIMEOUT", "30")  # no renewal due in a short run
+    engines.ensure_temporal_worker()
+    temporal = get_dispatcher().temporal
+    runs = {
+        "unlimited": dispatch_tenant(engines, "tq.wide", tmp_path, "w", "solo"),
+        "rate": dispatch_tenant(engines, "tq.rated", tmp_path, "r", "solo"),
+        "concurrency": dispatch_tenant(engines, "tq.slot", tmp_path, "s", "solo"),
+    }
+    succeeded(engines, list(runs.values()))
+
+    async def history(job_id: str) -> list[str]:
+        client = await temporal.client()  # type: ignore[attr-defined]
+        events = (await client.get_workflow_handle(job_id).fetch_history()).events
+        return [(event.WhichOneof("attributes") or "").removesuffix("_event_attributes")
+                for event in events]  # fmt: skip
+
+    counted = ("marker_recorded", "timer_started", "timer_canceled",
+               "upsert_workflow_search_attributes")  # fmt: skip
+    events = {
+        name: Counter(
+            kind
+            for kind in temporal.run(history(handle.job_id))  # type: ignore[attr-defined]
+            if kind in counted
+        )
+        for name, handle in runs.items()
+    }
+    print(f"\n{events}")
+    # the running and succeeded events' markers
+    assert events["unlimited"] == Counter(marker_recorded=2)
+    # workflow.patched: a marker and its search attribute; the acquire: a marker
+    assert events["rate"] == Counter(marker_recorded=4, upsert_workflow_search_attributes=1)
+    # and the release's marker, the lease's renewal timer started and cancelled at the release
+    assert events["concurrency"] == Counter(
+        marker_recorded=5, upsert_workflow_search_attributes=1, timer_started=1, timer_canceled=1
+    )
