@@ -159,12 +159,20 @@ def most_in_a_window(starts: list[float], period: float) -> int:
     return max(sum(1 for s in starts if t - period < s <= t) for t in starts)
 
 
-def held(job_id: str, display_state: str) -> JobStatus:
-    def shows() -> JobStatus | None:
-        status = get_job(job_id)
-        return status if status.display_state == display_state else None
+def held(job_id: str, display_state: str, engines: Engines | None = None) -> JobStatus:
+    """The job's status once it shows `display_state` (the last ones seen, and the workers'
+    logs, if it never does)."""
+    seen: list[JobStatus] = []
 
-    return wait_for(shows, timeout=60, interval=0.2)
+    def shows() -> JobStatus | None:
+        seen.append(get_job(job_id))
+        return seen[-1] if seen[-1].display_state == display_state else None
+
+    try:
+        return wait_for(shows, timeout=60, interval=0.2)
+    except AssertionError as exc:
+        logs = engines.logs() if engines is not None else ""
+        raise AssertionError(f"{job_id} never {display_state!r}: {seen[-3:]}\n{logs}") from exc
 
 
 def test_a_rate_limit_per_key_holds_in_every_window_on_temporal(
@@ -175,7 +183,7 @@ def test_a_rate_limit_per_key_holds_in_every_window_on_temporal(
     engines.ensure_temporal_worker()
     a = [dispatch_tenant(engines, "tq.rated", tmp_path, f"a{i}", "a") for i in range(6)]
     b = [dispatch_tenant(engines, "tq.rated", tmp_path, f"b{i}", "b") for i in range(2)]
-    late = held(a[-1].job_id, "throttled")
+    late = held(a[-1].job_id, "throttled", engines)
     assert late.state == "queued" and late.run_at is not None, late
     assert late.waiting_reason == "rate limit rate:job:tq.rated (2 starts per 1.5s) for tenant=a"
     succeeded(engines, [*a, *b])
@@ -199,7 +207,7 @@ def test_a_concurrency_limit_per_key_holds_across_steps_and_sleeps_on_temporal(
     engines.ensure_temporal_worker()
     a = [dispatch_tenant(engines, "tq.keyed", tmp_path, f"a{i}", "a", 3.0) for i in range(5)]
     b = [dispatch_tenant(engines, "tq.keyed", tmp_path, f"b{i}", "b", 3.0) for i in range(2)]
-    waiting = held(a[-1].job_id, "waiting for slot")
+    waiting = held(a[-1].job_id, "waiting for slot", engines)
     assert waiting.waiting_reason == (
         "concurrency limit concurrency:job:tq.keyed (2 at once) for tenant=a"
     )
