@@ -59,6 +59,10 @@ class RunLimits:
         self._woken = False
         self._waiting_in: dict[str, Any] | None = None
         self._renewing: asyncio.Task[None] | None = None
+        #: One renewal or release at a time: a renewal committed after the release would take
+        #: the slot back (a renewal re-takes a free slot), and a short one after a sleep's long
+        #: one would cut the sleep's lease short.
+        self._one_at_a_time = asyncio.Lock()
 
     def wake(self) -> None:
         self._woken = True
@@ -98,19 +102,20 @@ class RunLimits:
         if lease is None or seconds < lease.ttl / 3:
             return  # the renewals cover it
         now = workflow.now().timestamp()
-        await self._renew(seconds + lease.ttl)
         lease.renew_at = max(lease.renew_at, now + seconds + lease.ttl / 3)
+        await self._renew(seconds + lease.ttl)
 
     async def release(self) -> None:
         """End the run's leases (or its place among a limit's waiters, if it never got in);
         the release signals the waiters now due a slot."""
-        if self._renewing is not None:
-            self._renewing.cancel()
-            self._renewing = None
         held = self.lease.held if self.lease else [self._waiting_in] if self._waiting_in else []
         self.lease, self._waiting_in = None, None
-        if held:
-            await _permit({"op": "release", "job_id": self.job_id, "held": held})
+        async with self._one_at_a_time:  # a renewal under way ends first
+            if self._renewing is not None:  # now asleep, or waiting for this lock
+                self._renewing.cancel()
+                self._renewing = None
+            if held:
+                await _permit({"op": "release", "job_id": self.job_id, "held": held})
 
     async def _keep_lease(self) -> None:
         while (lease := self.lease) is not None:
@@ -122,11 +127,12 @@ class RunLimits:
             await self._renew(lease.ttl)
 
     async def _renew(self, ttl: float) -> None:
-        lease = self.lease
-        if lease is None:
-            return
-        reply = await _permit({"op": "renew", "job_id": self.job_id, "held": lease.held,
-                               "ttl": ttl})  # fmt: skip
+        async with self._one_at_a_time:
+            lease = self.lease
+            if lease is None:  # released meanwhile
+                return
+            reply = await _permit({"op": "renew", "job_id": self.job_id, "held": lease.held,
+                                   "ttl": ttl})  # fmt: skip
         for slot in reply["lost"]:  # another run holds it now: say so, the run goes on
             workflow.logger.warning("job %s lost its slot in %s/%s (unrenewed past its ttl)",
                                     self.job_id, slot["scope"], slot["bucket"])  # fmt: skip
