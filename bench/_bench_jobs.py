@@ -13,7 +13,10 @@ from typing import Any
 from _workload import WORKLOADS, io_step, mark
 from pydantic import BaseModel, ConfigDict
 
-from jobyard.job_engine import JobContext, RetryPolicy, job
+from jobyard.job_engine import Concurrency, JobContext, RetryPolicy, job
+
+#: bench_fairness's concurrency limit per key.
+FAIR_LIMIT = 2
 
 
 class StepPayload(BaseModel):
@@ -77,3 +80,39 @@ async def w_sleep(ctx: JobContext, payload: WorkPayload) -> Any:
     result = await ctx.run("after", io_step, payload.order)
     _mark(ctx, "d", payload)
     return result
+
+
+class FairPayload(BaseModel):
+    """bench_fairness: `out` is the file each run appends its line to; `at` its dispatch time."""
+
+    out: str
+    key: str
+    at: float
+    seconds: float = 0.0
+    label: str = ""
+
+
+def record_run(payload: FairPayload) -> None:
+    import time
+
+    began = time.time()
+    if payload.seconds:
+        time.sleep(payload.seconds)
+    line = f"{payload.key} {payload.at} {began} {time.time()} {payload.label or '-'}\n"
+    with open(payload.out, "a") as f:  # one short append: atomic
+        f.write(line)
+
+
+@job(
+    "bench.fair", queue="default", payload=FairPayload, retry=RetryPolicy(attempts=1),
+    concurrency=Concurrency(FAIR_LIMIT, key="key"),
+)  # fmt: skip
+async def fair(ctx: JobContext, payload: FairPayload) -> None:
+    """bench_fairness: at most FAIR_LIMIT runs at once per key."""
+    record_run(payload)
+
+
+@job("bench.mark", queue="default", payload=FairPayload, retry=RetryPolicy(attempts=1))
+async def mark_start(ctx: JobContext, payload: FairPayload) -> None:
+    """bench_fairness: no limit; records when it ran (the priority part)."""
+    record_run(payload)

@@ -234,3 +234,42 @@ def test_a_payload_without_its_key_is_refused_at_dispatch(
     client = flow.redis.client()
     assert client.keys(f"{keys.job_prefix()}*") == []  # nothing started
     client.close()
+
+
+def test_dispatch_lets_at_most_the_limit_per_key_into_the_ready_list(
+    flow: Engines, tmp_path: Path
+) -> None:
+    """The rest wait parked, one by one or in bulk: a big key's backlog is never in front of a
+    small key's job (no worker here: a live one is pretended, so the jobs stay queued)."""
+    client = flow.redis.client()
+    seconds, _ = client.time()
+    client.zadd(keys.workers(FLOW_QUEUE), {"placeholder": (seconds + 600) * 1000})
+    big, small = tenant("big"), tenant("small")
+
+    def job(key: str) -> tuple[str, dict[str, object]]:
+        return ("test.flow_slots", {"marker_dir": str(tmp_path), "tenant": key})
+
+    assert all(not isinstance(h, Exception) for h in dispatch_many([job(big)] * 20))
+    dispatch_job(*job(big))
+    assert all(not isinstance(h, Exception) for h in dispatch_many([job(small)] * 3))
+    assert client.llen(keys.dramatiq_queue(FLOW_QUEUE)) == 2 * CONCURRENCY
+    assert client.zcard(keys.parked(FLOW_QUEUE)) == 21 + 3 - 2 * CONCURRENCY
+    client.close()
+
+
+def test_a_run_whose_permit_store_is_away_waits_instead_of_running_unlimited(
+    flow: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobyard.job_engine import get_spec
+    from jobyard.queue.flow import STORE_AWAY_SECONDS, Held, RunPermits
+    from jobyard.queue.store import JobStore
+
+    monkeypatch.setenv(env.DATABASE_URL, "postgresql+psycopg://nobody@127.0.0.1:1/nothing")
+    runtime.reset()
+    spec = get_spec("test.flow_slots")
+    permits = RunPermits(
+        JobStore(flow.redis.client()), spec, "job-x", {"tenant": "t"}, resume=False
+    )
+    with pytest.raises(Held) as held:
+        permits.acquire()
+    assert (held.value.seconds, held.value.hold) == (STORE_AWAY_SECONDS, None)

@@ -22,6 +22,7 @@ from jobyard.api.responses import (
 from jobyard.dispatcher import (
     JobNotFoundError,
     JobStillActiveError,
+    flow_counts,
     list_jobs,
     list_workers,
     queue_stats,
@@ -92,6 +93,13 @@ def replay_dead(body: BulkReplay) -> JSONResponse:
 @router.get("/queues", dependencies=ADMIN, tags=["admin"], responses={**ADMIN_RESPONSES})
 def queues() -> list[dict[str, Any]]:
     return [stats.as_dict() for stats in queue_stats()]
+
+
+@router.get("/flow", dependencies=ADMIN, tags=["admin"], responses={**ADMIN_RESPONSES})
+def flow() -> list[dict[str, Any]]:
+    """Flow control now: the limits' keys holding runs or waiting jobs, most waiting first (the
+    20 busiest; Prometheus has every limit's totals)."""
+    return flow_counts()
 
 
 @router.get("/workers", dependencies=ADMIN, tags=["admin"], responses={**ADMIN_RESPONSES})

@@ -116,5 +116,6 @@ def accepted(request: Request, handle: JobHandle) -> JSONResponse:
         "status_url": url,
         "fallback_reason": handle.fallback_reason,
         "duplicate": handle.duplicate,
+        "served_by": handle.served_by,  # a debounced dispatch collapsed into this job's run
     }
     return SafeJSONResponse(body, status.HTTP_202_ACCEPTED, headers={"Location": url})

@@ -14,6 +14,7 @@ from jobyard.api.responses import SafeJSONResponse, unprocessable, validation_de
 from jobyard.dispatcher import get_job_record, get_job_steps, list_jobs
 from jobyard.dispatcher.lifecycle import Cursor, cursor_of
 from jobyard.dispatcher.timeline import without_timings
+from jobyard.job_engine.flow.waiting import DISPLAY_STATES as FLOW_DISPLAY_STATES
 
 log = logging.getLogger("jobyard.api")
 
@@ -53,8 +54,10 @@ def merge(status_: dict[str, Any] | None, record: dict[str, Any] | None) -> dict
 
 def readable(job: dict[str, Any]) -> dict[str, Any]:
     """Adds `display_state`, the state as a person reads it: a running job waiting on its
-    durable sleep is "sleeping", a queued job waiting for its dispatch delay (or rate limit) is
-    "delayed", until `run_at` (an ISO time; for a retrying job, its next attempt)."""
+    durable sleep is "sleeping", a queued job waiting for its dispatch delay is "delayed", until
+    `run_at` (an ISO time; for a retrying job, its next attempt). A job held by a flow-control
+    limit keeps the engine's (`throttled`, `waiting for slot`, `debouncing`, `collapsed`), with
+    its `waiting_reason`."""
     run_at = job.get("run_at")
     if isinstance(run_at, int | float):
         run_at = job["run_at"] = datetime.fromtimestamp(run_at, UTC).isoformat()
@@ -67,7 +70,8 @@ def readable(job: dict[str, Any]) -> dict[str, Any]:
     state = job.get("state")
     if not waiting and state in ("queued", "running"):
         job["run_at"] = None  # past: the job is not waiting on it any more
-    job["display_state"] = WAITING_STATES.get(state or "", state) if waiting else state
+    if job.get("display_state") not in FLOW_DISPLAY_STATES:
+        job["display_state"] = WAITING_STATES.get(state or "", state) if waiting else state
     return job
 
 

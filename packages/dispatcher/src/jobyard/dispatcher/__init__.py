@@ -22,6 +22,7 @@ from jobyard.dispatcher.errors import (
     JobStillActiveError,
 )
 from jobyard.dispatcher.events import JobEventRecord, ajob_events, job_events
+from jobyard.dispatcher.flow import flow_counts
 from jobyard.dispatcher.lifecycle import (
     JobRecord,
     QueueStats,
@@ -58,6 +59,7 @@ __all__ = [
     "cancel_job",
     "dispatch_job",
     "dispatch_many",
+    "flow_counts",
     "get_dispatcher",
     "get_job",
     "get_job_record",

@@ -43,7 +43,7 @@ class BulkDispatch:
         results: list[JobHandle | Exception | None] = [None] * len(listed)
         plain: list[int] = []
         others: list[int] = []
-        limited = registry.limited_names
+        limited = registry.limited_names()
         for index, request in enumerate(listed):
             plain_one = _is_plain(request) and _name(request) not in limited
             (plain if plain_one else others).append(index)

@@ -15,8 +15,11 @@ The keys were read from the payload already (`make_submission`: MissingKeyError,
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from jobyard.dispatcher.engines import Submission
 from jobyard.dispatcher.models import JobHandle, JobStatus
@@ -26,6 +29,8 @@ from jobyard.job_engine.flow.waiting import COLLAPSED, Hold, describe
 
 if TYPE_CHECKING:
     from jobyard.dispatcher.routing import Router
+
+log = logging.getLogger("jobyard.flow")
 
 
 class FlowDispatch:
@@ -61,7 +66,11 @@ class FlowDispatch:
         if not any(lim.kind == CONCURRENCY for lim in spec.limits):
             return job
         gate = runtime.gate(spec, job.job_id, job.payload)
-        admission = gate.admit(runtime.admission_seconds())
+        try:
+            admission = gate.admit(runtime.admission_seconds())
+        except Exception as exc:  # best effort: its run asks at its start all the same
+            log.warning("job %s: no admission at dispatch (%s)", job.job_id, exc)
+            return job
         if admission.granted:
             return job
         held = gate.hold(admission)
@@ -83,7 +92,10 @@ def served_by(job_id: str) -> str | None:
         return None
     from jobyard.job_engine.flow import runtime
 
-    return runtime.permit_store().served_by(job_id)
+    try:
+        return runtime.permit_store().served_by(job_id)
+    except SQLAlchemyError:  # no permit store here: the engines' "not found" stands
+        return None
 
 
 def follow_collapsed(job_id: str, status: JobStatus, run_id: str) -> JobStatus:
@@ -131,3 +143,19 @@ def _concurrency_scopes() -> dict[str, tuple[str, int]]:
             if lim.kind == CONCURRENCY and isinstance(lim.declaration, Concurrency):
                 found[lim.scope] = (spec.queue, lim.declaration.limit)
     return found
+
+
+def flow_counts(top: int = 20) -> list[dict[str, object]]:
+    """The flow-control buckets holding something now, the `top` with most waiting jobs first:
+    scope (the limit), key, running, waiting, recent starts. Empty when no job is limited."""
+    if not any(spec.limited for spec in registry):
+        return []
+    from jobyard.job_engine.flow import runtime
+
+    counts = runtime.permit_store().counts()
+    counts.sort(key=lambda c: (-c.waiting, -c.running, c.scope, c.bucket))
+    return [
+        {"scope": c.scope, "key": c.bucket, "running": c.running, "waiting": c.waiting,
+         "recent_starts": c.recent_starts}
+        for c in counts[:top]
+    ]  # fmt: skip

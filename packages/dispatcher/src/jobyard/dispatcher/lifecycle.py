@@ -84,6 +84,7 @@ class QueueStats:
     delayed: int  # waiting for a retry backoff, a durable sleep or a dispatch delay
     dead: int  # dead letters (from the job log)
     live_workers: int
+    held: int = 0  # waiting for a flow-control limit (a rate window, a slot, a debounce)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -310,7 +311,15 @@ def queue_stats() -> list[QueueStats]:
     depths = _ask(get_dispatcher().dramatiq.queue_depths)
     dead = _dead_counts()
     return [
-        QueueStats(d.name, d.waiting, d.in_flight, d.delayed, dead.get(d.name, 0), d.live_workers)
+        QueueStats(
+            d.name,
+            d.waiting,
+            d.in_flight,
+            d.delayed,
+            dead.get(d.name, 0),
+            d.live_workers,
+            d.held,
+        )
         for d in depths
     ]
 

@@ -30,6 +30,7 @@ class QueueCollector(Collector):
                 ("depth", "Jobs waiting on the queue"),
                 ("in_flight", "Jobs fetched by a worker and not finished"),
                 ("delayed", "Jobs waiting for a backoff, a durable sleep or a delay"),
+                ("held", "Jobs waiting for a flow-control limit (rate, slot, debounce)"),
                 ("dead", "Dead letters in the job log"),
                 ("live_workers", "Workers with a recent heartbeat"),
             )
@@ -75,5 +76,22 @@ def render(include_queues: bool = True) -> tuple[bytes, str]:
     if include_queues:
         queues = CollectorRegistry(auto_describe=False)
         queues.register(QueueCollector())
+        flow = flow_collector()
+        if flow is not None:
+            queues.register(flow)
         body += generate_latest(queues)
     return body, CONTENT_TYPE_LATEST
+
+
+def flow_collector() -> Collector | None:
+    """Flow control's counts per limit and per busiest keys (jobyard.job_engine.flow.metrics),
+    read from the permit store at scrape time: only when a job or queue declares a limit (the
+    store is not touched otherwise)."""
+    from jobyard.job_engine import registry
+
+    if not any(spec.limited for spec in registry):
+        return None
+    from jobyard.job_engine.flow import runtime
+    from jobyard.job_engine.flow.metrics import FlowCollector
+
+    return FlowCollector(runtime.permit_store)

@@ -215,9 +215,7 @@ def max_payload_bytes() -> int:
 class JobRegistry:
     def __init__(self) -> None:
         self._jobs: dict[str, JobSpec] = {}
-        #: The names of the jobs under a flow-control limit (`JobSpec.limited`): what a bulk
-        #: dispatch checks per job, cheaper than looking each spec up.
-        self.limited_names: set[str] = set()
+        self._limited: set[str] = set()  # see limited_names
 
     def add(self, spec: JobSpec) -> JobSpec:
         existing = self._jobs.get(spec.name)
@@ -225,8 +223,14 @@ class JobRegistry:
             raise ValueError(f"job {spec.name!r} is declared twice")
         self._jobs[spec.name] = spec
         if spec.limited:
-            self.limited_names.add(spec.name)
+            self._limited.add(spec.name)
         return spec
+
+    def limited_names(self) -> set[str]:
+        """The names of the jobs under a flow-control limit (`JobSpec.limited`), every job
+        module loaded: what a bulk dispatch checks per job, cheaper than each spec's lookup."""
+        load_job_modules()
+        return self._limited
 
     def get(self, name: str) -> JobSpec:
         spec = self._jobs.get(name)

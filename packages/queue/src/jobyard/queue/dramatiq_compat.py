@@ -13,8 +13,10 @@ Overrides, and why (the classes are below):
   prefetch window in batches once half of it is free (Dramatiq's fetches whatever is free, often
   one message a round trip, then sleeps with a growing backoff), and turns a nack into a requeue
   (a jobyard message fails only when Redis failed under the runner's bookkeeping; the job's seq
-  makes a rerun safe). Reads the consumer's `message_cache`, `queued_message_ids`,
-  `outstanding_message_count`, `prefetch` and `timeout`, and calls its `requeue`.
+  makes a rerun safe). Its `__next__` is Dramatiq's, but the idle backoff after an empty fetch
+  is a wait that `nudge` ends (a job parked by flow control was woken: it is fetched at once,
+  not after up to `timeout`). Reads the consumer's `message_cache`, `queued_message_ids`,
+  `outstanding_message_count`, `prefetch`, `timeout` and `misses`, and calls its `requeue`.
 - `RedisBroker` as `JobyardBroker`: `__init__` (a broker id that names its worker process, see
   `broker_id_of`), `add_middleware`, `emit_before`, `emit_after` (only the middleware hooks that
   do something are called: Dramatiq looks each one up by name for every signal of every
@@ -73,7 +75,7 @@ import redis
 from dramatiq import Message
 from dramatiq.broker import Broker, MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
-from dramatiq.common import current_millis, iter_queue, q_name
+from dramatiq.common import compute_backoff, current_millis, iter_queue, q_name
 from dramatiq.errors import BrokerConnectionError, ConnectionClosed
 from dramatiq.middleware import Middleware, MiddlewareError
 from dramatiq.worker import CONSUMER_RESTART_DELAY_SECS, ConsumerThread, WorkerThread
@@ -123,6 +125,7 @@ class JobyardConsumer(_RedisConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.slot_freed = threading.Event()
+        self.nudged = threading.Event()  # see `nudge`
         # The broker's set for this queue, the same object for the broker's life: looked up once
         # here rather than under the broker's lock twice a message.
         self.delivered = self.broker.delivered(self.queue_name)
@@ -135,10 +138,45 @@ class JobyardConsumer(_RedisConsumer):
             self.slot_freed.clear()  # then look again, so an ack in between is not missed
             if self.window_full() and not self.slot_freed.wait(self.timeout / 1000):
                 return None  # still full: the consumer thread calls again
-        message = super().__next__()  # type: ignore[no-untyped-call]
+        message = self._cached_or_fetched()
         if message is not None:
             self.delivered.add(message.options["redis_message_id"])
         return message
+
+    def nudge(self) -> None:
+        """A message entered the queue that an idle consumer should fetch now: its backoff
+        wait ends (a parked job woken by flow control, a priority)."""
+        self.misses = 0
+        self.nudged.set()
+
+    def _cached_or_fetched(self) -> MessageProxy | None:
+        """Dramatiq's `__next__`, with its idle sleep replaced by a wait `nudge` ends."""
+        try:
+            while True:
+                try:
+                    data = self.message_cache.pop(0)
+                except IndexError:
+                    self.nudged.clear()  # before the fetch: a nudge during it is not missed
+                    messages: list[bytes] = []
+                    if self.outstanding_message_count < self.prefetch:
+                        wanted = self.prefetch - self.outstanding_message_count
+                        messages = self.broker.do_fetch(self.queue_name, wanted)
+                        self.message_cache = messages
+                    if not messages:
+                        self.misses, backoff_ms = compute_backoff(
+                            self.misses, max_backoff=self.timeout
+                        )
+                        self.nudged.wait(backoff_ms / 1000)
+                        return None
+                    continue
+                if data is None:  # see Dramatiq's __next__ (its issue 266)
+                    continue
+                self.misses = 0
+                message = Message.decode(data)
+                self.queued_message_ids.add(message.message_id)
+                return MessageProxy(message)
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None
 
     def take_cached(self) -> MessageProxy | None:
         """A fetched message, if one is waiting, without the lock `__next__` needs: list.pop is
@@ -528,6 +566,7 @@ RELIED_ON: dict[str, dict[str, str]] = {
         "queued_message_ids": "",
         "prefetch": "",
         "timeout": "",
+        "misses": "",
     },
     "dramatiq.brokers.redis.RedisBroker": {
         "_max_unpack_size": "(self)",

@@ -21,6 +21,9 @@ log = logging.getLogger("jobyard.flow")
 
 #: The step a debounced run records its burst's payload as, so that a retry replays it.
 PAYLOAD_STEP = "__flow__:payload"
+#: Seconds a run waits before asking again when the permit store cannot be reached: it never
+#: starts without its permits.
+STORE_AWAY_SECONDS = 5.0
 
 
 class Held(BaseException):
@@ -32,7 +35,7 @@ class Held(BaseException):
         self.seconds, self.hold = seconds, hold
 
 
-class RunGate:
+class RunPermits:
     """One run of a limited job. A resume after a durable sleep is not a new start: it asks
     its concurrency slots (kept through the sleep) and its burst again, not its rate."""
 
@@ -48,8 +51,14 @@ class RunGate:
         self.granted_at: float | None = None
 
     def acquire(self) -> Any | None:
-        """Every permit, or Held. The debounced burst's last payload when it claimed one."""
-        admission = self.gate.acquire()
+        """Every permit, or Held (also while the permit store cannot be reached). The debounced
+        burst's last payload when it claimed one."""
+        try:
+            admission = self.gate.acquire()
+        except Exception as exc:  # the database away: wait, never run unlimited
+            log.warning("job %s: permit store unavailable (%s); asking again in %gs",
+                        self.job_id, exc, STORE_AWAY_SECONDS)  # fmt: skip
+            raise Held(STORE_AWAY_SECONDS, None) from exc
         if not admission.granted:
             hold = self.gate.hold(admission)
             if hold is not None:

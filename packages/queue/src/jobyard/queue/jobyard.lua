@@ -179,9 +179,10 @@ local function expire_finished(job_key)
 end
 
 -- A parked message (see jobyard:parked) enters its job's list, at the back; published as an
--- enqueue would be when its priority is above 0.
+-- enqueue would be when its priority is above 0, or whatever it is with `announce` (a wake:
+-- workers idling in their fetch backoff fetch it now).
 local function unpark(parked_key, queue_key, queue_msgs_key, bands_key, band_prefix, job_prefix,
-                      channel, message_id)
+                      channel, message_id, announce)
     redis.call("zrem", parked_key, message_id)
     local data = redis.call("hget", queue_msgs_key, message_id)
     if not data then
@@ -189,7 +190,7 @@ local function unpark(parked_key, queue_key, queue_msgs_key, bands_key, band_pre
     end
     local p = priority_of(job_prefix, data)
     redis.call("rpush", waiting_list(queue_key, bands_key, band_prefix, p), message_id)
-    if p > 0 and channel then
+    if channel and (p > 0 or announce) then
         redis.call("publish", channel, p)
     end
 end
@@ -971,7 +972,7 @@ elseif command == "wake" then
         local message_id = redis.call("hget", job_prefix .. ARGV[i], "rmid")
         if message_id and redis.call("zscore", parked_key, message_id) then
             unpark(parked_key, queue_key, queue_msgs_key, bands_key, band_prefix, job_prefix,
-                   KEYS[5], message_id)
+                   KEYS[5], message_id, true)
             woken = woken + 1
         end
     end

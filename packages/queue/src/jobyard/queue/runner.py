@@ -33,7 +33,7 @@ from jobyard.queue.context import (
 )
 from jobyard.queue.dramatiq_compat import ACKED
 from jobyard.queue.eager import discard_loop, run_eagerly
-from jobyard.queue.flow import PAYLOAD_STEP, Held, RunGate
+from jobyard.queue.flow import PAYLOAD_STEP, Held, RunPermits
 from jobyard.queue.messages import RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
 from jobyard.queue.queues import get_queue, retry_policy
 from jobyard.queue.reclaim import WORKER_PROCESS_DIED, died_error, is_suspect
@@ -115,7 +115,7 @@ class _Run:
         )
         self.acked = False
         self.progress_count = 0
-        self.gate: RunGate | None = None  # a limited job's permits (jobyard.queue.flow)
+        self.permits: RunPermits | None = None  # a limited job's permits (jobyard.queue.flow)
         # A suspect (taken back from a dead process, see jobyard.queue.reclaim) runs alone, and
         # its start is recorded before its handler runs, with the attempts it may use.
         self.suspect = is_suspect(options)
@@ -152,9 +152,9 @@ class _Run:
             model = self.spec.validate(self.payload)
             result: Any = run_eagerly(self.spec.handler(self.ctx, model))
         except Suspend as suspend:
-            if self.gate is not None:
-                self.gate.keep(suspend.seconds)  # its slots stay its own through the sleep
-                self.gate = None
+            if self.permits is not None:
+                self.permits.keep(suspend.seconds)  # its slots stay its own through the sleep
+                self.permits = None
             self.reschedule("running", suspend.seconds, resume=True)
         except Held as held:  # no permit: parked, its Lua start never made (no attempt)
             state = "running" if self.resume else "queued"
@@ -165,9 +165,9 @@ class _Run:
             self.finish("cancelled")
         except LostOwnership as lost:
             log.info("job %s: message dropped (%s)", self.job_id, lost)
-            if str(lost) in ("stale", "lost") and self.gate is not None:
-                self.gate.forget()  # the job's live copy holds the same leases
-                self.gate = None
+            if str(lost) in ("stale", "lost") and self.permits is not None:
+                self.permits.forget()  # the job's live copy holds the same leases
+                self.permits = None
             if str(lost) == "cancelled":
                 self.event("cancelled", None)
         except redis.RedisError:
@@ -179,16 +179,16 @@ class _Run:
         else:
             self.succeeded(result)
         finally:
-            if self.gate is not None:  # every ending but a sleep gives its slots back
-                self.gate.release()
+            if self.permits is not None:  # every ending but a sleep gives its slots back
+                self.permits.release()
 
     def pass_limits(self) -> None:
         """Every permit before the handler runs at all (Held if refused), then the run's
         start: so no step of it runs before its permit, and a job that never touches ctx asks
         too. A debounced run gets its burst's last payload, recorded for a retry."""
-        self.gate = RunGate(self.store, self.spec, self.job_id, self.payload, self.resume)
-        payload = self.gate.acquire()
-        self.ctx.permit_at = self.gate.granted_at
+        self.permits = RunPermits(self.store, self.spec, self.job_id, self.payload, self.resume)
+        payload = self.permits.acquire()
+        self.ctx.permit_at = self.permits.granted_at
         self.ctx.start()
         if payload is not None:
             self.payload = self.ctx.recorded(PAYLOAD_STEP, payload)

@@ -45,14 +45,15 @@ log = logging.getLogger("jobyard.worker")
 
 
 class PriorityListener:
-    """Calls `heard()` whenever a message of priority > 0 enters `queue` (jobyard.lua publishes
-    on its channel). `start` subscribes before it returns, so a worker that has fetched nothing
-    yet misses nothing; after a lost connection it subscribes again a second later, and calls
-    `heard()` once, since one may have come meanwhile. A daemon thread of its own."""
+    """Calls `heard(p)` whenever a message of priority p > 0 enters `queue`, or a parked one
+    (flow control) is woken, whatever its p (jobyard.lua publishes on its channel). `start`
+    subscribes before it returns, so a worker that has fetched nothing yet misses nothing; after
+    a lost connection it subscribes again a second later, and calls `heard(1)` once, since one
+    may have come meanwhile. A daemon thread of its own."""
 
     POLL = 1.0  # seconds between looks at whether to stop
 
-    def __init__(self, client: redis.Redis, queue: str, heard: Callable[[], None]) -> None:
+    def __init__(self, client: redis.Redis, queue: str, heard: Callable[[int], None]) -> None:
         self.client, self.channel, self.heard = client, keys.priority_channel(queue), heard
         self.stopped = threading.Event()
         self.thread = threading.Thread(
@@ -85,10 +86,11 @@ class PriorityListener:
             try:
                 if pubsub is None:
                     pubsub = self._subscribed()
-                    self.heard()
+                    self.heard(1)
                 while not self.stopped.is_set():
-                    if pubsub.get_message(timeout=self.POLL) is not None:
-                        self.heard()
+                    published = pubsub.get_message(timeout=self.POLL)
+                    if published is not None:
+                        self.heard(_priority(published))
             except redis.RedisError as exc:
                 log.warning("priority channel %s: %s; subscribing again", self.channel, exc)
                 self.stopped.wait(CONSUMER_RESTART_DELAY_SECS)
@@ -96,6 +98,13 @@ class PriorityListener:
                 if pubsub is not None:
                     pubsub.close()
                     pubsub = None
+
+
+def _priority(published: dict[str, Any]) -> int:
+    try:
+        return int(published["data"])
+    except (KeyError, TypeError, ValueError):
+        return 1  # not ours to read: fetch again, as for a priority
 
 
 class PulledQueue:
@@ -119,8 +128,14 @@ class PulledQueue:
         self.outranked = False
         self.listener: PriorityListener | None = None
 
-    def heard_priority(self) -> None:
-        self.outranked = True
+    def heard_priority(self, priority: int) -> None:
+        """A message entered the queue: one of priority > 0 is fetched before the prefetched
+        ones; any wakes a consumer idling in its backoff."""
+        if priority > 0:
+            self.outranked = True
+        consumer = self.consumer
+        if consumer is not None:
+            consumer.nudge()
 
     def listen(self, client: redis.Redis) -> None:
         """Starts fetching again whenever a message of priority > 0 arrives."""

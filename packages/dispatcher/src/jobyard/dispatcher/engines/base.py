@@ -144,6 +144,7 @@ class QueueDepth:
     in_flight: int  # fetched by a worker, not finished
     delayed: int  # waiting for a retry backoff, a durable sleep or a dispatch delay
     live_workers: int
+    held: int = 0  # waiting for a flow-control limit (a rate window, a slot, a debounce)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from jobyard.job_engine import registry
 from jobyard.queue import keys
 from jobyard.queue.store.script import ScriptStore
+
+
+def may_park(queue: str) -> bool:
+    """Whether a job of `queue` is under a flow-control limit, so that its messages may be
+    parked (jobyard:parked:<queue>): a fetch of any other queue does not look there."""
+    parks = _parks.get(queue)
+    if parks is None:
+        parks = _parks[queue] = any(spec.limited and spec.queue == queue for spec in registry)
+    return parks
+
+
+_parks: dict[str, bool] = {}
 
 
 class BandCommands(ScriptStore):
@@ -16,17 +29,18 @@ class BandCommands(ScriptStore):
         """Up to `wanted` messages of `queue` for broker `broker_id`, in the order to run them
         (bands p > 0 highest first, the queue's list, bands p < 0), moved into its acks set;
         its Dramatiq heartbeat is `timestamp_ms` (Dramatiq's fetch does both). Parked messages
-        now due (flow control) enter their lists first."""
+        now due (flow control) enter their lists first, on a queue whose jobs may be parked."""
+        fetch_keys = [
+            keys.dramatiq_heartbeats(),
+            keys.dramatiq_acks(broker_id, queue),
+            keys.dramatiq_queue(queue),
+            keys.dramatiq_messages(queue),
+            keys.bands(queue),
+        ]
+        if may_park(queue):
+            fetch_keys += [keys.parked(queue), keys.priority_channel(queue)]
         reply = self._call(
-            [
-                keys.dramatiq_heartbeats(),
-                keys.dramatiq_acks(broker_id, queue),
-                keys.dramatiq_queue(queue),
-                keys.dramatiq_messages(queue),
-                keys.bands(queue),
-                keys.parked(queue),
-                keys.priority_channel(queue),
-            ],
+            fetch_keys,
             "fetch",
             broker_id,
             timestamp_ms,

@@ -16,6 +16,7 @@ class QueueCounts:
     waiting: int  # on the queue, not fetched
     in_flight: int  # fetched by a worker, not acked
     delayed: int  # on the delay queue: retry backoffs, durable sleeps, dispatch delays
+    held: int = 0  # parked by a flow-control limit (jobyard:parked:<queue>)
 
 
 class Reads(ScriptStore):
@@ -50,9 +51,8 @@ class Reads(ScriptStore):
         pipe.hlen(keys.dramatiq_messages(keys.delayed(queue)))
         pipe.zcard(keys.parked(queue))
         waiting, held, delayed, parked = pipe.execute()
-        # A queue's msgs hash holds waiting, parked and fetched messages alike. Parked ones
-        # (held by flow control) wait for a time or a wake-up, as delayed ones do.
-        return QueueCounts(waiting, max(0, held - waiting - parked), delayed + parked)
+        # A queue's msgs hash holds waiting, parked and fetched messages alike.
+        return QueueCounts(waiting, max(0, held - waiting - parked), delayed, parked)
 
     def job_log_entries(self, limit: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """The oldest `limit` entries of the job log's outbox: (stream id, fields), in order."""

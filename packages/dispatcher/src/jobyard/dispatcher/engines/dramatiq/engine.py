@@ -216,7 +216,14 @@ class DramatiqEngine(Engine):
                 counts = self.store.queue_counts(queue)
                 live = self.store.live_workers(queue, self._timeout_ms)
                 depths.append(
-                    QueueDepth(queue, counts.waiting, counts.in_flight, counts.delayed, live)
+                    QueueDepth(
+                        queue,
+                        counts.waiting,
+                        counts.in_flight,
+                        counts.delayed,
+                        live,
+                        counts.held,
+                    )
                 )
         return depths
 
