@@ -61,8 +61,9 @@ class Engines:
 
         wait_for(ready, timeout=timeout)
 
-    def start_temporal_worker(self) -> Proc:
-        proc = Proc(["temporal-worker"], dict(os.environ))
+    def start_temporal_worker(self, *args: str) -> Proc:
+        """`jobyard temporal-worker` with `args` (e.g. `--queues ai`), once it polls."""
+        proc = Proc(["temporal-worker", *args], dict(os.environ))
         self._procs.append(proc)
         self.temporal_worker = proc
 

@@ -153,6 +153,8 @@ def test_queued_jobs_move_to_temporal_when_their_workers_die(engines, monkeypatc
     worker.signal_group(signal.SIGKILL)
     worker.proc.wait()
 
+    # Temporal runs the default queue's concurrency of steps at once: not only the blocker's.
+    monkeypatch.setenv("WORKER_CONCURRENCY_DEFAULT", "4")
     engines.start_temporal_worker()
     for directory, handle in waiting:
         status = engines.wait(handle.job_id, timeout=40)

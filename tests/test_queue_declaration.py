@@ -28,7 +28,7 @@ from jobyard.job_engine import (
 from jobyard.job_engine.queues import get_queue, parse_queue_list, queue_names
 from tests.engines import Engines
 from tests.queue_jobs import AI_CONCURRENCY
-from tests.support import ROOT, Proc
+from tests.support import ROOT, Proc, most_at_once
 
 QUEUE_JOB_MODULES = "tests.jobs,tests.queue_jobs"
 
@@ -58,15 +58,6 @@ def spans(directory: Path) -> list[tuple[float, float, int]]:
         (float(start), float(end), int(pid))
         for start, end, pid in (line.split() for line in path.read_text().splitlines())
     ]
-
-
-def most_at_once(runs: list[tuple[float, float, int]]) -> int:
-    edges = sorted([(start, 1) for start, _, _ in runs] + [(end, -1) for _, end, _ in runs])
-    running = peak = 0
-    for _, step in edges:  # an end sorts before a start at the same instant
-        running += step
-        peak = max(peak, running)
-    return peak
 
 
 def test_a_declared_queue_runs_on_a_worker_told_to_run_it(

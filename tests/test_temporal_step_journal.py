@@ -46,6 +46,8 @@ def world(
 ) -> Iterator[World]:
     values = jobyard_values(redis_server, temporal, job_log_database)  # type: ignore[arg-type]
     values |= {"JOBYARD_JOB_MODULES": "tests.faults.jobs", "USE_DRAMATIQ": "false"}
+    # 6 steps of the default queue at once: the Temporal worker runs a queue's concurrency.
+    values["WORKER_CONCURRENCY_DEFAULT"] = "8"
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     _reset()

@@ -125,7 +125,11 @@ class Cluster:
     def start_temporal_worker(
         self, extra: dict[str, str] | None = None, *, wait: bool = True
     ) -> Proc:
-        env = dict(os.environ) | self.env | (extra or {}) | {ENGINE_ENV: "temporal"}
+        # A Temporal worker runs a queue's concurrency of its steps at once (per-queue task
+        # queues); the scenarios were sized for the 100 activity slots it had for every queue
+        # before, and measure recovery, not that bound: they keep them.
+        slots = {"WORKER_CONCURRENCY_DEFAULT": "100"}
+        env = dict(os.environ) | self.env | slots | (extra or {}) | {ENGINE_ENV: "temporal"}
         proc = Proc(["temporal-worker"], env)
         self.procs.append(proc)
         if wait:

@@ -138,10 +138,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_workers(queues, processes)
 
 
-def cmd_temporal_worker(_: argparse.Namespace) -> int:
+def cmd_temporal_worker(args: argparse.Namespace) -> int:
+    from jobyard.job_engine.queues import parse_queue_list
     from jobyard.temporal_worker.worker import main as temporal_main
 
-    temporal_main()
+    try:
+        queues = parse_queue_list(args.queues)
+    except ValueError as exc:
+        return _fail(str(exc))
+    temporal_main(queues)
     return 0
 
 
@@ -318,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("temporal-worker", help="run the Temporal worker")
     modules_argument(p)
+    p.add_argument(
+        "--queues", default="", help="comma-separated queues whose steps it runs (default: all)"
+    )
     p.set_defaults(func=cmd_temporal_worker, loads_jobs=True)
 
     p = sub.add_parser("health", help="exit 0 when this host's worker is alive")

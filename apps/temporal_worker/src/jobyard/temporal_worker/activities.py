@@ -23,6 +23,7 @@ from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.temporal_worker.claims import ClaimStore, ClaimUnavailable
 from jobyard.temporal_worker.faultlog import FaultLog
 from jobyard.temporal_worker.journal import StepRecords
+from jobyard.temporal_worker.permits import permit
 
 STEP_ACTIVITY = contract.STEP_ACTIVITY
 #: How long a step's activity may go without a heartbeat before Temporal retries it elsewhere
@@ -49,7 +50,13 @@ class JobActivities:
         self.journal = journal
 
     def all(self) -> list[Any]:
-        return [self.run_step, self.claim_from_redis, record_event]
+        """The main task queue's: the claim, the events and the permits (local), and steps
+        scheduled there before each queue's steps had a task queue of their own."""
+        return [self.run_step, self.claim_from_redis, record_event, permit]
+
+    def steps(self) -> list[Any]:
+        """A queue's step task queue's."""
+        return [self.run_step]
 
     @activity.defn(name=STEP_ACTIVITY)
     async def run_step(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -152,21 +159,40 @@ async def _call(fn: Any, args: list[Any]) -> Any:
     return await _in_step_thread(fn, *args)
 
 
-_step_threads: ThreadPoolExecutor | None = None
+class StepThreads:
+    """A thread pool per task queue for sync steps, sized to that task queue's activity slots
+    (worker.py sets the sizes: a jobyard queue's concurrency): with asyncio's default pool
+    (cpu+4 threads) an accepted step waits for a thread while others run, and a step retried
+    after its worker died queues behind them (tens of seconds, not the few its heartbeat
+    timeout promises). One pool per queue, so one queue's steps never wait for another's
+    threads. Used from the event loop's thread only."""
+
+    def __init__(self) -> None:
+        self._sizes: dict[str, int] = {}
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+
+    def size(self, task_queue: str, threads: int) -> None:
+        self._sizes[task_queue] = threads
+
+    def pool(self, task_queue: str) -> ThreadPoolExecutor:
+        pool = self._pools.get(task_queue)
+        if pool is None:
+            # A task queue no size was set for: the main one (steps scheduled there before
+            # steps had their queue's task queue), with its TEMPORAL_STEP_CONCURRENCY slots.
+            threads = self._sizes.get(task_queue) or env.get_int(env.TEMPORAL_STEP_CONCURRENCY)
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="jobyard-step")
+            self._pools[task_queue] = pool
+        return pool
+
+
+STEP_THREADS = StepThreads()
 
 
 def _in_step_thread(fn: Any, *args: Any) -> asyncio.Future[Any]:
-    """`fn(*args)` in a thread of the steps' own pool, sized to the worker's activity slots
-    (TEMPORAL_STEP_CONCURRENCY): with asyncio's default pool (cpu+4 threads) an accepted step
-    waits for a thread while others run, and a step retried after its worker died queues
-    behind them (tens of seconds, not the few its heartbeat timeout promises)."""
-    global _step_threads
-    if _step_threads is None:
-        _step_threads = ThreadPoolExecutor(
-            env.get_int(env.TEMPORAL_STEP_CONCURRENCY), thread_name_prefix="jobyard-step"
-        )
+    """`fn(*args)` in a thread of the pool of the step's task queue."""
+    pool = STEP_THREADS.pool(activity.info().task_queue)
     context = contextvars.copy_context()  # as asyncio.to_thread does
-    return asyncio.get_running_loop().run_in_executor(_step_threads, context.run, fn, *args)
+    return asyncio.get_running_loop().run_in_executor(pool, context.run, fn, *args)
 
 
 async def _heartbeat(every: float) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -10,6 +10,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy as TemporalRetryPolicy
 
 with workflow.unsafe.imports_passed_through():
+    from jobyard.dispatcher.engines.temporal.contract import step_task_queue
     from jobyard.job_engine import JobSpec
     from jobyard.job_engine.context import StepRetryContext
     from jobyard.job_engine.queues import retry_policy
@@ -65,9 +66,14 @@ class TemporalContext(StepRetryContext):
         self._progress_reports = 0
         self.progress_value: Any = None
         self.sleeping_until: float | None = None  # the status query shows it
+        #: Awaited with a durable sleep's seconds before it starts (a limited job's leases are
+        #: extended to its end: limits.py).
+        self.before_sleep: Callable[[float], Awaitable[None]] | None = None
         self._spec = spec
         self._retry = temporal_retry(spec, retry_overrides)
         self._timeout = timedelta(seconds=spec.effective_timeout())
+        # Steps run on their queue's task queue, with the queue's slots (worker.py).
+        self._steps_on = step_task_queue(workflow.info().task_queue, spec.queue)
 
     async def _run_step(
         self, step: str, ref: str, fn: Callable[..., Any], args: tuple[Any, ...]
@@ -77,6 +83,7 @@ class TemporalContext(StepRetryContext):
         outcome = await workflow.execute_activity(
             STEP_ACTIVITY,
             {"job_id": self.job_id, "step": step, "fn": ref, "args": list(args)},
+            task_queue=self._steps_on,
             start_to_close_timeout=self._timeout,
             # A step whose worker died is retried once its heartbeats stop, not at its timeout.
             heartbeat_timeout=STEP_HEARTBEAT_TIMEOUT,
@@ -91,6 +98,8 @@ class TemporalContext(StepRetryContext):
             seconds = float(self._recorded[name]) - workflow.now().timestamp()
             if seconds <= 0:
                 return
+        if self.before_sleep is not None:
+            await self.before_sleep(seconds)
         wake_at = workflow.now().timestamp() + seconds
         self.sleeping_until = wake_at
         if seconds >= SLEEP_EVENT_MIN_SECONDS and workflow.patched(SLEEP_EVENT_PATCH):

@@ -1,8 +1,11 @@
-"""`jobyard temporal-worker`: the generic workflow and the step activities on one task queue."""
+"""`jobyard temporal-worker`: the generic workflow (and the claims) on the main task queue,
+each jobyard queue's steps on a task queue of their own, polled with the queue's concurrency
+as activity slots (docs/flow-control.md "Per-queue concurrency on Temporal")."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -12,10 +15,12 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from jobyard.dispatcher.engines.temporal.contract import step_task_queue
 from jobyard.dispatcher.engines.temporal.engine import interceptors
 from jobyard.job_engine import env, tracing
+from jobyard.job_engine.queues import get_queue, queue_names
 from jobyard.job_engine.registry import load_job_modules
-from jobyard.temporal_worker.activities import JobActivities
+from jobyard.temporal_worker.activities import STEP_THREADS, JobActivities
 from jobyard.temporal_worker.claims import RedisClaims
 from jobyard.temporal_worker.journal import StepRecords
 from jobyard.temporal_worker.rescue import rescue_forever
@@ -33,6 +38,7 @@ def job_activities() -> JobActivities:
 def build_worker(
     client: Client, task_queue: str | None = None, activities: JobActivities | None = None
 ) -> Worker:
+    """The main task queue's Worker: every job's workflow, the claims."""
     load_job_modules()  # import job modules here, so the sandbox passes them through
     return Worker(
         client,
@@ -42,10 +48,42 @@ def build_worker(
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_all_modules()
         ),
-        graceful_shutdown_timeout=timedelta(seconds=env.get_float(env.WORKER_SHUTDOWN_GRACE)),
+        graceful_shutdown_timeout=_grace(),
         # As many steps accepted as there are threads to run them (activities.py).
         max_concurrent_activities=env.get_int(env.TEMPORAL_STEP_CONCURRENCY),
     )
+
+
+def build_step_workers(
+    client: Client,
+    task_queue: str,
+    queues: list[str] | None = None,
+    activities: JobActivities | None = None,
+) -> list[Worker]:
+    """A Worker per jobyard queue (`queues`, default every declared one) on its step task
+    queue, with the queue's concurrency (WORKER_CONCURRENCY_<QUEUE> included) as its activity
+    slots: at most that many steps of the queue run at once in this process, and a queue
+    whose slots are all taken holds up no other queue's steps."""
+    activities = activities or job_activities()
+    workers = []
+    for name in queues or queue_names():
+        concurrency = get_queue(name).concurrency
+        steps_on = step_task_queue(task_queue, name)
+        STEP_THREADS.size(steps_on, concurrency)  # a thread per slot for sync steps
+        workers.append(
+            Worker(
+                client,
+                task_queue=steps_on,
+                activities=activities.steps(),
+                graceful_shutdown_timeout=_grace(),
+                max_concurrent_activities=concurrency,
+            )
+        )
+    return workers
+
+
+def _grace() -> timedelta:
+    return timedelta(seconds=env.get_float(env.WORKER_SHUTDOWN_GRACE))
 
 
 async def connect(address: str, namespace: str) -> Client:
@@ -67,12 +105,17 @@ def install_child_dispatcher() -> None:
     install()
 
 
-async def serve() -> None:
+async def serve(queues: list[str] | None = None) -> None:
+    """Run the workflows and the steps of `queues` (default: every declared queue)."""
     tracing.setup_from_env()
     install_child_dispatcher()
     client = await connect(env.get_str(env.TEMPORAL_ADDRESS), env.get_str(env.TEMPORAL_NAMESPACE))
     task_queue = env.get_str(env.TEMPORAL_TASK_QUEUE)
-    worker = build_worker(client, task_queue)
+    activities = job_activities()
+    workers = [
+        build_worker(client, task_queue, activities),
+        *build_step_workers(client, task_queue, queues, activities),
+    ]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -84,16 +127,19 @@ async def serve() -> None:
     from jobyard.dispatcher.relay import start_relay_thread
 
     start_relay_thread(scheduler_stop)  # the dispatch outbox's relay: stops with the scheduler
-    async with worker:
-        log.info("Temporal worker polling %s", task_queue)
+    async with contextlib.AsyncExitStack() as running:
+        for worker in workers:
+            await running.enter_async_context(worker)
+        steps = ", ".join(w.task_queue for w in workers[1:])
+        log.info("Temporal worker polling %s (steps: %s)", task_queue, steps)
         await stop.wait()
         rescuer.cancel()
         scheduler_stop.set()
         log.info("Temporal worker stopping")
 
 
-def main() -> None:
+def main(queues: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
     )
-    asyncio.run(serve())
+    asyncio.run(serve(queues))

@@ -13,6 +13,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 with workflow.unsafe.imports_passed_through():
     from jobyard.dispatcher.engines.temporal.contract import (
         STATUS_QUERY,
+        WAKE_SIGNAL,
         WORKFLOW_NAME,
         ClaimMode,
         JobRequest,
@@ -21,10 +22,13 @@ with workflow.unsafe.imports_passed_through():
     from jobyard.job_engine import get_spec
     from jobyard.temporal_worker.activities import CLAIM_ACTIVITY
     from jobyard.temporal_worker.context import TemporalContext, emit
+    from jobyard.temporal_worker.limits import RunLimits
 
 CLAIM_TIMEOUT = timedelta(seconds=5)
 #: A strict claim waits for Redis however long the outage; this caps the wait between tries.
 CLAIM_RETRY_CAP = timedelta(seconds=5)
+#: Workflows started before flow control replay without its permit calls (workflow.patched).
+FLOW_PATCH = "jobyard-flow-control"
 
 
 @workflow.defn(name=WORKFLOW_NAME)
@@ -33,17 +37,27 @@ class JobWorkflow:
         self._ctx: TemporalContext | None = None
         self._name: str | None = None
         self._state = "queued"
+        self._limits: RunLimits | None = None  # a limited job's permits (limits.py)
 
     @workflow.query(name=STATUS_QUERY)
     def status(self) -> StatusReply:
         ctx = self._ctx
+        hold = self._limits.hold if self._limits else None
         return StatusReply(
             name=self._name,
             state=self._state,
-            attempts=ctx.attempts if ctx else 0,
+            attempts=ctx.attempts if ctx and not hold else 0,  # held: no attempt spent
             progress=ctx.progress_value if ctx else None,
-            run_at=ctx.sleeping_until if ctx else None,
+            run_at=hold["until"] if hold else ctx.sleeping_until if ctx else None,
+            display_state=hold["display_state"] if hold else None,
+            waiting_reason=hold["waiting_reason"] if hold else None,
         )
+
+    @workflow.signal(name=WAKE_SIGNAL)
+    def wake(self) -> None:
+        """A release freed a slot this job waits for: ask again now."""
+        if self._limits is not None:
+            self._limits.wake()
 
     @workflow.run
     async def run(self, request: JobRequest) -> dict[str, Any]:
@@ -56,16 +70,27 @@ class JobWorkflow:
         common = {"job_id": ctx.job_id, "name": spec.name, "queue": spec.queue}
         started_at = workflow.now().timestamp()
         final = {**common, "started_at": started_at, "webhook_url": webhook_url}
+        payload = request.payload
         try:
             if not await self._claim(request):
                 workflow.logger.info("job %s already ran on Dramatiq", request.job_id)
                 return {"name": self._name, "result": None, "attempts": 0, "ran_on": "dramatiq"}
+            if spec.limited and workflow.patched(FLOW_PATCH):
+                self._limits = limits = RunLimits(request.job_id, spec.name)
+                ctx.before_sleep = limits.extend
+
+                async def held(reply: dict[str, Any]) -> None:
+                    await emit({**common, "state": "queued", "run_at": reply["until"]})
+
+                payload = await limits.admit(request.payload, held)
+                # A limited job starts when its permits are granted (the database's time).
+                started_at = final["started_at"] = ctx.permit_at = limits.granted_at
             self._state = "running"
             # enqueued_at: for the trace's queue wait (the workflow's start, a delay included).
             enqueued_at = workflow.info().start_time.timestamp()
             await emit({**common, "state": "running", "attempts": 1, "started_at": started_at,
                         "enqueued_at": enqueued_at})  # fmt: skip
-            result = await spec.handler(ctx, spec.validate(request.payload))
+            result = await spec.handler(ctx, spec.validate(payload))
         except asyncio.CancelledError:
             await self._cancelled(final, ctx.attempts)
             raise
@@ -75,7 +100,7 @@ class JobWorkflow:
                 raise asyncio.CancelledError() from exc
             state, message, error_type, attempts = self._failure(exc, ctx.attempts)
             await emit({**final, "state": state, "attempts": attempts, "error": message,
-                        "error_class": error_type, "payload": request.payload})  # fmt: skip
+                        "error_class": error_type, "payload": payload})  # fmt: skip
             self._state = state
             raise ApplicationError(
                 message,
@@ -86,7 +111,7 @@ class JobWorkflow:
         except Exception as exc:  # the handler's own code failed: fail the job as Dramatiq does
             message, error_type = f"{type(exc).__name__}: {exc}", type(exc).__name__
             await emit({**final, "state": "failed", "attempts": ctx.attempts, "error": message,
-                        "error_class": error_type, "payload": request.payload})  # fmt: skip
+                        "error_class": error_type, "payload": payload})  # fmt: skip
             self._state = "failed"
             raise ApplicationError(
                 message,
@@ -94,6 +119,9 @@ class JobWorkflow:
                 type=error_type,
                 non_retryable=True,
             ) from exc
+        finally:
+            if self._limits is not None:  # whatever the ending, cancelled included
+                await asyncio.shield(self._limits.release())
         await emit({**final, "state": "succeeded", "attempts": ctx.attempts, "result": result})
         self._state = "succeeded"
         return self._outcome(result=result, attempts=ctx.attempts)

@@ -164,8 +164,9 @@ DEFAULTS[WORKER_METRICS_HOST] = "127.0.0.1"
 PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's; set for workers
 DEFAULTS[WORKER_METRICS_PORT] = "9191"
 
-# Steps one `jobyard temporal-worker` runs at once (its activity slots, each with a thread for
-# a sync step: asyncio's default pool has only cpu+4, so steps past that would wait in line)
+# Activity slots of `jobyard temporal-worker`'s main task queue: the claims, and steps that
+# workflows scheduled there before each queue's steps had a task queue of their own (a queue's
+# steps run with its concurrency as slots, WORKER_CONCURRENCY_<QUEUE>), each with a thread
 TEMPORAL_STEP_CONCURRENCY = "TEMPORAL_STEP_CONCURRENCY"
 DEFAULTS[TEMPORAL_STEP_CONCURRENCY] = "100"
 

@@ -16,6 +16,17 @@ __all__ = ["STATUS_QUERY", "WORKFLOW_NAME", "ClaimMode", "JobRequest", "StatusRe
 
 #: The activity that runs one ctx.run step (its input names the step): read by the timeline.
 STEP_ACTIVITY = "jobyard.step"
+#: The local activity through which a limited job's workflow takes, renews and ends its permits.
+PERMIT_ACTIVITY = "jobyard.permit"
+#: The signal that tells a workflow held by a limit to ask for its permits again now.
+WAKE_SIGNAL = "jobyard.wake"
+
+
+def step_task_queue(task_queue: str, queue: str) -> str:
+    """The Temporal task queue of a jobyard queue's steps: workflows run on `task_queue`
+    (TEMPORAL_TASK_QUEUE), each queue's steps on their own, polled by a Worker whose activity
+    slots are the queue's concurrency (docs/flow-control.md "Per-queue concurrency")."""
+    return f"{task_queue}.{queue}"
 
 
 @dataclass(frozen=True)
@@ -65,4 +76,7 @@ class StatusReply:
     state: str
     attempts: int
     progress: Any = None
-    run_at: float | None = None  # unix seconds a durable sleep ends
+    run_at: float | None = None  # unix seconds a durable sleep ends, or a held job asks again
+    #: A job held by a flow-control limit: `throttled`, `waiting for slot`, `debouncing`.
+    display_state: str | None = None
+    waiting_reason: str | None = None  # the limit and key that hold it

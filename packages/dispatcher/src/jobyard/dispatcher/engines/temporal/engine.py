@@ -7,6 +7,7 @@ import asyncio
 import atexit
 import contextlib
 import gc
+import hashlib
 import threading
 from collections.abc import Coroutine, Iterable
 from concurrent.futures import Future
@@ -45,7 +46,12 @@ from jobyard.dispatcher.engines.base import (
     Submitted,
     WorkerInfo,
 )
-from jobyard.dispatcher.engines.temporal.contract import STATUS_QUERY, WORKFLOW_NAME, JobRequest
+from jobyard.dispatcher.engines.temporal.contract import (
+    STATUS_QUERY,
+    WAKE_SIGNAL,
+    WORKFLOW_NAME,
+    JobRequest,
+)
 from jobyard.dispatcher.engines.temporal.errors import (
     ENGINE,
     map_connect_errors,
@@ -53,7 +59,10 @@ from jobyard.dispatcher.engines.temporal.errors import (
 )
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import EngineName, JobStatus
-from jobyard.job_engine import JobState, tracing
+from jobyard.job_engine import JobState, get_spec, tracing
+from jobyard.job_engine.errors import JobyardError
+from jobyard.job_engine.flow.declarations import payload_key
+from jobyard.job_engine.flow.limiter import CONCURRENCY
 
 T = TypeVar("T")
 
@@ -159,7 +168,7 @@ class TemporalEngine(Engine):
         priority: int = 0,
     ) -> None:
         """`priority` (jobyard's, -100..100) becomes the workflow's task priority, which its
-        steps inherit (see `task_priority`)."""
+        steps inherit (see `task_priority`), with the job's concurrency key as its fairness key."""
         client = await self.client()
         with map_temporal_errors():
             await client.start_workflow(
@@ -171,7 +180,7 @@ class TemporalEngine(Engine):
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
                 start_delay=timedelta(seconds=delay) if delay else None,
                 rpc_timeout=self._rpc_timeout(),
-                priority=task_priority(priority),
+                priority=task_priority(priority, fairness_key(request.name, request.payload)),
             )
 
     def submit(self, job: Submission) -> Submitted:
@@ -279,7 +288,7 @@ class TemporalEngine(Engine):
         # While the workflow is open, its last bookkeeping may still be running.
         if state == "running" and live.get("state") in _OPEN:
             state = live["state"]
-        run_at = live.get("run_at") if state == "running" else None
+        run_at = live.get("run_at") if state in ("running", "queued") else None
         if state == "running":  # a step waiting for its next try: the job is retrying
             retry = _next_retry(description)
             if retry is not None:
@@ -294,6 +303,8 @@ class TemporalEngine(Engine):
             error=error,
             progress=live.get("progress"),
             run_at=run_at,
+            display_state=live.get("display_state") if state == "queued" else None,
+            waiting_reason=live.get("waiting_reason") if state == "queued" else None,
         )
 
     def status(self, job_id: str) -> JobStatus | None:
@@ -346,6 +357,15 @@ class TemporalEngine(Engine):
         """Starts a failed, dead or cancelled job's workflow again with its original input."""
         return self._call(self._replay(job_id), timeout=self.timeout * 3)
 
+    def wake(self, job_ids: Iterable[str]) -> int:
+        """Tell the workflows of `job_ids`, held by a concurrency limit, that a slot is free:
+        they ask for it now instead of at their next try (`wake_workflows`)."""
+
+        async def told() -> int:
+            return await wake_workflows(await self.client(), job_ids, self._rpc_timeout())
+
+        return self._call(told())
+
     def steps(self, job_id: str) -> dict[str, Any]:
         return {}  # kept in the workflow's history, shown by Temporal's own UI
 
@@ -388,6 +408,25 @@ def interceptors(*, worker: bool = False) -> list[Interceptor]:
     return [traced] if worker else [_TraceStarts(traced)]
 
 
+async def wake_workflows(
+    client: Client, job_ids: Iterable[str], rpc_timeout: timedelta | None = None
+) -> int:
+    """Send the `jobyard.wake` signal to the workflows of `job_ids` (jobs held by a
+    concurrency limit whose slot came free). Best effort: how many were told; a job with no
+    open workflow here (a Dramatiq job, a workflow ended) is skipped, and asks again anyway."""
+
+    async def one(job_id: str) -> bool:
+        try:
+            with map_temporal_errors():
+                handle = client.get_workflow_handle(job_id)
+                await handle.signal(WAKE_SIGNAL, rpc_timeout=rpc_timeout)
+        except (NotOnEngine, AlreadyClosed, EngineUnavailable):
+            return False
+        return True
+
+    return sum(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
+
+
 #: Temporal's priority key of jobyard's priority 0: the middle of 201 levels (1 runs first).
 PRIORITY_KEY_OF_ZERO = 101
 
@@ -402,14 +441,41 @@ DEV_SERVER_PRIORITY_FLAGS = [
 ]  # fmt: skip
 
 
-def task_priority(priority: int) -> Priority:
+def task_priority(priority: int, fairness: str | None = None) -> Priority:
     """The Temporal task priority of a jobyard priority (-100..100, higher first):
     `priority_key = 101 - priority`, for a server run with the new matcher and
     `matching.priorityLevels=201` (docs/flow-control.md "Priorities"). 0 sends no key: the
-    server's default, its middle level. A server without the new matcher ignores the key."""
-    if not priority:
+    server's default, its middle level. A server without the new matcher ignores the key.
+    `fairness`: the fairness key (`fairness_key`), none by default."""
+    if not priority and fairness is None:
         return Priority.default
-    return Priority(priority_key=PRIORITY_KEY_OF_ZERO - priority)
+    key = PRIORITY_KEY_OF_ZERO - priority if priority else None
+    return Priority(priority_key=key, fairness_key=fairness)
+
+
+#: Temporal's longest fairness key, in bytes.
+FAIRNESS_KEY_BYTES = 64
+
+
+def fairness_key(name: str, payload: Any) -> str | None:
+    """The value of the job's concurrency key (its own limit's, else its queue's), for
+    Temporal's fairness within a priority level: tasks of one key do not crowd out another's.
+    A longer value than Temporal takes is hashed. None for a job without a keyed concurrency
+    limit, or one this process cannot read (the permit store's FIFO does not depend on it)."""
+    try:
+        spec = get_spec(name)
+        path = next(
+            (lim.key_path for lim in spec.limits if lim.kind == CONCURRENCY and lim.key_path),
+            None,
+        )
+        if path is None:
+            return None
+        value = payload_key(name, payload, path)
+    except (JobyardError, LookupError, ValueError):
+        return None
+    if len(value.encode()) > FAIRNESS_KEY_BYTES:
+        return hashlib.sha256(value.encode()).hexdigest()
+    return value
 
 
 def _next_retry(description: Any) -> float | None:
