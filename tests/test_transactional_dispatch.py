@@ -353,3 +353,17 @@ def test_a_django_view_that_raises_after_enqueueing_in_atomic_enqueues_nothing(
         get_job(ids["raised"])
     assert logged(on_database, ids["raised"]) == []
     assert runs(tmp_path, "django-raised") == 0
+
+
+def test_a_debounced_job_is_refused_in_a_transaction(on_database: str) -> None:
+    # Its burst is decided in the permit store at dispatch, outside the caller's transaction.
+    import tests.flow_jobs  # noqa: F401  (declares test.flow_debounce)
+    from jobyard.dispatcher.transactional import DebouncedInTransactionError
+
+    payload = {"marker_dir": "m", "doc": "d1", "value": 1}
+    with get_engine().begin() as connection:
+        with pytest.raises(DebouncedInTransactionError, match="after the transaction commits"):
+            dispatch_job("test.flow_debounce", payload, connection=connection)
+        results = dispatch_many([("test.flow_debounce", payload)], connection=connection)
+        assert isinstance(results[0], DebouncedInTransactionError)
+    assert outbox_ids(on_database) == []

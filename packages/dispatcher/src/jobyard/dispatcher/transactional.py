@@ -76,12 +76,32 @@ def dispatch_on(
         name, payload, options.get("job_id"), options.get("delay"), options.get("webhook_url"),
         options.get("retry"), options.get("priority"),
     )  # fmt: skip
-    get_spec(job.name).check_environment()
+    check_spec(job)
     chosen = {job.job_id} if options.get("job_id") is not None and not new_id else set()
     (result,) = write_jobs(target, [job], still_open, chosen)
     if isinstance(result, Exception):
         raise result
     return result
+
+
+class DebouncedInTransactionError(JobyardError, ValueError):
+    """A debounced job dispatched with `connection=`: its burst is decided at dispatch, in the
+    permit store, which the caller's transaction cannot include."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"job {name!r} is debounced, and a debounced dispatch cannot be written in a"
+            " transaction: dispatch it without connection= after the transaction commits"
+        )
+        self.name = name
+
+
+def check_spec(job: Submission) -> None:
+    """What the outbox cannot carry is refused before anything is written."""
+    spec = get_spec(job.name)
+    spec.check_environment()
+    if spec.debounce is not None:
+        raise DebouncedInTransactionError(job.name)
 
 
 def dispatch_many_in(
@@ -111,7 +131,7 @@ def write_requests(
                 request.name, request.payload, request.job_id, request.delay,
                 request.webhook_url, request.retry, request.priority,
             )  # fmt: skip
-            get_spec(job.name).check_environment()
+            check_spec(job)
         except (JobyardError, ValueError) as exc:
             results[index] = exc
             continue
