@@ -17,7 +17,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from jobyard.dispatcher.engines.temporal import contract
-from jobyard.job_engine import PermanentError, env, resolve_step, tracing
+from jobyard.job_engine import JobState, PermanentError, env, resolve_step, tracing
 from jobyard.job_engine.context import encode_json
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.temporal_worker.claims import ClaimStore, ClaimUnavailable
@@ -207,7 +207,7 @@ async def record_event(event: dict[str, Any]) -> None:
     event = dict(event)
     job_id, name, state = event.pop("job_id"), event.pop("name"), event.pop("state")
     enqueued_at = event.pop("enqueued_at", None)
-    if tracing.ACTIVE and state == "running" and enqueued_at is not None:
+    if tracing.ACTIVE and state == JobState.RUNNING and enqueued_at is not None:
         attributes = tracing.job_attributes(job_id, name, event.get("queue"), "temporal")
         with contextlib.suppress(Exception):  # a tracing fault must not fail the bookkeeping
             tracing.completed_span(

@@ -11,7 +11,7 @@ from temporalio.common import RetryPolicy as TemporalRetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from jobyard.dispatcher.engines.temporal.contract import step_task_queue
-    from jobyard.job_engine import JobSpec
+    from jobyard.job_engine import JobSpec, JobState
     from jobyard.job_engine.context import StepRetryContext
     from jobyard.job_engine.queues import retry_policy
     from jobyard.temporal_worker.activities import (
@@ -106,7 +106,7 @@ class TemporalContext(StepRetryContext):
             # the job log and the event stream show the job sleeping until wake_at
             await emit({
                 "job_id": self.job_id, "name": self.job_name, "queue": self._spec.queue,
-                "state": "running", "attempts": self.attempts, "run_at": wake_at,
+                "state": JobState.RUNNING, "attempts": self.attempts, "run_at": wake_at,
             })  # fmt: skip
         await workflow.sleep(timedelta(seconds=seconds))
         self.sleeping_until = None

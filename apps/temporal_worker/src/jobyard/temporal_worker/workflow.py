@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
         StatusReply,
     )
     from jobyard.job_engine import get_spec
+    from jobyard.job_engine.states import JobState
     from jobyard.temporal_worker.activities import CLAIM_ACTIVITY
     from jobyard.temporal_worker.context import TemporalContext, emit
     from jobyard.temporal_worker.limits import RunLimits
@@ -36,7 +37,7 @@ class JobWorkflow:
     def __init__(self) -> None:
         self._ctx: TemporalContext | None = None
         self._name: str | None = None
-        self._state = "queued"
+        self._state = JobState.QUEUED
         self._limits: RunLimits | None = None  # a limited job's permits (limits.py)
 
     @workflow.query(name=STATUS_QUERY)
@@ -80,16 +81,16 @@ class JobWorkflow:
                 ctx.before_sleep = limits.extend
 
                 async def held(reply: dict[str, Any]) -> None:
-                    await emit({**common, "state": "queued", "run_at": reply["until"]})
+                    await emit({**common, "state": JobState.QUEUED, "run_at": reply["until"]})
 
                 payload = await limits.admit(request.payload, held)
                 # A limited job starts when its permits are granted (the database's time).
                 started_at = final["started_at"] = ctx.permit_at = limits.granted_at
-            self._state = "running"
+            self._state = JobState.RUNNING
             # enqueued_at: for the trace's queue wait (the workflow's start, a delay included).
             enqueued_at = workflow.info().start_time.timestamp()
-            await emit({**common, "state": "running", "attempts": 1, "started_at": started_at,
-                        "enqueued_at": enqueued_at})  # fmt: skip
+            await emit({**common, "state": JobState.RUNNING, "attempts": 1,
+                        "started_at": started_at, "enqueued_at": enqueued_at})  # fmt: skip
             result = await spec.handler(ctx, spec.validate(payload))
         except asyncio.CancelledError:
             await self._cancelled(final, ctx.attempts)
@@ -110,20 +111,22 @@ class JobWorkflow:
             ) from exc
         except Exception as exc:  # the handler's own code failed: fail the job as Dramatiq does
             message, error_type = f"{type(exc).__name__}: {exc}", type(exc).__name__
-            await emit({**final, "state": "failed", "attempts": ctx.attempts, "error": message,
-                        "error_class": error_type, "payload": payload})  # fmt: skip
-            self._state = "failed"
+            await emit({**final, "state": JobState.FAILED, "attempts": ctx.attempts,
+                        "error": message, "error_class": error_type,
+                        "payload": payload})  # fmt: skip
+            self._state = JobState.FAILED
             raise ApplicationError(
                 message,
-                self._outcome(attempts=ctx.attempts, state="failed"),
+                self._outcome(attempts=ctx.attempts, state=JobState.FAILED),
                 type=error_type,
                 non_retryable=True,
             ) from exc
         finally:
             if self._limits is not None:  # whatever the ending, cancelled included
                 await asyncio.shield(self._limits.release())
-        await emit({**final, "state": "succeeded", "attempts": ctx.attempts, "result": result})
-        self._state = "succeeded"
+        succeeded = {"state": JobState.SUCCEEDED, "attempts": ctx.attempts, "result": result}
+        await emit({**final, **succeeded})
+        self._state = JobState.SUCCEEDED
         return self._outcome(result=result, attempts=ctx.attempts)
 
     def _outcome(self, **fields: Any) -> dict[str, Any]:
@@ -133,11 +136,11 @@ class JobWorkflow:
         return {"name": self._name, **fields, "progress": progress}
 
     async def _cancelled(self, final: dict[str, Any], attempts: int) -> None:
-        await asyncio.shield(emit({**final, "state": "cancelled", "attempts": attempts}))
-        self._state = "cancelled"
+        await asyncio.shield(emit({**final, "state": JobState.CANCELLED, "attempts": attempts}))
+        self._state = JobState.CANCELLED
 
     @staticmethod
-    def _failure(exc: ActivityError, attempts: int) -> tuple[str, str, str | None, int]:
+    def _failure(exc: ActivityError, attempts: int) -> tuple[JobState, str, str | None, int]:
         """(state, message, error class, attempts): dead when retries ran out, else failed."""
         cause = exc.cause
         if isinstance(cause, ApplicationError):
@@ -146,7 +149,8 @@ class JobWorkflow:
                 attempts = max(attempts, int(cause.details[0].get("attempts", attempts)))
         else:
             message, error_type = str(cause or exc), type(cause or exc).__name__
-        state = "dead" if exc.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED else "failed"
+        exhausted = exc.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED
+        state = JobState.DEAD if exhausted else JobState.FAILED
         return state, message, error_type, attempts
 
     async def _claim(self, request: JobRequest) -> bool:

@@ -63,6 +63,7 @@ from jobyard.job_engine import JobState, get_spec, tracing
 from jobyard.job_engine.errors import JobyardError
 from jobyard.job_engine.flow.declarations import payload_key
 from jobyard.job_engine.flow.limiter import CONCURRENCY
+from jobyard.job_engine.states import UNFINISHED_STATES
 
 T = TypeVar("T")
 
@@ -73,15 +74,15 @@ T = TypeVar("T")
 #: is down waits out the whole timeout to be told "unknown" (errors.py).
 SEND_ONCE = RetryConfig(max_retries=1)
 
-_OPEN = ("queued", "running", "retrying")
+_OPEN = UNFINISHED_STATES
 _STATES = {
-    WorkflowExecutionStatus.RUNNING: "running",
-    WorkflowExecutionStatus.COMPLETED: "succeeded",
-    WorkflowExecutionStatus.FAILED: "failed",
-    WorkflowExecutionStatus.TIMED_OUT: "failed",
-    WorkflowExecutionStatus.TERMINATED: "failed",
-    WorkflowExecutionStatus.CANCELED: "cancelled",
-    WorkflowExecutionStatus.CONTINUED_AS_NEW: "running",
+    WorkflowExecutionStatus.RUNNING: JobState.RUNNING,
+    WorkflowExecutionStatus.COMPLETED: JobState.SUCCEEDED,
+    WorkflowExecutionStatus.FAILED: JobState.FAILED,
+    WorkflowExecutionStatus.TIMED_OUT: JobState.FAILED,
+    WorkflowExecutionStatus.TERMINATED: JobState.FAILED,
+    WorkflowExecutionStatus.CANCELED: JobState.CANCELLED,
+    WorkflowExecutionStatus.CONTINUED_AS_NEW: JobState.RUNNING,
 }
 
 
@@ -265,15 +266,15 @@ class TemporalEngine(Engine):
                 description = await handle.describe(rpc_timeout=self._rpc_timeout())
         except NotOnEngine:
             return None
-        state = _STATES[description.status] if description.status else "running"
+        state = _STATES[description.status] if description.status else JobState.RUNNING
         live: dict[str, Any] = {}
         result = error = None
-        if state == "running":
+        if state == JobState.RUNNING:
             try:
                 live = await asyncio.wait_for(handle.query(STATUS_QUERY), self.timeout)
             except Exception:  # no worker polling yet: the job has not started
-                state = "queued"
-        elif state == "succeeded":
+                state = JobState.QUEUED
+        elif state == JobState.SUCCEEDED:
             outcome = await handle.result()
             live, result = outcome, outcome.get("result")
         else:
@@ -286,13 +287,13 @@ class TemporalEngine(Engine):
                     live = cause.details[0] if isinstance(cause.details[0], dict) else {}
                     state = live.get("state", state)
         # While the workflow is open, its last bookkeeping may still be running.
-        if state == "running" and live.get("state") in _OPEN:
+        if state == JobState.RUNNING and live.get("state") in _OPEN:
             state = live["state"]
-        run_at = live.get("run_at") if state in ("running", "queued") else None
-        if state == "running":  # a step waiting for its next try: the job is retrying
+        run_at = live.get("run_at") if state in (JobState.RUNNING, JobState.QUEUED) else None
+        if state == JobState.RUNNING:  # a step waiting for its next try: the job is retrying
             retry = _next_retry(description)
             if retry is not None:
-                state, run_at = "retrying", retry
+                state, run_at = JobState.RETRYING, retry
         return JobStatus(
             job_id=job_id,
             engine=self.name,
@@ -303,8 +304,8 @@ class TemporalEngine(Engine):
             error=error,
             progress=live.get("progress"),
             run_at=run_at,
-            display_state=live.get("display_state") if state == "queued" else None,
-            waiting_reason=live.get("waiting_reason") if state == "queued" else None,
+            display_state=live.get("display_state") if state == JobState.QUEUED else None,
+            waiting_reason=live.get("waiting_reason") if state == JobState.QUEUED else None,
         )
 
     def status(self, job_id: str) -> JobStatus | None:
