@@ -112,6 +112,11 @@ def _closed(connection: Any) -> bool:
 
 #: A call's reply before it has one (a script may reply nil: None).
 _UNANSWERED: Any = object()
+#: Seconds between a waiting call's looks at its own state. Being woken is only a hint: a thread
+#: interrupted mid-way (Dramatiq's time limit) may skip a wake-up, never a state change, so a
+#: waiter that looks again takes its reply or the lead by itself; and an interruption of a waiting
+#: thread lands within this long.
+_LOOK_AGAIN = 0.05
 
 
 class _Call:
@@ -124,7 +129,7 @@ class _Call:
         self.reply: Any = _UNANSWERED
         self.error: BaseException | None = None
         self.leads = False  # handed the sending of the next round trip
-        # Held until the call is answered or made the leader: its thread waits on it.
+        # Released (a wake-up) when the call is answered or made the leader.
         self.answered = threading.Lock()
         self.answered.acquire()
 
@@ -151,9 +156,15 @@ class CallGroup:
     Errors stay each call's own: an error reply (NOSCRIPT, a script error) goes to its call
     only, and the connection stays usable. A lost connection or a timeout fails every call not
     yet answered, as it would have failed each alone (what Redis ran is unknown: the caller's
-    ambiguity is the same), and the next round trip connects again. An interruption of the
-    leading thread (Dramatiq's time limit) is raised in that thread only; the other calls get
-    a ConnectionError.
+    ambiguity is the same), and the next round trip connects again.
+
+    Dramatiq's time limit raises an exception in a job's thread from another thread, wherever
+    that thread is: after any call returns, at any function's entry. So the group's state (who
+    leads, what is answered) changes only under its lock in code with no call in it, inside the
+    `try` whose `finally` hands the lead on; wake-ups are hints (see _LOOK_AGAIN). An interrupted
+    thread's call is withdrawn if it was not sent (it leaves the lead to the next call), and gets
+    its exception; one sent is answered to nobody; the other calls of its round trip get a
+    ConnectionError if the interruption came before their replies were read.
     """
 
     def __init__(self, connect: Callable[[], Any]) -> None:
@@ -165,57 +176,39 @@ class CallGroup:
 
     def call(self, command: tuple[Any, ...]) -> Any:
         call = _Call(command)
+        batch: list[_Call] = []
+        successor: _Call | None = None
         try:
             with self._lock:
                 self._waiting.append(call)
-                call.leads = not self._sending
-                self._sending = True
-            if not call.leads:
-                call.answered.acquire()
-        finally:
-            # Dramatiq's time limit raises in a job's thread wherever it is, even here: a call
-            # interrupted while it waits leaves the queue (unsent), and one interrupted once it
-            # was handed the lead still sends, so that no call behind it waits forever.
-            if not call.leads and call.pending:
-                self._withdraw(call)
+                if not self._sending:
+                    self._sending = call.leads = True
+            while not call.leads and call.pending:
+                call.answered.acquire(True, _LOOK_AGAIN)
             if call.leads:
-                self._lead()
-        return call.result()
-
-    def _withdraw(self, call: _Call) -> None:
-        with self._lock:
-            if not call.leads and call in self._waiting:
-                self._waiting.remove(call)
-
-    def _lead(self) -> None:
-        batch: list[_Call] = []
-        failure: BaseException | None = None
-        try:
-            with self._lock:
-                batch, self._waiting = self._waiting, []
-            self._round_trip(batch)
+                with self._lock:
+                    batch, self._waiting = self._waiting, []
+                self._round_trip(batch)
         except BaseException as exc:
-            failure = exc
-            if not isinstance(exc, Exception):  # an interruption: raised in this thread only
-                raise
+            for sent in batch:
+                if sent.pending:
+                    sent.error = _lost(exc)
+            if not isinstance(exc, Exception) or call not in batch:
+                raise  # an interruption, or this call's own error raised before it was sent
         finally:
-            self._hand_over(batch, failure)
-
-    def _hand_over(self, batch: list[_Call], failure: BaseException | None) -> None:
-        """Answers the batch's calls (those the round trip left unanswered get its error) and
-        hands the lead to the first call waiting, if any."""
-        with self._lock:
-            successor = self._waiting[0] if self._waiting else None
-            if successor is not None:
-                successor.leads = True
-            else:
-                self._sending = False
-        for call in batch:
-            if call.pending:
-                call.error = _lost(failure)
-            call.answered.release()
-        if successor is not None:
-            successor.answered.release()
+            # No call between here and the end of the `with`: see the class's docstring.
+            with self._lock:
+                if call in self._waiting:  # not sent: it leaves (an interruption)
+                    self._waiting.remove(call)
+                if call.leads:
+                    successor = self._waiting[0] if self._waiting else None
+                    if successor is None:
+                        self._sending = False
+                    else:
+                        successor.leads = True
+            if call.leads:
+                _wake(batch, call, successor)
+        return call.result()
 
     def _round_trip(self, batch: list[_Call]) -> None:
         connection = self._connected()
@@ -253,6 +246,17 @@ class CallGroup:
         if sent:
             _sendall(connection, b"".join(packed))
         return sent
+
+
+def _wake(batch: list[_Call], leader: _Call, successor: _Call | None) -> None:
+    """Wakes the calls a round trip answered (not the leader's own: its thread is awake) and
+    the next leader. Each lock is released once: a call is in one batch, and made the leader
+    at most once."""
+    for call in batch:
+        if call is not leader:
+            call.answered.release()
+    if successor is not None:
+        successor.answered.release()
 
 
 def _lost(failure: BaseException | None) -> BaseException:
