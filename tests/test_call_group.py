@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -160,6 +161,26 @@ def test_a_worker_store_groups_its_calls_and_keeps_its_replies(redis_server) -> 
     assert store.live_workers("default", 60_000) == 1
 
 
+def _incr_in_thread(
+    group: CallGroup, name: str, outcomes: dict[str, object], tracer: Any = None
+) -> threading.Thread:
+    """Starts a thread whose INCR call's reply or exception goes in `outcomes[name]`; `tracer`:
+    its trace function (sys.settrace) for the call."""
+
+    def run() -> None:
+        sys.settrace(tracer)
+        try:
+            outcomes[name] = group.call(("INCR", "n"))
+        except BaseException as exc:
+            outcomes[name] = exc
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 class _TimeLimit(BaseException):
     """Stands for Dramatiq's TimeLimitExceeded, which its TimeLimit middleware raises in a job's
     thread from another thread (PyThreadState_SetAsyncExc), wherever that thread is."""
@@ -181,15 +202,7 @@ def test_a_call_interrupted_once_handed_the_lead_leaves_it_to_the_calls_behind_i
     outcomes: dict[str, object] = {}
 
     def calling(name: str) -> threading.Thread:
-        def run() -> None:
-            try:
-                outcomes[name] = group.call(("INCR", "n"))
-            except BaseException as exc:
-                outcomes[name] = exc
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
+        return _incr_in_thread(group, name, outcomes)
 
     leader = calling("leader")
     _queued(group, 0)
@@ -259,8 +272,6 @@ def _round_with_one_interrupted(server: Any, victim: str, at: int, passed: list[
     """A leader's round trip under way (Redis paused), two calls waiting behind it, and one of
     the three interrupted at its `at`-th check point: every call must end (with its reply or its
     exception), the replies must be distinct, and the group must still answer."""
-    import sys
-
     from jobyard.queue import direct
 
     points = _check_points(direct)
@@ -270,19 +281,8 @@ def _round_with_one_interrupted(server: Any, victim: str, at: int, passed: list[
     outcomes: dict[str, object] = {}
 
     def calling(name: str) -> threading.Thread:
-        def run() -> None:
-            if name == victim:
-                sys.settrace(_interrupting(points, at, passed))
-            try:
-                outcomes[name] = server_group.call(("INCR", "n"))
-            except BaseException as exc:
-                outcomes[name] = exc
-            finally:
-                sys.settrace(None)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
+        tracer = _interrupting(points, at, passed) if name == victim else None
+        return _incr_in_thread(server_group, name, outcomes, tracer)
 
     def queued(count: int) -> None:
         deadline = time.monotonic() + 0.2  # less when the victim left early
