@@ -114,8 +114,7 @@ class StepJournal:
         return committed
 
     def _write_forever(self) -> None:
-        connection: Any = None
-        sqlite = False
+        writer: _Writer | None = None
         while True:
             with self._lock:
                 while not self._pending:
@@ -123,37 +122,18 @@ class StepJournal:
                 batch, self._pending = self._pending, []
             ok = False
             try:
-                if connection is None:
-                    connection, sqlite = _connect(self.url)
-                self._write(connection, sqlite, batch)
+                if writer is None:
+                    writer = _Writer(self.url)
+                writer.write(batch)
                 ok = True
             except Exception as exc:  # the driver's own errors: the connection is suspect
                 self._warn(f"{type(exc).__name__}: {exc}")
-                if connection is not None:
-                    with contextlib.suppress(Exception):
-                        connection.invalidate()
-                    connection = None
+                if writer is not None:
+                    writer.invalidate()
+                    writer = None
             for entry in batch:
                 entry.ok = ok
                 entry.set()
-
-    @staticmethod
-    def _write(connection: Any, sqlite: bool, batch: list[_Pending]) -> None:
-        """One multi-row INSERT (per 250 rows) and one commit, on the driver's own connection:
-        the per-statement work of SQLAlchemy's execution layer, and of psycopg's executemany
-        (its pipeline mode), costs more than the insert of a batch of a few rows."""
-        rows = [e.row for e in batch]
-        if sqlite:  # as UTCDateTime stores it: naive UTC text (timestamptz on PostgreSQL)
-            rows = [(*r[:3], r[3].replace(tzinfo=None).isoformat(" ")) for r in rows]
-        cursor = connection.cursor()
-        try:
-            for first in range(0, len(rows), _ROWS_PER_STATEMENT):
-                chunk = rows[first : first + _ROWS_PER_STATEMENT]
-                statement = _insert(_SQLITE_ROW if sqlite else _PG_ROW, len(chunk))
-                cursor.execute(statement, [value for row in chunk for value in row])
-        finally:
-            cursor.close()
-        connection.commit()  # SQLite's; nothing to do when autocommitting
 
     def _warn(self, reason: str) -> None:
         if not self._warned:
@@ -164,17 +144,38 @@ class StepJournal:
             )  # fmt: skip
 
 
-def _connect(url: str | None) -> tuple[Any, bool]:
-    """The journal's own connection, and whether it is SQLite's. On PostgreSQL it autocommits:
-    a batch is then one round trip, its INSERT, where a transaction costs three (BEGIN, INSERT,
-    COMMIT); a statement is as durable as a transaction of it."""
-    engine = get_engine(url)
-    connection = engine.raw_connection()
-    sqlite = engine.dialect.name == "sqlite"
-    if not sqlite:
-        driver: Any = connection.driver_connection  # psycopg's own connection
-        driver.autocommit = True
-    return connection, sqlite
+class _Writer:
+    """The journal thread's own connection and cursor. On PostgreSQL it autocommits: a batch is
+    then one round trip, its INSERT, where a transaction costs three (BEGIN, INSERT, COMMIT),
+    and a statement is as durable as a transaction of it. The cursor is kept: psycopg keeps the
+    dumpers it found for the parameters' types per cursor, and looks each up again in a new
+    one."""
+
+    def __init__(self, url: str | None) -> None:
+        engine = get_engine(url)
+        self.connection: Any = engine.raw_connection()
+        self.sqlite = engine.dialect.name == "sqlite"
+        if not self.sqlite:
+            driver: Any = self.connection.driver_connection  # psycopg's own connection
+            driver.autocommit = True
+        self.cursor = self.connection.cursor()
+
+    def write(self, batch: list[_Pending]) -> None:
+        """One multi-row INSERT (per 250 rows) on the driver's own connection: the
+        per-statement work of SQLAlchemy's execution layer, and of psycopg's executemany (its
+        pipeline mode), costs more than the insert of a batch of a few rows."""
+        rows = [e.row for e in batch]
+        if self.sqlite:  # as UTCDateTime stores it: naive UTC text (timestamptz on PostgreSQL)
+            rows = [(*r[:3], r[3].replace(tzinfo=None).isoformat(" ")) for r in rows]
+        row = _SQLITE_ROW if self.sqlite else _PG_ROW
+        for first in range(0, len(rows), _ROWS_PER_STATEMENT):
+            chunk = rows[first : first + _ROWS_PER_STATEMENT]
+            self.cursor.execute(_insert(row, len(chunk)), [v for r in chunk for v in r])
+        self.connection.commit()  # SQLite's; nothing to do when autocommitting
+
+    def invalidate(self) -> None:
+        with contextlib.suppress(Exception):
+            self.connection.invalidate()
 
 
 _journal: StepJournal | None = None
