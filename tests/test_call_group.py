@@ -322,3 +322,36 @@ def test_an_interruption_anywhere_leaves_no_call_waiting_forever(redis_server) -
         assert total > 5, (victim, total)
         for at in range(1, total + 1):
             _round_with_one_interrupted(redis_server, victim, at, [0])
+
+
+def test_a_lead_lost_for_any_reason_is_taken_over_after_the_stall(redis_server) -> None:
+    """The leading thread stops making progress and never hands the lead on (here: its connect
+    hangs; the cause of the one seen in a benchmark was never pinned down): after `stall`
+    seconds without a reply, a waiting call takes the lead on a new connection, and the calls
+    behind it are answered. The lost leader, when it comes back, answers its own call and hands
+    nothing on."""
+    pool = make_client(redis_server.url, timeout=5.0).connection_pool
+    hung = threading.Event()
+    connects: list[str] = []
+
+    def connect() -> Any:
+        connects.append("connect")
+        if len(connects) == 1:
+            hung.wait(30)
+        return pool.connection_class(**pool.connection_kwargs)
+
+    group = CallGroup(connect, stall=0.5)
+    outcomes: dict[str, object] = {}
+    lost = _incr_in_thread(group, "lost leader", outcomes)
+    _queued(group, 0)
+    time.sleep(0.05)
+    began = time.monotonic()
+    waiting = [_incr_in_thread(group, f"waiting {i}", outcomes) for i in range(3)]
+    for thread in waiting:
+        thread.join(10)
+    assert sorted(v for k, v in outcomes.items() if k != "lost leader") == [1, 2, 3], outcomes
+    assert 0.5 <= time.monotonic() - began < 5
+    hung.set()
+    lost.join(10)
+    assert outcomes["lost leader"] == 4
+    assert group.call(("INCR", "n")) == 5 and len(connects) == 2  # on the new lead's
