@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -160,6 +161,26 @@ def test_a_worker_store_groups_its_calls_and_keeps_its_replies(redis_server) -> 
     assert store.live_workers("default", 60_000) == 1
 
 
+def _incr_in_thread(
+    group: CallGroup, name: str, outcomes: dict[str, object], tracer: Any = None
+) -> threading.Thread:
+    """Starts a thread whose INCR call's reply or exception goes in `outcomes[name]`; `tracer`:
+    its trace function (sys.settrace) for the call."""
+
+    def run() -> None:
+        sys.settrace(tracer)
+        try:
+            outcomes[name] = group.call(("INCR", "n"))
+        except BaseException as exc:
+            outcomes[name] = exc
+        finally:
+            sys.settrace(None)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 class _TimeLimit(BaseException):
     """Stands for Dramatiq's TimeLimitExceeded, which its TimeLimit middleware raises in a job's
     thread from another thread (PyThreadState_SetAsyncExc), wherever that thread is."""
@@ -169,27 +190,19 @@ def _raise_in(thread: threading.Thread, exc: type[BaseException]) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc))
 
 
-def test_a_call_interrupted_once_handed_the_lead_still_sends_the_calls_behind_it(
+def test_a_call_interrupted_once_handed_the_lead_leaves_it_to_the_calls_behind_it(
     redis_server,
 ) -> None:
     """The next leader's thread is interrupted while it waits (the exception lands when it
-    wakes): it raises, but first sends the round trip it was handed, so the calls queued
-    behind it are answered and later calls do not wait forever."""
+    wakes, handed the lead): its call is withdrawn unsent and it raises, and the call queued
+    behind it leads the next round trip, so later calls do not wait forever."""
     group = _group(redis_server.url)
     group.call(("PING",))
     redis_server.pause()
     outcomes: dict[str, object] = {}
 
     def calling(name: str) -> threading.Thread:
-        def run() -> None:
-            try:
-                outcomes[name] = group.call(("INCR", "n"))
-            except BaseException as exc:
-                outcomes[name] = exc
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
+        return _incr_in_thread(group, name, outcomes)
 
     leader = calling("leader")
     _queued(group, 0)
@@ -204,5 +217,141 @@ def test_a_call_interrupted_once_handed_the_lead_still_sends_the_calls_behind_it
         thread.join(10)
     assert not any(t.is_alive() for t in (leader, next_leader, behind)), outcomes
     assert isinstance(outcomes["next leader"], _TimeLimit)
-    assert outcomes["leader"] == 1 and outcomes["behind"] == 3  # the interrupted one ran too
-    assert group.call(("INCR", "n")) == 4
+    assert outcomes["leader"] == 1 and outcomes["behind"] == 2  # the interrupted one was not sent
+    assert group.call(("INCR", "n")) == 3
+
+
+def _check_points(module: object) -> dict[object, set[int]]:
+    """Where CPython 3.11 lets an exception raised from another thread land in `module`'s
+    functions, by code object: the instruction after each call, and each loop's jump back
+    (a function's entry is the tracer's "call" event)."""
+    import dis
+    import itertools
+    import types
+
+    points: dict[object, set[int]] = {}
+    codes = [v.__code__ for v in vars(module).values() if isinstance(v, types.FunctionType)]
+    for cls in (v for v in vars(module).values() if isinstance(v, type)):
+        for attr in vars(cls).values():
+            function = getattr(attr, "__func__", attr)
+            if isinstance(function, types.FunctionType):
+                codes.append(function.__code__)
+    for code in codes:
+        instructions = list(dis.get_instructions(code))
+        offsets = {b.offset for a, b in itertools.pairwise(instructions) if a.opname == "CALL"}
+        offsets |= {i.offset for i in instructions if i.opname == "JUMP_BACKWARD"}
+        points[code] = offsets
+    return points
+
+
+def _interrupting(points: dict[object, set[int]], at: int, passed: list[int]) -> Any:
+    """A trace function that raises _TimeLimit at the `at`-th check point (0: never) this
+    thread passes in the traced functions, counting them in `passed`."""
+
+    def reached(frame: Any) -> None:
+        passed[0] += 1
+        if passed[0] == at:
+            raise _TimeLimit
+
+    def local(frame: Any, event: str, _arg: Any) -> Any:
+        if event == "opcode" and frame.f_lasti in points[frame.f_code]:
+            reached(frame)
+        return local
+
+    def tracer(frame: Any, event: str, _arg: Any) -> Any:
+        if frame.f_code not in points:
+            return None
+        frame.f_trace_opcodes = True
+        reached(frame)  # the function's entry
+        return local
+
+    return tracer
+
+
+def _round_with_one_interrupted(server: Any, victim: str, at: int, passed: list[int]) -> None:
+    """A leader's round trip under way (Redis paused), two calls waiting behind it, and one of
+    the three interrupted at its `at`-th check point: every call must end (with its reply or its
+    exception), the replies must be distinct, and the group must still answer."""
+    from jobyard.queue import direct
+
+    points = _check_points(direct)
+    server_group = _group(server.url)
+    server_group.call(("PING",))
+    server.pause()
+    outcomes: dict[str, object] = {}
+
+    def calling(name: str) -> threading.Thread:
+        tracer = _interrupting(points, at, passed) if name == victim else None
+        return _incr_in_thread(server_group, name, outcomes, tracer)
+
+    def queued(count: int) -> None:
+        deadline = time.monotonic() + 0.2  # less when the victim left early
+        while len(server_group._waiting) < count and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+    threads = [calling("leader")]
+    queued(0)
+    time.sleep(0.01)
+    threads.append(calling("next"))
+    queued(1)
+    threads.append(calling("behind"))
+    queued(2)
+    server.resume()
+    for thread in threads:
+        thread.join(5)
+    stuck = [
+        name for name, t in zip(("leader", "next", "behind"), threads, strict=True) if t.is_alive()
+    ]
+    assert not stuck, f"{victim} interrupted at check point {at}: {stuck} never returned"
+    replies = [v for v in outcomes.values() if isinstance(v, int)]
+    assert len(set(replies)) == len(replies), outcomes
+    after = _in_threads(1, lambda _: server_group.call(("INCR", "n")))[0]
+    assert isinstance(after, int) and after > max(replies, default=0), (victim, at, outcomes)
+
+
+def test_an_interruption_anywhere_leaves_no_call_waiting_forever(redis_server) -> None:
+    """Dramatiq's time limit lands in a job's thread at any check point of the interpreter: in
+    the leader's round trip or its hand-over, in a waiting call, as it is handed the lead. Each
+    point of each role is tried in turn (a tracer raises there); no other call may be left
+    waiting. (The lead handed to a thread then interrupted before it woke anyone left three job
+    threads waiting for good once, in a benchmark.)"""
+    for victim in ("leader", "next", "behind"):
+        passed = [0]
+        _round_with_one_interrupted(redis_server, victim, 0, passed)  # counts the points
+        total = passed[0]
+        assert total > 5, (victim, total)
+        for at in range(1, total + 1):
+            _round_with_one_interrupted(redis_server, victim, at, [0])
+
+
+def test_a_lead_lost_for_any_reason_is_taken_over_after_the_stall(redis_server) -> None:
+    """The leading thread stops making progress and never hands the lead on (here: its connect
+    hangs; the cause of the one seen in a benchmark was never pinned down): after `stall`
+    seconds without a reply, a waiting call takes the lead on a new connection, and the calls
+    behind it are answered. The lost leader, when it comes back, answers its own call and hands
+    nothing on."""
+    pool = make_client(redis_server.url, timeout=5.0).connection_pool
+    hung = threading.Event()
+    connects: list[str] = []
+
+    def connect() -> Any:
+        connects.append("connect")
+        if len(connects) == 1:
+            hung.wait(30)
+        return pool.connection_class(**pool.connection_kwargs)
+
+    group = CallGroup(connect, stall=0.5)
+    outcomes: dict[str, object] = {}
+    lost = _incr_in_thread(group, "lost leader", outcomes)
+    _queued(group, 0)
+    time.sleep(0.05)
+    began = time.monotonic()
+    waiting = [_incr_in_thread(group, f"waiting {i}", outcomes) for i in range(3)]
+    for thread in waiting:
+        thread.join(10)
+    assert sorted(v for k, v in outcomes.items() if k != "lost leader") == [1, 2, 3], outcomes
+    assert 0.5 <= time.monotonic() - began < 5
+    hung.set()
+    lost.join(10)
+    assert outcomes["lost leader"] == 4
+    assert group.call(("INCR", "n")) == 5 and len(connects) == 2  # on the new lead's

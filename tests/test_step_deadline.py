@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import ctypes
 import threading
 import time
 
@@ -56,3 +57,43 @@ def test_an_async_step_past_the_deadline_is_cancelled() -> None:
         assert never.cancelled()
 
     asyncio.run(main())
+
+
+class _TimeLimit(BaseException):
+    """Stands for Dramatiq's TimeLimitExceeded, raised in a job's thread from another thread."""
+
+
+def _raise_in(thread: threading.Thread, exc: type[BaseException]) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc))
+
+
+def test_a_worker_thread_waiting_on_a_step_is_interrupted_at_once_and_its_helper_retired() -> None:
+    """Dramatiq's TimeLimit (the backstop) raises in the worker thread from another thread; it
+    lands only when the thread runs Python again, so the wait for the step must not block in C
+    for long. The step's helper is retired (it ends once its call returns); the thread's next
+    step runs in a new one."""
+    done: list[str] = []
+    outcome: dict[str, object] = {}
+
+    def worker() -> None:
+        began = time.monotonic()
+        try:
+            asyncio.run(run_step("stuck", block, (1.5, done), time.monotonic() + 30, 30))
+        except _TimeLimit:
+            outcome["interrupted after"] = time.monotonic() - began
+        outcome["next"] = asyncio.run(run_step("next", where, (), time.monotonic() + 5, 5))[1]
+
+    helpers_before = {t.name for t in threading.enumerate()}
+    thread = threading.Thread(target=worker)
+    thread.start()
+    time.sleep(0.2)
+    stuck = {t.name for t in threading.enumerate() if t.name.startswith("jobyard-step")}
+    stuck -= helpers_before  # other tests' helpers, of threads still alive
+    _raise_in(thread, _TimeLimit)
+    thread.join(5)
+    assert float(outcome["interrupted after"]) < 0.6, outcome  # type: ignore[arg-type]
+    assert outcome["next"] not in stuck  # a new helper
+    time.sleep(1.6)
+    assert done == ["returned late"]
+    alive = {t.name for t in threading.enumerate()}
+    assert not stuck & alive  # the retired helper's thread ended once its call returned

@@ -32,3 +32,18 @@ def test_a_database_without_the_table_is_reported_not_raised(tmp_path) -> None:
     journal = StepJournal(f"sqlite:///{tmp_path / 'unmigrated.db'}")
     assert journal.save("job", "s0", "1") is False
     assert journal.save("job", "s1", "1") is False  # and the writer keeps going
+
+
+def test_a_large_batch_with_a_step_twice_keeps_every_row_and_the_first_result(
+    database: str,
+) -> None:
+    """Rows handed over faster than one commit go in one batch: more rows than one INSERT
+    statement takes (250), and a step saved twice within it, keep every row and the first
+    result."""
+    journal = StepJournal(database)
+    waits = [journal.begin("big", f"s{k}", str(k)) for k in range(600)]
+    waits.append(journal.begin("big", "s599", '"second"'))
+    assert [wait() for wait in waits] == [True] * 601
+    kept = load_steps(["big"], url=database)["big"]
+    assert len(kept) == 600 and kept["s0"] == "0" and kept["s599"] == "599"
+    assert [wait() for wait in waits[:3]] == [True] * 3  # a second wait answers as the first

@@ -13,33 +13,92 @@ step counts as interrupted and runs again on a retry, as any interrupted step ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 log = logging.getLogger("jobyard.worker")
 _local = threading.local()
+_names = itertools.count(1)
+#: Seconds the worker thread waits for the step at a time: an exception raised in it from
+#: another thread (Dramatiq's TimeLimit) lands only between two of these waits.
+_WAIT_SLICE = 0.1
 
 
-def _helper() -> ThreadPoolExecutor:
-    executor: ThreadPoolExecutor | None = getattr(_local, "executor", None)
-    if executor is None:
-        executor = _local.executor = ThreadPoolExecutor(1, thread_name_prefix="jobyard-step")
-    return executor
+class _Helper:
+    """A worker thread's step thread. Handing it a call is two bare locks (one released each
+    way): a ThreadPoolExecutor's submit, Future and Conditions cost a step several times more."""
+
+    def __init__(self) -> None:
+        self._go = threading.Lock()
+        self._go.acquire()
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._call: Callable[[], Any] | None = None
+        self._value: Any = None
+        self._error: BaseException | None = None
+        name = f"jobyard-step-{next(_names)}"
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            self._go.acquire()
+            call = self._call
+            if call is None:  # retired
+                return
+            try:
+                self._value, self._error = call(), None
+            except BaseException as exc:  # the step's own error, raised in the worker thread
+                self._value, self._error = None, exc
+            self._done.release()
+
+    def start(self, call: Callable[[], Any]) -> None:
+        self._call = call
+        self._go.release()
+
+    def wait(self, deadline: float) -> bool:
+        """True once the call returned or raised, False at `deadline` (monotonic seconds)."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self._done.acquire(True, min(remaining, _WAIT_SLICE)):
+                return True
+
+    def result(self) -> Any:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+        value, self._value = self._value, None
+        return value
+
+    def retire(self) -> None:
+        """Its thread ends when its call returns (or at once, if it has not begun it)."""
+        self._call = None
+        # Already released for the call and not yet taken: the thread reads None and ends.
+        with contextlib.suppress(RuntimeError):
+            self._go.release()
 
 
-def _abandon(executor: ThreadPoolExecutor) -> None:
+def _helper() -> _Helper:
+    helper: _Helper | None = getattr(_local, "helper", None)
+    if helper is None:
+        helper = _local.helper = _Helper()
+    return helper
+
+
+def _abandon(helper: _Helper) -> None:
     """Forget this worker thread's helper (its thread exits once its stuck call returns)."""
-    _local.executor = None
-    executor.shutdown(wait=False, cancel_futures=True)
+    _local.helper = None
+    helper.retire()
 
 
 def _expired(step: str, limit: float) -> TimeLimitExceeded:
@@ -64,15 +123,18 @@ async def run_step(
             return await asyncio.wait_for(fn(*args), remaining)
         except TimeoutError as exc:
             raise _expired(step, limit) from exc
-    executor = _helper()
+    helper = _helper()
     # The step sees the worker thread's context variables (tracing spans, for one).
-    future: Future[Any] = executor.submit(contextvars.copy_context().run, fn, *args)
+    context = contextvars.copy_context()
+    helper.start(lambda: context.run(fn, *args))
+    finished = False
     try:
-        result = future.result(timeout=remaining)
-    except FutureTimeout as exc:
-        log.warning("step %r ran past the job's time limit (%g s): abandoned", step, limit)
-        raise _expired(step, limit) from exc
+        finished = helper.wait(deadline)
     finally:
-        if not future.done():  # timed out, or an exception reached this thread while it waited
-            _abandon(executor)
+        if not finished:  # timed out, or an exception reached this thread while it waited
+            _abandon(helper)
+    if not finished:
+        log.warning("step %r ran past the job's time limit (%g s): abandoned", step, limit)
+        raise _expired(step, limit)
+    result = helper.result()
     return await result if inspect.isawaitable(result) else result

@@ -446,9 +446,10 @@ elseif command == "step" then
     if job[1] ~= "dramatiq" or job[2] ~= seq then
         return "lost"
     end
-    redis.call("hset", steps_key, step, result)
     if ARGV[6] and ARGV[6] ~= "" then
-        redis.call("hset", steps_key, "__timing__:" .. step, ARGV[6])
+        redis.call("hset", steps_key, step, result, "__timing__:" .. step, ARGV[6])
+    else
+        redis.call("hset", steps_key, step, result)
     end
     redis.call("expire", steps_key, ttl)
     if job[3] == "1" then

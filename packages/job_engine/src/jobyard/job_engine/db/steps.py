@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -30,17 +30,44 @@ from jobyard.job_engine.db.models import JobStep
 log = logging.getLogger("jobyard.steps")
 #: Seconds a step waits for its row to be committed before going on without it (logged).
 COMMIT_PATIENCE = 10.0
+_WAIT_SLICE = 0.1
 # A step recorded twice (a retried write) keeps its first result: the one acted on.
 _COLUMNS = "job_steps (job_id, step, result, recorded_at)"
-_PG_INSERT = f"INSERT INTO {_COLUMNS} VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
-_SQLITE_INSERT = f"INSERT INTO {_COLUMNS} VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+_PG_ROW, _SQLITE_ROW = "(%s, %s, %s, %s)", "(?, ?, ?, ?)"
+#: Rows per INSERT statement (4 parameters each; SQLite allows 32,766 in all, PostgreSQL 65,535).
+_ROWS_PER_STATEMENT = 250
 
 
-@dataclass
+def _insert(row: str, count: int) -> str:
+    """One INSERT of `count` rows; DO NOTHING keeps the first of a step's rows, even within it."""
+    return f"INSERT INTO {_COLUMNS} VALUES {', '.join([row] * count)} ON CONFLICT DO NOTHING"
+
+
 class _Pending:
-    row: tuple[Any, ...]
-    done: threading.Event = field(default_factory=threading.Event)
-    ok: bool = False
+    """A row handed to the writer, and the signal of its commit: a bare lock, released once
+    (an Event's Condition costs each step more than the rest of its hand-off)."""
+
+    __slots__ = ("_done", "ok", "row")
+
+    def __init__(self, row: tuple[Any, ...]) -> None:
+        self.row = row
+        self.ok = False
+        self._done = threading.Lock()
+        self._done.acquire()
+
+    def set(self) -> None:
+        """Once, by the writer."""
+        self._done.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the write ended within `timeout`. In slices: an exception raised in the
+        waiting thread from another (Dramatiq's TimeLimit) lands between two."""
+        deadline = time.monotonic() + timeout
+        while not self._done.acquire(True, min(_WAIT_SLICE, max(deadline - time.monotonic(), 0))):
+            if time.monotonic() >= deadline:
+                return False
+        self._done.release()  # for any later wait, as an Event would
+        return True
 
 
 class StepJournal:
@@ -80,15 +107,14 @@ class StepJournal:
             self._lock.notify()
 
         def committed() -> bool:
-            if not entry.done.wait(COMMIT_PATIENCE):
+            if not entry.wait(COMMIT_PATIENCE):
                 self._warn(f"no commit in {COMMIT_PATIENCE:g} s")
             return entry.ok
 
         return committed
 
     def _write_forever(self) -> None:
-        connection: Any = None
-        sqlite = False
+        writer: _Writer | None = None
         while True:
             with self._lock:
                 while not self._pending:
@@ -96,34 +122,18 @@ class StepJournal:
                 batch, self._pending = self._pending, []
             ok = False
             try:
-                if connection is None:
-                    engine = get_engine(self.url)
-                    connection, sqlite = engine.raw_connection(), engine.dialect.name == "sqlite"
-                self._write(connection, sqlite, batch)
+                if writer is None:
+                    writer = _Writer(self.url)
+                writer.write(batch)
                 ok = True
             except Exception as exc:  # the driver's own errors: the connection is suspect
                 self._warn(f"{type(exc).__name__}: {exc}")
-                if connection is not None:
-                    with contextlib.suppress(Exception):
-                        connection.invalidate()
-                    connection = None
+                if writer is not None:
+                    writer.invalidate()
+                    writer = None
             for entry in batch:
                 entry.ok = ok
-                entry.done.set()
-
-    @staticmethod
-    def _write(connection: Any, sqlite: bool, batch: list[_Pending]) -> None:
-        """One INSERT per row and one commit for all, on the driver's own connection: the
-        per-statement work of SQLAlchemy's execution layer costs more than the insert."""
-        rows = [e.row for e in batch]
-        if sqlite:  # as UTCDateTime stores it: naive UTC text (timestamptz on PostgreSQL)
-            rows = [(*r[:3], r[3].replace(tzinfo=None).isoformat(" ")) for r in rows]
-        cursor = connection.cursor()
-        try:
-            cursor.executemany(_SQLITE_INSERT if sqlite else _PG_INSERT, rows)
-        finally:
-            cursor.close()
-        connection.commit()
+                entry.set()
 
     def _warn(self, reason: str) -> None:
         if not self._warned:
@@ -132,6 +142,40 @@ class StepJournal:
                 "step results are not kept in the database (%s): a Redis that comes back "
                 "empty will run returned steps again (this is logged once)", reason,
             )  # fmt: skip
+
+
+class _Writer:
+    """The journal thread's own connection and cursor. On PostgreSQL it autocommits: a batch is
+    then one round trip, its INSERT, where a transaction costs three (BEGIN, INSERT, COMMIT),
+    and a statement is as durable as a transaction of it. The cursor is kept: psycopg keeps the
+    dumpers it found for the parameters' types per cursor, and looks each up again in a new
+    one."""
+
+    def __init__(self, url: str | None) -> None:
+        engine = get_engine(url)
+        self.connection: Any = engine.raw_connection()
+        self.sqlite = engine.dialect.name == "sqlite"
+        if not self.sqlite:
+            driver: Any = self.connection.driver_connection  # psycopg's own connection
+            driver.autocommit = True
+        self.cursor = self.connection.cursor()
+
+    def write(self, batch: list[_Pending]) -> None:
+        """One multi-row INSERT (per 250 rows) on the driver's own connection: the
+        per-statement work of SQLAlchemy's execution layer, and of psycopg's executemany (its
+        pipeline mode), costs more than the insert of a batch of a few rows."""
+        rows = [e.row for e in batch]
+        if self.sqlite:  # as UTCDateTime stores it: naive UTC text (timestamptz on PostgreSQL)
+            rows = [(*r[:3], r[3].replace(tzinfo=None).isoformat(" ")) for r in rows]
+        row = _SQLITE_ROW if self.sqlite else _PG_ROW
+        for first in range(0, len(rows), _ROWS_PER_STATEMENT):
+            chunk = rows[first : first + _ROWS_PER_STATEMENT]
+            self.cursor.execute(_insert(row, len(chunk)), [v for r in chunk for v in r])
+        self.connection.commit()  # SQLite's; nothing to do when autocommitting
+
+    def invalidate(self) -> None:
+        with contextlib.suppress(Exception):
+            self.connection.invalidate()
 
 
 _journal: StepJournal | None = None
