@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 
 from jobyard.dispatcher.models import JobStatus
@@ -95,3 +96,45 @@ def test_job_status_holds_the_enum() -> None:
         assert "finished" in str(exc)
     else:
         raise AssertionError("an unknown state was accepted")
+
+
+#: A state written as a string literal where the code sets, compares or reports a job's state.
+_STATE_LITERAL = re.compile(
+    r"""(?:\bstate\s*(?:==|!=|=)\s*|["']state["']\s*:\s*|\b(?:finish|event|reschedule)\(\s*)"""
+    r"""["'](?P<state>[a-z]+)["']"""
+)
+#: Files whose `state` is another thing's: a schedule tick's, frozen migrations.
+_OTHER_STATES = ("dispatcher/scheduling/ticks.py", "/migrations/versions/")
+
+
+def _docstring_lines(text: str) -> set[int]:
+    """Line numbers of the module's, classes' and functions' docstrings."""
+    lines: set[int] = set()
+    for node in ast.walk(ast.parse(text)):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            value = body[0].value
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                lines.update(range(value.lineno, (value.end_lineno or value.lineno) + 1))
+    return lines
+
+
+def test_python_code_spells_job_states_through_the_enum() -> None:
+    """The enum is the one spelling: a literal "dead" in an engine is a second one that no
+    rename of the enum would reach. (Comments and docstrings may name states.)"""
+    known = {state.value for state in JobState}
+    found = []
+    for path in sorted([*(ROOT / "packages").rglob("*.py"), *(ROOT / "apps").rglob("*.py")]):
+        where = path.relative_to(ROOT).as_posix()
+        if any(part in where for part in _OTHER_STATES) or where.endswith("states.py"):
+            continue
+        text = path.read_text()
+        prose = _docstring_lines(text)
+        for number, line in enumerate(text.splitlines(), 1):
+            if number in prose:
+                continue
+            code = line.split("#", 1)[0]
+            for match in _STATE_LITERAL.finditer(code):
+                if match["state"] in known:
+                    found.append(f"{where}:{number}: {line.strip()}")
+    assert not found, "job states spelled as literals, use JobState:\n" + "\n".join(found)

@@ -25,6 +25,7 @@ from jobyard.job_engine.db.steps import begin_step
 from jobyard.job_engine.flow.waiting import Hold
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.job_engine.queues import get_queue, retry_policy
+from jobyard.job_engine.states import JobState
 from jobyard.queue.context import (
     Cancelled,
     DiedTooOften,
@@ -134,7 +135,7 @@ class _Run:
         )  # fmt: skip
 
     def started(self, start: StartResult) -> None:
-        self.event("running", start)
+        self.event(JobState.RUNNING, start)
 
     def progressed(self, value: Any) -> None:
         self.progress_count += 1
@@ -155,21 +156,21 @@ class _Run:
             if self.permits is not None:
                 self.permits.keep(suspend.seconds)  # its slots stay its own through the sleep
                 self.permits = None
-            self.reschedule("running", suspend.seconds, resume=True)
+            self.reschedule(JobState.RUNNING, suspend.seconds, resume=True)
         except Held as held:  # no permit: parked, its Lua start never made (no attempt)
-            state = "running" if self.resume else "queued"
+            state = JobState.RUNNING if self.resume else JobState.QUEUED
             self.reschedule(state, held.seconds, resume=self.resume, hold=held.hold)
         except DiedTooOften as died:
             self.died_too_often(died)
         except Cancelled:
-            self.finish("cancelled")
+            self.finish(JobState.CANCELLED)
         except LostOwnership as lost:
             log.info("job %s: message dropped (%s)", self.job_id, lost)
             if str(lost) in ("stale", "lost") and self.permits is not None:
                 self.permits.forget()  # the job's live copy holds the same leases
                 self.permits = None
-            if str(lost) == "cancelled":
-                self.event("cancelled", None)
+            if str(lost) == JobState.CANCELLED:
+                self.event(JobState.CANCELLED, None)
         except redis.RedisError:
             raise  # not the job's failure: see JobRunner.__call__
         except (Exception, TimeLimitExceeded) as exc:
@@ -202,9 +203,9 @@ class _Run:
             if start.status != "ok":
                 log.info("job %s: result dropped (%s)", self.job_id, start.status)
                 return
-            self.event("succeeded", start, result=result)
+            self.event(JobState.SUCCEEDED, start, result=result)
         else:
-            self.finish("succeeded", result=result)
+            self.finish(JobState.SUCCEEDED, result=result)
 
     def finish(self, state: str, **fields: Any) -> None:
         start = self.ctx.started
@@ -222,7 +223,9 @@ class _Run:
         """Its process died during its last attempt: dead, not run again."""
         error = died_error(died.start.attempts, died.start.died)
         log.warning("job %s dead after %d attempt(s): %s", self.job_id, died.start.attempts, error)
-        self.finish("dead", error=error, error_class=WORKER_PROCESS_DIED, payload=self.payload)
+        self.finish(
+            JobState.DEAD, error=error, error_class=WORKER_PROCESS_DIED, payload=self.payload
+        )
 
     def failed(self, exc: BaseException) -> None:
         try:
@@ -232,7 +235,7 @@ class _Run:
         error, error_class = f"{type(exc).__name__}: {exc}", type(exc).__name__
         retry = self.retry
         if isinstance(exc, PermanentError) or attempt >= retry.attempts:
-            state = "failed" if isinstance(exc, PermanentError) else "dead"
+            state = JobState.FAILED if isinstance(exc, PermanentError) else JobState.DEAD
             log.warning("job %s %s after %d attempt(s): %s", self.job_id, state, attempt, error)
             detail = "".join(traceback.format_exception(exc))[-4000:]
             self.finish(
@@ -241,8 +244,11 @@ class _Run:
             return
         delay = retry.delay_before(attempt)
         log.info("job %s attempt %d: %s; retry in %.1fs", self.job_id, attempt, error, delay)
-        if self.reschedule("retrying", delay, resume=False, error=error, error_class=error_class):
-            self.event("retrying", self.ctx.started, error=error, error_class=error_class)
+        retrying = self.reschedule(
+            JobState.RETRYING, delay, resume=False, error=error, error_class=error_class
+        )
+        if retrying:
+            self.event(JobState.RETRYING, self.ctx.started, error=error, error_class=error_class)
 
     def reschedule(
         self,
