@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import redis
+from sqlalchemy.exc import SQLAlchemyError
 
 from jobyard.job_engine import tracing
 from jobyard.job_engine.context import BaseJobContext
@@ -18,6 +20,11 @@ from jobyard.queue.store import JobStore, StartResult
 #: Seconds a finished step's result is kept and its write retried while Redis is away.
 RECORD_PATIENCE = 30.0
 RECORD_RETRY_INTERVAL = 0.5
+#: Seconds a run that may follow lost step records waits for the step journal to be readable
+#: before running without it (see DramatiqContext._recall).
+RECALL_PATIENCE = 30.0
+
+log = logging.getLogger("jobyard.steps")
 #: Sleeps up to this long happen in the worker thread; longer ones free it.
 IN_THREAD_SLEEP_LIMIT = 1.0
 
@@ -65,13 +72,16 @@ class DramatiqContext(BaseJobContext):
         time_limit: float | None = None,
         journal: Callable[[str, str, str], Callable[[], object]] | None = None,
         suspect_attempts: int = 0,
+        recall: Callable[[str], dict[str, str]] | None = None,
     ) -> None:
         """`time_limit`: seconds this run may take; a step still running then is abandoned
         (see jobyard.queue.deadline). `journal(job_id, step, result_json)` starts keeping a
         returned step's result durably (jobyard.job_engine.db.steps) and returns the wait for
         it. `suspect_attempts`: the job's attempts, when its message is a suspect's (see
-        jobyard.queue.reclaim)."""
+        jobyard.queue.reclaim). `recall(job_id)`: the step results the journal kept, step ->
+        JSON text; read only by a run whose start says Redis may have lost some."""
         super().__init__(job_id, job_name)
+        self._recall_journal = recall
         self._suspect_attempts = suspect_attempts
         self._journal = journal
         self._time_limit = time_limit
@@ -104,9 +114,32 @@ class DramatiqContext(BaseJobContext):
             if result.status != "ok":
                 raise LostOwnership(result.status)
             self._started, self._recorded = result, result.steps
+            if result.may_have_lost and self._recall_journal is not None:
+                # Redis's own records win: they hold the timings, and agree where both exist.
+                self._recorded = {**self._recall(), **result.steps}
             if self._on_start is not None:
                 self._on_start(result)
         return self._started
+
+    def _recall(self) -> dict[str, str]:
+        """The journal's step results, for a run that may follow lost Redis records. A
+        database that cannot be read is waited for (RECALL_PATIENCE), as this run would
+        otherwise run again steps that returned; past that the run goes on with Redis's records
+        alone (logged): the journal is a backstop the writes also do without while the database
+        is away (see db/steps.py), and a job must not wait on it for good."""
+        assert self._recall_journal is not None
+        deadline = time.monotonic() + RECALL_PATIENCE
+        while True:
+            try:
+                return self._recall_journal(self.job_id)
+            except SQLAlchemyError as exc:  # the database is away
+                if time.monotonic() > deadline:
+                    log.warning(
+                        "job %s: step journal unreadable (%s): runs on Redis's step records "
+                        "alone, a returned step they lost runs again", self.job_id, exc,
+                    )  # fmt: skip
+                    return {}
+                time.sleep(RECORD_RETRY_INTERVAL)
 
     def _record(self, step: str, encoded: str, timing: str = "") -> None:
         # The database write and the Redis record go at once: a worker killed now loses no

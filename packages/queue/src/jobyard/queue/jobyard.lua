@@ -231,6 +231,22 @@ local function start_checks(job_key, events_key, seq, is_resume)
                                     died_alone = job[11] == seq, died = job[12]}
 end
 
+-- Whether step records of an earlier run of this job may be missing here, though the run
+-- returned those steps (1) or not (0), so the caller reads the step journal (the database)
+-- too; the answer costs the normal path no database read. They may be missing when this run
+-- follows another (attempts > 1: a redelivery after a worker died between the journal's
+-- commit and this record, or after a run that gave up writing a record while Redis was
+-- down) or when this Redis started after the job's dispatch (it restarted, and lost what its
+-- AOF had not written; its start and the run's own were lost with it too, so attempts says
+-- nothing). LASTSAVE is the server's start time until an RDB save (the only later change of
+-- it): a save after the dispatch only costs a read. It counts whole seconds, hence the + 1.
+local function may_have_lost(attempts, enqueued_at)
+    if attempts > 1 or tonumber(enqueued_at or "0") < (redis.call("lastsave") + 1) * 1000 then
+        return 1
+    end
+    return 0
+end
+
 -- Whether the queue has a live worker, asked of Redis at most once per call and only when a
 -- job needs the answer (a job that exists already does not).
 local function liveness(workers_key, timeout_ms, now)
@@ -400,7 +416,7 @@ elseif command == "enqueue_many" then
 -- start: KEYS job, steps [, events]
 --        ARGV seq, is_resume ("1"|"0")
 --             [, the job's attempts when the message is a suspect (see reclaim), else 0]
--- -> {"ok", attempts, started_at ms, step, json, step, json, ...}
+-- -> {"ok", attempts, started_at ms, may_have_lost (1|0), step, json, step, json, ...}
 --    | {"lost"} | {"stale"} | {"done"} | {"cancelled"}
 --    | {"exhausted", attempts, how the last process died}: a suspect whose last run died alone
 --      and used the last attempt; nothing is written (the caller finishes it dead)
@@ -427,7 +443,7 @@ elseif command == "start" then
     end
     changed(events_key, job_key, "state", "running", "name", job.name, "queue", job.queue,
             "attempts", attempts, "enqueued_at", job.enqueued_at, "started_at", started_at)
-    local result = {"ok", attempts, started_at}
+    local result = {"ok", attempts, started_at, may_have_lost(attempts, job.enqueued_at)}
     local steps = redis.call("hgetall", steps_key)
     for i = 1, #steps do
         result[#result + 1] = steps[i]

@@ -21,7 +21,7 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from jobyard.job_engine import JobSpec, PermanentError, env
 from jobyard.job_engine.db import joblog
-from jobyard.job_engine.db.steps import begin_step
+from jobyard.job_engine.db.steps import begin_step, recall_steps
 from jobyard.job_engine.flow.waiting import Hold
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.job_engine.queues import get_queue, retry_policy
@@ -67,6 +67,7 @@ class JobRunner:
         # With the job log on, returned steps are kept in its database too (see steps.py).
         journal = joblog.enabled() and env.get_bool(env.STEP_JOURNAL)
         self.journal = begin_step if journal else None
+        self.recall = recall_steps if journal else None
         self.__name__ = spec.name
 
     def __call__(self, job_id: str, payload: Any) -> None:
@@ -124,6 +125,7 @@ class _Run:
             self.store, self.spec.name, job_id, self.seq, self.resume,
             on_start=self.started, on_progress=self.progressed, time_limit=runner.time_limit,
             journal=runner.journal, suspect_attempts=self.retry.attempts if self.suspect else 0,
+            recall=runner.recall,
         )  # fmt: skip
 
     def event(self, state: str, start: StartResult | None, **fields: Any) -> None:

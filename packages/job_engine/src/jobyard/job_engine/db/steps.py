@@ -202,3 +202,9 @@ def load_steps(job_ids: list[str], *, url: str | None = None) -> dict[str, dict[
         for job_id, step, result in session.execute(query):
             out.setdefault(job_id, {})[step] = result
     return out
+
+
+def recall_steps(job_id: str) -> dict[str, str]:
+    """One job's kept step results (load_steps), for a Dramatiq run whose Redis records may be
+    incomplete (see may_have_lost in jobyard.lua). Raises SQLAlchemyError when unreadable."""
+    return load_steps([job_id]).get(job_id, {})

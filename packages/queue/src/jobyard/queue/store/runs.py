@@ -33,6 +33,9 @@ class StartResult:
     started_at: float = 0.0  # unix seconds of the job's first start
     steps: dict[str, str] = field(default_factory=dict)
     died: str = ""  # exhausted: how the last process that ran the job died
+    # ok: step records of an earlier run may be missing from `steps` (see may_have_lost in
+    # jobyard.lua): read the step journal too before running one.
+    may_have_lost: bool = False
 
 
 class RunCommands(ScriptStore):
@@ -60,9 +63,11 @@ class RunCommands(ScriptStore):
             return StartResult(status, attempts=int(reply[1]), died=_text(reply[2]))
         if status != "ok":
             return StartResult(status)
-        flat = [_text(v) for v in reply[3:]]
+        flat = [_text(v) for v in reply[4:]]
         steps = dict(zip(flat[::2], flat[1::2], strict=True))
-        return StartResult(status, int(reply[1]), int(reply[2]) / 1000, steps)
+        return StartResult(
+            status, int(reply[1]), int(reply[2]) / 1000, steps, may_have_lost=reply[3] == 1
+        )
 
     def record_step(
         self, job_id: str, seq: int, step: str, result_json: str, timing_json: str = ""
