@@ -230,9 +230,11 @@ def test_steps_returned_during_a_partition_are_not_run_again(
     try:
         wait_for(lambda: not running & set(world.running()), timeout=15, interval=0.05)
         returned = world.ended_between(stopped_at, time.time())
+        returned_at, rows_wait = time.monotonic(), 0.0
         if kill_worker:
             if journal == "true":  # past the irreducible window, see journalled
                 wait_for(lambda: world.journalled(ids, running), timeout=30, interval=0.05)
+                rows_wait = time.monotonic() - returned_at
             first.signal_group(signal.SIGKILL)
             first.proc.wait()
         else:  # past the heartbeat timeout (Temporal gave the steps up) and the completions'
@@ -245,7 +247,8 @@ def test_steps_returned_during_a_partition_are_not_run_again(
     counts = world.ledger.counts()
     print(
         f"summary: partition, worker killed={kill_worker}, journal={journal}: {returned} steps "
-        f"returned during it, {counts.rerun_returned} returned steps run again"
+        f"returned during it, {counts.rerun_returned} returned steps run again, the kill "
+        f"waited {rows_wait:.3f} s for their journal rows"
     )
     assert returned == 6
     assert {s.state for s in final.values()} == {"succeeded"}, final
