@@ -52,7 +52,17 @@ class DemotedPrimary(ConnectFailed):
     ConnectFailed, as its outcome is as certain: the dispatcher falls back to Temporal cleanly."""
 
 
-class _DropsWhenDemoted:
+class _FollowsThePrimary:
+    """A connection that, once dropped, connects again only through `connect()`: redis-py's
+    `send_packed_command` reconnects to the last address by itself, which after a failover is
+    the old primary (Sentinel's connection asks Sentinel only in `connect()`); and a failed
+    reconnect there is then ConnectFailed, as the command was never sent."""
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._sock:  # type: ignore[attr-defined]
+            self.connect()  # type: ignore[attr-defined]
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             # Connection's own read_response, not SentinelManagedConnection's, which turns
@@ -63,20 +73,20 @@ class _DropsWhenDemoted:
             raise DemotedPrimary(f"the primary was demoted to a replica: {exc}") from exc
 
 
-class _Connection(_RaisesConnectFailed, _DropsWhenDemoted, redis.Connection):
+class _Connection(_RaisesConnectFailed, _FollowsThePrimary, redis.Connection):
     pass
 
 
-class _SSLConnection(_RaisesConnectFailed, _DropsWhenDemoted, redis.SSLConnection):
+class _SSLConnection(_RaisesConnectFailed, _FollowsThePrimary, redis.SSLConnection):
     pass
 
 
-class _SentinelConnection(_RaisesConnectFailed, _DropsWhenDemoted, SentinelManagedConnection):
+class _SentinelConnection(_RaisesConnectFailed, _FollowsThePrimary, SentinelManagedConnection):
     pass
 
 
 class _SentinelSSLConnection(
-    _RaisesConnectFailed, _DropsWhenDemoted, SentinelManagedSSLConnection
+    _RaisesConnectFailed, _FollowsThePrimary, SentinelManagedSSLConnection
 ):
     pass
 
@@ -106,7 +116,6 @@ def _socket_options(timeout: float) -> dict[str, Any]:
         "socket_connect_timeout": timeout,
         "socket_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
-        "retry_on_timeout": False,
         "socket_keepalive": True,
     }
 
@@ -122,7 +131,9 @@ def make_client(url: str | None = None, *, timeout: float | None = None) -> redi
     connection_class = _CONNECTIONS.get(urlparse(url).scheme)
     if connection_class is not None:
         extra["connection_class"] = connection_class
-    return redis.Redis.from_url(url, **extra, **_socket_options(timeout), health_check_interval=0)
+    return redis.Redis.from_url(
+        url, **extra, **_socket_options(timeout), retry_on_timeout=False, health_check_interval=0
+    )
 
 
 def _sentinel_client(parsed: SentinelUrl, timeout: float) -> redis.Redis:
