@@ -193,13 +193,10 @@ UNIT, INTEGRATION, ACCEPTANCE = "unit", "integration", "acceptance"
 #: Fixtures that start or reach a server: a test using one, directly or through another
 #: fixture, is integration at least.
 SERVER_FIXTURES = frozenset(
-    {"redis_server", "temporal_server", "job_log_db_url", "pg_url", "fresh_pg_url",
-     "sentinel_cluster"}
-)
+    {"redis_server", "temporal_server", "job_log_db_url", "pg_url", "fresh_pg_url"}
+) | {"sentinel_cluster"}  # tests/test_sentinel.py: a primary, a replica, three Sentinels
 #: Fixtures that start jobyard's processes (or hand a test the means to): acceptance.
-PROCESS_FIXTURES = frozenset(
-    {"engines", "shared_engines", "module_engines", "sentinel_engines"}
-)
+PROCESS_FIXTURES = frozenset({"engines", "shared_engines", "module_engines", "sentinel_engines"})
 #: Fixture parameters that pick a server (fixtures that call request.getfixturevalue, which
 #: the fixture closure cannot see): (fixture, parameter) -> tier.
 PARAMETER_TIERS = {

@@ -39,7 +39,9 @@ class SentinelCluster:
     def start(self) -> SentinelCluster:
         self._redis(self.primary_port)
         self._redis(self.replica_port, "--replicaof", "127.0.0.1", str(self.primary_port))
-        wait_for(lambda: self.node(self.replica_port).info("replication")["master_link_status"] == "up")
+        wait_for(
+            lambda: self.node(self.replica_port).info("replication")["master_link_status"] == "up"
+        )
         for port in self.sentinel_ports:
             self._sentinel(port)
         wait_for(self._sentinels_agree, timeout=30)
@@ -90,7 +92,9 @@ class SentinelCluster:
 
     def primary(self) -> int:
         """The port Sentinel names as primary now."""
-        return int(self.sentinel(self.sentinel_ports[0]).sentinel_get_master_addr_by_name(SERVICE)[1])
+        return int(
+            self.sentinel(self.sentinel_ports[0]).sentinel_get_master_addr_by_name(SERVICE)[1]
+        )
 
     def client(self) -> redis.Redis:
         """The current primary (as tests.engines.Engines expects of its Redis)."""

@@ -123,8 +123,10 @@ def test_dispatch_and_a_worker_follow_the_promoted_replica(
     dispatched_in = time.monotonic() - killed
     status = engines.wait(after.job_id, timeout=60)
     ran_in = time.monotonic() - killed
-    print(f"after SIGKILL of the primary: dispatch on Dramatiq in {dispatched_in:.2f} s, "
-          f"the worker ran its job in {ran_in:.2f} s; {len(meanwhile)} went to Temporal")  # fmt: skip
+    print(
+        f"after SIGKILL of the primary: dispatch on Dramatiq in {dispatched_in:.2f} s, "
+        f"the worker ran its job in {ran_in:.2f} s; {len(meanwhile)} went to Temporal"
+    )
 
     assert sentinel_cluster.primary() == sentinel_cluster.replica_port
     assert (status.engine, status.state) == ("dramatiq", "succeeded")

@@ -139,7 +139,7 @@ def make_client(url: str | None = None, *, timeout: float | None = None) -> redi
 def _sentinel_client(parsed: SentinelUrl, timeout: float) -> redis.Redis:
     """The primary's client through Sentinel (redis-py's discovery, our connection classes)."""
     tls: dict[str, Any] = {"ssl": True, **parsed.ssl_options} if parsed.ssl else {}
-    sentinel = Sentinel(
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
         parsed.sentinels,
         sentinel_kwargs={
             **_socket_options(timeout),
@@ -148,7 +148,7 @@ def _sentinel_client(parsed: SentinelUrl, timeout: float) -> redis.Redis:
             **tls,
         },
     )
-    return sentinel.master_for(
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
         parsed.service,
         connection_pool_class=SentinelConnectionPool,
         connection_class=_SentinelSSLConnection if parsed.ssl else _SentinelConnection,
@@ -159,6 +159,7 @@ def _sentinel_client(parsed: SentinelUrl, timeout: float) -> redis.Redis:
         **_socket_options(timeout),
         health_check_interval=0,
     )
+    return client
 
 
 def get_client(url: str | None = None, *, timeout: float | None = None) -> redis.Redis:

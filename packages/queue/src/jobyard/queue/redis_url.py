@@ -19,7 +19,13 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
 DEFAULT_SENTINEL_PORT = 26379
 _AUTH_OPTIONS = ("sentinel_username", "sentinel_password")
-_SSL_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+_SSL_OPTIONS = (
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_check_hostname",
+)
 _BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
@@ -49,7 +55,9 @@ def is_sentinel(url: str) -> bool:
 def parse_sentinel_url(url: str) -> SentinelUrl:
     scheme, _, rest = url.partition("://")
     if scheme.lower() not in SENTINEL_SCHEMES or not rest:
-        raise RedisUrlError(f"not a Sentinel URL (redis+sentinel://host:port,.../service/db): {_shown(url)}")
+        raise RedisUrlError(
+            f"not a Sentinel URL (redis+sentinel://host:port,.../service/db): {_shown(url)}"
+        )
     parts = urlsplit(url)
     userinfo, at, hosts = parts.netloc.rpartition("@")
     username, password = _userinfo(userinfo) if at else (None, None)
@@ -127,7 +135,9 @@ def _options(query: str, url: str) -> dict[str, object]:
     for name, value in parse_qsl(query, keep_blank_values=True):
         if name not in _AUTH_OPTIONS + _SSL_OPTIONS:
             known = ", ".join(_AUTH_OPTIONS + _SSL_OPTIONS)
-            raise RedisUrlError(f"unknown Sentinel URL option {name!r} (known: {known}): {_shown(url)}")
+            raise RedisUrlError(
+                f"unknown Sentinel URL option {name!r} (known: {known}): {_shown(url)}"
+            )
         options[name] = _boolean(name, value, url) if name == "ssl_check_hostname" else value
     return options
 
@@ -136,7 +146,9 @@ def _boolean(name: str, value: str, url: str) -> bool:
     try:
         return _BOOLEANS[value.lower()]
     except KeyError:
-        raise RedisUrlError(f"option {name}={value!r} is not true or false: {_shown(url)}") from None
+        raise RedisUrlError(
+            f"option {name}={value!r} is not true or false: {_shown(url)}"
+        ) from None
 
 
 def _text_option(options: dict[str, object], name: str) -> str | None:
@@ -153,5 +165,9 @@ def _shown(url: str) -> str:
         url = f"{scheme}://{user}:***@{tail}" if ":" in userinfo else url
     if "sentinel_password=" in url:
         before, _, after = url.partition("sentinel_password=")
-        url = before + "sentinel_password=***" + ("&" + after.partition("&")[2] if "&" in after else "")
+        url = (
+            before
+            + "sentinel_password=***"
+            + ("&" + after.partition("&")[2] if "&" in after else "")
+        )
     return url
