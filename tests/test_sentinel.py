@@ -190,3 +190,18 @@ def test_the_cli_names_a_malformed_sentinel_url(tmp_path: object) -> None:
     assert done.returncode != 0
     assert "REDIS_URL is malformed" in done.stderr + done.stdout
     assert "/<service name>[/<db>]" in done.stderr + done.stdout
+
+
+def test_a_tls_sentinel_url_speaks_tls_to_sentinels_and_redis() -> None:
+    """No TLS server is started here (the check is of what the client is built with)."""
+    client = make_client(
+        "rediss+sentinel://:pw@h1:26379/mymaster/2?sentinel_password=sp&ssl_ca_certs=/ca.pem",
+        timeout=1.0,
+    )
+    pool = client.connection_pool
+    assert issubclass(pool.connection_class, redis.SSLConnection)
+    assert (pool.connection_kwargs["ssl_ca_certs"], pool.connection_kwargs["db"]) == ("/ca.pem", 2)
+    assert pool.connection_kwargs["password"] == "pw"
+    sentinel = pool.sentinel_manager.sentinels[0].connection_pool
+    assert issubclass(sentinel.connection_class, redis.SSLConnection)
+    assert sentinel.connection_kwargs["password"] == "sp"

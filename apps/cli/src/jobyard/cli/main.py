@@ -370,7 +370,7 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     import redis
     from sqlalchemy.exc import DBAPIError
 
-    from jobyard.queue.redis_url import RedisUrlError
+    from jobyard.queue.redis_url import RedisUrlError, shown_redis_url
 
     if isinstance(exc, DBAPIError):
         from jobyard.job_engine.db import database_url
@@ -386,7 +386,10 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, RedisUrlError):
         return f"{env.REDIS_URL} is malformed: {exc}", EXIT_BAD_INPUT
     if isinstance(exc, redis.RedisError):
-        return f"Redis at {env.get(env.REDIS_URL)} is unavailable: {exc}", EXIT_UNAVAILABLE
+        return (
+            f"Redis at {shown_redis_url(env.get_str(env.REDIS_URL))} is unavailable: {exc}",
+            EXIT_UNAVAILABLE,
+        )
     if type(exc).__module__.startswith("temporalio") or "client connect" in str(exc):
         address = env.get(env.TEMPORAL_ADDRESS)
         return f"Temporal at {address} is unavailable: {exc}", EXIT_UNAVAILABLE

@@ -56,7 +56,8 @@ def parse_sentinel_url(url: str) -> SentinelUrl:
     scheme, _, rest = url.partition("://")
     if scheme.lower() not in SENTINEL_SCHEMES or not rest:
         raise RedisUrlError(
-            f"not a Sentinel URL (redis+sentinel://host:port,.../service/db): {_shown(url)}"
+            "not a Sentinel URL (redis+sentinel://host:port,.../service/db): "
+            + shown_redis_url(url)
         )
     parts = urlsplit(url)
     userinfo, at, hosts = parts.netloc.rpartition("@")
@@ -85,7 +86,7 @@ def check_redis_url(url: str) -> None:
     if scheme not in ("redis", "rediss", "unix"):
         raise RedisUrlError(
             f"REDIS_URL must start with redis://, rediss://, unix://, redis+sentinel:// or "
-            f"rediss+sentinel://: {_shown(url)}"
+            f"rediss+sentinel://: {shown_redis_url(url)}"
         )
 
 
@@ -97,7 +98,7 @@ def _userinfo(userinfo: str) -> tuple[str | None, str | None]:
 def _hosts(text: str, url: str) -> list[tuple[str, int]]:
     hosts = [_host(item.strip(), url) for item in text.split(",") if item.strip()]
     if not hosts:
-        raise RedisUrlError(f"a Sentinel URL names no Sentinel host: {_shown(url)}")
+        raise RedisUrlError(f"a Sentinel URL names no Sentinel host: {shown_redis_url(url)}")
     return hosts
 
 
@@ -108,11 +109,11 @@ def _host(item: str, url: str) -> tuple[str, int]:
     else:
         host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
     if not host:
-        raise RedisUrlError(f"Sentinel host {item!r} has no name: {_shown(url)}")
+        raise RedisUrlError(f"Sentinel host {item!r} has no name: {shown_redis_url(url)}")
     if not port:
         return host, DEFAULT_SENTINEL_PORT
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise RedisUrlError(f"Sentinel host {item!r} has a bad port: {_shown(url)}")
+        raise RedisUrlError(f"Sentinel host {item!r} has a bad port: {shown_redis_url(url)}")
     return host, int(port)
 
 
@@ -121,12 +122,12 @@ def _path(path: str, url: str) -> tuple[str, int]:
     if not parts or len(parts) > 2:
         raise RedisUrlError(
             f"a Sentinel URL's path is /<service name>[/<db>], as in "
-            f"redis+sentinel://host:26379/mymaster/0: {_shown(url)}"
+            f"redis+sentinel://host:26379/mymaster/0: {shown_redis_url(url)}"
         )
     if len(parts) == 1:
         return parts[0], 0
     if not parts[1].isdigit():
-        raise RedisUrlError(f"database {parts[1]!r} is not a number: {_shown(url)}")
+        raise RedisUrlError(f"database {parts[1]!r} is not a number: {shown_redis_url(url)}")
     return parts[0], int(parts[1])
 
 
@@ -136,7 +137,7 @@ def _options(query: str, url: str) -> dict[str, object]:
         if name not in _AUTH_OPTIONS + _SSL_OPTIONS:
             known = ", ".join(_AUTH_OPTIONS + _SSL_OPTIONS)
             raise RedisUrlError(
-                f"unknown Sentinel URL option {name!r} (known: {known}): {_shown(url)}"
+                f"unknown Sentinel URL option {name!r} (known: {known}): {shown_redis_url(url)}"
             )
         options[name] = _boolean(name, value, url) if name == "ssl_check_hostname" else value
     return options
@@ -147,7 +148,7 @@ def _boolean(name: str, value: str, url: str) -> bool:
         return _BOOLEANS[value.lower()]
     except KeyError:
         raise RedisUrlError(
-            f"option {name}={value!r} is not true or false: {_shown(url)}"
+            f"option {name}={value!r} is not true or false: {shown_redis_url(url)}"
         ) from None
 
 
@@ -156,8 +157,8 @@ def _text_option(options: dict[str, object], name: str) -> str | None:
     return str(value) if value else None
 
 
-def _shown(url: str) -> str:
-    """The URL with its passwords hidden, for an error message."""
+def shown_redis_url(url: str) -> str:
+    """The URL with its passwords hidden, for an error message or a log line."""
     head, at, tail = url.partition("@")
     if at and "://" in head:
         scheme, _, userinfo = head.partition("://")
