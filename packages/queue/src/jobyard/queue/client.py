@@ -106,11 +106,6 @@ def redis_url() -> str:
     return env.get_str(env.REDIS_URL)
 
 
-def check_url(url: str | None = None) -> None:
-    """Raises RedisUrlError, naming the fault, for a REDIS_URL no client can be made from."""
-    check_redis_url(url or redis_url())
-
-
 def _socket_options(timeout: float) -> dict[str, Any]:
     return {
         "socket_connect_timeout": timeout,

@@ -8,7 +8,8 @@
 The user and password are Redis's. Options of a Sentinel URL: `sentinel_username` and
 `sentinel_password` (Sentinel's own auth), and for TLS `ssl_cert_reqs`, `ssl_ca_certs`,
 `ssl_certfile`, `ssl_keyfile`, `ssl_check_hostname`. A malformed URL raises `RedisUrlError`,
-which names what is wrong; processes check it at start-up (`check_redis_url`).
+which names what is wrong: `jobyard.queue.client.make_client` checks it, which every process
+calls as it starts (the dispatcher, so the API in `warm_up`; the worker; `jobyard dev`).
 """
 
 from __future__ import annotations
