@@ -194,9 +194,9 @@ UNIT, INTEGRATION, ACCEPTANCE = "unit", "integration", "acceptance"
 #: fixture, is integration at least.
 SERVER_FIXTURES = frozenset(
     {"redis_server", "temporal_server", "job_log_db_url", "pg_url", "fresh_pg_url"}
-)
+) | {"sentinel_cluster"}  # tests/test_sentinel.py: a primary, a replica, three Sentinels
 #: Fixtures that start jobyard's processes (or hand a test the means to): acceptance.
-PROCESS_FIXTURES = frozenset({"engines", "shared_engines", "module_engines"})
+PROCESS_FIXTURES = frozenset({"engines", "shared_engines", "module_engines", "sentinel_engines"})
 #: Fixture parameters that pick a server (fixtures that call request.getfixturevalue, which
 #: the fixture closure cannot see): (fixture, parameter) -> tier.
 PARAMETER_TIERS = {
@@ -227,6 +227,8 @@ EXPLICIT_TIERS = {
     # the wheel built and installed into two virtualenvs
     "tests/test_distribution.py::": ACCEPTANCE,
     "tests/test_flow_temporal_priority.py::": INTEGRATION,  # a dev server with priority flags
+    # `jobyard worker` with a malformed REDIS_URL, to read what it says
+    "tests/test_sentinel.py::test_the_cli_names_a_malformed_sentinel_url": ACCEPTANCE,
     # `jobyard worker --queues nope`, to read what it says
     "tests/test_queue_declaration.py::test_a_worker_told_an_unknown_queue_says_so": ACCEPTANCE,
 }

@@ -23,6 +23,7 @@ from jobyard.job_engine import env
 from jobyard.job_engine.queues import queue_names
 from jobyard.job_engine.states import JobState
 from jobyard.queue.client import make_client
+from jobyard.queue.redis_url import shown_redis_url
 from jobyard.queue.store import JobStore
 
 STATE_DIR = Path(".jobyard")
@@ -96,7 +97,8 @@ def redis_available() -> bool:
         client.ping()
         return True
     except redis.RedisError as exc:
-        _say(f"Redis at {env.get(env.REDIS_URL)} is NOT reachable ({exc}): running Temporal-only")
+        url = shown_redis_url(env.get_str(env.REDIS_URL))
+        _say(f"Redis at {url} is NOT reachable ({exc}): running Temporal-only")
         return False
     finally:
         client.close()

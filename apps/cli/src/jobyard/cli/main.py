@@ -370,6 +370,8 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     import redis
     from sqlalchemy.exc import DBAPIError
 
+    from jobyard.queue.redis_url import RedisUrlError, shown_redis_url
+
     if isinstance(exc, DBAPIError):
         from jobyard.job_engine.db import database_url
 
@@ -381,8 +383,13 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
                 EXIT_UNAVAILABLE,
             )
         return f"the database at {url} is unavailable: {reason}", EXIT_UNAVAILABLE
+    if isinstance(exc, RedisUrlError):
+        return f"{env.REDIS_URL} is malformed: {exc}", EXIT_BAD_INPUT
     if isinstance(exc, redis.RedisError):
-        return f"Redis at {env.get(env.REDIS_URL)} is unavailable: {exc}", EXIT_UNAVAILABLE
+        return (
+            f"Redis at {shown_redis_url(env.get_str(env.REDIS_URL))} is unavailable: {exc}",
+            EXIT_UNAVAILABLE,
+        )
     if type(exc).__module__.startswith("temporalio") or "client connect" in str(exc):
         address = env.get(env.TEMPORAL_ADDRESS)
         return f"Temporal at {address} is unavailable: {exc}", EXIT_UNAVAILABLE

@@ -2,6 +2,12 @@
 
 redis-py's defaults retry and wait seconds on a dead server; a web request must learn in
 milliseconds that Redis is gone, so the dispatcher can go to Temporal instead.
+
+Every Redis client jobyard makes comes from here. A `redis+sentinel://` REDIS_URL
+(jobyard.queue.redis_url) gives a client on redis-py's SentinelConnectionPool: each new
+connection asks Sentinel for the primary, so after a failover the next connect reaches the
+promoted replica; a READONLY reply (a demoted primary still connected to) drops the
+connection so that the next one asks Sentinel again.
 """
 
 from __future__ import annotations
@@ -13,8 +19,15 @@ from urllib.parse import urlparse
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 
 from jobyard.job_engine import env
+from jobyard.queue.redis_url import SentinelUrl, check_redis_url, is_sentinel, parse_sentinel_url
 
 _clients: dict[tuple[str, float], redis.Redis] = {}
 _lock = threading.Lock()
@@ -33,11 +46,48 @@ class _RaisesConnectFailed:
             raise ConnectFailed(str(exc)) from exc
 
 
-class _Connection(_RaisesConnectFailed, redis.Connection):
+class DemotedPrimary(ConnectFailed):
+    """READONLY: the server is a replica now (a failover demoted it), so it ran nothing. The
+    connection is dropped; the next one asks Sentinel (or DNS) for the primary again. A
+    ConnectFailed, as its outcome is as certain: the dispatcher falls back to Temporal cleanly."""
+
+
+class _FollowsThePrimary:
+    """A connection that, once dropped, connects again only through `connect()`: redis-py's
+    `send_packed_command` reconnects to the last address by itself, which after a failover is
+    the old primary (Sentinel's connection asks Sentinel only in `connect()`); and a failed
+    reconnect there is then ConnectFailed, as the command was never sent."""
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._sock:  # type: ignore[attr-defined]
+            self.connect()  # type: ignore[attr-defined]
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            # Connection's own read_response, not SentinelManagedConnection's, which turns
+            # READONLY into a plain ConnectionError (an outcome the dispatcher cannot know).
+            return redis.Connection.read_response(self, *args, **kwargs)  # type: ignore[arg-type]
+        except redis.ReadOnlyError as exc:
+            self.disconnect()  # type: ignore[attr-defined]
+            raise DemotedPrimary(f"the primary was demoted to a replica: {exc}") from exc
+
+
+class _Connection(_RaisesConnectFailed, _FollowsThePrimary, redis.Connection):
     pass
 
 
-class _SSLConnection(_RaisesConnectFailed, redis.SSLConnection):
+class _SSLConnection(_RaisesConnectFailed, _FollowsThePrimary, redis.SSLConnection):
+    pass
+
+
+class _SentinelConnection(_RaisesConnectFailed, _FollowsThePrimary, SentinelManagedConnection):
+    pass
+
+
+class _SentinelSSLConnection(
+    _RaisesConnectFailed, _FollowsThePrimary, SentinelManagedSSLConnection
+):
     pass
 
 
@@ -56,24 +106,55 @@ def redis_url() -> str:
     return env.get_str(env.REDIS_URL)
 
 
+def _socket_options(timeout: float) -> dict[str, Any]:
+    return {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "socket_keepalive": True,
+    }
+
+
 def make_client(url: str | None = None, *, timeout: float | None = None) -> redis.Redis:
     """A new client; `timeout` seconds bounds connect and every reply."""
     timeout = env.get_float(env.REDIS_TIMEOUT) if timeout is None else timeout
     url = url or redis_url()
+    check_redis_url(url)
+    if is_sentinel(url):
+        return _sentinel_client(parse_sentinel_url(url), timeout)
     extra: dict[str, Any] = {}
     connection_class = _CONNECTIONS.get(urlparse(url).scheme)
     if connection_class is not None:
         extra["connection_class"] = connection_class
     return redis.Redis.from_url(
-        url,
-        **extra,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        health_check_interval=0,
-        socket_keepalive=True,
+        url, **extra, **_socket_options(timeout), retry_on_timeout=False, health_check_interval=0
     )
+
+
+def _sentinel_client(parsed: SentinelUrl, timeout: float) -> redis.Redis:
+    """The primary's client through Sentinel (redis-py's discovery, our connection classes)."""
+    tls: dict[str, Any] = {"ssl": True, **parsed.ssl_options} if parsed.ssl else {}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        parsed.sentinels,
+        sentinel_kwargs={
+            **_socket_options(timeout),
+            "username": parsed.sentinel_username,
+            "password": parsed.sentinel_password,
+            **tls,
+        },
+    )
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        parsed.service,
+        connection_pool_class=SentinelConnectionPool,
+        connection_class=_SentinelSSLConnection if parsed.ssl else _SentinelConnection,
+        db=parsed.db,
+        username=parsed.username,
+        password=parsed.password,
+        **parsed.ssl_options,
+        **_socket_options(timeout),
+        health_check_interval=0,
+    )
+    return client
 
 
 def get_client(url: str | None = None, *, timeout: float | None = None) -> redis.Redis:

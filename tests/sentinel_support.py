@@ -1,0 +1,124 @@
+"""A Redis primary, its replica and three Sentinels on free ports, for failover tests.
+
+Sentinel's timing is small (down-after-milliseconds 1000) so a SIGKILLed primary is replaced
+in a few seconds. Passwords on both Redis and Sentinel, as production sets them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import redis
+
+from tests.support import free_port, wait_for
+
+SERVICE = "mymaster"
+REDIS_PASSWORD = "redis-secret"
+SENTINEL_PASSWORD = "sentinel-secret"
+DOWN_AFTER_MS = 1000
+
+
+class SentinelCluster:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="jobyard-sentinel-"))
+        self.primary_port = free_port()
+        self.replica_port = free_port()
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return (
+            f"redis+sentinel://:{REDIS_PASSWORD}@{hosts}/{SERVICE}/0"
+            f"?sentinel_password={SENTINEL_PASSWORD}"
+        )
+
+    def start(self) -> SentinelCluster:
+        self._redis(self.primary_port)
+        self._redis(self.replica_port, "--replicaof", "127.0.0.1", str(self.primary_port))
+        wait_for(
+            lambda: self.node(self.replica_port).info("replication")["master_link_status"] == "up"
+        )
+        for port in self.sentinel_ports:
+            self._sentinel(port)
+        wait_for(self._sentinels_agree, timeout=30)
+        return self
+
+    def _redis(self, port: int, *extra: str) -> None:
+        self._spawn(port, [
+            _binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(self.dir), "--dbfilename", f"{port}.rdb",
+            "--requirepass", REDIS_PASSWORD, "--masterauth", REDIS_PASSWORD, *extra,
+        ])  # fmt: skip
+        wait_for(lambda: _pings(self.node(port)))
+
+    def _sentinel(self, port: int) -> None:
+        config = self.dir / f"sentinel-{port}.conf"
+        config.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"requirepass {SENTINEL_PASSWORD}\n"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} 2\n"
+            f"sentinel auth-pass {SERVICE} {REDIS_PASSWORD}\n"
+            f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {SERVICE} 3000\n"
+            f"sentinel parallel-syncs {SERVICE} 1\n"
+        )
+        self._spawn(port, [_binary(), str(config), "--sentinel"])
+        wait_for(lambda: _pings(self.sentinel(port)))
+
+    def _spawn(self, port: int, argv: list[str]) -> None:
+        self.procs[port] = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def _sentinels_agree(self) -> bool:
+        """Every Sentinel knows the replica and the other two Sentinels."""
+        for port in self.sentinel_ports:
+            state = self.sentinel(port).sentinel_master(SERVICE)
+            if state["num-slaves"] < 1 or state["num-other-sentinels"] < 2:
+                return False
+        return True
+
+    def node(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, password=REDIS_PASSWORD, socket_timeout=2,
+                           socket_connect_timeout=0.5)  # fmt: skip
+
+    def sentinel(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, password=SENTINEL_PASSWORD, socket_timeout=2,
+                           socket_connect_timeout=0.5)  # fmt: skip
+
+    def primary(self) -> int:
+        """The port Sentinel names as primary now."""
+        return int(
+            self.sentinel(self.sentinel_ports[0]).sentinel_get_master_addr_by_name(SERVICE)[1]
+        )
+
+    def client(self) -> redis.Redis:
+        """The current primary (as tests.engines.Engines expects of its Redis)."""
+        return self.node(self.primary())
+
+    def kill(self, port: int) -> None:
+        proc = self.procs[port]
+        proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _binary() -> str:
+    return shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
