@@ -17,15 +17,18 @@ outbox once it committed).
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:  # imported at run time only by a caller that has an async connection
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from jobyard.dispatcher.engines import Submission
 from jobyard.dispatcher.models import (
@@ -188,10 +191,20 @@ def options_json(options: DispatchOptions) -> str | None:
     })  # fmt: skip
 
 
+def is_async(connection: Any) -> TypeGuard[AsyncConnection | AsyncSession]:
+    """An AsyncConnection or AsyncSession? Asked without importing sqlalchemy.ext.asyncio, which
+    needs greenlet, not a dependency of the core install: a caller holding an async connection
+    has imported it already."""
+    asyncio_ext = sys.modules.get("sqlalchemy.ext.asyncio")
+    if asyncio_ext is None:
+        return False
+    return isinstance(connection, asyncio_ext.AsyncConnection | asyncio_ext.AsyncSession)
+
+
 def sql_target(connection: Any) -> tuple[outbox.Target, Callable[[], bool]]:
     """The outbox's view of a SQLAlchemy Connection or Session, and whether its transaction is
     still open (for `get_job` while it is)."""
-    if isinstance(connection, AsyncConnection | AsyncSession):
+    if is_async(connection):
         raise TypeError(
             "an async SQLAlchemy connection or session goes to adispatch_job / adispatch_many "
             "(await them), not to dispatch_job / dispatch_many"
@@ -210,7 +223,7 @@ def sql_target(connection: Any) -> tuple[outbox.Target, Callable[[], bool]]:
 async def adispatch_in(connection: Any, name: str, payload: Any, **options: Any) -> JobHandle:
     """`adispatch_job(..., connection=...)`: a sync Connection or Session, or an async one
     (run on its own greenlet bridge: the event loop is not blocked by a thread hop)."""
-    if isinstance(connection, AsyncConnection | AsyncSession):
+    if is_async(connection):
         return await connection.run_sync(lambda sync: dispatch_in(sync, name, payload, **options))
     return dispatch_in(connection, name, payload, **options)
 
@@ -219,7 +232,7 @@ async def adispatch_many_in(
     connection: Any, requests: Iterable[DispatchRequest | tuple[str, Any]]
 ) -> list[JobHandle | Exception]:
     listed = list(requests)
-    if isinstance(connection, AsyncConnection | AsyncSession):
+    if is_async(connection):
         return await connection.run_sync(lambda sync: dispatch_many_in(sync, listed))
     return dispatch_many_in(connection, listed)
 
