@@ -17,7 +17,7 @@ from jobyard.dispatcher.engines import NewJob, Submission
 from jobyard.dispatcher.flow import FlowDispatch
 from jobyard.dispatcher.models import DispatchRequest, JobHandle
 from jobyard.dispatcher.routing import Router, record_dispatch
-from jobyard.dispatcher.submission import make_submission
+from jobyard.dispatcher.submission import submission_of
 from jobyard.job_engine import JobyardError, get_spec, registry
 from jobyard.job_engine.collector import collector_paused
 from jobyard.job_engine.ids import new_job_ids
@@ -96,14 +96,10 @@ class BulkDispatch:
         generated: list[tuple[int, Submission]] = []
         chosen: list[tuple[int, Submission]] = []
         for index in indices:
-            request = requests[index]
-            if isinstance(request, tuple):
-                request = DispatchRequest(*request)
+            given = requests[index]
+            request = DispatchRequest(*given) if isinstance(given, tuple) else given
             try:
-                job = make_submission(
-                    request.name, request.payload, request.job_id, request.delay,
-                    request.webhook_url, request.retry, request.priority,
-                )  # fmt: skip
+                job = submission_of(request)
             except (JobyardError, ValueError) as exc:
                 results[index] = exc
                 continue

@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from jobyard.dispatcher.engines import Submission
-from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions
+from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, DispatchRequest
 from jobyard.job_engine import RetryPolicy, UnsafeURLError, get_spec, netguard
 from jobyard.job_engine.flow.declarations import payload_key, validate_priority
 from jobyard.job_engine.ids import new_job_id
@@ -55,6 +55,14 @@ def check_delay(delay: float | None) -> float | None:
     if not isinstance(delay, int | float) or delay < 0 or delay > MAX_DELAY_SECONDS:
         raise ValueError(f"invalid delay {delay!r}: seconds between 0 and {MAX_DELAY_SECONDS}")
     return float(delay) or None
+
+
+def submission_of(request: DispatchRequest) -> Submission:
+    """`make_submission` of one `dispatch_many` request."""
+    return make_submission(
+        request.name, request.payload, request.job_id, request.delay, request.webhook_url,
+        request.retry, request.priority,
+    )  # fmt: skip
 
 
 def make_submission(

@@ -39,7 +39,7 @@ from jobyard.dispatcher.models import (
     JobHandle,
     JobStatus,
 )
-from jobyard.dispatcher.submission import make_submission
+from jobyard.dispatcher.submission import make_submission, submission_of
 from jobyard.job_engine import IdempotencyConflictError, JobyardError, get_spec
 from jobyard.job_engine.db import database_url, get_engine
 from jobyard.job_engine.db import dispatch_outbox as outbox
@@ -126,14 +126,10 @@ def write_requests(
     results: list[JobHandle | Exception | None] = [None] * len(requests)
     valid: list[tuple[int, Submission]] = []
     chosen: set[str] = set()
-    for index, request in enumerate(requests):
-        if isinstance(request, tuple):
-            request = DispatchRequest(*request)
+    for index, given in enumerate(requests):
+        request = DispatchRequest(*given) if isinstance(given, tuple) else given
         try:
-            job = make_submission(
-                request.name, request.payload, request.job_id, request.delay,
-                request.webhook_url, request.retry, request.priority,
-            )  # fmt: skip
+            job = submission_of(request)
             check_spec(job)
         except (JobyardError, ValueError) as exc:
             results[index] = exc
