@@ -14,6 +14,7 @@ ADMIN_ROUTES = [
     ("GET", "/workers"),
     ("DELETE", "/jobs/some-job"),
     ("POST", "/jobs/some-job/replay"),
+    ("GET", "/flow"),
 ]
 TOKEN_ROUTES = [
     ("GET", "/jobs"),
