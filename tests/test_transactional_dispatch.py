@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,6 +151,27 @@ def test_a_rolled_back_savepoint_takes_its_jobs_with_it(on_database: str, tmp_pa
         savepoint.rollback()
     assert isinstance(dropped[1], Exception)
     assert outbox_ids(on_database) == [kept.job_id]
+
+
+def test_a_relay_deletes_only_the_rows_it_read_when_their_ids_were_given_again(
+    on_database: str, tmp_path: Path
+) -> None:
+    """Two relays read the same row; one sends and deletes it, the table is empty, and SQLite
+    gives the next committed row the same id. The slower relay's delete must leave that row."""
+    from jobyard.job_engine.db import dispatch_outbox as outbox
+
+    engine = get_engine()
+    with engine.begin() as connection:
+        first = dispatch_job("test.count", count_payload(tmp_path, "d"), connection=connection)
+    with engine.connect() as connection:
+        read_by_both = outbox.peek(connection, 10, time.time())
+    with engine.begin() as connection:
+        assert outbox.delete(connection, read_by_both) == {read_by_both[0].id}
+    with engine.begin() as connection:
+        second = dispatch_job("test.count", count_payload(tmp_path, "e"), connection=connection)
+    with engine.begin() as connection:
+        assert outbox.delete(connection, read_by_both) == set()
+    assert outbox_ids(on_database) == [second.job_id] != [first.job_id]
 
 
 def test_bad_input_raises_before_anything_is_written(on_database: str) -> None:

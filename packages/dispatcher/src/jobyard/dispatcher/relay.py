@@ -108,7 +108,7 @@ class OutboxRelay:
             return 0
         results = self.send([submission_of(entry, now) for entry in entries])
         with engine.begin() as connection:
-            deleted = outbox.delete(connection, [entry.id for entry in entries])
+            deleted = outbox.delete(connection, entries)
             kept = [(e, r) for e, r in zip(entries, results, strict=True) if e.id in deleted]
             self._settle(connection, [e for e, _ in kept], [r for _, r in kept], now)
         return len(entries)

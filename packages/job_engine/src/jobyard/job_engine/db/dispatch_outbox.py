@@ -256,9 +256,16 @@ def peek(connection: Connection, limit: int, now: float) -> list[Entry]:
     return [Entry(*row) for row in target.rows(sql, (now, limit))]
 
 
-def delete(connection: Connection, ids: list[int]) -> set[int]:
-    """Deletes the rows of `ids` still there; returns theirs."""
+def delete(connection: Connection, entries: list[Entry]) -> set[int]:
+    """Deletes the rows of `entries` still there; returns their ids. A row is matched by its id
+    and its job id together: SQLite gives a new row the id of one deleted when the table was
+    emptied in between (no AUTOINCREMENT), and matched by id alone, a later job's row would go
+    without being sent (measured: 17 of 1,600 committed jobs in the chaos row)."""
+    if not entries:
+        return set()
     target = SqlAlchemyTarget(connection)
-    marks = ", ".join([target.placeholder] * len(ids))
-    sql = f"DELETE FROM {TABLE} WHERE id IN ({marks}) RETURNING id"
-    return {row[0] for row in target.rows(sql, ids)}
+    mark = target.placeholder
+    matches = " OR ".join([f"(id = {mark} AND job_id = {mark})"] * len(entries))
+    sql = f"DELETE FROM {TABLE} WHERE {matches} RETURNING id"
+    params = [value for entry in entries for value in (entry.id, entry.job_id)]
+    return {row[0] for row in target.rows(sql, params)}
