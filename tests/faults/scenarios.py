@@ -228,6 +228,9 @@ def starts(ledger: Ledger, step: str | None = None) -> int:
     )
 
 
+RULE_3 = "rule 3: a returned step never runs again"
+
+
 def finish(fault: str, load: Load, final: dict[str, JobStatus]) -> Row:
     """The common columns and targets. A job moved mid-run from Dramatiq to Temporal by a clean
     handoff (the rule-5 move, see tests/faults/ledger.py) is not counted as ran on both engines;
@@ -253,7 +256,7 @@ def finish(fault: str, load: Load, final: dict[str, JobStatus]) -> Row:
         row.extra["final_not_succeeded"] = not_ok
     row.require(row.lost == 0, "rule 1: nothing accepted is lost")
     row.require(row.both_engines == 0, "rule 2: a job id runs on one engine")
-    row.require(row.rerun_returned == 0, "rule 3: a returned step never runs again")
+    row.require(row.rerun_returned == 0, RULE_3)
     return row
 
 

@@ -68,3 +68,34 @@ def test_a_rescue_handoff_is_not_a_double_run(tmp_path):
     assert (counts.handed_over, counts.both_engines) == (1, 3)
     assert counts.rerun_returned == 1  # r
     assert ledger.counts({"h"}).rerun_interrupted == 1
+
+
+def test_a_return_in_the_moment_the_poison_killed_its_process_is_a_cut(tmp_path):
+    """The poison row's accounting: a neighbour whose step returned within DEATH_WINDOW of the
+    poison's death in the same process, and ran again, was cut; one that returned earlier and
+    ran again is a returned-step re-run, not excused."""
+    from tests.faults.poison import DEATH_WINDOW, _cuts
+
+    ledger = Ledger(tmp_path / "ledger")
+    death = 1000.0
+    lines = [
+        {"ev": "START", "t": death - 1.0, "tag": "at", "step": "s0", "pid": 7},
+        {"ev": "END", "t": death - DEATH_WINDOW / 2, "tag": "at", "step": "s0", "pid": 7},
+        {"ev": "START", "t": death - 1.0, "tag": "early", "step": "s0", "pid": 7},
+        {"ev": "END", "t": death - 0.5, "tag": "early", "step": "s0", "pid": 7},
+        {"ev": "START", "t": death - 0.2, "tag": "mid", "step": "s0", "pid": 7},
+        {"ev": "START", "t": death, "tag": "poison", "step": "die", "pid": 7},
+        {"ev": "START", "t": death + 1, "tag": "at", "step": "s0", "pid": 8},
+        {"ev": "END", "t": death + 2, "tag": "at", "step": "s0", "pid": 8},
+        {"ev": "START", "t": death + 1, "tag": "early", "step": "s0", "pid": 8},
+        {"ev": "END", "t": death + 2, "tag": "early", "step": "s0", "pid": 8},
+        {"ev": "START", "t": death + 1, "tag": "mid", "step": "s0", "pid": 8},
+        {"ev": "END", "t": death + 2, "tag": "mid", "step": "s0", "pid": 8},
+    ]
+    with ledger.path.open("a") as f:
+        for line in lines:
+            f.write(json.dumps({**line, "job": line["tag"], "engine": "dramatiq"}) + "\n")
+    histories = ledger.histories()
+    deaths = {e.pid: e.started for e in histories["poison"]["die"].executions}
+    assert [len(_cuts(histories[t]["s0"], deaths)) for t in ("at", "early", "mid")] == [1, 0, 1]
+    assert ledger.counts().rerun_returned == 2  # "at" and "early": only "at" is excused
