@@ -88,3 +88,36 @@ def test_a_host_that_dies_whole_leaves_its_running_jobs_to_run_alone(engines, tm
     record = engines.redis.client().hgetall(keys.job(handle.job_id))
     assert b"stopped sending heartbeats" in record[b"died"], record
     assert record[b"lone"] == record[b"seq"]  # its second run was a suspect's, alone
+
+
+def test_on_temporal_a_job_that_kills_its_worker_is_bounded_and_the_worker_comes_back(
+    engines, tmp_path, monkeypatch
+):
+    """The poison on Temporal kills the whole `jobyard temporal-worker` process under it; the
+    command's supervisor starts it again, Temporal retries the step once its heartbeats stop
+    (each death an attempt), and the job ends with its retry policy while its neighbours,
+    dispatched after it, still run."""
+    monkeypatch.setenv("JOBYARD_JOB_MODULES", "tests.jobs,tests.poison_jobs")
+    monkeypatch.setenv("USE_DRAMATIQ", "false")
+    temporal_worker = engines.start_temporal_worker()
+    poison = dispatch_job("test.poison", {"marker_dir": str(tmp_path)}).job_id
+    wait_for(lambda: _runs(tmp_path, "poison") >= 1, timeout=30)
+    neighbours = [
+        dispatch_job(
+            "test.neighbour", {"marker_dir": str(tmp_path), "name": f"n{i}", "seconds": 0.1}
+        ).job_id
+        for i in range(3)
+    ]
+    step_heartbeat_timeout = 6.0  # temporal_worker/activities.py STEP_HEARTBEAT_TIMEOUT
+    wait_for(lambda: _final(poison), timeout=ATTEMPTS * (step_heartbeat_timeout + 5) + 30)
+    status = get_job(poison)
+    assert status.state == "dead", status
+    assert status.error.startswith("WorkerProcessDied: "), status.error
+    assert socket.gethostname() in status.error, status.error
+    assert _runs(tmp_path, "poison") == ATTEMPTS
+    for job_id in neighbours:
+        wait_for(lambda job_id=job_id: _final(job_id), timeout=60)
+        assert get_job(job_id).state == "succeeded"
+    assert temporal_worker.proc.poll() is None  # the supervisor outlived every death
+    assert temporal_worker.output().count("restarting in") >= ATTEMPTS
+    print(status.state, status.error)

@@ -140,14 +140,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_temporal_worker(args: argparse.Namespace) -> int:
     from jobyard.job_engine.queues import parse_queue_list
-    from jobyard.temporal_worker.worker import main as temporal_main
+    from jobyard.temporal_worker.supervisor import supervise
 
     try:
         queues = parse_queue_list(args.queues)
     except ValueError as exc:
         return _fail(str(exc))
-    temporal_main(queues)
-    return 0
+    return supervise(queues)
 
 
 def cmd_health(args: argparse.Namespace) -> int:

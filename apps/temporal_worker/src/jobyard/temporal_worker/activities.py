@@ -9,6 +9,8 @@ import contextvars
 import inspect
 import json
 import logging
+import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -196,8 +198,11 @@ def _in_step_thread(fn: Any, *args: Any) -> asyncio.Future[Any]:
 
 
 async def _heartbeat(every: float) -> None:
+    # Who runs the step: should this process die under it, the workflow's heartbeat timeout
+    # carries the last details, and the job's error names the host and process.
+    where = (socket.gethostname(), os.getpid())
     while True:
-        activity.heartbeat()
+        activity.heartbeat(*where)
         await asyncio.sleep(every)
 
 

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy as TemporalRetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, RetryState
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    RetryState,
+    TimeoutError,
+    TimeoutType,
+)
 
 with workflow.unsafe.imports_passed_through():
     from jobyard.dispatcher.engines.temporal.contract import (
@@ -21,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from jobyard.job_engine import get_spec
     from jobyard.job_engine.states import JobState
+    from jobyard.queue.reclaim import WORKER_PROCESS_DIED
     from jobyard.temporal_worker.activities import CLAIM_ACTIVITY
     from jobyard.temporal_worker.context import TemporalContext, emit
     from jobyard.temporal_worker.limits import RunLimits
@@ -147,6 +156,8 @@ class JobWorkflow:
             message, error_type = cause.message, cause.type
             if cause.details and isinstance(cause.details[0], dict):
                 attempts = max(attempts, int(cause.details[0].get("attempts", attempts)))
+        elif isinstance(cause, TimeoutError) and cause.type == TimeoutType.HEARTBEAT:
+            message, error_type = process_died(cause.last_heartbeat_details), WORKER_PROCESS_DIED
         else:
             message, error_type = str(cause or exc), type(cause or exc).__name__
         exhausted = exc.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED
@@ -175,3 +186,13 @@ class JobWorkflow:
             return True  # best effort: Redis is down, nothing of this job can be there
         status: str = reply["status"]
         return status == "claimed"
+
+
+def process_died(heartbeat: Sequence[Any]) -> str:
+    """The error of a step whose worker stopped heartbeating: its process died (a step that
+    killed it, the OOM killer, a host lost) or hung; the last heartbeat says where it ran."""
+    where = f" {heartbeat[1]} on {heartbeat[0]}" if len(heartbeat) >= 2 else ""
+    return (
+        f"{WORKER_PROCESS_DIED}: the Temporal worker process{where} running this step stopped"
+        " heartbeating (it died, was killed or hung)"
+    )
