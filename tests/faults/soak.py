@@ -59,6 +59,7 @@ from jobyard.queue import keys
 from tests.faults import soak_faults
 from tests.faults.procs import Cluster
 from tests.faults.scenarios import Load
+from tests.faults.soak_faults import descendant_pids
 from tests.faults.soak_jobs import LEDGER_ENV, MARKERS_ENV, WITNESS_QUEUE
 from tests.faults.soak_measure import (
     Finality,
@@ -142,7 +143,9 @@ class Window:
 
     minute: float
     rss_mb: dict[str, float]  # "worker", "witness", "temporal-worker", "temporal-witness"
-    pids: dict[str, int]  # the same keys: which process it was
+    #: the same keys: which processes they were (the tree: `jobyard temporal-worker` supervises
+    #: a child, and a restarted child is another process under the same supervisor)
+    pids: dict[str, tuple[int, ...]]
     p99: dict[str, float | None]  # quiet jobs' dispatch->start p99: "quiet", by engine
     line: str = ""
 
@@ -319,7 +322,8 @@ class Soak:
         print("\n".join(lines), flush=True)
         p99 = {k: percentile(lat.get(k, []), 99) for k in ("quiet", "dramatiq", "temporal")}
         mbs = {k: mb for k, (mb, _) in rss.items()}
-        window = Window(minute, mbs, {k: p.pid for k, p in procs.items()}, p99, line=lines[0])
+        trees = {k: (p.pid, *sorted(descendant_pids(p.pid))) for k, p in procs.items()}
+        window = Window(minute, mbs, trees, p99, line=lines[0])
         self.windows.append(window)
         return window
 
