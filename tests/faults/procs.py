@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import psycopg
 import redis
 
 from jobyard.dispatcher import reset_dispatcher
@@ -17,7 +18,7 @@ from jobyard.job_engine.db.joblog import reset_writer
 from jobyard.queue import keys
 from jobyard.queue.client import reset_clients
 from tests.faults.jobs import ENGINE_ENV
-from tests.support import ROOT, Proc, RedisServer, wait_for
+from tests.support import PG_ADMIN_URL, ROOT, Proc, RedisServer, wait_for
 
 QUEUE = "default"
 
@@ -211,3 +212,21 @@ def temporal_dev_server():
     from tests.support import TemporalDevServer
 
     return TemporalDevServer().start()
+
+
+def database_away(name: str, seconds: float) -> int:
+    """PostgreSQL database `name` refuses connections for `seconds` and every open one is cut,
+    as in a restart of its server, on that database only (never the shared server); returns how
+    many connections were cut."""
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        try:
+            cut = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            ).fetchone()
+            time.sleep(seconds)
+        finally:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    return int(cut[0]) if cut else 0

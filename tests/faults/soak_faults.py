@@ -17,11 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import psycopg
-
 from jobyard.dispatcher import get_job
-from tests.faults.procs import Cluster
-from tests.support import PG_ADMIN_URL, Proc
+from tests.faults.procs import Cluster, database_away
+from tests.support import Proc
 
 if TYPE_CHECKING:
     from tests.faults.scenarios import Load
@@ -136,19 +134,8 @@ def poison_job(w: World) -> str:
 def joblog_db_blink(w: World) -> str:
     """The job log's database refuses connections for 15 s and every open one is cut: the
     soak's own database only (ALLOW_CONNECTIONS), never the shared server."""
-    name = w.database_url.rpartition("/")[2]
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        try:
-            cut = admin.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            ).fetchone()
-            time.sleep(15)
-        finally:
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-    return f"job log database refused connections 15 s ({cut[0] if cut else 0} cut)"
+    cut = database_away(w.database_url.rpartition("/")[2], 15)
+    return f"job log database refused connections 15 s ({cut} cut)"
 
 
 KINDS: dict[str, Callable[[World], str]] = {

@@ -11,6 +11,8 @@ import signal
 import sys
 import time
 
+from sqlalchemy.exc import DBAPIError
+
 from jobyard.dispatcher import dispatch_job
 from jobyard.job_engine.db import get_engine
 from jobyard.job_engine.registry import load_job_modules
@@ -28,12 +30,20 @@ def main(ledger: str, prefix: str, n: int, rate: float) -> None:
         time.sleep(max(0.0, begin + i / rate - time.monotonic()))
         name = tag(prefix, i)
         payload = {"ledger": ledger, "tag": name, "steps": 2, "work": 0.02}
-        with engine.connect() as connection:
-            dispatch_job("faults.chain", payload, connection=connection, job_id=name)
-            if name.startswith(f"{prefix}-r"):
-                connection.rollback()
-            else:
-                connection.commit()
+        while True:
+            try:
+                with engine.connect() as connection:
+                    dispatch_job("faults.chain", payload, connection=connection, job_id=name)
+                    if name.startswith(f"{prefix}-r"):
+                        connection.rollback()
+                    else:
+                        connection.commit()
+                break
+            except DBAPIError:
+                # The database went away (the PostgreSQL row): as a web app would, the request
+                # tries its transaction again, with the same job id. A commit whose reply was
+                # lost and that did commit is then a duplicate dispatch of that id: one job.
+                time.sleep(0.2)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
