@@ -254,5 +254,7 @@ def test_steps_returned_during_a_partition_are_not_run_again(
     assert {s.state for s in final.values()} == {"succeeded"}, final
     if journal == "true":
         assert counts.rerun_returned == 0, world.logs()
-    else:
-        assert counts.rerun_returned == 6, world.logs()
+    else:  # the control: without the journal, returned steps run again. Not always all six:
+        # a completion the killed worker had written into the stopped server's socket is read
+        # by the server once it goes on (seen: 5 of 6 in one run of three).
+        assert counts.rerun_returned >= 4, world.logs()

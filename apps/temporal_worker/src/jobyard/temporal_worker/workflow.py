@@ -28,8 +28,8 @@ with workflow.unsafe.imports_passed_through():
         StatusReply,
     )
     from jobyard.job_engine import get_spec
+    from jobyard.job_engine.errors import WORKER_PROCESS_DIED
     from jobyard.job_engine.states import JobState
-    from jobyard.queue.reclaim import WORKER_PROCESS_DIED
     from jobyard.temporal_worker.activities import CLAIM_ACTIVITY
     from jobyard.temporal_worker.context import TemporalContext, emit
     from jobyard.temporal_worker.limits import RunLimits

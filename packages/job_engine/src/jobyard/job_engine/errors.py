@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+#: The error class of a job whose process died under its last attempt, on either engine (a step
+#: that killed it, a segfault, the OOM killer, a host lost): `error_class` in the job log.
+WORKER_PROCESS_DIED = "WorkerProcessDied"
+
 
 class JobyardError(Exception):
     """Base of every error jobyard raises on purpose."""

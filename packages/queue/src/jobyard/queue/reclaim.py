@@ -36,6 +36,7 @@ from typing import Any
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 
+from jobyard.job_engine.errors import WORKER_PROCESS_DIED
 from jobyard.job_engine.lifecycle import job_event
 from jobyard.job_engine.states import JobState
 from jobyard.queue import keys
@@ -48,7 +49,6 @@ log = logging.getLogger("jobyard.worker")
 #: A message option: the message was taken back from a dead process; it runs alone.
 SUSPECT = "jobyard_suspect"
 #: The error class of a job finished dead because its process died in its last attempt.
-WORKER_PROCESS_DIED = "WorkerProcessDied"
 #: How a broker found by its old heartbeat died (the reclaim prefixes "worker <worker id>").
 STALE_HEARTBEAT = "stopped sending heartbeats (its exit status is not known)"
 

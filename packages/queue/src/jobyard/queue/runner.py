@@ -22,6 +22,7 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 from jobyard.job_engine import JobSpec, PermanentError, env
 from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.steps import begin_step, recall_steps
+from jobyard.job_engine.errors import WORKER_PROCESS_DIED
 from jobyard.job_engine.flow.waiting import Hold
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.job_engine.queues import get_queue, retry_policy
@@ -37,7 +38,7 @@ from jobyard.queue.dramatiq_compat import ACKED
 from jobyard.queue.eager import discard_loop, run_eagerly
 from jobyard.queue.flow import PAYLOAD_STEP, Held, RunPermits
 from jobyard.queue.messages import RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
-from jobyard.queue.reclaim import WORKER_PROCESS_DIED, died_error, is_suspect
+from jobyard.queue.reclaim import died_error, is_suspect
 from jobyard.queue.store import NO_DELIVERY, Delivery, JobStore, StartResult
 
 log = logging.getLogger("jobyard.worker")
