@@ -230,3 +230,33 @@ def database_away(name: str, seconds: float) -> int:
         finally:
             admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
     return int(cut[0]) if cut else 0
+
+
+def _by_parent() -> dict[int, list[int]]:
+    """parent pid -> its children's pids, from /proc."""
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        out.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def child_pids(parent: int) -> list[int]:
+    """The supervisor's worker processes: its direct children."""
+    return _by_parent().get(parent, [])
+
+
+def descendant_pids(parent: int) -> list[int]:
+    by_parent = _by_parent()
+    out, todo = [], [parent]
+    while todo:
+        kids = by_parent.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out

@@ -32,7 +32,7 @@ from jobyard.dispatcher import (
 )
 from jobyard.queue import keys
 from tests.faults.ledger import Ledger
-from tests.faults.procs import Cluster
+from tests.faults.procs import Cluster, descendant_pids
 from tests.support import free_port, wait_for
 
 TERMINAL = ("succeeded", "failed", "dead", "cancelled")
@@ -750,6 +750,8 @@ def temporal_worker_killed(
         survivor = cluster.start_temporal_worker(wait=False)
         cluster.wait_ready(victim)
         cluster.wait_ready(survivor)
+        # `jobyard temporal-worker` runs its worker in a child process: the steps' pids.
+        victim_pids = {victim.pid, *descendant_pids(victim.pid)}
         cluster.apply({"USE_DRAMATIQ": "false"})
         load = Load(ledger, steps=2, work=0.05, long_step=0, long_work=work)
         # In the background: dispatching takes seconds on a loaded machine, and the kill must
@@ -758,7 +760,7 @@ def temporal_worker_killed(
 
         def victim_busy(lg: Ledger) -> bool:
             return any(
-                e.pid == victim.pid and e.ended is None
+                e.pid in victim_pids and e.ended is None
                 for st in lg.histories().values()
                 for e in st["s0"].executions
             )
@@ -774,7 +776,7 @@ def temporal_worker_killed(
                 for st in lg.histories().values()
                 for name, h in st.items()
                 for e in h.executions
-                if e.pid == victim.pid
+                if e.pid in victim_pids
             ]
             running = [(name, e) for name, e in victims if e.ended is None]
             return bool(running) and all(
@@ -794,7 +796,7 @@ def temporal_worker_killed(
         cut = {
             t
             for t, st in ledger.histories().items()
-            if any(e.pid == victim.pid and e.ended is None for e in st["s0"].executions)
+            if any(e.pid in victim_pids and e.ended is None for e in st["s0"].executions)
         }
         bound = (job_timeout or 60) + 30
         ledger_wait(

@@ -57,9 +57,8 @@ from typing import Any
 
 from jobyard.queue import keys
 from tests.faults import soak_faults
-from tests.faults.procs import Cluster
+from tests.faults.procs import Cluster, descendant_pids
 from tests.faults.scenarios import Load
-from tests.faults.soak_faults import descendant_pids
 from tests.faults.soak_jobs import LEDGER_ENV, MARKERS_ENV, WITNESS_QUEUE
 from tests.faults.soak_measure import (
     Finality,

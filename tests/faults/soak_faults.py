@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from jobyard.dispatcher import get_job
-from tests.faults.procs import Cluster, database_away
+from tests.faults.procs import Cluster, child_pids, database_away
 from tests.support import Proc
 
 if TYPE_CHECKING:
@@ -159,33 +159,3 @@ def picks(kinds: list[str], seed: int) -> Iterator[str]:
         round_ = list(kinds)
         rng.shuffle(round_)
         yield from round_
-
-
-def _by_parent() -> dict[int, list[int]]:
-    """parent pid -> its children's pids, from /proc."""
-    out: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out.setdefault(ppid, []).append(int(entry))
-    return out
-
-
-def child_pids(parent: int) -> list[int]:
-    """The supervisor's worker processes: its direct children."""
-    return _by_parent().get(parent, [])
-
-
-def descendant_pids(parent: int) -> list[int]:
-    by_parent = _by_parent()
-    out, todo = [], [parent]
-    while todo:
-        kids = by_parent.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out

@@ -17,7 +17,7 @@ import redis
 
 from jobyard.dispatcher import get_job
 from tests.faults.ledger import Execution, Ledger, StepHistory, fold
-from tests.faults.soak_faults import descendant_pids
+from tests.faults.procs import descendant_pids
 
 TERMINAL = ("succeeded", "failed", "dead", "cancelled")
 
