@@ -3,7 +3,7 @@
 # `make ... UV=uv` where uv is a binary on PATH rather than a module (CI).
 UV := python3 -m uv
 
-.PHONY: setup dev test test-fast lint format bench chaos soak
+.PHONY: setup dev test test-fast test-slow lint format bench chaos soak
 
 setup:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -15,9 +15,15 @@ setup:
 dev: setup
 	$(UV) run jobyard dev
 
+# Everything but the long fault runs marked `slow` (make test-slow), then the lint.
 test: setup
-	$(UV) run pytest -n 2
+	$(UV) run pytest -n 2 -m "not slow"
 	$(MAKE) --no-print-directory lint
+
+# The long fault runs of the suite (processes killed over and over, servers crashed in a loop):
+# minutes each, so out of `make test`; run before a release and after touching what they guard.
+test-slow: setup
+	$(UV) run pytest -n 2 -m slow
 
 # The inner loop: the unit tier only, no server and no jobyard process (tests/conftest.py sets
 # each test's tier).

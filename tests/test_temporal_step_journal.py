@@ -157,7 +157,11 @@ DOWN_SECONDS = 11.0
 
 @pytest.mark.parametrize(
     "journal",
-    [pytest.param("true", id="journal"), pytest.param("false", id="without-journal-reruns")],
+    [
+        pytest.param("true", id="journal"),
+        # The control (it shows the test sees re-runs): in make test-slow.
+        pytest.param("false", id="without-journal-reruns", marks=pytest.mark.slow),
+    ],
 )
 def test_returned_steps_are_not_run_again_across_temporal_server_crashes(
     world: World, monkeypatch: pytest.MonkeyPatch, journal: str
@@ -207,7 +211,9 @@ def test_returned_steps_are_not_run_again_across_temporal_server_crashes(
     [
         pytest.param(False, "true", id="partition"),
         pytest.param(True, "true", id="worker-killed-before-the-ack"),
-        pytest.param(True, "false", id="worker-killed-without-journal-reruns"),
+        pytest.param(
+            True, "false", id="worker-killed-without-journal-reruns", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_steps_returned_during_a_partition_are_not_run_again(
