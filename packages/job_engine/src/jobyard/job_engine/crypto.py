@@ -80,7 +80,9 @@ class KeyRing:
             raise MissingEncryptionKeyError(key_id)
         try:
             raw = base64.urlsafe_b64decode(body)
-            plain = cipher.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], _associated(key_id, job_id))
+            plain = cipher.decrypt(
+                raw[:NONCE_BYTES], raw[NONCE_BYTES:], _associated(key_id, job_id)
+            )
         except (InvalidTag, binascii.Error, ValueError):
             raise DecryptionError(
                 f"a value of job {job_id!r} (key {key_id!r}) does not decrypt: altered, "
@@ -134,24 +136,23 @@ def new_key() -> str:
     return base64.b64encode(os.urandom(KEY_BYTES)).decode()
 
 
-#: This process's ring (None: encryption off), read from the environment once (`reset`).
-RING: KeyRing | None = None
-_loaded = False
+def _from_env() -> KeyRing | None:
+    return parse_keys(env.get(env.ENCRYPTION_KEYS) or "")
+
+
+#: This process's ring (None: encryption off), read from the environment when the module is
+#: first imported (a malformed setting stops the process there) and again by `reset`.
+RING: KeyRing | None = _from_env()
 
 
 def key_ring() -> KeyRing | None:
-    global RING, _loaded
-    if not _loaded:
-        RING = parse_keys(env.get(env.ENCRYPTION_KEYS) or "")
-        _loaded = True
     return RING
 
 
 def reset() -> None:
-    """Read JOBYARD_ENCRYPTION_KEYS again (tests, and `jobyard keys rotate`)."""
-    global _loaded
-    _loaded = False
-    key_ring()
+    """Read JOBYARD_ENCRYPTION_KEYS again (tests; a process reads it once)."""
+    global RING
+    RING = _from_env()
 
 
 def is_sealed(value: Any) -> bool:
@@ -166,7 +167,7 @@ def key_id_of(value: Any) -> str | None:
 def seal(job_id: str, value: Any) -> Any:
     """`value` (JSON data, an error's text) sealed for `job_id`; as it is with encryption off,
     for None, and for a value sealed already (so every storage boundary may seal)."""
-    ring = RING if _loaded else key_ring()
+    ring = RING
     if ring is None or value is None or is_sealed(value):
         return value
     return ring.seal_text(job_id, json.dumps(value))
@@ -176,7 +177,7 @@ def unseal(job_id: str, value: Any) -> Any:
     """What `seal` was given; anything not sealed is returned as it is."""
     if not is_sealed(value):
         return value
-    ring = RING if _loaded else key_ring()
+    ring = RING
     if ring is None:
         raise MissingEncryptionKeyError(key_id_of(value) or "?")
     return json.loads(ring.open_text(job_id, value))
@@ -184,7 +185,7 @@ def unseal(job_id: str, value: Any) -> Any:
 
 def seal_json(job_id: str, text: str) -> str:
     """JSON text -> the JSON text of its sealed value (for stores that keep JSON text)."""
-    ring = RING if _loaded else key_ring()
+    ring = RING
     if ring is None or text.startswith(_JSON_MARKER):
         return text
     return json.dumps(ring.seal_text(job_id, text))
@@ -194,7 +195,7 @@ def unseal_json(job_id: str, text: str) -> str:
     """The JSON text `seal_json` was given; text not sealed is returned as it is."""
     if not text.startswith(_JSON_MARKER):
         return text
-    ring = RING if _loaded else key_ring()
+    ring = RING
     envelope = json.loads(text)
     if ring is None:
         raise MissingEncryptionKeyError(key_id_of(envelope) or "?")
@@ -209,3 +210,9 @@ def reseal(job_id: str, value: Any) -> Any:
     if ring is None or value is None or key_id_of(value) == ring.primary:
         return value
     return seal(job_id, unseal(job_id, value))
+
+
+def loggable(error: str, error_class: str) -> str:
+    """What a log line may show of an error: its text, or with encryption on only its class
+    (its message is as private as the payload it may quote)."""
+    return error if RING is None else f"{error_class} (message encrypted)"

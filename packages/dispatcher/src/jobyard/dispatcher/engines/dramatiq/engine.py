@@ -30,6 +30,7 @@ from jobyard.dispatcher.engines.base import (
 from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, EngineName, JobStatus
+from jobyard.job_engine import crypto
 from jobyard.job_engine.queues import queue_names
 from jobyard.job_engine.states import UNFINISHED_STATES, JobState
 from jobyard.queue import keys
@@ -153,6 +154,11 @@ class DramatiqEngine(Engine):
         state = JobState(record.get("state", JobState.QUEUED))
         result = json.loads(record["result"]) if record.get("result") else None
         progress = json.loads(record["progress"]) if record.get("progress") else None
+        # Sealed in Redis with encryption on (jobyard.job_engine.crypto): read back as given.
+        result, progress, error = (
+            crypto.unseal(job_id, value)
+            for value in (result, progress, record.get("error") or None)
+        )
         run_at = int(record.get("run_at") or 0) / 1000  # set when rescheduled; past once it ran
         return JobStatus(
             job_id=job_id,
@@ -161,7 +167,7 @@ class DramatiqEngine(Engine):
             attempts=int(record.get("attempts", 0)),
             name=record.get("name"),
             result=result if state == JobState.SUCCEEDED else None,
-            error=record.get("error") or None,
+            error=error,
             progress=progress,
             run_at=run_at if run_at > time.time() and state in _WAITING else None,
             display_state=record.get("hold_state") or None,
@@ -183,7 +189,7 @@ class DramatiqEngine(Engine):
             return Replay(ReplayStatus.NOT_HERE)
         name, queue, state = record["name"], record["queue"], record.get("state")
         if record.get("payload"):
-            payload = json.loads(record["payload"])
+            payload = crypto.unseal(job_id, json.loads(record["payload"]))
         if payload is None:  # cancelled while queued: only the job log has the payload
             status = ReplayStatus.ACTIVE if state not in _REPLAYABLE else ReplayStatus.NEEDS_PAYLOAD
             return Replay(status, state, name, queue)
@@ -207,7 +213,8 @@ class DramatiqEngine(Engine):
         if self.record(job_id) is None:
             return {}
         with map_redis_errors():
-            return self.store.steps(job_id)
+            steps = self.store.steps(job_id)
+        return {step: crypto.unseal(job_id, value) for step, value in steps.items()}
 
     def queue_depths(self) -> list[QueueDepth]:
         depths = []

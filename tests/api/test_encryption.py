@@ -1,0 +1,172 @@
+"""Payloads, step results, results, errors and progress encrypted wherever they rest (issue 33):
+real jobs carry a canary string through each of them, on both engines; then the canary is
+searched for in every Redis key (SCAN + DUMP, with RDB compression off so a DUMP shows what a
+dump file would), in pg_dump of the job log's database and in Temporal's histories
+(`temporal workflow show`): 0 times. The same jobs read back intact through get_job, the API
+and the SSE stream."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from jobyard.dispatcher import dispatch_job, get_job
+from jobyard.job_engine import crypto, env
+from jobyard.job_engine.db import get_engine
+from tests.api.conftest import JOB_MODULES, ApiServer, on_engine
+from tests.api.test_events import read_stream
+from tests.engines import Engines
+from tests.support import RedisServer, TemporalDevServer, temporal_cli, wait_for
+
+KEY = crypto.new_key()
+
+
+@pytest.fixture
+def canary() -> str:
+    return f"canary-{secrets.token_hex(8)}"
+
+
+@pytest.fixture
+def encrypted(monkeypatch: pytest.MonkeyPatch, api_job_modules: None) -> Iterator[None]:
+    """Encryption on in this process and in every worker started after this."""
+    monkeypatch.setenv(env.ENCRYPTION_KEYS, f"k1:{KEY}")
+    monkeypatch.setenv(env.JOB_MODULES, f"{JOB_MODULES},tests.crypto_jobs")
+    crypto.reset()
+    yield
+    monkeypatch.delenv(env.ENCRYPTION_KEYS)
+    crypto.reset()
+
+
+def redis_occurrences(redis_server: RedisServer, needle: str) -> dict[str, int]:
+    """Key -> times `needle` appears in its DUMP (RDB compression off) or in its values."""
+    client = redis_server.client()
+    found: dict[str, int] = {}
+    try:
+        client.config_set("rdbcompression", "no")
+        for key in client.scan_iter(count=1000):
+            dumped = client.dump(key) or b""
+            kind = client.type(key)
+            values: Any = {
+                b"hash": lambda: client.hgetall(key),
+                b"stream": lambda: client.xrange(key),
+                b"list": lambda: client.lrange(key, 0, -1),
+                b"zset": lambda: client.zrange(key, 0, -1),
+                b"set": lambda: client.smembers(key),
+                b"string": lambda: client.get(key),
+            }.get(kind, lambda: None)()
+            count = dumped.count(needle.encode()) + repr(values).count(needle)
+            if count:
+                found[key.decode()] = count
+    finally:
+        client.close()
+    return found
+
+
+def pg_dump_occurrences(database_url: str, needle: str) -> int:
+    url = make_url(database_url)
+    libpq = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    dumped = subprocess.run(
+        ["pg_dump", "--data-only", libpq], capture_output=True, check=True, timeout=120
+    ).stdout
+    return dumped.count(needle.encode())
+
+
+def assert_read_back_intact(api: ApiServer, ok: str, dead: str, secret: dict[str, str]) -> None:
+    """get_job, GET /jobs/{id} and the SSE stream show what the handlers were given and did."""
+    assert get_job(ok).result == {"result": secret[ok], "step saw": secret[ok]}
+    assert secret[dead] in (get_job(dead).error or "")
+    for job_id in (ok, dead):
+        detail = api.job(job_id)
+        assert detail["payload"]["secret"] == secret[job_id]
+        assert detail["progress"] == {"note": secret[job_id]}
+        assert detail["steps"]["echo"] == {"step saw": secret[job_id]}
+    assert api.job(ok)["result"]["result"] == secret[ok]
+    assert secret[dead] in api.job(dead)["error_message"]
+    events = read_stream(api, ok)
+    assert {"note": secret[ok]} in [e.get("progress") for e in events]
+    dead_events = read_stream(api, dead)
+    assert secret[dead] in (dead_events[-1].get("error") or "")
+
+
+def test_dramatiq_jobs_leave_no_plaintext_in_redis_or_the_job_log(
+    encrypted: None,
+    engines: Engines,
+    api: ApiServer,
+    job_log_db: str,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    canary: str,
+) -> None:
+    on_engine(engines, monkeypatch, "dramatiq")
+    secret: dict[str, str] = {}
+
+    def send(**payload: Any) -> str:
+        handle = dispatch_job("test.canary", {"secret": f"{canary}-{len(secret)}", **payload})
+        secret[handle.job_id] = f"{canary}-{len(secret)}"
+        return handle.job_id
+
+    ok, dead, parked = send(), send(fail=True), send(sleep=600)
+    with get_engine(job_log_db).begin() as connection:  # the dispatch outbox
+        outboxed = dispatch_job(
+            "test.canary", {"secret": f"{canary}-outbox"}, connection=connection
+        ).job_id
+        secret[outboxed] = f"{canary}-outbox"
+        kept = connection.execute(
+            text("SELECT payload FROM dispatch_outbox WHERE job_id = :id"), {"id": outboxed}
+        ).scalar_one()
+        assert canary not in kept and crypto.is_sealed(json.loads(kept))
+    for job_id in (ok, dead, outboxed):
+        api.wait_for(job_id, lambda d: d["state"] in ("succeeded", "dead"), engines=engines)
+    api.wait_for(parked, lambda d: d.get("progress") is not None, engines=engines)
+    wait_for(  # every job's last change shipped to the job log
+        lambda: (
+            api.job(outboxed).get("finished_at") is not None
+            and api.job(dead).get("error_message") is not None
+        ),
+        timeout=30,
+    )
+    assert get_job(outboxed).result["result"] == secret[outboxed]
+
+    client = redis_server.client()
+    assert crypto.is_sealed(json.loads(client.hget(f"jobyard:job:{ok}", "result")))
+    assert crypto.is_sealed(client.hget(f"jobyard:job:{dead}", "error").decode())
+    client.close()
+    with get_engine(job_log_db).connect() as connection:
+        row = connection.execute(
+            text("SELECT payload, result FROM job_log WHERE job_id = :id"), {"id": ok}
+        ).one()
+        assert crypto.is_sealed(row.payload) and crypto.is_sealed(row.result)
+    assert redis_occurrences(redis_server, canary) == {}
+    assert pg_dump_occurrences(job_log_db, canary) == 0
+    assert canary not in all_output(engines)
+    assert_read_back_intact(api, ok, dead, secret)
+    assert api.job(parked)["payload"]["secret"] == secret[parked]
+
+
+def all_output(engines: Engines) -> str:
+    """Every line the test's workers wrote (their logs), not only the tails `logs` shows."""
+    return "".join(proc.output() for proc in engines._procs)
+
+
+def temporal_history_occurrences(
+    temporal: TemporalDevServer, job_ids: list[str], needle: str
+) -> int:
+    """Times `needle` appears in the histories of the workflows `job_ids`
+    (`temporal workflow show --output json`)."""
+    found = 0
+    for job_id in job_ids:
+        shown = subprocess.run(
+            [temporal_cli(), "workflow", "show", "--address", temporal.address,
+             "--workflow-id", job_id, "--output", "json"],
+            capture_output=True, check=True, timeout=60,
+        ).stdout  # fmt: skip
+        assert b"WorkflowExecutionStarted" in shown or b"workflowExecutionStarted" in shown
+        found += shown.count(needle.encode())
+    return found
