@@ -26,6 +26,9 @@ from tests.engines import Engines
 from tests.support import RedisServer, TemporalDevServer, temporal_cli, wait_for
 
 KEY = crypto.new_key()
+#: How the canary jobs end: a handler's error is the job's "dead" on Dramatiq (its one attempt
+#: used) and "failed" on Temporal (its steps retried, the workflow not).
+ENDED = ("succeeded", "failed", "dead")
 
 
 @pytest.fixture
@@ -44,6 +47,17 @@ def encrypted(monkeypatch: pytest.MonkeyPatch, api_job_modules: None) -> Iterato
     crypto.reset()
 
 
+#: Each Redis type's values, read whole.
+READERS: dict[bytes, Any] = {
+    b"hash": lambda client, key: client.hgetall(key),
+    b"stream": lambda client, key: client.xrange(key),
+    b"list": lambda client, key: client.lrange(key, 0, -1),
+    b"zset": lambda client, key: client.zrange(key, 0, -1),
+    b"set": lambda client, key: client.smembers(key),
+    b"string": lambda client, key: client.get(key),
+}
+
+
 def redis_occurrences(redis_server: RedisServer, needle: str) -> dict[str, int]:
     """Key -> times `needle` appears in its DUMP (RDB compression off) or in its values."""
     client = redis_server.client()
@@ -52,15 +66,8 @@ def redis_occurrences(redis_server: RedisServer, needle: str) -> dict[str, int]:
         client.config_set("rdbcompression", "no")
         for key in client.scan_iter(count=1000):
             dumped = client.dump(key) or b""
-            kind = client.type(key)
-            values: Any = {
-                b"hash": lambda: client.hgetall(key),
-                b"stream": lambda: client.xrange(key),
-                b"list": lambda: client.lrange(key, 0, -1),
-                b"zset": lambda: client.zrange(key, 0, -1),
-                b"set": lambda: client.smembers(key),
-                b"string": lambda: client.get(key),
-            }.get(kind, lambda: None)()
+            read = READERS.get(client.type(key))
+            values = read(client, key) if read is not None else None
             count = dumped.count(needle.encode()) + repr(values).count(needle)
             if count:
                 found[key.decode()] = count
@@ -79,14 +86,16 @@ def pg_dump_occurrences(database_url: str, needle: str) -> int:
 
 
 def assert_read_back_intact(api: ApiServer, ok: str, dead: str, secret: dict[str, str]) -> None:
-    """get_job, GET /jobs/{id} and the SSE stream show what the handlers were given and did."""
+    """get_job, GET /jobs/{id} and the SSE stream show what the handlers were given and did
+    (the steps on Dramatiq, whose records the detail shows: Temporal keeps them in history)."""
     assert get_job(ok).result == {"result": secret[ok], "step saw": secret[ok]}
     assert secret[dead] in (get_job(dead).error or "")
     for job_id in (ok, dead):
         detail = api.job(job_id)
         assert detail["payload"]["secret"] == secret[job_id]
         assert detail["progress"] == {"note": secret[job_id]}
-        assert detail["steps"]["echo"] == {"step saw": secret[job_id]}
+        if detail["engine"] == "dramatiq":
+            assert detail["steps"]["echo"] == {"step saw": secret[job_id]}
     assert api.job(ok)["result"]["result"] == secret[ok]
     assert secret[dead] in api.job(dead)["error_message"]
     events = read_stream(api, ok)
@@ -123,7 +132,7 @@ def test_dramatiq_jobs_leave_no_plaintext_in_redis_or_the_job_log(
         ).scalar_one()
         assert canary not in kept and crypto.is_sealed(json.loads(kept))
     for job_id in (ok, dead, outboxed):
-        api.wait_for(job_id, lambda d: d["state"] in ("succeeded", "dead"), engines=engines)
+        api.wait_for(job_id, lambda d: d["state"] in ENDED, engines=engines)
     api.wait_for(parked, lambda d: d.get("progress") is not None, engines=engines)
     wait_for(  # every job's last change shipped to the job log
         lambda: (
@@ -170,3 +179,43 @@ def temporal_history_occurrences(
         assert b"WorkflowExecutionStarted" in shown or b"workflowExecutionStarted" in shown
         found += shown.count(needle.encode())
     return found
+
+
+def test_temporal_jobs_leave_no_plaintext_in_histories_redis_or_the_job_log(
+    encrypted: None,
+    engines: Engines,
+    api: ApiServer,
+    job_log_db: str,
+    redis_server: RedisServer,
+    temporal_server: TemporalDevServer,
+    monkeypatch: pytest.MonkeyPatch,
+    canary: str,
+) -> None:
+    on_engine(engines, monkeypatch, "temporal")
+    secret: dict[str, str] = {}
+
+    def send(**payload: Any) -> str:
+        handle = dispatch_job("test.canary", {"secret": f"{canary}-{len(secret)}", **payload})
+        assert handle.engine == "temporal"
+        secret[handle.job_id] = f"{canary}-{len(secret)}"
+        return handle.job_id
+
+    ok, dead, parked = send(), send(fail=True), send(sleep=600)
+    monkeypatch.setenv(env.USE_DRAMATIQ, "true")  # no Dramatiq worker: moved to Temporal
+    moved = send()
+    for job_id in (ok, dead, moved):
+        api.wait_for(job_id, lambda d: d["state"] in ENDED, engines=engines)
+    api.wait_for(parked, lambda d: d.get("progress") is not None, engines=engines)
+    wait_for(
+        lambda: all(api.job(j).get("finished_at") is not None for j in (ok, dead, moved)),
+        timeout=30,
+    )
+    assert get_job(moved).result["result"] == secret[moved]
+    assert get_job(moved).engine == "temporal"
+
+    assert temporal_history_occurrences(temporal_server, list(secret), canary) == 0
+    assert redis_occurrences(redis_server, canary) == {}
+    assert pg_dump_occurrences(job_log_db, canary) == 0
+    assert canary not in all_output(engines)
+    assert_read_back_intact(api, ok, dead, secret)
+    assert api.job(parked)["payload"]["secret"] == secret[parked]

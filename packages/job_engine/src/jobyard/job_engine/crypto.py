@@ -67,28 +67,36 @@ class KeyRing:
     ciphers: dict[str, AESGCM]
 
     def seal_text(self, job_id: str, plaintext: str) -> str:
-        nonce = os.urandom(NONCE_BYTES)
-        sealed = self.ciphers[self.primary].encrypt(
-            nonce, plaintext.encode("utf-8"), _associated(self.primary, job_id)
-        )
-        return f"{MARKER}{self.primary}${base64.urlsafe_b64encode(nonce + sealed).decode()}"
+        body = self.seal_bytes(plaintext.encode("utf-8"), _associated(self.primary, job_id))
+        return f"{MARKER}{self.primary}${base64.urlsafe_b64encode(body).decode()}"
 
     def open_text(self, job_id: str, envelope: str) -> str:
         key_id, body = _parts(envelope)
-        cipher = self.ciphers.get(key_id)
-        if cipher is None:
-            raise MissingEncryptionKeyError(key_id)
         try:
             raw = base64.urlsafe_b64decode(body)
-            plain = cipher.decrypt(
-                raw[:NONCE_BYTES], raw[NONCE_BYTES:], _associated(key_id, job_id)
-            )
-        except (InvalidTag, binascii.Error, ValueError):
+        except (binascii.Error, ValueError):
+            raw = b""
+        try:
+            return self.open_bytes(key_id, raw, _associated(key_id, job_id)).decode("utf-8")
+        except DecryptionError:
             raise DecryptionError(
                 f"a value of job {job_id!r} (key {key_id!r}) does not decrypt: altered, "
                 "truncated or another job's"
             ) from None
-        return plain.decode("utf-8")
+
+    def seal_bytes(self, data: bytes, associated: bytes) -> bytes:
+        """nonce | ciphertext | tag, with the primary key (its id travels beside it)."""
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + self.ciphers[self.primary].encrypt(nonce, data, associated)
+
+    def open_bytes(self, key_id: str, sealed: bytes, associated: bytes) -> bytes:
+        cipher = self.ciphers.get(key_id)
+        if cipher is None:
+            raise MissingEncryptionKeyError(key_id)
+        try:
+            return cipher.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], associated)
+        except (InvalidTag, ValueError):
+            raise DecryptionError(f"a value sealed with key {key_id!r} does not decrypt") from None
 
 
 def _associated(key_id: str, job_id: str) -> bytes:
