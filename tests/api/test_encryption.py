@@ -7,6 +7,7 @@ and the SSE stream."""
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import subprocess
@@ -165,20 +166,31 @@ def all_output(engines: Engines) -> str:
 
 
 def temporal_history_occurrences(
-    temporal: TemporalDevServer, job_ids: list[str], needle: str
+    temporal: TemporalDevServer, job_ids: list[str], needle: str, *codec: str
 ) -> int:
     """Times `needle` appears in the histories of the workflows `job_ids`
-    (`temporal workflow show --output json`)."""
+    (`temporal workflow show --output json`; `codec`: its --codec-* options)."""
     found = 0
     for job_id in job_ids:
         shown = subprocess.run(
             [temporal_cli(), "workflow", "show", "--address", temporal.address,
-             "--workflow-id", job_id, "--output", "json"],
+             "--workflow-id", job_id, "--output", "json", *codec],
             capture_output=True, check=True, timeout=60,
         ).stdout  # fmt: skip
         assert b"WorkflowExecutionStarted" in shown or b"workflowExecutionStarted" in shown
-        found += shown.count(needle.encode())
+        found += shown.count(needle.encode()) + payload_data(json.loads(shown)).count(needle)
     return found
+
+
+def payload_data(node: Any) -> str:
+    """Every payload's data in a history as JSON shows it (base64), decoded."""
+    if isinstance(node, dict):
+        data = node.get("data") if isinstance(node.get("metadata"), dict) else None
+        own = base64.b64decode(data).decode("utf-8", "replace") if isinstance(data, str) else ""
+        return own + "".join(payload_data(value) for value in node.values())
+    if isinstance(node, list):
+        return "".join(payload_data(value) for value in node)
+    return ""
 
 
 def test_temporal_jobs_leave_no_plaintext_in_histories_redis_or_the_job_log(
@@ -190,6 +202,7 @@ def test_temporal_jobs_leave_no_plaintext_in_histories_redis_or_the_job_log(
     temporal_server: TemporalDevServer,
     monkeypatch: pytest.MonkeyPatch,
     canary: str,
+    admin_token: str,
 ) -> None:
     on_engine(engines, monkeypatch, "temporal")
     secret: dict[str, str] = {}
@@ -214,8 +227,34 @@ def test_temporal_jobs_leave_no_plaintext_in_histories_redis_or_the_job_log(
     assert get_job(moved).engine == "temporal"
 
     assert temporal_history_occurrences(temporal_server, list(secret), canary) == 0
+    # Through the API's codec endpoint (admin token), Temporal's CLI shows them in plain.
+    codec = ("--codec-endpoint", f"{api.url}/codec", "--codec-auth", f"Bearer {admin_token}")
+    assert temporal_history_occurrences(temporal_server, [ok], secret[ok], *codec) > 0
+    assert temporal_history_occurrences(temporal_server, [dead], secret[dead], *codec) > 0
     assert redis_occurrences(redis_server, canary) == {}
     assert pg_dump_occurrences(job_log_db, canary) == 0
     assert canary not in all_output(engines)
     assert_read_back_intact(api, ok, dead, secret)
     assert api.job(parked)["payload"]["secret"] == secret[parked]
+
+
+def test_the_codec_endpoint_round_trips_and_names_a_missing_key(
+    encrypted: None, api: ApiServer, admin_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin = api.admin(admin_token)
+    plain = {"payloads": [{"metadata": {"encoding": "anNvbi9wbGFpbg=="}, "data": "InNlY3JldCI="}]}
+    encoded = api.client.post("/codec/encode", json=plain, headers=admin)
+    assert encoded.status_code == 200, encoded.text
+    sealed = encoded.json()["payloads"][0]
+    assert sealed["metadata"]["encoding"] == "YmluYXJ5L2VuY3J5cHRlZA=="  # binary/encrypted
+    decoded = api.client.post("/codec/decode", json=encoded.json(), headers=admin)
+    assert decoded.status_code == 200, decoded.text
+    assert decoded.json() == plain
+    assert api.client.post("/codec/decode", json=plain, headers=admin).json() == plain
+    monkeypatch.setenv(env.ENCRYPTION_KEYS, f"k2:{crypto.new_key()}")
+    crypto.reset()
+    missing = api.client.post("/codec/decode", json=encoded.json(), headers=admin)
+    assert missing.status_code == 422 and "'k1'" in missing.json()["detail"]
+    as_json = {**admin, "Content-Type": "application/json"}
+    bad = api.client.post("/codec/decode", content=b"{nope", headers=as_json)
+    assert bad.status_code == 400
