@@ -3,6 +3,7 @@ associated data, rotation, and a missing key named."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 
@@ -10,7 +11,9 @@ import pytest
 
 from jobyard.job_engine import crypto, env
 
-K1, K2 = crypto.new_key(), crypto.new_key()
+#: Fixed keys: test ids (parametrized below) must be the same in every pytest-xdist worker.
+K1 = base64.b64encode(bytes(range(32))).decode()
+K2 = base64.b64encode(bytes(range(32, 64))).decode()
 CANARY = "canary-7f3a payload: alice@example.com"
 
 

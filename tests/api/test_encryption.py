@@ -59,6 +59,19 @@ READERS: dict[bytes, Any] = {
 }
 
 
+#: The canary jobs each test runs: one to its end, one dead (failed), one parked in ctx.sleep.
+JOBS: list[dict[str, Any]] = [{}, {"fail": True}, {"sleep": 600}]
+
+
+def send(canary: str, secret: dict[str, str], engine: str, **payload: Any) -> str:
+    """Dispatches a canary job (its own canary in `secret`, by job id) expected on `engine`."""
+    own = f"{canary}-{len(secret)}"
+    handle = dispatch_job("test.canary", {"secret": own, **payload})
+    assert handle.engine == engine
+    secret[handle.job_id] = own
+    return handle.job_id
+
+
 def redis_occurrences(redis_server: RedisServer, needle: str) -> dict[str, int]:
     """Key -> times `needle` appears in its DUMP (RDB compression off) or in its values."""
     client = redis_server.client()
@@ -116,13 +129,7 @@ def test_dramatiq_jobs_leave_no_plaintext_in_redis_or_the_job_log(
 ) -> None:
     on_engine(engines, monkeypatch, "dramatiq")
     secret: dict[str, str] = {}
-
-    def send(**payload: Any) -> str:
-        handle = dispatch_job("test.canary", {"secret": f"{canary}-{len(secret)}", **payload})
-        secret[handle.job_id] = f"{canary}-{len(secret)}"
-        return handle.job_id
-
-    ok, dead, parked = send(), send(fail=True), send(sleep=600)
+    ok, dead, parked = (send(canary, secret, "dramatiq", **p) for p in JOBS)
     with get_engine(job_log_db).begin() as connection:  # the dispatch outbox
         outboxed = dispatch_job(
             "test.canary", {"secret": f"{canary}-outbox"}, connection=connection
@@ -206,16 +213,9 @@ def test_temporal_jobs_leave_no_plaintext_in_histories_redis_or_the_job_log(
 ) -> None:
     on_engine(engines, monkeypatch, "temporal")
     secret: dict[str, str] = {}
-
-    def send(**payload: Any) -> str:
-        handle = dispatch_job("test.canary", {"secret": f"{canary}-{len(secret)}", **payload})
-        assert handle.engine == "temporal"
-        secret[handle.job_id] = f"{canary}-{len(secret)}"
-        return handle.job_id
-
-    ok, dead, parked = send(), send(fail=True), send(sleep=600)
+    ok, dead, parked = (send(canary, secret, "temporal", **p) for p in JOBS)
     monkeypatch.setenv(env.USE_DRAMATIQ, "true")  # no Dramatiq worker: moved to Temporal
-    moved = send()
+    moved = send(canary, secret, "temporal")
     for job_id in (ok, dead, moved):
         api.wait_for(job_id, lambda d: d["state"] in ENDED, engines=engines)
     api.wait_for(parked, lambda d: d.get("progress") is not None, engines=engines)
