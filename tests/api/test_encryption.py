@@ -18,9 +18,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from jobyard.dispatcher import dispatch_job, get_job
+from jobyard.dispatcher import dispatch_job, get_job, get_job_record
 from jobyard.job_engine import crypto, env
 from jobyard.job_engine.db import get_engine
+from jobyard.job_engine.db.rotation import rotate
 from tests.api.conftest import JOB_MODULES, ApiServer, on_engine
 from tests.api.test_events import read_stream
 from tests.engines import Engines
@@ -61,6 +62,8 @@ READERS: dict[bytes, Any] = {
 
 #: The canary jobs each test runs: one to its end, one dead (failed), one parked in ctx.sleep.
 JOBS: list[dict[str, Any]] = [{}, {"fail": True}, {"sleep": 600}]
+#: Delayed jobs, and as many parked ones, across the rotation test's key change.
+ROTATION_JOBS = 25
 
 
 def send(canary: str, secret: dict[str, str], engine: str, **payload: Any) -> str:
@@ -258,3 +261,75 @@ def test_the_codec_endpoint_round_trips_and_names_a_missing_key(
     as_json = {**admin, "Content-Type": "application/json"}
     bad = api.client.post("/codec/decode", content=b"{nope", headers=as_json)
     assert bad.status_code == 400
+
+
+def test_jobs_delayed_and_parked_across_a_rotation_finish_and_the_old_key_goes(
+    encrypted: None,
+    engines: Engines,
+    api: ApiServer,
+    job_log_db: str,
+    monkeypatch: pytest.MonkeyPatch,
+    canary: str,
+) -> None:
+    """Issue 33's rotation under load, scaled down: delayed and parked jobs sealed with k1, the
+    workers restarted with k2 in front, `jobyard keys rotate` while they wait, then again once
+    they finished; with k1 removed every job's log reads back: 0 failed for a key, 0 lost."""
+    on_engine(engines, monkeypatch, "dramatiq")
+    secret: dict[str, str] = {}
+    delayed = [
+        dispatch_job("test.canary", {"secret": f"{canary}-d{n}"}, delay=3).job_id
+        for n in range(ROTATION_JOBS)
+    ]
+    secret.update({job_id: f"{canary}-d{n}" for n, job_id in enumerate(delayed)})
+    parked = [send(canary, secret, "dramatiq", sleep=3) for _ in range(ROTATION_JOBS)]
+    wait_for(lambda: all(get_job(j).progress is not None for j in parked), timeout=60)
+
+    new_key = f"k2:{crypto.new_key()}"
+    monkeypatch.setenv(env.ENCRYPTION_KEYS, f"{new_key},k1:{KEY}")  # k2 in front
+    crypto.reset()
+    assert engines.worker is not None
+    engines.worker.stop()
+    engines.start_worker()
+    first = rotate(job_log_db, batch=7)
+    assert first["job_log"] > 0
+
+    for job_id in delayed + parked:
+        api.wait_for(
+            job_id, lambda d: d["state"] in ENDED and d.get("finished_at"), engines=engines
+        )
+    rotate(job_log_db)  # what the workers wrote with k1 before their restart, shipped since
+    monkeypatch.setenv(env.ENCRYPTION_KEYS, new_key)  # k1 removed
+    crypto.reset()
+    for job_id in delayed + parked:
+        record = get_job_record(job_id)
+        assert record is not None and record.state == "succeeded", record
+        assert record.payload["secret"] == secret[job_id]
+        assert record.result == {"result": secret[job_id], "step saw": secret[job_id]}
+    with get_engine(job_log_db).connect() as connection:
+        kept = connection.execute(text("SELECT payload::text, result::text FROM job_log")).all()
+        steps = connection.execute(text("SELECT result FROM job_steps")).scalars().all()
+    assert kept and not any("$jy1$k1$" in (v or "") for row in kept for v in row)
+    assert steps and not any("$jy1$k1$" in value for value in steps)
+
+
+def test_a_worker_without_the_payloads_key_fails_the_job_naming_it(
+    encrypted: None,
+    engines: Engines,
+    api: ApiServer,
+    monkeypatch: pytest.MonkeyPatch,
+    canary: str,
+) -> None:
+    """Not a crash loop nor a job dropped: the job ends dead with an error naming the key, its
+    payload kept sealed for a replay once the key is back."""
+    only_k2 = f"k2:{crypto.new_key()}"
+    monkeypatch.setenv(env.ENCRYPTION_KEYS, only_k2)
+    on_engine(engines, monkeypatch, "dramatiq")  # the worker holds k2 alone
+    monkeypatch.setenv(env.ENCRYPTION_KEYS, f"k1:{KEY},{only_k2}")  # this process seals with k1
+    crypto.reset()
+    job_id = dispatch_job("test.canary", {"secret": canary}).job_id
+    detail = api.wait_for(
+        job_id, lambda d: d["state"] in ENDED and d.get("finished_at"), engines=engines
+    )  # in the job log too
+    assert detail["state"] == "dead"
+    assert "MissingEncryptionKeyError" in detail["error"] and "'k1'" in detail["error"]
+    assert detail["payload"]["secret"] == canary  # kept, and readable with k1
