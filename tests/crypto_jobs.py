@@ -12,6 +12,10 @@ def echo(secret: str) -> dict[str, str]:
     return {"step saw": secret}
 
 
+def explode(secret: str) -> None:
+    raise ValueError(f"failed holding {secret}")
+
+
 class CanaryPayload(BaseModel):
     secret: str
     fail: bool = False
@@ -24,6 +28,6 @@ async def canary(ctx: JobContext, payload: CanaryPayload) -> dict[str, str]:
     await ctx.progress({"note": payload.secret})
     if payload.sleep:
         await ctx.sleep(payload.sleep)
-    if payload.fail:
-        raise ValueError(f"failed holding {payload.secret}")  # one attempt: dead
+    if payload.fail:  # a step's error: Temporal keeps it as an activity failure too
+        await ctx.run("explode", explode, payload.secret)  # one attempt: dead
     return {"result": payload.secret, **step}
