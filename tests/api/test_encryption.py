@@ -305,6 +305,8 @@ def test_jobs_delayed_and_parked_across_a_rotation_finish_and_the_old_key_goes(
         assert record is not None and record.state == "succeeded", record
         assert record.payload["secret"] == secret[job_id]
         assert record.result == {"result": secret[job_id], "step saw": secret[job_id]}
+        assert get_job(job_id).result == record.result  # Redis's record still holds k1 values
+        assert api.job(job_id)["result"] == record.result
     with get_engine(job_log_db).connect() as connection:
         kept = connection.execute(text("SELECT payload::text, result::text FROM job_log")).all()
         steps = connection.execute(text("SELECT result FROM job_steps")).scalars().all()

@@ -32,7 +32,7 @@ from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, EngineName, JobStatus
 from jobyard.job_engine import crypto
 from jobyard.job_engine.queues import queue_names
-from jobyard.job_engine.states import UNFINISHED_STATES, JobState
+from jobyard.job_engine.states import FINAL_STATES, UNFINISHED_STATES, JobState
 from jobyard.queue import keys
 from jobyard.queue.messages import (
     EncodedMessage,
@@ -155,10 +155,15 @@ class DramatiqEngine(Engine):
         result = json.loads(record["result"]) if record.get("result") else None
         progress = json.loads(record["progress"]) if record.get("progress") else None
         # Sealed in Redis with encryption on (jobyard.job_engine.crypto): read back as given.
-        result, progress, error = (
-            crypto.unseal(job_id, value)
-            for value in (result, progress, record.get("error") or None)
-        )
+        try:
+            result, progress, error = (
+                crypto.unseal(job_id, value)
+                for value in (result, progress, record.get("error") or None)
+            )
+        except crypto.MissingEncryptionKeyError:
+            if state in FINAL_STATES:  # a key removed since: the job log (rotated) answers
+                return None
+            raise
         run_at = int(record.get("run_at") or 0) / 1000  # set when rescheduled; past once it ran
         return JobStatus(
             job_id=job_id,
@@ -210,11 +215,17 @@ class DramatiqEngine(Engine):
         return Replay(ReplayStatus.ACTIVE, reply.detail or reply.status, name, queue)
 
     def steps(self, job_id: str) -> dict[str, Any]:
-        if self.record(job_id) is None:
+        record = self.record(job_id)
+        if record is None:
             return {}
         with map_redis_errors():
             steps = self.store.steps(job_id)
-        return {step: crypto.unseal(job_id, value) for step, value in steps.items()}
+        try:
+            return {step: crypto.unseal(job_id, value) for step, value in steps.items()}
+        except crypto.MissingEncryptionKeyError:
+            if record.get("state") in FINAL_STATES:  # a key removed since: shown as none
+                return {}
+            raise
 
     def queue_depths(self) -> list[QueueDepth]:
         depths = []
