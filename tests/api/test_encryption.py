@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import signal
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -335,3 +336,40 @@ def test_a_worker_without_the_payloads_key_fails_the_job_naming_it(
     assert detail["state"] == "dead"
     assert "MissingEncryptionKeyError" in detail["error"] and "'k1'" in detail["error"]
     assert detail["payload"]["secret"] == canary  # kept, and readable with k1
+
+
+def test_jobs_rescued_from_dramatiq_to_temporal_keep_no_plaintext(
+    encrypted: None,
+    engines: Engines,
+    api: ApiServer,
+    job_log_db: str,
+    redis_server: RedisServer,
+    temporal_server: TemporalDevServer,
+    monkeypatch: pytest.MonkeyPatch,
+    canary: str,
+) -> None:
+    """A job parked after a step and a delayed one, sealed in Redis, move to Temporal when
+    their workers die (the rescue opens them for the workflow's codec): they finish there with
+    the step's recorded result, and the canary stays out of every store."""
+    monkeypatch.setenv("JOBYARD_RESCUE_INTERVAL", "0.5")
+    on_engine(engines, monkeypatch, "dramatiq")
+    secret: dict[str, str] = {}
+    parked = send(canary, secret, "dramatiq", sleep=4)
+    delayed = dispatch_job("test.canary", {"secret": f"{canary}-late"}, delay=3).job_id
+    secret[delayed] = f"{canary}-late"
+    wait_for(lambda: get_job(parked).progress is not None, timeout=30)
+    assert engines.worker is not None
+    engines.worker.signal_group(signal.SIGKILL)
+    engines.worker.proc.wait()
+    engines.start_temporal_worker()
+    for job_id in (parked, delayed):
+        detail = api.wait_for(
+            job_id, lambda d: d["state"] in ENDED and d.get("finished_at"), engines=engines
+        )
+        assert (detail["state"], detail["engine"]) == ("succeeded", "temporal"), detail
+        assert detail["result"] == {"result": secret[job_id], "step saw": secret[job_id]}
+
+    assert temporal_history_occurrences(temporal_server, list(secret), canary) == 0
+    assert redis_occurrences(redis_server, canary) == {}
+    assert pg_dump_occurrences(job_log_db, canary) == 0
+    assert canary not in all_output(engines)
