@@ -164,11 +164,18 @@ def test_dramatiq_jobs_leave_no_plaintext_in_redis_or_the_job_log(
             text("SELECT payload, result FROM job_log WHERE job_id = :id"), {"id": ok}
         ).one()
         assert crypto.is_sealed(row.payload) and crypto.is_sealed(row.result)
-    assert redis_occurrences(redis_server, canary) == {}
-    assert pg_dump_occurrences(job_log_db, canary) == 0
-    assert canary not in all_output(engines)
+    assert_nowhere(canary, redis_server, job_log_db, engines)
     assert_read_back_intact(api, ok, dead, secret)
     assert api.job(parked)["payload"]["secret"] == secret[parked]
+
+
+def assert_nowhere(
+    canary: str, redis_server: RedisServer, database_url: str, engines: Engines
+) -> None:
+    """The canary is in no Redis key, nowhere in pg_dump and in no line the workers wrote."""
+    assert redis_occurrences(redis_server, canary) == {}
+    assert pg_dump_occurrences(database_url, canary) == 0
+    assert canary not in all_output(engines)
 
 
 def all_output(engines: Engines) -> str:
@@ -235,9 +242,7 @@ def test_temporal_jobs_leave_no_plaintext_in_histories_redis_or_the_job_log(
     codec = ("--codec-endpoint", f"{api.url}/codec", "--codec-auth", f"Bearer {admin_token}")
     assert temporal_history_occurrences(temporal_server, [ok], secret[ok], *codec) > 0
     assert temporal_history_occurrences(temporal_server, [dead], secret[dead], *codec) > 0
-    assert redis_occurrences(redis_server, canary) == {}
-    assert pg_dump_occurrences(job_log_db, canary) == 0
-    assert canary not in all_output(engines)
+    assert_nowhere(canary, redis_server, job_log_db, engines)
     assert_read_back_intact(api, ok, dead, secret)
     assert api.job(parked)["payload"]["secret"] == secret[parked]
 
@@ -370,6 +375,4 @@ def test_jobs_rescued_from_dramatiq_to_temporal_keep_no_plaintext(
         assert detail["result"] == {"result": secret[job_id], "step saw": secret[job_id]}
 
     assert temporal_history_occurrences(temporal_server, list(secret), canary) == 0
-    assert redis_occurrences(redis_server, canary) == {}
-    assert pg_dump_occurrences(job_log_db, canary) == 0
-    assert canary not in all_output(engines)
+    assert_nowhere(canary, redis_server, job_log_db, engines)
