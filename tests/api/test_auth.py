@@ -15,6 +15,8 @@ ADMIN_ROUTES = [
     ("DELETE", "/jobs/some-job"),
     ("POST", "/jobs/some-job/replay"),
     ("GET", "/flow"),
+    ("POST", "/codec/encode"),
+    ("POST", "/codec/decode"),
 ]
 TOKEN_ROUTES = [
     ("GET", "/jobs"),

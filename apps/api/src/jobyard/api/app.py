@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from jobyard.api import admin, dashboard, events, jobs, ops
+from jobyard.api import admin, codec, dashboard, events, jobs, ops
 from jobyard.api.errors import install_error_handlers
 from jobyard.api.guard import GuardMiddleware
 from jobyard.api.health import TemporalProbe
@@ -63,6 +63,13 @@ def create_app(*, warm: bool = True) -> FastAPI:
     app.include_router(schedules_router)  # admin-only (require_admin on the router)
     # events before jobs: a job id may hold slashes, so GET /jobs/{job_id:path} would also
     # match /jobs/{job_id}/events.
-    for router in (events.router, jobs.router, admin.router, ops.router, dashboard.router):
+    for router in (
+        events.router,
+        jobs.router,
+        admin.router,
+        ops.router,
+        dashboard.router,
+        codec.router,
+    ):
         app.include_router(router)
     return app

@@ -358,9 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--url", default=None, help=f"default: ${env.DATABASE_URL} or the SQLite file")
     pr.set_defaults(func=cmd_db_prune)
 
+    from jobyard.cli.keys import add_parsers as add_keys_parsers
     from jobyard.cli.schedules import add_parsers as add_schedule_parsers
 
     add_schedule_parsers(sub)
+    add_keys_parsers(sub)
     return parser
 
 

@@ -19,7 +19,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from jobyard.dispatcher.engines.temporal import contract
-from jobyard.job_engine import JobState, PermanentError, env, resolve_step, tracing
+from jobyard.job_engine import JobState, PermanentError, crypto, env, resolve_step, tracing
 from jobyard.job_engine.context import encode_json
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.temporal_worker.claims import ClaimStore, ClaimUnavailable
@@ -114,12 +114,14 @@ class JobActivities:
             # JSON data only, as the other engines check
             encoded = encode_json(f"step {request['step']!r}'s result", value)
         except Exception as exc:  # named as Dramatiq names a job's error: "Class: message"
+            error = f"{type(exc).__name__}: {exc}"
+            shown = crypto.loggable(error, type(exc).__name__)  # no message with encryption on
             STEP_FAULTS.fault(
                 f"step {request['fn']} raised {type(exc).__name__}",
-                f"job {request['job_id']} step {request['step']!r} attempt {attempt}: {exc}",
+                f"job {request['job_id']} step {request['step']!r} attempt {attempt}: {shown}",
             )
             raise ApplicationError(
-                f"{type(exc).__name__}: {exc}",
+                error,
                 {"attempts": attempt},
                 type=type(exc).__name__,
                 non_retryable=isinstance(exc, PermanentError),

@@ -9,7 +9,7 @@ a result found is returned without running the function again."""
 
 from __future__ import annotations
 
-from jobyard.job_engine import env
+from jobyard.job_engine import crypto, env
 from jobyard.job_engine.db.steps import begin_step, load_steps
 
 
@@ -27,7 +27,8 @@ class StepRecords:
     def recorded(self, job_id: str, step: str) -> str | None:
         """The step's result as JSON text, if it returned before; raises if the database
         cannot be read."""
-        return load_steps([job_id]).get(job_id, {}).get(step)
+        kept = load_steps([job_id]).get(job_id, {}).get(step)
+        return None if kept is None else crypto.unseal_json(job_id, kept)
 
     def record(self, job_id: str, step: str, result_json: str) -> bool:
         """Keeps a returned step's result (waits for the commit); False (logged once by the

@@ -15,6 +15,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from jobyard.dispatcher.engines.temporal.codec import data_converter
 from jobyard.dispatcher.engines.temporal.contract import step_task_queue
 from jobyard.dispatcher.engines.temporal.engine import interceptors
 from jobyard.job_engine import env, tracing
@@ -92,7 +93,10 @@ async def connect(address: str, namespace: str) -> Client:
             # With tracing on, the workflows and activities continue the dispatch's trace
             # from Temporal's headers (temporalio's TracingInterceptor).
             return await Client.connect(
-                address, namespace=namespace, interceptors=interceptors(worker=True)
+                address,
+                namespace=namespace,
+                data_converter=data_converter(),
+                interceptors=interceptors(worker=True),
             )
         except RuntimeError as exc:
             log.warning("Temporal at %s not reachable (%s); retrying", address, exc)

@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from jobyard.job_engine import crypto
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobEvent, JobLog
 
@@ -76,9 +77,9 @@ def read_events(job_id: str, after: int = 0, limit: int = PAGE) -> list[JobEvent
                 e.state,
                 e.engine,
                 e.attempts,
-                e.progress,
+                crypto.unseal(e.job_id, e.progress),
                 e.run_at,
-                e.error,
+                crypto.unseal(e.job_id, e.error),
             )
             for e in session.scalars(query)
         ]

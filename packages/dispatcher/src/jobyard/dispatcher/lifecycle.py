@@ -15,8 +15,9 @@ from jobyard.dispatcher.dispatch import get_dispatcher, get_job
 from jobyard.dispatcher.engines import CancelStatus, Engine, ReplayStatus, WorkerInfo
 from jobyard.dispatcher.errors import EngineUnavailable, JobNotFoundError, JobStillActiveError
 from jobyard.dispatcher.models import JobHandle, JobStatus
-from jobyard.job_engine import JobyardError, UnknownJobError, get_spec
+from jobyard.job_engine import JobyardError, UnknownJobError, crypto, get_spec
 from jobyard.job_engine.db import session_scope
+from jobyard.job_engine.db.joblog.sealed import opened, opened_for_listing
 from jobyard.job_engine.db.models import JobLog, state_in
 from jobyard.job_engine.lifecycle import dispatched_event, job_event
 from jobyard.job_engine.states import JobState
@@ -66,7 +67,8 @@ class JobRecord:
 
     @classmethod
     def from_row(cls, row: JobLog) -> JobRecord:
-        return cls(**{name: getattr(row, name) for name in cls.__dataclass_fields__})
+        values = {name: getattr(row, name) for name in cls.__dataclass_fields__}
+        return cls(**opened(row.job_id, values))
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -233,7 +235,12 @@ def listing_query(**listing: Unpack[Listing]) -> Select[Any]:
     """`list_jobs`'s query."""
     table = JobLog.__table__
     columns = [table.c[c] for c in SUMMARY_COLUMNS]
-    message = func.substr(table.c.error_message, 1, SUMMARY_ERROR_CHARS + 1).label("error_message")
+    # A sealed message (jobyard.job_engine.crypto) is read whole: cut, it would not decrypt.
+    message = (
+        table.c.error_message
+        if crypto.RING is not None
+        else func.substr(table.c.error_message, 1, SUMMARY_ERROR_CHARS + 1).label("error_message")
+    )
     query = select(*columns, message)
     if state := listing.get("state"):
         query = query.where(state_in(state))
@@ -270,7 +277,7 @@ def _before(cursor: Cursor) -> Any:
 
 
 def _summary_record(row: Any) -> JobRecord:
-    values = dict(row)
+    values = opened_for_listing(row["job_id"], dict(row))
     message = values.get("error_message")
     if isinstance(message, str) and len(message) > SUMMARY_ERROR_CHARS:
         values["error_message"] = message[:SUMMARY_ERROR_CHARS] + "…"

@@ -9,6 +9,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from jobyard.dispatcher.models import JobStatus
 from jobyard.job_engine.db import session_scope
+from jobyard.job_engine.db.joblog.sealed import opened
 from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobLog
 from jobyard.job_engine.states import JobState
 
@@ -26,13 +27,14 @@ def logged_status(job_id: str) -> JobStatus | None:
         return None
     if row is None or row.engine not in ("dramatiq", "temporal"):
         return None
+    values = opened(job_id, dict(row._mapping))
     return JobStatus(
         job_id=job_id,
         engine=row.engine,
         state=JobState(row.state),
         attempts=row.attempts,
         name=row.name,
-        result=row.result if row.state == JobState.SUCCEEDED else None,
-        error=row.error_message,
-        progress=row.progress,
+        result=values["result"] if row.state == JobState.SUCCEEDED else None,
+        error=values["error_message"],
+        progress=values["progress"],
     )

@@ -50,7 +50,7 @@ from jobyard.dispatcher.models import (
 )
 from jobyard.dispatcher.owners import Owner, payload_digest
 from jobyard.dispatcher.routing import result_of
-from jobyard.job_engine import env, metrics
+from jobyard.job_engine import crypto, env, metrics
 from jobyard.job_engine.collector import collector_paused
 from jobyard.job_engine.db import dispatch_outbox as outbox
 from jobyard.job_engine.db import get_engine, joblog
@@ -225,8 +225,9 @@ def submission_of(entry: outbox.Entry, now: float) -> Submission:
         if options == NO_OPTIONS:
             options = NO_OPTIONS
     return Submission(
-        entry.job_id, entry.name, entry.queue, json.loads(entry.payload), options,
-        payload_json=entry.payload.encode(),
+        entry.job_id, entry.name, entry.queue,
+        crypto.unseal(entry.job_id, json.loads(entry.payload)), options,
+        payload_json=entry.payload.encode(),  # sealed, with encryption on: engines keep it so
     )  # fmt: skip
 
 

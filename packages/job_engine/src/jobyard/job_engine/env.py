@@ -218,3 +218,10 @@ OTEL_SDK_DISABLED = "OTEL_SDK_DISABLED"  # "true": no tracing even with an endpo
 OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"  # the spans' service.name
 DEFAULTS[OTEL_SDK_DISABLED] = "false"
 DEFAULTS[OTEL_SERVICE_NAME] = "jobyard"
+
+# Encryption at rest (jobyard.job_engine.crypto): "k2:<base64 32 bytes>,k1:<...>", the first key
+# encrypts, every key decrypts. Unset: payloads, results, errors and progress are kept as they are.
+ENCRYPTION_KEYS = "JOBYARD_ENCRYPTION_KEYS"
+# `jobyard keys rotate`: job log rows re-encrypted per transaction
+ROTATE_BATCH = "JOBYARD_ROTATE_BATCH"
+DEFAULTS[ROTATE_BATCH] = "500"

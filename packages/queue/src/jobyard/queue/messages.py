@@ -13,7 +13,7 @@ from dramatiq import Message
 from dramatiq.encoder import JSONEncoder
 from dramatiq.message import get_encoder
 
-from jobyard.job_engine import tracing
+from jobyard.job_engine import crypto, tracing
 
 # Job ids are engine-neutral (jobyard.job_engine.ids); re-exported for code that imported them here.
 from jobyard.job_engine.ids import IDS_AT_ONCE as IDS_AT_ONCE
@@ -63,7 +63,7 @@ def encode_job_message(
     fields = {  # dramatiq.Message's fields, in its order
         "queue_name": target,
         "actor_name": job_name,
-        "args": (job_id, payload),
+        "args": (job_id, crypto.seal(job_id, payload)),
         "kwargs": {},
         "options": options,
         "message_id": message_id,
@@ -98,6 +98,8 @@ class NewJobMessages:
         dispatcher's id pattern allows none of the characters that do)."""
         message_id = random_id()
         mid = message_id.encode()
+        if crypto.RING is not None:
+            payload_json = crypto.seal_json(job_id, payload_json.decode()).encode()
         return message_id, b"".join((
             self._head, job_id.encode(), b'",', payload_json, _OPTIONS_HEAD, mid, _OPTIONS_TAIL,
             mid, b'","message_timestamp":', str(int(time.time() * 1000)).encode(), b"}",
@@ -111,6 +113,11 @@ class NewJobMessages:
         text = binascii.hexlify(os.urandom(16 * len(job_ids)))
         message_ids = [text[at : at + 32] for at in range(0, len(text), 32)]
         stamp = str(int(time.time() * 1000)).encode()
+        if crypto.RING is not None:
+            payload_jsons = [
+                crypto.seal_json(job_id, payload.decode()).encode()
+                for job_id, payload in zip(job_ids, payload_jsons, strict=True)
+            ]
         form = self._format
         messages = [
             form % (job_id.encode(), payload, mid, mid, stamp)
@@ -154,7 +161,7 @@ def decode_job_message(data: bytes) -> DecodedJob:
         job_id=job_id,
         name=message.actor_name,
         queue=message.queue_name.removesuffix(keys.DELAY_SUFFIX),
-        payload=payload,
+        payload=crypto.unseal(job_id, payload),
         webhook_url=message.options.get(WEBHOOK),
         retry=message.options.get(RETRY),
         eta=message.options["eta"] / 1000 if message.options.get("eta") else None,

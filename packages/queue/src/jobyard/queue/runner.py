@@ -19,7 +19,7 @@ import redis
 from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from jobyard.job_engine import JobSpec, PermanentError, env
+from jobyard.job_engine import JobSpec, PermanentError, crypto, env
 from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.steps import begin_step, recall_steps
 from jobyard.job_engine.errors import WORKER_PROCESS_DIED
@@ -149,6 +149,9 @@ class _Run:
 
     def execute(self) -> None:
         try:
+            # Sealed in its message (jobyard.job_engine.crypto): a key missing here fails the
+            # run like any error, retried by the job's policy, its payload kept sealed.
+            self.payload = crypto.unseal(self.job_id, self.payload)
             if self.spec.limited:  # flow control (jobyard.queue.flow); the only cost otherwise
                 self.pass_limits()
             elif self.suspect:
@@ -239,14 +242,18 @@ class _Run:
         retry = self.retry
         if isinstance(exc, PermanentError) or attempt >= retry.attempts:
             state = JobState.FAILED if isinstance(exc, PermanentError) else JobState.DEAD
-            log.warning("job %s %s after %d attempt(s): %s", self.job_id, state, attempt, error)
+            log.warning(
+                "job %s %s after %d attempt(s): %s",
+                self.job_id, state, attempt, crypto.loggable(error, error_class),
+            )  # fmt: skip
             detail = "".join(traceback.format_exception(exc))[-4000:]
             self.finish(
                 state, error=error, error_class=error_class, traceback=detail, payload=self.payload
             )
             return
         delay = retry.delay_before(attempt)
-        log.info("job %s attempt %d: %s; retry in %.1fs", self.job_id, attempt, error, delay)
+        shown = crypto.loggable(error, error_class)
+        log.info("job %s attempt %d: %s; retry in %.1fs", self.job_id, attempt, shown, delay)
         retrying = self.reschedule(
             JobState.RETRYING, delay, resume=False, error=error, error_class=error_class
         )

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from jobyard.job_engine import crypto
 from jobyard.job_engine.db import get_engine, session_scope, utcnow
 from jobyard.job_engine.db.models import JobStep
 
@@ -96,7 +97,7 @@ class StepJournal:
         """Starts keeping a step's result and returns at once; call what it returns to wait
         for the commit (True) or its failure (False, logged). The caller does its other
         bookkeeping (Redis) meanwhile."""
-        entry = _Pending((job_id, step, result_json, utcnow()))
+        entry = _Pending((job_id, step, crypto.seal_json(job_id, result_json), utcnow()))
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -193,7 +194,8 @@ def begin_step(job_id: str, step: str, result_json: str) -> Callable[[], bool]:
 
 
 def load_steps(job_ids: list[str], *, url: str | None = None) -> dict[str, dict[str, str]]:
-    """job id -> step -> result JSON text, for those of `job_ids` that recorded steps."""
+    """job id -> step -> result JSON text as kept (sealed, with encryption on: see
+    `recall_steps`), for those of `job_ids` that recorded steps."""
     out: dict[str, dict[str, str]] = {}
     if not job_ids:
         return out
@@ -206,5 +208,7 @@ def load_steps(job_ids: list[str], *, url: str | None = None) -> dict[str, dict[
 
 def recall_steps(job_id: str) -> dict[str, str]:
     """One job's kept step results (load_steps), for a Dramatiq run whose Redis records may be
-    incomplete (see may_have_lost in jobyard.lua). Raises SQLAlchemyError when unreadable."""
-    return load_steps([job_id]).get(job_id, {})
+    incomplete (see may_have_lost in jobyard.lua), opened. Raises SQLAlchemyError when
+    unreadable."""
+    kept = load_steps([job_id]).get(job_id, {})
+    return {step: crypto.unseal_json(job_id, text) for step, text in kept.items()}

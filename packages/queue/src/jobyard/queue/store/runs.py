@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobyard.job_engine import crypto
 from jobyard.queue import keys
 from jobyard.queue.store.script import ScriptStore, _text
 
@@ -64,7 +65,10 @@ class RunCommands(ScriptStore):
         if status != "ok":
             return StartResult(status)
         flat = [_text(v) for v in reply[4:]]
-        steps = dict(zip(flat[::2], flat[1::2], strict=True))
+        steps = {
+            step: crypto.unseal_json(job_id, text)
+            for step, text in zip(flat[::2], flat[1::2], strict=True)
+        }
         return StartResult(
             status, int(reply[1]), int(reply[2]) / 1000, steps, may_have_lost=reply[3] == 1
         )
@@ -79,14 +83,19 @@ class RunCommands(ScriptStore):
             "step",
             seq,
             step,
-            result_json,
+            crypto.seal_json(job_id, result_json),
             self.retention,
             timing_json,
         )
         return _text(reply)
 
     def record_progress(self, job_id: str, seq: int, progress_json: str) -> bool:
-        reply = self._call([keys.job(job_id), *self._events], "progress", seq, progress_json)
+        reply = self._call(
+            [keys.job(job_id), *self._events],
+            "progress",
+            seq,
+            crypto.seal_json(job_id, progress_json),
+        )
         return _text(reply) == "ok"
 
     def mark_running(self, job_id: str, seq: int) -> bool:
@@ -111,13 +120,13 @@ class RunCommands(ScriptStore):
             "finish",
             seq,
             state,
-            json.dumps(result),
-            error,
+            json.dumps(crypto.seal(job_id, result)),
+            crypto.seal(job_id, error) if error else "",
             error_class,
             self.retention,
             delivery.redis_message_id,
-            "" if payload is None else json.dumps(payload),
-            traceback,
+            "" if payload is None else json.dumps(crypto.seal(job_id, payload)),
+            crypto.seal(job_id, traceback) if traceback else "",
         )
         return _text(reply) == "ok"
 
@@ -130,7 +139,7 @@ class RunCommands(ScriptStore):
             "complete",
             seq,
             "1" if resume else "0",
-            json.dumps(result),
+            json.dumps(crypto.seal(job_id, result)),
             self.retention,
             delivery.redis_message_id,
         )
@@ -172,7 +181,7 @@ class RunCommands(ScriptStore):
             state,
             redis_message_id,
             message,
-            error,
+            crypto.seal(job_id, error) if error else "",
             error_class,
             delivery.redis_message_id,
             run_at_ms,

@@ -30,8 +30,9 @@ from jobyard.dispatcher.engines.base import (
 from jobyard.dispatcher.engines.dramatiq.errors import map_redis_errors
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, EngineName, JobStatus
+from jobyard.job_engine import crypto
 from jobyard.job_engine.queues import queue_names
-from jobyard.job_engine.states import UNFINISHED_STATES, JobState
+from jobyard.job_engine.states import FINAL_STATES, UNFINISHED_STATES, JobState
 from jobyard.queue import keys
 from jobyard.queue.messages import (
     EncodedMessage,
@@ -153,6 +154,16 @@ class DramatiqEngine(Engine):
         state = JobState(record.get("state", JobState.QUEUED))
         result = json.loads(record["result"]) if record.get("result") else None
         progress = json.loads(record["progress"]) if record.get("progress") else None
+        # Sealed in Redis with encryption on (jobyard.job_engine.crypto): read back as given.
+        try:
+            result, progress, error = (
+                crypto.unseal(job_id, value)
+                for value in (result, progress, record.get("error") or None)
+            )
+        except crypto.MissingEncryptionKeyError:
+            if state in FINAL_STATES:  # a key removed since: the job log (rotated) answers
+                return None
+            raise
         run_at = int(record.get("run_at") or 0) / 1000  # set when rescheduled; past once it ran
         return JobStatus(
             job_id=job_id,
@@ -161,7 +172,7 @@ class DramatiqEngine(Engine):
             attempts=int(record.get("attempts", 0)),
             name=record.get("name"),
             result=result if state == JobState.SUCCEEDED else None,
-            error=record.get("error") or None,
+            error=error,
             progress=progress,
             run_at=run_at if run_at > time.time() and state in _WAITING else None,
             display_state=record.get("hold_state") or None,
@@ -183,7 +194,7 @@ class DramatiqEngine(Engine):
             return Replay(ReplayStatus.NOT_HERE)
         name, queue, state = record["name"], record["queue"], record.get("state")
         if record.get("payload"):
-            payload = json.loads(record["payload"])
+            payload = crypto.unseal(job_id, json.loads(record["payload"]))
         if payload is None:  # cancelled while queued: only the job log has the payload
             status = ReplayStatus.ACTIVE if state not in _REPLAYABLE else ReplayStatus.NEEDS_PAYLOAD
             return Replay(status, state, name, queue)
@@ -204,10 +215,17 @@ class DramatiqEngine(Engine):
         return Replay(ReplayStatus.ACTIVE, reply.detail or reply.status, name, queue)
 
     def steps(self, job_id: str) -> dict[str, Any]:
-        if self.record(job_id) is None:
+        record = self.record(job_id)
+        if record is None:
             return {}
         with map_redis_errors():
-            return self.store.steps(job_id)
+            steps = self.store.steps(job_id)
+        try:
+            return {step: crypto.unseal(job_id, value) for step, value in steps.items()}
+        except crypto.MissingEncryptionKeyError:
+            if record.get("state") in FINAL_STATES:  # a key removed since: shown as none
+                return {}
+            raise
 
     def queue_depths(self) -> list[QueueDepth]:
         depths = []

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from jobyard.dispatcher.engines.base import ClaimMode, Submission
+from jobyard.job_engine import crypto
 
 WORKFLOW_NAME = "jobyard.job"
 STATUS_QUERY = "status"
@@ -46,16 +47,22 @@ class JobRequest:
 
     @classmethod
     def of(cls, job: Submission) -> JobRequest:
+        """A job that comes from Redis or the job log (the rescue) may carry its payload and
+        steps sealed for its job id (jobyard.job_engine.crypto): they are opened here, and the
+        payload codec (engines/temporal/codec.py) seals the whole request in Temporal."""
+        steps = job.recorded_steps
+        if steps:
+            steps = {step: crypto.unseal(job.job_id, value) for step, value in steps.items()}
         return cls(
             job_id=job.job_id,
             name=job.name,
             queue=job.queue,
-            payload=job.payload,
+            payload=crypto.unseal(job.job_id, job.payload),
             claim=job.claim,
             fallback_reason=job.fallback_reason,
             webhook_url=job.options.webhook_url,
             retry=job.options.retry,
-            steps=job.recorded_steps,
+            steps=steps,
         )
 
     @classmethod

@@ -46,6 +46,7 @@ from jobyard.dispatcher.engines.base import (
     Submitted,
     WorkerInfo,
 )
+from jobyard.dispatcher.engines.temporal.codec import data_converter
 from jobyard.dispatcher.engines.temporal.contract import (
     STATUS_QUERY,
     WAKE_SIGNAL,
@@ -139,6 +140,7 @@ class TemporalEngine(Engine):
                     Client.connect(
                         self.address,
                         namespace=self.namespace,
+                        data_converter=data_converter(),
                         interceptors=interceptors(),
                         retry_config=SEND_ONCE,
                     ),

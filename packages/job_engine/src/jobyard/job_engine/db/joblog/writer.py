@@ -22,6 +22,7 @@ from jobyard.job_engine import env
 # the package itself imports this module, so its names are read at flush time.
 from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.joblog.queued import QueuedBatch
+from jobyard.job_engine.db.joblog.sealed import sealed_batches, sealed_events
 from jobyard.job_engine.db.readiness import one_line
 
 log = logging.getLogger("jobyard.joblog")
@@ -124,6 +125,7 @@ class JobLogWriter:
                 self._batched_jobs = 0
             if not events and not batches:
                 return 0
+            events, batches = sealed_events(events), sealed_batches(batches)
             try:
                 if batches:
                     return joblog.write_queued(batches, events, self.url)
