@@ -51,7 +51,9 @@ class SentinelCluster:
         self._spawn(port, [
             _binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(self.dir), "--dbfilename", f"{port}.rdb",
-            "--requirepass", REDIS_PASSWORD, "--masterauth", REDIS_PASSWORD, *extra,
+            "--requirepass", REDIS_PASSWORD, "--masterauth", REDIS_PASSWORD,
+            # A replica's full sync at once, not after the default 5 s wait for others.
+            "--repl-diskless-sync-delay", "0", *extra,
         ])  # fmt: skip
         wait_for(lambda: _pings(self.node(port)))
 
@@ -104,6 +106,33 @@ class SentinelCluster:
         proc = self.procs[port]
         proc.kill()
         proc.wait()
+
+    def restart(self, port: int) -> None:
+        """A killed node back, empty (no persistence), as a primary of its own: what a crashed
+        primary is when it returns; the Sentinels make it a replica of the one they promoted."""
+        self._redis(port)
+
+    def replica_of_primary(self, port: int) -> bool:
+        """Whether `port` replicates the current primary with its link up."""
+        try:
+            info = self.node(port).info("replication")
+        except redis.RedisError:
+            return False
+        return (
+            info.get("role") == "slave"
+            and int(info.get("master_port", 0)) == self.primary()
+            and info.get("master_link_status") == "up"
+        )
+
+    def cut_replication(self, replica: int) -> None:
+        """The replica's link to its primary cut and kept down (it cannot authenticate again)
+        until `mend_replication`: it misses every write from now on."""
+        node = self.node(replica)
+        node.config_set("masterauth", "not-the-password")
+        node.client_kill_filter(_type="master")
+
+    def mend_replication(self, node_port: int) -> None:
+        self.node(node_port).config_set("masterauth", REDIS_PASSWORD)
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -307,8 +307,24 @@ def start(
     changes: bool = False,
     job_id: str = JOB,
 ) -> Any:
-    keys_ = [keys.job(job_id), keys.steps(job_id)]
+    keys_ = [keys.job(job_id), keys.steps(job_id), keys.lost_writes_before()]
     return lua("start", keys_ + ([EVENTS_KEY] if changes else []), seq, resume)
+
+
+def test_start_says_steps_may_be_lost_for_a_job_dispatched_before_a_seen_failover(
+    r: redis.Redis, lua: Lua
+) -> None:
+    """A promoted replica may lack the old primary's last step records: a job dispatched before
+    the failover a client saw (jobyard:lost_writes_before) reads the journal too; one
+    dispatched after it does not."""
+    dispatched = now_ms(r) + 60_000  # after this server's start (LASTSAVE)
+    seed(r, enqueued_at=dispatched)
+    assert start(lua)[3] == 0
+    r.set(keys.lost_writes_before(), dispatched + 1)
+    seed(r, enqueued_at=dispatched)
+    assert start(lua)[3] == 1
+    seed(r, enqueued_at=dispatched + 2)
+    assert start(lua)[3] == 0
 
 
 def test_start_runs_the_job_and_returns_its_recorded_steps(r: redis.Redis, lua: Lua) -> None:
@@ -1076,7 +1092,7 @@ def test_every_command_has_a_test() -> None:
 
 def test_start_of_a_suspect_records_its_run_alone(r: redis.Redis, lua: Lua) -> None:
     seed(r, state="running", attempts=1, started_seq=0, started_at=1000)
-    keys_ = [JOB_KEY, STEPS_KEY]
+    keys_ = [JOB_KEY, STEPS_KEY, keys.lost_writes_before()]
     assert lua("start", keys_, 0, "0", 3)[:3] == ["ok", 2, "1000"]
     record = job(r)
     assert (record["lone"], record["lone_attempts"], record["attempts"]) == ("0", "3", "2")
@@ -1088,7 +1104,7 @@ def test_start_of_a_suspect_whose_run_alone_used_the_last_attempt_is_exhausted(
     r: redis.Redis, lua: Lua
 ) -> None:
     seed(r, state="running", attempts=3, started_seq=0, started_at=1000, lone=0, died="how")
-    keys_ = [JOB_KEY, STEPS_KEY]
+    keys_ = [JOB_KEY, STEPS_KEY, keys.lost_writes_before()]
     assert lua("start", keys_, 0, "0", 3) == ["exhausted", 3, "how"]
     assert job(r)["attempts"] == "3"  # nothing written: the caller finishes it dead
     # A death shared with other runs (no "lone" of this seq) gets its run alone first.

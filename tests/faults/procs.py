@@ -9,6 +9,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import redis
@@ -88,10 +89,12 @@ class Cluster:
         env: dict[str, str] | None = None,
         logdir: Path | None = None,
         processes: int = 2,
+        redis_server: Any = None,
     ) -> None:
         self.processes = processes
         self.logdir = logdir  # where close() keeps each process's output
-        self.redis = FaultyRedis(aof).start()
+        # Any server with .url, .client() (the primary) and .stop(): a Sentinel cluster too.
+        self.redis = redis_server or FaultyRedis(aof).start()
         self.env = base_env(self.redis.url, temporal_address, database_url) | (env or {})
         self.procs: list[Proc] = []
         self._saved = {k: os.environ.get(k) for k in self.env}

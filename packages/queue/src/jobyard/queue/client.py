@@ -13,6 +13,7 @@ connection so that the next one asks Sentinel again.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 from urllib.parse import urlparse
 
@@ -27,6 +28,7 @@ from redis.sentinel import (
 )
 
 from jobyard.job_engine import env
+from jobyard.queue import keys
 from jobyard.queue.redis_url import SentinelUrl, check_redis_url, is_sentinel, parse_sentinel_url
 
 _clients: dict[tuple[str, float], redis.Redis] = {}
@@ -73,20 +75,61 @@ class _FollowsThePrimary:
             raise DemotedPrimary(f"the primary was demoted to a replica: {exc}") from exc
 
 
-class _Connection(_RaisesConnectFailed, _FollowsThePrimary, redis.Connection):
+#: The server each address was last found to be: (service or host:port, db) -> run_id.
+_servers: dict[tuple[str, int], str] = {}
+
+
+class _NoticesANewServer:
+    """On each connect, which server this is (its run_id). Another server than the one this
+    process last reached at the same address (a replica promoted by a failover, behind
+    Sentinel or a managed endpoint's DNS; or a restart) may lack the old one's last writes: the
+    connection marks it (`jobyard:lost_writes_before`, now), and a run of a job dispatched
+    before then reads the step journal too (`may_have_lost` in jobyard.lua), so a step that
+    returned on the old server is not run again. One INFO per new connection; pools keep
+    theirs."""
+
+    # redis-py (>= 6) calls this, not on_connect, when it opens a connection.
+    def on_connect_check_health(self, check_health: bool = True) -> None:
+        super().on_connect_check_health(check_health)  # type: ignore[misc]
+        self.send_command("INFO", "server")  # type: ignore[attr-defined]
+        info = self.read_response()  # type: ignore[attr-defined]
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        run_id = next(
+            (line[7:].strip() for line in text.splitlines() if line.startswith("run_id:")), ""
+        )
+        address = (self._server_address(), int(getattr(self, "db", 0) or 0))
+        previous = _servers.get(address)
+        _servers[address] = run_id
+        if previous is not None and previous != run_id:
+            self.send_command("SET", keys.lost_writes_before(), int(time.time() * 1000))  # type: ignore[attr-defined]
+            self.read_response()  # type: ignore[attr-defined]
+
+    def _server_address(self) -> str:
+        pool = getattr(self, "connection_pool", None)
+        service = getattr(pool, "service_name", None)
+        if service:
+            return f"sentinel:{service}"
+        return f"{getattr(self, 'host', '')}:{getattr(self, 'port', '')}"
+
+
+class _Connection(_RaisesConnectFailed, _FollowsThePrimary, _NoticesANewServer, redis.Connection):
     pass
 
 
-class _SSLConnection(_RaisesConnectFailed, _FollowsThePrimary, redis.SSLConnection):
+class _SSLConnection(
+    _RaisesConnectFailed, _FollowsThePrimary, _NoticesANewServer, redis.SSLConnection
+):
     pass
 
 
-class _SentinelConnection(_RaisesConnectFailed, _FollowsThePrimary, SentinelManagedConnection):
+class _SentinelConnection(
+    _RaisesConnectFailed, _FollowsThePrimary, _NoticesANewServer, SentinelManagedConnection
+):
     pass
 
 
 class _SentinelSSLConnection(
-    _RaisesConnectFailed, _FollowsThePrimary, SentinelManagedSSLConnection
+    _RaisesConnectFailed, _FollowsThePrimary, _NoticesANewServer, SentinelManagedSSLConnection
 ):
     pass
 

@@ -46,6 +46,8 @@
 --       then bands p < 0; lists keep dispatch order within a band.
 --   jobyard:priority:<queue> channel: a message of priority > 0 entered the queue (workers
 --       fetch it before the messages they prefetched, see jobyard.queue.worker)
+--   jobyard:lost_writes_before str  ms: this server may lack writes made before then (set by
+--       a client that found a new server behind its address: a failover, see queue/client.py)
 --   dramatiq:__heartbeats__ zset  Dramatiq broker id -> last heartbeat (ms)
 --   dramatiq:__acks__.<broker id>.<queue>  set  message ids a consumer fetched, not yet acked
 --
@@ -240,8 +242,13 @@ end
 -- AOF had not written; its start and the run's own were lost with it too, so attempts says
 -- nothing). LASTSAVE is the server's start time until an RDB save (the only later change of
 -- it): a save after the dispatch only costs a read. It counts whole seconds, hence the + 1.
-local function may_have_lost(attempts, enqueued_at)
-    if attempts > 1 or tonumber(enqueued_at or "0") < (redis.call("lastsave") + 1) * 1000 then
+-- A replica promoted by a failover did not restart, but may lack the old primary's last
+-- writes: the client that saw the switch wrote when (`lost_key`), and a job dispatched before
+-- then reads the journal too.
+local function may_have_lost(attempts, enqueued_at, lost_key)
+    local enqueued = tonumber(enqueued_at or "0")
+    if attempts > 1 or enqueued < (redis.call("lastsave") + 1) * 1000
+            or enqueued < tonumber(redis.call("get", lost_key) or "0") then
         return 1
     end
     return 0
@@ -413,7 +420,7 @@ elseif command == "enqueue_many" then
     end
     return replies
 
--- start: KEYS job, steps [, events]
+-- start: KEYS job, steps, lost writes mark [, events]
 --        ARGV seq, is_resume ("1"|"0")
 --             [, the job's attempts when the message is a suspect (see reclaim), else 0]
 -- -> {"ok", attempts, started_at ms, may_have_lost (1|0), step, json, step, json, ...}
@@ -424,7 +431,7 @@ elseif command == "enqueue_many" then
 -- so that a death during it is known to be its own. (Rate limits are the permit store's, asked
 -- before this call: see jobyard.job_engine.flow.)
 elseif command == "start" then
-    local job_key, steps_key, events_key = KEYS[1], KEYS[2], KEYS[3]
+    local job_key, steps_key, lost_key, events_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
     local seq, is_resume = ARGV[2], ARGV[3]
     local suspect_attempts = tonumber(ARGV[4] or "0")
 
@@ -443,7 +450,7 @@ elseif command == "start" then
     end
     changed(events_key, job_key, "state", "running", "name", job.name, "queue", job.queue,
             "attempts", attempts, "enqueued_at", job.enqueued_at, "started_at", started_at)
-    local result = {"ok", attempts, started_at, may_have_lost(attempts, job.enqueued_at)}
+    local result = {"ok", attempts, started_at, may_have_lost(attempts, job.enqueued_at, lost_key)}
     local steps = redis.call("hgetall", steps_key)
     for i = 1, #steps do
         result[#result + 1] = steps[i]

@@ -76,6 +76,11 @@ def handoff() -> str:
     return f"{PREFIX}:handoff"
 
 
+def lost_writes_before() -> str:
+    """ms since the epoch: the server may lack writes made before then (a failover seen)."""
+    return f"{PREFIX}:lost_writes_before"
+
+
 def job_log_events() -> str:
     return f"{PREFIX}:joblog:events"
 

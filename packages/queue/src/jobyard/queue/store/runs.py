@@ -53,7 +53,7 @@ class RunCommands(ScriptStore):
         suspect whose last run died alone with the last of them is "exhausted" (not started).
         (A job's flow-control limits are asked before, in the permit store.)"""
         reply = self._call(
-            [keys.job(job_id), keys.steps(job_id), *self._events],
+            [keys.job(job_id), keys.steps(job_id), keys.lost_writes_before(), *self._events],
             "start",
             seq,
             "1" if resume else "0",

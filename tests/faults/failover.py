@@ -1,0 +1,158 @@
+"""The `make chaos` rows of issue 31: Redis behind Sentinel failing over under load (a primary,
+a replica, three Sentinels, tests/sentinel_support.py), with every process on a
+`redis+sentinel://` URL.
+
+- **primary SIGKILLed, `failovers` times in a row**: each time the Sentinels promote the
+  replica, and the killed primary comes back empty and is made the new primary's replica.
+- **a lagging replica promoted**: the replica's link is cut for `lag` seconds (it misses every
+  write meanwhile), then the primary is SIGKILLed: the promoted replica lacks those writes,
+  which the job log must recover (the rescue's `recover_lost`).
+
+Beside the usual columns: how long after each kill dispatch landed on Dramatiq again
+(`dispatch_follow_s`) and a job dispatched after it started on a Dramatiq worker
+(`worker_follow_s`)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+from tests.faults.ledger import Ledger
+from tests.faults.scenarios import WORKLOAD, Harness, Load, Row, _timed, finish, say, wait_final
+from tests.sentinel_support import DOWN_AFTER_MS, SentinelCluster
+from tests.support import wait_for
+
+#: The issue's bound: the new primary in use within down-after-milliseconds plus 5 s.
+FOLLOW_BOUND = DOWN_AFTER_MS / 1000 + 5.0
+
+
+@_timed
+def failover_primary_killed(
+    h: Harness, n: int = 1000, rate: float = 10, failovers: int = 20
+) -> Row:
+    """The primary SIGKILLed and the replica promoted, `failovers` times in a row under load."""
+    fault = f"redis failover: primary SIGKILLed x{failovers}"
+
+    def fail_over(sentinel: SentinelCluster) -> float:
+        sentinel.kill(sentinel.primary())
+        return time.time()
+
+    return _row(h, fault, n, rate, failovers, fail_over)
+
+
+@_timed
+def failover_lagging_replica(h: Harness, n: int = 300, rate: float = 20, lag: float = 2.0) -> Row:
+    """The replica's link cut `lag` seconds, then the primary SIGKILLed: promoted without the
+    writes of those seconds."""
+    fault = f"redis failover to a replica {lag:g}s behind"
+
+    def fail_over(sentinel: SentinelCluster) -> float:
+        old = sentinel.primary()
+        replica = next(
+            port for port in (sentinel.primary_port, sentinel.replica_port) if port != old
+        )
+        sentinel.cut_replication(replica)
+        time.sleep(lag)
+        sentinel.kill(old)
+        killed_at = time.time()
+        wait_for(lambda: sentinel.primary() != old, timeout=60, interval=0.1)
+        sentinel.mend_replication(replica)
+        return killed_at
+
+    return _row(h, fault, n, rate, 1, fail_over)
+
+
+def _row(
+    h: Harness,
+    fault: str,
+    n: int,
+    rate: float,
+    times: int,
+    fail_over: Callable[[SentinelCluster], float],
+) -> Row:
+    ledger = h.ledger("failover")
+    sentinel = SentinelCluster().start()
+    cluster = h.cluster(redis_server=sentinel)
+    try:
+        cluster.start_both()
+        say("workers up")
+        load = Load(ledger, **WORKLOAD)
+        feeder = load.in_background([f"j{i}" for i in range(n)], rate=rate)
+        span = n / rate
+        gap = span / (times + 1)
+        kills: list[float] = []
+        for i in range(times):
+            time.sleep(max(0.0, gap - 3.0))
+            old = sentinel.primary()
+            kills.append(fail_over(sentinel))
+            wait_for(lambda old=old: sentinel.primary() != old, timeout=60, interval=0.1)
+            # The old primary back, empty; the Sentinels make it the new primary's replica.
+            sentinel.restart(old)
+            wait_for(lambda old=old: sentinel.replica_of_primary(old), timeout=60, interval=0.2)
+            say(f"failover {i + 1}/{times}: {old} -> {sentinel.primary()}")
+        feeder.join()
+        final = wait_final(load.accepted(), h.settle + 0.05 * n)
+        row = finish(fault, load, final)
+        dispatch_follow = [_dispatch_follow(load, at) for at in kills]
+        worker_follow = [_worker_follow(load, ledger, at) for at in kills]
+        row.extra.update(
+            failovers=len(kills),
+            dispatch_follow_s=_spread(dispatch_follow),
+            worker_follow_s=_spread(worker_follow),
+            on_temporal=sum(1 for a in load.attempts if a.handle and a.handle.engine == "temporal"),
+        )
+        slowest = max((s for s in dispatch_follow + worker_follow if s is not None), default=None)
+        row.require(
+            None not in dispatch_follow + worker_follow
+            and slowest is not None
+            and slowest <= FOLLOW_BOUND,
+            f"dispatch and workers use the new primary within {FOLLOW_BOUND:g} s",
+        )
+        return row
+    finally:
+        cluster.close()
+
+
+def _dispatch_follow(load: Load, killed_at: float) -> float | None:
+    """Seconds from the kill to the first dispatch after it that Dramatiq accepted."""
+    landed = [
+        a.at + a.seconds
+        for a in load.attempts
+        if a.at > killed_at and a.handle is not None and a.handle.engine == "dramatiq"
+    ]
+    return round(min(landed) - killed_at, 2) if landed else None
+
+
+def _worker_follow(load: Load, ledger: Ledger, killed_at: float) -> float | None:
+    """Seconds from the kill to the first step a Dramatiq worker started of a job dispatched
+    to Dramatiq after the kill."""
+    after = {
+        a.tag
+        for a in load.attempts
+        if a.at > killed_at and a.handle is not None and a.handle.engine == "dramatiq"
+    }
+    starts = [
+        e.started
+        for tag, steps in ledger.histories().items()
+        if tag in after
+        for history in steps.values()
+        for e in history.executions
+        if e.engine == "dramatiq"
+    ]
+    return round(min(starts) - killed_at, 2) if starts else None
+
+
+def _spread(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "none"
+    return f"median {statistics.median(known):.2f} max {max(known):.2f}" + (
+        f" ({len(values) - len(known)} unknown)" if len(known) < len(values) else ""
+    )
+
+
+ROWS = [
+    (failover_primary_killed, {"n": 1000}),
+    (failover_lagging_replica, {"n": 300}),
+]
