@@ -14,8 +14,10 @@ with workflow.unsafe.imports_passed_through():
     from jobyard.job_engine import JobSpec, JobState
     from jobyard.job_engine.context import StepRetryContext
     from jobyard.job_engine.queues import retry_policy
+    from jobyard.job_engine.waits import next_look
     from jobyard.temporal_worker.activities import (
         EVENT_ACTIVITY,
+        OUTCOMES_ACTIVITY,
         STEP_ACTIVITY,
         STEP_HEARTBEAT_TIMEOUT,
     )
@@ -23,6 +25,10 @@ with workflow.unsafe.imports_passed_through():
 #: Temporal rejects a zero retry interval.
 MIN_INTERVAL = 0.01
 EVENT_TIMEOUT = timedelta(seconds=30)
+#: One look at the job log for the endings a job waits for; retried (the database away) with
+#: waits between tries of at most LOOK_RETRY_CAP, however long.
+LOOK_TIMEOUT = timedelta(seconds=30)
+LOOK_RETRY_CAP = timedelta(seconds=10)
 #: Workflows started before sleeps were reported replay without this event (workflow.patched).
 SLEEP_EVENT_PATCH = "jobyard-sleep-event"
 #: Shorter sleeps are not worth an event (Dramatiq sleeps up to a second in the worker thread).
@@ -110,6 +116,26 @@ class TemporalContext(StepRetryContext):
             })  # fmt: skip
         await workflow.sleep(timedelta(seconds=seconds))
         self.sleeping_until = None
+
+    async def _wait_for_jobs(self, wait: str, job_ids: list[str]) -> list[dict[str, Any]]:
+        """Looks at the job log (a local activity: one marker in the history, no task round
+        trip) between workflow timers, which hold no worker, until every job ended. The
+        children go through dispatch and may run on either engine, so a Temporal child
+        workflow, which only Temporal could run, cannot stand for them."""
+        if wait in self._recorded:  # ended while the job was on Dramatiq
+            recorded: list[dict[str, Any]] = self._recorded[wait]
+            return recorded
+        began = workflow.now().timestamp()
+        while True:
+            outcomes: list[dict[str, Any]] | None = await workflow.execute_local_activity(
+                OUTCOMES_ACTIVITY,
+                job_ids,
+                start_to_close_timeout=LOOK_TIMEOUT,
+                retry_policy=TemporalRetryPolicy(maximum_interval=LOOK_RETRY_CAP),
+            )
+            if outcomes is not None:
+                return outcomes
+            await workflow.sleep(timedelta(seconds=next_look(workflow.now().timestamp() - began)))
 
     async def _progress(self, value: Any, encoded: str) -> None:
         self.progress_value = value

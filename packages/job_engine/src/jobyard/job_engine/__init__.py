@@ -5,6 +5,7 @@ See `jobyard.job_engine.context` for the rules a handler body follows.
 
 from jobyard.job_engine.context import JobContext, resolve_step, step_ref
 from jobyard.job_engine.errors import (
+    ChildFailedError,
     IdempotencyConflictError,
     InvalidPayloadError,
     JobyardError,
@@ -30,6 +31,7 @@ from jobyard.job_engine.schedules import Schedule, ScheduleError, schedule, sche
 from jobyard.job_engine.states import JobState
 
 __all__ = [
+    "ChildFailedError",
     "Concurrency",
     "Debounce",
     "FlowDeclarationError",

@@ -1,5 +1,8 @@
 """Starting a job from inside a job (a callback webhook, one email per recipient).
 
+`ctx.child` and `ctx.children` (jobyard.job_engine.context) start children through
+`start_children` and wait for their results; `dispatch_child` starts one and forgets it.
+
 job_engine does not depend on the dispatcher; each process that runs jobs installs it here at
 start-up (`jobyard worker`, `jobyard temporal-worker`). Call it from a step so that a retried
 parent does not dispatch twice, and give the child a job id derived from the parent's, so that
@@ -87,3 +90,24 @@ def dispatch_children(children: list[tuple[str, Any, str]]) -> list[dict[str, An
             raise result
         handles.append(result)
     return handles
+
+
+#: The step that starts a ctx.children call's children is named after the wait's: `<wait>:start`.
+START_SUFFIX = ":start"
+
+
+def child_job_id(parent_id: str, fan_in: int, index: int, key: str | None) -> str:
+    """The id of a child of `parent_id`: from its `key` when given (`<parent>:child:<key>`),
+    else from its place (`<parent>:child<fan_in>-<index>`: the `fan_in`th ctx.child/children
+    call of the run, its `index`th child). The same on every retry, resume and engine, so a
+    parent never starts a child twice (dispatch dedupes a known id)."""
+    if key is not None:
+        return fit_job_id(f"{parent_id}:child:{key}")
+    return fit_job_id(f"{parent_id}:child{fan_in}-{index}")
+
+
+def start_children(children: list[list[Any]]) -> int:
+    """Step function of ctx.children: dispatch each [name, payload, job_id] (in batches where
+    the process can); how many there are. A child that could not be dispatched fails the step,
+    and its retry starts only what did not start (the ids)."""
+    return len(dispatch_children([(name, payload, job_id) for name, payload, job_id in children]))

@@ -30,6 +30,16 @@ What crosses the boundary between a handler and an engine (`JobContext`), and no
     delayed message and the handler resumes past its finished steps.
 ``await ctx.progress(value)``
     A fraction 0..1 or a JSON dict that ``get_job(id).progress`` shows.
+``await ctx.child(name, payload, key=None) -> result``
+    Starts job ``name`` as a child and returns its result once it ended. Its id is derived from
+    the job's and the call's place (or ``key``, unique within the job), so a retried or resumed
+    parent never starts it twice. While it runs the parent holds no worker (it parks as a long
+    ``ctx.sleep`` does). A child that ends failed, dead or cancelled raises `ChildFailedError`.
+``await ctx.children([(name, payload), ...], return_exceptions=False) -> [result, ...]``
+    The same for many children (an element may be ``(name, payload, key)``), started together
+    and awaited together: the results in order once every child ended. With
+    ``return_exceptions`` a failed child's `ChildFailedError` takes its place instead of being
+    raised. More than ``JOBYARD_MAX_CHILDREN`` children are refused before any starts.
 ``ctx.step_key(step) -> str``
     ``f"{job_id}:{step}"``, the idempotency key for the side effect of ``step``. A step whose
     function returned never runs again, but one interrupted (a worker killed mid-step, a timeout)
@@ -49,7 +59,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from jobyard.job_engine.errors import StepError
+from jobyard.job_engine import env
+from jobyard.job_engine.children import START_SUFFIX, child_job_id, start_children
+from jobyard.job_engine.errors import ChildFailedError, StepError, UnknownJobError
+from jobyard.job_engine.states import JobState
 
 #: Step names with this prefix belong to the engines (the records of durable sleeps).
 RESERVED_STEP_PREFIX = "__"
@@ -57,6 +70,10 @@ SLEEP_STEP_PREFIX = "__sleep__:"
 #: Beside a finished step, where an engine that records steps itself keeps when it ran:
 #: {"start": unix s, "end": unix s, "attempt": n} (the job page's timeline).
 STEP_TIMING_PREFIX = "__timing__:"
+#: The record of the nth ctx.child/children call's fan-in: every child's outcome, in order.
+CHILDREN_STEP_PREFIX = "__children__:"
+#: A child: (job name, payload, key or None).
+ChildCall = tuple[str, Any, str | None]
 
 
 @runtime_checkable
@@ -86,6 +103,16 @@ class JobContext(Protocol):
 
     def step_key(self, step: str) -> str:
         """The stable idempotency key for the side effect of `step`."""
+        ...
+
+    async def child(self, name: str, payload: Any, key: str | None = None) -> Any:
+        """Start job `name` as a child and return its result once it ended."""
+        ...
+
+    async def children(
+        self, calls: list[tuple[Any, ...]], return_exceptions: bool = False
+    ) -> list[Any]:
+        """Start many children at once; their results in order once every one ended."""
         ...
 
 
@@ -135,6 +162,8 @@ class BaseJobContext(ABC):
         self.job_name = job_name
         self._step_names: set[str] = set()
         self._sleeps = 0
+        self._fan_ins = 0
+        self._child_keys: set[str] = set()
         #: When this run's flow-control permits were granted (the permit store's clock, epoch
         #: seconds): its start as its limits count it. None for a job without limits.
         self.permit_at: float | None = None
@@ -169,6 +198,84 @@ class BaseJobContext(ABC):
 
     async def progress(self, value: float | dict[str, Any]) -> None:
         await self._progress(value, encode_json("progress", value))
+
+    async def child(self, name: str, payload: Any, key: str | None = None) -> Any:
+        [result] = await self._fan_out([(name, payload, key)], return_exceptions=False)
+        return result
+
+    async def children(
+        self, calls: list[tuple[Any, ...]], return_exceptions: bool = False
+    ) -> list[Any]:
+        checked: list[ChildCall] = []
+        for call in calls:
+            if not isinstance(call, tuple | list) or len(call) not in (2, 3):
+                raise StepError(
+                    f"ctx.children takes (name, payload) or (name, payload, key) pairs, "
+                    f"not {call!r}"
+                )
+            checked.append((call[0], call[1], call[2] if len(call) == 3 else None))
+        return await self._fan_out(checked, return_exceptions)
+
+    async def _fan_out(self, calls: list[ChildCall], return_exceptions: bool) -> list[Any]:
+        """Checks, ids and the fan-in's record name, the same on every engine; the engine
+        starts the children and waits (`_fan_in`)."""
+        limit = env.get_int(env.MAX_CHILDREN)
+        if len(calls) > limit:
+            raise StepError(
+                f"ctx.children asked for {len(calls)} children; JOBYARD_MAX_CHILDREN allows "
+                f"{limit} in one call. None was started"
+            )
+        from jobyard.job_engine.registry import get_spec  # registry imports this module
+
+        for name in {call[0] for call in calls if isinstance(call[0], str)}:
+            try:  # an unknown job fails the parent here (a bug: not retried), none started
+                get_spec(name)
+            except UnknownJobError as exc:
+                raise StepError(f"ctx.children: {exc}. None was started") from exc
+        self._fan_ins += 1
+        wait = f"{CHILDREN_STEP_PREFIX}{self._fan_ins}"
+        self._claim(wait)
+        children = []
+        for index, (name, payload, key) in enumerate(calls):
+            if not isinstance(name, str) or not name:
+                raise StepError(f"a child's job name must be a non-empty string, not {name!r}")
+            if key is not None:
+                if not isinstance(key, str) or not key:
+                    raise StepError(f"a child's key must be a non-empty string, not {key!r}")
+                if key in self._child_keys:
+                    raise StepError(f"child key {key!r} is used twice in job {self.job_name!r}")
+                self._child_keys.add(key)
+            children.append((name, payload, child_job_id(self.job_id, self._fan_ins, index, key)))
+        if not children:
+            return []
+        outcomes = await self._fan_in(wait, children)
+        results: list[Any] = []
+        for outcome in outcomes:
+            if outcome["state"] == JobState.SUCCEEDED:
+                results.append(outcome["result"])
+                continue
+            failure = ChildFailedError(outcome["job_id"], outcome["state"], outcome["error"])
+            if not return_exceptions:
+                raise failure
+            results.append(failure)
+        return results
+
+    async def _fan_in(
+        self, wait: str, children: list[tuple[str, Any, str]]
+    ) -> list[dict[str, Any]]:
+        """Start the children (one recorded step: a resumed parent does not dispatch again, and
+        their ids dedupe a step that ran twice), then wait for every one to end. Returns each
+        child's outcome ({"job_id", "state", "result", "error"}), in order."""
+        start = [list(child) for child in children]
+        await self._run_step(
+            wait + START_SUFFIX, step_ref(start_children), start_children, (start,)
+        )
+        return await self._wait_for_jobs(wait, [job_id for _, _, job_id in children])
+
+    async def _wait_for_jobs(self, wait: str, job_ids: list[str]) -> list[dict[str, Any]]:
+        """Park until every one of `job_ids` ended; their outcomes in order, recorded as `wait`
+        (a resumed run gets the recorded outcomes back). See jobyard.job_engine.waits."""
+        raise StepError(f"the {type(self).__name__} engine cannot wait for other jobs")
 
     def _claim(self, step: str) -> None:
         if step in self._step_names:

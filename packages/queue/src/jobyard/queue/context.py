@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from jobyard.job_engine import tracing
 from jobyard.job_engine.context import BaseJobContext
+from jobyard.job_engine.waits import next_look, outcomes_once_ended
 from jobyard.queue.deadline import run_step
 from jobyard.queue.store import JobStore, StartResult
 
@@ -23,6 +24,9 @@ RECORD_RETRY_INTERVAL = 0.5
 #: Seconds a run that may follow lost step records waits for the step journal to be readable
 #: before running without it (see DramatiqContext._recall).
 RECALL_PATIENCE = 30.0
+
+#: Beside a wait's record (`<wait>:since`): when the wait began, which spaces its looks.
+WAIT_SINCE_SUFFIX = ":since"
 
 log = logging.getLogger("jobyard.steps")
 #: Sleeps up to this long happen in the worker thread; longer ones free it.
@@ -208,6 +212,27 @@ class DramatiqContext(BaseJobContext):
             await asyncio.sleep(remaining)
             return
         raise Suspend(remaining)
+
+    async def _wait_for_jobs(self, wait: str, job_ids: list[str]) -> list[dict[str, Any]]:
+        """One look at the job log per run: every job ended -> their outcomes are recorded as
+        `wait` and returned; else the job parks (Suspend: a delayed message, no thread held)
+        until the next look, and resumes from the top past its recorded steps."""
+        self.start()
+        if wait in self._recorded:
+            recorded: list[dict[str, Any]] = json.loads(self._recorded[wait])
+            return recorded
+        since = float(self.recorded(wait + WAIT_SINCE_SUFFIX, time.time()))
+        try:
+            outcomes = outcomes_once_ended(job_ids)
+        except SQLAlchemyError as exc:  # the database is away: look again later
+            log.warning("job %s: cannot read the job log for %s (%s)", self.job_id, wait, exc)
+            outcomes = None
+        now = time.time()
+        if outcomes is None:
+            raise Suspend(next_look(now - since))
+        timing = {"start": since, "end": now, "attempt": self.attempt}
+        self._record(wait, self.encode_result(wait, outcomes), json.dumps(timing))
+        return outcomes
 
     async def _progress(self, value: Any, encoded: str) -> None:
         self.start()
