@@ -1,0 +1,24 @@
+"""Jobs with children for tests/test_children.py (with tests/conformance_jobs.py's)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobyard.job_engine import JobContext, job
+from tests.conformance_jobs import RETRY, Markers, wait_for_go
+from tests.jobs import append_marker
+
+
+@job("children.gated", payload=Markers, retry=RETRY, timeout=60)
+async def gated(ctx: JobContext, payload: Markers) -> bool:
+    """Runs until a file named `go` appears in marker_dir (or 30 s)."""
+    return await ctx.run("gate", wait_for_go, payload.marker_dir, 30)
+
+
+@job("children.gated_parent", payload=Markers, retry=RETRY, timeout=60)
+async def gated_parent(ctx: JobContext, payload: Markers) -> dict[str, Any]:
+    directory = payload.marker_dir
+    await ctx.run("before", append_marker, directory, "before")
+    opened = await ctx.child("children.gated", {"marker_dir": directory}, key="gate")
+    after = await ctx.run("after", append_marker, directory, "after")
+    return {"opened": opened, "after": after}

@@ -1,0 +1,66 @@
+"""Children on the real engines, beyond the ctx conformance suite (tests/test_ctx_conformance.py,
+which runs the same handlers on every engine): a waiting parent holds no worker thread, children
+run on Temporal alone, and a parent moved from Dramatiq to Temporal in the middle of its wait
+resumes once there."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from jobyard.dispatcher import get_job
+from tests.support import wait_for
+
+MODULES = "tests.jobs,tests.conformance_jobs,tests.children_jobs"
+
+
+def runs(directory: Path) -> dict[str, int]:
+    return {p.name: len(p.read_text().splitlines()) for p in directory.iterdir() if p.name != "go"}
+
+
+@pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
+def test_a_waiting_parent_holds_no_worker(engines, engine, tmp_path, monkeypatch):
+    """One worker thread (Dramatiq) or one step slot (Temporal) for the queue: the parent's
+    children can only run if the waiting parent does not hold it. On Temporal alone (no
+    Dramatiq worker), the children go to Temporal too."""
+    monkeypatch.setenv("JOBYARD_JOB_MODULES", MODULES)
+    monkeypatch.setenv("WORKER_CONCURRENCY_DEFAULT", "1")
+    handle = engines.dispatch(
+        engine, "conformance.fan_out", {"marker_dir": str(tmp_path), "count": 3}
+    )
+    status = engines.wait(handle.job_id, timeout=60)
+    assert status.state == "succeeded", status
+    assert status.result["results"] == [0, 10, 20]
+    assert runs(tmp_path) == {
+        "before": 1, "child-0": 1, "child-1": 1, "child-2": 1, "resumed": 1, "child-100": 1,
+        "after": 2,
+    }  # fmt: skip
+    for index in range(3):
+        child = get_job(f"{handle.job_id}:child1-{index}")
+        assert (child.state, child.engine, child.result) == ("succeeded", engine, index * 10)
+
+
+def test_a_parent_moved_to_temporal_mid_wait_resumes_once(engines, tmp_path, monkeypatch):
+    """The parent parks on Dramatiq while its child runs; the Dramatiq worker dies; the rescue
+    moves both to Temporal, where the child ends and the parent resumes, once."""
+    monkeypatch.setenv("JOBYARD_JOB_MODULES", MODULES)
+    monkeypatch.setenv("JOBYARD_RESCUE_INTERVAL", "0.5")
+    worker = engines.start_worker(queues="default")
+    handle = engines.dispatch("dramatiq", "children.gated_parent", {"marker_dir": str(tmp_path)})
+    wait_for(lambda: (tmp_path / "waiting").exists(), timeout=30)  # the child runs its step
+    assert runs(tmp_path) == {"before": 1, "waiting": 1}
+    worker.signal_group(signal.SIGKILL)
+    worker.proc.wait()
+
+    engines.start_temporal_worker()
+    (tmp_path / "go").touch()
+    status = engines.wait(handle.job_id, timeout=90)
+    assert (status.state, status.engine) == ("succeeded", "temporal"), status
+    assert status.result == {"opened": True, "after": 1}
+    child = get_job(f"{handle.job_id}:child:gate")
+    assert (child.state, child.engine) == ("succeeded", "temporal")
+    counted = runs(tmp_path)
+    # The child was killed mid-step: its step runs again on Temporal (at least once).
+    assert counted == {"before": 1, "waiting": 2, "after": 1}, counted
