@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobyard.job_engine import JobContext, job
+from jobyard.job_engine import ChildFailedError, JobContext, job
 from tests.conformance_jobs import RETRY, Markers, wait_for_go
 from tests.jobs import append_marker
 
@@ -22,3 +22,11 @@ async def gated_parent(ctx: JobContext, payload: Markers) -> dict[str, Any]:
     opened = await ctx.child("children.gated", {"marker_dir": directory}, key="gate")
     after = await ctx.run("after", append_marker, directory, "after")
     return {"opened": opened, "after": after}
+
+
+@job("children.report", payload=Markers, retry=RETRY, timeout=60)
+async def report(ctx: JobContext, payload: Markers) -> dict[str, Any]:
+    """Dispatched `after` other jobs: their results by id (a failure as its state)."""
+    await ctx.run("report", append_marker, payload.marker_dir, "report")
+    upstream = await ctx.upstream()
+    return {k: v.state if isinstance(v, ChildFailedError) else v for k, v in upstream.items()}

@@ -20,6 +20,7 @@ from jobyard.dispatcher.errors import (
     IdempotencyConflictError,
     JobNotFoundError,
     JobStillActiveError,
+    UnknownUpstreamError,
 )
 from jobyard.dispatcher.events import JobEventRecord, ajob_events, job_events
 from jobyard.dispatcher.flow import flow_counts
@@ -51,6 +52,7 @@ __all__ = [
     "JobStatus",
     "JobStillActiveError",
     "QueueStats",
+    "UnknownUpstreamError",
     "WorkerInfo",
     "adispatch_job",
     "adispatch_many",

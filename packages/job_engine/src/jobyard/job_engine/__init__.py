@@ -15,6 +15,7 @@ from jobyard.job_engine.errors import (
     StepError,
     UnknownJobError,
     UnsafeURLError,
+    UpstreamFailedError,
 )
 from jobyard.job_engine.flow.declarations import (
     Concurrency,
@@ -56,6 +57,7 @@ __all__ = [
     "UnknownJobError",
     "UnknownQueueError",
     "UnsafeURLError",
+    "UpstreamFailedError",
     "get_spec",
     "job",
     "new_job_id",

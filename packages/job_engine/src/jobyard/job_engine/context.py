@@ -40,6 +40,10 @@ What crosses the boundary between a handler and an engine (`JobContext`), and no
     and awaited together: the results in order once every child ended. With
     ``return_exceptions`` a failed child's `ChildFailedError` takes its place instead of being
     raised. More than ``JOBYARD_MAX_CHILDREN`` children are refused before any starts.
+``await ctx.upstream() -> {job_id: result}``
+    For a job dispatched with ``after=[job_id, ...]``: those jobs' results, by id (it started
+    once all had ended). With ``after_failure="run"``, a job that did not succeed maps to its
+    `ChildFailedError`. ``{}`` for a job dispatched without ``after``.
 ``ctx.step_key(step) -> str``
     ``f"{job_id}:{step}"``, the idempotency key for the side effect of ``step``. A step whose
     function returned never runs again, but one interrupted (a worker killed mid-step, a timeout)
@@ -61,7 +65,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from jobyard.job_engine import env
 from jobyard.job_engine.children import START_SUFFIX, child_job_id, start_children
-from jobyard.job_engine.errors import ChildFailedError, StepError, UnknownJobError
+from jobyard.job_engine.errors import (
+    ChildFailedError,
+    StepError,
+    UnknownJobError,
+    UpstreamFailedError,
+)
 from jobyard.job_engine.states import JobState
 
 #: Step names with this prefix belong to the engines (the records of durable sleeps).
@@ -72,6 +81,11 @@ SLEEP_STEP_PREFIX = "__sleep__:"
 STEP_TIMING_PREFIX = "__timing__:"
 #: The record of the nth ctx.child/children call's fan-in: every child's outcome, in order.
 CHILDREN_STEP_PREFIX = "__children__:"
+#: The record of the endings of the jobs a job was dispatched `after` (their outcomes, in order).
+UPSTREAM_STEP = "__upstream__"
+#: What a job dispatched `after` other jobs does when one of them did not succeed.
+AFTER_CANCEL, AFTER_RUN = "cancel", "run"
+AFTER_FAILURES = (AFTER_CANCEL, AFTER_RUN)
 #: A child: (job name, payload, key or None).
 ChildCall = tuple[str, Any, str | None]
 
@@ -113,6 +127,10 @@ class JobContext(Protocol):
         self, calls: list[tuple[Any, ...]], return_exceptions: bool = False
     ) -> list[Any]:
         """Start many children at once; their results in order once every one ended."""
+        ...
+
+    async def upstream(self) -> dict[str, Any]:
+        """The results of the jobs this one was dispatched `after`, by id."""
         ...
 
 
@@ -164,6 +182,7 @@ class BaseJobContext(ABC):
         self._sleeps = 0
         self._fan_ins = 0
         self._child_keys: set[str] = set()
+        self._upstream: dict[str, Any] = {}
         #: When this run's flow-control permits were granted (the permit store's clock, epoch
         #: seconds): its start as its limits count it. None for a job without limits.
         self.permit_at: float | None = None
@@ -215,6 +234,25 @@ class BaseJobContext(ABC):
                 )
             checked.append((call[0], call[1], call[2] if len(call) == 3 else None))
         return await self._fan_out(checked, return_exceptions)
+
+    async def upstream(self) -> dict[str, Any]:
+        return dict(self._upstream)
+
+    async def wait_upstream(self, after: dict[str, Any]) -> None:
+        """Before the handler: park until every job of `after` ({"ids": [...], "on_failure":
+        "cancel" | "run"}, the dispatch's `after=`) ended, then keep their results for
+        `upstream()`. One that did not succeed raises `UpstreamFailedError` (the engine ends
+        the job cancelled) unless on_failure is "run"."""
+        self._claim(UPSTREAM_STEP)
+        outcomes = await self._wait_for_jobs(UPSTREAM_STEP, list(after["ids"]))
+        for outcome in outcomes:
+            if outcome["state"] == JobState.SUCCEEDED:
+                self._upstream[outcome["job_id"]] = outcome["result"]
+                continue
+            if after.get("on_failure", AFTER_CANCEL) == AFTER_CANCEL:
+                raise UpstreamFailedError(outcome["job_id"], outcome["state"], outcome["error"])
+            failure = ChildFailedError(outcome["job_id"], outcome["state"], outcome["error"])
+            self._upstream[outcome["job_id"]] = failure
 
     async def _fan_out(self, calls: list[ChildCall], return_exceptions: bool) -> list[Any]:
         """Checks, ids and the fan-in's record name, the same on every engine; the engine

@@ -103,3 +103,18 @@ class ChildFailedError(PermanentError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable with its three fields
         return (type(self), (self.job_id, self.state, self.error))
+
+
+class UpstreamFailedError(JobyardError):
+    """A job dispatched with `after=[...]` (and `after_failure="cancel"`, the default) found one
+    of those jobs ended failed, dead or cancelled: it ends `cancelled` without running, with
+    this error's message, which names that job, as its reason."""
+
+    def __init__(self, job_id: str, state: str, error: str | None) -> None:
+        super().__init__(f"upstream job {job_id} ended {state}" + (f": {error}" if error else ""))
+        self.job_id = job_id
+        self.state = state
+        self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.job_id, self.state, self.error))

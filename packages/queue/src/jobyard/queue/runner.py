@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Coroutine
 from typing import Any
 
 import redis
 from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from jobyard.job_engine import JobSpec, PermanentError, env
+from jobyard.job_engine import JobSpec, PermanentError, UpstreamFailedError, env
 from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.steps import begin_step, recall_steps
 from jobyard.job_engine.flow.waiting import Hold
@@ -36,7 +37,7 @@ from jobyard.queue.context import (
 from jobyard.queue.dramatiq_compat import ACKED
 from jobyard.queue.eager import discard_loop, run_eagerly
 from jobyard.queue.flow import PAYLOAD_STEP, Held, RunPermits
-from jobyard.queue.messages import RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
+from jobyard.queue.messages import AFTER, RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
 from jobyard.queue.reclaim import WORKER_PROCESS_DIED, died_error, is_suspect
 from jobyard.queue.store import NO_DELIVERY, Delivery, JobStore, StartResult
 
@@ -112,6 +113,7 @@ class _Run:
         self.seq, self.resume = int(options.get(SEQ, 0)), bool(options.get(RESUME, False))
         self.webhook_url: str | None = options.get(WEBHOOK)
         self.retry_overrides: dict[str, Any] | None = options.get(RETRY)
+        self.after: dict[str, Any] | None = options.get(AFTER)  # dispatched after other jobs
         self.retry = (
             retry_policy(self.spec, self.retry_overrides) if self.retry_overrides else runner.retry
         )
@@ -153,7 +155,8 @@ class _Run:
             elif self.suspect:
                 self.ctx.start()
             model = self.spec.validate(self.payload)
-            result: Any = run_eagerly(self.spec.handler(self.ctx, model))
+            handler = self.spec.handler(self.ctx, model)
+            result: Any = run_eagerly(self.after_upstream(handler) if self.after else handler)
         except Suspend as suspend:
             if self.permits is not None:
                 self.permits.keep(suspend.seconds)  # its slots stay its own through the sleep
@@ -164,6 +167,8 @@ class _Run:
             self.reschedule(state, held.seconds, resume=self.resume, hold=held.hold)
         except DiedTooOften as died:
             self.died_too_often(died)
+        except UpstreamFailedError as exc:  # it never runs: ends cancelled, naming the job
+            self.finish(JobState.CANCELLED, error=str(exc), error_class=type(exc).__name__)
         except Cancelled:
             self.finish(JobState.CANCELLED)
         except LostOwnership as lost:
@@ -184,6 +189,17 @@ class _Run:
         finally:
             if self.permits is not None:  # every ending but a sleep gives its slots back
                 self.permits.release()
+
+    async def after_upstream(self, handler: Coroutine[Any, Any, Any]) -> Any:
+        """The handler, once every job it was dispatched after ended (the wait parks the job,
+        as a long sleep does: see BaseJobContext.wait_upstream)."""
+        try:
+            assert self.after is not None
+            await self.ctx.wait_upstream(self.after)
+        except BaseException:
+            handler.close()  # never started: no "never awaited" warning
+            raise
+        return await handler
 
     def pass_limits(self) -> None:
         """Every permit before the handler runs at all (Held if refused), then the run's
@@ -268,7 +284,7 @@ class _Run:
             self.spec.name, self.spec.queue, self.job_id, self.payload,
             seq=self.seq + 1, resume=resume,
             delay_seconds=max(delay, 0.001) if hold is None else None,
-            webhook_url=self.webhook_url, retry=self.retry_overrides,
+            webhook_url=self.webhook_url, retry=self.retry_overrides, after=self.after,
         )  # fmt: skip
         shown = None if hold is None else (self.spec.queue, hold.display_state, hold.waiting_reason)
         owned = self.store.reschedule(

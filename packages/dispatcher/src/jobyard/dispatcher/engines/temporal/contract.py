@@ -43,6 +43,7 @@ class JobRequest:
     webhook_url: str | None = None
     retry: dict[str, Any] | None = None
     steps: dict[str, Any] | None = None  # finished on Dramatiq before the job moved here
+    after: dict[str, Any] | None = None  # the jobs it runs after: {"ids", "on_failure"}
 
     @classmethod
     def of(cls, job: Submission) -> JobRequest:
@@ -56,6 +57,7 @@ class JobRequest:
             webhook_url=job.options.webhook_url,
             retry=job.options.retry,
             steps=job.recorded_steps,
+            after=job.options.after,
         )
 
     @classmethod
