@@ -30,3 +30,22 @@ async def report(ctx: JobContext, payload: Markers) -> dict[str, Any]:
     await ctx.run("report", append_marker, payload.marker_dir, "report")
     upstream = await ctx.upstream()
     return {k: v.state if isinstance(v, ChildFailedError) else v for k, v in upstream.items()}
+
+
+class EventWait(Markers):
+    event: str
+    match: dict[str, Any] = {}
+    timeout: float | None = None
+    times: int = 1
+
+
+@job("children.wait_event", payload=EventWait, retry=RETRY, timeout=60)
+async def wait_event(ctx: JobContext, payload: EventWait) -> dict[str, Any]:
+    """Waits `times` times for event `event` matching `match`; the data each wait took."""
+    await ctx.run("before", append_marker, payload.marker_dir, "before")
+    taken = [
+        await ctx.wait_for_event(payload.event, match=payload.match, timeout=payload.timeout)
+        for _ in range(payload.times)
+    ]
+    await ctx.run("after", append_marker, payload.marker_dir, "after")
+    return {"events": taken}

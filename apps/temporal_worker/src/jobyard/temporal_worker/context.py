@@ -12,11 +12,12 @@ from temporalio.common import RetryPolicy as TemporalRetryPolicy
 with workflow.unsafe.imports_passed_through():
     from jobyard.dispatcher.engines.temporal.contract import step_task_queue
     from jobyard.job_engine import JobSpec, JobState
-    from jobyard.job_engine.context import StepRetryContext
+    from jobyard.job_engine.context import WAIT_SINCE_SUFFIX, StepRetryContext
     from jobyard.job_engine.queues import retry_policy
     from jobyard.job_engine.waits import next_look
     from jobyard.temporal_worker.activities import (
         EVENT_ACTIVITY,
+        EVENT_LOOK_ACTIVITY,
         OUTCOMES_ACTIVITY,
         STEP_ACTIVITY,
         STEP_HEARTBEAT_TIMEOUT,
@@ -125,17 +126,45 @@ class TemporalContext(StepRetryContext):
         if wait in self._recorded:  # ended while the job was on Dramatiq
             recorded: list[dict[str, Any]] = self._recorded[wait]
             return recorded
-        began = workflow.now().timestamp()
+        began = self._wait_began(wait)
         while True:
-            outcomes: list[dict[str, Any]] | None = await workflow.execute_local_activity(
-                OUTCOMES_ACTIVITY,
-                job_ids,
-                start_to_close_timeout=LOOK_TIMEOUT,
-                retry_policy=TemporalRetryPolicy(maximum_interval=LOOK_RETRY_CAP),
-            )
+            outcomes: list[dict[str, Any]] | None = await self._look(OUTCOMES_ACTIVITY, job_ids)
             if outcomes is not None:
                 return outcomes
             await workflow.sleep(timedelta(seconds=next_look(workflow.now().timestamp() - began)))
+
+    async def _wait_for_event(self, record: str, wait: dict[str, Any]) -> dict[str, Any] | None:
+        """As `_wait_for_jobs`, with a last look at the timeout."""
+        if record in self._recorded:  # taken (or timed out) while the job was on Dramatiq
+            recorded: dict[str, Any] | None = self._recorded[record]
+            return recorded
+        began, timeout = self._wait_began(record), wait["timeout"]
+        while True:
+            now = workflow.now().timestamp()  # before the look: an event sent by now is in it
+            event: dict[str, Any] | None = await self._look(
+                EVENT_LOOK_ACTIVITY, {**wait, "began": began}
+            )
+            if event is not None or (timeout is not None and now >= began + timeout):
+                return event
+            look = next_look(now - began)
+            if timeout is not None:
+                look = min(look, began + timeout - now)
+            await workflow.sleep(timedelta(seconds=look))
+
+    def _wait_began(self, record: str) -> float:
+        """When the wait `record` began: on Dramatiq, if the job moved here in the middle of it."""
+        since = self._recorded.get(record + WAIT_SINCE_SUFFIX)
+        return float(since) if since is not None else workflow.now().timestamp()
+
+    async def _look(self, activity: str, arg: Any) -> Any:
+        """One look (a local activity: one marker in the history, no task round trip),
+        retried while the database is away."""
+        return await workflow.execute_local_activity(
+            activity,
+            arg,
+            start_to_close_timeout=LOOK_TIMEOUT,
+            retry_policy=TemporalRetryPolicy(maximum_interval=LOOK_RETRY_CAP),
+        )
 
     async def _progress(self, value: Any, encoded: str) -> None:
         self.progress_value = value

@@ -37,6 +37,7 @@ from jobyard.dispatcher.lifecycle import (
     replay_job,
 )
 from jobyard.dispatcher.models import DispatchRequest, JobHandle, JobStatus
+from jobyard.dispatcher.sent_events import asend_event, send_event
 
 __all__ = [
     "DispatchOutcomeUnknownError",
@@ -58,6 +59,7 @@ __all__ = [
     "adispatch_many",
     "aget_job",
     "ajob_events",
+    "asend_event",
     "cancel_job",
     "dispatch_job",
     "dispatch_many",
@@ -73,5 +75,6 @@ __all__ = [
     "queue_stats",
     "replay_job",
     "reset_dispatcher",
+    "send_event",
     "warm_up",
 ]

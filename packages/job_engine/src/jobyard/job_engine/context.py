@@ -40,6 +40,12 @@ What crosses the boundary between a handler and an engine (`JobContext`), and no
     and awaited together: the results in order once every child ended. With
     ``return_exceptions`` a failed child's `ChildFailedError` takes its place instead of being
     raised. More than ``JOBYARD_MAX_CHILDREN`` children are refused before any starts.
+``await ctx.wait_for_event(name, match={...}, timeout=None) -> data | None``
+    Parks the job (no worker held) until an event ``name`` whose data has ``match``'s fields
+    (``send_event``, ``POST /events/{name}``) is sent, and returns its data; None once
+    ``timeout`` seconds passed. An event sent up to ``JOBYARD_EVENT_LOOKBACK`` seconds before the
+    wait began counts; each wait takes one event, a job never the same twice (see
+    jobyard.job_engine.events).
 ``await ctx.upstream() -> {job_id: result}``
     For a job dispatched with ``after=[job_id, ...]``: those jobs' results, by id (it started
     once all had ended). With ``after_failure="run"``, a job that did not succeed maps to its
@@ -71,6 +77,7 @@ from jobyard.job_engine.errors import (
     UnknownJobError,
     UpstreamFailedError,
 )
+from jobyard.job_engine.events import check_event_data, check_event_name
 from jobyard.job_engine.states import JobState
 
 #: Step names with this prefix belong to the engines (the records of durable sleeps).
@@ -81,6 +88,10 @@ SLEEP_STEP_PREFIX = "__sleep__:"
 STEP_TIMING_PREFIX = "__timing__:"
 #: The record of the nth ctx.child/children call's fan-in: every child's outcome, in order.
 CHILDREN_STEP_PREFIX = "__children__:"
+#: The record of the nth ctx.wait_for_event's event (or None: it timed out).
+EVENT_STEP_PREFIX = "__event__:"
+#: Beside a wait's record (`<wait>:since`): when the wait began, on the engine that began it.
+WAIT_SINCE_SUFFIX = ":since"
 #: The record of the endings of the jobs a job was dispatched `after` (their outcomes, in order).
 UPSTREAM_STEP = "__upstream__"
 #: What a job dispatched `after` other jobs does when one of them did not succeed.
@@ -133,6 +144,12 @@ class JobContext(Protocol):
         """The results of the jobs this one was dispatched `after`, by id."""
         ...
 
+    async def wait_for_event(
+        self, name: str, match: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> dict[str, Any] | None:
+        """The data of the event `name` matching `match`, or None after `timeout` seconds."""
+        ...
+
 
 def step_key(job_id: str, step: str) -> str:
     return f"{job_id}:{step}"
@@ -183,6 +200,8 @@ class BaseJobContext(ABC):
         self._fan_ins = 0
         self._child_keys: set[str] = set()
         self._upstream: dict[str, Any] = {}
+        self._event_waits = 0
+        self._taken_events: list[int] = []  # ids of the events this run's waits took
         #: When this run's flow-control permits were granted (the permit store's clock, epoch
         #: seconds): its start as its limits count it. None for a job without limits.
         self.permit_at: float | None = None
@@ -237,6 +256,43 @@ class BaseJobContext(ABC):
 
     async def upstream(self) -> dict[str, Any]:
         return dict(self._upstream)
+
+    async def wait_for_event(
+        self, name: str, match: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> dict[str, Any] | None:
+        try:
+            check_event_name(name)
+            check_event_data(match or {}, "ctx.wait_for_event's match")
+        except ValueError as exc:
+            raise StepError(str(exc)) from exc
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not math.isfinite(timeout)
+            or timeout < 0
+        ):
+            raise StepError(f"ctx.wait_for_event's timeout must be seconds >= 0, not {timeout!r}")
+        self._event_waits += 1
+        record = f"{EVENT_STEP_PREFIX}{self._event_waits}"
+        self._claim(record)
+        wait = {
+            "name": name,
+            "match": match or {},
+            "timeout": None if timeout is None else float(timeout),
+            "taken": list(self._taken_events),
+        }
+        event = await self._wait_for_event(record, wait)
+        if event is None:
+            return None
+        self._taken_events.append(event["id"])
+        data: dict[str, Any] = event["data"]
+        return data
+
+    async def _wait_for_event(self, record: str, wait: dict[str, Any]) -> dict[str, Any] | None:
+        """Park until the event `wait` ({"name", "match", "timeout", "taken"}) takes is sent, or
+        its timeout; the event ({"id", "name", "data", "sent_at"}) or None, recorded as
+        `record`. See jobyard.job_engine.events."""
+        raise StepError(f"the {type(self).__name__} engine cannot wait for events")
 
     async def wait_upstream(self, after: dict[str, Any]) -> None:
         """Before the handler: park until every job of `after` ({"ids": [...], "on_failure":

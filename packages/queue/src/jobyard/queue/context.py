@@ -13,7 +13,8 @@ import redis
 from sqlalchemy.exc import SQLAlchemyError
 
 from jobyard.job_engine import tracing
-from jobyard.job_engine.context import BaseJobContext
+from jobyard.job_engine.context import WAIT_SINCE_SUFFIX, BaseJobContext
+from jobyard.job_engine.events import look_for_event
 from jobyard.job_engine.waits import next_look, outcomes_once_ended
 from jobyard.queue.deadline import run_step
 from jobyard.queue.store import JobStore, StartResult
@@ -24,9 +25,6 @@ RECORD_RETRY_INTERVAL = 0.5
 #: Seconds a run that may follow lost step records waits for the step journal to be readable
 #: before running without it (see DramatiqContext._recall).
 RECALL_PATIENCE = 30.0
-
-#: Beside a wait's record (`<wait>:since`): when the wait began, which spaces its looks.
-WAIT_SINCE_SUFFIX = ":since"
 
 log = logging.getLogger("jobyard.steps")
 #: Sleeps up to this long happen in the worker thread; longer ones free it.
@@ -233,6 +231,28 @@ class DramatiqContext(BaseJobContext):
         timing = {"start": since, "end": now, "attempt": self.attempt}
         self._record(wait, self.encode_result(wait, outcomes), json.dumps(timing))
         return outcomes
+
+    async def _wait_for_event(self, record: str, wait: dict[str, Any]) -> dict[str, Any] | None:
+        """One look per run, as `_wait_for_jobs`: the event found, or the timeout passed, is
+        recorded as `record`; else the job parks until the next look (or its timeout)."""
+        self.start()
+        if record in self._recorded:
+            recorded: dict[str, Any] | None = json.loads(self._recorded[record])
+            return recorded
+        since = float(self.recorded(record + WAIT_SINCE_SUFFIX, time.time()))
+        now = time.time()  # before the look: an event sent by now is in it
+        timeout = wait["timeout"]
+        try:
+            event = look_for_event(wait, since)
+        except SQLAlchemyError as exc:  # the database is away: look again later
+            log.warning("job %s: cannot read events for %s (%s)", self.job_id, record, exc)
+            raise Suspend(next_look(now - since)) from None
+        if event is None and (timeout is None or now < since + timeout):
+            look = next_look(now - since)
+            raise Suspend(look if timeout is None else min(look, since + timeout - now))
+        timing = {"start": since, "end": time.time(), "attempt": self.attempt}
+        self._record(record, json.dumps(event), json.dumps(timing))
+        return event
 
     async def _progress(self, value: Any, encoded: str) -> None:
         self.start()
