@@ -51,6 +51,8 @@ def test_a_parent_moved_to_temporal_mid_wait_resumes_once(engines, tmp_path, mon
     handle = engines.dispatch("dramatiq", "children.gated_parent", {"marker_dir": str(tmp_path)})
     wait_for(lambda: (tmp_path / "waiting").exists(), timeout=30)  # the child runs its step
     assert runs(tmp_path) == {"before": 1, "waiting": 1}
+    wait_for(lambda: get_job(handle.job_id).display_state == "waiting for 1 child", timeout=30)
+    assert get_job(handle.job_id).waiting_reason == f"children {handle.job_id}:child:gate"
     worker.signal_group(signal.SIGKILL)
     worker.proc.wait()
 

@@ -47,7 +47,8 @@ def test_a_job_runs_after_its_upstream_with_their_results(both, engine, tmp_path
     )
     assert both.wait(quick.job_id).state == "succeeded"
     wait_for(lambda: (Path(gate) / "waiting").exists(), timeout=30)
-    assert get_job(handle.job_id).state in ("queued", "running")  # parked, not run
+    wait_for(lambda: get_job(handle.job_id).display_state == "waiting for 2 jobs", timeout=30)
+    assert get_job(handle.job_id).state == "running"  # parked before its handler
     assert not (Path(reports) / "report").exists()
     (Path(gate) / "go").touch()
     status = both.wait(handle.job_id, timeout=60)

@@ -53,7 +53,12 @@ def test_a_waiting_job_resumes_on_a_matching_event_only(on, engine, tmp_path):
     name = event_name()
     directory = tmp_path / "job"
     handle = waiting(on, engine, directory, event=name, match={"order_id": 7})
-    wait_for(lambda: count(directory, "before") == 1, timeout=30)
+    wait_for(lambda: get_job(handle.job_id).display_state == f"waiting for {name}", timeout=30)
+    status = get_job(handle.job_id)
+    assert (status.state, status.waiting_reason) == (
+        "running",
+        f'event {name} matching {{"order_id": 7}}',
+    )
     send_event(name, {"order_id": 8})
     send_event(name, {"order_id": "7"})  # a string is not the number 7
     time.sleep(2)

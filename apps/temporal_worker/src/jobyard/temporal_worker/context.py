@@ -14,7 +14,7 @@ with workflow.unsafe.imports_passed_through():
     from jobyard.job_engine import JobSpec, JobState
     from jobyard.job_engine.context import WAIT_SINCE_SUFFIX, StepRetryContext
     from jobyard.job_engine.queues import retry_policy
-    from jobyard.job_engine.waits import next_look
+    from jobyard.job_engine.waits import Waiting, next_look
     from jobyard.temporal_worker.activities import (
         EVENT_ACTIVITY,
         EVENT_LOOK_ACTIVITY,
@@ -73,6 +73,7 @@ class TemporalContext(StepRetryContext):
         self._progress_reports = 0
         self.progress_value: Any = None
         self.sleeping_until: float | None = None  # the status query shows it
+        self.waiting: Waiting | None = None  # and what a wait for jobs or an event waits for
         #: Awaited with a durable sleep's seconds before it starts (a limited job's leases are
         #: extended to its end: limits.py).
         self.before_sleep: Callable[[float], Awaitable[None]] | None = None
@@ -118,7 +119,9 @@ class TemporalContext(StepRetryContext):
         await workflow.sleep(timedelta(seconds=seconds))
         self.sleeping_until = None
 
-    async def _wait_for_jobs(self, wait: str, job_ids: list[str]) -> list[dict[str, Any]]:
+    async def _wait_for_jobs(
+        self, wait: str, job_ids: list[str], shown: Waiting
+    ) -> list[dict[str, Any]]:
         """Looks at the job log (a local activity: one marker in the history, no task round
         trip) between workflow timers, which hold no worker, until every job ended. The
         children go through dispatch and may run on either engine, so a Temporal child
@@ -127,24 +130,30 @@ class TemporalContext(StepRetryContext):
             recorded: list[dict[str, Any]] = self._recorded[wait]
             return recorded
         began = self._wait_began(wait)
+        self.waiting = shown
         while True:
             outcomes: list[dict[str, Any]] | None = await self._look(OUTCOMES_ACTIVITY, job_ids)
             if outcomes is not None:
+                self.waiting = None
                 return outcomes
             await workflow.sleep(timedelta(seconds=next_look(workflow.now().timestamp() - began)))
 
-    async def _wait_for_event(self, record: str, wait: dict[str, Any]) -> dict[str, Any] | None:
+    async def _wait_for_event(
+        self, record: str, wait: dict[str, Any], shown: Waiting
+    ) -> dict[str, Any] | None:
         """As `_wait_for_jobs`, with a last look at the timeout."""
         if record in self._recorded:  # taken (or timed out) while the job was on Dramatiq
             recorded: dict[str, Any] | None = self._recorded[record]
             return recorded
         began, timeout = self._wait_began(record), wait["timeout"]
+        self.waiting = shown
         while True:
             now = workflow.now().timestamp()  # before the look: an event sent by now is in it
             event: dict[str, Any] | None = await self._look(
                 EVENT_LOOK_ACTIVITY, {**wait, "began": began}
             )
             if event is not None or (timeout is not None and now >= began + timeout):
+                self.waiting = None
                 return event
             look = next_look(now - began)
             if timeout is not None:

@@ -44,6 +44,12 @@ class JobWorkflow:
     def status(self) -> StatusReply:
         ctx = self._ctx
         hold = self._limits.hold if self._limits else None
+        if hold is None and ctx is not None and ctx.waiting is not None:
+            return StatusReply(
+                name=self._name, state=self._state, attempts=ctx.attempts,
+                progress=ctx.progress_value, display_state=ctx.waiting.display_state,
+                waiting_reason=ctx.waiting.waiting_reason,
+            )  # fmt: skip
         return StatusReply(
             name=self._name,
             state=self._state,

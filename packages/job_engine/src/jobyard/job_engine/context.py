@@ -79,6 +79,12 @@ from jobyard.job_engine.errors import (
 )
 from jobyard.job_engine.events import check_event_data, check_event_name
 from jobyard.job_engine.states import JobState
+from jobyard.job_engine.waits import (
+    Waiting,
+    waiting_for_children,
+    waiting_for_event,
+    waiting_for_upstream,
+)
 
 #: Step names with this prefix belong to the engines (the records of durable sleeps).
 RESERVED_STEP_PREFIX = "__"
@@ -275,23 +281,27 @@ class BaseJobContext(ABC):
         self._event_waits += 1
         record = f"{EVENT_STEP_PREFIX}{self._event_waits}"
         self._claim(record)
+        seconds = None if timeout is None else float(timeout)
         wait = {
             "name": name,
             "match": match or {},
-            "timeout": None if timeout is None else float(timeout),
+            "timeout": seconds,
             "taken": list(self._taken_events),
         }
-        event = await self._wait_for_event(record, wait)
+        shown = waiting_for_event(name, match or {}, seconds)
+        event = await self._wait_for_event(record, wait, shown)
         if event is None:
             return None
         self._taken_events.append(event["id"])
         data: dict[str, Any] = event["data"]
         return data
 
-    async def _wait_for_event(self, record: str, wait: dict[str, Any]) -> dict[str, Any] | None:
+    async def _wait_for_event(
+        self, record: str, wait: dict[str, Any], shown: Waiting
+    ) -> dict[str, Any] | None:
         """Park until the event `wait` ({"name", "match", "timeout", "taken"}) takes is sent, or
         its timeout; the event ({"id", "name", "data", "sent_at"}) or None, recorded as
-        `record`. See jobyard.job_engine.events."""
+        `record`. See jobyard.job_engine.events. `shown`: the job's status meanwhile."""
         raise StepError(f"the {type(self).__name__} engine cannot wait for events")
 
     async def wait_upstream(self, after: dict[str, Any]) -> None:
@@ -300,7 +310,8 @@ class BaseJobContext(ABC):
         `upstream()`. One that did not succeed raises `UpstreamFailedError` (the engine ends
         the job cancelled) unless on_failure is "run"."""
         self._claim(UPSTREAM_STEP)
-        outcomes = await self._wait_for_jobs(UPSTREAM_STEP, list(after["ids"]))
+        ids = list(after["ids"])
+        outcomes = await self._wait_for_jobs(UPSTREAM_STEP, ids, waiting_for_upstream(ids))
         for outcome in outcomes:
             if outcome["state"] == JobState.SUCCEEDED:
                 self._upstream[outcome["job_id"]] = outcome["result"]
@@ -364,11 +375,15 @@ class BaseJobContext(ABC):
         await self._run_step(
             wait + START_SUFFIX, step_ref(start_children), start_children, (start,)
         )
-        return await self._wait_for_jobs(wait, [job_id for _, _, job_id in children])
+        ids = [job_id for _, _, job_id in children]
+        return await self._wait_for_jobs(wait, ids, waiting_for_children(ids))
 
-    async def _wait_for_jobs(self, wait: str, job_ids: list[str]) -> list[dict[str, Any]]:
+    async def _wait_for_jobs(
+        self, wait: str, job_ids: list[str], shown: Waiting
+    ) -> list[dict[str, Any]]:
         """Park until every one of `job_ids` ended; their outcomes in order, recorded as `wait`
-        (a resumed run gets the recorded outcomes back). See jobyard.job_engine.waits."""
+        (a resumed run gets the recorded outcomes back). See jobyard.job_engine.waits.
+        `shown`: the job's status meanwhile."""
         raise StepError(f"the {type(self).__name__} engine cannot wait for other jobs")
 
     def _claim(self, step: str) -> None:

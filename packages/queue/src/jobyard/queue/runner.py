@@ -27,6 +27,7 @@ from jobyard.job_engine.flow.waiting import Hold
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.job_engine.queues import get_queue, retry_policy
 from jobyard.job_engine.states import JobState
+from jobyard.job_engine.waits import Waiting
 from jobyard.queue.context import (
     Cancelled,
     DiedTooOften,
@@ -161,7 +162,7 @@ class _Run:
             if self.permits is not None:
                 self.permits.keep(suspend.seconds)  # its slots stay its own through the sleep
                 self.permits = None
-            self.reschedule(JobState.RUNNING, suspend.seconds, resume=True)
+            self.reschedule(JobState.RUNNING, suspend.seconds, resume=True, waiting=suspend.shown)
         except Held as held:  # no permit: parked, its Lua start never made (no attempt)
             state = JobState.RUNNING if self.resume else JobState.QUEUED
             self.reschedule(state, held.seconds, resume=self.resume, hold=held.hold)
@@ -277,9 +278,11 @@ class _Run:
         error: str = "",
         error_class: str = "",
         hold: Hold | None = None,
+        waiting: Waiting | None = None,
     ) -> bool:
         """`hold`: parked by a flow-control limit (in the queue's parked set, where a release
-        can wake it early, not on the delay queue)."""
+        can wake it early, not on the delay queue). `waiting`: what a job waiting for other jobs
+        or an event shows meanwhile (it waits on the delay queue, as a sleep)."""
         encoded = encode_job_message(
             self.spec.name, self.spec.queue, self.job_id, self.payload,
             seq=self.seq + 1, resume=resume,
@@ -293,6 +296,7 @@ class _Run:
             error=error, error_class=error_class, delivery=self.delivery,
             run_at_ms=int((time.time() + delay) * 1000),  # shown as the job's next run
             hold=shown,
+            waiting=None if waiting is None else (waiting.display_state, waiting.waiting_reason),
         )  # fmt: skip
         self.acked = True
         return owned
