@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jobyard.dispatcher import get_job
+from jobyard.dispatcher import cancel_job, get_job
 from tests.support import wait_for
 
 MODULES = "tests.jobs,tests.conformance_jobs,tests.children_jobs"
@@ -66,3 +66,20 @@ def test_a_parent_moved_to_temporal_mid_wait_resumes_once(engines, tmp_path, mon
     counted = runs(tmp_path)
     # The child was killed mid-step: its step runs again on Temporal (at least once).
     assert counted == {"before": 1, "waiting": 2, "after": 1}, counted
+
+
+@pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
+def test_cancelling_a_waiting_parent_cancels_its_unfinished_children(
+    engines, engine, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("JOBYARD_JOB_MODULES", MODULES)
+    engines.start_worker()  # the child runs on Dramatiq, the parent on `engine`
+    handle = engines.dispatch(engine, "children.gated_parent", {"marker_dir": str(tmp_path)})
+    wait_for(lambda: get_job(handle.job_id).display_state == "waiting for 1 child", timeout=30)
+    child_id = f"{handle.job_id}:child:gate"
+    wait_for(lambda: get_job(child_id).state == "running", timeout=30)
+    assert cancel_job(handle.job_id).job_id == handle.job_id
+    assert engines.wait(handle.job_id, timeout=30).state == "cancelled"
+    (tmp_path / "go").touch()  # the child's running step returns; its job stops there
+    assert engines.wait(child_id, timeout=30).state == "cancelled"
+    assert runs(tmp_path) == {"before": 1, "waiting": 1}  # no `after`

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobLog
-from jobyard.job_engine.states import JobState
+from jobyard.job_engine.states import UNFINISHED_STATES, JobState
 
 #: Ids per `IN (...)`: well under every driver's parameter limit.
 CHUNK = 1000
@@ -50,3 +50,14 @@ def ended_outcomes(job_ids: list[str]) -> dict[str, dict[str, Any]]:
                     "error": None if succeeded else row.error_message,
                 }
     return found
+
+
+def unfinished_children(parent_id: str) -> list[str]:
+    """The ids of `parent_id`'s children (and theirs: `<parent>:child...`, see
+    jobyard.job_engine.children.child_job_id) the job log shows not ended. Job ids hold no
+    LIKE wildcard (the dispatcher's id pattern), so the prefix is matched as written."""
+    query = select(JobLog.job_id).where(
+        JobLog.job_id.like(f"{parent_id}:child%"), JobLog.state.in_(UNFINISHED_STATES)
+    )
+    with session_scope() as session:
+        return list(session.execute(query).scalars())
