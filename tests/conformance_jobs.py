@@ -207,3 +207,11 @@ async def child_fails_parent(ctx: JobContext, payload: Markers) -> None:
 @job("conformance.too_many_children", payload=FanOutPayload, retry=RETRY, timeout=20)
 async def too_many_children(ctx: JobContext, payload: FanOutPayload) -> None:
     await ctx.children(child_calls(payload.marker_dir, list(range(payload.count))))
+
+
+@job("conformance.bad_child", payload=Markers, retry=RETRY, timeout=20)
+async def bad_child(ctx: JobContext, payload: Markers) -> None:
+    """The second child's payload is invalid: none starts, the parent fails at once."""
+    directory = payload.marker_dir
+    good = {"marker_dir": directory, "n": 1}
+    await ctx.children([("conformance.child", good), ("conformance.child", {"n": "x"})])

@@ -317,3 +317,10 @@ def test_too_many_children_are_refused_before_any_starts(start, tmp_path):
     assert (outcome.state, outcome.attempts) == ("failed", 1), outcome
     assert "StepError" in outcome.error and "JOBYARD_MAX_CHILDREN allows 10000" in outcome.error
     assert runs(tmp_path) == {}
+
+
+def test_an_invalid_child_payload_starts_no_child(start, tmp_path):
+    outcome = start("conformance.bad_child").wait(timeout=60)
+    assert (outcome.state, outcome.attempts) == ("failed", 1), outcome
+    assert "StepError" in outcome.error and "child 1 (conformance.child)" in outcome.error
+    assert runs(tmp_path) == {}

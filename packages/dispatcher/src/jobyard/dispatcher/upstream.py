@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jobyard.dispatcher.errors import JobNotFoundError, UnknownUpstreamError
+from jobyard.job_engine.db import joblog
 
 
 def check_upstream(after: dict[str, Any] | None, status: Callable[[str], Any]) -> None:
@@ -15,6 +16,8 @@ def check_upstream(after: dict[str, Any] | None, status: Callable[[str], Any]) -
     and the job log) does not find."""
     if not after:
         return
+    if not joblog.enabled():  # where the job learns how the others ended
+        raise ValueError("after= needs the job log (JOBYARD_JOB_LOG=true and a DATABASE_URL)")
     for job_id in after["ids"]:
         try:
             status(job_id)

@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from jobyard.job_engine.errors import JobyardError
+from jobyard.job_engine.errors import InvalidPayloadError, JobyardError, StepError
 
 ChildDispatcher = Callable[[str, Any, str], dict[str, Any]]
 #: Many children at once: (name, payload, job_id) each; a handle as JSON or the job's error each.
@@ -106,8 +106,29 @@ def child_job_id(parent_id: str, fan_in: int, index: int, key: str | None) -> st
     return fit_job_id(f"{parent_id}:child{fan_in}-{index}")
 
 
+def check_children(children: list[tuple[str, Any, str]] | list[list[Any]]) -> None:
+    """Every child's payload valid for its job, or a StepError naming the first that is not
+    (a bug in the parent: not retried), before any child starts."""
+    from jobyard.job_engine.registry import get_spec  # the registry imports ctx's module
+
+    for index, (name, payload, _) in enumerate(children):
+        try:
+            get_spec(name).validate(payload)
+        except InvalidPayloadError as exc:
+            raise StepError(f"child {index} ({name}): {exc}. None was started") from exc
+
+
 def start_children(children: list[list[Any]]) -> int:
     """Step function of ctx.children: dispatch each [name, payload, job_id] (in batches where
-    the process can); how many there are. A child that could not be dispatched fails the step,
-    and its retry starts only what did not start (the ids)."""
+    the process can); how many there are. Needs the job log, where the parent learns how its
+    children ended. A child that could not be dispatched fails the step, and its retry starts
+    only what did not start (the ids)."""
+    from jobyard.job_engine.db import joblog
+
+    if not joblog.enabled():
+        raise StepError(
+            "ctx.child and ctx.children need the job log (JOBYARD_JOB_LOG=true and a "
+            "DATABASE_URL): a parent learns there how its children ended"
+        )
+    check_children(children)
     return len(dispatch_children([(name, payload, job_id) for name, payload, job_id in children]))

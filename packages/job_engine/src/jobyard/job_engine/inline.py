@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from jobyard.job_engine.children import check_children
 from jobyard.job_engine.context import StepRetryContext
 from jobyard.job_engine.errors import PermanentError
 from jobyard.job_engine.registry import JobSpec, get_spec
@@ -72,6 +73,7 @@ class InlineContext(StepRetryContext):
     ) -> list[dict[str, Any]]:
         """Each child runs here, inline too, all at once; its outcome as the engines' job log
         would give it (failed: a PermanentError, dead: any other error, cancelled)."""
+        check_children(children)
         return list(await asyncio.gather(*(_outcome(*child) for child in children)))
 
     async def _progress(self, value: Any, encoded: str) -> None:
