@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from jobyard.job_engine import ChildFailedError, JobContext, job
-from tests.conformance_jobs import RETRY, Markers, wait_for_go
+from jobyard.job_engine import ChildFailedError, JobContext, PermanentError, job
+from tests.conformance_jobs import RETRY, Markers, child_calls, wait_for_go
 from tests.jobs import append_marker
 
 
@@ -49,3 +50,19 @@ async def wait_event(ctx: JobContext, payload: EventWait) -> dict[str, Any]:
     ]
     await ctx.run("after", append_marker, payload.marker_dir, "after")
     return {"events": taken}
+
+
+def refuse_unless_fixed(directory: str) -> str:
+    append_marker(directory, "finish")
+    if not (Path(directory) / "fixed").exists():
+        raise PermanentError("not fixed yet")
+    return "fixed"
+
+
+@job("children.replayable", payload=Markers, retry=RETRY, timeout=60)
+async def replayable(ctx: JobContext, payload: Markers) -> dict[str, Any]:
+    """Fans out two children, then fails until a file `fixed` exists: a replay goes on."""
+    directory = payload.marker_dir
+    results = await ctx.children(child_calls(directory, [1, 2]))
+    finish = await ctx.run("finish", refuse_unless_fixed, directory)
+    return {"results": results, "finish": finish}

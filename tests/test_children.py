@@ -10,14 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from jobyard.dispatcher import cancel_job, get_job
+from jobyard.dispatcher import cancel_job, get_job, replay_job
 from tests.support import wait_for
 
 MODULES = "tests.jobs,tests.conformance_jobs,tests.children_jobs"
 
 
 def runs(directory: Path) -> dict[str, int]:
-    return {p.name: len(p.read_text().splitlines()) for p in directory.iterdir() if p.name != "go"}
+    """Executions per step; `go` and `fixed` are the tests' signals, not steps."""
+    signals = ("go", "fixed")
+    return {
+        p.name: len(p.read_text().splitlines())
+        for p in directory.iterdir()
+        if p.name not in signals
+    }
 
 
 @pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
@@ -83,3 +89,18 @@ def test_cancelling_a_waiting_parent_cancels_its_unfinished_children(
     (tmp_path / "go").touch()  # the child's running step returns; its job stops there
     assert engines.wait(child_id, timeout=30).state == "cancelled"
     assert runs(tmp_path) == {"before": 1, "waiting": 1}  # no `after`
+
+
+@pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
+def test_a_replayed_parent_reuses_its_childrens_results(engines, engine, tmp_path, monkeypatch):
+    """Dramatiq keeps the recorded fan-in; Temporal's new run dispatches the same ids again
+    (deduped) and reads the same endings: either way no child runs twice."""
+    monkeypatch.setenv("JOBYARD_JOB_MODULES", MODULES)
+    engines.start_worker()
+    handle = engines.dispatch(engine, "children.replayable", {"marker_dir": str(tmp_path)})
+    assert engines.wait(handle.job_id, timeout=60).state == "failed"
+    (tmp_path / "fixed").touch()
+    replay_job(handle.job_id)
+    status = engines.wait(handle.job_id, timeout=60)
+    assert (status.state, status.result) == ("succeeded", {"results": [10, 20], "finish": "fixed"})
+    assert runs(tmp_path) == {"child-1": 1, "child-2": 1, "finish": 2}

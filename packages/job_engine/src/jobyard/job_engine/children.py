@@ -118,11 +118,12 @@ def check_children(children: list[tuple[str, Any, str]] | list[list[Any]]) -> No
             raise StepError(f"child {index} ({name}): {exc}. None was started") from exc
 
 
-def start_children(children: list[list[Any]]) -> int:
+def start_children(children: list[list[Any]], keyed: dict[str, str]) -> dict[str, Any]:
     """Step function of ctx.children: dispatch each [name, payload, job_id] (in batches where
-    the process can); how many there are. Needs the job log, where the parent learns how its
-    children ended. A child that could not be dispatched fails the step, and its retry starts
-    only what did not start (the ids)."""
+    the process can). Returns how many and `keyed` (place -> key): from its record, the
+    children's ids can be derived again (`child_ids`). Needs the job log, where the parent
+    learns how its children ended. A child that could not be dispatched fails the step, and
+    its retry starts only what did not start (the ids)."""
     from jobyard.job_engine.db import joblog
 
     if not joblog.enabled():
@@ -131,4 +132,14 @@ def start_children(children: list[list[Any]]) -> int:
             "DATABASE_URL): a parent learns there how its children ended"
         )
     check_children(children)
-    return len(dispatch_children([(name, payload, job_id) for name, payload, job_id in children]))
+    dispatch_children([(name, payload, job_id) for name, payload, job_id in children])
+    return {"count": len(children), "keyed": keyed}
+
+
+def child_ids(parent_id: str, fan_in: int, started: dict[str, Any]) -> list[str]:
+    """The ids of the children of a parent's `fan_in`th call, from its start step's record."""
+    keyed = started["keyed"]
+    return [
+        child_job_id(parent_id, fan_in, index, keyed.get(str(index)))
+        for index in range(started["count"])
+    ]

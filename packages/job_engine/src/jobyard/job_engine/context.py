@@ -341,6 +341,7 @@ class BaseJobContext(ABC):
         wait = f"{CHILDREN_STEP_PREFIX}{self._fan_ins}"
         self._claim(wait)
         children = []
+        keyed: dict[str, str] = {}  # place -> key, of the children that have one
         for index, (name, payload, key) in enumerate(calls):
             if not isinstance(name, str) or not name:
                 raise StepError(f"a child's job name must be a non-empty string, not {name!r}")
@@ -350,10 +351,11 @@ class BaseJobContext(ABC):
                 if key in self._child_keys:
                     raise StepError(f"child key {key!r} is used twice in job {self.job_name!r}")
                 self._child_keys.add(key)
+                keyed[str(index)] = key
             children.append((name, payload, child_job_id(self.job_id, self._fan_ins, index, key)))
         if not children:
             return []
-        outcomes = await self._fan_in(wait, children)
+        outcomes = await self._fan_in(wait, children, keyed)
         results: list[Any] = []
         for outcome in outcomes:
             if outcome["state"] == JobState.SUCCEEDED:
@@ -366,14 +368,15 @@ class BaseJobContext(ABC):
         return results
 
     async def _fan_in(
-        self, wait: str, children: list[tuple[str, Any, str]]
+        self, wait: str, children: list[tuple[str, Any, str]], keyed: dict[str, str]
     ) -> list[dict[str, Any]]:
         """Start the children (one recorded step: a resumed parent does not dispatch again, and
-        their ids dedupe a step that ran twice), then wait for every one to end. Returns each
-        child's outcome ({"job_id", "state", "result", "error"}), in order."""
+        their ids dedupe a step that ran twice; its result, how many and the keys, lets a cancel
+        find them: see db/outcomes.py), then wait for every one to end. Returns each child's
+        outcome ({"job_id", "state", "result", "error"}), in order. `keyed`: place -> key."""
         start = [list(child) for child in children]
         await self._run_step(
-            wait + START_SUFFIX, step_ref(start_children), start_children, (start,)
+            wait + START_SUFFIX, step_ref(start_children), start_children, (start, keyed)
         )
         ids = [job_id for _, _, job_id in children]
         return await self._wait_for_jobs(wait, ids, waiting_for_children(ids))

@@ -69,7 +69,7 @@ class InlineContext(StepRetryContext):
         await asyncio.sleep(seconds)
 
     async def _fan_in(
-        self, wait: str, children: list[tuple[str, Any, str]]
+        self, wait: str, children: list[tuple[str, Any, str]], keyed: dict[str, str]
     ) -> list[dict[str, Any]]:
         """Each child runs here, inline too, all at once; its outcome as the engines' job log
         would give it (failed: a PermanentError, dead: any other error, cancelled)."""

@@ -4,12 +4,15 @@ jobs that wait for other jobs (jobyard.job_engine.waits)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import func, select
 
+from jobyard.job_engine.children import START_SUFFIX, child_ids
+from jobyard.job_engine.context import CHILDREN_STEP_PREFIX
 from jobyard.job_engine.db import session_scope
-from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobLog
+from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobLog, JobStep
 from jobyard.job_engine.states import UNFINISHED_STATES, JobState
 
 #: Ids per `IN (...)`: well under every driver's parameter limit.
@@ -54,10 +57,23 @@ def ended_outcomes(job_ids: list[str]) -> dict[str, dict[str, Any]]:
 
 def unfinished_children(parent_id: str) -> list[str]:
     """The ids of `parent_id`'s children (and theirs: `<parent>:child...`, see
-    jobyard.job_engine.children.child_job_id) the job log shows not ended. Job ids hold no
-    LIKE wildcard (the dispatcher's id pattern), so the prefix is matched as written."""
-    query = select(JobLog.job_id).where(
-        JobLog.job_id.like(f"{parent_id}:child%"), JobLog.state.in_(UNFINISHED_STATES)
+    jobyard.job_engine.children.child_job_id) that have not ended: those the job log shows
+    unfinished, and those of its recorded fan-outs (the step journal's `<wait>:start` counts)
+    the job log does not show yet (its rows follow a dispatch by up to its write interval).
+    Job ids hold no LIKE wildcard (the dispatcher's id pattern): the prefix matches as written."""
+    logged = select(JobLog.job_id, JobLog.state).where(JobLog.job_id.like(f"{parent_id}:child%"))
+    started = select(JobStep.step, JobStep.result).where(
+        JobStep.job_id == parent_id,
+        JobStep.step.like(f"{CHILDREN_STEP_PREFIX}%{START_SUFFIX}"),
     )
     with session_scope() as session:
-        return list(session.execute(query).scalars())
+        known = {row.job_id: row.state for row in session.execute(logged)}
+        fan_outs = list(session.execute(started))
+    unfinished = [job_id for job_id, state in known.items() if state in UNFINISHED_STATES]
+    for step, result in fan_outs:
+        fan_in = int(step.removeprefix(CHILDREN_STEP_PREFIX).removesuffix(START_SUFFIX))
+        unfinished += [
+            job_id for job_id in child_ids(parent_id, fan_in, json.loads(result))
+            if job_id not in known
+        ]  # fmt: skip
+    return unfinished
