@@ -5,6 +5,7 @@ takes the same event twice. The matching rules themselves: tests/test_event_matc
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -93,3 +94,19 @@ def test_one_event_resumes_every_waiter_and_no_job_takes_it_twice(on, engine, tm
     assert second > first
     status = on.wait(twice.job_id, timeout=60)
     assert (status.state, status.result) == ("succeeded", {"events": [{"n": 1}, {"n": 2}]})
+
+
+def test_an_event_sent_while_the_waiting_jobs_worker_is_dead_resumes_it(on, tmp_path):
+    name = event_name()
+    directory = tmp_path / "job"
+    handle = waiting(on, "dramatiq", directory, event=name, match={"order_id": 5})
+    wait_for(lambda: get_job(handle.job_id).display_state == f"waiting for {name}", timeout=30)
+    assert on.worker is not None
+    on.worker.signal_group(signal.SIGKILL)
+    on.worker.proc.wait()
+    send_event(name, {"order_id": 5, "paid": True})
+    on.start_worker()
+    status = on.wait(handle.job_id, timeout=60)
+    assert (status.state, status.engine) == ("succeeded", "dramatiq"), status
+    assert status.result == {"events": [{"order_id": 5, "paid": True}]}
+    assert (count(directory, "before"), count(directory, "after")) == (1, 1)
