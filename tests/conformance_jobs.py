@@ -29,10 +29,12 @@ class SleepPayload(Markers):
 class ChildPayload(Markers):
     n: int
     fail: bool = False
+    seconds: float = 0.0  # how long its step takes
 
 
 class FanOutPayload(Markers):
     count: int
+    seconds: float = 0.0  # how long each child's step takes
 
 
 def fails_first_time(directory: str, name: str) -> int:
@@ -150,22 +152,31 @@ async def not_json(ctx: JobContext, payload: Markers) -> None:
     await ctx.run("a_set", a_set, payload.marker_dir)
 
 
-def child_step(directory: str, n: int, fail: bool) -> int:
+def child_step(directory: str, n: int, fail: bool, seconds: float = 0.0) -> int:
+    time.sleep(seconds)
     append_marker(directory, f"child-{n}")
     if fail:
         raise PermanentError(f"child {n} refuses")
     return n * 10
 
 
-def child_calls(directory: str, numbers: list[int], fail: tuple[int, ...] = ()) -> list[Any]:
+def child_calls(
+    directory: str, numbers: list[int], fail: tuple[int, ...] = (), seconds: float = 0.0
+) -> list[Any]:
     return [
-        ("conformance.child", {"marker_dir": directory, "n": n, "fail": n in fail}) for n in numbers
+        (
+            "conformance.child",
+            {"marker_dir": directory, "n": n, "fail": n in fail, "seconds": seconds},
+        )
+        for n in numbers
     ]
 
 
 @job("conformance.child", payload=ChildPayload, retry=RETRY, timeout=20)
 async def child(ctx: JobContext, payload: ChildPayload) -> int:
-    return await ctx.run("work", child_step, payload.marker_dir, payload.n, payload.fail)
+    return await ctx.run(
+        "work", child_step, payload.marker_dir, payload.n, payload.fail, payload.seconds
+    )
 
 
 @job("conformance.fan_out", payload=FanOutPayload, retry=RETRY, timeout=20)
@@ -174,7 +185,8 @@ async def fan_out(ctx: JobContext, payload: FanOutPayload) -> dict[str, Any]:
     parent runs again from the top past both fan-ins: no child may start twice."""
     directory = payload.marker_dir
     await ctx.run("before", append_marker, directory, "before")
-    results = await ctx.children(child_calls(directory, list(range(payload.count))))
+    numbers = list(range(payload.count))
+    results = await ctx.children(child_calls(directory, numbers, seconds=payload.seconds))
     await ctx.run("resumed", append_marker, directory, "resumed")
     single = await ctx.child("conformance.child", {"marker_dir": directory, "n": 100}, key="one")
     after = await ctx.run("after", fails_first_time, directory, "after")

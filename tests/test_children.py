@@ -104,3 +104,23 @@ def test_a_replayed_parent_reuses_its_childrens_results(engines, engine, tmp_pat
     status = engines.wait(handle.job_id, timeout=60)
     assert (status.state, status.result) == ("succeeded", {"results": [10, 20], "finish": "fixed"})
     assert runs(tmp_path) == {"child-1": 1, "child-2": 1, "finish": 2}
+
+
+def test_a_fan_out_survives_its_worker_killed_and_resumes_once(engines, tmp_path, monkeypatch):
+    """100 children, the Dramatiq worker SIGKILLed when about a third have run, started again:
+    every child ends, the parent goes past the fan-in once with all 100 results in order (a
+    child killed mid-step may run its step again: at least once)."""
+    monkeypatch.setenv("JOBYARD_JOB_MODULES", MODULES)
+    worker = engines.start_worker()
+    payload = {"marker_dir": str(tmp_path), "count": 100, "seconds": 0.05}
+    handle = engines.dispatch("dramatiq", "conformance.fan_out", payload)
+    wait_for(lambda: sum(p.name.startswith("child-") for p in tmp_path.iterdir()) >= 30, 60)
+    worker.signal_group(signal.SIGKILL)
+    worker.proc.wait()
+    engines.start_worker()
+    status = engines.wait(handle.job_id, timeout=120)
+    assert status.state == "succeeded", status
+    assert status.result["results"] == [n * 10 for n in range(100)]
+    counted = runs(tmp_path)
+    assert (counted["before"], counted["resumed"], counted["child-100"]) == (1, 1, 1), counted
+    assert all(counted[f"child-{n}"] >= 1 for n in range(100)), counted
