@@ -157,6 +157,11 @@ class JobContext(Protocol):
         ...
 
 
+def failure_of(outcome: dict[str, Any]) -> ChildFailedError:
+    """The error of a job a job waited for that did not succeed (an outcome of waits.py)."""
+    return ChildFailedError(outcome["job_id"], outcome["state"], outcome["error"])
+
+
 def step_key(job_id: str, step: str) -> str:
     return f"{job_id}:{step}"
 
@@ -318,8 +323,7 @@ class BaseJobContext(ABC):
                 continue
             if after.get("on_failure", AFTER_CANCEL) == AFTER_CANCEL:
                 raise UpstreamFailedError(outcome["job_id"], outcome["state"], outcome["error"])
-            failure = ChildFailedError(outcome["job_id"], outcome["state"], outcome["error"])
-            self._upstream[outcome["job_id"]] = failure
+            self._upstream[outcome["job_id"]] = failure_of(outcome)
 
     async def _fan_out(self, calls: list[ChildCall], return_exceptions: bool) -> list[Any]:
         """Checks, ids and the fan-in's record name, the same on every engine; the engine
@@ -361,10 +365,9 @@ class BaseJobContext(ABC):
             if outcome["state"] == JobState.SUCCEEDED:
                 results.append(outcome["result"])
                 continue
-            failure = ChildFailedError(outcome["job_id"], outcome["state"], outcome["error"])
             if not return_exceptions:
-                raise failure
-            results.append(failure)
+                raise failure_of(outcome)
+            results.append(failure_of(outcome))
         return results
 
     async def _fan_in(
