@@ -156,8 +156,8 @@ class TemporalContext(StepRetryContext):
                 self.waiting = None
                 return event
             look = next_look(now - began)
-            if timeout is not None:
-                look = min(look, began + timeout - now)
+            if timeout is not None:  # a last look at the timeout (a timer of 0 s is none)
+                look = max(min(look, began + timeout - now), MIN_INTERVAL)
             await workflow.sleep(timedelta(seconds=look))
 
     def _wait_began(self, record: str) -> float:
