@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobyard.dispatcher import get_job, send_event
+from jobyard.dispatcher.events import read_events
 from tests.support import wait_for
 
 MODULES = "tests.jobs,tests.conformance_jobs,tests.children_jobs"
@@ -69,6 +70,10 @@ def test_a_waiting_job_resumes_on_a_matching_event_only(on, engine, tmp_path):
     assert status.state == "succeeded", status
     assert status.result == {"events": [{"order_id": 7, "paid": True}]}
     assert (count(directory, "before"), count(directory, "after")) == (1, 1)
+    # the wait's looks (a dozen in those 2 s) add nothing to the job's story
+    wait_for(lambda: [e.state for e in read_events(handle.job_id, 0)][-1:] == ["succeeded"], 10)
+    told = [(e.kind, e.state) for e in read_events(handle.job_id, 0)]
+    assert told == [("state", "queued"), ("state", "running"), ("state", "succeeded")], told
 
 
 @pytest.mark.parametrize("engine", ENGINES)

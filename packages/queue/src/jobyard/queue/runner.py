@@ -294,7 +294,9 @@ class _Run:
             self.job_id, self.seq, self.seq + 1, state, encoded.queue,
             encoded.redis_message_id, encoded.data,
             error=error, error_class=error_class, delivery=self.delivery,
-            run_at_ms=int((time.time() + delay) * 1000),  # shown as the job's next run
+            # shown as the job's next run; a wait's next look is no run (and, not shown, adds
+            # no event to the job's story per look)
+            run_at_ms=int((time.time() + delay) * 1000) if waiting is None else 0,
             hold=shown,
             waiting=None if waiting is None else (waiting.display_state, waiting.waiting_reason),
         )  # fmt: skip
