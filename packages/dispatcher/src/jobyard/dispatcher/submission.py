@@ -67,10 +67,10 @@ def check_after(after: Any, after_failure: str) -> dict[str, Any] | None:
         return None
     if isinstance(after, str) or not isinstance(after, list | tuple):
         raise ValueError(f"invalid after {after!r}: a list of job ids is required")
-    ids = list(dict.fromkeys(after))
-    for job_id in ids:
+    for job_id in after:
         if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
             raise ValueError(f"invalid after: {job_id!r} is not a job id")
+    ids = list(dict.fromkeys(after))
     limit = env.get_int(env.MAX_CHILDREN)
     if len(ids) > limit:
         raise ValueError(f"invalid after: {len(ids)} jobs; JOBYARD_MAX_CHILDREN allows {limit}")
