@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jobyard.api.views import readable
+from jobyard.dispatcher.submission import check_after
 from jobyard.job_engine import env
 from jobyard.job_engine.children import child_ids, child_job_id
 from jobyard.job_engine.waits import (
@@ -55,3 +56,25 @@ def test_child_ids_come_back_from_a_fan_outs_record() -> None:
     assert child_ids("p", 2, record) == ["p:child2-0", "p:child:invoice", "p:child2-2"]
     long = child_job_id("x" * 199, 1, 0, None)  # past 200 characters: cut, with a digest
     assert len(long) <= 200 and long.endswith(":child1-0")
+
+
+@pytest.mark.parametrize(
+    ("after", "failure", "error"),
+    [
+        ("job-1", "cancel", "a list of job ids"),
+        ([{"id": 1}], "cancel", "is not a job id"),
+        (["bad id!"], "cancel", "is not a job id"),
+        (["a"], "maybe", "after_failure"),
+    ],
+)
+def test_a_bad_after_is_a_value_error(after, failure, error) -> None:
+    with pytest.raises(ValueError, match=error):
+        check_after(after, failure)
+
+
+def test_after_is_deduped_and_empty_is_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert check_after(["a", "b", "a"], "run") == {"ids": ["a", "b"], "on_failure": "run"}
+    assert check_after([], "cancel") is None and check_after(None, "cancel") is None
+    monkeypatch.setenv(env.MAX_CHILDREN, "2")
+    with pytest.raises(ValueError, match="JOBYARD_MAX_CHILDREN allows 2"):
+        check_after(["a", "b", "c"], "cancel")
