@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from jobyard.job_engine import JobContext, PermanentError, RetryPolicy, job
+from jobyard.job_engine import ChildFailedError, JobContext, PermanentError, RetryPolicy, job
 from tests.jobs import append_marker
 
 RETRY = RetryPolicy(attempts=3, backoff=0.1)
@@ -24,6 +24,17 @@ class Markers(BaseModel):
 
 class SleepPayload(Markers):
     seconds: float
+
+
+class ChildPayload(Markers):
+    n: int
+    fail: bool = False
+    seconds: float = 0.0  # how long its step takes
+
+
+class FanOutPayload(Markers):
+    count: int
+    seconds: float = 0.0  # how long each child's step takes
 
 
 def fails_first_time(directory: str, name: str) -> int:
@@ -139,3 +150,80 @@ async def closure(ctx: JobContext, payload: Markers) -> None:
 @job("conformance.not_json", payload=Markers, retry=RETRY, timeout=20)
 async def not_json(ctx: JobContext, payload: Markers) -> None:
     await ctx.run("a_set", a_set, payload.marker_dir)
+
+
+def child_step(directory: str, n: int, fail: bool, seconds: float = 0.0) -> int:
+    time.sleep(seconds)
+    append_marker(directory, f"child-{n}")
+    if fail:
+        raise PermanentError(f"child {n} refuses")
+    return n * 10
+
+
+def child_calls(
+    directory: str, numbers: list[int], fail: tuple[int, ...] = (), seconds: float = 0.0
+) -> list[Any]:
+    return [
+        (
+            "conformance.child",
+            {"marker_dir": directory, "n": n, "fail": n in fail, "seconds": seconds},
+        )
+        for n in numbers
+    ]
+
+
+@job("conformance.child", payload=ChildPayload, retry=RETRY, timeout=20)
+async def child(ctx: JobContext, payload: ChildPayload) -> int:
+    return await ctx.run(
+        "work", child_step, payload.marker_dir, payload.n, payload.fail, payload.seconds
+    )
+
+
+@job("conformance.fan_out", payload=FanOutPayload, retry=RETRY, timeout=20)
+async def fan_out(ctx: JobContext, payload: FanOutPayload) -> dict[str, Any]:
+    """Fans out `count` children, then one keyed child; `after` fails once, so on Dramatiq the
+    parent runs again from the top past both fan-ins: no child may start twice."""
+    directory = payload.marker_dir
+    await ctx.run("before", append_marker, directory, "before")
+    numbers = list(range(payload.count))
+    results = await ctx.children(child_calls(directory, numbers, seconds=payload.seconds))
+    await ctx.run("resumed", append_marker, directory, "resumed")
+    single = await ctx.child("conformance.child", {"marker_dir": directory, "n": 100}, key="one")
+    after = await ctx.run("after", fails_first_time, directory, "after")
+    return {"results": results, "single": single, "after": after, "attempt": ctx.attempt}
+
+
+@job("conformance.child_fails", payload=Markers, retry=RETRY, timeout=20)
+async def child_fails(ctx: JobContext, payload: Markers) -> dict[str, Any]:
+    """A failed child raises ChildFailedError, which the parent catches; with
+    return_exceptions the failure takes the child's place."""
+    directory = payload.marker_dir
+    try:
+        await ctx.child("conformance.child", {"marker_dir": directory, "n": 1, "fail": True})
+        caught: dict[str, Any] = {}
+    except ChildFailedError as exc:
+        caught = {"job_id": exc.job_id, "state": exc.state, "error": exc.error}
+    mixed = await ctx.children(child_calls(directory, [2, 3], fail=(3,)), return_exceptions=True)
+    shown = [r.state if isinstance(r, ChildFailedError) else r for r in mixed]
+    await ctx.run("after", append_marker, directory, "after")
+    return {"caught": caught, "mixed": shown}
+
+
+@job("conformance.child_fails_parent", payload=Markers, retry=RETRY, timeout=20)
+async def child_fails_parent(ctx: JobContext, payload: Markers) -> None:
+    """Uncaught, a failed child fails the parent (once: a ChildFailedError is not retried)."""
+    await ctx.children(child_calls(payload.marker_dir, [1, 2], fail=(2,)))
+    await ctx.run("after", append_marker, payload.marker_dir, "after")
+
+
+@job("conformance.too_many_children", payload=FanOutPayload, retry=RETRY, timeout=20)
+async def too_many_children(ctx: JobContext, payload: FanOutPayload) -> None:
+    await ctx.children(child_calls(payload.marker_dir, list(range(payload.count))))
+
+
+@job("conformance.bad_child", payload=Markers, retry=RETRY, timeout=20)
+async def bad_child(ctx: JobContext, payload: Markers) -> None:
+    """The second child's payload is invalid: none starts, the parent fails at once."""
+    directory = payload.marker_dir
+    good = {"marker_dir": directory, "n": 1}
+    await ctx.children([("conformance.child", good), ("conformance.child", {"n": "x"})])

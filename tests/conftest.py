@@ -181,6 +181,7 @@ LONG_FIRST = (
     "tests/catalogue/test_ai.py::test_sixty_first_call_in_a_minute_is_never_sent",
     "tests/test_shipper.py::test_the_log_of_a_finished_job_survives_its_worker_killed",
     "tests/api/test_events.py::test_events_of_a_job_moved_from_dramatiq_to_temporal",
+    "tests/test_event_matching.py::test_no_event_missed_none_twice_the_first_found_stands",
 )
 
 

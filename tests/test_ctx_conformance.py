@@ -274,3 +274,53 @@ def test_result_that_is_not_json_is_a_step_error(start, tmp_path):
     assert (outcome.state, outcome.attempts) == ("failed", 1), outcome
     assert "StepError" in outcome.error and "JSON" in outcome.error
     assert runs(tmp_path) == {"a_set": 1}
+
+
+def test_children_return_results_once_each(start, tmp_path):
+    """Three children fanned out and one keyed child: results in order; every child ran once and
+    the parent went past each fan-in once, although it ran again after `after` failed."""
+    job = start("conformance.fan_out", count=3)
+    outcome = job.wait(timeout=60)
+    assert outcome.state == "succeeded", outcome
+    assert outcome.result == {"results": [0, 10, 20], "single": 1000, "after": 2, "attempt": 2}
+    assert runs(tmp_path) == {
+        "before": 1, "child-0": 1, "child-1": 1, "child-2": 1, "resumed": 1, "child-100": 1,
+        "after": 2,
+    }  # fmt: skip
+    if isinstance(job, EngineJob):  # the children are jobs of their own, under derived ids
+        for child_id in (f"{job.job_id}:child1-0", f"{job.job_id}:child:one"):
+            assert get_job(child_id).state == "succeeded"
+
+
+def test_failed_child_raises_child_failed_error(start, tmp_path):
+    job = start("conformance.child_fails")
+    outcome = job.wait(timeout=60)
+    assert outcome.state == "succeeded", outcome
+    caught = outcome.result["caught"]
+    assert caught["job_id"] == f"{job.job_id}:child1-0"
+    assert caught["state"] == "failed"
+    assert "child 1 refuses" in caught["error"]
+    assert outcome.result["mixed"] == [20, "failed"]
+    assert runs(tmp_path) == {"child-1": 1, "child-2": 1, "child-3": 1, "after": 1}
+
+
+def test_uncaught_child_failure_fails_the_parent_once(start, tmp_path):
+    job = start("conformance.child_fails_parent")
+    outcome = job.wait(timeout=60)
+    assert (outcome.state, outcome.attempts) == ("failed", 1), outcome
+    assert "ChildFailedError" in outcome.error and f"{job.job_id}:child1-1" in outcome.error
+    assert runs(tmp_path) == {"child-1": 1, "child-2": 1}
+
+
+def test_too_many_children_are_refused_before_any_starts(start, tmp_path):
+    outcome = start("conformance.too_many_children", count=10_001).wait(timeout=60)
+    assert (outcome.state, outcome.attempts) == ("failed", 1), outcome
+    assert "StepError" in outcome.error and "JOBYARD_MAX_CHILDREN allows 10000" in outcome.error
+    assert runs(tmp_path) == {}
+
+
+def test_an_invalid_child_payload_starts_no_child(start, tmp_path):
+    outcome = start("conformance.bad_child").wait(timeout=60)
+    assert (outcome.state, outcome.attempts) == ("failed", 1), outcome
+    assert "StepError" in outcome.error and "child 1 (conformance.child)" in outcome.error
+    assert runs(tmp_path) == {}

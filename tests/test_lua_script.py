@@ -764,6 +764,28 @@ def test_reschedule_moves_the_job_to_its_next_message(r: redis.Redis, lua: Lua) 
     )  # fmt: skip
 
 
+def test_reschedule_of_a_waiting_job_shows_what_it_waits_for_on_the_delay_queue(
+    r: redis.Redis, lua: Lua
+) -> None:
+    """A job waiting for children or an event (ARGV "delayed") parks on the delay queue as a
+    sleep does, its record showing the wait until its next start clears it."""
+    seed(r, state="running")
+    keys_ = [JOB_KEY, DELAY_KEY, DELAY_MSGS_KEY, ACKS_KEY, MSGS_KEY]
+    reply = lua(
+        "reschedule", keys_, 0, 1, "running", "next", "next-data", "", "", "", 5000,
+        "waiting for 3 children", "children a, b, c", "delayed",
+    )  # fmt: skip
+    assert reply == "ok"
+    assert r.lrange(DELAY_KEY, 0, -1) == ["next"]
+    record = job(r)
+    assert (record["hold_state"], record["hold_reason"]) == (
+        "waiting for 3 children",
+        "children a, b, c",
+    )
+    assert start(lua, seq=1, resume="1")[0] == "ok"
+    assert "hold_state" not in job(r) and "hold_reason" not in job(r)
+
+
 def test_reschedule_without_the_events_key_logs_nothing(r: redis.Redis, lua: Lua) -> None:
     seed(r, state="running")
     assert reschedule(lua) == "ok"

@@ -25,6 +25,7 @@ TOKEN_ROUTES = [
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
     ("POST", "/jobs/system.echo"),
+    ("POST", "/events/payment.confirmed"),
 ]
 EVERY_ROUTE = ADMIN_ROUTES + TOKEN_ROUTES
 ids = [f"{method} {path}" for method, path in EVERY_ROUTE]

@@ -11,9 +11,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from jobyard.job_engine.db import session_scope
-from jobyard.job_engine.db.models import JobLog, JobOwner, JobStep
+from jobyard.job_engine.db.models import JobLog, JobOwner, JobStep, SentEvent
 from jobyard.job_engine.db.retention import prune_job_log
 
 JOBYARD = str(Path(sys.executable).parent / "jobyard")
@@ -37,6 +38,8 @@ def _add_jobs(url: str) -> None:
             session.add(JobStep(job_id=job_id, step="s0", result="1", recorded_at=old))
         # the kept step of a job that never reached the log, past the retention
         session.add(JobStep(job_id="never-logged", step="s0", result="1", recorded_at=old))
+        for event_id, sent in (("old-event", old), ("recent-event", recent)):
+            session.add(SentEvent(name=event_id, data="{}", sent_at=sent.timestamp()))
 
 
 def test_prune_keeps_unfinished_and_recent_jobs(database: str) -> None:
@@ -47,6 +50,7 @@ def test_prune_keeps_unfinished_and_recent_jobs(database: str) -> None:
         assert sorted(session.scalars(select_ids(JobLog))) == ["old-running", "recent-done"]
         assert list(session.scalars(select_ids(JobOwner))) == []  # claims older than 30 days
         assert sorted(session.scalars(select_ids(JobStep))) == ["old-running", "recent-done"]
+        assert list(session.scalars(select(SentEvent.name))) == ["recent-event"]
     with pytest.raises(ValueError, match="retention"):
         prune_job_log(-1, url=url)
 

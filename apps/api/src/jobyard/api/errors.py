@@ -16,6 +16,7 @@ from jobyard.dispatcher import (
     EngineUnavailable,
     JobNotFoundError,
     JobStillActiveError,
+    UnknownUpstreamError,
 )
 from jobyard.job_engine import (
     IdempotencyConflictError,
@@ -55,6 +56,9 @@ def install_error_handlers(app: FastAPI) -> None:
     def invalid_priority(_: Request, exc: Exception) -> JSONResponse:
         return unprocessable(validation_detail(["query", "priority"], str(exc), "priority"))
 
+    def unknown_upstream(_: Request, exc: Exception) -> JSONResponse:
+        return unprocessable(validation_detail(["query", "after"], str(exc), "after_unknown"))
+
     def unsafe_url(_: Request, exc: Exception) -> JSONResponse:
         return unprocessable(validation_detail(["query", "webhook_url"], str(exc), "url_unsafe"))
 
@@ -92,6 +96,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(UnknownJobError, not_found)
     app.add_exception_handler(JobNotFoundError, not_found)
+    app.add_exception_handler(UnknownUpstreamError, unknown_upstream)
     app.add_exception_handler(InvalidPayloadError, invalid_payload)
     app.add_exception_handler(PayloadTooLargeError, too_large)
     app.add_exception_handler(IdempotencyConflictError, conflict)

@@ -1,4 +1,5 @@
-"""A job's events as Server-Sent Events: GET /jobs/{job_id}/events, resumable by event id."""
+"""A job's events as Server-Sent Events: GET /jobs/{job_id}/events, resumable by event id; and
+events from outside for waiting jobs: POST /events/{name} (`send_event`)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,23 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Path, Query, Request, status
 from fastapi.responses import Response, StreamingResponse
 
 from jobyard.api.auth import TOKEN
 from jobyard.api.params import JobIdPath
-from jobyard.api.responses import TOKEN_RESPONSES, doc, printable
-from jobyard.dispatcher import get_job
+from jobyard.api.responses import (
+    TOKEN_RESPONSES,
+    WRITE_RESPONSES,
+    SafeJSONResponse,
+    doc,
+    printable,
+    unprocessable,
+    validation_detail,
+)
+from jobyard.dispatcher import asend_event, get_job
 from jobyard.dispatcher.events import ajob_events, stream_position
+from jobyard.job_engine import strictjson
 from jobyard.job_engine.states import JobState
 
 FINAL_STATES = tuple(state for state in JobState if state.final)
@@ -104,3 +114,28 @@ async def job_events_stream(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+
+
+@router.post(
+    "/events/{name}",
+    status_code=status.HTTP_202_ACCEPTED,
+    tags=["events"],
+    dependencies=TOKEN,
+    responses={
+        **TOKEN_RESPONSES,
+        **WRITE_RESPONSES,
+        422: doc("an invalid event name, or a body that is not a JSON object"),
+    },
+)
+async def send(
+    request: Request, name: str = Path(description="The event's name, e.g. payment.confirmed")
+) -> Response:
+    """Send event `name` with the JSON object body as its data: every job waiting for it in
+    `ctx.wait_for_event(name, match=...)` whose match fields equal the data's resumes with it,
+    and so does one whose wait begins within JOBYARD_EVENT_LOOKBACK seconds."""
+    try:
+        data = strictjson.loads(await request.body())
+        event_id = await asend_event(name, data)
+    except ValueError as exc:  # the name, the JSON (StrictJSONError is one) or not an object
+        return unprocessable(validation_detail(["body"], str(exc), "event_invalid"))
+    return SafeJSONResponse({"event_id": event_id, "name": name}, status.HTTP_202_ACCEPTED)

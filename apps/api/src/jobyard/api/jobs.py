@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import JSONResponse
@@ -54,6 +54,7 @@ from jobyard.dispatcher import (
     replay_job,
 )
 from jobyard.dispatcher.dispatch import MAX_DELAY_SECONDS
+from jobyard.dispatcher.submission import check_after
 from jobyard.dispatcher.timeline import job_timeline
 from jobyard.job_engine import UnsafeURLError, get_spec, netguard, strictjson
 from jobyard.job_engine.flow import PRIORITY_MAX, PRIORITY_MIN
@@ -107,6 +108,18 @@ async def dispatch(
         description="Among the queue's waiting jobs, higher starts first (-100 to 100); "
         "default: the job's own.",
     ),
+    after: Annotated[
+        list[str] | None,
+        Query(
+            description="Job ids (repeat the parameter) that must all have ended before this "
+            "job starts; each must exist (422 otherwise)."
+        ),
+    ] = None,
+    after_failure: Literal["cancel", "run"] = Query(
+        "cancel",
+        description="When one `after` job did not succeed: `cancel` this job (it ends "
+        "cancelled, naming it) or `run` it anyway.",
+    ),
 ) -> JSONResponse:
     """Start job `name` with the JSON body as its payload."""
     spec = await asyncio.to_thread(get_spec, name)
@@ -122,6 +135,10 @@ async def dispatch(
             return unprocessable(
                 validation_detail(["query", "webhook_url"], exc.reason, "url_parsing")
             )
+    try:
+        check_after(after, after_failure)
+    except ValueError as exc:
+        return unprocessable(validation_detail(["query", "after"], str(exc), "after"))
     raw = await request.body()
     try:
         payload = strictjson.loads(raw)
@@ -131,8 +148,9 @@ async def dispatch(
         )
     try:
         handle = await adispatch_job(
-            name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url, priority=priority
-        )
+            name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url, priority=priority,
+            after=after, after_failure=after_failure,
+        )  # fmt: skip
     except DispatchUnavailableError as exc:
         log.warning("dispatch of %s unavailable: %s", job_id, exc)
         which = f"job {job_id!r}" if job_id else "the job"

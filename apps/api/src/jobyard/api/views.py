@@ -16,6 +16,7 @@ from jobyard.dispatcher.lifecycle import Cursor, cursor_of
 from jobyard.dispatcher.timeline import without_timings
 from jobyard.job_engine.flow.waiting import DISPLAY_STATES as FLOW_DISPLAY_STATES
 from jobyard.job_engine.states import JobState
+from jobyard.job_engine.waits import is_waiting
 
 log = logging.getLogger("jobyard.api")
 
@@ -75,7 +76,8 @@ def readable(job: dict[str, Any]) -> dict[str, Any]:
     state = job.get("state")
     if not waiting and state in (JobState.QUEUED, JobState.RUNNING):
         job["run_at"] = None  # past: the job is not waiting on it any more
-    if job.get("display_state") not in FLOW_DISPLAY_STATES:
+    shown = job.get("display_state")
+    if shown not in FLOW_DISPLAY_STATES and not is_waiting(shown, state or ""):
         job["display_state"] = WAITING_STATES.get(state or "", state) if waiting else state
     return job
 

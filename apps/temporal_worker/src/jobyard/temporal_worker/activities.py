@@ -21,7 +21,9 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from jobyard.dispatcher.engines.temporal import contract
 from jobyard.job_engine import JobState, PermanentError, crypto, env, resolve_step, tracing
 from jobyard.job_engine.context import encode_json
+from jobyard.job_engine.events import look_for_event
 from jobyard.job_engine.lifecycle import job_event, progress_event
+from jobyard.job_engine.waits import outcomes_once_ended
 from jobyard.temporal_worker.claims import ClaimStore, ClaimUnavailable
 from jobyard.temporal_worker.faultlog import FaultLog
 from jobyard.temporal_worker.journal import StepRecords
@@ -33,6 +35,10 @@ STEP_ACTIVITY = contract.STEP_ACTIVITY
 STEP_HEARTBEAT_TIMEOUT = timedelta(seconds=6)
 CLAIM_ACTIVITY = "jobyard.claim"
 EVENT_ACTIVITY = "jobyard.event"
+#: One look at the job log for the endings of the jobs a job waits for (waits.py).
+OUTCOMES_ACTIVITY = "jobyard.outcomes"
+#: One look for the event a ctx.wait_for_event takes (jobyard.job_engine.events).
+EVENT_LOOK_ACTIVITY = "jobyard.event_look"
 #: Redis down during a claim is an operator's fact (warning); a step that raised is the job's
 #: own outcome, retried or recorded (info, as the Dramatiq worker logs it).
 CLAIM_FAULTS = FaultLog(logging.getLogger("jobyard.claim"))
@@ -54,7 +60,14 @@ class JobActivities:
     def all(self) -> list[Any]:
         """The main task queue's: the claim, the events and the permits (local), and steps
         scheduled there before each queue's steps had a task queue of their own."""
-        return [self.run_step, self.claim_from_redis, record_event, permit]
+        return [
+            self.run_step,
+            self.claim_from_redis,
+            record_event,
+            permit,
+            look_for_outcomes,
+            look_for_sent_event,
+        ]
 
     def steps(self) -> list[Any]:
         """A queue's step task queue's."""
@@ -206,6 +219,22 @@ async def _heartbeat(every: float) -> None:
     while True:
         activity.heartbeat(*where)
         await asyncio.sleep(every)
+
+
+@activity.defn(name=OUTCOMES_ACTIVITY)
+async def look_for_outcomes(job_ids: list[str]) -> list[dict[str, Any]] | None:
+    """The jobs' outcomes once every one ended, else None (run as a local activity; a database
+    that cannot be read fails the attempt, which is retried)."""
+    return await asyncio.to_thread(outcomes_once_ended, job_ids)
+
+
+@activity.defn(name=EVENT_LOOK_ACTIVITY)
+async def look_for_sent_event(look: dict[str, Any]) -> dict[str, Any] | None:
+    """The event the wait takes, else None (run as a local activity, retried like
+    look_for_outcomes). `look`: the wait's fields and "began"."""
+    wait = dict(look)
+    began = wait.pop("began")
+    return await asyncio.to_thread(look_for_event, wait, began)
 
 
 @activity.defn(name=EVENT_ACTIVITY)

@@ -12,10 +12,13 @@ from temporalio.common import RetryPolicy as TemporalRetryPolicy
 with workflow.unsafe.imports_passed_through():
     from jobyard.dispatcher.engines.temporal.contract import step_task_queue
     from jobyard.job_engine import JobSpec, JobState
-    from jobyard.job_engine.context import StepRetryContext
+    from jobyard.job_engine.context import WAIT_SINCE_SUFFIX, StepRetryContext
     from jobyard.job_engine.queues import retry_policy
+    from jobyard.job_engine.waits import Waiting, next_look
     from jobyard.temporal_worker.activities import (
         EVENT_ACTIVITY,
+        EVENT_LOOK_ACTIVITY,
+        OUTCOMES_ACTIVITY,
         STEP_ACTIVITY,
         STEP_HEARTBEAT_TIMEOUT,
     )
@@ -23,6 +26,10 @@ with workflow.unsafe.imports_passed_through():
 #: Temporal rejects a zero retry interval.
 MIN_INTERVAL = 0.01
 EVENT_TIMEOUT = timedelta(seconds=30)
+#: One look at the job log for the endings a job waits for; retried (the database away) with
+#: waits between tries of at most LOOK_RETRY_CAP, however long.
+LOOK_TIMEOUT = timedelta(seconds=30)
+LOOK_RETRY_CAP = timedelta(seconds=10)
 #: Workflows started before sleeps were reported replay without this event (workflow.patched).
 SLEEP_EVENT_PATCH = "jobyard-sleep-event"
 #: Shorter sleeps are not worth an event (Dramatiq sleeps up to a second in the worker thread).
@@ -66,6 +73,7 @@ class TemporalContext(StepRetryContext):
         self._progress_reports = 0
         self.progress_value: Any = None
         self.sleeping_until: float | None = None  # the status query shows it
+        self.waiting: Waiting | None = None  # and what a wait for jobs or an event waits for
         #: Awaited with a durable sleep's seconds before it starts (a limited job's leases are
         #: extended to its end: limits.py).
         self.before_sleep: Callable[[float], Awaitable[None]] | None = None
@@ -110,6 +118,62 @@ class TemporalContext(StepRetryContext):
             })  # fmt: skip
         await workflow.sleep(timedelta(seconds=seconds))
         self.sleeping_until = None
+
+    async def _wait_for_jobs(
+        self, wait: str, job_ids: list[str], shown: Waiting
+    ) -> list[dict[str, Any]]:
+        """Looks at the job log (a local activity: one marker in the history, no task round
+        trip) between workflow timers, which hold no worker, until every job ended. The
+        children go through dispatch and may run on either engine, so a Temporal child
+        workflow, which only Temporal could run, cannot stand for them."""
+        if wait in self._recorded:  # ended while the job was on Dramatiq
+            recorded: list[dict[str, Any]] = self._recorded[wait]
+            return recorded
+        began = self._wait_began(wait)
+        self.waiting = shown
+        while True:
+            outcomes: list[dict[str, Any]] | None = await self._look(OUTCOMES_ACTIVITY, job_ids)
+            if outcomes is not None:
+                self.waiting = None
+                return outcomes
+            await workflow.sleep(timedelta(seconds=next_look(workflow.now().timestamp() - began)))
+
+    async def _wait_for_event(
+        self, record: str, wait: dict[str, Any], shown: Waiting
+    ) -> dict[str, Any] | None:
+        """As `_wait_for_jobs`, with a last look at the timeout."""
+        if record in self._recorded:  # taken (or timed out) while the job was on Dramatiq
+            recorded: dict[str, Any] | None = self._recorded[record]
+            return recorded
+        began, timeout = self._wait_began(record), wait["timeout"]
+        self.waiting = shown
+        while True:
+            now = workflow.now().timestamp()  # before the look: an event sent by now is in it
+            event: dict[str, Any] | None = await self._look(
+                EVENT_LOOK_ACTIVITY, {**wait, "began": began}
+            )
+            if event is not None or (timeout is not None and now >= began + timeout):
+                self.waiting = None
+                return event
+            look = next_look(now - began)
+            if timeout is not None:  # a last look at the timeout (a timer of 0 s is none)
+                look = max(min(look, began + timeout - now), MIN_INTERVAL)
+            await workflow.sleep(timedelta(seconds=look))
+
+    def _wait_began(self, record: str) -> float:
+        """When the wait `record` began: on Dramatiq, if the job moved here in the middle of it."""
+        since = self._recorded.get(record + WAIT_SINCE_SUFFIX)
+        return float(since) if since is not None else workflow.now().timestamp()
+
+    async def _look(self, activity: str, arg: Any) -> Any:
+        """One look (a local activity: one marker in the history, no task round trip),
+        retried while the database is away."""
+        return await workflow.execute_local_activity(
+            activity,
+            arg,
+            start_to_close_timeout=LOOK_TIMEOUT,
+            retry_policy=TemporalRetryPolicy(maximum_interval=LOOK_RETRY_CAP),
+        )
 
     async def _progress(self, value: Any, encoded: str) -> None:
         self.progress_value = value

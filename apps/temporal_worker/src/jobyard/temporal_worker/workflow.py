@@ -27,7 +27,7 @@ with workflow.unsafe.imports_passed_through():
         JobRequest,
         StatusReply,
     )
-    from jobyard.job_engine import get_spec
+    from jobyard.job_engine import UpstreamFailedError, get_spec
     from jobyard.job_engine.errors import WORKER_PROCESS_DIED
     from jobyard.job_engine.states import JobState
     from jobyard.temporal_worker.activities import CLAIM_ACTIVITY
@@ -53,6 +53,12 @@ class JobWorkflow:
     def status(self) -> StatusReply:
         ctx = self._ctx
         hold = self._limits.hold if self._limits else None
+        if hold is None and ctx is not None and ctx.waiting is not None:
+            return StatusReply(
+                name=self._name, state=self._state, attempts=ctx.attempts,
+                progress=ctx.progress_value, display_state=ctx.waiting.display_state,
+                waiting_reason=ctx.waiting.waiting_reason,
+            )  # fmt: skip
         return StatusReply(
             name=self._name,
             state=self._state,
@@ -100,7 +106,10 @@ class JobWorkflow:
             enqueued_at = workflow.info().start_time.timestamp()
             await emit({**common, "state": JobState.RUNNING, "attempts": 1,
                         "started_at": started_at, "enqueued_at": enqueued_at})  # fmt: skip
-            result = await spec.handler(ctx, spec.validate(payload))
+            model = spec.validate(payload)
+            if request.after:  # parks on timers until the jobs it runs after ended
+                await ctx.wait_upstream(request.after)
+            result = await spec.handler(ctx, model)
         except asyncio.CancelledError:
             await self._cancelled(final, ctx.attempts)
             raise
@@ -116,6 +125,16 @@ class JobWorkflow:
                 message,
                 self._outcome(attempts=attempts, state=state),
                 type=error_type,
+                non_retryable=True,
+            ) from exc
+        except UpstreamFailedError as exc:  # it never runs: ends cancelled, naming the job
+            await emit({**final, "state": JobState.CANCELLED, "attempts": ctx.attempts,
+                        "error": str(exc), "error_class": type(exc).__name__})  # fmt: skip
+            self._state = JobState.CANCELLED
+            raise ApplicationError(
+                str(exc),
+                self._outcome(attempts=ctx.attempts, state=JobState.CANCELLED),
+                type=type(exc).__name__,
                 non_retryable=True,
             ) from exc
         except Exception as exc:  # the handler's own code failed: fail the job as Dramatiq does

@@ -20,6 +20,7 @@ from jobyard.dispatcher.errors import (
     IdempotencyConflictError,
     JobNotFoundError,
     JobStillActiveError,
+    UnknownUpstreamError,
 )
 from jobyard.dispatcher.events import JobEventRecord, ajob_events, job_events
 from jobyard.dispatcher.flow import flow_counts
@@ -36,6 +37,7 @@ from jobyard.dispatcher.lifecycle import (
     replay_job,
 )
 from jobyard.dispatcher.models import DispatchRequest, JobHandle, JobStatus
+from jobyard.dispatcher.sent_events import asend_event, send_event
 
 __all__ = [
     "DispatchOutcomeUnknownError",
@@ -51,11 +53,13 @@ __all__ = [
     "JobStatus",
     "JobStillActiveError",
     "QueueStats",
+    "UnknownUpstreamError",
     "WorkerInfo",
     "adispatch_job",
     "adispatch_many",
     "aget_job",
     "ajob_events",
+    "asend_event",
     "cancel_job",
     "dispatch_job",
     "dispatch_many",
@@ -71,5 +75,6 @@ __all__ = [
     "queue_stats",
     "replay_job",
     "reset_dispatcher",
+    "send_event",
     "warm_up",
 ]

@@ -9,15 +9,16 @@ registry statement per batch of caller-chosen ids).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from jobyard.dispatcher.caller_ids import CallerIds
 from jobyard.dispatcher.engines import NewJob, Submission
 from jobyard.dispatcher.flow import FlowDispatch
-from jobyard.dispatcher.models import DispatchRequest, JobHandle
+from jobyard.dispatcher.models import DispatchRequest, JobHandle, JobStatus
 from jobyard.dispatcher.routing import Router, record_dispatch
 from jobyard.dispatcher.submission import submission_of
+from jobyard.dispatcher.upstream import check_upstream
 from jobyard.job_engine import JobyardError, get_spec, registry
 from jobyard.job_engine.collector import collector_paused
 from jobyard.job_engine.ids import new_job_ids
@@ -28,7 +29,15 @@ PLAIN_CHUNK = 500
 
 
 class BulkDispatch:
-    def __init__(self, router: Router, caller_ids: CallerIds, flow: FlowDispatch) -> None:
+    def __init__(
+        self,
+        router: Router,
+        caller_ids: CallerIds,
+        flow: FlowDispatch,
+        status: Callable[[str], JobStatus] | None = None,
+    ) -> None:
+        """`status`: how an `after=` id is looked up (the dispatcher's; default the router's)."""
+        self.status = status or router.status
         self.router = router
         self.caller_ids = caller_ids
         self.flow = flow
@@ -100,6 +109,7 @@ class BulkDispatch:
             request = DispatchRequest(*given) if isinstance(given, tuple) else given
             try:
                 job = submission_of(request)
+                check_upstream(job.options.after, self.status)
             except (JobyardError, ValueError) as exc:
                 results[index] = exc
                 continue
@@ -159,6 +169,7 @@ def _is_plain(request: DispatchRequest | tuple[str, Any]) -> bool:
         and request.webhook_url is None
         and request.retry is None
         and request.priority is None
+        and request.after is None
     )
 
 

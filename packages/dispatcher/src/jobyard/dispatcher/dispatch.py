@@ -27,7 +27,9 @@ from jobyard.dispatcher.models import DispatchRequest, JobHandle, JobStatus
 from jobyard.dispatcher.owners import OwnerRegistry
 from jobyard.dispatcher.routing import Router, record_dispatch
 from jobyard.dispatcher.submission import JOB_ID_PATTERN, MAX_DELAY_SECONDS, make_submission
+from jobyard.dispatcher.upstream import check_not_transactional, check_upstream
 from jobyard.job_engine import RetryPolicy, children, env, get_spec, tracing
+from jobyard.job_engine.context import AFTER_CANCEL
 from jobyard.job_engine.db.readiness import check_setup
 from jobyard.job_engine.registry import load_job_modules
 
@@ -66,7 +68,7 @@ class Dispatcher:
         self.router = Router(dramatiq, temporal, breaker, self.owners)
         self.caller_ids = CallerIds(self.router, self.owners)
         self.flow = flow.FlowDispatch(self.router)
-        self.bulk = BulkDispatch(self.router, self.caller_ids, self.flow)
+        self.bulk = BulkDispatch(self.router, self.caller_ids, self.flow, self.status)
 
     @classmethod
     def from_env(cls) -> Dispatcher:
@@ -108,8 +110,13 @@ class Dispatcher:
         webhook_url: str | None = None,
         retry: RetryPolicy | None = None,
         priority: int | None = None,
+        after: list[str] | None = None,
+        after_failure: str = AFTER_CANCEL,
     ) -> JobHandle:
-        job = make_submission(name, payload, job_id, delay, webhook_url, retry, priority)
+        job = make_submission(
+            name, payload, job_id, delay, webhook_url, retry, priority, after, after_failure
+        )
+        check_upstream(job.options.after, self.status)
         check_job_log_backlog()
         # An id taken by another job is a conflict whatever this process's settings are.
         owner = self.caller_ids.registered_owner(job) if job_id is not None else None
@@ -191,6 +198,8 @@ def dispatch_job(
     retry: RetryPolicy | None = None,
     priority: int | None = None,
     connection: Any = None,
+    after: list[str] | None = None,
+    after_failure: str = AFTER_CANCEL,
 ) -> JobHandle:
     """Start job `name` with `payload`; returns at once with the job id and the engine chosen.
 
@@ -204,7 +213,11 @@ def dispatch_job(
     With `connection` (a SQLAlchemy Connection or Session), the job is written into that
     connection's transaction and sent by a relay once it commits; a rollback leaves no trace
     (the handle's engine is "outbox"; see jobyard.dispatcher.transactional).
+    With `after=[job_id, ...]` (jobs that exist: UnknownUpstreamError otherwise), the job
+    waits until every one of them ended, then runs (`ctx.upstream()` gives their results by
+    id); if one did not succeed it ends cancelled, naming it, unless `after_failure="run"`.
     """
+    check_not_transactional(connection, after)
     if connection is not None:
         return transactional.dispatch_in(
             connection, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url,
@@ -214,11 +227,12 @@ def dispatch_job(
     if tracing.ACTIVE:  # off: this check is all tracing costs a dispatch
         return tracing.traced_dispatch(
             dispatcher.dispatch, name, payload, job_id=job_id, delay=delay,
-            webhook_url=webhook_url, retry=retry, priority=priority,
+            webhook_url=webhook_url, retry=retry, priority=priority, after=after,
+            after_failure=after_failure,
         )  # fmt: skip
     return dispatcher.dispatch(
         name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url, retry=retry,
-        priority=priority,
+        priority=priority, after=after, after_failure=after_failure,
     )  # fmt: skip
 
 
@@ -232,9 +246,12 @@ async def adispatch_job(
     retry: RetryPolicy | None = None,
     priority: int | None = None,
     connection: Any = None,
+    after: list[str] | None = None,
+    after_failure: str = AFTER_CANCEL,
 ) -> JobHandle:
     """dispatch_job for async web code; never blocks the event loop. `connection` may also be
     an AsyncConnection or AsyncSession."""
+    check_not_transactional(connection, after)
     if connection is not None:
         return await transactional.adispatch_in(
             connection, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url,
@@ -242,7 +259,7 @@ async def adispatch_job(
         )  # fmt: skip
     return await asyncio.to_thread(
         dispatch_job, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url,
-        retry=retry, priority=priority,
+        retry=retry, priority=priority, after=after, after_failure=after_failure,
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "JobLogBacklogError",
     "JobNotFoundError",
     "JobStillActiveError",
+    "UnknownUpstreamError",
 ]
 
 
@@ -58,3 +59,12 @@ class JobStillActiveError(JobyardError):
         super().__init__(f"job {job_id!r} is {state}; only dead, failed or cancelled jobs replay")
         self.job_id = job_id
         self.state = state
+
+
+class UnknownUpstreamError(JobyardError, LookupError):
+    """`after=` names a job id neither engine nor the job log knows: nothing was started. (A
+    dependency must exist when its dependant is dispatched, so `after=` can form no cycle.)"""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"after: no job with id {job_id!r}; nothing was started")
+        self.job_id = job_id

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -10,6 +12,7 @@ from datetime import datetime
 from typing import Any, TypedDict, TypeVar, Unpack
 
 from sqlalchemy import BindParameter, Select, bindparam, func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from jobyard.dispatcher.dispatch import get_dispatcher, get_job
 from jobyard.dispatcher.engines import CancelStatus, Engine, ReplayStatus, WorkerInfo
@@ -19,8 +22,11 @@ from jobyard.job_engine import JobyardError, UnknownJobError, crypto, get_spec
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.joblog.sealed import opened, opened_for_listing
 from jobyard.job_engine.db.models import JobLog, state_in
+from jobyard.job_engine.db.outcomes import unfinished_children
 from jobyard.job_engine.lifecycle import dispatched_event, job_event
 from jobyard.job_engine.states import JobState
+
+log = logging.getLogger("jobyard.dispatcher")
 
 __all__ = [
     "Cursor",
@@ -121,7 +127,21 @@ def _engines() -> list[Engine]:
 
 def cancel_job(job_id: str) -> JobStatus:
     """Cancel a job: a queued job never starts; a running one stops at its next step boundary
-    (Dramatiq) or is cancelled (Temporal). Returns the status after the request."""
+    (Dramatiq) or is cancelled (Temporal). Its unfinished children (ctx.child, ctx.children)
+    are cancelled too. Returns the status after the request."""
+    status = _cancel_one(job_id)
+    try:
+        children = unfinished_children(job_id)
+    except SQLAlchemyError:  # no job log: the children run on
+        log.warning("job %s cancelled; its children are not (job log unavailable)", job_id)
+        return status
+    for child_id in children:
+        with contextlib.suppress(JobNotFoundError):  # its dispatch never got through
+            _cancel_one(child_id)
+    return status
+
+
+def _cancel_one(job_id: str) -> JobStatus:
     for engine in _engines():
         outcome = _ask(engine.cancel, job_id)
         if outcome.status == CancelStatus.NOT_HERE:

@@ -28,6 +28,9 @@ class DispatchOptions:
     webhook_url: str | None = None  # where the final state is POSTed
     retry: dict[str, Any] | None = None  # {"attempts", "backoff"} overriding the job's policy
     priority: int = 0  # -100..100, higher first (the job's own when the dispatch gave none)
+    #: The jobs it starts after: {"ids": [job id, ...], "on_failure": "cancel" | "run"}
+    #: (jobyard.job_engine.context.BaseJobContext.wait_upstream), None for most jobs.
+    after: dict[str, Any] | None = None
 
 
 NO_OPTIONS = DispatchOptions()  # frozen: shared by every dispatch that asks for nothing
@@ -44,6 +47,8 @@ class DispatchRequest:
     webhook_url: str | None = None
     retry: Any = None  # a jobyard.job_engine.RetryPolicy
     priority: int | None = None  # -100..100, higher first; None: the job's (@job priority=)
+    after: list[str] | None = None  # job ids it starts after (dispatch_job's `after`)
+    after_failure: str = "cancel"  # "cancel" | "run": when one of them did not succeed
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from urllib.parse import urlparse
 
 from jobyard.dispatcher.engines import Submission
 from jobyard.dispatcher.models import NO_OPTIONS, DispatchOptions, DispatchRequest
-from jobyard.job_engine import RetryPolicy, UnsafeURLError, get_spec, netguard
+from jobyard.job_engine import RetryPolicy, UnsafeURLError, env, get_spec, netguard
+from jobyard.job_engine.context import AFTER_CANCEL, AFTER_FAILURES
 from jobyard.job_engine.flow.declarations import payload_key, validate_priority
 from jobyard.job_engine.ids import new_job_id
 
@@ -57,11 +58,30 @@ def check_delay(delay: float | None) -> float | None:
     return float(delay) or None
 
 
+def check_after(after: Any, after_failure: str) -> dict[str, Any] | None:
+    """`after=` as the job's option ({"ids", "on_failure"}), None when there is none. Whether
+    the ids exist is checked by the dispatcher (upstream.py): it needs the engines."""
+    if after_failure not in AFTER_FAILURES:
+        raise ValueError(f"invalid after_failure {after_failure!r}: 'cancel' or 'run'")
+    if after is None:
+        return None
+    if isinstance(after, str) or not isinstance(after, list | tuple):
+        raise ValueError(f"invalid after {after!r}: a list of job ids is required")
+    for job_id in after:
+        if not isinstance(job_id, str) or not JOB_ID_PATTERN.fullmatch(job_id):
+            raise ValueError(f"invalid after: {job_id!r} is not a job id")
+    ids = list(dict.fromkeys(after))
+    limit = env.get_int(env.MAX_CHILDREN)
+    if len(ids) > limit:
+        raise ValueError(f"invalid after: {len(ids)} jobs; JOBYARD_MAX_CHILDREN allows {limit}")
+    return {"ids": ids, "on_failure": after_failure} if ids else None
+
+
 def submission_of(request: DispatchRequest) -> Submission:
     """`make_submission` of one `dispatch_many` request."""
     return make_submission(
         request.name, request.payload, request.job_id, request.delay, request.webhook_url,
-        request.retry, request.priority,
+        request.retry, request.priority, request.after, request.after_failure,
     )  # fmt: skip
 
 
@@ -73,6 +93,8 @@ def make_submission(
     webhook_url: str | None,
     retry: RetryPolicy | None,
     priority: int | None = None,
+    after: list[str] | None = None,
+    after_failure: str = AFTER_CANCEL,
 ) -> Submission:
     """A dispatch's arguments checked and encoded: what crosses to an engine. `priority`: the
     dispatch's (InvalidPriorityError unless an int from -100 to 100), else the job's."""
@@ -82,7 +104,8 @@ def make_submission(
     if spec.limited:  # a payload without a limit's key is refused here (422), never unlimited
         for limit in spec.limits:
             payload_key(spec.name, encoded.data, limit.key_path)
-    if delay is None and webhook_url is None and retry is None and not chosen:
+    upstream = check_after(after, after_failure)
+    if delay is None and webhook_url is None and retry is None and not chosen and not upstream:
         options = NO_OPTIONS
     else:
         options = DispatchOptions(
@@ -90,6 +113,7 @@ def make_submission(
             webhook_url=check_webhook_url(webhook_url),
             retry=check_retry(retry),
             priority=chosen,
+            after=upstream,
         )
     return Submission(
         check_job_id(job_id), spec.name, spec.queue, encoded.data, options,

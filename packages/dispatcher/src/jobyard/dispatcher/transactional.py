@@ -105,6 +105,8 @@ def check_spec(job: Submission) -> None:
     spec.check_environment()
     if spec.debounce is not None:
         raise DebouncedInTransactionError(job.name)
+    if job.options.after:  # upstream.check_not_transactional says why
+        raise ValueError("after= cannot be combined with connection= (not supported yet)")
 
 
 def dispatch_many_in(

@@ -5,6 +5,7 @@ See `jobyard.job_engine.context` for the rules a handler body follows.
 
 from jobyard.job_engine.context import JobContext, resolve_step, step_ref
 from jobyard.job_engine.errors import (
+    ChildFailedError,
     IdempotencyConflictError,
     InvalidPayloadError,
     JobyardError,
@@ -14,6 +15,7 @@ from jobyard.job_engine.errors import (
     StepError,
     UnknownJobError,
     UnsafeURLError,
+    UpstreamFailedError,
 )
 from jobyard.job_engine.flow.declarations import (
     Concurrency,
@@ -30,6 +32,7 @@ from jobyard.job_engine.schedules import Schedule, ScheduleError, schedule, sche
 from jobyard.job_engine.states import JobState
 
 __all__ = [
+    "ChildFailedError",
     "Concurrency",
     "Debounce",
     "FlowDeclarationError",
@@ -54,6 +57,7 @@ __all__ = [
     "UnknownJobError",
     "UnknownQueueError",
     "UnsafeURLError",
+    "UpstreamFailedError",
     "get_spec",
     "job",
     "new_job_id",

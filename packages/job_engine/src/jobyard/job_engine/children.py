@@ -1,5 +1,8 @@
 """Starting a job from inside a job (a callback webhook, one email per recipient).
 
+`ctx.child` and `ctx.children` (jobyard.job_engine.context) start children through
+`start_children` and wait for their results; `dispatch_child` starts one and forgets it.
+
 job_engine does not depend on the dispatcher; each process that runs jobs installs it here at
 start-up (`jobyard worker`, `jobyard temporal-worker`). Call it from a step so that a retried
 parent does not dispatch twice, and give the child a job id derived from the parent's, so that
@@ -15,7 +18,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from jobyard.job_engine.errors import JobyardError
+from jobyard.job_engine.errors import InvalidPayloadError, JobyardError, StepError
 
 ChildDispatcher = Callable[[str, Any, str], dict[str, Any]]
 #: Many children at once: (name, payload, job_id) each; a handle as JSON or the job's error each.
@@ -87,3 +90,56 @@ def dispatch_children(children: list[tuple[str, Any, str]]) -> list[dict[str, An
             raise result
         handles.append(result)
     return handles
+
+
+#: The step that starts a ctx.children call's children is named after the wait's: `<wait>:start`.
+START_SUFFIX = ":start"
+
+
+def child_job_id(parent_id: str, fan_in: int, index: int, key: str | None) -> str:
+    """The id of a child of `parent_id`: from its `key` when given (`<parent>:child:<key>`),
+    else from its place (`<parent>:child<fan_in>-<index>`: the `fan_in`th ctx.child/children
+    call of the run, its `index`th child). The same on every retry, resume and engine, so a
+    parent never starts a child twice (dispatch dedupes a known id)."""
+    if key is not None:
+        return fit_job_id(f"{parent_id}:child:{key}")
+    return fit_job_id(f"{parent_id}:child{fan_in}-{index}")
+
+
+def check_children(children: list[tuple[str, Any, str]] | list[list[Any]]) -> None:
+    """Every child's payload valid for its job, or a StepError naming the first that is not
+    (a bug in the parent: not retried), before any child starts."""
+    from jobyard.job_engine.registry import get_spec  # the registry imports ctx's module
+
+    for index, (name, payload, _) in enumerate(children):
+        try:
+            get_spec(name).validate(payload)
+        except InvalidPayloadError as exc:
+            raise StepError(f"child {index} ({name}): {exc}. None was started") from exc
+
+
+def start_children(children: list[list[Any]], keyed: dict[str, str]) -> dict[str, Any]:
+    """Step function of ctx.children: dispatch each [name, payload, job_id] (in batches where
+    the process can). Returns how many and `keyed` (place -> key): from its record, the
+    children's ids can be derived again (`child_ids`). Needs the job log, where the parent
+    learns how its children ended. A child that could not be dispatched fails the step, and
+    its retry starts only what did not start (the ids)."""
+    from jobyard.job_engine.db import joblog
+
+    if not joblog.enabled():
+        raise StepError(
+            "ctx.child and ctx.children need the job log (JOBYARD_JOB_LOG=true and a "
+            "DATABASE_URL): a parent learns there how its children ended"
+        )
+    check_children(children)
+    dispatch_children([(name, payload, job_id) for name, payload, job_id in children])
+    return {"count": len(children), "keyed": keyed}
+
+
+def child_ids(parent_id: str, fan_in: int, started: dict[str, Any]) -> list[str]:
+    """The ids of the children of a parent's `fan_in`th call, from its start step's record."""
+    keyed = started["keyed"]
+    return [
+        child_job_id(parent_id, fan_in, index, keyed.get(str(index)))
+        for index in range(started["count"])
+    ]

@@ -184,6 +184,17 @@ DEFAULTS[FLOW_DURABLE] = "true"
 DEFAULTS[FLOW_PARK_SECONDS] = "60"
 DEFAULTS[FLOW_ADMISSION_SECONDS] = "60"
 
+# Jobs that wait for jobs (ctx.child, ctx.children; jobyard.job_engine.waits)
+MAX_CHILDREN = "JOBYARD_MAX_CHILDREN"  # most children one ctx.children call may start
+# Longest a waiting job goes between two looks at the job log for its children's endings; the
+# looks start at a fraction of a second and grow with the wait (waits.next_look)
+WAIT_POLL_MAX = "JOBYARD_WAIT_POLL_MAX"
+# An event sent up to this many seconds before a ctx.wait_for_event began still resumes it
+EVENT_LOOKBACK = "JOBYARD_EVENT_LOOKBACK"
+DEFAULTS[MAX_CHILDREN] = "10000"
+DEFAULTS[WAIT_POLL_MAX] = "10"
+DEFAULTS[EVENT_LOOKBACK] = "300"
+
 # Moving jobs of worker-less queues to Temporal (jobyard temporal-worker)
 RESCUE_INTERVAL = "JOBYARD_RESCUE_INTERVAL"  # seconds between passes
 DEFAULTS[RESCUE_INTERVAL] = "5"

@@ -91,3 +91,34 @@ class UnsafeURLError(PermanentError, ValueError):
         super().__init__(f"refusing {url!r}: {reason}")
         self.url = url
         self.reason = reason
+
+
+class ChildFailedError(PermanentError):
+    """A child job (`ctx.child`, `ctx.children`) ended failed, dead or cancelled.
+
+    Raised in the parent, which may catch it. Permanent: the child's outcome is recorded, so a
+    retry of the parent would meet the same ending; uncaught, the parent ends failed."""
+
+    def __init__(self, job_id: str, state: str, error: str | None) -> None:
+        super().__init__(f"child job {job_id} ended {state}" + (f": {error}" if error else ""))
+        self.job_id = job_id
+        self.state = state
+        self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable with its three fields
+        return (type(self), (self.job_id, self.state, self.error))
+
+
+class UpstreamFailedError(JobyardError):
+    """A job dispatched with `after=[...]` (and `after_failure="cancel"`, the default) found one
+    of those jobs ended failed, dead or cancelled: it ends `cancelled` without running, with
+    this error's message, which names that job, as its reason."""
+
+    def __init__(self, job_id: str, state: str, error: str | None) -> None:
+        super().__init__(f"upstream job {job_id} ended {state}" + (f": {error}" if error else ""))
+        self.job_id = job_id
+        self.state = state
+        self.error = error
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.job_id, self.state, self.error))

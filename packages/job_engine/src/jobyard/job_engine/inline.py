@@ -17,9 +17,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from jobyard.job_engine.children import check_children
 from jobyard.job_engine.context import StepRetryContext
 from jobyard.job_engine.errors import PermanentError
 from jobyard.job_engine.registry import JobSpec, get_spec
+from jobyard.job_engine.states import JobState
 
 
 class InlineContext(StepRetryContext):
@@ -66,10 +68,33 @@ class InlineContext(StepRetryContext):
     async def _sleep(self, name: str, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
+    async def _fan_in(
+        self, wait: str, children: list[tuple[str, Any, str]], keyed: dict[str, str]
+    ) -> list[dict[str, Any]]:
+        """Each child runs here, inline too, all at once; its outcome as the engines' job log
+        would give it (failed: a PermanentError, dead: any other error, cancelled)."""
+        check_children(children)
+        return list(await asyncio.gather(*(_outcome(*child) for child in children)))
+
     async def _progress(self, value: Any, encoded: str) -> None:
         self.progress_values.append(value)
         if self._on_progress is not None:
             self._on_progress(value)
+
+
+async def _outcome(name: str, payload: Any, job_id: str) -> dict[str, Any]:
+    spec = get_spec(name)
+    outcome: dict[str, Any] = {"job_id": job_id, "result": None, "error": None}
+    try:
+        outcome["result"] = await InlineContext(spec, job_id).execute(spec.validate(payload))
+        return {**outcome, "state": JobState.SUCCEEDED}
+    except asyncio.CancelledError:
+        if (task := asyncio.current_task()) is not None and task.cancelling():
+            raise  # the parent is being cancelled, not the child
+        return {**outcome, "state": JobState.CANCELLED}
+    except Exception as exc:
+        state = JobState.FAILED if isinstance(exc, PermanentError) else JobState.DEAD
+        return {**outcome, "state": state, "error": f"{type(exc).__name__}: {exc}"}
 
 
 async def arun_inline(

@@ -13,7 +13,9 @@ import redis
 from sqlalchemy.exc import SQLAlchemyError
 
 from jobyard.job_engine import tracing
-from jobyard.job_engine.context import BaseJobContext
+from jobyard.job_engine.context import WAIT_SINCE_SUFFIX, BaseJobContext
+from jobyard.job_engine.events import look_for_event
+from jobyard.job_engine.waits import Waiting, next_look, outcomes_once_ended
 from jobyard.queue.deadline import run_step
 from jobyard.queue.store import JobStore, StartResult
 
@@ -31,11 +33,13 @@ IN_THREAD_SLEEP_LIMIT = 1.0
 
 class Suspend(BaseException):
     """Raised through the handler to park the job for `seconds`; BaseException so that a
-    handler's `except Exception` cannot swallow it."""
+    handler's `except Exception` cannot swallow it. `shown`: what a job parked until its next
+    look for other jobs or an event shows meanwhile (None for a sleep)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, shown: Waiting | None = None) -> None:
         super().__init__(seconds)
         self.seconds = seconds
+        self.shown = shown
 
 
 class LostOwnership(BaseException):
@@ -208,6 +212,53 @@ class DramatiqContext(BaseJobContext):
             await asyncio.sleep(remaining)
             return
         raise Suspend(remaining)
+
+    async def _wait_for_jobs(
+        self, wait: str, job_ids: list[str], shown: Waiting
+    ) -> list[dict[str, Any]]:
+        """One look at the job log per run: every job ended -> their outcomes are recorded as
+        `wait` and returned; else the job parks (Suspend: a delayed message, no thread held)
+        until the next look, and resumes from the top past its recorded steps."""
+        self.start()
+        if wait in self._recorded:
+            recorded: list[dict[str, Any]] = json.loads(self._recorded[wait])
+            return recorded
+        since = float(self.recorded(wait + WAIT_SINCE_SUFFIX, time.time()))
+        try:
+            outcomes = outcomes_once_ended(job_ids)
+        except SQLAlchemyError as exc:  # the database is away: look again later
+            log.warning("job %s: cannot read the job log for %s (%s)", self.job_id, wait, exc)
+            outcomes = None
+        now = time.time()
+        if outcomes is None:
+            raise Suspend(next_look(now - since), shown)
+        timing = {"start": since, "end": now, "attempt": self.attempt}
+        self._record(wait, self.encode_result(wait, outcomes), json.dumps(timing))
+        return outcomes
+
+    async def _wait_for_event(
+        self, record: str, wait: dict[str, Any], shown: Waiting
+    ) -> dict[str, Any] | None:
+        """One look per run, as `_wait_for_jobs`: the event found, or the timeout passed, is
+        recorded as `record`; else the job parks until the next look (or its timeout)."""
+        self.start()
+        if record in self._recorded:
+            recorded: dict[str, Any] | None = json.loads(self._recorded[record])
+            return recorded
+        since = float(self.recorded(record + WAIT_SINCE_SUFFIX, time.time()))
+        now = time.time()  # before the look: an event sent by now is in it
+        timeout = wait["timeout"]
+        try:
+            event = look_for_event(wait, since)
+        except SQLAlchemyError as exc:  # the database is away: look again later
+            log.warning("job %s: cannot read events for %s (%s)", self.job_id, record, exc)
+            raise Suspend(next_look(now - since), shown) from None
+        if event is None and (timeout is None or now < since + timeout):
+            look = next_look(now - since)
+            raise Suspend(look if timeout is None else min(look, since + timeout - now), shown)
+        timing = {"start": since, "end": time.time(), "attempt": self.attempt}
+        self._record(record, json.dumps(event), json.dumps(timing))
+        return event
 
     async def _progress(self, value: Any, encoded: str) -> None:
         self.start()

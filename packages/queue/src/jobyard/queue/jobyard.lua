@@ -580,7 +580,9 @@ elseif command == "complete" then
 --             ARGV seq, next seq, state, redis message id, message, error, error class,
 --                  redis message id of the current message, when the next message is due (ms)
 --                  [, hold_state, hold_reason: parked by a flow-control limit; KEYS 2 and 3 are
---                   then the queue's parked set and msgs hash]
+--                   then the queue's parked set and msgs hash
+--                   [, "delayed": not held but waiting for other jobs or an event (ctx.children,
+--                    ctx.wait_for_event): on the delay queue as a sleep, showing them]]
 -- -> "ok" | "lost".  Puts the job's next message (a retry, or a resume after a sleep) on the
 -- delay queue (or, held, in the parked set, due at its time), advances seq and acks the current
 -- message in one step, so a crash can never leave two live messages, or none.
@@ -600,8 +602,10 @@ elseif command == "reschedule" then
                "error", error_message, "error_class", error_class, "run_at", run_at)
     redis.call("hset", delay_msgs_key, message_id, message)
     if ARGV[11] and ARGV[11] ~= "" then
-        redis.call("zadd", delay_key, run_at, message_id)
         redis.call("hset", job_key, "hold_state", ARGV[11], "hold_reason", ARGV[12])
+    end
+    if ARGV[11] and ARGV[11] ~= "" and ARGV[13] ~= "delayed" then
+        redis.call("zadd", delay_key, run_at, message_id)
     else
         redis.call("rpush", delay_key, message_id)
     end

@@ -27,6 +27,7 @@ SEQ = "jobyard_seq"  # which run of the job this message is (see seq in jobyard.
 RESUME = "jobyard_resume"  # True when the run continues an attempt (after a sleep or a throttle)
 WEBHOOK = "jobyard_webhook"  # where to deliver the job's completion events, if anywhere
 RETRY = "jobyard_retry"  # a per-dispatch override of the job's retry policy
+AFTER = "jobyard_after"  # the jobs it runs after: {"ids", "on_failure"} (dispatch's after=)
 TRACE = "jobyard_trace"  # the W3C trace context it was sent in, when tracing is on
 
 
@@ -47,6 +48,7 @@ def encode_job_message(
     delay_seconds: float | None = None,
     webhook_url: str | None = None,
     retry: dict[str, Any] | None = None,
+    after: dict[str, Any] | None = None,
 ) -> EncodedMessage:
     message_id = random_id()
     options: dict[str, Any] = {"redis_message_id": message_id, SEQ: seq, RESUME: resume}
@@ -54,6 +56,8 @@ def encode_job_message(
         options[WEBHOOK] = webhook_url
     if retry:
         options[RETRY] = retry
+    if after:
+        options[AFTER] = after
     if tracing.ACTIVE:  # the dispatch's span, or the run's for a retry or a resumed sleep
         options[TRACE] = tracing.inject()
     target = queue
@@ -152,6 +156,7 @@ class DecodedJob:
     retry: dict[str, Any] | None
     eta: float | None  # unix seconds it may run at, for a delayed message
     trace: dict[str, str] | None = None  # the trace context it was sent in
+    after: dict[str, Any] | None = None  # the jobs it runs after
 
 
 def decode_job_message(data: bytes) -> DecodedJob:
@@ -166,4 +171,5 @@ def decode_job_message(data: bytes) -> DecodedJob:
         retry=message.options.get(RETRY),
         eta=message.options["eta"] / 1000 if message.options.get("eta") else None,
         trace=message.options.get(TRACE),
+        after=message.options.get(AFTER),
     )

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Coroutine
 from typing import Any
 
 import redis
 from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from jobyard.job_engine import JobSpec, PermanentError, crypto, env
+from jobyard.job_engine import JobSpec, PermanentError, UpstreamFailedError, crypto, env
 from jobyard.job_engine.db import joblog
 from jobyard.job_engine.db.steps import begin_step, recall_steps
 from jobyard.job_engine.errors import WORKER_PROCESS_DIED
@@ -27,6 +28,7 @@ from jobyard.job_engine.flow.waiting import Hold
 from jobyard.job_engine.lifecycle import job_event, progress_event
 from jobyard.job_engine.queues import get_queue, retry_policy
 from jobyard.job_engine.states import JobState
+from jobyard.job_engine.waits import Waiting
 from jobyard.queue.context import (
     Cancelled,
     DiedTooOften,
@@ -37,7 +39,7 @@ from jobyard.queue.context import (
 from jobyard.queue.dramatiq_compat import ACKED
 from jobyard.queue.eager import discard_loop, run_eagerly
 from jobyard.queue.flow import PAYLOAD_STEP, Held, RunPermits
-from jobyard.queue.messages import RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
+from jobyard.queue.messages import AFTER, RESUME, RETRY, SEQ, WEBHOOK, encode_job_message
 from jobyard.queue.reclaim import died_error, is_suspect
 from jobyard.queue.store import NO_DELIVERY, Delivery, JobStore, StartResult
 
@@ -113,6 +115,7 @@ class _Run:
         self.seq, self.resume = int(options.get(SEQ, 0)), bool(options.get(RESUME, False))
         self.webhook_url: str | None = options.get(WEBHOOK)
         self.retry_overrides: dict[str, Any] | None = options.get(RETRY)
+        self.after: dict[str, Any] | None = options.get(AFTER)  # dispatched after other jobs
         self.retry = (
             retry_policy(self.spec, self.retry_overrides) if self.retry_overrides else runner.retry
         )
@@ -157,17 +160,20 @@ class _Run:
             elif self.suspect:
                 self.ctx.start()
             model = self.spec.validate(self.payload)
-            result: Any = run_eagerly(self.spec.handler(self.ctx, model))
+            handler = self.spec.handler(self.ctx, model)
+            result: Any = run_eagerly(self.after_upstream(handler) if self.after else handler)
         except Suspend as suspend:
             if self.permits is not None:
                 self.permits.keep(suspend.seconds)  # its slots stay its own through the sleep
                 self.permits = None
-            self.reschedule(JobState.RUNNING, suspend.seconds, resume=True)
+            self.reschedule(JobState.RUNNING, suspend.seconds, resume=True, waiting=suspend.shown)
         except Held as held:  # no permit: parked, its Lua start never made (no attempt)
             state = JobState.RUNNING if self.resume else JobState.QUEUED
             self.reschedule(state, held.seconds, resume=self.resume, hold=held.hold)
         except DiedTooOften as died:
             self.died_too_often(died)
+        except UpstreamFailedError as exc:  # it never runs: ends cancelled, naming the job
+            self.finish(JobState.CANCELLED, error=str(exc), error_class=type(exc).__name__)
         except Cancelled:
             self.finish(JobState.CANCELLED)
         except LostOwnership as lost:
@@ -188,6 +194,17 @@ class _Run:
         finally:
             if self.permits is not None:  # every ending but a sleep gives its slots back
                 self.permits.release()
+
+    async def after_upstream(self, handler: Coroutine[Any, Any, Any]) -> Any:
+        """The handler, once every job it was dispatched after ended (the wait parks the job,
+        as a long sleep does: see BaseJobContext.wait_upstream)."""
+        try:
+            assert self.after is not None
+            await self.ctx.wait_upstream(self.after)
+        except BaseException:
+            handler.close()  # never started: no "never awaited" warning
+            raise
+        return await handler
 
     def pass_limits(self) -> None:
         """Every permit before the handler runs at all (Held if refused), then the run's
@@ -269,22 +286,27 @@ class _Run:
         error: str = "",
         error_class: str = "",
         hold: Hold | None = None,
+        waiting: Waiting | None = None,
     ) -> bool:
         """`hold`: parked by a flow-control limit (in the queue's parked set, where a release
-        can wake it early, not on the delay queue)."""
+        can wake it early, not on the delay queue). `waiting`: what a job waiting for other jobs
+        or an event shows meanwhile (it waits on the delay queue, as a sleep)."""
         encoded = encode_job_message(
             self.spec.name, self.spec.queue, self.job_id, self.payload,
             seq=self.seq + 1, resume=resume,
             delay_seconds=max(delay, 0.001) if hold is None else None,
-            webhook_url=self.webhook_url, retry=self.retry_overrides,
+            webhook_url=self.webhook_url, retry=self.retry_overrides, after=self.after,
         )  # fmt: skip
         shown = None if hold is None else (self.spec.queue, hold.display_state, hold.waiting_reason)
         owned = self.store.reschedule(
             self.job_id, self.seq, self.seq + 1, state, encoded.queue,
             encoded.redis_message_id, encoded.data,
             error=error, error_class=error_class, delivery=self.delivery,
-            run_at_ms=int((time.time() + delay) * 1000),  # shown as the job's next run
+            # shown as the job's next run; a wait's next look is no run (and, not shown, adds
+            # no event to the job's story per look)
+            run_at_ms=int((time.time() + delay) * 1000) if waiting is None else 0,
             hold=shown,
+            waiting=None if waiting is None else (waiting.display_state, waiting.waiting_reason),
         )  # fmt: skip
         self.acked = True
         return owned

@@ -342,3 +342,20 @@ class JobStep(Base):
     step: Mapped[str] = mapped_column(String(255), primary_key=True)
     result: Mapped[str] = mapped_column(Text, nullable=False)  # JSON text, as Redis holds it
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+
+
+class SentEvent(Base):
+    """An event from outside (`send_event`, `POST /events/{name}`: a payment confirmed, a human
+    approving), for the jobs waiting in `ctx.wait_for_event` (jobyard/job_engine/events.py).
+    Not the job log's `job_events` (a job's own state changes). A waiting job looks for rows of
+    its name sent from JOBYARD_EVENT_LOOKBACK seconds before its wait began: the table, not a
+    message to a waiting job, is the delivery, so an event sent before a wait, or while its job's
+    worker is dead, is still found; the wait records the one it took."""
+
+    __tablename__ = "sent_events"
+    __table_args__ = (Index("ix_sent_events_name_sent_at", "name", "sent_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), nullable=False)
+    data: Mapped[str] = mapped_column(Text, nullable=False)  # a JSON object's strict text
+    sent_at: Mapped[float] = mapped_column(Float, nullable=False)  # unix s, the sender's clock

@@ -2,7 +2,7 @@
 retention (JOBYARD_JOB_LOG_RETENTION_DAYS), in batches, so a big log prunes without one huge
 transaction. A pruned job id is forgotten by the job id registry too: dispatching it again
 after the retention starts a new job, as an idempotency key's window ends. Its kept step results
-(`job_steps`) go with it."""
+(`job_steps`) go with it, and so do events (`sent_events`) sent before the retention."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from jobyard.job_engine.db.models import (
     JobOwner,
     JobStat,
     JobStep,
+    SentEvent,
 )
 
 BATCH = 5000
@@ -56,4 +57,6 @@ def prune_job_log(older_than_days: float | None = None, *, url: str | None = Non
         )
     with session_scope(url) as session:  # the graphs' roll-ups are history as long as the log
         session.execute(delete(JobStat).where(JobStat.period_start < cutoff))
+        # events for ctx.wait_for_event: only a wait begun before the cutoff could take them
+        session.execute(delete(SentEvent).where(SentEvent.sent_at < cutoff.timestamp()))
     return pruned

@@ -163,13 +163,16 @@ class RunCommands(ScriptStore):
         delivery: Delivery = NO_DELIVERY,
         run_at_ms: int = 0,
         hold: tuple[str, str, str] | None = None,
+        waiting: tuple[str, str] | None = None,
     ) -> bool:
         """`hold`: (queue, display_state, waiting_reason) of a job a flow-control limit
         parks: its next message waits in the queue's parked set until `run_at_ms` or a wake,
-        not on the delay queue (`delay_queue` is then unused)."""
+        not on the delay queue (`delay_queue` is then unused). `waiting`: (display_state,
+        waiting_reason) of a job waiting for other jobs or an event: on the delay queue, as a
+        sleep, its record showing them."""
         if hold is None:
             where = [keys.dramatiq_queue(delay_queue), keys.dramatiq_messages(delay_queue)]
-            shown: tuple[str, ...] = ()
+            shown: tuple[str, ...] = (*waiting, "delayed") if waiting else ()
         else:
             where = [keys.parked(hold[0]), keys.dramatiq_messages(hold[0])]
             shown = hold[1:]

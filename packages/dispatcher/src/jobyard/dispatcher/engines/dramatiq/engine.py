@@ -61,7 +61,7 @@ _CANCEL = {
 
 def kept_options(options: DispatchOptions) -> dict[str, Any]:
     """What a replay of the job must dispatch with again (the delay was for the first run)."""
-    kept = {"webhook_url": options.webhook_url, "retry": options.retry}
+    kept = {"webhook_url": options.webhook_url, "retry": options.retry, "after": options.after}
     return {key: value for key, value in kept.items() if value is not None}
 
 
@@ -202,7 +202,7 @@ class DramatiqEngine(Engine):
         kept = json.loads(record["options"]) if record.get("options") else {}
         message = encode_job_message(
             name, queue, job_id, payload, seq=next_seq,
-            webhook_url=kept.get("webhook_url"), retry=kept.get("retry"),
+            webhook_url=kept.get("webhook_url"), retry=kept.get("retry"), after=kept.get("after"),
         )  # fmt: skip
         with map_redis_errors():
             reply = self.store.replay(
@@ -333,7 +333,9 @@ _NO_WORKERS = Submitted(SubmitStatus.NO_WORKERS, owner="temporal")
 def _submission(data: bytes, fallback_reason: str) -> Submission:
     job = decode_job_message(data)
     delay = max(0.0, job.eta - time.time()) if job.eta else None
-    options = DispatchOptions(delay=delay or None, webhook_url=job.webhook_url, retry=job.retry)
+    options = DispatchOptions(
+        delay=delay or None, webhook_url=job.webhook_url, retry=job.retry, after=job.after
+    )
     return Submission(
         job.job_id, job.name, job.queue, job.payload, options, fallback_reason=fallback_reason,
         trace=job.trace,
@@ -477,6 +479,7 @@ def _message(job: Submission, seq: int = 0) -> EncodedMessage:
     return encode_job_message(
         job.name, job.queue, job.job_id, job.payload, seq=seq,
         delay_seconds=options.delay, webhook_url=options.webhook_url, retry=options.retry,
+        after=options.after,
     )  # fmt: skip
 
 

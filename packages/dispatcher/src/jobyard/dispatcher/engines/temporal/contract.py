@@ -44,6 +44,7 @@ class JobRequest:
     webhook_url: str | None = None
     retry: dict[str, Any] | None = None
     steps: dict[str, Any] | None = None  # finished on Dramatiq before the job moved here
+    after: dict[str, Any] | None = None  # the jobs it runs after: {"ids", "on_failure"}
 
     @classmethod
     def of(cls, job: Submission) -> JobRequest:
@@ -63,6 +64,7 @@ class JobRequest:
             webhook_url=job.options.webhook_url,
             retry=job.options.retry,
             steps=steps,
+            after=job.options.after,
         )
 
     @classmethod

@@ -65,6 +65,7 @@ from jobyard.job_engine.errors import JobyardError
 from jobyard.job_engine.flow.declarations import payload_key
 from jobyard.job_engine.flow.limiter import CONCURRENCY
 from jobyard.job_engine.states import UNFINISHED_STATES
+from jobyard.job_engine.waits import is_waiting
 
 T = TypeVar("T")
 
@@ -296,6 +297,8 @@ class TemporalEngine(Engine):
             retry = _next_retry(description)
             if retry is not None:
                 state, run_at = JobState.RETRYING, retry
+        # A held job (queued) or one waiting for jobs or an event (running) says what for.
+        shown = state == JobState.QUEUED or is_waiting(live.get("display_state"), state)
         return JobStatus(
             job_id=job_id,
             engine=self.name,
@@ -306,8 +309,8 @@ class TemporalEngine(Engine):
             error=error,
             progress=live.get("progress"),
             run_at=run_at,
-            display_state=live.get("display_state") if state == JobState.QUEUED else None,
-            waiting_reason=live.get("waiting_reason") if state == JobState.QUEUED else None,
+            display_state=live.get("display_state") if shown else None,
+            waiting_reason=live.get("waiting_reason") if shown else None,
         )
 
     def status(self, job_id: str) -> JobStatus | None:
