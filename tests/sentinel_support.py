@@ -124,6 +124,18 @@ class SentinelCluster:
             and info.get("master_link_status") == "up"
         )
 
+    def rejoin(self, port: int, patience: float = 15.0) -> bool:
+        """Until the restarted `port` replicates the primary: the Sentinels convert it; if they
+        have not within `patience` seconds, it is told to (REPLICAOF), as an operator would.
+        Whether the Sentinels did it themselves."""
+        try:
+            wait_for(lambda: self.replica_of_primary(port), timeout=patience, interval=0.2)
+            return True
+        except AssertionError:
+            self.node(port).replicaof("127.0.0.1", self.primary())
+            wait_for(lambda: self.replica_of_primary(port), timeout=60, interval=0.2)
+            return False
+
     def cut_replication(self, replica: int) -> None:
         """The replica's link to its primary cut and kept down (it cannot authenticate again)
         until `mend_replication`: it misses every write from now on."""

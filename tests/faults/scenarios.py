@@ -207,6 +207,10 @@ def wait_final(ids: dict[str, str], bound: float) -> dict[str, JobStatus]:
             break
         time.sleep(0.5)
     say(f"{len(final)} of {len(ids)} jobs final, {len(pending)} not")
+    for tag, job_id in list(pending.items())[:10]:  # what the ones not final look like
+        status = status_of(job_id)
+        seen = f"{status.state} on {status.engine}, attempts {status.attempts}" if status else "?"
+        say(f"  not final: {tag} {job_id}: {seen}")
     return final
 
 
