@@ -70,16 +70,17 @@ class DramatiqContext(BaseJobContext):
         on_start: Callable[[StartResult], None] | None = None,
         on_progress: Callable[[Any], None] | None = None,
         time_limit: float | None = None,
-        journal: Callable[[str, str, str], Callable[[], object]] | None = None,
+        journal: Callable[[str, str, str], Callable[[], bool]] | None = None,
         suspect_attempts: int = 0,
         recall: Callable[[str], dict[str, str]] | None = None,
     ) -> None:
         """`time_limit`: seconds this run may take; a step still running then is abandoned
         (see jobyard.queue.deadline). `journal(job_id, step, result_json)` starts keeping a
         returned step's result durably (jobyard.job_engine.db.steps) and returns the wait for
-        it. `suspect_attempts`: the job's attempts, when its message is a suspect's (see
-        jobyard.queue.reclaim). `recall(job_id)`: the step results the journal kept, step ->
-        JSON text; read only by a run whose start says Redis may have lost some."""
+        it (True: committed). `suspect_attempts`: the job's attempts, when its message is a
+        suspect's (see jobyard.queue.reclaim). `recall(job_id)`: the step results the journal
+        kept, step -> JSON text; read only by a run whose start says Redis may have lost
+        some."""
         super().__init__(job_id, job_name)
         self._recall_journal = recall
         self._suspect_attempts = suspect_attempts
@@ -93,6 +94,9 @@ class DramatiqContext(BaseJobContext):
         self._on_progress = on_progress
         self._started: StartResult | None = None
         self._recorded: dict[str, str] = {}
+        # Returned steps the journal committed whose Redis record waits for the run's next
+        # call (see _record): (name, result JSON, timing JSON).
+        self._unrecorded: list[tuple[str, str, str]] = []
 
     @property
     def started(self) -> StartResult | None:
@@ -141,11 +145,49 @@ class DramatiqContext(BaseJobContext):
                     return {}
                 time.sleep(RECORD_RETRY_INTERVAL)
 
-    def _record(self, step: str, encoded: str, timing: str = "") -> None:
+    def _begin(self) -> None:
+        """Before the handler's next use of ctx: the run started, and the steps whose Redis
+        record was left for later recorded now (a job dropped or cancelled meanwhile stops
+        here, at this step boundary, as it would have at the step's own record)."""
+        self.start()
+        self.record_unrecorded()
+
+    def record_unrecorded(self) -> None:
+        """Records in Redis the returned steps `_record` left for the run's next call.
+        Raises LostOwnership or Cancelled as the step's own record would have."""
+        while self._unrecorded:
+            outcome = self._record_patiently(*self._unrecorded[0])
+            if outcome == "lost":
+                raise LostOwnership(self.job_id)
+            del self._unrecorded[0]
+            if outcome == "cancel":
+                raise Cancelled(self.job_id)
+
+    def unrecorded(self) -> list[tuple[str, str, str]]:
+        """The returned steps not yet recorded in Redis, handed to the run's ending (finish
+        records them in its own call); none are left here."""
+        steps, self._unrecorded = self._unrecorded, []
+        return steps
+
+    def _record(self, step: str, encoded: str, timing: str = "", *, defer: bool = False) -> None:
+        """`defer`: once the journal committed the result, its Redis record may wait for the
+        run's next call (the next step's record, or the finish, which takes it along): a
+        round trip fewer per step. Until then, a run after this one finds the step in the
+        journal (a redelivery is a second attempt, and a Redis restarted without this run's
+        start marks the run in doubt: may_have_lost), and so does the rescue. A result the
+        journal could not keep is recorded in Redis before the handler goes on, as always."""
+        if defer and self._journal is not None:
+            if self._journal(self.job_id, step, encoded)():
+                self._recorded[step] = encoded
+                self._unrecorded.append((step, encoded, timing))
+                return
+            journal = None  # not kept there: Redis's record is the only one
+        else:
+            journal = self._journal
         # The database write and the Redis record go at once: a worker killed now loses no
         # more than it did with Redis alone, and the step goes on only once both are done (a
         # Redis that comes back empty may have lost the record; see the rescue).
-        committed = self._journal(self.job_id, step, encoded) if self._journal else None
+        committed = journal(self.job_id, step, encoded) if journal else None
         try:
             outcome = self._record_patiently(step, encoded, timing)
         finally:
@@ -174,7 +216,7 @@ class DramatiqContext(BaseJobContext):
     async def _run_step(
         self, step: str, ref: str, fn: Callable[..., Any], args: tuple[Any, ...]
     ) -> Any:
-        self.start()
+        self._begin()
         if step in self._recorded:
             return json.loads(self._recorded[step])
         began = time.time()
@@ -185,7 +227,7 @@ class DramatiqContext(BaseJobContext):
             result = await self._call(step, fn, args)
         encoded = self.encode_result(step, result)
         timing = {"start": began, "end": time.time(), "attempt": self.attempt}
-        self._record(step, encoded, json.dumps(timing))
+        self._record(step, encoded, json.dumps(timing), defer=True)
         return json.loads(encoded)
 
     async def _call(self, step: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -193,7 +235,7 @@ class DramatiqContext(BaseJobContext):
         return await run_step(step, fn, args, self._deadline, self._time_limit or 0.0)
 
     async def _sleep(self, name: str, seconds: float) -> None:
-        self.start()
+        self._begin()
         if name in self._recorded:
             wake_at = float(json.loads(self._recorded[name]))
         else:
@@ -210,7 +252,7 @@ class DramatiqContext(BaseJobContext):
         raise Suspend(remaining)
 
     async def _progress(self, value: Any, encoded: str) -> None:
-        self.start()
+        self._begin()
         self._store.record_progress(self.job_id, self._seq, encoded)
         if self._on_progress is not None:
             self._on_progress(value)
@@ -218,7 +260,7 @@ class DramatiqContext(BaseJobContext):
     def recorded(self, step: str, value: Any) -> Any:
         """`value`, recorded as `step` the first time (a flow-control decision, e.g. a debounced
         run's payload): a retry gets the recorded one back."""
-        self.start()
+        self._begin()
         if step in self._recorded:
             return json.loads(self._recorded[step])
         encoded = self.encode_result(step, value)

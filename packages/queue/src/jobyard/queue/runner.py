@@ -10,6 +10,7 @@ unless the store marks changes for the job log's shipper, see jobyard/worker/shi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -216,6 +217,7 @@ class _Run:
             self.job_id, self.seq, state, result=fields.get("result"),
             error=fields.get("error") or "", error_class=fields.get("error_class") or "",
             delivery=self.delivery, payload=payload, traceback=fields.get("traceback") or "",
+            steps=self.ctx.unrecorded(),
         )  # fmt: skip
         self.acked = True
         if owned:  # a superseded copy (see seq) must not report an outcome
@@ -264,6 +266,10 @@ class _Run:
     ) -> bool:
         """`hold`: parked by a flow-control limit (in the queue's parked set, where a release
         can wake it early, not on the delay queue)."""
+        # The next run must find this run's returned steps in Redis, journal or not. A job
+        # lost meanwhile, the reschedule finds lost too; a cancel, the next run's start.
+        with contextlib.suppress(LostOwnership, Cancelled):
+            self.ctx.record_unrecorded()
         encoded = encode_job_message(
             self.spec.name, self.spec.queue, self.job_id, self.payload,
             seq=self.seq + 1, resume=resume,

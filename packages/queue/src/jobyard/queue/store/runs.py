@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +106,10 @@ class RunCommands(ScriptStore):
         delivery: Delivery = NO_DELIVERY,
         payload: Any = None,
         traceback: str = "",
+        steps: Sequence[tuple[str, str, str]] = (),
     ) -> bool:
+        """`steps`: (name, result JSON, timing JSON) of returned steps to record with the
+        outcome, those `record_step` was not called for (see DramatiqContext.unrecorded)."""
         reply = self._call(
             [keys.job(job_id), keys.steps(job_id), *delivery.keys(), *self._events],
             "finish",
@@ -118,6 +122,7 @@ class RunCommands(ScriptStore):
             delivery.redis_message_id,
             "" if payload is None else json.dumps(payload),
             traceback,
+            *[part for step in steps for part in step],
         )
         return _text(reply) == "ok"
 
