@@ -137,11 +137,12 @@ def test_an_unreadable_journal_is_waited_for_then_the_run_goes_on(
     assert "step journal unreadable" in caplog.text
 
 
-def test_a_kept_steps_redis_record_waits_for_the_runs_next_call(
+def test_a_steps_redis_record_waits_for_the_runs_next_call(
     redis_server: RedisServer, job_log_database: str
 ) -> None:
-    """The journal committed the step: its Redis record goes with the run's next call (here
-    the next step's, before that step runs; a run's finish takes it along), not in its own."""
+    """With a journal, a step's Redis record goes with the run's next call (here the next
+    step's, after the journal's commit and before that step runs; a run's finish takes it
+    along), not in its own."""
     h = Harness(redis_server, job_log_database)
     h.dispatch()
 
@@ -157,20 +158,27 @@ def test_a_kept_steps_redis_record_waits_for_the_runs_next_call(
         assert h.charge_in_redis == [True]
         assert [s for s, _, _ in ctx.unrecorded()] == ["mail"]
         assert ctx.unrecorded() == []
+        ctx.settle_unrecorded(recorded=True)
     assert load_steps([h.job], url=h.database)[h.job] == {
         "charge": '{"charged": 42}',
         "mail": '"sent"',
     }
 
 
-def test_a_step_the_journal_cannot_keep_is_recorded_in_redis_at_once(
+def test_a_step_the_journal_cannot_keep_is_recorded_in_redis_still(
     redis_server: RedisServer, tmp_path
 ) -> None:
+    """The journal's commit failed: the next call records the step in Redis all the same, and
+    an ending whose own call failed records it alone."""
     unmigrated = f"sqlite:///{tmp_path / 'unmigrated.db'}"
     h = Harness(redis_server, unmigrated)
     h.dispatch()
     with h.client() as r:
         ctx = DramatiqContext(JobStore(r), NAME, h.job, 0, False, journal=h.journal.begin)
         assert asyncio.run(ctx.run("charge", h.charge)) == {"charged": 42}
+        ctx.record_unrecorded()
         assert r.hget(keys.steps(h.job), "charge") == '{"charged": 42}'
-        assert ctx.unrecorded() == []
+        asyncio.run(ctx.run("mail", h.mail))
+        assert [s for s, _, _ in ctx.unrecorded()] == ["mail"]
+        ctx.settle_unrecorded(recorded=False)  # as after a finish that Redis refused
+        assert r.hget(keys.steps(h.job), "mail") == '"sent"'

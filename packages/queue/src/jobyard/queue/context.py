@@ -29,6 +29,11 @@ log = logging.getLogger("jobyard.steps")
 IN_THREAD_SLEEP_LIMIT = 1.0
 
 
+#: A returned step whose Redis record waits (see DramatiqContext._record): name, result JSON,
+#: timing JSON, and the wait for its journal commit (True: committed).
+_Unrecorded = tuple[str, str, str, Callable[[], bool]]
+
+
 class Suspend(BaseException):
     """Raised through the handler to park the job for `seconds`; BaseException so that a
     handler's `except Exception` cannot swallow it."""
@@ -94,9 +99,10 @@ class DramatiqContext(BaseJobContext):
         self._on_progress = on_progress
         self._started: StartResult | None = None
         self._recorded: dict[str, str] = {}
-        # Returned steps the journal committed whose Redis record waits for the run's next
-        # call (see _record): (name, result JSON, timing JSON).
-        self._unrecorded: list[tuple[str, str, str]] = []
+        # Returned steps handed to the journal whose Redis record waits for the run's next
+        # call (see _record), and those handed to the run's ending (see unrecorded).
+        self._unrecorded: list[_Unrecorded] = []
+        self._ending: list[_Unrecorded] = []
 
     @property
     def started(self) -> StartResult | None:
@@ -153,10 +159,13 @@ class DramatiqContext(BaseJobContext):
         self.record_unrecorded()
 
     def record_unrecorded(self) -> None:
-        """Records in Redis the returned steps `_record` left for the run's next call.
+        """Records in Redis the returned steps `_record` left for the run's next call, once
+        the journal's commit of each is done (or failed: the record is then the only one).
         Raises LostOwnership or Cancelled as the step's own record would have."""
         while self._unrecorded:
-            outcome = self._record_patiently(*self._unrecorded[0])
+            step, encoded, timing, committed = self._unrecorded[0]
+            committed()
+            outcome = self._record_patiently(step, encoded, timing)
             if outcome == "lost":
                 raise LostOwnership(self.job_id)
             del self._unrecorded[0]
@@ -164,35 +173,47 @@ class DramatiqContext(BaseJobContext):
                 raise Cancelled(self.job_id)
 
     def unrecorded(self) -> list[tuple[str, str, str]]:
-        """The returned steps not yet recorded in Redis, handed to the run's ending (finish
-        records them in its own call); none are left here."""
-        steps, self._unrecorded = self._unrecorded, []
-        return steps
+        """The returned steps not yet recorded in Redis, (name, result JSON, timing JSON),
+        handed to the run's ending: its call (finish) records them, and may go while the
+        journal's commit of the last is still under way (the result is kept by whichever
+        lands; a worker killed before either loses it, as before the commit alone). Call
+        `settle_unrecorded` after that call."""
+        handed, self._unrecorded = self._unrecorded, []
+        self._ending += handed
+        return [(step, encoded, timing) for step, encoded, timing, _ in handed]
+
+    def settle_unrecorded(self, recorded: bool) -> None:
+        """After the ending's call: waits for the journal's commits of the steps handed to
+        it. `recorded`: whether that call recorded them (False: it failed, Redis away); a step
+        the journal could not keep either is then recorded on its own, patiently."""
+        ending, self._ending = self._ending, []
+        for step, encoded, timing, committed in ending:
+            if not committed() and not recorded:
+                self._record_patiently(step, encoded, timing)
 
     def _record(self, step: str, encoded: str, timing: str = "", *, defer: bool = False) -> None:
-        """`defer`: once the journal committed the result, its Redis record may wait for the
-        run's next call (the next step's record, or the finish, which takes it along): a
-        round trip fewer per step. Until then, a run after this one finds the step in the
-        journal (a redelivery is a second attempt, and a Redis restarted without this run's
-        start marks the run in doubt: may_have_lost), and so does the rescue. A result the
-        journal could not keep is recorded in Redis before the handler goes on, as always."""
+        """`defer`: with a journal, the result's commit there and its Redis record both wait
+        for the run's next call (the next step's record, after the commit; or the finish,
+        which takes the record along): a round trip fewer per step, and the commit overlaps
+        the rest of the run. The handler goes on meanwhile, but does nothing observable
+        before that call (its I/O is in steps). Once committed, a run after this one finds
+        the step in the journal (a redelivery is a second attempt, and a Redis restarted
+        without this run's start marks the run in doubt: may_have_lost), and so does the
+        rescue; a result the journal could not keep is recorded in Redis as before."""
         if defer and self._journal is not None:
-            if self._journal(self.job_id, step, encoded)():
-                self._recorded[step] = encoded
-                self._unrecorded.append((step, encoded, timing))
-                return
-            journal = None  # not kept there: Redis's record is the only one
-        else:
-            journal = self._journal
+            committed = self._journal(self.job_id, step, encoded)
+            self._recorded[step] = encoded
+            self._unrecorded.append((step, encoded, timing, committed))
+            return
         # The database write and the Redis record go at once: a worker killed now loses no
         # more than it did with Redis alone, and the step goes on only once both are done (a
         # Redis that comes back empty may have lost the record; see the rescue).
-        committed = journal(self.job_id, step, encoded) if journal else None
+        kept = self._journal(self.job_id, step, encoded) if self._journal else None
         try:
             outcome = self._record_patiently(step, encoded, timing)
         finally:
-            if committed is not None:
-                committed()
+            if kept is not None:
+                kept()
         if outcome == "lost":
             raise LostOwnership(self.job_id)
         self._recorded[step] = encoded

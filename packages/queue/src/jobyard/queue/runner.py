@@ -213,12 +213,17 @@ class _Run:
     def finish(self, state: str, **fields: Any) -> None:
         start = self.ctx.started
         payload = fields.pop("payload", None)
-        owned = self.store.finish(
-            self.job_id, self.seq, state, result=fields.get("result"),
-            error=fields.get("error") or "", error_class=fields.get("error_class") or "",
-            delivery=self.delivery, payload=payload, traceback=fields.get("traceback") or "",
-            steps=self.ctx.unrecorded(),
-        )  # fmt: skip
+        steps, recorded = self.ctx.unrecorded(), False
+        try:
+            owned = self.store.finish(
+                self.job_id, self.seq, state, result=fields.get("result"),
+                error=fields.get("error") or "", error_class=fields.get("error_class") or "",
+                delivery=self.delivery, payload=payload, traceback=fields.get("traceback") or "",
+                steps=steps,
+            )  # fmt: skip
+            recorded = True
+        finally:
+            self.ctx.settle_unrecorded(recorded)
         self.acked = True
         if owned:  # a superseded copy (see seq) must not report an outcome
             self.event(state, start, payload=payload, **fields)
