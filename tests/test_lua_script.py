@@ -535,6 +535,7 @@ def test_mark_running_leaves_what_it_may_not_mark(
 
 # finish: KEYS job, steps, acks, msgs [, events]
 #         ARGV seq, state, result JSON, error, error class, ttl s, rmid, payload JSON, traceback
+#              [, step name, JSON result, JSON timing]...
 
 
 def finish(
@@ -546,6 +547,7 @@ def finish(
     traceback: str = "",
     error: str = "",
     changes: bool = False,
+    steps: tuple[str, ...] = (),
 ) -> Any:
     keys_ = [JOB_KEY, STEPS_KEY, ACKS_KEY, MSGS_KEY] + ([EVENTS_KEY] if changes else [])
     return lua(
@@ -560,6 +562,7 @@ def finish(
         rmid,
         payload,
         traceback,
+        *steps,
     )
 
 
@@ -620,6 +623,19 @@ def test_finish_of_a_success_logs_its_result(r: redis.Redis, lua: Lua) -> None:
     )  # fmt: skip
 
 
+def test_finish_records_the_steps_it_is_given_with_their_timing(r: redis.Redis, lua: Lua) -> None:
+    """The run's last returned steps, kept by the step journal, recorded with the outcome."""
+    seed(r, state="running", started_at=1000)
+    r.hset(STEPS_KEY, "fetch", "1")
+    steps = ("charge", '{"c": 2}', '{"start": 1}', "mail", "3", '{"start": 2}')
+    assert finish(lua, steps=steps) == "ok"
+    assert r.hgetall(STEPS_KEY) == {
+        "fetch": "1", "charge": '{"c": 2}', "__timing__:charge": '{"start": 1}',
+        "mail": "3", "__timing__:mail": '{"start": 2}',
+    }  # fmt: skip
+    assert 0 < r.ttl(STEPS_KEY) <= TTL
+
+
 def test_finish_acks_only_a_message_the_consumer_holds(r: redis.Redis, lua: Lua) -> None:
     seed(r, state="running")
     rmid, data = put_message(r, QUEUE_KEY, MSGS_KEY)  # waiting, not fetched: not in acks
@@ -635,8 +651,9 @@ def test_finish_of_a_job_no_longer_ours_is_lost_but_still_acks(
         seed(r, state="running", **fields)
     before = job(r)
     rmid = fetched(r)
-    assert finish(lua, rmid=rmid, changes=True) == "lost"
+    assert finish(lua, rmid=rmid, changes=True, steps=("charge", "1", "{}")) == "lost"
     assert job(r) == before
+    assert not r.exists(STEPS_KEY)
     assert r.ttl(JOB_KEY) in (-1, -2)
     assert not r.sismember(ACKS_KEY, rmid) and not r.hexists(MSGS_KEY, rmid)
     assert not r.exists(EVENTS_KEY)

@@ -32,6 +32,7 @@ class Harness:
         self.journal = StepJournal(database)
         self.executions = 0
         self.recalls = 0
+        self.charge_in_redis: list[bool] = []
         self.enqueued_at = 0
         self.job = f"recall-{uuid.uuid4().hex[:8]}"  # the journal's database is the session's
 
@@ -56,6 +57,12 @@ class Harness:
     def charge(self) -> dict[str, int]:
         self.executions += 1
         return {"charged": 42}
+
+    def mail(self) -> str:
+        """A second step: notes whether the first one's record was in Redis when it ran."""
+        with self.client() as r:
+            self.charge_in_redis.append(r.hexists(keys.steps(self.job), "charge"))
+        return "sent"
 
     def run(self, recall: Callable[[str], dict[str, str]] | None = None) -> object:
         """One run of the job's message (seq 0): its one step."""
@@ -128,3 +135,50 @@ def test_an_unreadable_journal_is_waited_for_then_the_run_goes_on(
     assert time.monotonic() - began >= 0.6
     assert h.executions == 2
     assert "step journal unreadable" in caplog.text
+
+
+def test_a_steps_redis_record_waits_for_the_runs_next_call(
+    redis_server: RedisServer, job_log_database: str
+) -> None:
+    """With a journal, a step's Redis record goes with the run's next call (here the next
+    step's, after the journal's commit and before that step runs; a run's finish takes it
+    along), not in its own."""
+    h = Harness(redis_server, job_log_database)
+    h.dispatch()
+
+    async def handler(ctx: DramatiqContext) -> None:
+        await ctx.run("charge", h.charge)
+        with h.client() as r:
+            assert not r.hexists(keys.steps(h.job), "charge")
+        await ctx.run("mail", h.mail)
+
+    with h.client() as r:
+        ctx = DramatiqContext(JobStore(r), NAME, h.job, 0, False, journal=h.journal.begin)
+        asyncio.run(handler(ctx))
+        assert h.charge_in_redis == [True]
+        assert [s for s, _, _ in ctx.unrecorded()] == ["mail"]
+        assert ctx.unrecorded() == []
+        ctx.settle_unrecorded(recorded=True)
+    assert load_steps([h.job], url=h.database)[h.job] == {
+        "charge": '{"charged": 42}',
+        "mail": '"sent"',
+    }
+
+
+def test_a_step_the_journal_cannot_keep_is_recorded_in_redis_still(
+    redis_server: RedisServer, tmp_path
+) -> None:
+    """The journal's commit failed: the next call records the step in Redis all the same, and
+    an ending whose own call failed records it alone."""
+    unmigrated = f"sqlite:///{tmp_path / 'unmigrated.db'}"
+    h = Harness(redis_server, unmigrated)
+    h.dispatch()
+    with h.client() as r:
+        ctx = DramatiqContext(JobStore(r), NAME, h.job, 0, False, journal=h.journal.begin)
+        assert asyncio.run(ctx.run("charge", h.charge)) == {"charged": 42}
+        ctx.record_unrecorded()
+        assert r.hget(keys.steps(h.job), "charge") == '{"charged": 42}'
+        asyncio.run(ctx.run("mail", h.mail))
+        assert [s for s, _, _ in ctx.unrecorded()] == ["mail"]
+        ctx.settle_unrecorded(recorded=False)  # as after a finish that Redis refused
+        assert r.hget(keys.steps(h.job), "mail") == '"sent"'

@@ -31,6 +31,11 @@ log = logging.getLogger("jobyard.steps")
 IN_THREAD_SLEEP_LIMIT = 1.0
 
 
+#: A returned step whose Redis record waits (see DramatiqContext._record): name, result JSON,
+#: timing JSON, and the wait for its journal commit (True: committed).
+_Unrecorded = tuple[str, str, str, Callable[[], bool]]
+
+
 class Suspend(BaseException):
     """Raised through the handler to park the job for `seconds`; BaseException so that a
     handler's `except Exception` cannot swallow it. `shown`: what a job parked until its next
@@ -74,16 +79,17 @@ class DramatiqContext(BaseJobContext):
         on_start: Callable[[StartResult], None] | None = None,
         on_progress: Callable[[Any], None] | None = None,
         time_limit: float | None = None,
-        journal: Callable[[str, str, str], Callable[[], object]] | None = None,
+        journal: Callable[[str, str, str], Callable[[], bool]] | None = None,
         suspect_attempts: int = 0,
         recall: Callable[[str], dict[str, str]] | None = None,
     ) -> None:
         """`time_limit`: seconds this run may take; a step still running then is abandoned
         (see jobyard.queue.deadline). `journal(job_id, step, result_json)` starts keeping a
         returned step's result durably (jobyard.job_engine.db.steps) and returns the wait for
-        it. `suspect_attempts`: the job's attempts, when its message is a suspect's (see
-        jobyard.queue.reclaim). `recall(job_id)`: the step results the journal kept, step ->
-        JSON text; read only by a run whose start says Redis may have lost some."""
+        it (True: committed). `suspect_attempts`: the job's attempts, when its message is a
+        suspect's (see jobyard.queue.reclaim). `recall(job_id)`: the step results the journal
+        kept, step -> JSON text; read only by a run whose start says Redis may have lost
+        some."""
         super().__init__(job_id, job_name)
         self._recall_journal = recall
         self._suspect_attempts = suspect_attempts
@@ -97,6 +103,10 @@ class DramatiqContext(BaseJobContext):
         self._on_progress = on_progress
         self._started: StartResult | None = None
         self._recorded: dict[str, str] = {}
+        # Returned steps handed to the journal whose Redis record waits for the run's next
+        # call (see _record), and those handed to the run's ending (see unrecorded).
+        self._unrecorded: list[_Unrecorded] = []
+        self._ending: list[_Unrecorded] = []
 
     @property
     def started(self) -> StartResult | None:
@@ -145,16 +155,69 @@ class DramatiqContext(BaseJobContext):
                     return {}
                 time.sleep(RECORD_RETRY_INTERVAL)
 
-    def _record(self, step: str, encoded: str, timing: str = "") -> None:
+    def _begin(self) -> None:
+        """Before the handler's next use of ctx: the run started, and the steps whose Redis
+        record was left for later recorded now (a job dropped or cancelled meanwhile stops
+        here, at this step boundary, as it would have at the step's own record)."""
+        self.start()
+        self.record_unrecorded()
+
+    def record_unrecorded(self) -> None:
+        """Records in Redis the returned steps `_record` left for the run's next call, once
+        the journal's commit of each is done (or failed: the record is then the only one).
+        Raises LostOwnership or Cancelled as the step's own record would have."""
+        while self._unrecorded:
+            step, encoded, timing, committed = self._unrecorded[0]
+            committed()
+            outcome = self._record_patiently(step, encoded, timing)
+            if outcome == "lost":
+                raise LostOwnership(self.job_id)
+            del self._unrecorded[0]
+            if outcome == "cancel":
+                raise Cancelled(self.job_id)
+
+    def unrecorded(self) -> list[tuple[str, str, str]]:
+        """The returned steps not yet recorded in Redis, (name, result JSON, timing JSON),
+        handed to the run's ending: its call (finish) records them, and may go while the
+        journal's commit of the last is still under way (the result is kept by whichever
+        lands; a worker killed before either loses it, as before the commit alone). Call
+        `settle_unrecorded` after that call."""
+        handed, self._unrecorded = self._unrecorded, []
+        self._ending += handed
+        return [(step, encoded, timing) for step, encoded, timing, _ in handed]
+
+    def settle_unrecorded(self, recorded: bool) -> None:
+        """After the ending's call: waits for the journal's commits of the steps handed to
+        it. `recorded`: whether that call recorded them (False: it failed, Redis away); a step
+        the journal could not keep either is then recorded on its own, patiently."""
+        ending, self._ending = self._ending, []
+        for step, encoded, timing, committed in ending:
+            if not committed() and not recorded:
+                self._record_patiently(step, encoded, timing)
+
+    def _record(self, step: str, encoded: str, timing: str = "", *, defer: bool = False) -> None:
+        """`defer`: with a journal, the result's commit there and its Redis record both wait
+        for the run's next call (the next step's record, after the commit; or the finish,
+        which takes the record along): a round trip fewer per step, and the commit overlaps
+        the rest of the run. The handler goes on meanwhile, but does nothing observable
+        before that call (its I/O is in steps). Once committed, a run after this one finds
+        the step in the journal (a redelivery is a second attempt, and a Redis restarted
+        without this run's start marks the run in doubt: may_have_lost), and so does the
+        rescue; a result the journal could not keep is recorded in Redis as before."""
+        if defer and self._journal is not None:
+            committed = self._journal(self.job_id, step, encoded)
+            self._recorded[step] = encoded
+            self._unrecorded.append((step, encoded, timing, committed))
+            return
         # The database write and the Redis record go at once: a worker killed now loses no
         # more than it did with Redis alone, and the step goes on only once both are done (a
         # Redis that comes back empty may have lost the record; see the rescue).
-        committed = self._journal(self.job_id, step, encoded) if self._journal else None
+        kept = self._journal(self.job_id, step, encoded) if self._journal else None
         try:
             outcome = self._record_patiently(step, encoded, timing)
         finally:
-            if committed is not None:
-                committed()
+            if kept is not None:
+                kept()
         if outcome == "lost":
             raise LostOwnership(self.job_id)
         self._recorded[step] = encoded
@@ -178,7 +241,7 @@ class DramatiqContext(BaseJobContext):
     async def _run_step(
         self, step: str, ref: str, fn: Callable[..., Any], args: tuple[Any, ...]
     ) -> Any:
-        self.start()
+        self._begin()
         if step in self._recorded:
             return json.loads(self._recorded[step])
         began = time.time()
@@ -189,7 +252,7 @@ class DramatiqContext(BaseJobContext):
             result = await self._call(step, fn, args)
         encoded = self.encode_result(step, result)
         timing = {"start": began, "end": time.time(), "attempt": self.attempt}
-        self._record(step, encoded, json.dumps(timing))
+        self._record(step, encoded, json.dumps(timing), defer=True)
         return json.loads(encoded)
 
     async def _call(self, step: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -197,7 +260,7 @@ class DramatiqContext(BaseJobContext):
         return await run_step(step, fn, args, self._deadline, self._time_limit or 0.0)
 
     async def _sleep(self, name: str, seconds: float) -> None:
-        self.start()
+        self._begin()
         if name in self._recorded:
             wake_at = float(json.loads(self._recorded[name]))
         else:
@@ -261,7 +324,7 @@ class DramatiqContext(BaseJobContext):
         return event
 
     async def _progress(self, value: Any, encoded: str) -> None:
-        self.start()
+        self._begin()
         self._store.record_progress(self.job_id, self._seq, encoded)
         if self._on_progress is not None:
             self._on_progress(value)
@@ -269,7 +332,7 @@ class DramatiqContext(BaseJobContext):
     def recorded(self, step: str, value: Any) -> Any:
         """`value`, recorded as `step` the first time (a flow-control decision, e.g. a debounced
         run's payload): a retry gets the recorded one back."""
-        self.start()
+        self._begin()
         if step in self._recorded:
             return json.loads(self._recorded[step])
         encoded = self.encode_result(step, value)

@@ -515,8 +515,10 @@ elseif command == "mark_running" then
 
 -- finish: KEYS job, steps, dramatiq acks, dramatiq msgs [, events]
 --         ARGV seq, state, result JSON, error, error class, ttl s, redis message id, payload JSON,
---              traceback
---         (the payload is kept for failed and dead jobs, so they can be replayed)
+--              traceback [, step name, JSON result, JSON timing]...
+--         (the payload is kept for failed and dead jobs, so they can be replayed; the steps are
+--         the run's returned steps not yet recorded with `step`: their results were committed
+--         to the step journal, so their record could wait for this call, see DramatiqContext)
 -- -> "ok" | "lost".  A terminal state; the records expire after ttl. Acks the Dramatiq message
 -- in the same call (Dramatiq's own ack is then skipped), saving a round trip per job.
 elseif command == "finish" then
@@ -539,6 +541,9 @@ elseif command == "finish" then
     end
     if traceback ~= "" then
         redis.call("hset", job_key, "traceback", traceback)
+    end
+    for i = 11, #ARGV, 3 do
+        redis.call("hset", steps_key, ARGV[i], ARGV[i + 1], "__timing__:" .. ARGV[i], ARGV[i + 2])
     end
     redis.call("expire", job_key, ttl)
     redis.call("expire", steps_key, ttl)

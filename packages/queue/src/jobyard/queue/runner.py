@@ -10,6 +10,7 @@ unless the store marks changes for the job log's shipper, see jobyard/worker/shi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -233,11 +234,17 @@ class _Run:
     def finish(self, state: str, **fields: Any) -> None:
         start = self.ctx.started
         payload = fields.pop("payload", None)
-        owned = self.store.finish(
-            self.job_id, self.seq, state, result=fields.get("result"),
-            error=fields.get("error") or "", error_class=fields.get("error_class") or "",
-            delivery=self.delivery, payload=payload, traceback=fields.get("traceback") or "",
-        )  # fmt: skip
+        steps, recorded = self.ctx.unrecorded(), False
+        try:
+            owned = self.store.finish(
+                self.job_id, self.seq, state, result=fields.get("result"),
+                error=fields.get("error") or "", error_class=fields.get("error_class") or "",
+                delivery=self.delivery, payload=payload, traceback=fields.get("traceback") or "",
+                steps=steps,
+            )  # fmt: skip
+            recorded = True
+        finally:
+            self.ctx.settle_unrecorded(recorded)
         self.acked = True
         if owned:  # a superseded copy (see seq) must not report an outcome
             self.event(state, start, payload=payload, **fields)
@@ -291,6 +298,10 @@ class _Run:
         """`hold`: parked by a flow-control limit (in the queue's parked set, where a release
         can wake it early, not on the delay queue). `waiting`: what a job waiting for other jobs
         or an event shows meanwhile (it waits on the delay queue, as a sleep)."""
+        # The next run must find this run's returned steps in Redis, journal or not. A job
+        # lost meanwhile, the reschedule finds lost too; a cancel, the next run's start.
+        with contextlib.suppress(LostOwnership, Cancelled):
+            self.ctx.record_unrecorded()
         encoded = encode_job_message(
             self.spec.name, self.spec.queue, self.job_id, self.payload,
             seq=self.seq + 1, resume=resume,

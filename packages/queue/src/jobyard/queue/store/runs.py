@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,7 +115,10 @@ class RunCommands(ScriptStore):
         delivery: Delivery = NO_DELIVERY,
         payload: Any = None,
         traceback: str = "",
+        steps: Sequence[tuple[str, str, str]] = (),
     ) -> bool:
+        """`steps`: (name, result JSON, timing JSON) of returned steps to record with the
+        outcome, those `record_step` was not called for (see DramatiqContext.unrecorded)."""
         reply = self._call(
             [keys.job(job_id), keys.steps(job_id), *delivery.keys(), *self._events],
             "finish",
@@ -127,6 +131,11 @@ class RunCommands(ScriptStore):
             delivery.redis_message_id,
             "" if payload is None else json.dumps(crypto.seal(job_id, payload)),
             crypto.seal(job_id, traceback) if traceback else "",
+            *[
+                part
+                for name, result_json, timing_json in steps
+                for part in (name, crypto.seal_json(job_id, result_json), timing_json)
+            ],
         )
         return _text(reply) == "ok"
 
