@@ -613,6 +613,22 @@ def test_finish_of_a_failure_keeps_payload_and_traceback_and_logs(r: redis.Redis
     )  # fmt: skip
 
 
+def test_finish_with_steps_after_a_cancel_was_asked_for_ends_cancelled(
+    r: redis.Redis, lua: Lua
+) -> None:
+    """The run's last step's record comes with the finish (DramatiqContext.unrecorded): that
+    call is the step boundary where a cancel asked for during the step stops the run."""
+    seed(r, state="running", started_at=1000, cancel="1")
+    assert finish(lua, steps=("last", '{"v": 1}', "{}")) == "cancelled"
+    record = job(r)
+    assert (record["state"], record["result"]) == ("cancelled", "null")
+    assert r.hget(STEPS_KEY, "last") == '{"v": 1}'
+    # Without steps to record the run had passed its last boundary: the outcome stands.
+    seed(r, state="running", started_at=1000, cancel="1")
+    assert finish(lua) == "ok"
+    assert job(r)["state"] == "succeeded"
+
+
 def test_finish_of_a_success_logs_its_result(r: redis.Redis, lua: Lua) -> None:
     seed(r, state="running", attempts=1, started_at=1000)
     before = now_ms(r)

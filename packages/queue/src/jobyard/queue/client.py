@@ -91,12 +91,13 @@ class _NoticesANewServer:
     # redis-py (>= 6) calls this, not on_connect, when it opens a connection.
     def on_connect_check_health(self, check_health: bool = True) -> None:
         super().on_connect_check_health(check_health)  # type: ignore[misc]
-        self.send_command("INFO", "server")  # type: ignore[attr-defined]
+        self.send_command("INFO", "server", "replication")  # type: ignore[attr-defined]
         info = self.read_response()  # type: ignore[attr-defined]
         text = info.decode() if isinstance(info, bytes) else str(info)
-        run_id = next(
-            (line[7:].strip() for line in text.splitlines() if line.startswith("run_id:")), ""
-        )
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        if fields.get("role", "").strip() != "master":
+            return  # a replica (a demoted primary): the first write says so, READONLY
+        run_id = fields.get("run_id", "").strip()
         address = (self._server_address(), int(getattr(self, "db", 0) or 0))
         previous = _servers.get(address)
         _servers[address] = run_id

@@ -519,8 +519,10 @@ elseif command == "mark_running" then
 --         (the payload is kept for failed and dead jobs, so they can be replayed; the steps are
 --         the run's returned steps not yet recorded with `step`: their results were committed
 --         to the step journal, so their record could wait for this call, see DramatiqContext)
--- -> "ok" | "lost".  A terminal state; the records expire after ttl. Acks the Dramatiq message
--- in the same call (Dramatiq's own ack is then skipped), saving a round trip per job.
+-- -> "ok" | "lost" | "cancelled".  A terminal state; the records expire after ttl. Acks the
+-- Dramatiq message in the same call (Dramatiq's own ack is then skipped), saving a round trip
+-- per job. "cancelled": the run brings steps and a cancel was asked for meanwhile: this call is
+-- the step boundary where the run stops, and it ends cancelled, not succeeded.
 elseif command == "finish" then
     local job_key, steps_key, acks_key, msgs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
     local events_key = KEYS[5]
@@ -530,9 +532,13 @@ elseif command == "finish" then
 
     ack(acks_key, msgs_key, message_id)
     local job = redis.call("hmget", job_key, "engine", "seq", "name", "queue", "attempts",
-                           "started_at")
+                           "started_at", "cancel")
     if job[1] ~= "dramatiq" or job[2] ~= seq then
         return "lost"
+    end
+    local reply = "ok"
+    if #ARGV >= 11 and state == "succeeded" and job[7] == "1" then
+        state, result, reply = "cancelled", "null", "cancelled"
     end
     redis.call("hset", job_key, "state", state, "result", result, "error", error_message,
                "error_class", error_class, "finished_at", now_ms())
@@ -551,7 +557,7 @@ elseif command == "finish" then
             "attempts", job[5], "started_at", job[6], "result", state == "succeeded" and result,
             "error", error_message, "error_class", error_class, "traceback", traceback,
             "payload", payload)
-    return "ok"
+    return reply
 
 -- complete: KEYS job, steps, dramatiq acks, dramatiq msgs [, events]
 --           ARGV seq, is_resume, result JSON, ttl s, redis message id

@@ -128,8 +128,16 @@ def _finished_exhausted(store: JobStore, queue: str, message: Message[Any]) -> b
     if not allowed or attempts < allowed:
         return False
     error = died_error(attempts, record.get("died", ""))
-    owned = store.finish(
-        job_id, seq, JobState.DEAD, error=error, error_class=WORKER_PROCESS_DIED, payload=payload
+    owned = (
+        store.finish(
+            job_id,
+            seq,
+            JobState.DEAD,
+            error=error,
+            error_class=WORKER_PROCESS_DIED,
+            payload=payload,
+        )
+        is not None
     )
     if owned:
         log.warning("job %s dead after %d attempt(s): %s", job_id, attempts, error)

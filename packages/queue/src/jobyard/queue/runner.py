@@ -236,7 +236,7 @@ class _Run:
         payload = fields.pop("payload", None)
         steps, recorded = self.ctx.unrecorded(), False
         try:
-            owned = self.store.finish(
+            written = self.store.finish(
                 self.job_id, self.seq, state, result=fields.get("result"),
                 error=fields.get("error") or "", error_class=fields.get("error_class") or "",
                 delivery=self.delivery, payload=payload, traceback=fields.get("traceback") or "",
@@ -246,8 +246,11 @@ class _Run:
         finally:
             self.ctx.settle_unrecorded(recorded)
         self.acked = True
-        if owned:  # a superseded copy (see seq) must not report an outcome
-            self.event(state, start, payload=payload, **fields)
+        if written is None:  # a superseded copy (see seq) must not report an outcome
+            return
+        if written != state:  # cancelled at the boundary of its last step, which this was
+            state, fields = written, {}
+        self.event(state, start, payload=payload, **fields)
 
     def died_too_often(self, died: DiedTooOften) -> None:
         """Its process died during its last attempt: dead, not run again."""

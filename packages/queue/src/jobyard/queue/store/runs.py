@@ -116,9 +116,11 @@ class RunCommands(ScriptStore):
         payload: Any = None,
         traceback: str = "",
         steps: Sequence[tuple[str, str, str]] = (),
-    ) -> bool:
-        """`steps`: (name, result JSON, timing JSON) of returned steps to record with the
-        outcome, those `record_step` was not called for (see DramatiqContext.unrecorded)."""
+    ) -> str | None:
+        """The state written (`state`, or "cancelled" when steps come with it and a cancel was
+        asked for while they ran), None when the run is not the job's any more. `steps`: (name,
+        result JSON, timing JSON) of returned steps to record with the outcome, those
+        `record_step` was not called for (see DramatiqContext.unrecorded)."""
         reply = self._call(
             [keys.job(job_id), keys.steps(job_id), *delivery.keys(), *self._events],
             "finish",
@@ -137,7 +139,8 @@ class RunCommands(ScriptStore):
                 for part in (name, crypto.seal_json(job_id, result_json), timing_json)
             ],
         )
-        return _text(reply) == "ok"
+        written = _text(reply)
+        return None if written == "lost" else (state if written == "ok" else written)
 
     def complete(
         self, job_id: str, seq: int, *, resume: bool, result: Any, delivery: Delivery = NO_DELIVERY
