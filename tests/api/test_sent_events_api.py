@@ -41,3 +41,16 @@ def test_a_body_that_is_not_a_json_object_is_422(api: ApiServer, body: bytes) ->
 def test_an_invalid_event_name_is_422(api: ApiServer) -> None:
     response = api.client.post("/events/-starts-with-a-dash", json={})
     assert response.status_code == 422, response.text
+
+
+def test_event_data_over_the_payload_limit_is_refused_and_not_stored(
+    api: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JOBYARD_MAX_PAYLOAD_BYTES", "64")
+    name = f"upload.{uuid.uuid4().hex[:8]}"
+    from jobyard.dispatcher import send_event
+
+    with pytest.raises(ValueError, match="the limit is 64"):
+        send_event(name, {"blob": "x" * 100})
+    assert stored(name) == []
+    assert send_event(name, {"small": 1}) > 0

@@ -9,7 +9,7 @@ import asyncio
 import time
 from typing import Any
 
-from jobyard.job_engine import strictjson
+from jobyard.job_engine import env, strictjson
 from jobyard.job_engine.db.sent_events import store
 from jobyard.job_engine.events import check_event_data, check_event_name
 
@@ -20,7 +20,15 @@ def send_event(name: str, data: dict[str, Any] | None = None) -> int:
     one whose wait begins up to JOBYARD_EVENT_LOOKBACK seconds from now. Returns its id."""
     check_event_name(name)
     checked = check_event_data({} if data is None else data)
-    return store(name, strictjson.dumps(checked).decode("utf-8"), time.time())
+    text = strictjson.dumps(checked).decode("utf-8")
+    # Every wait for `name` reads it at each look: bounded as a job's payload is.
+    limit = env.get_int(env.MAX_PAYLOAD_BYTES)
+    if len(text) > limit:
+        raise ValueError(
+            f"event data is {len(text)} bytes of JSON; the limit is {limit}"
+            f" ({env.MAX_PAYLOAD_BYTES})"
+        )
+    return store(name, text, time.time())
 
 
 async def asend_event(name: str, data: dict[str, Any] | None = None) -> int:
