@@ -3,6 +3,7 @@ failover by dispatch and a real worker, READONLY and NOSCRIPT survived (issue 31
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -143,6 +144,33 @@ def test_dispatch_and_a_worker_follow_the_promoted_replica(
     assert flushed.engine == "dramatiq"
     status = engines.wait(flushed.job_id, timeout=30)
     assert (status.engine, status.state, status.attempts) == ("dramatiq", "succeeded", 1)
+
+
+def test_the_cli_dispatches_and_reads_a_job_through_sentinel(
+    sentinel_engines: Engines, sentinel_cluster: SentinelCluster
+) -> None:
+    """`jobyard dispatch` and `jobyard status` as separate processes on a sentinel URL."""
+    sentinel_engines.start_worker(queues="default")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # REDIS_URL: the sentinel URL (the fixture)
+
+    def jobyard(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "jobyard.cli", *args],
+            env=env, capture_output=True, text=True, timeout=90, cwd=ROOT,
+        )  # fmt: skip
+
+    dispatched = jobyard("dispatch", "system.echo", "--payload", '{"via": "sentinel"}')
+    assert dispatched.returncode == 0, dispatched.stderr
+    handle = json.loads(dispatched.stdout)
+    assert handle["engine"] == "dramatiq"
+
+    def succeeded() -> dict | None:
+        done = jobyard("status", handle["job_id"])
+        status = json.loads(done.stdout) if done.returncode == 0 else {}
+        return status if status.get("state") == "succeeded" else None
+
+    status = wait_for(succeeded, timeout=60, interval=0.5)
+    assert status["result"] == {"via": "sentinel"}
 
 
 def test_a_demoted_primary_is_left_and_sentinel_asked_again(
