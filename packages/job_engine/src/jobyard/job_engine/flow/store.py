@@ -114,7 +114,9 @@ _COLLAPSE = sql_text(
 _SERVED_BY = sql_text(f"SELECT served_by FROM {COLLAPSED} WHERE job_id = :job_id")
 
 _PG_NOW = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
-_SQLITE_NOW = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+# julianday('now') holds whole milliseconds; rounding (not truncating) keeps the float product's
+# error from reading a millisecond early, which a caller sleeping `retry_in` would meet as a refusal
+_SQLITE_NOW = "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"
 _LOCK = (
     f"INSERT INTO {TABLE} (scope, bucket, state, expires_at) VALUES ({{p}}, {{p}}, '', 0) "
     f"ON CONFLICT (scope, bucket) DO UPDATE SET expires_at = {TABLE}.expires_at "
