@@ -79,6 +79,19 @@ class Spans:
         return trace
 
 
+def batch_is_one_trace(spans: Spans, batch: list[JobHandle | Exception]) -> None:
+    """Each of the batch's jobs' runs is a child of the (one) dispatch_many span."""
+    ids = {h.job_id for h in batch if isinstance(h, JobHandle)}
+    assert len(ids) == len(batch), batch
+
+    def runs() -> list[Span]:
+        return [s for s in spans.all() if s.name == tracing.RUN and s.job_id in ids]
+
+    wait_for(lambda: len(runs()) == len(ids), timeout=60)
+    (many,) = [s for s in spans.all() if s.name == tracing.DISPATCH_MANY]
+    assert {(r.trace_id, r.parent_id) for r in runs()} == {(many.trace_id, many.span_id)}
+
+
 def ancestry(trace: list[Span], span: Span) -> list[str]:
     """The names from `span` up to the root."""
     by_id = {s.span_id: s for s in trace}
@@ -137,15 +150,7 @@ def test_a_dramatiq_job_is_one_trace(spans: Spans, engines: Engines, tmp_path: P
 
     # A batch is one trace: each of its jobs' runs is a child of the dispatch_many span.
     batch = dispatch_many([("system.echo", {"i": 1}), ("system.echo", {"i": 2})])
-    ids = {h.job_id for h in batch if isinstance(h, JobHandle)}
-    assert len(ids) == 2, batch
-
-    def runs() -> list[Span]:
-        return [s for s in spans.all() if s.name == tracing.RUN and s.job_id in ids]
-
-    wait_for(lambda: len(runs()) == 2, timeout=60)
-    (many,) = [s for s in spans.all() if s.name == tracing.DISPATCH_MANY]
-    assert {(r.trace_id, r.parent_id) for r in runs()} == {(many.trace_id, many.span_id)}
+    batch_is_one_trace(spans, batch)
 
 
 def test_a_temporal_job_is_one_trace(spans: Spans, engines: Engines, tmp_path: Path) -> None:
@@ -200,6 +205,37 @@ def test_a_job_moved_from_dramatiq_to_temporal_is_one_trace(
         "StartWorkflow:jobyard.job", tracing.FALLBACK, tracing.RUN, tracing.DISPATCH,
     ], second  # fmt: skip
     assert "RunWorkflow:jobyard.job" in {s.name for s in trace}
+
+
+def test_a_job_dispatched_in_a_transaction_is_one_trace(
+    spans: Spans, engines: Engines, tmp_path: Path
+) -> None:
+    """The outbox row carries its dispatch's context: the relay (in the worker's supervisor, a
+    process of its own) sends the job under it, so its run and steps join the caller's trace."""
+    from jobyard.job_engine.db import get_engine
+
+    engines.start_worker(queues="default")
+    with get_engine().begin() as connection:
+        handle = dispatch_job(
+            "test.two_steps", {"marker_dir": str(tmp_path), "sleep": 0}, connection=connection
+        )
+    assert handle.engine == "outbox"
+    assert engines.wait(handle.job_id).state == "succeeded"
+    spans.wait_for_steps(handle.job_id, {"first": "dramatiq", "second": "dramatiq"})
+
+    trace = spans.trace(handle.job_id)
+    (dispatch,) = [s for s in trace if s.name == tracing.DISPATCH]
+    assert dispatch.attributes["jobyard.engine"] == "outbox"
+    for step in ("first", "second"):
+        assert ancestry(trace, step_span(trace, step)) == [
+            tracing.STEP, tracing.RUN, tracing.DISPATCH,
+        ]  # fmt: skip
+
+    with get_engine().begin() as connection:
+        batch = dispatch_many(
+            [("system.echo", {"i": 1}), ("system.echo", {"i": 2})], connection=connection
+        )
+    batch_is_one_trace(spans, batch)
 
 
 OFF_PROBE = """

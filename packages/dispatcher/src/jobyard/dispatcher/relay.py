@@ -50,6 +50,7 @@ from jobyard.dispatcher.models import (
 )
 from jobyard.dispatcher.owners import Owner, payload_digest
 from jobyard.dispatcher.routing import result_of
+from jobyard.dispatcher.transactional import OUTBOX_TRACE
 from jobyard.job_engine import crypto, env, metrics
 from jobyard.job_engine.collector import collector_paused
 from jobyard.job_engine.db import dispatch_outbox as outbox
@@ -228,6 +229,7 @@ def submission_of(entry: outbox.Entry, now: float) -> Submission:
         entry.job_id, entry.name, entry.queue,
         crypto.unseal(entry.job_id, json.loads(entry.payload)), options,
         payload_json=entry.payload.encode(),  # sealed, with encryption on: engines keep it so
+        trace=given.get(OUTBOX_TRACE),
     )  # fmt: skip
 
 

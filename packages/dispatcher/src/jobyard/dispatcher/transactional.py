@@ -40,12 +40,16 @@ from jobyard.dispatcher.models import (
     JobStatus,
 )
 from jobyard.dispatcher.submission import make_submission, submission_of
-from jobyard.job_engine import IdempotencyConflictError, JobyardError, get_spec
+from jobyard.job_engine import IdempotencyConflictError, JobyardError, get_spec, tracing
 from jobyard.job_engine.db import database_url, get_engine
 from jobyard.job_engine.db import dispatch_outbox as outbox
 from jobyard.job_engine.states import JobState
 
+#: The options key of an outbox row that holds its dispatch's trace context (W3C headers).
+OUTBOX_TRACE = "trace"
+
 __all__ = [
+    "OUTBOX_TRACE",
     "committed_status",
     "dispatch_in",
     "dispatch_many_in",
@@ -74,7 +78,23 @@ def dispatch_on(
     **options: Any,
 ) -> JobHandle:
     """One job into `target`'s transaction (any `Target`: Django's connection too).
-    `new_id`: the given job_id was just generated, so it need not be looked up."""
+    `new_id`: the given job_id was just generated, so it need not be looked up. Traced, it is
+    one ``jobyard.dispatch`` span (engine "outbox") whose context the outbox row carries."""
+    if tracing.setup_from_env():
+        return tracing.traced_dispatch(
+            lambda _: _write_one(target, still_open, name, payload, new_id, options), name
+        )
+    return _write_one(target, still_open, name, payload, new_id, options)
+
+
+def _write_one(
+    target: outbox.Target,
+    still_open: Callable[[], bool],
+    name: str,
+    payload: Any,
+    new_id: bool,
+    options: dict[str, Any],
+) -> JobHandle:
     job = make_submission(
         name, payload, options.get("job_id"), options.get("delay"), options.get("webhook_url"),
         options.get("retry"), options.get("priority"),
@@ -116,6 +136,9 @@ def dispatch_many_in(
     the error `dispatch_job` would have raised for it; the valid ones are written in one
     statement, in the caller's transaction."""
     target, still_open = sql_target(connection)
+    if tracing.setup_from_env():  # one span for the batch: its jobs' runs are its children
+        with tracing.span(tracing.DISPATCH_MANY, {}, kind="producer"):
+            return write_requests(target, list(requests), still_open)
     return write_requests(target, list(requests), still_open)
 
 
@@ -158,6 +181,8 @@ def write_jobs(
     outbox.check_target(target, database_url())
     known = outbox.known_names(target, sorted(chosen)) if chosen else {}
     now = time.time()
+    # The dispatch's trace context rides in the row's options: the relay's send continues it.
+    trace = tracing.inject() if tracing.ACTIVE else None
     results: list[JobHandle | Exception] = []
     rows: list[outbox.OutboxRow] = []
     for job in jobs:
@@ -171,7 +196,7 @@ def write_jobs(
             continue
         payload = (job.payload_json or json.dumps(job.payload).encode()).decode()
         rows.append(outbox.OutboxRow(
-            job.job_id, job.name, job.queue, payload, options_json(job.options), now,
+            job.job_id, job.name, job.queue, payload, options_json(job.options, trace), now,
         ))  # fmt: skip
         results.append(JobHandle(job.job_id, OUTBOX_ENGINE))
     if rows:
@@ -180,13 +205,18 @@ def write_jobs(
     return results
 
 
-def options_json(options: DispatchOptions) -> str | None:
-    if options is NO_OPTIONS or options == NO_OPTIONS:
+def options_json(options: DispatchOptions, trace: dict[str, str] | None = None) -> str | None:
+    """The row's options column: what the relay's send needs besides name and payload."""
+    plain = options is NO_OPTIONS or options == NO_OPTIONS
+    if plain and not trace:
         return None
-    return json.dumps({
+    given: dict[str, Any] = {} if plain else {
         "delay": options.delay, "webhook_url": options.webhook_url, "retry": options.retry,
         "priority": options.priority,
-    })  # fmt: skip
+    }  # fmt: skip
+    if trace:
+        given[OUTBOX_TRACE] = trace
+    return json.dumps(given)
 
 
 def is_async(connection: Any) -> TypeGuard[AsyncConnection | AsyncSession]:

@@ -49,7 +49,9 @@ def encode_job_message(
     webhook_url: str | None = None,
     retry: dict[str, Any] | None = None,
     after: dict[str, Any] | None = None,
+    trace: dict[str, str] | None = None,
 ) -> EncodedMessage:
+    """`trace`: the context of a dispatch made elsewhere (an outbox row's), else the current."""
     message_id = random_id()
     options: dict[str, Any] = {"redis_message_id": message_id, SEQ: seq, RESUME: resume}
     if webhook_url:
@@ -58,7 +60,9 @@ def encode_job_message(
         options[RETRY] = retry
     if after:
         options[AFTER] = after
-    if tracing.ACTIVE:  # the dispatch's span, or the run's for a retry or a resumed sleep
+    if trace:
+        options[TRACE] = trace
+    elif tracing.ACTIVE:  # the dispatch's span, or the run's for a retry or a resumed sleep
         options[TRACE] = tracing.inject()
     target = queue
     if delay_seconds:

@@ -473,13 +473,14 @@ def _message(job: Submission, seq: int = 0) -> EncodedMessage:
     JSON text and the job has no options (most jobs), else built field by field."""
     options = job.options
     plain = options is NO_OPTIONS or options == NO_OPTIONS
-    if job.payload_json is not None and seq == 0 and plain and NewJobMessages.usable():
+    templated = plain and job.trace is None and NewJobMessages.usable()
+    if job.payload_json is not None and seq == 0 and templated:
         message_id, data = _template(job.name, job.queue).encode(job.job_id, job.payload_json)
         return EncodedMessage(job.queue, message_id, data)
     return encode_job_message(
         job.name, job.queue, job.job_id, job.payload, seq=seq,
         delay_seconds=options.delay, webhook_url=options.webhook_url, retry=options.retry,
-        after=options.after,
+        after=options.after, trace=job.trace,
     )  # fmt: skip
 
 
