@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from tests.faults import flow_slots, temporal_crash
+from tests.faults.children import ROWS as CHILDREN_ROWS
 from tests.faults.failover import ROWS as FAILOVER_ROWS
 from tests.faults.poison import ROWS as POISON_ROWS
 from tests.faults.scenarios import FULL, Harness, Row, table
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             *flow_slots.ROWS,
             *TRANSACTIONAL_ROWS,
             *FAILOVER_ROWS,
+            *CHILDREN_ROWS,
         ]
         for scenario, params in rows_in_order:
             if not any(k in scenario.__name__ for k in args.k.split(",")):

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.faults import children
 from tests.faults import scenarios as s
 
 
@@ -59,6 +60,11 @@ CI: list[Any] = [
         s.dramatiq_time_limit,
         {"n": 6, "work": 6.0},
         id="dramatiq_time_limit",
+    ),
+    pytest.param(
+        children.fan_out_through_kills,
+        {"n": 200},
+        id="fan_out_through_kills",
     ),
     pytest.param(
         s.cancel_then_retry,
