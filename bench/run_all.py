@@ -5,7 +5,8 @@ durable sleep) through jobyard, bare Dramatiq at its default prefetch and at job
 (threads and prefork) and, for the fallback, bare Temporal; backlog drain and open-loop load,
 CPU per job for every part, every job checked. The others measure what it does not:
 dispatch_job's latency on an idle machine (bench_dispatch), bulk dispatch (bench_dispatch_many),
-a paused Redis (bench_paused_redis) and token cleanup (bench_token_cleanup). bench_throughput
+a paused Redis (bench_paused_redis), token cleanup (bench_token_cleanup) and a fan-out of
+10,000 children (bench_children). bench_throughput
 (no-op jobs at 4 x 8, RQ) and bench_temporal_fallback still run alone.
 
     python bench/run_all.py [--quick] [--only bench_workloads] [bench_workloads options...]
@@ -43,6 +44,7 @@ def benchmarks(quick: bool, workload_args: list[str]) -> list[tuple[str, Callabl
         ("bench_workloads", workloads),
         ("bench_paused_redis", lambda: _module("bench_paused_redis").main()),
         ("bench_token_cleanup", lambda: _module("bench_token_cleanup").main()),
+        ("bench_children", lambda: _module("bench_children").main()),
     ]
 
 
