@@ -13,12 +13,15 @@ from typing import Any
 
 import pytest
 
-from jobyard.dispatcher import reset_dispatcher
-from jobyard.job_engine.db.joblog import reset_writer
-from jobyard.queue.client import reset_clients
 from tests import support
 from tests.engines import Engines
-from tests.support import ROOT, RedisServer, TemporalDevServer, migrated_pg_database
+from tests.support import (
+    ROOT,
+    RedisServer,
+    TemporalDevServer,
+    migrated_pg_database,
+    reset_process_state,
+)
 
 WEBHOOK_SECRET = "test-webhook-secret"
 
@@ -82,12 +85,6 @@ def jobyard_values(
     }
 
 
-def _reset_process_state() -> None:
-    reset_dispatcher()
-    reset_clients()
-    reset_writer()
-
-
 @pytest.fixture
 def jobyard_env(
     monkeypatch: pytest.MonkeyPatch,
@@ -99,9 +96,9 @@ def jobyard_env(
     values = jobyard_values(redis_server, temporal_server, job_log_database)
     for key, value in values.items():
         monkeypatch.setenv(key, value)
-    _reset_process_state()
+    reset_process_state()
     yield values
-    _reset_process_state()
+    reset_process_state()
 
 
 @pytest.fixture
@@ -156,9 +153,9 @@ def shared_engines(
         proc = getattr(engines, attr)
         if proc is not None and proc.proc.poll() is not None:
             setattr(engines, attr, None)
-    _reset_process_state()
+    reset_process_state()
     yield engines
-    _reset_process_state()
+    reset_process_state()
 
 
 #: Tests of 9 s and more (measured on the 2-core machine, `--durations`), run first: pytest-xdist

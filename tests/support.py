@@ -295,3 +295,17 @@ def start_engines_patiently(
             return "Temporal worker polling" in temporal_worker.output()
 
         wait_for(polling, timeout=150)
+
+
+def reset_process_state() -> None:
+    """This process's dispatcher, Redis clients, job log writer and step journal built again
+    from the environment as it is now (a test, or a fault scenario, that changed it)."""
+    from jobyard.dispatcher import reset_dispatcher
+    from jobyard.job_engine.db.joblog import reset_writer
+    from jobyard.job_engine.db.steps import reset_journal
+    from jobyard.queue.client import reset_clients
+
+    reset_dispatcher()
+    reset_clients()
+    reset_writer()
+    reset_journal()

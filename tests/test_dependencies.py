@@ -92,3 +92,30 @@ def test_an_unknown_upstream_is_refused_at_dispatch(both, tmp_path):
     with pytest.raises(ValueError, match="after_failure"):
         dispatch_job("children.report", {"marker_dir": directory}, after=[known.job_id],
                      after_failure="maybe")  # fmt: skip
+
+
+def test_a_job_redis_lost_still_waits_for_its_upstream(
+    engines, redis_server, monkeypatch, tmp_path
+):
+    """Redis restarts empty while a job waits for a delayed upstream job: the rescue dispatches
+    both again from the job log, and the dependent one still waits (its `after` is kept in the
+    step journal), then runs once with the upstream's result."""
+    from jobyard.job_engine.db import joblog
+
+    monkeypatch.setenv("JOBYARD_JOB_MODULES", MODULES)
+    engines.start_worker()
+    upstream_dir, reports = marker_dir(tmp_path, "upstream"), marker_dir(tmp_path, "report")
+    upstream = dispatch_job("conformance.child", {"marker_dir": upstream_dir, "n": 7}, delay=20)
+    handle = dispatch_job("children.report", {"marker_dir": reports}, after=[upstream.job_id])
+    wait_for(lambda: get_job(handle.job_id).display_state == "waiting for 1 job", timeout=30)
+    writer = joblog.writer()
+    assert writer is not None
+    writer.flush()
+    redis_server.kill()
+    redis_server.start()  # no persistence: both jobs are gone from Redis; the worker reconnects
+    engines.start_temporal_worker()  # runs the rescue
+    status = engines.wait(handle.job_id, timeout=120)
+    assert status.state == "succeeded", status
+    assert status.result == {upstream.job_id: 70}  # it waited: the upstream's result is there
+    assert (Path(upstream_dir) / "child-7").read_text().count("ran") == 1
+    assert (Path(reports) / "report").read_text().count("ran") == 1

@@ -126,3 +126,13 @@ async def chatty(ctx: Any, payload: ChattyPayload) -> dict[str, int]:
     if payload.fail_first and ctx.attempt == 1:
         raise RuntimeError("the first attempt fails")
     return {"attempt": ctx.attempt}
+
+
+class FanPayload(BaseModel):
+    n: int = Field(3, ge=1, le=50)
+
+
+@job("api.fan", payload=FanPayload, retry=RetryPolicy(attempts=1), timeout=30)
+async def fan(ctx: Any, payload: FanPayload) -> list[Any]:
+    """Starts `n` system.echo children and returns their results."""
+    return await ctx.children([("system.echo", {"i": i}) for i in range(payload.n)])

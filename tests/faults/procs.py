@@ -15,11 +15,9 @@ import psycopg
 import redis
 
 from jobyard.dispatcher import reset_dispatcher
-from jobyard.job_engine.db.joblog import reset_writer
 from jobyard.queue import keys
-from jobyard.queue.client import reset_clients
 from tests.faults.jobs import ENGINE_ENV
-from tests.support import PG_ADMIN_URL, ROOT, Proc, RedisServer, wait_for
+from tests.support import PG_ADMIN_URL, ROOT, Proc, RedisServer, reset_process_state, wait_for
 
 QUEUE = "default"
 
@@ -67,12 +65,6 @@ def base_env(redis_url: str, temporal_address: str, database_url: str) -> dict[s
     }
 
 
-def _reset_process_state() -> None:
-    reset_dispatcher()
-    reset_clients()
-    reset_writer()
-
-
 class Cluster:
     """One scenario's world: its Redis, its worker processes, and the harness's own environment
     pointed at them (restored by close())."""
@@ -107,7 +99,7 @@ class Cluster:
         if keep_connections:
             reset_dispatcher()
         else:
-            _reset_process_state()
+            reset_process_state()
 
     def start_worker(
         self,
@@ -192,7 +184,7 @@ class Cluster:
         return "\n".join(f"--- {p.proc.args[3:]}\n{p.output()[-2000:]}" for p in self.procs)
 
     def close(self) -> None:
-        _reset_process_state()  # flushes this scenario's job log events while DATABASE_URL holds
+        reset_process_state()  # flushes this scenario's job log events while DATABASE_URL holds
         for proc in self.procs:
             if proc.proc.poll() is None:
                 proc.signal_group(signal.SIGKILL)
@@ -207,7 +199,7 @@ class Cluster:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        _reset_process_state()
+        reset_process_state()
 
 
 def temporal_dev_server():

@@ -54,9 +54,11 @@ from jobyard.dispatcher import (
     replay_job,
 )
 from jobyard.dispatcher.dispatch import MAX_DELAY_SECONDS
+from jobyard.dispatcher.relations import MAX_LISTED, journal_of, related_jobs, started_children
 from jobyard.dispatcher.submission import check_after
 from jobyard.dispatcher.timeline import job_timeline
 from jobyard.job_engine import UnsafeURLError, get_spec, netguard, strictjson
+from jobyard.job_engine.context import UPSTREAM_STEP
 from jobyard.job_engine.flow import PRIORITY_MAX, PRIORITY_MIN
 
 log = logging.getLogger("jobyard.api")
@@ -242,11 +244,23 @@ def replay(job_id: JobIdPath, request: Request) -> JSONResponse:
 )
 def timeline(job_id: JobIdPath) -> list[dict[str, Any]]:
     """The job's steps (start, duration, attempts, engine) and durable sleeps, oldest first,
-    on every engine that ran part of it."""
+    on every engine that ran part of it. A step that started children lists their ids
+    (`children`, at most MAX_LISTED); the wait for the jobs it was dispatched after, theirs
+    (`upstream`)."""
     steps = get_job_steps(job_id)
     entries = job_timeline(job_id, steps)
     if not entries and get_job_record(job_id) is None:
         get_job(job_id)  # JobNotFoundError: 404 for a job no one knows
+    if not entries:
+        return entries
+    journal = journal_of(job_id)
+    children = started_children(job_id, steps or journal)
+    related = related_jobs(job_id, steps, journal)
+    for entry in entries:
+        if entry["name"] in children:
+            entry["children"] = children[entry["name"]][:MAX_LISTED]
+        elif entry["name"] == UPSTREAM_STEP and related["upstream"]:
+            entry["upstream"] = related["upstream"]
     return entries
 
 
@@ -258,7 +272,8 @@ def timeline(job_id: JobIdPath) -> list[dict[str, Any]]:
 )
 def job_detail(job_id: JobIdPath, role: Annotated[Role, Depends(require_token)]) -> dict[str, Any]:
     """The engine's live status merged with the job log: payload, result, timestamps, error
-    and steps (the error's traceback for admin tokens only: it shows server paths)."""
+    and steps (the error's traceback for admin tokens only: it shows server paths), the children it
+    started and the jobs it was dispatched after (`children`, `children_count`, `upstream`)."""
     try:
         live = get_job(job_id).as_dict()
     except JobNotFoundError:
@@ -268,6 +283,8 @@ def job_detail(job_id: JobIdPath, role: Annotated[Role, Depends(require_token)])
         raise JobNotFoundError(job_id)
     detail = readable(merge(live, record))
     detail["steps"] = steps
+    if log_error is None:
+        detail |= related_jobs(job_id, steps or {})
     if role != "admin":
         detail.pop("error_traceback", None)
     if log_error is not None:

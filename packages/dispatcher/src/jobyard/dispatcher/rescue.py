@@ -23,8 +23,9 @@ from jobyard.dispatcher.engines import Engine, Orphan, RescueSource, Submission,
 from jobyard.dispatcher.engines.dramatiq import DramatiqEngine
 from jobyard.dispatcher.errors import EngineUnavailable
 from jobyard.dispatcher.flow import WaiterSweep
-from jobyard.dispatcher.models import FALLBACK_RESCUED, EngineName
+from jobyard.dispatcher.models import FALLBACK_RESCUED, NO_OPTIONS, DispatchOptions, EngineName
 from jobyard.dispatcher.owners import OwnerRegistry
+from jobyard.dispatcher.upstream import AFTER_RECORD, recorded_after
 from jobyard.job_engine import env
 from jobyard.job_engine.db import session_scope
 from jobyard.job_engine.db.models import JobLog, state_in
@@ -196,8 +197,11 @@ class Rescue:
         for row in candidates:
             if row.job_id not in lost or row.payload is None or row.queue is None:
                 continue
-            steps = recorded.get(row.job_id, {})
-            job = Submission(row.job_id, row.name, row.queue, row.payload)
+            steps = dict(recorded.get(row.job_id, {}))
+            after = recorded_after(row.job_id, steps)  # still waits for its upstream jobs
+            steps.pop(AFTER_RECORD, None)
+            options = DispatchOptions(after=after) if after else NO_OPTIONS
+            job = Submission(row.job_id, row.name, row.queue, row.payload, options)
             log.warning(
                 "job %s is in the job log but not in Redis: dispatched again (%d step(s) kept)",
                 job.job_id, len(steps),

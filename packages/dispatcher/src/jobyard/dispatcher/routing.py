@@ -48,6 +48,7 @@ from jobyard.dispatcher.models import (
     JobStatus,
 )
 from jobyard.dispatcher.owners import OwnerRegistry
+from jobyard.dispatcher.upstream import record_upstream
 from jobyard.job_engine import JobyardError, env
 from jobyard.job_engine.lifecycle import dispatched_event
 
@@ -208,6 +209,8 @@ def record_dispatch(job: Submission, handle: JobHandle, started: float) -> None:
             job.job_id, job.name, job.queue, handle.engine, job.payload, handle.fallback_reason,
             started, started + delay if delay else None,
         )  # fmt: skip
+        if job.options.after:
+            record_upstream(job.job_id, job.options.after)
 
 
 def result_of(route: Callable[..., JobHandle], *args: Any, **kwargs: Any) -> JobHandle | Exception:

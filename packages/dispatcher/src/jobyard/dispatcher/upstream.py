@@ -1,14 +1,29 @@
 """`dispatch_job(..., after=[job_id, ...])`: the ids must name jobs that exist when it is
 dispatched (so no cycle can form). The waiting itself happens where the job runs, on either
-engine, before its handler (`BaseJobContext.wait_upstream`, jobyard.job_engine.waits)."""
+engine, before its handler (`BaseJobContext.wait_upstream`, jobyard.job_engine.waits).
+
+The dependency is also kept in the step journal (`job_steps`, row AFTER_RECORD) once the job
+is dispatched, the one place both engines' jobs are read from: `GET /jobs/{id}` and the
+dashboard show a job's upstream jobs whichever engine runs it, waiting or done, and a job
+Redis lost is dispatched again still waiting for them (the rescue's `recover_lost`)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from jobyard.dispatcher.errors import JobNotFoundError, UnknownUpstreamError
+from jobyard.job_engine import crypto
 from jobyard.job_engine.db import joblog
+from jobyard.job_engine.db.steps import begin_step
+
+log = logging.getLogger("jobyard.upstream")
+
+#: The journal row of a job dispatched `after=` others: DispatchOptions.after ({"ids": [...],
+#: "on_failure": ...}). Its name cannot be a step's: ctx.run refuses names beginning "__".
+AFTER_RECORD = "__after__"
 
 
 def check_upstream(after: dict[str, Any] | None, status: Callable[[str], Any]) -> None:
@@ -30,3 +45,24 @@ def check_not_transactional(connection: Any, after: list[str] | None) -> None:
     dispatch outbox does not carry `after`. Refused, rather than the dependency dropped."""
     if connection is not None and after:
         raise ValueError("after= cannot be combined with connection= (not supported yet)")
+
+
+def record_upstream(job_id: str, after: dict[str, Any]) -> None:
+    """Keep a dispatched job's `after` (AFTER_RECORD). Not kept (the database away since the
+    ids were checked): the job still waits for them; only the listing lacks them (logged)."""
+    try:
+        kept = begin_step(job_id, AFTER_RECORD, crypto.seal_json(job_id, json.dumps(after)))()
+    except Exception as exc:  # the journal never fails a dispatch that was accepted
+        log.warning("job %s: its upstream ids were not kept: %s", job_id, exc)
+        return
+    if not kept:
+        log.warning("job %s: its upstream ids were not kept (the database is away)", job_id)
+
+
+def recorded_after(job_id: str, steps: dict[str, str]) -> dict[str, Any] | None:
+    """The `after` kept for the job among its journalled `steps` (JSON text, as kept), if any."""
+    text = steps.get(AFTER_RECORD)
+    if text is None:
+        return None
+    after: dict[str, Any] = json.loads(crypto.unseal_json(job_id, text))
+    return after

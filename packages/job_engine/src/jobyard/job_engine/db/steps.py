@@ -193,6 +193,14 @@ def begin_step(job_id: str, step: str, result_json: str) -> Callable[[], bool]:
     return _journal.begin(job_id, step, result_json)
 
 
+def reset_journal() -> None:
+    """Forget the process's journal: the next step opens one on DATABASE_URL as it is then (a
+    process whose settings changed; tests). Steps begun before are still committed."""
+    global _journal
+    with _journal_lock:
+        _journal = None
+
+
 def load_steps(job_ids: list[str], *, url: str | None = None) -> dict[str, dict[str, str]]:
     """job id -> step -> result JSON text as kept (sealed, with encryption on: see
     `recall_steps`), for those of `job_ids` that recorded steps."""
