@@ -389,3 +389,41 @@ def test_a_debounced_job_is_refused_in_a_transaction(on_database: str) -> None:
         results = dispatch_many([("test.flow_debounce", payload)], connection=connection)
         assert isinstance(results[0], DebouncedInTransactionError)
     assert outbox_ids(on_database) == []
+
+
+def test_after_in_a_transaction_waits_for_jobs_of_the_same_transaction(
+    engines: Engines, on_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`after=` with `connection=`: an upstream id may be a job of the same transaction (in the
+    outbox, not yet sent) or one dispatched before; an unknown one is refused and nothing of
+    that job is written; the dependent job waits and gets the upstream's result."""
+    import tests.children_jobs  # noqa: F401 (children.report)
+    from jobyard.dispatcher import UnknownUpstreamError
+
+    monkeypatch.setenv(
+        "JOBYARD_JOB_MODULES", "tests.jobs,tests.conformance_jobs,tests.children_jobs"
+    )
+    engines.start_worker()
+    gate, reports = tmp_path / "gate", tmp_path / "reports"
+    gate.mkdir(), reports.mkdir()
+    earlier = dispatch_job("system.echo", {"n": 1})
+    with get_engine().begin() as connection:
+        upstream = dispatch_job("children.gated", {"marker_dir": str(gate)}, connection=connection)
+        report = dispatch_job(
+            "children.report", {"marker_dir": str(reports)}, connection=connection,
+            after=[upstream.job_id, earlier.job_id],
+        )  # fmt: skip
+        with pytest.raises(UnknownUpstreamError):
+            dispatch_job("children.report", {"marker_dir": str(reports)},
+                         connection=connection, after=["no-such-job"])  # fmt: skip
+        batch = dispatch_many([DispatchRequest("system.echo", {"n": 2}, after=["nope"])],
+                              connection=connection)  # fmt: skip
+        assert isinstance(batch[0], UnknownUpstreamError)
+    assert sorted(outbox_ids(on_database)) in ([], sorted([upstream.job_id, report.job_id]))
+    wait_for(lambda: get_job(report.job_id).display_state == "waiting for 2 jobs", timeout=60)
+    assert not (reports / "report").exists()
+    (gate / "go").touch()
+    status = engines.wait(report.job_id, timeout=90)
+    assert status.state == "succeeded", status
+    assert status.result == {upstream.job_id: True, earlier.job_id: {"n": 1}}
+    assert (reports / "report").read_text().count("ran") == 1

@@ -27,7 +27,7 @@ from jobyard.dispatcher.models import DispatchRequest, JobHandle, JobStatus
 from jobyard.dispatcher.owners import OwnerRegistry
 from jobyard.dispatcher.routing import Router, record_dispatch
 from jobyard.dispatcher.submission import JOB_ID_PATTERN, MAX_DELAY_SECONDS, make_submission
-from jobyard.dispatcher.upstream import check_not_transactional, check_upstream
+from jobyard.dispatcher.upstream import check_upstream
 from jobyard.job_engine import RetryPolicy, children, env, get_spec, tracing
 from jobyard.job_engine.context import AFTER_CANCEL
 from jobyard.job_engine.db.readiness import check_setup
@@ -217,11 +217,10 @@ def dispatch_job(
     waits until every one of them ended, then runs (`ctx.upstream()` gives their results by
     id); if one did not succeed it ends cancelled, naming it, unless `after_failure="run"`.
     """
-    check_not_transactional(connection, after)
     if connection is not None:
         return transactional.dispatch_in(
             connection, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url,
-            retry=retry, priority=priority,
+            retry=retry, priority=priority, after=after, after_failure=after_failure,
         )  # fmt: skip
     dispatcher = get_dispatcher()  # first: building it turns tracing on if configured
     if tracing.ACTIVE:  # off: this check is all tracing costs a dispatch
@@ -251,11 +250,10 @@ async def adispatch_job(
 ) -> JobHandle:
     """dispatch_job for async web code; never blocks the event loop. `connection` may also be
     an AsyncConnection or AsyncSession."""
-    check_not_transactional(connection, after)
     if connection is not None:
         return await transactional.adispatch_in(
             connection, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url,
-            retry=retry, priority=priority,
+            retry=retry, priority=priority, after=after, after_failure=after_failure,
         )  # fmt: skip
     return await asyncio.to_thread(
         dispatch_job, name, payload, job_id=job_id, delay=delay, webhook_url=webhook_url,

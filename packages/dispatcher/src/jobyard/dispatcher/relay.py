@@ -51,6 +51,7 @@ from jobyard.dispatcher.models import (
 from jobyard.dispatcher.owners import Owner, payload_digest
 from jobyard.dispatcher.routing import result_of
 from jobyard.dispatcher.transactional import OUTBOX_TRACE
+from jobyard.dispatcher.upstream import record_upstream
 from jobyard.job_engine import crypto, env, metrics
 from jobyard.job_engine.collector import collector_paused
 from jobyard.job_engine.db import dispatch_outbox as outbox
@@ -131,6 +132,9 @@ class OutboxRelay:
             else:
                 failed.append((entry, one_line(result), now + backoff(entry.attempts)))
         record_sent(connection, sent, now)
+        waiting = [(e.job_id, after) for e, _ in sent if (after := e.options_dict().get("after"))]
+        if waiting:  # as dispatch_job keeps them (upstream.py)
+            record_upstream(waiting)
         outbox.put_back(connection, failed)
         _count(sent)
         for entry, why, _ in failed[:3]:
@@ -221,7 +225,7 @@ def submission_of(entry: outbox.Entry, now: float) -> Submission:
             delay = max(0.0, entry.enqueued_at + delay - now) or None
         options = DispatchOptions(
             delay=delay, webhook_url=given.get("webhook_url"), retry=given.get("retry"),
-            priority=given.get("priority") or 0,
+            priority=given.get("priority") or 0, after=given.get("after"),
         )  # fmt: skip
         if options == NO_OPTIONS:
             options = NO_OPTIONS

@@ -210,7 +210,7 @@ def record_dispatch(job: Submission, handle: JobHandle, started: float) -> None:
             started, started + delay if delay else None,
         )  # fmt: skip
         if job.options.after:
-            record_upstream(job.job_id, job.options.after)
+            record_upstream([(job.job_id, job.options.after)])
 
 
 def result_of(route: Callable[..., JobHandle], *args: Any, **kwargs: Any) -> JobHandle | Exception:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # imported at run time only by a caller that has an async con
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from jobyard.dispatcher.engines import Submission
+from jobyard.dispatcher.errors import UnknownUpstreamError
 from jobyard.dispatcher.models import (
     NO_OPTIONS,
     OUTBOX_ENGINE,
@@ -40,8 +41,10 @@ from jobyard.dispatcher.models import (
     JobStatus,
 )
 from jobyard.dispatcher.submission import make_submission, submission_of
+from jobyard.dispatcher.upstream import check_upstream
 from jobyard.job_engine import IdempotencyConflictError, JobyardError, get_spec, tracing
-from jobyard.job_engine.db import database_url, get_engine
+from jobyard.job_engine.context import AFTER_CANCEL
+from jobyard.job_engine.db import database_url, get_engine, joblog
 from jobyard.job_engine.db import dispatch_outbox as outbox
 from jobyard.job_engine.states import JobState
 
@@ -97,7 +100,8 @@ def _write_one(
 ) -> JobHandle:
     job = make_submission(
         name, payload, options.get("job_id"), options.get("delay"), options.get("webhook_url"),
-        options.get("retry"), options.get("priority"),
+        options.get("retry"), options.get("priority"), options.get("after"),
+        options.get("after_failure", AFTER_CANCEL),
     )  # fmt: skip
     check_spec(job)
     chosen = {job.job_id} if options.get("job_id") is not None and not new_id else set()
@@ -125,8 +129,6 @@ def check_spec(job: Submission) -> None:
     spec.check_environment()
     if spec.debounce is not None:
         raise DebouncedInTransactionError(job.name)
-    if job.options.after:  # upstream.check_not_transactional says why
-        raise ValueError("after= cannot be combined with connection= (not supported yet)")
 
 
 def dispatch_many_in(
@@ -179,6 +181,7 @@ def write_jobs(
     registry) is a duplicate for the same job name and `IdempotencyConflictError` for another;
     nothing is written for it."""
     outbox.check_target(target, database_url())
+    unknown = unknown_upstream(target, jobs)
     known = outbox.known_names(target, sorted(chosen)) if chosen else {}
     now = time.time()
     # The dispatch's trace context rides in the row's options: the relay's send continues it.
@@ -186,6 +189,9 @@ def write_jobs(
     results: list[JobHandle | Exception] = []
     rows: list[outbox.OutboxRow] = []
     for job in jobs:
+        if job.job_id in unknown:
+            results.append(unknown[job.job_id])
+            continue
         name = known.get(job.job_id)
         if name is not None:
             results.append(
@@ -205,6 +211,35 @@ def write_jobs(
     return results
 
 
+def unknown_upstream(target: outbox.Target, jobs: list[Submission]) -> dict[str, Exception]:
+    """job id -> the error of each job whose `after=` names a job that does not exist: not in
+    the outbox (this transaction's rows too), the job log or the id registry on the caller's
+    connection, nor on an engine (a job dispatched without `connection=` a moment ago)."""
+    waiting = [job for job in jobs if job.options.after]
+    if not waiting:
+        return {}
+    if not joblog.enabled():  # where the job learns how the others ended
+        error = ValueError("after= needs the job log (JOBYARD_JOB_LOG=true and a DATABASE_URL)")
+        return {job.job_id: error for job in waiting}
+    ids = sorted({i for job in waiting for i in (job.options.after or {}).get("ids", [])})
+    found = set(outbox.known_names(target, ids))
+
+    def status(job_id: str) -> Any:
+        if job_id in found:
+            return True
+        from jobyard.dispatcher.dispatch import get_dispatcher  # dispatch imports this module
+
+        return get_dispatcher().status(job_id)
+
+    errors: dict[str, Exception] = {}
+    for job in waiting:
+        try:
+            check_upstream(job.options.after, status)
+        except UnknownUpstreamError as exc:
+            errors[job.job_id] = exc
+    return errors
+
+
 def options_json(options: DispatchOptions, trace: dict[str, str] | None = None) -> str | None:
     """The row's options column: what the relay's send needs besides name and payload."""
     plain = options is NO_OPTIONS or options == NO_OPTIONS
@@ -212,7 +247,7 @@ def options_json(options: DispatchOptions, trace: dict[str, str] | None = None) 
         return None
     given: dict[str, Any] = {} if plain else {
         "delay": options.delay, "webhook_url": options.webhook_url, "retry": options.retry,
-        "priority": options.priority,
+        "priority": options.priority, "after": options.after,
     }  # fmt: skip
     if trace:
         given[OUTBOX_TRACE] = trace

@@ -40,23 +40,21 @@ def check_upstream(after: dict[str, Any] | None, status: Callable[[str], Any]) -
             raise UnknownUpstreamError(job_id) from None
 
 
-def check_not_transactional(connection: Any, after: list[str] | None) -> None:
-    """A job dispatched in a transaction (`connection=`) cannot wait for others yet: the
-    dispatch outbox does not carry `after`. Refused, rather than the dependency dropped."""
-    if connection is not None and after:
-        raise ValueError("after= cannot be combined with connection= (not supported yet)")
-
-
-def record_upstream(job_id: str, after: dict[str, Any]) -> None:
-    """Keep a dispatched job's `after` (AFTER_RECORD). Not kept (the database away since the
-    ids were checked): the job still waits for them; only the listing lacks them (logged)."""
+def record_upstream(jobs: list[tuple[str, dict[str, Any]]]) -> None:
+    """Keep each dispatched (job id, `after`) (AFTER_RECORD), in one group commit. Not kept (the
+    database away since the ids were checked): the job still waits for them; only the listing
+    and a recovery from the job log lack them (logged)."""
     try:
-        kept = begin_step(job_id, AFTER_RECORD, crypto.seal_json(job_id, json.dumps(after)))()
+        waits = [
+            begin_step(job_id, AFTER_RECORD, crypto.seal_json(job_id, json.dumps(after)))
+            for job_id, after in jobs
+        ]
+        kept = all([wait() for wait in waits])
     except Exception as exc:  # the journal never fails a dispatch that was accepted
-        log.warning("job %s: its upstream ids were not kept: %s", job_id, exc)
+        log.warning("upstream ids of %d job(s) were not kept: %s", len(jobs), exc)
         return
     if not kept:
-        log.warning("job %s: its upstream ids were not kept (the database is away)", job_id)
+        log.warning("upstream ids of %d job(s) were not kept (the database is away)", len(jobs))
 
 
 def recorded_after(job_id: str, steps: dict[str, str]) -> dict[str, Any] | None:
