@@ -195,9 +195,14 @@ UNIT, INTEGRATION, ACCEPTANCE = "unit", "integration", "acceptance"
 #: fixture, is integration at least.
 SERVER_FIXTURES = frozenset(
     {"redis_server", "temporal_server", "job_log_db_url", "pg_url", "fresh_pg_url"}
-) | {"sentinel_cluster"}  # tests/test_sentinel.py: a primary, a replica, three Sentinels
+) | {"sentinel_cluster", "tls_sentinel_cluster"}  # tests/test_sentinel.py: a primary, a
+# replica, three Sentinels (over TLS)
 #: Fixtures that start jobyard's processes (or hand a test the means to): acceptance.
-PROCESS_FIXTURES = frozenset({"engines", "shared_engines", "module_engines", "sentinel_engines"})
+PROCESS_FIXTURES = frozenset({"engines", "shared_engines", "module_engines"}) | {
+    "sentinel_engines",
+    "tls_sentinel_engines",
+    "tls_server_engines",  # tests/test_sentinel.py
+}
 #: Fixture parameters that pick a server (fixtures that call request.getfixturevalue, which
 #: the fixture closure cannot see): (fixture, parameter) -> tier.
 PARAMETER_TIERS = {

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -19,6 +20,7 @@ from jobyard.queue.redis_url import RedisUrlError, check_redis_url, parse_sentin
 from tests.engines import Engines
 from tests.sentinel_support import DOWN_AFTER_MS, SentinelCluster
 from tests.support import ROOT, wait_for
+from tests.tls_support import TlsFiles, TlsRedisServer
 
 #: Seconds after Sentinel's down-after-milliseconds within which dispatch and workers must use
 #: the promoted replica (issue 31).
@@ -91,10 +93,17 @@ def sentinel_engines(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Engines]:
     """Every process of the test reaches Redis through the Sentinels."""
-    monkeypatch.setenv("REDIS_URL", sentinel_cluster.url)
+    yield from engines_on(sentinel_cluster.url, sentinel_cluster, monkeypatch)
+
+
+def engines_on(
+    url: str, server: SentinelCluster | TlsRedisServer, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Engines]:
+    """Engines whose processes (and this one) take `url` as REDIS_URL."""
+    monkeypatch.setenv("REDIS_URL", url)
     reset_dispatcher()
     reset_clients()
-    engines = Engines(sentinel_cluster)  # type: ignore[arg-type] - its client() is the primary's
+    engines = Engines(server)  # type: ignore[arg-type] - a cluster's client() is the primary's
     yield engines
     engines.close()
 
@@ -146,31 +155,37 @@ def test_dispatch_and_a_worker_follow_the_promoted_replica(
     assert (status.engine, status.state, status.attempts) == ("dramatiq", "succeeded", 1)
 
 
-def test_the_cli_dispatches_and_reads_a_job_through_sentinel(
-    sentinel_engines: Engines, sentinel_cluster: SentinelCluster
-) -> None:
-    """`jobyard dispatch` and `jobyard status` as separate processes on a sentinel URL."""
-    sentinel_engines.start_worker(queues="default")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))  # REDIS_URL: the sentinel URL (the fixture)
+def jobyard_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """A `jobyard` command in a process of its own, on the test's REDIS_URL."""
+    return subprocess.run(
+        [sys.executable, "-m", "jobyard.cli", *args],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=90,
+        cwd=ROOT,
+    )  # fmt: skip
 
-    def jobyard(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "jobyard.cli", *args],
-            env=env, capture_output=True, text=True, timeout=90, cwd=ROOT,
-        )  # fmt: skip
 
-    dispatched = jobyard("dispatch", "system.echo", "--payload", '{"via": "sentinel"}')
+def cli_dispatches_and_reads(payload: dict) -> None:
+    """`jobyard dispatch` lands on Dramatiq and `jobyard status` sees the job succeed."""
+    dispatched = jobyard_cli("dispatch", "system.echo", "--payload", json.dumps(payload))
     assert dispatched.returncode == 0, dispatched.stderr
     handle = json.loads(dispatched.stdout)
     assert handle["engine"] == "dramatiq"
 
     def succeeded() -> dict | None:
-        done = jobyard("status", handle["job_id"])
+        done = jobyard_cli("status", handle["job_id"])
         status = json.loads(done.stdout) if done.returncode == 0 else {}
         return status if status.get("state") == "succeeded" else None
 
     status = wait_for(succeeded, timeout=60, interval=0.5)
-    assert status["result"] == {"via": "sentinel"}
+    assert (status["engine"], status["result"]) == ("dramatiq", payload)
+
+
+def test_the_cli_dispatches_and_reads_a_job_through_sentinel(
+    sentinel_engines: Engines, sentinel_cluster: SentinelCluster
+) -> None:
+    """`jobyard dispatch` and `jobyard status` as separate processes on a sentinel URL."""
+    sentinel_engines.start_worker(queues="default")
+    cli_dispatches_and_reads({"via": "sentinel"})
 
 
 def test_a_demoted_primary_is_left_and_sentinel_asked_again(
@@ -233,3 +248,100 @@ def test_a_tls_sentinel_url_speaks_tls_to_sentinels_and_redis() -> None:
     sentinel = pool.sentinel_manager.sentinels[0].connection_pool
     assert issubclass(sentinel.connection_class, redis.SSLConnection)
     assert sentinel.connection_kwargs["password"] == "sp"
+
+
+# -- TLS and passwords, for real -----------------------------------------------------------
+# Every server and Sentinel below speaks TLS only, asks for a password and for a client
+# certificate signed by the test's CA, and checks the client's hostname (tests.tls_support).
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> TlsFiles:
+    return TlsFiles.create(tmp_path)
+
+
+@pytest.fixture
+def tls_sentinel_cluster(tls_files: TlsFiles) -> Iterator[SentinelCluster]:
+    cluster = SentinelCluster(tls=tls_files).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def tls_sentinel_engines(
+    jobyard_env: dict[str, str],
+    tls_sentinel_cluster: SentinelCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Engines]:
+    """Every process of the test on the `rediss+sentinel://` URL."""
+    yield from engines_on(tls_sentinel_cluster.url, tls_sentinel_cluster, monkeypatch)
+
+
+@pytest.fixture
+def tls_server_engines(
+    jobyard_env: dict[str, str], tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Engines]:
+    """Every process of the test on a `rediss://` URL to one TLS server."""
+    server = TlsRedisServer(tls_files).start()
+    try:
+        yield from engines_on(server.url, server, monkeypatch)
+    finally:
+        server.stop()
+
+
+def test_over_tls_sentinel_dispatch_a_worker_and_the_cli_work_and_follow_a_failover(
+    tls_sentinel_engines: Engines, tls_sentinel_cluster: SentinelCluster
+) -> None:
+    engines, cluster = tls_sentinel_engines, tls_sentinel_cluster
+    assert cluster.url.startswith("rediss+sentinel://")
+    engines.start_worker(queues="default")
+    handle = dispatch_job("system.echo", {"over": "tls"})
+    assert handle.engine == "dramatiq"
+    status = engines.wait(handle.job_id)
+    assert (status.engine, status.state, status.result) == (
+        "dramatiq",
+        "succeeded",
+        {"over": "tls"},
+    )
+    cli_dispatches_and_reads({"cli": "over tls"})
+
+    # Through a failover the Sentinels run over TLS too (replication and their checks).
+    killed = time.monotonic()
+    cluster.kill(cluster.primary_port)
+    after = wait_for(
+        lambda: (h := dispatch_job("system.echo", {"n": "after"})).engine == "dramatiq" and h,
+        timeout=60,
+        interval=0.1,
+    )
+    status = engines.wait(after.job_id, timeout=60)
+    ran_in = time.monotonic() - killed
+    print(f"over TLS, after SIGKILL of the primary: the worker ran a job in {ran_in:.2f} s")
+    assert cluster.primary() == cluster.replica_port
+    assert (status.engine, status.state) == ("dramatiq", "succeeded")
+    assert ran_in < FOLLOW_BOUND, engines.logs()
+
+
+def test_a_tls_sentinel_url_without_the_client_certificate_is_refused(
+    tls_sentinel_cluster: SentinelCluster,
+) -> None:
+    """The servers do ask for TLS and a certificate: the test above would pass on plain TCP
+    otherwise."""
+    url = tls_sentinel_cluster.url
+    plain = url.replace("rediss+sentinel://", "redis+sentinel://", 1).split("&")[0]
+    with pytest.raises(redis.ConnectionError):
+        make_client(plain, timeout=2.0).ping()
+    no_certificate = url.split("&ssl_certfile=")[0]
+    with pytest.raises(redis.ConnectionError):
+        make_client(no_certificate, timeout=2.0).ping()
+    assert make_client(url, timeout=2.0).ping()
+
+
+def test_a_rediss_url_to_one_tls_server_carries_dispatch_a_worker_and_the_cli(
+    tls_server_engines: Engines,
+) -> None:
+    assert tls_server_engines.redis.url.startswith("rediss://")
+    tls_server_engines.start_worker(queues="default")
+    status = tls_server_engines.run("dramatiq", "system.echo", {"over": "rediss"})
+    assert (status.engine, status.state, status.result) == (
+        "dramatiq", "succeeded", {"over": "rediss"})  # fmt: skip
+    cli_dispatches_and_reads({"cli": "over rediss"})
