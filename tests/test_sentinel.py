@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
 from jobyard.dispatcher import dispatch_job, reset_dispatcher
+from jobyard.queue import keys
 from jobyard.queue.client import DemotedPrimary, make_client, reset_clients
 from jobyard.queue.redis_url import RedisUrlError, check_redis_url, parse_sentinel_url
 from tests.engines import Engines
 from tests.sentinel_support import DOWN_AFTER_MS, SentinelCluster
-from tests.support import ROOT, wait_for
+from tests.support import ROOT, free_port, wait_for
 from tests.tls_support import TlsFiles, TlsRedisServer
 
 #: Seconds after Sentinel's down-after-milliseconds within which dispatch and workers must use
@@ -345,3 +348,68 @@ def test_a_rediss_url_to_one_tls_server_carries_dispatch_a_worker_and_the_cli(
     assert (status.engine, status.state, status.result) == (
         "dramatiq", "succeeded", {"over": "rediss"})  # fmt: skip
     cli_dispatches_and_reads({"cli": "over rediss"})
+
+
+def test_jobyard_dev_and_its_api_run_jobs_on_dramatiq_through_tls_sentinel(
+    jobyard_env: dict[str, str],
+    tls_sentinel_cluster: SentinelCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`jobyard dev` given a `rediss+sentinel://` REDIS_URL: its worker runs the canary on
+    Dramatiq, and a job dispatched to its HTTP API process runs there too."""
+    monkeypatch.setenv("REDIS_URL", tls_sentinel_cluster.url)
+    token = "dev-sentinel-token"
+    port = free_port()
+    log = tmp_path / "dev.log"
+    with log.open("wb") as sink:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "jobyard.cli", "dev", "--api-port", str(port)],
+            env=dict(os.environ, JOBYARD_ADMIN_TOKEN=token), cwd=tmp_path, stdout=sink,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+
+        def running() -> bool:
+            assert dev.poll() is None, log.read_text()
+            return "running; Ctrl-C to stop" in log.read_text()
+
+        wait_for(running, timeout=180, interval=0.5)
+        output = log.read_text()
+        assert "Dramatiq workers live for all queues" in output, output
+        assert "canary system.echo succeeded on dramatiq" in output, output
+
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
+                           headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        with api:
+            dispatched = wait_for(lambda: _api_dispatch(api, {"via": "the api"}), timeout=60)
+            assert dispatched["engine"] == "dramatiq", dispatched
+
+            def succeeded() -> dict | None:
+                job = api.get(f"/jobs/{dispatched['job_id']}").json()
+                return job if job.get("state") == "succeeded" else None
+
+            job = wait_for(succeeded, timeout=60, interval=0.2)
+        assert (job["engine"], job["result"]) == ("dramatiq", {"via": "the api"})
+        # On the Sentinels' primary, not on another Redis (the shared one at the default URL).
+        assert tls_sentinel_cluster.client().exists(keys.job(dispatched["job_id"]))
+    finally:
+        if dev.poll() is None:
+            dev.send_signal(signal.SIGTERM)
+            try:
+                dev.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(dev.pid, signal.SIGKILL)
+                dev.wait()
+    assert dev.returncode == 0, log.read_text()
+    assert "Traceback" not in log.read_text()
+
+
+def _api_dispatch(api: httpx.Client, payload: dict) -> dict | None:
+    """POST /jobs/system.echo, or None while the API process is still starting."""
+    try:
+        response = api.post("/jobs/system.echo", json=payload)
+    except httpx.TransportError:
+        return None
+    assert response.status_code == 202, response.text
+    return response.json()
