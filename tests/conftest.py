@@ -283,7 +283,7 @@ class ServerInUnitTest(AssertionError):
 
 
 #: Programs a unit-tier test may not start.
-SERVER_PROGRAMS = frozenset({"redis-server", "temporal", "jobyard", "postgres"})
+SERVER_PROGRAMS = frozenset({"redis-server", "valkey-server", "temporal", "jobyard", "postgres"})
 
 
 @contextlib.contextmanager

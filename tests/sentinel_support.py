@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from tests.support import free_port, wait_for
+from tests.support import free_port, redis_server_binary, wait_for
 from tests.tls_support import TlsFiles
 
 SERVICE = "mymaster"
@@ -55,7 +55,7 @@ class SentinelCluster:
 
     def _redis(self, port: int, *extra: str) -> None:
         self._spawn(port, [
-            _binary(), *self._listen(port), "--bind", "127.0.0.1", "--save", "",
+            redis_server_binary(), *self._listen(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(self.dir), "--dbfilename", f"{port}.rdb",
             "--requirepass", REDIS_PASSWORD, "--masterauth", REDIS_PASSWORD,
             # A replica's full sync at once, not after the default 5 s wait for others.
@@ -74,7 +74,7 @@ class SentinelCluster:
             f"sentinel failover-timeout {SERVICE} 3000\n"
             f"sentinel parallel-syncs {SERVICE} 1\n"
         )
-        self._spawn(port, [_binary(), str(config), "--sentinel", *self._listen(port)])
+        self._spawn(port, [redis_server_binary(), str(config), "--sentinel", *self._listen(port)])
         wait_for(lambda: _pings(self.sentinel(port)))
 
     def _listen(self, port: int) -> list[str]:
@@ -164,10 +164,6 @@ class SentinelCluster:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _binary() -> str:
-    return shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 def _pings(client: redis.Redis) -> bool:

@@ -33,6 +33,13 @@ PG_ADMIN_URL = os.environ.get(
 )
 
 
+def redis_server_binary() -> str:
+    """The server the tests start: JOBYARD_TEST_REDIS_SERVER (a redis-server or a valkey-server,
+    as `make test-valkey` sets it), else redis-server on PATH."""
+    chosen = os.environ.get("JOBYARD_TEST_REDIS_SERVER")
+    return chosen or shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,9 +88,8 @@ class RedisServer:
     def start(self) -> RedisServer:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else [
             "--appendonly", "no"]  # fmt: skip
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = subprocess.Popen(
-            [binary, *self.listen_args(), "--bind", "127.0.0.1", "--save", "",
+            [redis_server_binary(), *self.listen_args(), "--bind", "127.0.0.1", "--save", "",
              *persistence, "--dir", self.dir, "--logfile", ""],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

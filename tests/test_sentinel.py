@@ -22,8 +22,8 @@ from jobyard.queue.client import DemotedPrimary, make_client, reset_clients
 from jobyard.queue.redis_url import RedisUrlError, check_redis_url, parse_sentinel_url
 from tests.engines import Engines
 from tests.sentinel_support import DOWN_AFTER_MS, SentinelCluster
-from tests.support import ROOT, free_port, wait_for
-from tests.tls_support import TlsFiles, TlsRedisServer
+from tests.support import ROOT, free_port, redis_server_binary, wait_for
+from tests.tls_support import TlsFiles, TlsRedisServer, tls_built_in
 
 #: Seconds after Sentinel's down-after-milliseconds within which dispatch and workers must use
 #: the promoted replica (issue 31).
@@ -46,6 +46,15 @@ def test_a_sentinel_url_gives_hosts_service_db_and_both_passwords() -> None:
     assert parsed.ssl_options == {"ssl_cert_reqs": "none", "ssl_check_hostname": False}
 
 
+def test_passwords_percent_encoded_as_the_readme_says_read_back_whole() -> None:
+    reserved = "p@ss:w/rd&+%"
+    encoded = "p%40ss%3Aw%2Frd%26%2B%25"
+    parsed = parse_sentinel_url(f"redis+sentinel://:{encoded}@h1/m?sentinel_password={encoded}")
+    assert (parsed.password, parsed.sentinel_password) == (reserved, reserved)
+    plain = make_client(f"redis://:{encoded}@h1:6379/0").connection_pool.connection_kwargs
+    assert plain["password"] == reserved
+
+
 def test_a_sentinel_url_without_db_or_auth_uses_db_0() -> None:
     parsed = parse_sentinel_url("redis+sentinel://h1:26379/mymaster")
     assert (parsed.db, parsed.password, parsed.ssl) == (0, None, False)
@@ -64,6 +73,17 @@ def test_a_sentinel_url_without_db_or_auth_uses_db_0() -> None:
         ("redis+sentinel://h1/mymaster?sentinel_pasword=x", "unknown Sentinel URL option"),
         ("redis+sentinel://h1/m?ssl_check_hostname=maybe", "is not true or false"),
         ("http://h1:6379/0", "REDIS_URL must start with redis://"),
+        # TLS options: on a URL with TLS only, files that are there, values redis-py takes
+        ("redis+sentinel://h1/m?ssl_ca_certs=/etc/hostname", "given to a URL without TLS"),
+        ("redis://h1:6379/0?ssl_certfile=/etc/hostname", "given to a URL without TLS"),
+        ("rediss+sentinel://h1/m?ssl_cert_reqs=Required", "is none of required, optional, none"),
+        ("rediss://h1:6379/0?ssl_ca_certs=/no/such/ca.pem", "ssl_ca_certs: no such file"),
+        ("rediss+sentinel://h1/m?ssl_ca_path=/no/such", "ssl_ca_path: no such folder"),
+        ("rediss://h1:6379/0?ssl_ca_cert=/etc/hostname", "unknown TLS option 'ssl_ca_cert'"),
+        ("rediss://h1:6379/0?ssl_check_hostname=maybe", "is not true or false"),
+        # a plain URL's other options, as redis-py reads them
+        ("redis://h1:6379/0?pasword=x", "unknown REDIS_URL option 'pasword'"),
+        ("redis://h1:6379/0?socket_timeout=soon", "Invalid value for 'socket_timeout'"),
     ],
 )
 def test_a_malformed_url_says_what_is_wrong(url: str, says: str) -> None:
@@ -238,15 +258,17 @@ def test_the_cli_names_a_malformed_sentinel_url(tmp_path: object) -> None:
     assert "/<service name>[/<db>]" in done.stderr + done.stdout
 
 
-def test_a_tls_sentinel_url_speaks_tls_to_sentinels_and_redis() -> None:
+def test_a_tls_sentinel_url_speaks_tls_to_sentinels_and_redis(tmp_path: Path) -> None:
     """No TLS server is started here (the check is of what the client is built with)."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
     client = make_client(
-        "rediss+sentinel://:pw@h1:26379/mymaster/2?sentinel_password=sp&ssl_ca_certs=/ca.pem",
+        f"rediss+sentinel://:pw@h1:26379/mymaster/2?sentinel_password=sp&ssl_ca_certs={ca}",
         timeout=1.0,
     )
     pool = client.connection_pool
     assert issubclass(pool.connection_class, redis.SSLConnection)
-    assert (pool.connection_kwargs["ssl_ca_certs"], pool.connection_kwargs["db"]) == ("/ca.pem", 2)
+    assert (pool.connection_kwargs["ssl_ca_certs"], pool.connection_kwargs["db"]) == (str(ca), 2)
     assert pool.connection_kwargs["password"] == "pw"
     sentinel = pool.sentinel_manager.sentinels[0].connection_pool
     assert issubclass(sentinel.connection_class, redis.SSLConnection)
@@ -260,6 +282,8 @@ def test_a_tls_sentinel_url_speaks_tls_to_sentinels_and_redis() -> None:
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> TlsFiles:
+    if not tls_built_in():
+        pytest.skip(f"{redis_server_binary()} is built without TLS")
     return TlsFiles.create(tmp_path)
 
 

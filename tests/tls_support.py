@@ -5,7 +5,9 @@ that match (issue 31: TLS to Redis and to Sentinel)."""
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.support import RedisServer
+from tests.support import RedisServer, free_port, redis_server_binary
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,17 @@ class TlsFiles:
         options = {k: v for k, v in self.client_options().items() if k != "ssl"}
         options["ssl_check_hostname"] = "true"
         return urlencode({**more, **options}, safe="/")
+
+
+@functools.cache
+def tls_built_in() -> bool:
+    """Whether the tests' server binary can serve TLS (Debian's redis-server can; the
+    valkey-server of `make test-valkey` cannot): it asks for a certificate when it can."""
+    started = subprocess.run(
+        [redis_server_binary(), "--port", "0", "--tls-port", str(free_port())],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return "tls-cert-file" in started.stdout + started.stderr
 
 
 class TlsRedisServer(RedisServer):
