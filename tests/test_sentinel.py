@@ -102,18 +102,22 @@ def test_an_error_never_shows_a_password() -> None:
 # -- real Sentinels -------------------------------------------------------------------------
 
 
+def running(cluster: SentinelCluster) -> Iterator[SentinelCluster]:
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
 def sentinel_cluster() -> Iterator[SentinelCluster]:
-    cluster = SentinelCluster().start()
-    yield cluster
-    cluster.stop()
+    yield from running(SentinelCluster())
 
 
 @pytest.fixture
 def sentinel_engines(
-    jobyard_env: dict[str, str],
-    sentinel_cluster: SentinelCluster,
-    monkeypatch: pytest.MonkeyPatch,
+    jobyard_env: dict[str, str], sentinel_cluster: SentinelCluster, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Engines]:
     """Every process of the test reaches Redis through the Sentinels."""
     yield from engines_on(sentinel_cluster.url, sentinel_cluster, monkeypatch)
@@ -289,9 +293,7 @@ def tls_files(tmp_path: Path) -> TlsFiles:
 
 @pytest.fixture
 def tls_sentinel_cluster(tls_files: TlsFiles) -> Iterator[SentinelCluster]:
-    cluster = SentinelCluster(tls=tls_files).start()
-    yield cluster
-    cluster.stop()
+    yield from running(SentinelCluster(tls=tls_files))
 
 
 @pytest.fixture
