@@ -235,8 +235,8 @@ EXPLICIT_TIERS = {
     "tests/test_flow_temporal_priority.py::": INTEGRATION,  # a dev server with priority flags
     # `jobyard worker` with a malformed REDIS_URL, to read what it says
     "tests/test_sentinel.py::test_the_cli_names_a_malformed_sentinel_url": ACCEPTANCE,
-    # `jobyard dev` on a rediss+sentinel URL, with its API
-    "tests/test_sentinel.py::test_jobyard_dev_and_its_api_run_jobs_on_dramatiq_through_tls": (
+    # `jobyard dev` on a sentinel URL, with its API
+    "tests/test_sentinel.py::test_jobyard_dev_and_its_api_run_jobs_on_dramatiq_through": (
         ACCEPTANCE
     ),
     # `jobyard worker --queues nope`, to read what it says

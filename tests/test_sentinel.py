@@ -376,15 +376,19 @@ def test_a_rediss_url_to_one_tls_server_carries_dispatch_a_worker_and_the_cli(
     cli_dispatches_and_reads({"cli": "over rediss"})
 
 
-def test_jobyard_dev_and_its_api_run_jobs_on_dramatiq_through_tls_sentinel(
+@pytest.mark.parametrize("cluster_fixture", ["tls_sentinel_cluster", "sentinel_cluster"])
+def test_jobyard_dev_and_its_api_run_jobs_on_dramatiq_through_sentinel(
     jobyard_env: dict[str, str],
-    tls_sentinel_cluster: SentinelCluster,
+    cluster_fixture: str,
+    request: pytest.FixtureRequest,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`jobyard dev` given a `rediss+sentinel://` REDIS_URL: its worker runs the canary on
-    Dramatiq, and a job dispatched to its HTTP API process runs there too."""
-    monkeypatch.setenv("REDIS_URL", tls_sentinel_cluster.url)
+    """`jobyard dev` given a `rediss+sentinel://` (or `redis+sentinel://`) REDIS_URL: its
+    worker runs the canary on Dramatiq, and a job dispatched to its HTTP API process runs there
+    too."""
+    cluster: SentinelCluster = request.getfixturevalue(cluster_fixture)
+    monkeypatch.setenv("REDIS_URL", cluster.url)
     token = "dev-sentinel-token"
     port = free_port()
     log = tmp_path / "dev.log"
@@ -418,7 +422,7 @@ def test_jobyard_dev_and_its_api_run_jobs_on_dramatiq_through_tls_sentinel(
             job = wait_for(succeeded, timeout=60, interval=0.2)
         assert (job["engine"], job["result"]) == ("dramatiq", {"via": "the api"})
         # On the Sentinels' primary, not on another Redis (the shared one at the default URL).
-        assert tls_sentinel_cluster.client().exists(keys.job(dispatched["job_id"]))
+        assert cluster.client().exists(keys.job(dispatched["job_id"]))
     finally:
         if dev.poll() is None:
             dev.send_signal(signal.SIGTERM)
