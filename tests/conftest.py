@@ -192,9 +192,14 @@ UNIT, INTEGRATION, ACCEPTANCE = "unit", "integration", "acceptance"
 #: fixture, is integration at least.
 SERVER_FIXTURES = frozenset(
     {"redis_server", "temporal_server", "job_log_db_url", "pg_url", "fresh_pg_url"}
-) | {"sentinel_cluster"}  # tests/test_sentinel.py: a primary, a replica, three Sentinels
+) | {"sentinel_cluster", "tls_sentinel_cluster"}  # tests/test_sentinel.py: a primary, a
+# replica, three Sentinels (over TLS)
 #: Fixtures that start jobyard's processes (or hand a test the means to): acceptance.
-PROCESS_FIXTURES = frozenset({"engines", "shared_engines", "module_engines", "sentinel_engines"})
+PROCESS_FIXTURES = frozenset({"engines", "shared_engines", "module_engines"}) | {
+    "sentinel_engines",
+    "tls_sentinel_engines",
+    "tls_server_engines",  # tests/test_sentinel.py
+}
 #: Fixture parameters that pick a server (fixtures that call request.getfixturevalue, which
 #: the fixture closure cannot see): (fixture, parameter) -> tier.
 PARAMETER_TIERS = {
@@ -227,6 +232,10 @@ EXPLICIT_TIERS = {
     "tests/test_flow_temporal_priority.py::": INTEGRATION,  # a dev server with priority flags
     # `jobyard worker` with a malformed REDIS_URL, to read what it says
     "tests/test_sentinel.py::test_the_cli_names_a_malformed_sentinel_url": ACCEPTANCE,
+    # `jobyard dev` on a sentinel URL, with its API
+    "tests/test_sentinel.py::test_jobyard_dev_and_its_api_run_jobs_on_dramatiq_through": (
+        ACCEPTANCE
+    ),
     # `jobyard worker --queues nope`, to read what it says
     "tests/test_queue_declaration.py::test_a_worker_told_an_unknown_queue_says_so": ACCEPTANCE,
 }
@@ -271,7 +280,7 @@ class ServerInUnitTest(AssertionError):
 
 
 #: Programs a unit-tier test may not start.
-SERVER_PROGRAMS = frozenset({"redis-server", "temporal", "jobyard", "postgres"})
+SERVER_PROGRAMS = frozenset({"redis-server", "valkey-server", "temporal", "jobyard", "postgres"})
 
 
 @contextlib.contextmanager

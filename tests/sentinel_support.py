@@ -1,7 +1,9 @@
 """A Redis primary, its replica and three Sentinels on free ports, for failover tests.
 
 Sentinel's timing is small (down-after-milliseconds 1000) so a SIGKILLed primary is replaced
-in a few seconds. Passwords on both Redis and Sentinel, as production sets them."""
+in a few seconds. Passwords on both Redis and Sentinel, as production sets them; with `tls`
+(tests.tls_support) every server and Sentinel speaks TLS only and asks for a client certificate,
+and `url` is a `rediss+sentinel://` URL with the client's certificate options."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import redis
 
-from tests.support import free_port, wait_for
+from tests.support import free_port, redis_server_binary, wait_for
+from tests.tls_support import TlsFiles
 
 SERVICE = "mymaster"
 REDIS_PASSWORD = "redis-secret"
@@ -21,7 +25,8 @@ DOWN_AFTER_MS = 1000
 
 
 class SentinelCluster:
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsFiles | None = None) -> None:
+        self.tls = tls
         self.dir = Path(tempfile.mkdtemp(prefix="jobyard-sentinel-"))
         self.primary_port = free_port()
         self.replica_port = free_port()
@@ -31,10 +36,11 @@ class SentinelCluster:
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
-        return (
-            f"redis+sentinel://:{REDIS_PASSWORD}@{hosts}/{SERVICE}/0"
-            f"?sentinel_password={SENTINEL_PASSWORD}"
-        )
+        if self.tls is None:
+            query = f"sentinel_password={SENTINEL_PASSWORD}"
+            return f"redis+sentinel://:{REDIS_PASSWORD}@{hosts}/{SERVICE}/0?{query}"
+        query = self.tls.url_query(sentinel_password=SENTINEL_PASSWORD)
+        return f"rediss+sentinel://:{REDIS_PASSWORD}@{hosts}/{SERVICE}/0?{query}"
 
     def start(self) -> SentinelCluster:
         self._redis(self.primary_port)
@@ -49,7 +55,7 @@ class SentinelCluster:
 
     def _redis(self, port: int, *extra: str) -> None:
         self._spawn(port, [
-            _binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            redis_server_binary(), *self._listen(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "no", "--dir", str(self.dir), "--dbfilename", f"{port}.rdb",
             "--requirepass", REDIS_PASSWORD, "--masterauth", REDIS_PASSWORD,
             # A replica's full sync at once, not after the default 5 s wait for others.
@@ -60,7 +66,7 @@ class SentinelCluster:
     def _sentinel(self, port: int) -> None:
         config = self.dir / f"sentinel-{port}.conf"
         config.write_text(
-            f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"bind 127.0.0.1\ndir {self.dir}\n"
             f"requirepass {SENTINEL_PASSWORD}\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} 2\n"
             f"sentinel auth-pass {SERVICE} {REDIS_PASSWORD}\n"
@@ -68,8 +74,16 @@ class SentinelCluster:
             f"sentinel failover-timeout {SERVICE} 3000\n"
             f"sentinel parallel-syncs {SERVICE} 1\n"
         )
-        self._spawn(port, [_binary(), str(config), "--sentinel"])
+        self._spawn(port, [redis_server_binary(), str(config), "--sentinel", *self._listen(port)])
         wait_for(lambda: _pings(self.sentinel(port)))
+
+    def _listen(self, port: int) -> list[str]:
+        return ["--port", str(port)] if self.tls is None else self.tls.server_args(port)
+
+    def _client(self, port: int, password: str) -> redis.Redis:
+        tls: dict[str, Any] = {} if self.tls is None else self.tls.client_options()
+        return redis.Redis(port=port, password=password, socket_timeout=2,
+                           socket_connect_timeout=0.5, **tls)  # fmt: skip
 
     def _spawn(self, port: int, argv: list[str]) -> None:
         self.procs[port] = subprocess.Popen(
@@ -85,12 +99,10 @@ class SentinelCluster:
         return True
 
     def node(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=REDIS_PASSWORD, socket_timeout=2,
-                           socket_connect_timeout=0.5)  # fmt: skip
+        return self._client(port, REDIS_PASSWORD)
 
     def sentinel(self, port: int) -> redis.Redis:
-        return redis.Redis(port=port, password=SENTINEL_PASSWORD, socket_timeout=2,
-                           socket_connect_timeout=0.5)  # fmt: skip
+        return self._client(port, SENTINEL_PASSWORD)
 
     def primary(self) -> int:
         """The port Sentinel names as primary now."""
@@ -152,10 +164,6 @@ class SentinelCluster:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _binary() -> str:
-    return shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 def _pings(client: redis.Redis) -> bool:

@@ -33,6 +33,13 @@ PG_ADMIN_URL = os.environ.get(
 )
 
 
+def redis_server_binary() -> str:
+    """The server the tests start: JOBYARD_TEST_REDIS_SERVER (a redis-server or a valkey-server,
+    as `make test-valkey` sets it), else redis-server on PATH."""
+    chosen = os.environ.get("JOBYARD_TEST_REDIS_SERVER")
+    return chosen or shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,18 +88,25 @@ class RedisServer:
     def start(self) -> RedisServer:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else [
             "--appendonly", "no"]  # fmt: skip
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [redis_server_binary(), *self.listen_args(), "--bind", "127.0.0.1", "--save", "",
              *persistence, "--dir", self.dir, "--logfile", ""],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=1)
+        client = redis.Redis(socket_connect_timeout=0.2, socket_timeout=1, **self.client_options())
         try:
             wait_for(lambda: _pings(client), timeout=self.start_timeout)
         finally:
             client.close()
         return self
+
+    def listen_args(self) -> list[str]:
+        """How the server listens (tests.tls_support's serves TLS)."""
+        return ["--port", str(self.port)]
+
+    def client_options(self) -> dict[str, Any]:
+        """redis.Redis keyword arguments that reach this server."""
+        return {"port": self.port}
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=5)
