@@ -132,6 +132,26 @@ def _cuts(history: Any, deaths: dict[int, float]) -> list[Any]:
     ]
 
 
+def returned_as_poison_killed(histories: dict[str, dict[str, Any]]) -> int:
+    """Returned executions of other jobs' steps that ran again because a poison job (tag
+    "poison...") killed their process within DEATH_WINDOW of their return: the README's
+    at-least-once window (promise 3), not a returned step run again by mistake."""
+    deaths = {
+        e.pid: e.started
+        for tag, steps in histories.items()
+        if tag.startswith("poison")
+        for e in steps.get("die", _NoRuns).executions
+    }
+    return sum(
+        1
+        for tag, steps in histories.items()
+        if not tag.startswith("poison")
+        for history in steps.values()
+        for e in _cuts(history, deaths)
+        if e.ended is not None
+    )
+
+
 def _state(job_id: str) -> str | None:
     """The job's state; None while it cannot be read (a Redis timeout on a loaded machine)."""
     status = status_of(job_id)
