@@ -622,7 +622,7 @@ elseif command == "reschedule" then
     end
     changed(events_key, job_key, "state", state, "name", job[3], "queue", job[4],
             "attempts", job[5], "run_at", run_at ~= "0" and run_at, "error", error_message,
-            "error_class", error_class)
+            "error_class", error_class, "display_state", ARGV[11], "waiting_reason", ARGV[12])
     return "ok"
 
 -- handoff: KEYS job, queue list, queue msgs, delay list, delay msgs   ARGV name, queue, ttl s
