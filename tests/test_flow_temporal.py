@@ -351,6 +351,36 @@ def test_a_slot_whose_holder_was_terminated_goes_to_the_next_live_waiter_by_the_
     assert waited < 20, waited  # the park alone would have kept it 60 s
 
 
+@pytest.mark.parametrize("holder_engine", ["dramatiq", "temporal"])
+def test_a_release_on_either_engine_wakes_the_waiter_on_the_other(
+    flow_env: dict[str, str],
+    engines: Engines,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    holder_engine: str,
+) -> None:
+    """Concurrency(1): a1 holds tenant a's slot on one engine, a2 waits for it on the other.
+    a1's release wakes a2 there at once: a Temporal workflow by its wake signal, a parked
+    Dramatiq job in Redis. Unwoken, a2 would ask again only at a1's lease expiry (up to the
+    20 s ttl set here), and no sweep runs in the test's time."""
+    monkeypatch.setenv("WORKER_HEARTBEAT_TIMEOUT", "20")
+    monkeypatch.setenv("JOBYARD_RESCUE_INTERVAL", "120")
+    engines.start_worker(queues="tq-pair")
+    engines.ensure_temporal_worker()
+    waiter_engine = "temporal" if holder_engine == "dramatiq" else "dramatiq"
+    payload = {"marker_dir": str(tmp_path), "tenant": "a"}
+    a1 = engines.dispatch(holder_engine, "tq.slot", {**payload, "label": "a1", "seconds": 4.0})
+    running(engines, a1)
+    a2 = engines.dispatch(waiter_engine, "tq.slot", {**payload, "label": "a2"})
+    assert held(a2, "waiting for slot", engines).engine == waiter_engine
+    succeeded(engines, [a1, a2], timeout=60)
+    runs = run_spans(tmp_path)
+    assert runs["a2"][0] >= runs["a1"][1], runs  # never both at once
+    delay = runs["a2"][0] - runs["a1"][1]
+    print(f"\n{waiter_engine} waiter started {delay:.3f} s after the {holder_engine} holder ended")
+    assert delay < 4.0, (delay, engines.logs())
+
+
 def test_a_concurrency_keyed_job_starts_with_its_key_as_temporal_fairness_key() -> None:
     assert fairness_key("tq.keyed", {"tenant": "acme"}) == "acme"
     assert fairness_key("tq.slot", {"tenant": 42}) == "42"  # payload_key's text of an int

@@ -104,9 +104,13 @@ async def connect(address: str, namespace: str) -> Client:
 
 
 def install_child_dispatcher() -> None:
+    """Jobs here start child jobs through the dispatcher, and a release here wakes the parked
+    Dramatiq jobs it frees a slot for (flow control in a mixed run)."""
     from jobyard.dispatcher import install_child_dispatcher as install
+    from jobyard.dispatcher.flow import install_cross_engine_wake
 
     install()
+    install_cross_engine_wake("temporal")
 
 
 async def serve(queues: list[str] | None = None) -> None:

@@ -83,13 +83,17 @@ class RunPermits:
             runtime.renewer().untrack(self.job_id)
 
     def release(self) -> None:
-        """End the run's leases and wake, in Redis, the parked jobs due a slot now."""
+        """End the run's leases and wake the waiters due a slot now: in Redis, the parked jobs;
+        the ones not parked here may be Temporal workflows (a mixed run, a fallback), told by
+        `runtime.wake_elsewhere`."""
         if not self.gate.held:
             return
         runtime.renewer().untrack(self.job_id)
         woken = self.gate.release()
         if woken:
-            self.store.wake(self.queue, [slot.holder for slot in woken])
+            holders = [slot.holder for slot in woken]
+            if self.store.wake(self.queue, holders) < len(holders):
+                runtime.wake_elsewhere(self.queue, holders)
 
 
 def _lost(slot: Any) -> None:
