@@ -26,7 +26,7 @@ from jobyard.job_engine import get_spec
 from jobyard.job_engine.errors import InvalidPayloadError
 from jobyard.job_engine.flow import runtime
 from jobyard.job_engine.flow.limiter import CONCURRENCY
-from jobyard.job_engine.flow.metrics import HELD
+from jobyard.job_engine.flow.metrics import HELD, HELD_RUNS
 from jobyard.job_engine.flow.store import Admission, HeldSlot
 from jobyard.job_engine.flow.waiting import QUEUE, owner_of
 
@@ -49,6 +49,7 @@ async def permit(request: dict[str, Any]) -> dict[str, Any]:
                         slot["bucket"])  # fmt: skip
         return {"lost": lost}
     if op == "release":
+        HELD_RUNS.let_go(request["job_id"])
         woken = await asyncio.to_thread(runtime.permit_store().release_all, request["job_id"], held)
         holders = [slot.holder for slot in woken]
         told = await wake_workflows(activity.client(), holders)
@@ -68,6 +69,7 @@ def _acquire(request: dict[str, Any]) -> dict[str, Any]:
         raise ApplicationError(str(exc), type=type(exc).__name__, non_retryable=True) from exc
     admission = gate.acquire()
     if admission.granted:
+        HELD_RUNS.let_go(request["job_id"])
         return {
             "granted": True,
             "at": admission.at,
@@ -78,6 +80,8 @@ def _acquire(request: dict[str, Any]) -> dict[str, Any]:
     hold = gate.hold(admission)
     assert hold is not None and admission.refused is not None
     HELD.labels(hold.scope, hold.kind).inc()
+    HELD_RUNS.held(request["job_id"], spec.queue, hold.scope, hold.kind, hold.key,
+                   admission.retry_in)  # fmt: skip
     refused = admission.refused
     waiting_in = (
         asdict(HeldSlot(refused.scope, refused.bucket, request["job_id"], refused.limit))
