@@ -84,16 +84,15 @@ class RunPermits:
 
     def release(self) -> None:
         """End the run's leases and wake the waiters due a slot now: in Redis, the parked jobs;
-        the ones not parked here may be Temporal workflows (a mixed run, a fallback), told by
+        those Dramatiq does not run are Temporal workflows (a mixed run, a fallback), told by
         `runtime.wake_elsewhere`."""
         if not self.gate.held:
             return
         runtime.renewer().untrack(self.job_id)
         woken = self.gate.release()
         if woken:
-            holders = [slot.holder for slot in woken]
-            if self.store.wake(self.queue, holders) < len(holders):
-                runtime.wake_elsewhere(self.queue, holders)
+            _, elsewhere = self.store.wake_here(self.queue, [slot.holder for slot in woken])
+            runtime.wake_elsewhere(self.queue, elsewhere)
 
 
 def _lost(slot: Any) -> None:
