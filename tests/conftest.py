@@ -81,6 +81,7 @@ def jobyard_values(
         "DATABASE_URL": job_log_database,
         "JOBYARD_JOB_LOG_INTERVAL": "0.1",
         "WORKER_METRICS_PORT": "0",
+        "TEMPORAL_WORKER_METRICS_PORT": "0",  # a test that scrapes it gives a free port
         "JOBYARD_SCHEDULER": "false",  # a test that wants schedules firing turns it on
     }
 

@@ -139,6 +139,7 @@ def real_engines(temporal_server: TemporalDevServer, job_log_database: str) -> I
         "DATABASE_URL": job_log_database,
         "JOBYARD_JOB_LOG_INTERVAL": "0.1",
         "WORKER_METRICS_PORT": "0",
+        "TEMPORAL_WORKER_METRICS_PORT": "0",
     }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in values.items():

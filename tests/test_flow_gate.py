@@ -178,6 +178,35 @@ def test_prometheus_counts_what_the_store_holds(store: PermitStore) -> None:
                 ("key", "small") in k[1] and ("scope", scope) in k[1]]  # fmt: skip
 
 
+def test_held_runs_count_per_queue_and_key_until_granted_or_past_their_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from jobyard.job_engine.flow import metrics
+    from tests.support import metric_samples, metric_value
+
+    monkeypatch.setattr(metrics, "HELD_SLACK_SECONDS", 0.0)
+    held = metrics.HeldRuns(top_keys=1)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(held)
+
+    def value(name: str, **labels: str) -> float:
+        return metric_value(metric_samples(generate_latest(registry).decode()), name, **labels)
+
+    for job_id, key in (("b1", "big"), ("b2", "big"), ("s1", "small")):
+        held.held(job_id, "docs", "concurrency:job:x", "concurrency", key, 60.0)
+    held.held("r1", "docs", "rate:job:y", "rate", "big", 0.2)
+    assert value("jobyard_temporal_held", queue="docs", kind="concurrency") == 3
+    assert value("jobyard_temporal_held", queue="docs", kind="rate") == 1
+    assert value("jobyard_temporal_held_by_key", scope="concurrency:job:x", key="big") == 2
+    assert value("jobyard_temporal_held_by_key", key="small") == 0  # only the top key
+    held.held("b1", "docs", "concurrency:job:x", "concurrency", "big", 60.0)  # asked again
+    held.let_go("b2")  # granted (or released)
+    time.sleep(0.3)  # r1's retry time passed: it asks again, and counts again if refused
+    assert value("jobyard_temporal_held", queue="docs") == 2
+
+
 def test_admission_at_dispatch_keeps_a_key_to_its_limit_in_the_queue(store: PermitStore) -> None:
     job = _job()
     limits = job_limits(job, "default", concurrency=Concurrency(2, key="tenant"),

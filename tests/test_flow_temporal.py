@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 from temporalio.common import Priority
@@ -30,7 +32,14 @@ from jobyard.job_engine.db import get_engine
 from jobyard.job_engine.db.models import JobLog
 from tests.engines import Engines
 from tests.flow_temporal_jobs import NARROW_CONCURRENCY, ONE_SLOT, QUIET, RATE, SLOT
-from tests.support import RedisServer, most_at_once, wait_for
+from tests.support import (
+    RedisServer,
+    free_port,
+    metric_samples,
+    metric_value,
+    most_at_once,
+    wait_for,
+)
 
 JOB_MODULES = "tests.jobs,tests.flow_temporal_jobs"
 
@@ -349,6 +358,67 @@ def test_a_slot_whose_holder_was_terminated_goes_to_the_next_live_waiter_by_the_
     waited = a3_run[1] - terminated
     print(f"\na3 started {waited:.1f} s after its holder and the waiter ahead were terminated")
     assert waited < 20, waited  # the park alone would have kept it 60 s
+
+
+@pytest.mark.parametrize("holder_engine", ["dramatiq", "temporal"])
+def test_a_release_on_either_engine_wakes_the_waiter_on_the_other(
+    flow_env: dict[str, str],
+    engines: Engines,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    holder_engine: str,
+) -> None:
+    """Concurrency(1): a1 holds tenant a's slot on one engine, a2 waits for it on the other.
+    a1's release wakes a2 there at once: a Temporal workflow by its wake signal, a parked
+    Dramatiq job in Redis. Unwoken, a2 would ask again only at a1's lease expiry (up to the
+    20 s ttl set here), and no sweep runs in the test's time."""
+    monkeypatch.setenv("WORKER_HEARTBEAT_TIMEOUT", "20")
+    monkeypatch.setenv("JOBYARD_RESCUE_INTERVAL", "120")
+    engines.start_worker(queues="tq-pair")
+    engines.ensure_temporal_worker()
+    waiter_engine = "temporal" if holder_engine == "dramatiq" else "dramatiq"
+    payload = {"marker_dir": str(tmp_path), "tenant": "a"}
+    a1 = engines.dispatch(holder_engine, "tq.slot", {**payload, "label": "a1", "seconds": 4.0})
+    running(engines, a1)
+    a2 = engines.dispatch(waiter_engine, "tq.slot", {**payload, "label": "a2"})
+    assert held(a2, "waiting for slot", engines).engine == waiter_engine
+    succeeded(engines, [a1, a2], timeout=60)
+    runs = run_spans(tmp_path)
+    assert runs["a2"][0] >= runs["a1"][1], runs  # never both at once
+    delay = runs["a2"][0] - runs["a1"][1]
+    print(f"\n{waiter_engine} waiter started {delay:.3f} s after the {holder_engine} holder ended")
+    assert delay < 4.0, (delay, engines.logs())
+
+
+def test_a_temporal_worker_exports_its_held_jobs_per_queue_and_key(
+    flow_env: dict[str, str], engines: Engines, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`jobyard temporal-worker`'s /metrics: a1 holds tenant a's slot, a2 and a3 wait. The
+    workflows it holds count per queue and per key (no Redis parked set counts them), beside
+    the permit store's per-limit counts and the refusals; all back to 0 once they ran."""
+    port = free_port()
+    monkeypatch.setenv("TEMPORAL_WORKER_METRICS_PORT", str(port))
+    engines.start_temporal_worker()
+    a1 = dispatch_tenant(engines, "tq.slot", tmp_path, "a1", "a", 6.0)
+    running(engines, a1)
+    waiting = [dispatch_tenant(engines, "tq.slot", tmp_path, f"a{i}", "a") for i in (2, 3)]
+    url = f"http://127.0.0.1:{port}/metrics"
+    scope = "concurrency:job:tq.slot"
+
+    def scraped(held_now: int) -> dict[tuple[str, tuple[Any, ...]], float] | None:
+        samples = metric_samples(httpx.get(url, timeout=5).text)
+        per_queue = metric_value(samples, "jobyard_temporal_held", queue="tq-pair")
+        return samples if per_queue == held_now else None
+
+    samples = wait_for(lambda: scraped(2), timeout=30, interval=0.2)
+    assert metric_value(samples, "jobyard_temporal_held", queue="tq-pair", kind="concurrency") == 2
+    assert metric_value(samples, "jobyard_temporal_held_by_key", scope=scope, key="a") == 2
+    assert metric_value(samples, "jobyard_flow_waiting", scope=scope) == 2  # the permit store's
+    assert metric_value(samples, "jobyard_flow_running", scope=scope) == 1
+    assert metric_value(samples, "jobyard_flow_held_total", scope=scope) >= 2
+    succeeded(engines, [a1, *waiting])
+    samples = wait_for(lambda: scraped(0), timeout=10, interval=0.2)
+    assert metric_value(samples, "jobyard_temporal_held_by_key", scope=scope) == 0
 
 
 def test_a_concurrency_keyed_job_starts_with_its_key_as_temporal_fairness_key() -> None:

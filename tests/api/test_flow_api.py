@@ -1,10 +1,13 @@
 """Flow control over HTTP: a payload without its limit's key is a 422 and starts nothing; a
-job a limit holds says so in GET /jobs/{id} (`display_state`, `waiting_reason`), and GET /flow
-lists the key holding it."""
+job a limit holds says so in GET /jobs/{id} (`display_state`, `waiting_reason`) and in its
+event stream (GET /jobs/{id}/events, on both engines), and GET /flow lists the key holding
+it."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +16,11 @@ from jobyard.job_engine.flow import runtime
 from jobyard.job_engine.registry import load_job_modules
 from jobyard.queue import keys
 from tests.api.conftest import ApiServer
+from tests.api.test_events import read_stream
+from tests.api.test_lifecycle import dispatch
 from tests.api.test_priority_api import pretend_a_live_worker
-from tests.flow_jobs import ONE_THREAD_QUEUE
+from tests.engines import Engines
+from tests.flow_jobs import FLOW_QUEUE, ONE_THREAD_QUEUE, RATE_CALLS
 from tests.support import RedisServer
 
 
@@ -82,3 +88,58 @@ def test_a_collapsed_dispatch_names_the_run_that_serves_it(
     assert (detail["display_state"], detail["served_by"]) == ("collapsed", first.json()["job_id"])
     run = flow_api.client.get(f"/jobs/{first.json()['job_id']}").json()
     assert (run["state"], run["display_state"]) == ("queued", "debouncing")
+
+
+def test_a_held_job_says_why_in_its_event_stream_at_dispatch(
+    flow_api: ApiServer, redis_server: RedisServer
+) -> None:
+    # Held from its dispatch (its key's one slot is taken): its first event, "queued", says why.
+    pretend_a_live_worker(redis_server, ONE_THREAD_QUEUE)
+    body = {"marker_dir": "/tmp", "tenant": "acme"}
+    dispatch(flow_api, "test.flow_one_slot", body)
+    held = dispatch(flow_api, "test.flow_one_slot", body)
+    (first,) = read_stream(flow_api, held, stop_after=lambda event: True)
+    assert (first["state"], first["display_state"]) == ("queued", "waiting for slot"), first
+    assert first["waiting_reason"] == (
+        "concurrency limit concurrency:job:test.flow_one_slot (1 at once) for tenant=acme"
+    )
+    assert first["run_at"] is not None  # when it asks again, unless woken first
+
+
+@pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
+def test_a_throttled_job_says_why_in_its_event_stream(
+    flow_api: ApiServer,
+    engines: Engines,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    engine: str,
+) -> None:
+    # Held at its start on a worker (RATE_CALLS starts per second per tenant; two more than
+    # that are dispatched at once): the worker records why, and the stream shows it, then the
+    # run, whose events say nothing of a hold.
+    monkeypatch.setenv(env.USE_DRAMATIQ, str(engine == "dramatiq").lower())
+    if engine == "dramatiq":
+        engines.start_worker(queues=FLOW_QUEUE)
+    else:
+        engines.start_temporal_worker()
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    body = {"marker_dir": str(tmp_path), "tenant": tenant}
+    job_ids = [dispatch(flow_api, "test.flow_rate", body) for _ in range(RATE_CALLS + 2)]
+    for job_id in job_ids:
+        flow_api.wait_for(job_id, lambda job: job["state"] == "succeeded", engines=engines)
+    streams = {job_id: read_stream(flow_api, job_id) for job_id in job_ids}
+    reason = f"rate limit rate:job:test.flow_rate ({RATE_CALLS} starts per 1s) for tenant={tenant}"
+    held = {
+        job_id: [e for e in events if e.get("display_state") == "throttled"]
+        for job_id, events in streams.items()
+    }
+    throttled = [job_id for job_id, events in held.items() if events]
+    assert len(throttled) >= 2, (streams, engines.logs())
+    for job_id in throttled:
+        events = streams[job_id]
+        assert [e["state"] for e in events if e["kind"] == "state"][-1] == "succeeded", events
+        for event in held[job_id]:
+            assert (event["state"], event["waiting_reason"]) == ("queued", reason), event
+            assert event["engine"] == engine and event["run_at"] is not None, event
+        running = [e for e in events if e.get("state") == "running"]
+        assert running and all("display_state" not in e for e in running), events

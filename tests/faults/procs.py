@@ -62,6 +62,7 @@ def base_env(redis_url: str, temporal_address: str, database_url: str) -> dict[s
         "DATABASE_URL": database_url,
         "JOBYARD_JOB_LOG_INTERVAL": "0.2",
         "WORKER_METRICS_PORT": "0",
+        "TEMPORAL_WORKER_METRICS_PORT": "0",
     }
 
 

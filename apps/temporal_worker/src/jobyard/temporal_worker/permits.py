@@ -26,8 +26,9 @@ from jobyard.job_engine import get_spec
 from jobyard.job_engine.errors import InvalidPayloadError
 from jobyard.job_engine.flow import runtime
 from jobyard.job_engine.flow.limiter import CONCURRENCY
-from jobyard.job_engine.flow.metrics import HELD
+from jobyard.job_engine.flow.metrics import HELD, HELD_RUNS
 from jobyard.job_engine.flow.store import Admission, HeldSlot
+from jobyard.job_engine.flow.waiting import QUEUE, owner_of
 
 log = logging.getLogger("jobyard.flow")
 
@@ -48,9 +49,15 @@ async def permit(request: dict[str, Any]) -> dict[str, Any]:
                         slot["bucket"])  # fmt: skip
         return {"lost": lost}
     if op == "release":
+        HELD_RUNS.let_go(request["job_id"])
         woken = await asyncio.to_thread(runtime.permit_store().release_all, request["job_id"], held)
         holders = [slot.holder for slot in woken]
-        return {"woken": await wake_workflows(activity.client(), holders)}
+        told = await wake_workflows(activity.client(), holders)
+        # The others may be Dramatiq jobs parked in Redis (a mixed run): woken there, from a
+        # thread of its own (Redis may be down; the release does not wait for it).
+        for queue, job_ids in _parked_elsewhere(woken, set(told)).items():
+            runtime.wake_elsewhere(queue, job_ids)
+        return {"woken": len(told)}
     raise ApplicationError(f"unknown permit op {op!r}", non_retryable=True)
 
 
@@ -62,6 +69,7 @@ def _acquire(request: dict[str, Any]) -> dict[str, Any]:
         raise ApplicationError(str(exc), type=type(exc).__name__, non_retryable=True) from exc
     admission = gate.acquire()
     if admission.granted:
+        HELD_RUNS.let_go(request["job_id"])
         return {
             "granted": True,
             "at": admission.at,
@@ -72,6 +80,8 @@ def _acquire(request: dict[str, Any]) -> dict[str, Any]:
     hold = gate.hold(admission)
     assert hold is not None and admission.refused is not None
     HELD.labels(hold.scope, hold.kind).inc()
+    HELD_RUNS.held(request["job_id"], spec.queue, hold.scope, hold.kind, hold.key,
+                   admission.retry_in)  # fmt: skip
     refused = admission.refused
     waiting_in = (
         asdict(HeldSlot(refused.scope, refused.bucket, request["job_id"], refused.limit))
@@ -86,6 +96,21 @@ def _acquire(request: dict[str, Any]) -> dict[str, Any]:
         "until": hold.until,
         "waiting_in": waiting_in,
     }
+
+
+def _parked_elsewhere(woken: list[HeldSlot], told: set[str]) -> dict[str, list[str]]:
+    """The woken waiters that are no workflow, per queue (a limit's scope names the job or the
+    queue whose runs it counts: every waiter of a bucket is of that queue)."""
+    found: dict[str, list[str]] = {}
+    for slot in woken:
+        if slot.holder not in told:
+            found.setdefault(queue_of_scope(slot.scope), []).append(slot.holder)
+    return found
+
+
+def queue_of_scope(scope: str) -> str:
+    owner_kind, owner = owner_of(scope)
+    return owner if owner_kind == QUEUE else get_spec(owner).queue
 
 
 def _debounced_payload(admission: Admission) -> Any:

@@ -103,10 +103,41 @@ async def connect(address: str, namespace: str) -> Client:
             await asyncio.sleep(CONNECT_RETRY_SECONDS)
 
 
+def serve_metrics() -> None:
+    """/metrics on TEMPORAL_WORKER_METRICS_PORT: this process's job counters and flow-control
+    refusals, the workflows it holds for a limit now (per queue and per key), and, when a job
+    is limited, the permit store's counts per limit and busiest keys (both engines'). After the
+    job modules are loaded (whether any job is limited)."""
+    port = env.get_int(env.TEMPORAL_WORKER_METRICS_PORT)
+    if port <= 0:
+        return
+    from prometheus_client import start_http_server
+
+    from jobyard.dispatcher.metrics import flow_collector, process_registry
+    from jobyard.job_engine.flow.metrics import HELD_RUNS
+
+    registry = process_registry()
+    for collector in (HELD_RUNS, flow_collector()):
+        if collector is not None:
+            registry.register(collector)
+    # Loopback by default, as `jobyard worker`'s: the metrics carry job names and keys, no token.
+    host = env.get_str(env.WORKER_METRICS_HOST)
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:  # another temporal-worker on this host has the port: say so, go on
+        log.warning("metrics not served: %s:%d unavailable (%s)", host, port, exc)
+        return
+    log.info("temporal-worker metrics on %s:%d/metrics", host, port)
+
+
 def install_child_dispatcher() -> None:
+    """Jobs here start child jobs through the dispatcher, and a release here wakes the parked
+    Dramatiq jobs it frees a slot for (flow control in a mixed run)."""
     from jobyard.dispatcher import install_child_dispatcher as install
+    from jobyard.dispatcher.flow import install_cross_engine_wake
 
     install()
+    install_cross_engine_wake("temporal")
 
 
 async def serve(queues: list[str] | None = None) -> None:
@@ -120,6 +151,7 @@ async def serve(queues: list[str] | None = None) -> None:
         build_worker(client, task_queue, activities),
         *build_step_workers(client, task_queue, queues, activities),
     ]
+    serve_metrics()  # the job modules are loaded now
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

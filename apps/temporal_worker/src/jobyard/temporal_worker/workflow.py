@@ -96,7 +96,9 @@ class JobWorkflow:
                 ctx.before_sleep = limits.extend
 
                 async def held(reply: dict[str, Any]) -> None:
-                    await emit({**common, "state": JobState.QUEUED, "run_at": reply["until"]})
+                    await emit({**common, "state": JobState.QUEUED, "run_at": reply["until"],
+                                "display_state": reply["display_state"],
+                                "waiting_reason": reply["waiting_reason"]})  # fmt: skip
 
                 payload = await limits.admit(request.payload, held)
                 # A limited job starts when its permits are granted (the database's time).

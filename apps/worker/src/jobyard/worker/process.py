@@ -198,11 +198,15 @@ class WorkerProcess:
 
 
 def _install_child_dispatcher() -> None:
+    """Jobs here start child jobs through the dispatcher, and a release here wakes the Temporal
+    workflows it frees a slot for (flow control in a mixed run)."""
     try:
         from jobyard.dispatcher import install_child_dispatcher
+        from jobyard.dispatcher.flow import install_cross_engine_wake
     except ImportError:  # a worker image without the dispatcher cannot start child jobs
         return
     install_child_dispatcher()
+    install_cross_engine_wake("dramatiq")
 
 
 def main(argv: list[str] | None = None) -> int:

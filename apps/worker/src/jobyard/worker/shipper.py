@@ -42,9 +42,11 @@ log = logging.getLogger("jobyard.shipper")
 BATCH = 5000
 #: Values a database may refuse (e.g. a NUL character in JSON, for PostgreSQL's JSONB).
 JSON_COLUMNS = ("result", "payload", "progress")
-#: Outbox fields (jobyard.lua) copied as they are, as text, to the row column of this name.
+#: Outbox fields (jobyard.lua) copied as they are, as text, to the row column (or, for a held
+#: job's display_state and waiting_reason, its state event's field) of this name.
 TEXT_FIELDS = {b"state": "state", b"name": "name", b"queue": "queue",
-               b"error_class": "error_class", b"traceback": "error_traceback"}  # fmt: skip
+               b"error_class": "error_class", b"traceback": "error_traceback",
+               b"display_state": "display_state", b"waiting_reason": "waiting_reason"}  # fmt: skip
 #: Outbox fields holding a time in ms, to the row column of this name (unix seconds).
 MS_FIELDS = {b"enqueued_at": "enqueued_at", b"started_at": "started_at", b"run_at": "run_at"}
 #: Outbox fields holding JSON, to the row column of this name (a result: of a succeeded job only).

@@ -34,7 +34,9 @@ PAGE = 500
 @dataclass(frozen=True)
 class JobEventRecord:
     """One event of a job: `kind` "state" (state, engine, attempts, run_at: when a sleeping,
-    delayed or retrying job runs next; error for a failed or dead job) or "progress"."""
+    delayed, retrying or held job runs next; error for a failed or dead job; display_state and
+    waiting_reason for a job a flow-control limit holds, or that waits for children, jobs or
+    an event, as get_job shows them) or "progress"."""
 
     job_id: str
     seq: int
@@ -46,6 +48,8 @@ class JobEventRecord:
     progress: Any = None
     run_at: datetime | None = None
     error: str | None = None
+    display_state: str | None = None
+    waiting_reason: str | None = None
 
     @property
     def final(self) -> bool:
@@ -80,6 +84,8 @@ def read_events(job_id: str, after: int = 0, limit: int = PAGE) -> list[JobEvent
                 crypto.unseal(e.job_id, e.progress),
                 e.run_at,
                 crypto.unseal(e.job_id, e.error),
+                e.display_state,
+                e.waiting_reason,
             )
             for e in session.scalars(query)
         ]

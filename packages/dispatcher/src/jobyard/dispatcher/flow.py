@@ -103,6 +103,27 @@ def follow_collapsed(job_id: str, status: JobStatus, run_id: str) -> JobStatus:
     return dataclasses.replace(status, job_id=job_id, display_state=COLLAPSED, served_by=run_id)
 
 
+def install_cross_engine_wake(engine: str) -> None:
+    """In a process that runs jobs on `engine` ("dramatiq" or "temporal"): a release there
+    that frees a slot for a waiter of the other engine wakes it through this dispatcher
+    (`runtime.wake_elsewhere`): a workflow by the `jobyard.wake` signal, a parked Dramatiq job
+    in Redis. Without it, such a waiter waited until it asked again by itself."""
+    from jobyard.dispatcher.dispatch import get_dispatcher
+    from jobyard.job_engine.flow import runtime
+
+    def to_temporal(_queue: str, job_ids: list[str]) -> None:
+        wake = getattr(get_dispatcher().temporal, "wake", None)
+        if wake is not None:
+            wake(job_ids)
+
+    def to_dramatiq(queue: str, job_ids: list[str]) -> None:
+        wake = getattr(get_dispatcher().dramatiq, "wake_parked", None)
+        if wake is not None:
+            wake(queue, job_ids)
+
+    runtime.install_cross_wake(to_temporal if engine == "dramatiq" else to_dramatiq)
+
+
 #: Waiters a sweep wakes per concurrency limit and pass, at most.
 SWEEP_BUDGET = 500
 

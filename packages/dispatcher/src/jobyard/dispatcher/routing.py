@@ -205,9 +205,14 @@ def record_dispatch(job: Submission, handle: JobHandle, started: float) -> None:
     5 of 300 jobs lost in the fault suite's "redis restarted empty")."""
     if not handle.duplicate:
         delay = job.options.delay
+        run_at = started + delay if delay else None
+        # Only Dramatiq parks a job held at dispatch; another engine's run asks the limit itself.
+        hold = job.hold if handle.engine == "dramatiq" else None
+        if hold is not None:
+            run_at = hold.until or run_at
         dispatched_event(
             job.job_id, job.name, job.queue, handle.engine, job.payload, handle.fallback_reason,
-            started, started + delay if delay else None,
+            started, run_at, (hold.display_state, hold.waiting_reason) if hold else None,
         )  # fmt: skip
         if job.options.after:
             record_upstream([(job.job_id, job.options.after)])

@@ -163,6 +163,9 @@ WORKER_METRICS_HOST = "WORKER_METRICS_HOST"  # address the worker's /metrics bin
 DEFAULTS[WORKER_METRICS_HOST] = "127.0.0.1"
 PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's; set for workers
 DEFAULTS[WORKER_METRICS_PORT] = "9191"
+# `jobyard temporal-worker` serves /metrics here (on WORKER_METRICS_HOST); 0 = off
+TEMPORAL_WORKER_METRICS_PORT = "TEMPORAL_WORKER_METRICS_PORT"
+DEFAULTS[TEMPORAL_WORKER_METRICS_PORT] = "9192"
 
 # Activity slots of `jobyard temporal-worker`'s main task queue: the claims, and steps that
 # workflows scheduled there before each queue's steps had a task queue of their own (a queue's

@@ -42,9 +42,13 @@ def job_event(
     logged: bool = False,
     run_at: float | None = None,
     enqueued_at: float | None = None,
+    display_state: str | None = None,
+    waiting_reason: str | None = None,
 ) -> None:
     """Record a state change. Never raises: bookkeeping must not fail a job.
     `run_at`: when a job waiting on a timer (a durable sleep, a retry) runs next.
+    `display_state`, `waiting_reason`: why a job a flow-control limit holds waits (its state
+    event in the job log says so, for GET /jobs/{id}/events).
     `enqueued_at`: when the engine took the job, if known (dates its dispatch in the job log
     when this change gets there first).
     `logged`: the engine already put the change in the job log's outbox (a Dramatiq worker
@@ -75,6 +79,8 @@ def job_event(
                 payload=payload,
                 run_at=run_at,
                 enqueued_at=enqueued_at,
+                display_state=display_state,
+                waiting_reason=waiting_reason,
             )
         labels = (name, queue or "", engine)
         if final:
@@ -116,14 +122,18 @@ def dispatched_event(
     fallback_reason: str | None,
     enqueued_at: float | None = None,
     run_at: float | None = None,
+    hold: tuple[str, str] | None = None,
 ) -> None:
     """`enqueued_at`: when dispatch began (an engine may start the job before dispatch returns);
-    `run_at`: when a delayed job may start."""
+    `run_at`: when a delayed (or held) job may start; `hold`: (display_state, waiting_reason)
+    of a job a flow-control limit holds from its dispatch."""
     try:
         ts = enqueued_at or time.time()
+        display_state, waiting_reason = hold or (None, None)
         joblog.record(
             job_id, ts=ts, name=name, queue=queue, engine=engine, state=JobState.QUEUED,
             payload=payload, fallback_reason=fallback_reason, enqueued_at=ts, run_at=run_at,
+            display_state=display_state, waiting_reason=waiting_reason,
         )  # fmt: skip
         _labelled(metrics.DISPATCHED, name, queue, engine).inc()
         if fallback_reason:

@@ -83,13 +83,16 @@ class RunPermits:
             runtime.renewer().untrack(self.job_id)
 
     def release(self) -> None:
-        """End the run's leases and wake, in Redis, the parked jobs due a slot now."""
+        """End the run's leases and wake the waiters due a slot now: in Redis, the parked jobs;
+        those Dramatiq does not run are Temporal workflows (a mixed run, a fallback), told by
+        `runtime.wake_elsewhere`."""
         if not self.gate.held:
             return
         runtime.renewer().untrack(self.job_id)
         woken = self.gate.release()
         if woken:
-            self.store.wake(self.queue, [slot.holder for slot in woken])
+            _, elsewhere = self.store.wake_here(self.queue, [slot.holder for slot in woken])
+            runtime.wake_elsewhere(self.queue, elsewhere)
 
 
 def _lost(slot: Any) -> None:

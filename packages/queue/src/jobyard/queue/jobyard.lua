@@ -622,7 +622,7 @@ elseif command == "reschedule" then
     end
     changed(events_key, job_key, "state", state, "name", job[3], "queue", job[4],
             "attempts", job[5], "run_at", run_at ~= "0" and run_at, "error", error_message,
-            "error_class", error_class)
+            "error_class", error_class, "display_state", ARGV[11], "waiting_reason", ARGV[12])
     return "ok"
 
 -- handoff: KEYS job, queue list, queue msgs, delay list, delay msgs   ARGV name, queue, ttl s
@@ -1000,22 +1000,27 @@ elseif command == "hand_back" then
 
 -- wake: KEYS parked set, queue list, queue msgs, bands, priority channel
 --       ARGV job key prefix, band prefix, job ids...
--- -> how many were parked.  The jobs' parked messages (if they still wait there) enter their
--- lists now: a flow-control slot was released for them (docs/flow-control.md).
+-- -> {how many were parked, the ids Dramatiq does not run...}.  The jobs' parked messages (if
+-- they still wait there) enter their lists now: a flow-control slot was released for them
+-- (docs/flow-control.md). The ids without a Dramatiq record (a job Temporal runs: none, or
+-- a tombstone) are the waiters to wake on Temporal instead.
 elseif command == "wake" then
     local parked_key, queue_key, queue_msgs_key, bands_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
     local job_prefix, band_prefix = ARGV[2], ARGV[3]
 
-    local woken = 0
+    local reply = {0}
     for i = 4, #ARGV do
-        local message_id = redis.call("hget", job_prefix .. ARGV[i], "rmid")
-        if message_id and redis.call("zscore", parked_key, message_id) then
+        local job = redis.call("hmget", job_prefix .. ARGV[i], "rmid", "engine")
+        local message_id = job[1]
+        if job[2] ~= "dramatiq" then
+            reply[#reply + 1] = ARGV[i]
+        elseif message_id and redis.call("zscore", parked_key, message_id) then
             unpark(parked_key, queue_key, queue_msgs_key, bands_key, band_prefix, job_prefix,
                    KEYS[5], message_id, true)
-            woken = woken + 1
+            reply[1] = reply[1] + 1
         end
     end
-    return woken
+    return reply
 
 -- heartbeat: KEYS dramatiq heartbeats, workers zset per queue...
 --            ARGV worker id, dramatiq broker id   -> now (ms)

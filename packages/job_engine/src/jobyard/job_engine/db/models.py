@@ -179,6 +179,9 @@ class JobEvent(Base):
     progress: Mapped[Any | None] = mapped_column(JSONType, nullable=True)
     run_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # A held or waiting job's state event: why it waits, as get_job shows it (migration 0014).
+    display_state: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    waiting_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class JobStat(Base):

@@ -7,6 +7,8 @@ Only limited jobs import this module (it loads the database driver)."""
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -17,6 +19,8 @@ from jobyard.job_engine.flow.store import HeldSlot, PermitStore
 
 if TYPE_CHECKING:
     from jobyard.job_engine.registry import JobSpec
+
+log = logging.getLogger("jobyard.flow")
 
 _lock = threading.Lock()
 _store: PermitStore | None = None
@@ -71,3 +75,55 @@ def reset() -> None:
         if _renewer is not None:
             _renewer.stop()
         _store, _renewer = None, None
+
+
+#: Wakes, on the other engine, the waiters a release named that this engine could not wake
+#: (a Temporal workflow, for a release on Dramatiq; a parked Dramatiq job, for a release on
+#: Temporal): `(queue, job ids)`. Installed by the process that can reach that engine
+#: (`jobyard.dispatcher.flow.install_cross_engine_wake`); without it those waiters ask again at
+#: their own retry_in (at most a lease's ttl for the first ones due a slot) or at the
+#: temporal-worker's next sweep.
+CrossWake = Callable[[str, list[str]], object]
+#: Wakes waiting to be sent, at most: past it a wake is dropped (the waiters ask again anyway).
+CROSS_WAKE_BACKLOG = 1000
+
+_cross_wake: CrossWake | None = None
+_cross_wakes: queue.Queue[tuple[str, list[str]]] = queue.Queue(CROSS_WAKE_BACKLOG)
+_cross_thread: threading.Thread | None = None
+
+
+def install_cross_wake(wake: CrossWake | None) -> None:
+    """Set (None: unset) how this process wakes the other engine's waiters."""
+    global _cross_wake
+    _cross_wake = wake
+
+
+def wake_elsewhere(queue_name: str, job_ids: list[str]) -> None:
+    """Hand `job_ids` (waiters of `queue_name` a release named, not woken on this engine) to
+    the other engine, from a thread of its own: the run's end never waits for that engine, which
+    may be slow or down. Best effort, as every wake: a waiter also asks again by itself."""
+    global _cross_thread
+    if _cross_wake is None or not job_ids:
+        return
+    try:
+        _cross_wakes.put_nowait((queue_name, list(job_ids)))
+    except queue.Full:
+        return
+    with _lock:
+        if _cross_thread is None or not _cross_thread.is_alive():
+            _cross_thread = threading.Thread(
+                target=_send_cross_wakes, name="jobyard-cross-wake", daemon=True
+            )
+            _cross_thread.start()
+
+
+def _send_cross_wakes() -> None:
+    while True:
+        queue_name, job_ids = _cross_wakes.get()
+        wake = _cross_wake
+        if wake is None:
+            continue
+        try:
+            wake(queue_name, job_ids)
+        except Exception as exc:  # the other engine away: its waiters ask again by themselves
+            log.debug("could not wake %d waiter(s) on the other engine: %s", len(job_ids), exc)

@@ -37,6 +37,12 @@ def scope(kind: str, owner_kind: str, owner: str) -> str:
     return f"{kind}:{owner_kind}:{owner}"
 
 
+def owner_of(scope_name: str) -> tuple[str, str]:
+    """What a `scope` name's limit is declared on: (QUEUE, "documents"), (JOB, "ai.summarise")."""
+    _kind, owner_kind, owner = scope_name.split(":", 2)
+    return owner_kind, owner
+
+
 def describe(limit: KeyedRateLimit | RateLimit | Concurrency | Debounce) -> str:
     """`60 starts per 60s`, `2 at once`, `debounce 5s (max 60s)`."""
     if isinstance(limit, RateLimit):

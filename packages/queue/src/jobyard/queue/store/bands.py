@@ -53,8 +53,13 @@ class BandCommands(ScriptStore):
     def wake(self, queue: str, job_ids: Sequence[str]) -> int:
         """The parked messages of `job_ids` (jobs a flow-control slot was released for) enter
         their lists now, instead of at their parked time; how many were parked."""
+        return self.wake_here(queue, job_ids)[0]
+
+    def wake_here(self, queue: str, job_ids: Sequence[str]) -> tuple[int, list[str]]:
+        """`wake`, and the ids Dramatiq does not run (no record here, or handed to Temporal):
+        the waiters to wake on the other engine."""
         if not job_ids:
-            return 0
+            return 0, []
         reply = self._call(
             [
                 keys.parked(queue),
@@ -68,7 +73,8 @@ class BandCommands(ScriptStore):
             keys.band_prefix(queue),
             *job_ids,
         )
-        return int(reply)
+        woken, *elsewhere = reply
+        return int(woken), [i.decode() if isinstance(i, bytes) else str(i) for i in elsewhere]
 
     def requeue(
         self, broker_id: str, queue: str, message_ids: Sequence[str], *, in_order: bool = False

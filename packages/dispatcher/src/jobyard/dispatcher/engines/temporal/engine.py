@@ -368,7 +368,7 @@ class TemporalEngine(Engine):
         they ask for it now instead of at their next try (`wake_workflows`)."""
 
         async def told() -> int:
-            return await wake_workflows(await self.client(), job_ids, self._rpc_timeout())
+            return len(await wake_workflows(await self.client(), job_ids, self._rpc_timeout()))
 
         return self._call(told())
 
@@ -416,10 +416,11 @@ def interceptors(*, worker: bool = False) -> list[Interceptor]:
 
 async def wake_workflows(
     client: Client, job_ids: Iterable[str], rpc_timeout: timedelta | None = None
-) -> int:
+) -> list[str]:
     """Send the `jobyard.wake` signal to the workflows of `job_ids` (jobs held by a
-    concurrency limit whose slot came free). Best effort: how many were told; a job with no
-    open workflow here (a Dramatiq job, a workflow ended) is skipped, and asks again anyway."""
+    concurrency limit whose slot came free). Best effort: the ids told; a job with no open
+    workflow here (a Dramatiq job, a workflow ended) is skipped, and asks again anyway."""
+    ids = list(job_ids)
 
     async def one(job_id: str) -> bool:
         try:
@@ -430,7 +431,8 @@ async def wake_workflows(
             return False
         return True
 
-    return sum(await asyncio.gather(*(one(job_id) for job_id in job_ids)))
+    told = await asyncio.gather(*(one(job_id) for job_id in ids))
+    return [job_id for job_id, ok in zip(ids, told, strict=True) if ok]
 
 
 #: Temporal's priority key of jobyard's priority 0: the middle of 201 levels (1 runs first).

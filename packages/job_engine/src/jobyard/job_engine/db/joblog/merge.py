@@ -38,6 +38,10 @@ TIMESTAMPS = ("enqueued_at", "started_at", "finished_at", "state_at", "run_at")
 #: outbox_id only grow, run_at is the newest state's (None: not waiting on a timer).
 COLUMNS = ("job_id", *STICKY, *LATEST, "progress", "attempts", "run_at", "events", "outbox_id")
 
+#: A row's keys (not columns) a state change carries when the job waits held by a limit (or for
+#: children, jobs or an event): why, as get_job shows it. Its state event keeps them.
+HOLD = ("display_state", "waiting_reason")
+
 #: A row's key (not a column) saying its progress is a report, an event even if the value is
 #: the one stored (the outbox's progress entries; a writer's rows may carry the current value).
 REPORTED = "progress_reported"
@@ -69,6 +73,9 @@ def merge(events: list[tuple[float, str, dict[str, Any]]]) -> list[dict[str, Any
             # a state without a wake time is not waiting on a timer (any more)
             if fields.get("run_at") is None:
                 row.pop("run_at", None)
+            for key in HOLD:  # a state that does not say why it waits is not held (any more)
+                if fields.get(key) is None:
+                    row.pop(key, None)
         if fields.get("progress") is not None:
             row["progress_at"] = ts  # not a column: the progress event's time
     return list(rows.values())
@@ -154,6 +161,7 @@ def changes_of(row: dict[str, Any], old: dict[str, Any] | None) -> list[dict[str
                 "at": at if at is not None else time.time(), "kind": "state", "state": state,
                 "engine": engine, "attempts": attempts, "run_at": row.get("run_at"),
                 "error": row.get("error_message") if state in FINAL_JOB_STATES else None,
+                **{key: row.get(key) for key in HOLD},
             }  # fmt: skip
     progress = row.get("progress")
     progress_event: dict[str, Any] | None = None

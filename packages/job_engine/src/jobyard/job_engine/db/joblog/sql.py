@@ -98,10 +98,11 @@ def _upsert_sql(dialect: str) -> Any:
 #: PostgreSQL: job_events rows as one JSON array, times in unix seconds (to_timestamp).
 _INSERT_EVENTS = text(
     "INSERT INTO job_events (job_id, seq, at, kind, state, engine, attempts, progress, run_at, "
-    "error) SELECT e.job_id, e.seq, to_timestamp(e.at), e.kind, e.state, e.engine, e.attempts, "
-    "e.progress, to_timestamp(e.run_at), e.error FROM jsonb_to_recordset(CAST(:rows AS jsonb)) "
+    "error, display_state, waiting_reason) SELECT e.job_id, e.seq, to_timestamp(e.at), e.kind, "
+    "e.state, e.engine, e.attempts, e.progress, to_timestamp(e.run_at), e.error, "
+    "e.display_state, e.waiting_reason FROM jsonb_to_recordset(CAST(:rows AS jsonb)) "
     "AS e(job_id text, seq int, at float8, kind text, state text, engine text, attempts int, "
-    "progress jsonb, run_at float8, error text)"
+    "progress jsonb, run_at float8, error text, display_state text, waiting_reason text)"
 )
 
 
@@ -117,6 +118,8 @@ def _event_row(event: dict[str, Any]) -> dict[str, Any]:
     row = {c: event.get(c) for c in ("job_id", "seq", "kind", "state", "engine", "attempts")}
     row["progress"] = event.get("progress")
     row["error"] = event.get("error")
+    row["display_state"] = event.get("display_state")
+    row["waiting_reason"] = event.get("waiting_reason")
     row["at"] = utc(event["at"])
     row["run_at"] = utc(event["run_at"]) if event.get("run_at") else None
     return row
