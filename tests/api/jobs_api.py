@@ -136,3 +136,28 @@ class FanPayload(BaseModel):
 async def fan(ctx: Any, payload: FanPayload) -> list[Any]:
     """Starts `n` system.echo children and returns their results."""
     return await ctx.children([("system.echo", {"i": i}) for i in range(payload.n)])
+
+
+class GatePayload(BaseModel):
+    marker_dir: str
+
+
+def wait_for_allow(marker_dir: str) -> bool:
+    """True once the file ALLOW_FILE exists in marker_dir (False after 60 s)."""
+    deadline = time.monotonic() + 60
+    while not (Path(marker_dir) / ALLOW_FILE).exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@job("api.gate", payload=GatePayload, retry=RetryPolicy(attempts=1), timeout=90)
+async def gate(ctx: Any, payload: GatePayload) -> bool:
+    return await ctx.run("gate", wait_for_allow, payload.marker_dir)
+
+
+@job("api.gated_parent", payload=GatePayload, retry=RetryPolicy(attempts=1), timeout=30)
+async def gated_parent(ctx: Any, payload: GatePayload) -> Any:
+    """Waits for one api.gate child: it parks until the child's file appears."""
+    return await ctx.child("api.gate", {"marker_dir": payload.marker_dir})

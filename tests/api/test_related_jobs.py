@@ -4,13 +4,17 @@ each a link on the job's page; on both engines (a Temporal job's steps come from
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from jobyard.job_engine.children import child_job_id
 from tests.api.conftest import ApiServer, on_engine
+from tests.api.jobs_api import ALLOW_FILE
 from tests.api.test_dashboard import page, watch_errors  # noqa: F401 (a fixture)
+from tests.api.test_events import read_stream
 from tests.api.test_lifecycle import dispatch
 from tests.engines import Engines
 
@@ -70,3 +74,24 @@ def test_the_job_page_links_children_and_upstream(
     expect(page.locator("#detail-id")).to_have_text(child_job_id(parent, 1, 1, None))
     expect(page.locator("#detail-state")).to_have_text("succeeded")
     assert errors == []
+
+
+@pytest.mark.parametrize("engine", ["dramatiq", "temporal"])
+def test_a_waiting_parent_says_so_in_its_event_stream(
+    api: ApiServer, engines: Engines, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, engine: str
+) -> None:
+    on_engine(engines, monkeypatch, engine)
+    parent = dispatch(api, "api.gated_parent", {"marker_dir": str(tmp_path)})
+    waiting = read_stream(
+        api, parent, stop_after=lambda e: str(e.get("display_state")).startswith("waiting")
+    )
+    assert waiting[-1]["display_state"] == "waiting for 1 child", waiting
+    assert child_job_id(parent, 1, 0, None) in waiting[-1]["waiting_reason"], waiting
+    time.sleep(2.5)  # several looks: the story keeps the first only
+    (tmp_path / ALLOW_FILE).touch()
+    detail = api.wait_for(parent, lambda j: j["state"] == "succeeded", 90, engines=engines)
+    assert detail["result"] is True
+    story = read_stream(api, parent)
+    shown = [e for e in story if str(e.get("display_state")).startswith("waiting")]
+    assert len(shown) == 1, story
+    assert [e["state"] for e in story if e["kind"] == "state"][-1] == "succeeded", story

@@ -32,6 +32,8 @@ LOOK_TIMEOUT = timedelta(seconds=30)
 LOOK_RETRY_CAP = timedelta(seconds=10)
 #: Workflows started before sleeps were reported replay without this event (workflow.patched).
 SLEEP_EVENT_PATCH = "jobyard-sleep-event"
+#: Workflows started before waits were reported replay without this event (workflow.patched).
+WAIT_EVENT_PATCH = "jobyard-wait-event"
 #: Shorter sleeps are not worth an event (Dramatiq sleeps up to a second in the worker thread).
 SLEEP_EVENT_MIN_SECONDS = 1.0
 
@@ -131,6 +133,7 @@ class TemporalContext(StepRetryContext):
             return recorded
         began = self._wait_began(wait)
         self.waiting = shown
+        await self._announce(shown)
         while True:
             outcomes: list[dict[str, Any]] | None = await self._look(OUTCOMES_ACTIVITY, job_ids)
             if outcomes is not None:
@@ -147,6 +150,7 @@ class TemporalContext(StepRetryContext):
             return recorded
         began, timeout = self._wait_began(record), wait["timeout"]
         self.waiting = shown
+        await self._announce(shown)
         while True:
             now = workflow.now().timestamp()  # before the look: an event sent by now is in it
             event: dict[str, Any] | None = await self._look(
@@ -159,6 +163,16 @@ class TemporalContext(StepRetryContext):
             if timeout is not None:  # a last look at the timeout (a timer of 0 s is none)
                 look = max(min(look, began + timeout - now), MIN_INTERVAL)
             await workflow.sleep(timedelta(seconds=look))
+
+    async def _announce(self, shown: Waiting) -> None:
+        """The job log and the event stream show the job waiting, and for what."""
+        if workflow.patched(WAIT_EVENT_PATCH):
+            await emit({
+                "job_id": self.job_id, "name": self.job_name, "queue": self._spec.queue,
+                "state": JobState.RUNNING, "attempts": self.attempts,
+                "display_state": shown.display_state, "waiting_reason": shown.waiting_reason,
+                "announced": True,
+            })  # fmt: skip
 
     def _wait_began(self, record: str) -> float:
         """When the wait `record` began: on Dramatiq, if the job moved here in the middle of it."""

@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from jobyard.job_engine.collector import collector_paused
 from jobyard.job_engine.db import joblog
-from jobyard.job_engine.db.joblog import REPORTED, OutboxEvent
+from jobyard.job_engine.db.joblog import ANNOUNCED, REPORTED, OutboxEvent
 from jobyard.job_engine.lifecycle import FINAL_STATES
 from jobyard.job_engine.states import JobState
 from jobyard.queue import keys
@@ -86,6 +86,8 @@ def to_event(entry_id: bytes, entry: dict[bytes, bytes]) -> OutboxEvent:
             fields["error_message"] = value.decode()[:2000]
     if "progress" in fields:
         fields[REPORTED] = True
+    if b"announced" in entry:  # a wait's first look: an event of the job's history
+        fields[ANNOUNCED] = True
     at = float(entry[b"at"])
     state = fields.get("state")
     if state in FINAL_STATES:

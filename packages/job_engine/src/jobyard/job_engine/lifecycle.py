@@ -44,11 +44,13 @@ def job_event(
     enqueued_at: float | None = None,
     display_state: str | None = None,
     waiting_reason: str | None = None,
+    announced: bool = False,
 ) -> None:
     """Record a state change. Never raises: bookkeeping must not fail a job.
     `run_at`: when a job waiting on a timer (a durable sleep, a retry) runs next.
     `display_state`, `waiting_reason`: why a job a flow-control limit holds waits (its state
-    event in the job log says so, for GET /jobs/{id}/events).
+    event in the job log says so, for GET /jobs/{id}/events); `announced`: a running job that
+    begins to wait for jobs or an event, an event of its history though its state is the same.
     `enqueued_at`: when the engine took the job, if known (dates its dispatch in the job log
     when this change gets there first).
     `logged`: the engine already put the change in the job log's outbox (a Dramatiq worker
@@ -81,6 +83,7 @@ def job_event(
                 enqueued_at=enqueued_at,
                 display_state=display_state,
                 waiting_reason=waiting_reason,
+                announced=announced or None,
             )
         labels = (name, queue or "", engine)
         if final:

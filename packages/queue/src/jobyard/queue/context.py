@@ -39,12 +39,16 @@ _Unrecorded = tuple[str, str, str, Callable[[], bool]]
 class Suspend(BaseException):
     """Raised through the handler to park the job for `seconds`; BaseException so that a
     handler's `except Exception` cannot swallow it. `shown`: what a job parked until its next
-    look for other jobs or an event shows meanwhile (None for a sleep)."""
+    look for other jobs or an event shows meanwhile (None for a sleep); `announce`: this is
+    the wait's first look, whose state event the job's history keeps (the later looks add none)."""
 
-    def __init__(self, seconds: float, shown: Waiting | None = None) -> None:
+    def __init__(
+        self, seconds: float, shown: Waiting | None = None, announce: bool = False
+    ) -> None:
         super().__init__(seconds)
         self.seconds = seconds
         self.shown = shown
+        self.announce = announce
 
 
 class LostOwnership(BaseException):
@@ -286,6 +290,7 @@ class DramatiqContext(BaseJobContext):
         if wait in self._recorded:
             recorded: list[dict[str, Any]] = json.loads(self._recorded[wait])
             return recorded
+        first = wait + WAIT_SINCE_SUFFIX not in self._recorded
         since = float(self.recorded(wait + WAIT_SINCE_SUFFIX, time.time()))
         try:
             outcomes = outcomes_once_ended(job_ids)
@@ -294,7 +299,7 @@ class DramatiqContext(BaseJobContext):
             outcomes = None
         now = time.time()
         if outcomes is None:
-            raise Suspend(next_look(now - since), shown)
+            raise Suspend(next_look(now - since), shown, announce=first)
         timing = {"start": since, "end": now, "attempt": self.attempt}
         self._record(wait, self.encode_result(wait, outcomes), json.dumps(timing))
         return outcomes
@@ -308,6 +313,7 @@ class DramatiqContext(BaseJobContext):
         if record in self._recorded:
             recorded: dict[str, Any] | None = json.loads(self._recorded[record])
             return recorded
+        first = record + WAIT_SINCE_SUFFIX not in self._recorded
         since = float(self.recorded(record + WAIT_SINCE_SUFFIX, time.time()))
         now = time.time()  # before the look: an event sent by now is in it
         timeout = wait["timeout"]
@@ -315,10 +321,11 @@ class DramatiqContext(BaseJobContext):
             event = look_for_event(wait, since)
         except SQLAlchemyError as exc:  # the database is away: look again later
             log.warning("job %s: cannot read events for %s (%s)", self.job_id, record, exc)
-            raise Suspend(next_look(now - since), shown) from None
+            raise Suspend(next_look(now - since), shown, announce=first) from None
         if event is None and (timeout is None or now < since + timeout):
             look = next_look(now - since)
-            raise Suspend(look if timeout is None else min(look, since + timeout - now), shown)
+            look = look if timeout is None else min(look, since + timeout - now)
+            raise Suspend(look, shown, announce=first)
         timing = {"start": since, "end": time.time(), "attempt": self.attempt}
         self._record(record, json.dumps(event), json.dumps(timing))
         return event

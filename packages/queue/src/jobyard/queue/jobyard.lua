@@ -593,7 +593,8 @@ elseif command == "complete" then
 --                  [, hold_state, hold_reason: parked by a flow-control limit; KEYS 2 and 3 are
 --                   then the queue's parked set and msgs hash
 --                   [, "delayed": not held but waiting for other jobs or an event (ctx.children,
---                    ctx.wait_for_event): on the delay queue as a sleep, showing them]]
+--                    ctx.wait_for_event): on the delay queue as a sleep, showing them
+--                    [, "1": the wait's first look, its event "announced" in the job's history]]]
 -- -> "ok" | "lost".  Puts the job's next message (a retry, or a resume after a sleep) on the
 -- delay queue (or, held, in the parked set, due at its time), advances seq and acks the current
 -- message in one step, so a crash can never leave two live messages, or none.
@@ -622,7 +623,8 @@ elseif command == "reschedule" then
     end
     changed(events_key, job_key, "state", state, "name", job[3], "queue", job[4],
             "attempts", job[5], "run_at", run_at ~= "0" and run_at, "error", error_message,
-            "error_class", error_class, "display_state", ARGV[11], "waiting_reason", ARGV[12])
+            "error_class", error_class, "display_state", ARGV[11], "waiting_reason", ARGV[12],
+            "announced", ARGV[14])
     return "ok"
 
 -- handoff: KEYS job, queue list, queue msgs, delay list, delay msgs   ARGV name, queue, ttl s

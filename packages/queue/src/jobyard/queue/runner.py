@@ -167,7 +167,10 @@ class _Run:
             if self.permits is not None:
                 self.permits.keep(suspend.seconds)  # its slots stay its own through the sleep
                 self.permits = None
-            self.reschedule(JobState.RUNNING, suspend.seconds, resume=True, waiting=suspend.shown)
+            self.reschedule(
+                JobState.RUNNING, suspend.seconds, resume=True, waiting=suspend.shown,
+                announce=suspend.announce,
+            )  # fmt: skip
         except Held as held:  # no permit: parked, its Lua start never made (no attempt)
             state = JobState.RUNNING if self.resume else JobState.QUEUED
             self.reschedule(state, held.seconds, resume=self.resume, hold=held.hold)
@@ -297,6 +300,7 @@ class _Run:
         error_class: str = "",
         hold: Hold | None = None,
         waiting: Waiting | None = None,
+        announce: bool = False,
     ) -> bool:
         """`hold`: parked by a flow-control limit (in the queue's parked set, where a release
         can wake it early, not on the delay queue). `waiting`: what a job waiting for other jobs
@@ -321,6 +325,7 @@ class _Run:
             run_at_ms=int((time.time() + delay) * 1000) if waiting is None else 0,
             hold=shown,
             waiting=None if waiting is None else (waiting.display_state, waiting.waiting_reason),
+            announce=announce,
         )  # fmt: skip
         self.acked = True
         return owned

@@ -176,15 +176,19 @@ class RunCommands(ScriptStore):
         run_at_ms: int = 0,
         hold: tuple[str, str, str] | None = None,
         waiting: tuple[str, str] | None = None,
+        announce: bool = False,
     ) -> bool:
         """`hold`: (queue, display_state, waiting_reason) of a job a flow-control limit
         parks: its next message waits in the queue's parked set until `run_at_ms` or a wake,
         not on the delay queue (`delay_queue` is then unused). `waiting`: (display_state,
         waiting_reason) of a job waiting for other jobs or an event: on the delay queue, as a
-        sleep, its record showing them."""
+        sleep, its record showing them; `announce`: its first look, an event of the job's
+        history (the job log's merge adds none for a look that changes nothing else)."""
         if hold is None:
             where = [keys.dramatiq_queue(delay_queue), keys.dramatiq_messages(delay_queue)]
-            shown: tuple[str, ...] = (*waiting, "delayed") if waiting else ()
+            shown: tuple[str, ...] = (
+                (*waiting, "delayed", "1" if announce else "") if waiting else ()
+            )
         else:
             where = [keys.parked(hold[0]), keys.dramatiq_messages(hold[0])]
             shown = hold[1:]

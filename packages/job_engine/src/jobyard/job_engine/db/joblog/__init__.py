@@ -45,6 +45,7 @@ from sqlalchemy import Connection
 from jobyard.job_engine import env
 from jobyard.job_engine.db import get_engine
 from jobyard.job_engine.db.joblog.merge import (
+    ANNOUNCED,
     COLUMNS,
     LATEST,
     PARTS,
@@ -75,6 +76,7 @@ from jobyard.job_engine.db.joblog.upsert import upsert_in as _upsert_in
 from jobyard.job_engine.db.joblog.writer import MAX_BUFFER, REPEAT_LOG_SECONDS, JobLogWriter
 
 __all__ = [
+    "ANNOUNCED",
     "COLUMNS",
     "ENDING_FIELDS",
     "JUDGED",

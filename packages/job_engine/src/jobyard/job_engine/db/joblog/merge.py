@@ -42,6 +42,11 @@ COLUMNS = ("job_id", *STICKY, *LATEST, "progress", "attempts", "run_at", "events
 #: children, jobs or an event): why, as get_job shows it. Its state event keeps them.
 HOLD = ("display_state", "waiting_reason")
 
+#: A row's key (not a column) saying its state change is an event even if no rule below finds
+#: it changed anything: a job's first look as it begins to wait for jobs or an event (the state
+#: stays running; the looks after it add no event).
+ANNOUNCED = "announced"
+
 #: A row's key (not a column) saying its progress is a report, an event even if the value is
 #: the one stored (the outbox's progress entries; a writer's rows may carry the current value).
 REPORTED = "progress_reported"
@@ -73,8 +78,8 @@ def merge(events: list[tuple[float, str, dict[str, Any]]]) -> list[dict[str, Any
             # a state without a wake time is not waiting on a timer (any more)
             if fields.get("run_at") is None:
                 row.pop("run_at", None)
-            for key in HOLD:  # a state that does not say why it waits is not held (any more)
-                if fields.get(key) is None:
+            for key in (*HOLD, ANNOUNCED):  # a state that does not say why it waits is not
+                if fields.get(key) is None:  # held (any more), nor announced
                     row.pop(key, None)
         if fields.get("progress") is not None:
             row["progress_at"] = ts  # not a column: the progress event's time
@@ -156,6 +161,7 @@ def changes_of(row: dict[str, Any], old: dict[str, Any] | None) -> list[dict[str
             or engine != previous.get("engine")
             or attempts > (previous.get("attempts") or 0)
             or run_at != previous.get("run_at")
+            or row.get(ANNOUNCED)
         ):
             state_event = {
                 "at": at if at is not None else time.time(), "kind": "state", "state": state,
