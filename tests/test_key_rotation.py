@@ -14,8 +14,7 @@ from sqlalchemy import select
 from jobyard.cli.main import build_parser, run_command
 from jobyard.job_engine import crypto, env
 from jobyard.job_engine.db import dispatch_outbox as outbox
-from jobyard.job_engine.db import sent_events
-from jobyard.job_engine.db import get_engine
+from jobyard.job_engine.db import get_engine, sent_events
 from jobyard.job_engine.db.joblog.sealed import opened
 from jobyard.job_engine.db.joblog.writer import JobLogWriter
 from jobyard.job_engine.db.migrate import upgrade
@@ -160,9 +159,7 @@ def test_the_cli_rotates_and_prints_one_line_per_batch(
     use(monkeypatch, K1)
     write_jobs(url, JOBS)
     use(monkeypatch, f"{K2},{K1}")
-    args = build_parser().parse_args(
-        ["keys", "rotate", "--url", url, "--batch", "4", "--no-redis"]
-    )
+    args = build_parser().parse_args(["keys", "rotate", "--url", url, "--batch", "4", "--no-redis"])
     assert run_command(args) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[0] == {"table": "job_log", "read": 4, "rewritten": 4, "after": ["rot-03"]}

@@ -3,7 +3,8 @@ parked in `ctx.sleep`, sealed with key k1; the workers restarted one set after t
 "k2,k1" (the new key first); `jobyard keys rotate` run as its own process while the jobs wait;
 then k1 removed from every process (the workers restarted again with "k2" alone, the harness's
 reads too) while most of the jobs still wait. A tenth of each kind waits 3 s only, so jobs that
-ended under k1 alone are in Redis and the job log too.
+ended under k1 alone are in Redis and the job log too; the others come due all along the row,
+during the restarts and the rotation too.
 
 Targets: nothing lost; every job succeeds; each step of each job executes exactly once (the
 ledger); none fails for a key (no MissingEncryptionKeyError or DecryptionError in the workers'
@@ -131,7 +132,9 @@ def _unreadable(ids: dict[str, str]) -> int:
                 status.result == len(STEPS)
                 and record is not None
                 and record.payload.get("tag") == tag
-                and all(isinstance(steps.get(name), dict) and "pid" in steps[name] for name in STEPS)
+                and all(
+                    isinstance(steps.get(name), dict) and "pid" in steps[name] for name in STEPS
+                )
             )
         except Exception as exc:  # a missing key, or anything else: not readable
             say(f"  unreadable {tag} {job_id}: {type(exc).__name__}: {exc}")
@@ -160,7 +163,7 @@ def key_rotation_under_load(
     h: Harness, n_delayed: int = 1000, n_parked: int = 1000, hold: float = 90.0
 ) -> Row:
     """`n_delayed` jobs dispatched with a delay and `n_parked` parked in ctx.sleep, most for
-    `hold` to `hold` + 30 s; k2 added, `jobyard keys rotate`, k1 removed while they wait."""
+    10 to `hold` + 30 s; k2 added, `jobyard keys rotate`, k1 removed while they wait."""
     fault = "key rotation under load"
     k1, k2 = f"k1:{crypto.new_key()}", f"k2:{crypto.new_key()}"
     ledger = h.ledger(fault)
@@ -173,7 +176,9 @@ def key_rotation_under_load(
         draw = random.Random(33)
 
         def wait_of(i: int, n: int) -> float:
-            return EARLY_WAIT if i < max(1, n // 10) else hold + draw.uniform(0, 30)
+            # Spread over the whole row: some come due while the workers restart and while
+            # the rotation runs (workers moving the very messages it rewrites), most after.
+            return EARLY_WAIT if i < max(1, n // 10) else draw.uniform(10, hold + 30)
 
         plan = [(f"d{i}", {"delay": wait_of(i, n_delayed)}) for i in range(n_delayed)]
         plan += [(f"p{i}", {"sleep": wait_of(i, n_parked)}) for i in range(n_parked)]

@@ -3,7 +3,7 @@
 python -m tests.faults.run                 # all rows
 python -m tests.faults.run -k sigterm      # rows whose scenario name contains "sigterm"
 python -m tests.faults.run --scale 0.2     # fewer jobs per row
-python -m tests.faults.run -k key_rotation # issue 33's rotation under load alone (make chaos-rotation)
+python -m tests.faults.run -k key_rotation # issue 33's key rotation row (make chaos-rotation)
 """
 
 from __future__ import annotations

@@ -148,19 +148,19 @@ class RedisRotation(ScriptStore):
         for raw in self.client.scan_iter(match=pattern, count=SCAN_COUNT, _type="hash"):
             yield _text(raw), _message_job_id
 
-    def _outbox_entries(self) -> Iterator[tuple[bytes, dict[bytes, bytes]]]:
+    def _outbox_entries(self) -> Iterator[tuple[Any, dict[Any, Any]]]:
         after = "-"
         while True:
-            entries = self.client.xrange(keys.job_log_events(), min=after, count=SCAN_COUNT)
+            entries: Any = self.client.xrange(keys.job_log_events(), min=after, count=SCAN_COUNT)
             if not entries:
                 return
             yield from entries
             after = f"({_text(entries[-1][0])}"
 
-    def _handoff_messages(self) -> Iterator[bytes]:
+    def _handoff_messages(self) -> Iterator[Any]:
         start = 0
         while True:
-            chunk = self.client.lrange(keys.handoff(), start, start + SCAN_COUNT - 1)
+            chunk: Any = self.client.lrange(keys.handoff(), start, start + SCAN_COUNT - 1)
             if not chunk:
                 return
             yield from chunk
