@@ -10,6 +10,10 @@ queue) wrote with the primary key already, or took the value elsewhere: the next
 there. A worker holding a value it read before (a message it fetched) still opens it with the
 old key, which every process keeps until the rotation is over.
 
+A worker that fetched a delayed message before the rotation holds it in memory until it comes
+due, then writes it to its queue: `on_primary_key` seals it again on the way (the workers run
+with the new key first by then), so that copy does not bring the old key back.
+
 Two places are not rewritten, as their entries are consumed, not updated: the job log's outbox
 stream (the shipper writes its entries to the database, where the database's rotation reaches
 them; the command waits for those on an old key to be shipped) and the handoff list (messages
@@ -165,6 +169,24 @@ class RedisRotation(ScriptStore):
                 return
             yield from chunk
             start += SCAN_COUNT
+
+
+def on_primary_key(data: bytes) -> bytes:
+    """A job's message a worker writes back to Redis from its memory (a delayed message come
+    due, which Dramatiq's consumer fetched maybe long before) with its payload sealed with the
+    primary key: fetched before a rotation, it would otherwise bring the old key back into Redis
+    after `jobyard keys rotate` had moved every copy there off it. The message as it is with
+    encryption off, and when it is on the primary key already."""
+    ring = crypto.key_ring()
+    if ring is None or crypto.MARKER.encode() not in data:
+        return data
+    text = _utf8(data)
+    if text is None or not (crypto.key_ids_within(text) - {ring.primary}):
+        return data
+    job_id = _message_job_id(text)
+    if job_id is None:
+        return data
+    return crypto.reseal_within(job_id, text)[0].encode()
 
 
 def _old(value: Any, primary: str, found: set[str]) -> bool:
