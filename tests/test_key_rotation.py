@@ -153,6 +153,18 @@ def test_a_value_on_a_removed_key_names_it(url: str, monkeypatch: pytest.MonkeyP
         rotate(url)
 
 
+def test_the_cli_names_a_removed_key_without_a_traceback(
+    url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use(monkeypatch, K1)
+    write_jobs(url, JOBS[:1])
+    use(monkeypatch, K2)
+    args = build_parser().parse_args(["keys", "rotate", "--url", url, "--no-redis"])
+    assert run_command(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jobyard: a value is encrypted with key 'k1'") and "Traceback" not in err
+
+
 def test_the_cli_rotates_and_prints_one_line_per_batch(
     url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -7,10 +7,14 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobyard.job_engine import env
 
+if TYPE_CHECKING:
+    from jobyard.queue.rotation import RedisPass, RedisRotation
+
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 #: Rotated, but values of jobs still in flight in Redis need an older key: keep it, run again.
 EXIT_OLD_KEY_IN_USE = 3
@@ -91,19 +95,34 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         line = {"table": done.table, "read": done.read, "rewritten": done.rewritten}
         print(json.dumps({**line, "after": list(done.last)}, default=str), flush=True)
 
+    import redis
+
+    from jobyard.job_engine.crypto import DecryptionError, MissingEncryptionKeyError
+
     # Redis first: what a job still waiting there writes to the job log as it moves on (its
     # outbox entries) is then on the new key, or shipped before the database's rotation.
     redis_side = None if args.no_redis or not env.get_bool(env.USE_DRAMATIQ) else _redis_side()
     rewritten_in_redis = 0
-    if redis_side is not None:
-        rewritten_in_redis = redis_side.rotate(on_pass=_print_pass)
-        _wait_for_outbox(redis_side, args.outbox_wait)
-    batch = args.batch or env.get_int(env.ROTATE_BATCH)
-    totals = rotate(args.url, batch=batch, after=after, on_batch=report)
-    if redis_side is None:
-        print(json.dumps({"rotated": totals}))
-        return 0
-    left = redis_side.old_key_holders()
+    try:
+        if redis_side is not None:
+            rewritten_in_redis = redis_side.rotate(on_pass=_print_pass)
+            _wait_for_outbox(redis_side, args.outbox_wait)
+        batch = args.batch or env.get_int(env.ROTATE_BATCH)
+        totals = rotate(args.url, batch=batch, after=after, on_batch=report)
+        if redis_side is None:
+            print(json.dumps({"rotated": totals}))
+            return 0
+        left = redis_side.old_key_holders()
+    except (MissingEncryptionKeyError, DecryptionError) as exc:  # a row of the job log
+        print(f"jobyard: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except redis.RedisError as exc:
+        print(
+            f"jobyard: Redis ({env.REDIS_URL}) did not answer: {exc}; run again, or with "
+            "--no-redis to rotate the database only",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     print(json.dumps({
         "rotated": {**totals, "redis": rewritten_in_redis},
         "left_on_old_keys": {"redis": left.records, "job_log_outbox": left.outbox,
@@ -120,20 +139,20 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _redis_side() -> Any:
+def _redis_side() -> RedisRotation:
     from jobyard.queue.client import make_client
     from jobyard.queue.rotation import RedisRotation
 
     return RedisRotation(make_client())
 
 
-def _print_pass(done: Any) -> None:
+def _print_pass(done: RedisPass) -> None:
     line = {"redis_pass": done.number, "hashes": done.hashes, "rewritten": done.rewritten}
     print(json.dumps({**line, "changed_meanwhile": done.changed_meanwhile,
                       "unreadable": done.unreadable}), flush=True)  # fmt: skip
 
 
-def _wait_for_outbox(redis_side: Any, seconds: float) -> None:
+def _wait_for_outbox(redis_side: RedisRotation, seconds: float) -> None:
     """Until the job log's outbox holds no change sealed with an older key (the shipper writes
     them to the database, whose rotation comes next), or `seconds` passed."""
     deadline = time.monotonic() + seconds
