@@ -33,7 +33,8 @@ from jobyard.job_engine import crypto
 from jobyard.queue import keys
 from jobyard.queue.store.script import ScriptStore, _text
 
-#: Fields per `reseal` call: a Dramatiq message may be as large as a payload may.
+#: Fields per `reseal` call (and held in memory at once): a Dramatiq message may be as large as
+#: a payload may.
 FIELDS_PER_CALL = 100
 #: Keys asked of SCAN, and fields of HSCAN, per round trip.
 SCAN_COUNT = 500
@@ -106,12 +107,20 @@ class RedisRotation(ScriptStore):
                     continue
                 if count:
                     writes.append((field, value, new))
-            for at in range(0, len(writes), FIELDS_PER_CALL):
-                chunk = writes[at : at + FIELDS_PER_CALL]
-                written = int(self._call([hash_key], "reseal", *[x for w in chunk for x in w]))
-                done.rewritten += written
-                done.changed_meanwhile += len(chunk) - written
+                if len(writes) == FIELDS_PER_CALL:  # a queue's hash holds every waiting message
+                    self._reseal(hash_key, writes, done)
+                    writes = []
+            if writes:
+                self._reseal(hash_key, writes, done)
         return done
+
+    def _reseal(
+        self, hash_key: str, writes: list[tuple[bytes, bytes, str]], done: RedisPass
+    ) -> None:
+        """(field, value read, value to write) of `hash_key`, each written if still as read."""
+        written = int(self._call([hash_key], "reseal", *[x for w in writes for x in w]))
+        done.rewritten += written
+        done.changed_meanwhile += len(writes) - written
 
     def old_key_holders(self) -> OldKeyHolders:
         """What in Redis still holds a value sealed with a key other than the primary."""
