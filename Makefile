@@ -3,7 +3,7 @@
 # `make ... UV=uv` where uv is a binary on PATH rather than a module (CI).
 UV := python3 -m uv
 
-.PHONY: setup dev test test-fast test-slow test-valkey lint format bench chaos soak
+.PHONY: setup dev test test-fast test-slow test-valkey lint format bench chaos chaos-rotation soak
 
 setup:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -60,6 +60,11 @@ bench: setup
 # Prints the fault table; exits non-zero when any row misses a target. Under 15 minutes.
 chaos: setup
 	$(UV) run python -m tests.faults.run
+
+# One row of it: issue 33's key rotation under load (2,000 delayed and parked jobs, k2 added,
+# `jobyard keys rotate`, k1 removed while they wait). CHAOS_ARGS="--scale 0.1" for 200 jobs.
+chaos-rotation: setup
+	$(UV) run python -m tests.faults.run -k key_rotation $(CHAOS_ARGS)
 
 # The soak (issue 29): an hour of steady mixed load with a fault of the table every five minutes,
 # a report every ten; prints PASS/FAIL per target, exits non-zero on a FAIL. Not in `make test`.

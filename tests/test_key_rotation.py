@@ -1,6 +1,6 @@
 """`jobyard keys rotate` (jobyard.job_engine.db.rotation): a new key at the front, the job log
-re-encrypted in batches (stopped half way and run again), the old key removed: every value reads
-back intact, and a value still on a removed key names it."""
+and sent events' bodies re-encrypted in batches (stopped half way and run again), the old key
+removed: every value reads back intact, and a value still on a removed key names it."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from sqlalchemy import select
 from jobyard.cli.main import build_parser, run_command
 from jobyard.job_engine import crypto, env
 from jobyard.job_engine.db import dispatch_outbox as outbox
-from jobyard.job_engine.db import get_engine
+from jobyard.job_engine.db import get_engine, sent_events
 from jobyard.job_engine.db.joblog.sealed import opened
 from jobyard.job_engine.db.joblog.writer import JobLogWriter
 from jobyard.job_engine.db.migrate import upgrade
-from jobyard.job_engine.db.models import DispatchOutbox, JobEvent, JobLog, JobStep
+from jobyard.job_engine.db.models import DispatchOutbox, JobEvent, JobLog, JobStep, SentEvent
 from jobyard.job_engine.db.rotation import BatchDone, rotate
 from jobyard.job_engine.db.steps import StepJournal, load_steps
 
@@ -38,6 +38,7 @@ def use(monkeypatch: pytest.MonkeyPatch, setting: str | None) -> None:
 def url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     url = f"sqlite:///{tmp_path / 'rotation.db'}"
     upgrade(url)
+    monkeypatch.setenv(env.DATABASE_URL, url)  # where send_event stores an event
     yield url
     use(monkeypatch, None)
 
@@ -63,6 +64,8 @@ def write_jobs(url: str, job_ids: list[str]) -> None:
         rows = [outbox.OutboxRow(j, "test.canary", "default", json.dumps({"o": j}), None, 1.0)
                 for j in job_ids]  # fmt: skip
         outbox.insert(outbox.SqlAlchemyTarget(connection), rows)
+    for job_id in job_ids:  # an event's body is sealed for its name, not a job
+        sent_events.store(f"paid-{job_id}", json.dumps({"paid by": job_id}), 1.0)
 
 
 def key_ids(url: str) -> set[str | None]:
@@ -77,6 +80,8 @@ def key_ids(url: str) -> set[str | None]:
         for (text,) in connection.execute(select(JobStep.result)):
             found.add(crypto.key_id_of(json.loads(text)))
         for (text,) in connection.execute(select(DispatchOutbox.payload)):
+            found.add(crypto.key_id_of(json.loads(text)))
+        for (text,) in connection.execute(select(SentEvent.data)):
             found.add(crypto.key_id_of(json.loads(text)))
     return found
 
@@ -98,6 +103,9 @@ def assert_intact(url: str) -> None:
             assert json.loads(crypto.unseal_json(job_id, text)) == {"o": job_id}
     for job_id, steps in load_steps(JOBS, url=url).items():
         assert json.loads(crypto.unseal_json(job_id, steps["echo"])) == {"step saw": job_id}
+    for job_id in JOBS:
+        (event,) = sent_events.sent_between(f"paid-{job_id}", 0.0, 2.0)
+        assert event.data == {"paid by": job_id}
 
 
 class Interrupted(Exception):
@@ -145,18 +153,30 @@ def test_a_value_on_a_removed_key_names_it(url: str, monkeypatch: pytest.MonkeyP
         rotate(url)
 
 
+def test_the_cli_names_a_removed_key_without_a_traceback(
+    url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use(monkeypatch, K1)
+    write_jobs(url, JOBS[:1])
+    use(monkeypatch, K2)
+    args = build_parser().parse_args(["keys", "rotate", "--url", url, "--no-redis"])
+    assert run_command(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("jobyard: a value is encrypted with key 'k1'") and "Traceback" not in err
+
+
 def test_the_cli_rotates_and_prints_one_line_per_batch(
     url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     use(monkeypatch, K1)
     write_jobs(url, JOBS)
     use(monkeypatch, f"{K2},{K1}")
-    args = build_parser().parse_args(["keys", "rotate", "--url", url, "--batch", "4"])
+    args = build_parser().parse_args(["keys", "rotate", "--url", url, "--batch", "4", "--no-redis"])
     assert run_command(args) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[0] == {"table": "job_log", "read": 4, "rewritten": 4, "after": ["rot-03"]}
     assert lines[-1]["rotated"]["job_log"] == len(JOBS)
     assert key_ids(url) == {"k2"}
-    resume = ["keys", "rotate", "--url", url, "--after", 'job_log=["rot-05"]']
+    resume = ["keys", "rotate", "--url", url, "--no-redis", "--after", 'job_log=["rot-05"]']
     assert run_command(build_parser().parse_args(resume)) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["read"] == 1  # rot-06 alone

@@ -1130,6 +1130,20 @@ def test_lease_is_taken_extended_and_refused_to_others(r: redis.Redis, lua: Lua)
     assert r.get(lease) == "b"
 
 
+def test_reseal_writes_only_fields_that_still_hold_what_was_read(r: redis.Redis, lua: Lua) -> None:
+    """`jobyard keys rotate` (jobyard.queue.rotation): a field a worker changed or deleted since
+    it was read is left as it is; the hash keeps its TTL."""
+    seed(r, result="old-r", error="old-e", progress="changed-since")
+    r.expire(JOB_KEY, 600)
+    read = ["result", "old-r", "new-r", "progress", "old-p", "new-p", "payload", "gone", "new"]
+    assert lua("reseal", [JOB_KEY], *read) == 1
+    record = job(r)
+    assert (record["result"], record["progress"], record["error"]) == (
+        "new-r", "changed-since", "old-e",
+    )  # fmt: skip
+    assert "payload" not in record and 590 < r.ttl(JOB_KEY) <= 600
+
+
 def test_an_unknown_command_is_an_error(lua: Lua) -> None:
     with pytest.raises(redis.ResponseError, match=r"jobyard\.lua: unknown command nope"):
         lua("nope", [])

@@ -3,6 +3,7 @@
 python -m tests.faults.run                 # all rows
 python -m tests.faults.run -k sigterm      # rows whose scenario name contains "sigterm"
 python -m tests.faults.run --scale 0.2     # fewer jobs per row
+python -m tests.faults.run -k key_rotation # issue 33's key rotation row (make chaos-rotation)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from tests.faults import flow_slots, temporal_crash
+from tests.faults import flow_slots, rotation, temporal_crash
 from tests.faults.children import ROWS as CHILDREN_ROWS
 from tests.faults.failover import ROWS as FAILOVER_ROWS
 from tests.faults.poison import ROWS as POISON_ROWS
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             *TRANSACTIONAL_ROWS,
             *FAILOVER_ROWS,
             *CHILDREN_ROWS,
+            *rotation.ROWS,
         ]
         for scenario, params in rows_in_order:
             if not any(k in scenario.__name__ for k in args.k.split(",")):

@@ -38,6 +38,9 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 #: A sealed value as JSON text starts with this (`seal_json` leaves such text as it is).
 _JSON_MARKER = '"' + MARKER
+#: A sealed value anywhere in a text (a Dramatiq message, a Redis record's field): its key id
+#: and body. Neither holds a character JSON escapes, so it appears in JSON text as it is.
+ENVELOPE = re.compile(re.escape(MARKER) + r"([A-Za-z0-9_.-]{1,32})\$([A-Za-z0-9_=-]*)")
 
 
 class EncryptionConfigError(ValueError):
@@ -218,6 +221,30 @@ def reseal(job_id: str, value: Any) -> Any:
     if ring is None or value is None or key_id_of(value) == ring.primary:
         return value
     return seal(job_id, unseal(job_id, value))
+
+
+def reseal_within(job_id: str, text: str) -> tuple[str, int]:
+    """`text` with every sealed value in it that is not on the primary key sealed again with it
+    (`jobyard keys rotate`, for Redis's messages and records), and how many were. The
+    plaintext is carried over byte for byte; everything around the values is left as it is."""
+    ring = key_ring()
+    if ring is None:
+        return text, 0
+    count = 0
+
+    def again(found: re.Match[str]) -> str:
+        nonlocal count
+        if found.group(1) == ring.primary:
+            return found.group(0)
+        count += 1
+        return ring.seal_text(job_id, ring.open_text(job_id, found.group(0)))
+
+    return ENVELOPE.sub(again, text), count
+
+
+def key_ids_within(text: str) -> set[str]:
+    """The ids of the keys of every sealed value in `text`."""
+    return {found.group(1) for found in ENVELOPE.finditer(text)}
 
 
 def loggable(error: str, error_class: str) -> str:

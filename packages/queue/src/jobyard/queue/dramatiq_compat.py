@@ -81,6 +81,7 @@ from dramatiq.middleware import Middleware, MiddlewareError
 from dramatiq.worker import CONSUMER_RESTART_DELAY_SECS, ConsumerThread, WorkerThread
 
 from jobyard.queue import keys
+from jobyard.queue.rotation import on_primary_key
 from jobyard.queue.store.bands import BandCommands
 from jobyard.queue.store.script import _text
 
@@ -316,7 +317,8 @@ class JobyardBroker(RedisBroker):
         if queue_name.endswith(keys.DELAY_SUFFIX):
             self._dispatch("enqueue")(queue_name, message_id, data)  # type: ignore[no-untyped-call]
             return
-        self.bands.hand_back(queue_name, message_id, data)
+        # Fetched from the delay queue maybe before a key rotation: on the current key.
+        self.bands.hand_back(queue_name, message_id, on_primary_key(data))
 
     def delivered(self, queue_name: str) -> set[str]:
         with self._delivered_lock:

@@ -1057,6 +1057,23 @@ elseif command == "live_workers" then
     redis.call("zremrangebyscore", workers_key, "-inf", now_ms() - 10 * timeout)
     return live_workers(workers_key, timeout)
 
+-- reseal: KEYS a hash (a job record, its steps, a queue's messages)
+--         ARGV field, value read, value to write, field, ...   (`jobyard keys rotate`)
+-- -> how many fields it wrote. Each is written only if it still holds the value read: one a
+--    worker changed or deleted since was written with the new key already, or is gone. HSET
+--    keeps the hash's TTL (a finished job's retention).
+elseif command == "reseal" then
+    local hash_key = KEYS[1]
+    local written = 0
+
+    for i = 2, #ARGV, 3 do
+        if redis.call("hget", hash_key, ARGV[i]) == ARGV[i + 1] then
+            redis.call("hset", hash_key, ARGV[i], ARGV[i + 2])
+            written = written + 1
+        end
+    end
+    return written
+
 -- lease: KEYS lease   ARGV holder, ms   -> 1 if the holder has (or now takes) the lease, else 0
 elseif command == "lease" then
     local lease_key = KEYS[1]

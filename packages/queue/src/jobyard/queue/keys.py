@@ -72,6 +72,15 @@ def job_prefix() -> str:
     return f"{PREFIX}:job:"
 
 
+def steps_prefix() -> str:
+    return f"{PREFIX}:steps:"
+
+
+def dramatiq_messages_pattern() -> str:
+    """A SCAN pattern for every queue's and delay queue's messages hash."""
+    return f"{DRAMATIQ_NAMESPACE}:*.msgs"
+
+
 def handoff() -> str:
     return f"{PREFIX}:handoff"
 

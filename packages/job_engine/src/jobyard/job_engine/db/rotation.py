@@ -1,14 +1,13 @@
 """`jobyard keys rotate`: every sealed value the database keeps (the job log's rows and events,
-returned steps, the dispatch outbox) encrypted again with the key ring's primary key, so that
-an older key can leave JOBYARD_ENCRYPTION_KEYS. Values written before encryption was on are
-sealed too.
+returned steps, the dispatch outbox, sent events' bodies) encrypted again with the key ring's
+primary key, so that an older key can leave JOBYARD_ENCRYPTION_KEYS. Values written before
+encryption was on are sealed too.
 
 In batches, one transaction each, in primary key order: stopped anywhere, it is run again (or
 resumed after the last key it printed, `after=`), and a row already on the primary key is read
 but not written. A row a worker changes meanwhile is safe: PostgreSQL locks the batch's rows
 (FOR UPDATE); SQLite's writer lock makes a batch that read a row another writer then changed
-fail, and it is tried again. Redis's records are not rotated: they expire
-(JOBYARD_RECORD_RETENTION) and their jobs finish with the old key still in the ring."""
+fail, and it is tried again. Redis's side is jobyard.queue.rotation (the command runs it first)."""
 
 from __future__ import annotations
 
@@ -23,22 +22,33 @@ from sqlalchemy.exc import OperationalError
 from jobyard.job_engine import crypto, env
 from jobyard.job_engine.db import get_engine
 from jobyard.job_engine.db.joblog.sealed import SEALED_COLUMNS
-from jobyard.job_engine.db.models import DispatchOutbox, JobEvent, JobLog, JobStep
+from jobyard.job_engine.db.models import DispatchOutbox, JobEvent, JobLog, JobStep, SentEvent
+from jobyard.job_engine.db.sent_events import sealed_for
 
 #: Columns that hold JSON text (a sealed value's JSON), not a JSON value or plain text.
-_JSON_TEXT = {("job_steps", "result"), ("dispatch_outbox", "payload")}
+_JSON_TEXT = {("job_steps", "result"), ("dispatch_outbox", "payload"), ("sent_events", "data")}
 #: What is rotated: table -> its sealed columns (the job log's from joblog/sealed.py).
 ROTATED: dict[Table, tuple[str, ...]] = {
     JobLog.__table__: SEALED_COLUMNS["job_log"],  # type: ignore[dict-item]
     JobEvent.__table__: SEALED_COLUMNS["job_events"],  # type: ignore[dict-item]
     JobStep.__table__: ("result",),  # type: ignore[dict-item]
     DispatchOutbox.__table__: ("payload",),  # type: ignore[dict-item]
+    SentEvent.__table__: ("data",),  # type: ignore[dict-item]
+}
+#: The column a table's values are sealed for (their associated data), and how; a job's own
+#: values are sealed for its id.
+_SEALED_FOR: dict[str, tuple[str, Callable[[str], str]]] = {
+    "sent_events": ("name", sealed_for),  # an event's body, for its name
 }
 BUSY_RETRIES = 20
 
 
 class NoEncryptionKeysError(RuntimeError):
     """Rotation needs the ring: JOBYARD_ENCRYPTION_KEYS is unset."""
+
+    @staticmethod
+    def message() -> str:
+        return f"{env.ENCRYPTION_KEYS} is not set: there is no key to rotate to"
 
 
 @dataclass
@@ -60,9 +70,7 @@ def rotate(
     the primary key to resume after."""
     ring = crypto.key_ring()
     if ring is None:
-        raise NoEncryptionKeysError(
-            f"{env.ENCRYPTION_KEYS} is not set: there is no key to rotate to"
-        )
+        raise NoEncryptionKeysError(NoEncryptionKeysError.message())
     engine = get_engine(url)
     totals: dict[str, int] = {}
     for table, columns in ROTATED.items():
@@ -103,8 +111,10 @@ def _one_batch(
     size: int,
     after: tuple[Any, ...] | None,
 ) -> BatchDone | None:
-    job_id = [] if table.c.job_id in keys else [table.c.job_id]  # the outbox's key is its id
-    selected = [*keys, *job_id, *(table.c[name] for name in columns)]
+    owner_column, sealed_for_owner = _SEALED_FOR.get(table.name, ("job_id", str))
+    owner = table.c[owner_column]
+    extra = [] if owner in keys else [owner]  # the outbox's key is its id, not its job's
+    selected = [*keys, *extra, *(table.c[name] for name in columns)]
     query = select(*selected).order_by(*keys).limit(size)
     if after is not None:
         query = query.where(tuple_(*keys) > tuple_(*after))
@@ -117,12 +127,13 @@ def _one_batch(
         rewritten = 0
         for row in rows:
             changed = {}
+            sealed_for_row = sealed_for_owner(getattr(row, owner_column))
             for name in columns:
                 value = getattr(row, name)
                 new = (
-                    _reseal_json(row.job_id, value)
+                    _reseal_json(sealed_for_row, value)
                     if (table.name, name) in _JSON_TEXT
-                    else crypto.reseal(row.job_id, value)
+                    else crypto.reseal(sealed_for_row, value)
                 )
                 if new is not value and new != value:
                     changed[name] = new

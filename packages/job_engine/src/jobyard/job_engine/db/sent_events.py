@@ -16,7 +16,7 @@ from jobyard.job_engine.db.models import SentEvent as SentEventRow
 from jobyard.job_engine.events import SentEvent
 
 
-def _sealed_for(name: str) -> str:
+def sealed_for(name: str) -> str:
     """What an event's body is sealed for with encryption on (jobyard.job_engine.crypto): its
     name, in place of a job id, so a sealed body cannot pass for another event's."""
     return f"event:{name}"
@@ -25,7 +25,7 @@ def _sealed_for(name: str) -> str:
 def store(name: str, data_json: str, sent_at: float) -> int:
     """The new event's id. Its body is sealed with encryption on; the name and time, which the
     waits look up by, stay readable."""
-    data = crypto.seal_json(_sealed_for(name), data_json)
+    data = crypto.seal_json(sealed_for(name), data_json)
     with session_scope() as session:
         inserted = session.execute(
             insert(SentEventRow)
@@ -44,5 +44,5 @@ def sent_between(name: str, low: float, high: float) -> Iterator[SentEvent]:
     with session_scope() as session:
         rows: list[Any] = list(session.execute(query.order_by(SentEventRow.id)).scalars())
     for row in rows:
-        data = json.loads(crypto.unseal_json(_sealed_for(row.name), row.data))
+        data = json.loads(crypto.unseal_json(sealed_for(row.name), row.data))
         yield SentEvent(row.id, row.name, data, row.sent_at)
