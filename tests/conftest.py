@@ -222,6 +222,9 @@ EXPLICIT_TIERS = {
     "tests/test_consumer.py::test_the_worker_keeps_running_its_queue_after_redis_comes_back": (
         INTEGRATION  # a redis-server of its own, with AOF
     ),
+    "tests/test_consumer.py::test_a_read_that_times_out_is_a_closed_connection_not_an_unexpected_error": (  # noqa: E501
+        INTEGRATION  # a redis-server of its own, paused
+    ),
     "tests/deploy/test_temporal_worker_health.py::": INTEGRATION,  # a Temporal dev server
     "tests/catalogue/test_retention.py::test_jobyard_db_prune_reads_the_retention": (
         ACCEPTANCE  # `jobyard db prune`

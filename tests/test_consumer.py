@@ -210,3 +210,28 @@ def test_the_worker_keeps_running_its_queue_after_redis_comes_back() -> None:
         broker.close()
     finally:
         server.stop()
+
+
+def test_a_read_that_times_out_is_a_closed_connection_not_an_unexpected_error() -> None:
+    """A paused Redis (a read past the socket timeout) is met as a lost connection: Dramatiq's
+    consumer threads and jobyard's log it in one line and build a new consumer, where an
+    "unexpected error" would log a traceback per consumer (issue 29, item 4)."""
+    import redis
+    from dramatiq.errors import ConnectionClosed
+
+    server = RedisServer().start()
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=0.5)
+        broker = JobyardBroker(client=client, namespace="dramatiq")
+        consumer = broker.consume(QUEUE, prefetch=8, timeout=100)
+        assert next(consumer) is None  # an empty queue, Redis answering
+        server.pause()
+        try:
+            with pytest.raises(ConnectionClosed) as raised:
+                next(consumer)
+            assert isinstance(raised.value.__cause__ or raised.value.args[0], redis.TimeoutError)
+        finally:
+            server.resume()
+        broker.close()
+    finally:
+        server.stop()

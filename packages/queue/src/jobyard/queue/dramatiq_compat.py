@@ -176,7 +176,10 @@ class JobyardConsumer(_RedisConsumer):
                 message = Message.decode(data)
                 self.queued_message_ids.add(message.message_id)
                 return MessageProxy(message)
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Dramatiq maps only ConnectionError; a read that timed out (a Redis paused or
+            # overloaded) is the same trouble, logged in one line and met with a new consumer,
+            # not a traceback of an "unexpected error" (issue 29, item 4).
             raise ConnectionClosed(exc) from None
 
     def take_cached(self) -> MessageProxy | None:
