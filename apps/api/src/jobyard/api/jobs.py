@@ -54,7 +54,13 @@ from jobyard.dispatcher import (
     replay_job,
 )
 from jobyard.dispatcher.dispatch import MAX_DELAY_SECONDS
-from jobyard.dispatcher.relations import MAX_LISTED, journal_of, related_jobs, started_children
+from jobyard.dispatcher.relations import (
+    MAX_LISTED,
+    journal_of,
+    related_jobs,
+    started_children,
+    upstream_of,
+)
 from jobyard.dispatcher.submission import check_after
 from jobyard.dispatcher.timeline import job_timeline
 from jobyard.job_engine import UnsafeURLError, get_spec, netguard, strictjson
@@ -255,12 +261,12 @@ def timeline(job_id: JobIdPath) -> list[dict[str, Any]]:
         return entries
     journal = journal_of(job_id)
     children = started_children(job_id, steps or journal)
-    related = related_jobs(job_id, steps, journal)
+    upstream = upstream_of(journal)
     for entry in entries:
         if entry["name"] in children:
             entry["children"] = children[entry["name"]][:MAX_LISTED]
-        elif entry["name"] == UPSTREAM_STEP and related["upstream"]:
-            entry["upstream"] = related["upstream"]
+        elif entry["name"] == UPSTREAM_STEP and upstream:
+            entry["upstream"] = upstream
     return entries
 
 

@@ -18,7 +18,7 @@ from jobyard.job_engine.children import START_SUFFIX, child_ids
 from jobyard.job_engine.context import CHILDREN_STEP_PREFIX
 from jobyard.job_engine.db.steps import recall_steps
 
-__all__ = ["MAX_LISTED", "journal_of", "related_jobs", "started_children"]
+__all__ = ["MAX_LISTED", "journal_of", "related_jobs", "started_children", "upstream_of"]
 
 log = logging.getLogger("jobyard.relations")
 
@@ -48,19 +48,22 @@ def started_children(job_id: str, steps: dict[str, Any]) -> dict[str, list[str]]
     return found
 
 
-def related_jobs(
-    job_id: str, steps: dict[str, Any], journal: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def upstream_of(journal: dict[str, Any]) -> list[str]:
+    """The ids the job was dispatched after, from its journal (`journal_of`)."""
+    after = journal.get(AFTER_RECORD)
+    return list(after["ids"]) if isinstance(after, dict) else []
+
+
+def related_jobs(job_id: str, steps: dict[str, Any]) -> dict[str, Any]:
     """{"children": ids (at most MAX_LISTED), "children_count", "upstream": ids}, from the
-    engine's `steps` or, without them, the `journal` (read here if not given)."""
-    journal = journal_of(job_id) if journal is None else journal
+    engine's `steps` or, without them, the journal."""
+    journal = journal_of(job_id)
     started = started_children(job_id, steps or journal)
     children = [child for step in sorted(started, key=_order) for child in started[step]]
-    after = journal.get(AFTER_RECORD)
     return {
         "children": children[:MAX_LISTED],
         "children_count": len(children),
-        "upstream": list(after["ids"]) if isinstance(after, dict) else [],
+        "upstream": upstream_of(journal),
     }
 
 
