@@ -22,6 +22,10 @@ from jobyard.job_engine.db import Base
 from jobyard.job_engine.db.models import FINAL_JOB_STATES, JobLog
 from jobyard.job_engine.states import JobState
 
+#: A state as the rows and events hold it: a plain str, not a JobState member, which
+#: pydantic-core writes into a flush's JSON at twice the cost (about 2 us more a row).
+QUEUED = JobState.QUEUED.value
+
 #: Columns an event may set whatever its age (first value wins).
 STICKY = ("name", "queue", "payload", "enqueued_at", "started_at", "fallback_reason")
 
@@ -193,7 +197,7 @@ def dispatch_event(row: dict[str, Any]) -> dict[str, Any]:
     first_at = row.get("state_at") or row.get("progress_at") or time.time()
     enqueued = row.get("enqueued_at")
     at = min(enqueued, first_at) if enqueued is not None else first_at
-    return {"at": at, "kind": "state", "state": JobState.QUEUED, "engine": row.get("engine"),
+    return {"at": at, "kind": "state", "state": QUEUED, "engine": row.get("engine"),
             "attempts": 0, "run_at": None, "error": None}  # fmt: skip
 
 
@@ -226,7 +230,7 @@ def applied(row: dict[str, Any], old: dict[str, Any] | None) -> dict[str, Any]:
 
 def stored(row: dict[str, Any]) -> dict[str, Any]:
     """A copy of `row` as the table takes it (a caller may retry with the original)."""
-    stored = {"state": JobState.QUEUED, "name": "unknown", "attempts": 0, "events": 0, **row}
+    stored = {"state": QUEUED, "name": "unknown", "attempts": 0, "events": 0, **row}
     stored.pop(PARTS, None)
     for column in TIMESTAMPS:
         if column in stored:

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, text
 
-from jobyard.job_engine.db.joblog.merge import utc
+from jobyard.job_engine.db.joblog.merge import QUEUED, utc
 from jobyard.job_engine.db.joblog.sql import first_seen, insert_events
 from jobyard.job_engine.states import JobState
 
@@ -37,7 +37,7 @@ class QueuedBatch(NamedTuple):
         return [
             (self.ts, job_id, {
                 "name": self.name, "queue": self.queue, "engine": self.engine,
-                "state": JobState.QUEUED, "payload": json.loads(payload), "enqueued_at": self.ts,
+                "state": QUEUED, "payload": json.loads(payload), "enqueued_at": self.ts,
             })
             for job_id, payload in self.jobs
         ]  # fmt: skip
@@ -114,7 +114,7 @@ def insert_queued(
         inserted = {job_id for (job_id,) in connection.execute(_INSERT_QUEUED_SQLITE, parameters)}
         first = [
             {"job_id": job_id, "seq": 1, "at": batches[n].ts, "kind": "state",
-             "state": JobState.QUEUED, "engine": batches[n].engine, "attempts": 0}
+             "state": QUEUED, "engine": batches[n].engine, "attempts": 0}
             for job_id, n, _ in once
             if job_id in inserted
         ]  # fmt: skip

@@ -56,6 +56,9 @@ class JobLogWriter:
     def record(self, job_id: str, **fields: Any) -> None:
         """Queue an event; `state_at` defaults to now. Returns at once."""
         ts = fields.pop("ts", None) or time.time()
+        state = fields.get("state")
+        if state is not None:
+            fields["state"] = str(state)  # a JobState as a plain str: see merge.QUEUED
         self._events.append((ts, job_id, fields))
         if self._thread is None:
             self._start()
