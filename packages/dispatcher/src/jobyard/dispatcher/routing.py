@@ -50,7 +50,7 @@ from jobyard.dispatcher.models import (
 from jobyard.dispatcher.owners import OwnerRegistry
 from jobyard.dispatcher.upstream import record_upstream
 from jobyard.job_engine import JobyardError, env
-from jobyard.job_engine.lifecycle import dispatched_batch_event, dispatched_event
+from jobyard.job_engine.lifecycle import dispatched_event
 
 log = logging.getLogger("jobyard.dispatcher")
 
@@ -210,20 +210,10 @@ def record_dispatch(job: Submission, handle: JobHandle, started: float) -> None:
         hold = job.hold if handle.engine == "dramatiq" else None
         if hold is not None:
             run_at = hold.until or run_at
-        plain = hold is None and run_at is None and handle.fallback_reason is None
-        if plain and job.payload_json is not None:
-            # The plain dispatch, as one job of a bulk one: its row and event are written
-            # without the general path's per-row work, in the web process's job-log thread,
-            # whose time holding the GIL is time the next dispatch_job calls wait.
-            dispatched_batch_event(
-                job.name, job.queue, handle.engine, [(job.job_id, job.payload_json)], started
-            )
-        else:
-            dispatched_event(
-                job.job_id, job.name, job.queue, handle.engine, job.payload,
-                handle.fallback_reason, started, run_at,
-                (hold.display_state, hold.waiting_reason) if hold else None,
-            )  # fmt: skip
+        dispatched_event(
+            job.job_id, job.name, job.queue, handle.engine, job.payload, handle.fallback_reason,
+            started, run_at, (hold.display_state, hold.waiting_reason) if hold else None,
+        )  # fmt: skip
         if job.options.after:
             record_upstream([(job.job_id, job.options.after)])
 
