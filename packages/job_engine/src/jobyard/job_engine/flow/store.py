@@ -560,8 +560,9 @@ class PermitStore:
         self, holder: str, held: Sequence[HeldSlot], claim: float | None = None
     ) -> list[HeldSlot]:
         """End a run's leases, in one transaction; the waiters now due a slot (as HeldSlots
-        of their own), to wake early, best effort. With `claim` (seconds, the lease ttl), a
-        woken waiter that does not ask within it is forgotten (`lease_release`)."""
+        of their own), to wake early, best effort. With `claim` (seconds: the engines give a
+        park time and a lease ttl), a woken waiter that does not ask within it is forgotten
+        (`lease_release`)."""
         claim_ms = None if claim is None else _ms(claim)
 
         def rule(index: int, state: Any, now: int) -> tuple[list[HeldSlot], Any, int]:
