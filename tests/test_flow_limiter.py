@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from jobyard.job_engine.flow.limiter import (
     CONCURRENCY,
     DEBOUNCE,
+    PARK_TURNS,
     RATE,
     DebounceState,
     LeaseState,
@@ -149,7 +150,7 @@ def test_leases_never_exceed_the_limit_and_every_job_runs(
             assert lease_renew(state, str(job), now, limit, TTL)  # a live worker keeps its slot
             held[job][1] = now + TTL
         else:
-            for woken in lease_release(state, str(job), now, limit):
+            for woken in lease_release(state, str(job), now, limit, claim_ms=TTL):
                 push(now, "ask", int(woken))
             held[job][1] = now
     assert set(started) == set(range(len(jobs)))  # nobody starved
@@ -201,6 +202,34 @@ def test_a_waiter_that_stops_asking_is_forgotten() -> None:
     later = 1 + gone.retry_in_ms + TTL
     assert not lease_try_acquire(state, "other", later - 1, 1, TTL, PARK).granted
     assert lease_try_acquire(state, "other", later, 1, TTL, PARK).granted
+
+
+def test_a_deep_backlog_asks_again_rarely() -> None:
+    # One key's 1,000 waiting jobs: the 2 due a slot ask at the earliest expiry; the others
+    # are woken by releases in their turn, and ask by themselves only after as many park
+    # times as they are turns from a slot, spread by holder: not 1,000 asks per park time.
+    state = LeaseState()
+    for run in ("r1", "r2"):
+        assert lease_try_acquire(state, run, 0, 2, TTL, PARK).granted
+    retries = [lease_try_acquire(state, f"w{n}", 1, 2, TTL, PARK).retry_in_ms for n in range(1000)]
+    assert retries[:2] == [TTL - 1, TTL - 1]
+    for position, retry in enumerate(retries[2:], start=2):
+        turns = min(position // 2, PARK_TURNS)
+        assert PARK * turns <= retry < 2 * PARK * turns
+    assert sum(1 for r in retries if r < 10 * PARK) <= 20  # the 2 due and 18 within 9 turns
+    deep = retries[2 * PARK_TURNS :]
+    assert max(deep) - min(deep) > PARK * PARK_TURNS / 2  # spread, not all at one instant
+
+
+def test_a_woken_waiter_that_never_asks_gives_up_its_turn_after_the_claim() -> None:
+    state = LeaseState()
+    assert lease_try_acquire(state, "run", 0, 1, TTL, PARK).granted
+    assert not lease_try_acquire(state, "gone", 1, 1, TTL, PARK).granted
+    behind = lease_try_acquire(state, "next", 2, 1, TTL, PARK)
+    assert not behind.granted and behind.retry_in_ms >= PARK  # far back: asks late by itself
+    assert lease_release(state, "run", 3, 1, claim_ms=10) == ["gone"]
+    assert not lease_try_acquire(state, "next", 12, 1, TTL, PARK).granted  # gone's claim runs
+    assert lease_try_acquire(state, "next", 13, 1, TTL, PARK).granted  # gone never asked
 
 
 # --- fairness across keys --------------------------------------------------------------------

@@ -20,6 +20,7 @@ from alembic.runtime.migration import MigrationContext
 
 from jobyard.job_engine import db
 from jobyard.job_engine.db.migrate import downgrade, upgrade
+from jobyard.job_engine.flow.limiter import PARK_TURNS
 from jobyard.job_engine.flow.store import (
     TABLE,
     WAITERS,
@@ -97,7 +98,8 @@ def test_slots_lease_wait_in_order_wake_and_expire(url: str) -> None:
     third = store.acquire_slot(scope, "acme", "j3", 1, 30.0, 60.0)
     assert first.granted and not second.granted and second.position == 0
     assert abs(second.retry_in - (first.at + 30.0 - second.at)) < 0.002  # at j1's expiry
-    assert not third.granted and third.position == 1 and third.retry_in == 60.0
+    # one turn from a slot: one park time and a share of another (a backlog's asks spread)
+    assert not third.granted and third.position == 1 and 60.0 <= third.retry_in < 120.0
     assert store.acquire_slot(scope, "beta", "b1", 1, 30.0, 60.0).granted
     counts = {(c.bucket, c.running, c.waiting) for c in store.counts() if c.scope == scope}
     assert counts == {("acme", 1, 2), ("beta", 1, 0)}
@@ -122,7 +124,10 @@ def test_a_long_queue_of_one_key_stays_out_of_its_buckets_row(url: str) -> None:
     for n in range(300):
         refused = store.acquire_slot(scope, "flood", f"w{n:03d}", 1, 30.0, 60.0)
         assert not refused.granted
-    assert refused.position == 1  # counted up to the limit, not to 299
+    # counted up to PARK_TURNS + 1 turns of the limit, not to 299; that far back a waiter asks
+    # again by itself after PARK_TURNS park times at least (releases wake it in its turn)
+    assert refused.position == PARK_TURNS + 1
+    assert refused.retry_in >= PARK_TURNS * 60.0
     (text,) = store._read(
         f"SELECT state FROM flow_permits WHERE scope = {'?' if store.sqlite else '%s'}", (scope,)
     )[0]
@@ -134,6 +139,20 @@ def test_a_long_queue_of_one_key_stays_out_of_its_buckets_row(url: str) -> None:
         assert not store.acquire_slot(scope, "flood", f"w{n + 1:03d}", 1, 30.0, 60.0).granted
         assert store.acquire_slot(scope, "flood", f"w{n:03d}", 1, 30.0, 60.0).granted
         holder = f"w{n:03d}"
+
+
+def test_a_woken_waiter_that_never_asks_gives_up_its_turn_after_the_claim(url: str) -> None:
+    # A waiter whose job went away while it waited far back (told to ask in an hour) does not
+    # keep a freed slot from the next one for that hour: woken, it has the claim to ask.
+    store, scope = PermitStore(url), _unique("concurrency:job:claim")
+    assert store.acquire_slot(scope, "acme", "run", 1, 30.0, 60.0).granted
+    assert not store.acquire_slot(scope, "acme", "gone", 1, 30.0, 60.0).granted
+    assert not store.acquire_slot(scope, "acme", "next", 1, 30.0, 60.0).granted
+    assert store.release_slot(scope, "acme", "run", 1, claim=0.3) == ["gone"]
+    assert not store.acquire_slot(scope, "acme", "next", 1, 30.0, 60.0).granted  # gone's turn
+    time.sleep(0.35)
+    assert store.acquire_slot(scope, "acme", "next", 1, 30.0, 60.0).granted  # gone was forgotten
+    store.release_slot(scope, "acme", "next", 1)
 
 
 def test_due_waiters_are_swept_round_robin_across_keys(url: str) -> None:

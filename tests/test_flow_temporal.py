@@ -334,8 +334,9 @@ def test_a_slot_whose_holder_was_terminated_goes_to_the_next_live_waiter_by_the_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Concurrency(1): a1 holds tenant a's slot, a2 and a3 wait; a1 and a2 are terminated (no
-    release, no goodbye). a3, parked for JOBYARD_FLOW_PARK_SECONDS (60 s), is woken by the
-    temporal-worker's rescue sweep once a1's lease and a2's place ran out (3 s each here)."""
+    release, no goodbye). a3, parked for one to two JOBYARD_FLOW_PARK_SECONDS (60 s: it was a
+    turn from a slot), is woken by the temporal-worker's rescue sweep once a1's lease and a2's
+    place ran out (3 s each here)."""
     monkeypatch.setenv("JOBYARD_RESCUE_INTERVAL", "1")
     engines.ensure_temporal_worker()
     a1 = dispatch_tenant(engines, "tq.slot", tmp_path, "a1", "a", 20.0)

@@ -50,7 +50,10 @@ async def permit(request: dict[str, Any]) -> dict[str, Any]:
         return {"lost": lost}
     if op == "release":
         HELD_RUNS.let_go(request["job_id"])
-        woken = await asyncio.to_thread(runtime.permit_store().release_all, request["job_id"], held)
+        woken = await asyncio.to_thread(
+            runtime.permit_store().release_all, request["job_id"], held,
+            runtime.park_seconds() + runtime.lease_ttl(),  # a woken waiter's time to ask
+        )  # fmt: skip
         holders = [slot.holder for slot in woken]
         told = await wake_workflows(activity.client(), holders)
         # The others may be Dramatiq jobs parked in Redis (a mixed run): woken there, from a

@@ -181,7 +181,7 @@ DEFAULTS[STEP_JOURNAL] = "true"
 
 # Flow control (jobyard.job_engine.flow, docs/flow-control.md)
 FLOW_DURABLE = "JOBYARD_FLOW_DURABLE"  # "false": permits commit without waiting for the disk
-FLOW_PARK_SECONDS = "JOBYARD_FLOW_PARK_SECONDS"  # longest a job waiting for a slot sleeps unwoken
+FLOW_PARK_SECONDS = "JOBYARD_FLOW_PARK_SECONDS"  # unwoken sleep of a slot's waiter, per turn back
 FLOW_ADMISSION_SECONDS = "JOBYARD_FLOW_ADMISSION_SECONDS"  # a slot taken at dispatch lasts this
 DEFAULTS[FLOW_DURABLE] = "true"
 DEFAULTS[FLOW_PARK_SECONDS] = "60"

@@ -61,6 +61,7 @@ class Gate:
         park: float,
     ) -> None:
         self.store, self.job_name, self.job_id = store, job_name, job_id
+        self.claim = park + ttl  # a woken waiter's time to ask (`PermitStore.release_all`)
         self.limits = tuple(limits)
         self.buckets = [payload_key(job_name, payload_data, lim.key_path) for lim in self.limits]
         self.requests = [
@@ -107,11 +108,12 @@ class Gate:
 
     def release(self) -> list[HeldSlot]:
         """End the run's leases; the waiters due a slot now, to wake (best effort: they also
-        ask again by themselves)."""
+        ask again by themselves). Each must ask within a park time and a lease ttl, or is
+        forgotten: the bound a waiter had when every waiter asked once per park time."""
         if not self.held:
             return []
         held, self.held = self.held, []
-        return self.store.release_all(self.job_id, held)
+        return self.store.release_all(self.job_id, held, claim=self.claim)
 
 
 def collapse(

@@ -18,6 +18,7 @@ database does. Every state is plain JSON (`to_json` / `from_json`).
 from __future__ import annotations
 
 import bisect
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -64,6 +65,7 @@ class Waiters(Protocol):
     def join(self, holder: str, now: int, until: int) -> None: ...
     def remove(self, holder: str) -> None: ...
     def first(self, n: int) -> list[str]: ...
+    def hasten(self, holders: Sequence[str], until: int) -> None: ...
 
 
 @dataclass
@@ -97,6 +99,10 @@ class ListWaiters:
 
     def first(self, n: int) -> list[str]:
         return [w[0] for w in self.items[:n]]
+
+    def hasten(self, holders: Sequence[str], until: int) -> None:
+        self.items = [(h, s, min(u, until)) if h in holders else (h, s, u)
+                      for h, s, u in self.items]  # fmt: skip
 
 
 @dataclass
@@ -140,32 +146,53 @@ class LeaseDecision:
     retry_in_ms: int = 0  # refused: when to ask again if no wake-up comes first
 
 
+#: A waiter `turns` turns from a slot (a turn: `limit` waiters ahead) asks again by itself
+#: after `turns` to 2 x `turns` park times, counted up to this many turns (its position is
+#: counted no further, so an ask costs the same whatever the backlog): one key's 10,000 waiters
+#: ask about 1/48 as often as they would once per park time (see `lease_try_acquire`).
+PARK_TURNS = 32
+
+
 def lease_try_acquire(
     state: LeaseState, holder: str, now: int, limit: int, ttl_ms: int, park_ms: int
 ) -> LeaseDecision:
     """Take a slot for `holder` (renew it if held), in FIFO order of the bucket's waiters.
 
     Refused, the holder is (or stays) a waiter: the first `free` waiters are due a slot, so they
-    ask again at the earliest lease expiry (a dead holder's slot); the others in `park_ms`, by
-    when a release has normally woken them (`lease_release`). A waiter is kept `ttl_ms` past
-    its next ask, then forgotten (its job went away)."""
+    ask again at the earliest lease expiry (a dead holder's slot); the others are normally
+    woken by a release (`lease_release`) when their turn comes, and ask again by themselves
+    only after `park_ms` times their turns from a slot (`PARK_TURNS` at most), spread by
+    `holder` over one more such wait: a key with 10,000 waiting jobs would otherwise have all
+    of them ask once per `park_ms` (the asks, and the fetches that carry them, grow with the
+    backlog and queue ahead of other keys' jobs). A waiter is kept `ttl_ms` past its next ask,
+    then forgotten (its job went away)."""
     state.prune(now)
     if holder in state.leases:
         state.leases[holder] = now + ttl_ms
         return LeaseDecision(True)
     free = limit - len(state.leases)
-    position = state.waiters.position(holder, limit)
+    bound = limit * (PARK_TURNS + 1)
+    position = state.waiters.position(holder, bound)
     if position is None:
-        position = state.waiters.count(limit)
+        position = state.waiters.count(bound)
     if position < free:
         state.waiters.remove(holder)
         state.leases[holder] = now + ttl_ms
         return LeaseDecision(True)
     earliest = min(state.leases.values(), default=now + 1)
-    due_soon = position < limit  # among the next to get a slot
-    retry_in = max(1, min(earliest - now, park_ms) if due_soon else park_ms)
+    if position < limit:  # among the next to get a slot
+        retry_in = max(1, min(earliest - now, park_ms))
+    else:
+        retry_in = _parked_for(holder, min(position // limit, PARK_TURNS), park_ms)
     state.waiters.join(holder, now, now + retry_in + ttl_ms)
     return LeaseDecision(False, position - max(free, 0), retry_in)
+
+
+def _parked_for(holder: str, turns: int, park_ms: int) -> int:
+    """`turns` park times and a share of one more, fixed by the holder: a backlog dispatched
+    at once does not ask again all at once."""
+    wait = max(1, park_ms * turns)
+    return wait + zlib.crc32(holder.encode()) % wait
 
 
 def lease_renew(state: LeaseState, holder: str, now: int, limit: int, ttl_ms: int) -> bool:
@@ -178,12 +205,20 @@ def lease_renew(state: LeaseState, holder: str, now: int, limit: int, ttl_ms: in
     return False
 
 
-def lease_release(state: LeaseState, holder: str, now: int, limit: int) -> list[str]:
-    """End a run's lease (and forget it as a waiter); the waiters now due a slot, to wake."""
+def lease_release(
+    state: LeaseState, holder: str, now: int, limit: int, claim_ms: int | None = None
+) -> list[str]:
+    """End a run's lease (and forget it as a waiter); the waiters now due a slot, to wake.
+    With `claim_ms`, each of them is forgotten unless it asks within `claim_ms` (its job went
+    away while it waited far back): the slot then goes to the next one instead of waiting
+    for the long ask a waiter far back was told."""
     state.prune(now)
     state.leases.pop(holder, None)
     state.waiters.remove(holder)
-    return due_waiters(state, limit)
+    due = due_waiters(state, limit)
+    if due and claim_ms is not None:
+        state.waiters.hasten(due, now + claim_ms)
+    return due
 
 
 def due_waiters(state: LeaseState, limit: int) -> list[str]:

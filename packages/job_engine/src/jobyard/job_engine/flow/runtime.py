@@ -1,7 +1,8 @@
 """One process's flow-control objects, built lazily by its first limited job: the
 `PermitStore` (DATABASE_URL, JOBYARD_FLOW_DURABLE), the `LeaseRenewer` of its running leases,
 and a `Gate` per run with the settings every engine uses (a lease lives
-WORKER_HEARTBEAT_TIMEOUT; a refused waiter asks again within JOBYARD_FLOW_PARK_SECONDS).
+WORKER_HEARTBEAT_TIMEOUT; a refused waiter asks again within JOBYARD_FLOW_PARK_SECONDS per
+turn it is from a slot, see flow.limiter.PARK_TURNS).
 
 Only limited jobs import this module (it loads the database driver)."""
 

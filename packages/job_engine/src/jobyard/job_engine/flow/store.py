@@ -151,6 +151,10 @@ _W_JOIN = (
     f"ELSE {WAITERS}.since_ms END, until_ms = excluded.until_ms"
 )
 _W_REMOVE = f"DELETE FROM {WAITERS} WHERE scope = {{p}} AND bucket = {{p}} AND holder = {{p}}"
+_W_HASTEN = (
+    f"UPDATE {WAITERS} SET until_ms = {{p}} WHERE scope = {{p}} AND bucket = {{p}} "
+    "AND holder = {p} AND until_ms > {p}"
+)
 _W_SCOPE = (
     f"SELECT bucket FROM {WAITERS} WHERE scope = {{p}} AND until_ms > {{now}} GROUP BY bucket"
 )
@@ -176,6 +180,7 @@ class _Dialect(NamedTuple):
     w_first: str
     w_join: str
     w_remove: str
+    w_hasten: str
     w_scope: str
     w_all: str
     w_purge: str
@@ -185,7 +190,7 @@ class _Dialect(NamedTuple):
 def _dialect(placeholder: str, now: str) -> _Dialect:
     templates = (
         _LOCK, _WRITE, _DELETE, _SCOPE_ROWS, _ALL_ROWS, _PURGE, _NOW, _W_SINCE, _W_AHEAD,
-        _W_COUNT, _W_FIRST, _W_JOIN, _W_REMOVE, _W_SCOPE, _W_ALL, _W_PURGE, _C_PURGE,
+        _W_COUNT, _W_FIRST, _W_JOIN, _W_REMOVE, _W_HASTEN, _W_SCOPE, _W_ALL, _W_PURGE, _C_PURGE,
     )  # fmt: skip
     return _Dialect(*(t.format(p=placeholder, now=now) for t in templates))
 
@@ -330,6 +335,10 @@ class TableWaiters:
         )
         holders = [str(r[0]) for r in self.cursor.fetchall()]
         return [h for h in holders if h not in self.removed][:n]
+
+    def hasten(self, holders: Sequence[str], until: int) -> None:
+        for holder in holders:
+            self.ops.append((self.sql.w_hasten, (until, self.scope, self.bucket, holder, until)))
 
     def discard(self) -> None:
         self.ops.clear()
@@ -547,14 +556,19 @@ class PermitStore:
 
         return self._transaction([(r.scope, r.bucket) for r in requests], decide)
 
-    def release_all(self, holder: str, held: Sequence[HeldSlot]) -> list[HeldSlot]:
+    def release_all(
+        self, holder: str, held: Sequence[HeldSlot], claim: float | None = None
+    ) -> list[HeldSlot]:
         """End a run's leases, in one transaction; the waiters now due a slot (as HeldSlots
-        of their own), to wake early, best effort."""
+        of their own), to wake early, best effort. With `claim` (seconds: the engines give a
+        park time and a lease ttl), a woken waiter that does not ask within it is forgotten
+        (`lease_release`)."""
+        claim_ms = None if claim is None else _ms(claim)
 
         def rule(index: int, state: Any, now: int) -> tuple[list[HeldSlot], Any, int]:
             slot = held[index]
             leases = LeaseState.from_json(state, TableWaiters(self, slot.scope, slot.bucket))
-            wake = lease_release(leases, holder, now, slot.limit)
+            wake = lease_release(leases, holder, now, slot.limit, claim_ms)
             woken = [HeldSlot(slot.scope, slot.bucket, w, slot.limit) for w in wake]
             return woken, _kept(leases), leases.expires_at()
 
@@ -607,12 +621,16 @@ class PermitStore:
 
         return self._each([(s.scope, s.bucket) for s in held], rule)
 
-    def release_slot(self, scope: str, bucket: str, holder: str, limit: int) -> list[str]:
-        """End `holder`'s lease; the waiters now due a slot (to wake early, best effort)."""
+    def release_slot(
+        self, scope: str, bucket: str, holder: str, limit: int, claim: float | None = None
+    ) -> list[str]:
+        """End `holder`'s lease; the waiters now due a slot (to wake early, best effort), each
+        forgotten unless it asks within `claim` seconds when given."""
+        claim_ms = None if claim is None else _ms(claim)
 
         def rule(state: Any, now: int) -> tuple[list[str], Any, int]:
             leases = LeaseState.from_json(state, TableWaiters(self, scope, bucket))
-            wake = lease_release(leases, holder, now, limit)
+            wake = lease_release(leases, holder, now, limit, claim_ms)
             return wake, _kept(leases), leases.expires_at()
 
         return self._one(scope, bucket, rule)
