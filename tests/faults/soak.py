@@ -64,11 +64,14 @@ from tests.faults.soak_jobs import LEDGER_ENV, MARKERS_ENV, WITNESS_QUEUE
 from tests.faults.soak_measure import (
     Finality,
     GrowingLedger,
+    final_in_log,
+    job_record,
     percentile,
     postgres,
     redis_rss_mb,
     ticks,
     tree_rss_mb,
+    unfinished_ticks,
 )
 from tests.support import Proc, wait_for
 
@@ -79,6 +82,9 @@ JOB_MODULES = "tests.faults.jobs,tests.faults.poison,tests.faults.soak_jobs"
 BEFORE, RECOVERY = 10.0, 30.0
 #: A job not final this long after its dispatch is reported late (lost, if it stays so).
 LATE_AFTER = 120.0
+#: Seconds the verdict still looks for the endings of jobs final only in their engine: one
+#: that arrives is a job log lagging past the settle, one that does not an ending lost.
+LOG_LAG_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -401,7 +407,9 @@ def verdict(soak: Soak) -> bool:
     soak.finality.poll_log()
     soak.finality.poll_engines(budget=60)
     say(soak, f"{len(soak.finality.pending)} accepted jobs not final")
+    late_in_log = _wait_for_log(soak, list(soak.finality.engine_only), LOG_LAG_WAIT)
     tick = ticks(soak.world.database_url, "soak.tick")
+    unfinished = unfinished_ticks(soak.world.database_url, "soak.tick")
     lost = len(soak.finality.pending) + (tick[1] if tick else 0)
     counts = soak.ledger.counts()
     cut = returned_as_poison_killed(soak.ledger.histories())  # promise 3's window, allowed
@@ -426,11 +434,73 @@ def verdict(soak: Soak) -> bool:
           f" {soak.unexpected_exits}")  # fmt: skip
     for w in soak.windows:
         print(f"   {w.line}")
+    _print_records(soak, late_in_log, unfinished)
     for ok, text in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
     passed = all(ok for ok, _ in checks)
     print("SOAK PASS" if passed else "SOAK FAIL", flush=True)
     return passed
+
+
+def _wait_for_log(soak: Soak, ids: list[str], seconds: float) -> dict[str, float]:
+    """For the jobs final in their engine and not in the job log: the seconds after the
+    settle at which the job log had them final after all (a lagging log, not a lost ending),
+    looking every second for `seconds`."""
+    began, found = time.monotonic(), dict[str, float]()
+    while ids and time.monotonic() - began < seconds:
+        done = final_in_log(soak.world.database_url, [i for i in ids if i not in found]) or set()
+        found |= {job_id: time.monotonic() - began for job_id in done}
+        if len(found) == len(ids):
+            break
+        time.sleep(1)
+    return found
+
+
+def _print_records(soak: Soak, late_in_log: dict[str, float], ticks: list[str]) -> None:
+    """Every job the verdict counts against "lost", in full, so that a run names its cause:
+    accepted jobs final nowhere, jobs final only in their engine, scheduled jobs not final in
+    the job log. For each: its dispatch (tag, when, the engine that took it), the faults near
+    it, what each engine and the job log hold (soak_measure.job_record), and its step
+    executions in the ledger."""
+    w = soak.world
+    attempts = {a.job_id: a for load in soak.loads.values() for a in load.attempts if a.job_id}
+    attempts |= {a.job_id: a for a in w.poison.attempts if a.job_id}
+    histories = soak.ledger.histories()
+    cases = [(job_id, "final nowhere") for job_id in soak.finality.pending]
+    for job_id, said in soak.finality.engine_only.items():
+        lag = late_in_log.get(job_id)
+        arrived = (
+            f"in the job log {lag:.0f} s after the settle"
+            if lag is not None
+            else f"still not in the job log {LOG_LAG_WAIT:g} s after the settle"
+        )
+        cases.append((job_id, f"final only in its engine ({said}); {arrived}"))
+    cases += [(job_id, "scheduled job not final in the job log") for job_id in ticks]
+    if not cases:
+        return
+    print(f"\n== {len(cases)} job(s) counted against lost, in full")
+    for job_id, why in cases:
+        print(f"-- {job_id}: {why}")
+        a = attempts.get(job_id)
+        at = a.at if a is not None else None
+        if a is not None:
+            engine = a.handle.engine if a.handle is not None else a.error
+            reason = a.handle.fallback_reason if a.handle is not None else None
+            print(f"   dispatched {a.tag} at minute {(a.at - soak.began) / 60:.2f}"
+                  f" ({engine}, fallback {reason}, call {a.seconds * 1000:.0f} ms)")  # fmt: skip
+        for f in soak.faults:
+            if at is None or f.began - 120 <= at <= f.ended + 120:
+                print(f"   fault at minute {(f.began - soak.began) / 60:.2f}: {f.kind}: {f.what}")
+        for line in job_record(w.database_url, w.cluster.redis.url, job_id):
+            print(f"   {line}")
+        tag = a.tag if a is not None else job_id  # a tick's steps are tagged with its id
+        for step, history in sorted(histories.get(tag, {}).items()):
+            runs = ", ".join(
+                f"{e.engine} pid {e.pid} at minute {(e.started - soak.began) / 60:.2f}"
+                f" {'failed' if e.failed else 'returned' if e.ended else 'no end'}"
+                for e in history.executions
+            )
+            print(f"   step {step}: {runs}")
 
 
 def _outcomes(soak: Soak) -> str:
