@@ -66,11 +66,13 @@ from tests.faults.soak_jobs import LEDGER_ENV, MARKERS_ENV, WITNESS_QUEUE
 from tests.faults.soak_measure import (
     Finality,
     GrowingLedger,
+    anon_mb,
     final_in_log,
     job_record,
     percentile,
     postgres,
     redis_rss_mb,
+    rss_mb,
     ticks,
     tree_rss_mb,
     unfinished_ticks,
@@ -82,6 +84,8 @@ JOB_MODULES = "tests.faults.jobs,tests.faults.poison,tests.faults.soak_jobs"
 #: of the drift): it was queued or in flight when the fault hit, or dispatched while the system
 #: recovered (heartbeats time out in 10 s, the rescue passes every 5 s).
 BEFORE, RECOVERY = 10.0, 30.0
+#: The trees no fault restarts, whose RSS growth is a target (see the module docstring).
+WITNESSES = ("witness", "temporal-witness")
 #: A job not final this long after its dispatch is reported late (lost, if it stays so).
 LATE_AFTER = 120.0
 #: Seconds the verdict still looks for the endings of jobs final only in their engine: one
@@ -156,6 +160,9 @@ class Window:
     pids: dict[str, tuple[int, ...]]
     p99: dict[str, float | None]  # quiet jobs' dispatch->start p99: "quiet", by engine
     line: str = ""
+    #: the witnesses' processes: name -> pid -> RSS MB (the supervisor first): which process
+    #: of a tree grew
+    by_process: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 class SoakCluster(Cluster):
@@ -329,11 +336,20 @@ class Soak:
             f" {counts.rerun_interrupted},"
             f" handed over {counts.handed_over}",
         ]
+        trees = {k: (p.pid, *sorted(descendant_pids(p.pid))) for k, p in procs.items()}
+        by_process = {name: {pid: rss_mb(pid) for pid in trees[name]} for name in WITNESSES}
+        lines.append(
+            "   witness processes, RSS/anonymous MB by pid (the supervisor first): "
+            + "; ".join(
+                f"{name} "
+                + ", ".join(f"{pid} {mb:.1f}/{anon_mb(pid):.1f}" for pid, mb in pids.items())
+                for name, pids in by_process.items()
+            )
+        )
         print("\n".join(lines), flush=True)
         p99 = {k: percentile(lat.get(k, []), 99) for k in ("quiet", "dramatiq", "temporal")}
         mbs = {k: mb for k, (mb, _) in rss.items()}
-        trees = {k: (p.pid, *sorted(descendant_pids(p.pid))) for k, p in procs.items()}
-        window = Window(minute, mbs, trees, p99, line=lines[0])
+        window = Window(minute, mbs, trees, p99, line=lines[0], by_process=by_process)
         self.windows.append(window)
         return window
 
@@ -536,6 +552,15 @@ def _growth_checks(windows: list[Window]) -> list[tuple[bool, str]]:
         same = first.pids[name] == last.pids[name]
         if not same:  # a crash outside the faults restarted it: two processes' memory
             text += f"; NOT MEASURED: the {name} was restarted outside a fault"
+        else:
+            before, after = first.by_process.get(name, {}), last.by_process.get(name, {})
+            text += (
+                " (by process: "
+                + ", ".join(
+                    f"{pid} {mb:.1f} -> {after.get(pid, 0.0):.1f}" for pid, mb in before.items()
+                )
+                + ")"
+            )
         out.append((same and growth < 0.10, text + f" (the {name}, which no fault restarts)"))
     return out
 

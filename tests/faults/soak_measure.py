@@ -224,6 +224,19 @@ def pss_mb(pid: int) -> float:
     return 0.0
 
 
+def anon_mb(pid: int) -> float:
+    """A process's anonymous resident memory in MB (its heap, not its mapped code); 0 when
+    it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
 def tree_rss_mb(pid: int) -> tuple[float, int]:
     """RSS of a process and all its descendants, MB, and how many processes that is."""
     pids = [pid, *descendant_pids(pid)]
