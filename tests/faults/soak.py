@@ -27,7 +27,9 @@ The faults, one every SOAK_FAULT_EVERY seconds from the first interval on, are i
 tests/faults/soak_faults.py: picked in rounds of every kind once, each round shuffled by the seed.
 
 Targets, printed PASS/FAIL at the end (exit status 1 if any fails):
-- lost 0: every accepted job and every schedule tick final within SOAK_SETTLE after the load stops;
+- lost 0: every accepted job and every schedule tick final in the job log within SOAK_SETTLE after
+  the load stops (a job final in its engine whose ending has not reached the job log 30 s later
+  counts too: its record is lost); each job counted is printed in full;
 - ran on both engines 0 and returned steps re-run 0, as `make chaos` counts them (docs/faults.md);
 - worker RSS growth under 10% from the end of the first report window ("minute 10") to the end
   of the load ("minute 60"), of the witnesses: the `jobyard worker` of the witness queue
@@ -64,11 +66,16 @@ from tests.faults.soak_jobs import LEDGER_ENV, MARKERS_ENV, WITNESS_QUEUE
 from tests.faults.soak_measure import (
     Finality,
     GrowingLedger,
+    anon_mb,
+    final_in_log,
+    job_record,
     percentile,
     postgres,
     redis_rss_mb,
+    rss_mb,
     ticks,
     tree_rss_mb,
+    unfinished_ticks,
 )
 from tests.support import Proc, wait_for
 
@@ -77,8 +84,13 @@ JOB_MODULES = "tests.faults.jobs,tests.faults.poison,tests.faults.soak_jobs"
 #: of the drift): it was queued or in flight when the fault hit, or dispatched while the system
 #: recovered (heartbeats time out in 10 s, the rescue passes every 5 s).
 BEFORE, RECOVERY = 10.0, 30.0
+#: The trees no fault restarts, whose RSS growth is a target (see the module docstring).
+WITNESSES = ("witness", "temporal-witness")
 #: A job not final this long after its dispatch is reported late (lost, if it stays so).
 LATE_AFTER = 120.0
+#: Seconds the verdict still looks for the endings of jobs final only in their engine: one
+#: that arrives is a job log lagging past the settle, one that does not an ending lost.
+LOG_LAG_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,9 @@ class Window:
     pids: dict[str, tuple[int, ...]]
     p99: dict[str, float | None]  # quiet jobs' dispatch->start p99: "quiet", by engine
     line: str = ""
+    #: the witnesses' processes: name -> pid -> RSS MB (the supervisor first): which process
+    #: of a tree grew
+    by_process: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
 class SoakCluster(Cluster):
@@ -321,11 +336,20 @@ class Soak:
             f" {counts.rerun_interrupted},"
             f" handed over {counts.handed_over}",
         ]
+        trees = {k: (p.pid, *sorted(descendant_pids(p.pid))) for k, p in procs.items()}
+        by_process = {name: {pid: rss_mb(pid) for pid in trees[name]} for name in WITNESSES}
+        lines.append(
+            "   witness processes, RSS/anonymous MB by pid (the supervisor first): "
+            + "; ".join(
+                f"{name} "
+                + ", ".join(f"{pid} {mb:.1f}/{anon_mb(pid):.1f}" for pid, mb in pids.items())
+                for name, pids in by_process.items()
+            )
+        )
         print("\n".join(lines), flush=True)
         p99 = {k: percentile(lat.get(k, []), 99) for k in ("quiet", "dramatiq", "temporal")}
         mbs = {k: mb for k, (mb, _) in rss.items()}
-        trees = {k: (p.pid, *sorted(descendant_pids(p.pid))) for k, p in procs.items()}
-        window = Window(minute, mbs, trees, p99, line=lines[0])
+        window = Window(minute, mbs, trees, p99, line=lines[0], by_process=by_process)
         self.windows.append(window)
         return window
 
@@ -401,14 +425,18 @@ def verdict(soak: Soak) -> bool:
     soak.finality.poll_log()
     soak.finality.poll_engines(budget=60)
     say(soak, f"{len(soak.finality.pending)} accepted jobs not final")
+    late_in_log = _wait_for_log(soak, list(soak.finality.engine_only), LOG_LAG_WAIT)
     tick = ticks(soak.world.database_url, "soak.tick")
-    lost = len(soak.finality.pending) + (tick[1] if tick else 0)
+    unfinished = unfinished_ticks(soak.world.database_url, "soak.tick")
+    # A job final in its engine whose ending never reached the job log lost its record there.
+    endings_lost = len(soak.finality.engine_only) - len(late_in_log)
+    lost = len(soak.finality.pending) + (tick[1] if tick else 0) + endings_lost
     counts = soak.ledger.counts()
     cut = returned_as_poison_killed(soak.ledger.histories())  # promise 3's window, allowed
     checks = [
         (lost == 0 and tick is not None, f"lost: {lost} (accepted jobs {len(soak.finality.pending)}"
-         f", schedule ticks {_ticks(tick)}; {soak.finality.final_by_engine_only} final only in"
-         " their engine, not the job log)"),
+         f", schedule ticks {_ticks(tick)}, endings final in their engine and never in the job"
+         f" log {endings_lost}; {len(late_in_log)} more in the job log after the settle)"),
         (counts.both_engines == 0, f"ran on both engines: {counts.both_engines}"
          f" (clean handoffs, not counted: {counts.handed_over})"),
         (counts.rerun_returned - cut == 0, f"returned steps re-run: {counts.rerun_returned - cut}"
@@ -426,11 +454,73 @@ def verdict(soak: Soak) -> bool:
           f" {soak.unexpected_exits}")  # fmt: skip
     for w in soak.windows:
         print(f"   {w.line}")
+    _print_records(soak, late_in_log, unfinished)
     for ok, text in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {text}")
     passed = all(ok for ok, _ in checks)
     print("SOAK PASS" if passed else "SOAK FAIL", flush=True)
     return passed
+
+
+def _wait_for_log(soak: Soak, ids: list[str], seconds: float) -> dict[str, float]:
+    """For the jobs final in their engine and not in the job log: the seconds after the
+    settle at which the job log had them final after all (a lagging log, not a lost ending),
+    looking every second for `seconds`."""
+    began, found = time.monotonic(), dict[str, float]()
+    while ids and time.monotonic() - began < seconds:
+        done = final_in_log(soak.world.database_url, [i for i in ids if i not in found]) or set()
+        found |= {job_id: time.monotonic() - began for job_id in done}
+        if len(found) == len(ids):
+            break
+        time.sleep(1)
+    return found
+
+
+def _print_records(soak: Soak, late_in_log: dict[str, float], ticks: list[str]) -> None:
+    """Every job the verdict counts against "lost", in full, so that a run names its cause:
+    accepted jobs final nowhere, jobs final only in their engine, scheduled jobs not final in
+    the job log. For each: its dispatch (tag, when, the engine that took it), the faults near
+    it, what each engine and the job log hold (soak_measure.job_record), and its step
+    executions in the ledger."""
+    w = soak.world
+    attempts = {a.job_id: a for load in soak.loads.values() for a in load.attempts if a.job_id}
+    attempts |= {a.job_id: a for a in w.poison.attempts if a.job_id}
+    histories = soak.ledger.histories()
+    cases = [(job_id, "final nowhere") for job_id in soak.finality.pending]
+    for job_id, said in soak.finality.engine_only.items():
+        lag = late_in_log.get(job_id)
+        arrived = (
+            f"in the job log {lag:.0f} s after the settle"
+            if lag is not None
+            else f"still not in the job log {LOG_LAG_WAIT:g} s after the settle"
+        )
+        cases.append((job_id, f"final only in its engine ({said}); {arrived}"))
+    cases += [(job_id, "scheduled job not final in the job log") for job_id in ticks]
+    if not cases:
+        return
+    print(f"\n== {len(cases)} job(s) counted against lost, in full")
+    for job_id, why in cases:
+        print(f"-- {job_id}: {why}")
+        a = attempts.get(job_id)
+        at = a.at if a is not None else None
+        if a is not None:
+            engine = a.handle.engine if a.handle is not None else a.error
+            reason = a.handle.fallback_reason if a.handle is not None else None
+            print(f"   dispatched {a.tag} at minute {(a.at - soak.began) / 60:.2f}"
+                  f" ({engine}, fallback {reason}, call {a.seconds * 1000:.0f} ms)")  # fmt: skip
+        for f in soak.faults:
+            if at is None or f.began - 120 <= at <= f.ended + 120:
+                print(f"   fault at minute {(f.began - soak.began) / 60:.2f}: {f.kind}: {f.what}")
+        for line in job_record(w.database_url, w.cluster.redis.url, job_id):
+            print(f"   {line}")
+        tag = a.tag if a is not None else job_id  # a tick's steps are tagged with its id
+        for step, history in sorted(histories.get(tag, {}).items()):
+            runs = ", ".join(
+                f"{e.engine} pid {e.pid} at minute {(e.started - soak.began) / 60:.2f}"
+                f" {'failed' if e.failed else 'returned' if e.ended else 'no end'}"
+                for e in history.executions
+            )
+            print(f"   step {step}: {runs}")
 
 
 def _outcomes(soak: Soak) -> str:
@@ -462,6 +552,15 @@ def _growth_checks(windows: list[Window]) -> list[tuple[bool, str]]:
         same = first.pids[name] == last.pids[name]
         if not same:  # a crash outside the faults restarted it: two processes' memory
             text += f"; NOT MEASURED: the {name} was restarted outside a fault"
+        else:
+            before, after = first.by_process.get(name, {}), last.by_process.get(name, {})
+            text += (
+                " (by process: "
+                + ", ".join(
+                    f"{pid} {mb:.1f} -> {after.get(pid, 0.0):.1f}" for pid, mb in before.items()
+                )
+                + ")"
+            )
         out.append((same and growth < 0.10, text + f" (the {name}, which no fault restarts)"))
     return out
 

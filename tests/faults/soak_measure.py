@@ -16,6 +16,7 @@ import psycopg
 import redis
 
 from jobyard.dispatcher import get_job
+from jobyard.queue import keys
 from tests.faults.ledger import Execution, Ledger, StepHistory, fold
 from tests.faults.procs import descendant_pids
 
@@ -53,8 +54,14 @@ class Finality:
         self.database_url = database_url
         self.pending: dict[str, float] = {}  # job id -> unix s dispatched
         self.final = 0
-        self.final_by_engine_only = 0  # final in their engine, not (yet) in the job log
+        #: job id -> what its engine said ("<engine> <state>"): final there when the job log
+        #: still had it unfinished after the settle (see `poll_engines`)
+        self.engine_only: dict[str, str] = {}
         self._lock = threading.Lock()
+
+    @property
+    def final_by_engine_only(self) -> int:
+        return len(self.engine_only)
 
     def add(self, job_id: str, at: float) -> None:
         with self._lock:
@@ -64,23 +71,16 @@ class Finality:
         """Drop the jobs the job log has final; False when the database did not answer."""
         with self._lock:
             ids = list(self.pending)
-        done: list[str] = []
-        try:
-            with psycopg.connect(self.database_url, connect_timeout=5) as conn:
-                for i in range(0, len(ids), 5000):
-                    rows = conn.execute(
-                        "SELECT job_id FROM job_log WHERE job_id = ANY(%s) AND state = ANY(%s)",
-                        (ids[i : i + 5000], list(TERMINAL)),
-                    ).fetchall()
-                    done += [r[0] for r in rows]
-        except psycopg.Error:
+        done = final_in_log(self.database_url, ids)
+        if done is None:
             return False
-        self._drop(done)
+        self._drop(list(done))
         return True
 
     def poll_engines(self, budget: float) -> None:
         """Ask the engines (get_job) about the jobs the job log does not have final, for
-        `budget` seconds at most (a query to a Temporal without workers waits)."""
+        `budget` seconds at most (a query to a Temporal without workers waits). Those final
+        there are kept in `engine_only`: their ending had not reached the job log."""
         with self._lock:
             ids = list(self.pending)
         done = []
@@ -89,9 +89,10 @@ class Finality:
             if time.monotonic() > deadline:
                 break
             with contextlib.suppress(Exception):
-                if get_job(job_id).state in TERMINAL:
+                status = get_job(job_id)
+                if status.state in TERMINAL:
                     done.append(job_id)
-        self.final_by_engine_only += len(done)
+                    self.engine_only[job_id] = f"{status.engine} {status.state}"
         self._drop(done)
 
     def _drop(self, ids: list[str]) -> None:
@@ -103,6 +104,85 @@ class Finality:
     def late(self, now: float, older_than: float) -> int:
         with self._lock:
             return sum(1 for at in self.pending.values() if at < now - older_than)
+
+
+def final_in_log(database_url: str, ids: list[str]) -> set[str] | None:
+    """Those of `ids` the job log has in a final state; None when the database did not answer."""
+    done: set[str] = set()
+    try:
+        with psycopg.connect(database_url, connect_timeout=5) as conn:
+            for i in range(0, len(ids), 5000):
+                rows = conn.execute(
+                    "SELECT job_id FROM job_log WHERE job_id = ANY(%s) AND state = ANY(%s)",
+                    (ids[i : i + 5000], list(TERMINAL)),
+                ).fetchall()
+                done.update(r[0] for r in rows)
+    except psycopg.Error:
+        return None
+    return done
+
+
+def unfinished_ticks(database_url: str, job: str) -> list[str]:
+    """Job ids of the scheduled jobs the job log has, not final ([] when unreadable)."""
+    try:
+        with psycopg.connect(database_url, connect_timeout=5) as conn:
+            rows = conn.execute(
+                "SELECT job_id FROM job_log WHERE name = %s AND state <> ALL(%s)",
+                (job, list(TERMINAL)),
+            ).fetchall()
+    except psycopg.Error:
+        return []
+    return [r[0] for r in rows]
+
+
+def job_record(database_url: str, redis_url: str, job_id: str) -> list[str]:
+    """Everything the system holds about one job, as lines: what get_job answers (the
+    engines), its Redis hash and recorded steps, its job log row, its events in order, its
+    schedule tick row if it is one, and the step results kept in the database."""
+    out = []
+    try:
+        out.append(f"get_job: {get_job(job_id).as_dict()}")
+    except Exception as exc:
+        out.append(f"get_job: raised {exc!r}")
+    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        out.append(f"redis job hash: {_short(client.hgetall(keys.job(job_id)))}")
+        out.append(f"redis steps: {_short(client.hgetall(keys.steps(job_id)))}")
+    except redis.RedisError as exc:
+        out.append(f"redis: {exc!r}")
+    finally:
+        client.close()
+    queries = [
+        ("job log row", "SELECT * FROM job_log WHERE job_id = %s"),
+        ("event", "SELECT * FROM job_events WHERE job_id = %s ORDER BY seq"),
+        ("schedule tick", "SELECT * FROM schedule_ticks WHERE job_id = %s"),
+        ("kept step", "SELECT * FROM job_steps WHERE job_id = %s"),
+    ]
+    try:
+        with psycopg.connect(database_url, connect_timeout=5) as conn:
+            for what, sql in queries:
+                try:
+                    with conn.transaction():
+                        cursor = conn.execute(sql, (job_id,))
+                        names = [c.name for c in cursor.description or []]
+                        rows = cursor.fetchall()
+                except psycopg.Error as exc:  # a table this schema lacks
+                    out.append(f"{what}: {type(exc).__name__}")
+                    continue
+                if not rows:
+                    out.append(f"{what}: none")
+                for row in rows:
+                    fields = {n: v for n, v in zip(names, row, strict=True) if v is not None}
+                    fields.pop("job_id", None)
+                    out.append(f"{what}: {_short(fields)}")
+    except psycopg.Error as exc:
+        out.append(f"database: {exc!r}")
+    return out
+
+
+def _short(value: object, limit: int = 1500) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
 def ticks(database_url: str, job: str) -> tuple[int, int] | None:
@@ -138,6 +218,19 @@ def pss_mb(pid: int) -> float:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
                 if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def anon_mb(pid: int) -> float:
+    """A process's anonymous resident memory in MB (its heap, not its mapped code); 0 when
+    it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
                     return int(line.split()[1]) / 1024
     except (OSError, ValueError):
         pass

@@ -21,8 +21,9 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from jobyard.dispatcher.engines.temporal import contract
 from jobyard.job_engine import JobState, PermanentError, crypto, env, resolve_step, tracing
 from jobyard.job_engine.context import encode_json
+from jobyard.job_engine.db import joblog
 from jobyard.job_engine.events import look_for_event
-from jobyard.job_engine.lifecycle import job_event, progress_event
+from jobyard.job_engine.lifecycle import FINAL_STATES, job_event, progress_event
 from jobyard.job_engine.waits import outcomes_once_ended
 from jobyard.temporal_worker.claims import ClaimStore, ClaimUnavailable
 from jobyard.temporal_worker.faultlog import FaultLog
@@ -43,6 +44,7 @@ EVENT_LOOK_ACTIVITY = "jobyard.event_look"
 #: own outcome, retried or recorded (info, as the Dramatiq worker logs it).
 CLAIM_FAULTS = FaultLog(logging.getLogger("jobyard.claim"))
 STEP_FAULTS = FaultLog(logging.getLogger("jobyard.steps"), level=logging.INFO)
+log = logging.getLogger("jobyard.joblog")
 
 
 class JobActivities:
@@ -257,3 +259,23 @@ async def record_event(event: dict[str, Any]) -> None:
     await asyncio.to_thread(
         job_event, job_id, name, state, engine="temporal", enqueued_at=enqueued_at, **event
     )
+    if state in FINAL_STATES:
+        await asyncio.to_thread(write_ending)
+
+
+def write_ending() -> None:
+    """The job log's writer flushed now, with the ending just recorded, before the workflow
+    completes. Left to the writer's next interval, the ending lived only in this process's
+    buffer after Temporal had the job final: a worker killed within the interval took it along,
+    and the job stayed unfinished in the job log for good (the soak's "final in its engine, not
+    in the job log", issue 29). Written here, a kill before the write fails the workflow task,
+    and the worker that replays it records the ending again. A database that cannot take it
+    now leaves it buffered, as any event (written when the database answers, unless this
+    process dies first): a job's ending does not wait for the job log."""
+    current = joblog.writer()
+    if current is None:
+        return
+    try:
+        current.flush()
+    except Exception as exc:  # the writer keeps it and logs its own failures
+        log.debug("job log ending not written at once: %s", exc)
