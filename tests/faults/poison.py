@@ -148,7 +148,9 @@ def returned_as_poison_killed(histories: dict[str, dict[str, Any]]) -> int:
         if not tag.startswith("poison")
         for history in steps.values()
         for e in _cuts(history, deaths)
-        if e.ended is not None
+        # A step that raised is retried, not re-run after returning (the ledger counts its
+        # next start as after an interruption): counted here, it made the soak's re-runs -1.
+        if e.ended is not None and not e.failed
     )
 
 

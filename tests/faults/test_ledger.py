@@ -99,3 +99,30 @@ def test_a_return_in_the_moment_the_poison_killed_its_process_is_a_cut(tmp_path)
     deaths = {e.pid: e.started for e in histories["poison"]["die"].executions}
     assert [len(_cuts(histories[t]["s0"], deaths)) for t in ("at", "early", "mid")] == [1, 0, 1]
     assert ledger.counts().rerun_returned == 2  # "at" and "early": only "at" is excused
+
+
+def test_a_step_that_raised_as_the_poison_killed_its_process_is_no_excused_re_run(tmp_path):
+    """A neighbour's step that raised (FAIL) within DEATH_WINDOW of the poison's death and ran
+    again is a retry (`rerun_interrupted`), not a returned-step re-run: the allowance must not
+    count it, or the soak's re-runs read -1."""
+    from tests.faults.poison import DEATH_WINDOW, returned_as_poison_killed
+
+    ledger = Ledger(tmp_path / "ledger")
+    death = 1000.0
+    lines = [
+        {"ev": "START", "t": death - 1.0, "tag": "failing", "step": "s0", "pid": 7},
+        {"ev": "FAIL", "t": death - DEATH_WINDOW / 2, "tag": "failing", "step": "s0", "pid": 7},
+        {"ev": "START", "t": death - 1.0, "tag": "returned", "step": "s0", "pid": 7},
+        {"ev": "END", "t": death - DEATH_WINDOW / 2, "tag": "returned", "step": "s0", "pid": 7},
+        {"ev": "START", "t": death, "tag": "poison", "step": "die", "pid": 7},
+        {"ev": "START", "t": death + 1, "tag": "failing", "step": "s0", "pid": 8},
+        {"ev": "END", "t": death + 2, "tag": "failing", "step": "s0", "pid": 8},
+        {"ev": "START", "t": death + 1, "tag": "returned", "step": "s0", "pid": 8},
+        {"ev": "END", "t": death + 2, "tag": "returned", "step": "s0", "pid": 8},
+    ]
+    with ledger.path.open("a") as f:
+        for line in lines:
+            f.write(json.dumps({**line, "job": line["tag"], "engine": "dramatiq"}) + "\n")
+    counts = ledger.counts()
+    assert (counts.rerun_returned, counts.rerun_interrupted) == (1, 1)
+    assert counts.rerun_returned - returned_as_poison_killed(ledger.histories()) == 0
