@@ -68,27 +68,29 @@ def test_a_backlog_runs_highest_priority_first_equal_ones_in_dispatch_order(
     async def scenario() -> None:
         client = await Client.connect(env.client.service_client.config.target_host)
         queue = f"flow-priority-{uuid.uuid4().hex[:8]}"
-        handles = [
-            await client.start_workflow(
-                OneStep.run,
-                index,
-                id=f"flow-{queue}-{index}",
-                task_queue=queue,
-                priority=Priority(priority_key=priority_key(p)),
-            )
-            for index, p in enumerate(priorities)
-        ]
-        # Workflows run first, with no activity worker, until every step waits in the backlog.
+        # Workflows run first, with no activity worker, each started once the one before has
+        # scheduled its step: the steps wait in the backlog in dispatch order. (Started all at
+        # once, a worker running several workflow tasks at a time could schedule two equal
+        # priorities' steps in either order: docs/flow-control.md, Priorities.)
+        handles = []
         async with Worker(
             client, task_queue=queue, workflows=[OneStep], activities=[],
             workflow_runner=UnsandboxedWorkflowRunner(),
         ):  # fmt: skip
-            for handle in handles:
+            for index, p in enumerate(priorities):
+                handle = await client.start_workflow(
+                    OneStep.run,
+                    index,
+                    id=f"flow-{queue}-{index}",
+                    task_queue=queue,
+                    priority=Priority(priority_key=priority_key(p)),
+                )
+                handles.append(handle)
                 for _ in range(600):
                     described = await handle.describe()
                     if described.raw_description.pending_activities:
                         break
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.05)
                 else:
                     raise AssertionError(f"{handle.id} never scheduled its step")
         async with Worker(
