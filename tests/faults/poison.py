@@ -154,6 +154,23 @@ def returned_as_poison_killed(histories: dict[str, dict[str, Any]]) -> int:
     )
 
 
+def returned_as_killed(histories: dict[str, dict[str, Any]], killed_at: float) -> int:
+    """Returned executions that ran again because their process was SIGKILLed within
+    DEATH_WINDOW of their return, at `killed_at` (a row's own kill of a worker): README promise
+    3's window between a step's return and its result's commit, as `returned_as_poison_killed`
+    for a poison's death. The next execution is in another process (the killed one's is gone)."""
+    return sum(
+        1
+        for steps in histories.values()
+        for history in steps.values()
+        for e, after in zip(history.executions, history.executions[1:], strict=False)
+        if e.ended is not None
+        and not e.failed
+        and -0.05 <= killed_at - e.ended <= DEATH_WINDOW
+        and after.pid != e.pid
+    )
+
+
 def _state(job_id: str) -> str | None:
     """The job's state; None while it cannot be read (a Redis timeout on a loaded machine)."""
     status = status_of(job_id)

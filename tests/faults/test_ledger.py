@@ -126,3 +126,28 @@ def test_a_step_that_raised_as_the_poison_killed_its_process_is_no_excused_re_ru
     counts = ledger.counts()
     assert (counts.rerun_returned, counts.rerun_interrupted) == (1, 1)
     assert counts.rerun_returned - returned_as_poison_killed(ledger.histories()) == 0
+
+
+def test_a_return_as_its_worker_was_killed_is_excused_one_earlier_is_not(tmp_path):
+    """The fan-out row's accounting (promise 3): a step that returned within DEATH_WINDOW of
+    the row's SIGKILL of its worker and ran again in another process is allowed; one that
+    returned earlier and ran again is a returned-step re-run."""
+    from tests.faults.poison import DEATH_WINDOW, returned_as_killed
+
+    ledger = Ledger(tmp_path / "ledger")
+    killed_at = 1000.0
+    lines = [
+        {"ev": "START", "t": killed_at - 1.0, "tag": "at", "step": "s0", "pid": 7},
+        {"ev": "END", "t": killed_at - DEATH_WINDOW / 2, "tag": "at", "step": "s0", "pid": 7},
+        {"ev": "START", "t": killed_at - 1.0, "tag": "early", "step": "s0", "pid": 7},
+        {"ev": "END", "t": killed_at - 0.5, "tag": "early", "step": "s0", "pid": 7},
+        {"ev": "START", "t": killed_at + 1, "tag": "at", "step": "s0", "pid": 8},
+        {"ev": "END", "t": killed_at + 2, "tag": "at", "step": "s0", "pid": 8},
+        {"ev": "START", "t": killed_at + 1, "tag": "early", "step": "s0", "pid": 8},
+        {"ev": "END", "t": killed_at + 2, "tag": "early", "step": "s0", "pid": 8},
+    ]
+    with ledger.path.open("a") as f:
+        for line in lines:
+            f.write(json.dumps({**line, "job": line["tag"], "engine": "dramatiq"}) + "\n")
+    assert ledger.counts().rerun_returned == 2
+    assert returned_as_killed(ledger.histories(), killed_at) == 1  # "at" only
