@@ -92,9 +92,7 @@ def test_a_return_in_the_moment_the_poison_killed_its_process_is_a_cut(tmp_path)
         {"ev": "START", "t": death + 1, "tag": "mid", "step": "s0", "pid": 8},
         {"ev": "END", "t": death + 2, "tag": "mid", "step": "s0", "pid": 8},
     ]
-    with ledger.path.open("a") as f:
-        for line in lines:
-            f.write(json.dumps({**line, "job": line["tag"], "engine": "dramatiq"}) + "\n")
+    _append(ledger, lines)
     histories = ledger.histories()
     deaths = {e.pid: e.started for e in histories["poison"]["die"].executions}
     assert [len(_cuts(histories[t]["s0"], deaths)) for t in ("at", "early", "mid")] == [1, 0, 1]
@@ -110,19 +108,13 @@ def test_a_step_that_raised_as_the_poison_killed_its_process_is_no_excused_re_ru
     ledger = Ledger(tmp_path / "ledger")
     death = 1000.0
     lines = [
-        {"ev": "START", "t": death - 1.0, "tag": "failing", "step": "s0", "pid": 7},
-        {"ev": "FAIL", "t": death - DEATH_WINDOW / 2, "tag": "failing", "step": "s0", "pid": 7},
-        {"ev": "START", "t": death - 1.0, "tag": "returned", "step": "s0", "pid": 7},
-        {"ev": "END", "t": death - DEATH_WINDOW / 2, "tag": "returned", "step": "s0", "pid": 7},
+        *_execution("failing", 7, death - 1.0, death - DEATH_WINDOW / 2, ended_as="FAIL"),
+        *_execution("returned", 7, death - 1.0, death - DEATH_WINDOW / 2),
         {"ev": "START", "t": death, "tag": "poison", "step": "die", "pid": 7},
-        {"ev": "START", "t": death + 1, "tag": "failing", "step": "s0", "pid": 8},
-        {"ev": "END", "t": death + 2, "tag": "failing", "step": "s0", "pid": 8},
-        {"ev": "START", "t": death + 1, "tag": "returned", "step": "s0", "pid": 8},
-        {"ev": "END", "t": death + 2, "tag": "returned", "step": "s0", "pid": 8},
+        *_execution("failing", 8, death + 1, death + 2),
+        *_execution("returned", 8, death + 1, death + 2),
     ]
-    with ledger.path.open("a") as f:
-        for line in lines:
-            f.write(json.dumps({**line, "job": line["tag"], "engine": "dramatiq"}) + "\n")
+    _append(ledger, lines)
     counts = ledger.counts()
     assert (counts.rerun_returned, counts.rerun_interrupted) == (1, 1)
     assert counts.rerun_returned - returned_as_poison_killed(ledger.histories()) == 0
@@ -137,17 +129,27 @@ def test_a_return_as_its_worker_was_killed_is_excused_one_earlier_is_not(tmp_pat
     ledger = Ledger(tmp_path / "ledger")
     killed_at = 1000.0
     lines = [
-        {"ev": "START", "t": killed_at - 1.0, "tag": "at", "step": "s0", "pid": 7},
-        {"ev": "END", "t": killed_at - DEATH_WINDOW / 2, "tag": "at", "step": "s0", "pid": 7},
-        {"ev": "START", "t": killed_at - 1.0, "tag": "early", "step": "s0", "pid": 7},
-        {"ev": "END", "t": killed_at - 0.5, "tag": "early", "step": "s0", "pid": 7},
-        {"ev": "START", "t": killed_at + 1, "tag": "at", "step": "s0", "pid": 8},
-        {"ev": "END", "t": killed_at + 2, "tag": "at", "step": "s0", "pid": 8},
-        {"ev": "START", "t": killed_at + 1, "tag": "early", "step": "s0", "pid": 8},
-        {"ev": "END", "t": killed_at + 2, "tag": "early", "step": "s0", "pid": 8},
+        *_execution("at", 7, killed_at - 1.0, killed_at - DEATH_WINDOW / 2),
+        *_execution("early", 7, killed_at - 1.0, killed_at - 0.5),
+        *_execution("at", 8, killed_at + 1, killed_at + 2),
+        *_execution("early", 8, killed_at + 1, killed_at + 2),
     ]
+    _append(ledger, lines)
+    assert ledger.counts().rerun_returned == 2
+    assert returned_as_killed(ledger.histories(), killed_at) == 1  # "at" only
+
+
+def _execution(
+    tag: str, pid: int, started: float, ended: float, ended_as: str = "END"
+) -> list[dict[str, object]]:
+    """The ledger lines of one execution of step s0: its START and its END (or FAIL)."""
+    return [
+        {"ev": "START", "t": started, "tag": tag, "step": "s0", "pid": pid},
+        {"ev": ended_as, "t": ended, "tag": tag, "step": "s0", "pid": pid},
+    ]
+
+
+def _append(ledger: Ledger, lines: list[dict[str, object]]) -> None:
     with ledger.path.open("a") as f:
         for line in lines:
             f.write(json.dumps({**line, "job": line["tag"], "engine": "dramatiq"}) + "\n")
-    assert ledger.counts().rerun_returned == 2
-    assert returned_as_killed(ledger.histories(), killed_at) == 1  # "at" only
