@@ -8,7 +8,9 @@ Redis's and the database backend's are measured. Three shapes of job:
 - "complete": a job with no step, one `complete` call (what bench_throughput's echo does);
 - "steps": `start`, three `ctx.progress` reports, `finish`, all within one shipping interval;
 - "dispatched": "complete" for jobs whose "queued" row a web process wrote first (as
-  `dispatch_job` does), so the shipper updates rows: the usual case in production.
+  `dispatch_job` does), so the shipper updates rows: the usual case in production;
+- "started": `start` and `finish` of such jobs in one shipping interval: a job with a step
+  that ends within half a second of its dispatch (the one-step job of bench_workloads).
 
     .venv/bin/python bench/bench_shipper.py [--jobs 5000] [--rounds 3]
 
@@ -75,7 +77,7 @@ def run(shape: str, jobs: int, redis_url: str, database_url: str) -> dict[str, f
             job_id, "system.echo", "default", message.queue, message.redis_message_id,
             message.data, 60_000,
         )  # fmt: skip
-    if shape == "dispatched":  # the web process's "queued" rows, as dispatch_job records them
+    if shape in ("dispatched", "started"):  # the "queued" rows, as dispatch_job records them
         from jobyard.job_engine.db import joblog
 
         now = time.time()
@@ -91,8 +93,11 @@ def run(shape: str, jobs: int, redis_url: str, database_url: str) -> dict[str, f
     for job_id in ids:
         if shape in ("complete", "dispatched"):
             store.complete(job_id, 0, resume=False, result={"ok": 1})
+        elif shape == "started":
+            store.start(job_id, "system.echo", 0, resume=False)
+            store.finish(job_id, 0, "succeeded", result={"ok": 1})
         else:
-            store.start(job_id, "system.echo", 0, resume=False, rate=None)
+            store.start(job_id, "system.echo", 0, resume=False)
             for step in range(3):
                 store.record_progress(job_id, 0, str((step + 1) / 4))
             store.finish(job_id, 0, "succeeded", result={"ok": 1})
@@ -121,7 +126,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    results: dict[str, list[dict[str, float]]] = {"complete": [], "steps": [], "dispatched": []}
+    shapes = ("complete", "steps", "dispatched", "started")
+    results: dict[str, list[dict[str, float]]] = {shape: [] for shape in shapes}
     for _ in range(args.rounds):
         for shape in results:
             redis_server = RedisServer().start()
