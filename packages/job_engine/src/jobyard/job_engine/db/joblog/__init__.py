@@ -70,6 +70,7 @@ from jobyard.job_engine.db.joblog.outbox import (
 from jobyard.job_engine.db.joblog.outbox import endings as _endings
 from jobyard.job_engine.db.joblog.outbox import ship_endings as _ship_endings
 from jobyard.job_engine.db.joblog.queued import QueuedBatch, insert_queued
+from jobyard.job_engine.db.joblog.retry import retrying_deadlocks
 from jobyard.job_engine.db.joblog.sql import JUDGED
 from jobyard.job_engine.db.joblog.upsert import upsert_in
 from jobyard.job_engine.db.joblog.upsert import upsert_in as _upsert_in
@@ -116,6 +117,10 @@ def ship(events: list[OutboxEvent], url: str | None = None) -> int:
     before trimming them) are skipped, the rest are merged per round (`merge_rounds`) and
     upserted, and each job's `outbox_id` moves to its last event. Returns how many were new.
     On PostgreSQL most endings first go in one UPDATE with the same rules (`ship_endings`)."""
+    return retrying_deadlocks(lambda: _ship(events, url))
+
+
+def _ship(events: list[OutboxEvent], url: str | None) -> int:
     engine = get_engine(url)
     with engine.begin() as connection:
         ended = 0
@@ -138,6 +143,10 @@ def upsert(rows: list[dict[str, Any]], url: str | None = None) -> None:
 
 def upsert_rounds(rounds: list[list[dict[str, Any]]], url: str | None = None) -> None:
     """Upsert each round of rows (one row per job in a round) in turn, in one transaction."""
+    retrying_deadlocks(lambda: _upsert_rounds(rounds, url))
+
+
+def _upsert_rounds(rounds: list[list[dict[str, Any]]], url: str | None) -> None:
     engine = get_engine(url)
     with engine.begin() as connection:
         for rows in rounds:
@@ -156,6 +165,13 @@ def write_queued(
     per-row work. The rest (a job whose row a worker's shipper wrote first, a job batched twice)
     and `events` then take the general path, as `record`'s events would: what ends up in the
     log is the same either way."""
+    # A copy each try: write_queued_in adds the batches' leftovers to the events it is given.
+    return retrying_deadlocks(lambda: _write_queued(batches, list(events), url))
+
+
+def _write_queued(
+    batches: list[QueuedBatch], events: list[tuple[float, str, dict[str, Any]]], url: str | None
+) -> int:
     engine = get_engine(url)
     with engine.begin() as connection:
         return write_queued_in(connection, batches, events)
