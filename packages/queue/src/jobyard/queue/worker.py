@@ -109,6 +109,10 @@ def _priority(published: dict[str, Any]) -> int:
         return 1  # not ours to read: fetch again, as for a priority
 
 
+#: Seconds `PulledQueue.unheld` (on the heartbeat's thread) waits for a fetch to end.
+UNHELD_WAIT = 0.5
+
+
 class PulledQueue:
     """A queue's Dramatiq consumer, shared by the worker threads that run its messages. A thread
     takes its next message itself; the one that finds none fetched fetches the next batch, under
@@ -208,12 +212,17 @@ class PulledQueue:
 
     def unheld(self) -> set[str]:
         """The ids in this worker's ack set of the queue that it does not hold (see
-        JobyardBroker.unheld). Under the fetch lock: no fetch reply is in flight meanwhile."""
-        with self.lock:
+        JobyardBroker.unheld). Under the fetch lock, so that no fetch reply is in flight
+        meanwhile; none (the look skipped) if a fetch holds it longer than UNHELD_WAIT."""
+        if not self.lock.acquire(timeout=UNHELD_WAIT):
+            return set()
+        try:
             consumer = self.consumer
             if consumer is None or self.broken:
                 return set()  # the next consumer puts back what it does not hold (`consume`)
             return self.broker.unheld(self.queue_name, consumer.cached_ids)  # type: ignore[attr-defined, no-any-return]
+        finally:
+            self.lock.release()
 
     def untake(self, message: MessageProxy) -> None:
         """Gives back a message taken and not run (its thread is stopping): the next taker, or
