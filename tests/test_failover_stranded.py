@@ -8,7 +8,6 @@ row, 2026-12-07: 7 of 1,833 jobs)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from jobyard.queue import keys
 from tests.engines import Engines
 from tests.sentinel_support import SentinelCluster
 from tests.support import wait_for
-from tests.test_sentinel import engines_on, running
+from tests.test_sentinel import sentinel_cluster, sentinel_engines  # noqa: F401 (fixtures)
 
 #: Queue "default" runs two jobs at once and prefetches four: with three blockers held, its
 #: window is full, so its consumer fetches nothing during the failover and never sees it fail
@@ -28,22 +27,6 @@ CONCURRENCY = 2
 BLOCKERS = 3
 
 
-@pytest.fixture
-def cluster() -> Iterator[SentinelCluster]:
-    yield from running(SentinelCluster())
-
-
-@pytest.fixture
-def sentinel_engines(
-    jobyard_env: dict[str, str], cluster: SentinelCluster, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Engines]:
-    monkeypatch.setenv("WORKER_CONCURRENCY_DEFAULT", str(CONCURRENCY))
-    # No worker is taken for dead while Redis fails over: the jobs' messages stay in the live
-    # worker's ack set, as in the chaos row.
-    monkeypatch.setenv("WORKER_HEARTBEAT_TIMEOUT", "30")
-    yield from engines_on(cluster.url, cluster, monkeypatch)
-
-
 def _held(cluster: SentinelCluster) -> int:
     """Message ids in the ack sets of queue "default" on the primary."""
     node = cluster.node(cluster.primary())
@@ -51,10 +34,17 @@ def _held(cluster: SentinelCluster) -> int:
 
 
 def test_a_finish_lost_in_a_failover_is_run_again_without_its_returned_steps(
-    sentinel_engines: Engines, cluster: SentinelCluster, tmp_path: Path
+    sentinel_engines: Engines,  # noqa: F811
+    sentinel_cluster: SentinelCluster,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    engines = sentinel_engines
-    engines.start_worker(queues="default")
+    engines, cluster = sentinel_engines, sentinel_cluster
+    monkeypatch.setenv("WORKER_CONCURRENCY_DEFAULT", str(CONCURRENCY))
+    # No worker is taken for dead while Redis fails over: the jobs' messages stay in the live
+    # worker's ack set, as in the chaos row.
+    monkeypatch.setenv("WORKER_HEARTBEAT_TIMEOUT", "30")
+    engines.start_worker(queues="default")  # with the environment above
     lost_dir, blockers_dir = tmp_path / "lost", tmp_path / "blockers"
     lost_dir.mkdir()
     blockers_dir.mkdir()
