@@ -23,7 +23,7 @@ from jobyard.queue.client import get_client
 from jobyard.queue.direct import DirectJobStore
 from jobyard.queue.dramatiq_compat import broker_id_of
 from jobyard.queue.messages import SEQ
-from jobyard.queue.worker import JobyardWorker, RunGate
+from jobyard.queue.worker import JobyardWorker, RunGate, StrandedSweep
 from jobyard.worker.liveness import Heartbeat, new_worker_id
 
 log = logging.getLogger("jobyard.worker")
@@ -147,8 +147,9 @@ class WorkerProcess:
             self.worker_id,
             env.get_float(env.WORKER_HEARTBEAT_INTERVAL),
             healthy=self.healthy,
-            each_beat=self.show_long_runs_running,
+            each_beat=self.each_beat,
         )
+        self.stranded = StrandedSweep(self.workers.values())
         self.stop_requested = threading.Event()
 
     def healthy(self) -> bool:
@@ -156,6 +157,10 @@ class WorkerProcess:
             t.is_alive() for w in self.workers.values() for t in (*w.workers, *w.consumers.values())
         )
         return threads_alive and not self.in_flight.stuck(self.limits_ms)
+
+    def each_beat(self) -> None:
+        self.show_long_runs_running()
+        self.stranded.run_once()  # after a failover: acks it lost (see StrandedSweep)
 
     def show_long_runs_running(self) -> None:
         for message_id, run in self.in_flight.long_unmarked(SHOW_RUNNING_AFTER).items():

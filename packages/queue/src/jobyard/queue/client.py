@@ -77,6 +77,15 @@ class _FollowsThePrimary:
 
 #: The server each address was last found to be: (service or host:port, db) -> run_id.
 _servers: dict[tuple[str, int], str] = {}
+#: time.monotonic() when this process last found another server behind an address (None: never).
+_server_changed_at: float | None = None
+
+
+def server_changed_at() -> float | None:
+    """When (time.monotonic()) this process last found another server behind an address it
+    reached before: a failover (or a restart) that may have lost writes this process made, such
+    as the acks of messages it ran (see jobyard.queue.worker.StrandedSweep). None if never."""
+    return _server_changed_at
 
 
 class _NoticesANewServer:
@@ -102,6 +111,8 @@ class _NoticesANewServer:
         previous = _servers.get(address)
         _servers[address] = run_id
         if previous is not None and previous != run_id:
+            global _server_changed_at
+            _server_changed_at = time.monotonic()
             self.send_command("SET", keys.lost_writes_before(), int(time.time() * 1000))  # type: ignore[attr-defined]
             self.read_response()  # type: ignore[attr-defined]
 

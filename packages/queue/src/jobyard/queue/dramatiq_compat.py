@@ -215,6 +215,14 @@ class JobyardConsumer(_RedisConsumer):
         self.queued_message_ids.discard(message.message_id)
         self.message_cache.insert(0, message.encode())
 
+    def cached_ids(self) -> set[str]:
+        """The Redis message ids of the fetched messages not handed on yet."""
+        return {
+            Message.decode(data).options["redis_message_id"]
+            for data in list(self.message_cache)
+            if data is not None
+        }
+
     def put_back(self, messages: list[MessageProxy]) -> None:
         """Returns fetched messages to the queue (Dramatiq's requeue)."""
         self.requeue(messages)  # type: ignore[no-untyped-call]
@@ -342,6 +350,23 @@ class JobyardBroker(RedisBroker):
                 self.do_requeue(queue_name, *stranded)
         except redis.ConnectionError as exc:
             raise ConnectionClosed(exc) from exc
+
+    def unheld(self, queue_name: str, cached: Callable[[], set[str]]) -> set[str]:
+        """The ids in this broker's ack set of `queue_name` that its process does not hold: not
+        handed on to a thread or the delay queue (`delivered`), not fetched and waiting
+        (`cached()`), both read after the ack set. The write that acked one may have been lost
+        in a failover (see jobyard.queue.worker.StrandedSweep). One settled meanwhile may be
+        among them (a requeue moves only ids still in the ack set: it stays acked), and so may
+        one passing from a fetch reply or the cache to a thread at that moment: the caller
+        requeues only ids it finds here twice, a heartbeat apart."""
+        try:
+            held = self.client.smembers(keys.dramatiq_acks(self.broker_id, queue_name))
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from exc
+        acked = {_text(m) for m in held}
+        if not acked:
+            return set()
+        return acked - cached() - set(self.delivered(queue_name))
 
     @property
     def consumer_class(self) -> type[JobyardConsumer]:

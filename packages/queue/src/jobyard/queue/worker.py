@@ -22,16 +22,18 @@ promises need (the Dramatiq classes they override are in jobyard.queue.dramatiq_
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
 from dramatiq.broker import Broker, MessageProxy
 
 from jobyard.queue import keys
+from jobyard.queue.client import server_changed_at
 from jobyard.queue.dramatiq_compat import (
     CONSUMER_RESTART_DELAY_SECS,
     BrokerConnectionError,
@@ -105,6 +107,10 @@ def _priority(published: dict[str, Any]) -> int:
         return int(published["data"])
     except (KeyError, TypeError, ValueError):
         return 1  # not ours to read: fetch again, as for a priority
+
+
+#: Seconds `PulledQueue.unheld` (on the heartbeat's thread) waits for a fetch to end.
+UNHELD_WAIT = 0.5
 
 
 class PulledQueue:
@@ -203,6 +209,20 @@ class PulledQueue:
             self.broken = True
             self.reconnect_at = time.monotonic() + CONSUMER_RESTART_DELAY_SECS
             return None
+
+    def unheld(self) -> set[str]:
+        """The ids in this worker's ack set of the queue that it does not hold (see
+        JobyardBroker.unheld). Under the fetch lock, so that no fetch reply is in flight
+        meanwhile; none (the look skipped) if a fetch holds it longer than UNHELD_WAIT."""
+        if not self.lock.acquire(timeout=UNHELD_WAIT):
+            return set()
+        try:
+            consumer = self.consumer
+            if consumer is None or self.broken:
+                return set()  # the next consumer puts back what it does not hold (`consume`)
+            return self.broker.unheld(self.queue_name, consumer.cached_ids)  # type: ignore[attr-defined, no-any-return]
+        finally:
+            self.lock.release()
 
     def untake(self, message: MessageProxy) -> None:
         """Gives back a message taken and not run (its thread is stopping): the next taker, or
@@ -333,6 +353,63 @@ class _GaveUp(Exception):
     """A suspect's thread stopped while it waited for its turn."""
 
 
+#: Seconds after this process last found another server behind its Redis address during which
+#: its heartbeat looks for messages stranded in its ack sets (StrandedSweep).
+STRANDED_WINDOW = 60.0
+
+
+class StrandedSweep:
+    """Puts back the messages a failover stranded in this process's ack sets.
+
+    Each run's ending (finish, complete, reschedule) acks its message in the same Lua call. A
+    replica promoted by a failover may lack that call (the old primary acknowledged it and died
+    before replicating it, or took it while partitioned and was then demoted): there the job is
+    still unfinished and its message still in this process's ack set, while the process let it
+    go. Nothing else takes it back: a live worker's ack set is never swept, and the consumer's
+    own put-back (JobyardBroker.consume) runs only when its connection fails, which a busy
+    consumer (its prefetch window full, fetching nothing) never sees. The job would stay
+    `running` for good.
+
+    For STRANDED_WINDOW seconds after the process found another server behind its address
+    (jobyard.queue.client.server_changed_at), each heartbeat reads its ack sets (the queue's
+    and the delay queue's) and puts back the ids it holds nowhere, once found so at two beats in
+    a row (a message may be passing from a fetch or the cache to a thread at one look). The job
+    runs again from that message: a run that follows another reads the step journal too
+    (jobyard.lua `may_have_lost`), so its returned steps are not run again. Outside the window it
+    costs nothing."""
+
+    def __init__(self, workers: Iterable[JobyardWorker], window: float = STRANDED_WINDOW) -> None:
+        self.workers = list(workers)
+        self.window = window
+        self.seen: dict[str, set[str]] = {}  # queue name -> ids found unheld at the last look
+
+    def run_once(self) -> int:
+        """One look; how many messages it put back."""
+        changed = server_changed_at()
+        if changed is None or time.monotonic() - changed > self.window:
+            self.seen.clear()
+            return 0
+        requeued = 0
+        for worker in self.workers:
+            for queue_name, unheld in worker.unheld_lookups():
+                try:
+                    found = unheld()
+                    again = found & self.seen.get(queue_name, set())
+                    self.seen[queue_name] = found - again
+                    if again:
+                        log.warning(
+                            "%d message(s) of %s stranded in this worker's ack set (their ack "
+                            "lost by a Redis failover): put back: %s",
+                            len(again), queue_name, ", ".join(sorted(again)),
+                        )  # fmt: skip
+                        worker.broker.do_requeue(queue_name, *sorted(again))  # type: ignore[attr-defined]
+                        requeued += len(again)
+                except (redis.RedisError, BrokerConnectionError) as exc:
+                    self.seen.pop(queue_name, None)  # look twice again
+                    log.info("stranded messages of %s not looked for: %s", queue_name, exc)
+        return requeued
+
+
 class JobyardWorker(JobyardWorkerBase):
     """Runs one queue: its worker threads pull from a PulledQueue; its delay queue keeps a
     consumer thread (it only moves messages that come due to the queue). `gate`: the process's
@@ -346,6 +423,20 @@ class JobyardWorker(JobyardWorkerBase):
         pulled = PulledQueue(self.broker, queue_name, self.queue_prefetch, self.worker_timeout)
         pulled.listen(self.broker.client)  # type: ignore[attr-defined]
         return pulled
+
+    def unheld_lookups(self) -> list[tuple[str, Callable[[], set[str]]]]:
+        """(queue name, a lookup of the ids in this worker's ack set of it that it does not
+        hold) for its queue and its delay queue (see StrandedSweep)."""
+        lookups: list[tuple[str, Callable[[], set[str]]]] = []
+        if self.pulled is not None:
+            lookups.append((self.pulled.queue_name, self.pulled.unheld))
+        for name, thread in self.consumers.items():  # the delay queue's consumer thread
+            consumer = thread.consumer
+            if isinstance(consumer, JobyardConsumer):
+                lookups.append(
+                    (name, functools.partial(self.broker.unheld, name, consumer.cached_ids))  # type: ignore[attr-defined]
+                )
+        return lookups
 
     def run_message(self, thread: PullWorkerThread, message: MessageProxy) -> None:
         alone = is_suspect(message.options)
