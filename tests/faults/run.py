@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from tests.faults import flow_slots, rotation, temporal_crash
+from tests.faults import flow_rate, flow_slots, rotation, temporal_crash
 from tests.faults.children import ROWS as CHILDREN_ROWS
 from tests.faults.failover import ROWS as FAILOVER_ROWS
 from tests.faults.poison import ROWS as POISON_ROWS
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             *POISON_ROWS,
             *temporal_crash.FULL,
             *flow_slots.ROWS,
+            *flow_rate.ROWS,
             *TRANSACTIONAL_ROWS,
             *FAILOVER_ROWS,
             *CHILDREN_ROWS,

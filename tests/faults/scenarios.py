@@ -154,9 +154,11 @@ class Load:
         threads: int = 1,
         own_ids: bool = False,
         delay: float | None = None,
+        fields: Callable[[int], dict[str, Any]] | None = None,
         **over: Any,
     ) -> list[Attempt]:
-        """Dispatch one job per tag, `rate` per second at most; `own_ids` uses the tag as job id."""
+        """Dispatch one job per tag, `rate` per second at most; `own_ids` uses the tag as job id;
+        `fields(i)` adds payload fields of the i-th job (a tenant of its own, say)."""
         tags = list(tags)
         begin = time.monotonic()
 
@@ -164,7 +166,8 @@ class Load:
             i, tag = i_tag
             if rate:
                 time.sleep(max(0.0, begin + i / rate - time.monotonic()))
-            return self.dispatch(tag, job_id=tag if own_ids else None, delay=delay, **over)
+            mine = over | fields(i) if fields else over
+            return self.dispatch(tag, job_id=tag if own_ids else None, delay=delay, **mine)
 
         if threads == 1:
             return [one(item) for item in enumerate(tags)]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults import children
+from tests.faults import children, flow_rate
 from tests.faults import scenarios as s
 
 
@@ -65,6 +65,11 @@ CI: list[Any] = [
         children.fan_out_through_kills,
         {"n": 200},
         id="fan_out_through_kills",
+    ),
+    pytest.param(
+        flow_rate.rate_limit_across_a_redis_outage,
+        {"n": 45, "down": 5.0},
+        id="rate_limit_across_a_redis_outage",
     ),
     pytest.param(
         s.cancel_then_retry,
