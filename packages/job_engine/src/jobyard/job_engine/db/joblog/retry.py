@@ -39,11 +39,11 @@ def deadlocked(exc: BaseException) -> bool:
 def retrying_deadlocks(transaction: Callable[[], T]) -> T:
     """`transaction()` (one whole transaction), tried again while the database aborts it to
     break a deadlock, at most ATTEMPTS times in all."""
-    for attempt in range(1, ATTEMPTS + 1):
+    for attempt in range(1, ATTEMPTS):
         try:
             return transaction()
         except DBAPIError as exc:
-            if attempt == ATTEMPTS or not deadlocked(exc):
+            if not deadlocked(exc):
                 raise
             log.info("job log write chosen to break a deadlock; trying again (%d)", attempt)
-    raise AssertionError("unreachable")
+    return transaction()  # the last try: whatever it raises is the caller's
